@@ -1,0 +1,39 @@
+//! # llama-core
+//!
+//! Run Llama-family language models (Llama 1/2/3/3.1/3.2/3.3, SmolLM2, TinyLlama, ...) from a
+//! GGUF file or a Hugging Face folder, on the CPU, with results that match llama.cpp.
+//!
+//! ```no_run
+//! use llama_core::{Model, ModelOptions, SessionOptions};
+//! # fn main() -> llama_core::Result<()> {
+//! let model = Model::load("SmolLM2-135M-Instruct.Q4_1.gguf", ModelOptions::default())?;
+//! let mut session = model.session(SessionOptions::default())?;
+//! let prompt = model.tokenize("The capital of France is", true, false)?;
+//! session.eval(&prompt)?;
+//! let logits = session.logits().expect("logits after eval");
+//! let next = logits
+//!     .iter()
+//!     .enumerate()
+//!     .max_by(|a, b| a.1.total_cmp(b.1))
+//!     .map(|(i, _)| i as u32)
+//!     .unwrap();
+//! println!("{}", model.detokenize(&[next], false)?);
+//! # Ok(()) }
+//! ```
+#![deny(missing_docs)]
+
+pub mod config;
+pub mod error;
+pub mod gguf;
+mod kv_cache;
+mod model;
+mod session;
+pub mod tokenizer;
+mod weights;
+
+pub use config::{Config, RopeScaling};
+pub use error::{Error, Result};
+pub use model::{LoadProgress, Model, ModelOptions, ProgressFn};
+pub use session::{KvCacheType, Session, SessionOptions, DEFAULT_N_CTX};
+pub use tokenizer::Tokenizer;
+pub use weights::permute_rows_for_gguf;

@@ -1,0 +1,515 @@
+//! The Llama model: one implementation over dense (f32/f16/bf16) and quantized (GGUF block)
+//! weights, immutable after load and shared by any number of sessions.
+
+mod rope;
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Device, Module, Tensor};
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::gguf::GgufFile;
+use crate::kv_cache::KvCache;
+use crate::tokenizer::Tokenizer;
+use crate::weights::{WeightSource, W};
+use rope::Rope;
+
+/// Progress of a model load, reported once per tensor.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct LoadProgress {
+    /// Tensors loaded so far.
+    pub loaded: usize,
+    /// Tensors to load in total.
+    pub total: usize,
+}
+
+impl LoadProgress {
+    /// Fraction done, 0.0 to 1.0.
+    pub fn fraction(&self) -> f32 {
+        if self.total == 0 {
+            1.0
+        } else {
+            self.loaded as f32 / self.total as f32
+        }
+    }
+}
+
+/// Callback for load progress; return `ControlFlow::Break(())` to abort the load.
+pub type ProgressFn<'a> = Box<dyn FnMut(&LoadProgress) -> ControlFlow<()> + Send + 'a>;
+
+/// Options for [`Model::load`].
+#[derive(Default)]
+#[non_exhaustive]
+pub struct ModelOptions<'a> {
+    /// Called after each tensor is loaded.
+    pub progress: Option<ProgressFn<'a>>,
+}
+
+impl<'a> ModelOptions<'a> {
+    /// Sets a progress callback.
+    pub fn with_progress(mut self, f: impl FnMut(&LoadProgress) -> ControlFlow<()> + Send + 'a) -> Self {
+        self.progress = Some(Box::new(f));
+        self
+    }
+}
+
+impl std::fmt::Debug for ModelOptions<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelOptions")
+            .field("progress", &self.progress.is_some())
+            .finish()
+    }
+}
+
+struct Layer {
+    attn_norm: Tensor,
+    q: QMatMul,
+    k: QMatMul,
+    v: QMatMul,
+    o: QMatMul,
+    ffn_norm: Tensor,
+    gate: QMatMul,
+    up: QMatMul,
+    down: QMatMul,
+}
+
+pub(crate) struct Inner {
+    pub(crate) config: Config,
+    pub(crate) tokenizer: Tokenizer,
+    pub(crate) chat_template: Option<String>,
+    pub(crate) path: PathBuf,
+    pub(crate) format: &'static str,
+    pub(crate) weight_type: String,
+    pub(crate) fingerprint: u64,
+    embed: QMatMul,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: QMatMul,
+    rope: Rope,
+    device: Device,
+}
+
+/// A loaded model: immutable, cheap to clone (shared), `Send + Sync`.
+#[derive(Clone)]
+pub struct Model {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let c = &self.inner.config;
+        f.debug_struct("Model")
+            .field("path", &self.inner.path)
+            .field("format", &self.inner.format)
+            .field("weights", &self.inner.weight_type)
+            .field("layers", &c.num_hidden_layers)
+            .field("hidden_size", &c.hidden_size)
+            .field("heads", &c.num_attention_heads)
+            .field("kv_heads", &c.num_key_value_heads)
+            .field("vocab_size", &c.vocab_size)
+            .finish()
+    }
+}
+
+fn fnv1a(h: &mut u64, bytes: &[u8]) {
+    for &b in bytes {
+        *h ^= b as u64;
+        *h = h.wrapping_mul(0x100_0000_01b3);
+    }
+}
+
+impl Model {
+    /// Loads a model from a GGUF file or a Hugging Face folder (config.json, safetensors,
+    /// tokenizer.json).
+    pub fn load(path: impl AsRef<Path>, mut options: ModelOptions<'_>) -> Result<Model> {
+        let path = path.as_ref();
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        let progress = options.progress.as_mut();
+        if meta.is_dir() {
+            Self::load_hf(path, progress)
+        } else {
+            Self::load_gguf(path, progress)
+        }
+    }
+
+    fn load_gguf(path: &Path, progress: Option<&mut ProgressFn<'_>>) -> Result<Model> {
+        let g = GgufFile::open(path)?;
+        let config = Config::from_gguf(&g)?;
+        config.validate(path)?;
+        let tokenizer = Tokenizer::from_gguf(&g)?;
+        let chat_template = g
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.as_str())
+            .map(str::to_string);
+        let src = WeightSource::Gguf(g);
+        Self::build(src, config, tokenizer, chat_template, "gguf", progress)
+    }
+
+    fn load_hf(dir: &Path, progress: Option<&mut ProgressFn<'_>>) -> Result<Model> {
+        let cfg_path = dir.join("config.json");
+        if !cfg_path.is_file() {
+            return Err(Error::config(
+                dir,
+                "not a model folder: config.json is missing (expected a Hugging Face folder or a .gguf file)",
+            ));
+        }
+        let mut config = Config::from_hf_json(&cfg_path)?;
+        config.validate(&cfg_path)?;
+        let read_json = |name: &str| -> Result<Option<serde_json::Value>> {
+            let p = dir.join(name);
+            if !p.is_file() {
+                return Ok(None);
+            }
+            let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+            serde_json::from_str(&text)
+                .map(Some)
+                .map_err(|e| Error::config(&p, format!("not valid JSON: {e}")))
+        };
+        // EOS ids: config.json, generation_config.json and the tokenizer's own, unioned.
+        if let Some(gen) = read_json("generation_config.json")? {
+            let mut add = |v: &serde_json::Value| {
+                if let Some(id) = v.as_u64() {
+                    if !config.eos_token_ids.contains(&(id as u32)) {
+                        config.eos_token_ids.push(id as u32);
+                    }
+                }
+            };
+            match gen.get("eos_token_id") {
+                Some(serde_json::Value::Array(a)) => a.iter().for_each(&mut add),
+                Some(v) => add(v),
+                None => {}
+            }
+        }
+        let tok_cfg = read_json("tokenizer_config.json")?;
+        let tok_path = dir.join("tokenizer.json");
+        if !tok_path.is_file() {
+            return Err(Error::Tokenizer(format!(
+                "{} is missing (the model folder needs a fast tokenizer file)",
+                tok_path.display()
+            )));
+        }
+        let mut tokenizer = Tokenizer::from_hf_files(&tok_path, tok_cfg.as_ref())?;
+        tokenizer.add_eog(&config.eos_token_ids);
+        let mut chat_template = tok_cfg
+            .as_ref()
+            .and_then(|c| c.get("chat_template"))
+            .and_then(|v| v.as_str())
+            .map(str::to_string);
+        let jinja = dir.join("chat_template.jinja");
+        if jinja.is_file() {
+            chat_template = Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?);
+        }
+        // Weight files: the sharded index, model.safetensors, or every *.safetensors.
+        let index = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if index.is_file() {
+            let idx = read_json("model.safetensors.index.json")?.unwrap_or_default();
+            let map = idx
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::config(&index, "missing weight_map"))?;
+            let mut files: Vec<PathBuf> = vec![];
+            for v in map.values() {
+                let f = v
+                    .as_str()
+                    .filter(|f| !f.contains("..") && !f.starts_with('/'))
+                    .ok_or_else(|| Error::config(&index, "invalid file name in weight_map"))?;
+                let p = dir.join(f);
+                if !files.contains(&p) {
+                    files.push(p);
+                }
+            }
+            files
+        } else if dir.join("model.safetensors").is_file() {
+            vec![dir.join("model.safetensors")]
+        } else {
+            let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+                .map_err(|e| Error::io(dir, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+                .collect();
+            v.sort();
+            v
+        };
+        if files.is_empty() {
+            return Err(Error::weights(dir, "", "no .safetensors weight files found"));
+        }
+        for f in &files {
+            if !f.is_file() {
+                return Err(Error::io(
+                    f,
+                    std::io::Error::new(std::io::ErrorKind::NotFound, "weight shard is missing"),
+                ));
+            }
+        }
+        // SAFETY: read-only maps of files we do not modify.
+        let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }.map_err(|e| {
+            Error::weights(
+                files.first().map(|p| p.as_path()).unwrap_or(dir),
+                "",
+                format!("invalid safetensors file: {e}"),
+            )
+        })?;
+        let src = WeightSource::SafeTensors {
+            st,
+            dir: dir.to_path_buf(),
+        };
+        Self::build(src, config, tokenizer, chat_template, "safetensors", progress)
+    }
+
+    fn build(
+        src: WeightSource,
+        config: Config,
+        tokenizer: Tokenizer,
+        chat_template: Option<String>,
+        format: &'static str,
+        mut progress: Option<&mut ProgressFn<'_>>,
+    ) -> Result<Model> {
+        let c = &config;
+        let (h, hd, nh, nkv) = (c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads);
+        let tied = !src.has(W::Output);
+        let total = 3 + 9 * c.num_hidden_layers + usize::from(!tied);
+        let mut loaded = 0usize;
+        let mut tick = |n: usize| -> Result<()> {
+            loaded += n;
+            if let Some(p) = progress.as_mut() {
+                if p(&LoadProgress { loaded, total }).is_break() {
+                    return Err(Error::Cancelled);
+                }
+            }
+            Ok(())
+        };
+        if tokenizer.vocab_size() > c.vocab_size {
+            tracing::debug!(
+                tokenizer = tokenizer.vocab_size(),
+                model = c.vocab_size,
+                "tokenizer has more ids than the embedding"
+            );
+        }
+        let is_gguf = matches!(src, WeightSource::Gguf(_));
+        let perm_q = is_gguf.then_some(nh);
+        let perm_k = is_gguf.then_some(nkv);
+        let embed = src.load_matmul(W::Embed, &[c.vocab_size, h], None)?;
+        tick(1)?;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for l in 0..c.num_hidden_layers {
+            let layer = Layer {
+                attn_norm: src.load_dense(W::AttnNorm(l), &[h])?,
+                q: src.load_matmul(W::Q(l), &[nh * hd, h], perm_q)?,
+                k: src.load_matmul(W::K(l), &[nkv * hd, h], perm_k)?,
+                v: src.load_matmul(W::V(l), &[nkv * hd, h], None)?,
+                o: src.load_matmul(W::O(l), &[h, nh * hd], None)?,
+                ffn_norm: src.load_dense(W::FfnNorm(l), &[h])?,
+                gate: src.load_matmul(W::Gate(l), &[c.intermediate_size, h], None)?,
+                up: src.load_matmul(W::Up(l), &[c.intermediate_size, h], None)?,
+                down: src.load_matmul(W::Down(l), &[h, c.intermediate_size], None)?,
+            };
+            layers.push(layer);
+            tick(9)?;
+        }
+        let norm = src.load_dense(W::OutputNorm, &[h])?;
+        tick(1)?;
+        let lm_head = if tied {
+            embed.clone()
+        } else {
+            let m = src.load_matmul(W::Output, &[c.vocab_size, h], None)?;
+            tick(1)?;
+            m
+        };
+        let freq_factors = if is_gguf && src.has(W::RopeFreqs) {
+            let t = src.load_dense(W::RopeFreqs, &[hd / 2])?;
+            Some(t.to_vec1::<f32>()?)
+        } else {
+            None
+        };
+        tick(1)?;
+        let rope = Rope::new(c, freq_factors.as_deref());
+        let weight_type = src.dtype_name(W::Q(0)).unwrap_or_default();
+        let path = src.path().to_path_buf();
+        // Fingerprint: configuration and a sample of every weight's values.
+        let mut fp = 0xcbf2_9ce4_8422_2325u64;
+        fnv1a(&mut fp, format!("{c:?}").as_bytes());
+        let probe = |m: &QMatMul| -> Result<Vec<u8>> {
+            let t = match m {
+                QMatMul::QTensor(q) => q.dequantize(&Device::Cpu)?,
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.clone(),
+            };
+            let flat = t.flatten_all()?.to_dtype(DType::F32)?;
+            let n = flat.dim(0)?.min(64);
+            let v = flat.narrow(0, 0, n)?.to_vec1::<f32>()?;
+            Ok(v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        };
+        for l in &layers {
+            fnv1a(&mut fp, &probe(&l.q)?);
+            fnv1a(&mut fp, &probe(&l.down)?);
+        }
+        fnv1a(&mut fp, &probe(&lm_head)?);
+        drop(src);
+        Ok(Model {
+            inner: Arc::new(Inner {
+                config,
+                tokenizer,
+                chat_template,
+                path,
+                format,
+                weight_type,
+                fingerprint: fp,
+                embed,
+                layers,
+                norm,
+                lm_head,
+                rope,
+                device: Device::Cpu,
+            }),
+        })
+    }
+
+    /// The model's hyper-parameters.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+    /// The model's tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.inner.tokenizer
+    }
+    /// The chat template shipped with the model, if any.
+    pub fn chat_template(&self) -> Option<&str> {
+        self.inner.chat_template.as_deref()
+    }
+    /// The file or folder the model was loaded from.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+    /// `"gguf"` or `"safetensors"`.
+    pub fn format(&self) -> &str {
+        self.inner.format
+    }
+    /// Storage type of the attention weights (e.g. `Q4_1`, `F32`).
+    pub fn weight_type(&self) -> &str {
+        &self.inner.weight_type
+    }
+    /// A hash of the configuration and weights, used to check saved session state.
+    pub fn fingerprint(&self) -> u64 {
+        self.inner.fingerprint
+    }
+    /// Tokenizes with llama.cpp semantics (see [`Tokenizer::encode`]).
+    pub fn tokenize(&self, text: &str, add_special: bool, parse_special: bool) -> Result<Vec<u32>> {
+        self.inner.tokenizer.encode(text, add_special, parse_special)
+    }
+    /// Decodes ids to text (special tokens rendered when `special`).
+    pub fn detokenize(&self, ids: &[u32], special: bool) -> Result<String> {
+        self.inner.tokenizer.decode(ids, special)
+    }
+
+    pub(crate) fn new_cache(&self, n_ctx: usize) -> KvCache {
+        let c = &self.inner.config;
+        KvCache::new(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, n_ctx)
+    }
+
+    pub(crate) fn device(&self) -> &Device {
+        &self.inner.device
+    }
+
+    /// Runs `tokens` at the cache's next positions and returns the final hidden states
+    /// `(len, hidden)` after the output norm. The caller checks capacity and ids.
+    pub(crate) fn forward_hidden(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        round_kv_f16: bool,
+    ) -> Result<Tensor> {
+        let m = &*self.inner;
+        let c = &m.config;
+        let t = tokens.len();
+        let start = cache.len();
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let group = nh / nkv;
+        let dev = &m.device;
+        cache.reserve(t, dev)?;
+        let ids = Tensor::from_slice(tokens, (t,), dev)?;
+        let mut x = m.embed.embedding(&ids)?.reshape((1, t, c.hidden_size))?;
+        let (cos, sin) = m.rope.cos_sin(start, t, dev)?;
+        let total = start + t;
+        let mask = if t > 1 {
+            let mut v = vec![0f32; t * total];
+            for i in 0..t {
+                for j in (start + i + 1)..total {
+                    v[i * total + j] = f32::NEG_INFINITY;
+                }
+            }
+            Some(Tensor::from_vec(v, (t, total), dev)?)
+        } else {
+            None
+        };
+        let scale = 1.0 / (hd as f64).sqrt();
+        let eps = c.rms_norm_eps as f32;
+        for (li, l) in m.layers.iter().enumerate() {
+            let hn = candle_nn::ops::rms_norm(&x, &l.attn_norm, eps)?;
+            let q = l.q.forward(&hn)?;
+            let k = l.k.forward(&hn)?;
+            let v = l.v.forward(&hn)?;
+            let q = q.reshape((1, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
+            let k = k.reshape((1, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let mut v = v.reshape((1, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let q = candle_nn::rotary_emb::rope(&q, &cos, &sin)?;
+            let mut k = candle_nn::rotary_emb::rope(&k, &cos, &sin)?;
+            if round_kv_f16 {
+                k = k.to_dtype(DType::F16)?.to_dtype(DType::F32)?;
+                v = v.to_dtype(DType::F16)?.to_dtype(DType::F32)?;
+            }
+            let (k_all, v_all) = cache.append(li, &k, &v)?;
+            let k_all = k_all.squeeze(0)?;
+            let v_all = v_all.squeeze(0)?;
+            // Each KV head serves `group` query heads: fold the group into the rows so keys and
+            // values are read once per KV head, with no repeated copies.
+            let q = q.reshape((nkv, group * t, hd))?;
+            let att = (q.matmul(&k_all.t()?)? * scale)?;
+            let att = match &mask {
+                Some(mk) => att
+                    .reshape((nkv, group, t, total))?
+                    .broadcast_add(mk)?
+                    .reshape((nkv, group * t, total))?,
+                None => att,
+            };
+            let att = candle_nn::ops::softmax_last_dim(&att)?;
+            let y = att.matmul(&v_all.contiguous()?)?;
+            let y = y
+                .reshape((nh, t, hd))?
+                .transpose(0, 1)?
+                .reshape((1, t, nh * hd))?;
+            let y = l.o.forward(&y)?;
+            x = (x + y)?;
+            let hn = candle_nn::ops::rms_norm(&x, &l.ffn_norm, eps)?;
+            let g = l.gate.forward(&hn)?;
+            let u = l.up.forward(&hn)?;
+            let y = l.down.forward(&(candle_nn::ops::silu(&g)? * u)?)?;
+            x = (x + y)?;
+        }
+        cache.advance(t);
+        let x = candle_nn::ops::rms_norm(&x, &m.norm, eps)?;
+        Ok(x.squeeze(0)?)
+    }
+
+    /// Output-head logits `(rows, vocab)` for hidden states `(rows, hidden)`.
+    pub(crate) fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let h = hidden.unsqueeze(0)?.contiguous()?;
+        Ok(self.inner.lm_head.forward(&h)?.squeeze(0)?.to_dtype(DType::F32)?)
+    }
+
+    /// Last-row logits as a vector.
+    pub(crate) fn last_logits(&self, hidden: &Tensor) -> Result<Vec<f32>> {
+        let n = hidden.dim(0)?;
+        let last = hidden.narrow(0, n - 1, 1)?;
+        Ok(self.logits(&last)?.squeeze(0)?.to_vec1::<f32>()?)
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_send_sync() {
+    fn is<T: Send + Sync>() {}
+    is::<Model>();
+}

@@ -1,0 +1,100 @@
+//! Rotary position embeddings with every `rope_scaling` kind Llama uses.
+
+use candle_core::{Device, Tensor};
+
+use crate::config::{Config, RopeScaling};
+use crate::error::Result;
+
+/// Inverse frequencies and the scaling rule; cos/sin tables are made per forward call for the
+/// positions it covers (cheap: positions x head_dim/2).
+#[derive(Debug, Clone)]
+pub(crate) struct Rope {
+    inv_freq: Vec<f64>,
+    head_dim: usize,
+    theta: f64,
+    scaling: RopeScaling,
+    max_pos: usize,
+}
+
+impl Rope {
+    /// `freq_factors`: per-dimension divisors (GGUF `rope_freqs.weight`, Llama 3.1+).
+    pub(crate) fn new(cfg: &Config, freq_factors: Option<&[f32]>) -> Self {
+        let d = cfg.head_dim;
+        let base = |theta: f64| -> Vec<f64> {
+            (0..d / 2)
+                .map(|i| 1.0 / theta.powf((2 * i) as f64 / d as f64))
+                .collect()
+        };
+        let mut inv_freq = base(cfg.rope_theta);
+        match cfg.rope_scaling {
+            RopeScaling::Linear { factor } => inv_freq.iter_mut().for_each(|f| *f /= factor),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: orig,
+            } => {
+                let low_wl = orig / low_freq_factor;
+                let high_wl = orig / high_freq_factor;
+                for f in inv_freq.iter_mut() {
+                    let wl = 2.0 * std::f64::consts::PI / *f;
+                    if wl < high_wl {
+                    } else if wl > low_wl {
+                        *f /= factor;
+                    } else {
+                        let s = (orig / wl - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        *f = (1.0 - s) * *f / factor + s * *f;
+                    }
+                }
+            }
+            RopeScaling::None | RopeScaling::Dynamic { .. } => {}
+        }
+        if let Some(ff) = freq_factors {
+            for (f, &div) in inv_freq.iter_mut().zip(ff) {
+                *f /= div as f64;
+            }
+        }
+        Rope {
+            inv_freq,
+            head_dim: d,
+            theta: cfg.rope_theta,
+            scaling: cfg.rope_scaling.clone(),
+            max_pos: cfg.max_position_embeddings,
+        }
+    }
+
+    fn freqs_for(&self, seq_len: usize) -> std::borrow::Cow<'_, [f64]> {
+        match self.scaling {
+            RopeScaling::Dynamic { factor } if seq_len > self.max_pos => {
+                let d = self.head_dim as f64;
+                let base = self.theta
+                    * ((factor * seq_len as f64 / self.max_pos as f64) - (factor - 1.0))
+                        .powf(d / (d - 2.0));
+                (0..self.head_dim / 2)
+                    .map(|i| 1.0 / base.powf((2 * i) as f64 / d))
+                    .collect::<Vec<_>>()
+                    .into()
+            }
+            _ => (&self.inv_freq[..]).into(),
+        }
+    }
+
+    /// cos and sin tables, each `(len, head_dim / 2)`, for positions `start..start + len`.
+    pub(crate) fn cos_sin(&self, start: usize, len: usize, dev: &Device) -> Result<(Tensor, Tensor)> {
+        let freqs = self.freqs_for(start + len);
+        let half = self.head_dim / 2;
+        let mut cos = Vec::with_capacity(len * half);
+        let mut sin = Vec::with_capacity(len * half);
+        for p in start..start + len {
+            for &f in freqs.iter() {
+                let a = p as f64 * f;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        Ok((
+            Tensor::from_vec(cos, (len, half), dev)?,
+            Tensor::from_vec(sin, (len, half), dev)?,
+        ))
+    }
+}

@@ -1,0 +1,219 @@
+//! A session: one sequence's KV cache, position and token history over a shared [`Model`].
+
+use crate::error::{Error, Result};
+use crate::kv_cache::KvCache;
+use crate::model::Model;
+
+/// How keys and values are stored in the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum KvCacheType {
+    /// Values rounded to half precision, as llama.cpp's default f16 cache.
+    #[default]
+    F16,
+    /// Full single precision.
+    F32,
+}
+
+/// Options for [`Model::session`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct SessionOptions {
+    /// Context size in tokens; 0 means 4096 or the model's trained context if smaller.
+    pub n_ctx: usize,
+    /// Tokens evaluated per forward pass during prompt processing.
+    pub n_batch: usize,
+    /// KV cache precision.
+    pub kv_type: KvCacheType,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        SessionOptions {
+            n_ctx: 0,
+            n_batch: 512,
+            kv_type: KvCacheType::F16,
+        }
+    }
+}
+
+impl SessionOptions {
+    /// Sets the context size.
+    pub fn n_ctx(mut self, n: usize) -> Self {
+        self.n_ctx = n;
+        self
+    }
+    /// Sets the prompt batch size.
+    pub fn n_batch(mut self, n: usize) -> Self {
+        self.n_batch = n;
+        self
+    }
+    /// Sets the KV cache precision.
+    pub fn kv_type(mut self, t: KvCacheType) -> Self {
+        self.kv_type = t;
+        self
+    }
+}
+
+/// Default context size when none is asked for.
+pub const DEFAULT_N_CTX: usize = 4096;
+
+/// One sequence being evaluated. `Send`, used by one thread at a time.
+pub struct Session {
+    model: Model,
+    cache: KvCache,
+    tokens: Vec<u32>,
+    logits: Option<Vec<f32>>,
+    opts: SessionOptions,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("n_ctx", &self.cache.max())
+            .field("n_tokens", &self.tokens.len())
+            .finish()
+    }
+}
+
+impl Model {
+    /// Starts a new session (empty context) on this model.
+    pub fn session(&self, opts: SessionOptions) -> Result<Session> {
+        let max = self.config().max_position_embeddings;
+        let n_ctx = if opts.n_ctx == 0 {
+            DEFAULT_N_CTX.min(max)
+        } else {
+            opts.n_ctx
+        };
+        if n_ctx > 1 << 22 {
+            return Err(Error::InvalidArgument(format!("n_ctx {n_ctx} is too large")));
+        }
+        if opts.n_batch == 0 {
+            return Err(Error::InvalidArgument("n_batch must be positive".into()));
+        }
+        let opts = SessionOptions { n_ctx, ..opts };
+        Ok(Session {
+            model: self.clone(),
+            cache: self.new_cache(n_ctx),
+            tokens: vec![],
+            logits: None,
+            opts,
+        })
+    }
+}
+
+impl Session {
+    /// The model this session runs.
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+    /// Context size in tokens.
+    pub fn n_ctx(&self) -> usize {
+        self.cache.max()
+    }
+    /// Tokens evaluated so far.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+    /// Number of tokens evaluated so far (the next position).
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+    /// Whether nothing has been evaluated.
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+    /// The options the session was made with.
+    pub fn options(&self) -> &SessionOptions {
+        &self.opts
+    }
+
+    fn check(&self, tokens: &[u32]) -> Result<()> {
+        let vocab = self.model.config().vocab_size;
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::InvalidArgument(format!(
+                "token id {bad} is outside the model's vocabulary of {vocab}"
+            )));
+        }
+        let needed = self.tokens.len() + tokens.len();
+        if needed > self.n_ctx() {
+            return Err(Error::ContextOverflow {
+                needed,
+                max: self.n_ctx(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Evaluates `tokens` after the current ones (prompt processing in chunks of `n_batch`),
+    /// keeping the logits of the last position.
+    pub fn eval(&mut self, tokens: &[u32]) -> Result<()> {
+        self.eval_inner(tokens, false).map(|_| ())
+    }
+
+    /// Like [`Session::eval`] but returns the logits of every position of `tokens`.
+    pub fn eval_all_logits(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+        self.eval_inner(tokens, true)
+    }
+
+    fn eval_inner(&mut self, tokens: &[u32], all: bool) -> Result<Vec<Vec<f32>>> {
+        if tokens.is_empty() {
+            return Ok(vec![]);
+        }
+        self.check(tokens)?;
+        let round = self.opts.kv_type == KvCacheType::F16;
+        let mut out = vec![];
+        for chunk in tokens.chunks(self.opts.n_batch) {
+            let start_len = self.cache.len();
+            let res = self.model.forward_hidden(chunk, &mut self.cache, round);
+            let hidden = match res {
+                Ok(h) => h,
+                Err(e) => {
+                    self.cache.truncate(start_len);
+                    return Err(e);
+                }
+            };
+            self.tokens.extend_from_slice(chunk);
+            if all {
+                let l = self.model.logits(&hidden)?;
+                for row in l.to_vec2::<f32>()? {
+                    out.push(row);
+                }
+                self.logits = out.last().cloned();
+            } else if chunk.len() == tokens.len() || self.tokens.len() == self.cache.len() {
+                self.logits = Some(self.model.last_logits(&hidden)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Logits of the last evaluated position.
+    pub fn logits(&self) -> Option<&[f32]> {
+        self.logits.as_deref()
+    }
+
+    /// Rolls back to the first `n` tokens. The logits are cleared unless nothing was removed.
+    pub fn truncate(&mut self, n: usize) {
+        if n < self.tokens.len() {
+            self.tokens.truncate(n);
+            self.cache.truncate(n);
+            self.logits = None;
+        }
+    }
+
+    /// Forgets everything.
+    pub fn reset(&mut self) {
+        self.truncate(0);
+    }
+
+    /// An independent copy of this session (shared prefix reused, future diverges).
+    pub fn fork(&self) -> Result<Session> {
+        Ok(Session {
+            model: self.model.clone(),
+            cache: self.cache.deep_clone()?,
+            tokens: self.tokens.clone(),
+            logits: self.logits.clone(),
+            opts: self.opts.clone(),
+        })
+    }
+}
