@@ -1,1 +1,383 @@
-fn main() {}
+//! `llama`: command-line front end of llama-core.
+
+mod default_model;
+
+use std::io::{BufRead, Read, Write};
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use llama_core::convert::{gguf_to_dense_gguf, gguf_to_hf, DenseType};
+use llama_core::{
+    GenerateOptions, Generation, Message, Model, ModelOptions, Sampler, SamplerConfig, Session,
+    SessionOptions,
+};
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(name = "llama", version, about = "Run Llama-family models locally (GGUF or Hugging Face folders)")]
+struct Cli {
+    /// Log details to stderr (-v debug, -vv trace). LLAMA_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Continue a prompt (special tokens in the prompt are parsed).
+    Generate(GenerateArgs),
+    /// Chat with the model's own template (interactive, or one turn with --prompt).
+    Chat(ChatArgs),
+    /// Print the token ids of a text.
+    Tokenize(TokenizeArgs),
+    /// Convert a GGUF file to a dense GGUF (f32 or f16).
+    Quantize(QuantizeArgs),
+    /// Write a Hugging Face folder (safetensors + config + tokenizer) from a GGUF file.
+    ExportHf(ExportArgs),
+    /// Print the path of the default model, fetching it if needed.
+    FetchModel,
+}
+
+#[derive(Args, Clone)]
+struct ModelArg {
+    /// A .gguf file or a Hugging Face folder; default: SmolLM2-135M-Instruct (fetched once).
+    #[arg(short, long)]
+    model: Option<PathBuf>,
+    /// Context size (0: 4096 or the model's if smaller).
+    #[arg(long, default_value_t = 0)]
+    n_ctx: usize,
+}
+
+#[derive(Args, Clone)]
+struct SamplingArgs {
+    /// Most tokens to generate.
+    #[arg(short = 'n', long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    #[arg(long, default_value_t = 40)]
+    top_k: i32,
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0.05)]
+    min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    #[arg(long, default_value_t = 64)]
+    repeat_last_n: i32,
+    /// Random seed (default: from the clock).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop when this string appears (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Print one JSON object instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// The prompt.
+    #[arg(short, long)]
+    prompt: String,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// System message.
+    #[arg(long)]
+    system: Option<String>,
+    /// One user turn (non-interactive).
+    #[arg(short, long)]
+    prompt: Option<String>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+#[derive(Args)]
+struct TokenizeArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Parse special-token text into special ids.
+    #[arg(long)]
+    special: bool,
+    /// Do not add BOS even if the model asks for it.
+    #[arg(long)]
+    no_bos: bool,
+    /// Print {"ids": [...]}.
+    #[arg(long)]
+    json: bool,
+    /// The text; `-` reads standard input.
+    text: String,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OutType {
+    F32,
+    F16,
+}
+
+#[derive(Args)]
+struct QuantizeArgs {
+    input: PathBuf,
+    output: PathBuf,
+    #[arg(long = "type", value_enum)]
+    ty: OutType,
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    input: PathBuf,
+    output: PathBuf,
+    #[arg(long = "type", value_enum, default_value = "f32")]
+    ty: OutType,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let filter = std::env::var("LLAMA_LOG").unwrap_or_else(|_| {
+        match cli.verbose {
+            0 => "warn",
+            1 => "debug",
+            _ => "trace",
+        }
+        .to_string()
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+fn run(cli: Cli) -> AnyResult<()> {
+    match cli.cmd {
+        Cmd::Generate(a) => generate(a),
+        Cmd::Chat(a) => chat(a),
+        Cmd::Tokenize(a) => tokenize(a),
+        Cmd::Quantize(a) => {
+            let bar = bar("converting");
+            gguf_to_dense_gguf(&a.input, &a.output, dense(a.ty), |i, n| progress(&bar, i, n))?;
+            bar.finish_and_clear();
+            eprintln!("wrote {}", a.output.display());
+            Ok(())
+        }
+        Cmd::ExportHf(a) => {
+            let bar = bar("exporting");
+            gguf_to_hf(&a.input, &a.output, dense(a.ty), |i, n| progress(&bar, i, n))?;
+            bar.finish_and_clear();
+            eprintln!("wrote {}", a.output.display());
+            Ok(())
+        }
+        Cmd::FetchModel => {
+            println!("{}", default_model::path()?.display());
+            Ok(())
+        }
+    }
+}
+
+fn dense(t: OutType) -> DenseType {
+    match t {
+        OutType::F32 => DenseType::F32,
+        OutType::F16 => DenseType::F16,
+    }
+}
+
+fn bar(msg: &'static str) -> ProgressBar {
+    let b = ProgressBar::new(0);
+    b.set_style(
+        ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} tensors")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    b.set_message(msg);
+    b
+}
+
+fn progress(b: &ProgressBar, i: usize, n: usize) {
+    b.set_length(n as u64);
+    b.set_position(i as u64);
+}
+
+fn load(m: &ModelArg) -> AnyResult<Model> {
+    let path = match &m.model {
+        Some(p) => p.clone(),
+        None => default_model::path()?,
+    };
+    let b = bar("loading");
+    let t0 = Instant::now();
+    let model = Model::load(
+        &path,
+        ModelOptions::default().with_progress(|p| {
+            progress(&b, p.loaded, p.total);
+            ControlFlow::Continue(())
+        }),
+    )?;
+    b.finish_and_clear();
+    tracing::info!(?model, secs = t0.elapsed().as_secs_f64(), "model loaded");
+    Ok(model)
+}
+
+fn sampler(s: &SamplingArgs) -> AnyResult<Sampler> {
+    let mut cfg = SamplerConfig::default()
+        .temperature(s.temperature)
+        .top_k(s.top_k)
+        .top_p(s.top_p)
+        .min_p(s.min_p)
+        .repeat_penalty(s.repeat_penalty)
+        .repeat_last_n(s.repeat_last_n);
+    cfg.seed = s.seed;
+    Ok(Sampler::new(cfg)?)
+}
+
+fn gen_opts(s: &SamplingArgs) -> GenerateOptions {
+    let mut o = GenerateOptions::default().max_tokens(s.max_tokens);
+    o.stop = s.stop.clone();
+    o
+}
+
+fn session(model: &Model, m: &ModelArg) -> AnyResult<Session> {
+    Ok(model.session(SessionOptions::default().n_ctx(m.n_ctx))?)
+}
+
+fn stream_to_stdout(piece: &str) -> ControlFlow<()> {
+    let mut out = std::io::stdout().lock();
+    if out.write_all(piece.as_bytes()).and_then(|_| out.flush()).is_err() {
+        return ControlFlow::Break(());
+    }
+    ControlFlow::Continue(())
+}
+
+fn summary(g: &Generation) {
+    let t = &g.timings;
+    eprintln!(
+        "\n[prompt: {} tokens, {:.1} tok/s | generated: {} tokens, {:.1} tok/s | stop: {}]",
+        t.prompt_tokens,
+        t.prompt_tps(),
+        t.generated_tokens,
+        t.generation_tps(),
+        g.stop_reason.as_str()
+    );
+}
+
+fn json_result(prompt_ids: &[u32], g: &Generation) -> serde_json::Value {
+    json!({
+        "prompt_ids": prompt_ids,
+        "ids": g.tokens,
+        "text": g.text,
+        "stop_reason": g.stop_reason.as_str(),
+        "timings": {
+            "prompt_tokens": g.timings.prompt_tokens,
+            "prompt_ms": g.timings.prompt.as_secs_f64() * 1e3,
+            "prompt_tps": g.timings.prompt_tps(),
+            "generated_tokens": g.timings.generated_tokens,
+            "generation_ms": g.timings.generation.as_secs_f64() * 1e3,
+            "generation_tps": g.timings.generation_tps(),
+        }
+    })
+}
+
+fn generate(a: GenerateArgs) -> AnyResult<()> {
+    let model = load(&a.model)?;
+    let mut s = session(&model, &a.model)?;
+    let mut smp = sampler(&a.sampling)?;
+    let ids = model.tokenize(&a.prompt, true, true)?;
+    let json = a.sampling.json;
+    let g = s.generate(&ids, &mut smp, gen_opts(&a.sampling), |p| {
+        if json {
+            ControlFlow::Continue(())
+        } else {
+            stream_to_stdout(p)
+        }
+    })?;
+    if json {
+        println!("{}", json_result(&ids, &g));
+    } else {
+        println!();
+    }
+    summary(&g);
+    Ok(())
+}
+
+fn chat(a: ChatArgs) -> AnyResult<()> {
+    let model = load(&a.model)?;
+    let mut s = session(&model, &a.model)?;
+    let mut smp = sampler(&a.sampling)?;
+    let mut messages = vec![];
+    if let Some(sys) = &a.system {
+        messages.push(Message::system(sys.clone()));
+    }
+    if let Some(p) = &a.prompt {
+        messages.push(Message::user(p.clone()));
+        let ids = model.chat_tokens(&messages)?;
+        let json = a.sampling.json;
+        let g = s.chat(&messages, &mut smp, gen_opts(&a.sampling), |p| {
+            if json {
+                ControlFlow::Continue(())
+            } else {
+                stream_to_stdout(p)
+            }
+        })?;
+        if json {
+            println!("{}", json_result(&ids, &g));
+        } else {
+            println!();
+        }
+        summary(&g);
+        return Ok(());
+    }
+    eprintln!("Chatting with {}. Empty line or Ctrl-D to quit.", model.path().display());
+    let stdin = std::io::stdin();
+    loop {
+        eprint!("> ");
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 || line.trim().is_empty() {
+            break;
+        }
+        messages.push(Message::user(line.trim_end().to_string()));
+        let g = s.chat(&messages, &mut smp, gen_opts(&a.sampling), stream_to_stdout)?;
+        println!();
+        summary(&g);
+        messages.push(Message::assistant(g.text.clone()));
+    }
+    Ok(())
+}
+
+fn tokenize(a: TokenizeArgs) -> AnyResult<()> {
+    let model = load(&a.model)?;
+    let text = if a.text == "-" {
+        let mut s = String::new();
+        std::io::stdin().read_to_string(&mut s)?;
+        s
+    } else {
+        a.text.clone()
+    };
+    let ids = model.tokenize(&text, !a.no_bos, a.special)?;
+    if a.json {
+        println!("{}", json!({ "ids": ids }));
+    } else {
+        let tok = model.tokenizer();
+        for id in &ids {
+            println!("{id:>7} {:?}", tok.decode(&[*id], true).unwrap_or_default());
+        }
+    }
+    Ok(())
+}
+

@@ -22,16 +22,25 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod chat;
 pub mod config;
+pub mod convert;
 pub mod error;
+mod generate;
 pub mod gguf;
 mod kv_cache;
 mod model;
+pub mod sampler;
 mod session;
 pub mod tokenizer;
 mod weights;
 
+pub use chat::Message;
 pub use config::{Config, RopeScaling};
+pub use generate::{
+    CancelHandle, GenerateOptions, Generation, Piece, StopReason, Timings, TokenLogprob, TokenStream,
+};
+pub use sampler::{Sampler, SamplerConfig};
 pub use error::{Error, Result};
 pub use model::{LoadProgress, Model, ModelOptions, ProgressFn};
 pub use session::{KvCacheType, Session, SessionOptions, DEFAULT_N_CTX};

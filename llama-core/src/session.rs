@@ -1,6 +1,7 @@
 //! A session: one sequence's KV cache, position and token history over a shared [`Model`].
 
 use crate::error::{Error, Result};
+use crate::generate::CancelHandle;
 use crate::kv_cache::KvCache;
 use crate::model::Model;
 
@@ -25,6 +26,10 @@ pub struct SessionOptions {
     pub n_batch: usize,
     /// KV cache precision.
     pub kv_type: KvCacheType,
+    /// Opt-in context shift: when generation fills the context, keep the first `n_keep`
+    /// tokens, drop the older half of the rest, and re-evaluate. `None` (default) makes a full
+    /// context a [`Error::ContextOverflow`].
+    pub context_shift: Option<usize>,
 }
 
 impl Default for SessionOptions {
@@ -33,6 +38,7 @@ impl Default for SessionOptions {
             n_ctx: 0,
             n_batch: 512,
             kv_type: KvCacheType::F16,
+            context_shift: None,
         }
     }
 }
@@ -46,6 +52,11 @@ impl SessionOptions {
     /// Sets the prompt batch size.
     pub fn n_batch(mut self, n: usize) -> Self {
         self.n_batch = n;
+        self
+    }
+    /// Enables context shift keeping the first `n_keep` tokens.
+    pub fn context_shift(mut self, n_keep: usize) -> Self {
+        self.context_shift = Some(n_keep);
         self
     }
     /// Sets the KV cache precision.
@@ -65,6 +76,7 @@ pub struct Session {
     tokens: Vec<u32>,
     logits: Option<Vec<f32>>,
     opts: SessionOptions,
+    pub(crate) cancel: CancelHandle,
 }
 
 impl std::fmt::Debug for Session {
@@ -98,6 +110,7 @@ impl Model {
             tokens: vec![],
             logits: None,
             opts,
+            cancel: CancelHandle::default(),
         })
     }
 }
@@ -164,6 +177,9 @@ impl Session {
         let round = self.opts.kv_type == KvCacheType::F16;
         let mut out = vec![];
         for chunk in tokens.chunks(self.opts.n_batch) {
+            if self.cancel.take() {
+                return Err(Error::Cancelled);
+            }
             let start_len = self.cache.len();
             let res = self.model.forward_hidden(chunk, &mut self.cache, round);
             let hidden = match res {
@@ -214,6 +230,29 @@ impl Session {
             tokens: self.tokens.clone(),
             logits: self.logits.clone(),
             opts: self.opts.clone(),
+            cancel: CancelHandle::default(),
         })
+    }
+}
+
+impl Session {
+    /// Frees room when the context is full: with context shift enabled, keeps the first
+    /// `n_keep` tokens and the newer half of the rest, re-evaluating them; otherwise
+    /// [`Error::ContextOverflow`].
+    pub fn shift_context(&mut self) -> Result<()> {
+        let n = self.tokens.len();
+        let Some(n_keep) = self.opts.context_shift else {
+            return Err(Error::ContextOverflow { needed: n + 1, max: self.n_ctx() });
+        };
+        let n_keep = n_keep.min(n);
+        let n_discard = (n - n_keep) / 2;
+        if n_discard == 0 {
+            return Err(Error::ContextOverflow { needed: n + 1, max: self.n_ctx() });
+        }
+        let mut kept = self.tokens[..n_keep].to_vec();
+        kept.extend_from_slice(&self.tokens[n_keep + n_discard..]);
+        tracing::debug!(n_keep, n_discard, "context shift");
+        self.reset();
+        self.eval(&kept)
     }
 }

@@ -229,6 +229,16 @@ impl WeightSource {
         }
     }
 
+    /// Loads a tensor as dense f32 with optional Q/K un-permutation (for export).
+    pub(crate) fn load_dense_unpermuted(&self, w: W, shape: &[usize], unpermute_heads: Option<usize>) -> Result<Tensor> {
+        match self.load(w, shape, unpermute_heads)? {
+            Loaded::Dense(t) => Ok(t),
+            Loaded::Q(q) => q
+                .dequantize(&Device::Cpu)
+                .map_err(|e| Error::weights(self.path(), format!("{w:?}"), e.to_string())),
+        }
+    }
+
     /// Loads a matrix for a matmul.
     pub(crate) fn load_matmul(&self, w: W, shape: &[usize], unpermute_heads: Option<usize>) -> Result<QMatMul> {
         match self.load(w, shape, unpermute_heads)? {

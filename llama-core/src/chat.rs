@@ -1,0 +1,185 @@
+//! Chat templates: the model's own Jinja template rendered with minijinja, with the helpers
+//! Hugging Face templates expect (`raise_exception`, `strftime_now`, Python string methods).
+
+use minijinja::{Environment, Error as JinjaError, ErrorKind, Value};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// One chat message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    /// `system`, `user`, `assistant`, or another role the template knows (`ipython`, `tool`).
+    pub role: String,
+    /// The text.
+    pub content: String,
+}
+
+impl Message {
+    /// A message with any role.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Message {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+    /// A system message.
+    pub fn system(content: impl Into<String>) -> Self {
+        Self::new("system", content)
+    }
+    /// A user message.
+    pub fn user(content: impl Into<String>) -> Self {
+        Self::new("user", content)
+    }
+    /// An assistant message.
+    pub fn assistant(content: impl Into<String>) -> Self {
+        Self::new("assistant", content)
+    }
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+/// A small `strftime` for the current UTC time (the directives chat templates use).
+pub(crate) fn strftime_now(fmt: &str) -> String {
+    const MONTHS: [&str; 12] = [
+        "January", "February", "March", "April", "May", "June", "July", "August", "September",
+        "October", "November", "December",
+    ];
+    const DAYS: [&str; 7] = [
+        "Thursday", "Friday", "Saturday", "Sunday", "Monday", "Tuesday", "Wednesday",
+    ];
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    let (hh, mm, ss) = (rem / 3600, (rem / 60) % 60, rem % 60);
+    let wd = DAYS[days.rem_euclid(7) as usize];
+    let month = MONTHS[(m - 1) as usize];
+    let mut out = String::new();
+    let mut chars = fmt.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('Y') => out.push_str(&y.to_string()),
+            Some('y') => out.push_str(&format!("{:02}", y.rem_euclid(100))),
+            Some('m') => out.push_str(&format!("{m:02}")),
+            Some('d') => out.push_str(&format!("{d:02}")),
+            Some('-') => match chars.next() {
+                Some('d') => out.push_str(&d.to_string()),
+                Some('m') => out.push_str(&m.to_string()),
+                Some(o) => {
+                    out.push_str("%-");
+                    out.push(o)
+                }
+                None => out.push_str("%-"),
+            },
+            Some('B') => out.push_str(month),
+            Some('b') => out.push_str(&month[..3]),
+            Some('A') => out.push_str(wd),
+            Some('a') => out.push_str(&wd[..3]),
+            Some('H') => out.push_str(&format!("{hh:02}")),
+            Some('M') => out.push_str(&format!("{mm:02}")),
+            Some('S') => out.push_str(&format!("{ss:02}")),
+            Some('%') => out.push('%'),
+            Some(o) => {
+                out.push('%');
+                out.push(o)
+            }
+            None => out.push('%'),
+        }
+    }
+    out
+}
+
+/// Renders a chat template.
+///
+/// `bos_token` / `eos_token` are the texts of the model's special tokens (templates print them);
+/// `add_generation_prompt` appends the header of the assistant's turn.
+pub fn render_template(
+    template: &str,
+    messages: &[Message],
+    add_generation_prompt: bool,
+    bos_token: &str,
+    eos_token: &str,
+) -> Result<String> {
+    let mut env = Environment::new();
+    env.set_trim_blocks(true);
+    env.set_lstrip_blocks(true);
+    minijinja_contrib::add_to_environment(&mut env);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function("raise_exception", |msg: String| -> std::result::Result<Value, JinjaError> {
+        Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
+    });
+    env.add_function("strftime_now", |fmt: String| strftime_now(&fmt));
+    env.add_template("chat", template)
+        .map_err(|e| Error::ChatTemplate(format!("cannot parse the template: {e}")))?;
+    let tmpl = env
+        .get_template("chat")
+        .map_err(|e| Error::ChatTemplate(e.to_string()))?;
+    tmpl.render(minijinja::context! {
+        messages => messages,
+        add_generation_prompt => add_generation_prompt,
+        bos_token => bos_token,
+        eos_token => eos_token,
+    })
+    .map_err(|e| {
+        let mut msg = e.to_string();
+        if let Some(detail) = e.detail() {
+            msg = format!("{msg}: {detail}");
+        }
+        Error::ChatTemplate(msg)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(19_723), (2024, 1, 1));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+    }
+
+    #[test]
+    fn strftime_shapes() {
+        let s = strftime_now("%d %b %Y");
+        assert_eq!(s.len(), 11, "{s}");
+        assert!(strftime_now("100%%").ends_with('%'));
+    }
+
+    #[test]
+    fn raise_exception_is_an_error() {
+        let t = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first must be user') }}{% endif %}ok";
+        let err = render_template(t, &[Message::system("x")], true, "", "").unwrap_err();
+        assert!(err.to_string().contains("first must be user"), "{err}");
+        let ok = render_template(t, &[Message::user("x")], true, "", "").unwrap();
+        assert_eq!(ok, "ok");
+    }
+
+    #[test]
+    fn python_methods_work() {
+        let t = "{{ messages[0]['content'].strip() }}|{{ 'a' if messages[0].content.startswith(' h') }}";
+        let out = render_template(t, &[Message::user(" hi ")], false, "", "").unwrap();
+        assert_eq!(out, "hi|a");
+    }
+}

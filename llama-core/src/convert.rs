@@ -1,0 +1,355 @@
+//! Format conversion: GGUF to a dense GGUF (f32/f16), and GGUF to a Hugging Face folder.
+//!
+//! Files are written to a temporary name beside the destination and renamed when complete, so
+//! a failed conversion never leaves a half-written file that looks finished.
+
+use std::collections::HashMap;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::{Config, RopeScaling};
+use crate::error::{Error, Result};
+use crate::gguf::{ggml_dtype_to_u32, GgufFile, Value};
+use crate::tokenizer::Tokenizer;
+use crate::weights::{WeightSource, W};
+
+/// Dense storage types for conversions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DenseType {
+    /// 32-bit float.
+    F32,
+    /// 16-bit float.
+    F16,
+}
+
+fn value_type(v: &Value) -> u32 {
+    match v {
+        Value::U8(_) => 0,
+        Value::I8(_) => 1,
+        Value::U16(_) => 2,
+        Value::I16(_) => 3,
+        Value::U32(_) => 4,
+        Value::I32(_) => 5,
+        Value::F32(_) => 6,
+        Value::Bool(_) => 7,
+        Value::String(_) => 8,
+        Value::Array(_) => 9,
+        Value::U64(_) => 10,
+        Value::I64(_) => 11,
+        Value::F64(_) => 12,
+    }
+}
+
+fn write_str(w: &mut impl Write, s: &str) -> std::io::Result<()> {
+    w.write_all(&(s.len() as u64).to_le_bytes())?;
+    w.write_all(s.as_bytes())
+}
+
+fn write_value(w: &mut impl Write, v: &Value) -> std::io::Result<()> {
+    match v {
+        Value::U8(x) => w.write_all(&[*x]),
+        Value::I8(x) => w.write_all(&x.to_le_bytes()),
+        Value::U16(x) => w.write_all(&x.to_le_bytes()),
+        Value::I16(x) => w.write_all(&x.to_le_bytes()),
+        Value::U32(x) => w.write_all(&x.to_le_bytes()),
+        Value::I32(x) => w.write_all(&x.to_le_bytes()),
+        Value::F32(x) => w.write_all(&x.to_le_bytes()),
+        Value::Bool(x) => w.write_all(&[u8::from(*x)]),
+        Value::String(s) => write_str(w, s),
+        Value::Array(items) => {
+            let ty = items.first().map(value_type).unwrap_or(4);
+            w.write_all(&ty.to_le_bytes())?;
+            w.write_all(&(items.len() as u64).to_le_bytes())?;
+            for it in items {
+                write_value(w, it)?;
+            }
+            Ok(())
+        }
+        Value::U64(x) => w.write_all(&x.to_le_bytes()),
+        Value::I64(x) => w.write_all(&x.to_le_bytes()),
+        Value::F64(x) => w.write_all(&x.to_le_bytes()),
+    }
+}
+
+/// One tensor to write: name, candle-order shape, type, raw block bytes.
+pub struct GgufTensor {
+    /// Tensor name.
+    pub name: String,
+    /// Shape, outermost first (GGUF stores it reversed).
+    pub shape: Vec<usize>,
+    /// Storage type.
+    pub dtype: GgmlDType,
+    /// Raw data in the type's block layout.
+    pub data: Vec<u8>,
+}
+
+/// Writes a GGUF v3 file atomically (temporary file, then rename).
+pub fn write_gguf(path: &Path, metadata: &[(String, Value)], tensors: &[GgufTensor]) -> Result<()> {
+    const ALIGN: u64 = 32;
+    let tmp = tmp_name(path);
+    let res = (|| -> std::io::Result<()> {
+        let f = std::fs::File::create(&tmp)?;
+        let mut w = BufWriter::new(f);
+        w.write_all(&0x4655_4747u32.to_le_bytes())?;
+        w.write_all(&3u32.to_le_bytes())?;
+        w.write_all(&(tensors.len() as u64).to_le_bytes())?;
+        w.write_all(&(metadata.len() as u64).to_le_bytes())?;
+        let mut pos: u64 = 24;
+        let mut count = CountingWriter { inner: &mut w, n: 0 };
+        for (k, v) in metadata {
+            write_str(&mut count, k)?;
+            count.write_all(&value_type(v).to_le_bytes())?;
+            write_value(&mut count, v)?;
+        }
+        let mut offset: u64 = 0;
+        for t in tensors {
+            write_str(&mut count, &t.name)?;
+            count.write_all(&(t.shape.len() as u32).to_le_bytes())?;
+            for &d in t.shape.iter().rev() {
+                count.write_all(&(d as u64).to_le_bytes())?;
+            }
+            count.write_all(&ggml_dtype_to_u32(t.dtype).to_le_bytes())?;
+            count.write_all(&offset.to_le_bytes())?;
+            offset = (offset + t.data.len() as u64).div_ceil(ALIGN) * ALIGN;
+        }
+        pos += count.n;
+        let pad = pos.div_ceil(ALIGN) * ALIGN - pos;
+        w.write_all(&vec![0u8; pad as usize])?;
+        for t in tensors {
+            w.write_all(&t.data)?;
+            let len = t.data.len() as u64;
+            let pad = len.div_ceil(ALIGN) * ALIGN - len;
+            w.write_all(&vec![0u8; pad as usize])?;
+        }
+        w.flush()?;
+        w.get_ref().sync_all()?;
+        Ok(())
+    })();
+    finish_tmp(res, &tmp, path)
+}
+
+struct CountingWriter<'a, W: Write> {
+    inner: &'a mut W,
+    n: u64,
+}
+impl<W: Write> Write for CountingWriter<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.n += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn tmp_name(path: &Path) -> PathBuf {
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(format!(".tmp-{}", std::process::id()));
+    path.with_file_name(name)
+}
+
+fn finish_tmp(res: std::io::Result<()>, tmp: &Path, path: &Path) -> Result<()> {
+    match res.and_then(|_| std::fs::rename(tmp, path)) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let _ = std::fs::remove_file(tmp);
+            Err(Error::io(path, e))
+        }
+    }
+}
+
+fn dense_bytes(t: &Tensor, ty: DenseType) -> Result<(GgmlDType, Vec<u8>)> {
+    let flat = t.flatten_all()?;
+    Ok(match ty {
+        DenseType::F32 => (
+            GgmlDType::F32,
+            flat.to_dtype(DType::F32)?
+                .to_vec1::<f32>()?
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
+        ),
+        DenseType::F16 => (
+            GgmlDType::F16,
+            flat.to_dtype(DType::F16)?
+                .to_vec1::<half::f16>()?
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
+        ),
+    })
+}
+
+/// Rewrites a GGUF file with every tensor dequantized to `ty` (1-D tensors stay f32, as
+/// llama.cpp keeps norms in f32). Metadata is copied; tensor layout is unchanged.
+pub fn gguf_to_dense_gguf(src: &Path, dst: &Path, ty: DenseType, mut progress: impl FnMut(usize, usize)) -> Result<()> {
+    let g = GgufFile::open(src)?;
+    let mut meta: Vec<(String, Value)> = g
+        .metadata
+        .iter()
+        .filter(|(k, _)| k.as_str() != "general.alignment")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    meta.sort_by(|a, b| a.0.cmp(&b.0));
+    let ftype = match ty {
+        DenseType::F32 => 0u32,
+        DenseType::F16 => 1,
+    };
+    for (k, v) in meta.iter_mut() {
+        if k == "general.file_type" {
+            *v = Value::U32(ftype);
+        }
+    }
+    let mut tensors = Vec::with_capacity(g.tensor_order.len());
+    let n = g.tensor_order.len();
+    for (i, name) in g.tensor_order.iter().enumerate() {
+        let (info, data) = g
+            .tensor_data(name)
+            .ok_or_else(|| Error::weights(src, name, "tensor is missing"))?;
+        let q = qtensor_from_ggml(info.dtype, &aligned_copy(data), info.shape.clone(), &Device::Cpu)
+            .map_err(|e| Error::weights(src, name, e.to_string()))?;
+        let t = q.dequantize(&Device::Cpu)?;
+        let this_ty = if info.shape.len() == 1 { DenseType::F32 } else { ty };
+        let (dtype, data) = dense_bytes(&t, this_ty)?;
+        tensors.push(GgufTensor {
+            name: name.clone(),
+            shape: info.shape.clone(),
+            dtype,
+            data,
+        });
+        progress(i + 1, n);
+    }
+    write_gguf(dst, &meta, &tensors)
+}
+
+fn aligned_copy(data: &[u8]) -> Vec<u8> {
+    // Vec<u8> from the global allocator is at least 8-byte aligned for these sizes; copying
+    // also detaches the data from the memory map.
+    data.to_vec()
+}
+
+/// Writes a Hugging Face folder (config.json, model.safetensors, tokenizer.json,
+/// tokenizer_config.json, generation_config.json) with the weights of a GGUF llama file,
+/// dequantized to `ty`, Q/K rows in Hugging Face order.
+pub fn gguf_to_hf(src: &Path, dst_dir: &Path, ty: DenseType, mut progress: impl FnMut(usize, usize)) -> Result<()> {
+    let g = GgufFile::open(src)?;
+    let cfg = Config::from_gguf(&g)?;
+    cfg.validate(src)?;
+    let tok = Tokenizer::from_gguf(&g)?;
+    let template = g
+        .get("tokenizer.chat_template")
+        .and_then(|v| v.as_str())
+        .map(str::to_string);
+    let rope_freqs = g.tensors.contains_key("rope_freqs.weight");
+    let src_w = WeightSource::Gguf(g);
+    std::fs::create_dir_all(dst_dir).map_err(|e| Error::io(dst_dir, e))?;
+    let c = &cfg;
+    let (h, hd, nh, nkv, ff) = (
+        c.hidden_size,
+        c.head_dim,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.intermediate_size,
+    );
+    let mut list: Vec<(W, Vec<usize>, Option<usize>)> = vec![(W::Embed, vec![c.vocab_size, h], None)];
+    for l in 0..c.num_hidden_layers {
+        list.push((W::AttnNorm(l), vec![h], None));
+        list.push((W::Q(l), vec![nh * hd, h], Some(nh)));
+        list.push((W::K(l), vec![nkv * hd, h], Some(nkv)));
+        list.push((W::V(l), vec![nkv * hd, h], None));
+        list.push((W::O(l), vec![h, nh * hd], None));
+        list.push((W::FfnNorm(l), vec![h], None));
+        list.push((W::Gate(l), vec![ff, h], None));
+        list.push((W::Up(l), vec![ff, h], None));
+        list.push((W::Down(l), vec![h, ff], None));
+    }
+    list.push((W::OutputNorm, vec![h], None));
+    if !c.tie_word_embeddings {
+        list.push((W::Output, vec![c.vocab_size, h], None));
+    }
+    let dtype = match ty {
+        DenseType::F32 => DType::F32,
+        DenseType::F16 => DType::F16,
+    };
+    let mut map: HashMap<String, Tensor> = HashMap::new();
+    let n = list.len();
+    for (i, (w, shape, perm)) in list.into_iter().enumerate() {
+        let t = src_w.load_dense_unpermuted(w, &shape, perm)?;
+        let t = if shape.len() == 1 { t } else { t.to_dtype(dtype)? };
+        map.insert(w.hf_name(), t);
+        progress(i + 1, n);
+    }
+    let st_path = dst_dir.join("model.safetensors");
+    let tmp = tmp_name(&st_path);
+    candle_core::safetensors::save(&map, &tmp).map_err(|e| Error::weights(&st_path, "", e.to_string()))?;
+    std::fs::rename(&tmp, &st_path).map_err(|e| Error::io(&st_path, e))?;
+
+    let mut config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": c.vocab_size,
+        "hidden_size": h,
+        "intermediate_size": ff,
+        "num_hidden_layers": c.num_hidden_layers,
+        "num_attention_heads": nh,
+        "num_key_value_heads": nkv,
+        "head_dim": hd,
+        "rope_theta": c.rope_theta,
+        "rms_norm_eps": c.rms_norm_eps,
+        "max_position_embeddings": c.max_position_embeddings,
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "torch_dtype": match ty { DenseType::F32 => "float32", DenseType::F16 => "float16" },
+        "hidden_act": "silu",
+    });
+    if let Some(b) = c.bos_token_id {
+        config["bos_token_id"] = b.into();
+    }
+    if let Some(&e) = c.eos_token_ids.first() {
+        config["eos_token_id"] = e.into();
+    }
+    match &c.rope_scaling {
+        RopeScaling::None => {}
+        RopeScaling::Linear { factor } => {
+            config["rope_scaling"] = serde_json::json!({"rope_type": "linear", "factor": factor})
+        }
+        RopeScaling::Dynamic { factor } => {
+            config["rope_scaling"] = serde_json::json!({"rope_type": "dynamic", "factor": factor})
+        }
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+            config["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": factor,
+                "low_freq_factor": low_freq_factor, "high_freq_factor": high_freq_factor,
+                "original_max_position_embeddings": original_max_position_embeddings})
+        }
+    }
+    if rope_freqs {
+        tracing::warn!("rope_freqs.weight is not representable in config.json; the exported folder runs without it");
+    }
+    write_text(&dst_dir.join("config.json"), &serde_json::to_string_pretty(&config).unwrap_or_default())?;
+    let gen = serde_json::json!({"eos_token_id": c.eos_token_ids, "bos_token_id": c.bos_token_id});
+    write_text(&dst_dir.join("generation_config.json"), &serde_json::to_string_pretty(&gen).unwrap_or_default())?;
+    let tok_json = tok.hf().to_string(true).map_err(|e| Error::Tokenizer(e.to_string()))?;
+    write_text(&dst_dir.join("tokenizer.json"), &tok_json)?;
+    let name = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i));
+    let mut tc = serde_json::json!({
+        "add_bos_token": tok.adds_bos(),
+        "add_eos_token": false,
+        "bos_token": name(tok.bos_id()),
+        "eos_token": name(tok.eos_id()),
+    });
+    if let Some(t) = template {
+        tc["chat_template"] = t.into();
+    }
+    write_text(&dst_dir.join("tokenizer_config.json"), &serde_json::to_string_pretty(&tc).unwrap_or_default())?;
+    Ok(())
+}
+
+fn write_text(path: &Path, text: &str) -> Result<()> {
+    let tmp = tmp_name(path);
+    let res = std::fs::write(&tmp, text);
+    finish_tmp(res, &tmp, path)
+}

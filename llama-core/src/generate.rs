@@ -1,0 +1,516 @@
+//! Generation: the decode loop with stop conditions, UTF-8-safe streaming, stop-string
+//! hold-back, log-probabilities, cancellation and timings; in callback and iterator forms.
+
+use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::chat::{render_template, Message};
+use crate::error::{Error, Result};
+use crate::sampler::{log_softmax, Sampler};
+use crate::session::Session;
+use crate::tokenizer::Tokenizer;
+
+/// A handle that cancels a session's work from another thread.
+#[derive(Debug, Clone, Default)]
+pub struct CancelHandle(Arc<AtomicBool>);
+
+impl CancelHandle {
+    /// Asks the session to stop at the next check (between prompt chunks and between tokens).
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    /// Whether cancellation was asked for.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+    pub(crate) fn take(&self) -> bool {
+        self.0.swap(false, Ordering::SeqCst)
+    }
+}
+
+/// Options for one generation.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct GenerateOptions {
+    /// Most tokens to generate. Default 256.
+    pub max_tokens: usize,
+    /// Stop when any of these strings appears in the output (it is not emitted).
+    pub stop: Vec<String>,
+    /// Record per-token log-probabilities with this many alternatives (`None`: off).
+    pub logprobs: Option<usize>,
+    /// Render special tokens in the streamed text.
+    pub special: bool,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions {
+            max_tokens: 256,
+            stop: vec![],
+            logprobs: None,
+            special: false,
+        }
+    }
+}
+
+impl GenerateOptions {
+    /// Sets the token limit.
+    pub fn max_tokens(mut self, n: usize) -> Self {
+        self.max_tokens = n;
+        self
+    }
+    /// Adds a stop string.
+    pub fn stop(mut self, s: impl Into<String>) -> Self {
+        self.stop.push(s.into());
+        self
+    }
+    /// Records log-probabilities with `top` alternatives per token.
+    pub fn logprobs(mut self, top: usize) -> Self {
+        self.logprobs = Some(top);
+        self
+    }
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StopReason {
+    /// `max_tokens` reached.
+    MaxTokens,
+    /// The model produced an end-of-generation token.
+    EndOfGeneration,
+    /// A stop string appeared.
+    StopString,
+    /// The callback asked to stop.
+    Callback,
+    /// Cancelled through the [`CancelHandle`].
+    Cancelled,
+}
+
+impl StopReason {
+    /// A short name: `max_tokens`, `eog`, `stop_string`, `callback`, `cancelled`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            StopReason::MaxTokens => "max_tokens",
+            StopReason::EndOfGeneration => "eog",
+            StopReason::StopString => "stop_string",
+            StopReason::Callback => "callback",
+            StopReason::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Log-probability of one generated token under the model, with the top alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    /// The generated token.
+    pub id: u32,
+    /// Its log-probability.
+    pub logprob: f32,
+    /// The most likely tokens at that position, best first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Timing of one generation.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Timings {
+    /// Prompt tokens evaluated.
+    pub prompt_tokens: usize,
+    /// Time spent on the prompt.
+    pub prompt: Duration,
+    /// Tokens generated.
+    pub generated_tokens: usize,
+    /// Time spent generating.
+    pub generation: Duration,
+}
+
+impl Timings {
+    /// Prompt tokens per second.
+    pub fn prompt_tps(&self) -> f64 {
+        rate(self.prompt_tokens, self.prompt)
+    }
+    /// Generated tokens per second.
+    pub fn generation_tps(&self) -> f64 {
+        rate(self.generated_tokens, self.generation)
+    }
+}
+
+fn rate(n: usize, d: Duration) -> f64 {
+    let s = d.as_secs_f64();
+    if s > 0.0 {
+        n as f64 / s
+    } else {
+        0.0
+    }
+}
+
+/// The result of a generation.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// Generated ids (an end-of-generation token included when it ended the generation).
+    pub tokens: Vec<u32>,
+    /// Generated text (stop string and what follows it removed).
+    pub text: String,
+    /// Why it ended.
+    pub stop_reason: StopReason,
+    /// Log-probabilities, when asked for.
+    pub logprobs: Vec<TokenLogprob>,
+    /// Timings.
+    pub timings: Timings,
+}
+
+/// Incremental detokenizer: emits text only once it forms whole UTF-8 characters, and keeps
+/// leading spaces that depend on the previous token.
+#[derive(Debug, Clone)]
+pub(crate) struct Detokenizer {
+    ids: Vec<u32>,
+    prefix: usize,
+    read: usize,
+    special: bool,
+}
+
+impl Detokenizer {
+    pub(crate) fn new(context: &[u32], special: bool) -> Self {
+        let ctx = &context[context.len().saturating_sub(4)..];
+        Detokenizer {
+            ids: ctx.to_vec(),
+            prefix: 0,
+            read: ctx.len(),
+            special,
+        }
+    }
+    pub(crate) fn step(&mut self, tok: &Tokenizer, id: u32) -> Result<Option<String>> {
+        self.ids.push(id);
+        let before = tok.decode(&self.ids[self.prefix..self.read], self.special)?;
+        let after = tok.decode(&self.ids[self.prefix..], self.special)?;
+        if after.len() > before.len() && !after.ends_with('\u{FFFD}') {
+            let piece = match after.get(before.len()..) {
+                Some(p) if after.starts_with(&before) => p.to_string(),
+                // The window's leading text changed with the new token: emit the difference
+                // by characters rather than by bytes.
+                _ => after.chars().skip(before.chars().count()).collect(),
+            };
+            self.prefix = self.read;
+            self.read = self.ids.len();
+            Ok(Some(piece))
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+/// Length of the longest suffix of `text` that is a proper prefix of some stop string.
+fn holdback(text: &str, stops: &[String]) -> usize {
+    let mut best = 0;
+    for s in stops {
+        let max = s.len().saturating_sub(1).min(text.len());
+        for k in (1..=max).rev() {
+            if k <= best {
+                break;
+            }
+            if text.is_char_boundary(text.len() - k) && s.starts_with(&text[text.len() - k..]) {
+                best = k;
+                break;
+            }
+        }
+    }
+    best
+}
+
+/// One step of the generator's output.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Piece {
+    /// The sampled token.
+    pub token: u32,
+    /// Text released by this token (may be empty while a character or a possible stop string
+    /// is incomplete).
+    pub text: String,
+}
+
+/// The decode loop as an iterator of [`Piece`]s; see [`Session::stream`].
+pub struct TokenStream<'s> {
+    session: &'s mut Session,
+    sampler: &'s mut Sampler,
+    opts: GenerateOptions,
+    detok: Detokenizer,
+    text: String,
+    emitted: usize,
+    result: Generation,
+    done: bool,
+    started: Instant,
+}
+
+impl<'s> TokenStream<'s> {
+    /// Generation so far (complete once the iterator returned `None`).
+    pub fn generation(&self) -> &Generation {
+        &self.result
+    }
+
+    /// Runs to the end and returns the result.
+    pub fn finish(mut self) -> Result<Generation> {
+        for p in self.by_ref() {
+            p?;
+        }
+        Ok(self.result)
+    }
+
+    /// Stops early (as if the callback asked to) and returns the result so far.
+    pub fn stop(mut self) -> Generation {
+        if !self.done {
+            self.end(StopReason::Callback);
+        }
+        self.result
+    }
+
+    fn end(&mut self, reason: StopReason) -> Option<String> {
+        self.done = true;
+        self.result.stop_reason = reason;
+        self.result.timings.generation = self.started.elapsed();
+        self.result.timings.generated_tokens = self.result.tokens.len();
+        if reason == StopReason::StopString {
+            return None;
+        }
+        let rest = self.text[self.emitted..].to_string();
+        self.emitted = self.text.len();
+        self.result.text = self.text.clone();
+        (!rest.is_empty()).then_some(rest)
+    }
+
+    fn next_inner(&mut self) -> Result<Option<Piece>> {
+        if self.done {
+            return Ok(None);
+        }
+        if self.session.cancel.take() {
+            let rest = self.end(StopReason::Cancelled);
+            return Ok(rest.map(|text| Piece { token: u32::MAX, text }));
+        }
+        if self.result.tokens.len() >= self.opts.max_tokens {
+            let rest = self.end(StopReason::MaxTokens);
+            return Ok(rest.map(|text| Piece { token: u32::MAX, text }));
+        }
+        let logits = self
+            .session
+            .logits()
+            .ok_or_else(|| Error::InvalidArgument("nothing to generate from: the session is empty".into()))?
+            .to_vec();
+        let id = self.sampler.sample(&logits, self.session.tokens())?;
+        if let Some(top) = self.opts.logprobs {
+            let lp = log_softmax(&logits);
+            let mut idx: Vec<u32> = (0..lp.len() as u32).collect();
+            let k = top.min(idx.len());
+            if k > 0 {
+                idx.select_nth_unstable_by(k - 1, |a, b| lp[*b as usize].total_cmp(&lp[*a as usize]));
+            }
+            let mut best: Vec<(u32, f32)> = idx[..k].iter().map(|&i| (i, lp[i as usize])).collect();
+            best.sort_by(|a, b| b.1.total_cmp(&a.1));
+            self.result.logprobs.push(TokenLogprob {
+                id,
+                logprob: lp[id as usize],
+                top: best,
+            });
+        }
+        self.result.tokens.push(id);
+        let model = self.session.model().clone();
+        let tok = model.tokenizer();
+        if tok.is_eog(id) {
+            let rest = self.end(StopReason::EndOfGeneration);
+            return Ok(Some(Piece {
+                token: id,
+                text: rest.unwrap_or_default(),
+            }));
+        }
+        if let Some(piece) = self.detok.step(tok, id)? {
+            self.text.push_str(&piece);
+        }
+        // Stop strings: search the region that could contain a new match.
+        let longest = self.opts.stop.iter().map(|s| s.len()).max().unwrap_or(0);
+        let mut from = self.emitted.saturating_sub(longest);
+        while !self.text.is_char_boundary(from) {
+            from -= 1;
+        }
+        let hit = self
+            .opts
+            .stop
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| self.text[from..].find(s.as_str()).map(|p| from + p))
+            .min();
+        if let Some(pos) = hit {
+            let out = self.text[self.emitted..pos.max(self.emitted)].to_string();
+            self.text.truncate(pos);
+            self.emitted = self.text.len();
+            self.result.text = self.text.clone();
+            self.end(StopReason::StopString);
+            return Ok(Some(Piece { token: id, text: out }));
+        }
+        let hold = holdback(&self.text[self.emitted..], &self.opts.stop);
+        let upto = self.text.len() - hold;
+        let out = self.text[self.emitted..upto].to_string();
+        self.emitted = upto;
+        self.result.text = self.text[..self.emitted].to_string();
+        // Make room, then evaluate the token for the next step.
+        if self.session.len() + 1 > self.session.n_ctx() {
+            self.session.shift_context()?;
+        }
+        self.session.eval(&[id])?;
+        Ok(Some(Piece { token: id, text: out }))
+    }
+}
+
+impl Iterator for TokenStream<'_> {
+    type Item = Result<Piece>;
+    fn next(&mut self) -> Option<Self::Item> {
+        match self.next_inner() {
+            Ok(Some(p)) => Some(Ok(p)),
+            Ok(None) => None,
+            Err(e) => {
+                self.done = true;
+                Some(Err(e))
+            }
+        }
+    }
+}
+
+impl Session {
+    /// A handle that cancels this session's work from another thread.
+    pub fn cancel_handle(&self) -> CancelHandle {
+        self.cancel.clone()
+    }
+
+    /// Evaluates `prompt` after the current context, then streams generated pieces.
+    pub fn stream<'s>(
+        &'s mut self,
+        prompt: &[u32],
+        sampler: &'s mut Sampler,
+        opts: GenerateOptions,
+    ) -> Result<TokenStream<'s>> {
+        let t0 = Instant::now();
+        let n_prompt = prompt.len();
+        if !prompt.is_empty() {
+            self.eval(prompt)?;
+        } else if self.logits().is_none() {
+            return Err(Error::InvalidArgument(
+                "nothing to generate from: give a prompt or evaluate tokens first".into(),
+            ));
+        }
+        let prompt_time = t0.elapsed();
+        let detok = Detokenizer::new(self.tokens(), opts.special);
+        Ok(TokenStream {
+            session: self,
+            sampler,
+            opts,
+            detok,
+            text: String::new(),
+            emitted: 0,
+            result: Generation {
+                tokens: vec![],
+                text: String::new(),
+                stop_reason: StopReason::MaxTokens,
+                logprobs: vec![],
+                timings: Timings {
+                    prompt_tokens: n_prompt,
+                    prompt: prompt_time,
+                    ..Default::default()
+                },
+            },
+            done: false,
+            started: Instant::now(),
+        })
+    }
+
+    /// Evaluates `prompt` after the current context and generates, calling `on_piece` with each
+    /// piece of text as it becomes final; return `ControlFlow::Break(())` to stop.
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        sampler: &mut Sampler,
+        opts: GenerateOptions,
+        mut on_piece: impl FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<Generation> {
+        let mut stream = self.stream(prompt, sampler, opts)?;
+        while let Some(p) = stream.next() {
+            let p = p?;
+            if !p.text.is_empty() && on_piece(&p.text).is_break() {
+                return Ok(stream.stop());
+            }
+        }
+        Ok(stream.result)
+    }
+
+    /// Renders `messages` with the model's chat template (generation prompt added), reuses the
+    /// cached prefix of earlier turns, and generates the assistant's reply.
+    pub fn chat(
+        &mut self,
+        messages: &[Message],
+        sampler: &mut Sampler,
+        opts: GenerateOptions,
+        on_piece: impl FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<Generation> {
+        let ids = self.model().chat_tokens(messages)?;
+        let rest = self.reuse_prefix(&ids);
+        self.generate(&rest, sampler, opts, on_piece)
+    }
+
+    /// Keeps the longest cached prefix shared with `ids` and returns the tokens still to
+    /// evaluate (at least one, so that logits are fresh).
+    pub fn reuse_prefix(&mut self, ids: &[u32]) -> Vec<u32> {
+        let common = self
+            .tokens()
+            .iter()
+            .zip(ids)
+            .take_while(|(a, b)| a == b)
+            .count();
+        let keep = if common == ids.len() { common.saturating_sub(1) } else { common };
+        self.truncate(keep);
+        ids[keep..].to_vec()
+    }
+}
+
+impl crate::Model {
+    /// Renders a conversation with the model's chat template, ready for generation.
+    pub fn apply_chat_template(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        let template = self.chat_template().ok_or_else(|| {
+            Error::ChatTemplate(format!("{} has no chat template", self.path().display()))
+        })?;
+        let tok = self.tokenizer();
+        let name = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i)).unwrap_or_default();
+        render_template(
+            template,
+            messages,
+            add_generation_prompt,
+            &name(tok.bos_id()),
+            &name(tok.eos_id()),
+        )
+    }
+
+    /// The tokens of a rendered conversation: special tokens parsed, one BOS at most.
+    pub fn chat_tokens(&self, messages: &[Message]) -> Result<Vec<u32>> {
+        let text = self.apply_chat_template(messages, true)?;
+        let tok = self.tokenizer();
+        let mut ids = tok.encode(&text, false, true)?;
+        if tok.adds_bos() {
+            if let Some(b) = tok.bos_id() {
+                if ids.first() != Some(&b) {
+                    ids.insert(0, b);
+                }
+            }
+        }
+        Ok(ids)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::holdback;
+
+    #[test]
+    fn holdback_finds_partial_stop() {
+        let stops = vec!["</s>".to_string(), "STOP".to_string()];
+        assert_eq!(holdback("hello </", &stops), 2);
+        assert_eq!(holdback("hello ST", &stops), 2);
+        assert_eq!(holdback("hello", &stops), 0);
+        assert_eq!(holdback("hello STO", &stops), 3);
+    }
+}

@@ -1,0 +1,190 @@
+#!/usr/bin/env python3
+"""Generates the llama.cpp reference outputs the tests compare against.
+
+Runs llama.cpp through llama-cpp-python (installed into its own virtual environment on first
+use: compiling llama.cpp takes several minutes) on SmolLM2-135M-Instruct Q4_1 and writes
+tests/reference/smollm2.json:
+
+  tokenize   ids for a corpus of tricky strings (parse_special off and on)
+  greedy     48-token greedy continuations, llama.cpp's top-1/top-2 margin at every step, and
+             the top-10 logits at the last prompt position
+  chat       chat prompts rendered with the GGUF's own template by Python's jinja2 (as
+             transformers does), their ids, and greedy replies with margins
+  dense      full last-position logits of the same weights dequantized to F32 (converted by our
+             `llama quantize --type f32`), run by llama.cpp with an F32 KV cache
+
+Usage: python3 tests/reference/make_reference.py [--model PATH] [--llama target/release/llama]
+Never run by CI (too slow); rerun and commit the JSON when the corpus changes.
+"""
+import argparse
+import base64
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
+
+TOKENIZE_CORPUS = [
+    "", " ", "  ", "   ", "\t", "\n", "\n\n", " \n ", "Hello world", " Hello world",
+    "Hello  world", "hello\tworld", "line1\nline2\r\nline3", "12345", "3.14159",
+    "1,000,000 and 2024-01-01", "emoji 😀🎉👍🏽", "👨‍👩‍👧‍👦", "日本語のテキスト", "中文测试",
+    "한국어", "café résumé naïve", "Ünïcödé Ñ", "Привет мир", "مرحبا بالعالم",
+    "def foo(x):\n    return x * 2\n", "    indented", "<|im_start|>user\nhi<|im_end|>",
+    "<|endoftext|>", "a<|im_end|>b", "don't won't I'm they'll we've", "HTTP/1.1 200 OK",
+    "https://example.com/path?q=1&r=2", "!!!???...", "x = [1, 2, 3]; y = {'a': 1}",
+    "The quick brown fox jumps over the lazy dog.", "   leading and trailing   ", "ß ẞ ǅ",
+    "\u00a0non-breaking\u00a0space", "tabs\t\tand  spaces", "Mixed CASE WoRdS", "a" * 50,
+    "🙂" * 5, "\\escaped\\", "<unk> <s> </s>", "x\u0000y", "ﬁ ligature ½",
+]
+
+LONG_PROMPT = (
+    "The history of the printing press begins in the fifteenth century, when Johannes "
+    "Gutenberg combined movable metal type, oil-based inks and a wooden press adapted from "
+    "wine making. Books, which had been copied by hand for centuries, could now be produced in "
+    "hundreds of identical copies. Within fifty years presses operated in more than two hundred "
+    "cities across Europe, and the price of books fell sharply. Historians argue that this "
+    "change helped spread the Renaissance, the Reformation and the scientific revolution, "
+    "because ideas could travel quickly and accurately. In summary, the printing press"
+)
+
+GREEDY_PROMPTS = [
+    "The capital of France is",
+    "Once upon a time",
+    "def fibonacci(n):",
+    "1, 2, 3, 4, 5,",
+    "The meaning of life is",
+    "Translate to French: Hello, how are you?",
+    "Q: What is the largest planet in our solar system?\nA:",
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>user\nWrite a haiku about the sea.<|im_end|>\n<|im_start|>assistant\n",
+    LONG_PROMPT,
+]
+
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "Tell me about the sea."}],
+    [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello! How can I help you today?"},
+        {"role": "user", "content": "Name three colors."},
+    ],
+    [{"role": "user", "content": "Write one sentence about cats. Use the emoji 🐱."}],
+]
+
+DENSE_PROMPTS = ["The capital of France is", GREEDY_PROMPTS[7]]
+N_GREEDY = 48
+
+
+def ensure_venv():
+    """Re-executes inside a venv that has llama-cpp-python, creating it if needed."""
+    try:
+        import llama_cpp  # noqa: F401
+        import jinja2  # noqa: F401
+        import numpy  # noqa: F401
+        return
+    except ImportError:
+        pass
+    venv = os.environ.get("LLAMA_REF_VENV", os.path.expanduser("~/.cache/llama-core/refvenv"))
+    py = os.path.join(venv, "bin", "python")
+    if not os.path.exists(py):
+        subprocess.check_call([sys.executable, "-m", "venv", venv])
+    env = dict(os.environ, CMAKE_ARGS=os.environ.get("CMAKE_ARGS", "-DGGML_NATIVE=ON"))
+    subprocess.check_call([py, "-m", "pip", "install", "-q", LLAMA_CPP_PYTHON, "jinja2", "numpy"], env=env)
+    os.execv(py, [py] + sys.argv)
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def greedy(llm, np, prompt_ids, n):
+    """Greedy decode: batched prompt, then one token at a time (as the library does)."""
+    llm.reset()
+    llm.eval(prompt_ids)
+    last = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+    order = np.argsort(-last)[:10]
+    top10 = [[int(i), float(last[i])] for i in order]
+    ids, margins = [], []
+    eos = llm.token_eos()
+    for _ in range(n):
+        l = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+        o = np.argsort(-l)[:2]
+        ids.append(int(o[0]))
+        margins.append(float(l[o[0]] - l[o[1]]))
+        if int(o[0]) == eos or llm._model.token_is_eog(int(o[0])) if hasattr(llm._model, "token_is_eog") else int(o[0]) == eos:
+            break
+        llm.eval([int(o[0])])
+    return ids, margins, top10
+
+
+def main():
+    ensure_venv()
+    import jinja2
+    import llama_cpp
+    import numpy as np
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--llama", default=os.path.join(ROOT, "target", "release", "llama"))
+    ap.add_argument("--out", default=os.path.join(HERE, "smollm2.json"))
+    args = ap.parse_args()
+    model = args.model or subprocess.check_output(["bash", os.path.join(ROOT, "scripts", "fetch-model.sh")], text=True).strip()
+
+    llm = llama_cpp.Llama(model, n_ctx=2048, n_batch=512, logits_all=True, verbose=False, n_threads=2)
+    out = {
+        "model": os.path.basename(model),
+        "sha256": sha256(model),
+        "llama_cpp_python": llama_cpp.__version__,
+        "n_greedy": N_GREEDY,
+    }
+    out["tokenize"] = []
+    for text in TOKENIZE_CORPUS:
+        for special in (False, True):
+            ids = llm.tokenize(text.encode("utf-8"), add_bos=True, special=special)
+            out["tokenize"].append({"text": text, "add_special": True, "parse_special": special, "ids": ids})
+    out["greedy"] = []
+    for p in GREEDY_PROMPTS:
+        prompt_ids = llm.tokenize(p.encode("utf-8"), add_bos=True, special=True)
+        ids, margins, top10 = greedy(llm, np, prompt_ids, N_GREEDY)
+        out["greedy"].append({"prompt": p, "prompt_ids": prompt_ids, "ids": ids, "margins": margins, "top10": top10})
+        print(f"greedy {p[:30]!r}: {llm.detokenize(ids).decode('utf-8', 'replace')[:60]!r}", file=sys.stderr)
+    template = llm.metadata["tokenizer.chat_template"]
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True) if hasattr(jinja2, "sandbox") else jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+    tmpl = env.from_string(template)
+    out["chat"] = []
+    for messages in CHATS:
+        text = tmpl.render(messages=messages, add_generation_prompt=True, bos_token="<|im_start|>", eos_token="<|im_end|>")
+        prompt_ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        ids, margins, _ = greedy(llm, np, prompt_ids, N_GREEDY)
+        out["chat"].append({"messages": messages, "rendered": text, "prompt_ids": prompt_ids, "ids": ids, "margins": margins})
+    del llm
+
+    # Dense reference: the same weights dequantized to F32, F32 KV cache.
+    with tempfile.TemporaryDirectory() as tmp:
+        f32 = os.path.join(tmp, "model-f32.gguf")
+        subprocess.check_call([args.llama, "quantize", model, f32, "--type", "f32"])
+        dense = llama_cpp.Llama(f32, n_ctx=512, logits_all=True, verbose=False, n_threads=2, type_k=0, type_v=0)
+        out["dense"] = []
+        for p in DENSE_PROMPTS:
+            ids = dense.tokenize(p.encode("utf-8"), add_bos=True, special=True)
+            dense.reset()
+            dense.eval(ids)
+            last = np.array(dense.scores[dense.n_tokens - 1], dtype="<f4")
+            out["dense"].append({"prompt": p, "prompt_ids": ids, "logits_f32_b64": base64.b64encode(last.tobytes()).decode()})
+        del dense
+    with open(args.out, "w") as f:
+        json.dump(out, f, ensure_ascii=False, indent=1)
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
