@@ -42,6 +42,13 @@ const EOG_TEXTS: &[&str] = &[
     "<|end|>",
     "<end_of_turn>",
     "<EOT>",
+    // Fill-in-the-middle repository/padding markers (llama.cpp ends generation on them too).
+    "<reponame>",
+    "<|repo_name|>",
+    "<|fim_repo|>",
+    "<fim-repo>",
+    "<|fim_pad|>",
+    "<fim-pad>",
 ];
 
 /// Pre-tokenizer regexes (applied one after another, each match isolated) for a GGUF

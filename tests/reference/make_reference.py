@@ -106,21 +106,27 @@ def sha256(path):
     return h.hexdigest()
 
 
-def greedy(llm, np, prompt_ids, n):
+def greedy(llm, np, prompt_ids, n, token_by_token=False):
+    import llama_cpp
+
     """Greedy decode: batched prompt, then one token at a time (as the library does)."""
     llm.reset()
-    llm.eval(prompt_ids)
+    if token_by_token:
+        for t in prompt_ids:
+            llm.eval([t])
+    else:
+        llm.eval(prompt_ids)
     last = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
     order = np.argsort(-last)[:10]
     top10 = [[int(i), float(last[i])] for i in order]
     ids, margins = [], []
-    eos = llm.token_eos()
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
     for _ in range(n):
         l = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
         o = np.argsort(-l)[:2]
         ids.append(int(o[0]))
         margins.append(float(l[o[0]] - l[o[1]]))
-        if int(o[0]) == eos or llm._model.token_is_eog(int(o[0])) if hasattr(llm._model, "token_is_eog") else int(o[0]) == eos:
+        if llama_cpp.llama_vocab_is_eog(vocab, int(o[0])):
             break
         llm.eval([int(o[0])])
     return ids, margins, top10
@@ -146,6 +152,8 @@ def main():
         "llama_cpp_python": llama_cpp.__version__,
         "n_greedy": N_GREEDY,
     }
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    out["eog_ids"] = [i for i in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, i)]
     out["tokenize"] = []
     for text in TOKENIZE_CORPUS:
         for special in (False, True):
@@ -157,6 +165,22 @@ def main():
         ids, margins, top10 = greedy(llm, np, prompt_ids, N_GREEDY)
         out["greedy"].append({"prompt": p, "prompt_ids": prompt_ids, "ids": ids, "margins": margins, "top10": top10})
         print(f"greedy {p[:30]!r}: {llm.detokenize(ids).decode('utf-8', 'replace')[:60]!r}", file=sys.stderr)
+    # llama.cpp's own numerical spread: the same greedy runs with flash attention on, and with
+    # the prompt evaluated one token at a time. Where they part from the default run, and at
+    # which top-1/top-2 margin, tells how large a margin numerical noise alone can flip.
+    variants = [("flash_attn", True, False), ("token_by_token", False, True), ("flash_attn_token_by_token", True, True)]
+    spread = []
+    for name, fa, tbt in variants:
+        other = llama_cpp.Llama(model, n_ctx=2048, n_batch=512, logits_all=True, verbose=False, n_threads=2, flash_attn=fa)
+        for case in out["greedy"]:
+            ids, _, _ = greedy(other, np, case["prompt_ids"], N_GREEDY, token_by_token=tbt)
+            ref = case["ids"]
+            i = next((i for i in range(min(len(ids), len(ref))) if ids[i] != ref[i]), None)
+            if i is not None:
+                spread.append({"variant": name, "prompt": case["prompt"], "step": i, "margin": case["margins"][i]})
+        del other
+    out["llama_cpp_self_divergence"] = spread
+    print("llama.cpp self-divergence margins:", sorted(round(x["margin"], 3) for x in spread), file=sys.stderr)
     template = llm.metadata["tokenizer.chat_template"]
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True) if hasattr(jinja2, "sandbox") else jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
     tmpl = env.from_string(template)

@@ -10,6 +10,8 @@ use crate::error::Result;
 #[derive(Debug, Clone)]
 pub(crate) struct Rope {
     inv_freq: Vec<f64>,
+    /// Per-dimension divisors from GGUF `rope_freqs.weight`.
+    freq_factors: Option<Vec<f32>>,
     head_dim: usize,
     theta: f64,
     scaling: RopeScaling,
@@ -56,6 +58,7 @@ impl Rope {
         }
         Rope {
             inv_freq,
+            freq_factors: freq_factors.map(|f| f.to_vec()),
             head_dim: d,
             theta: cfg.rope_theta,
             scaling: cfg.rope_scaling.clone(),
@@ -81,15 +84,38 @@ impl Rope {
 
     /// cos and sin tables, each `(len, head_dim / 2)`, for positions `start..start + len`.
     pub(crate) fn cos_sin(&self, start: usize, len: usize, dev: &Device) -> Result<(Tensor, Tensor)> {
-        let freqs = self.freqs_for(start + len);
         let half = self.head_dim / 2;
         let mut cos = Vec::with_capacity(len * half);
         let mut sin = Vec::with_capacity(len * half);
-        for p in start..start + len {
-            for &f in freqs.iter() {
-                let a = p as f64 * f;
-                cos.push(a.cos() as f32);
-                sin.push(a.sin() as f32);
+        match self.scaling {
+            // Plain and linear RoPE: angles computed as ggml does (f32, the per-pair scale
+            // applied by repeated multiplication), so GGUF models see llama.cpp's exact angles.
+            RopeScaling::None | RopeScaling::Linear { .. } => {
+                let theta_scale = (self.theta as f32).powf(-2.0 / self.head_dim as f32);
+                let freq_scale = match self.scaling {
+                    RopeScaling::Linear { factor } => (1.0 / factor) as f32,
+                    _ => 1.0,
+                };
+                for p in start..start + len {
+                    let mut theta = p as f32;
+                    for i in 0..half {
+                        let ff = self.freq_factors.as_ref().map_or(1.0, |f| f[i]);
+                        let a = freq_scale * (theta / ff);
+                        cos.push(a.cos());
+                        sin.push(a.sin());
+                        theta *= theta_scale;
+                    }
+                }
+            }
+            _ => {
+                let freqs = self.freqs_for(start + len);
+                for p in start..start + len {
+                    for &f in freqs.iter() {
+                        let a = p as f64 * f;
+                        cos.push(a.cos() as f32);
+                        sin.push(a.sin() as f32);
+                    }
+                }
             }
         }
         Ok((

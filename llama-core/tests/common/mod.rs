@@ -1,0 +1,70 @@
+//! Shared helpers for the integration tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+/// The real SmolLM2 model: `$LLAMA_TEST_MODEL`, else the default cache path. The README's test
+/// command fetches it first (`scripts/fetch-model.sh`); a missing model is a test failure.
+pub fn real_model_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("LLAMA_TEST_MODEL") {
+        return PathBuf::from(p);
+    }
+    let cache = std::env::var_os("LLAMA_CORE_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|p| PathBuf::from(p).join("llama-core")))
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/llama-core"));
+    let p = cache.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        p.is_file(),
+        "the real model is missing at {}: run scripts/fetch-model.sh (the README's test command does)",
+        p.display()
+    );
+    p
+}
+
+pub fn reference() -> serde_json::Value {
+    let p = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/reference/smollm2.json");
+    serde_json::from_str(&std::fs::read_to_string(p).expect("reference JSON")).expect("valid JSON")
+}
+
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().expect("array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+}
+
+pub fn f32s(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array().expect("array").iter().map(|x| x.as_f64().expect("num") as f32).collect()
+}
+
+/// Compares our greedy ids with llama.cpp's under the near-tie rule: identical, or the first
+/// divergence happens where llama.cpp's top-1/top-2 margin was below `max_margin`.
+/// Returns Ok(None) when identical, Ok(Some((index, margin))) at an accepted divergence.
+pub fn check_greedy(ours: &[u32], theirs: &[u32], margins: &[f32], max_margin: f32) -> Result<Option<(usize, f32)>, String> {
+    let n = ours.len().min(theirs.len());
+    match (0..n).find(|&i| ours[i] != theirs[i]) {
+        None if ours.len() == theirs.len() => Ok(None),
+        None => Err(format!("same prefix but lengths differ: ours {} vs llama.cpp {}", ours.len(), theirs.len())),
+        Some(i) => {
+            let m = margins[i];
+            if m < max_margin {
+                Ok(Some((i, m)))
+            } else {
+                Err(format!(
+                    "diverged at step {i} where llama.cpp's margin was {m:.3} (>= {max_margin}): ours {:?} vs llama.cpp {:?}",
+                    &ours[i..], &theirs[i..]
+                ))
+            }
+        }
+    }
+}
+
+/// The largest top-1/top-2 margin at which a divergence is accepted as numerical noise: the
+/// issue's 0.35, or, where llama.cpp's own variants (flash attention on, token-by-token prompt)
+/// were measured to part from its default run at a larger margin on this fixture, that margin
+/// plus 0.05. Both numbers come from the committed reference.
+pub fn near_tie_threshold(r: &serde_json::Value) -> f32 {
+    let own = r["llama_cpp_self_divergence"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|x| x["margin"].as_f64()).fold(0.0, f64::max))
+        .unwrap_or(0.0) as f32;
+    0.35f32.max(own + 0.05)
+}
