@@ -58,7 +58,7 @@ impl KvCache {
             let fresh = Tensor::zeros((1, self.n_kv_heads, new_cap, self.head_dim), DType::F32, dev)?;
             if let Some(old) = slot.as_ref() {
                 if self.len > 0 {
-                    fresh.slice_set(&old.narrow(2, 0, self.len)?, 2, 0)?;
+                    fresh.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
                 }
             }
             *slot = Some(fresh);

@@ -15,9 +15,11 @@ use tokenizers::decoders::sequence::Sequence as DecoderSequence;
 use tokenizers::decoders::strip::Strip;
 use tokenizers::decoders::DecoderWrapper;
 use tokenizers::models::bpe::BPE;
+use tokenizers::normalizers::prepend::Prepend;
 use tokenizers::normalizers::replace::Replace;
+use tokenizers::normalizers::utils::Sequence as NormalizerSequence;
+use tokenizers::normalizers::NormalizerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
 use tokenizers::pre_tokenizers::sequence::Sequence as PreSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
@@ -292,12 +294,14 @@ impl Tokenizer {
                     .map_err(|e| err(format!("invalid SentencePiece vocabulary: {e}")))?;
                 let mut t = HfTokenizer::new(bpe);
                 let prefix = flag("tokenizer.ggml.add_space_prefix").unwrap_or(true);
-                let scheme = if prefix {
-                    PrependScheme::First
-                } else {
-                    PrependScheme::Never
-                };
-                t.with_pre_tokenizer(Some(Metaspace::new('▁', scheme, false)));
+                // As llama.cpp: a space is prepended to the text (and after each special token),
+                // then spaces become `▁`.
+                let mut norms: Vec<NormalizerWrapper> = vec![];
+                if prefix {
+                    norms.push(Prepend::new("▁".into()).into());
+                }
+                norms.push(Replace::new(" ", "▁").map_err(tok_err)?.into());
+                t.with_normalizer(Some(NormalizerSequence::new(norms)));
                 let mut decs: Vec<DecoderWrapper> = vec![
                     Replace::new("▁", " ").map_err(tok_err)?.into(),
                     ByteFallback::new().into(),
