@@ -161,10 +161,10 @@ pub struct Generation {
     pub timings: Timings,
 }
 
-/// Incremental detokenizer: emits text only once it forms whole UTF-8 characters, and keeps
-/// leading spaces that depend on the previous token.
+/// Incremental detokenizer for hand-written decode loops: emits text only once it forms whole
+/// UTF-8 characters, and keeps leading spaces that depend on the previous tokens.
 #[derive(Debug, Clone)]
-pub(crate) struct Detokenizer {
+pub struct Detokenizer {
     ids: Vec<u32>,
     prefix: usize,
     read: usize,
@@ -172,7 +172,9 @@ pub(crate) struct Detokenizer {
 }
 
 impl Detokenizer {
-    pub(crate) fn new(context: &[u32], special: bool) -> Self {
+    /// Starts after `context` (the last few tokens already shown, or empty); `special` renders
+    /// special tokens.
+    pub fn new(context: &[u32], special: bool) -> Self {
         let ctx = &context[context.len().saturating_sub(4)..];
         Detokenizer {
             ids: ctx.to_vec(),
@@ -181,7 +183,8 @@ impl Detokenizer {
             special,
         }
     }
-    pub(crate) fn step(&mut self, tok: &Tokenizer, id: u32) -> Result<Option<String>> {
+    /// Adds one token; returns the text it completes, if any.
+    pub fn step(&mut self, tok: &Tokenizer, id: u32) -> Result<Option<String>> {
         self.ids.push(id);
         let before = tok.decode(&self.ids[self.prefix..self.read], self.special)?;
         let after = tok.decode(&self.ids[self.prefix..], self.special)?;

@@ -32,17 +32,19 @@ mod kv_cache;
 mod model;
 pub mod sampler;
 mod session;
+mod state;
 pub mod tokenizer;
 mod weights;
 
 pub use chat::Message;
 pub use config::{Config, RopeScaling};
 pub use generate::{
-    CancelHandle, GenerateOptions, Generation, Piece, StopReason, Timings, TokenLogprob, TokenStream,
+    CancelHandle, Detokenizer, GenerateOptions, Generation, Piece, StopReason, Timings, TokenLogprob, TokenStream,
 };
 pub use sampler::{Sampler, SamplerConfig};
 pub use error::{Error, Result};
-pub use model::{LoadProgress, Model, ModelOptions, ProgressFn};
+pub use model::{Embeddings, LoadProgress, Model, ModelOptions, ProgressFn};
 pub use session::{KvCacheType, Session, SessionOptions, DEFAULT_N_CTX};
+pub use state::STATE_FORMAT_VERSION;
 pub use tokenizer::Tokenizer;
 pub use weights::permute_rows_for_gguf;

@@ -236,6 +236,30 @@ impl Session {
 }
 
 impl Session {
+    pub(crate) fn kv_export(&self) -> Result<Vec<(candle_core::Tensor, candle_core::Tensor)>> {
+        self.cache.export()
+    }
+
+    pub(crate) fn kv_import(
+        &mut self,
+        tokens: Vec<u32>,
+        kv: Vec<(candle_core::Tensor, candle_core::Tensor)>,
+        logits: Option<Vec<f32>>,
+    ) -> Result<()> {
+        let n = tokens.len();
+        self.cache.truncate(0);
+        if n > 0 {
+            self.cache.reserve(n, &candle_core::Device::Cpu)?;
+            for (l, (k, v)) in kv.iter().enumerate() {
+                self.cache.append(l, k, v)?;
+            }
+            self.cache.advance(n);
+        }
+        self.tokens = tokens;
+        self.logits = logits;
+        Ok(())
+    }
+
     /// Frees room when the context is full: with context shift enabled, keeps the first
     /// `n_keep` tokens and the newer half of the rest, re-evaluating them; otherwise
     /// [`Error::ContextOverflow`].

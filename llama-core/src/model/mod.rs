@@ -94,6 +94,18 @@ pub(crate) struct Inner {
     device: Device,
 }
 
+/// Sentence embeddings from [`Model::embed`].
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Embeddings {
+    /// Mean of the final hidden states over all tokens (`hidden_size` values).
+    pub mean: Vec<f32>,
+    /// Final hidden state of the last token.
+    pub last: Vec<f32>,
+    /// Tokens embedded.
+    pub n_tokens: usize,
+}
+
 /// A loaded model: immutable, cheap to clone (shared), `Send + Sync`.
 #[derive(Clone)]
 pub struct Model {
@@ -410,8 +422,41 @@ impl Model {
         KvCache::new(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, n_ctx)
     }
 
-    pub(crate) fn device(&self) -> &Device {
-        &self.inner.device
+    /// Embeddings of a text: the final hidden states (after the output RMSNorm), mean-pooled
+    /// over the tokens and of the last token. The text is tokenized with BOS as the model asks
+    /// and without special-token parsing.
+    pub fn embed(&self, text: &str) -> Result<Embeddings> {
+        let ids = self.tokenize(text, true, false)?;
+        self.embed_tokens(&ids)
+    }
+
+    /// Embeddings of a token sequence (see [`Model::embed`]).
+    pub fn embed_tokens(&self, tokens: &[u32]) -> Result<Embeddings> {
+        if tokens.is_empty() {
+            return Err(Error::InvalidArgument("cannot embed an empty sequence".into()));
+        }
+        self.inner.tokenizer.check_ids(tokens)?;
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.inner.config.vocab_size) {
+            return Err(Error::InvalidArgument(format!("token id {bad} is outside the model's vocabulary")));
+        }
+        let mut cache = self.new_cache(tokens.len());
+        let mut rows: Vec<Vec<f32>> = vec![];
+        for chunk in tokens.chunks(512) {
+            let h = self.forward_hidden(chunk, &mut cache, false)?;
+            rows.extend(h.to_vec2::<f32>()?);
+        }
+        let dim = self.inner.config.hidden_size;
+        let mut mean = vec![0f32; dim];
+        for r in &rows {
+            for (m, v) in mean.iter_mut().zip(r) {
+                *m += v / rows.len() as f32;
+            }
+        }
+        Ok(Embeddings {
+            mean,
+            last: rows.last().cloned().unwrap_or_default(),
+            n_tokens: rows.len(),
+        })
     }
 
     /// Runs `tokens` at the cache's next positions and returns the final hidden states

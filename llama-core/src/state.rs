@@ -1,0 +1,273 @@
+//! Session snapshots: a versioned binary format holding the token history, the KV cache, the
+//! last logits and, optionally, a sampler's configuration and random state.
+//!
+//! Layout (little-endian): magic `LLSS`, format version (u32), model fingerprint (u64), then
+//! the session and cache fields, then an FNV-1a checksum (u64) of everything before it.
+//! Restoring checks magic, version, fingerprint, every length and the checksum before building
+//! anything, so another model's snapshot or a corrupted blob is an error, never garbage.
+
+use candle_core::{Device, Tensor};
+
+use crate::error::{Error, Result};
+use crate::model::Model;
+use crate::sampler::{Rng, Sampler, SamplerConfig};
+use crate::session::{KvCacheType, Session, SessionOptions};
+
+const MAGIC: &[u8; 4] = b"LLSS";
+/// Version of the snapshot format written by this library.
+pub const STATE_FORMAT_VERSION: u32 = 1;
+
+fn fnv(bytes: &[u8]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for &b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    h
+}
+
+struct W(Vec<u8>);
+impl W {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn f32(&mut self, v: f32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn f32s(&mut self, v: &[f32]) {
+        self.u64(v.len() as u64);
+        for &x in v {
+            self.f32(x);
+        }
+    }
+}
+
+struct R<'a> {
+    b: &'a [u8],
+    pos: usize,
+}
+impl<'a> R<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.b.len())
+            .ok_or_else(|| Error::State("snapshot is truncated".into()))?;
+        let s = &self.b[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8> {
+        Ok(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap_or_default()))
+    }
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap_or_default()))
+    }
+    fn f32(&mut self) -> Result<f32> {
+        Ok(f32::from_le_bytes(self.take(4)?.try_into().unwrap_or_default()))
+    }
+    fn len(&mut self, elem: usize) -> Result<usize> {
+        let n = self.u64()?;
+        usize::try_from(n)
+            .ok()
+            .filter(|&n| n.checked_mul(elem).is_some_and(|b| b <= self.b.len() - self.pos))
+            .ok_or_else(|| Error::State(format!("length {n} exceeds the snapshot")))
+    }
+    fn f32s(&mut self) -> Result<Vec<f32>> {
+        let n = self.len(4)?;
+        (0..n).map(|_| self.f32()).collect()
+    }
+}
+
+impl Session {
+    /// Serializes the session (and, if given, a sampler's configuration and random state).
+    pub fn save_state(&self, sampler: Option<&Sampler>) -> Result<Vec<u8>> {
+        let model = self.model();
+        let c = model.config();
+        let mut w = W(Vec::new());
+        w.0.extend_from_slice(MAGIC);
+        w.u32(STATE_FORMAT_VERSION);
+        w.u64(model.fingerprint());
+        let o = self.options();
+        w.u64(self.n_ctx() as u64);
+        w.u64(o.n_batch as u64);
+        w.u8(match o.kv_type {
+            KvCacheType::F16 => 0,
+            KvCacheType::F32 => 1,
+        });
+        match o.context_shift {
+            Some(k) => {
+                w.u8(1);
+                w.u64(k as u64)
+            }
+            None => {
+                w.u8(0);
+                w.u64(0)
+            }
+        }
+        w.u64(self.tokens().len() as u64);
+        for &t in self.tokens() {
+            w.u32(t);
+        }
+        match self.logits() {
+            Some(l) => {
+                w.u8(1);
+                w.f32s(l)
+            }
+            None => w.u8(0),
+        }
+        let kv = self.kv_export()?;
+        w.u32(c.num_hidden_layers as u32);
+        w.u32(c.num_key_value_heads as u32);
+        w.u32(c.head_dim as u32);
+        for (k, v) in kv {
+            w.f32s(&k.flatten_all()?.to_vec1::<f32>()?);
+            w.f32s(&v.flatten_all()?.to_vec1::<f32>()?);
+        }
+        match sampler {
+            None => w.u8(0),
+            Some(s) => {
+                w.u8(1);
+                let c = s.config();
+                w.f32(c.temperature);
+                w.u32(c.top_k as u32);
+                w.f32(c.top_p);
+                w.f32(c.min_p);
+                w.f32(c.repeat_penalty);
+                w.u32(c.repeat_last_n as u32);
+                w.f32(c.frequency_penalty);
+                w.f32(c.presence_penalty);
+                w.u64(c.logit_bias.len() as u64);
+                for &(id, b) in &c.logit_bias {
+                    w.u32(id);
+                    w.f32(b);
+                }
+                match c.seed {
+                    Some(seed) => {
+                        w.u8(1);
+                        w.u64(seed)
+                    }
+                    None => {
+                        w.u8(0);
+                        w.u64(0)
+                    }
+                }
+                for x in s.rng.state() {
+                    w.u64(x);
+                }
+            }
+        }
+        let sum = fnv(&w.0);
+        w.u64(sum);
+        Ok(w.0)
+    }
+
+    /// Rebuilds a session saved by [`Session::save_state`] on `model`, with the sampler when one
+    /// was saved. Fails on another model's snapshot, a newer format or corrupted bytes.
+    pub fn restore(model: &Model, bytes: &[u8]) -> Result<(Session, Option<Sampler>)> {
+        if bytes.len() < 24 || &bytes[..4] != MAGIC {
+            return Err(Error::State("not a session snapshot (bad magic)".into()));
+        }
+        let (body, tail) = bytes.split_at(bytes.len() - 8);
+        let sum = u64::from_le_bytes(tail.try_into().unwrap_or_default());
+        let mut r = R { b: body, pos: 4 };
+        let version = r.u32()?;
+        if version != STATE_FORMAT_VERSION {
+            return Err(Error::State(format!(
+                "snapshot format version {version} is not supported (this library reads {STATE_FORMAT_VERSION})"
+            )));
+        }
+        if fnv(body) != sum {
+            return Err(Error::State("snapshot checksum mismatch (corrupted data)".into()));
+        }
+        if r.u64()? != model.fingerprint() {
+            return Err(Error::State("snapshot was saved from a different model".into()));
+        }
+        let c = model.config();
+        let n_ctx = r.u64()? as usize;
+        let n_batch = r.u64()? as usize;
+        let kv_type = match r.u8()? {
+            0 => KvCacheType::F16,
+            1 => KvCacheType::F32,
+            x => return Err(Error::State(format!("unknown KV type {x}"))),
+        };
+        let shift_flag = r.u8()?;
+        let shift_n = r.u64()? as usize;
+        let n_tokens = r.len(4)?;
+        let tokens: Vec<u32> = (0..n_tokens).map(|_| r.u32()).collect::<Result<_>>()?;
+        if n_tokens > n_ctx {
+            return Err(Error::State("more tokens than the context holds".into()));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(Error::State(format!("token {bad} outside the vocabulary")));
+        }
+        let logits = match r.u8()? {
+            0 => None,
+            _ => {
+                let l = r.f32s()?;
+                if l.len() != c.vocab_size {
+                    return Err(Error::State("logits have the wrong size".into()));
+                }
+                Some(l)
+            }
+        };
+        let (nl, nkv, hd) = (r.u32()? as usize, r.u32()? as usize, r.u32()? as usize);
+        if (nl, nkv, hd) != (c.num_hidden_layers, c.num_key_value_heads, c.head_dim) {
+            return Err(Error::State("KV cache dimensions do not match the model".into()));
+        }
+        let want = nkv * n_tokens * hd;
+        let mut kv = Vec::with_capacity(nl);
+        for _ in 0..nl {
+            let k = r.f32s()?;
+            let v = r.f32s()?;
+            if k.len() != want || v.len() != want {
+                return Err(Error::State("KV cache has the wrong size".into()));
+            }
+            kv.push((
+                Tensor::from_vec(k, (1, nkv, n_tokens, hd), &Device::Cpu)?,
+                Tensor::from_vec(v, (1, nkv, n_tokens, hd), &Device::Cpu)?,
+            ));
+        }
+        let sampler = match r.u8()? {
+            0 => None,
+            _ => {
+                let mut cfg = SamplerConfig {
+                    temperature: r.f32()?,
+                    top_k: r.u32()? as i32,
+                    top_p: r.f32()?,
+                    min_p: r.f32()?,
+                    repeat_penalty: r.f32()?,
+                    repeat_last_n: r.u32()? as i32,
+                    frequency_penalty: r.f32()?,
+                    presence_penalty: r.f32()?,
+                    ..SamplerConfig::default()
+                };
+                let n = r.len(8)?;
+                cfg.logit_bias = (0..n).map(|_| Ok((r.u32()?, r.f32()?))).collect::<Result<_>>()?;
+                let has_seed = r.u8()?;
+                let seed = r.u64()?;
+                cfg.seed = (has_seed == 1).then_some(seed);
+                let mut s = Sampler::new(cfg).map_err(|e| Error::State(format!("sampler: {e}")))?;
+                s.rng = Rng::from_state([r.u64()?, r.u64()?, r.u64()?, r.u64()?]);
+                Some(s)
+            }
+        };
+        if r.pos != body.len() {
+            return Err(Error::State("trailing bytes in snapshot".into()));
+        }
+        let mut opts = SessionOptions::default().n_ctx(n_ctx).n_batch(n_batch.max(1)).kv_type(kv_type);
+        opts.context_shift = (shift_flag == 1).then_some(shift_n);
+        let mut s = model.session(opts)?;
+        s.kv_import(tokens, kv, logits)?;
+        Ok((s, sampler))
+    }
+}

@@ -1,0 +1,273 @@
+//! Session mechanics: fork, truncate, save/restore, stop strings, UTF-8 streaming,
+//! cancellation, context overflow and shift, logprobs, embeddings, chat prefix reuse.
+
+mod common;
+
+use std::ops::ControlFlow;
+use std::sync::OnceLock;
+
+use common::real_model_path;
+use common::tiny::{build, Spec, Tiny};
+use llama_core::sampler::log_softmax;
+use llama_core::{
+    Detokenizer, Error, GenerateOptions, Message, Model, ModelOptions, Sampler, SamplerConfig, Session, SessionOptions,
+    StopReason,
+};
+
+fn tiny() -> &'static (Tiny, Model) {
+    static T: OnceLock<(Tiny, Model)> = OnceLock::new();
+    T.get_or_init(|| {
+        let t = build(Spec { seed: 42, ..Default::default() });
+        let m = Model::load(&t.gguf, ModelOptions::default()).unwrap();
+        (t, m)
+    })
+}
+
+fn real() -> &'static Model {
+    static M: OnceLock<Model> = OnceLock::new();
+    M.get_or_init(|| Model::load(real_model_path(), ModelOptions::default()).unwrap())
+}
+
+fn gen(s: &mut Session, prompt: &[u32], smp: &mut Sampler, n: usize) -> Vec<u32> {
+    s.generate(prompt, smp, GenerateOptions::default().max_tokens(n), |_| ControlFlow::Continue(())).unwrap().tokens
+}
+
+fn seeded(seed: u64) -> Sampler {
+    Sampler::new(SamplerConfig::default().temperature(1.0).top_k(0).top_p(1.0).min_p(0.0).seed(seed)).unwrap()
+}
+
+const PROMPT: [u32; 6] = [10, 20, 30, 40, 50, 60];
+
+#[test]
+fn fork_continues_identically_and_independently() {
+    let (_, m) = tiny();
+    let mut a = m.session(SessionOptions::default()).unwrap();
+    a.eval(&PROMPT).unwrap();
+    let mut b = a.fork().unwrap();
+    let ta = gen(&mut a, &[], &mut Sampler::greedy(), 20);
+    let tb = gen(&mut b, &[], &mut Sampler::greedy(), 20);
+    assert_eq!(ta, tb);
+    // Diverging the fork leaves the original untouched.
+    let mut c = a.fork().unwrap();
+    c.eval(&[1, 2, 3]).unwrap();
+    assert_eq!(c.len(), a.len() + 3);
+    let la = a.logits().unwrap().to_vec();
+    let mut d = a.fork().unwrap();
+    d.eval(&[7]).unwrap();
+    assert_eq!(a.logits().unwrap(), &la[..]);
+}
+
+#[test]
+fn truncate_rolls_back_exactly() {
+    let (_, m) = tiny();
+    let mut s = m.session(SessionOptions::default()).unwrap();
+    s.eval(&PROMPT).unwrap();
+    s.eval(&[70, 80]).unwrap();
+    let before = s.logits().unwrap().to_vec();
+    s.truncate(PROMPT.len());
+    assert_eq!(s.tokens(), &PROMPT);
+    assert!(s.logits().is_none());
+    s.eval(&[70, 80]).unwrap();
+    assert_eq!(s.logits().unwrap(), &before[..]);
+}
+
+#[test]
+fn save_restore_continues_with_the_same_tokens() {
+    let (_, m) = tiny();
+    let mut s = m.session(SessionOptions::default()).unwrap();
+    let mut smp = seeded(1234);
+    gen(&mut s, &PROMPT, &mut smp, 5);
+    let blob = s.save_state(Some(&smp)).unwrap();
+    let expected = gen(&mut s, &[], &mut smp, 15);
+    let (mut r, rs) = Session::restore(m, &blob).unwrap();
+    let mut rs = rs.expect("sampler saved");
+    assert_eq!(r.tokens(), s.tokens().get(..r.len()).unwrap());
+    let got = gen(&mut r, &[], &mut rs, 15);
+    assert_eq!(got, expected);
+}
+
+#[test]
+fn restore_rejects_other_models_and_corruption() {
+    let (_, m) = tiny();
+    let mut s = m.session(SessionOptions::default()).unwrap();
+    s.eval(&PROMPT).unwrap();
+    let blob = s.save_state(None).unwrap();
+    // Another model (different weights).
+    let other_t = build(Spec { seed: 43, ..Default::default() });
+    let other = Model::load(&other_t.gguf, ModelOptions::default()).unwrap();
+    assert!(matches!(Session::restore(&other, &blob), Err(Error::State(_))));
+    // Every single-byte corruption and every truncation is caught.
+    for i in (0..blob.len()).step_by((blob.len() / 200).max(1)) {
+        let mut b = blob.clone();
+        b[i] ^= 0x5a;
+        assert!(Session::restore(m, &b).is_err(), "corruption at {i} not detected");
+    }
+    for n in [0, 3, 10, blob.len() / 2, blob.len() - 1] {
+        assert!(Session::restore(m, &blob[..n]).is_err());
+    }
+    assert!(Session::restore(m, b"garbage that is long enough to parse").is_err());
+    let (r, smp) = Session::restore(m, &blob).unwrap();
+    assert!(smp.is_none());
+    assert_eq!(r.tokens(), &PROMPT);
+}
+
+#[test]
+fn seeded_sampling_is_deterministic() {
+    let (_, m) = tiny();
+    let run = |seed| {
+        let mut s = m.session(SessionOptions::default()).unwrap();
+        gen(&mut s, &PROMPT, &mut seeded(seed), 30)
+    };
+    assert_eq!(run(5), run(5));
+    assert_ne!(run(5), run(6));
+}
+
+#[test]
+fn cancel_from_another_thread_and_session_stays_usable() {
+    let (_, m) = tiny();
+    let mut s = m.session(SessionOptions::default().n_ctx(64).context_shift(4)).unwrap();
+    let h = s.cancel_handle();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let canceller = std::thread::spawn(move || {
+        rx.recv().unwrap();
+        h.cancel();
+    });
+    let mut sent = false;
+    let g = s
+        .generate(&PROMPT, &mut Sampler::greedy(), GenerateOptions::default().max_tokens(1_000_000), |_| {
+            if !sent {
+                tx.send(()).unwrap();
+                sent = true;
+            }
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+    canceller.join().unwrap();
+    assert_eq!(g.stop_reason, StopReason::Cancelled);
+    assert!(g.tokens.len() < 1_000_000);
+    // Still usable.
+    s.eval(&[1]).unwrap();
+    // Cancel during prompt processing: checked between chunks.
+    let mut s = m.session(SessionOptions::default().n_batch(2)).unwrap();
+    s.cancel_handle().cancel();
+    assert!(matches!(s.eval(&PROMPT), Err(Error::Cancelled)));
+    assert!(s.len() < PROMPT.len());
+    s.eval(&PROMPT).unwrap();
+}
+
+#[test]
+fn context_overflow_is_an_error_unless_shift_is_enabled() {
+    let (_, m) = tiny();
+    let mut s = m.session(SessionOptions::default().n_ctx(16)).unwrap();
+    let e = s
+        .generate(&PROMPT, &mut Sampler::greedy(), GenerateOptions::default().max_tokens(50), |_| ControlFlow::Continue(()))
+        .unwrap_err();
+    assert!(matches!(e, Error::ContextOverflow { .. }), "{e}");
+    let mut s = m.session(SessionOptions::default().n_ctx(16).context_shift(2)).unwrap();
+    let g = s
+        .generate(&PROMPT, &mut Sampler::greedy(), GenerateOptions::default().max_tokens(50), |_| ControlFlow::Continue(()))
+        .unwrap();
+    assert_eq!(g.tokens.len(), 50);
+    assert!(s.len() <= 16);
+    assert_eq!(&s.tokens()[..2], &PROMPT[..2], "the first n_keep tokens are kept");
+}
+
+#[test]
+fn logprobs_are_the_model_distribution() {
+    let (_, m) = tiny();
+    let mut s = m.session(SessionOptions::default()).unwrap();
+    s.eval(&PROMPT).unwrap();
+    let lp0 = log_softmax(s.logits().unwrap());
+    let g = s
+        .generate(&[], &mut Sampler::greedy(), GenerateOptions::default().max_tokens(3).logprobs(5), |_| ControlFlow::Continue(()))
+        .unwrap();
+    assert_eq!(g.logprobs.len(), 3);
+    let first = &g.logprobs[0];
+    assert_eq!(first.id, g.tokens[0]);
+    assert!((first.logprob - lp0[first.id as usize]).abs() < 1e-5);
+    assert_eq!(first.top.len(), 5);
+    assert_eq!(first.top[0].0, first.id, "greedy picks the most likely token");
+    assert!(first.top.windows(2).all(|w| w[0].1 >= w[1].1));
+}
+
+#[test]
+fn embeddings_shapes_and_determinism() {
+    let (t, m) = tiny();
+    let a = m.embed("hello world").unwrap();
+    let b = m.embed("hello world").unwrap();
+    let c = m.embed("the world").unwrap();
+    assert_eq!(a.mean.len(), t.spec.hidden);
+    assert_eq!(a.last.len(), t.spec.hidden);
+    assert_eq!(a, b);
+    assert_ne!(a.mean, c.mean);
+    assert!(m.embed("").is_err());
+}
+
+#[test]
+fn stop_string_is_held_back_and_never_emitted() {
+    let m = real();
+    let prompt = m.tokenize("1, 2, 3, 4, 5,", true, true).unwrap();
+    let mut s = m.session(SessionOptions::default()).unwrap();
+    let free = s
+        .generate(&prompt, &mut Sampler::greedy(), GenerateOptions::default().max_tokens(30), |_| ControlFlow::Continue(()))
+        .unwrap();
+    assert!(free.text.contains(", 9,"), "{:?}", free.text);
+    // ", 9" spans several tokens (",", " ", "9").
+    let mut s = m.session(SessionOptions::default()).unwrap();
+    let mut streamed = String::new();
+    let mut pieces = vec![];
+    let g = s
+        .generate(&prompt, &mut Sampler::greedy(), GenerateOptions::default().max_tokens(30).stop(", 9"), |p| {
+            streamed.push_str(p);
+            pieces.push(p.to_string());
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+    assert_eq!(g.stop_reason, StopReason::StopString);
+    let cut = free.text.find(", 9").unwrap();
+    assert_eq!(g.text, &free.text[..cut]);
+    assert_eq!(streamed, g.text, "streamed pieces {pieces:?}");
+    assert!(!streamed.contains(", 9"));
+    // The iterator form gives the same pieces.
+    let mut s = m.session(SessionOptions::default()).unwrap();
+    let mut smp = Sampler::greedy();
+    let stream = s.stream(&prompt, &mut smp, GenerateOptions::default().max_tokens(30).stop(", 9")).unwrap();
+    let it: Vec<String> = stream.map(|p| p.unwrap().text).filter(|t| !t.is_empty()).collect();
+    assert_eq!(it.concat(), g.text);
+}
+
+#[test]
+fn streaming_emits_whole_utf8_characters() {
+    let m = real();
+    let tok = m.tokenizer();
+    let text = "emoji 😀🎉👍🏽 and 日本語のテキスト, café";
+    let ids = m.tokenize(text, false, false).unwrap();
+    // Byte-level BPE splits these characters over several tokens.
+    assert!(ids.iter().any(|&i| tok.decode(&[i], false).unwrap().contains('\u{FFFD}')));
+    let mut d = Detokenizer::new(&[], false);
+    let mut out = String::new();
+    for &i in &ids {
+        if let Some(p) = d.step(tok, i).unwrap() {
+            assert!(!p.contains('\u{FFFD}'), "half a character emitted: {p:?}");
+            out.push_str(&p);
+        }
+    }
+    assert_eq!(out, text);
+}
+
+#[test]
+fn multi_turn_chat_reuses_the_cache() {
+    let m = real();
+    let mut s = m.session(SessionOptions::default()).unwrap();
+    let mut msgs = vec![Message::user("Hi")];
+    let g1 = s.chat(&msgs, &mut Sampler::greedy(), GenerateOptions::default().max_tokens(20), |_| ControlFlow::Continue(())).unwrap();
+    msgs.push(Message::assistant(g1.text.clone()));
+    msgs.push(Message::user("Name a color."));
+    let full = m.chat_tokens(&msgs).unwrap();
+    let g2 = s.chat(&msgs, &mut Sampler::greedy(), GenerateOptions::default().max_tokens(10), |_| ControlFlow::Continue(())).unwrap();
+    assert!(g2.timings.prompt_tokens < full.len() / 2, "re-read {} of {} tokens", g2.timings.prompt_tokens, full.len());
+    // Same reply as a fresh session reading the whole conversation.
+    let mut fresh = m.session(SessionOptions::default()).unwrap();
+    let g3 = fresh.chat(&msgs, &mut Sampler::greedy(), GenerateOptions::default().max_tokens(10), |_| ControlFlow::Continue(())).unwrap();
+    assert_eq!(g2.tokens, g3.tokens);
+}
