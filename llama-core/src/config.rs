@@ -197,14 +197,17 @@ impl Config {
         if num_attention_heads == 0 {
             return Err(err("num_attention_heads must be positive".into()));
         }
-        let num_key_value_heads =
-            get_usize("num_key_value_heads")?.unwrap_or(num_attention_heads);
+        let num_key_value_heads = get_usize("num_key_value_heads")?.unwrap_or(num_attention_heads);
         let head_dim = get_usize("head_dim")?.unwrap_or(hidden_size / num_attention_heads);
         let max_position_embeddings = get_usize("max_position_embeddings")?.unwrap_or(2048);
         // Newer configs nest rope settings under `rope_parameters`.
         let rope_params = j.get("rope_parameters").filter(|v| v.is_object());
         let rope_theta = get_f64("rope_theta")?
-            .or_else(|| rope_params.and_then(|p| p.get("rope_theta")).and_then(|v| v.as_f64()))
+            .or_else(|| {
+                rope_params
+                    .and_then(|p| p.get("rope_theta"))
+                    .and_then(|v| v.as_f64())
+            })
             .unwrap_or(10000.0);
         let scaling = j
             .get("rope_scaling")

@@ -99,7 +99,10 @@ pub fn write_gguf(path: &Path, metadata: &[(String, Value)], tensors: &[GgufTens
         w.write_all(&(tensors.len() as u64).to_le_bytes())?;
         w.write_all(&(metadata.len() as u64).to_le_bytes())?;
         let mut pos: u64 = 24;
-        let mut count = CountingWriter { inner: &mut w, n: 0 };
+        let mut count = CountingWriter {
+            inner: &mut w,
+            n: 0,
+        };
         for (k, v) in metadata {
             write_str(&mut count, k)?;
             count.write_all(&value_type(v).to_le_bytes())?;
@@ -148,7 +151,10 @@ impl<W: Write> Write for CountingWriter<'_, W> {
 }
 
 fn tmp_name(path: &Path) -> PathBuf {
-    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    let mut name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
     name.push(format!(".tmp-{}", std::process::id()));
     path.with_file_name(name)
 }
@@ -187,7 +193,12 @@ fn dense_bytes(t: &Tensor, ty: DenseType) -> Result<(GgmlDType, Vec<u8>)> {
 
 /// Rewrites a GGUF file with every tensor dequantized to `ty` (1-D tensors stay f32, as
 /// llama.cpp keeps norms in f32). Metadata is copied; tensor layout is unchanged.
-pub fn gguf_to_dense_gguf(src: &Path, dst: &Path, ty: DenseType, mut progress: impl FnMut(usize, usize)) -> Result<()> {
+pub fn gguf_to_dense_gguf(
+    src: &Path,
+    dst: &Path,
+    ty: DenseType,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<()> {
     let g = GgufFile::open(src)?;
     let mut meta: Vec<(String, Value)> = g
         .metadata
@@ -211,10 +222,19 @@ pub fn gguf_to_dense_gguf(src: &Path, dst: &Path, ty: DenseType, mut progress: i
         let (info, data) = g
             .tensor_data(name)
             .ok_or_else(|| Error::weights(src, name, "tensor is missing"))?;
-        let q = qtensor_from_ggml(info.dtype, &aligned_copy(data), info.shape.clone(), &Device::Cpu)
-            .map_err(|e| Error::weights(src, name, e.to_string()))?;
+        let q = qtensor_from_ggml(
+            info.dtype,
+            &aligned_copy(data),
+            info.shape.clone(),
+            &Device::Cpu,
+        )
+        .map_err(|e| Error::weights(src, name, e.to_string()))?;
         let t = q.dequantize(&Device::Cpu)?;
-        let this_ty = if info.shape.len() == 1 { DenseType::F32 } else { ty };
+        let this_ty = if info.shape.len() == 1 {
+            DenseType::F32
+        } else {
+            ty
+        };
         let (dtype, data) = dense_bytes(&t, this_ty)?;
         tensors.push(GgufTensor {
             name: name.clone(),
@@ -236,7 +256,12 @@ fn aligned_copy(data: &[u8]) -> Vec<u8> {
 /// Writes a Hugging Face folder (config.json, model.safetensors, tokenizer.json,
 /// tokenizer_config.json, generation_config.json) with the weights of a GGUF llama file,
 /// dequantized to `ty`, Q/K rows in Hugging Face order.
-pub fn gguf_to_hf(src: &Path, dst_dir: &Path, ty: DenseType, mut progress: impl FnMut(usize, usize)) -> Result<()> {
+pub fn gguf_to_hf(
+    src: &Path,
+    dst_dir: &Path,
+    ty: DenseType,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<()> {
     let g = GgufFile::open(src)?;
     let cfg = Config::from_gguf(&g)?;
     cfg.validate(src)?;
@@ -256,7 +281,8 @@ pub fn gguf_to_hf(src: &Path, dst_dir: &Path, ty: DenseType, mut progress: impl 
         c.num_key_value_heads,
         c.intermediate_size,
     );
-    let mut list: Vec<(W, Vec<usize>, Option<usize>)> = vec![(W::Embed, vec![c.vocab_size, h], None)];
+    let mut list: Vec<(W, Vec<usize>, Option<usize>)> =
+        vec![(W::Embed, vec![c.vocab_size, h], None)];
     for l in 0..c.num_hidden_layers {
         list.push((W::AttnNorm(l), vec![h], None));
         list.push((W::Q(l), vec![nh * hd, h], Some(nh)));
@@ -280,13 +306,18 @@ pub fn gguf_to_hf(src: &Path, dst_dir: &Path, ty: DenseType, mut progress: impl 
     let n = list.len();
     for (i, (w, shape, perm)) in list.into_iter().enumerate() {
         let t = src_w.load_dense_unpermuted(w, &shape, perm)?;
-        let t = if shape.len() == 1 { t } else { t.to_dtype(dtype)? };
+        let t = if shape.len() == 1 {
+            t
+        } else {
+            t.to_dtype(dtype)?
+        };
         map.insert(w.hf_name(), t);
         progress(i + 1, n);
     }
     let st_path = dst_dir.join("model.safetensors");
     let tmp = tmp_name(&st_path);
-    candle_core::safetensors::save(&map, &tmp).map_err(|e| Error::weights(&st_path, "", e.to_string()))?;
+    candle_core::safetensors::save(&map, &tmp)
+        .map_err(|e| Error::weights(&st_path, "", e.to_string()))?;
     std::fs::rename(&tmp, &st_path).map_err(|e| Error::io(&st_path, e))?;
 
     let mut config = serde_json::json!({
@@ -320,7 +351,12 @@ pub fn gguf_to_hf(src: &Path, dst_dir: &Path, ty: DenseType, mut progress: impl 
         RopeScaling::Dynamic { factor } => {
             config["rope_scaling"] = serde_json::json!({"rope_type": "dynamic", "factor": factor})
         }
-        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => {
             config["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": factor,
                 "low_freq_factor": low_freq_factor, "high_freq_factor": high_freq_factor,
                 "original_max_position_embeddings": original_max_position_embeddings})
@@ -329,10 +365,19 @@ pub fn gguf_to_hf(src: &Path, dst_dir: &Path, ty: DenseType, mut progress: impl 
     if rope_freqs {
         tracing::warn!("rope_freqs.weight is not representable in config.json; the exported folder runs without it");
     }
-    write_text(&dst_dir.join("config.json"), &serde_json::to_string_pretty(&config).unwrap_or_default())?;
+    write_text(
+        &dst_dir.join("config.json"),
+        &serde_json::to_string_pretty(&config).unwrap_or_default(),
+    )?;
     let gen = serde_json::json!({"eos_token_id": c.eos_token_ids, "bos_token_id": c.bos_token_id});
-    write_text(&dst_dir.join("generation_config.json"), &serde_json::to_string_pretty(&gen).unwrap_or_default())?;
-    let tok_json = tok.hf().to_string(true).map_err(|e| Error::Tokenizer(e.to_string()))?;
+    write_text(
+        &dst_dir.join("generation_config.json"),
+        &serde_json::to_string_pretty(&gen).unwrap_or_default(),
+    )?;
+    let tok_json = tok
+        .hf()
+        .to_string(true)
+        .map_err(|e| Error::Tokenizer(e.to_string()))?;
     write_text(&dst_dir.join("tokenizer.json"), &tok_json)?;
     let name = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i));
     let mut tc = serde_json::json!({
@@ -344,7 +389,10 @@ pub fn gguf_to_hf(src: &Path, dst_dir: &Path, ty: DenseType, mut progress: impl 
     if let Some(t) = template {
         tc["chat_template"] = t.into();
     }
-    write_text(&dst_dir.join("tokenizer_config.json"), &serde_json::to_string_pretty(&tc).unwrap_or_default())?;
+    write_text(
+        &dst_dir.join("tokenizer_config.json"),
+        &serde_json::to_string_pretty(&tc).unwrap_or_default(),
+    )?;
     Ok(())
 }
 

@@ -287,16 +287,24 @@ impl<'s> TokenStream<'s> {
         }
         if self.session.cancel.take() {
             let rest = self.end(StopReason::Cancelled);
-            return Ok(rest.map(|text| Piece { token: u32::MAX, text }));
+            return Ok(rest.map(|text| Piece {
+                token: u32::MAX,
+                text,
+            }));
         }
         if self.result.tokens.len() >= self.opts.max_tokens {
             let rest = self.end(StopReason::MaxTokens);
-            return Ok(rest.map(|text| Piece { token: u32::MAX, text }));
+            return Ok(rest.map(|text| Piece {
+                token: u32::MAX,
+                text,
+            }));
         }
         let logits = self
             .session
             .logits()
-            .ok_or_else(|| Error::InvalidArgument("nothing to generate from: the session is empty".into()))?
+            .ok_or_else(|| {
+                Error::InvalidArgument("nothing to generate from: the session is empty".into())
+            })?
             .to_vec();
         let id = self.sampler.sample(&logits, self.session.tokens())?;
         if let Some(top) = self.opts.logprobs {
@@ -304,7 +312,9 @@ impl<'s> TokenStream<'s> {
             let mut idx: Vec<u32> = (0..lp.len() as u32).collect();
             let k = top.min(idx.len());
             if k > 0 {
-                idx.select_nth_unstable_by(k - 1, |a, b| lp[*b as usize].total_cmp(&lp[*a as usize]));
+                idx.select_nth_unstable_by(k - 1, |a, b| {
+                    lp[*b as usize].total_cmp(&lp[*a as usize])
+                });
             }
             let mut best: Vec<(u32, f32)> = idx[..k].iter().map(|&i| (i, lp[i as usize])).collect();
             best.sort_by(|a, b| b.1.total_cmp(&a.1));
@@ -346,7 +356,10 @@ impl<'s> TokenStream<'s> {
             self.emitted = self.text.len();
             self.result.text = self.text.clone();
             self.end(StopReason::StopString);
-            return Ok(Some(Piece { token: id, text: out }));
+            return Ok(Some(Piece {
+                token: id,
+                text: out,
+            }));
         }
         let hold = holdback(&self.text[self.emitted..], &self.opts.stop);
         let upto = self.text.len() - hold;
@@ -358,7 +371,10 @@ impl<'s> TokenStream<'s> {
             self.session.shift_context()?;
         }
         self.session.eval(&[id])?;
-        Ok(Some(Piece { token: id, text: out }))
+        Ok(Some(Piece {
+            token: id,
+            text: out,
+        }))
     }
 }
 
@@ -465,7 +481,11 @@ impl Session {
             .zip(ids)
             .take_while(|(a, b)| a == b)
             .count();
-        let keep = if common == ids.len() { common.saturating_sub(1) } else { common };
+        let keep = if common == ids.len() {
+            common.saturating_sub(1)
+        } else {
+            common
+        };
         self.truncate(keep);
         ids[keep..].to_vec()
     }
@@ -473,7 +493,11 @@ impl Session {
 
 impl crate::Model {
     /// Renders a conversation with the model's chat template, ready for generation.
-    pub fn apply_chat_template(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+    pub fn apply_chat_template(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let template = self.chat_template().ok_or_else(|| {
             Error::ChatTemplate(format!("{} has no chat template", self.path().display()))
         })?;

@@ -343,8 +343,8 @@ impl GgufFile {
             let mut tensors = HashMap::with_capacity(infos.len());
             let mut order = Vec::with_capacity(infos.len());
             for (name, dims, ty, offset) in infos {
-                let dtype = ggml_dtype_from_u32(ty)
-                    .map_err(|m| Error::weights(&path, &name, m.clone()))?;
+                let dtype =
+                    ggml_dtype_from_u32(ty).map_err(|m| Error::weights(&path, &name, m.clone()))?;
                 let mut elems: u64 = 1;
                 for &d in &dims {
                     elems = elems

@@ -55,7 +55,11 @@ impl KvCache {
             .min(self.max)
             .max(needed);
         for slot in self.k.iter_mut().chain(self.v.iter_mut()) {
-            let fresh = Tensor::zeros((1, self.n_kv_heads, new_cap, self.head_dim), DType::F32, dev)?;
+            let fresh = Tensor::zeros(
+                (1, self.n_kv_heads, new_cap, self.head_dim),
+                DType::F32,
+                dev,
+            )?;
             if let Some(old) = slot.as_ref() {
                 if self.len > 0 {
                     fresh.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
@@ -69,7 +73,12 @@ impl KvCache {
 
     /// Writes `k`, `v` (each `(1, n_kv, t, d)`) for `layer` at the current length and returns
     /// views of all keys and values so far. Call [`KvCache::advance`] after the last layer.
-    pub(crate) fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub(crate) fn append(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         let t = k.dim(2)?;
         let total = self.len + t;
         let (kc, vc) = match (&self.k[layer], &self.v[layer]) {
@@ -100,7 +109,11 @@ impl KvCache {
                     v.narrow(2, 0, self.len)?.contiguous()?,
                 )),
                 _ => {
-                    let e = Tensor::zeros((1, self.n_kv_heads, 0, self.head_dim), DType::F32, &Device::Cpu)?;
+                    let e = Tensor::zeros(
+                        (1, self.n_kv_heads, 0, self.head_dim),
+                        DType::F32,
+                        &Device::Cpu,
+                    )?;
                     out.push((e.clone(), e))
                 }
             }

@@ -38,12 +38,13 @@ mod weights;
 
 pub use chat::Message;
 pub use config::{Config, RopeScaling};
-pub use generate::{
-    CancelHandle, Detokenizer, GenerateOptions, Generation, Piece, StopReason, Timings, TokenLogprob, TokenStream,
-};
-pub use sampler::{Sampler, SamplerConfig};
 pub use error::{Error, Result};
+pub use generate::{
+    CancelHandle, Detokenizer, GenerateOptions, Generation, Piece, StopReason, Timings,
+    TokenLogprob, TokenStream,
+};
 pub use model::{Embeddings, LoadProgress, Model, ModelOptions, ProgressFn};
+pub use sampler::{Sampler, SamplerConfig};
 pub use session::{KvCacheType, Session, SessionOptions, DEFAULT_N_CTX};
 pub use state::STATE_FORMAT_VERSION;
 pub use tokenizer::Tokenizer;

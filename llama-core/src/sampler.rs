@@ -97,7 +97,10 @@ impl SamplerConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::InvalidArgument(m));
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return bad(format!("temperature must be >= 0, got {}", self.temperature));
+            return bad(format!(
+                "temperature must be >= 0, got {}",
+                self.temperature
+            ));
         }
         if !(self.top_p.is_finite() && self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
@@ -106,15 +109,25 @@ impl SamplerConfig {
             return bad(format!("min_p must be in [0, 1], got {}", self.min_p));
         }
         if !(self.repeat_penalty.is_finite() && self.repeat_penalty > 0.0) {
-            return bad(format!("repeat_penalty must be > 0, got {}", self.repeat_penalty));
+            return bad(format!(
+                "repeat_penalty must be > 0, got {}",
+                self.repeat_penalty
+            ));
         }
         if self.repeat_last_n < -1 {
-            return bad(format!("repeat_last_n must be >= -1, got {}", self.repeat_last_n));
+            return bad(format!(
+                "repeat_last_n must be >= -1, got {}",
+                self.repeat_last_n
+            ));
         }
         if !self.frequency_penalty.is_finite() || !self.presence_penalty.is_finite() {
             return bad("frequency_penalty and presence_penalty must be finite".into());
         }
-        if let Some((id, b)) = self.logit_bias.iter().find(|(_, b)| b.is_nan() || *b == f32::INFINITY) {
+        if let Some((id, b)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, b)| b.is_nan() || *b == f32::INFINITY)
+        {
             return bad(format!("logit bias {b} for token {id} is invalid"));
         }
         Ok(())
@@ -216,7 +229,10 @@ impl Sampler {
         let mut cand: Vec<Candidate> = logits
             .iter()
             .enumerate()
-            .map(|(i, &l)| Candidate { id: i as u32, logit: l })
+            .map(|(i, &l)| Candidate {
+                id: i as u32,
+                logit: l,
+            })
             .collect();
         let window = match c.repeat_last_n {
             -1 => history.len(),
@@ -258,9 +274,15 @@ impl Sampler {
         if cand.is_empty() {
             return vec![];
         }
-        let order = |a: &Candidate, b: &Candidate| b.logit.total_cmp(&a.logit).then(a.id.cmp(&b.id));
+        let order =
+            |a: &Candidate, b: &Candidate| b.logit.total_cmp(&a.logit).then(a.id.cmp(&b.id));
         if c.temperature == 0.0 {
-            let best = cand.iter().copied().min_by(order).map(|x| x.id).unwrap_or(0);
+            let best = cand
+                .iter()
+                .copied()
+                .min_by(order)
+                .map(|x| x.id)
+                .unwrap_or(0);
             return vec![(best, 1.0)];
         }
         // top-k (partial selection first, so only k candidates are sorted)
@@ -303,7 +325,9 @@ impl Sampler {
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> Result<u32> {
         let dist = self.distribution(logits, history);
         if dist.is_empty() {
-            return Err(Error::InvalidArgument("no token can be sampled (empty or all-NaN logits)".into()));
+            return Err(Error::InvalidArgument(
+                "no token can be sampled (empty or all-NaN logits)".into(),
+            ));
         }
         if dist.len() == 1 || self.cfg.temperature == 0.0 {
             return Ok(dist[0].0);

@@ -98,7 +98,9 @@ impl Model {
             opts.n_ctx
         };
         if n_ctx > 1 << 22 {
-            return Err(Error::InvalidArgument(format!("n_ctx {n_ctx} is too large")));
+            return Err(Error::InvalidArgument(format!(
+                "n_ctx {n_ctx} is too large"
+            )));
         }
         if opts.n_batch == 0 {
             return Err(Error::InvalidArgument("n_batch must be positive".into()));
@@ -266,12 +268,18 @@ impl Session {
     pub fn shift_context(&mut self) -> Result<()> {
         let n = self.tokens.len();
         let Some(n_keep) = self.opts.context_shift else {
-            return Err(Error::ContextOverflow { needed: n + 1, max: self.n_ctx() });
+            return Err(Error::ContextOverflow {
+                needed: n + 1,
+                max: self.n_ctx(),
+            });
         };
         let n_keep = n_keep.min(n);
         let n_discard = (n - n_keep) / 2;
         if n_discard == 0 {
-            return Err(Error::ContextOverflow { needed: n + 1, max: self.n_ctx() });
+            return Err(Error::ContextOverflow {
+                needed: n + 1,
+                max: self.n_ctx(),
+            });
         }
         let mut kept = self.tokens[..n_keep].to_vec();
         kept.extend_from_slice(&self.tokens[n_keep + n_discard..]);

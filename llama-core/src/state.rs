@@ -67,19 +67,28 @@ impl<'a> R<'a> {
         Ok(self.take(1)?[0])
     }
     fn u32(&mut self) -> Result<u32> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap_or_default()))
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().unwrap_or_default(),
+        ))
     }
     fn u64(&mut self) -> Result<u64> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap_or_default()))
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().unwrap_or_default(),
+        ))
     }
     fn f32(&mut self) -> Result<f32> {
-        Ok(f32::from_le_bytes(self.take(4)?.try_into().unwrap_or_default()))
+        Ok(f32::from_le_bytes(
+            self.take(4)?.try_into().unwrap_or_default(),
+        ))
     }
     fn len(&mut self, elem: usize) -> Result<usize> {
         let n = self.u64()?;
         usize::try_from(n)
             .ok()
-            .filter(|&n| n.checked_mul(elem).is_some_and(|b| b <= self.b.len() - self.pos))
+            .filter(|&n| {
+                n.checked_mul(elem)
+                    .is_some_and(|b| b <= self.b.len() - self.pos)
+            })
             .ok_or_else(|| Error::State(format!("length {n} exceeds the snapshot")))
     }
     fn f32s(&mut self) -> Result<Vec<f32>> {
@@ -187,10 +196,14 @@ impl Session {
             )));
         }
         if fnv(body) != sum {
-            return Err(Error::State("snapshot checksum mismatch (corrupted data)".into()));
+            return Err(Error::State(
+                "snapshot checksum mismatch (corrupted data)".into(),
+            ));
         }
         if r.u64()? != model.fingerprint() {
-            return Err(Error::State("snapshot was saved from a different model".into()));
+            return Err(Error::State(
+                "snapshot was saved from a different model".into(),
+            ));
         }
         let c = model.config();
         let n_ctx = r.u64()? as usize;
@@ -222,7 +235,9 @@ impl Session {
         };
         let (nl, nkv, hd) = (r.u32()? as usize, r.u32()? as usize, r.u32()? as usize);
         if (nl, nkv, hd) != (c.num_hidden_layers, c.num_key_value_heads, c.head_dim) {
-            return Err(Error::State("KV cache dimensions do not match the model".into()));
+            return Err(Error::State(
+                "KV cache dimensions do not match the model".into(),
+            ));
         }
         let want = nkv * n_tokens * hd;
         let mut kv = Vec::with_capacity(nl);
@@ -252,7 +267,9 @@ impl Session {
                     ..SamplerConfig::default()
                 };
                 let n = r.len(8)?;
-                cfg.logit_bias = (0..n).map(|_| Ok((r.u32()?, r.f32()?))).collect::<Result<_>>()?;
+                cfg.logit_bias = (0..n)
+                    .map(|_| Ok((r.u32()?, r.f32()?)))
+                    .collect::<Result<_>>()?;
                 let has_seed = r.u8()?;
                 let seed = r.u64()?;
                 cfg.seed = (has_seed == 1).then_some(seed);
@@ -264,7 +281,10 @@ impl Session {
         if r.pos != body.len() {
             return Err(Error::State("trailing bytes in snapshot".into()));
         }
-        let mut opts = SessionOptions::default().n_ctx(n_ctx).n_batch(n_batch.max(1)).kv_type(kv_type);
+        let mut opts = SessionOptions::default()
+            .n_ctx(n_ctx)
+            .n_batch(n_batch.max(1))
+            .kv_type(kv_type);
         opts.context_shift = (shift_flag == 1).then_some(shift_n);
         let mut s = model.session(opts)?;
         s.kv_import(tokens, kv, logits)?;

@@ -28,8 +28,7 @@ use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer as HfTokenizer};
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 
-const GPT2_REGEX: &str =
-    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
+const GPT2_REGEX: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
 const LLAMA3_REGEX: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const QWEN2_REGEX: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
@@ -153,15 +152,20 @@ impl Tokenizer {
     }
 
     /// Loads `tokenizer.json`, with `tokenizer_config.json` beside it when present.
-    pub fn from_hf_files(tokenizer_json: &Path, config: Option<&serde_json::Value>) -> Result<Self> {
+    pub fn from_hf_files(
+        tokenizer_json: &Path,
+        config: Option<&serde_json::Value>,
+    ) -> Result<Self> {
         let tok = HfTokenizer::from_file(tokenizer_json).map_err(|e| {
             Error::Tokenizer(format!("cannot load {}: {e}", tokenizer_json.display()))
         })?;
         let token_str = |key: &str| -> Option<String> {
             let v = config?.get(key)?;
-            v.as_str()
-                .map(str::to_string)
-                .or_else(|| v.get("content").and_then(|c| c.as_str()).map(str::to_string))
+            v.as_str().map(str::to_string).or_else(|| {
+                v.get("content")
+                    .and_then(|c| c.as_str())
+                    .map(str::to_string)
+            })
         };
         let bos = token_str("bos_token").and_then(|t| tok.token_to_id(&t));
         let eos = token_str("eos_token").and_then(|t| tok.token_to_id(&t));
@@ -201,7 +205,10 @@ impl Tokenizer {
         if n == 0 {
             return Err(err("empty vocabulary".into()));
         }
-        let types: Vec<i64> = match g.get("tokenizer.ggml.token_type").and_then(|v| v.as_array()) {
+        let types: Vec<i64> = match g
+            .get("tokenizer.ggml.token_type")
+            .and_then(|v| v.as_array())
+        {
             Some(a) if a.len() == n => a.iter().map(|v| v.as_i64().unwrap_or(1)).collect(),
             Some(_) => return Err(err("tokenizer.ggml.token_type has the wrong length".into())),
             None => vec![1; n],
@@ -273,13 +280,17 @@ impl Tokenizer {
                 (t, pre.starts_with("llama") || pre == "falcon3")
             }
             "llama" => {
-                let scores: Vec<f32> = match g.get("tokenizer.ggml.scores").and_then(|v| v.as_array())
-                {
-                    Some(a) if a.len() == n => {
-                        a.iter().map(|v| v.as_f64().unwrap_or(0.0) as f32).collect()
-                    }
-                    _ => return Err(err("SentencePiece vocabulary needs tokenizer.ggml.scores".into())),
-                };
+                let scores: Vec<f32> =
+                    match g.get("tokenizer.ggml.scores").and_then(|v| v.as_array()) {
+                        Some(a) if a.len() == n => {
+                            a.iter().map(|v| v.as_f64().unwrap_or(0.0) as f32).collect()
+                        }
+                        _ => {
+                            return Err(err(
+                                "SentencePiece vocabulary needs tokenizer.ggml.scores".into()
+                            ))
+                        }
+                    };
                 let merges = spm_merges(&tokens, &types, &scores, &vocab);
                 let unk_text = unk.map(|u| tokens[u as usize].clone());
                 let mut b = BPE::builder()
@@ -330,7 +341,9 @@ impl Tokenizer {
         tok.add_tokens(&user);
         let add_bos = flag("tokenizer.ggml.add_bos_token").unwrap_or(add_bos_default);
         let add_eos = flag("tokenizer.ggml.add_eos_token").unwrap_or(false);
-        Ok(Self::finish(tok, true, bos, eos, add_bos, add_eos, &extra_eog))
+        Ok(Self::finish(
+            tok, true, bos, eos, add_bos, add_eos, &extra_eog,
+        ))
     }
 
     /// Encodes text. `add_special` adds BOS (and EOS) where the model asks for them;
@@ -441,10 +454,9 @@ fn spm_merges(
         for &b in &bounds {
             let (l, r) = t.split_at(b);
             if let (Some(&li), Some(&ri)) = (vocab.get(l), vocab.get(r)) {
-                if types[li as usize] == 1 || types[li as usize] == 6 {
-                    if types[ri as usize] == 1 || types[ri as usize] == 6 {
-                        ranked.push((scores[id], id as u32, l.to_string(), r.to_string()));
-                    }
+                let piece = |t: u32| matches!(types[t as usize], 1 | 6);
+                if piece(li) && piece(ri) {
+                    ranked.push((scores[id], id as u32, l.to_string(), r.to_string()));
                 }
             }
         }

@@ -17,10 +17,7 @@ use crate::gguf::GgufFile;
 /// Where a tensor is read from.
 pub(crate) enum WeightSource {
     Gguf(GgufFile),
-    SafeTensors {
-        st: MmapedSafetensors,
-        dir: PathBuf,
-    },
+    SafeTensors { st: MmapedSafetensors, dir: PathBuf },
 }
 
 enum Loaded {
@@ -152,8 +149,14 @@ impl WeightSource {
     /// The storage type of a tensor, as a short string (for reporting).
     pub(crate) fn dtype_name(&self, w: W) -> Option<String> {
         match self {
-            WeightSource::Gguf(g) => g.tensors.get(&w.gguf_name()).map(|t| format!("{:?}", t.dtype)),
-            WeightSource::SafeTensors { st, .. } => st.get(&w.hf_name()).ok().map(|v| format!("{:?}", v.dtype())),
+            WeightSource::Gguf(g) => g
+                .tensors
+                .get(&w.gguf_name())
+                .map(|t| format!("{:?}", t.dtype)),
+            WeightSource::SafeTensors { st, .. } => st
+                .get(&w.hf_name())
+                .ok()
+                .map(|v| format!("{:?}", v.dtype())),
         }
     }
 
@@ -170,7 +173,10 @@ impl WeightSource {
                     return Err(Error::weights(
                         g.path(),
                         &name,
-                        format!("shape {:?} does not match the configuration's {:?}", info.shape, shape),
+                        format!(
+                            "shape {:?} does not match the configuration's {:?}",
+                            info.shape, shape
+                        ),
                     ));
                 }
                 let store;
@@ -199,11 +205,17 @@ impl WeightSource {
                     return Err(Error::weights(
                         dir,
                         &name,
-                        format!("shape {:?} does not match the configuration's {:?}", view.shape(), shape),
+                        format!(
+                            "shape {:?} does not match the configuration's {:?}",
+                            view.shape(),
+                            shape
+                        ),
                     ));
                 }
                 match view.dtype() {
-                    safetensors::Dtype::F32 | safetensors::Dtype::F16 | safetensors::Dtype::BF16 => {}
+                    safetensors::Dtype::F32
+                    | safetensors::Dtype::F16
+                    | safetensors::Dtype::BF16 => {}
                     other => {
                         return Err(Error::UnsupportedDType(format!(
                             "{other:?} for tensor `{name}` in {}",
@@ -230,7 +242,12 @@ impl WeightSource {
     }
 
     /// Loads a tensor as dense f32 with optional Q/K un-permutation (for export).
-    pub(crate) fn load_dense_unpermuted(&self, w: W, shape: &[usize], unpermute_heads: Option<usize>) -> Result<Tensor> {
+    pub(crate) fn load_dense_unpermuted(
+        &self,
+        w: W,
+        shape: &[usize],
+        unpermute_heads: Option<usize>,
+    ) -> Result<Tensor> {
         match self.load(w, shape, unpermute_heads)? {
             Loaded::Dense(t) => Ok(t),
             Loaded::Q(q) => q
@@ -240,7 +257,12 @@ impl WeightSource {
     }
 
     /// Loads a matrix for a matmul.
-    pub(crate) fn load_matmul(&self, w: W, shape: &[usize], unpermute_heads: Option<usize>) -> Result<QMatMul> {
+    pub(crate) fn load_matmul(
+        &self,
+        w: W,
+        shape: &[usize],
+        unpermute_heads: Option<usize>,
+    ) -> Result<QMatMul> {
         match self.load(w, shape, unpermute_heads)? {
             Loaded::Dense(t) => Ok(QMatMul::Tensor(t)),
             Loaded::Q(q) => QMatMul::from_qtensor(q)

@@ -41,7 +41,10 @@ fn truncated_gguf_names_file_and_tensor() {
     let e = load(&p).unwrap_err();
     let msg = e.to_string();
     assert!(matches!(e, Error::Weights { .. }), "{msg}");
-    assert!(msg.contains("cut.gguf") && msg.contains("truncated"), "{msg}");
+    assert!(
+        msg.contains("cut.gguf") && msg.contains("truncated"),
+        "{msg}"
+    );
     // Cut inside the header, at many points: always an error, never a panic.
     for cut in (0..6000.min(bytes.len())).step_by(97) {
         std::fs::write(&p, &bytes[..cut]).unwrap();
@@ -83,7 +86,9 @@ fn random_corruption_never_panics() {
     for _ in 0..300 {
         let mut b = good.clone();
         for _ in 0..4 {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             // Mostly the header and metadata region, where structure lives.
             let i = (s >> 33) as usize % 4096.min(b.len());
             b[i] = (s >> 13) as u8;
@@ -98,20 +103,32 @@ fn random_corruption_never_panics() {
 fn missing_tensor_is_named() {
     let t = build(Spec::default());
     let g = llama_core::gguf::GgufFile::open(&t.gguf).unwrap();
-    let meta: Vec<_> = g.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let meta: Vec<_> = g
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     let tensors: Vec<_> = g
         .tensor_order
         .iter()
         .filter(|n| n.as_str() != "blk.1.ffn_up.weight")
         .map(|n| {
             let (info, data) = g.tensor_data(n).unwrap();
-            llama_core::convert::GgufTensor { name: n.clone(), shape: info.shape.clone(), dtype: info.dtype, data: data.to_vec() }
+            llama_core::convert::GgufTensor {
+                name: n.clone(),
+                shape: info.shape.clone(),
+                dtype: info.dtype,
+                data: data.to_vec(),
+            }
         })
         .collect();
     let p = t.dir.path().join("missing.gguf");
     llama_core::convert::write_gguf(&p, &meta, &tensors).unwrap();
     let e = load(&p).unwrap_err();
-    assert!(e.to_string().contains("blk.1.ffn_up.weight") && e.to_string().contains("missing"), "{e}");
+    assert!(
+        e.to_string().contains("blk.1.ffn_up.weight") && e.to_string().contains("missing"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -119,13 +136,17 @@ fn wrong_shape_in_hf_folder_is_named() {
     let t = build(Spec::default());
     // The config claims a wider MLP than the weights have.
     let cfg_path = t.hf.join("config.json");
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     cfg["intermediate_size"] = 128.into();
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     let e = load(&t.hf).unwrap_err();
     let msg = e.to_string();
     assert!(matches!(e, Error::Weights { .. }), "{msg}");
-    assert!(msg.contains("mlp.gate_proj.weight") && msg.contains("shape"), "{msg}");
+    assert!(
+        msg.contains("mlp.gate_proj.weight") && msg.contains("shape"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -141,7 +162,10 @@ fn hf_folder_problems() {
     cfg["model_type"] = "mamba".into();
     cfg["architectures"] = serde_json::json!(["MambaForCausalLM"]);
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
-    assert!(matches!(load(&t.hf).unwrap_err(), Error::UnsupportedArchitecture(_)));
+    assert!(matches!(
+        load(&t.hf).unwrap_err(),
+        Error::UnsupportedArchitecture(_)
+    ));
     // Heads that do not divide.
     let mut cfg: serde_json::Value = serde_json::from_str(&orig).unwrap();
     cfg["num_key_value_heads"] = 3.into();
@@ -156,14 +180,19 @@ fn hf_folder_problems() {
     assert!(matches!(e, Error::Weights { .. }), "{e}");
     // A folder that is not a model.
     let empty = tempfile::tempdir().unwrap();
-    assert!(matches!(load(empty.path()).unwrap_err(), Error::Config { .. }));
+    assert!(matches!(
+        load(empty.path()).unwrap_err(),
+        Error::Config { .. }
+    ));
 }
 
 #[test]
 fn sharded_safetensors_load() {
     let t = build(Spec::default());
     // Split the weights into two shards with an index.
-    let all = candle_core::safetensors::load(t.hf.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let all =
+        candle_core::safetensors::load(t.hf.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
     let mut a = std::collections::HashMap::new();
     let mut b = std::collections::HashMap::new();
     let mut map = serde_json::Map::new();
@@ -180,9 +209,15 @@ fn sharded_safetensors_load() {
     for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
         std::fs::copy(t.hf.join(f), dir.path().join(f)).unwrap();
     }
-    candle_core::safetensors::save(&a, dir.path().join("model-00001-of-00002.safetensors")).unwrap();
-    candle_core::safetensors::save(&b, dir.path().join("model-00002-of-00002.safetensors")).unwrap();
-    std::fs::write(dir.path().join("model.safetensors.index.json"), serde_json::json!({"weight_map": map}).to_string()).unwrap();
+    candle_core::safetensors::save(&a, dir.path().join("model-00001-of-00002.safetensors"))
+        .unwrap();
+    candle_core::safetensors::save(&b, dir.path().join("model-00002-of-00002.safetensors"))
+        .unwrap();
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        serde_json::json!({"weight_map": map}).to_string(),
+    )
+    .unwrap();
     let sharded = load(dir.path()).unwrap();
     let single = load(&t.hf).unwrap();
     let toks = [5u32, 6, 7, 8];
@@ -206,9 +241,15 @@ fn bad_tokens_and_overflow() {
     assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
     assert_eq!(s.len(), 0, "a rejected call leaves the session unchanged");
     let e = s.eval(&[1; 9]).unwrap_err();
-    assert!(matches!(e, Error::ContextOverflow { needed: 9, max: 8 }), "{e}");
+    assert!(
+        matches!(e, Error::ContextOverflow { needed: 9, max: 8 }),
+        "{e}"
+    );
     s.eval(&[1; 8]).unwrap();
-    assert!(matches!(s.eval(&[1]).unwrap_err(), Error::ContextOverflow { .. }));
+    assert!(matches!(
+        s.eval(&[1]).unwrap_err(),
+        Error::ContextOverflow { .. }
+    ));
     assert!(m.detokenize(&[100_000], false).is_err());
     assert!(m.session(SessionOptions::default().n_batch(0)).is_err());
 }

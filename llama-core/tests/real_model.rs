@@ -8,7 +8,9 @@ use std::sync::OnceLock;
 use base64::Engine as _;
 use common::*;
 use llama_core::convert::{gguf_to_dense_gguf, gguf_to_hf, DenseType};
-use llama_core::{GenerateOptions, KvCacheType, Message, Model, ModelOptions, Sampler, SessionOptions};
+use llama_core::{
+    GenerateOptions, KvCacheType, Message, Model, ModelOptions, Sampler, SessionOptions,
+};
 
 fn model() -> &'static Model {
     static M: OnceLock<Model> = OnceLock::new();
@@ -21,7 +23,15 @@ fn fixture_matches_the_fetched_file() {
     assert_eq!(r["model"], "SmolLM2-135M-Instruct.Q4_1.gguf");
     let m = model();
     let c = m.config();
-    assert_eq!((c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads), (30, 576, 9, 3));
+    assert_eq!(
+        (
+            c.num_hidden_layers,
+            c.hidden_size,
+            c.num_attention_heads,
+            c.num_key_value_heads
+        ),
+        (30, 576, 9, 3)
+    );
     assert!(c.tie_word_embeddings);
     assert_eq!(m.weight_type(), "Q4_1");
 }
@@ -37,12 +47,20 @@ fn tokenization_matches_llama_cpp() {
         let text = case["text"].as_str().unwrap();
         let special = case["parse_special"].as_bool().unwrap();
         let want = ids(&case["ids"]);
-        let got = m.tokenize(text, case["add_special"].as_bool().unwrap(), special).unwrap();
+        let got = m
+            .tokenize(text, case["add_special"].as_bool().unwrap(), special)
+            .unwrap();
         if got != want {
-            bad.push(format!("{text:?} special={special}: ours {got:?} llama.cpp {want:?}"));
+            bad.push(format!(
+                "{text:?} special={special}: ours {got:?} llama.cpp {want:?}"
+            ));
         }
     }
-    println!("tokenization: {}/{} identical", cases.len() - bad.len(), cases.len());
+    println!(
+        "tokenization: {}/{} identical",
+        cases.len() - bad.len(),
+        cases.len()
+    );
     assert!(bad.is_empty(), "{}", bad.join("\n"));
 }
 
@@ -55,7 +73,14 @@ fn eog_ids_match_llama_cpp() {
 #[test]
 fn detokenize_roundtrips_plain_text() {
     let m = model();
-    for t in ["Hello world", " leading", "emoji 😀🎉", "日本語", "a\n\tb", "x = [1, 2]"] {
+    for t in [
+        "Hello world",
+        " leading",
+        "emoji 😀🎉",
+        "日本語",
+        "a\n\tb",
+        "x = [1, 2]",
+    ] {
         let ids = m.tokenize(t, false, false).unwrap();
         assert_eq!(m.detokenize(&ids, false).unwrap(), t);
     }
@@ -65,7 +90,12 @@ fn greedy(m: &Model, prompt: &[u32], n: usize) -> Vec<u32> {
     let mut s = m.session(SessionOptions::default()).unwrap();
     let mut smp = Sampler::greedy();
     let g = s
-        .generate(prompt, &mut smp, GenerateOptions::default().max_tokens(n), |_| std::ops::ControlFlow::Continue(()))
+        .generate(
+            prompt,
+            &mut smp,
+            GenerateOptions::default().max_tokens(n),
+            |_| std::ops::ControlFlow::Continue(()),
+        )
         .unwrap();
     g.tokens
 }
@@ -82,11 +112,22 @@ fn greedy_continuations_match_llama_cpp() {
     for case in r["greedy"].as_array().unwrap() {
         let prompt = case["prompt"].as_str().unwrap();
         let prompt_ids = ids(&case["prompt_ids"]);
-        assert_eq!(m.tokenize(prompt, true, true).unwrap(), prompt_ids, "prompt tokens for {prompt:?}");
+        assert_eq!(
+            m.tokenize(prompt, true, true).unwrap(),
+            prompt_ids,
+            "prompt tokens for {prompt:?}"
+        );
         let ours = greedy(m, &prompt_ids, n);
-        match check_greedy(&ours, &ids(&case["ids"]), &f32s(&case["margins"]), threshold) {
+        match check_greedy(
+            &ours,
+            &ids(&case["ids"]),
+            &f32s(&case["margins"]),
+            threshold,
+        ) {
             Ok(None) => report.push(format!("identical  {prompt:.30?}")),
-            Ok(Some((i, mg))) => report.push(format!("near-tie   {prompt:.30?} at step {i} (margin {mg:.3})")),
+            Ok(Some((i, mg))) => report.push(format!(
+                "near-tie   {prompt:.30?} at step {i} (margin {mg:.3})"
+            )),
             Err(e) => failures.push(format!("{prompt:.30?}: {e}")),
         }
     }
@@ -106,10 +147,18 @@ fn last_prompt_logits_match_llama_cpp() {
         let logits = s.logits().unwrap();
         let top10 = case["top10"].as_array().unwrap();
         let want_top1 = top10[0][0].as_u64().unwrap() as usize;
-        let our_top1 = logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+        let our_top1 = logits
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .unwrap()
+            .0;
         assert_eq!(our_top1, want_top1, "top-1 for {:?}", case["prompt"]);
         for e in top10 {
-            let (id, l) = (e[0].as_u64().unwrap() as usize, e[1].as_f64().unwrap() as f32);
+            let (id, l) = (
+                e[0].as_u64().unwrap() as usize,
+                e[1].as_f64().unwrap() as f32,
+            );
             worst = worst.max((logits[id] - l).abs());
         }
     }
@@ -125,14 +174,28 @@ fn chat_template_and_reply_match_references() {
     for case in r["chat"].as_array().unwrap() {
         let messages: Vec<Message> = serde_json::from_value(case["messages"].clone()).unwrap();
         let rendered = m.apply_chat_template(&messages, true).unwrap();
-        assert_eq!(rendered, case["rendered"].as_str().unwrap(), "rendered template differs from jinja2");
+        assert_eq!(
+            rendered,
+            case["rendered"].as_str().unwrap(),
+            "rendered template differs from jinja2"
+        );
         let prompt_ids = m.chat_tokens(&messages).unwrap();
         assert_eq!(prompt_ids, ids(&case["prompt_ids"]));
         let mut s = m.session(SessionOptions::default()).unwrap();
         let g = s
-            .chat(&messages, &mut Sampler::greedy(), GenerateOptions::default().max_tokens(48), |_| std::ops::ControlFlow::Continue(()))
+            .chat(
+                &messages,
+                &mut Sampler::greedy(),
+                GenerateOptions::default().max_tokens(48),
+                |_| std::ops::ControlFlow::Continue(()),
+            )
             .unwrap();
-        match check_greedy(&g.tokens, &ids(&case["ids"]), &f32s(&case["margins"]), near_tie_threshold(&r)) {
+        match check_greedy(
+            &g.tokens,
+            &ids(&case["ids"]),
+            &f32s(&case["margins"]),
+            near_tie_threshold(&r),
+        ) {
             Ok(None) => report.push("identical".to_string()),
             Ok(Some((i, mg))) => report.push(format!("near-tie at {i} ({mg:.3})")),
             Err(e) => panic!("chat {:?}: {e}", messages),
@@ -143,7 +206,10 @@ fn chat_template_and_reply_match_references() {
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// The same weights dequantized to f32, as an F32 GGUF and as a safetensors folder, against
@@ -162,14 +228,29 @@ fn dense_path_matches_float_reference() {
     assert_eq!(hf.format(), "safetensors");
     for case in r["dense"].as_array().unwrap() {
         let prompt_ids = ids(&case["prompt_ids"]);
-        let bytes = base64::engine::general_purpose::STANDARD.decode(case["logits_f32_b64"].as_str().unwrap()).unwrap();
-        let want: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(case["logits_f32_b64"].as_str().unwrap())
+            .unwrap();
+        let want: Vec<f32> = bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
         for (name, m) in [("f32 gguf", &dense), ("hf safetensors", &hf)] {
-            assert_eq!(m.tokenize(case["prompt"].as_str().unwrap(), true, true).unwrap(), prompt_ids, "{name} tokens");
-            let mut s = m.session(SessionOptions::default().kv_type(KvCacheType::F32)).unwrap();
+            assert_eq!(
+                m.tokenize(case["prompt"].as_str().unwrap(), true, true)
+                    .unwrap(),
+                prompt_ids,
+                "{name} tokens"
+            );
+            let mut s = m
+                .session(SessionOptions::default().kv_type(KvCacheType::F32))
+                .unwrap();
             s.eval(&prompt_ids).unwrap();
             let d = max_abs_diff(s.logits().unwrap(), &want);
-            println!("{name}: max |ours - llama.cpp f32| over all {} logits = {d:.2e}", want.len());
+            println!(
+                "{name}: max |ours - llama.cpp f32| over all {} logits = {d:.2e}",
+                want.len()
+            );
             assert!(d < 1e-2, "{name}: {d}");
         }
     }

@@ -8,7 +8,11 @@ fn logits_strategy() -> impl Strategy<Value = Vec<f32>> {
 }
 
 fn argmax(l: &[f32]) -> u32 {
-    l.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0))).unwrap().0 as u32
+    l.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)))
+        .unwrap()
+        .0 as u32
 }
 
 proptest! {
@@ -82,7 +86,13 @@ proptest! {
 #[test]
 fn repeat_penalty_lowers_recent_tokens() {
     let logits = vec![2.0f32, 1.9, -1.0, 0.5];
-    let s = Sampler::new(SamplerConfig::default().temperature(0.0).repeat_penalty(2.0).repeat_last_n(2)).unwrap();
+    let s = Sampler::new(
+        SamplerConfig::default()
+            .temperature(0.0)
+            .repeat_penalty(2.0)
+            .repeat_last_n(2),
+    )
+    .unwrap();
     let c = s.apply_penalties(&logits, &[3, 0, 2]);
     assert_eq!(c[0].logit, 1.0, "positive logit divided");
     assert_eq!(c[2].logit, -2.0, "negative logit multiplied");

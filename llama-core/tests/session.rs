@@ -10,14 +10,17 @@ use common::real_model_path;
 use common::tiny::{build, Spec, Tiny};
 use llama_core::sampler::log_softmax;
 use llama_core::{
-    Detokenizer, Error, GenerateOptions, Message, Model, ModelOptions, Sampler, SamplerConfig, Session, SessionOptions,
-    StopReason,
+    Detokenizer, Error, GenerateOptions, Message, Model, ModelOptions, Sampler, SamplerConfig,
+    Session, SessionOptions, StopReason,
 };
 
 fn tiny() -> &'static (Tiny, Model) {
     static T: OnceLock<(Tiny, Model)> = OnceLock::new();
     T.get_or_init(|| {
-        let t = build(Spec { seed: 42, ..Default::default() });
+        let t = build(Spec {
+            seed: 42,
+            ..Default::default()
+        });
         let m = Model::load(&t.gguf, ModelOptions::default()).unwrap();
         (t, m)
     })
@@ -29,11 +32,26 @@ fn real() -> &'static Model {
 }
 
 fn gen(s: &mut Session, prompt: &[u32], smp: &mut Sampler, n: usize) -> Vec<u32> {
-    s.generate(prompt, smp, GenerateOptions::default().max_tokens(n), |_| ControlFlow::Continue(())).unwrap().tokens
+    s.generate(
+        prompt,
+        smp,
+        GenerateOptions::default().max_tokens(n),
+        |_| ControlFlow::Continue(()),
+    )
+    .unwrap()
+    .tokens
 }
 
 fn seeded(seed: u64) -> Sampler {
-    Sampler::new(SamplerConfig::default().temperature(1.0).top_k(0).top_p(1.0).min_p(0.0).seed(seed)).unwrap()
+    Sampler::new(
+        SamplerConfig::default()
+            .temperature(1.0)
+            .top_k(0)
+            .top_p(1.0)
+            .min_p(0.0)
+            .seed(seed),
+    )
+    .unwrap()
 }
 
 const PROMPT: [u32; 6] = [10, 20, 30, 40, 50, 60];
@@ -93,14 +111,23 @@ fn restore_rejects_other_models_and_corruption() {
     s.eval(&PROMPT).unwrap();
     let blob = s.save_state(None).unwrap();
     // Another model (different weights).
-    let other_t = build(Spec { seed: 43, ..Default::default() });
+    let other_t = build(Spec {
+        seed: 43,
+        ..Default::default()
+    });
     let other = Model::load(&other_t.gguf, ModelOptions::default()).unwrap();
-    assert!(matches!(Session::restore(&other, &blob), Err(Error::State(_))));
+    assert!(matches!(
+        Session::restore(&other, &blob),
+        Err(Error::State(_))
+    ));
     // Every single-byte corruption and every truncation is caught.
     for i in (0..blob.len()).step_by((blob.len() / 200).max(1)) {
         let mut b = blob.clone();
         b[i] ^= 0x5a;
-        assert!(Session::restore(m, &b).is_err(), "corruption at {i} not detected");
+        assert!(
+            Session::restore(m, &b).is_err(),
+            "corruption at {i} not detected"
+        );
     }
     for n in [0, 3, 10, blob.len() / 2, blob.len() - 1] {
         assert!(Session::restore(m, &blob[..n]).is_err());
@@ -125,7 +152,9 @@ fn seeded_sampling_is_deterministic() {
 #[test]
 fn cancel_from_another_thread_and_session_stays_usable() {
     let (_, m) = tiny();
-    let mut s = m.session(SessionOptions::default().n_ctx(64).context_shift(4)).unwrap();
+    let mut s = m
+        .session(SessionOptions::default().n_ctx(64).context_shift(4))
+        .unwrap();
     let h = s.cancel_handle();
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let canceller = std::thread::spawn(move || {
@@ -134,13 +163,18 @@ fn cancel_from_another_thread_and_session_stays_usable() {
     });
     let mut sent = false;
     let g = s
-        .generate(&PROMPT, &mut Sampler::greedy(), GenerateOptions::default().max_tokens(1_000_000), |_| {
-            if !sent {
-                tx.send(()).unwrap();
-                sent = true;
-            }
-            ControlFlow::Continue(())
-        })
+        .generate(
+            &PROMPT,
+            &mut Sampler::greedy(),
+            GenerateOptions::default().max_tokens(1_000_000),
+            |_| {
+                if !sent {
+                    tx.send(()).unwrap();
+                    sent = true;
+                }
+                ControlFlow::Continue(())
+            },
+        )
         .unwrap();
     canceller.join().unwrap();
     assert_eq!(g.stop_reason, StopReason::Cancelled);
@@ -160,16 +194,32 @@ fn context_overflow_is_an_error_unless_shift_is_enabled() {
     let (_, m) = tiny();
     let mut s = m.session(SessionOptions::default().n_ctx(16)).unwrap();
     let e = s
-        .generate(&PROMPT, &mut Sampler::greedy(), GenerateOptions::default().max_tokens(50), |_| ControlFlow::Continue(()))
+        .generate(
+            &PROMPT,
+            &mut Sampler::greedy(),
+            GenerateOptions::default().max_tokens(50),
+            |_| ControlFlow::Continue(()),
+        )
         .unwrap_err();
     assert!(matches!(e, Error::ContextOverflow { .. }), "{e}");
-    let mut s = m.session(SessionOptions::default().n_ctx(16).context_shift(2)).unwrap();
+    let mut s = m
+        .session(SessionOptions::default().n_ctx(16).context_shift(2))
+        .unwrap();
     let g = s
-        .generate(&PROMPT, &mut Sampler::greedy(), GenerateOptions::default().max_tokens(50), |_| ControlFlow::Continue(()))
+        .generate(
+            &PROMPT,
+            &mut Sampler::greedy(),
+            GenerateOptions::default().max_tokens(50),
+            |_| ControlFlow::Continue(()),
+        )
         .unwrap();
     assert_eq!(g.tokens.len(), 50);
     assert!(s.len() <= 16);
-    assert_eq!(&s.tokens()[..2], &PROMPT[..2], "the first n_keep tokens are kept");
+    assert_eq!(
+        &s.tokens()[..2],
+        &PROMPT[..2],
+        "the first n_keep tokens are kept"
+    );
 }
 
 #[test]
@@ -179,14 +229,22 @@ fn logprobs_are_the_model_distribution() {
     s.eval(&PROMPT).unwrap();
     let lp0 = log_softmax(s.logits().unwrap());
     let g = s
-        .generate(&[], &mut Sampler::greedy(), GenerateOptions::default().max_tokens(3).logprobs(5), |_| ControlFlow::Continue(()))
+        .generate(
+            &[],
+            &mut Sampler::greedy(),
+            GenerateOptions::default().max_tokens(3).logprobs(5),
+            |_| ControlFlow::Continue(()),
+        )
         .unwrap();
     assert_eq!(g.logprobs.len(), 3);
     let first = &g.logprobs[0];
     assert_eq!(first.id, g.tokens[0]);
     assert!((first.logprob - lp0[first.id as usize]).abs() < 1e-5);
     assert_eq!(first.top.len(), 5);
-    assert_eq!(first.top[0].0, first.id, "greedy picks the most likely token");
+    assert_eq!(
+        first.top[0].0, first.id,
+        "greedy picks the most likely token"
+    );
     assert!(first.top.windows(2).all(|w| w[0].1 >= w[1].1));
 }
 
@@ -209,7 +267,12 @@ fn stop_string_is_held_back_and_never_emitted() {
     let prompt = m.tokenize("1, 2, 3, 4, 5,", true, true).unwrap();
     let mut s = m.session(SessionOptions::default()).unwrap();
     let free = s
-        .generate(&prompt, &mut Sampler::greedy(), GenerateOptions::default().max_tokens(30), |_| ControlFlow::Continue(()))
+        .generate(
+            &prompt,
+            &mut Sampler::greedy(),
+            GenerateOptions::default().max_tokens(30),
+            |_| ControlFlow::Continue(()),
+        )
         .unwrap();
     assert!(free.text.contains(", 9,"), "{:?}", free.text);
     // ", 9" spans several tokens (",", " ", "9").
@@ -217,11 +280,16 @@ fn stop_string_is_held_back_and_never_emitted() {
     let mut streamed = String::new();
     let mut pieces = vec![];
     let g = s
-        .generate(&prompt, &mut Sampler::greedy(), GenerateOptions::default().max_tokens(30).stop(", 9"), |p| {
-            streamed.push_str(p);
-            pieces.push(p.to_string());
-            ControlFlow::Continue(())
-        })
+        .generate(
+            &prompt,
+            &mut Sampler::greedy(),
+            GenerateOptions::default().max_tokens(30).stop(", 9"),
+            |p| {
+                streamed.push_str(p);
+                pieces.push(p.to_string());
+                ControlFlow::Continue(())
+            },
+        )
         .unwrap();
     assert_eq!(g.stop_reason, StopReason::StopString);
     let cut = free.text.find(", 9").unwrap();
@@ -231,8 +299,17 @@ fn stop_string_is_held_back_and_never_emitted() {
     // The iterator form gives the same pieces.
     let mut s = m.session(SessionOptions::default()).unwrap();
     let mut smp = Sampler::greedy();
-    let stream = s.stream(&prompt, &mut smp, GenerateOptions::default().max_tokens(30).stop(", 9")).unwrap();
-    let it: Vec<String> = stream.map(|p| p.unwrap().text).filter(|t| !t.is_empty()).collect();
+    let stream = s
+        .stream(
+            &prompt,
+            &mut smp,
+            GenerateOptions::default().max_tokens(30).stop(", 9"),
+        )
+        .unwrap();
+    let it: Vec<String> = stream
+        .map(|p| p.unwrap().text)
+        .filter(|t| !t.is_empty())
+        .collect();
     assert_eq!(it.concat(), g.text);
 }
 
@@ -243,7 +320,9 @@ fn streaming_emits_whole_utf8_characters() {
     let text = "emoji 😀🎉👍🏽 and 日本語のテキスト, café";
     let ids = m.tokenize(text, false, false).unwrap();
     // Byte-level BPE splits these characters over several tokens.
-    assert!(ids.iter().any(|&i| tok.decode(&[i], false).unwrap().contains('\u{FFFD}')));
+    assert!(ids
+        .iter()
+        .any(|&i| tok.decode(&[i], false).unwrap().contains('\u{FFFD}')));
     let mut d = Detokenizer::new(&[], false);
     let mut out = String::new();
     for &i in &ids {
@@ -260,14 +339,40 @@ fn multi_turn_chat_reuses_the_cache() {
     let m = real();
     let mut s = m.session(SessionOptions::default()).unwrap();
     let mut msgs = vec![Message::user("Hi")];
-    let g1 = s.chat(&msgs, &mut Sampler::greedy(), GenerateOptions::default().max_tokens(20), |_| ControlFlow::Continue(())).unwrap();
+    let g1 = s
+        .chat(
+            &msgs,
+            &mut Sampler::greedy(),
+            GenerateOptions::default().max_tokens(20),
+            |_| ControlFlow::Continue(()),
+        )
+        .unwrap();
     msgs.push(Message::assistant(g1.text.clone()));
     msgs.push(Message::user("Name a color."));
     let full = m.chat_tokens(&msgs).unwrap();
-    let g2 = s.chat(&msgs, &mut Sampler::greedy(), GenerateOptions::default().max_tokens(10), |_| ControlFlow::Continue(())).unwrap();
-    assert!(g2.timings.prompt_tokens < full.len() / 2, "re-read {} of {} tokens", g2.timings.prompt_tokens, full.len());
+    let g2 = s
+        .chat(
+            &msgs,
+            &mut Sampler::greedy(),
+            GenerateOptions::default().max_tokens(10),
+            |_| ControlFlow::Continue(()),
+        )
+        .unwrap();
+    assert!(
+        g2.timings.prompt_tokens < full.len() / 2,
+        "re-read {} of {} tokens",
+        g2.timings.prompt_tokens,
+        full.len()
+    );
     // Same reply as a fresh session reading the whole conversation.
     let mut fresh = m.session(SessionOptions::default()).unwrap();
-    let g3 = fresh.chat(&msgs, &mut Sampler::greedy(), GenerateOptions::default().max_tokens(10), |_| ControlFlow::Continue(())).unwrap();
+    let g3 = fresh
+        .chat(
+            &msgs,
+            &mut Sampler::greedy(),
+            GenerateOptions::default().max_tokens(10),
+            |_| ControlFlow::Continue(()),
+        )
+        .unwrap();
     assert_eq!(g2.tokens, g3.tokens);
 }

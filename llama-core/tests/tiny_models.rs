@@ -9,7 +9,14 @@ use llama_core::{KvCacheType, Model, ModelOptions, SessionOptions};
 const TOKENS: [u32; 12] = [5, 40, 77, 100, 3, 250, 17, 64, 9, 120, 33, 200];
 
 fn all_logits(m: &Model, tokens: &[u32], n_batch: usize) -> Vec<Vec<f32>> {
-    let mut s = m.session(SessionOptions::default().kv_type(KvCacheType::F32).n_batch(n_batch).n_ctx(1024)).unwrap();
+    let mut s = m
+        .session(
+            SessionOptions::default()
+                .kv_type(KvCacheType::F32)
+                .n_batch(n_batch)
+                .n_ctx(1024),
+        )
+        .unwrap();
     s.eval_all_logits(tokens).unwrap()
 }
 
@@ -21,7 +28,10 @@ fn max_diff(a: &[Vec<f32>], b: &[Vec<f64>]) -> f64 {
 }
 
 fn max_diff32(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
-    a.iter().zip(b).flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs())).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
+        .fold(0.0, f32::max)
 }
 
 fn check(name: &str, spec: Spec, with_gguf: bool) -> Tiny {
@@ -37,7 +47,10 @@ fn check(name: &str, spec: Spec, with_gguf: bool) -> Tiny {
     // depend on the length seen so far, in Hugging Face's implementation as in ours).
     if !matches!(t.spec.scaling, Scaling::Dynamic(_)) {
         let chunked = all_logits(&hf, &TOKENS, 5);
-        assert!(max_diff32(&chunked, &ours_hf) < 1e-4, "{name}: chunked prefill differs");
+        assert!(
+            max_diff32(&chunked, &ours_hf) < 1e-4,
+            "{name}: chunked prefill differs"
+        );
     }
     if with_gguf {
         let gg = Model::load(&t.gguf, ModelOptions::default()).unwrap();
@@ -45,33 +58,63 @@ fn check(name: &str, spec: Spec, with_gguf: bool) -> Tiny {
         let ours_gg = all_logits(&gg, &TOKENS, 512);
         let d_fmt = max_diff32(&ours_gg, &ours_hf);
         println!("{name}: gguf vs hf max abs diff {d_fmt:.2e}");
-        assert!(d_fmt < 1e-3 * scale.max(1.0) as f32, "{name}: gguf vs hf {d_fmt}");
+        assert!(
+            d_fmt < 1e-3 * scale.max(1.0) as f32,
+            "{name}: gguf vs hf {d_fmt}"
+        );
         // Decoding one token at a time matches batched evaluation.
-        let mut s = gg.session(SessionOptions::default().kv_type(KvCacheType::F32)).unwrap();
+        let mut s = gg
+            .session(SessionOptions::default().kv_type(KvCacheType::F32))
+            .unwrap();
         let mut steps = vec![];
         for &tok in &TOKENS {
             s.eval(&[tok]).unwrap();
             steps.push(s.logits().unwrap().to_vec());
         }
-        assert!(max_diff32(&steps, &ours_gg) < 1e-4, "{name}: token-by-token differs");
+        assert!(
+            max_diff32(&steps, &ours_gg) < 1e-4,
+            "{name}: token-by-token differs"
+        );
     }
     t
 }
 
 #[test]
 fn mha_bpe_untied() {
-    check("mha", Spec { heads: 4, kv_heads: 4, ..Default::default() }, true);
+    check(
+        "mha",
+        Spec {
+            heads: 4,
+            kv_heads: 4,
+            ..Default::default()
+        },
+        true,
+    );
 }
 
 #[test]
 fn gqa_explicit_head_dim_tied_spm() {
-    let spec = Spec { vocab: Vocab::Spm, heads: 4, kv_heads: 2, head_dim: 32, tie: true, seed: 11, ..Default::default() };
+    let spec = Spec {
+        vocab: Vocab::Spm,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 32,
+        tie: true,
+        seed: 11,
+        ..Default::default()
+    };
     check("gqa+head_dim+tied+spm", spec, true);
 }
 
 #[test]
 fn gqa_single_kv_head_linear_rope() {
-    let spec = Spec { heads: 4, kv_heads: 1, scaling: Scaling::Linear(2.0), seed: 3, ..Default::default() };
+    let spec = Spec {
+        heads: 4,
+        kv_heads: 1,
+        scaling: Scaling::Linear(2.0),
+        seed: 3,
+        ..Default::default()
+    };
     check("gqa 4:1 + linear", spec, true);
 }
 
@@ -79,7 +122,12 @@ fn gqa_single_kv_head_linear_rope() {
 fn llama3_rope_scaling() {
     let spec = Spec {
         theta: 500000.0,
-        scaling: Scaling::Llama3 { factor: 8.0, low: 1.0, high: 4.0, orig: 16.0 },
+        scaling: Scaling::Llama3 {
+            factor: 8.0,
+            low: 1.0,
+            high: 4.0,
+            orig: 16.0,
+        },
         max_pos: 128,
         head_dim: 32,
         seed: 5,
@@ -87,25 +135,43 @@ fn llama3_rope_scaling() {
     };
     let t = check("llama3", spec, true);
     // The scaling must matter, or this test proves nothing.
-    let plain = build(Spec { scaling: Scaling::None, ..t.spec.clone() });
+    let plain = build(Spec {
+        scaling: Scaling::None,
+        ..t.spec.clone()
+    });
     let a = reference_logits(&t, &TOKENS);
     let b = reference_logits(&plain, &TOKENS);
-    let d = a.iter().flatten().zip(b.iter().flatten()).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+    let d = a
+        .iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max);
     assert!(d > 1e-3, "llama3 scaling had no effect ({d})");
 }
 
 #[test]
 fn dynamic_ntk_rope_scaling() {
     // 12 tokens past a trained context of 8: the NTK base rescale applies.
-    let spec = Spec { scaling: Scaling::Dynamic(2.0), max_pos: 8, seed: 9, ..Default::default() };
+    let spec = Spec {
+        scaling: Scaling::Dynamic(2.0),
+        max_pos: 8,
+        seed: 9,
+        ..Default::default()
+    };
     check("dynamic", spec, false);
 }
 
 #[test]
 fn long_prefill_crosses_cache_growth() {
-    let t = build(Spec { seed: 21, ..Default::default() });
+    let t = build(Spec {
+        seed: 21,
+        ..Default::default()
+    });
     let m = Model::load(&t.gguf, ModelOptions::default()).unwrap();
-    let toks: Vec<u32> = (0..300u32).map(|i| (i * 37 + 11) % t.vocab_size as u32).collect();
+    let toks: Vec<u32> = (0..300u32)
+        .map(|i| (i * 37 + 11) % t.vocab_size as u32)
+        .collect();
     let whole = all_logits(&m, &toks, 512);
     let pieces = all_logits(&m, &toks, 100);
     assert!(max_diff32(&whole, &pieces) < 1e-4);
@@ -116,7 +182,13 @@ fn bpe_tokenizer_from_gguf_and_json_agree() {
     let t = build(Spec::default());
     let gg = Model::load(&t.gguf, ModelOptions::default()).unwrap();
     let hf = Model::load(&t.hf, ModelOptions::default()).unwrap();
-    for (text, special) in [("hello world", false), ("the 123 world", false), ("<|im_start|>hi<|im_end|>", true), ("<|im_start|>", false), ("", false)] {
+    for (text, special) in [
+        ("hello world", false),
+        ("the 123 world", false),
+        ("<|im_start|>hi<|im_end|>", true),
+        ("<|im_start|>", false),
+        ("", false),
+    ] {
         let a = gg.tokenize(text, true, special).unwrap();
         let b = hf.tokenize(text, true, special).unwrap();
         assert_eq!(a, b, "{text:?}");
@@ -135,7 +207,10 @@ fn bpe_tokenizer_from_gguf_and_json_agree() {
 
 #[test]
 fn spm_tokenizer_from_gguf() {
-    let t = build(Spec { vocab: Vocab::Spm, ..Default::default() });
+    let t = build(Spec {
+        vocab: Vocab::Spm,
+        ..Default::default()
+    });
     let gg = Model::load(&t.gguf, ModelOptions::default()).unwrap();
     let hf = Model::load(&t.hf, ModelOptions::default()).unwrap();
     let tok = gg.tokenizer();

@@ -52,7 +52,10 @@ pub struct ModelOptions<'a> {
 
 impl<'a> ModelOptions<'a> {
     /// Sets a progress callback.
-    pub fn with_progress(mut self, f: impl FnMut(&LoadProgress) -> ControlFlow<()> + Send + 'a) -> Self {
+    pub fn with_progress(
+        mut self,
+        f: impl FnMut(&LoadProgress) -> ControlFlow<()> + Send + 'a,
+    ) -> Self {
         self.progress = Some(Box::new(f));
         self
     }
@@ -214,7 +217,8 @@ impl Model {
             .map(str::to_string);
         let jinja = dir.join("chat_template.jinja");
         if jinja.is_file() {
-            chat_template = Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?);
+            chat_template =
+                Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?);
         }
         // Weight files: the sharded index, model.safetensors, or every *.safetensors.
         let index = dir.join("model.safetensors.index.json");
@@ -248,7 +252,11 @@ impl Model {
             v
         };
         if files.is_empty() {
-            return Err(Error::weights(dir, "", "no .safetensors weight files found"));
+            return Err(Error::weights(
+                dir,
+                "",
+                "no .safetensors weight files found",
+            ));
         }
         for f in &files {
             if !f.is_file() {
@@ -259,18 +267,26 @@ impl Model {
             }
         }
         // SAFETY: read-only maps of files we do not modify.
-        let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }.map_err(|e| {
-            Error::weights(
-                files.first().map(|p| p.as_path()).unwrap_or(dir),
-                "",
-                format!("invalid safetensors file: {e}"),
-            )
-        })?;
+        let st =
+            unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }.map_err(|e| {
+                Error::weights(
+                    files.first().map(|p| p.as_path()).unwrap_or(dir),
+                    "",
+                    format!("invalid safetensors file: {e}"),
+                )
+            })?;
         let src = WeightSource::SafeTensors {
             st,
             dir: dir.to_path_buf(),
         };
-        Self::build(src, config, tokenizer, chat_template, "safetensors", progress)
+        Self::build(
+            src,
+            config,
+            tokenizer,
+            chat_template,
+            "safetensors",
+            progress,
+        )
     }
 
     fn build(
@@ -282,7 +298,12 @@ impl Model {
         mut progress: Option<&mut ProgressFn<'_>>,
     ) -> Result<Model> {
         let c = &config;
-        let (h, hd, nh, nkv) = (c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads);
+        let (h, hd, nh, nkv) = (
+            c.hidden_size,
+            c.head_dim,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+        );
         let tied = !src.has(W::Output);
         let total = 3 + 9 * c.num_hidden_layers + usize::from(!tied);
         let mut loaded = 0usize;
@@ -410,7 +431,9 @@ impl Model {
     }
     /// Tokenizes with llama.cpp semantics (see [`Tokenizer::encode`]).
     pub fn tokenize(&self, text: &str, add_special: bool, parse_special: bool) -> Result<Vec<u32>> {
-        self.inner.tokenizer.encode(text, add_special, parse_special)
+        self.inner
+            .tokenizer
+            .encode(text, add_special, parse_special)
     }
     /// Decodes ids to text (special tokens rendered when `special`).
     pub fn detokenize(&self, ids: &[u32], special: bool) -> Result<String> {
@@ -419,7 +442,12 @@ impl Model {
 
     pub(crate) fn new_cache(&self, n_ctx: usize) -> KvCache {
         let c = &self.inner.config;
-        KvCache::new(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, n_ctx)
+        KvCache::new(
+            c.num_hidden_layers,
+            c.num_key_value_heads,
+            c.head_dim,
+            n_ctx,
+        )
     }
 
     /// Embeddings of a text: the final hidden states (after the output RMSNorm), mean-pooled
@@ -433,11 +461,18 @@ impl Model {
     /// Embeddings of a token sequence (see [`Model::embed`]).
     pub fn embed_tokens(&self, tokens: &[u32]) -> Result<Embeddings> {
         if tokens.is_empty() {
-            return Err(Error::InvalidArgument("cannot embed an empty sequence".into()));
+            return Err(Error::InvalidArgument(
+                "cannot embed an empty sequence".into(),
+            ));
         }
         self.inner.tokenizer.check_ids(tokens)?;
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.inner.config.vocab_size) {
-            return Err(Error::InvalidArgument(format!("token id {bad} is outside the model's vocabulary")));
+        if let Some(&bad) = tokens
+            .iter()
+            .find(|&&t| t as usize >= self.inner.config.vocab_size)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "token id {bad} is outside the model's vocabulary"
+            )));
         }
         let mut cache = self.new_cache(tokens.len());
         let mut rows: Vec<Vec<f32>> = vec![];
@@ -542,7 +577,12 @@ impl Model {
     /// Output-head logits `(rows, vocab)` for hidden states `(rows, hidden)`.
     pub(crate) fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let h = hidden.unsqueeze(0)?.contiguous()?;
-        Ok(self.inner.lm_head.forward(&h)?.squeeze(0)?.to_dtype(DType::F32)?)
+        Ok(self
+            .inner
+            .lm_head
+            .forward(&h)?
+            .squeeze(0)?
+            .to_dtype(DType::F32)?)
     }
 
     /// Last-row logits as a vector.

@@ -44,7 +44,8 @@ impl Rope {
                     } else if wl > low_wl {
                         *f /= factor;
                     } else {
-                        let s = (orig / wl - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        let s =
+                            (orig / wl - low_freq_factor) / (high_freq_factor - low_freq_factor);
                         *f = (1.0 - s) * *f / factor + s * *f;
                     }
                 }
@@ -83,7 +84,12 @@ impl Rope {
     }
 
     /// cos and sin tables, each `(len, head_dim / 2)`, for positions `start..start + len`.
-    pub(crate) fn cos_sin(&self, start: usize, len: usize, dev: &Device) -> Result<(Tensor, Tensor)> {
+    pub(crate) fn cos_sin(
+        &self,
+        start: usize,
+        len: usize,
+        dev: &Device,
+    ) -> Result<(Tensor, Tensor)> {
         let half = self.head_dim / 2;
         let mut cos = Vec::with_capacity(len * half);
         let mut sin = Vec::with_capacity(len * half);

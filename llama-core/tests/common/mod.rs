@@ -14,7 +14,9 @@ pub fn real_model_path() -> PathBuf {
     let cache = std::env::var_os("LLAMA_CORE_CACHE")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|p| PathBuf::from(p).join("llama-core")))
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/llama-core"));
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/llama-core")
+        });
     let p = cache.join("SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(
         p.is_file(),
@@ -25,26 +27,46 @@ pub fn real_model_path() -> PathBuf {
 }
 
 pub fn reference() -> serde_json::Value {
-    let p = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/reference/smollm2.json");
+    let p = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/reference/smollm2.json"
+    );
     serde_json::from_str(&std::fs::read_to_string(p).expect("reference JSON")).expect("valid JSON")
 }
 
 pub fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array().expect("array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
 }
 
 pub fn f32s(v: &serde_json::Value) -> Vec<f32> {
-    v.as_array().expect("array").iter().map(|x| x.as_f64().expect("num") as f32).collect()
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_f64().expect("num") as f32)
+        .collect()
 }
 
 /// Compares our greedy ids with llama.cpp's under the near-tie rule: identical, or the first
 /// divergence happens where llama.cpp's top-1/top-2 margin was below `max_margin`.
 /// Returns Ok(None) when identical, Ok(Some((index, margin))) at an accepted divergence.
-pub fn check_greedy(ours: &[u32], theirs: &[u32], margins: &[f32], max_margin: f32) -> Result<Option<(usize, f32)>, String> {
+pub fn check_greedy(
+    ours: &[u32],
+    theirs: &[u32],
+    margins: &[f32],
+    max_margin: f32,
+) -> Result<Option<(usize, f32)>, String> {
     let n = ours.len().min(theirs.len());
     match (0..n).find(|&i| ours[i] != theirs[i]) {
         None if ours.len() == theirs.len() => Ok(None),
-        None => Err(format!("same prefix but lengths differ: ours {} vs llama.cpp {}", ours.len(), theirs.len())),
+        None => Err(format!(
+            "same prefix but lengths differ: ours {} vs llama.cpp {}",
+            ours.len(),
+            theirs.len()
+        )),
         Some(i) => {
             let m = margins[i];
             if m < max_margin {
@@ -66,7 +88,11 @@ pub fn check_greedy(ours: &[u32], theirs: &[u32], margins: &[f32], max_margin: f
 pub fn near_tie_threshold(r: &serde_json::Value) -> f32 {
     let own = r["llama_cpp_self_divergence"]
         .as_array()
-        .map(|a| a.iter().filter_map(|x| x["margin"].as_f64()).fold(0.0, f64::max))
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x["margin"].as_f64())
+                .fold(0.0, f64::max)
+        })
         .unwrap_or(0.0) as f32;
     0.35f32.max(own + 0.05)
 }

@@ -23,7 +23,12 @@ pub enum Scaling {
     None,
     Linear(f64),
     Dynamic(f64),
-    Llama3 { factor: f64, low: f64, high: f64, orig: f64 },
+    Llama3 {
+        factor: f64,
+        low: f64,
+        high: f64,
+        orig: f64,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -95,16 +100,23 @@ fn bytes_to_unicode() -> Vec<char> {
 fn vocab(kind: Vocab) -> (Vec<String>, Vec<i32>, Vec<f32>, Vec<String>) {
     match kind {
         Vocab::Bpe => {
-            let mut tokens: Vec<String> = vec!["<|endoftext|>".into(), "<|im_start|>".into(), "<|im_end|>".into()];
+            let mut tokens: Vec<String> = vec![
+                "<|endoftext|>".into(),
+                "<|im_start|>".into(),
+                "<|im_end|>".into(),
+            ];
             let mut types = vec![3, 3, 3];
             for c in bytes_to_unicode() {
                 tokens.push(c.to_string());
                 types.push(1);
             }
-            let merges: Vec<String> = ["Ġ t", "h e", "Ġt he", "l l", "Ġ w", "o r", "Ġw or", "l d", "Ġwor ld", "e ll", "h ell", "hell o"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
+            let merges: Vec<String> = [
+                "Ġ t", "h e", "Ġt he", "l l", "Ġ w", "o r", "Ġw or", "l d", "Ġwor ld", "e ll",
+                "h ell", "hell o",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
             for m in &merges {
                 tokens.push(m.replace(' ', ""));
                 types.push(1);
@@ -122,8 +134,9 @@ fn vocab(kind: Vocab) -> (Vec<String>, Vec<i32>, Vec<f32>, Vec<String>) {
                 scores.push(0.0);
             }
             let pieces = [
-                "▁", "t", "h", "e", "l", "o", "w", "r", "d", "a", "n", "▁t", "he", "▁the", "ll", "▁w", "or", "▁wor", "ld",
-                "▁world", "▁h", "▁he", "▁hell", "▁hello", "▁a", "▁an", "an", "nd", "▁and", "ell", "hell", "hello", "el",
+                "▁", "t", "h", "e", "l", "o", "w", "r", "d", "a", "n", "▁t", "he", "▁the", "ll",
+                "▁w", "or", "▁wor", "ld", "▁world", "▁h", "▁he", "▁hell", "▁hello", "▁a", "▁an",
+                "an", "nd", "▁and", "ell", "hell", "hello", "el",
             ];
             for (i, p) in pieces.iter().enumerate() {
                 tokens.push(p.to_string());
@@ -138,7 +151,10 @@ fn vocab(kind: Vocab) -> (Vec<String>, Vec<i32>, Vec<f32>, Vec<String>) {
 struct Rng(u64);
 impl Rng {
     fn next(&mut self) -> f32 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
     fn vec(&mut self, n: usize, scale: f32, offset: f32) -> Vec<f32> {
@@ -153,7 +169,8 @@ pub fn inv_freq(spec: &Spec, seq_len: usize) -> Vec<f64> {
     let d = spec.head_dim as f64;
     let base = match spec.scaling {
         Scaling::Dynamic(f) if seq_len > spec.max_pos => {
-            spec.theta * ((f * seq_len as f64 / spec.max_pos as f64) - (f - 1.0)).powf(d / (d - 2.0))
+            spec.theta
+                * ((f * seq_len as f64 / spec.max_pos as f64) - (f - 1.0)).powf(d / (d - 2.0))
         }
         _ => spec.theta,
     };
@@ -162,7 +179,12 @@ pub fn inv_freq(spec: &Spec, seq_len: usize) -> Vec<f64> {
             let f = 1.0 / base.powf(2.0 * i as f64 / d);
             match spec.scaling {
                 Scaling::Linear(k) => f / k,
-                Scaling::Llama3 { factor, low, high, orig } => {
+                Scaling::Llama3 {
+                    factor,
+                    low,
+                    high,
+                    orig,
+                } => {
                     let wl = 2.0 * std::f64::consts::PI / f;
                     if wl < orig / high {
                         f
@@ -183,25 +205,91 @@ pub fn build(spec: Spec) -> Tiny {
     let dir = tempfile::tempdir().unwrap();
     let (tokens, types, scores, merges) = vocab(spec.vocab);
     let vs = tokens.len();
-    let (h, hd, nh, nkv, ff) = (spec.hidden, spec.head_dim, spec.heads, spec.kv_heads, spec.ff);
+    let (h, hd, nh, nkv, ff) = (
+        spec.hidden,
+        spec.head_dim,
+        spec.heads,
+        spec.kv_heads,
+        spec.ff,
+    );
     let mut rng = Rng(spec.seed);
     let mut w: HashMap<String, (Vec<usize>, Vec<f32>)> = HashMap::new();
     let mut put = |name: String, shape: Vec<usize>, scale: f32, offset: f32, rng: &mut Rng| {
         let n = shape.iter().product();
         w.insert(name, (shape, rng.vec(n, scale, offset)));
     };
-    put("model.embed_tokens.weight".into(), vec![vs, h], 1.0, 0.0, &mut rng);
+    put(
+        "model.embed_tokens.weight".into(),
+        vec![vs, h],
+        1.0,
+        0.0,
+        &mut rng,
+    );
     for l in 0..spec.layers {
         let p = format!("model.layers.{l}");
-        put(format!("{p}.input_layernorm.weight"), vec![h], 0.2, 1.0, &mut rng);
-        put(format!("{p}.self_attn.q_proj.weight"), vec![nh * hd, h], 0.3, 0.0, &mut rng);
-        put(format!("{p}.self_attn.k_proj.weight"), vec![nkv * hd, h], 0.3, 0.0, &mut rng);
-        put(format!("{p}.self_attn.v_proj.weight"), vec![nkv * hd, h], 0.3, 0.0, &mut rng);
-        put(format!("{p}.self_attn.o_proj.weight"), vec![h, nh * hd], 0.3, 0.0, &mut rng);
-        put(format!("{p}.post_attention_layernorm.weight"), vec![h], 0.2, 1.0, &mut rng);
-        put(format!("{p}.mlp.gate_proj.weight"), vec![ff, h], 0.3, 0.0, &mut rng);
-        put(format!("{p}.mlp.up_proj.weight"), vec![ff, h], 0.3, 0.0, &mut rng);
-        put(format!("{p}.mlp.down_proj.weight"), vec![h, ff], 0.3, 0.0, &mut rng);
+        put(
+            format!("{p}.input_layernorm.weight"),
+            vec![h],
+            0.2,
+            1.0,
+            &mut rng,
+        );
+        put(
+            format!("{p}.self_attn.q_proj.weight"),
+            vec![nh * hd, h],
+            0.3,
+            0.0,
+            &mut rng,
+        );
+        put(
+            format!("{p}.self_attn.k_proj.weight"),
+            vec![nkv * hd, h],
+            0.3,
+            0.0,
+            &mut rng,
+        );
+        put(
+            format!("{p}.self_attn.v_proj.weight"),
+            vec![nkv * hd, h],
+            0.3,
+            0.0,
+            &mut rng,
+        );
+        put(
+            format!("{p}.self_attn.o_proj.weight"),
+            vec![h, nh * hd],
+            0.3,
+            0.0,
+            &mut rng,
+        );
+        put(
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![h],
+            0.2,
+            1.0,
+            &mut rng,
+        );
+        put(
+            format!("{p}.mlp.gate_proj.weight"),
+            vec![ff, h],
+            0.3,
+            0.0,
+            &mut rng,
+        );
+        put(
+            format!("{p}.mlp.up_proj.weight"),
+            vec![ff, h],
+            0.3,
+            0.0,
+            &mut rng,
+        );
+        put(
+            format!("{p}.mlp.down_proj.weight"),
+            vec![h, ff],
+            0.3,
+            0.0,
+            &mut rng,
+        );
     }
     put("model.norm.weight".into(), vec![h], 0.2, 1.0, &mut rng);
     if !spec.tie {
@@ -217,37 +305,73 @@ pub fn build(spec: Spec) -> Tiny {
         ("general.architecture".into(), Value::String("llama".into())),
         ("general.name".into(), Value::String("tiny".into())),
         ("llama.block_count".into(), Value::U32(spec.layers as u32)),
-        ("llama.context_length".into(), Value::U32(spec.max_pos as u32)),
+        (
+            "llama.context_length".into(),
+            Value::U32(spec.max_pos as u32),
+        ),
         ("llama.embedding_length".into(), Value::U32(h as u32)),
         ("llama.feed_forward_length".into(), Value::U32(ff as u32)),
         ("llama.attention.head_count".into(), Value::U32(nh as u32)),
-        ("llama.attention.head_count_kv".into(), Value::U32(nkv as u32)),
+        (
+            "llama.attention.head_count_kv".into(),
+            Value::U32(nkv as u32),
+        ),
         ("llama.attention.key_length".into(), Value::U32(hd as u32)),
         ("llama.attention.value_length".into(), Value::U32(hd as u32)),
         ("llama.rope.dimension_count".into(), Value::U32(hd as u32)),
         ("llama.rope.freq_base".into(), Value::F32(spec.theta as f32)),
-        ("llama.attention.layer_norm_rms_epsilon".into(), Value::F32(spec.eps as f32)),
+        (
+            "llama.attention.layer_norm_rms_epsilon".into(),
+            Value::F32(spec.eps as f32),
+        ),
         ("llama.vocab_size".into(), Value::U32(vs as u32)),
-        ("tokenizer.ggml.model".into(), Value::String(match spec.vocab { Vocab::Bpe => "gpt2", Vocab::Spm => "llama" }.into())),
-        ("tokenizer.ggml.tokens".into(), Value::Array(tokens.iter().map(|t| Value::String(t.clone())).collect())),
-        ("tokenizer.ggml.token_type".into(), Value::Array(types.iter().map(|&t| Value::I32(t)).collect())),
+        (
+            "tokenizer.ggml.model".into(),
+            Value::String(
+                match spec.vocab {
+                    Vocab::Bpe => "gpt2",
+                    Vocab::Spm => "llama",
+                }
+                .into(),
+            ),
+        ),
+        (
+            "tokenizer.ggml.tokens".into(),
+            Value::Array(tokens.iter().map(|t| Value::String(t.clone())).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Value::Array(types.iter().map(|&t| Value::I32(t)).collect()),
+        ),
         ("tokenizer.ggml.bos_token_id".into(), Value::U32(bos)),
         ("tokenizer.ggml.eos_token_id".into(), Value::U32(eos)),
         ("tokenizer.ggml.add_bos_token".into(), Value::Bool(add_bos)),
-        ("tokenizer.chat_template".into(), Value::String(CHAT_TEMPLATE.into())),
+        (
+            "tokenizer.chat_template".into(),
+            Value::String(CHAT_TEMPLATE.into()),
+        ),
     ];
     match spec.vocab {
         Vocab::Bpe => {
             meta.push(("tokenizer.ggml.pre".into(), Value::String("smollm".into())));
-            meta.push(("tokenizer.ggml.merges".into(), Value::Array(merges.iter().map(|m| Value::String(m.clone())).collect())));
+            meta.push((
+                "tokenizer.ggml.merges".into(),
+                Value::Array(merges.iter().map(|m| Value::String(m.clone())).collect()),
+            ));
         }
         Vocab::Spm => {
-            meta.push(("tokenizer.ggml.scores".into(), Value::Array(scores.iter().map(|&s| Value::F32(s)).collect())));
+            meta.push((
+                "tokenizer.ggml.scores".into(),
+                Value::Array(scores.iter().map(|&s| Value::F32(s)).collect()),
+            ));
             meta.push(("tokenizer.ggml.unknown_token_id".into(), Value::U32(0)));
         }
     }
     if let Scaling::Linear(f) = spec.scaling {
-        meta.push(("llama.rope.scaling.type".into(), Value::String("linear".into())));
+        meta.push((
+            "llama.rope.scaling.type".into(),
+            Value::String("linear".into()),
+        ));
         meta.push(("llama.rope.scaling.factor".into(), Value::F32(f as f32)));
     }
     let f32_bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
@@ -258,20 +382,61 @@ pub fn build(spec: Spec) -> Tiny {
         if let Some(heads) = perm {
             bytes = permute_rows_for_gguf(&bytes, shape[0], heads);
         }
-        tensors.push(GgufTensor { name: name.into(), shape: shape.clone(), dtype: GgmlDType::F32, data: bytes });
+        tensors.push(GgufTensor {
+            name: name.into(),
+            shape: shape.clone(),
+            dtype: GgmlDType::F32,
+            data: bytes,
+        });
     };
     gg("token_embd.weight", "model.embed_tokens.weight", None);
     for l in 0..spec.layers {
         let p = format!("model.layers.{l}");
-        gg(&format!("blk.{l}.attn_norm.weight"), &format!("{p}.input_layernorm.weight"), None);
-        gg(&format!("blk.{l}.attn_q.weight"), &format!("{p}.self_attn.q_proj.weight"), Some(nh));
-        gg(&format!("blk.{l}.attn_k.weight"), &format!("{p}.self_attn.k_proj.weight"), Some(nkv));
-        gg(&format!("blk.{l}.attn_v.weight"), &format!("{p}.self_attn.v_proj.weight"), None);
-        gg(&format!("blk.{l}.attn_output.weight"), &format!("{p}.self_attn.o_proj.weight"), None);
-        gg(&format!("blk.{l}.ffn_norm.weight"), &format!("{p}.post_attention_layernorm.weight"), None);
-        gg(&format!("blk.{l}.ffn_gate.weight"), &format!("{p}.mlp.gate_proj.weight"), None);
-        gg(&format!("blk.{l}.ffn_up.weight"), &format!("{p}.mlp.up_proj.weight"), None);
-        gg(&format!("blk.{l}.ffn_down.weight"), &format!("{p}.mlp.down_proj.weight"), None);
+        gg(
+            &format!("blk.{l}.attn_norm.weight"),
+            &format!("{p}.input_layernorm.weight"),
+            None,
+        );
+        gg(
+            &format!("blk.{l}.attn_q.weight"),
+            &format!("{p}.self_attn.q_proj.weight"),
+            Some(nh),
+        );
+        gg(
+            &format!("blk.{l}.attn_k.weight"),
+            &format!("{p}.self_attn.k_proj.weight"),
+            Some(nkv),
+        );
+        gg(
+            &format!("blk.{l}.attn_v.weight"),
+            &format!("{p}.self_attn.v_proj.weight"),
+            None,
+        );
+        gg(
+            &format!("blk.{l}.attn_output.weight"),
+            &format!("{p}.self_attn.o_proj.weight"),
+            None,
+        );
+        gg(
+            &format!("blk.{l}.ffn_norm.weight"),
+            &format!("{p}.post_attention_layernorm.weight"),
+            None,
+        );
+        gg(
+            &format!("blk.{l}.ffn_gate.weight"),
+            &format!("{p}.mlp.gate_proj.weight"),
+            None,
+        );
+        gg(
+            &format!("blk.{l}.ffn_up.weight"),
+            &format!("{p}.mlp.up_proj.weight"),
+            None,
+        );
+        gg(
+            &format!("blk.{l}.ffn_down.weight"),
+            &format!("{p}.mlp.down_proj.weight"),
+            None,
+        );
     }
     gg("output_norm.weight", "model.norm.weight", None);
     if !spec.tie {
@@ -279,10 +444,25 @@ pub fn build(spec: Spec) -> Tiny {
     }
     if let Scaling::Llama3 { .. } = spec.scaling {
         // As llama.cpp's converter: per-dimension divisors base_freq / scaled_freq.
-        let plain = inv_freq(&Spec { scaling: Scaling::None, ..spec.clone() }, 0);
+        let plain = inv_freq(
+            &Spec {
+                scaling: Scaling::None,
+                ..spec.clone()
+            },
+            0,
+        );
         let scaled = inv_freq(&spec, 0);
-        let factors: Vec<f32> = plain.iter().zip(&scaled).map(|(p, s)| (p / s) as f32).collect();
-        tensors.push(GgufTensor { name: "rope_freqs.weight".into(), shape: vec![hd / 2], dtype: GgmlDType::F32, data: f32_bytes(&factors) });
+        let factors: Vec<f32> = plain
+            .iter()
+            .zip(&scaled)
+            .map(|(p, s)| (p / s) as f32)
+            .collect();
+        tensors.push(GgufTensor {
+            name: "rope_freqs.weight".into(),
+            shape: vec![hd / 2],
+            dtype: GgmlDType::F32,
+            data: f32_bytes(&factors),
+        });
     }
     let gguf = dir.path().join("tiny.gguf");
     write_gguf(&gguf, &meta, &tensors).unwrap();
@@ -292,7 +472,12 @@ pub fn build(spec: Spec) -> Tiny {
     std::fs::create_dir_all(&hf).unwrap();
     let map: HashMap<String, Tensor> = w
         .iter()
-        .map(|(k, (shape, data))| (k.clone(), Tensor::from_vec(data.clone(), shape.clone(), &Device::Cpu).unwrap()))
+        .map(|(k, (shape, data))| {
+            (
+                k.clone(),
+                Tensor::from_vec(data.clone(), shape.clone(), &Device::Cpu).unwrap(),
+            )
+        })
         .collect();
     candle_core::safetensors::save(&map, hf.join("model.safetensors")).unwrap();
     let mut cfg = serde_json::json!({
@@ -305,22 +490,40 @@ pub fn build(spec: Spec) -> Tiny {
         Scaling::None => serde_json::Value::Null,
         Scaling::Linear(f) => serde_json::json!({"type": "linear", "factor": f}),
         Scaling::Dynamic(f) => serde_json::json!({"type": "dynamic", "factor": f}),
-        Scaling::Llama3 { factor, low, high, orig } => serde_json::json!({"rope_type": "llama3", "factor": factor,
+        Scaling::Llama3 {
+            factor,
+            low,
+            high,
+            orig,
+        } => serde_json::json!({"rope_type": "llama3", "factor": factor,
             "low_freq_factor": low, "high_freq_factor": high, "original_max_position_embeddings": orig}),
     };
     std::fs::write(hf.join("config.json"), cfg.to_string()).unwrap();
     // tokenizer.json: the tokenizer the GGUF metadata describes, serialized by `tokenizers`.
     let g = llama_core::gguf::GgufFile::open(&gguf).unwrap();
     let tok = llama_core::Tokenizer::from_gguf(&g).unwrap();
-    std::fs::write(hf.join("tokenizer.json"), tok.hf().to_string(false).unwrap()).unwrap();
+    std::fs::write(
+        hf.join("tokenizer.json"),
+        tok.hf().to_string(false).unwrap(),
+    )
+    .unwrap();
     let tc = serde_json::json!({"add_bos_token": add_bos, "bos_token": tokens[bos as usize], "eos_token": tokens[eos as usize], "chat_template": CHAT_TEMPLATE});
     std::fs::write(hf.join("tokenizer_config.json"), tc.to_string()).unwrap();
-    Tiny { dir, hf, gguf, spec, vocab_size: vs, weights: w }
+    Tiny {
+        dir,
+        hf,
+        gguf,
+        spec,
+        vocab_size: vs,
+        weights: w,
+    }
 }
 
 fn matvec(w: &(Vec<usize>, Vec<f32>), x: &[f64]) -> Vec<f64> {
     let (rows, cols) = (w.0[0], w.0[1]);
-    (0..rows).map(|r| (0..cols).map(|c| w.1[r * cols + c] as f64 * x[c]).sum()).collect()
+    (0..rows)
+        .map(|r| (0..cols).map(|c| w.1[r * cols + c] as f64 * x[c]).sum())
+        .collect()
 }
 
 fn rmsnorm(x: &[f64], w: &(Vec<usize>, Vec<f32>), eps: f64) -> Vec<f64> {
@@ -336,7 +539,15 @@ pub fn reference_logits(t: &Tiny, tokens: &[u32]) -> Vec<Vec<f64>> {
     let (h, hd, nh, nkv) = (s.hidden, s.head_dim, s.heads, s.kv_heads);
     let inv = inv_freq(s, tokens.len());
     let emb = &w["model.embed_tokens.weight"];
-    let mut xs: Vec<Vec<f64>> = tokens.iter().map(|&id| emb.1[id as usize * h..(id as usize + 1) * h].iter().map(|&v| v as f64).collect()).collect();
+    let mut xs: Vec<Vec<f64>> = tokens
+        .iter()
+        .map(|&id| {
+            emb.1[id as usize * h..(id as usize + 1) * h]
+                .iter()
+                .map(|&v| v as f64)
+                .collect()
+        })
+        .collect();
     let rope = |v: &mut [f64], pos: usize| {
         for i in 0..hd / 2 {
             let a = pos as f64 * inv[i];
@@ -371,7 +582,13 @@ pub fn reference_logits(t: &Tiny, tokens: &[u32]) -> Vec<Vec<f64>> {
                 let kvh = hh / (nh / nkv);
                 let q = &qs[i][hh * hd..(hh + 1) * hd];
                 let scores: Vec<f64> = (0..=i)
-                    .map(|j| q.iter().zip(&ks[j][kvh * hd..(kvh + 1) * hd]).map(|(a, b)| a * b).sum::<f64>() / (hd as f64).sqrt())
+                    .map(|j| {
+                        q.iter()
+                            .zip(&ks[j][kvh * hd..(kvh + 1) * hd])
+                            .map(|(a, b)| a * b)
+                            .sum::<f64>()
+                            / (hd as f64).sqrt()
+                    })
                     .collect();
                 let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let e: Vec<f64> = scores.iter().map(|v| (v - m).exp()).collect();
@@ -386,16 +603,30 @@ pub fn reference_logits(t: &Tiny, tokens: &[u32]) -> Vec<Vec<f64>> {
             for (a, b) in xs[i].iter_mut().zip(o) {
                 *a += b;
             }
-            let n = rmsnorm(&xs[i], &w[&format!("{p}.post_attention_layernorm.weight")], s.eps);
+            let n = rmsnorm(
+                &xs[i],
+                &w[&format!("{p}.post_attention_layernorm.weight")],
+                s.eps,
+            );
             let g = matvec(&w[&format!("{p}.mlp.gate_proj.weight")], &n);
             let u = matvec(&w[&format!("{p}.mlp.up_proj.weight")], &n);
-            let act: Vec<f64> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+            let act: Vec<f64> = g
+                .iter()
+                .zip(&u)
+                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                .collect();
             let d = matvec(&w[&format!("{p}.mlp.down_proj.weight")], &act);
             for (a, b) in xs[i].iter_mut().zip(d) {
                 *a += b;
             }
         }
     }
-    let head = if s.tie { &w["model.embed_tokens.weight"] } else { &w["lm_head.weight"] };
-    xs.iter().map(|x| matvec(head, &rmsnorm(x, &w["model.norm.weight"], s.eps))).collect()
+    let head = if s.tie {
+        &w["model.embed_tokens.weight"]
+    } else {
+        &w["lm_head.weight"]
+    };
+    xs.iter()
+        .map(|x| matvec(head, &rmsnorm(x, &w["model.norm.weight"], s.eps)))
+        .collect()
 }

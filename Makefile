@@ -1,0 +1,21 @@
+# Single entry point. `make demo` streams a chat answer from the default model; `make test`
+# runs every test (fetches the model first).
+.PHONY: demo test lint model reference
+
+demo:
+	cargo run --release -p llama-examples --bin llama -- chat --prompt "Name three rivers in Europe and one fact about each." --temperature 0.7 --seed 7 --max-tokens 160
+
+model:
+	bash scripts/fetch-model.sh >/dev/null
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+test: model lint
+	cargo test --workspace
+
+# Regenerates tests/reference/smollm2.json with llama.cpp (slow: builds llama-cpp-python).
+reference:
+	cargo build --release -p llama-examples
+	python3 tests/reference/make_reference.py
