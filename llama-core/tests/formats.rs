@@ -1,0 +1,161 @@
+//! Every GGUF block type candle supports, and f16/bf16 safetensors, load and run.
+
+mod common;
+
+use std::collections::HashMap;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+use common::tiny::{build, Spec};
+use llama_core::convert::{write_gguf, GgufTensor};
+use llama_core::gguf::GgufFile;
+use llama_core::{KvCacheType, Model, ModelOptions, SessionOptions};
+
+const TOKENS: [u32; 8] = [5, 40, 77, 100, 3, 250, 17, 64];
+
+fn logits(m: &Model) -> Vec<f32> {
+    let mut s = m
+        .session(SessionOptions::default().kv_type(KvCacheType::F32))
+        .unwrap();
+    s.eval_all_logits(&TOKENS).unwrap().concat()
+}
+
+fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+#[test]
+fn every_gguf_block_type_loads_and_runs() {
+    // Inner dimensions of 256 so the k-quants' super-blocks fit.
+    let t = build(Spec {
+        hidden: 256,
+        ff: 256,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 64,
+        seed: 17,
+        ..Default::default()
+    });
+    let g = GgufFile::open(&t.gguf).unwrap();
+    let meta: Vec<_> = g
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    // Each quantized file is compared with an F32 file holding its own dequantized weights: what
+    // remains is the 8-bit rounding of activations (a few percent on this random model), while a
+    // wrong block layout or row order gives a relative error above 1.
+    let cases = [
+        GgmlDType::F16,
+        GgmlDType::BF16,
+        GgmlDType::Q8_0,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q6K,
+        GgmlDType::Q5K,
+        GgmlDType::Q4K,
+        GgmlDType::Q3K,
+        GgmlDType::Q2K,
+    ];
+    for dtype in cases {
+        let mut dequantized = vec![];
+        let tensors: Vec<GgufTensor> = g
+            .tensor_order
+            .iter()
+            .map(|name| {
+                let (info, data) = g.tensor_data(name).unwrap();
+                if info.shape.len() == 1 {
+                    dequantized.push(GgufTensor {
+                        name: name.clone(),
+                        shape: info.shape.clone(),
+                        dtype: info.dtype,
+                        data: data.to_vec(),
+                    });
+                    return GgufTensor {
+                        name: name.clone(),
+                        shape: info.shape.clone(),
+                        dtype: info.dtype,
+                        data: data.to_vec(),
+                    };
+                }
+                let vals: Vec<f32> = data
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                    .collect();
+                let tensor = Tensor::from_vec(vals, info.shape.clone(), &Device::Cpu).unwrap();
+                let q = QTensor::quantize(&tensor, dtype).unwrap();
+                let back: Vec<u8> = q
+                    .dequantize(&Device::Cpu)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect();
+                dequantized.push(GgufTensor {
+                    name: name.clone(),
+                    shape: info.shape.clone(),
+                    dtype: GgmlDType::F32,
+                    data: back,
+                });
+                GgufTensor {
+                    name: name.clone(),
+                    shape: info.shape.clone(),
+                    dtype,
+                    data: q.data().unwrap().to_vec(),
+                }
+            })
+            .collect();
+        let p = t.dir.path().join(format!("{dtype:?}.gguf"));
+        write_gguf(&p, &meta, &tensors).unwrap();
+        let pd = t.dir.path().join(format!("{dtype:?}-dequantized.gguf"));
+        write_gguf(&pd, &meta, &dequantized).unwrap();
+        let m = Model::load(&p, ModelOptions::default()).unwrap();
+        assert_eq!(m.weight_type(), format!("{dtype:?}"));
+        let want = logits(&Model::load(&pd, ModelOptions::default()).unwrap());
+        let e = rel_err(&logits(&m), &want);
+        println!("{dtype:?}: relative error vs its dequantized weights {e:.4}");
+        assert!(e < 0.15, "{dtype:?}: relative error {e}");
+    }
+}
+
+#[test]
+fn f16_and_bf16_safetensors() {
+    let t = build(Spec {
+        seed: 23,
+        ..Default::default()
+    });
+    let base = Model::load(&t.hf, ModelOptions::default()).unwrap();
+    let want = logits(&base);
+    let all = candle_core::safetensors::load(t.hf.join("model.safetensors"), &Device::Cpu).unwrap();
+    for (dt, bound) in [(DType::F16, 0.01), (DType::BF16, 0.05)] {
+        let conv: HashMap<String, Tensor> = all
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_dtype(dt).unwrap()))
+            .collect();
+        candle_core::safetensors::save(&conv, t.hf.join("model.safetensors")).unwrap();
+        let m = Model::load(&t.hf, ModelOptions::default()).unwrap();
+        let e = rel_err(&logits(&m), &want);
+        println!("{dt:?} safetensors: relative error {e:.4}");
+        assert!(e < bound, "{dt:?}: {e}");
+    }
+}
+
+#[test]
+fn generation_config_eos_ids_are_unioned() {
+    let t = build(Spec::default());
+    std::fs::write(
+        t.hf.join("generation_config.json"),
+        r#"{"eos_token_id": [2, 1]}"#,
+    )
+    .unwrap();
+    let m = Model::load(&t.hf, ModelOptions::default()).unwrap();
+    assert!(m.config().eos_token_ids.contains(&2) && m.config().eos_token_ids.contains(&1));
+    assert!(m.tokenizer().is_eog(1) && m.tokenizer().is_eog(2));
+}
