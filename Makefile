@@ -1,6 +1,6 @@
 # Single entry point. `make demo` streams a chat answer from the default model; `make test`
 # runs every test (fetches the model first).
-.PHONY: demo test lint model reference
+.PHONY: demo test lint model reference header c-tests
 
 demo:
 	cargo run --release -p llama-examples --bin llama -- chat --prompt "Name three rivers in Europe and one fact about each." --temperature 0.7 --seed 7 --max-tokens 160
@@ -12,8 +12,16 @@ lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
-test: model lint
+# include/llama.h must be what cbindgen generates from llama-ffi.
+header:
+	bash scripts/gen-header.sh --check
+
+c-tests:
+	bash tests/c/run.sh
+
+test: model lint header
 	cargo test --workspace
+	bash tests/c/run.sh
 
 # Regenerates tests/reference/smollm2.json with llama.cpp (slow: builds llama-cpp-python).
 reference:

@@ -370,7 +370,7 @@ impl<'s> TokenStream<'s> {
         if self.session.len() + 1 > self.session.n_ctx() {
             self.session.shift_context()?;
         }
-        self.session.eval(&[id])?;
+        self.session.eval_uncancellable(&[id])?;
         Ok(Some(Piece {
             token: id,
             text: out,

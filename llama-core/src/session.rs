@@ -163,15 +163,26 @@ impl Session {
     /// Evaluates `tokens` after the current ones (prompt processing in chunks of `n_batch`),
     /// keeping the logits of the last position.
     pub fn eval(&mut self, tokens: &[u32]) -> Result<()> {
-        self.eval_inner(tokens, false).map(|_| ())
+        self.eval_inner(tokens, false, true).map(|_| ())
+    }
+
+    /// `eval` without the cancellation check (decode steps and context shifts, which the
+    /// generation loop checks itself).
+    pub(crate) fn eval_uncancellable(&mut self, tokens: &[u32]) -> Result<()> {
+        self.eval_inner(tokens, false, false).map(|_| ())
     }
 
     /// Like [`Session::eval`] but returns the logits of every position of `tokens`.
     pub fn eval_all_logits(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
-        self.eval_inner(tokens, true)
+        self.eval_inner(tokens, true, true)
     }
 
-    fn eval_inner(&mut self, tokens: &[u32], all: bool) -> Result<Vec<Vec<f32>>> {
+    fn eval_inner(
+        &mut self,
+        tokens: &[u32],
+        all: bool,
+        cancellable: bool,
+    ) -> Result<Vec<Vec<f32>>> {
         if tokens.is_empty() {
             return Ok(vec![]);
         }
@@ -179,7 +190,7 @@ impl Session {
         let round = self.opts.kv_type == KvCacheType::F16;
         let mut out = vec![];
         for chunk in tokens.chunks(self.opts.n_batch) {
-            if self.cancel.take() {
+            if cancellable && self.cancel.take() {
                 return Err(Error::Cancelled);
             }
             let start_len = self.cache.len();
@@ -285,6 +296,6 @@ impl Session {
         kept.extend_from_slice(&self.tokens[n_keep + n_discard..]);
         tracing::debug!(n_keep, n_discard, "context shift");
         self.reset();
-        self.eval(&kept)
+        self.eval_uncancellable(&kept)
     }
 }

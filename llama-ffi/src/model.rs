@@ -1,0 +1,320 @@
+//! `llama_model`: load, free, tokenize, detokenize, chat template, embeddings, metadata.
+
+use std::ffi::{c_char, c_void};
+use std::ops::ControlFlow;
+
+use llama_core::{Message, Model, ModelOptions};
+
+use crate::{
+    catch, catch_or, cstr_arg, fail, fail_with, llama_status, read_params, require, str_arg,
+    write_array, write_bytes,
+};
+
+/// A loaded model (opaque). Immutable; share it across threads freely.
+pub struct llama_model {
+    pub(crate) inner: Model,
+}
+
+/// Load progress callback: `progress` in [0, 1]; return false to abort the load
+/// (`llama_model_load` then returns `LLAMA_STATUS_CANCELLED`). Called on the loading thread.
+pub type llama_progress_cb =
+    Option<unsafe extern "C" fn(progress: f32, user_data: *mut c_void) -> bool>;
+
+/// Options for `llama_model_load`. Get defaults from `llama_model_params_default()`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct llama_model_params {
+    /// `sizeof(llama_model_params)`; set by `llama_model_params_default()`.
+    pub struct_size: usize,
+    /// Progress callback, or NULL. Default NULL.
+    pub progress: llama_progress_cb,
+    /// Passed to `progress`. Default NULL.
+    pub progress_user_data: *mut c_void,
+}
+
+/// Default model parameters.
+#[no_mangle]
+pub extern "C" fn llama_model_params_default() -> llama_model_params {
+    llama_model_params {
+        struct_size: std::mem::size_of::<llama_model_params>(),
+        progress: None,
+        progress_user_data: std::ptr::null_mut(),
+    }
+}
+
+struct SendPtr(*mut c_void);
+unsafe impl Send for SendPtr {}
+
+/// Loads a model from a GGUF file or a Hugging Face folder (NUL-terminated UTF-8 path).
+/// `params` may be NULL for defaults. On success `*out` owns the model: free it with
+/// `llama_model_free`.
+#[no_mangle]
+pub unsafe extern "C" fn llama_model_load(
+    path: *const c_char,
+    params: *const llama_model_params,
+    out: *mut *mut llama_model,
+) -> llama_status {
+    catch(|| {
+        require!(out);
+        let path = match cstr_arg(path, "path") {
+            Ok(p) => p,
+            Err(s) => return s,
+        };
+        let p = match read_params(
+            params,
+            llama_model_params_default(),
+            2 * std::mem::size_of::<usize>(),
+        ) {
+            Ok(p) => p,
+            Err(s) => return s,
+        };
+        let mut opts = ModelOptions::default();
+        if let Some(cb) = p.progress {
+            let ud = SendPtr(p.progress_user_data);
+            opts = opts.with_progress(move |lp| {
+                let ud = &ud;
+                if cb(lp.fraction(), ud.0) {
+                    ControlFlow::Continue(())
+                } else {
+                    ControlFlow::Break(())
+                }
+            });
+        }
+        match Model::load(path, opts) {
+            Ok(m) => {
+                *out = Box::into_raw(Box::new(llama_model { inner: m }));
+                llama_status::Ok
+            }
+            Err(e) => fail(e),
+        }
+    })
+}
+
+/// Frees a model. Sessions made from it stay valid (they keep the weights alive). NULL is a
+/// no-op.
+#[no_mangle]
+pub unsafe extern "C" fn llama_model_free(model: *mut llama_model) {
+    catch_or((), || {
+        if !model.is_null() {
+            drop(Box::from_raw(model));
+        }
+    })
+}
+
+/// Vocabulary size (rows of the embedding), or 0 if `model` is NULL.
+#[no_mangle]
+pub unsafe extern "C" fn llama_model_n_vocab(model: *const llama_model) -> usize {
+    catch_or(0, || {
+        model.as_ref().map_or(0, |m| m.inner.config().vocab_size)
+    })
+}
+
+/// Width of the hidden states (the embedding size), or 0 if `model` is NULL.
+#[no_mangle]
+pub unsafe extern "C" fn llama_model_n_embd(model: *const llama_model) -> usize {
+    catch_or(0, || {
+        model.as_ref().map_or(0, |m| m.inner.config().hidden_size)
+    })
+}
+
+/// Context length the model was trained for, or 0 if `model` is NULL.
+#[no_mangle]
+pub unsafe extern "C" fn llama_model_n_ctx_train(model: *const llama_model) -> usize {
+    catch_or(0, || {
+        model
+            .as_ref()
+            .map_or(0, |m| m.inner.config().max_position_embeddings)
+    })
+}
+
+/// Whether `token` ends generation (EOS, end of turn, ...). False for NULL or out-of-range.
+#[no_mangle]
+pub unsafe extern "C" fn llama_model_token_is_eog(model: *const llama_model, token: i32) -> bool {
+    catch_or(false, || {
+        model
+            .as_ref()
+            .is_some_and(|m| token >= 0 && m.inner.tokenizer().is_eog(token as u32))
+    })
+}
+
+/// Tokenizes `text` (`len` bytes of UTF-8). `add_special` adds BOS when the model asks for it;
+/// `parse_special` maps special-token text to its id. Two-call rule: `*n_tokens` receives the
+/// count; the ids are written only if `capacity` suffices, else `LLAMA_STATUS_BUFFER_TOO_SMALL`.
+#[no_mangle]
+pub unsafe extern "C" fn llama_model_tokenize(
+    model: *const llama_model,
+    text: *const c_char,
+    len: usize,
+    add_special: bool,
+    parse_special: bool,
+    tokens: *mut i32,
+    capacity: usize,
+    n_tokens: *mut usize,
+) -> llama_status {
+    catch(|| {
+        require!(model, n_tokens);
+        let text = match str_arg(text, len, "text") {
+            Ok(t) => t,
+            Err(s) => return s,
+        };
+        match (*model).inner.tokenize(text, add_special, parse_special) {
+            Ok(ids) => {
+                let ids: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
+                write_array(&ids, tokens, capacity, n_tokens)
+            }
+            Err(e) => fail(e),
+        }
+    })
+}
+
+pub(crate) unsafe fn token_slice(
+    tokens: *const i32,
+    n: usize,
+) -> Result<Vec<u32>, llama_status> {
+    if n == 0 {
+        return Ok(vec![]);
+    }
+    if tokens.is_null() {
+        return Err(fail_with(
+            llama_status::NullArgument,
+            "argument `tokens` is NULL",
+        ));
+    }
+    let s = std::slice::from_raw_parts(tokens, n);
+    if let Some(bad) = s.iter().find(|&&t| t < 0) {
+        return Err(fail_with(
+            llama_status::InvalidArgument,
+            format!("token id {bad} is negative"),
+        ));
+    }
+    Ok(s.iter().map(|&t| t as u32).collect())
+}
+
+/// Decodes tokens to UTF-8 text (special tokens rendered when `special`). Two-call rule:
+/// `*n_bytes` receives the length without the NUL; a NUL is appended when there is room.
+#[no_mangle]
+pub unsafe extern "C" fn llama_model_detokenize(
+    model: *const llama_model,
+    tokens: *const i32,
+    n: usize,
+    special: bool,
+    buf: *mut c_char,
+    capacity: usize,
+    n_bytes: *mut usize,
+) -> llama_status {
+    catch(|| {
+        require!(model, n_bytes);
+        let ids = match token_slice(tokens, n) {
+            Ok(v) => v,
+            Err(s) => return s,
+        };
+        match (*model).inner.detokenize(&ids, special) {
+            Ok(t) => write_bytes(t.as_bytes(), buf as *mut u8, capacity, n_bytes, true),
+            Err(e) => fail(e),
+        }
+    })
+}
+
+/// One chat message: NUL-terminated UTF-8 role ("system", "user", "assistant", ...) and content.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct llama_chat_message {
+    /// Role.
+    pub role: *const c_char,
+    /// Text.
+    pub content: *const c_char,
+}
+
+pub(crate) unsafe fn messages(
+    msgs: *const llama_chat_message,
+    n: usize,
+) -> Result<Vec<Message>, llama_status> {
+    if n == 0 {
+        return Ok(vec![]);
+    }
+    if msgs.is_null() {
+        return Err(fail_with(
+            llama_status::NullArgument,
+            "argument `messages` is NULL",
+        ));
+    }
+    std::slice::from_raw_parts(msgs, n)
+        .iter()
+        .map(|m| {
+            Ok(Message::new(
+                cstr_arg(m.role, "role")?,
+                cstr_arg(m.content, "content")?,
+            ))
+        })
+        .collect()
+}
+
+/// Renders messages with the model's own chat template. Two-call rule on `buf` as
+/// `llama_model_detokenize`.
+#[no_mangle]
+pub unsafe extern "C" fn llama_model_apply_chat_template(
+    model: *const llama_model,
+    messages_: *const llama_chat_message,
+    n_messages: usize,
+    add_generation_prompt: bool,
+    buf: *mut c_char,
+    capacity: usize,
+    n_bytes: *mut usize,
+) -> llama_status {
+    catch(|| {
+        require!(model, n_bytes);
+        let msgs = match messages(messages_, n_messages) {
+            Ok(m) => m,
+            Err(s) => return s,
+        };
+        match (*model)
+            .inner
+            .apply_chat_template(&msgs, add_generation_prompt)
+        {
+            Ok(t) => write_bytes(t.as_bytes(), buf as *mut u8, capacity, n_bytes, true),
+            Err(e) => fail(e),
+        }
+    })
+}
+
+/// `llama_model_embed` pooling: mean over all tokens.
+pub const LLAMA_POOLING_MEAN: i32 = 0;
+/// `llama_model_embed` pooling: the last token.
+pub const LLAMA_POOLING_LAST: i32 = 1;
+
+/// Embeds `text`: final hidden states (after the output norm), pooled by `pooling`
+/// (`LLAMA_POOLING_MEAN` or `LLAMA_POOLING_LAST`). Writes
+/// `llama_model_n_embd(model)` floats; two-call rule on `out` / `*n_out`.
+#[no_mangle]
+pub unsafe extern "C" fn llama_model_embed(
+    model: *const llama_model,
+    text: *const c_char,
+    len: usize,
+    pooling: i32,
+    out: *mut f32,
+    capacity: usize,
+    n_out: *mut usize,
+) -> llama_status {
+    catch(|| {
+        require!(model, n_out);
+        let text = match str_arg(text, len, "text") {
+            Ok(t) => t,
+            Err(s) => return s,
+        };
+        if pooling != 0 && pooling != 1 {
+            return fail_with(
+                llama_status::InvalidArgument,
+                format!("pooling {pooling} is not a llama_pooling value"),
+            );
+        }
+        match (*model).inner.embed(text) {
+            Ok(e) => write_array(
+                if pooling == 0 { &e.mean } else { &e.last },
+                out,
+                capacity,
+                n_out,
+            ),
+            Err(e) => fail(e),
+        }
+    })
+}

@@ -1,0 +1,536 @@
+//! `llama_session`: evaluation, generation with a streaming callback, chat, fork, truncate,
+//! save/restore, logits, logprobs, cancellation.
+
+use std::ffi::{c_char, c_void};
+
+use llama_core::{CancelHandle, GenerateOptions, KvCacheType, Session, SessionOptions, StopReason};
+
+use crate::model::{messages, token_slice};
+use crate::{
+    catch, catch_or, fail, fail_with, llama_chat_message, llama_model, llama_sampler, llama_status,
+    read_params, require, str_arg, write_array, write_bytes,
+};
+
+/// One sequence's state (opaque): KV cache, tokens, logits. Keeps its model alive. One thread
+/// at a time.
+pub struct llama_session {
+    pub(crate) inner: Session,
+}
+
+/// A handle that cancels a session's work from any thread (opaque).
+pub struct llama_cancel_handle {
+    inner: CancelHandle,
+}
+
+/// Options for `llama_session_new`. Get defaults from `llama_session_params_default()`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct llama_session_params {
+    /// `sizeof(llama_session_params)`.
+    pub struct_size: usize,
+    /// Context size in tokens; 0 = 4096 or the model's trained context if smaller. Default 0.
+    pub n_ctx: u32,
+    /// Prompt tokens per forward pass. Default 512.
+    pub n_batch: u32,
+    /// Keep the KV cache in f32 instead of f16. Default false.
+    pub kv_f32: bool,
+    /// Context shift: when the context is full keep this many first tokens and drop the older
+    /// half of the rest; -1 (default) disables it (a full context is LLAMA_STATUS_CONTEXT_OVERFLOW).
+    pub context_shift_keep: i32,
+}
+
+/// Default session parameters.
+#[no_mangle]
+pub extern "C" fn llama_session_params_default() -> llama_session_params {
+    llama_session_params {
+        struct_size: std::mem::size_of::<llama_session_params>(),
+        n_ctx: 0,
+        n_batch: 512,
+        kv_f32: false,
+        context_shift_keep: -1,
+    }
+}
+
+fn boxed(s: Session) -> *mut llama_session {
+    Box::into_raw(Box::new(llama_session { inner: s }))
+}
+
+/// Creates a session on `model` (NULL `params`: defaults). Free with `llama_session_free`.
+#[no_mangle]
+pub unsafe extern "C" fn llama_session_new(
+    model: *const llama_model,
+    params: *const llama_session_params,
+    out: *mut *mut llama_session,
+) -> llama_status {
+    catch(|| {
+        require!(model, out);
+        let p = match read_params(
+            params,
+            llama_session_params_default(),
+            std::mem::size_of::<llama_session_params>(),
+        ) {
+            Ok(p) => p,
+            Err(s) => return s,
+        };
+        let mut o = SessionOptions::default()
+            .n_ctx(p.n_ctx as usize)
+            .n_batch(p.n_batch as usize)
+            .kv_type(if p.kv_f32 {
+                KvCacheType::F32
+            } else {
+                KvCacheType::F16
+            });
+        if p.context_shift_keep >= 0 {
+            o = o.context_shift(p.context_shift_keep as usize);
+        }
+        match (*model).inner.session(o) {
+            Ok(s) => {
+                *out = boxed(s);
+                llama_status::Ok
+            }
+            Err(e) => fail(e),
+        }
+    })
+}
+
+/// Frees a session. NULL is a no-op.
+#[no_mangle]
+pub unsafe extern "C" fn llama_session_free(session: *mut llama_session) {
+    catch_or((), || {
+        if !session.is_null() {
+            drop(Box::from_raw(session));
+        }
+    })
+}
+
+/// Number of tokens in the session (0 for NULL).
+#[no_mangle]
+pub unsafe extern "C" fn llama_session_n_tokens(session: *const llama_session) -> usize {
+    catch_or(0, || session.as_ref().map_or(0, |s| s.inner.len()))
+}
+
+/// Context size of the session (0 for NULL).
+#[no_mangle]
+pub unsafe extern "C" fn llama_session_n_ctx(session: *const llama_session) -> usize {
+    catch_or(0, || session.as_ref().map_or(0, |s| s.inner.n_ctx()))
+}
+
+/// Evaluates tokens after the current ones (in chunks of n_batch); keeps the last logits.
+#[no_mangle]
+pub unsafe extern "C" fn llama_session_eval(
+    session: *mut llama_session,
+    tokens: *const i32,
+    n: usize,
+) -> llama_status {
+    catch(|| {
+        require!(session);
+        let ids = match token_slice(tokens, n) {
+            Ok(v) => v,
+            Err(s) => return s,
+        };
+        match (*session).inner.eval(&ids) {
+            Ok(()) => llama_status::Ok,
+            Err(e) => fail(e),
+        }
+    })
+}
+
+/// Copies the logits of the last evaluated position (`llama_model_n_vocab` floats); two-call
+/// rule on `out` / `*n_out`.
+#[no_mangle]
+pub unsafe extern "C" fn llama_session_logits(
+    session: *const llama_session,
+    out: *mut f32,
+    capacity: usize,
+    n_out: *mut usize,
+) -> llama_status {
+    catch(|| {
+        require!(session, n_out);
+        match (*session).inner.logits() {
+            Some(l) => write_array(l, out, capacity, n_out),
+            None => fail_with(
+                llama_status::InvalidArgument,
+                "the session has no logits yet: evaluate tokens first",
+            ),
+        }
+    })
+}
+
+/// The `k` most likely next tokens with their log-probabilities, best first (`k` entries in
+/// each array, fewer if the vocabulary is smaller; `*n_out` receives the count).
+#[no_mangle]
+pub unsafe extern "C" fn llama_session_top_logprobs(
+    session: *const llama_session,
+    k: usize,
+    tokens: *mut i32,
+    logprobs: *mut f32,
+    n_out: *mut usize,
+) -> llama_status {
+    catch(|| {
+        require!(session, tokens, logprobs, n_out);
+        let Some(l) = (*session).inner.logits() else {
+            return fail_with(
+                llama_status::InvalidArgument,
+                "the session has no logits yet: evaluate tokens first",
+            );
+        };
+        let lp = llama_core::sampler::log_softmax(l);
+        let mut idx: Vec<usize> = (0..lp.len()).collect();
+        idx.sort_by(|&a, &b| lp[b].total_cmp(&lp[a]).then(a.cmp(&b)));
+        let n = k.min(idx.len());
+        for (i, &id) in idx[..n].iter().enumerate() {
+            *tokens.add(i) = id as i32;
+            *logprobs.add(i) = lp[id];
+        }
+        *n_out = n;
+        llama_status::Ok
+    })
+}
+
+/// Rolls back to the first `n` tokens.
+#[no_mangle]
+pub unsafe extern "C" fn llama_session_truncate(
+    session: *mut llama_session,
+    n: usize,
+) -> llama_status {
+    catch(|| {
+        require!(session);
+        (*session).inner.truncate(n);
+        llama_status::Ok
+    })
+}
+
+/// An independent copy of the session (same tokens and cache). Free with `llama_session_free`.
+#[no_mangle]
+pub unsafe extern "C" fn llama_session_fork(
+    session: *const llama_session,
+    out: *mut *mut llama_session,
+) -> llama_status {
+    catch(|| {
+        require!(session, out);
+        match (*session).inner.fork() {
+            Ok(s) => {
+                *out = boxed(s);
+                llama_status::Ok
+            }
+            Err(e) => fail(e),
+        }
+    })
+}
+
+/// Serializes the session (and `sampler`'s state, if not NULL). Two-call rule on `buf`.
+#[no_mangle]
+pub unsafe extern "C" fn llama_session_save_state(
+    session: *const llama_session,
+    sampler: *const llama_sampler,
+    buf: *mut u8,
+    capacity: usize,
+    n_bytes: *mut usize,
+) -> llama_status {
+    catch(|| {
+        require!(session, n_bytes);
+        match (*session)
+            .inner
+            .save_state(sampler.as_ref().map(|s| &s.inner))
+        {
+            Ok(b) => write_bytes(&b, buf, capacity, n_bytes, false),
+            Err(e) => fail(e),
+        }
+    })
+}
+
+/// Restores a session saved by `llama_session_save_state` onto `model`. If the state holds a
+/// sampler and `out_sampler` is not NULL, `*out_sampler` receives it (else NULL). Another
+/// model's or corrupted state gives `LLAMA_STATUS_STATE`.
+#[no_mangle]
+pub unsafe extern "C" fn llama_session_restore(
+    model: *const llama_model,
+    buf: *const u8,
+    len: usize,
+    out: *mut *mut llama_session,
+    out_sampler: *mut *mut llama_sampler,
+) -> llama_status {
+    catch(|| {
+        require!(model, buf, out);
+        let bytes = std::slice::from_raw_parts(buf, len);
+        match Session::restore(&(*model).inner, bytes) {
+            Ok((s, smp)) => {
+                *out = boxed(s);
+                if !out_sampler.is_null() {
+                    *out_sampler = match smp {
+                        Some(x) => Box::into_raw(Box::new(llama_sampler { inner: x })),
+                        None => std::ptr::null_mut(),
+                    };
+                }
+                llama_status::Ok
+            }
+            Err(e) => fail(e),
+        }
+    })
+}
+
+/// A handle that cancels this session's work from any thread. Free with
+/// `llama_cancel_handle_free`.
+#[no_mangle]
+pub unsafe extern "C" fn llama_session_cancel_handle(
+    session: *const llama_session,
+    out: *mut *mut llama_cancel_handle,
+) -> llama_status {
+    catch(|| {
+        require!(session, out);
+        *out = Box::into_raw(Box::new(llama_cancel_handle {
+            inner: (*session).inner.cancel_handle(),
+        }));
+        llama_status::Ok
+    })
+}
+
+/// Asks the session to stop at its next check (between prompt chunks and between generated
+/// tokens). Safe from any thread. NULL is a no-op.
+#[no_mangle]
+pub unsafe extern "C" fn llama_cancel_handle_cancel(handle: *const llama_cancel_handle) {
+    catch_or((), || {
+        if let Some(h) = handle.as_ref() {
+            h.inner.cancel()
+        }
+    })
+}
+
+/// Frees a cancel handle. NULL is a no-op.
+#[no_mangle]
+pub unsafe extern "C" fn llama_cancel_handle_free(handle: *mut llama_cancel_handle) {
+    catch_or((), || {
+        if !handle.is_null() {
+            drop(Box::from_raw(handle));
+        }
+    })
+}
+
+/// Called with each piece of generated text (UTF-8, not NUL-terminated; `len` may be 0 while
+/// a character or a possible stop string is incomplete) and the token that produced it
+/// (LLAMA_TOKEN_NULL for a final flush). Return false to stop. Called on the generating thread.
+pub type llama_token_cb = Option<
+    unsafe extern "C" fn(
+        piece: *const c_char,
+        len: usize,
+        token: i32,
+        user_data: *mut c_void,
+    ) -> bool,
+>;
+
+/// Options for generation. Get defaults from `llama_generate_params_default()`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct llama_generate_params {
+    /// `sizeof(llama_generate_params)`.
+    pub struct_size: usize,
+    /// Most tokens to generate. Default 256.
+    pub max_tokens: u32,
+    /// Stop strings (NUL-terminated UTF-8), or NULL. Default NULL.
+    pub stop: *const *const c_char,
+    /// Number of stop strings. Default 0.
+    pub n_stop: usize,
+}
+
+/// Default generation parameters.
+#[no_mangle]
+pub extern "C" fn llama_generate_params_default() -> llama_generate_params {
+    llama_generate_params {
+        struct_size: std::mem::size_of::<llama_generate_params>(),
+        max_tokens: 256,
+        stop: std::ptr::null(),
+        n_stop: 0,
+    }
+}
+
+/// Why generation ended.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum llama_stop_reason {
+    /// max_tokens reached.
+    MaxTokens = 0,
+    /// An end-of-generation token.
+    Eog = 1,
+    /// A stop string.
+    StopString = 2,
+    /// The callback returned false.
+    Callback = 3,
+    /// Cancelled through a cancel handle.
+    Cancelled = 4,
+}
+
+/// Summary of a generation, written on success when the out-pointer is not NULL.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct llama_generation_info {
+    /// Why it ended.
+    pub stop_reason: llama_stop_reason,
+    /// Prompt tokens evaluated.
+    pub n_prompt_tokens: usize,
+    /// Tokens generated (an end-of-generation token included).
+    pub n_generated: usize,
+    /// Milliseconds spent on the prompt.
+    pub prompt_ms: f64,
+    /// Milliseconds spent generating.
+    pub generation_ms: f64,
+}
+
+unsafe fn run_generation(
+    session: *mut llama_session,
+    sampler: *mut llama_sampler,
+    prompt: Vec<u32>,
+    params: *const llama_generate_params,
+    cb: llama_token_cb,
+    user_data: *mut c_void,
+    info: *mut llama_generation_info,
+) -> llama_status {
+    let p = match read_params(
+        params,
+        llama_generate_params_default(),
+        std::mem::size_of::<llama_generate_params>(),
+    ) {
+        Ok(p) => p,
+        Err(s) => return s,
+    };
+    let mut opts = GenerateOptions::default().max_tokens(p.max_tokens as usize);
+    if p.n_stop > 0 {
+        if p.stop.is_null() {
+            return fail_with(llama_status::NullArgument, "`stop` is NULL but n_stop > 0");
+        }
+        for &s in std::slice::from_raw_parts(p.stop, p.n_stop) {
+            match crate::cstr_arg(s, "stop") {
+                Ok(s) => opts = opts.stop(s),
+                Err(st) => return st,
+            }
+        }
+    }
+    let session = &mut (*session).inner;
+    let sampler = &mut (*sampler).inner;
+    let mut stream = match session.stream(&prompt, sampler, opts) {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    let mut stopped = false;
+    for piece in stream.by_ref() {
+        let piece = match piece {
+            Ok(p) => p,
+            Err(e) => return fail(e),
+        };
+        if let Some(f) = cb {
+            let tok = if piece.token == u32::MAX {
+                -1
+            } else {
+                piece.token as i32
+            };
+            if !f(
+                piece.text.as_ptr() as *const c_char,
+                piece.text.len(),
+                tok,
+                user_data,
+            ) {
+                stopped = true;
+                break;
+            }
+        }
+    }
+    let g = if stopped {
+        stream.stop()
+    } else {
+        stream.generation().clone()
+    };
+    if !info.is_null() {
+        *info = llama_generation_info {
+            stop_reason: match g.stop_reason {
+                StopReason::MaxTokens => llama_stop_reason::MaxTokens,
+                StopReason::EndOfGeneration => llama_stop_reason::Eog,
+                StopReason::StopString => llama_stop_reason::StopString,
+                StopReason::Cancelled => llama_stop_reason::Cancelled,
+                _ => llama_stop_reason::Callback,
+            },
+            n_prompt_tokens: g.timings.prompt_tokens,
+            n_generated: g.tokens.len(),
+            prompt_ms: g.timings.prompt.as_secs_f64() * 1e3,
+            generation_ms: g.timings.generation.as_secs_f64() * 1e3,
+        };
+    }
+    llama_status::Ok
+}
+
+/// Evaluates `prompt` tokens after the current context (may be empty to continue), then
+/// generates with `sampler`, calling `cb` for each piece. `params`, `cb` and `info` may be NULL.
+#[no_mangle]
+pub unsafe extern "C" fn llama_session_generate(
+    session: *mut llama_session,
+    sampler: *mut llama_sampler,
+    prompt: *const i32,
+    n_prompt: usize,
+    params: *const llama_generate_params,
+    cb: llama_token_cb,
+    user_data: *mut c_void,
+    info: *mut llama_generation_info,
+) -> llama_status {
+    catch(|| {
+        require!(session, sampler);
+        let ids = match token_slice(prompt, n_prompt) {
+            Ok(v) => v,
+            Err(s) => return s,
+        };
+        run_generation(session, sampler, ids, params, cb, user_data, info)
+    })
+}
+
+/// Like `llama_session_generate` with a text prompt (`len` bytes of UTF-8), tokenized as
+/// llama.cpp does for prompts (BOS as the model asks, special tokens parsed).
+#[no_mangle]
+pub unsafe extern "C" fn llama_session_generate_text(
+    session: *mut llama_session,
+    sampler: *mut llama_sampler,
+    prompt: *const c_char,
+    len: usize,
+    params: *const llama_generate_params,
+    cb: llama_token_cb,
+    user_data: *mut c_void,
+    info: *mut llama_generation_info,
+) -> llama_status {
+    catch(|| {
+        require!(session, sampler);
+        let text = match str_arg(prompt, len, "prompt") {
+            Ok(t) => t,
+            Err(s) => return s,
+        };
+        let add = (*session).inner.is_empty();
+        let ids = match (*session).inner.model().tokenize(text, add, true) {
+            Ok(v) => v,
+            Err(e) => return fail(e),
+        };
+        run_generation(session, sampler, ids, params, cb, user_data, info)
+    })
+}
+
+/// Renders the conversation with the model's chat template, reuses the cached prefix of earlier
+/// turns, and generates the assistant's reply through `cb`.
+#[no_mangle]
+pub unsafe extern "C" fn llama_session_chat(
+    session: *mut llama_session,
+    sampler: *mut llama_sampler,
+    messages_: *const llama_chat_message,
+    n_messages: usize,
+    params: *const llama_generate_params,
+    cb: llama_token_cb,
+    user_data: *mut c_void,
+    info: *mut llama_generation_info,
+) -> llama_status {
+    catch(|| {
+        require!(session, sampler);
+        let msgs = match messages(messages_, n_messages) {
+            Ok(m) => m,
+            Err(s) => return s,
+        };
+        let ids = match (*session).inner.model().chat_tokens(&msgs) {
+            Ok(v) => v,
+            Err(e) => return fail(e),
+        };
+        let rest = (*session).inner.reuse_prefix(&ids);
+        run_generation(session, sampler, rest, params, cb, user_data, info)
+    })
+}

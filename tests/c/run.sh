@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Builds and runs the C example and the C test suite against libllama (debug build), checks
+# that the header compiles as C++ and survives double inclusion, then runs the suite under
+# valgrind on a portable (x86-64-v3) build, since valgrind cannot decode AVX-512.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+model=$(bash scripts/fetch-model.sh)
+prefix=$(bash scripts/build-c.sh)
+out=target/c-tests
+mkdir -p "$out"
+CFLAGS=(-std=c11 -Wall -Wextra -Werror -pedantic)
+export PKG_CONFIG_PATH="$prefix/lib/pkgconfig"
+if command -v pkg-config >/dev/null; then
+  pc_flags=$(pkg-config --cflags --libs llama-core)
+else
+  pc_flags="-I$prefix/include -L$prefix/lib -lllama"
+fi
+# Header: C, C++, double inclusion.
+printf '#include "llama.h"\n#include "llama.h"\nint main(void){ return LLAMA_VERSION_NUMBER > 0 ? 0 : 1; }\n' > "$out/double.c"
+cc "${CFLAGS[@]}" -I"$prefix/include" -c "$out/double.c" -o "$out/double.o"
+c++ -std=c++17 -Wall -Wextra -Werror -x c++ -I"$prefix/include" -c "$out/double.c" -o "$out/double_cpp.o"
+# Example and test suite.
+cc "${CFLAGS[@]}" examples/c/chat.c $pc_flags -o "$out/chat"
+cc "${CFLAGS[@]}" -pthread tests/c/test_api.c $pc_flags -lm -o "$out/test_api"
+export LD_LIBRARY_PATH="$prefix/lib"
+# The tokens the Rust API produces for the same prompt, greedy.
+cargo build -q -p llama-examples >&2
+ids=$(target/debug/llama generate --model "$model" --prompt "1, 2, 3, 4, 5," --temperature 0 --max-tokens 12 --json 2>/dev/null |
+  python3 -c 'import json,sys; print(",".join(map(str, json.load(sys.stdin)["ids"])))')
+echo "C test suite (expected greedy ids from Rust: $ids)"
+"$out/test_api" "$model" "$ids"
+"$out/chat" "$model" "Say hello." > "$out/chat.out"
+test -s "$out/chat.out"
+if command -v valgrind >/dev/null; then
+  vg_target=target/valgrind
+  CARGO_TARGET_DIR=$vg_target RUSTFLAGS="-C target-cpu=x86-64-v3" cargo build -q -p llama-ffi >&2
+  mkdir -p "$out/vg"
+  cp "$vg_target/debug/libllama.so" "$out/vg/libllama.so.0"
+  echo "C test suite under valgrind"
+  LD_LIBRARY_PATH="$out/vg" valgrind --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite \
+    --show-leak-kinds=definite -q "$out/test_api" "$model" "$ids"
+else
+  echo "valgrind not installed: skipping the memory check" >&2
+  exit 1
+fi

@@ -1,0 +1,308 @@
+/* C test suite for libllama (llama-ffi). Usage: test_api MODEL.gguf EXPECTED_IDS
+ * EXPECTED_IDS: comma-separated greedy token ids the Rust API produced for the prompt below. */
+#include "llama.h"
+
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int passed = 0, failed = 0;
+#define CHECK(cond)                                                                     \
+    do {                                                                                \
+        if (cond) {                                                                     \
+            passed++;                                                                   \
+        } else {                                                                        \
+            failed++;                                                                   \
+            fprintf(stderr, "FAIL %s:%d: %s (last error: %s)\n", __FILE__, __LINE__, #cond, \
+                    llama_last_error_message());                                        \
+        }                                                                               \
+    } while (0)
+
+static const char *PROMPT = "1, 2, 3, 4, 5,";
+
+typedef struct {
+    int32_t ids[512];
+    size_t n;
+    char text[4096];
+    size_t text_len;
+    int stop_after; /* 0 = never */
+} collect_t;
+
+static bool collect(const char *piece, size_t len, int32_t token, void *user_data) {
+    collect_t *c = (collect_t *)user_data;
+    if (token != LLAMA_TOKEN_NULL && c->n < 512) c->ids[c->n++] = token;
+    if (c->text_len + len < sizeof c->text) {
+        memcpy(c->text + c->text_len, piece, len);
+        c->text_len += len;
+        c->text[c->text_len] = 0;
+    }
+    return c->stop_after == 0 || (int)c->n < c->stop_after;
+}
+
+static int progress_calls = 0;
+static float last_progress = -1;
+static bool progress_ok(float p, void *ud) {
+    (void)ud;
+    progress_calls++;
+    last_progress = p;
+    return true;
+}
+static bool progress_abort(float p, void *ud) {
+    (void)p;
+    (void)ud;
+    return false;
+}
+
+typedef struct {
+    llama_cancel_handle *handle;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int started;
+} cancel_ctx;
+
+static bool signal_first(const char *piece, size_t len, int32_t token, void *user_data) {
+    (void)piece;
+    (void)len;
+    (void)token;
+    cancel_ctx *c = (cancel_ctx *)user_data;
+    pthread_mutex_lock(&c->mu);
+    c->started = 1;
+    pthread_cond_signal(&c->cv);
+    pthread_mutex_unlock(&c->mu);
+    return true;
+}
+
+static void *canceller(void *arg) {
+    cancel_ctx *c = (cancel_ctx *)arg;
+    pthread_mutex_lock(&c->mu);
+    while (!c->started) pthread_cond_wait(&c->cv, &c->mu);
+    pthread_mutex_unlock(&c->mu);
+    llama_cancel_handle_cancel(c->handle);
+    return NULL;
+}
+
+static llama_sampler *greedy(void) {
+    llama_sampler_params sp = llama_sampler_params_default();
+    sp.temperature = 0.0f;
+    llama_sampler *s = NULL;
+    if (llama_sampler_new(&sp, &s) != LLAMA_STATUS_OK) return NULL;
+    return s;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 3) {
+        fprintf(stderr, "usage: %s MODEL EXPECTED_IDS\n", argv[0]);
+        return 2;
+    }
+    int32_t expected[512];
+    size_t n_expected = 0;
+    for (char *tok = strtok(argv[2], ","); tok && n_expected < 512; tok = strtok(NULL, ","))
+        expected[n_expected++] = (int32_t)atoi(tok);
+
+    /* Version: macros and runtime agree. */
+    CHECK(llama_version_number() == LLAMA_VERSION_NUMBER);
+    char vbuf[64];
+    snprintf(vbuf, sizeof vbuf, "%d.%d.%d", LLAMA_VERSION_MAJOR, LLAMA_VERSION_MINOR, LLAMA_VERSION_PATCH);
+    CHECK(strcmp(vbuf, llama_version()) == 0);
+    CHECK(strcmp(llama_status_str(LLAMA_STATUS_OK), "ok") == 0);
+    CHECK(strcmp(llama_status_str(12345), "unknown status") == 0);
+
+    /* Load errors. */
+    llama_model *model = NULL;
+    CHECK(llama_model_load(NULL, NULL, &model) == LLAMA_STATUS_NULL_ARGUMENT && model == NULL);
+    CHECK(llama_model_load(argv[1], NULL, NULL) == LLAMA_STATUS_NULL_ARGUMENT);
+    CHECK(llama_model_load("/no/such/model.gguf", NULL, &model) == LLAMA_STATUS_IO && model == NULL);
+    CHECK(strstr(llama_last_error_message(), "/no/such/model.gguf") != NULL);
+    CHECK(llama_model_load("/etc/hostname", NULL, &model) == LLAMA_STATUS_MODEL_LOAD && model == NULL);
+    llama_model_params mp = llama_model_params_default();
+    mp.struct_size = 3;
+    CHECK(llama_model_load(argv[1], &mp, &model) == LLAMA_STATUS_INVALID_ARGUMENT && model == NULL);
+    mp = llama_model_params_default();
+    mp.progress = progress_abort;
+    CHECK(llama_model_load(argv[1], &mp, &model) == LLAMA_STATUS_CANCELLED && model == NULL);
+    const char bad_utf8[] = {'/', 't', (char)0xff, 0};
+    CHECK(llama_model_load(bad_utf8, NULL, &model) == LLAMA_STATUS_INVALID_UTF8);
+
+    /* Load. */
+    mp = llama_model_params_default();
+    mp.progress = progress_ok;
+    CHECK(llama_model_load(argv[1], &mp, &model) == LLAMA_STATUS_OK && model != NULL);
+    if (!model) return 1;
+    CHECK(progress_calls > 1 && fabsf(last_progress - 1.0f) < 1e-6f);
+    CHECK(llama_model_n_vocab(model) == 49152);
+    CHECK(llama_model_n_embd(model) == 576);
+    CHECK(llama_model_token_is_eog(model, 2));
+    CHECK(!llama_model_token_is_eog(model, 100));
+    CHECK(llama_model_n_vocab(NULL) == 0);
+
+    /* Tokenize: two-call rule. */
+    size_t n = 0;
+    CHECK(llama_model_tokenize(model, "Hello world", 11, true, false, NULL, 0, &n) == LLAMA_STATUS_BUFFER_TOO_SMALL && n == 2);
+    int32_t ids[64];
+    CHECK(llama_model_tokenize(model, "Hello world", 11, true, false, ids, 64, &n) == LLAMA_STATUS_OK && n == 2);
+    CHECK(ids[0] == 19556 && ids[1] == 905);
+    CHECK(llama_model_tokenize(model, "<|im_start|>", 12, false, true, ids, 64, &n) == LLAMA_STATUS_OK && n == 1 && ids[0] == 1);
+    CHECK(llama_model_tokenize(model, "\xff\xfe", 2, true, false, ids, 64, &n) == LLAMA_STATUS_INVALID_UTF8);
+    CHECK(llama_model_tokenize(model, NULL, 5, true, false, ids, 64, &n) == LLAMA_STATUS_NULL_ARGUMENT);
+    CHECK(llama_model_tokenize(model, "", 0, true, false, ids, 64, &n) == LLAMA_STATUS_OK && n == 0);
+    char text[256];
+    int32_t hw[2] = {19556, 905};
+    CHECK(llama_model_detokenize(model, hw, 2, false, text, sizeof text, &n) == LLAMA_STATUS_OK && n == 11);
+    CHECK(strcmp(text, "Hello world") == 0);
+    CHECK(llama_model_detokenize(model, hw, 2, false, text, 4, &n) == LLAMA_STATUS_BUFFER_TOO_SMALL && n == 11);
+    int32_t bad_ids[1] = {999999};
+    CHECK(llama_model_detokenize(model, bad_ids, 1, false, text, sizeof text, &n) == LLAMA_STATUS_INVALID_ARGUMENT);
+    int32_t neg_ids[1] = {-5};
+    CHECK(llama_model_detokenize(model, neg_ids, 1, false, text, sizeof text, &n) == LLAMA_STATUS_INVALID_ARGUMENT);
+
+    /* Chat template. */
+    llama_chat_message msgs[1] = {{"user", "Hi"}};
+    CHECK(llama_model_apply_chat_template(model, msgs, 1, true, text, sizeof text, &n) == LLAMA_STATUS_OK);
+    CHECK(strstr(text, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n") != NULL);
+
+    /* Samplers. */
+    llama_sampler_params sp = llama_sampler_params_default();
+    llama_sampler *bad = NULL;
+    sp.temperature = -1.0f;
+    CHECK(llama_sampler_new(&sp, &bad) == LLAMA_STATUS_INVALID_ARGUMENT && bad == NULL);
+    sp = llama_sampler_params_default();
+    sp.top_p = 1.5f;
+    CHECK(llama_sampler_new(&sp, &bad) == LLAMA_STATUS_INVALID_ARGUMENT && bad == NULL);
+
+    /* Greedy generation equals the Rust API's tokens. */
+    llama_session *s = NULL;
+    CHECK(llama_session_new(model, NULL, &s) == LLAMA_STATUS_OK && s != NULL);
+    CHECK(llama_session_n_ctx(s) == 4096);
+    llama_sampler *g = greedy();
+    CHECK(g != NULL);
+    llama_generate_params gp = llama_generate_params_default();
+    gp.max_tokens = (uint32_t)n_expected;
+    collect_t c;
+    memset(&c, 0, sizeof c);
+    llama_generation_info info;
+    CHECK(llama_session_generate_text(s, g, PROMPT, strlen(PROMPT), &gp, collect, &c, &info) == LLAMA_STATUS_OK);
+    CHECK(c.n == n_expected && memcmp(c.ids, expected, n_expected * sizeof(int32_t)) == 0);
+    CHECK(info.stop_reason == LLAMA_STOP_REASON_MAX_TOKENS && info.n_generated == n_expected);
+    CHECK(strncmp(c.text, " 6, 7", 5) == 0);
+
+    /* Logits and logprobs. */
+    CHECK(llama_session_logits(s, NULL, 0, &n) == LLAMA_STATUS_BUFFER_TOO_SMALL && n == 49152);
+    float *logits = malloc(49152 * sizeof(float));
+    CHECK(llama_session_logits(s, logits, 49152, &n) == LLAMA_STATUS_OK);
+    int32_t top[5];
+    float lps[5];
+    CHECK(llama_session_top_logprobs(s, 5, top, lps, &n) == LLAMA_STATUS_OK && n == 5);
+    int best = 0;
+    for (int i = 1; i < 49152; i++)
+        if (logits[i] > logits[best]) best = i;
+    CHECK(top[0] == best && lps[0] <= 0.0f && lps[0] >= lps[1]);
+    free(logits);
+
+    /* Save, continue, restore, continue again: same tokens (seeded sampler state included). */
+    sp = llama_sampler_params_default();
+    sp.has_seed = true;
+    sp.seed = 42;
+    sp.temperature = 1.0f;
+    llama_sampler *r = NULL;
+    CHECK(llama_sampler_new(&sp, &r) == LLAMA_STATUS_OK);
+    size_t state_len = 0;
+    CHECK(llama_session_save_state(s, r, NULL, 0, &state_len) == LLAMA_STATUS_BUFFER_TOO_SMALL && state_len > 0);
+    uint8_t *state = malloc(state_len);
+    CHECK(llama_session_save_state(s, r, state, state_len, &n) == LLAMA_STATUS_OK && n == state_len);
+    gp.max_tokens = 12;
+    collect_t a, b;
+    memset(&a, 0, sizeof a);
+    memset(&b, 0, sizeof b);
+    CHECK(llama_session_generate(s, r, NULL, 0, &gp, collect, &a, NULL) == LLAMA_STATUS_OK);
+    llama_session *s2 = NULL;
+    llama_sampler *r2 = NULL;
+    CHECK(llama_session_restore(model, state, state_len, &s2, &r2) == LLAMA_STATUS_OK && s2 && r2);
+    CHECK(llama_session_generate(s2, r2, NULL, 0, &gp, collect, &b, NULL) == LLAMA_STATUS_OK);
+    CHECK(a.n == b.n && memcmp(a.ids, b.ids, a.n * sizeof(int32_t)) == 0);
+    state[state_len / 2] ^= 0x55;
+    llama_session *s3 = NULL;
+    CHECK(llama_session_restore(model, state, state_len, &s3, NULL) == LLAMA_STATUS_STATE && s3 == NULL);
+    free(state);
+
+    /* Fork and truncate. */
+    llama_session *f = NULL;
+    CHECK(llama_session_fork(s2, &f) == LLAMA_STATUS_OK && llama_session_n_tokens(f) == llama_session_n_tokens(s2));
+    CHECK(llama_session_truncate(f, 3) == LLAMA_STATUS_OK && llama_session_n_tokens(f) == 3);
+    CHECK(llama_session_n_tokens(s2) > 3);
+    CHECK(llama_session_logits(f, NULL, 0, &n) == LLAMA_STATUS_INVALID_ARGUMENT);
+
+    /* Callback stop. */
+    collect_t cs;
+    memset(&cs, 0, sizeof cs);
+    cs.stop_after = 3;
+    gp.max_tokens = 50;
+    CHECK(llama_session_generate(f, g, ids, 0, &gp, collect, &cs, &info) == LLAMA_STATUS_INVALID_ARGUMENT); /* no logits */
+    int32_t one[1] = {28};
+    CHECK(llama_session_generate(f, g, one, 1, &gp, collect, &cs, &info) == LLAMA_STATUS_OK);
+    CHECK(info.stop_reason == LLAMA_STOP_REASON_CALLBACK && cs.n == 3);
+
+    /* Context overflow. */
+    llama_session_params ssp = llama_session_params_default();
+    ssp.n_ctx = 8;
+    llama_session *small = NULL;
+    CHECK(llama_session_new(model, &ssp, &small) == LLAMA_STATUS_OK);
+    int32_t many[9] = {1, 2, 3, 4, 5, 6, 7, 8, 9};
+    CHECK(llama_session_eval(small, many, 9) == LLAMA_STATUS_CONTEXT_OVERFLOW);
+    CHECK(llama_session_eval(small, many, 8) == LLAMA_STATUS_OK);
+    int32_t oov[1] = {49152};
+    CHECK(llama_session_eval(small, oov, 1) == LLAMA_STATUS_INVALID_ARGUMENT);
+    llama_session_free(small);
+
+    /* Cancel from another thread. */
+    ssp = llama_session_params_default();
+    ssp.n_ctx = 64;
+    ssp.context_shift_keep = 4;
+    llama_session *cs_s = NULL;
+    CHECK(llama_session_new(model, &ssp, &cs_s) == LLAMA_STATUS_OK);
+    cancel_ctx cc;
+    memset(&cc, 0, sizeof cc);
+    pthread_mutex_init(&cc.mu, NULL);
+    pthread_cond_init(&cc.cv, NULL);
+    CHECK(llama_session_cancel_handle(cs_s, &cc.handle) == LLAMA_STATUS_OK);
+    pthread_t th;
+    pthread_create(&th, NULL, canceller, &cc);
+    gp.max_tokens = 100000;
+    CHECK(llama_session_generate_text(cs_s, g, PROMPT, strlen(PROMPT), &gp, signal_first, &cc, &info) == LLAMA_STATUS_OK);
+    pthread_join(th, NULL);
+    CHECK(info.stop_reason == LLAMA_STOP_REASON_CANCELLED && info.n_generated < 100000);
+    CHECK(llama_session_eval(cs_s, one, 1) == LLAMA_STATUS_OK); /* still usable */
+    llama_cancel_handle_free(cc.handle);
+    pthread_mutex_destroy(&cc.mu);
+    pthread_cond_destroy(&cc.cv);
+    llama_session_free(cs_s);
+
+    /* Embeddings. */
+    float emb[576];
+    CHECK(llama_model_embed(model, "Hello", 5, LLAMA_POOLING_MEAN, emb, 576, &n) == LLAMA_STATUS_OK && n == 576);
+    CHECK(llama_model_embed(model, "Hello", 5, 7, emb, 576, &n) == LLAMA_STATUS_INVALID_ARGUMENT);
+
+    /* NULL handles. */
+    CHECK(llama_session_eval(NULL, one, 1) == LLAMA_STATUS_NULL_ARGUMENT);
+    CHECK(llama_session_new(NULL, NULL, &s3) == LLAMA_STATUS_NULL_ARGUMENT);
+    llama_model_free(NULL);
+    llama_session_free(NULL);
+    llama_sampler_free(NULL);
+    llama_cancel_handle_free(NULL);
+    llama_cancel_handle_cancel(NULL);
+
+    /* A session keeps its model alive after llama_model_free. */
+    llama_model_free(model);
+    CHECK(llama_session_eval(s2, one, 1) == LLAMA_STATUS_OK);
+
+    llama_session_free(f);
+    llama_session_free(s2);
+    llama_session_free(s);
+    llama_sampler_free(r2);
+    llama_sampler_free(r);
+    llama_sampler_free(g);
+
+    printf("%d passed, %d failed\n", passed, failed);
+    return failed == 0 ? 0 : 1;
+}
