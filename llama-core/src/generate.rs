@@ -232,10 +232,10 @@ pub struct Piece {
     pub text: String,
 }
 
-/// The decode loop as an iterator of [`Piece`]s; see [`Session::stream`].
-pub struct TokenStream<'s> {
-    session: &'s mut Session,
-    sampler: &'s mut Sampler,
+/// The generation state machine, owned and independent of any borrow: drive it with
+/// [`Generator::step`] (language bindings keep it between calls; [`TokenStream`] wraps it).
+#[derive(Debug)]
+pub struct Generator {
     opts: GenerateOptions,
     detok: Detokenizer,
     text: String,
@@ -245,25 +245,60 @@ pub struct TokenStream<'s> {
     started: Instant,
 }
 
-impl<'s> TokenStream<'s> {
-    /// Generation so far (complete once the iterator returned `None`).
+impl Generator {
+    /// Evaluates `prompt` after the session's current context and prepares generation.
+    pub fn new(session: &mut Session, prompt: &[u32], opts: GenerateOptions) -> Result<Self> {
+        let t0 = Instant::now();
+        let n_prompt = prompt.len();
+        if !prompt.is_empty() {
+            session.eval(prompt)?;
+        } else if session.logits().is_none() {
+            return Err(Error::InvalidArgument(
+                "nothing to generate from: give a prompt or evaluate tokens first".into(),
+            ));
+        }
+        let prompt_time = t0.elapsed();
+        let detok = Detokenizer::new(session.tokens(), opts.special);
+        Ok(Generator {
+            opts,
+            detok,
+            text: String::new(),
+            emitted: 0,
+            result: Generation {
+                tokens: vec![],
+                text: String::new(),
+                stop_reason: StopReason::MaxTokens,
+                logprobs: vec![],
+                timings: Timings {
+                    prompt_tokens: n_prompt,
+                    prompt: prompt_time,
+                    ..Default::default()
+                },
+            },
+            done: false,
+            started: Instant::now(),
+        })
+    }
+
+    /// Generation so far (complete once `step` returned `None`).
     pub fn generation(&self) -> &Generation {
         &self.result
     }
 
-    /// Runs to the end and returns the result.
-    pub fn finish(mut self) -> Result<Generation> {
-        for p in self.by_ref() {
-            p?;
-        }
-        Ok(self.result)
+    /// Whether generation has ended.
+    pub fn is_done(&self) -> bool {
+        self.done
     }
 
-    /// Stops early (as if the callback asked to) and returns the result so far.
-    pub fn stop(mut self) -> Generation {
+    /// Ends generation early (stop reason `callback`) unless it already ended.
+    pub fn stop(&mut self) {
         if !self.done {
             self.end(StopReason::Callback);
         }
+    }
+
+    /// Consumes the generator, returning the result.
+    pub fn into_generation(self) -> Generation {
         self.result
     }
 
@@ -281,11 +316,13 @@ impl<'s> TokenStream<'s> {
         (!rest.is_empty()).then_some(rest)
     }
 
-    fn next_inner(&mut self) -> Result<Option<Piece>> {
+    /// Runs one decode step: samples a token, evaluates it, and returns the text it releases;
+    /// `None` once generation has ended.
+    pub fn step(&mut self, session: &mut Session, sampler: &mut Sampler) -> Result<Option<Piece>> {
         if self.done {
             return Ok(None);
         }
-        if self.session.cancel.take() {
+        if session.cancel.take() {
             let rest = self.end(StopReason::Cancelled);
             return Ok(rest.map(|text| Piece {
                 token: u32::MAX,
@@ -299,14 +336,13 @@ impl<'s> TokenStream<'s> {
                 text,
             }));
         }
-        let logits = self
-            .session
+        let logits = session
             .logits()
             .ok_or_else(|| {
                 Error::InvalidArgument("nothing to generate from: the session is empty".into())
             })?
             .to_vec();
-        let id = self.sampler.sample(&logits, self.session.tokens())?;
+        let id = sampler.sample(&logits, session.tokens())?;
         if let Some(top) = self.opts.logprobs {
             let lp = log_softmax(&logits);
             let mut idx: Vec<u32> = (0..lp.len() as u32).collect();
@@ -325,7 +361,7 @@ impl<'s> TokenStream<'s> {
             });
         }
         self.result.tokens.push(id);
-        let model = self.session.model().clone();
+        let model = session.model().clone();
         let tok = model.tokenizer();
         if tok.is_eog(id) {
             let rest = self.end(StopReason::EndOfGeneration);
@@ -367,10 +403,10 @@ impl<'s> TokenStream<'s> {
         self.emitted = upto;
         self.result.text = self.text[..self.emitted].to_string();
         // Make room, then evaluate the token for the next step.
-        if self.session.len() + 1 > self.session.n_ctx() {
-            self.session.shift_context()?;
+        if session.len() + 1 > session.n_ctx() {
+            session.shift_context()?;
         }
-        self.session.eval_uncancellable(&[id])?;
+        session.eval_uncancellable(&[id])?;
         Ok(Some(Piece {
             token: id,
             text: out,
@@ -378,14 +414,42 @@ impl<'s> TokenStream<'s> {
     }
 }
 
+/// The decode loop as an iterator of [`Piece`]s; see [`Session::stream`].
+pub struct TokenStream<'s> {
+    session: &'s mut Session,
+    sampler: &'s mut Sampler,
+    gen: Generator,
+}
+
+impl TokenStream<'_> {
+    /// Generation so far (complete once the iterator returned `None`).
+    pub fn generation(&self) -> &Generation {
+        self.gen.generation()
+    }
+
+    /// Runs to the end and returns the result.
+    pub fn finish(mut self) -> Result<Generation> {
+        for p in self.by_ref() {
+            p?;
+        }
+        Ok(self.gen.into_generation())
+    }
+
+    /// Stops early (as if the callback asked to) and returns the result so far.
+    pub fn stop(mut self) -> Generation {
+        self.gen.stop();
+        self.gen.into_generation()
+    }
+}
+
 impl Iterator for TokenStream<'_> {
     type Item = Result<Piece>;
     fn next(&mut self) -> Option<Self::Item> {
-        match self.next_inner() {
+        match self.gen.step(self.session, self.sampler) {
             Ok(Some(p)) => Some(Ok(p)),
             Ok(None) => None,
             Err(e) => {
-                self.done = true;
+                self.gen.done = true;
                 Some(Err(e))
             }
         }
@@ -405,37 +469,11 @@ impl Session {
         sampler: &'s mut Sampler,
         opts: GenerateOptions,
     ) -> Result<TokenStream<'s>> {
-        let t0 = Instant::now();
-        let n_prompt = prompt.len();
-        if !prompt.is_empty() {
-            self.eval(prompt)?;
-        } else if self.logits().is_none() {
-            return Err(Error::InvalidArgument(
-                "nothing to generate from: give a prompt or evaluate tokens first".into(),
-            ));
-        }
-        let prompt_time = t0.elapsed();
-        let detok = Detokenizer::new(self.tokens(), opts.special);
+        let gen = Generator::new(self, prompt, opts)?;
         Ok(TokenStream {
             session: self,
             sampler,
-            opts,
-            detok,
-            text: String::new(),
-            emitted: 0,
-            result: Generation {
-                tokens: vec![],
-                text: String::new(),
-                stop_reason: StopReason::MaxTokens,
-                logprobs: vec![],
-                timings: Timings {
-                    prompt_tokens: n_prompt,
-                    prompt: prompt_time,
-                    ..Default::default()
-                },
-            },
-            done: false,
-            started: Instant::now(),
+            gen,
         })
     }
 
@@ -455,7 +493,7 @@ impl Session {
                 return Ok(stream.stop());
             }
         }
-        Ok(stream.result)
+        Ok(stream.gen.into_generation())
     }
 
     /// Renders `messages` with the model's chat template (generation prompt added), reuses the

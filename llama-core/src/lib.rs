@@ -40,7 +40,7 @@ pub use chat::Message;
 pub use config::{Config, RopeScaling};
 pub use error::{Error, Result};
 pub use generate::{
-    CancelHandle, Detokenizer, GenerateOptions, Generation, Piece, StopReason, Timings,
+    CancelHandle, Detokenizer, GenerateOptions, Generation, Generator, Piece, StopReason, Timings,
     TokenLogprob, TokenStream,
 };
 pub use model::{Embeddings, LoadProgress, Model, ModelOptions, ProgressFn};

@@ -167,10 +167,7 @@ pub unsafe extern "C" fn llama_model_tokenize(
     })
 }
 
-pub(crate) unsafe fn token_slice(
-    tokens: *const i32,
-    n: usize,
-) -> Result<Vec<u32>, llama_status> {
+pub(crate) unsafe fn token_slice(tokens: *const i32, n: usize) -> Result<Vec<u32>, llama_status> {
     if n == 0 {
         return Ok(vec![]);
     }
