@@ -425,6 +425,25 @@ impl Model {
     pub fn weight_type(&self) -> &str {
         &self.inner.weight_type
     }
+    /// Number of parameters (weights of every layer, embedding, norms and output head).
+    pub fn n_params(&self) -> usize {
+        let c = &self.inner.config;
+        let (h, hd, nh, nkv, ff) = (
+            c.hidden_size,
+            c.head_dim,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.intermediate_size,
+        );
+        let layer = h * nh * hd * 2 + h * nkv * hd * 2 + 3 * h * ff + 2 * h;
+        let head = if c.tie_word_embeddings {
+            0
+        } else {
+            c.vocab_size * h
+        };
+        c.vocab_size * h + c.num_hidden_layers * layer + h + head
+    }
+
     /// A hash of the configuration and weights, used to check saved session state.
     pub fn fingerprint(&self) -> u64 {
         self.inner.fingerprint

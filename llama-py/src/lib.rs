@@ -1,0 +1,20 @@
+//! The native module `llama_core._native`: Python bindings of llama-core. The GIL is released
+//! during load, prompt processing and every decode step.
+
+mod errors;
+mod model;
+mod sampler;
+mod session;
+
+use pyo3::prelude::*;
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<model::Model>()?;
+    m.add_class::<session::Session>()?;
+    m.add_class::<session::TokenStream>()?;
+    m.add_class::<sampler::Sampler>()?;
+    m.add_function(wrap_pyfunction!(session::_restore_session, m)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

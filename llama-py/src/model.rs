@@ -1,0 +1,246 @@
+//! `Model`.
+
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+
+use llama_core::{Message, ModelOptions, SessionOptions};
+use numpy::PyArray1;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyTuple};
+
+use crate::errors::{invalid, IntoPy};
+use crate::session::Session;
+
+/// A loaded Llama-family model (GGUF file or Hugging Face folder). Immutable and shareable
+/// across threads and sessions.
+#[pyclass(module = "llama_core._native", name = "Model", frozen)]
+pub struct Model {
+    pub(crate) inner: llama_core::Model,
+}
+
+pub(crate) fn messages(items: &Bound<'_, PyAny>) -> PyResult<Vec<Message>> {
+    let mut out = vec![];
+    for item in items.try_iter()? {
+        let item = item?;
+        let d = item
+            .cast::<PyDict>()
+            .map_err(|_| invalid("each message must be a dict with 'role' and 'content'"))?;
+        let get = |k: &str| -> PyResult<String> {
+            d.get_item(k)?
+                .ok_or_else(|| invalid(format!("message without '{k}'")))?
+                .extract::<String>()
+                .map_err(|_| invalid(format!("message '{k}' must be a str")))
+        };
+        out.push(Message::new(get("role")?, get("content")?));
+    }
+    Ok(out)
+}
+
+#[pymethods]
+impl Model {
+    /// Loads a model. `path`: a .gguf file or a Hugging Face folder. `progress=True` shows a
+    /// tqdm bar when tqdm is installed. Raises FileNotFoundError, ModelLoadError.
+    #[staticmethod]
+    #[pyo3(signature = (path, *, progress=false))]
+    fn load(py: Python<'_>, path: PathBuf, progress: bool) -> PyResult<Model> {
+        let bar: Option<Py<PyAny>> = if progress {
+            match PyModule::import(py, "tqdm.auto") {
+                Ok(m) => {
+                    let kwargs = PyDict::new(py);
+                    kwargs.set_item("total", 100)?;
+                    kwargs.set_item("desc", "loading")?;
+                    kwargs.set_item("unit", "%")?;
+                    Some(m.getattr("tqdm")?.call((), Some(&kwargs))?.unbind())
+                }
+                Err(_) => None,
+            }
+        } else {
+            None
+        };
+        let mut last = 0i64;
+        let res = py.detach(|| {
+            let mut opts = ModelOptions::default();
+            if let Some(b) = &bar {
+                opts = opts.with_progress(|p| {
+                    let now = (p.fraction() * 100.0) as i64;
+                    if now > last {
+                        let step = now - last;
+                        last = now;
+                        Python::attach(|py| {
+                            let _ = b.bind(py).call_method1("update", (step,));
+                        });
+                    }
+                    ControlFlow::Continue(())
+                });
+            }
+            llama_core::Model::load(&path, opts)
+        });
+        if let Some(b) = &bar {
+            let _ = b.bind(py).call_method0("close");
+        }
+        Ok(Model {
+            inner: res.py_err()?,
+        })
+    }
+
+    /// Starts a session. `n_ctx=0` means 4096 or the model's trained context if smaller;
+    /// `kv_type` is "f16" or "f32"; `context_shift=n_keep` enables context shift.
+    #[pyo3(signature = (n_ctx=0, n_batch=512, kv_type="f16", context_shift=None))]
+    fn session(
+        slf: &Bound<'_, Self>,
+        n_ctx: usize,
+        n_batch: usize,
+        kv_type: &str,
+        context_shift: Option<usize>,
+    ) -> PyResult<Session> {
+        let kv = match kv_type {
+            "f16" => llama_core::KvCacheType::F16,
+            "f32" => llama_core::KvCacheType::F32,
+            other => {
+                return Err(invalid(format!(
+                    "kv_type must be 'f16' or 'f32', not {other:?}"
+                )))
+            }
+        };
+        let mut o = SessionOptions::default()
+            .n_ctx(n_ctx)
+            .n_batch(n_batch)
+            .kv_type(kv);
+        o.context_shift = context_shift;
+        let s = slf.get().inner.session(o).py_err()?;
+        Ok(Session::wrap(slf.clone().unbind(), s))
+    }
+
+    /// Token ids of `text` (llama.cpp semantics: `add_special` adds BOS when the model asks for
+    /// it, `parse_special` maps special-token text to its id).
+    #[pyo3(signature = (text, add_special=true, parse_special=false))]
+    fn tokenize(
+        &self,
+        py: Python<'_>,
+        text: &str,
+        add_special: bool,
+        parse_special: bool,
+    ) -> PyResult<Vec<u32>> {
+        let text = text.to_string();
+        py.detach(|| self.inner.tokenize(&text, add_special, parse_special))
+            .py_err()
+    }
+
+    /// Text of token ids (special tokens rendered when `special`).
+    #[pyo3(signature = (ids, special=false))]
+    fn detokenize(&self, ids: Vec<u32>, special: bool) -> PyResult<String> {
+        self.inner.detokenize(&ids, special).py_err()
+    }
+
+    /// Renders messages (dicts with 'role' and 'content') with the model's chat template.
+    #[pyo3(signature = (messages, add_generation_prompt=true))]
+    fn apply_chat_template(
+        &self,
+        messages: &Bound<'_, PyAny>,
+        add_generation_prompt: bool,
+    ) -> PyResult<String> {
+        let msgs = self::messages(messages)?;
+        self.inner
+            .apply_chat_template(&msgs, add_generation_prompt)
+            .py_err()
+    }
+
+    /// Embedding of `text` as a float32 array of `n_embd` values: the final hidden states
+    /// (after the output norm), mean-pooled (`pooling="mean"`) or of the last token ("last").
+    #[pyo3(signature = (text, pooling="mean"))]
+    fn embed<'py>(
+        &self,
+        py: Python<'py>,
+        text: &str,
+        pooling: &str,
+    ) -> PyResult<Bound<'py, PyArray1<f32>>> {
+        if pooling != "mean" && pooling != "last" {
+            return Err(invalid(format!(
+                "pooling must be 'mean' or 'last', not {pooling:?}"
+            )));
+        }
+        let text = text.to_string();
+        let e = py.detach(|| self.inner.embed(&text)).py_err()?;
+        let v = if pooling == "mean" { e.mean } else { e.last };
+        Ok(PyArray1::from_vec(py, v))
+    }
+
+    /// Whether `token` ends generation.
+    fn is_eog(&self, token: u32) -> bool {
+        self.inner.tokenizer().is_eog(token)
+    }
+
+    /// Vocabulary size.
+    #[getter]
+    fn n_vocab(&self) -> usize {
+        self.inner.config().vocab_size
+    }
+    /// Hidden size (embedding width).
+    #[getter]
+    fn n_embd(&self) -> usize {
+        self.inner.config().hidden_size
+    }
+    /// Context length the model was trained for.
+    #[getter]
+    fn n_ctx_train(&self) -> usize {
+        self.inner.config().max_position_embeddings
+    }
+    /// Number of transformer layers.
+    #[getter]
+    fn n_layers(&self) -> usize {
+        self.inner.config().num_hidden_layers
+    }
+    /// Storage type of the weights (e.g. "Q4_1", "F32").
+    #[getter]
+    fn weight_type(&self) -> String {
+        self.inner.weight_type().to_string()
+    }
+    /// "gguf" or "safetensors".
+    #[getter]
+    fn format(&self) -> String {
+        self.inner.format().to_string()
+    }
+    /// The file or folder the model came from.
+    #[getter]
+    fn path(&self) -> PathBuf {
+        self.inner.path().to_path_buf()
+    }
+    /// The model's chat template, or None.
+    #[getter]
+    fn chat_template(&self) -> Option<String> {
+        self.inner.chat_template().map(str::to_string)
+    }
+    /// End-of-generation token ids.
+    #[getter]
+    fn eog_ids(&self) -> Vec<u32> {
+        self.inner.tokenizer().eog_ids().to_vec()
+    }
+
+    fn __repr__(&self) -> String {
+        let c = self.inner.config();
+        let params = self.inner.n_params();
+        format!(
+            "Model(architecture='{}', params={:.1}M, layers={}, hidden={}, heads={}/{}, weights='{}', format='{}', n_ctx_train={}, path='{}')",
+            c.architecture,
+            params as f64 / 1e6,
+            c.num_hidden_layers,
+            c.hidden_size,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            self.inner.weight_type(),
+            self.inner.format(),
+            c.max_position_embeddings,
+            self.inner.path().display()
+        )
+    }
+
+    /// Pickling reloads the model from its path.
+    fn __reduce__<'py>(
+        slf: &Bound<'py, Self>,
+    ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyTuple>)> {
+        let py = slf.py();
+        let load = py.get_type::<Model>().getattr("load")?;
+        let args = PyTuple::new(py, [slf.get().inner.path().to_path_buf()])?;
+        Ok((load, args))
+    }
+}

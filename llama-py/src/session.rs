@@ -1,0 +1,469 @@
+//! `Session` and `TokenStream`.
+
+use std::sync::Mutex;
+
+use llama_core::{CancelHandle, GenerateOptions, Generation, Generator};
+use numpy::PyArray1;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyTuple};
+
+use crate::errors::{invalid, to_py, IntoPy};
+use crate::model::{messages, Model};
+use crate::sampler::Sampler;
+
+pub(crate) fn closed() -> PyErr {
+    invalid("the session is closed")
+}
+
+/// One sequence being evaluated: KV cache, tokens, logits. Use it from one thread at a time;
+/// `cancel()` may be called from any thread. A context manager: leaving the `with` block frees
+/// the KV cache.
+#[pyclass(module = "llama_core._native", name = "Session", frozen)]
+pub struct Session {
+    inner: Mutex<Option<llama_core::Session>>,
+    cancel: CancelHandle,
+    last: Mutex<Option<Generation>>,
+    model: Py<Model>,
+}
+
+enum Prompt {
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+fn prompt_arg(p: &Bound<'_, PyAny>) -> PyResult<Prompt> {
+    if let Ok(s) = p.extract::<String>() {
+        return Ok(Prompt::Text(s));
+    }
+    p.extract::<Vec<u32>>()
+        .map(Prompt::Ids)
+        .map_err(|_| invalid("prompt must be a str or a list of token ids (non-negative ints)"))
+}
+
+fn gen_opts(
+    max_tokens: usize,
+    stop: Option<Vec<String>>,
+    logprobs: Option<usize>,
+) -> GenerateOptions {
+    let mut o = GenerateOptions::default().max_tokens(max_tokens);
+    o.stop = stop.unwrap_or_default();
+    o.logprobs = logprobs;
+    o
+}
+
+fn default_sampler(py: Python<'_>, sampler: Option<Py<Sampler>>) -> PyResult<Py<Sampler>> {
+    match sampler {
+        Some(s) => Ok(s),
+        None => Py::new(
+            py,
+            Sampler {
+                inner: Mutex::new(
+                    llama_core::Sampler::new(llama_core::SamplerConfig::default()).py_err()?,
+                ),
+            },
+        ),
+    }
+}
+
+impl Session {
+    pub(crate) fn wrap(model: Py<Model>, s: llama_core::Session) -> Session {
+        Session {
+            cancel: s.cancel_handle(),
+            inner: Mutex::new(Some(s)),
+            last: Mutex::new(None),
+            model,
+        }
+    }
+
+    pub(crate) fn lock(&self) -> PyResult<std::sync::MutexGuard<'_, Option<llama_core::Session>>> {
+        self.inner
+            .lock()
+            .map_err(|_| invalid("the session was poisoned by an earlier failure"))
+    }
+
+    /// Runs `f` on the session with the GIL released (the lock is taken without the GIL, so a
+    /// thread waiting for the session never blocks Python).
+    fn with<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut llama_core::Session) -> PyResult<T> + Send,
+    ) -> PyResult<T> {
+        py.detach(|| {
+            let mut g = self.lock()?;
+            let s = g.as_mut().ok_or_else(closed)?;
+            f(s)
+        })
+    }
+
+    fn to_ids(&self, py: Python<'_>, p: Prompt, s_empty: bool) -> PyResult<Vec<u32>> {
+        match p {
+            Prompt::Ids(v) => Ok(v),
+            Prompt::Text(t) => {
+                let m = &self.model.bind(py).get().inner;
+                py.detach(|| m.tokenize(&t, s_empty, true)).py_err()
+            }
+        }
+    }
+
+    fn run_to_end(
+        &self,
+        py: Python<'_>,
+        ids: Vec<u32>,
+        sampler: &Py<Sampler>,
+        opts: GenerateOptions,
+        chat: bool,
+    ) -> PyResult<String> {
+        let smp = sampler.bind(py).get();
+        let g = py.detach(|| -> PyResult<Generation> {
+            let mut guard = self.lock()?;
+            let s = guard.as_mut().ok_or_else(closed)?;
+            let mut sm = smp.lock()?;
+            let rest = if chat { s.reuse_prefix(&ids) } else { ids };
+            let mut gen = Generator::new(s, &rest, opts).py_err()?;
+            while gen.step(s, &mut sm).py_err()?.is_some() {}
+            Ok(gen.into_generation())
+        })?;
+        let text = g.text.clone();
+        *self.last.lock().map_err(|_| invalid("poisoned"))? = Some(g);
+        Ok(text)
+    }
+}
+
+#[pymethods]
+impl Session {
+    /// Evaluates token ids after the current context (prompt processing in chunks).
+    fn eval(&self, py: Python<'_>, tokens: Vec<u32>) -> PyResult<()> {
+        self.with(py, |s| s.eval(&tokens).py_err())
+    }
+
+    /// Logits of the last evaluated position as a float32 array, or None before any eval.
+    fn logits<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyArray1<f32>>>> {
+        let v = self.with(py, |s| Ok(s.logits().map(|l| l.to_vec())))?;
+        Ok(v.map(|v| PyArray1::from_vec(py, v)))
+    }
+
+    /// The `k` most likely next tokens as (id, log-probability) pairs, best first.
+    #[pyo3(signature = (k=5))]
+    fn top_logprobs(&self, py: Python<'_>, k: usize) -> PyResult<Vec<(u32, f32)>> {
+        self.with(py, |s| {
+            let l = s
+                .logits()
+                .ok_or_else(|| invalid("the session has no logits yet: evaluate tokens first"))?;
+            let lp = llama_core::sampler::log_softmax(l);
+            let mut idx: Vec<u32> = (0..lp.len() as u32).collect();
+            idx.sort_by(|&a, &b| lp[b as usize].total_cmp(&lp[a as usize]).then(a.cmp(&b)));
+            Ok(idx
+                .into_iter()
+                .take(k)
+                .map(|i| (i, lp[i as usize]))
+                .collect())
+        })
+    }
+
+    /// Token ids in the session.
+    #[getter]
+    fn tokens(&self, py: Python<'_>) -> PyResult<Vec<u32>> {
+        self.with(py, |s| Ok(s.tokens().to_vec()))
+    }
+
+    /// Context size in tokens.
+    #[getter]
+    fn n_ctx(&self, py: Python<'_>) -> PyResult<usize> {
+        self.with(py, |s| Ok(s.n_ctx()))
+    }
+
+    /// The model this session runs.
+    #[getter]
+    fn model(&self, py: Python<'_>) -> Py<Model> {
+        self.model.clone_ref(py)
+    }
+
+    fn __len__(&self, py: Python<'_>) -> PyResult<usize> {
+        self.with(py, |s| Ok(s.len()))
+    }
+
+    /// Generates after `prompt` (a str, tokenized with special tokens parsed and BOS on an
+    /// empty session, or a list of ids) and returns the text. `sampler=None` uses llama.cpp's
+    /// default sampling; pass `Sampler.greedy()` for greedy decoding.
+    #[pyo3(signature = (prompt, max_tokens=256, sampler=None, stop=None, logprobs=None))]
+    fn generate(
+        &self,
+        py: Python<'_>,
+        prompt: &Bound<'_, PyAny>,
+        max_tokens: usize,
+        sampler: Option<Py<Sampler>>,
+        stop: Option<Vec<String>>,
+        logprobs: Option<usize>,
+    ) -> PyResult<String> {
+        let p = prompt_arg(prompt)?;
+        let empty = self.with(py, |s| Ok(s.is_empty()))?;
+        let ids = self.to_ids(py, p, empty)?;
+        let smp = default_sampler(py, sampler)?;
+        self.run_to_end(py, ids, &smp, gen_opts(max_tokens, stop, logprobs), false)
+    }
+
+    /// Like `generate` but returns an iterator of text pieces as they are produced.
+    #[pyo3(signature = (prompt, max_tokens=256, sampler=None, stop=None))]
+    fn stream(
+        slf: &Bound<'_, Self>,
+        prompt: &Bound<'_, PyAny>,
+        max_tokens: usize,
+        sampler: Option<Py<Sampler>>,
+        stop: Option<Vec<String>>,
+    ) -> PyResult<TokenStream> {
+        let py = slf.py();
+        let this = slf.get();
+        let p = prompt_arg(prompt)?;
+        let empty = this.with(py, |s| Ok(s.is_empty()))?;
+        let ids = this.to_ids(py, p, empty)?;
+        let smp = default_sampler(py, sampler)?;
+        let opts = gen_opts(max_tokens, stop, None);
+        let gen = this.with(py, move |s| Generator::new(s, &ids, opts).py_err())?;
+        Ok(TokenStream {
+            session: slf.clone().unbind(),
+            sampler: smp,
+            gen: Mutex::new(Some(gen)),
+        })
+    }
+
+    /// Replies to a conversation (list of {'role', 'content'} dicts) using the model's chat
+    /// template; the cached prefix of earlier turns is reused. Returns the reply text.
+    #[pyo3(signature = (messages, max_tokens=256, sampler=None, stop=None))]
+    fn chat(
+        &self,
+        py: Python<'_>,
+        messages: &Bound<'_, PyAny>,
+        max_tokens: usize,
+        sampler: Option<Py<Sampler>>,
+        stop: Option<Vec<String>>,
+    ) -> PyResult<String> {
+        let msgs = self::messages(messages)?;
+        let m = &self.model.bind(py).get().inner;
+        let ids = py.detach(|| m.chat_tokens(&msgs)).py_err()?;
+        let smp = default_sampler(py, sampler)?;
+        self.run_to_end(py, ids, &smp, gen_opts(max_tokens, stop, None), true)
+    }
+
+    /// Details of the last `generate`/`chat`/finished `stream`: a dict with 'tokens', 'text',
+    /// 'stop_reason', 'prompt_tokens', 'prompt_ms', 'generated_tokens', 'generation_ms' and
+    /// 'logprobs' (list of (id, logprob, [(id, logprob), ...])). None before any generation.
+    #[getter]
+    fn last_generation<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let g = self.last.lock().map_err(|_| invalid("poisoned"))?.clone();
+        let Some(g) = g else { return Ok(None) };
+        let d = PyDict::new(py);
+        d.set_item("tokens", g.tokens.clone())?;
+        d.set_item("text", g.text.clone())?;
+        d.set_item("stop_reason", g.stop_reason.as_str())?;
+        d.set_item("prompt_tokens", g.timings.prompt_tokens)?;
+        d.set_item("prompt_ms", g.timings.prompt.as_secs_f64() * 1e3)?;
+        d.set_item("generated_tokens", g.timings.generated_tokens)?;
+        d.set_item("generation_ms", g.timings.generation.as_secs_f64() * 1e3)?;
+        let lps: Vec<(u32, f32, Vec<(u32, f32)>)> = g
+            .logprobs
+            .iter()
+            .map(|l| (l.id, l.logprob, l.top.clone()))
+            .collect();
+        d.set_item("logprobs", lps)?;
+        Ok(Some(d))
+    }
+
+    /// An independent copy sharing the evaluated prefix.
+    fn fork(&self, py: Python<'_>) -> PyResult<Session> {
+        let f = self.with(py, |s| s.fork().py_err())?;
+        Ok(Session::wrap(self.model.clone_ref(py), f))
+    }
+
+    /// Rolls back to the first `n` tokens.
+    fn truncate(&self, py: Python<'_>, n: usize) -> PyResult<()> {
+        self.with(py, |s| {
+            s.truncate(n);
+            Ok(())
+        })
+    }
+
+    /// Stops the generation or prompt evaluation running on this session (from any thread).
+    fn cancel(&self) {
+        self.cancel.cancel();
+    }
+
+    /// Serializes the session (and `sampler`'s state, if given) to bytes.
+    #[pyo3(signature = (sampler=None))]
+    fn save_state<'py>(
+        &self,
+        py: Python<'py>,
+        sampler: Option<Py<Sampler>>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let smp = sampler.as_ref().map(|s| s.bind(py).get());
+        let bytes = py.detach(|| -> PyResult<Vec<u8>> {
+            let g = self.lock()?;
+            let s = g.as_ref().ok_or_else(closed)?;
+            match smp {
+                Some(sm) => {
+                    let lock = sm.lock()?;
+                    s.save_state(Some(&lock)).py_err()
+                }
+                None => s.save_state(None).py_err(),
+            }
+        })?;
+        Ok(PyBytes::new(py, &bytes))
+    }
+
+    /// Restores a session saved by `save_state` onto `model`: returns (session, sampler or
+    /// None). Raises SessionStateError for another model's or corrupted data.
+    #[staticmethod]
+    fn restore(
+        py: Python<'_>,
+        model: Py<Model>,
+        data: &[u8],
+    ) -> PyResult<(Session, Option<Sampler>)> {
+        let m = &model.bind(py).get().inner;
+        let data = data.to_vec();
+        let (s, smp) = py
+            .detach(|| llama_core::Session::restore(m, &data))
+            .py_err()?;
+        Ok((
+            Session::wrap(model.clone_ref(py), s),
+            smp.map(|x| Sampler {
+                inner: Mutex::new(x),
+            }),
+        ))
+    }
+
+    /// Frees the KV cache now; the session cannot be used afterwards.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        self.cancel.cancel();
+        py.detach(|| {
+            let mut g = self.lock()?;
+            *g = None;
+            Ok(())
+        })
+    }
+
+    /// Whether `close()` was called.
+    #[getter]
+    fn closed(&self, py: Python<'_>) -> PyResult<bool> {
+        py.detach(|| Ok(self.lock()?.is_none()))
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    fn __exit__(
+        &self,
+        py: Python<'_>,
+        _exc_type: Option<Bound<'_, PyAny>>,
+        _exc: Option<Bound<'_, PyAny>>,
+        _tb: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<bool> {
+        self.close(py)?;
+        Ok(false)
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        Ok(py.detach(|| match self.lock() {
+            Ok(g) => match g.as_ref() {
+                Some(s) => format!(
+                    "Session(n_tokens={}, n_ctx={}, kv_type='{}')",
+                    s.len(),
+                    s.n_ctx(),
+                    match s.options().kv_type {
+                        llama_core::KvCacheType::F32 => "f32",
+                        _ => "f16",
+                    }
+                ),
+                None => "Session(closed)".to_string(),
+            },
+            Err(_) => "Session(poisoned)".to_string(),
+        }))
+    }
+
+    /// Pickling stores the session state (the model is pickled as its path).
+    fn __reduce__<'py>(
+        slf: &Bound<'py, Self>,
+    ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyTuple>)> {
+        let py = slf.py();
+        let state = slf.get().save_state(py, None)?;
+        let restore = PyModule::import(py, "llama_core._native")?.getattr("_restore_session")?;
+        let args = PyTuple::new(
+            py,
+            [
+                slf.get().model.clone_ref(py).into_any(),
+                state.into_any().unbind(),
+            ],
+        )?;
+        Ok((restore, args))
+    }
+}
+
+/// Unpickling helper for `Session`.
+#[pyfunction]
+pub fn _restore_session(py: Python<'_>, model: Py<Model>, data: &[u8]) -> PyResult<Session> {
+    Ok(Session::restore(py, model, data)?.0)
+}
+
+/// Iterator of generated text pieces (whole UTF-8 characters; stop strings held back).
+/// `close()` ends it early.
+#[pyclass(module = "llama_core._native", name = "TokenStream", frozen)]
+pub struct TokenStream {
+    session: Py<Session>,
+    sampler: Py<Sampler>,
+    gen: Mutex<Option<Generator>>,
+}
+
+#[pymethods]
+impl TokenStream {
+    fn __iter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    fn __next__(&self, py: Python<'_>) -> PyResult<Option<String>> {
+        let session = self.session.bind(py).get();
+        let sampler = self.sampler.bind(py).get();
+        let (piece, finished) =
+            py.detach(|| -> PyResult<(Option<String>, Option<Generation>)> {
+                let mut gg = self.gen.lock().map_err(|_| invalid("poisoned"))?;
+                let Some(gen) = gg.as_mut() else {
+                    return Ok((None, None));
+                };
+                let mut sg = session.lock()?;
+                let s = sg.as_mut().ok_or_else(closed)?;
+                let mut sm = sampler.lock()?;
+                loop {
+                    match gen.step(s, &mut sm) {
+                        Ok(Some(p)) if !p.text.is_empty() => return Ok((Some(p.text), None)),
+                        Ok(Some(_)) => continue,
+                        Ok(None) => {
+                            let g = gg.take().map(|g| g.into_generation());
+                            return Ok((None, g));
+                        }
+                        Err(e) => {
+                            gg.take();
+                            return Err(to_py(e));
+                        }
+                    }
+                }
+            })?;
+        if let Some(g) = finished {
+            *session.last.lock().map_err(|_| invalid("poisoned"))? = Some(g);
+        }
+        Ok(piece)
+    }
+
+    /// Ends the stream early; the session keeps what was generated so far.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        let session = self.session.bind(py).get();
+        let g = py.detach(|| -> PyResult<Option<Generation>> {
+            let mut gg = self.gen.lock().map_err(|_| invalid("poisoned"))?;
+            Ok(gg.take().map(|mut g| {
+                g.stop();
+                g.into_generation()
+            }))
+        })?;
+        if let Some(g) = g {
+            *session.last.lock().map_err(|_| invalid("poisoned"))? = Some(g);
+        }
+        Ok(())
+    }
+}
