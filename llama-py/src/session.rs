@@ -11,6 +11,9 @@ use crate::errors::{invalid, to_py, IntoPy};
 use crate::model::{messages, Model};
 use crate::sampler::Sampler;
 
+/// (token, logprob, top alternatives) as returned to Python.
+type LogprobEntry = (u32, f32, Vec<(u32, f32)>);
+
 pub(crate) fn closed() -> PyErr {
     invalid("the session is closed")
 }
@@ -259,7 +262,7 @@ impl Session {
         d.set_item("prompt_ms", g.timings.prompt.as_secs_f64() * 1e3)?;
         d.set_item("generated_tokens", g.timings.generated_tokens)?;
         d.set_item("generation_ms", g.timings.generation.as_secs_f64() * 1e3)?;
-        let lps: Vec<(u32, f32, Vec<(u32, f32)>)> = g
+        let lps: Vec<LogprobEntry> = g
             .logprobs
             .iter()
             .map(|l| (l.id, l.logprob, l.top.clone()))
