@@ -1,6 +1,6 @@
 # Single entry point. `make demo` streams a chat answer from the default model; `make test`
 # runs every test (fetches the model first).
-.PHONY: demo test lint model reference header c-tests
+.PHONY: demo test lint model reference header c-tests python-tests
 
 demo:
 	cargo run --release -p llama-examples --bin llama -- chat --prompt "Name three rivers in Europe and one fact about each." --temperature 0.7 --seed 7 --max-tokens 160
@@ -19,9 +19,13 @@ header:
 c-tests:
 	bash tests/c/run.sh
 
+python-tests:
+	bash scripts/test-python.sh
+
 test: model lint header
 	cargo test --workspace
 	bash tests/c/run.sh
+	bash scripts/test-python.sh
 
 # Regenerates tests/reference/smollm2.json with llama.cpp (slow: builds llama-cpp-python).
 reference:

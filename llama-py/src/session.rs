@@ -247,6 +247,33 @@ impl Session {
         self.run_to_end(py, ids, &smp, gen_opts(max_tokens, stop, None), true)
     }
 
+    /// Like `chat` but returns an iterator of text pieces as they are produced.
+    #[pyo3(signature = (messages, max_tokens=256, sampler=None, stop=None))]
+    fn chat_stream(
+        slf: &Bound<'_, Self>,
+        messages: &Bound<'_, PyAny>,
+        max_tokens: usize,
+        sampler: Option<Py<Sampler>>,
+        stop: Option<Vec<String>>,
+    ) -> PyResult<TokenStream> {
+        let py = slf.py();
+        let this = slf.get();
+        let msgs = self::messages(messages)?;
+        let m = &this.model.bind(py).get().inner;
+        let ids = py.detach(|| m.chat_tokens(&msgs)).py_err()?;
+        let smp = default_sampler(py, sampler)?;
+        let opts = gen_opts(max_tokens, stop, None);
+        let gen = this.with(py, move |s| {
+            let rest = s.reuse_prefix(&ids);
+            Generator::new(s, &rest, opts).py_err()
+        })?;
+        Ok(TokenStream {
+            session: slf.clone().unbind(),
+            sampler: smp,
+            gen: Mutex::new(Some(gen)),
+        })
+    }
+
     /// Details of the last `generate`/`chat`/finished `stream`: a dict with 'tokens', 'text',
     /// 'stop_reason', 'prompt_tokens', 'prompt_ms', 'generated_tokens', 'generation_ms' and
     /// 'logprobs' (list of (id, logprob, [(id, logprob), ...])). None before any generation.

@@ -1,16 +1,18 @@
 """Type stubs of the native module (checked against it by `python -m mypy.stubtest`)."""
 
 import os
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union, final
 
 import numpy as np
 import numpy.typing as npt
 
 __version__: str
+__all__ = ["Model", "Session", "TokenStream", "Sampler", "_restore_session", "__version__"]
 
 _Message = Mapping[str, str]
 _Prompt = Union[str, Sequence[int]]
 
+@final
 class Model:
     @staticmethod
     def load(path: Union[str, os.PathLike[str]], *, progress: bool = False) -> Model: ...
@@ -41,9 +43,10 @@ class Model:
     @property
     def eog_ids(self) -> List[int]: ...
 
+@final
 class Sampler:
-    def __init__(
-        self,
+    def __new__(
+        cls,
         temperature: float = 0.8,
         top_k: int = 40,
         top_p: float = 0.95,
@@ -54,11 +57,12 @@ class Sampler:
         presence_penalty: float = 0.0,
         logit_bias: Optional[Dict[int, float]] = None,
         seed: Optional[int] = None,
-    ) -> None: ...
+    ) -> Sampler: ...
     @staticmethod
     def greedy() -> Sampler: ...
     def sample(self, session: Session) -> int: ...
 
+@final
 class Session:
     def eval(self, tokens: Sequence[int]) -> None: ...
     def logits(self) -> Optional[npt.NDArray[np.float32]]: ...
@@ -88,6 +92,13 @@ class Session:
         sampler: Optional[Sampler] = None,
         stop: Optional[Sequence[str]] = None,
     ) -> str: ...
+    def chat_stream(
+        self,
+        messages: Sequence[_Message],
+        max_tokens: int = 256,
+        sampler: Optional[Sampler] = None,
+        stop: Optional[Sequence[str]] = None,
+    ) -> TokenStream: ...
     @property
     def last_generation(self) -> Optional[Dict[str, object]]: ...
     def fork(self) -> Session: ...
@@ -102,6 +113,7 @@ class Session:
     def __enter__(self) -> Session: ...
     def __exit__(self, exc_type: object, exc: object, tb: object) -> bool: ...
 
+@final
 class TokenStream(Iterator[str]):
     def __iter__(self) -> TokenStream: ...
     def __next__(self) -> str: ...

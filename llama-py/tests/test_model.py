@@ -1,0 +1,52 @@
+import numpy as np
+import pytest
+
+import llama_core
+
+
+def test_load_and_repr(model):
+    r = repr(model)
+    assert "architecture='llama'" in r and "Q4_1" in r and "layers=30" in r
+    assert model.n_vocab == 49152 and model.n_embd == 576 and model.n_layers == 30
+    assert model.weight_type == "Q4_1" and model.format == "gguf"
+    assert model.chat_template and "im_start" in model.chat_template
+    assert model.eog_ids == [0, 2, 4]
+    assert model.is_eog(2) and not model.is_eog(100)
+
+
+def test_tokenization_matches_llama_cpp(model, reference):
+    for case in reference["tokenize"]:
+        ids = model.tokenize(case["text"], add_special=case["add_special"], parse_special=case["parse_special"])
+        assert ids == case["ids"], case["text"]
+
+
+def test_detokenize_roundtrip(model):
+    for text in ["Hello world", "emoji 😀", "日本語", "a\tb\n"]:
+        assert model.detokenize(model.tokenize(text)) == text
+
+
+def test_chat_template_matches_jinja2(model, reference):
+    for case in reference["chat"]:
+        assert model.apply_chat_template(case["messages"]) == case["rendered"]
+
+
+def test_embeddings_are_float32_arrays(model):
+    e = model.embed("Hello world")
+    assert isinstance(e, np.ndarray) and e.dtype == np.float32 and e.shape == (576,)
+    last = model.embed("Hello world", pooling="last")
+    assert last.shape == (576,) and not np.allclose(e, last)
+    assert np.array_equal(model.embed("Hello world"), e)
+    with pytest.raises(ValueError):
+        model.embed("x", pooling="max")
+
+
+def test_progress_argument(model_path, capsys):
+    m = llama_core.Model.load(model_path, progress=True)
+    assert m.n_vocab == 49152
+
+
+def test_pickle_model(model):
+    import pickle
+
+    m2 = pickle.loads(pickle.dumps(model))
+    assert m2.path == model.path and m2.tokenize("hi") == model.tokenize("hi")
