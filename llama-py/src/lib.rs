@@ -10,6 +10,13 @@ use pyo3::prelude::*;
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // The library's log records go to Python's `logging` (logger "llama_core" and children).
+    // Levels are looked up on every record (no caching), so `logging` configuration made at
+    // any time applies; the library logs rarely.
+    let _ = pyo3_log::Logger::new(m.py(), pyo3_log::Caching::Nothing).and_then(|l| {
+        l.install()
+            .map_err(|e| pyo3::exceptions::PyRuntimeError::new_err(e.to_string()))
+    });
     m.add_class::<model::Model>()?;
     m.add_class::<session::Session>()?;
     m.add_class::<session::TokenStream>()?;

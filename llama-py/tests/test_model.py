@@ -50,3 +50,12 @@ def test_pickle_model(model):
 
     m2 = pickle.loads(pickle.dumps(model))
     assert m2.path == model.path and m2.tokenize("hi") == model.tokenize("hi")
+
+
+def test_logs_go_to_python_logging(model_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="llama_core"):
+        llama_core.Model.load(model_path)
+    assert any("model loaded" in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+    assert all(r.name.startswith("llama_core") for r in caplog.records)

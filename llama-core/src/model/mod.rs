@@ -145,11 +145,20 @@ impl Model {
         let path = path.as_ref();
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
         let progress = options.progress.as_mut();
-        if meta.is_dir() {
+        let t0 = std::time::Instant::now();
+        let model = if meta.is_dir() {
             Self::load_hf(path, progress)
         } else {
             Self::load_gguf(path, progress)
-        }
+        }?;
+        tracing::info!(
+            path = %path.display(),
+            format = model.format(),
+            weights = model.weight_type(),
+            secs = t0.elapsed().as_secs_f64(),
+            "model loaded"
+        );
+        Ok(model)
     }
 
     fn load_gguf(path: &Path, progress: Option<&mut ProgressFn<'_>>) -> Result<Model> {
