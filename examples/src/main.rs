@@ -42,6 +42,8 @@ enum Cmd {
     Quantize(QuantizeArgs),
     /// Write a Hugging Face folder (safetensors + config + tokenizer) from a GGUF file.
     ExportHf(ExportArgs),
+    /// Perplexity of a text file (llama.cpp's method: windows of n_ctx, second half scored).
+    Perplexity(PerplexityArgs),
     /// Print the path of the default model, fetching it if needed.
     FetchModel,
 }
@@ -127,6 +129,25 @@ struct TokenizeArgs {
     text: String,
 }
 
+#[derive(Args)]
+struct PerplexityArgs {
+    /// A .gguf file or a Hugging Face folder; default: SmolLM2-135M-Instruct.
+    #[arg(short, long)]
+    model: Option<PathBuf>,
+    /// The text file.
+    #[arg(short, long)]
+    file: PathBuf,
+    /// Window size in tokens.
+    #[arg(long, default_value_t = 512)]
+    n_ctx: usize,
+    /// Evaluate at most this many windows.
+    #[arg(long)]
+    chunks: Option<usize>,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum OutType {
     F32,
@@ -194,6 +215,7 @@ fn run(cli: Cli) -> AnyResult<()> {
             eprintln!("wrote {}", a.output.display());
             Ok(())
         }
+        Cmd::Perplexity(a) => perplexity(a),
         Cmd::FetchModel => {
             println!("{}", default_model::path()?.display());
             Ok(())
@@ -392,6 +414,57 @@ fn tokenize(a: TokenizeArgs) -> AnyResult<()> {
         for id in &ids {
             println!("{id:>7} {:?}", tok.decode(&[*id], true).unwrap_or_default());
         }
+    }
+    Ok(())
+}
+
+fn perplexity(a: PerplexityArgs) -> AnyResult<()> {
+    let model = load(&ModelArg {
+        model: a.model.clone(),
+        n_ctx: 0,
+    })?;
+    let text = std::fs::read_to_string(&a.file)
+        .map_err(|e| format!("cannot read {}: {e}", a.file.display()))?;
+    let b = ProgressBar::new(0);
+    b.set_style(
+        ProgressStyle::with_template("perplexity [{bar:40}] {pos}/{len} windows {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let t0 = Instant::now();
+    let mut last = Vec::new();
+    let r = model.perplexity(&text, a.n_ctx, a.chunks, |done, total| {
+        b.set_length(total as u64);
+        b.set_position(done as u64);
+        last.push(done);
+        ControlFlow::Continue(())
+    })?;
+    b.finish_and_clear();
+    if a.json {
+        println!(
+            "{}",
+            json!({
+                "perplexity": r.perplexity,
+                "mean_nll": r.mean_nll,
+                "n_scored": r.n_scored,
+                "n_chunks": r.n_chunks,
+                "n_ctx": a.n_ctx,
+                "per_chunk": r.per_chunk,
+                "seconds": t0.elapsed().as_secs_f64(),
+            })
+        );
+    } else {
+        let chunks: Vec<String> = r
+            .per_chunk
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("[{}]{p:.4}", i + 1))
+            .collect();
+        println!("{}", chunks.join(","));
+        println!(
+            "perplexity: {:.4} ({} tokens scored in {} windows of {})",
+            r.perplexity, r.n_scored, r.n_chunks, a.n_ctx
+        );
     }
     Ok(())
 }

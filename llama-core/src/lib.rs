@@ -30,6 +30,7 @@ mod generate;
 pub mod gguf;
 mod kv_cache;
 mod model;
+mod perplexity;
 pub mod sampler;
 mod session;
 mod state;
@@ -44,6 +45,7 @@ pub use generate::{
     TokenLogprob, TokenStream,
 };
 pub use model::{Embeddings, LoadProgress, Model, ModelOptions, ProgressFn};
+pub use perplexity::Perplexity;
 pub use sampler::{Sampler, SamplerConfig};
 pub use session::{KvCacheType, Session, SessionOptions, DEFAULT_N_CTX};
 pub use state::STATE_FORMAT_VERSION;

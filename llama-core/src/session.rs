@@ -163,24 +163,32 @@ impl Session {
     /// Evaluates `tokens` after the current ones (prompt processing in chunks of `n_batch`),
     /// keeping the logits of the last position.
     pub fn eval(&mut self, tokens: &[u32]) -> Result<()> {
-        self.eval_inner(tokens, false, true).map(|_| ())
+        self.eval_inner(tokens, None, true).map(|_| ())
+    }
+
+    /// Like [`Session::eval_all_logits`] but computes logits only for the positions of `tokens`
+    /// from index `from` on (the output head is the costliest matmul of a long prompt).
+    pub fn eval_logits_from(&mut self, tokens: &[u32], from: usize) -> Result<Vec<Vec<f32>>> {
+        self.eval_inner(tokens, Some(from), true)
     }
 
     /// `eval` without the cancellation check (decode steps and context shifts, which the
     /// generation loop checks itself).
     pub(crate) fn eval_uncancellable(&mut self, tokens: &[u32]) -> Result<()> {
-        self.eval_inner(tokens, false, false).map(|_| ())
+        self.eval_inner(tokens, None, false).map(|_| ())
     }
 
     /// Like [`Session::eval`] but returns the logits of every position of `tokens`.
     pub fn eval_all_logits(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
-        self.eval_inner(tokens, true, true)
+        self.eval_inner(tokens, Some(0), true)
     }
 
+    /// `all_from`: `Some(i)` returns the logits of positions `i..` of `tokens`; `None` keeps
+    /// only the last position's.
     fn eval_inner(
         &mut self,
         tokens: &[u32],
-        all: bool,
+        all_from: Option<usize>,
         cancellable: bool,
     ) -> Result<Vec<Vec<f32>>> {
         if tokens.is_empty() {
@@ -189,7 +197,10 @@ impl Session {
         self.check(tokens)?;
         let round = self.opts.kv_type == KvCacheType::F16;
         let mut out = vec![];
+        let mut offset = 0usize;
         for chunk in tokens.chunks(self.opts.n_batch) {
+            let chunk_start = offset;
+            offset += chunk.len();
             if cancellable && self.cancel.take() {
                 return Err(Error::Cancelled);
             }
@@ -203,12 +214,21 @@ impl Session {
                 }
             };
             self.tokens.extend_from_slice(chunk);
-            if all {
-                let l = self.model.logits(&hidden)?;
-                for row in l.to_vec2::<f32>()? {
-                    out.push(row);
+            if let Some(from) = all_from {
+                let skip = from.saturating_sub(chunk_start).min(chunk.len());
+                if skip < chunk.len() {
+                    let rows = hidden.narrow(0, skip, chunk.len() - skip)?;
+                    let l = self.model.logits(&rows)?;
+                    for row in l.to_vec2::<f32>()? {
+                        out.push(row);
+                    }
                 }
-                self.logits = out.last().cloned();
+                if offset == tokens.len() {
+                    self.logits = match out.last() {
+                        Some(l) => Some(l.clone()),
+                        None => Some(self.model.last_logits(&hidden)?),
+                    };
+                }
             } else if chunk.len() == tokens.len() || self.tokens.len() == self.cache.len() {
                 self.logits = Some(self.model.last_logits(&hidden)?);
             }

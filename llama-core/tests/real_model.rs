@@ -255,3 +255,50 @@ fn dense_path_matches_float_reference() {
         }
     }
 }
+
+#[test]
+fn perplexity_matches_llama_cpp_within_one_percent() {
+    let r = reference();
+    let p = &r["perplexity"];
+    let text = std::fs::read_to_string(p["file"].as_str().unwrap()).unwrap();
+    let n_ctx = p["n_ctx"].as_u64().unwrap() as usize;
+    let chunks = p["chunks"].as_u64().unwrap() as usize;
+    let ours = model()
+        .perplexity(&text, n_ctx, Some(chunks), |_, _| {
+            std::ops::ControlFlow::Continue(())
+        })
+        .unwrap();
+    let theirs = p["perplexity"].as_f64().unwrap();
+    let rel = (ours.perplexity - theirs).abs() / theirs;
+    println!(
+        "perplexity over {chunks} windows of {n_ctx}: ours {:.4}, llama.cpp {theirs:.4} ({:.2}%)",
+        ours.perplexity,
+        rel * 100.0
+    );
+    assert_eq!(ours.n_chunks, chunks);
+    assert_eq!(ours.n_scored, chunks * (n_ctx - 1 - n_ctx / 2));
+    assert!(rel < 0.01, "relative difference {rel}");
+}
+
+#[test]
+fn token_logprobs_agree_with_eval() {
+    let m = model();
+    let ids = m
+        .tokenize("The quick brown fox jumps over the lazy dog.", true, false)
+        .unwrap();
+    let lps = m.token_logprobs(&ids).unwrap();
+    assert_eq!(lps.len(), ids.len() - 1);
+    let mut s = m.session(SessionOptions::default()).unwrap();
+    let all = s.eval_all_logits(&ids).unwrap();
+    for j in 0..ids.len() - 1 {
+        let lp = llama_core::sampler::log_softmax(&all[j]);
+        assert!((lp[ids[j + 1] as usize] - lps[j]).abs() < 1e-6);
+    }
+    assert!(lps.iter().all(|&x| x <= 0.0));
+    // Logits from a later position on equal the tail of all-position logits.
+    let mut s2 = m.session(SessionOptions::default()).unwrap();
+    let tail = s2.eval_logits_from(&ids, 4).unwrap();
+    assert_eq!(tail.len(), ids.len() - 4);
+    assert_eq!(tail[0], all[4]);
+    assert_eq!(s2.logits().unwrap(), &all[ids.len() - 1][..]);
+}

@@ -76,6 +76,9 @@ CHATS = [
     [{"role": "user", "content": "Write one sentence about cats. Use the emoji 🐱."}],
 ]
 
+PPL_FILE = "/usr/share/common-licenses/GPL-3"
+PPL_CTX = 512
+PPL_CHUNKS = 4
 DENSE_PROMPTS = ["The capital of France is", GREEDY_PROMPTS[7]]
 N_GREEDY = 48
 
@@ -181,6 +184,29 @@ def main():
         del other
     out["llama_cpp_self_divergence"] = spread
     print("llama.cpp self-divergence margins:", sorted(round(x["margin"], 3) for x in spread), file=sys.stderr)
+    # Perplexity, llama.cpp's method (as its perplexity tool): windows of PPL_CTX tokens from an
+    # empty cache, BOS in front when the model adds one, the second half of each window scored.
+    text = open(PPL_FILE, encoding="utf-8").read()
+    toks = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+    add_bos = llama_cpp.llama_vocab_get_add_bos(vocab)
+    nll, count, per_chunk = 0.0, 0, []
+    n_chunks = min(len(toks) // PPL_CTX, PPL_CHUNKS)
+    for i in range(n_chunks):
+        window = list(toks[i * PPL_CTX:(i + 1) * PPL_CTX])
+        if add_bos:
+            window[0] = llm.token_bos()
+        llm.reset()
+        llm.eval(window)
+        for j in range(PPL_CTX // 2, PPL_CTX - 1):
+            row = np.array(llm.scores[j], dtype=np.float64)
+            m = row.max()
+            lse = m + np.log(np.exp(row - m).sum())
+            nll += lse - row[toks[i * PPL_CTX + j + 1]]
+            count += 1
+        per_chunk.append(float(np.exp(nll / count)))
+    out["perplexity"] = {"file": PPL_FILE, "n_ctx": PPL_CTX, "chunks": n_chunks, "n_tokens": len(toks),
+                         "perplexity": float(np.exp(nll / count)), "per_chunk": per_chunk}
+    print("perplexity", out["perplexity"]["perplexity"], file=sys.stderr)
     template = llm.metadata["tokenizer.chat_template"]
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True) if hasattr(jinja2, "sandbox") else jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
     tmpl = env.from_string(template)
