@@ -32,6 +32,51 @@
 
 
 /**
+ * `llama_model_params.quantize`: keep weights as stored.
+ */
+#define LLAMA_QUANTIZE_NONE 0
+
+/**
+ * Quantize dense weights to Q8_0.
+ */
+#define LLAMA_QUANTIZE_Q8_0 1
+
+/**
+ * Quantize dense weights to Q4_0.
+ */
+#define LLAMA_QUANTIZE_Q4_0 2
+
+/**
+ * Quantize dense weights to Q4_1.
+ */
+#define LLAMA_QUANTIZE_Q4_1 3
+
+/**
+ * Quantize dense weights to Q5_0.
+ */
+#define LLAMA_QUANTIZE_Q5_0 4
+
+/**
+ * Quantize dense weights to Q5_1.
+ */
+#define LLAMA_QUANTIZE_Q5_1 5
+
+/**
+ * Quantize dense weights to Q4_K (Q5_0 where rows do not fit 256-blocks).
+ */
+#define LLAMA_QUANTIZE_Q4_K 6
+
+/**
+ * Quantize dense weights to Q5_K (Q5_1 where rows do not fit 256-blocks).
+ */
+#define LLAMA_QUANTIZE_Q5_K 7
+
+/**
+ * Quantize dense weights to Q6_K (Q8_0 where rows do not fit 256-blocks).
+ */
+#define LLAMA_QUANTIZE_Q6_K 8
+
+/**
  * `llama_model_embed` pooling: mean over all tokens.
  */
 #define LLAMA_POOLING_MEAN 0
@@ -177,6 +222,11 @@ typedef struct {
    * Passed to `progress`. Default NULL.
    */
   void *progress_user_data;
+  /**
+   * Quantize dense weights while loading: one of the `LLAMA_QUANTIZE_*` values. Default
+   * `LLAMA_QUANTIZE_NONE`.
+   */
+  int32_t quantize;
 } llama_model_params;
 
 /**

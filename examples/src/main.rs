@@ -56,6 +56,9 @@ struct ModelArg {
     /// Context size (0: 4096 or the model's if smaller).
     #[arg(long, default_value_t = 0)]
     n_ctx: usize,
+    /// Quantize dense weights while loading (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k).
+    #[arg(long)]
+    quantize: Option<String>,
 }
 
 #[derive(Args, Clone)]
@@ -253,13 +256,14 @@ fn load(m: &ModelArg) -> AnyResult<Model> {
     };
     let b = bar("loading");
     let t0 = Instant::now();
-    let model = Model::load(
-        &path,
-        ModelOptions::default().with_progress(|p| {
-            progress(&b, p.loaded, p.total);
-            ControlFlow::Continue(())
-        }),
-    )?;
+    let mut opts = ModelOptions::default().with_progress(|p| {
+        progress(&b, p.loaded, p.total);
+        ControlFlow::Continue(())
+    });
+    if let Some(q) = &m.quantize {
+        opts = opts.with_quantize(llama_core::QuantType::parse(q)?);
+    }
+    let model = Model::load(&path, opts)?;
     b.finish_and_clear();
     tracing::info!(?model, secs = t0.elapsed().as_secs_f64(), "model loaded");
     Ok(model)
@@ -422,6 +426,7 @@ fn perplexity(a: PerplexityArgs) -> AnyResult<()> {
     let model = load(&ModelArg {
         model: a.model.clone(),
         n_ctx: 0,
+        quantize: None,
     })?;
     let text = std::fs::read_to_string(&a.file)
         .map_err(|e| format!("cannot read {}: {e}", a.file.display()))?;

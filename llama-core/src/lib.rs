@@ -44,7 +44,7 @@ pub use generate::{
     CancelHandle, Detokenizer, GenerateOptions, Generation, Generator, Piece, StopReason, Timings,
     TokenLogprob, TokenStream,
 };
-pub use model::{Embeddings, LoadProgress, Model, ModelOptions, ProgressFn};
+pub use model::{Embeddings, LoadProgress, Model, ModelOptions, ProgressFn, QuantType};
 pub use perplexity::Perplexity;
 pub use sampler::{Sampler, SamplerConfig};
 pub use session::{KvCacheType, Session, SessionOptions, DEFAULT_N_CTX};

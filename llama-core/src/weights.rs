@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::{ggml_file::qtensor_from_ggml, QMatMul, QTensor};
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QMatMul, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
@@ -262,11 +262,38 @@ impl WeightSource {
         w: W,
         shape: &[usize],
         unpermute_heads: Option<usize>,
+        quantize: Option<crate::model::QuantType>,
     ) -> Result<QMatMul> {
-        match self.load(w, shape, unpermute_heads)? {
-            Loaded::Dense(t) => Ok(QMatMul::Tensor(t)),
-            Loaded::Q(q) => QMatMul::from_qtensor(q)
-                .map_err(|e| Error::weights(self.path(), format!("{w:?}"), e.to_string())),
+        let err =
+            |e: candle_core::Error| Error::weights(self.path(), format!("{w:?}"), e.to_string());
+        let loaded = self.load(w, shape, unpermute_heads)?;
+        let dense = match loaded {
+            Loaded::Dense(t) => t,
+            Loaded::Q(q)
+                if matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) =>
+            {
+                q.dequantize(&Device::Cpu).map_err(err)?
+            }
+            Loaded::Q(q) => return QMatMul::from_qtensor(q).map_err(err),
+        };
+        let Some(mut target) = quantize else {
+            return Ok(QMatMul::Tensor(dense));
+        };
+        // Row length must be a multiple of the block size; fall back as llama.cpp does.
+        let k = shape[shape.len() - 1];
+        while k % target.ggml().block_size() != 0 {
+            match target.fallback() {
+                Some(f) => {
+                    tracing::warn!(tensor = ?w, from = ?target, to = ?f, "row length {k} is not a multiple of the block size: falling back");
+                    target = f;
+                }
+                None => {
+                    tracing::warn!(tensor = ?w, "row length {k} fits no block size: kept dense");
+                    return Ok(QMatMul::Tensor(dense));
+                }
+            }
         }
+        let q = QTensor::quantize(&dense, target.ggml()).map_err(err)?;
+        QMatMul::from_qtensor(q).map_err(err)
     }
 }

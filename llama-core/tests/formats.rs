@@ -159,3 +159,100 @@ fn generation_config_eos_ids_are_unioned() {
     assert!(m.config().eos_token_ids.contains(&2) && m.config().eos_token_ids.contains(&1));
     assert!(m.tokenizer().is_eog(1) && m.tokenizer().is_eog(2));
 }
+
+/// Quantizing at load gives exactly the tensors of quantizing first and loading the result
+/// (quantization is per row, so the Q/K row permutation commutes with it).
+#[test]
+fn quantize_at_load_equals_quantize_then_load() {
+    use llama_core::QuantType;
+    let t = build(Spec {
+        hidden: 256,
+        ff: 512,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 64,
+        seed: 29,
+        ..Default::default()
+    });
+    let g = GgufFile::open(&t.gguf).unwrap();
+    let meta: Vec<_> = g
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    for (qt, dt) in [
+        (QuantType::Q8_0, GgmlDType::Q8_0),
+        (QuantType::Q4_0, GgmlDType::Q4_0),
+        (QuantType::Q4K, GgmlDType::Q4K),
+        (QuantType::Q6K, GgmlDType::Q6K),
+    ] {
+        let tensors: Vec<GgufTensor> = g
+            .tensor_order
+            .iter()
+            .map(|name| {
+                let (info, data) = g.tensor_data(name).unwrap();
+                if info.shape.len() == 1 {
+                    return GgufTensor {
+                        name: name.clone(),
+                        shape: info.shape.clone(),
+                        dtype: info.dtype,
+                        data: data.to_vec(),
+                    };
+                }
+                // Embedding and output head: Q8_0, as quantize-at-load does.
+                let target = if name.starts_with("token_embd") || name.starts_with("output") {
+                    GgmlDType::Q8_0
+                } else {
+                    dt
+                };
+                let vals: Vec<f32> = data
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                    .collect();
+                let q = QTensor::quantize(
+                    &Tensor::from_vec(vals, info.shape.clone(), &Device::Cpu).unwrap(),
+                    target,
+                )
+                .unwrap();
+                GgufTensor {
+                    name: name.clone(),
+                    shape: info.shape.clone(),
+                    dtype: target,
+                    data: q.data().unwrap().to_vec(),
+                }
+            })
+            .collect();
+        let p = t.dir.path().join(format!("pre-{qt:?}.gguf"));
+        write_gguf(&p, &meta, &tensors).unwrap();
+        let pre = Model::load(&p, ModelOptions::default()).unwrap();
+        for src in [&t.hf, &t.gguf] {
+            let at_load = Model::load(src, ModelOptions::default().with_quantize(qt)).unwrap();
+            assert_eq!(at_load.weight_type(), format!("{dt:?}"));
+            let a = logits(&at_load);
+            let b = logits(&pre);
+            let d = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(d < 1e-5, "{qt:?} from {}: {d}", src.display());
+        }
+    }
+    // A row length that fits no k-quant super-block falls back (576 % 256 != 0).
+    let odd = build(Spec {
+        hidden: 96,
+        ff: 160,
+        heads: 2,
+        kv_heads: 1,
+        head_dim: 48,
+        seed: 31,
+        ..Default::default()
+    });
+    let m = Model::load(
+        &odd.hf,
+        ModelOptions::default().with_quantize(QuantType::Q6K),
+    )
+    .unwrap();
+    assert_eq!(m.weight_type(), "Q8_0");
+    assert!(QuantType::parse("q4_k").is_ok() && QuantType::parse("q3_x").is_err());
+}

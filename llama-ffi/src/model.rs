@@ -3,7 +3,7 @@
 use std::ffi::{c_char, c_void};
 use std::ops::ControlFlow;
 
-use llama_core::{Message, Model, ModelOptions};
+use llama_core::{Message, Model, ModelOptions, QuantType};
 
 use crate::{
     catch, catch_or, cstr_arg, fail, fail_with, llama_status, read_params, require, str_arg,
@@ -30,7 +30,29 @@ pub struct llama_model_params {
     pub progress: llama_progress_cb,
     /// Passed to `progress`. Default NULL.
     pub progress_user_data: *mut c_void,
+    /// Quantize dense weights while loading: one of the `LLAMA_QUANTIZE_*` values. Default
+    /// `LLAMA_QUANTIZE_NONE`.
+    pub quantize: i32,
 }
+
+/// `llama_model_params.quantize`: keep weights as stored.
+pub const LLAMA_QUANTIZE_NONE: i32 = 0;
+/// Quantize dense weights to Q8_0.
+pub const LLAMA_QUANTIZE_Q8_0: i32 = 1;
+/// Quantize dense weights to Q4_0.
+pub const LLAMA_QUANTIZE_Q4_0: i32 = 2;
+/// Quantize dense weights to Q4_1.
+pub const LLAMA_QUANTIZE_Q4_1: i32 = 3;
+/// Quantize dense weights to Q5_0.
+pub const LLAMA_QUANTIZE_Q5_0: i32 = 4;
+/// Quantize dense weights to Q5_1.
+pub const LLAMA_QUANTIZE_Q5_1: i32 = 5;
+/// Quantize dense weights to Q4_K (Q5_0 where rows do not fit 256-blocks).
+pub const LLAMA_QUANTIZE_Q4_K: i32 = 6;
+/// Quantize dense weights to Q5_K (Q5_1 where rows do not fit 256-blocks).
+pub const LLAMA_QUANTIZE_Q5_K: i32 = 7;
+/// Quantize dense weights to Q6_K (Q8_0 where rows do not fit 256-blocks).
+pub const LLAMA_QUANTIZE_Q6_K: i32 = 8;
 
 /// Default model parameters.
 #[no_mangle]
@@ -39,6 +61,7 @@ pub extern "C" fn llama_model_params_default() -> llama_model_params {
         struct_size: std::mem::size_of::<llama_model_params>(),
         progress: None,
         progress_user_data: std::ptr::null_mut(),
+        quantize: LLAMA_QUANTIZE_NONE,
     }
 }
 
@@ -69,6 +92,26 @@ pub unsafe extern "C" fn llama_model_load(
             Err(s) => return s,
         };
         let mut opts = ModelOptions::default();
+        let q = match p.quantize {
+            LLAMA_QUANTIZE_NONE => None,
+            LLAMA_QUANTIZE_Q8_0 => Some(QuantType::Q8_0),
+            LLAMA_QUANTIZE_Q4_0 => Some(QuantType::Q4_0),
+            LLAMA_QUANTIZE_Q4_1 => Some(QuantType::Q4_1),
+            LLAMA_QUANTIZE_Q5_0 => Some(QuantType::Q5_0),
+            LLAMA_QUANTIZE_Q5_1 => Some(QuantType::Q5_1),
+            LLAMA_QUANTIZE_Q4_K => Some(QuantType::Q4K),
+            LLAMA_QUANTIZE_Q5_K => Some(QuantType::Q5K),
+            LLAMA_QUANTIZE_Q6_K => Some(QuantType::Q6K),
+            other => {
+                return fail_with(
+                    llama_status::InvalidArgument,
+                    format!("quantize {other} is not a LLAMA_QUANTIZE_* value"),
+                )
+            }
+        };
+        if let Some(q) = q {
+            opts = opts.with_quantize(q);
+        }
         if let Some(cb) = p.progress {
             let ud = SendPtr(p.progress_user_data);
             opts = opts.with_progress(move |lp| {

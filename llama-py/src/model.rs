@@ -39,10 +39,21 @@ pub(crate) fn messages(items: &Bound<'_, PyAny>) -> PyResult<Vec<Message>> {
 #[pymethods]
 impl Model {
     /// Loads a model. `path`: a .gguf file or a Hugging Face folder. `progress=True` shows a
-    /// tqdm bar when tqdm is installed. Raises FileNotFoundError, ModelLoadError.
+    /// tqdm bar when tqdm is installed. `quantize` ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1",
+    /// "q4_k", "q5_k", "q6_k") quantizes dense weights while loading. Raises
+    /// FileNotFoundError, ModelLoadError.
     #[staticmethod]
-    #[pyo3(signature = (path, *, progress=false))]
-    fn load(py: Python<'_>, path: PathBuf, progress: bool) -> PyResult<Model> {
+    #[pyo3(signature = (path, *, progress=false, quantize=None))]
+    fn load(
+        py: Python<'_>,
+        path: PathBuf,
+        progress: bool,
+        quantize: Option<&str>,
+    ) -> PyResult<Model> {
+        let quantize = quantize
+            .map(llama_core::QuantType::parse)
+            .transpose()
+            .py_err()?;
         let bar: Option<Py<PyAny>> = if progress {
             match PyModule::import(py, "tqdm.auto") {
                 Ok(m) => {
@@ -60,6 +71,9 @@ impl Model {
         let mut last = 0i64;
         let res = py.detach(|| {
             let mut opts = ModelOptions::default();
+            if let Some(q) = quantize {
+                opts = opts.with_quantize(q);
+            }
             if let Some(b) = &bar {
                 opts = opts.with_progress(|p| {
                     let now = (p.fraction() * 100.0) as i64;

@@ -59,3 +59,16 @@ def test_logs_go_to_python_logging(model_path, caplog):
         llama_core.Model.load(model_path)
     assert any("model loaded" in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
     assert all(r.name.startswith("llama_core") for r in caplog.records)
+
+
+def test_quantize_at_load(model_path, llama_bin, tmp_path):
+    import subprocess
+
+    out = tmp_path / "hf"
+    subprocess.run([llama_bin, "export-hf", model_path, str(out)], check=True, capture_output=True)
+    q = llama_core.Model.load(out, quantize="q8_0")
+    assert q.weight_type == "Q8_0"
+    with q.session() as s:
+        assert s.generate("1, 2, 3, 4, 5,", max_tokens=6, sampler=llama_core.Sampler.greedy()).startswith(" 6, 7")
+    with pytest.raises(ValueError):
+        llama_core.Model.load(out, quantize="q3_x")

@@ -120,6 +120,9 @@ int main(int argc, char **argv) {
     mp.struct_size = 3;
     CHECK(llama_model_load(argv[1], &mp, &model) == LLAMA_STATUS_INVALID_ARGUMENT && model == NULL);
     mp = llama_model_params_default();
+    mp.quantize = 42;
+    CHECK(llama_model_load(argv[1], &mp, &model) == LLAMA_STATUS_INVALID_ARGUMENT && model == NULL);
+    mp = llama_model_params_default();
     mp.progress = progress_abort;
     CHECK(llama_model_load(argv[1], &mp, &model) == LLAMA_STATUS_CANCELLED && model == NULL);
     const char bad_utf8[] = {'/', 't', (char)0xff, 0};

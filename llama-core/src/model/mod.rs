@@ -48,9 +48,86 @@ pub type ProgressFn<'a> = Box<dyn FnMut(&LoadProgress) -> ControlFlow<()> + Send
 pub struct ModelOptions<'a> {
     /// Called after each tensor is loaded.
     pub progress: Option<ProgressFn<'a>>,
+    /// Quantize dense (f32/f16/bf16) weight matrices while loading. The token embedding and
+    /// the output head become Q8_0. Weights already quantized are kept as they are.
+    pub quantize: Option<QuantType>,
+}
+
+/// Block types for quantizing at load time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum QuantType {
+    /// 8-bit, blocks of 32.
+    Q8_0,
+    /// 4-bit, blocks of 32, scale only.
+    Q4_0,
+    /// 4-bit, blocks of 32, scale and minimum.
+    Q4_1,
+    /// 5-bit, blocks of 32, scale only.
+    Q5_0,
+    /// 5-bit, blocks of 32, scale and minimum.
+    Q5_1,
+    /// 4-bit k-quant (super-blocks of 256).
+    Q4K,
+    /// 5-bit k-quant (super-blocks of 256).
+    Q5K,
+    /// 6-bit k-quant (super-blocks of 256).
+    Q6K,
+}
+
+impl QuantType {
+    /// Parses `q8_0`, `q4_0`, `q4_1`, `q5_0`, `q5_1`, `q4_k`, `q5_k`, `q6_k` (case-insensitive).
+    pub fn parse(s: &str) -> Result<QuantType> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "q8_0" => QuantType::Q8_0,
+            "q4_0" => QuantType::Q4_0,
+            "q4_1" => QuantType::Q4_1,
+            "q5_0" => QuantType::Q5_0,
+            "q5_1" => QuantType::Q5_1,
+            "q4_k" | "q4k" => QuantType::Q4K,
+            "q5_k" | "q5k" => QuantType::Q5K,
+            "q6_k" | "q6k" => QuantType::Q6K,
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "unknown quantization type `{other}` (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k)"
+                )))
+            }
+        })
+    }
+
+    pub(crate) fn ggml(self) -> candle_core::quantized::GgmlDType {
+        use candle_core::quantized::GgmlDType as G;
+        match self {
+            QuantType::Q8_0 => G::Q8_0,
+            QuantType::Q4_0 => G::Q4_0,
+            QuantType::Q4_1 => G::Q4_1,
+            QuantType::Q5_0 => G::Q5_0,
+            QuantType::Q5_1 => G::Q5_1,
+            QuantType::Q4K => G::Q4K,
+            QuantType::Q5K => G::Q5K,
+            QuantType::Q6K => G::Q6K,
+        }
+    }
+
+    /// The type used when a row length is not a multiple of this type's block size (as
+    /// llama.cpp falls back for k-quants).
+    pub(crate) fn fallback(self) -> Option<QuantType> {
+        match self {
+            QuantType::Q4K => Some(QuantType::Q5_0),
+            QuantType::Q5K => Some(QuantType::Q5_1),
+            QuantType::Q6K => Some(QuantType::Q8_0),
+            _ => None,
+        }
+    }
 }
 
 impl<'a> ModelOptions<'a> {
+    /// Quantizes dense weights while loading.
+    pub fn with_quantize(mut self, q: QuantType) -> Self {
+        self.quantize = Some(q);
+        self
+    }
+
     /// Sets a progress callback.
     pub fn with_progress(
         mut self,
@@ -144,12 +221,13 @@ impl Model {
     pub fn load(path: impl AsRef<Path>, mut options: ModelOptions<'_>) -> Result<Model> {
         let path = path.as_ref();
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        let quantize = options.quantize;
         let progress = options.progress.as_mut();
         let t0 = std::time::Instant::now();
         let model = if meta.is_dir() {
-            Self::load_hf(path, progress)
+            Self::load_hf(path, progress, quantize)
         } else {
-            Self::load_gguf(path, progress)
+            Self::load_gguf(path, progress, quantize)
         }?;
         tracing::info!(
             path = %path.display(),
@@ -161,7 +239,11 @@ impl Model {
         Ok(model)
     }
 
-    fn load_gguf(path: &Path, progress: Option<&mut ProgressFn<'_>>) -> Result<Model> {
+    fn load_gguf(
+        path: &Path,
+        progress: Option<&mut ProgressFn<'_>>,
+        quantize: Option<QuantType>,
+    ) -> Result<Model> {
         let g = GgufFile::open(path)?;
         let config = Config::from_gguf(&g)?;
         config.validate(path)?;
@@ -171,10 +253,22 @@ impl Model {
             .and_then(|v| v.as_str())
             .map(str::to_string);
         let src = WeightSource::Gguf(g);
-        Self::build(src, config, tokenizer, chat_template, "gguf", progress)
+        Self::build(
+            src,
+            config,
+            tokenizer,
+            chat_template,
+            "gguf",
+            progress,
+            quantize,
+        )
     }
 
-    fn load_hf(dir: &Path, progress: Option<&mut ProgressFn<'_>>) -> Result<Model> {
+    fn load_hf(
+        dir: &Path,
+        progress: Option<&mut ProgressFn<'_>>,
+        quantize: Option<QuantType>,
+    ) -> Result<Model> {
         let cfg_path = dir.join("config.json");
         if !cfg_path.is_file() {
             return Err(Error::config(
@@ -295,6 +389,7 @@ impl Model {
             chat_template,
             "safetensors",
             progress,
+            quantize,
         )
     }
 
@@ -305,6 +400,7 @@ impl Model {
         chat_template: Option<String>,
         format: &'static str,
         mut progress: Option<&mut ProgressFn<'_>>,
+        quantize: Option<QuantType>,
     ) -> Result<Model> {
         let c = &config;
         let (h, hd, nh, nkv) = (
@@ -335,20 +431,21 @@ impl Model {
         let is_gguf = matches!(src, WeightSource::Gguf(_));
         let perm_q = is_gguf.then_some(nh);
         let perm_k = is_gguf.then_some(nkv);
-        let embed = src.load_matmul(W::Embed, &[c.vocab_size, h], None)?;
+        let q8 = quantize.map(|_| QuantType::Q8_0);
+        let embed = src.load_matmul(W::Embed, &[c.vocab_size, h], None, q8)?;
         tick(1)?;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {
             let layer = Layer {
                 attn_norm: src.load_dense(W::AttnNorm(l), &[h])?,
-                q: src.load_matmul(W::Q(l), &[nh * hd, h], perm_q)?,
-                k: src.load_matmul(W::K(l), &[nkv * hd, h], perm_k)?,
-                v: src.load_matmul(W::V(l), &[nkv * hd, h], None)?,
-                o: src.load_matmul(W::O(l), &[h, nh * hd], None)?,
+                q: src.load_matmul(W::Q(l), &[nh * hd, h], perm_q, quantize)?,
+                k: src.load_matmul(W::K(l), &[nkv * hd, h], perm_k, quantize)?,
+                v: src.load_matmul(W::V(l), &[nkv * hd, h], None, quantize)?,
+                o: src.load_matmul(W::O(l), &[h, nh * hd], None, quantize)?,
                 ffn_norm: src.load_dense(W::FfnNorm(l), &[h])?,
-                gate: src.load_matmul(W::Gate(l), &[c.intermediate_size, h], None)?,
-                up: src.load_matmul(W::Up(l), &[c.intermediate_size, h], None)?,
-                down: src.load_matmul(W::Down(l), &[h, c.intermediate_size], None)?,
+                gate: src.load_matmul(W::Gate(l), &[c.intermediate_size, h], None, quantize)?,
+                up: src.load_matmul(W::Up(l), &[c.intermediate_size, h], None, quantize)?,
+                down: src.load_matmul(W::Down(l), &[h, c.intermediate_size], None, quantize)?,
             };
             layers.push(layer);
             tick(9)?;
@@ -358,7 +455,7 @@ impl Model {
         let lm_head = if tied {
             embed.clone()
         } else {
-            let m = src.load_matmul(W::Output, &[c.vocab_size, h], None)?;
+            let m = src.load_matmul(W::Output, &[c.vocab_size, h], None, q8)?;
             tick(1)?;
             m
         };
@@ -370,7 +467,10 @@ impl Model {
         };
         tick(1)?;
         let rope = Rope::new(c, freq_factors.as_deref());
-        let weight_type = src.dtype_name(W::Q(0)).unwrap_or_default();
+        let weight_type = match layers.first().map(|l| &l.q) {
+            Some(QMatMul::QTensor(q)) => format!("{:?}", q.dtype()),
+            _ => src.dtype_name(W::Q(0)).unwrap_or_default(),
+        };
         let path = src.path().to_path_buf();
         // Fingerprint: configuration and a sample of every weight's values.
         let mut fp = 0xcbf2_9ce4_8422_2325u64;
