@@ -11,7 +11,9 @@ flags=()
 if [ "${1:-}" = "--release" ]; then profile=release; flags=(--release); shift; fi
 target="${CARGO_TARGET_DIR:-target}"
 prefix="${1:-$target/$profile/c}"
-cargo build -p llama-ffi "${flags[@]}" >&2
+# --workspace --all-targets resolves features as `cargo test --workspace` does, so this reuses
+# its build instead of recompiling dependencies with another feature set.
+cargo build --workspace --all-targets "${flags[@]}" >&2
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 major=${version%%.*}
 mkdir -p "$prefix/lib/pkgconfig" "$prefix/include"

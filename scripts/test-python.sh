@@ -12,7 +12,7 @@ python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps target/wheels/llama_core-*.whl
 echo "stubtest:"
 (cd /tmp && "$OLDPWD/$venv/bin/python" -m mypy.stubtest llama_core._native)
-cargo build -q -p llama-examples
+cargo build -q --workspace --all-targets
 export LLAMA_TEST_MODEL="$model" LLAMA_BIN="$PWD/target/debug/llama"
 set +e
 "$venv/bin/python" -m pytest -q llama-py/tests

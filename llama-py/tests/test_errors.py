@@ -86,3 +86,11 @@ def test_wrong_types_and_values(model):
         model.detokenize([10**6])
     with pytest.raises(llama_core.InvalidArgumentError):
         llama_core.Sampler.greedy().sample(model.session())
+
+
+def test_tokenizer_error(model_path, llama_bin, tmp_path):
+    out = tmp_path / "hf"
+    subprocess.run([llama_bin, "export-hf", model_path, str(out)], check=True, capture_output=True)
+    (out / "tokenizer.json").write_text('{"not": "a tokenizer"}')
+    with pytest.raises(llama_core.TokenizerError):
+        llama_core.Model.load(out)

@@ -24,7 +24,7 @@ cc "${CFLAGS[@]}" examples/c/chat.c $pc_flags -o "$out/chat"
 cc "${CFLAGS[@]}" -pthread tests/c/test_api.c $pc_flags -lm -o "$out/test_api"
 export LD_LIBRARY_PATH="$prefix/lib"
 # The tokens the Rust API produces for the same prompt, greedy.
-cargo build -q -p llama-examples >&2
+cargo build -q --workspace --all-targets >&2
 ids=$(target/debug/llama generate --model "$model" --prompt "1, 2, 3, 4, 5," --temperature 0 --max-tokens 12 --json 2>/dev/null |
   python3 -c 'import json,sys; print(",".join(map(str, json.load(sys.stdin)["ids"])))')
 echo "C test suite (expected greedy ids from Rust: $ids)"
