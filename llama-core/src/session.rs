@@ -229,7 +229,7 @@ impl Session {
                         None => Some(self.model.last_logits(&hidden)?),
                     };
                 }
-            } else if chunk.len() == tokens.len() || self.tokens.len() == self.cache.len() {
+            } else if offset == tokens.len() {
                 self.logits = Some(self.model.last_logits(&hidden)?);
             }
         }

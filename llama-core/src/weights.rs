@@ -146,6 +146,20 @@ impl WeightSource {
         }
     }
 
+    /// Up to `n` bytes of a tensor's stored data (empty when it is missing); for fingerprints.
+    pub(crate) fn raw_prefix(&self, w: W, n: usize) -> Vec<u8> {
+        match self {
+            WeightSource::Gguf(g) => g
+                .tensor_data(&w.gguf_name())
+                .map(|(_, d)| d[..n.min(d.len())].to_vec())
+                .unwrap_or_default(),
+            WeightSource::SafeTensors { st, .. } => st
+                .get(&w.hf_name())
+                .map(|v| v.data()[..n.min(v.data().len())].to_vec())
+                .unwrap_or_default(),
+        }
+    }
+
     /// The storage type of a tensor, as a short string (for reporting).
     pub(crate) fn dtype_name(&self, w: W) -> Option<String> {
         match self {

@@ -472,24 +472,25 @@ impl Model {
             _ => src.dtype_name(W::Q(0)).unwrap_or_default(),
         };
         let path = src.path().to_path_buf();
-        // Fingerprint: configuration and a sample of every weight's values.
+        // Fingerprint: configuration, load-time quantization and the first bytes of every
+        // weight as stored (no dequantization at load).
         let mut fp = 0xcbf2_9ce4_8422_2325u64;
-        fnv1a(&mut fp, format!("{c:?}").as_bytes());
-        let probe = |m: &QMatMul| -> Result<Vec<u8>> {
-            let t = match m {
-                QMatMul::QTensor(q) => q.dequantize(&Device::Cpu)?,
-                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.clone(),
-            };
-            let flat = t.flatten_all()?.to_dtype(DType::F32)?;
-            let n = flat.dim(0)?.min(64);
-            let v = flat.narrow(0, 0, n)?.to_vec1::<f32>()?;
-            Ok(v.iter().flat_map(|x| x.to_le_bytes()).collect())
-        };
-        for l in &layers {
-            fnv1a(&mut fp, &probe(&l.q)?);
-            fnv1a(&mut fp, &probe(&l.down)?);
+        fnv1a(&mut fp, format!("{c:?} {quantize:?}").as_bytes());
+        for l in 0..c.num_hidden_layers {
+            for w in [
+                W::Q(l),
+                W::K(l),
+                W::V(l),
+                W::O(l),
+                W::Gate(l),
+                W::Up(l),
+                W::Down(l),
+            ] {
+                fnv1a(&mut fp, &src.raw_prefix(w, 256));
+            }
         }
-        fnv1a(&mut fp, &probe(&lm_head)?);
+        fnv1a(&mut fp, &src.raw_prefix(W::Embed, 256));
+        fnv1a(&mut fp, &src.raw_prefix(W::Output, 256));
         drop(src);
         Ok(Model {
             inner: Arc::new(Inner {
