@@ -219,14 +219,7 @@ impl Session {
         let p = prompt_arg(prompt)?;
         let empty = this.with(py, |s| Ok(s.is_empty()))?;
         let ids = this.to_ids(py, p, empty)?;
-        let smp = default_sampler(py, sampler)?;
-        let opts = gen_opts(max_tokens, stop, None);
-        let gen = this.with(py, move |s| Generator::new(s, &ids, opts).py_err())?;
-        Ok(TokenStream {
-            session: slf.clone().unbind(),
-            sampler: smp,
-            gen: Mutex::new(Some(gen)),
-        })
+        start_stream(slf, ids, false, sampler, gen_opts(max_tokens, stop, None))
     }
 
     /// Replies to a conversation (list of {'role', 'content'} dicts) using the model's chat
@@ -257,21 +250,10 @@ impl Session {
         stop: Option<Vec<String>>,
     ) -> PyResult<TokenStream> {
         let py = slf.py();
-        let this = slf.get();
         let msgs = self::messages(messages)?;
-        let m = &this.model.bind(py).get().inner;
+        let m = &slf.get().model.bind(py).get().inner;
         let ids = py.detach(|| m.chat_tokens(&msgs)).py_err()?;
-        let smp = default_sampler(py, sampler)?;
-        let opts = gen_opts(max_tokens, stop, None);
-        let gen = this.with(py, move |s| {
-            let rest = s.reuse_prefix(&ids);
-            Generator::new(s, &rest, opts).py_err()
-        })?;
-        Ok(TokenStream {
-            session: slf.clone().unbind(),
-            sampler: smp,
-            gen: Mutex::new(Some(gen)),
-        })
+        start_stream(slf, ids, true, sampler, gen_opts(max_tokens, stop, None))
     }
 
     /// Details of the last `generate`/`chat`/finished `stream`: a dict with 'tokens', 'text',
@@ -425,6 +407,28 @@ impl Session {
         )?;
         Ok((restore, args))
     }
+}
+
+/// Evaluates `ids` (after keeping the cached prefix they share, for chat) and returns the
+/// stream of the generation that follows.
+fn start_stream(
+    slf: &Bound<'_, Session>,
+    ids: Vec<u32>,
+    chat: bool,
+    sampler: Option<Py<Sampler>>,
+    opts: GenerateOptions,
+) -> PyResult<TokenStream> {
+    let py = slf.py();
+    let smp = default_sampler(py, sampler)?;
+    let gen = slf.get().with(py, move |s| {
+        let rest = if chat { s.reuse_prefix(&ids) } else { ids };
+        Generator::new(s, &rest, opts).py_err()
+    })?;
+    Ok(TokenStream {
+        session: slf.clone().unbind(),
+        sampler: smp,
+        gen: Mutex::new(Some(gen)),
+    })
 }
 
 /// Unpickling helper for `Session`.
