@@ -334,11 +334,16 @@ fn json_result(prompt_ids: &[u32], g: &Generation) -> serde_json::Value {
 
 fn generate(a: GenerateArgs) -> AnyResult<()> {
     let model = load(&a.model)?;
-    let mut s = session(&model, &a.model)?;
-    let mut smp = sampler(&a.sampling)?;
     let ids = model.tokenize(&a.prompt, true, true)?;
-    let json = a.sampling.json;
-    let g = s.generate(&ids, &mut smp, gen_opts(&a.sampling), |p| {
+    one_turn(&model, &a.model, &a.sampling, &ids)
+}
+
+/// Generates after `ids` on a fresh session: streams the text, or prints one JSON object.
+fn one_turn(model: &Model, m: &ModelArg, sampling: &SamplingArgs, ids: &[u32]) -> AnyResult<()> {
+    let mut s = session(model, m)?;
+    let mut smp = sampler(sampling)?;
+    let json = sampling.json;
+    let g = s.generate(ids, &mut smp, gen_opts(sampling), |p| {
         if json {
             ControlFlow::Continue(())
         } else {
@@ -346,7 +351,7 @@ fn generate(a: GenerateArgs) -> AnyResult<()> {
         }
     })?;
     if json {
-        println!("{}", json_result(&ids, &g));
+        println!("{}", json_result(ids, &g));
     } else {
         println!();
     }
@@ -356,31 +361,18 @@ fn generate(a: GenerateArgs) -> AnyResult<()> {
 
 fn chat(a: ChatArgs) -> AnyResult<()> {
     let model = load(&a.model)?;
-    let mut s = session(&model, &a.model)?;
-    let mut smp = sampler(&a.sampling)?;
     let mut messages = vec![];
     if let Some(sys) = &a.system {
         messages.push(Message::system(sys.clone()));
     }
     if let Some(p) = &a.prompt {
+        // One turn on an empty session: the rendered conversation is the whole prompt.
         messages.push(Message::user(p.clone()));
         let ids = model.chat_tokens(&messages)?;
-        let json = a.sampling.json;
-        let g = s.chat(&messages, &mut smp, gen_opts(&a.sampling), |p| {
-            if json {
-                ControlFlow::Continue(())
-            } else {
-                stream_to_stdout(p)
-            }
-        })?;
-        if json {
-            println!("{}", json_result(&ids, &g));
-        } else {
-            println!();
-        }
-        summary(&g);
-        return Ok(());
+        return one_turn(&model, &a.model, &a.sampling, &ids);
     }
+    let mut s = session(&model, &a.model)?;
+    let mut smp = sampler(&a.sampling)?;
     eprintln!(
         "Chatting with {}. Empty line or Ctrl-D to quit.",
         model.path().display()
