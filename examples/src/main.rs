@@ -9,7 +9,8 @@ use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use llama_core::convert::{gguf_to_dense_gguf, gguf_to_hf, DenseType};
+use llama_core::convert::{gguf_to_hf, DenseType};
+use llama_core::quantize::{quantize_model, FileType, QuantizeOptions};
 use llama_core::{
     GenerateOptions, Generation, Message, Model, ModelOptions, Sampler, SamplerConfig, Session,
     SessionOptions,
@@ -38,7 +39,7 @@ enum Cmd {
     Chat(ChatArgs),
     /// Print the token ids of a text.
     Tokenize(TokenizeArgs),
-    /// Convert a GGUF file to a dense GGUF (f32 or f16).
+    /// Write a GGUF file (quantized, f16 or f32) from a GGUF file or a Hugging Face folder.
     Quantize(QuantizeArgs),
     /// Write a Hugging Face folder (safetensors + config + tokenizer) from a GGUF file.
     ExportHf(ExportArgs),
@@ -159,10 +160,22 @@ enum OutType {
 
 #[derive(Args)]
 struct QuantizeArgs {
+    /// A .gguf file or a Hugging Face folder.
     input: PathBuf,
+    /// The GGUF file to write.
     output: PathBuf,
-    #[arg(long = "type", value_enum)]
-    ty: OutType,
+    /// f32, f16, q8_0, q6_k, q5_k, q5_1, q5_0, q4_k, q4_1 or q4_0.
+    #[arg(long = "type")]
+    ty: String,
+    /// Type of the output head (default: q6_k, or q8_0 when rows are not a multiple of 256).
+    #[arg(long)]
+    output_type: Option<String>,
+    /// Type of an untied token embedding (default: --type).
+    #[arg(long)]
+    embedding_type: Option<String>,
+    /// Worker threads (0: one per core).
+    #[arg(short, long, default_value_t = 0)]
+    threads: usize,
 }
 
 #[derive(Args)]
@@ -200,15 +213,7 @@ fn run(cli: Cli) -> AnyResult<()> {
         Cmd::Generate(a) => generate(a),
         Cmd::Chat(a) => chat(a),
         Cmd::Tokenize(a) => tokenize(a),
-        Cmd::Quantize(a) => {
-            let bar = bar("converting");
-            gguf_to_dense_gguf(&a.input, &a.output, dense(a.ty), |i, n| {
-                progress(&bar, i, n)
-            })?;
-            bar.finish_and_clear();
-            eprintln!("wrote {}", a.output.display());
-            Ok(())
-        }
+        Cmd::Quantize(a) => quantize(a),
         Cmd::ExportHf(a) => {
             let bar = bar("exporting");
             gguf_to_hf(&a.input, &a.output, dense(a.ty), |i, n| {
@@ -224,6 +229,39 @@ fn run(cli: Cli) -> AnyResult<()> {
             Ok(())
         }
     }
+}
+
+fn quantize(a: QuantizeArgs) -> AnyResult<()> {
+    let mut opts = QuantizeOptions::new(FileType::parse(&a.ty)?);
+    opts.output_type = a.output_type.as_deref().map(FileType::parse).transpose()?;
+    opts.embedding_type = a
+        .embedding_type
+        .as_deref()
+        .map(FileType::parse)
+        .transpose()?;
+    opts.threads = a.threads;
+    let t0 = Instant::now();
+    let bar = bar("quantizing");
+    let report = quantize_model(&a.input, &a.output, &opts, |i, n| progress(&bar, i, n));
+    bar.finish_and_clear();
+    let report = report?;
+    for (note, n) in &report.fallbacks {
+        eprintln!("note: {n} tensors: {note}");
+    }
+    let types: Vec<String> = report
+        .types
+        .iter()
+        .map(|(t, n)| format!("{n} {t}"))
+        .collect();
+    eprintln!(
+        "wrote {} ({:.1} MiB, {} tensors: {}) in {:.1}s",
+        a.output.display(),
+        report.bytes as f64 / (1024.0 * 1024.0),
+        report.tensors,
+        types.join(", "),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 fn dense(t: OutType) -> DenseType {

@@ -1,4 +1,5 @@
-//! Format conversion: GGUF to a dense GGUF (f32/f16), and GGUF to a Hugging Face folder.
+//! Format conversion: the GGUF writer, and GGUF to a Hugging Face folder (GGUF output of
+//! every type: [`crate::quantize::quantize_model`]).
 //!
 //! Files are written to a temporary name beside the destination and renamed when complete, so
 //! a failed conversion never leaves a half-written file that looks finished.
@@ -7,8 +8,8 @@ use std::collections::HashMap;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};
-use candle_core::{DType, Device, Tensor};
+use candle_core::quantized::GgmlDType;
+use candle_core::{DType, Tensor};
 
 use crate::config::{Config, RopeScaling};
 use crate::error::{Error, Result};
@@ -89,50 +90,139 @@ pub struct GgufTensor {
 
 /// Writes a GGUF v3 file atomically (temporary file, then rename).
 pub fn write_gguf(path: &Path, metadata: &[(String, Value)], tensors: &[GgufTensor]) -> Result<()> {
-    const ALIGN: u64 = 32;
-    let tmp = tmp_name(path);
-    let res = (|| -> std::io::Result<()> {
-        let f = std::fs::File::create(&tmp)?;
-        let mut w = BufWriter::new(f);
-        w.write_all(&0x4655_4747u32.to_le_bytes())?;
-        w.write_all(&3u32.to_le_bytes())?;
-        w.write_all(&(tensors.len() as u64).to_le_bytes())?;
-        w.write_all(&(metadata.len() as u64).to_le_bytes())?;
-        let mut pos: u64 = 24;
-        let mut count = CountingWriter {
-            inner: &mut w,
-            n: 0,
+    let infos: Vec<GgufTensorInfo> = tensors
+        .iter()
+        .map(|t| GgufTensorInfo {
+            name: t.name.clone(),
+            shape: t.shape.clone(),
+            dtype: t.dtype,
+            bytes: t.data.len(),
+        })
+        .collect();
+    let mut w = GgufWriter::create(path, metadata, &infos)?;
+    for (i, t) in tensors.iter().enumerate() {
+        w.write_tensor(i, &t.data)?;
+    }
+    w.finish().map(|_| ())
+}
+
+/// A tensor's header entry: its data follows later through [`GgufWriter::write_tensor`].
+#[derive(Debug, Clone)]
+pub(crate) struct GgufTensorInfo {
+    pub(crate) name: String,
+    pub(crate) shape: Vec<usize>,
+    pub(crate) dtype: GgmlDType,
+    pub(crate) bytes: usize,
+}
+
+const ALIGN: u64 = 32;
+
+/// Streams a GGUF v3 file: header first (every tensor's size known up front), then each
+/// tensor's data in order. Written to a temporary name; [`GgufWriter::finish`] renames it into
+/// place, and dropping an unfinished writer removes it.
+pub(crate) struct GgufWriter {
+    w: Option<BufWriter<std::fs::File>>,
+    tmp: PathBuf,
+    path: PathBuf,
+    sizes: Vec<usize>,
+    next: usize,
+    written: u64,
+}
+
+impl GgufWriter {
+    pub(crate) fn create(
+        path: &Path,
+        metadata: &[(String, Value)],
+        tensors: &[GgufTensorInfo],
+    ) -> Result<Self> {
+        let tmp = tmp_name(path);
+        let f = std::fs::File::create(&tmp).map_err(|e| Error::io(path, e))?;
+        let mut me = GgufWriter {
+            w: Some(BufWriter::new(f)),
+            tmp,
+            path: path.to_path_buf(),
+            sizes: tensors.iter().map(|t| t.bytes).collect(),
+            next: 0,
+            written: 0,
         };
-        for (k, v) in metadata {
-            write_str(&mut count, k)?;
-            count.write_all(&value_type(v).to_le_bytes())?;
-            write_value(&mut count, v)?;
-        }
-        let mut offset: u64 = 0;
-        for t in tensors {
-            write_str(&mut count, &t.name)?;
-            count.write_all(&(t.shape.len() as u32).to_le_bytes())?;
-            for &d in t.shape.iter().rev() {
-                count.write_all(&(d as u64).to_le_bytes())?;
+        let res = (|| -> std::io::Result<u64> {
+            let w = me.w.as_mut().expect("open");
+            let mut count = CountingWriter { inner: w, n: 0 };
+            count.write_all(&0x4655_4747u32.to_le_bytes())?;
+            count.write_all(&3u32.to_le_bytes())?;
+            count.write_all(&(tensors.len() as u64).to_le_bytes())?;
+            count.write_all(&(metadata.len() as u64).to_le_bytes())?;
+            for (k, v) in metadata {
+                write_str(&mut count, k)?;
+                count.write_all(&value_type(v).to_le_bytes())?;
+                write_value(&mut count, v)?;
             }
-            count.write_all(&ggml_dtype_to_u32(t.dtype).to_le_bytes())?;
-            count.write_all(&offset.to_le_bytes())?;
-            offset = (offset + t.data.len() as u64).div_ceil(ALIGN) * ALIGN;
+            let mut offset: u64 = 0;
+            for t in tensors {
+                write_str(&mut count, &t.name)?;
+                count.write_all(&(t.shape.len() as u32).to_le_bytes())?;
+                for &d in t.shape.iter().rev() {
+                    count.write_all(&(d as u64).to_le_bytes())?;
+                }
+                count.write_all(&ggml_dtype_to_u32(t.dtype).to_le_bytes())?;
+                count.write_all(&offset.to_le_bytes())?;
+                offset = (offset + t.bytes as u64).div_ceil(ALIGN) * ALIGN;
+            }
+            let pos = count.n;
+            let pad = pos.div_ceil(ALIGN) * ALIGN - pos;
+            count.write_all(&vec![0u8; pad as usize])?;
+            Ok(count.n)
+        })();
+        me.written = res.map_err(|e| Error::io(path, e))?;
+        Ok(me)
+    }
+
+    /// Writes tensor `index`'s data (tensors come in header order).
+    pub(crate) fn write_tensor(&mut self, index: usize, data: &[u8]) -> Result<()> {
+        if index != self.next || self.sizes.get(index) != Some(&data.len()) {
+            return Err(Error::InvalidArgument(format!(
+                "GGUF writer: tensor {index} has {} bytes, expected tensor {} with {:?}",
+                data.len(),
+                self.next,
+                self.sizes.get(self.next)
+            )));
         }
-        pos += count.n;
-        let pad = pos.div_ceil(ALIGN) * ALIGN - pos;
-        w.write_all(&vec![0u8; pad as usize])?;
-        for t in tensors {
-            w.write_all(&t.data)?;
-            let len = t.data.len() as u64;
-            let pad = len.div_ceil(ALIGN) * ALIGN - len;
-            w.write_all(&vec![0u8; pad as usize])?;
-        }
-        w.flush()?;
-        w.get_ref().sync_all()?;
+        let w = self.w.as_mut().expect("open until finish");
+        let len = data.len() as u64;
+        let pad = len.div_ceil(ALIGN) * ALIGN - len;
+        w.write_all(data)
+            .and_then(|_| w.write_all(&vec![0u8; pad as usize]))
+            .map_err(|e| Error::io(&self.path, e))?;
+        self.written += len + pad;
+        self.next += 1;
         Ok(())
-    })();
-    finish_tmp(res, &tmp, path)
+    }
+
+    /// Flushes, syncs and renames the file into place; returns its size in bytes.
+    pub(crate) fn finish(mut self) -> Result<u64> {
+        if self.next != self.sizes.len() {
+            return Err(Error::InvalidArgument(format!(
+                "GGUF writer: {} of {} tensors written",
+                self.next,
+                self.sizes.len()
+            )));
+        }
+        let w = self.w.take().expect("open until finish");
+        let res = w
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .and_then(|f| f.sync_all());
+        finish_tmp(res, &self.tmp, &self.path)?;
+        Ok(self.written)
+    }
+}
+
+impl Drop for GgufWriter {
+    fn drop(&mut self) {
+        if self.w.take().is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 struct CountingWriter<'a, W: Write> {
@@ -167,90 +257,6 @@ fn finish_tmp(res: std::io::Result<()>, tmp: &Path, path: &Path) -> Result<()> {
             Err(Error::io(path, e))
         }
     }
-}
-
-fn dense_bytes(t: &Tensor, ty: DenseType) -> Result<(GgmlDType, Vec<u8>)> {
-    let flat = t.flatten_all()?;
-    Ok(match ty {
-        DenseType::F32 => (
-            GgmlDType::F32,
-            flat.to_dtype(DType::F32)?
-                .to_vec1::<f32>()?
-                .iter()
-                .flat_map(|x| x.to_le_bytes())
-                .collect(),
-        ),
-        DenseType::F16 => (
-            GgmlDType::F16,
-            flat.to_dtype(DType::F16)?
-                .to_vec1::<half::f16>()?
-                .iter()
-                .flat_map(|x| x.to_le_bytes())
-                .collect(),
-        ),
-    })
-}
-
-/// Rewrites a GGUF file with every tensor dequantized to `ty` (1-D tensors stay f32, as
-/// llama.cpp keeps norms in f32). Metadata is copied; tensor layout is unchanged.
-pub fn gguf_to_dense_gguf(
-    src: &Path,
-    dst: &Path,
-    ty: DenseType,
-    mut progress: impl FnMut(usize, usize),
-) -> Result<()> {
-    let g = GgufFile::open(src)?;
-    let mut meta: Vec<(String, Value)> = g
-        .metadata
-        .iter()
-        .filter(|(k, _)| k.as_str() != "general.alignment")
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    meta.sort_by(|a, b| a.0.cmp(&b.0));
-    let ftype = match ty {
-        DenseType::F32 => 0u32,
-        DenseType::F16 => 1,
-    };
-    for (k, v) in meta.iter_mut() {
-        if k == "general.file_type" {
-            *v = Value::U32(ftype);
-        }
-    }
-    let mut tensors = Vec::with_capacity(g.tensor_order.len());
-    let n = g.tensor_order.len();
-    for (i, name) in g.tensor_order.iter().enumerate() {
-        let (info, data) = g
-            .tensor_data(name)
-            .ok_or_else(|| Error::weights(src, name, "tensor is missing"))?;
-        let q = qtensor_from_ggml(
-            info.dtype,
-            &aligned_copy(data),
-            info.shape.clone(),
-            &Device::Cpu,
-        )
-        .map_err(|e| Error::weights(src, name, e.to_string()))?;
-        let t = q.dequantize(&Device::Cpu)?;
-        let this_ty = if info.shape.len() == 1 {
-            DenseType::F32
-        } else {
-            ty
-        };
-        let (dtype, data) = dense_bytes(&t, this_ty)?;
-        tensors.push(GgufTensor {
-            name: name.clone(),
-            shape: info.shape.clone(),
-            dtype,
-            data,
-        });
-        progress(i + 1, n);
-    }
-    write_gguf(dst, &meta, &tensors)
-}
-
-fn aligned_copy(data: &[u8]) -> Vec<u8> {
-    // Vec<u8> from the global allocator is at least 8-byte aligned for these sizes; copying
-    // also detaches the data from the memory map.
-    data.to_vec()
 }
 
 /// Writes a Hugging Face folder (config.json, model.safetensors, tokenizer.json,

@@ -31,6 +31,7 @@ pub mod gguf;
 mod kv_cache;
 mod model;
 mod perplexity;
+pub mod quantize;
 pub mod sampler;
 mod session;
 mod state;

@@ -28,7 +28,8 @@ use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer as HfTokenizer};
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 
-const GPT2_REGEX: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
+pub(crate) const GPT2_REGEX: &str =
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
 const LLAMA3_REGEX: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const QWEN2_REGEX: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
@@ -75,6 +76,27 @@ fn pre_tokenizer_regexes(pre: &str) -> Option<(Vec<&'static str>, bool)> {
         ),
         _ => return None,
     })
+}
+
+/// The llama.cpp pre-tokenizer name whose regexes are `regexes` (as written in a
+/// tokenizer.json, `(?i:...)` contractions accepted).
+pub(crate) fn pre_name_for_regexes(regexes: &[String]) -> Option<&'static str> {
+    let norm: Vec<String> = regexes
+        .iter()
+        .map(|r| {
+            r.replace(
+                "(?i:'s|'t|'re|'ve|'m|'ll|'d)",
+                "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])",
+            )
+        })
+        .collect();
+    ["llama-bpe", "smollm", "gpt-2", "qwen2"]
+        .into_iter()
+        .find(|name| {
+            pre_tokenizer_regexes(name).is_some_and(|(rs, _)| {
+                rs.len() == norm.len() && rs.iter().zip(&norm).all(|(a, b)| a == b)
+            })
+        })
 }
 
 /// A tokenizer for one model.
@@ -411,6 +433,11 @@ impl Tokenizer {
     pub fn eos_id(&self) -> Option<u32> {
         self.eos
     }
+    /// Whether `encode(.., add_special = true, ..)` appends EOS.
+    pub fn adds_eos(&self) -> bool {
+        self.add_eos
+    }
+
     /// Whether `encode(.., add_special = true, ..)` prepends BOS.
     pub fn adds_bos(&self) -> bool {
         self.add_bos

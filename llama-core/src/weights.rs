@@ -8,6 +8,8 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QMatMul, QTensor};
+
+use crate::model::QuantType;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
@@ -118,7 +120,7 @@ pub fn permute_rows_for_gguf(data: &[u8], rows: usize, n_heads: usize) -> Vec<u8
 }
 
 /// Copies bytes into 8-byte aligned storage (quantized blocks hold f16/f32 fields).
-fn aligned(bytes: &[u8]) -> Vec<u64> {
+pub(crate) fn aligned(bytes: &[u8]) -> Vec<u64> {
     let mut v = vec![0u64; bytes.len().div_ceil(8)];
     // SAFETY: u64 storage viewed as bytes; length within the allocation.
     let dst = unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, bytes.len()) };
@@ -126,7 +128,7 @@ fn aligned(bytes: &[u8]) -> Vec<u64> {
     v
 }
 
-fn as_bytes(v: &[u64], len: usize) -> &[u8] {
+pub(crate) fn as_bytes(v: &[u64], len: usize) -> &[u8] {
     // SAFETY: viewing initialized u64 storage as bytes.
     unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, len) }
 }
@@ -270,14 +272,17 @@ impl WeightSource {
         }
     }
 
-    /// Loads a matrix for a matmul.
+    /// Loads a matrix for a matmul, quantizing dense weights per `rules` (the same rules the
+    /// GGUF writer applies, so quantize-at-load and quantize-then-load give identical tensors).
     pub(crate) fn load_matmul(
         &self,
         w: W,
         shape: &[usize],
         unpermute_heads: Option<usize>,
-        quantize: Option<crate::model::QuantType>,
+        role: crate::quantize::Role,
+        rules: &crate::quantize::TypeRules,
     ) -> Result<QMatMul> {
+        use crate::quantize::{quantize_rows, tensor_type, FileType};
         let err =
             |e: candle_core::Error| Error::weights(self.path(), format!("{w:?}"), e.to_string());
         let loaded = self.load(w, shape, unpermute_heads)?;
@@ -290,24 +295,31 @@ impl WeightSource {
             }
             Loaded::Q(q) => return QMatMul::from_qtensor(q).map_err(err),
         };
-        let Some(mut target) = quantize else {
-            return Ok(QMatMul::Tensor(dense));
-        };
-        // Row length must be a multiple of the block size; fall back as llama.cpp does.
         let k = shape[shape.len() - 1];
-        while k % target.ggml().block_size() != 0 {
-            match target.fallback() {
-                Some(f) => {
-                    tracing::warn!(tensor = ?w, from = ?target, to = ?f, "row length {k} is not a multiple of the block size: falling back");
-                    target = f;
-                }
-                None => {
-                    tracing::warn!(tensor = ?w, "row length {k} fits no block size: kept dense");
-                    return Ok(QMatMul::Tensor(dense));
-                }
-            }
+        let (target, note) = tensor_type(role, rules, k);
+        if let Some(n) = note {
+            tracing::debug!(tensor = ?w, "{n}");
         }
-        let q = QTensor::quantize(&dense, target.ggml()).map_err(err)?;
+        let ty = match target {
+            Some(FileType::Quant(q)) => q.ggml(),
+            _ => return Ok(QMatMul::Tensor(dense)),
+        };
+        let values: Vec<f32> = dense.flatten_all()?.to_vec1()?;
+        let bytes = quantize_rows(
+            &values,
+            k,
+            FileType::Quant(QuantType::from_ggml(ty)),
+            crate::quantize::default_threads(),
+        )?;
+        drop(values);
+        let store = aligned(&bytes);
+        let q = qtensor_from_ggml(
+            ty,
+            as_bytes(&store, bytes.len()),
+            shape.to_vec(),
+            &Device::Cpu,
+        )
+        .map_err(err)?;
         QMatMul::from_qtensor(q).map_err(err)
     }
 }

@@ -160,82 +160,93 @@ fn generation_config_eos_ids_are_unioned() {
     assert!(m.tokenizer().is_eog(1) && m.tokenizer().is_eog(2));
 }
 
-/// Quantizing at load gives exactly the tensors of quantizing first and loading the result
-/// (quantization is per row, so the Q/K row permutation commutes with it).
+/// Quantizing at load gives exactly the tensors of writing a quantized GGUF (from the GGUF or
+/// from the Hugging Face folder) and loading it; the writer's files, from either source, hold
+/// identical tensors (quantization is per row, so the Q/K row permutation commutes with it).
 #[test]
 fn quantize_at_load_equals_quantize_then_load() {
+    use common::tiny::Vocab;
+    use llama_core::quantize::{quantize_model, FileType, QuantizeOptions};
     use llama_core::QuantType;
-    let t = build(Spec {
-        hidden: 256,
-        ff: 512,
-        heads: 4,
-        kv_heads: 2,
-        head_dim: 64,
-        seed: 29,
-        ..Default::default()
-    });
-    let g = GgufFile::open(&t.gguf).unwrap();
-    let meta: Vec<_> = g
-        .metadata
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    for (qt, dt) in [
-        (QuantType::Q8_0, GgmlDType::Q8_0),
-        (QuantType::Q4_0, GgmlDType::Q4_0),
-        (QuantType::Q4K, GgmlDType::Q4K),
-        (QuantType::Q6K, GgmlDType::Q6K),
-    ] {
-        let tensors: Vec<GgufTensor> = g
-            .tensor_order
-            .iter()
-            .map(|name| {
-                let (info, data) = g.tensor_data(name).unwrap();
-                if info.shape.len() == 1 {
-                    return GgufTensor {
-                        name: name.clone(),
-                        shape: info.shape.clone(),
-                        dtype: info.dtype,
-                        data: data.to_vec(),
-                    };
+    for (vocab, tie, seed) in [(Vocab::Bpe, false, 29), (Vocab::Spm, true, 30)] {
+        let t = build(Spec {
+            vocab,
+            tie,
+            hidden: 256,
+            ff: 512,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 64,
+            seed,
+            ..Default::default()
+        });
+        for qt in [
+            QuantType::Q8_0,
+            QuantType::Q4_0,
+            QuantType::Q4_1,
+            QuantType::Q5_0,
+            QuantType::Q5_1,
+            QuantType::Q4K,
+            QuantType::Q5K,
+            QuantType::Q6K,
+        ] {
+            let opts = QuantizeOptions::new(FileType::Quant(qt));
+            let from_gguf = t.dir.path().join(format!("g-{qt:?}.gguf"));
+            let from_hf = t.dir.path().join(format!("h-{qt:?}.gguf"));
+            quantize_model(&t.gguf, &from_gguf, &opts, |_, _| {}).unwrap();
+            quantize_model(&t.hf, &from_hf, &opts, |_, _| {}).unwrap();
+            let (a, b) = (
+                GgufFile::open(&from_gguf).unwrap(),
+                GgufFile::open(&from_hf).unwrap(),
+            );
+            assert_eq!(a.tensors.len(), b.tensors.len());
+            for name in &a.tensor_order {
+                let (ia, da) = a.tensor_data(name).unwrap();
+                let (ib, db) = b.tensor_data(name).unwrap();
+                assert_eq!((ia.dtype, &ia.shape), (ib.dtype, &ib.shape), "{name}");
+                assert!(da == db, "{qt:?} {name}: tensor bytes differ");
+            }
+            // The head follows llama.cpp: Q6_K (rows of 256), or Q8_0 for Q8_0 files.
+            let head = if tie {
+                "token_embd.weight"
+            } else {
+                "output.weight"
+            };
+            let want_head = if qt == QuantType::Q8_0 {
+                GgmlDType::Q8_0
+            } else {
+                GgmlDType::Q6K
+            };
+            assert_eq!(a.tensors[head].dtype, want_head, "{qt:?} head");
+            let pre = logits(&Model::load(&from_gguf, ModelOptions::default()).unwrap());
+            let pre_hf_model = Model::load(&from_hf, ModelOptions::default()).unwrap();
+            assert_eq!(
+                logits(&pre_hf_model),
+                pre,
+                "{qt:?}: files from GGUF and HF differ"
+            );
+            for src in [&t.hf, &t.gguf] {
+                let at_load = Model::load(src, ModelOptions::default().with_quantize(qt)).unwrap();
+                assert_eq!(at_load.weight_type(), format!("{:?}", qt_ggml(qt)));
+                assert_eq!(logits(&at_load), pre, "{qt:?} from {}", src.display());
+            }
+            // The tokenizer written from tokenizer.json tokenizes as the original.
+            let orig = Model::load(&t.gguf, ModelOptions::default()).unwrap();
+            for text in [
+                "hello world",
+                " the cat sat",
+                "abc 123 <s>x</s>",
+                "",
+                "  two  spaces\n",
+            ] {
+                for special in [false, true] {
+                    assert_eq!(
+                        pre_hf_model.tokenize(text, true, special).unwrap(),
+                        orig.tokenize(text, true, special).unwrap(),
+                        "{vocab:?} {text:?}"
+                    );
                 }
-                // Embedding and output head: Q8_0, as quantize-at-load does.
-                let target = if name.starts_with("token_embd") || name.starts_with("output") {
-                    GgmlDType::Q8_0
-                } else {
-                    dt
-                };
-                let vals: Vec<f32> = data
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                    .collect();
-                let q = QTensor::quantize(
-                    &Tensor::from_vec(vals, info.shape.clone(), &Device::Cpu).unwrap(),
-                    target,
-                )
-                .unwrap();
-                GgufTensor {
-                    name: name.clone(),
-                    shape: info.shape.clone(),
-                    dtype: target,
-                    data: q.data().unwrap().to_vec(),
-                }
-            })
-            .collect();
-        let p = t.dir.path().join(format!("pre-{qt:?}.gguf"));
-        write_gguf(&p, &meta, &tensors).unwrap();
-        let pre = Model::load(&p, ModelOptions::default()).unwrap();
-        for src in [&t.hf, &t.gguf] {
-            let at_load = Model::load(src, ModelOptions::default().with_quantize(qt)).unwrap();
-            assert_eq!(at_load.weight_type(), format!("{dt:?}"));
-            let a = logits(&at_load);
-            let b = logits(&pre);
-            let d = a
-                .iter()
-                .zip(&b)
-                .map(|(x, y)| (x - y).abs())
-                .fold(0f32, f32::max);
-            assert!(d < 1e-5, "{qt:?} from {}: {d}", src.display());
+            }
         }
     }
     // A row length that fits no k-quant super-block falls back (576 % 256 != 0).
@@ -255,4 +266,19 @@ fn quantize_at_load_equals_quantize_then_load() {
     .unwrap();
     assert_eq!(m.weight_type(), "Q8_0");
     assert!(QuantType::parse("q4_k").is_ok() && QuantType::parse("q3_x").is_err());
+}
+
+fn qt_ggml(q: llama_core::QuantType) -> GgmlDType {
+    use llama_core::QuantType as Q;
+    match q {
+        Q::Q8_0 => GgmlDType::Q8_0,
+        Q::Q4_0 => GgmlDType::Q4_0,
+        Q::Q4_1 => GgmlDType::Q4_1,
+        Q::Q5_0 => GgmlDType::Q5_0,
+        Q::Q5_1 => GgmlDType::Q5_1,
+        Q::Q4K => GgmlDType::Q4K,
+        Q::Q5K => GgmlDType::Q5K,
+        Q::Q6K => GgmlDType::Q6K,
+        _ => unreachable!(),
+    }
 }

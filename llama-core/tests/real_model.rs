@@ -7,7 +7,9 @@ use std::sync::OnceLock;
 
 use base64::Engine as _;
 use common::*;
-use llama_core::convert::{gguf_to_dense_gguf, gguf_to_hf, DenseType};
+use llama_core::convert::{gguf_to_hf, DenseType};
+use llama_core::gguf::GgufFile;
+use llama_core::quantize::{quantize_model, FileType, QuantizeOptions};
 use llama_core::{
     GenerateOptions, KvCacheType, Message, Model, ModelOptions, Sampler, SessionOptions,
 };
@@ -221,11 +223,53 @@ fn dense_path_matches_float_reference() {
     let dir = tempfile::tempdir().unwrap();
     let f32_gguf = dir.path().join("f32.gguf");
     let hf_dir = dir.path().join("hf");
-    gguf_to_dense_gguf(&src, &f32_gguf, DenseType::F32, |_, _| {}).unwrap();
+    let hf_gguf = dir.path().join("hf-f32.gguf");
+    quantize_model(
+        &src,
+        &f32_gguf,
+        &QuantizeOptions::new(FileType::F32),
+        |_, _| {},
+    )
+    .unwrap();
     gguf_to_hf(&src, &hf_dir, DenseType::F32, |_, _| {}).unwrap();
+    // And back: a GGUF written from the Hugging Face folder, with tokenizer metadata
+    // synthesised from tokenizer.json.
+    quantize_model(
+        &hf_dir,
+        &hf_gguf,
+        &QuantizeOptions::new(FileType::F32),
+        |_, _| {},
+    )
+    .unwrap();
     let dense = Model::load(&f32_gguf, ModelOptions::default()).unwrap();
     let hf = Model::load(&hf_dir, ModelOptions::default()).unwrap();
+    let back = Model::load(&hf_gguf, ModelOptions::default()).unwrap();
     assert_eq!(hf.format(), "safetensors");
+    // The synthesised tokenizer metadata is llama.cpp's own, key for key.
+    let (a, b) = (
+        GgufFile::open(&src).unwrap(),
+        GgufFile::open(&hf_gguf).unwrap(),
+    );
+    for key in [
+        "tokenizer.ggml.model",
+        "tokenizer.ggml.pre",
+        "tokenizer.ggml.tokens",
+        "tokenizer.ggml.token_type",
+        "tokenizer.ggml.merges",
+        "tokenizer.ggml.bos_token_id",
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.chat_template",
+        "llama.block_count",
+        "llama.embedding_length",
+        "llama.feed_forward_length",
+        "llama.attention.head_count",
+        "llama.attention.head_count_kv",
+        "llama.rope.freq_base",
+        "llama.attention.layer_norm_rms_epsilon",
+        "llama.context_length",
+    ] {
+        assert_eq!(a.get(key), b.get(key), "{key}");
+    }
     for case in r["dense"].as_array().unwrap() {
         let prompt_ids = ids(&case["prompt_ids"]);
         let bytes = base64::engine::general_purpose::STANDARD
@@ -235,7 +279,11 @@ fn dense_path_matches_float_reference() {
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
-        for (name, m) in [("f32 gguf", &dense), ("hf safetensors", &hf)] {
+        for (name, m) in [
+            ("f32 gguf", &dense),
+            ("hf safetensors", &hf),
+            ("gguf from hf", &back),
+        ] {
             assert_eq!(
                 m.tokenize(case["prompt"].as_str().unwrap(), true, true)
                     .unwrap(),
@@ -301,4 +349,92 @@ fn token_logprobs_agree_with_eval() {
     assert_eq!(tail.len(), ids.len() - 4);
     assert_eq!(tail[0], all[4]);
     assert_eq!(s2.logits().unwrap(), &all[ids.len() - 1][..]);
+}
+
+fn sha256_hex(path: &std::path::Path) -> String {
+    use sha2::Digest;
+    let bytes = std::fs::read(path).unwrap();
+    sha2::Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Files written by `llama quantize` (from the GGUF, and from a Hugging Face export of it):
+/// llama.cpp loads each (reference script) and its greedy tokens and tokenization on that
+/// file are what this library produces on the same file.
+#[test]
+fn quantized_files_round_trip_through_llama_cpp() {
+    let r = reference();
+    let src = real_model_path();
+    let threshold = near_tie_threshold(&r);
+    let cases = r["roundtrip"].as_array().expect("roundtrip section");
+    assert!(cases.len() >= 3);
+    let mut report = vec![];
+    let mut failures = vec![];
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join(format!("{name}.gguf"));
+        for step in case["steps"].as_array().unwrap() {
+            let args: Vec<String> = step
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| {
+                    a.as_str()
+                        .unwrap()
+                        .replace("{model}", src.to_str().unwrap())
+                        .replace("{tmp}", tmp.path().to_str().unwrap())
+                        .replace("{out}", out.to_str().unwrap())
+                })
+                .collect();
+            let ty = &args[args.iter().position(|a| a == "--type").unwrap() + 1];
+            let (input, output) = (
+                std::path::Path::new(&args[1]),
+                std::path::Path::new(&args[2]),
+            );
+            match args[0].as_str() {
+                "quantize" => {
+                    let opts = QuantizeOptions::new(FileType::parse(ty).unwrap());
+                    quantize_model(input, output, &opts, |_, _| {}).unwrap();
+                }
+                "export-hf" => {
+                    let t = if ty == "f16" {
+                        DenseType::F16
+                    } else {
+                        DenseType::F32
+                    };
+                    gguf_to_hf(input, output, t, |_, _| {}).unwrap();
+                }
+                other => panic!("unknown step {other}"),
+            }
+        }
+        assert_eq!(
+            sha256_hex(&out),
+            case["sha256"].as_str().unwrap(),
+            "{name}: the file differs from the one llama.cpp was run on"
+        );
+        let m = Model::load(&out, ModelOptions::default()).unwrap();
+        for t in case["tokenize"].as_array().unwrap() {
+            let text = t["text"].as_str().unwrap();
+            assert_eq!(
+                m.tokenize(text, true, true).unwrap(),
+                ids(&t["ids"]),
+                "{name}: {text:?}"
+            );
+        }
+        for g in case["greedy"].as_array().unwrap() {
+            let prompt_ids = ids(&g["prompt_ids"]);
+            let want = ids(&g["ids"]);
+            let ours = greedy(&m, &prompt_ids, want.len());
+            match check_greedy(&ours, &want, &f32s(&g["margins"]), threshold) {
+                Ok(None) => report.push(format!("{name}: identical")),
+                Ok(Some((i, mg))) => report.push(format!("{name}: near-tie at {i} ({mg:.3})")),
+                Err(e) => failures.push(format!("{name} {:?}: {e}", g["prompt"])),
+            }
+        }
+    }
+    println!("{}", report.join("\n"));
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

@@ -135,6 +135,47 @@ def greedy(llm, np, prompt_ids, n, token_by_token=False):
     return ids, margins, top10
 
 
+# Files written by this library that llama.cpp must load and run: each is made from the
+# shipped model by the listed `llama` commands ({model}: the shipped file, {tmp}: a scratch
+# folder, {out}: the file llama.cpp loads). The test repeats the recipe, checks the file's
+# sha256 and compares its greedy tokens with llama.cpp's on the same file.
+ROUNDTRIP = [
+    {"name": "q4_0", "steps": [["quantize", "{model}", "{out}", "--type", "q4_0"]]},
+    {"name": "q4_k", "steps": [["quantize", "{model}", "{out}", "--type", "q4_k"]]},
+    {"name": "q8_0", "steps": [["quantize", "{model}", "{out}", "--type", "q8_0"]]},
+    {"name": "hf_f16_to_q8_0", "steps": [["export-hf", "{model}", "{tmp}/hf", "--type", "f16"],
+                                         ["quantize", "{tmp}/hf", "{out}", "--type", "q8_0"]]},
+]
+ROUNDTRIP_PROMPTS = GREEDY_PROMPTS[:4]
+ROUNDTRIP_TOKENIZE = TOKENIZE_CORPUS[:24]
+N_ROUNDTRIP = 32
+
+
+def roundtrip(args, model, np):
+    import llama_cpp
+
+    out = []
+    for case in ROUNDTRIP:
+        with tempfile.TemporaryDirectory() as tmp:
+            dst = os.path.join(tmp, case["name"] + ".gguf")
+            for step in case["steps"]:
+                cmd = [a.format(model=model, tmp=tmp, out=dst) for a in step]
+                subprocess.check_call([args.llama] + cmd)
+            llm = llama_cpp.Llama(dst, n_ctx=1024, n_batch=512, logits_all=True, verbose=False, n_threads=2)
+            entry = {"name": case["name"], "steps": case["steps"], "sha256": sha256(dst),
+                     "tokenize": [], "greedy": []}
+            for text in ROUNDTRIP_TOKENIZE:
+                entry["tokenize"].append({"text": text, "ids": llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)})
+            for p in ROUNDTRIP_PROMPTS:
+                prompt_ids = llm.tokenize(p.encode("utf-8"), add_bos=True, special=True)
+                ids, margins, _ = greedy(llm, np, prompt_ids, N_ROUNDTRIP)
+                entry["greedy"].append({"prompt": p, "prompt_ids": prompt_ids, "ids": ids, "margins": margins})
+            print(f"roundtrip {case['name']}: {llm.detokenize(entry['greedy'][0]['ids']).decode('utf-8', 'replace')[:60]!r}", file=sys.stderr)
+            del llm
+            out.append(entry)
+    return out
+
+
 def main():
     ensure_venv()
     import jinja2
@@ -145,8 +186,18 @@ def main():
     ap.add_argument("--model", default=None)
     ap.add_argument("--llama", default=os.path.join(ROOT, "target", "release", "llama"))
     ap.add_argument("--out", default=os.path.join(HERE, "smollm2.json"))
+    ap.add_argument("--only-roundtrip", action="store_true",
+                    help="recompute only the round-trip section of an existing fixture")
     args = ap.parse_args()
     model = args.model or subprocess.check_output(["bash", os.path.join(ROOT, "scripts", "fetch-model.sh")], text=True).strip()
+    if args.only_roundtrip:
+        with open(args.out) as f:
+            out = json.load(f)
+        out["roundtrip"] = roundtrip(args, model, np)
+        with open(args.out, "w") as f:
+            json.dump(out, f, ensure_ascii=False, indent=1)
+        print(f"wrote {args.out}", file=sys.stderr)
+        return
 
     llm = llama_cpp.Llama(model, n_ctx=2048, n_batch=512, logits_all=True, verbose=False, n_threads=2)
     out = {
@@ -231,6 +282,7 @@ def main():
             last = np.array(dense.scores[dense.n_tokens - 1], dtype="<f4")
             out["dense"].append({"prompt": p, "prompt_ids": ids, "logits_f32_b64": base64.b64encode(last.tobytes()).decode()})
         del dense
+    out["roundtrip"] = roundtrip(args, model, np)
     with open(args.out, "w") as f:
         json.dump(out, f, ensure_ascii=False, indent=1)
     print(f"wrote {args.out}", file=sys.stderr)

@@ -48,9 +48,16 @@ pub type ProgressFn<'a> = Box<dyn FnMut(&LoadProgress) -> ControlFlow<()> + Send
 pub struct ModelOptions<'a> {
     /// Called after each tensor is loaded.
     pub progress: Option<ProgressFn<'a>>,
-    /// Quantize dense (f32/f16/bf16) weight matrices while loading. The token embedding and
-    /// the output head become Q8_0. Weights already quantized are kept as they are.
+    /// Quantize dense (f32/f16/bf16) weight matrices while loading, with llama.cpp's default
+    /// rules: the output head (or a tied embedding) becomes Q6_K, or Q8_0 when its rows are
+    /// not a multiple of 256 or the type is Q8_0; an untied embedding gets this type; rows that
+    /// do not fit a k-quant's super-block fall back (Q4_K to Q5_0, Q5_K to Q5_1, Q6_K to Q8_0).
+    /// Weights already quantized are kept as they are.
     pub quantize: Option<QuantType>,
+    /// Overrides the type of the output head (and of a tied embedding) when quantizing.
+    pub quantize_output: Option<QuantType>,
+    /// Overrides the type of an untied token embedding when quantizing.
+    pub quantize_embedding: Option<QuantType>,
 }
 
 /// Block types for quantizing at load time.
@@ -95,6 +102,20 @@ impl QuantType {
         })
     }
 
+    pub(crate) fn from_ggml(t: candle_core::quantized::GgmlDType) -> QuantType {
+        use candle_core::quantized::GgmlDType as G;
+        match t {
+            G::Q4_0 => QuantType::Q4_0,
+            G::Q4_1 => QuantType::Q4_1,
+            G::Q5_0 => QuantType::Q5_0,
+            G::Q5_1 => QuantType::Q5_1,
+            G::Q4K => QuantType::Q4K,
+            G::Q5K => QuantType::Q5K,
+            G::Q6K => QuantType::Q6K,
+            _ => QuantType::Q8_0,
+        }
+    }
+
     pub(crate) fn ggml(self) -> candle_core::quantized::GgmlDType {
         use candle_core::quantized::GgmlDType as G;
         match self {
@@ -125,6 +146,18 @@ impl<'a> ModelOptions<'a> {
     /// Quantizes dense weights while loading.
     pub fn with_quantize(mut self, q: QuantType) -> Self {
         self.quantize = Some(q);
+        self
+    }
+
+    /// Overrides the output head's type when quantizing (see [`ModelOptions::quantize`]).
+    pub fn with_quantize_output(mut self, q: QuantType) -> Self {
+        self.quantize_output = Some(q);
+        self
+    }
+
+    /// Overrides an untied embedding's type when quantizing.
+    pub fn with_quantize_embedding(mut self, q: QuantType) -> Self {
+        self.quantize_embedding = Some(q);
         self
     }
 
@@ -221,7 +254,12 @@ impl Model {
     pub fn load(path: impl AsRef<Path>, mut options: ModelOptions<'_>) -> Result<Model> {
         let path = path.as_ref();
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-        let quantize = options.quantize;
+        let q = |t: Option<QuantType>| t.map(crate::quantize::FileType::Quant);
+        let quantize = crate::quantize::TypeRules {
+            base: q(options.quantize),
+            output: q(options.quantize_output),
+            embedding: q(options.quantize_embedding),
+        };
         let progress = options.progress.as_mut();
         let t0 = std::time::Instant::now();
         let model = if meta.is_dir() {
@@ -242,7 +280,7 @@ impl Model {
     fn load_gguf(
         path: &Path,
         progress: Option<&mut ProgressFn<'_>>,
-        quantize: Option<QuantType>,
+        quantize: crate::quantize::TypeRules,
     ) -> Result<Model> {
         let g = GgufFile::open(path)?;
         let config = Config::from_gguf(&g)?;
@@ -267,126 +305,14 @@ impl Model {
     fn load_hf(
         dir: &Path,
         progress: Option<&mut ProgressFn<'_>>,
-        quantize: Option<QuantType>,
+        quantize: crate::quantize::TypeRules,
     ) -> Result<Model> {
-        let cfg_path = dir.join("config.json");
-        if !cfg_path.is_file() {
-            return Err(Error::config(
-                dir,
-                "not a model folder: config.json is missing (expected a Hugging Face folder or a .gguf file)",
-            ));
-        }
-        let mut config = Config::from_hf_json(&cfg_path)?;
-        config.validate(&cfg_path)?;
-        let read_json = |name: &str| -> Result<Option<serde_json::Value>> {
-            let p = dir.join(name);
-            if !p.is_file() {
-                return Ok(None);
-            }
-            let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
-            serde_json::from_str(&text)
-                .map(Some)
-                .map_err(|e| Error::config(&p, format!("not valid JSON: {e}")))
-        };
-        // EOS ids: config.json, generation_config.json and the tokenizer's own, unioned.
-        if let Some(gen) = read_json("generation_config.json")? {
-            let mut add = |v: &serde_json::Value| {
-                if let Some(id) = v.as_u64() {
-                    if !config.eos_token_ids.contains(&(id as u32)) {
-                        config.eos_token_ids.push(id as u32);
-                    }
-                }
-            };
-            match gen.get("eos_token_id") {
-                Some(serde_json::Value::Array(a)) => a.iter().for_each(&mut add),
-                Some(v) => add(v),
-                None => {}
-            }
-        }
-        let tok_cfg = read_json("tokenizer_config.json")?;
-        let tok_path = dir.join("tokenizer.json");
-        if !tok_path.is_file() {
-            return Err(Error::Tokenizer(format!(
-                "{} is missing (the model folder needs a fast tokenizer file)",
-                tok_path.display()
-            )));
-        }
-        let mut tokenizer = Tokenizer::from_hf_files(&tok_path, tok_cfg.as_ref())?;
-        tokenizer.add_eog(&config.eos_token_ids);
-        let mut chat_template = tok_cfg
-            .as_ref()
-            .and_then(|c| c.get("chat_template"))
-            .and_then(|v| v.as_str())
-            .map(str::to_string);
-        let jinja = dir.join("chat_template.jinja");
-        if jinja.is_file() {
-            chat_template =
-                Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?);
-        }
-        // Weight files: the sharded index, model.safetensors, or every *.safetensors.
-        let index = dir.join("model.safetensors.index.json");
-        let files: Vec<PathBuf> = if index.is_file() {
-            let idx = read_json("model.safetensors.index.json")?.unwrap_or_default();
-            let map = idx
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .ok_or_else(|| Error::config(&index, "missing weight_map"))?;
-            let mut files: Vec<PathBuf> = vec![];
-            for v in map.values() {
-                let f = v
-                    .as_str()
-                    .filter(|f| !f.contains("..") && !f.starts_with('/'))
-                    .ok_or_else(|| Error::config(&index, "invalid file name in weight_map"))?;
-                let p = dir.join(f);
-                if !files.contains(&p) {
-                    files.push(p);
-                }
-            }
-            files
-        } else if dir.join("model.safetensors").is_file() {
-            vec![dir.join("model.safetensors")]
-        } else {
-            let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-                .map_err(|e| Error::io(dir, e))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-                .collect();
-            v.sort();
-            v
-        };
-        if files.is_empty() {
-            return Err(Error::weights(
-                dir,
-                "",
-                "no .safetensors weight files found",
-            ));
-        }
-        for f in &files {
-            if !f.is_file() {
-                return Err(Error::io(
-                    f,
-                    std::io::Error::new(std::io::ErrorKind::NotFound, "weight shard is missing"),
-                ));
-            }
-        }
-        // SAFETY: read-only maps of files we do not modify.
-        let st =
-            unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }.map_err(|e| {
-                Error::weights(
-                    files.first().map(|p| p.as_path()).unwrap_or(dir),
-                    "",
-                    format!("invalid safetensors file: {e}"),
-                )
-            })?;
-        let src = WeightSource::SafeTensors {
-            st,
-            dir: dir.to_path_buf(),
-        };
+        let parts = open_hf(dir)?;
         Self::build(
-            src,
-            config,
-            tokenizer,
-            chat_template,
+            parts.src,
+            parts.config,
+            parts.tokenizer,
+            parts.chat_template,
             "safetensors",
             progress,
             quantize,
@@ -400,7 +326,7 @@ impl Model {
         chat_template: Option<String>,
         format: &'static str,
         mut progress: Option<&mut ProgressFn<'_>>,
-        quantize: Option<QuantType>,
+        quantize: crate::quantize::TypeRules,
     ) -> Result<Model> {
         let c = &config;
         let (h, hd, nh, nkv) = (
@@ -431,21 +357,41 @@ impl Model {
         let is_gguf = matches!(src, WeightSource::Gguf(_));
         let perm_q = is_gguf.then_some(nh);
         let perm_k = is_gguf.then_some(nkv);
-        let q8 = quantize.map(|_| QuantType::Q8_0);
-        let embed = src.load_matmul(W::Embed, &[c.vocab_size, h], None, q8)?;
+        use crate::quantize::Role;
+        let embed_role = if tied { Role::Output } else { Role::Embedding };
+        let rules = &quantize;
+        let embed = src.load_matmul(W::Embed, &[c.vocab_size, h], None, embed_role, rules)?;
         tick(1)?;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {
             let layer = Layer {
                 attn_norm: src.load_dense(W::AttnNorm(l), &[h])?,
-                q: src.load_matmul(W::Q(l), &[nh * hd, h], perm_q, quantize)?,
-                k: src.load_matmul(W::K(l), &[nkv * hd, h], perm_k, quantize)?,
-                v: src.load_matmul(W::V(l), &[nkv * hd, h], None, quantize)?,
-                o: src.load_matmul(W::O(l), &[h, nh * hd], None, quantize)?,
+                q: src.load_matmul(W::Q(l), &[nh * hd, h], perm_q, Role::Matrix, rules)?,
+                k: src.load_matmul(W::K(l), &[nkv * hd, h], perm_k, Role::Matrix, rules)?,
+                v: src.load_matmul(W::V(l), &[nkv * hd, h], None, Role::Matrix, rules)?,
+                o: src.load_matmul(W::O(l), &[h, nh * hd], None, Role::Matrix, rules)?,
                 ffn_norm: src.load_dense(W::FfnNorm(l), &[h])?,
-                gate: src.load_matmul(W::Gate(l), &[c.intermediate_size, h], None, quantize)?,
-                up: src.load_matmul(W::Up(l), &[c.intermediate_size, h], None, quantize)?,
-                down: src.load_matmul(W::Down(l), &[h, c.intermediate_size], None, quantize)?,
+                gate: src.load_matmul(
+                    W::Gate(l),
+                    &[c.intermediate_size, h],
+                    None,
+                    Role::Matrix,
+                    rules,
+                )?,
+                up: src.load_matmul(
+                    W::Up(l),
+                    &[c.intermediate_size, h],
+                    None,
+                    Role::Matrix,
+                    rules,
+                )?,
+                down: src.load_matmul(
+                    W::Down(l),
+                    &[h, c.intermediate_size],
+                    None,
+                    Role::Matrix,
+                    rules,
+                )?,
             };
             layers.push(layer);
             tick(9)?;
@@ -455,7 +401,7 @@ impl Model {
         let lm_head = if tied {
             embed.clone()
         } else {
-            let m = src.load_matmul(W::Output, &[c.vocab_size, h], None, q8)?;
+            let m = src.load_matmul(W::Output, &[c.vocab_size, h], None, Role::Output, rules)?;
             tick(1)?;
             m
         };
@@ -726,4 +672,142 @@ impl Model {
 fn _assert_send_sync() {
     fn is<T: Send + Sync>() {}
     is::<Model>();
+}
+
+/// The pieces of a Hugging Face model folder, parsed and checked, weights still mapped.
+pub(crate) struct HfParts {
+    pub(crate) config: Config,
+    pub(crate) tokenizer: Tokenizer,
+    pub(crate) chat_template: Option<String>,
+    pub(crate) src: WeightSource,
+    /// The raw tokenizer.json.
+    pub(crate) tokenizer_json: serde_json::Value,
+}
+
+pub(crate) fn open_hf(dir: &Path) -> Result<HfParts> {
+    let cfg_path = dir.join("config.json");
+    if !cfg_path.is_file() {
+        return Err(Error::config(
+                dir,
+                "not a model folder: config.json is missing (expected a Hugging Face folder or a .gguf file)",
+            ));
+    }
+    let mut config = Config::from_hf_json(&cfg_path)?;
+    config.validate(&cfg_path)?;
+    let read_json = |name: &str| -> Result<Option<serde_json::Value>> {
+        let p = dir.join(name);
+        if !p.is_file() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| Error::config(&p, format!("not valid JSON: {e}")))
+    };
+    // EOS ids: config.json, generation_config.json and the tokenizer's own, unioned.
+    if let Some(gen) = read_json("generation_config.json")? {
+        let mut add = |v: &serde_json::Value| {
+            if let Some(id) = v.as_u64() {
+                if !config.eos_token_ids.contains(&(id as u32)) {
+                    config.eos_token_ids.push(id as u32);
+                }
+            }
+        };
+        match gen.get("eos_token_id") {
+            Some(serde_json::Value::Array(a)) => a.iter().for_each(&mut add),
+            Some(v) => add(v),
+            None => {}
+        }
+    }
+    let tok_cfg = read_json("tokenizer_config.json")?;
+    let tok_path = dir.join("tokenizer.json");
+    if !tok_path.is_file() {
+        return Err(Error::Tokenizer(format!(
+            "{} is missing (the model folder needs a fast tokenizer file)",
+            tok_path.display()
+        )));
+    }
+    let mut tokenizer = Tokenizer::from_hf_files(&tok_path, tok_cfg.as_ref())?;
+    tokenizer.add_eog(&config.eos_token_ids);
+    let mut chat_template = tok_cfg
+        .as_ref()
+        .and_then(|c| c.get("chat_template"))
+        .and_then(|v| v.as_str())
+        .map(str::to_string);
+    let jinja = dir.join("chat_template.jinja");
+    if jinja.is_file() {
+        chat_template = Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?);
+    }
+    // Weight files: the sharded index, model.safetensors, or every *.safetensors.
+    let index = dir.join("model.safetensors.index.json");
+    let files: Vec<PathBuf> = if index.is_file() {
+        let idx = read_json("model.safetensors.index.json")?.unwrap_or_default();
+        let map = idx
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::config(&index, "missing weight_map"))?;
+        let mut files: Vec<PathBuf> = vec![];
+        for v in map.values() {
+            let f = v
+                .as_str()
+                .filter(|f| !f.contains("..") && !f.starts_with('/'))
+                .ok_or_else(|| Error::config(&index, "invalid file name in weight_map"))?;
+            let p = dir.join(f);
+            if !files.contains(&p) {
+                files.push(p);
+            }
+        }
+        files
+    } else if dir.join("model.safetensors").is_file() {
+        vec![dir.join("model.safetensors")]
+    } else {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| Error::io(dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        v.sort();
+        v
+    };
+    if files.is_empty() {
+        return Err(Error::weights(
+            dir,
+            "",
+            "no .safetensors weight files found",
+        ));
+    }
+    for f in &files {
+        if !f.is_file() {
+            return Err(Error::io(
+                f,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "weight shard is missing"),
+            ));
+        }
+    }
+    // SAFETY: read-only maps of files we do not modify.
+    let st =
+        unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }.map_err(|e| {
+            Error::weights(
+                files.first().map(|p| p.as_path()).unwrap_or(dir),
+                "",
+                format!("invalid safetensors file: {e}"),
+            )
+        })?;
+    let src = WeightSource::SafeTensors {
+        st,
+        dir: dir.to_path_buf(),
+    };
+    let tokenizer_json: serde_json::Value = std::fs::read_to_string(&tok_path)
+        .map_err(|e| Error::io(&tok_path, e))
+        .and_then(|t| {
+            serde_json::from_str(&t)
+                .map_err(|e| Error::Tokenizer(format!("{}: {e}", tok_path.display())))
+        })?;
+    Ok(HfParts {
+        config,
+        tokenizer,
+        chat_template,
+        src,
+        tokenizer_json,
+    })
 }

@@ -1,0 +1,989 @@
+//! Quantization: the per-tensor type rules shared by quantize-at-load and `quantize_model`
+//! (which writes a GGUF file from a GGUF file or a Hugging Face folder), multi-threaded row
+//! quantization, and the GGUF tokenizer metadata synthesised from a Hugging Face tokenizer.
+//!
+//! Type rules follow llama.cpp's defaults: norms (1-D tensors) stay f32; the output head (or
+//! the token embedding when it is tied to the head) becomes Q6_K, or Q8_0 when its rows are not
+//! a multiple of 256 or the target is Q8_0; every other matrix gets the requested type, falling
+//! back (Q4_K to Q5_0, Q5_K to Q5_1, Q6_K to Q8_0) when its rows do not fit the block size.
+
+use std::path::Path;
+
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::{Config, RopeScaling};
+use crate::convert::{GgufTensorInfo, GgufWriter};
+use crate::error::{Error, Result};
+use crate::gguf::{GgufFile, Value};
+use crate::model::QuantType;
+use crate::tokenizer::Tokenizer;
+use crate::weights::{permute_rows_for_gguf, W};
+
+/// Storage type of a converted model file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FileType {
+    /// 32-bit float.
+    F32,
+    /// 16-bit float.
+    F16,
+    /// A block-quantized type.
+    Quant(QuantType),
+}
+
+impl std::fmt::Display for FileType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = match self {
+            FileType::F32 => "f32",
+            FileType::F16 => "f16",
+            FileType::Quant(q) => match q {
+                QuantType::Q8_0 => "q8_0",
+                QuantType::Q4_0 => "q4_0",
+                QuantType::Q4_1 => "q4_1",
+                QuantType::Q5_0 => "q5_0",
+                QuantType::Q5_1 => "q5_1",
+                QuantType::Q4K => "q4_k",
+                QuantType::Q5K => "q5_k",
+                QuantType::Q6K => "q6_k",
+            },
+        };
+        f.write_str(s)
+    }
+}
+
+impl FileType {
+    /// Parses `f32`, `f16` or a [`QuantType`] name (`q8_0`, `q4_k`, ...).
+    pub fn parse(s: &str) -> Result<FileType> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" => Ok(FileType::F32),
+            "f16" => Ok(FileType::F16),
+            other => QuantType::parse(other).map(FileType::Quant).map_err(|_| {
+                Error::InvalidArgument(format!(
+                    "unknown type `{s}` (f32, f16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k)"
+                ))
+            }),
+        }
+    }
+
+    pub(crate) fn ggml(self) -> GgmlDType {
+        match self {
+            FileType::F32 => GgmlDType::F32,
+            FileType::F16 => GgmlDType::F16,
+            FileType::Quant(q) => q.ggml(),
+        }
+    }
+
+    /// llama.cpp's `general.file_type` code (the `_S` k-quant variants: no tensor promotion).
+    pub(crate) fn gguf_file_type(self) -> u32 {
+        match self {
+            FileType::F32 => 0,
+            FileType::F16 => 1,
+            FileType::Quant(q) => match q {
+                QuantType::Q4_0 => 2,
+                QuantType::Q4_1 => 3,
+                QuantType::Q8_0 => 7,
+                QuantType::Q5_0 => 8,
+                QuantType::Q5_1 => 9,
+                QuantType::Q4K => 14,
+                QuantType::Q5K => 16,
+                QuantType::Q6K => 18,
+            },
+        }
+    }
+
+    fn fallback(self) -> Option<FileType> {
+        match self {
+            FileType::Quant(q) => q.fallback().map(FileType::Quant),
+            _ => None,
+        }
+    }
+}
+
+/// What a tensor is, for the type rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// Norm weights, rope factors: always f32.
+    Vector,
+    /// The token embedding of a model with a separate output head.
+    Embedding,
+    /// The output head, or the token embedding of a tied model.
+    Output,
+    /// Any other weight matrix.
+    Matrix,
+}
+
+/// Per-role type overrides.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct TypeRules {
+    pub(crate) base: Option<FileType>,
+    pub(crate) output: Option<FileType>,
+    pub(crate) embedding: Option<FileType>,
+}
+
+/// The type a tensor of `role` with rows of `row_len` gets, and a note when it had to fall back.
+pub(crate) fn tensor_type(
+    role: Role,
+    rules: &TypeRules,
+    row_len: usize,
+) -> (Option<FileType>, Option<String>) {
+    let Some(base) = rules.base else {
+        return (None, None);
+    };
+    let wanted = match role {
+        Role::Vector => return (Some(FileType::F32), None),
+        Role::Matrix => base,
+        Role::Embedding => rules.embedding.unwrap_or(base),
+        Role::Output => match rules.output {
+            Some(t) => t,
+            None => match base {
+                FileType::F32 | FileType::F16 => base,
+                FileType::Quant(QuantType::Q8_0) => base,
+                FileType::Quant(_) if row_len % 256 != 0 => FileType::Quant(QuantType::Q8_0),
+                FileType::Quant(_) => FileType::Quant(QuantType::Q6K),
+            },
+        },
+    };
+    let mut t = wanted;
+    while row_len % t.ggml().block_size() != 0 {
+        match t.fallback() {
+            Some(f) => t = f,
+            None => {
+                return (
+                    Some(FileType::F16),
+                    Some(format!(
+                        "rows of {row_len} fit no block of {wanted}: f16 instead"
+                    )),
+                )
+            }
+        }
+    }
+    let note = (t != wanted).then(|| {
+        format!("rows of {row_len} are not a multiple of {wanted}'s block size: {t} instead")
+    });
+    (Some(t), note)
+}
+
+/// Runs `f` over `items` on up to `threads` threads, results in order.
+pub(crate) fn par_map<T: Sync, R: Send>(
+    items: &[T],
+    threads: usize,
+    f: impl Fn(&T) -> R + Sync,
+) -> Vec<R> {
+    let threads = threads.clamp(1, items.len().max(1));
+    if threads == 1 {
+        return items.iter().map(f).collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut out: Vec<Option<R>> = (0..items.len()).map(|_| None).collect();
+    let slots = std::sync::Mutex::new(&mut out);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= items.len() {
+                    break;
+                }
+                let r = f(&items[i]);
+                if let Ok(mut g) = slots.lock() {
+                    g[i] = Some(r);
+                }
+            });
+        }
+    });
+    out.into_iter()
+        .map(|r| r.expect("every item was processed"))
+        .collect()
+}
+
+/// Threads to use when the caller gives 0.
+pub(crate) fn default_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// Quantizes a dense row-major matrix `[rows, row_len]` (f32 values) to `ty`, splitting the rows
+/// over `threads` threads. Returns the raw GGUF block bytes (identical for any thread count).
+/// `row_len` must be a multiple of the type's block size.
+pub fn quantize_rows(
+    values: &[f32],
+    row_len: usize,
+    ty: FileType,
+    threads: usize,
+) -> Result<Vec<u8>> {
+    let block = ty.ggml().block_size();
+    if row_len == 0 || row_len % block != 0 || values.len() % row_len != 0 {
+        return Err(Error::InvalidArgument(format!(
+            "cannot quantize {} values in rows of {row_len} to {ty} (blocks of {block})",
+            values.len()
+        )));
+    }
+    let rows = values.len() / row_len;
+    match ty {
+        FileType::F32 => return Ok(values.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        FileType::F16 => {
+            return Ok(values
+                .iter()
+                .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                .collect())
+        }
+        FileType::Quant(_) => {}
+    }
+    // Chunks of whole rows, a few per thread so uneven progress evens out.
+    let per_chunk = rows.div_ceil(threads.max(1) * 4).max(1);
+    let chunks: Vec<(usize, usize)> = (0..rows)
+        .step_by(per_chunk)
+        .map(|r| (r, (r + per_chunk).min(rows)))
+        .collect();
+    let parts = par_map(&chunks, threads, |&(a, b)| -> Result<Vec<u8>> {
+        let t = Tensor::from_slice(
+            &values[a * row_len..b * row_len],
+            (b - a, row_len),
+            &Device::Cpu,
+        )?;
+        let q = candle_core::quantized::QTensor::quantize(&t, ty.ggml())?;
+        Ok(q.data()?.into_owned())
+    });
+    let mut out = Vec::new();
+    for p in parts {
+        out.extend_from_slice(&p?);
+    }
+    Ok(out)
+}
+
+/// Dequantizes GGUF block bytes of type `ty` holding `elems` values.
+pub fn dequantize(bytes: &[u8], ty: FileType, elems: usize) -> Result<Vec<f32>> {
+    let g = ty.ggml();
+    if elems % g.block_size() != 0 || bytes.len() != tensor_bytes(g, elems) {
+        return Err(Error::InvalidArgument(format!(
+            "{} bytes do not hold {elems} values of {ty}",
+            bytes.len()
+        )));
+    }
+    let store = crate::weights::aligned(bytes);
+    let q = qtensor_from_ggml(
+        g,
+        crate::weights::as_bytes(&store, bytes.len()),
+        vec![elems],
+        &Device::Cpu,
+    )?;
+    Ok(q.dequantize(&Device::Cpu)?.to_vec1()?)
+}
+
+/// Bytes a tensor of `elems` values takes in `dtype`.
+pub(crate) fn tensor_bytes(dtype: GgmlDType, elems: usize) -> usize {
+    elems / dtype.block_size() * dtype.type_size()
+}
+
+/// Options for [`quantize_model`].
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct QuantizeOptions {
+    /// Type of the weight matrices.
+    pub ty: FileType,
+    /// Type of the output head (and of a tied embedding); default as llama.cpp.
+    pub output_type: Option<FileType>,
+    /// Type of an untied token embedding; default: `ty`.
+    pub embedding_type: Option<FileType>,
+    /// Worker threads (0: one per core).
+    pub threads: usize,
+}
+
+impl QuantizeOptions {
+    /// Options for `ty` with llama.cpp's default rules.
+    pub fn new(ty: FileType) -> Self {
+        QuantizeOptions {
+            ty,
+            output_type: None,
+            embedding_type: None,
+            threads: 0,
+        }
+    }
+}
+
+/// What [`quantize_model`] did.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct QuantizeReport {
+    /// Tensors written.
+    pub tensors: usize,
+    /// Bytes of the file written.
+    pub bytes: u64,
+    /// Type fallbacks (rows that do not fit the requested block size): each distinct note and
+    /// how many tensors it applies to.
+    pub fallbacks: Vec<(String, usize)>,
+    /// Tensors per storage type, as `(type, count)`.
+    pub types: Vec<(String, usize)>,
+}
+
+struct Job {
+    name: String,
+    shape: Vec<usize>,
+    role: Role,
+    /// Source: a GGUF tensor name, or a weight of a Hugging Face folder (with its Q/K
+    /// permutation head count), or rope factors computed here.
+    from: JobSource,
+}
+
+enum JobSource {
+    Gguf,
+    Hf(W, Option<usize>),
+    Values(Vec<f32>),
+}
+
+/// Writes a GGUF file of the model at `src` (a GGUF file or a Hugging Face folder) with its
+/// weights converted to `opts.ty`. From a Hugging Face folder the file gets llama.cpp's
+/// metadata: hyper-parameters, tokenizer (vocabulary, merges or scores, token types, special
+/// ids, pre-tokenizer name), chat template, and Q/K rows in llama.cpp's order.
+///
+/// Tensors are converted a few at a time on `opts.threads` threads and streamed to a temporary
+/// file renamed into place at the end; the whole model is never held in memory.
+pub fn quantize_model(
+    src: &Path,
+    dst: &Path,
+    opts: &QuantizeOptions,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<QuantizeReport> {
+    let threads = if opts.threads == 0 {
+        default_threads()
+    } else {
+        opts.threads
+    };
+    let rules = TypeRules {
+        base: Some(opts.ty),
+        output: opts.output_type,
+        embedding: opts.embedding_type,
+    };
+    let meta_dir = std::fs::metadata(src).map_err(|e| Error::io(src, e))?;
+    let (meta, jobs, source) = if meta_dir.is_dir() {
+        let parts = crate::model::open_hf(src)?;
+        let meta = hf_metadata(
+            src,
+            &parts.config,
+            &parts.tokenizer,
+            &parts.tokenizer_json,
+            parts.chat_template.as_deref(),
+            opts.ty,
+        )?;
+        let jobs = hf_jobs(&parts.config, parts.src.has(W::Output));
+        (meta, jobs, Source::Hf(parts.src))
+    } else {
+        let g = GgufFile::open(src)?;
+        let cfg = Config::from_gguf(&g)?;
+        cfg.validate(src)?;
+        let mut meta: Vec<(String, Value)> = g
+            .metadata
+            .iter()
+            .filter(|(k, _)| k.as_str() != "general.alignment")
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        meta.sort_by(|a, b| a.0.cmp(&b.0));
+        meta.retain(|(k, _)| k != "general.file_type" && k != "general.quantization_version");
+        meta.push((
+            "general.file_type".into(),
+            Value::U32(opts.ty.gguf_file_type()),
+        ));
+        if matches!(opts.ty, FileType::Quant(_)) {
+            meta.push(("general.quantization_version".into(), Value::U32(2)));
+        }
+        let tied = !g.tensors.contains_key("output.weight");
+        let jobs = g
+            .tensor_order
+            .iter()
+            .map(|name| {
+                let shape = g.tensors[name].shape.clone();
+                let role = if shape.len() < 2 {
+                    Role::Vector
+                } else if name == "output.weight" || (name == "token_embd.weight" && tied) {
+                    Role::Output
+                } else if name == "token_embd.weight" {
+                    Role::Embedding
+                } else {
+                    Role::Matrix
+                };
+                Job {
+                    name: name.clone(),
+                    shape,
+                    role,
+                    from: JobSource::Gguf,
+                }
+            })
+            .collect();
+        (meta, jobs, Source::Gguf(g))
+    };
+    // Types first: the header needs every tensor's size.
+    let mut report = QuantizeReport::default();
+    let mut infos = Vec::with_capacity(jobs.len());
+    let mut types = Vec::with_capacity(jobs.len());
+    for j in &jobs {
+        let row = *j.shape.last().unwrap_or(&1);
+        let (t, note) = tensor_type(j.role, &rules, row);
+        let t = t.unwrap_or(FileType::F32);
+        if let Some(n) = note {
+            tracing::debug!(tensor = %j.name, "{n}");
+            match report.fallbacks.iter_mut().find(|(k, _)| *k == n) {
+                Some((_, c)) => *c += 1,
+                None => report.fallbacks.push((n, 1)),
+            }
+        }
+        let elems: usize = j.shape.iter().product();
+        infos.push(GgufTensorInfo {
+            name: j.name.clone(),
+            shape: j.shape.clone(),
+            dtype: t.ggml(),
+            bytes: tensor_bytes(t.ggml(), elems),
+        });
+        types.push(t);
+        let key = format!("{:?}", t.ggml());
+        match report.types.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, n)) => *n += 1,
+            None => report.types.push((key, 1)),
+        }
+    }
+    if let Source::Gguf(g) = &source {
+        if let Some(q) = g
+            .tensors
+            .values()
+            .find(|t| !matches!(t.dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16))
+        {
+            tracing::warn!(
+                "the input is already quantized ({:?}): converting again adds the new type's error to the old",
+                q.dtype
+            );
+        }
+    }
+    let mut w = GgufWriter::create(dst, &meta, &infos)?;
+    let n = jobs.len();
+    // Whole tensors in parallel when they are small; rows in parallel within large ones.
+    let mut i = 0;
+    while i < n {
+        let batch = (i..n).take(threads).collect::<Vec<_>>();
+        let outer = batch.len();
+        let inner = (threads / outer).max(1);
+        let results = par_map(&batch, outer, |&k| {
+            convert_one(&source, &jobs[k], types[k], inner)
+        });
+        for (k, r) in batch.iter().zip(results) {
+            let bytes = r?;
+            w.write_tensor(*k, &bytes)?;
+            progress(k + 1, n);
+        }
+        i += outer;
+    }
+    report.tensors = n;
+    report.bytes = w.finish()?;
+    Ok(report)
+}
+
+enum Source {
+    Gguf(GgufFile),
+    Hf(crate::weights::WeightSource),
+}
+
+fn convert_one(source: &Source, job: &Job, ty: FileType, threads: usize) -> Result<Vec<u8>> {
+    let row = *job.shape.last().unwrap_or(&1);
+    let values: Vec<f32> = match (&job.from, source) {
+        (JobSource::Values(v), _) => v.clone(),
+        (JobSource::Gguf, Source::Gguf(g)) => {
+            let (info, data) = g
+                .tensor_data(&job.name)
+                .ok_or_else(|| Error::weights(g.path(), &job.name, "tensor is missing"))?;
+            if info.dtype == ty.ggml() {
+                return Ok(data.to_vec());
+            }
+            let store = crate::weights::aligned(data);
+            let q = qtensor_from_ggml(
+                info.dtype,
+                crate::weights::as_bytes(&store, data.len()),
+                info.shape.clone(),
+                &Device::Cpu,
+            )
+            .map_err(|e| Error::weights(g.path(), &job.name, e.to_string()))?;
+            q.dequantize(&Device::Cpu)?
+                .flatten_all()?
+                .to_dtype(DType::F32)?
+                .to_vec1()?
+        }
+        (JobSource::Hf(w, perm), Source::Hf(src)) => {
+            let t = src.load_dense_unpermuted(*w, &job.shape, None)?;
+            let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
+            match perm {
+                Some(heads) => {
+                    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    permute_rows_for_gguf(&bytes, job.shape[0], *heads)
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect()
+                }
+                None => v,
+            }
+        }
+        _ => return Err(Error::InvalidArgument("tensor source mismatch".into())),
+    };
+    quantize_rows(&values, row, ty, threads)
+}
+
+fn hf_jobs(c: &Config, has_output: bool) -> Vec<Job> {
+    let (h, hd, nh, nkv, ff) = (
+        c.hidden_size,
+        c.head_dim,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.intermediate_size,
+    );
+    let job = |name: &str, w: W, shape: Vec<usize>, role: Role, perm: Option<usize>| Job {
+        name: name.to_string(),
+        shape,
+        role,
+        from: JobSource::Hf(w, perm),
+    };
+    let mut jobs = vec![job(
+        "token_embd.weight",
+        W::Embed,
+        vec![c.vocab_size, h],
+        if has_output {
+            Role::Embedding
+        } else {
+            Role::Output
+        },
+        None,
+    )];
+    for l in 0..c.num_hidden_layers {
+        let b = |s: &str| format!("blk.{l}.{s}.weight");
+        jobs.push(job(
+            &b("attn_norm"),
+            W::AttnNorm(l),
+            vec![h],
+            Role::Vector,
+            None,
+        ));
+        jobs.push(job(
+            &b("attn_q"),
+            W::Q(l),
+            vec![nh * hd, h],
+            Role::Matrix,
+            Some(nh),
+        ));
+        jobs.push(job(
+            &b("attn_k"),
+            W::K(l),
+            vec![nkv * hd, h],
+            Role::Matrix,
+            Some(nkv),
+        ));
+        jobs.push(job(
+            &b("attn_v"),
+            W::V(l),
+            vec![nkv * hd, h],
+            Role::Matrix,
+            None,
+        ));
+        jobs.push(job(
+            &b("attn_output"),
+            W::O(l),
+            vec![h, nh * hd],
+            Role::Matrix,
+            None,
+        ));
+        jobs.push(job(
+            &b("ffn_norm"),
+            W::FfnNorm(l),
+            vec![h],
+            Role::Vector,
+            None,
+        ));
+        jobs.push(job(
+            &b("ffn_gate"),
+            W::Gate(l),
+            vec![ff, h],
+            Role::Matrix,
+            None,
+        ));
+        jobs.push(job(&b("ffn_up"), W::Up(l), vec![ff, h], Role::Matrix, None));
+        jobs.push(job(
+            &b("ffn_down"),
+            W::Down(l),
+            vec![h, ff],
+            Role::Matrix,
+            None,
+        ));
+    }
+    jobs.push(job(
+        "output_norm.weight",
+        W::OutputNorm,
+        vec![h],
+        Role::Vector,
+        None,
+    ));
+    if has_output {
+        jobs.push(job(
+            "output.weight",
+            W::Output,
+            vec![c.vocab_size, h],
+            Role::Output,
+            None,
+        ));
+    }
+    if let RopeScaling::Llama3 {
+        factor,
+        low_freq_factor,
+        high_freq_factor,
+        original_max_position_embeddings: orig,
+    } = c.rope_scaling
+    {
+        // The llama3 rescaling as per-dimension divisors of the inverse frequencies, as
+        // llama.cpp's converter stores it.
+        let d = c.head_dim;
+        let low_wl = orig / low_freq_factor;
+        let high_wl = orig / high_freq_factor;
+        let factors = (0..d / 2)
+            .map(|i| {
+                let f = 1.0 / c.rope_theta.powf((2 * i) as f64 / d as f64);
+                let wl = 2.0 * std::f64::consts::PI / f;
+                if wl < high_wl {
+                    1.0
+                } else if wl > low_wl {
+                    factor as f32
+                } else {
+                    let s = (orig / wl - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                    (1.0 / ((1.0 - s) / factor + s)) as f32
+                }
+            })
+            .collect();
+        jobs.push(Job {
+            name: "rope_freqs.weight".into(),
+            shape: vec![d / 2],
+            role: Role::Vector,
+            from: JobSource::Values(factors),
+        });
+    }
+    jobs
+}
+
+/// llama.cpp metadata for a Hugging Face model: hyper-parameters and tokenizer.
+fn hf_metadata(
+    dir: &Path,
+    c: &Config,
+    tok: &Tokenizer,
+    tok_json: &serde_json::Value,
+    chat_template: Option<&str>,
+    ty: FileType,
+) -> Result<Vec<(String, Value)>> {
+    let s = |x: &str| Value::String(x.to_string());
+    let u = |x: usize| Value::U32(x as u32);
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    let mut m: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), s("llama")),
+        ("general.name".into(), s(&name)),
+        ("general.file_type".into(), Value::U32(ty.gguf_file_type())),
+        ("llama.vocab_size".into(), u(c.vocab_size)),
+        ("llama.context_length".into(), u(c.max_position_embeddings)),
+        ("llama.embedding_length".into(), u(c.hidden_size)),
+        ("llama.block_count".into(), u(c.num_hidden_layers)),
+        ("llama.feed_forward_length".into(), u(c.intermediate_size)),
+        (
+            "llama.attention.head_count".into(),
+            u(c.num_attention_heads),
+        ),
+        (
+            "llama.attention.head_count_kv".into(),
+            u(c.num_key_value_heads),
+        ),
+        (
+            "llama.rope.freq_base".into(),
+            Value::F32(c.rope_theta as f32),
+        ),
+        (
+            "llama.attention.layer_norm_rms_epsilon".into(),
+            Value::F32(c.rms_norm_eps as f32),
+        ),
+        ("llama.rope.dimension_count".into(), u(c.head_dim)),
+    ];
+    if matches!(ty, FileType::Quant(_)) {
+        m.push(("general.quantization_version".into(), Value::U32(2)));
+    }
+    if c.head_dim * c.num_attention_heads != c.hidden_size {
+        m.push(("llama.attention.key_length".into(), u(c.head_dim)));
+        m.push(("llama.attention.value_length".into(), u(c.head_dim)));
+    }
+    match c.rope_scaling {
+        RopeScaling::Linear { factor } => {
+            m.push(("llama.rope.scaling.type".into(), s("linear")));
+            m.push((
+                "llama.rope.scaling.factor".into(),
+                Value::F32(factor as f32),
+            ));
+        }
+        RopeScaling::Dynamic { .. } => {
+            return Err(Error::InvalidArgument(format!(
+                "{}: rope_scaling `dynamic` has no GGUF representation that llama.cpp reads",
+                dir.display()
+            )))
+        }
+        // Llama 3: written as the rope_freqs.weight tensor.
+        RopeScaling::Llama3 { .. } | RopeScaling::None => {}
+    }
+    m.extend(tokenizer_metadata(c, tok, tok_json)?);
+    if let Some(t) = chat_template {
+        m.push(("tokenizer.chat_template".into(), s(t)));
+    }
+    Ok(m)
+}
+
+/// Every normalizer / pre-tokenizer component, flattening `Sequence`s.
+fn find_components<'a>(v: &'a serde_json::Value, out: &mut Vec<&'a serde_json::Value>) {
+    let inner = v
+        .get("normalizers")
+        .or_else(|| v.get("pretokenizers"))
+        .and_then(|x| x.as_array());
+    match inner {
+        Some(items) => items.iter().for_each(|x| find_components(x, out)),
+        None => out.push(v),
+    }
+}
+
+/// One pre-tokenizer step of a tokenizer.json, as a regex.
+fn pre_regexes(p: &serde_json::Value, out: &mut Vec<String>) -> std::result::Result<(), String> {
+    let ty = p.get("type").and_then(|t| t.as_str()).unwrap_or("");
+    match ty {
+        "Sequence" => {
+            for q in p
+                .get("pretokenizers")
+                .and_then(|v| v.as_array())
+                .into_iter()
+                .flatten()
+            {
+                pre_regexes(q, out)?;
+            }
+        }
+        "Split" => {
+            let pat = p.get("pattern");
+            if let Some(r) = pat.and_then(|x| x.get("Regex")).and_then(|x| x.as_str()) {
+                out.push(r.to_string());
+            } else {
+                return Err(format!("Split pre-tokenizer with pattern {pat:?}"));
+            }
+        }
+        "Digits" => {
+            let single = p
+                .get("individual_digits")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false);
+            out.push(if single { r"\p{N}" } else { r"\p{N}+" }.into());
+        }
+        "ByteLevel" => {
+            if p.get("use_regex").and_then(|v| v.as_bool()).unwrap_or(true) {
+                out.push(crate::tokenizer::GPT2_REGEX.into());
+            }
+        }
+        other => return Err(format!("pre-tokenizer `{other}`")),
+    }
+    Ok(())
+}
+
+/// GGUF `tokenizer.*` metadata for a Hugging Face tokenizer, as llama.cpp's converter writes it.
+fn tokenizer_metadata(
+    c: &Config,
+    tok: &Tokenizer,
+    j: &serde_json::Value,
+) -> Result<Vec<(String, Value)>> {
+    let err = |m: String| Error::Tokenizer(format!("cannot describe this tokenizer in GGUF: {m}"));
+    let model = j.get("model").ok_or_else(|| err("no `model`".into()))?;
+    if model.get("type").and_then(|t| t.as_str()) != Some("BPE") {
+        return Err(err(format!(
+            "tokenizer model {:?} (only BPE and SentencePiece-BPE are supported)",
+            model.get("type")
+        )));
+    }
+    let byte_fallback = model
+        .get("byte_fallback")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
+    let n = c.vocab_size;
+    let mut tokens: Vec<Option<String>> = vec![None; n];
+    let mut types = vec![1i32; n];
+    let vocab = model
+        .get("vocab")
+        .and_then(|v| v.as_object())
+        .ok_or_else(|| err("no vocabulary".into()))?;
+    let mut put = |id: u64, text: &str| -> Result<()> {
+        let slot = tokens.get_mut(id as usize).ok_or_else(|| {
+            err(format!(
+                "token id {id} ({text:?}) is outside the embedding of {n} rows"
+            ))
+        })?;
+        *slot = Some(text.to_string());
+        Ok(())
+    };
+    for (text, id) in vocab {
+        put(
+            id.as_u64().ok_or_else(|| err("non-integer id".into()))?,
+            text,
+        )?;
+    }
+    for a in j
+        .get("added_tokens")
+        .and_then(|v| v.as_array())
+        .into_iter()
+        .flatten()
+    {
+        let (Some(id), Some(text)) = (
+            a.get("id").and_then(|v| v.as_u64()),
+            a.get("content").and_then(|v| v.as_str()),
+        ) else {
+            continue;
+        };
+        put(id, text)?;
+        let special = a.get("special").and_then(|v| v.as_bool()).unwrap_or(false);
+        types[id as usize] = if special { 3 } else { 4 };
+    }
+    let unk_text = model.get("unk_token").and_then(|v| v.as_str());
+    let tokens: Vec<String> = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            t.unwrap_or_else(|| {
+                types[i] = 5;
+                format!("[PAD{i}]")
+            })
+        })
+        .collect();
+    let merges: Vec<String> = model
+        .get("merges")
+        .and_then(|v| v.as_array())
+        .into_iter()
+        .flatten()
+        .map(|m| match m {
+            serde_json::Value::String(s) => Ok(s.clone()),
+            serde_json::Value::Array(p) if p.len() == 2 => Ok(format!(
+                "{} {}",
+                p[0].as_str().unwrap_or_default(),
+                p[1].as_str().unwrap_or_default()
+            )),
+            _ => Err(err("malformed merge".into())),
+        })
+        .collect::<Result<_>>()?;
+    let mut m: Vec<(String, Value)> = vec![];
+    if byte_fallback {
+        // SentencePiece vocabulary (Llama 1/2, TinyLlama): llama.cpp merges by token score. A
+        // token made by the merge of rank r scores -r, so llama.cpp merges in the same order.
+        for (i, t) in tokens.iter().enumerate() {
+            if Some(t.as_str()) == unk_text {
+                types[i] = 2;
+            } else if t.len() == 6 && t.starts_with("<0x") && t.ends_with('>') && types[i] == 1 {
+                types[i] = 6;
+            }
+        }
+        let index: std::collections::HashMap<&str, usize> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.as_str(), i))
+            .collect();
+        let mut scores = vec![f32::NAN; n];
+        for (rank, mg) in merges.iter().enumerate() {
+            let joined: String = mg.split(' ').collect();
+            if let Some(&id) = index.get(joined.as_str()) {
+                if scores[id].is_nan() {
+                    scores[id] = -(rank as f32);
+                }
+            }
+        }
+        let floor = -(merges.len() as f32);
+        for (i, s) in scores.iter_mut().enumerate() {
+            if s.is_nan() {
+                *s = if types[i] == 1 { floor - i as f32 } else { 0.0 };
+            }
+        }
+        // A leading `▁` is added to the text when the normalizer prepends it or a Metaspace
+        // pre-tokenizer does.
+        let mut found = vec![];
+        for part in [j.get("normalizer"), j.get("pre_tokenizer")]
+            .into_iter()
+            .flatten()
+        {
+            find_components(part, &mut found);
+        }
+        let prefix = found
+            .iter()
+            .any(|c| match c.get("type").and_then(|t| t.as_str()) {
+                Some("Prepend") => c.get("prepend").and_then(|p| p.as_str()) == Some("\u{2581}"),
+                Some("Metaspace") => {
+                    c.get("prepend_scheme").and_then(|p| p.as_str()) != Some("never")
+                        && c.get("add_prefix_space").and_then(|p| p.as_bool()) != Some(false)
+                }
+                _ => false,
+            });
+        m.push(("tokenizer.ggml.model".into(), Value::String("llama".into())));
+        m.push((
+            "tokenizer.ggml.scores".into(),
+            Value::Array(scores.into_iter().map(Value::F32).collect()),
+        ));
+        m.push((
+            "tokenizer.ggml.add_space_prefix".into(),
+            Value::Bool(prefix),
+        ));
+        if let Some(u) = unk_text.and_then(|t| index.get(t)) {
+            m.push((
+                "tokenizer.ggml.unknown_token_id".into(),
+                Value::U32(*u as u32),
+            ));
+        }
+    } else {
+        let mut regexes = vec![];
+        if let Some(p) = j.get("pre_tokenizer").filter(|p| !p.is_null()) {
+            pre_regexes(p, &mut regexes).map_err(err)?;
+        }
+        let pre = crate::tokenizer::pre_name_for_regexes(&regexes).ok_or_else(|| {
+            err(format!(
+                "no llama.cpp pre-tokenizer matches the regexes {regexes:?}"
+            ))
+        })?;
+        m.push(("tokenizer.ggml.model".into(), Value::String("gpt2".into())));
+        m.push(("tokenizer.ggml.pre".into(), Value::String(pre.into())));
+        m.push((
+            "tokenizer.ggml.merges".into(),
+            Value::Array(merges.into_iter().map(Value::String).collect()),
+        ));
+    }
+    m.push((
+        "tokenizer.ggml.tokens".into(),
+        Value::Array(tokens.into_iter().map(Value::String).collect()),
+    ));
+    m.push((
+        "tokenizer.ggml.token_type".into(),
+        Value::Array(types.into_iter().map(Value::I32).collect()),
+    ));
+    if let Some(b) = tok.bos_id() {
+        m.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(b)));
+    }
+    let eos = tok.eos_id().or(c.eos_token_ids.first().copied());
+    if let Some(e) = eos {
+        m.push(("tokenizer.ggml.eos_token_id".into(), Value::U32(e)));
+    }
+    // Further end ids from config.json / generation_config.json.
+    let extra: Vec<u32> = c
+        .eos_token_ids
+        .iter()
+        .copied()
+        .filter(|id| Some(*id) != eos)
+        .collect();
+    for (key, id) in ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"]
+        .iter()
+        .zip(extra)
+    {
+        m.push((key.to_string(), Value::U32(id)));
+    }
+    m.push((
+        "tokenizer.ggml.add_bos_token".into(),
+        Value::Bool(tok.adds_bos()),
+    ));
+    m.push((
+        "tokenizer.ggml.add_eos_token".into(),
+        Value::Bool(tok.adds_eos()),
+    ));
+    Ok(m)
+}
