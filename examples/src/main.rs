@@ -1,5 +1,6 @@
 //! `llama`: command-line front end of llama-core.
 
+mod bench;
 mod default_model;
 
 use std::io::{BufRead, Read, Write};
@@ -24,6 +25,9 @@ use serde_json::json;
     about = "Run Llama-family models locally (GGUF or Hugging Face folders)"
 )]
 struct Cli {
+    /// Compute threads (default: one per physical core; same as RAYON_NUM_THREADS).
+    #[arg(short = 't', long, global = true)]
+    threads: Option<usize>,
     /// Log details to stderr (-v debug, -vv trace). LLAMA_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
@@ -45,6 +49,8 @@ enum Cmd {
     ExportHf(ExportArgs),
     /// Perplexity of a text file (llama.cpp's method: windows of n_ctx, second half scored).
     Perplexity(PerplexityArgs),
+    /// Measure prompt and decode speed, time to first token, load time and peak memory.
+    Bench(bench::BenchArgs),
     /// Print the path of the default model, fetching it if needed.
     FetchModel,
 }
@@ -173,9 +179,6 @@ struct QuantizeArgs {
     /// Type of an untied token embedding (default: --type).
     #[arg(long)]
     embedding_type: Option<String>,
-    /// Worker threads (0: one per core).
-    #[arg(short, long, default_value_t = 0)]
-    threads: usize,
 }
 
 #[derive(Args)]
@@ -200,6 +203,11 @@ fn main() {
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
         .init();
+    if let Some(n) = cli.threads.filter(|&n| n > 0) {
+        // Read by candle's thread pools when they start (before any model work).
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+    }
     if let Err(e) = run(cli) {
         eprintln!("error: {e}");
         std::process::exit(1);
@@ -213,7 +221,7 @@ fn run(cli: Cli) -> AnyResult<()> {
         Cmd::Generate(a) => generate(a),
         Cmd::Chat(a) => chat(a),
         Cmd::Tokenize(a) => tokenize(a),
-        Cmd::Quantize(a) => quantize(a),
+        Cmd::Quantize(a) => quantize(a, cli.threads),
         Cmd::ExportHf(a) => {
             let bar = bar("exporting");
             gguf_to_hf(&a.input, &a.output, dense(a.ty), |i, n| {
@@ -224,6 +232,7 @@ fn run(cli: Cli) -> AnyResult<()> {
             Ok(())
         }
         Cmd::Perplexity(a) => perplexity(a),
+        Cmd::Bench(a) => bench::run(a, || Ok(default_model::path()?)),
         Cmd::FetchModel => {
             println!("{}", default_model::path()?.display());
             Ok(())
@@ -231,7 +240,7 @@ fn run(cli: Cli) -> AnyResult<()> {
     }
 }
 
-fn quantize(a: QuantizeArgs) -> AnyResult<()> {
+fn quantize(a: QuantizeArgs, threads: Option<usize>) -> AnyResult<()> {
     let mut opts = QuantizeOptions::new(FileType::parse(&a.ty)?);
     opts.output_type = a.output_type.as_deref().map(FileType::parse).transpose()?;
     opts.embedding_type = a
@@ -239,7 +248,7 @@ fn quantize(a: QuantizeArgs) -> AnyResult<()> {
         .as_deref()
         .map(FileType::parse)
         .transpose()?;
-    opts.threads = a.threads;
+    opts.threads = threads.unwrap_or(0);
     let t0 = Instant::now();
     let bar = bar("quantizing");
     let report = quantize_model(&a.input, &a.output, &opts, |i, n| progress(&bar, i, n));

@@ -1,0 +1,147 @@
+//! `llama bench`: prompt-processing and decode speed, time to first token, load time and peak
+//! memory, measured the way llama.cpp's llama-bench does (fixed synthetic token ids, fresh
+//! context per run, median of several repetitions).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::Args;
+use llama_core::{Model, ModelOptions, SessionOptions};
+use serde_json::json;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// A .gguf file or a Hugging Face folder; default: SmolLM2-135M-Instruct.
+    #[arg(short, long)]
+    model: Option<PathBuf>,
+    /// Repetitions of each test (the median is reported).
+    #[arg(short, long, default_value_t = 3)]
+    repetitions: usize,
+    /// Quantize dense weights while loading (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k).
+    #[arg(long)]
+    quantize: Option<String>,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The synthetic prompt: the same ids for every engine and run (llama-bench uses random ids;
+/// the cost of a forward pass does not depend on which ids they are).
+pub fn bench_tokens(n: usize, vocab: usize) -> Vec<u32> {
+    let span = (vocab.saturating_sub(200)).max(1) as u64;
+    (0..n as u64)
+        .map(|i| (100 + (i * 2_654_435_761) % span) as u32)
+        .collect()
+}
+
+/// Peak resident set size of this process in MiB (Linux `VmHWM`; 0 elsewhere).
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn argmax(l: &[f32]) -> u32 {
+    l.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map(|(i, _)| i as u32)
+        .unwrap_or(0)
+}
+
+pub fn run(
+    a: BenchArgs,
+    default_model: impl FnOnce() -> Result<PathBuf, Box<dyn std::error::Error>>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let path = match a.model {
+        Some(p) => p,
+        None => default_model()?,
+    };
+    let reps = a.repetitions.max(1);
+    let t0 = Instant::now();
+    let mut opts = ModelOptions::default();
+    if let Some(q) = &a.quantize {
+        opts = opts.with_quantize(llama_core::QuantType::parse(q)?);
+    }
+    let model = Model::load(&path, opts)?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let vocab = model.config().vocab_size;
+    let tokens = bench_tokens(512, vocab);
+    let sopts = || SessionOptions::default().n_ctx(1024);
+    // Warm-up: first touches of the weights and of the thread pool.
+    {
+        let mut s = model.session(sopts())?;
+        s.eval(&tokens[..16])?;
+    }
+    let pp = |n: usize| -> Result<(f64, f64), Box<dyn std::error::Error>> {
+        let mut secs = vec![];
+        let mut ttft = vec![];
+        for _ in 0..reps {
+            let mut s = model.session(sopts())?;
+            let t = Instant::now();
+            s.eval(&tokens[..n])?;
+            let _first = argmax(s.logits().ok_or("no logits")?);
+            let e = t.elapsed().as_secs_f64();
+            secs.push(e);
+            ttft.push(e * 1000.0);
+        }
+        Ok((n as f64 / median(secs), median(ttft)))
+    };
+    let (pp128, ttft_ms) = pp(128)?;
+    let (pp512, _) = pp(512)?;
+    let n_gen = 128;
+    let mut tg = vec![];
+    for _ in 0..reps {
+        let mut s = model.session(sopts())?;
+        s.eval(&tokens[..8])?;
+        let mut next = argmax(s.logits().ok_or("no logits")?);
+        let t = Instant::now();
+        for _ in 0..n_gen {
+            s.eval(&[next])?;
+            next = argmax(s.logits().ok_or("no logits")?);
+        }
+        tg.push(n_gen as f64 / t.elapsed().as_secs_f64());
+    }
+    let tg128 = median(tg);
+    let rss = peak_rss_mib();
+    let threads = std::env::var("RAYON_NUM_THREADS").ok();
+    if a.json {
+        println!(
+            "{}",
+            json!({
+                "engine": "llama-core",
+                "model": path.display().to_string(),
+                "weights": model.weight_type(),
+                "threads": threads,
+                "repetitions": reps,
+                "pp128_tps": pp128,
+                "pp512_tps": pp512,
+                "tg128_tps": tg128,
+                "ttft_ms": ttft_ms,
+                "peak_rss_mib": rss,
+                "load_s": load_s,
+            })
+        );
+    } else {
+        println!("model   {} ({})", path.display(), model.weight_type());
+        println!("load    {load_s:.2} s");
+        println!("pp128   {pp128:.1} tok/s");
+        println!("pp512   {pp512:.1} tok/s");
+        println!("tg128   {tg128:.1} tok/s");
+        println!("ttft    {ttft_ms:.1} ms (128-token prompt)");
+        println!("peak    {rss:.0} MiB RSS");
+    }
+    Ok(())
+}
