@@ -77,6 +77,7 @@ pub fn run(
     }
     let model = Model::load(&path, opts)?;
     let load_s = t0.elapsed().as_secs_f64();
+    let load_rss = peak_rss_mib();
     let vocab = model.config().vocab_size;
     let tokens = bench_tokens(512, vocab);
     let sopts = || SessionOptions::default().n_ctx(1024);
@@ -132,11 +133,12 @@ pub fn run(
                 "ttft_ms": ttft_ms,
                 "peak_rss_mib": rss,
                 "load_s": load_s,
+                "load_peak_rss_mib": load_rss,
             })
         );
     } else {
         println!("model   {} ({})", path.display(), model.weight_type());
-        println!("load    {load_s:.2} s");
+        println!("load    {load_s:.2} s (peak {load_rss:.0} MiB RSS)");
         println!("pp128   {pp128:.1} tok/s");
         println!("pp512   {pp512:.1} tok/s");
         println!("tg128   {tg128:.1} tok/s");

@@ -420,6 +420,14 @@ impl GgufFile {
         self.metadata.get(key)
     }
 
+    /// Drops the resident pages of a tensor's data once it has been copied out (they are
+    /// re-read from the file if used again).
+    pub(crate) fn release(&self, name: &str) {
+        if let Some(info) = self.tensors.get(name) {
+            crate::weights::release_pages(&self.mmap, info.offset, info.size);
+        }
+    }
+
     /// The raw bytes of a tensor (bounds were checked at open).
     pub fn tensor_data(&self, name: &str) -> Option<(&TensorInfo, &[u8])> {
         let info = self.tensors.get(name)?;

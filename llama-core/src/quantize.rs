@@ -490,7 +490,17 @@ fn convert_one(source: &Source, job: &Job, ty: FileType, threads: usize) -> Resu
                 .tensor_data(&job.name)
                 .ok_or_else(|| Error::weights(g.path(), &job.name, "tensor is missing"))?;
             if info.dtype == ty.ggml() {
-                return Ok(data.to_vec());
+                let v = data.to_vec();
+                g.release(&job.name);
+                return Ok(v);
+            }
+            if matches!(
+                info.dtype,
+                GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+            ) {
+                let v = crate::weights::gguf_dense_values(data, info.dtype);
+                g.release(&job.name);
+                return quantize_rows(&v, row, ty, threads);
             }
             let store = crate::weights::aligned(data);
             let q = qtensor_from_ggml(
@@ -500,14 +510,17 @@ fn convert_one(source: &Source, job: &Job, ty: FileType, threads: usize) -> Resu
                 &Device::Cpu,
             )
             .map_err(|e| Error::weights(g.path(), &job.name, e.to_string()))?;
-            q.dequantize(&Device::Cpu)?
+            drop(store);
+            let v = q
+                .dequantize(&Device::Cpu)?
                 .flatten_all()?
                 .to_dtype(DType::F32)?
-                .to_vec1()?
+                .to_vec1()?;
+            g.release(&job.name);
+            v
         }
         (JobSource::Hf(w, perm), Source::Hf(src)) => {
-            let t = src.load_dense_unpermuted(*w, &job.shape, None)?;
-            let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
+            let v = src.load_values(*w, &job.shape)?;
             match perm {
                 Some(heads) => {
                     let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QMatMul, QTensor};
 
 use crate::model::QuantType;
-use candle_core::safetensors::MmapedSafetensors;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
+use std::collections::HashMap;
 
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
@@ -19,12 +19,112 @@ use crate::gguf::GgufFile;
 /// Where a tensor is read from.
 pub(crate) enum WeightSource {
     Gguf(GgufFile),
-    SafeTensors { st: MmapedSafetensors, dir: PathBuf },
+    SafeTensors { st: StFiles, dir: PathBuf },
+}
+
+/// Memory-mapped safetensors files (one model, possibly sharded) with a tensor index.
+pub(crate) struct StFiles {
+    maps: Vec<memmap2::Mmap>,
+    index: HashMap<String, StEntry>,
+}
+
+struct StEntry {
+    file: usize,
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    /// Absolute byte range in the file.
+    start: usize,
+    end: usize,
+}
+
+impl StFiles {
+    /// Maps and indexes the files; the first file naming a tensor wins.
+    pub(crate) fn open(files: &[PathBuf]) -> Result<Self> {
+        let mut maps = Vec::with_capacity(files.len());
+        let mut index = HashMap::new();
+        for (i, path) in files.iter().enumerate() {
+            let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+            // SAFETY: a read-only map of a file we do not modify.
+            let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(path, e))?;
+            let (n, meta) = safetensors::SafeTensors::read_metadata(&map)
+                .map_err(|e| Error::weights(path, "", format!("invalid safetensors file: {e}")))?;
+            let base = 8 + n;
+            for (name, info) in meta.tensors() {
+                let (a, b) = info.data_offsets;
+                if base + b > map.len() || a > b {
+                    return Err(Error::weights(path, &name, "data lies outside the file"));
+                }
+                index.entry(name).or_insert(StEntry {
+                    file: i,
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    start: base + a,
+                    end: base + b,
+                });
+            }
+            maps.push(map);
+        }
+        Ok(StFiles { maps, index })
+    }
+
+    fn get(&self, name: &str) -> Option<&StEntry> {
+        self.index.get(name)
+    }
+
+    fn data(&self, e: &StEntry) -> &[u8] {
+        &self.maps[e.file][e.start..e.end]
+    }
+
+    fn release(&self, e: &StEntry) {
+        release_pages(&self.maps[e.file], e.start, e.end - e.start);
+    }
+}
+
+/// Drops the resident pages of a mapped file range once its tensor has been copied out, so
+/// loading (and quantizing) a large model never keeps the whole file resident. The map is a
+/// read-only private file mapping: a later read of the range re-reads the file.
+pub(crate) fn release_pages(map: &memmap2::Mmap, start: usize, len: usize) {
+    #[cfg(unix)]
+    if len > 0 && start + len <= map.len() {
+        // SAFETY: DONTNEED on a read-only file-backed mapping only drops cached pages; their
+        // content is unchanged when next read. No reference into the range is held across this.
+        let _ =
+            unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len) };
+    }
+    #[cfg(not(unix))]
+    let _ = (map, start, len);
+}
+
+fn st_to_f32(bytes: &[u8], dtype: safetensors::Dtype) -> Vec<f32> {
+    match dtype {
+        safetensors::Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        safetensors::Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        _ => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+    }
 }
 
 enum Loaded {
     Q(QTensor),
-    Dense(Tensor),
+    /// Dense values (row-major, f32) of any float storage type.
+    Dense(Vec<f32>),
+}
+
+/// f32 values of a dense GGUF tensor (F32/F16/BF16), one copy out of the map.
+pub(crate) fn gguf_dense_values(bytes: &[u8], dtype: GgmlDType) -> Vec<f32> {
+    match dtype {
+        GgmlDType::F16 => st_to_f32(bytes, safetensors::Dtype::F16),
+        GgmlDType::BF16 => st_to_f32(bytes, safetensors::Dtype::BF16),
+        _ => st_to_f32(bytes, safetensors::Dtype::F32),
+    }
 }
 
 /// Which kind of weight: decides the HF and GGUF names.
@@ -144,7 +244,7 @@ impl WeightSource {
     pub(crate) fn has(&self, w: W) -> bool {
         match self {
             WeightSource::Gguf(g) => g.tensors.contains_key(&w.gguf_name()),
-            WeightSource::SafeTensors { st, .. } => st.get(&w.hf_name()).is_ok(),
+            WeightSource::SafeTensors { st, .. } => st.get(&w.hf_name()).is_some(),
         }
     }
 
@@ -157,7 +257,10 @@ impl WeightSource {
                 .unwrap_or_default(),
             WeightSource::SafeTensors { st, .. } => st
                 .get(&w.hf_name())
-                .map(|v| v.data()[..n.min(v.data().len())].to_vec())
+                .map(|e| {
+                    let d = st.data(e);
+                    d[..n.min(d.len())].to_vec()
+                })
                 .unwrap_or_default(),
         }
     }
@@ -169,10 +272,9 @@ impl WeightSource {
                 .tensors
                 .get(&w.gguf_name())
                 .map(|t| format!("{:?}", t.dtype)),
-            WeightSource::SafeTensors { st, .. } => st
-                .get(&w.hf_name())
-                .ok()
-                .map(|v| format!("{:?}", v.dtype())),
+            WeightSource::SafeTensors { st, .. } => {
+                st.get(&w.hf_name()).map(|e| format!("{:?}", e.dtype))
+            }
         }
     }
 
@@ -208,49 +310,72 @@ impl WeightSource {
                     }
                     None => data,
                 };
-                qtensor_from_ggml(info.dtype, bytes, info.shape.clone(), &Device::Cpu)
-                    .map(Loaded::Q)
-                    .map_err(|e| Error::weights(g.path(), &name, e.to_string()))
+                let out = if matches!(
+                    info.dtype,
+                    GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+                ) {
+                    Ok(Loaded::Dense(gguf_dense_values(bytes, info.dtype)))
+                } else {
+                    qtensor_from_ggml(info.dtype, bytes, info.shape.clone(), &Device::Cpu)
+                        .map(Loaded::Q)
+                        .map_err(|e| Error::weights(g.path(), &name, e.to_string()))
+                };
+                g.release(&name);
+                out
             }
             WeightSource::SafeTensors { st, dir } => {
                 let name = w.hf_name();
-                let view = st
+                let e = st
                     .get(&name)
-                    .map_err(|_| Error::weights(dir, &name, "tensor is missing"))?;
-                if view.shape() != shape {
+                    .ok_or_else(|| Error::weights(dir, &name, "tensor is missing"))?;
+                if e.shape != shape {
                     return Err(Error::weights(
                         dir,
                         &name,
                         format!(
                             "shape {:?} does not match the configuration's {:?}",
-                            view.shape(),
-                            shape
+                            e.shape, shape
                         ),
                     ));
                 }
-                match view.dtype() {
-                    safetensors::Dtype::F32
-                    | safetensors::Dtype::F16
-                    | safetensors::Dtype::BF16 => {}
+                let width = match e.dtype {
+                    safetensors::Dtype::F32 => 4,
+                    safetensors::Dtype::F16 | safetensors::Dtype::BF16 => 2,
                     other => {
                         return Err(Error::UnsupportedDType(format!(
                             "{other:?} for tensor `{name}` in {}",
                             dir.display()
                         )))
                     }
+                };
+                let bytes = st.data(e);
+                let elems: usize = shape.iter().product();
+                if bytes.len() != elems * width {
+                    return Err(Error::weights(
+                        dir,
+                        &name,
+                        "data size does not match its shape",
+                    ));
                 }
-                st.load(&name, &Device::Cpu)
-                    .and_then(|t| t.to_dtype(DType::F32))
-                    .map(Loaded::Dense)
-                    .map_err(|e| Error::weights(dir, &name, e.to_string()))
+                let values = st_to_f32(bytes, e.dtype);
+                st.release(e);
+                Ok(Loaded::Dense(values))
             }
+        }
+    }
+
+    /// A tensor's values as f32 (dequantized when stored quantized).
+    pub(crate) fn load_values(&self, w: W, shape: &[usize]) -> Result<Vec<f32>> {
+        match self.load(w, shape, None)? {
+            Loaded::Dense(v) => Ok(v),
+            Loaded::Q(q) => Ok(q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?),
         }
     }
 
     /// Loads a tensor as a dense f32 tensor.
     pub(crate) fn load_dense(&self, w: W, shape: &[usize]) -> Result<Tensor> {
         match self.load(w, shape, None)? {
-            Loaded::Dense(t) => Ok(t),
+            Loaded::Dense(v) => Ok(Tensor::from_vec(v, shape, &Device::Cpu)?),
             Loaded::Q(q) => q
                 .dequantize(&Device::Cpu)
                 .map_err(|e| Error::weights(self.path(), format!("{w:?}"), e.to_string())),
@@ -265,7 +390,7 @@ impl WeightSource {
         unpermute_heads: Option<usize>,
     ) -> Result<Tensor> {
         match self.load(w, shape, unpermute_heads)? {
-            Loaded::Dense(t) => Ok(t),
+            Loaded::Dense(v) => Ok(Tensor::from_vec(v, shape, &Device::Cpu)?),
             Loaded::Q(q) => q
                 .dequantize(&Device::Cpu)
                 .map_err(|e| Error::weights(self.path(), format!("{w:?}"), e.to_string())),
@@ -286,13 +411,8 @@ impl WeightSource {
         let err =
             |e: candle_core::Error| Error::weights(self.path(), format!("{w:?}"), e.to_string());
         let loaded = self.load(w, shape, unpermute_heads)?;
-        let dense = match loaded {
-            Loaded::Dense(t) => t,
-            Loaded::Q(q)
-                if matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) =>
-            {
-                q.dequantize(&Device::Cpu).map_err(err)?
-            }
+        let values = match loaded {
+            Loaded::Dense(v) => v,
             Loaded::Q(q) => return QMatMul::from_qtensor(q).map_err(err),
         };
         let k = shape[shape.len() - 1];
@@ -302,9 +422,14 @@ impl WeightSource {
         }
         let ty = match target {
             Some(FileType::Quant(q)) => q.ggml(),
-            _ => return Ok(QMatMul::Tensor(dense)),
+            _ => {
+                return Ok(QMatMul::Tensor(Tensor::from_vec(
+                    values,
+                    shape,
+                    &Device::Cpu,
+                )?))
+            }
         };
-        let values: Vec<f32> = dense.flatten_all()?.to_vec1()?;
         let bytes = quantize_rows(
             &values,
             k,

@@ -784,15 +784,7 @@ pub(crate) fn open_hf(dir: &Path) -> Result<HfParts> {
             ));
         }
     }
-    // SAFETY: read-only maps of files we do not modify.
-    let st =
-        unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }.map_err(|e| {
-            Error::weights(
-                files.first().map(|p| p.as_path()).unwrap_or(dir),
-                "",
-                format!("invalid safetensors file: {e}"),
-            )
-        })?;
+    let st = crate::weights::StFiles::open(&files)?;
     let src = WeightSource::SafeTensors {
         st,
         dir: dir.to_path_buf(),
