@@ -232,7 +232,7 @@ fn run(cli: Cli) -> AnyResult<()> {
             Ok(())
         }
         Cmd::Perplexity(a) => perplexity(a),
-        Cmd::Bench(a) => bench::run(a, || Ok(default_model::path()?)),
+        Cmd::Bench(a) => bench::run(a, default_model::path),
         Cmd::FetchModel => {
             println!("{}", default_model::path()?.display());
             Ok(())
