@@ -28,6 +28,7 @@ pub mod convert;
 pub mod error;
 mod generate;
 pub mod gguf;
+mod kernels;
 mod kv_cache;
 mod model;
 mod perplexity;

@@ -179,16 +179,43 @@ impl std::fmt::Debug for ModelOptions<'_> {
     }
 }
 
+/// A weight matrix: candle's kernels, or ours where candle's are slow.
+#[derive(Clone)]
+enum Linear {
+    Candle(QMatMul),
+    Q4_1(std::sync::Arc<crate::kernels::Q4_1Matrix>),
+}
+
+impl Linear {
+    fn new(m: QMatMul) -> Result<Self> {
+        if let QMatMul::QTensor(q) = &m {
+            if q.dtype() == candle_core::quantized::GgmlDType::Q4_1 && q.shape().rank() == 2 {
+                let (n, k) = q.shape().dims2()?;
+                let mat = crate::kernels::Q4_1Matrix::new(q.data()?.into_owned(), n, k)?;
+                return Ok(Linear::Q4_1(std::sync::Arc::new(mat)));
+            }
+        }
+        Ok(Linear::Candle(m))
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Linear::Candle(m) => Ok(m.forward(x)?),
+            Linear::Q4_1(m) => m.forward(x),
+        }
+    }
+}
+
 struct Layer {
     attn_norm: Tensor,
-    q: QMatMul,
-    k: QMatMul,
-    v: QMatMul,
-    o: QMatMul,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
     ffn_norm: Tensor,
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
 }
 
 pub(crate) struct Inner {
@@ -202,7 +229,7 @@ pub(crate) struct Inner {
     embed: QMatMul,
     layers: Vec<Layer>,
     norm: Tensor,
-    lm_head: QMatMul,
+    lm_head: Linear,
     rope: Rope,
     device: Device,
 }
@@ -366,32 +393,56 @@ impl Model {
         for l in 0..c.num_hidden_layers {
             let layer = Layer {
                 attn_norm: src.load_dense(W::AttnNorm(l), &[h])?,
-                q: src.load_matmul(W::Q(l), &[nh * hd, h], perm_q, Role::Matrix, rules)?,
-                k: src.load_matmul(W::K(l), &[nkv * hd, h], perm_k, Role::Matrix, rules)?,
-                v: src.load_matmul(W::V(l), &[nkv * hd, h], None, Role::Matrix, rules)?,
-                o: src.load_matmul(W::O(l), &[h, nh * hd], None, Role::Matrix, rules)?,
+                q: Linear::new(src.load_matmul(
+                    W::Q(l),
+                    &[nh * hd, h],
+                    perm_q,
+                    Role::Matrix,
+                    rules,
+                )?)?,
+                k: Linear::new(src.load_matmul(
+                    W::K(l),
+                    &[nkv * hd, h],
+                    perm_k,
+                    Role::Matrix,
+                    rules,
+                )?)?,
+                v: Linear::new(src.load_matmul(
+                    W::V(l),
+                    &[nkv * hd, h],
+                    None,
+                    Role::Matrix,
+                    rules,
+                )?)?,
+                o: Linear::new(src.load_matmul(
+                    W::O(l),
+                    &[h, nh * hd],
+                    None,
+                    Role::Matrix,
+                    rules,
+                )?)?,
                 ffn_norm: src.load_dense(W::FfnNorm(l), &[h])?,
-                gate: src.load_matmul(
+                gate: Linear::new(src.load_matmul(
                     W::Gate(l),
                     &[c.intermediate_size, h],
                     None,
                     Role::Matrix,
                     rules,
-                )?,
-                up: src.load_matmul(
+                )?)?,
+                up: Linear::new(src.load_matmul(
                     W::Up(l),
                     &[c.intermediate_size, h],
                     None,
                     Role::Matrix,
                     rules,
-                )?,
-                down: src.load_matmul(
+                )?)?,
+                down: Linear::new(src.load_matmul(
                     W::Down(l),
                     &[h, c.intermediate_size],
                     None,
                     Role::Matrix,
                     rules,
-                )?,
+                )?)?,
             };
             layers.push(layer);
             tick(9)?;
@@ -399,11 +450,11 @@ impl Model {
         let norm = src.load_dense(W::OutputNorm, &[h])?;
         tick(1)?;
         let lm_head = if tied {
-            embed.clone()
+            Linear::new(embed.clone())?
         } else {
             let m = src.load_matmul(W::Output, &[c.vocab_size, h], None, Role::Output, rules)?;
             tick(1)?;
-            m
+            Linear::new(m)?
         };
         let freq_factors = if is_gguf && src.has(W::RopeFreqs) {
             let t = src.load_dense(W::RopeFreqs, &[hd / 2])?;
@@ -414,7 +465,8 @@ impl Model {
         tick(1)?;
         let rope = Rope::new(c, freq_factors.as_deref());
         let weight_type = match layers.first().map(|l| &l.q) {
-            Some(QMatMul::QTensor(q)) => format!("{:?}", q.dtype()),
+            Some(Linear::Candle(QMatMul::QTensor(q))) => format!("{:?}", q.dtype()),
+            Some(Linear::Q4_1(_)) => "Q4_1".to_string(),
             _ => src.dtype_name(W::Q(0)).unwrap_or_default(),
         };
         let path = src.path().to_path_buf();
