@@ -85,10 +85,9 @@ fn dot_scalar(w: &[u8], x: &[XBlock]) -> f32 {
         let m = f16::from_le_bytes([wb[2], wb[3]]).to_f32();
         let qs = &wb[4..20];
         let mut sumi = 0i32;
-        for j in 0..QK / 2 {
-            let lo = (qs[j] & 0x0F) as i32;
-            let hi = (qs[j] >> 4) as i32;
-            sumi += lo * xb.qs[j] as i32 + hi * xb.qs[j + QK / 2] as i32;
+        let (xlo, xhi) = xb.qs.split_at(QK / 2);
+        for ((&q, &a), &b) in qs.iter().zip(xlo).zip(xhi) {
+            sumi += (q & 0x0F) as i32 * a as i32 + (q >> 4) as i32 * b as i32;
         }
         acc += d * xb.d * sumi as f32;
         summs += m * xb.s;
