@@ -6,7 +6,7 @@ shipped Q4_1 file (the original bf16 weights are not available offline), so the 
 rows measure the quantizer and engine, not the original model's quality.
 
     cargo build --release -p llama-examples
-    python3 benches/quant_table.py [--threads 2] [--out docs/quantization-table.md]
+    python3 benches/quant_table.py [--threads 2] [--out docs/quantization.md]
 """
 import argparse
 import json
@@ -30,7 +30,8 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--corpus", default="/usr/share/common-licenses/GPL-3")
     ap.add_argument("--chunks", type=int, default=4)
-    ap.add_argument("--out", default=os.path.join(ROOT, "docs", "quantization-table.md"))
+    ap.add_argument("--out", default=os.path.join(ROOT, "docs", "quantization.md"),
+                    help="Markdown file whose table between the table markers is replaced")
     args = ap.parse_args()
     shipped = subprocess.check_output([args.llama, "fetch-model"], text=True).strip()
     work = os.path.join(os.path.dirname(shipped), "quant-table")
@@ -62,8 +63,14 @@ def main():
     for ty, size, b, ppl in rows:
         lines.append(f"| {ty} | {size:.1f} | {b['load_s']:.2f} | {b['peak_rss_mib']:.0f} | "
                      f"{b['tg128_tps']:.1f} | {b['pp512_tps']:.1f} | {ppl:.4f} |")
+    start, end = "<!-- table:start -->", "<!-- table:end -->"
+    doc = open(args.out).read() if os.path.exists(args.out) else f"{start}\n{end}\n"
+    if start not in doc or end not in doc:
+        sys.exit(f"{args.out} has no {start} ... {end} markers")
+    head, rest = doc.split(start, 1)
+    _, tail = rest.split(end, 1)
     with open(args.out, "w") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write(head + start + "\n" + "\n".join(lines) + "\n" + end + tail)
     print("\n".join(lines))
 
 
