@@ -1,70 +1,88 @@
-//! CPU kernels where candle has none fast enough: the Q4_1 matrix product (candle 0.11's Q4_1
-//! dot product is a scalar loop). Activations are quantized to 8-bit blocks as llama.cpp does
-//! (`q8_1`: per-32 scale, rounding to nearest even, scale and sum kept at f16 precision), and
-//! each weight block contributes `d_w * d_x * sum(q_w * q_x) + m_w * s_x`.
+//! CPU matmul kernels of our own for the 32-value block formats Q4_0, Q4_1 and Q8_0 (candle
+//! 0.11's Q4_1 dot product is a scalar loop, and its prompt-processing path re-unpacks every
+//! weight block for every activation row).
 //!
-//! The x86-64 AVX2/FMA/F16C path is picked at run time (`is_x86_feature_detected!`), so a
-//! portable build still uses it; every other machine runs the scalar path, which computes the
-//! same integer sums. Work is spread over candle's persistent thread pool.
+//! Activations are quantized to 8-bit blocks as llama.cpp does (`q8_0`/`q8_1`: per-32 scale
+//! `amax/127` kept at f16 precision, rounding to nearest even; for Q4_1 also the block sum).
+//! Weight quants are used as unsigned bytes `u` and each block contributes an exact integer
+//! dot `I = sum(u * q_x)` plus a correction:
+//!
+//! | format | block contribution |
+//! |---|---|
+//! | Q4_1 | `d_w d_x I + m_w s_x` |
+//! | Q4_0 | `d_w d_x (I - 8 sum(q_x))` (nibbles are stored offset by 8) |
+//! | Q8_0 | `d_w d_x (I - 128 sum(q_x))` with `u = w + 128` |
+//!
+//! The offset terms are removed in integers (a second VNNI dot against a constant), never as
+//! a float correction: Q4_0 and Q8_0 sums nearly cancel their offsets, and a float correction
+//! loses enough bits to move the logits measurably. Without VNNI, Q4_0 and Q8_0 use signed
+//! values and the sign trick (`maddubs(|w|, sign(y, w))`), as ggml does.
+//!
+//! The x86-64 paths (AVX-512 VNNI on 256-bit vectors, else AVX2/FMA/F16C) are picked at run
+//! time with `is_x86_feature_detected!`, so a portable build still uses them; other machines
+//! run the scalar path, which computes the same integers. Work items are tiles of activation
+//! rows x weight rows, so a weight block is unpacked once per tile rather than once per row,
+//! spread over candle's persistent thread pool. `LLAMA_CORE_KERNEL=scalar|avx2` forces a path,
+//! `LLAMA_CORE_KERNEL=candle` uses candle's kernels everywhere.
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 use half::f16;
 
 use crate::error::{Error, Result};
 
 const QK: usize = 32;
-/// Bytes of one Q4_1 block: f16 scale, f16 minimum, 16 bytes of nibbles.
-const Q4_1_BYTES: usize = 20;
 
-/// One activation block: scale, scale times the sum of the quants, 32 quants.
+/// The block formats these kernels run.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum BlockFmt {
+    Q4_0,
+    Q4_1,
+    Q8_0,
+}
+
+impl BlockFmt {
+    pub(crate) fn from_ggml(t: GgmlDType) -> Option<Self> {
+        match t {
+            GgmlDType::Q4_0 => Some(BlockFmt::Q4_0),
+            GgmlDType::Q4_1 => Some(BlockFmt::Q4_1),
+            GgmlDType::Q8_0 => Some(BlockFmt::Q8_0),
+            _ => None,
+        }
+    }
+
+    fn bytes(self) -> usize {
+        match self {
+            BlockFmt::Q4_0 => 18,
+            BlockFmt::Q4_1 => 20,
+            BlockFmt::Q8_0 => 34,
+        }
+    }
+}
+
+/// One activation block.
 #[derive(Clone, Copy)]
-#[repr(C)]
+#[repr(C, align(16))]
 struct XBlock {
+    /// Scale (f16 precision).
     d: f32,
+    /// `d * sum(qs)` at f16 precision (ggml's q8_1 `s`), for Q4_1.
     s: f32,
+    _pad: [f32; 2],
     qs: [i8; QK],
 }
 
-/// A Q4_1 weight matrix `[n, k]` (rows are output features), stored as GGUF blocks.
-#[derive(Debug)]
-pub(crate) struct Q4_1Matrix {
-    n: usize,
-    k: usize,
-    data: Vec<u8>,
-}
+const ZERO_X: XBlock = XBlock {
+    d: 0.0,
+    s: 0.0,
+    _pad: [0.0; 2],
+    qs: [0; QK],
+};
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Isa {
-    Scalar,
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-}
-
-fn isa() -> Isa {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
-        *ISA.get_or_init(|| {
-            if std::env::var_os("LLAMA_CORE_SCALAR").is_none()
-                && is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
-            {
-                Isa::Avx2
-            } else {
-                Isa::Scalar
-            }
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    Isa::Scalar
-}
-
-/// llama.cpp's activation quantization for q8_1 blocks.
-fn quantize_row_q8_1(x: &[f32], out: &mut [XBlock]) {
+/// llama.cpp's activation quantization (q8_0 / q8_1 blocks).
+fn quantize_row(x: &[f32], out: &mut [XBlock]) {
     for (xb, ob) in x.chunks_exact(QK).zip(out.iter_mut()) {
         let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let d = amax / 127.0;
         let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
         let mut sum = 0i32;
         for (q, &v) in ob.qs.iter_mut().zip(xb) {
@@ -72,80 +90,283 @@ fn quantize_row_q8_1(x: &[f32], out: &mut [XBlock]) {
             *q = r as i8;
             sum += r;
         }
+        // As ggml: both stored at f16 precision, `s` from the unrounded scale.
+        let d = amax / 127.0;
         ob.d = f16::from_f32(d).to_f32();
         ob.s = f16::from_f32(d * sum as f32).to_f32();
     }
 }
 
-fn dot_scalar(w: &[u8], x: &[XBlock]) -> f32 {
-    let mut acc = 0f32;
-    let mut summs = 0f32;
-    for (wb, xb) in w.chunks_exact(Q4_1_BYTES).zip(x) {
-        let d = f16::from_le_bytes([wb[0], wb[1]]).to_f32();
-        let m = f16::from_le_bytes([wb[2], wb[3]]).to_f32();
-        let qs = &wb[4..20];
-        let mut sumi = 0i32;
-        let (xlo, xhi) = xb.qs.split_at(QK / 2);
-        for ((&q, &a), &b) in qs.iter().zip(xlo).zip(xhi) {
-            sumi += (q & 0x0F) as i32 * a as i32 + (q >> 4) as i32 * b as i32;
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Isa {
+    Scalar,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Vnni,
+}
+
+/// Whether our kernels are used at all (`LLAMA_CORE_KERNEL=candle` runs candle's instead,
+/// for comparison).
+pub(crate) fn enabled() -> bool {
+    std::env::var("LLAMA_CORE_KERNEL").map_or(true, |v| v != "candle")
+}
+
+fn isa() -> Isa {
+    static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *ISA.get_or_init(|| {
+        let forced = std::env::var("LLAMA_CORE_KERNEL").unwrap_or_default();
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c");
+            let vnni = avx2
+                && is_x86_feature_detected!("avx512vnni")
+                && is_x86_feature_detected!("avx512vl");
+            match forced.as_str() {
+                "scalar" => Isa::Scalar,
+                "avx2" if avx2 => Isa::Avx2,
+                _ if vnni => Isa::Vnni,
+                _ if avx2 => Isa::Avx2,
+                _ => Isa::Scalar,
+            }
         }
-        acc += d * xb.d * sumi as f32;
-        summs += m * xb.s;
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = forced;
+            Isa::Scalar
+        }
+    })
+}
+
+fn f16_at(p: &[u8], off: usize) -> f32 {
+    f16::from_le_bytes([p[off], p[off + 1]]).to_f32()
+}
+
+/// Scalar dot of one weight row with one activation row.
+fn dot_scalar(fmt: BlockFmt, w: &[u8], x: &[XBlock]) -> f32 {
+    let mut acc = 0f32;
+    for (wb, xb) in w.chunks_exact(fmt.bytes()).zip(x) {
+        let d = f16_at(wb, 0);
+        match fmt {
+            BlockFmt::Q4_0 | BlockFmt::Q4_1 => {
+                let qs = if fmt == BlockFmt::Q4_0 {
+                    &wb[2..18]
+                } else {
+                    &wb[4..20]
+                };
+                let (xlo, xhi) = xb.qs.split_at(QK / 2);
+                let mut sumi = 0i32;
+                for ((&q, &a), &b) in qs.iter().zip(xlo).zip(xhi) {
+                    sumi += (q & 0x0F) as i32 * a as i32 + (q >> 4) as i32 * b as i32;
+                }
+                if fmt == BlockFmt::Q4_0 {
+                    let sumx: i32 = xb.qs.iter().map(|&v| v as i32).sum();
+                    acc += d * xb.d * (sumi - 8 * sumx) as f32;
+                } else {
+                    acc += d * xb.d * sumi as f32 + f16_at(wb, 2) * xb.s;
+                }
+            }
+            BlockFmt::Q8_0 => {
+                let sumi: i32 = wb[2..34]
+                    .iter()
+                    .zip(&xb.qs)
+                    .map(|(&w, &y)| (w as i8) as i32 * y as i32)
+                    .sum();
+                acc += d * xb.d * sumi as f32;
+            }
+        }
     }
-    acc + summs
+    acc
+}
+
+/// The SIMD tile kernels: `R` activation rows times `C` weight rows over `nb` blocks.
+#[cfg(target_arch = "x86_64")]
+macro_rules! simd_tile {
+    ($name:ident, $features:literal, $vnni:expr) => {
+        #[target_feature(enable = $features)]
+        unsafe fn $name<const R: usize, const C: usize>(
+            fmt: BlockFmt,
+            w: [*const u8; C],
+            x: [*const XBlock; R],
+            nb: usize,
+            out: &mut [[f32; C]; R],
+        ) {
+            use std::arch::x86_64::*;
+            let bytes = fmt.bytes();
+            let mask = _mm_set1_epi8(0x0F);
+            let ones = _mm256_set1_epi16(1);
+            let flip = _mm256_set1_epi8(-128);
+            let eight = _mm256_set1_epi8(8);
+            let mut acc = [[_mm256_setzero_ps(); C]; R];
+            let mut corr = [[0f32; C]; R];
+            for b in 0..nb {
+                let mut wq = [_mm256_setzero_si256(); C];
+                let mut dw = [0f32; C];
+                let mut mw = [0f32; C];
+                for c in 0..C {
+                    let p = w[c].add(b * bytes);
+                    match fmt {
+                        BlockFmt::Q4_1 => {
+                            let dm =
+                                _mm_cvtph_ps(_mm_cvtsi32_si128((p as *const i32).read_unaligned()));
+                            dw[c] = _mm_cvtss_f32(dm);
+                            mw[c] = _mm_cvtss_f32(_mm_shuffle_ps::<1>(dm, dm));
+                            let q = _mm_loadu_si128(p.add(4) as *const __m128i);
+                            let lo = _mm_and_si128(q, mask);
+                            let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), mask);
+                            wq[c] = _mm256_set_m128i(hi, lo);
+                        }
+                        BlockFmt::Q4_0 => {
+                            dw[c] = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+                                (p as *const u16).read_unaligned() as i32,
+                            )));
+                            let q = _mm_loadu_si128(p.add(2) as *const __m128i);
+                            let lo = _mm_and_si128(q, mask);
+                            let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), mask);
+                            let u = _mm256_set_m128i(hi, lo);
+                            // VNNI: unsigned nibbles, offset removed exactly below; AVX2:
+                            // signed values for the sign trick.
+                            wq[c] = if $vnni { u } else { _mm256_sub_epi8(u, eight) };
+                        }
+                        BlockFmt::Q8_0 => {
+                            dw[c] = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+                                (p as *const u16).read_unaligned() as i32,
+                            )));
+                            let q = _mm256_loadu_si256(p.add(2) as *const __m256i);
+                            wq[c] = if $vnni { _mm256_xor_si256(q, flip) } else { q };
+                        }
+                    }
+                }
+                for r in 0..R {
+                    let xb = &*x[r].add(b);
+                    let y = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
+                    // Exact integer offset terms (VNNI): sum(8 * y) for Q4_0, sum(128 * y) for Q8_0.
+                    let yoff = match fmt {
+                        BlockFmt::Q4_0 if $vnni => {
+                            _mm256_dpbusd_epi32(_mm256_setzero_si256(), eight, y)
+                        }
+                        BlockFmt::Q8_0 if $vnni => {
+                            _mm256_dpbusd_epi32(_mm256_setzero_si256(), flip, y)
+                        }
+                        _ => _mm256_setzero_si256(),
+                    };
+                    for c in 0..C {
+                        let p32 = if $vnni {
+                            _mm256_sub_epi32(
+                                _mm256_dpbusd_epi32(_mm256_setzero_si256(), wq[c], y),
+                                yoff,
+                            )
+                        } else if fmt != BlockFmt::Q4_1 {
+                            let aw = _mm256_sign_epi8(wq[c], wq[c]);
+                            let sy = _mm256_sign_epi8(y, wq[c]);
+                            _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sy), ones)
+                        } else {
+                            _mm256_madd_epi16(_mm256_maddubs_epi16(wq[c], y), ones)
+                        };
+                        acc[r][c] = _mm256_fmadd_ps(
+                            _mm256_set1_ps(dw[c] * xb.d),
+                            _mm256_cvtepi32_ps(p32),
+                            acc[r][c],
+                        );
+                        if fmt == BlockFmt::Q4_1 {
+                            corr[r][c] += mw[c] * xb.s;
+                        }
+                    }
+                }
+            }
+            for r in 0..R {
+                for c in 0..C {
+                    let v = acc[r][c];
+                    let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+                    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+                    let s1 = _mm_add_ss(s2, _mm_shuffle_ps::<1>(s2, s2));
+                    out[r][c] = _mm_cvtss_f32(s1) + corr[r][c];
+                }
+            }
+        }
+    };
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot4_avx2(w: [&[u8]; 4], x: &[XBlock], out: &mut [f32; 4]) {
-    use std::arch::x86_64::*;
-    let nb = x.len();
-    let mask = _mm_set1_epi8(0x0F);
-    let ones = _mm256_set1_epi16(1);
-    let mut acc = [_mm256_setzero_ps(); 4];
-    let mut summs = [0f32; 4];
-    for b in 0..nb {
-        let xb = x.get_unchecked(b);
-        let y = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
-        for c in 0..4 {
-            let p = w[c].as_ptr().add(b * Q4_1_BYTES);
-            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((p as *const i32).read_unaligned()));
-            let d = _mm_cvtss_f32(dm);
-            let m = _mm_cvtss_f32(_mm_shuffle_ps::<1>(dm, dm));
-            let q = _mm_loadu_si128(p.add(4) as *const __m128i);
-            let lo = _mm_and_si128(q, mask);
-            let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), mask);
-            let wq = _mm256_set_m128i(hi, lo);
-            let p16 = _mm256_maddubs_epi16(wq, y);
-            let p32 = _mm256_madd_epi16(p16, ones);
-            acc[c] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), _mm256_cvtepi32_ps(p32), acc[c]);
-            summs[c] += m * xb.s;
-        }
-    }
-    for c in 0..4 {
-        let v = acc[c];
-        let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-        let s1 = _mm_add_ss(s2, _mm_shuffle_ps::<1>(s2, s2));
-        out[c] = _mm_cvtss_f32(s1) + summs[c];
-    }
+simd_tile!(tile_avx2, "avx2,fma,f16c", false);
+#[cfg(target_arch = "x86_64")]
+simd_tile!(tile_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", true);
+
+/// A weight matrix `[n, k]` (rows are output features) in one of the block formats, stored as
+/// GGUF blocks.
+#[derive(Debug)]
+pub(crate) struct BlockMatrix {
+    fmt: BlockFmt,
+    n: usize,
+    k: usize,
+    data: Vec<u8>,
 }
 
-impl Q4_1Matrix {
-    /// Takes the GGUF bytes of a `[n, k]` Q4_1 tensor.
-    pub(crate) fn new(data: Vec<u8>, n: usize, k: usize) -> Result<Self> {
-        if k % QK != 0 || data.len() != n * k / QK * Q4_1_BYTES {
+/// Activation rows per tile in prompt processing, and weight rows per tile.
+const TILE_R: usize = 4;
+const TILE_C: usize = 2;
+/// Weight rows per work item in decode.
+const DECODE_C: usize = 4;
+
+impl BlockMatrix {
+    /// Takes the GGUF bytes of a `[n, k]` tensor.
+    pub(crate) fn new(fmt: BlockFmt, data: Vec<u8>, n: usize, k: usize) -> Result<Self> {
+        if !k.is_multiple_of(QK) || data.len() != n * (k / QK) * fmt.bytes() {
             return Err(Error::InvalidArgument(format!(
-                "Q4_1 matrix [{n}, {k}] cannot hold {} bytes",
+                "{fmt:?} matrix [{n}, {k}] cannot hold {} bytes",
                 data.len()
             )));
         }
-        Ok(Q4_1Matrix { n, k, data })
+        Ok(BlockMatrix { fmt, n, k, data })
+    }
+
+    pub(crate) fn fmt(&self) -> BlockFmt {
+        self.fmt
     }
 
     fn row(&self, j: usize) -> &[u8] {
-        let rb = self.k / QK * Q4_1_BYTES;
+        let rb = self.k / QK * self.fmt.bytes();
         &self.data[j * rb..(j + 1) * rb]
+    }
+
+    /// Dots of activation rows `rows` with weight rows `cols` (at most R x C), into `out`.
+    fn tile<const R: usize, const C: usize>(
+        &self,
+        isa: Isa,
+        xq: &[XBlock],
+        rows: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
+        out: &mut [[f32; C]; R],
+    ) {
+        let nb = self.k / QK;
+        let full = rows.len() == R && cols.len() == C;
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 | Isa::Vnni if full => {
+                let w: [*const u8; C] = std::array::from_fn(|c| self.row(cols.start + c).as_ptr());
+                let x: [*const XBlock; R] =
+                    std::array::from_fn(|r| xq[(rows.start + r) * nb..].as_ptr());
+                // SAFETY: the CPU has the features (checked at run time); every pointer starts
+                // a row of `nb` blocks inside its buffer.
+                unsafe {
+                    if isa == Isa::Vnni {
+                        tile_vnni::<R, C>(self.fmt, w, x, nb, out)
+                    } else {
+                        tile_avx2::<R, C>(self.fmt, w, x, nb, out)
+                    }
+                }
+            }
+            _ => {
+                for (r, row) in rows.clone().enumerate() {
+                    for (c, col) in cols.clone().enumerate() {
+                        out[r][c] =
+                            dot_scalar(self.fmt, self.row(col), &xq[row * nb..(row + 1) * nb]);
+                    }
+                }
+            }
+        }
     }
 
     /// `x @ W^T` for `x` of shape `[..., k]`.
@@ -161,65 +382,55 @@ impl Q4_1Matrix {
         let m = x.elem_count() / k.max(1);
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
         let nb = k / QK;
-        let mut xq = vec![
-            XBlock {
-                d: 0.0,
-                s: 0.0,
-                qs: [0; QK]
-            };
-            m * nb
-        ];
+        let mut xq = vec![ZERO_X; m * nb];
         for (row, out) in xs.chunks_exact(k).zip(xq.chunks_exact_mut(nb)) {
-            quantize_row_q8_1(row, out);
+            quantize_row(row, out);
         }
         let n = self.n;
         let mut dst = vec![0f32; m * n];
         let dst_ptr = dst.as_mut_ptr() as usize;
         let isa = isa();
-        // Work items: (tile of up to 8 activation rows, group of 4 weight rows); each dst
-        // element is written by exactly one item.
-        const TILE: usize = 8;
-        let groups = n.div_ceil(4);
-        let tiles = m.div_ceil(TILE);
-        let work = |item: usize| {
-            let (t, g) = (item / groups, item % groups);
-            let c0 = g * 4;
-            let cols = (n - c0).min(4);
-            for r in t * TILE..(m.min((t + 1) * TILE)) {
-                let xr = &xq[r * nb..(r + 1) * nb];
-                let mut out = [0f32; 4];
-                match isa {
-                    #[cfg(target_arch = "x86_64")]
-                    Isa::Avx2 if cols == 4 => {
-                        let w = [
-                            self.row(c0),
-                            self.row(c0 + 1),
-                            self.row(c0 + 2),
-                            self.row(c0 + 3),
-                        ];
-                        // SAFETY: the CPU has avx2, fma and f16c (checked once at run time);
-                        // every row holds `nb` blocks.
-                        unsafe { dot4_avx2(w, xr, &mut out) };
-                    }
-                    _ => {
-                        for (c, o) in out.iter_mut().enumerate().take(cols) {
-                            *o = dot_scalar(self.row(c0 + c), xr);
-                        }
-                    }
-                }
-                for (c, &v) in out.iter().enumerate().take(cols) {
-                    // SAFETY: (r, c0 + c) is inside dst and written by this item only.
-                    unsafe { *(dst_ptr as *mut f32).add(r * n + c0 + c) = v };
-                }
-            }
+        let put = |r: usize, c: usize, v: f32| {
+            // SAFETY: (r, c) is inside dst and each element is written by one work item only.
+            unsafe { *(dst_ptr as *mut f32).add(r * n + c) = v };
         };
-        let items = tiles * groups;
+        let items;
+        let work: Box<dyn Fn(usize) + Sync> = if m == 1 {
+            // Decode: one activation row, groups of weight rows.
+            items = n.div_ceil(DECODE_C);
+            Box::new(|g: usize| {
+                let cols = g * DECODE_C..n.min((g + 1) * DECODE_C);
+                let mut out = [[0f32; DECODE_C]; 1];
+                self.tile::<1, DECODE_C>(isa, &xq, 0..1, cols.clone(), &mut out);
+                for (c, col) in cols.enumerate() {
+                    put(0, col, out[0][c]);
+                }
+            })
+        } else {
+            // Prompt: tiles of TILE_R activation rows x TILE_C weight rows, weight-row major so
+            // that a worker's consecutive items reuse the same weight rows from cache.
+            let row_tiles = m.div_ceil(TILE_R);
+            items = row_tiles * n.div_ceil(TILE_C);
+            Box::new(move |item: usize| {
+                let (cg, rt) = (item / row_tiles, item % row_tiles);
+                let rows = rt * TILE_R..m.min((rt + 1) * TILE_R);
+                let cols = cg * TILE_C..n.min((cg + 1) * TILE_C);
+                let mut out = [[0f32; TILE_C]; TILE_R];
+                self.tile::<TILE_R, TILE_C>(isa, &xq, rows.clone(), cols.clone(), &mut out);
+                for (r, row) in rows.enumerate() {
+                    for (c, col) in cols.clone().enumerate() {
+                        put(row, col, out[r][c]);
+                    }
+                }
+            })
+        };
         if items < 8 {
-            (0..items).for_each(work);
+            (0..items).for_each(&work);
         } else {
             candle_core::utils::barrier_pool()
                 .execute_chunked(items, |range| range.for_each(&work));
         }
+        drop(work);
         let mut out_dims = dims;
         *out_dims.last_mut().expect("non-empty") = n;
         Ok(Tensor::from_vec(dst, out_dims, &Device::Cpu)?)
@@ -229,7 +440,7 @@ impl Q4_1Matrix {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::quantized::QTensor;
 
     fn values(n: usize, seed: u32) -> Vec<f32> {
         let mut s = seed | 1;
@@ -243,57 +454,127 @@ mod tests {
             .collect()
     }
 
-    /// The SIMD path and the scalar path give the same products (up to float summation
-    /// order), and both match a dequantized f64 product of the quantized operands.
+    /// Every path available on this CPU gives the scalar path's products (up to float
+    /// summation order), and the scalar path matches an f64 product of the dequantized weights
+    /// with the quantized activations; odd shapes exercise partial tiles.
     #[test]
-    fn q4_1_matmul_matches_scalar_and_reference() {
-        let (n, k, m) = (37, 96, 5);
-        let w = values(n * k, 7);
-        let q = QTensor::quantize(
-            &Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap(),
-            GgmlDType::Q4_1,
-        )
-        .unwrap();
-        let wd: Vec<f32> = q
-            .dequantize(&Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let mat = Q4_1Matrix::new(q.data().unwrap().into_owned(), n, k).unwrap();
-        let x = values(m * k, 11);
-        let y: Vec<f32> = mat
-            .forward(&Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let nb = k / QK;
-        for r in 0..m {
-            let mut xq = vec![
-                XBlock {
-                    d: 0.0,
-                    s: 0.0,
-                    qs: [0; QK]
-                };
-                nb
-            ];
-            quantize_row_q8_1(&x[r * k..(r + 1) * k], &mut xq);
-            for c in 0..n {
-                let s = dot_scalar(mat.row(c), &xq);
-                assert!((y[r * n + c] - s).abs() < 1e-4, "simd vs scalar at {r},{c}");
-                // Against the dequantized operands in f64.
-                let mut want = 0f64;
-                for (b, xb) in xq.iter().enumerate() {
-                    for i in 0..QK {
-                        want += wd[c * k + b * QK + i] as f64 * (xb.d * xb.qs[i] as f32) as f64;
+    fn block_matmul_matches_scalar_and_reference() {
+        for (fmt, dt) in [
+            (BlockFmt::Q4_0, GgmlDType::Q4_0),
+            (BlockFmt::Q4_1, GgmlDType::Q4_1),
+            (BlockFmt::Q8_0, GgmlDType::Q8_0),
+        ] {
+            for (n, k, m) in [(37, 96, 5), (8, 64, 1), (13, 32, 9)] {
+                let w = values(n * k, 7 + n as u32);
+                let q = QTensor::quantize(&Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap(), dt)
+                    .unwrap();
+                let wd: Vec<f32> = q
+                    .dequantize(&Device::Cpu)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let mat = BlockMatrix::new(fmt, q.data().unwrap().into_owned(), n, k).unwrap();
+                let x = values(m * k, 11 + m as u32);
+                let y: Vec<f32> = mat
+                    .forward(&Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let nb = k / QK;
+                for r in 0..m {
+                    let mut xq = vec![ZERO_X; nb];
+                    quantize_row(&x[r * k..(r + 1) * k], &mut xq);
+                    for c in 0..n {
+                        let s = dot_scalar(fmt, mat.row(c), &xq);
+                        let got = y[r * n + c];
+                        assert!(
+                            (got - s).abs() < 1e-4 * (1.0 + s.abs()),
+                            "{fmt:?} {n}x{k}x{m}: simd {got} vs scalar {s} at {r},{c}"
+                        );
+                        let mut want = 0f64;
+                        for (b, xb) in xq.iter().enumerate() {
+                            for i in 0..QK {
+                                want +=
+                                    wd[c * k + b * QK + i] as f64 * (xb.d * xb.qs[i] as f32) as f64;
+                            }
+                        }
+                        // Q4_1's s_x is rounded through f16, as in ggml.
+                        assert!(
+                            (s as f64 - want).abs() < 2e-2,
+                            "{fmt:?} {r},{c}: {s} vs {want}"
+                        );
                     }
                 }
-                // s_x rounds through f16: allow its relative error on the minimum term.
-                assert!((s as f64 - want).abs() < 2e-2, "{r},{c}: {s} vs {want}");
             }
         }
+    }
+
+    /// Against candle's own quantized matmul on model-sized shapes (both quantize the
+    /// activations to 8 bits, so they agree to that rounding).
+    #[test]
+    fn block_matmul_agrees_with_candle() {
+        use candle_core::quantized::QMatMul;
+        use candle_core::Module;
+        for dt in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            for (n, k, m) in [(64, 1536, 1), (72, 576, 7)] {
+                let w = values(n * k, 3);
+                let q = QTensor::quantize(&Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap(), dt)
+                    .unwrap();
+                let ours = BlockMatrix::new(
+                    BlockFmt::from_ggml(dt).unwrap(),
+                    q.data().unwrap().into_owned(),
+                    n,
+                    k,
+                )
+                .unwrap();
+                let theirs = QMatMul::from_qtensor(q).unwrap();
+                let x = Tensor::from_vec(values(m * k, 5), (1, m, k), &Device::Cpu).unwrap();
+                let a: Vec<f32> = ours
+                    .forward(&x)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let b: Vec<f32> = theirs
+                    .forward(&x)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let scale = b.iter().fold(0f32, |mx, v| mx.max(v.abs()));
+                let d = a
+                    .iter()
+                    .zip(&b)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    d < 0.02 * scale,
+                    "{dt:?} {n}x{k}x{m}: max diff {d} (scale {scale})"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn quantized_activations_follow_ggml() {
+        let mut out = [ZERO_X; 1];
+        let mut x = [0f32; QK];
+        x[0] = 1.0;
+        x[1] = -0.5;
+        x[2] = 0.25 / 127.0 * 127.0 * 0.5 / 127.0 * 127.0; // 0.125 -> 15.875 -> 16
+        quantize_row(&x, &mut out);
+        assert_eq!(out[0].qs[0], 127);
+        assert_eq!(out[0].qs[1], -64); // -63.5 rounds to even
+        assert_eq!(out[0].qs[2], 16);
+        assert_eq!(out[0].d, f16::from_f32(1.0 / 127.0).to_f32());
+        let zero = [0f32; QK];
+        quantize_row(&zero, &mut out);
+        assert!(out[0].qs.iter().all(|&q| q == 0) && out[0].d == 0.0);
     }
 }

@@ -139,13 +139,15 @@ pub(crate) fn tensor_type(
             None => match base {
                 FileType::F32 | FileType::F16 => base,
                 FileType::Quant(QuantType::Q8_0) => base,
-                FileType::Quant(_) if row_len % 256 != 0 => FileType::Quant(QuantType::Q8_0),
+                FileType::Quant(_) if !row_len.is_multiple_of(256) => {
+                    FileType::Quant(QuantType::Q8_0)
+                }
                 FileType::Quant(_) => FileType::Quant(QuantType::Q6K),
             },
         },
     };
     let mut t = wanted;
-    while row_len % t.ggml().block_size() != 0 {
+    while !row_len.is_multiple_of(t.ggml().block_size()) {
         match t.fallback() {
             Some(f) => t = f,
             None => {
@@ -213,7 +215,7 @@ pub fn quantize_rows(
     threads: usize,
 ) -> Result<Vec<u8>> {
     let block = ty.ggml().block_size();
-    if row_len == 0 || row_len % block != 0 || values.len() % row_len != 0 {
+    if row_len == 0 || !row_len.is_multiple_of(block) || !values.len().is_multiple_of(row_len) {
         return Err(Error::InvalidArgument(format!(
             "cannot quantize {} values in rows of {row_len} to {ty} (blocks of {block})",
             values.len()
@@ -255,7 +257,7 @@ pub fn quantize_rows(
 /// Dequantizes GGUF block bytes of type `ty` holding `elems` values.
 pub fn dequantize(bytes: &[u8], ty: FileType, elems: usize) -> Result<Vec<f32>> {
     let g = ty.ggml();
-    if elems % g.block_size() != 0 || bytes.len() != tensor_bytes(g, elems) {
+    if !elems.is_multiple_of(g.block_size()) || bytes.len() != tensor_bytes(g, elems) {
         return Err(Error::InvalidArgument(format!(
             "{} bytes do not hold {elems} values of {ty}",
             bytes.len()

@@ -304,7 +304,7 @@ impl WeightSource {
                         store = aligned(&p);
                         as_bytes(&store, p.len())
                     }
-                    None if (data.as_ptr() as usize) % 8 != 0 => {
+                    None if !(data.as_ptr() as usize).is_multiple_of(8) => {
                         store = aligned(data);
                         as_bytes(&store, data.len())
                     }

@@ -183,16 +183,20 @@ impl std::fmt::Debug for ModelOptions<'_> {
 #[derive(Clone)]
 enum Linear {
     Candle(QMatMul),
-    Q4_1(std::sync::Arc<crate::kernels::Q4_1Matrix>),
+    Blocks(std::sync::Arc<crate::kernels::BlockMatrix>),
 }
 
 impl Linear {
     fn new(m: QMatMul) -> Result<Self> {
         if let QMatMul::QTensor(q) = &m {
-            if q.dtype() == candle_core::quantized::GgmlDType::Q4_1 && q.shape().rank() == 2 {
-                let (n, k) = q.shape().dims2()?;
-                let mat = crate::kernels::Q4_1Matrix::new(q.data()?.into_owned(), n, k)?;
-                return Ok(Linear::Q4_1(std::sync::Arc::new(mat)));
+            if let Some(fmt) =
+                crate::kernels::BlockFmt::from_ggml(q.dtype()).filter(|_| crate::kernels::enabled())
+            {
+                if q.shape().rank() == 2 {
+                    let (n, k) = q.shape().dims2()?;
+                    let mat = crate::kernels::BlockMatrix::new(fmt, q.data()?.into_owned(), n, k)?;
+                    return Ok(Linear::Blocks(std::sync::Arc::new(mat)));
+                }
             }
         }
         Ok(Linear::Candle(m))
@@ -201,7 +205,7 @@ impl Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Linear::Candle(m) => Ok(m.forward(x)?),
-            Linear::Q4_1(m) => m.forward(x),
+            Linear::Blocks(m) => m.forward(x),
         }
     }
 }
@@ -466,7 +470,7 @@ impl Model {
         let rope = Rope::new(c, freq_factors.as_deref());
         let weight_type = match layers.first().map(|l| &l.q) {
             Some(Linear::Candle(QMatMul::QTensor(q))) => format!("{:?}", q.dtype()),
-            Some(Linear::Q4_1(_)) => "Q4_1".to_string(),
+            Some(Linear::Blocks(m)) => format!("{:?}", m.fmt()),
             _ => src.dtype_name(W::Q(0)).unwrap_or_default(),
         };
         let path = src.path().to_path_buf();
