@@ -369,6 +369,47 @@ impl BlockMatrix {
         }
     }
 
+    /// Rows `ids` dequantized, `[ids.len(), k]` (embedding lookup).
+    pub(crate) fn rows(&self, ids: &[u32]) -> Result<Tensor> {
+        let k = self.k;
+        let mut out = vec![0f32; ids.len() * k];
+        for (&id, dst) in ids.iter().zip(out.chunks_exact_mut(k)) {
+            if id as usize >= self.n {
+                return Err(Error::InvalidArgument(format!(
+                    "token id {id} is outside the embedding of {} rows",
+                    self.n
+                )));
+            }
+            let row = self.row(id as usize);
+            for (wb, o) in row
+                .chunks_exact(self.fmt.bytes())
+                .zip(dst.chunks_exact_mut(QK))
+            {
+                let d = f16_at(wb, 0);
+                match self.fmt {
+                    BlockFmt::Q8_0 => {
+                        for (o, &q) in o.iter_mut().zip(&wb[2..34]) {
+                            *o = d * (q as i8) as f32;
+                        }
+                    }
+                    BlockFmt::Q4_0 | BlockFmt::Q4_1 => {
+                        let (qs, m, off) = if self.fmt == BlockFmt::Q4_0 {
+                            (&wb[2..18], 0.0, 8.0)
+                        } else {
+                            (&wb[4..20], f16_at(wb, 2), 0.0)
+                        };
+                        let (lo, hi) = o.split_at_mut(QK / 2);
+                        for ((&q, l), h) in qs.iter().zip(lo).zip(hi) {
+                            *l = ((q & 0x0F) as f32 - off) * d + m;
+                            *h = ((q >> 4) as f32 - off) * d + m;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(Tensor::from_vec(out, (ids.len(), k), &Device::Cpu)?)
+    }
+
     /// `x @ W^T` for `x` of shape `[..., k]`.
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
@@ -558,6 +599,47 @@ mod tests {
                     "{dt:?} {n}x{k}x{m}: max diff {d} (scale {scale})"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn rows_equal_candles_dequantization() {
+        for dt in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let (n, k) = (9, 64);
+            let q = QTensor::quantize(
+                &Tensor::from_vec(values(n * k, 9), (n, k), &Device::Cpu).unwrap(),
+                dt,
+            )
+            .unwrap();
+            let full: Vec<f32> = q
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let mat = BlockMatrix::new(
+                BlockFmt::from_ggml(dt).unwrap(),
+                q.data().unwrap().into_owned(),
+                n,
+                k,
+            )
+            .unwrap();
+            let got: Vec<f32> = mat
+                .rows(&[3, 0, 8])
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for (i, &id) in [3usize, 0, 8].iter().enumerate() {
+                assert_eq!(
+                    &got[i * k..(i + 1) * k],
+                    &full[id * k..(id + 1) * k],
+                    "{dt:?}"
+                );
+            }
+            assert!(mat.rows(&[9]).is_err());
         }
     }
 

@@ -202,6 +202,17 @@ impl Linear {
         Ok(Linear::Candle(m))
     }
 
+    /// Rows of the matrix (embedding lookup), `[ids.len(), k]`.
+    fn rows(&self, ids: &[u32]) -> Result<Tensor> {
+        match self {
+            Linear::Candle(m) => {
+                let t = Tensor::new(ids, &Device::Cpu)?;
+                Ok(m.embedding(&t)?)
+            }
+            Linear::Blocks(m) => m.rows(ids),
+        }
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Linear::Candle(m) => Ok(m.forward(x)?),
@@ -230,7 +241,7 @@ pub(crate) struct Inner {
     pub(crate) format: &'static str,
     pub(crate) weight_type: String,
     pub(crate) fingerprint: u64,
-    embed: QMatMul,
+    embed: Linear,
     layers: Vec<Layer>,
     norm: Tensor,
     lm_head: Linear,
@@ -391,7 +402,8 @@ impl Model {
         use crate::quantize::Role;
         let embed_role = if tied { Role::Output } else { Role::Embedding };
         let rules = &quantize;
-        let embed = src.load_matmul(W::Embed, &[c.vocab_size, h], None, embed_role, rules)?;
+        let embed =
+            Linear::new(src.load_matmul(W::Embed, &[c.vocab_size, h], None, embed_role, rules)?)?;
         tick(1)?;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {
@@ -454,7 +466,7 @@ impl Model {
         let norm = src.load_dense(W::OutputNorm, &[h])?;
         tick(1)?;
         let lm_head = if tied {
-            Linear::new(embed.clone())?
+            embed.clone()
         } else {
             let m = src.load_matmul(W::Output, &[c.vocab_size, h], None, Role::Output, rules)?;
             tick(1)?;
@@ -641,8 +653,7 @@ impl Model {
         let group = nh / nkv;
         let dev = &m.device;
         cache.reserve(t, dev)?;
-        let ids = Tensor::from_slice(tokens, (t,), dev)?;
-        let mut x = m.embed.embedding(&ids)?.reshape((1, t, c.hidden_size))?;
+        let mut x = m.embed.rows(tokens)?.reshape((1, t, c.hidden_size))?;
         let (cos, sin) = m.rope.cos_sin(start, t, dev)?;
         let total = start + t;
         let mask = if t > 1 {
