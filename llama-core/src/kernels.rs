@@ -1,4 +1,5 @@
-//! CPU matmul kernels of our own for the 32-value block formats Q4_0, Q4_1 and Q8_0 (candle
+//! CPU matmul kernels of our own for the 32-value block formats Q4_0, Q4_1, Q5_0, Q5_1 and
+//! Q8_0 (candle
 //! 0.11's Q4_1 dot product is a scalar loop, and its prompt-processing path re-unpacks every
 //! weight block for every activation row).
 //!
@@ -11,11 +12,13 @@
 //! |---|---|
 //! | Q4_1 | `d_w d_x I + m_w s_x` |
 //! | Q4_0 | `d_w d_x (I - 8 sum(q_x))` (nibbles are stored offset by 8) |
+//! | Q5_1 | `d_w d_x I + m_w s_x` (fifth bits from `qh`) |
+//! | Q5_0 | `d_w d_x (I - 16 sum(q_x))` |
 //! | Q8_0 | `d_w d_x (I - 128 sum(q_x))` with `u = w + 128` |
 //!
 //! The offset terms are removed in integers (a second VNNI dot against a constant), never as
 //! a float correction: Q4_0 and Q8_0 sums nearly cancel their offsets, and a float correction
-//! loses enough bits to move the logits measurably. Without VNNI, Q4_0 and Q8_0 use signed
+//! loses enough bits to move the logits measurably. Without VNNI, Q4_0, Q5_0 and Q8_0 use signed
 //! values and the sign trick (`maddubs(|w|, sign(y, w))`), as ggml does.
 //!
 //! The x86-64 paths (AVX-512 VNNI on 256-bit vectors, else AVX2/FMA/F16C) are picked at run
@@ -38,6 +41,8 @@ const QK: usize = 32;
 pub(crate) enum BlockFmt {
     Q4_0,
     Q4_1,
+    Q5_0,
+    Q5_1,
     Q8_0,
 }
 
@@ -46,6 +51,8 @@ impl BlockFmt {
         match t {
             GgmlDType::Q4_0 => Some(BlockFmt::Q4_0),
             GgmlDType::Q4_1 => Some(BlockFmt::Q4_1),
+            GgmlDType::Q5_0 => Some(BlockFmt::Q5_0),
+            GgmlDType::Q5_1 => Some(BlockFmt::Q5_1),
             GgmlDType::Q8_0 => Some(BlockFmt::Q8_0),
             _ => None,
         }
@@ -55,8 +62,45 @@ impl BlockFmt {
         match self {
             BlockFmt::Q4_0 => 18,
             BlockFmt::Q4_1 => 20,
+            BlockFmt::Q5_0 => 22,
+            BlockFmt::Q5_1 => 24,
             BlockFmt::Q8_0 => 34,
         }
+    }
+
+    /// Formats with a per-block minimum (`m_w s_x` term).
+    fn has_min(self) -> bool {
+        matches!(self, BlockFmt::Q4_1 | BlockFmt::Q5_1)
+    }
+
+    /// Unsigned quants of block `wb`, element order, and the format's offset.
+    fn unsigned_quants(self, wb: &[u8]) -> ([u8; QK], i32) {
+        let mut u = [0u8; QK];
+        let (qs, qh, off): (&[u8], u32, i32) = match self {
+            BlockFmt::Q4_0 => (&wb[2..18], 0, 8),
+            BlockFmt::Q4_1 => (&wb[4..20], 0, 0),
+            BlockFmt::Q5_0 => (
+                &wb[6..22],
+                u32::from_le_bytes([wb[2], wb[3], wb[4], wb[5]]),
+                16,
+            ),
+            BlockFmt::Q5_1 => (
+                &wb[8..24],
+                u32::from_le_bytes([wb[4], wb[5], wb[6], wb[7]]),
+                0,
+            ),
+            BlockFmt::Q8_0 => {
+                for (o, &q) in u.iter_mut().zip(&wb[2..34]) {
+                    *o = q ^ 0x80;
+                }
+                return (u, 128);
+            }
+        };
+        for j in 0..QK / 2 {
+            u[j] = (qs[j] & 0x0F) | ((((qh >> j) & 1) as u8) << 4);
+            u[j + QK / 2] = (qs[j] >> 4) | ((((qh >> (j + QK / 2)) & 1) as u8) << 4);
+        }
+        (u, off)
     }
 }
 
@@ -144,38 +188,21 @@ fn f16_at(p: &[u8], off: usize) -> f32 {
     f16::from_le_bytes([p[off], p[off + 1]]).to_f32()
 }
 
-/// Scalar dot of one weight row with one activation row.
+/// Scalar dot of one weight row with one activation row (exact integer block sums).
 fn dot_scalar(fmt: BlockFmt, w: &[u8], x: &[XBlock]) -> f32 {
     let mut acc = 0f32;
     for (wb, xb) in w.chunks_exact(fmt.bytes()).zip(x) {
         let d = f16_at(wb, 0);
-        match fmt {
-            BlockFmt::Q4_0 | BlockFmt::Q4_1 => {
-                let qs = if fmt == BlockFmt::Q4_0 {
-                    &wb[2..18]
-                } else {
-                    &wb[4..20]
-                };
-                let (xlo, xhi) = xb.qs.split_at(QK / 2);
-                let mut sumi = 0i32;
-                for ((&q, &a), &b) in qs.iter().zip(xlo).zip(xhi) {
-                    sumi += (q & 0x0F) as i32 * a as i32 + (q >> 4) as i32 * b as i32;
-                }
-                if fmt == BlockFmt::Q4_0 {
-                    let sumx: i32 = xb.qs.iter().map(|&v| v as i32).sum();
-                    acc += d * xb.d * (sumi - 8 * sumx) as f32;
-                } else {
-                    acc += d * xb.d * sumi as f32 + f16_at(wb, 2) * xb.s;
-                }
-            }
-            BlockFmt::Q8_0 => {
-                let sumi: i32 = wb[2..34]
-                    .iter()
-                    .zip(&xb.qs)
-                    .map(|(&w, &y)| (w as i8) as i32 * y as i32)
-                    .sum();
-                acc += d * xb.d * sumi as f32;
-            }
+        let (u, off) = fmt.unsigned_quants(wb);
+        let mut sumi = 0i32;
+        let mut sumx = 0i32;
+        for (&a, &y) in u.iter().zip(&xb.qs) {
+            sumi += a as i32 * y as i32;
+            sumx += y as i32;
+        }
+        acc += d * xb.d * (sumi - off * sumx) as f32;
+        if fmt.has_min() {
+            acc += f16_at(wb, 2) * xb.s;
         }
     }
     acc
@@ -199,6 +226,16 @@ macro_rules! simd_tile {
             let ones = _mm256_set1_epi16(1);
             let flip = _mm256_set1_epi8(-128);
             let eight = _mm256_set1_epi8(8);
+            let sixteen = _mm256_set1_epi8(16);
+            // Byte i of the result takes byte i / 8 of the 32-bit mask; `bit_select` has every
+            // bit but bit i % 8 set, so a byte is all ones exactly when its bit was set.
+            let bit_spread = _mm256_set_epi64x(
+                0x0303030303030303,
+                0x0202020202020202,
+                0x0101010101010101,
+                0x0000000000000000,
+            );
+            let bit_select = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe);
             let mut acc = [[_mm256_setzero_ps(); C]; R];
             let mut corr = [[0f32; C]; R];
             for b in 0..nb {
@@ -237,6 +274,36 @@ macro_rules! simd_tile {
                             let q = _mm256_loadu_si256(p.add(2) as *const __m256i);
                             wq[c] = if $vnni { _mm256_xor_si256(q, flip) } else { q };
                         }
+                        BlockFmt::Q5_0 | BlockFmt::Q5_1 => {
+                            let (qh_at, qs_at) = if fmt == BlockFmt::Q5_0 {
+                                (2, 6)
+                            } else {
+                                (4, 8)
+                            };
+                            let dm =
+                                _mm_cvtph_ps(_mm_cvtsi32_si128((p as *const i32).read_unaligned()));
+                            dw[c] = _mm_cvtss_f32(dm);
+                            mw[c] = _mm_cvtss_f32(_mm_shuffle_ps::<1>(dm, dm));
+                            let q = _mm_loadu_si128(p.add(qs_at) as *const __m128i);
+                            let lo = _mm_and_si128(q, mask);
+                            let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), mask);
+                            // The fifth bits: bit j of qh becomes 0x10 in byte j.
+                            let qh = (p.add(qh_at) as *const i32).read_unaligned();
+                            let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(qh), bit_spread);
+                            let set = _mm256_cmpeq_epi8(
+                                _mm256_or_si256(bytes, bit_select),
+                                _mm256_set1_epi64x(-1),
+                            );
+                            let u = _mm256_or_si256(
+                                _mm256_set_m128i(hi, lo),
+                                _mm256_and_si256(set, sixteen),
+                            );
+                            wq[c] = if $vnni || fmt == BlockFmt::Q5_1 {
+                                u
+                            } else {
+                                _mm256_sub_epi8(u, sixteen)
+                            };
+                        }
                     }
                 }
                 for r in 0..R {
@@ -250,6 +317,9 @@ macro_rules! simd_tile {
                         BlockFmt::Q8_0 if $vnni => {
                             _mm256_dpbusd_epi32(_mm256_setzero_si256(), flip, y)
                         }
+                        BlockFmt::Q5_0 if $vnni => {
+                            _mm256_dpbusd_epi32(_mm256_setzero_si256(), sixteen, y)
+                        }
                         _ => _mm256_setzero_si256(),
                     };
                     for c in 0..C {
@@ -258,7 +328,7 @@ macro_rules! simd_tile {
                                 _mm256_dpbusd_epi32(_mm256_setzero_si256(), wq[c], y),
                                 yoff,
                             )
-                        } else if fmt != BlockFmt::Q4_1 {
+                        } else if !fmt.has_min() {
                             let aw = _mm256_sign_epi8(wq[c], wq[c]);
                             let sy = _mm256_sign_epi8(y, wq[c]);
                             _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sy), ones)
@@ -270,7 +340,7 @@ macro_rules! simd_tile {
                             _mm256_cvtepi32_ps(p32),
                             acc[r][c],
                         );
-                        if fmt == BlockFmt::Q4_1 {
+                        if fmt.has_min() {
                             corr[r][c] += mw[c] * xb.s;
                         }
                     }
@@ -386,24 +456,14 @@ impl BlockMatrix {
                 .zip(dst.chunks_exact_mut(QK))
             {
                 let d = f16_at(wb, 0);
-                match self.fmt {
-                    BlockFmt::Q8_0 => {
-                        for (o, &q) in o.iter_mut().zip(&wb[2..34]) {
-                            *o = d * (q as i8) as f32;
-                        }
-                    }
-                    BlockFmt::Q4_0 | BlockFmt::Q4_1 => {
-                        let (qs, m, off) = if self.fmt == BlockFmt::Q4_0 {
-                            (&wb[2..18], 0.0, 8.0)
-                        } else {
-                            (&wb[4..20], f16_at(wb, 2), 0.0)
-                        };
-                        let (lo, hi) = o.split_at_mut(QK / 2);
-                        for ((&q, l), h) in qs.iter().zip(lo).zip(hi) {
-                            *l = ((q & 0x0F) as f32 - off) * d + m;
-                            *h = ((q >> 4) as f32 - off) * d + m;
-                        }
-                    }
+                let m = if self.fmt.has_min() {
+                    f16_at(wb, 2)
+                } else {
+                    0.0
+                };
+                let (u, off) = self.fmt.unsigned_quants(wb);
+                for (o, &q) in o.iter_mut().zip(&u) {
+                    *o = (q as i32 - off) as f32 * d + m;
                 }
             }
         }
@@ -503,6 +563,8 @@ mod tests {
         for (fmt, dt) in [
             (BlockFmt::Q4_0, GgmlDType::Q4_0),
             (BlockFmt::Q4_1, GgmlDType::Q4_1),
+            (BlockFmt::Q5_0, GgmlDType::Q5_0),
+            (BlockFmt::Q5_1, GgmlDType::Q5_1),
             (BlockFmt::Q8_0, GgmlDType::Q8_0),
         ] {
             for (n, k, m) in [(37, 96, 5), (8, 64, 1), (13, 32, 9)] {
@@ -560,7 +622,13 @@ mod tests {
     fn block_matmul_agrees_with_candle() {
         use candle_core::quantized::QMatMul;
         use candle_core::Module;
-        for dt in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        for dt in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q8_0,
+        ] {
             for (n, k, m) in [(64, 1536, 1), (72, 576, 7)] {
                 let w = values(n * k, 3);
                 let q = QTensor::quantize(&Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap(), dt)
@@ -604,7 +672,13 @@ mod tests {
 
     #[test]
     fn rows_equal_candles_dequantization() {
-        for dt in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        for dt in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q8_0,
+        ] {
             let (n, k) = (9, 64);
             let q = QTensor::quantize(
                 &Tensor::from_vec(values(n * k, 9), (n, k), &Device::Cpu).unwrap(),
