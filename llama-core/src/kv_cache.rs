@@ -48,10 +48,11 @@ impl KvCache {
         if needed <= self.capacity {
             return Ok(());
         }
+        // Whole chunks, no doubling: memory follows the context actually used (a copy per
+        // chunk is cheap next to the forward passes that fill it).
         let new_cap = needed
             .div_ceil(GROW_CHUNK)
             .saturating_mul(GROW_CHUNK)
-            .max(self.capacity.saturating_mul(2))
             .min(self.max)
             .max(needed);
         for slot in self.k.iter_mut().chain(self.v.iter_mut()) {

@@ -105,7 +105,9 @@ pub struct Tokenizer {
     /// Encodes with special-token text parsed into special ids.
     special: HfTokenizer,
     /// Encodes special-token text as ordinary text.
-    plain: HfTokenizer,
+    /// Built on first use (a second copy of the vocabulary and merges, ~14 MiB for a 49k
+    /// vocabulary, that most programs never need).
+    plain: std::sync::OnceLock<HfTokenizer>,
     /// True when BOS/EOS are added by us rather than by the tokenizer's post-processor.
     manual_specials: bool,
     bos: Option<u32>,
@@ -141,8 +143,7 @@ impl Tokenizer {
         add_eos: bool,
         extra_eog: &[u32],
     ) -> Self {
-        let mut plain = special.clone();
-        plain.set_encode_special_tokens(true);
+        let plain = std::sync::OnceLock::new();
         let vocab_size = special.get_vocab_size(true);
         let mut eog: Vec<u32> = eos.into_iter().collect();
         for &id in extra_eog {
@@ -374,7 +375,11 @@ impl Tokenizer {
         let tok = if parse_special {
             &self.special
         } else {
-            &self.plain
+            self.plain.get_or_init(|| {
+                let mut t = self.special.clone();
+                t.set_encode_special_tokens(true);
+                t
+            })
         };
         let post = add_special && !self.manual_specials;
         let enc = tok.encode_fast(text, post).map_err(tok_err)?;
