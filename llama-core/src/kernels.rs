@@ -538,6 +538,135 @@ impl BlockMatrix {
     }
 }
 
+/// A dense f16 weight matrix `[n, k]`: decode reads half the bytes of f32 (F16C conversion
+/// and FMA on x86-64 when present); prompt processing widens the matrix to f32 for the call
+/// and uses candle's f32 GEMM.
+#[derive(Debug)]
+pub(crate) struct F16Matrix {
+    n: usize,
+    k: usize,
+    data: Vec<f16>,
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_f16_avx2(w: &[f16], x: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let k = x.len();
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 32 <= k {
+        for (j, a) in acc.iter_mut().enumerate() {
+            let wv = _mm256_cvtph_ps(_mm_loadu_si128(w.as_ptr().add(i + 8 * j) as *const __m128i));
+            let xv = _mm256_loadu_ps(x.as_ptr().add(i + 8 * j));
+            *a = _mm256_fmadd_ps(wv, xv, *a);
+        }
+        i += 32;
+    }
+    while i + 8 <= k {
+        let wv = _mm256_cvtph_ps(_mm_loadu_si128(w.as_ptr().add(i) as *const __m128i));
+        acc[0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.as_ptr().add(i)), acc[0]);
+        i += 8;
+    }
+    let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    let mut sum = _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps::<1>(s2, s2)));
+    while i < k {
+        sum += w[i].to_f32() * x[i];
+        i += 1;
+    }
+    sum
+}
+
+fn dot_f16_scalar(w: &[f16], x: &[f32]) -> f32 {
+    w.iter().zip(x).map(|(a, b)| a.to_f32() * b).sum()
+}
+
+impl F16Matrix {
+    pub(crate) fn new(t: &Tensor) -> Result<Self> {
+        let (n, k) = t.dims2()?;
+        let data = t
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F16)?
+            .to_vec1::<f16>()?;
+        Ok(F16Matrix { n, k, data })
+    }
+
+    /// Rows `ids` as f32, `[ids.len(), k]`.
+    pub(crate) fn rows(&self, ids: &[u32]) -> Result<Tensor> {
+        let mut out = Vec::with_capacity(ids.len() * self.k);
+        for &id in ids {
+            if id as usize >= self.n {
+                return Err(Error::InvalidArgument(format!(
+                    "token id {id} is outside the embedding of {} rows",
+                    self.n
+                )));
+            }
+            let r = &self.data[id as usize * self.k..(id as usize + 1) * self.k];
+            out.extend(r.iter().map(|v| v.to_f32()));
+        }
+        Ok(Tensor::from_vec(out, (ids.len(), self.k), &Device::Cpu)?)
+    }
+
+    /// `x @ W^T` for `x` of shape `[..., k]`.
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let k = *dims.last().unwrap_or(&0);
+        if k != self.k {
+            return Err(Error::InvalidArgument(format!(
+                "matmul: input width {k} != {}",
+                self.k
+            )));
+        }
+        let m = x.elem_count() / k.max(1);
+        let n = self.n;
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("non-empty") = n;
+        if m >= 8 {
+            let w = Tensor::from_slice(&self.data, (n, k), &Device::Cpu)?
+                .to_dtype(candle_core::DType::F32)?;
+            let y = x.reshape((m, k))?.matmul(&w.t()?)?;
+            return Ok(y.reshape(out_dims)?);
+        }
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let mut dst = vec![0f32; m * n];
+        let dst_ptr = dst.as_mut_ptr() as usize;
+        let simd = isa() != Isa::Scalar;
+        let group = 8;
+        let work = |g: usize| {
+            for c in g * group..n.min((g + 1) * group) {
+                let w = &self.data[c * k..(c + 1) * k];
+                for r in 0..m {
+                    let xr = &xs[r * k..(r + 1) * k];
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: avx2/fma/f16c were detected at run time when `simd` is set.
+                    let v = if simd {
+                        unsafe { dot_f16_avx2(w, xr) }
+                    } else {
+                        dot_f16_scalar(w, xr)
+                    };
+                    #[cfg(not(target_arch = "x86_64"))]
+                    let v = {
+                        let _ = simd;
+                        dot_f16_scalar(w, xr)
+                    };
+                    // SAFETY: (r, c) is inside dst and written by this item only.
+                    unsafe { *(dst_ptr as *mut f32).add(r * n + c) = v };
+                }
+            }
+        };
+        let items = n.div_ceil(group);
+        if items < 8 {
+            (0..items).for_each(work);
+        } else {
+            candle_core::utils::barrier_pool()
+                .execute_chunked(items, |range| range.for_each(&work));
+        }
+        Ok(Tensor::from_vec(dst, out_dims, &Device::Cpu)?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -715,6 +844,43 @@ mod tests {
             }
             assert!(mat.rows(&[9]).is_err());
         }
+    }
+
+    #[test]
+    fn f16_matmul_matches_f64_for_decode_and_prompt_shapes() {
+        let (n, k) = (21, 100);
+        let w: Vec<f32> = values(n * k, 4)
+            .iter()
+            .map(|v| f16::from_f32(*v).to_f32())
+            .collect();
+        let mat =
+            F16Matrix::new(&Tensor::from_vec(w.clone(), (n, k), &Device::Cpu).unwrap()).unwrap();
+        for m in [1usize, 3, 12] {
+            let x = values(m * k, 8 + m as u32);
+            let y: Vec<f32> = mat
+                .forward(&Tensor::from_vec(x.clone(), (1, m, k), &Device::Cpu).unwrap())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for r in 0..m {
+                for c in 0..n {
+                    let want: f64 = (0..k)
+                        .map(|i| w[c * k + i] as f64 * x[r * k + i] as f64)
+                        .sum();
+                    assert!((y[r * n + c] as f64 - want).abs() < 1e-4, "m={m} {r},{c}");
+                }
+            }
+        }
+        let rows: Vec<f32> = mat
+            .rows(&[2])
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(&rows[..], &w[2 * k..3 * k]);
     }
 
     #[test]

@@ -410,6 +410,7 @@ impl WeightSource {
         use crate::quantize::{quantize_rows, tensor_type, FileType};
         let err =
             |e: candle_core::Error| Error::weights(self.path(), format!("{w:?}"), e.to_string());
+        let stored_f16 = self.dtype_name(w).is_some_and(|d| d == "F16");
         let loaded = self.load(w, shape, unpermute_heads)?;
         let values = match loaded {
             Loaded::Dense(v) => v,
@@ -422,6 +423,13 @@ impl WeightSource {
         }
         let ty = match target {
             Some(FileType::Quant(q)) => q.ggml(),
+            // f16 weights stay f16 (half the memory and bandwidth; the values round-trip
+            // exactly through f32).
+            _ if stored_f16 && shape.len() == 2 => {
+                let t = Tensor::from_vec(values, shape, &Device::Cpu)?
+                    .to_dtype(candle_core::DType::F16)?;
+                return Ok(QMatMul::TensorF16(t));
+            }
             _ => {
                 return Ok(QMatMul::Tensor(Tensor::from_vec(
                     values,

@@ -184,10 +184,18 @@ impl std::fmt::Debug for ModelOptions<'_> {
 enum Linear {
     Candle(QMatMul),
     Blocks(std::sync::Arc<crate::kernels::BlockMatrix>),
+    F16(std::sync::Arc<crate::kernels::F16Matrix>),
 }
 
 impl Linear {
     fn new(m: QMatMul) -> Result<Self> {
+        if let QMatMul::TensorF16(t) = &m {
+            if crate::kernels::enabled() && t.rank() == 2 {
+                return Ok(Linear::F16(std::sync::Arc::new(
+                    crate::kernels::F16Matrix::new(t)?,
+                )));
+            }
+        }
         if let QMatMul::QTensor(q) = &m {
             if let Some(fmt) =
                 crate::kernels::BlockFmt::from_ggml(q.dtype()).filter(|_| crate::kernels::enabled())
@@ -210,6 +218,7 @@ impl Linear {
                 Ok(m.embedding(&t)?)
             }
             Linear::Blocks(m) => m.rows(ids),
+            Linear::F16(m) => m.rows(ids),
         }
     }
 
@@ -217,6 +226,7 @@ impl Linear {
         match self {
             Linear::Candle(m) => Ok(m.forward(x)?),
             Linear::Blocks(m) => m.forward(x),
+            Linear::F16(m) => m.forward(x),
         }
     }
 }
@@ -483,6 +493,7 @@ impl Model {
         let weight_type = match layers.first().map(|l| &l.q) {
             Some(Linear::Candle(QMatMul::QTensor(q))) => format!("{:?}", q.dtype()),
             Some(Linear::Blocks(m)) => format!("{:?}", m.fmt()),
+            Some(Linear::F16(_)) => "F16".to_string(),
             _ => src.dtype_name(W::Q(0)).unwrap_or_default(),
         };
         let path = src.path().to_path_buf();
