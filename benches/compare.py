@@ -82,8 +82,16 @@ def main():
     text = "\n".join(lines)
     print(text)
     if args.markdown:
+        # Into a document between its markers (docs/performance.md), or a file of its own.
+        start, end = "<!-- perf:start -->", "<!-- perf:end -->"
+        doc = open(args.markdown).read() if os.path.exists(args.markdown) else ""
+        if start in doc and end in doc:
+            head, rest = doc.split(start, 1)
+            text = head + start + "\n" + text + "\n" + end + rest.split(end, 1)[1]
+        else:
+            text += "\n"
         with open(args.markdown, "w") as f:
-            f.write(text + "\n")
+            f.write(text)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 # Side-by-side benchmark: llama-core (`llama bench`) against llama.cpp (llama-cpp-python) on the
 # same machine, alternating for several rounds; prints medians and ratios.
 #
-#   bash benches/compare.sh [--rounds N] [--threads N] [--models default|all|PATH...] [--markdown FILE]
+#   bash benches/compare.sh [--rounds N] [--threads N] [--models default|all|PATH...] [--markdown docs/performance.md]
 #
 # `--models all` also writes f16, q8_0, q4_0 and q4_k GGUF files of the default model (with
 # `llama quantize`, into the model cache) and measures each. llama-cpp-python is installed into

@@ -1,8 +1,12 @@
 """Decode tokens/s through Python vs through Rust (the `llama` CLI) on the same model, prompt
 and token count; prints medians over several alternating rounds and the ratio. A benchmark, not
-a test: run it on a quiet machine.
+a test: run it on a quiet machine, with a release wheel (a `maturin build` without --release
+keeps debug assertions on in every crate, about 15% slower):
 
-    python benches/python_overhead.py [MODEL] [--rounds 5] [--tokens 128]
+    maturin build --release -m llama-py/Cargo.toml -o target/wheels-release
+    pip install --force-reinstall target/wheels-release/*.whl
+    cargo build --release -p llama-examples
+    python benches/python_overhead.py [MODEL] [--rounds 9] [--tokens 128]
 """
 import argparse
 import json
