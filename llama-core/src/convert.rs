@@ -15,7 +15,7 @@ use crate::config::{Config, RopeScaling};
 use crate::error::{Error, Result};
 use crate::gguf::{ggml_dtype_to_u32, GgufFile, Value};
 use crate::tokenizer::Tokenizer;
-use crate::weights::{WeightSource, W};
+use crate::weights::WeightSource;
 
 /// Dense storage types for conversions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -280,30 +280,8 @@ pub fn gguf_to_hf(
     let src_w = WeightSource::Gguf(g);
     std::fs::create_dir_all(dst_dir).map_err(|e| Error::io(dst_dir, e))?;
     let c = &cfg;
-    let (h, hd, nh, nkv, ff) = (
-        c.hidden_size,
-        c.head_dim,
-        c.num_attention_heads,
-        c.num_key_value_heads,
-        c.intermediate_size,
-    );
-    let mut list: Vec<(W, Vec<usize>, Option<usize>)> =
-        vec![(W::Embed, vec![c.vocab_size, h], None)];
-    for l in 0..c.num_hidden_layers {
-        list.push((W::AttnNorm(l), vec![h], None));
-        list.push((W::Q(l), vec![nh * hd, h], Some(nh)));
-        list.push((W::K(l), vec![nkv * hd, h], Some(nkv)));
-        list.push((W::V(l), vec![nkv * hd, h], None));
-        list.push((W::O(l), vec![h, nh * hd], None));
-        list.push((W::FfnNorm(l), vec![h], None));
-        list.push((W::Gate(l), vec![ff, h], None));
-        list.push((W::Up(l), vec![ff, h], None));
-        list.push((W::Down(l), vec![h, ff], None));
-    }
-    list.push((W::OutputNorm, vec![h], None));
-    if !c.tie_word_embeddings {
-        list.push((W::Output, vec![c.vocab_size, h], None));
-    }
+    let list = crate::weights::llama_tensors(c, !c.tie_word_embeddings);
+    let h = c.hidden_size;
     let dtype = match ty {
         DenseType::F32 => DType::F32,
         DenseType::F16 => DType::F16,
@@ -331,11 +309,11 @@ pub fn gguf_to_hf(
         "model_type": "llama",
         "vocab_size": c.vocab_size,
         "hidden_size": h,
-        "intermediate_size": ff,
+        "intermediate_size": c.intermediate_size,
         "num_hidden_layers": c.num_hidden_layers,
-        "num_attention_heads": nh,
-        "num_key_value_heads": nkv,
-        "head_dim": hd,
+        "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": c.num_key_value_heads,
+        "head_dim": c.head_dim,
         "rope_theta": c.rope_theta,
         "rms_norm_eps": c.rms_norm_eps,
         "max_position_embeddings": c.max_position_embeddings,

@@ -364,6 +364,38 @@ simd_tile!(tile_avx2, "avx2,fma,f16c", false);
 #[cfg(target_arch = "x86_64")]
 simd_tile!(tile_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", true);
 
+/// Checks a matmul input `[..., k]`: returns its rows, `k`, and the output shape `[..., n]`.
+fn matmul_shape(x: &Tensor, k_w: usize, n: usize) -> Result<(usize, usize, Vec<usize>)> {
+    let mut dims = x.dims().to_vec();
+    let k = *dims.last().unwrap_or(&0);
+    if k != k_w || k == 0 {
+        return Err(Error::InvalidArgument(format!(
+            "matmul: input width {k} != {k_w}"
+        )));
+    }
+    let m = x.elem_count() / k;
+    *dims.last_mut().expect("non-empty") = n;
+    Ok((m, k, dims))
+}
+
+fn check_ids(ids: &[u32], rows: usize) -> Result<()> {
+    match ids.iter().find(|&&id| id as usize >= rows) {
+        Some(id) => Err(Error::InvalidArgument(format!(
+            "token id {id} is outside the embedding of {rows} rows"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Runs `work` for items `0..items`, on candle's thread pool when there are enough of them.
+fn run_items(items: usize, work: &(dyn Fn(usize) + Sync)) {
+    if items < 8 {
+        (0..items).for_each(work);
+    } else {
+        candle_core::utils::barrier_pool().execute_chunked(items, |range| range.for_each(work));
+    }
+}
+
 /// A weight matrix `[n, k]` (rows are output features) in one of the block formats, stored as
 /// GGUF blocks.
 #[derive(Debug)]
@@ -443,13 +475,8 @@ impl BlockMatrix {
     pub(crate) fn rows(&self, ids: &[u32]) -> Result<Tensor> {
         let k = self.k;
         let mut out = vec![0f32; ids.len() * k];
+        check_ids(ids, self.n)?;
         for (&id, dst) in ids.iter().zip(out.chunks_exact_mut(k)) {
-            if id as usize >= self.n {
-                return Err(Error::InvalidArgument(format!(
-                    "token id {id} is outside the embedding of {} rows",
-                    self.n
-                )));
-            }
             let row = self.row(id as usize);
             for (wb, o) in row
                 .chunks_exact(self.fmt.bytes())
@@ -472,15 +499,7 @@ impl BlockMatrix {
 
     /// `x @ W^T` for `x` of shape `[..., k]`.
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let k = *dims.last().unwrap_or(&0);
-        if k != self.k {
-            return Err(Error::InvalidArgument(format!(
-                "matmul: input width {k} != {}",
-                self.k
-            )));
-        }
-        let m = x.elem_count() / k.max(1);
+        let (m, k, out_dims) = matmul_shape(x, self.k, self.n)?;
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
         let nb = k / QK;
         let mut xq = vec![ZERO_X; m * nb];
@@ -525,15 +544,8 @@ impl BlockMatrix {
                 }
             })
         };
-        if items < 8 {
-            (0..items).for_each(&work);
-        } else {
-            candle_core::utils::barrier_pool()
-                .execute_chunked(items, |range| range.for_each(&work));
-        }
+        run_items(items, &work);
         drop(work);
-        let mut out_dims = dims;
-        *out_dims.last_mut().expect("non-empty") = n;
         Ok(Tensor::from_vec(dst, out_dims, &Device::Cpu)?)
     }
 }
@@ -596,13 +608,8 @@ impl F16Matrix {
     /// Rows `ids` as f32, `[ids.len(), k]`.
     pub(crate) fn rows(&self, ids: &[u32]) -> Result<Tensor> {
         let mut out = Vec::with_capacity(ids.len() * self.k);
+        check_ids(ids, self.n)?;
         for &id in ids {
-            if id as usize >= self.n {
-                return Err(Error::InvalidArgument(format!(
-                    "token id {id} is outside the embedding of {} rows",
-                    self.n
-                )));
-            }
             let r = &self.data[id as usize * self.k..(id as usize + 1) * self.k];
             out.extend(r.iter().map(|v| v.to_f32()));
         }
@@ -611,18 +618,8 @@ impl F16Matrix {
 
     /// `x @ W^T` for `x` of shape `[..., k]`.
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let k = *dims.last().unwrap_or(&0);
-        if k != self.k {
-            return Err(Error::InvalidArgument(format!(
-                "matmul: input width {k} != {}",
-                self.k
-            )));
-        }
-        let m = x.elem_count() / k.max(1);
+        let (m, k, out_dims) = matmul_shape(x, self.k, self.n)?;
         let n = self.n;
-        let mut out_dims = dims;
-        *out_dims.last_mut().expect("non-empty") = n;
         if m >= 8 {
             let w = Tensor::from_slice(&self.data, (n, k), &Device::Cpu)?
                 .to_dtype(candle_core::DType::F32)?;
@@ -657,12 +654,7 @@ impl F16Matrix {
             }
         };
         let items = n.div_ceil(group);
-        if items < 8 {
-            (0..items).for_each(work);
-        } else {
-            candle_core::utils::barrier_pool()
-                .execute_chunked(items, |range| range.for_each(&work));
-        }
+        run_items(items, &work);
         Ok(Tensor::from_vec(dst, out_dims, &Device::Cpu)?)
     }
 }

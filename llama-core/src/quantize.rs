@@ -540,106 +540,23 @@ fn convert_one(source: &Source, job: &Job, ty: FileType, threads: usize) -> Resu
 }
 
 fn hf_jobs(c: &Config, has_output: bool) -> Vec<Job> {
-    let (h, hd, nh, nkv, ff) = (
-        c.hidden_size,
-        c.head_dim,
-        c.num_attention_heads,
-        c.num_key_value_heads,
-        c.intermediate_size,
-    );
-    let job = |name: &str, w: W, shape: Vec<usize>, role: Role, perm: Option<usize>| Job {
-        name: name.to_string(),
-        shape,
-        role,
-        from: JobSource::Hf(w, perm),
-    };
-    let mut jobs = vec![job(
-        "token_embd.weight",
-        W::Embed,
-        vec![c.vocab_size, h],
-        if has_output {
-            Role::Embedding
-        } else {
-            Role::Output
-        },
-        None,
-    )];
-    for l in 0..c.num_hidden_layers {
-        let b = |s: &str| format!("blk.{l}.{s}.weight");
-        jobs.push(job(
-            &b("attn_norm"),
-            W::AttnNorm(l),
-            vec![h],
-            Role::Vector,
-            None,
-        ));
-        jobs.push(job(
-            &b("attn_q"),
-            W::Q(l),
-            vec![nh * hd, h],
-            Role::Matrix,
-            Some(nh),
-        ));
-        jobs.push(job(
-            &b("attn_k"),
-            W::K(l),
-            vec![nkv * hd, h],
-            Role::Matrix,
-            Some(nkv),
-        ));
-        jobs.push(job(
-            &b("attn_v"),
-            W::V(l),
-            vec![nkv * hd, h],
-            Role::Matrix,
-            None,
-        ));
-        jobs.push(job(
-            &b("attn_output"),
-            W::O(l),
-            vec![h, nh * hd],
-            Role::Matrix,
-            None,
-        ));
-        jobs.push(job(
-            &b("ffn_norm"),
-            W::FfnNorm(l),
-            vec![h],
-            Role::Vector,
-            None,
-        ));
-        jobs.push(job(
-            &b("ffn_gate"),
-            W::Gate(l),
-            vec![ff, h],
-            Role::Matrix,
-            None,
-        ));
-        jobs.push(job(&b("ffn_up"), W::Up(l), vec![ff, h], Role::Matrix, None));
-        jobs.push(job(
-            &b("ffn_down"),
-            W::Down(l),
-            vec![h, ff],
-            Role::Matrix,
-            None,
-        ));
-    }
-    jobs.push(job(
-        "output_norm.weight",
-        W::OutputNorm,
-        vec![h],
-        Role::Vector,
-        None,
-    ));
-    if has_output {
-        jobs.push(job(
-            "output.weight",
-            W::Output,
-            vec![c.vocab_size, h],
-            Role::Output,
-            None,
-        ));
-    }
+    let mut jobs: Vec<Job> = crate::weights::llama_tensors(c, has_output)
+        .into_iter()
+        .map(|(w, shape, perm)| {
+            let role = match w {
+                _ if shape.len() == 1 => Role::Vector,
+                W::Embed if has_output => Role::Embedding,
+                W::Embed | W::Output => Role::Output,
+                _ => Role::Matrix,
+            };
+            Job {
+                name: w.gguf_name(),
+                shape,
+                role,
+                from: JobSource::Hf(w, perm),
+            }
+        })
+        .collect();
     if let RopeScaling::Llama3 {
         factor,
         low_freq_factor,
