@@ -193,3 +193,71 @@ fn interactive_chat_two_turns() {
         "two turns answered: {err}"
     );
 }
+
+#[test]
+fn quantize_writes_a_gguf_and_reports_fallbacks() {
+    let m = model();
+    let dir = std::env::temp_dir().join(format!("llama-cli-q-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("q4k.gguf");
+    let (ok, _, err) = llama(&["quantize", &m, out.to_str().unwrap(), "--type", "q4_k"]);
+    assert!(ok, "{err}");
+    // SmolLM2's rows of 576 do not fit q4_k's super-blocks: the fallback is reported.
+    assert!(
+        err.contains("q5_0 instead") && err.contains("wrote"),
+        "{err}"
+    );
+    let (ok, out_json, err) = llama(&[
+        "generate",
+        "--model",
+        out.to_str().unwrap(),
+        "--prompt",
+        "1, 2, 3,",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "4",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let j: serde_json::Value = serde_json::from_str(out_json.trim()).unwrap();
+    assert_eq!(j["ids"].as_array().unwrap().len(), 4);
+    // Bad input: an unknown type and an unwritable destination; no file is left behind.
+    let (ok, _, err) = llama(&[
+        "quantize",
+        &m,
+        dir.join("x.gguf").to_str().unwrap(),
+        "--type",
+        "q3_x",
+    ]);
+    assert!(!ok && err.contains("unknown type"), "{err}");
+    let (ok, _, err) = llama(&["quantize", &m, "/no/such/dir/x.gguf", "--type", "q8_0"]);
+    assert!(
+        !ok && err.contains("error: I/O error on /no/such/dir/x.gguf") && !err.contains("panicked"),
+        "{err}"
+    );
+    assert!(!dir.join("x.gguf").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bench_json_has_every_field() {
+    let m = model();
+    let (ok, out, err) = llama(&["bench", "--model", &m, "--json", "-r", "1", "-t", "2"]);
+    assert!(ok, "{err}");
+    let j: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    for k in [
+        "pp128_tps",
+        "pp512_tps",
+        "tg128_tps",
+        "ttft_ms",
+        "peak_rss_mib",
+        "load_s",
+    ] {
+        let v = j[k]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{k} missing: {out}"));
+        assert!(v > 0.0 && v.is_finite(), "{k} = {v}");
+    }
+    assert_eq!(j["weights"], "Q4_1");
+}
