@@ -415,60 +415,22 @@ impl Model {
         let embed =
             Linear::new(src.load_matmul(W::Embed, &[c.vocab_size, h], None, embed_role, rules)?)?;
         tick(1)?;
+        let mat = |w: W, shape: &[usize], perm: Option<usize>| -> Result<Linear> {
+            Linear::new(src.load_matmul(w, shape, perm, Role::Matrix, rules)?)
+        };
+        let ff = c.intermediate_size;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {
             let layer = Layer {
                 attn_norm: src.load_dense(W::AttnNorm(l), &[h])?,
-                q: Linear::new(src.load_matmul(
-                    W::Q(l),
-                    &[nh * hd, h],
-                    perm_q,
-                    Role::Matrix,
-                    rules,
-                )?)?,
-                k: Linear::new(src.load_matmul(
-                    W::K(l),
-                    &[nkv * hd, h],
-                    perm_k,
-                    Role::Matrix,
-                    rules,
-                )?)?,
-                v: Linear::new(src.load_matmul(
-                    W::V(l),
-                    &[nkv * hd, h],
-                    None,
-                    Role::Matrix,
-                    rules,
-                )?)?,
-                o: Linear::new(src.load_matmul(
-                    W::O(l),
-                    &[h, nh * hd],
-                    None,
-                    Role::Matrix,
-                    rules,
-                )?)?,
+                q: mat(W::Q(l), &[nh * hd, h], perm_q)?,
+                k: mat(W::K(l), &[nkv * hd, h], perm_k)?,
+                v: mat(W::V(l), &[nkv * hd, h], None)?,
+                o: mat(W::O(l), &[h, nh * hd], None)?,
                 ffn_norm: src.load_dense(W::FfnNorm(l), &[h])?,
-                gate: Linear::new(src.load_matmul(
-                    W::Gate(l),
-                    &[c.intermediate_size, h],
-                    None,
-                    Role::Matrix,
-                    rules,
-                )?)?,
-                up: Linear::new(src.load_matmul(
-                    W::Up(l),
-                    &[c.intermediate_size, h],
-                    None,
-                    Role::Matrix,
-                    rules,
-                )?)?,
-                down: Linear::new(src.load_matmul(
-                    W::Down(l),
-                    &[h, c.intermediate_size],
-                    None,
-                    Role::Matrix,
-                    rules,
-                )?)?,
+                gate: mat(W::Gate(l), &[ff, h], None)?,
+                up: mat(W::Up(l), &[ff, h], None)?,
+                down: mat(W::Down(l), &[h, ff], None)?,
             };
             layers.push(layer);
             tick(9)?;
