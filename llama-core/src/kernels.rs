@@ -25,7 +25,7 @@
 //! time with `is_x86_feature_detected!`, so a portable build still uses them; other machines
 //! run the scalar path, which computes the same integers. Work items are tiles of activation
 //! rows x weight rows, so a weight block is unpacked once per tile rather than once per row,
-//! spread over candle's persistent thread pool. `LLAMA_CORE_KERNEL=scalar|avx2` forces a path,
+//! spread over our thread pool (`crate::pool`). `LLAMA_CORE_KERNEL=scalar|avx2` forces a path,
 //! `LLAMA_CORE_KERNEL=candle` uses candle's kernels everywhere.
 
 use candle_core::quantized::GgmlDType;
@@ -112,14 +112,17 @@ struct XBlock {
     d: f32,
     /// `d * sum(qs)` at f16 precision (ggml's q8_1 `s`), for Q4_1.
     s: f32,
-    _pad: [f32; 2],
+    /// `sum(qs)`, for the offset formats.
+    sum: i32,
+    _pad: f32,
     qs: [i8; QK],
 }
 
 const ZERO_X: XBlock = XBlock {
     d: 0.0,
     s: 0.0,
-    _pad: [0.0; 2],
+    sum: 0,
+    _pad: 0.0,
     qs: [0; QK],
 };
 
@@ -138,6 +141,7 @@ fn quantize_row(x: &[f32], out: &mut [XBlock]) {
         let d = amax / 127.0;
         ob.d = f16::from_f32(d).to_f32();
         ob.s = f16::from_f32(d * sum as f32).to_f32();
+        ob.sum = sum;
     }
 }
 
@@ -364,6 +368,141 @@ simd_tile!(tile_avx2, "avx2,fma,f16c", false);
 #[cfg(target_arch = "x86_64")]
 simd_tile!(tile_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", true);
 
+/// Weight rows per interleaved group.
+const G: usize = 8;
+
+/// Whether `fmt` matrices are stored as interleaved groups of [`G`] rows (when `n % G == 0`).
+///
+/// Group layout, per group of 8 weight rows and per block: the 8 f16 scales, for Q4_1 the 8 f16
+/// minimums, then the quants in 4-byte pieces, piece `j` of rows 0..8 side by side (Q4: the 16
+/// bytes of a row are pieces 0..4, byte `i` holding elements `i` and `i + 16`; Q8_0: 32 bytes,
+/// pieces 0..8). One 32-byte load then holds the same four elements of eight rows, so the
+/// integer dot of one activation block with eight weight rows is eight `dpbusd` against a
+/// broadcast of four activation bytes, with each row's sum in its own lane: no horizontal sums,
+/// and one scale multiply per eight rows. Same size as the GGUF blocks.
+fn groupable(fmt: BlockFmt) -> bool {
+    matches!(fmt, BlockFmt::Q4_0 | BlockFmt::Q4_1 | BlockFmt::Q8_0)
+}
+
+/// Byte offset of the quants inside a group block.
+fn group_quants_at(fmt: BlockFmt) -> usize {
+    if fmt.has_min() {
+        4 * G
+    } else {
+        2 * G
+    }
+}
+
+/// The SIMD kernels over interleaved groups: `R` activation rows times the 8 rows of the group
+/// starting at `w`, over `nb` blocks.
+#[cfg(target_arch = "x86_64")]
+macro_rules! simd_group {
+    ($name:ident, $features:literal, $vnni:expr) => {
+        #[target_feature(enable = $features)]
+        unsafe fn $name<const R: usize>(
+            fmt: BlockFmt,
+            w: *const u8,
+            x: [*const XBlock; R],
+            nb: usize,
+            out: &mut [[f32; G]; R],
+        ) {
+            use std::arch::x86_64::*;
+            let gb = fmt.bytes() * G;
+            let qat = group_quants_at(fmt);
+            let mask = _mm256_set1_epi8(0x0F);
+            let eight = _mm256_set1_epi8(8);
+            let flip = _mm256_set1_epi8(-128);
+            let ones = _mm256_set1_epi16(1);
+            let mut acc = [_mm256_setzero_ps(); R];
+            let mut corr = [_mm256_setzero_ps(); R];
+            for b in 0..nb {
+                let p = w.add(b * gb);
+                let dw = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+                let q = p.add(qat);
+                let mut wv = [_mm256_setzero_si256(); 8];
+                if fmt == BlockFmt::Q8_0 {
+                    for (j, v) in wv.iter_mut().enumerate() {
+                        let raw = _mm256_loadu_si256(q.add(32 * j) as *const __m256i);
+                        // VNNI: unsigned `w + 128`, offset removed below; AVX2: signed.
+                        *v = if $vnni {
+                            _mm256_xor_si256(raw, flip)
+                        } else {
+                            raw
+                        };
+                    }
+                } else {
+                    for j in 0..4 {
+                        let raw = _mm256_loadu_si256(q.add(32 * j) as *const __m256i);
+                        wv[j] = _mm256_and_si256(raw, mask);
+                        wv[j + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), mask);
+                    }
+                    if !$vnni && fmt == BlockFmt::Q4_0 {
+                        for v in wv.iter_mut() {
+                            *v = _mm256_sub_epi8(*v, eight);
+                        }
+                    }
+                }
+                // Activation pieces: elements 4t..4t+4 pair with wv[t] (Q4: the low nibbles
+                // of pieces 0..4 are elements 0..16, the high ones 16..32).
+                let mut isum = [_mm256_setzero_si256(); R];
+                for (t, v) in wv.iter().enumerate() {
+                    for r in 0..R {
+                        let xq = (*x[r].add(b)).qs.as_ptr().add(4 * t) as *const i32;
+                        let y = _mm256_set1_epi32(xq.read_unaligned());
+                        isum[r] = if $vnni {
+                            _mm256_dpbusd_epi32(isum[r], *v, y)
+                        } else if fmt.has_min() {
+                            _mm256_add_epi32(
+                                isum[r],
+                                _mm256_madd_epi16(_mm256_maddubs_epi16(*v, y), ones),
+                            )
+                        } else {
+                            let aw = _mm256_sign_epi8(*v, *v);
+                            let sy = _mm256_sign_epi8(y, *v);
+                            _mm256_add_epi32(
+                                isum[r],
+                                _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sy), ones),
+                            )
+                        };
+                    }
+                }
+                for r in 0..R {
+                    let xb = &*x[r].add(b);
+                    let mut i = isum[r];
+                    if $vnni {
+                        match fmt {
+                            BlockFmt::Q4_0 => {
+                                i = _mm256_sub_epi32(i, _mm256_set1_epi32(8 * xb.sum))
+                            }
+                            BlockFmt::Q8_0 => {
+                                i = _mm256_sub_epi32(i, _mm256_set1_epi32(128 * xb.sum))
+                            }
+                            _ => {}
+                        }
+                    }
+                    acc[r] = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(i),
+                        _mm256_mul_ps(dw, _mm256_set1_ps(xb.d)),
+                        acc[r],
+                    );
+                    if fmt.has_min() {
+                        let mw = _mm256_cvtph_ps(_mm_loadu_si128(p.add(2 * G) as *const __m128i));
+                        corr[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(xb.s), corr[r]);
+                    }
+                }
+            }
+            for r in 0..R {
+                _mm256_storeu_ps(out[r].as_mut_ptr(), _mm256_add_ps(acc[r], corr[r]));
+            }
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+simd_group!(group_avx2, "avx2,fma,f16c", false);
+#[cfg(target_arch = "x86_64")]
+simd_group!(group_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", true);
+
 /// Checks a matmul input `[..., k]`: returns its rows, `k`, and the output shape `[..., n]`.
 fn matmul_shape(x: &Tensor, k_w: usize, n: usize) -> Result<(usize, usize, Vec<usize>)> {
     let mut dims = x.dims().to_vec();
@@ -387,22 +526,19 @@ fn check_ids(ids: &[u32], rows: usize) -> Result<()> {
     }
 }
 
-/// Runs `work` for items `0..items`, on candle's thread pool when there are enough of them.
+/// Runs `work` for items `0..items` on our thread pool (`crate::pool`).
 fn run_items(items: usize, work: &(dyn Fn(usize) + Sync)) {
-    if items < 8 {
-        (0..items).for_each(work);
-    } else {
-        candle_core::utils::barrier_pool().execute_chunked(items, |range| range.for_each(work));
-    }
+    crate::pool::pool().run(items, &|range| range.for_each(work));
 }
 
 /// A weight matrix `[n, k]` (rows are output features) in one of the block formats, stored as
-/// GGUF blocks.
+/// GGUF blocks, or as interleaved groups of 8 rows (see [`groupable`]).
 #[derive(Debug)]
 pub(crate) struct BlockMatrix {
     fmt: BlockFmt,
     n: usize,
     k: usize,
+    grouped: bool,
     data: Vec<u8>,
 }
 
@@ -411,6 +547,8 @@ const TILE_R: usize = 4;
 const TILE_C: usize = 2;
 /// Weight rows per work item in decode.
 const DECODE_C: usize = 4;
+/// Activation rows per tile over interleaved groups.
+const GROUP_R: usize = 4;
 
 impl BlockMatrix {
     /// Takes the GGUF bytes of a `[n, k]` tensor.
@@ -421,7 +559,77 @@ impl BlockMatrix {
                 data.len()
             )));
         }
-        Ok(BlockMatrix { fmt, n, k, data })
+        let mut m = BlockMatrix {
+            fmt,
+            n,
+            k,
+            grouped: false,
+            data,
+        };
+        if groupable(fmt)
+            && n.is_multiple_of(G)
+            && std::env::var_os("LLAMA_CORE_NO_REPACK").is_none()
+        {
+            m.data = m.interleave();
+            m.grouped = true;
+        }
+        Ok(m)
+    }
+
+    /// The GGUF rows rearranged into interleaved groups.
+    fn interleave(&self) -> Vec<u8> {
+        let (bytes, nb) = (self.fmt.bytes(), self.k / QK);
+        let qat = group_quants_at(self.fmt);
+        let quant_bytes = bytes - qat / G;
+        let mut out = vec![0u8; self.data.len()];
+        for (g, dst) in out.chunks_exact_mut(nb * G * bytes).enumerate() {
+            for (b, gb) in dst.chunks_exact_mut(G * bytes).enumerate() {
+                for i in 0..G {
+                    let src = &self.data[((g * G + i) * nb + b) * bytes..][..bytes];
+                    gb[2 * i..2 * i + 2].copy_from_slice(&src[..2]);
+                    if self.fmt.has_min() {
+                        gb[2 * G + 2 * i..2 * G + 2 * i + 2].copy_from_slice(&src[2..4]);
+                    }
+                    let qs = &src[qat / G..];
+                    for j in 0..quant_bytes / 4 {
+                        let at = qat + (j * G + i) * 4;
+                        gb[at..at + 4].copy_from_slice(&qs[4 * j..4 * j + 4]);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The GGUF bytes of block `b` of row `c` (whatever the layout).
+    fn block(&self, c: usize, b: usize) -> [u8; 34] {
+        let (bytes, nb) = (self.fmt.bytes(), self.k / QK);
+        let mut out = [0u8; 34];
+        if !self.grouped {
+            out[..bytes].copy_from_slice(&self.data[(c * nb + b) * bytes..][..bytes]);
+            return out;
+        }
+        let (g, i) = (c / G, c % G);
+        let gb = &self.data[(g * nb + b) * G * bytes..][..G * bytes];
+        let qat = group_quants_at(self.fmt);
+        out[..2].copy_from_slice(&gb[2 * i..2 * i + 2]);
+        if self.fmt.has_min() {
+            out[2..4].copy_from_slice(&gb[2 * G + 2 * i..2 * G + 2 * i + 2]);
+        }
+        let head = qat / G;
+        for j in 0..(bytes - head) / 4 {
+            let at = qat + (j * G + i) * 4;
+            out[head + 4 * j..head + 4 * j + 4].copy_from_slice(&gb[at..at + 4]);
+        }
+        out
+    }
+
+    /// Row `c` as GGUF blocks.
+    #[cfg(test)]
+    fn gguf_row(&self, c: usize) -> Vec<u8> {
+        (0..self.k / QK)
+            .flat_map(|b| self.block(c, b)[..self.fmt.bytes()].to_vec())
+            .collect()
     }
 
     pub(crate) fn fmt(&self) -> BlockFmt {
@@ -477,24 +685,72 @@ impl BlockMatrix {
         let mut out = vec![0f32; ids.len() * k];
         check_ids(ids, self.n)?;
         for (&id, dst) in ids.iter().zip(out.chunks_exact_mut(k)) {
-            let row = self.row(id as usize);
-            for (wb, o) in row
-                .chunks_exact(self.fmt.bytes())
-                .zip(dst.chunks_exact_mut(QK))
-            {
-                let d = f16_at(wb, 0);
+            for (b, o) in dst.chunks_exact_mut(QK).enumerate() {
+                let wb = self.block(id as usize, b);
+                let d = f16_at(&wb, 0);
                 let m = if self.fmt.has_min() {
-                    f16_at(wb, 2)
+                    f16_at(&wb, 2)
                 } else {
                     0.0
                 };
-                let (u, off) = self.fmt.unsigned_quants(wb);
+                let (u, off) = self.fmt.unsigned_quants(&wb);
                 for (o, &q) in o.iter_mut().zip(&u) {
                     *o = (q as i32 - off) as f32 * d + m;
                 }
             }
         }
         Ok(Tensor::from_vec(out, (ids.len(), k), &Device::Cpu)?)
+    }
+
+    /// Dots of activation rows `rows` (at most [`GROUP_R`]) with the 8 rows of group `g`.
+    fn group_tile(
+        &self,
+        isa: Isa,
+        xq: &[XBlock],
+        rows: std::ops::Range<usize>,
+        g: usize,
+        out: &mut [[f32; G]; GROUP_R],
+    ) {
+        let nb = self.k / QK;
+        let gbytes = nb * G * self.fmt.bytes();
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 | Isa::Vnni => {
+                let w = self.data[g * gbytes..(g + 1) * gbytes].as_ptr();
+                // A partial tile repeats its last row; the extra results are not used.
+                let x: [*const XBlock; GROUP_R] = std::array::from_fn(|r| {
+                    let row = (rows.start + r).min(rows.end - 1);
+                    xq[row * nb..(row + 1) * nb].as_ptr()
+                });
+                // SAFETY: the CPU has the features (checked at run time); `w` starts a group
+                // of `nb` blocks and every `x` a row of `nb` blocks inside their buffers.
+                unsafe {
+                    if rows.len() == 1 {
+                        let mut one = [[0f32; G]; 1];
+                        if isa == Isa::Vnni {
+                            group_vnni::<1>(self.fmt, w, [x[0]], nb, &mut one)
+                        } else {
+                            group_avx2::<1>(self.fmt, w, [x[0]], nb, &mut one)
+                        }
+                        out[0] = one[0];
+                    } else if isa == Isa::Vnni {
+                        group_vnni::<GROUP_R>(self.fmt, w, x, nb, out)
+                    } else {
+                        group_avx2::<GROUP_R>(self.fmt, w, x, nb, out)
+                    }
+                }
+            }
+            _ => {
+                for (r, row) in rows.enumerate() {
+                    let xr = &xq[row * nb..(row + 1) * nb];
+                    for (i, o) in out[r].iter_mut().enumerate() {
+                        *o = (0..nb)
+                            .map(|b| dot_scalar(self.fmt, &self.block(g * G + i, b), &xr[b..b + 1]))
+                            .sum();
+                    }
+                }
+            }
+        }
     }
 
     /// `x @ W^T` for `x` of shape `[..., k]`.
@@ -515,7 +771,23 @@ impl BlockMatrix {
             unsafe { *(dst_ptr as *mut f32).add(r * n + c) = v };
         };
         let items;
-        let work: Box<dyn Fn(usize) + Sync> = if m == 1 {
+        let work: Box<dyn Fn(usize) + Sync> = if self.grouped {
+            // Tiles of GROUP_R activation rows x one group, group-major so that a worker's
+            // consecutive items reuse the group's weights from cache.
+            let row_tiles = m.div_ceil(GROUP_R);
+            items = row_tiles * (n / G);
+            Box::new(move |item: usize| {
+                let (g, rt) = (item / row_tiles, item % row_tiles);
+                let rows = rt * GROUP_R..m.min((rt + 1) * GROUP_R);
+                let mut out = [[0f32; G]; GROUP_R];
+                self.group_tile(isa, &xq, rows.clone(), g, &mut out);
+                for (r, row) in rows.enumerate() {
+                    for (i, &v) in out[r].iter().enumerate() {
+                        put(row, g * G + i, v);
+                    }
+                }
+            })
+        } else if m == 1 {
             // Decode: one activation row, groups of weight rows.
             items = n.div_ceil(DECODE_C);
             Box::new(|g: usize| {
@@ -688,7 +960,13 @@ mod tests {
             (BlockFmt::Q5_1, GgmlDType::Q5_1),
             (BlockFmt::Q8_0, GgmlDType::Q8_0),
         ] {
-            for (n, k, m) in [(37, 96, 5), (8, 64, 1), (13, 32, 9)] {
+            for (n, k, m) in [
+                (37, 96, 5),
+                (8, 64, 1),
+                (13, 32, 9),
+                (16, 64, 6),
+                (24, 96, 4),
+            ] {
                 let w = values(n * k, 7 + n as u32);
                 let q = QTensor::quantize(&Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap(), dt)
                     .unwrap();
@@ -713,7 +991,7 @@ mod tests {
                     let mut xq = vec![ZERO_X; nb];
                     quantize_row(&x[r * k..(r + 1) * k], &mut xq);
                     for c in 0..n {
-                        let s = dot_scalar(fmt, mat.row(c), &xq);
+                        let s = dot_scalar(fmt, &mat.gguf_row(c), &xq);
                         let got = y[r * n + c];
                         assert!(
                             (got - s).abs() < 1e-4 * (1.0 + s.abs()),

@@ -32,6 +32,7 @@ mod kernels;
 mod kv_cache;
 mod model;
 mod perplexity;
+mod pool;
 pub mod quantize;
 pub mod sampler;
 mod session;

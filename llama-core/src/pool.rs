@@ -1,0 +1,292 @@
+//! The thread pool our kernels run on.
+//!
+//! A matmul is split into items; the calling thread and the workers grab chunks of items from a
+//! shared cursor. A call returns as soon as every item is done: it never waits for a worker that
+//! has not started yet. That matters on a busy machine. candle's barrier pool (like a plain
+//! fork-join barrier) waits for every worker to check in on every call, so when another process
+//! holds a core, each of the ~200 matmuls of a decode step waits for a scheduler slice and decode
+//! fell from ~100 to ~5 tokens/s here; with claim-based completion the calling thread simply
+//! does the work itself and the step runs at the speed of the cores actually available.
+//!
+//! Workers spin briefly after a call (the next matmul usually follows within microseconds), then
+//! yield, then park. Threads: `CANDLE_NUM_THREADS`, else `RAYON_NUM_THREADS`, else one per core
+//! (the CLI's `--threads` sets both), read once, when the pool first runs.
+//!
+//! Completion protocol. `gen` is odd while a call is live. A worker that sees a new odd `gen`
+//! registers in `active` and then re-reads `gen`; the caller, once every item is done, makes
+//! `gen` even and waits until `active` is zero. Both sides use sequentially consistent
+//! operations, so either the caller sees the worker registered (and waits for it) or the worker
+//! sees the call is over (and leaves without touching it).
+
+use std::cell::UnsafeCell;
+use std::hint::spin_loop;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::thread::Thread;
+
+/// Spins of an idle worker before it starts yielding, then yields before it parks.
+const SPINS: u32 = 20_000;
+const YIELDS: u32 = 50;
+
+type Work<'a> = dyn Fn(std::ops::Range<usize>) + Sync + 'a;
+
+struct Job {
+    work: *const Work<'static>,
+    items: usize,
+    chunk: usize,
+}
+
+struct Shared {
+    gen: AtomicUsize,
+    job: UnsafeCell<Job>,
+    cursor: AtomicUsize,
+    done: AtomicUsize,
+    active: AtomicUsize,
+    panicked: AtomicBool,
+    stop: AtomicBool,
+}
+
+// SAFETY: `job` is written only by the caller holding the pool's lock while no worker reads it
+// (gen even and active zero), and read by workers only inside a live call.
+unsafe impl Sync for Shared {}
+unsafe impl Send for Shared {}
+
+pub(crate) struct Pool {
+    shared: &'static Shared,
+    workers: Vec<Thread>,
+    lock: Mutex<()>,
+}
+
+thread_local! {
+    static IN_POOL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn thread_count() -> usize {
+    let from_env = |name: &str| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|&n| n > 0)
+    };
+    from_env("CANDLE_NUM_THREADS")
+        .or_else(|| from_env("RAYON_NUM_THREADS"))
+        .unwrap_or_else(candle_core::utils::get_num_threads)
+        .max(1)
+}
+
+/// Grabs and runs chunks until the cursor passes the end; returns the items it ran.
+fn drain(shared: &Shared, job: &Job) {
+    loop {
+        let start = shared.cursor.fetch_add(job.chunk, Ordering::Relaxed);
+        if start >= job.items {
+            return;
+        }
+        let end = job.items.min(start + job.chunk);
+        // SAFETY: the call is live (the caller waits for `done` before returning), so the
+        // closure it points to is alive.
+        let work = unsafe { &*job.work };
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(start..end))).is_err() {
+            shared.panicked.store(true, Ordering::Relaxed);
+        }
+        shared.done.fetch_add(end - start, Ordering::Release);
+    }
+}
+
+fn worker(shared: &'static Shared) {
+    IN_POOL.with(|f| f.set(true));
+    let mut seen = 0usize;
+    loop {
+        // Wait for a new live call.
+        let mut idle = 0u32;
+        let gen = loop {
+            if shared.stop.load(Ordering::Relaxed) {
+                return;
+            }
+            let g = shared.gen.load(Ordering::Acquire);
+            if g != seen && g % 2 == 1 {
+                break g;
+            }
+            idle += 1;
+            if idle < SPINS {
+                spin_loop();
+            } else if idle < SPINS + YIELDS {
+                std::thread::yield_now();
+            } else {
+                std::thread::park();
+                idle = 0;
+            }
+        };
+        seen = gen;
+        shared.active.fetch_add(1, Ordering::SeqCst);
+        if shared.gen.load(Ordering::SeqCst) == gen {
+            // SAFETY: registered in `active` while the call is live: the caller will not
+            // replace the job until this worker leaves.
+            let job = unsafe { &*shared.job.get() };
+            drain(shared, job);
+        }
+        shared.active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Pool {
+    fn new(threads: usize) -> Pool {
+        let shared: &'static Shared = Box::leak(Box::new(Shared {
+            gen: AtomicUsize::new(0),
+            job: UnsafeCell::new(Job {
+                work: (&|_: std::ops::Range<usize>| {}) as &Work<'static> as *const Work<'static>,
+                items: 0,
+                chunk: 1,
+            }),
+            cursor: AtomicUsize::new(0),
+            done: AtomicUsize::new(0),
+            active: AtomicUsize::new(0),
+            panicked: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+        }));
+        let workers = (1..threads)
+            .filter_map(|i| {
+                std::thread::Builder::new()
+                    .name(format!("llama-core-{i}"))
+                    .spawn(move || worker(shared))
+                    .ok()
+                    .map(|h| h.thread().clone())
+            })
+            .collect();
+        Pool {
+            shared,
+            workers,
+            lock: Mutex::new(()),
+        }
+    }
+
+    /// Threads that run a call, the caller included.
+    pub(crate) fn threads(&self) -> usize {
+        self.workers.len() + 1
+    }
+
+    /// Runs `work` over `0..items` in chunks, on every thread of the pool, and returns when all
+    /// items are done. Runs inline for a single chunk, on a one-thread pool, or when called from
+    /// inside the pool. A panic in `work` is re-raised here after the call has finished.
+    pub(crate) fn run(&self, items: usize, work: &Work<'_>) {
+        if items == 0 {
+            return;
+        }
+        // About eight grabs per thread: small enough to even out, large enough to keep the
+        // cursor cold.
+        let chunk = items.div_ceil(self.threads() * 8).max(1);
+        if self.workers.is_empty() || chunk >= items || IN_POOL.with(|f| f.get()) {
+            work(0..items);
+            return;
+        }
+        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let s = self.shared;
+        // No worker is registered (the previous call waited for them), so the job can change.
+        // SAFETY: see above; workers read it only after seeing the odd `gen` stored below.
+        unsafe {
+            *s.job.get() = Job {
+                // The lifetime is erased: this call does not return while a worker can use it.
+                work: std::mem::transmute::<&Work<'_>, &Work<'static>>(work)
+                    as *const Work<'static>,
+                items,
+                chunk,
+            };
+        }
+        s.cursor.store(0, Ordering::Relaxed);
+        s.done.store(0, Ordering::Relaxed);
+        s.panicked.store(false, Ordering::Relaxed);
+        let gen = s.gen.load(Ordering::Relaxed) + 1;
+        s.gen.store(gen, Ordering::SeqCst);
+        for t in &self.workers {
+            t.unpark();
+        }
+        // SAFETY: the job was written above by this thread.
+        drain(s, unsafe { &*s.job.get() });
+        // Items grabbed by workers that are still running them.
+        let mut waits = 0u32;
+        while s.done.load(Ordering::Acquire) < items {
+            waits += 1;
+            if waits < SPINS {
+                spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        s.gen.store(gen + 1, Ordering::SeqCst);
+        while s.active.load(Ordering::SeqCst) != 0 {
+            spin_loop();
+        }
+        if s.panicked.load(Ordering::Relaxed) {
+            panic!("a llama-core kernel panicked on a worker thread");
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        for t in &self.workers {
+            t.unpark();
+        }
+    }
+}
+
+/// The process-wide pool.
+pub(crate) fn pool() -> &'static Pool {
+    static POOL: OnceLock<Pool> = OnceLock::new();
+    POOL.get_or_init(|| Pool::new(thread_count()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_item_runs_once() {
+        let pool = Pool::new(3);
+        for items in [0usize, 1, 7, 8, 100, 1000] {
+            let hits: Vec<AtomicUsize> = (0..items).map(|_| AtomicUsize::new(0)).collect();
+            pool.run(items, &|r| {
+                for i in r {
+                    hits[i].fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+        }
+    }
+
+    #[test]
+    fn many_short_calls_from_several_threads() {
+        let pool = Pool::new(3);
+        std::thread::scope(|sc| {
+            for _ in 0..3 {
+                sc.spawn(|| {
+                    for n in 0..300usize {
+                        let sum = AtomicUsize::new(0);
+                        pool.run(n, &|r| {
+                            sum.fetch_add(r.sum::<usize>(), Ordering::Relaxed);
+                        });
+                        assert_eq!(sum.load(Ordering::Relaxed), n * n.saturating_sub(1) / 2);
+                    }
+                });
+            }
+        });
+    }
+
+    #[test]
+    fn a_panic_reaches_the_caller_and_the_pool_survives() {
+        let pool = Pool::new(2);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            pool.run(64, &|r| {
+                if r.contains(&40) {
+                    panic!("boom");
+                }
+            })
+        }));
+        assert!(r.is_err());
+        let count = AtomicUsize::new(0);
+        pool.run(64, &|r| {
+            count.fetch_add(r.len(), Ordering::Relaxed);
+        });
+        assert_eq!(count.load(Ordering::Relaxed), 64);
+    }
+}
