@@ -128,6 +128,61 @@ const ZERO_X: XBlock = XBlock {
 
 /// llama.cpp's activation quantization (q8_0 / q8_1 blocks).
 fn quantize_row(x: &[f32], out: &mut [XBlock]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa() != Isa::Scalar {
+        for (xb, ob) in x.chunks_exact(QK).zip(out.iter_mut()) {
+            // SAFETY: avx2/fma/f16c were detected at run time; `xb` holds 32 values.
+            unsafe { quantize_block_avx2(xb, ob) };
+        }
+        return;
+    }
+    quantize_row_scalar(x, out)
+}
+
+/// The same as [`quantize_row_scalar`] for one block, eight lanes at a time (the rounding,
+/// nearest with ties to even, is the one ggml's x86 code uses too).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_block_avx2(xb: &[f32], ob: &mut XBlock) {
+    use std::arch::x86_64::*;
+    let p = xb.as_ptr();
+    let v = [
+        _mm256_loadu_ps(p),
+        _mm256_loadu_ps(p.add(8)),
+        _mm256_loadu_ps(p.add(16)),
+        _mm256_loadu_ps(p.add(24)),
+    ];
+    let sign = _mm256_set1_ps(-0.0);
+    let mut mx = _mm256_andnot_ps(sign, v[0]);
+    for x in &v[1..] {
+        mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, *x));
+    }
+    let m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps::<1>(mx));
+    let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_shuffle_ps::<1>(m2, m2)));
+    let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+    let q: [__m256i; 4] = std::array::from_fn(|i| {
+        _mm256_cvtps_epi32(_mm256_round_ps::<
+            { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
+        >(_mm256_mul_ps(v[i], id)))
+    });
+    let s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+    let s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s));
+    let s2 = _mm_add_epi32(s4, _mm_shuffle_epi32::<0b01_00_11_10>(s4));
+    let sum = _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32::<0b00_00_00_01>(s2)));
+    // i32 -> i8 with the lane order restored after the in-lane packs.
+    let p16a = _mm256_packs_epi32(q[0], q[1]);
+    let p16b = _mm256_packs_epi32(q[2], q[3]);
+    let p8 = _mm256_packs_epi16(p16a, p16b);
+    let fixed = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(ob.qs.as_mut_ptr() as *mut __m256i, fixed);
+    let d = amax / 127.0;
+    ob.d = f16::from_f32(d).to_f32();
+    ob.s = f16::from_f32(d * sum as f32).to_f32();
+    ob.sum = sum;
+}
+
+fn quantize_row_scalar(x: &[f32], out: &mut [XBlock]) {
     for (xb, ob) in x.chunks_exact(QK).zip(out.iter_mut()) {
         let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
         let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
@@ -393,6 +448,31 @@ fn group_quants_at(fmt: BlockFmt) -> usize {
     }
 }
 
+/// GGUF rows (`k` values each, `n % G == 0`) rearranged into interleaved groups.
+fn interleave(fmt: BlockFmt, data: &[u8], k: usize) -> Vec<u8> {
+    let (bytes, nb) = (fmt.bytes(), k / QK);
+    let qat = group_quants_at(fmt);
+    let quant_bytes = bytes - qat / G;
+    let mut out = vec![0u8; data.len()];
+    for (g, dst) in out.chunks_exact_mut(nb * G * bytes).enumerate() {
+        for (b, gb) in dst.chunks_exact_mut(G * bytes).enumerate() {
+            for i in 0..G {
+                let src = &data[((g * G + i) * nb + b) * bytes..][..bytes];
+                gb[2 * i..2 * i + 2].copy_from_slice(&src[..2]);
+                if fmt.has_min() {
+                    gb[2 * G + 2 * i..2 * G + 2 * i + 2].copy_from_slice(&src[2..4]);
+                }
+                let qs = &src[qat / G..];
+                for j in 0..quant_bytes / 4 {
+                    let at = qat + (j * G + i) * 4;
+                    gb[at..at + 4].copy_from_slice(&qs[4 * j..4 * j + 4]);
+                }
+            }
+        }
+    }
+    out
+}
+
 /// The SIMD kernels over interleaved groups: `R` activation rows times the 8 rows of the group
 /// starting at `w`, over `nb` blocks.
 #[cfg(target_arch = "x86_64")]
@@ -503,6 +583,20 @@ simd_group!(group_avx2, "avx2,fma,f16c", false);
 #[cfg(target_arch = "x86_64")]
 simd_group!(group_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", true);
 
+/// Quantized activations of `m` rows of `k` values, rows spread over the pool.
+fn quantize_rows_parallel(xs: &[f32], m: usize, k: usize) -> Vec<XBlock> {
+    let nb = k / QK;
+    let mut xq = vec![ZERO_X; m * nb];
+    let xq_ptr = xq.as_mut_ptr() as usize;
+    run_items(m, &|r| {
+        // SAFETY: row `r` of `xq` is written by this item only, and `xq` outlives the call.
+        let out =
+            unsafe { std::slice::from_raw_parts_mut((xq_ptr as *mut XBlock).add(r * nb), nb) };
+        quantize_row(&xs[r * k..(r + 1) * k], out);
+    });
+    xq
+}
+
 /// Checks a matmul input `[..., k]`: returns its rows, `k`, and the output shape `[..., n]`.
 fn matmul_shape(x: &Tensor, k_w: usize, n: usize) -> Result<(usize, usize, Vec<usize>)> {
     let mut dims = x.dims().to_vec();
@@ -551,54 +645,29 @@ const DECODE_C: usize = 4;
 const GROUP_R: usize = 4;
 
 impl BlockMatrix {
-    /// Takes the GGUF bytes of a `[n, k]` tensor.
-    pub(crate) fn new(fmt: BlockFmt, data: Vec<u8>, n: usize, k: usize) -> Result<Self> {
+    /// Copies the GGUF bytes of a `[n, k]` tensor (interleaved when the format allows).
+    pub(crate) fn new(fmt: BlockFmt, data: &[u8], n: usize, k: usize) -> Result<Self> {
         if !k.is_multiple_of(QK) || data.len() != n * (k / QK) * fmt.bytes() {
             return Err(Error::InvalidArgument(format!(
                 "{fmt:?} matrix [{n}, {k}] cannot hold {} bytes",
                 data.len()
             )));
         }
-        let mut m = BlockMatrix {
+        let grouped = groupable(fmt)
+            && n.is_multiple_of(G)
+            && std::env::var_os("LLAMA_CORE_NO_REPACK").is_none();
+        let data = if grouped {
+            interleave(fmt, data, k)
+        } else {
+            data.to_vec()
+        };
+        Ok(BlockMatrix {
             fmt,
             n,
             k,
-            grouped: false,
+            grouped,
             data,
-        };
-        if groupable(fmt)
-            && n.is_multiple_of(G)
-            && std::env::var_os("LLAMA_CORE_NO_REPACK").is_none()
-        {
-            m.data = m.interleave();
-            m.grouped = true;
-        }
-        Ok(m)
-    }
-
-    /// The GGUF rows rearranged into interleaved groups.
-    fn interleave(&self) -> Vec<u8> {
-        let (bytes, nb) = (self.fmt.bytes(), self.k / QK);
-        let qat = group_quants_at(self.fmt);
-        let quant_bytes = bytes - qat / G;
-        let mut out = vec![0u8; self.data.len()];
-        for (g, dst) in out.chunks_exact_mut(nb * G * bytes).enumerate() {
-            for (b, gb) in dst.chunks_exact_mut(G * bytes).enumerate() {
-                for i in 0..G {
-                    let src = &self.data[((g * G + i) * nb + b) * bytes..][..bytes];
-                    gb[2 * i..2 * i + 2].copy_from_slice(&src[..2]);
-                    if self.fmt.has_min() {
-                        gb[2 * G + 2 * i..2 * G + 2 * i + 2].copy_from_slice(&src[2..4]);
-                    }
-                    let qs = &src[qat / G..];
-                    for j in 0..quant_bytes / 4 {
-                        let at = qat + (j * G + i) * 4;
-                        gb[at..at + 4].copy_from_slice(&qs[4 * j..4 * j + 4]);
-                    }
-                }
-            }
-        }
-        out
+        })
     }
 
     /// The GGUF bytes of block `b` of row `c` (whatever the layout).
@@ -757,11 +826,7 @@ impl BlockMatrix {
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (m, k, out_dims) = matmul_shape(x, self.k, self.n)?;
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let nb = k / QK;
-        let mut xq = vec![ZERO_X; m * nb];
-        for (row, out) in xs.chunks_exact(k).zip(xq.chunks_exact_mut(nb)) {
-            quantize_row(row, out);
-        }
+        let xq = quantize_rows_parallel(&xs, m, k);
         let n = self.n;
         let mut dst = vec![0f32; m * n];
         let dst_ptr = dst.as_mut_ptr() as usize;
@@ -822,15 +887,25 @@ impl BlockMatrix {
     }
 }
 
-/// A dense f16 weight matrix `[n, k]`: decode reads half the bytes of f32 (F16C conversion
-/// and FMA on x86-64 when present); prompt processing widens the matrix to f32 for the call
-/// and uses candle's f32 GEMM.
+/// A dense f16 weight matrix `[n, k]`, kept at f16 (half the bytes of f32) and multiplied in
+/// f32 (F16C conversion and FMA on x86-64 when present).
+///
+/// When `n` is a multiple of 16 the rows are stored in interleaved groups of 16: for each
+/// position `i` of `k`, the 16 rows' values side by side. A tile of up to 6 activation rows and
+/// one group is then a register-blocked GEMM: per position, two 8-wide weight vectors and one
+/// broadcast activation per row, 12 accumulators. Other shapes keep plain rows and a dot
+/// product per row.
 #[derive(Debug)]
 pub(crate) struct F16Matrix {
     n: usize,
     k: usize,
+    grouped: bool,
     data: Vec<f16>,
 }
+
+/// Rows per f16 group, and activation rows per f16 tile.
+const FG: usize = 16;
+const F16_R: usize = 6;
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -867,14 +942,94 @@ fn dot_f16_scalar(w: &[f16], x: &[f32]) -> f32 {
     w.iter().zip(x).map(|(a, b)| a.to_f32() * b).sum()
 }
 
+/// `R` activation rows times one 16-row group (`w`: `k` positions of 16 values).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16_group_avx2<const R: usize>(
+    w: *const f16,
+    x: [*const f32; R],
+    k: usize,
+    out: &mut [[f32; FG]; R],
+) {
+    use std::arch::x86_64::*;
+    // One row has two dependent FMA chains per position: split positions over four sets of
+    // accumulators so the chains overlap. Several rows overlap by themselves.
+    const U: usize = 4;
+    let sets = if R == 1 { U } else { 1 };
+    let mut acc = [[[_mm256_setzero_ps(); 2]; R]; U];
+    let mut i = 0;
+    while i + sets <= k {
+        for (u, a) in acc.iter_mut().enumerate().take(sets) {
+            let p = w.add((i + u) * FG);
+            let w0 = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+            let w1 = _mm256_cvtph_ps(_mm_loadu_si128(p.add(8) as *const __m128i));
+            for r in 0..R {
+                let xv = _mm256_set1_ps(*x[r].add(i + u));
+                a[r][0] = _mm256_fmadd_ps(xv, w0, a[r][0]);
+                a[r][1] = _mm256_fmadd_ps(xv, w1, a[r][1]);
+            }
+        }
+        i += sets;
+    }
+    while i < k {
+        let p = w.add(i * FG);
+        let w0 = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+        let w1 = _mm256_cvtph_ps(_mm_loadu_si128(p.add(8) as *const __m128i));
+        for r in 0..R {
+            let xv = _mm256_set1_ps(*x[r].add(i));
+            acc[0][r][0] = _mm256_fmadd_ps(xv, w0, acc[0][r][0]);
+            acc[0][r][1] = _mm256_fmadd_ps(xv, w1, acc[0][r][1]);
+        }
+        i += 1;
+    }
+    for r in 0..R {
+        let mut lo = acc[0][r][0];
+        let mut hi = acc[0][r][1];
+        for a in acc.iter().take(sets).skip(1) {
+            lo = _mm256_add_ps(lo, a[r][0]);
+            hi = _mm256_add_ps(hi, a[r][1]);
+        }
+        _mm256_storeu_ps(out[r].as_mut_ptr(), lo);
+        _mm256_storeu_ps(out[r].as_mut_ptr().add(8), hi);
+    }
+}
+
 impl F16Matrix {
-    pub(crate) fn new(t: &Tensor) -> Result<Self> {
-        let (n, k) = t.dims2()?;
-        let data = t
-            .flatten_all()?
-            .to_dtype(candle_core::DType::F16)?
-            .to_vec1::<f16>()?;
-        Ok(F16Matrix { n, k, data })
+    /// Takes `n` rows of `k` values; groups them in place (one group of scratch).
+    pub(crate) fn from_rows(mut data: Vec<f16>, n: usize, k: usize) -> Self {
+        assert_eq!(data.len(), n * k, "f16 matrix [{n}, {k}]");
+        if !n.is_multiple_of(FG) || std::env::var_os("LLAMA_CORE_NO_REPACK").is_some() {
+            return F16Matrix {
+                n,
+                k,
+                grouped: false,
+                data,
+            };
+        }
+        // The 16 rows of a group are contiguous: transpose each 16 x k block.
+        let mut scratch = vec![f16::ZERO; FG * k];
+        for block in data.chunks_exact_mut(FG * k) {
+            for (i, row) in block.chunks_exact(k).enumerate() {
+                for (p, &v) in row.iter().enumerate() {
+                    scratch[p * FG + i] = v;
+                }
+            }
+            block.copy_from_slice(&scratch);
+        }
+        F16Matrix {
+            n,
+            k,
+            grouped: true,
+            data,
+        }
+    }
+
+    fn at(&self, c: usize, p: usize) -> f16 {
+        if self.grouped {
+            self.data[(c / FG * self.k + p) * FG + c % FG]
+        } else {
+            self.data[c * self.k + p]
+        }
     }
 
     /// Rows `ids` as f32, `[ids.len(), k]`.
@@ -882,26 +1037,83 @@ impl F16Matrix {
         let mut out = Vec::with_capacity(ids.len() * self.k);
         check_ids(ids, self.n)?;
         for &id in ids {
-            let r = &self.data[id as usize * self.k..(id as usize + 1) * self.k];
-            out.extend(r.iter().map(|v| v.to_f32()));
+            out.extend((0..self.k).map(|p| self.at(id as usize, p).to_f32()));
         }
         Ok(Tensor::from_vec(out, (ids.len(), self.k), &Device::Cpu)?)
+    }
+
+    /// Rows `rows` of `xs` times group `g`, into `out`.
+    fn group_tile(
+        &self,
+        simd: bool,
+        xs: &[f32],
+        rows: std::ops::Range<usize>,
+        g: usize,
+        out: &mut [[f32; FG]; F16_R],
+    ) {
+        let k = self.k;
+        let w = &self.data[g * FG * k..(g + 1) * FG * k];
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // A partial tile repeats its last row; the extra results are not used.
+            let x: [*const f32; F16_R] = std::array::from_fn(|r| {
+                let row = (rows.start + r).min(rows.end - 1);
+                xs[row * k..(row + 1) * k].as_ptr()
+            });
+            // SAFETY: avx2/fma/f16c were detected at run time; `w` holds `k` positions of 16
+            // values and every `x` a row of `k` values.
+            unsafe {
+                if rows.len() == 1 {
+                    let mut one = [[0f32; FG]; 1];
+                    f16_group_avx2::<1>(w.as_ptr(), [x[0]], k, &mut one);
+                    out[0] = one[0];
+                } else {
+                    f16_group_avx2::<F16_R>(w.as_ptr(), x, k, out);
+                }
+            }
+            return;
+        }
+        let _ = simd;
+        for (r, row) in rows.enumerate() {
+            let xr = &xs[row * k..(row + 1) * k];
+            for (i, o) in out[r].iter_mut().enumerate() {
+                *o = xr
+                    .iter()
+                    .enumerate()
+                    .map(|(p, v)| w[p * FG + i].to_f32() * v)
+                    .sum();
+            }
+        }
     }
 
     /// `x @ W^T` for `x` of shape `[..., k]`.
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (m, k, out_dims) = matmul_shape(x, self.k, self.n)?;
         let n = self.n;
-        if m >= 8 {
-            let w = Tensor::from_slice(&self.data, (n, k), &Device::Cpu)?
-                .to_dtype(candle_core::DType::F32)?;
-            let y = x.reshape((m, k))?.matmul(&w.t()?)?;
-            return Ok(y.reshape(out_dims)?);
-        }
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
         let mut dst = vec![0f32; m * n];
         let dst_ptr = dst.as_mut_ptr() as usize;
         let simd = isa() != Isa::Scalar;
+        let put = |r: usize, c: usize, v: f32| {
+            // SAFETY: (r, c) is inside dst and each element is written by one work item only.
+            unsafe { *(dst_ptr as *mut f32).add(r * n + c) = v };
+        };
+        if self.grouped {
+            let row_tiles = m.div_ceil(F16_R);
+            let work = |item: usize| {
+                let (g, rt) = (item / row_tiles, item % row_tiles);
+                let rows = rt * F16_R..m.min((rt + 1) * F16_R);
+                let mut out = [[0f32; FG]; F16_R];
+                self.group_tile(simd, &xs, rows.clone(), g, &mut out);
+                for (r, row) in rows.enumerate() {
+                    for (i, &v) in out[r].iter().enumerate() {
+                        put(row, g * FG + i, v);
+                    }
+                }
+            };
+            run_items(row_tiles * (n / FG), &work);
+            return Ok(Tensor::from_vec(dst, out_dims, &Device::Cpu)?);
+        }
         let group = 8;
         let work = |g: usize| {
             for c in g * group..n.min((g + 1) * group) {
@@ -916,17 +1128,12 @@ impl F16Matrix {
                         dot_f16_scalar(w, xr)
                     };
                     #[cfg(not(target_arch = "x86_64"))]
-                    let v = {
-                        let _ = simd;
-                        dot_f16_scalar(w, xr)
-                    };
-                    // SAFETY: (r, c) is inside dst and written by this item only.
-                    unsafe { *(dst_ptr as *mut f32).add(r * n + c) = v };
+                    let v = dot_f16_scalar(w, xr);
+                    put(r, c, v);
                 }
             }
         };
-        let items = n.div_ceil(group);
-        run_items(items, &work);
+        run_items(n.div_ceil(group), &work);
         Ok(Tensor::from_vec(dst, out_dims, &Device::Cpu)?)
     }
 }
@@ -977,7 +1184,7 @@ mod tests {
                     .unwrap()
                     .to_vec1()
                     .unwrap();
-                let mat = BlockMatrix::new(fmt, q.data().unwrap().into_owned(), n, k).unwrap();
+                let mat = BlockMatrix::new(fmt, &q.data().unwrap(), n, k).unwrap();
                 let x = values(m * k, 11 + m as u32);
                 let y: Vec<f32> = mat
                     .forward(&Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap())
@@ -1032,13 +1239,9 @@ mod tests {
                 let w = values(n * k, 3);
                 let q = QTensor::quantize(&Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap(), dt)
                     .unwrap();
-                let ours = BlockMatrix::new(
-                    BlockFmt::from_ggml(dt).unwrap(),
-                    q.data().unwrap().into_owned(),
-                    n,
-                    k,
-                )
-                .unwrap();
+                let ours =
+                    BlockMatrix::new(BlockFmt::from_ggml(dt).unwrap(), &q.data().unwrap(), n, k)
+                        .unwrap();
                 let theirs = QMatMul::from_qtensor(q).unwrap();
                 let x = Tensor::from_vec(values(m * k, 5), (1, m, k), &Device::Cpu).unwrap();
                 let a: Vec<f32> = ours
@@ -1091,13 +1294,8 @@ mod tests {
                 .unwrap()
                 .to_vec1()
                 .unwrap();
-            let mat = BlockMatrix::new(
-                BlockFmt::from_ggml(dt).unwrap(),
-                q.data().unwrap().into_owned(),
-                n,
-                k,
-            )
-            .unwrap();
+            let mat = BlockMatrix::new(BlockFmt::from_ggml(dt).unwrap(), &q.data().unwrap(), n, k)
+                .unwrap();
             let got: Vec<f32> = mat
                 .rows(&[3, 0, 8])
                 .unwrap()
@@ -1118,14 +1316,18 @@ mod tests {
 
     #[test]
     fn f16_matmul_matches_f64_for_decode_and_prompt_shapes() {
-        let (n, k) = (21, 100);
+        for (n, k) in [(21, 100), (32, 100), (48, 7)] {
+            f16_case(n, k);
+        }
+    }
+
+    fn f16_case(n: usize, k: usize) {
         let w: Vec<f32> = values(n * k, 4)
             .iter()
             .map(|v| f16::from_f32(*v).to_f32())
             .collect();
-        let mat =
-            F16Matrix::new(&Tensor::from_vec(w.clone(), (n, k), &Device::Cpu).unwrap()).unwrap();
-        for m in [1usize, 3, 12] {
+        let mat = F16Matrix::from_rows(w.iter().map(|v| f16::from_f32(*v)).collect(), n, k);
+        for m in [1usize, 3, 12, 13] {
             let x = values(m * k, 8 + m as u32);
             let y: Vec<f32> = mat
                 .forward(&Tensor::from_vec(x.clone(), (1, m, k), &Device::Cpu).unwrap())
@@ -1144,13 +1346,33 @@ mod tests {
             }
         }
         let rows: Vec<f32> = mat
-            .rows(&[2])
+            .rows(&[2, n as u32 - 1])
             .unwrap()
             .flatten_all()
             .unwrap()
             .to_vec1()
             .unwrap();
-        assert_eq!(&rows[..], &w[2 * k..3 * k]);
+        assert_eq!(&rows[..k], &w[2 * k..3 * k]);
+        assert_eq!(&rows[k..], &w[(n - 1) * k..n * k]);
+    }
+
+    #[test]
+    fn simd_activation_quantization_equals_scalar() {
+        let mut x = values(QK * 40, 21);
+        // Exact ties after scaling, and an all-zero block.
+        x[5] = 0.5;
+        x[6] = 1.0;
+        for v in &mut x[64..96] {
+            *v = 0.0;
+        }
+        let mut a = vec![ZERO_X; 40];
+        let mut b = vec![ZERO_X; 40];
+        quantize_row(&x, &mut a);
+        quantize_row_scalar(&x, &mut b);
+        for (p, q) in a.iter().zip(&b) {
+            assert_eq!(p.qs, q.qs);
+            assert_eq!((p.d, p.s, p.sum), (q.d, q.s, q.sum));
+        }
     }
 
     #[test]

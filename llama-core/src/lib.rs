@@ -22,6 +22,7 @@
 //! ```
 #![deny(missing_docs)]
 
+mod attention;
 pub mod chat;
 pub mod config;
 pub mod convert;

@@ -112,10 +112,40 @@ fn st_to_f32(bytes: &[u8], dtype: safetensors::Dtype) -> Vec<f32> {
     }
 }
 
+/// A matmul weight as loaded: candle's representation, or f16 rows handed over as they are.
+pub(crate) enum Matmul {
+    Candle(QMatMul),
+    F16 {
+        data: Vec<half::f16>,
+        n: usize,
+        k: usize,
+    },
+}
+
 enum Loaded {
     Q(QTensor),
-    /// Dense values (row-major, f32) of any float storage type.
+    /// Dense values (row-major, f32) of f32 and bf16 storage.
     Dense(Vec<f32>),
+    /// f16 storage, kept at f16 (a matmul weight stays f16 without an f32 copy).
+    F16(Vec<half::f16>),
+}
+
+impl Loaded {
+    /// Dense f32 values, or the quantized tensor.
+    fn into_f32(self) -> std::result::Result<Vec<f32>, QTensor> {
+        match self {
+            Loaded::Dense(v) => Ok(v),
+            Loaded::F16(h) => Ok(h.iter().map(|v| v.to_f32()).collect()),
+            Loaded::Q(q) => Err(q),
+        }
+    }
+}
+
+fn f16_values(bytes: &[u8]) -> Vec<half::f16> {
+    bytes
+        .chunks_exact(2)
+        .map(|c| half::f16::from_le_bytes([c[0], c[1]]))
+        .collect()
 }
 
 /// f32 values of a dense GGUF tensor (F32/F16/BF16), one copy out of the map.
@@ -342,10 +372,9 @@ impl WeightSource {
                     }
                     None => data,
                 };
-                let out = if matches!(
-                    info.dtype,
-                    GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
-                ) {
+                let out = if info.dtype == GgmlDType::F16 {
+                    Ok(Loaded::F16(f16_values(bytes)))
+                } else if matches!(info.dtype, GgmlDType::F32 | GgmlDType::BF16) {
                     Ok(Loaded::Dense(gguf_dense_values(bytes, info.dtype)))
                 } else {
                     qtensor_from_ggml(info.dtype, bytes, info.shape.clone(), &Device::Cpu)
@@ -389,26 +418,30 @@ impl WeightSource {
                         "data size does not match its shape",
                     ));
                 }
-                let values = st_to_f32(bytes, e.dtype);
+                let out = if e.dtype == safetensors::Dtype::F16 {
+                    Loaded::F16(f16_values(bytes))
+                } else {
+                    Loaded::Dense(st_to_f32(bytes, e.dtype))
+                };
                 st.release(e);
-                Ok(Loaded::Dense(values))
+                Ok(out)
             }
         }
     }
 
     /// A tensor's values as f32 (dequantized when stored quantized).
     pub(crate) fn load_values(&self, w: W, shape: &[usize]) -> Result<Vec<f32>> {
-        match self.load(w, shape, None)? {
-            Loaded::Dense(v) => Ok(v),
-            Loaded::Q(q) => Ok(q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?),
+        match self.load(w, shape, None)?.into_f32() {
+            Ok(v) => Ok(v),
+            Err(q) => Ok(q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?),
         }
     }
 
     /// Loads a tensor as a dense f32 tensor.
     pub(crate) fn load_dense(&self, w: W, shape: &[usize]) -> Result<Tensor> {
-        match self.load(w, shape, None)? {
-            Loaded::Dense(v) => Ok(Tensor::from_vec(v, shape, &Device::Cpu)?),
-            Loaded::Q(q) => q
+        match self.load(w, shape, None)?.into_f32() {
+            Ok(v) => Ok(Tensor::from_vec(v, shape, &Device::Cpu)?),
+            Err(q) => q
                 .dequantize(&Device::Cpu)
                 .map_err(|e| Error::weights(self.path(), format!("{w:?}"), e.to_string())),
         }
@@ -421,9 +454,9 @@ impl WeightSource {
         shape: &[usize],
         unpermute_heads: Option<usize>,
     ) -> Result<Tensor> {
-        match self.load(w, shape, unpermute_heads)? {
-            Loaded::Dense(v) => Ok(Tensor::from_vec(v, shape, &Device::Cpu)?),
-            Loaded::Q(q) => q
+        match self.load(w, shape, unpermute_heads)?.into_f32() {
+            Ok(v) => Ok(Tensor::from_vec(v, shape, &Device::Cpu)?),
+            Err(q) => q
                 .dequantize(&Device::Cpu)
                 .map_err(|e| Error::weights(self.path(), format!("{w:?}"), e.to_string())),
         }
@@ -438,36 +471,34 @@ impl WeightSource {
         unpermute_heads: Option<usize>,
         role: crate::quantize::Role,
         rules: &crate::quantize::TypeRules,
-    ) -> Result<QMatMul> {
+    ) -> Result<Matmul> {
         use crate::quantize::{quantize_rows, tensor_type, FileType};
         let err =
             |e: candle_core::Error| Error::weights(self.path(), format!("{w:?}"), e.to_string());
-        let stored_f16 = self.dtype_name(w).is_some_and(|d| d == "F16");
         let loaded = self.load(w, shape, unpermute_heads)?;
-        let values = match loaded {
-            Loaded::Dense(v) => v,
-            Loaded::Q(q) => return QMatMul::from_qtensor(q).map_err(err),
-        };
         let k = shape[shape.len() - 1];
         let (target, note) = tensor_type(role, rules, k);
         if let Some(n) = note {
             tracing::debug!(tensor = ?w, "{n}");
         }
-        let ty = match target {
-            Some(FileType::Quant(q)) => q.ggml(),
-            // f16 weights stay f16 (half the memory and bandwidth; the values round-trip
-            // exactly through f32).
-            _ if stored_f16 && shape.len() == 2 => {
-                let t = Tensor::from_vec(values, shape, &Device::Cpu)?
-                    .to_dtype(candle_core::DType::F16)?;
-                return Ok(QMatMul::TensorF16(t));
+        let (ty, values) = match (target, loaded) {
+            (_, Loaded::Q(q)) => return QMatMul::from_qtensor(q).map(Matmul::Candle).map_err(err),
+            (Some(FileType::Quant(q)), loaded) => (q.ggml(), loaded.into_f32().unwrap_or_default()),
+            // f16 weights stay f16 (half the memory and bandwidth of f32).
+            (_, Loaded::F16(data)) if shape.len() == 2 => {
+                return Ok(Matmul::F16 {
+                    data,
+                    n: shape[0],
+                    k: shape[1],
+                });
             }
-            _ => {
-                return Ok(QMatMul::Tensor(Tensor::from_vec(
+            (_, loaded) => {
+                let values = loaded.into_f32().unwrap_or_default();
+                return Ok(Matmul::Candle(QMatMul::Tensor(Tensor::from_vec(
                     values,
                     shape,
                     &Device::Cpu,
-                )?))
+                )?)));
             }
         };
         let bytes = quantize_rows(
@@ -485,6 +516,6 @@ impl WeightSource {
             &Device::Cpu,
         )
         .map_err(err)?;
-        QMatMul::from_qtensor(q).map_err(err)
+        QMatMul::from_qtensor(q).map(Matmul::Candle).map_err(err)
     }
 }

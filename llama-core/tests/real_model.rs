@@ -381,13 +381,14 @@ fn sha256_hex(path: &std::path::Path) -> String {
 fn quantized_files_round_trip_through_llama_cpp() {
     let r = reference();
     let src = real_model_path();
-    let threshold = near_tie_threshold(&r);
     let cases = r["roundtrip"].as_array().expect("roundtrip section");
     assert!(cases.len() >= 3);
     let mut report = vec![];
     let mut failures = vec![];
     for case in cases {
         let name = case["name"].as_str().unwrap();
+        let threshold = file_near_tie_threshold(&r, case);
+        report.push(format!("{name}: near-tie threshold {threshold:.3}"));
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join(format!("{name}.gguf"));
         for step in case["steps"].as_array().unwrap() {

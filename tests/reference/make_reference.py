@@ -151,6 +151,30 @@ ROUNDTRIP_TOKENIZE = TOKENIZE_CORPUS[:24]
 N_ROUNDTRIP = 32
 
 
+def variant_spread(path, cases, n, np):
+    """llama.cpp against itself on one file: flash attention on, and the prompt evaluated one
+    token at a time, next to the default run. `divergence_margins`: the default run's
+    top-1/top-2 margin where a variant's greedy tokens part from it. `margin_spread`: the largest
+    change of that margin between the default and a variant over the steps where their tokens
+    still agree (how far llama.cpp's own arithmetic moves a margin)."""
+    import llama_cpp
+
+    divergence, spread = [], 0.0
+    for fa, tbt in [(True, False), (False, True)]:
+        other = llama_cpp.Llama(path, n_ctx=1024, n_batch=512, logits_all=True, verbose=False, n_threads=2, flash_attn=fa)
+        for case in cases:
+            ids, margins, _ = greedy(other, np, case["prompt_ids"], n, token_by_token=tbt)
+            ref = case["ids"]
+            same = next((i for i in range(min(len(ids), len(ref))) if ids[i] != ref[i]), None)
+            if same is not None:
+                divergence.append(case["margins"][same])
+            upto = min(len(ids), len(ref)) if same is None else same
+            for a, b in zip(case["margins"][:upto], margins[:upto]):
+                spread = max(spread, abs(a - b))
+        del other
+    return {"divergence_margins": sorted(divergence), "margin_spread": spread}
+
+
 def roundtrip(args, model, np):
     import llama_cpp
 
@@ -172,6 +196,8 @@ def roundtrip(args, model, np):
                 entry["greedy"].append({"prompt": p, "prompt_ids": prompt_ids, "ids": ids, "margins": margins})
             print(f"roundtrip {case['name']}: {llm.detokenize(entry['greedy'][0]['ids']).decode('utf-8', 'replace')[:60]!r}", file=sys.stderr)
             del llm
+            entry["llama_cpp_variants"] = variant_spread(dst, entry["greedy"], N_ROUNDTRIP, np)
+            print(f"roundtrip {case['name']}: llama.cpp's own variants {entry['llama_cpp_variants']}", file=sys.stderr)
             out.append(entry)
     return out
 

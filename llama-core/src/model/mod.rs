@@ -188,21 +188,26 @@ enum Linear {
 }
 
 impl Linear {
-    fn new(m: QMatMul) -> Result<Self> {
-        if let QMatMul::TensorF16(t) = &m {
-            if crate::kernels::enabled() && t.rank() == 2 {
+    fn new(m: crate::weights::Matmul) -> Result<Self> {
+        use crate::weights::Matmul;
+        let m = match m {
+            Matmul::F16 { data, n, k } if crate::kernels::enabled() => {
                 return Ok(Linear::F16(std::sync::Arc::new(
-                    crate::kernels::F16Matrix::new(t)?,
+                    crate::kernels::F16Matrix::from_rows(data, n, k),
                 )));
             }
-        }
+            Matmul::F16 { data, n, k } => {
+                QMatMul::TensorF16(Tensor::from_vec(data, (n, k), &Device::Cpu)?)
+            }
+            Matmul::Candle(m) => m,
+        };
         if let QMatMul::QTensor(q) = &m {
             if let Some(fmt) =
                 crate::kernels::BlockFmt::from_ggml(q.dtype()).filter(|_| crate::kernels::enabled())
             {
                 if q.shape().rank() == 2 {
                     let (n, k) = q.shape().dims2()?;
-                    let mat = crate::kernels::BlockMatrix::new(fmt, q.data()?.into_owned(), n, k)?;
+                    let mat = crate::kernels::BlockMatrix::new(fmt, &q.data()?, n, k)?;
                     return Ok(Linear::Blocks(std::sync::Arc::new(mat)));
                 }
             }
@@ -657,6 +662,24 @@ impl Model {
                 v = v.to_dtype(DType::F16)?.to_dtype(DType::F32)?;
             }
             let (k_all, v_all) = cache.append(li, &k, &v)?;
+            if crate::kernels::enabled() {
+                let y = crate::attention::causal(
+                    &q,
+                    &k_all,
+                    &v_all,
+                    start,
+                    scale as f32,
+                    round_kv_f16,
+                )?;
+                let y = l.o.forward(&y)?;
+                x = (x + y)?;
+                let hn = candle_nn::ops::rms_norm(&x, &l.ffn_norm, eps)?;
+                let g = l.gate.forward(&hn)?;
+                let u = l.up.forward(&hn)?;
+                let y = l.down.forward(&(candle_nn::ops::silu(&g)? * u)?)?;
+                x = (x + y)?;
+                continue;
+            }
             let k_all = k_all.squeeze(0)?;
             let v_all = v_all.squeeze(0)?;
             // Each KV head serves `group` query heads: fold the group into the rows so keys and

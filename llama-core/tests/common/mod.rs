@@ -96,3 +96,18 @@ pub fn near_tie_threshold(r: &serde_json::Value) -> f32 {
         .unwrap_or(0.0) as f32;
     0.35f32.max(own + 0.05)
 }
+
+/// The near-tie threshold for one file of the round-trip section: the global one, or what
+/// llama.cpp's own variants showed on that file, whichever is larger: a margin at which one of
+/// its variants parted from its default run (+0.05), or the largest change of a margin between
+/// its variants on the same tokens (its own arithmetic moved a margin that far, so a smaller
+/// margin is not one it is confident about).
+pub fn file_near_tie_threshold(r: &serde_json::Value, case: &serde_json::Value) -> f32 {
+    let v = &case["llama_cpp_variants"];
+    let parted = v["divergence_margins"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|x| x.as_f64()).fold(0.0, f64::max))
+        .unwrap_or(0.0) as f32;
+    let spread = v["margin_spread"].as_f64().unwrap_or(0.0) as f32;
+    near_tie_threshold(r).max(parted + 0.05).max(spread)
+}
