@@ -1138,6 +1138,151 @@ impl F16Matrix {
     }
 }
 
+/// A k-quant weight matrix `[n, k]` (Q2_K to Q6_K) on our thread pool, with candle's block
+/// dot products (`GgmlType::vec_dot`, AVX2 when the CPU has it) and activations quantized to
+/// q8_K blocks as candle and ggml do. Running them on our pool rather than candle's keeps one
+/// set of threads busy: with two pools, each one's idle workers spin while the other works.
+pub(crate) struct KMatrix<T> {
+    n: usize,
+    k: usize,
+    data: Vec<T>,
+}
+
+impl<T> std::fmt::Debug for KMatrix<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KMatrix")
+            .field("n", &self.n)
+            .field("k", &self.k)
+            .finish()
+    }
+}
+
+/// What the model needs from a k-quant matrix, whatever its block type.
+pub(crate) trait KLinear: Send + Sync + std::fmt::Debug {
+    fn dtype(&self) -> GgmlDType;
+    fn forward(&self, x: &Tensor) -> Result<Tensor>;
+    fn rows(&self, ids: &[u32]) -> Result<Tensor>;
+}
+
+/// Builds the k-quant matrix for GGUF bytes of type `t`, if `t` is a k-quant.
+pub(crate) fn k_matrix(
+    t: GgmlDType,
+    bytes: &[u8],
+    n: usize,
+    k: usize,
+) -> Option<Result<std::sync::Arc<dyn KLinear>>> {
+    use candle_core::quantized::k_quants::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K};
+    fn make<T: KBlock>(b: &[u8], n: usize, k: usize) -> Result<std::sync::Arc<dyn KLinear>> {
+        Ok(std::sync::Arc::new(KMatrix::<T>::new(b, n, k)?))
+    }
+    Some(match t {
+        GgmlDType::Q2K => make::<BlockQ2K>(bytes, n, k),
+        GgmlDType::Q3K => make::<BlockQ3K>(bytes, n, k),
+        GgmlDType::Q4K => make::<BlockQ4K>(bytes, n, k),
+        GgmlDType::Q5K => make::<BlockQ5K>(bytes, n, k),
+        GgmlDType::Q6K => make::<BlockQ6K>(bytes, n, k),
+        _ => return None,
+    })
+}
+
+/// The candle block types we run: dot products against q8_K activations.
+pub(crate) trait KBlock:
+    candle_core::quantized::k_quants::GgmlType<
+        VecDotType = candle_core::quantized::k_quants::BlockQ8K,
+    > + 'static
+{
+}
+impl<T> KBlock for T where
+    T: candle_core::quantized::k_quants::GgmlType<
+            VecDotType = candle_core::quantized::k_quants::BlockQ8K,
+        > + 'static
+{
+}
+
+/// Weight rows per work item for k-quant matrices, and activation rows.
+const K_COLS: usize = 4;
+const K_ROWS: usize = 4;
+
+impl<T: KBlock> KMatrix<T> {
+    fn new(bytes: &[u8], n: usize, k: usize) -> Result<Self> {
+        let size = std::mem::size_of::<T>();
+        if !k.is_multiple_of(T::BLCK_SIZE) || bytes.len() != n * (k / T::BLCK_SIZE) * size {
+            return Err(Error::InvalidArgument(format!(
+                "{:?} matrix [{n}, {k}] cannot hold {} bytes",
+                T::DTYPE,
+                bytes.len()
+            )));
+        }
+        let blocks = n * (k / T::BLCK_SIZE);
+        let mut data: Vec<T> = Vec::with_capacity(blocks);
+        // SAFETY: candle's block types are `repr(C)` plain data (f16 and byte arrays) whose
+        // layout is GGUF's, and the byte count was checked above.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                data.as_mut_ptr() as *mut u8,
+                bytes.len(),
+            );
+            data.set_len(blocks);
+        }
+        Ok(KMatrix { n, k, data })
+    }
+
+    fn row(&self, j: usize) -> &[T] {
+        let nb = self.k / T::BLCK_SIZE;
+        &self.data[j * nb..(j + 1) * nb]
+    }
+}
+
+impl<T: KBlock> KLinear for KMatrix<T> {
+    fn dtype(&self) -> GgmlDType {
+        T::DTYPE
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        use candle_core::quantized::k_quants::{BlockQ8K, GgmlType};
+        let (m, k, out_dims) = matmul_shape(x, self.k, self.n)?;
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let nbx = k / BlockQ8K::BLCK_SIZE;
+        let mut xq = vec![BlockQ8K::zeros(); m * nbx];
+        let xq_ptr = xq.as_mut_ptr() as usize;
+        run_items(m, &|r| {
+            // SAFETY: row `r` of `xq` is written by this item only, and `xq` outlives the call.
+            let out = unsafe {
+                std::slice::from_raw_parts_mut((xq_ptr as *mut BlockQ8K).add(r * nbx), nbx)
+            };
+            BlockQ8K::from_float(&xs[r * k..(r + 1) * k], out);
+        });
+        let n = self.n;
+        let mut dst = vec![0f32; m * n];
+        let dst_ptr = dst.as_mut_ptr() as usize;
+        let row_tiles = m.div_ceil(K_ROWS);
+        let work = |item: usize| {
+            let (cg, rt) = (item / row_tiles, item % row_tiles);
+            for c in cg * K_COLS..n.min((cg + 1) * K_COLS) {
+                let w = self.row(c);
+                for r in rt * K_ROWS..m.min((rt + 1) * K_ROWS) {
+                    let v = T::vec_dot(k, w, &xq[r * nbx..(r + 1) * nbx]);
+                    // SAFETY: (r, c) is inside dst and written by this item only.
+                    unsafe { *(dst_ptr as *mut f32).add(r * n + c) = v };
+                }
+            }
+        };
+        run_items(row_tiles * n.div_ceil(K_COLS), &work);
+        Ok(Tensor::from_vec(dst, out_dims, &Device::Cpu)?)
+    }
+
+    fn rows(&self, ids: &[u32]) -> Result<Tensor> {
+        let k = self.k;
+        let mut out = vec![0f32; ids.len() * k];
+        check_ids(ids, self.n)?;
+        for (&id, dst) in ids.iter().zip(out.chunks_exact_mut(k)) {
+            T::to_float(self.row(id as usize), dst);
+        }
+        Ok(Tensor::from_vec(out, (ids.len(), k), &Device::Cpu)?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1269,6 +1414,72 @@ mod tests {
                     "{dt:?} {n}x{k}x{m}: max diff {d} (scale {scale})"
                 );
             }
+        }
+    }
+
+    /// k-quant matrices on our pool give candle's own results (same block dot products and
+    /// activation quantization), and their rows are candle's dequantization.
+    #[test]
+    fn k_quant_matrices_equal_candles() {
+        use candle_core::quantized::QMatMul;
+        use candle_core::Module;
+        for dt in [
+            GgmlDType::Q2K,
+            GgmlDType::Q3K,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+        ] {
+            let (n, k) = (10, 512);
+            let q = QTensor::quantize(
+                &Tensor::from_vec(values(n * k, 13), (n, k), &Device::Cpu).unwrap(),
+                dt,
+            )
+            .unwrap();
+            let ours = k_matrix(dt, &q.data().unwrap(), n, k).unwrap().unwrap();
+            let full: Vec<f32> = q
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let theirs = QMatMul::from_qtensor(q).unwrap();
+            for m in [1usize, 6] {
+                let x = Tensor::from_vec(values(m * k, 17), (1, m, k), &Device::Cpu).unwrap();
+                let a: Vec<f32> = ours
+                    .forward(&x)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let b: Vec<f32> = theirs
+                    .forward(&x)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                for (p, q) in a.iter().zip(&b) {
+                    assert!(
+                        (p - q).abs() <= 1e-5 * (1.0 + q.abs()),
+                        "{dt:?} m={m}: {p} vs {q}"
+                    );
+                }
+            }
+            let rows: Vec<f32> = ours
+                .rows(&[7, 2])
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(&rows[..k], &full[7 * k..8 * k], "{dt:?}");
+            assert_eq!(&rows[k..], &full[2 * k..3 * k], "{dt:?}");
+            assert!(ours.rows(&[10]).is_err());
+            assert_eq!(ours.dtype(), dt);
+            assert!(k_matrix(dt, &[0u8; 7], n, k).unwrap().is_err());
         }
     }
 

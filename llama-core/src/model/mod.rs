@@ -185,6 +185,7 @@ enum Linear {
     Candle(QMatMul),
     Blocks(std::sync::Arc<crate::kernels::BlockMatrix>),
     F16(std::sync::Arc<crate::kernels::F16Matrix>),
+    K(std::sync::Arc<dyn crate::kernels::KLinear>),
 }
 
 impl Linear {
@@ -202,6 +203,12 @@ impl Linear {
             Matmul::Candle(m) => m,
         };
         if let QMatMul::QTensor(q) = &m {
+            if crate::kernels::enabled() && q.shape().rank() == 2 {
+                let (n, k) = q.shape().dims2()?;
+                if let Some(mat) = crate::kernels::k_matrix(q.dtype(), &q.data()?, n, k) {
+                    return Ok(Linear::K(mat?));
+                }
+            }
             if let Some(fmt) =
                 crate::kernels::BlockFmt::from_ggml(q.dtype()).filter(|_| crate::kernels::enabled())
             {
@@ -224,6 +231,7 @@ impl Linear {
             }
             Linear::Blocks(m) => m.rows(ids),
             Linear::F16(m) => m.rows(ids),
+            Linear::K(m) => m.rows(ids),
         }
     }
 
@@ -232,6 +240,7 @@ impl Linear {
             Linear::Candle(m) => Ok(m.forward(x)?),
             Linear::Blocks(m) => m.forward(x),
             Linear::F16(m) => m.forward(x),
+            Linear::K(m) => m.forward(x),
         }
     }
 }
@@ -461,6 +470,7 @@ impl Model {
             Some(Linear::Candle(QMatMul::QTensor(q))) => format!("{:?}", q.dtype()),
             Some(Linear::Blocks(m)) => format!("{:?}", m.fmt()),
             Some(Linear::F16(_)) => "F16".to_string(),
+            Some(Linear::K(m)) => format!("{:?}", m.dtype()),
             _ => src.dtype_name(W::Q(0)).unwrap_or_default(),
         };
         let path = src.path().to_path_buf();
