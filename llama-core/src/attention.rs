@@ -8,14 +8,15 @@
 //! output, and runs on every core.
 
 use candle_core::{CpuStorage, Storage, Tensor};
+use half::f16;
 
 use crate::error::{Error, Result};
 
 /// Query rows per work item.
 const ROWS: usize = 8;
 
-/// A `(1, heads, len, head_dim)` f32 tensor's storage, its first element and head stride; rows
-/// within a head must be contiguous.
+/// A `(1, heads, len, head_dim)` f32 or f16 tensor's storage, its first element and head
+/// stride; rows within a head must be contiguous.
 fn head_view(t: &Tensor) -> Result<(impl std::ops::Deref<Target = Storage> + '_, usize, usize)> {
     let (storage, layout) = t.storage_and_layout();
     let stride = layout.stride();
@@ -26,18 +27,54 @@ fn head_view(t: &Tensor) -> Result<(impl std::ops::Deref<Target = Storage> + '_,
         )));
     }
     let (start, head_stride) = (layout.start_offset(), stride[1]);
-    if !matches!(&*storage, Storage::Cpu(CpuStorage::F32(_))) {
+    if !matches!(
+        &*storage,
+        Storage::Cpu(CpuStorage::F32(_)) | Storage::Cpu(CpuStorage::F16(_))
+    ) {
         return Err(Error::InvalidArgument(
-            "attention: f32 CPU tensors only".into(),
+            "attention: f32 or f16 CPU tensors only".into(),
         ));
     }
     Ok((storage, start, head_stride))
 }
 
-fn f32_slice(s: &Storage) -> &[f32] {
-    match s {
-        Storage::Cpu(CpuStorage::F32(v)) => v,
-        _ => &[],
+/// Keys or values as stored.
+#[derive(Clone, Copy)]
+enum Rows<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+}
+
+impl<'a> Rows<'a> {
+    fn of(s: &'a Storage) -> Rows<'a> {
+        match s {
+            Storage::Cpu(CpuStorage::F16(v)) => Rows::F16(v),
+            Storage::Cpu(CpuStorage::F32(v)) => Rows::F32(v),
+            _ => Rows::F32(&[]),
+        }
+    }
+
+    fn from(self, at: usize) -> Rows<'a> {
+        match self {
+            Rows::F32(v) => Rows::F32(&v[at..]),
+            Rows::F16(v) => Rows::F16(&v[at..]),
+        }
+    }
+
+    fn dot(self, q: &[f32], j: usize, simd: bool) -> f32 {
+        let d = q.len();
+        match self {
+            Rows::F32(v) => dot(q, &v[j * d..(j + 1) * d], simd),
+            Rows::F16(v) => dot_f16(q, &v[j * d..(j + 1) * d], simd),
+        }
+    }
+
+    fn axpy(self, acc: &mut [f32], w: f32, j: usize, simd: bool) {
+        let d = acc.len();
+        match self {
+            Rows::F32(v) => axpy(acc, w, &v[j * d..(j + 1) * d], simd),
+            Rows::F16(v) => axpy_f16(acc, w, &v[j * d..(j + 1) * d], simd),
+        }
     }
 }
 
@@ -102,6 +139,78 @@ unsafe fn axpy_avx2(acc: &mut [f32], w: f32, v: &[f32]) {
     }
 }
 
+/// [`dot_avx2`] with `b` stored as f16: the same lanes and order, so an f16 cache gives
+/// exactly what an f32 cache holding the same rounded values would.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_f16_avx2(a: &[f32], b: &[f16]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let ld = |i: usize| _mm256_cvtph_ps(_mm_loadu_si128(b.as_ptr().add(i) as *const __m128i));
+    let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut i = 0;
+    while i + 16 <= n {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(i)), ld(i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(i + 8)), ld(i + 8), s1);
+        i += 16;
+    }
+    while i + 8 <= n {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(i)), ld(i), s0);
+        i += 8;
+    }
+    let v = _mm256_add_ps(s0, s1);
+    let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    let mut sum = _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps::<1>(s2, s2)));
+    while i < n {
+        sum += a[i] * b[i].to_f32();
+        i += 1;
+    }
+    sum
+}
+
+/// `acc += w * v` with `v` stored as f16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn axpy_f16_avx2(acc: &mut [f32], w: f32, v: &[f16]) {
+    use std::arch::x86_64::*;
+    let n = acc.len().min(v.len());
+    let wv = _mm256_set1_ps(w);
+    let mut i = 0;
+    while i + 8 <= n {
+        let p = acc.as_mut_ptr().add(i);
+        let x = _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().add(i) as *const __m128i));
+        _mm256_storeu_ps(p, _mm256_fmadd_ps(wv, x, _mm256_loadu_ps(p)));
+        i += 8;
+    }
+    while i < n {
+        acc[i] += w * v[i].to_f32();
+        i += 1;
+    }
+}
+
+fn dot_f16(a: &[f32], b: &[f16], simd: bool) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: avx2, fma and f16c were detected at run time.
+        return unsafe { dot_f16_avx2(a, b) };
+    }
+    let _ = simd;
+    a.iter().zip(b).map(|(x, y)| x * y.to_f32()).sum()
+}
+
+fn axpy_f16(acc: &mut [f32], w: f32, v: &[f16], simd: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: avx2, fma and f16c were detected at run time.
+        return unsafe { axpy_f16_avx2(acc, w, v) };
+    }
+    let _ = simd;
+    for (a, x) in acc.iter_mut().zip(v) {
+        *a += w * x.to_f32();
+    }
+}
+
 fn simd() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -110,6 +219,7 @@ fn simd() -> bool {
             std::env::var("LLAMA_CORE_KERNEL").map_or(true, |v| v != "scalar")
                 && is_x86_feature_detected!("avx2")
                 && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -169,7 +279,11 @@ pub(crate) fn causal(
     let (qs, q0, q_head) = head_view(q)?;
     let (ks, k0, k_head) = head_view(k)?;
     let (vs, v0, v_head) = head_view(v)?;
-    let (qs, ks, vs) = (f32_slice(&qs), f32_slice(&ks), f32_slice(&vs));
+    let qs = match &*qs {
+        Storage::Cpu(CpuStorage::F32(v)) => &v[..],
+        _ => return Err(Error::InvalidArgument("attention: f32 queries only".into())),
+    };
+    let (ks, vs) = (Rows::of(&ks), Rows::of(&vs));
     let width = nh * hd;
     let mut out = vec![0f32; t * width];
     let out_ptr = out.as_mut_ptr() as usize;
@@ -178,8 +292,8 @@ pub(crate) fn causal(
     let work = |item: usize| {
         let (h, rb) = (item / row_blocks, item % row_blocks);
         let kvh = h / group;
-        let keys = &ks[k0 + kvh * k_head..];
-        let vals = &vs[v0 + kvh * v_head..];
+        let keys = ks.from(k0 + kvh * k_head);
+        let vals = vs.from(v0 + kvh * v_head);
         let mut scores = Vec::with_capacity(total);
         let mut q16 = Vec::with_capacity(if round_f16 { hd } else { 0 });
         for i in rb * ROWS..t.min((rb + 1) * ROWS) {
@@ -195,7 +309,7 @@ pub(crate) fn causal(
             scores.clear();
             let mut max = f32::NEG_INFINITY;
             for j in 0..seen {
-                let s = dot(qrow, &keys[j * hd..(j + 1) * hd], simd) * scale;
+                let s = keys.dot(qrow, j, simd) * scale;
                 max = max.max(s);
                 scores.push(s);
             }
@@ -212,11 +326,11 @@ pub(crate) fn causal(
                 let inv = 1.0 / sum;
                 for (j, &p) in scores.iter().enumerate() {
                     let p = half::f16::from_f32(p * inv).to_f32();
-                    axpy(y, p, &vals[j * hd..(j + 1) * hd], simd);
+                    vals.axpy(y, p, j, simd);
                 }
             } else {
                 for (j, &p) in scores.iter().enumerate() {
-                    axpy(y, p, &vals[j * hd..(j + 1) * hd], simd);
+                    vals.axpy(y, p, j, simd);
                 }
                 let inv = 1.0 / sum;
                 for o in y.iter_mut() {
@@ -352,6 +466,45 @@ mod tests {
                     "{nh}/{nkv} heads, t {t}, start {start}, f16 {round}: max diff {d}"
                 );
             }
+        }
+    }
+
+    /// An f16 cache gives exactly what an f32 cache holding the same rounded values gives.
+    #[test]
+    fn f16_storage_equals_rounded_f32_storage() {
+        use candle_core::DType;
+        let dev = Device::Cpu;
+        let (nh, nkv, hd, t, start) = (6, 2, 72, 9, 4);
+        let q = Tensor::from_vec(values(nh * t * hd, 3), (1, nh, t, hd), &dev).unwrap();
+        let kv = |seed| {
+            Tensor::from_vec(
+                values(nkv * (start + t) * hd, seed),
+                (1, nkv, start + t, hd),
+                &dev,
+            )
+            .unwrap()
+            .to_dtype(DType::F16)
+            .unwrap()
+        };
+        let (k16, v16) = (kv(5), kv(7));
+        let (k32, v32) = (
+            k16.to_dtype(DType::F32).unwrap(),
+            v16.to_dtype(DType::F32).unwrap(),
+        );
+        for round in [false, true] {
+            let a: Vec<f32> = causal(&q, &k16, &v16, start, 0.1, round)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let b: Vec<f32> = causal(&q, &k32, &v32, start, 0.1, round)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(a, b);
         }
     }
 

@@ -7,9 +7,11 @@ use crate::error::Result;
 /// Positions added at a time when the cache grows.
 const GROW_CHUNK: usize = 256;
 
-/// Keys and values of every layer for one sequence: `(1, n_kv_heads, capacity, head_dim)`.
+/// Keys and values of every layer for one sequence: `(1, n_kv_heads, capacity, head_dim)`,
+/// stored as f16 (values rounded on the way in, as llama.cpp's default cache) or f32.
 #[derive(Debug, Clone)]
 pub(crate) struct KvCache {
+    dtype: DType,
     k: Vec<Option<Tensor>>,
     v: Vec<Option<Tensor>>,
     len: usize,
@@ -20,8 +22,15 @@ pub(crate) struct KvCache {
 }
 
 impl KvCache {
-    pub(crate) fn new(n_layers: usize, n_kv_heads: usize, head_dim: usize, max: usize) -> Self {
+    pub(crate) fn new(
+        n_layers: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        max: usize,
+        dtype: DType,
+    ) -> Self {
         KvCache {
+            dtype,
             k: vec![None; n_layers],
             v: vec![None; n_layers],
             len: 0,
@@ -30,6 +39,11 @@ impl KvCache {
             n_kv_heads,
             head_dim,
         }
+    }
+
+    /// The storage type.
+    pub(crate) fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// Tokens stored.
@@ -58,7 +72,7 @@ impl KvCache {
         for slot in self.k.iter_mut().chain(self.v.iter_mut()) {
             let fresh = Tensor::zeros(
                 (1, self.n_kv_heads, new_cap, self.head_dim),
-                DType::F32,
+                self.dtype,
                 dev,
             )?;
             if let Some(old) = slot.as_ref() {
@@ -72,8 +86,9 @@ impl KvCache {
         Ok(())
     }
 
-    /// Writes `k`, `v` (each `(1, n_kv, t, d)`) for `layer` at the current length and returns
-    /// views of all keys and values so far. Call [`KvCache::advance`] after the last layer.
+    /// Writes `k`, `v` (each `(1, n_kv, t, d)`, any float type: converted to the cache's) for
+    /// `layer` at the current length and returns views of all keys and values so far, in the
+    /// cache's type. Call [`KvCache::advance`] after the last layer.
     pub(crate) fn append(
         &mut self,
         layer: usize,
@@ -86,8 +101,8 @@ impl KvCache {
             (Some(kc), Some(vc)) => (kc, vc),
             _ => return Err(candle_core::Error::Msg("kv cache not reserved".into()).into()),
         };
-        kc.slice_set(&k.contiguous()?, 2, self.len)?;
-        vc.slice_set(&v.contiguous()?, 2, self.len)?;
+        kc.slice_set(&k.to_dtype(self.dtype)?.contiguous()?, 2, self.len)?;
+        vc.slice_set(&v.to_dtype(self.dtype)?.contiguous()?, 2, self.len)?;
         Ok((kc.narrow(2, 0, total)?, vc.narrow(2, 0, total)?))
     }
 
@@ -100,14 +115,18 @@ impl KvCache {
         self.len = self.len.min(n);
     }
 
-    /// Copies of the stored keys and values, `(layers, [k, v])`, each `(1, n_kv, len, d)`.
+    /// Copies of the stored keys and values as f32, `(layers, [k, v])`, each `(1, n_kv, len, d)`.
     pub(crate) fn export(&self) -> Result<Vec<(Tensor, Tensor)>> {
         let mut out = Vec::with_capacity(self.k.len());
         for (k, v) in self.k.iter().zip(&self.v) {
             match (k, v) {
                 (Some(k), Some(v)) if self.len > 0 => out.push((
-                    k.narrow(2, 0, self.len)?.contiguous()?,
-                    v.narrow(2, 0, self.len)?.contiguous()?,
+                    k.narrow(2, 0, self.len)?
+                        .to_dtype(DType::F32)?
+                        .contiguous()?,
+                    v.narrow(2, 0, self.len)?
+                        .to_dtype(DType::F32)?
+                        .contiguous()?,
                 )),
                 _ => {
                     let e = Tensor::zeros(
@@ -124,7 +143,13 @@ impl KvCache {
 
     /// A deep copy (for fork): the copy grows independently.
     pub(crate) fn deep_clone(&self) -> Result<Self> {
-        let mut c = KvCache::new(self.k.len(), self.n_kv_heads, self.head_dim, self.max);
+        let mut c = KvCache::new(
+            self.k.len(),
+            self.n_kv_heads,
+            self.head_dim,
+            self.max,
+            self.dtype,
+        );
         if self.len > 0 {
             let dev = match &self.k[0] {
                 Some(t) => t.device().clone(),

@@ -9,7 +9,7 @@ use crate::model::Model;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum KvCacheType {
-    /// Values rounded to half precision, as llama.cpp's default f16 cache.
+    /// Half precision, as llama.cpp's default f16 cache (half the memory of f32).
     #[default]
     F16,
     /// Full single precision.
@@ -108,7 +108,7 @@ impl Model {
         let opts = SessionOptions { n_ctx, ..opts };
         Ok(Session {
             model: self.clone(),
-            cache: self.new_cache(n_ctx),
+            cache: self.new_cache(n_ctx, opts.kv_type == KvCacheType::F16),
             tokens: vec![],
             logits: None,
             opts,
@@ -195,7 +195,6 @@ impl Session {
             return Ok(vec![]);
         }
         self.check(tokens)?;
-        let round = self.opts.kv_type == KvCacheType::F16;
         let mut out = vec![];
         let mut offset = 0usize;
         for chunk in tokens.chunks(self.opts.n_batch) {
@@ -205,7 +204,7 @@ impl Session {
                 return Err(Error::Cancelled);
             }
             let start_len = self.cache.len();
-            let res = self.model.forward_hidden(chunk, &mut self.cache, round);
+            let res = self.model.forward_hidden(chunk, &mut self.cache);
             let hidden = match res {
                 Ok(h) => h,
                 Err(e) => {

@@ -571,13 +571,15 @@ impl Model {
         self.inner.tokenizer.decode(ids, special)
     }
 
-    pub(crate) fn new_cache(&self, n_ctx: usize) -> KvCache {
+    /// An empty cache for `n_ctx` positions, f16 (`half`) or f32.
+    pub(crate) fn new_cache(&self, n_ctx: usize, half: bool) -> KvCache {
         let c = &self.inner.config;
         KvCache::new(
             c.num_hidden_layers,
             c.num_key_value_heads,
             c.head_dim,
             n_ctx,
+            if half { DType::F16 } else { DType::F32 },
         )
     }
 
@@ -605,10 +607,10 @@ impl Model {
                 "token id {bad} is outside the model's vocabulary"
             )));
         }
-        let mut cache = self.new_cache(tokens.len());
+        let mut cache = self.new_cache(tokens.len(), false);
         let mut rows: Vec<Vec<f32>> = vec![];
         for chunk in tokens.chunks(512) {
-            let h = self.forward_hidden(chunk, &mut cache, false)?;
+            let h = self.forward_hidden(chunk, &mut cache)?;
             rows.extend(h.to_vec2::<f32>()?);
         }
         let dim = self.inner.config.hidden_size;
@@ -627,13 +629,9 @@ impl Model {
 
     /// Runs `tokens` at the cache's next positions and returns the final hidden states
     /// `(len, hidden)` after the output norm. The caller checks capacity and ids.
-    pub(crate) fn forward_hidden(
-        &self,
-        tokens: &[u32],
-        cache: &mut KvCache,
-        round_kv_f16: bool,
-    ) -> Result<Tensor> {
+    pub(crate) fn forward_hidden(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
         let m = &*self.inner;
+        let half_cache = cache.dtype() == DType::F16;
         let c = &m.config;
         let t = tokens.len();
         let start = cache.len();
@@ -664,23 +662,14 @@ impl Model {
             let v = l.v.forward(&hn)?;
             let q = q.reshape((1, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
             let k = k.reshape((1, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-            let mut v = v.reshape((1, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let v = v.reshape((1, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
             let q = candle_nn::rotary_emb::rope(&q, &cos, &sin)?;
-            let mut k = candle_nn::rotary_emb::rope(&k, &cos, &sin)?;
-            if round_kv_f16 {
-                k = k.to_dtype(DType::F16)?.to_dtype(DType::F32)?;
-                v = v.to_dtype(DType::F16)?.to_dtype(DType::F32)?;
-            }
+            let k = candle_nn::rotary_emb::rope(&k, &cos, &sin)?;
+            // An f16 cache rounds keys and values as it stores them.
             let (k_all, v_all) = cache.append(li, &k, &v)?;
             if crate::kernels::enabled() {
-                let y = crate::attention::causal(
-                    &q,
-                    &k_all,
-                    &v_all,
-                    start,
-                    scale as f32,
-                    round_kv_f16,
-                )?;
+                let y =
+                    crate::attention::causal(&q, &k_all, &v_all, start, scale as f32, half_cache)?;
                 let y = l.o.forward(&y)?;
                 x = (x + y)?;
                 let hn = candle_nn::ops::rms_norm(&x, &l.ffn_norm, eps)?;
@@ -690,8 +679,8 @@ impl Model {
                 x = (x + y)?;
                 continue;
             }
-            let k_all = k_all.squeeze(0)?;
-            let v_all = v_all.squeeze(0)?;
+            let k_all = k_all.squeeze(0)?.to_dtype(DType::F32)?;
+            let v_all = v_all.squeeze(0)?.to_dtype(DType::F32)?;
             // Each KV head serves `group` query heads: fold the group into the rows so keys and
             // values are read once per KV head, with no repeated copies.
             let q = q.reshape((nkv, group * t, hd))?;
