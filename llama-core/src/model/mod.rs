@@ -642,7 +642,8 @@ impl Model {
         let mut x = m.embed.rows(tokens)?.reshape((1, t, c.hidden_size))?;
         let (cos, sin) = m.rope.cos_sin(start, t, dev)?;
         let total = start + t;
-        let mask = if t > 1 {
+        // The additive causal mask, for the tensor-op attention only.
+        let mask = if t > 1 && !crate::kernels::enabled() {
             let mut v = vec![0f32; t * total];
             for i in 0..t {
                 for j in (start + i + 1)..total {
@@ -667,37 +668,29 @@ impl Model {
             let k = candle_nn::rotary_emb::rope(&k, &cos, &sin)?;
             // An f16 cache rounds keys and values as it stores them.
             let (k_all, v_all) = cache.append(li, &k, &v)?;
-            if crate::kernels::enabled() {
-                let y =
-                    crate::attention::causal(&q, &k_all, &v_all, start, scale as f32, half_cache)?;
-                let y = l.o.forward(&y)?;
-                x = (x + y)?;
-                let hn = candle_nn::ops::rms_norm(&x, &l.ffn_norm, eps)?;
-                let g = l.gate.forward(&hn)?;
-                let u = l.up.forward(&hn)?;
-                let y = l.down.forward(&(candle_nn::ops::silu(&g)? * u)?)?;
-                x = (x + y)?;
-                continue;
-            }
-            let k_all = k_all.squeeze(0)?.to_dtype(DType::F32)?;
-            let v_all = v_all.squeeze(0)?.to_dtype(DType::F32)?;
-            // Each KV head serves `group` query heads: fold the group into the rows so keys and
-            // values are read once per KV head, with no repeated copies.
-            let q = q.reshape((nkv, group * t, hd))?;
-            let att = (q.matmul(&k_all.t()?)? * scale)?;
-            let att = match &mask {
-                Some(mk) => att
-                    .reshape((nkv, group, t, total))?
-                    .broadcast_add(mk)?
-                    .reshape((nkv, group * t, total))?,
-                None => att,
+            let y = if crate::kernels::enabled() {
+                crate::attention::causal(&q, &k_all, &v_all, start, scale as f32, half_cache)?
+            } else {
+                // candle's tensor ops (for comparison: LLAMA_CORE_KERNEL=candle).
+                let k_all = k_all.squeeze(0)?.to_dtype(DType::F32)?;
+                let v_all = v_all.squeeze(0)?.to_dtype(DType::F32)?;
+                // Each KV head serves `group` query heads: fold the group into the rows so keys
+                // and values are read once per KV head, with no repeated copies.
+                let q = q.reshape((nkv, group * t, hd))?;
+                let att = (q.matmul(&k_all.t()?)? * scale)?;
+                let att = match &mask {
+                    Some(mk) => att
+                        .reshape((nkv, group, t, total))?
+                        .broadcast_add(mk)?
+                        .reshape((nkv, group * t, total))?,
+                    None => att,
+                };
+                let att = candle_nn::ops::softmax_last_dim(&att)?;
+                att.matmul(&v_all.contiguous()?)?
+                    .reshape((nh, t, hd))?
+                    .transpose(0, 1)?
+                    .reshape((1, t, nh * hd))?
             };
-            let att = candle_nn::ops::softmax_last_dim(&att)?;
-            let y = att.matmul(&v_all.contiguous()?)?;
-            let y = y
-                .reshape((nh, t, hd))?
-                .transpose(0, 1)?
-                .reshape((1, t, nh * hd))?;
             let y = l.o.forward(&y)?;
             x = (x + y)?;
             let hn = candle_nn::ops::rms_norm(&x, &l.ffn_norm, eps)?;
