@@ -211,19 +211,10 @@ fn axpy_f16(acc: &mut [f32], w: f32, v: &[f16], simd: bool) {
     }
 }
 
+/// The AVX2/FMA/F16C paths, exactly when the matmul kernels use theirs (the same detection
+/// and the same `LLAMA_CORE_KERNEL=scalar` override).
 fn simd() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *OK.get_or_init(|| {
-            std::env::var("LLAMA_CORE_KERNEL").map_or(true, |v| v != "scalar")
-                && is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    crate::kernels::simd()
 }
 
 fn dot(a: &[f32], b: &[f32], simd: bool) -> f32 {

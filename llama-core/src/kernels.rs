@@ -243,6 +243,11 @@ fn isa() -> Isa {
     })
 }
 
+/// Whether the x86-64 SIMD paths (AVX2, FMA, F16C at least) run.
+pub(crate) fn simd() -> bool {
+    isa() != Isa::Scalar
+}
+
 fn f16_at(p: &[u8], off: usize) -> f32 {
     f16::from_le_bytes([p[off], p[off + 1]]).to_f32()
 }

@@ -74,7 +74,7 @@ fn thread_count() -> usize {
         .max(1)
 }
 
-/// Grabs and runs chunks until the cursor passes the end; returns the items it ran.
+/// Grabs and runs chunks until the cursor passes the end, counting each in `done`.
 fn drain(shared: &Shared, job: &Job) {
     loop {
         let start = shared.cursor.fetch_add(job.chunk, Ordering::Relaxed);
