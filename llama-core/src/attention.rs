@@ -61,182 +61,314 @@ impl<'a> Rows<'a> {
         }
     }
 
-    fn dot(self, q: &[f32], j: usize, simd: bool) -> f32 {
+    /// `out[j] = (q . key j) * scale` for keys `0..out.len()`.
+    fn scores(self, q: &[f32], scale: f32, out: &mut [f32], simd: bool) {
         let d = q.len();
-        match self {
-            Rows::F32(v) => dot(q, &v[j * d..(j + 1) * d], simd),
-            Rows::F16(v) => dot_f16(q, &v[j * d..(j + 1) * d], simd),
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: avx2, fma and f16c were detected at run time; the rows are in bounds
+            // (checked by the slicing below before any vector load).
+            match self {
+                Rows::F32(v) => unsafe { scores_avx2(q, &v[..out.len() * d], scale, out) },
+                Rows::F16(v) => unsafe { scores_avx2(q, &v[..out.len() * d], scale, out) },
+            }
+            return;
+        }
+        let _ = simd;
+        for (j, o) in out.iter_mut().enumerate() {
+            *o = match self {
+                Rows::F32(v) => dot_scalar(q, &v[j * d..(j + 1) * d]),
+                Rows::F16(v) => dot_scalar(q, &v[j * d..(j + 1) * d]),
+            } * scale;
         }
     }
 
-    fn axpy(self, acc: &mut [f32], w: f32, j: usize, simd: bool) {
-        let d = acc.len();
-        match self {
-            Rows::F32(v) => axpy(acc, w, &v[j * d..(j + 1) * d], simd),
-            Rows::F16(v) => axpy_f16(acc, w, &v[j * d..(j + 1) * d], simd),
+    /// `y += sum_j w[j] * value j`, in order of `j`.
+    fn weighted_sum(self, w: &[f32], y: &mut [f32], simd: bool) {
+        let d = y.len();
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: as in `scores`.
+            match self {
+                Rows::F32(v) => unsafe { weighted_sum_avx2(w, &v[..w.len() * d], y) },
+                Rows::F16(v) => unsafe { weighted_sum_avx2(w, &v[..w.len() * d], y) },
+            }
+            return;
+        }
+        let _ = simd;
+        for (j, &p) in w.iter().enumerate() {
+            match self {
+                Rows::F32(v) => axpy_scalar(y, p, &v[j * d..(j + 1) * d]),
+                Rows::F16(v) => axpy_scalar(y, p, &v[j * d..(j + 1) * d]),
+            }
         }
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-    use std::arch::x86_64::*;
-    let n = a.len().min(b.len());
-    let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    let mut i = 0;
-    while i + 16 <= n {
-        s0 = _mm256_fmadd_ps(
-            _mm256_loadu_ps(a.as_ptr().add(i)),
-            _mm256_loadu_ps(b.as_ptr().add(i)),
-            s0,
-        );
-        s1 = _mm256_fmadd_ps(
-            _mm256_loadu_ps(a.as_ptr().add(i + 8)),
-            _mm256_loadu_ps(b.as_ptr().add(i + 8)),
-            s1,
-        );
-        i += 16;
-    }
-    while i + 8 <= n {
-        s0 = _mm256_fmadd_ps(
-            _mm256_loadu_ps(a.as_ptr().add(i)),
-            _mm256_loadu_ps(b.as_ptr().add(i)),
-            s0,
-        );
-        i += 8;
-    }
-    let v = _mm256_add_ps(s0, s1);
-    let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    let mut sum = _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps::<1>(s2, s2)));
-    while i < n {
-        sum += a[i] * b[i];
-        i += 1;
-    }
-    sum
-}
-
-/// `acc += w * v`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn axpy_avx2(acc: &mut [f32], w: f32, v: &[f32]) {
-    use std::arch::x86_64::*;
-    let n = acc.len().min(v.len());
-    let wv = _mm256_set1_ps(w);
-    let mut i = 0;
-    while i + 8 <= n {
-        let p = acc.as_mut_ptr().add(i);
-        _mm256_storeu_ps(
-            p,
-            _mm256_fmadd_ps(wv, _mm256_loadu_ps(v.as_ptr().add(i)), _mm256_loadu_ps(p)),
-        );
-        i += 8;
-    }
-    while i < n {
-        acc[i] += w * v[i];
-        i += 1;
-    }
-}
-
-/// [`dot_avx2`] with `b` stored as f16: the same lanes and order, so an f16 cache gives
-/// exactly what an f32 cache holding the same rounded values would.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_f16_avx2(a: &[f32], b: &[f16]) -> f32 {
-    use std::arch::x86_64::*;
-    let n = a.len().min(b.len());
-    let ld = |i: usize| _mm256_cvtph_ps(_mm_loadu_si128(b.as_ptr().add(i) as *const __m128i));
-    let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    let mut i = 0;
-    while i + 16 <= n {
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(i)), ld(i), s0);
-        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(i + 8)), ld(i + 8), s1);
-        i += 16;
-    }
-    while i + 8 <= n {
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(i)), ld(i), s0);
-        i += 8;
-    }
-    let v = _mm256_add_ps(s0, s1);
-    let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    let mut sum = _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps::<1>(s2, s2)));
-    while i < n {
-        sum += a[i] * b[i].to_f32();
-        i += 1;
-    }
-    sum
-}
-
-/// `acc += w * v` with `v` stored as f16.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn axpy_f16_avx2(acc: &mut [f32], w: f32, v: &[f16]) {
-    use std::arch::x86_64::*;
-    let n = acc.len().min(v.len());
-    let wv = _mm256_set1_ps(w);
-    let mut i = 0;
-    while i + 8 <= n {
-        let p = acc.as_mut_ptr().add(i);
-        let x = _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().add(i) as *const __m128i));
-        _mm256_storeu_ps(p, _mm256_fmadd_ps(wv, x, _mm256_loadu_ps(p)));
-        i += 8;
-    }
-    while i < n {
-        acc[i] += w * v[i].to_f32();
-        i += 1;
-    }
-}
-
-fn dot_f16(a: &[f32], b: &[f16], simd: bool) -> f32 {
+/// A stored key or value element: f32, or f16 read through F16C. Both give the same lanes and
+/// summation order, so an f16 cache gives exactly what an f32 cache holding the same rounded
+/// values would.
+trait Elem: Copy {
+    fn f32(self) -> f32;
+    /// Eight elements from `p` as f32 lanes.
     #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: avx2, fma and f16c were detected at run time.
-        return unsafe { dot_f16_avx2(a, b) };
-    }
-    let _ = simd;
-    a.iter().zip(b).map(|(x, y)| x * y.to_f32()).sum()
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
 }
 
-fn axpy_f16(acc: &mut [f32], w: f32, v: &[f16], simd: bool) {
-    #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: avx2, fma and f16c were detected at run time.
-        return unsafe { axpy_f16_avx2(acc, w, v) };
+impl Elem for f32 {
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        self
     }
-    let _ = simd;
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+        // SAFETY: the caller's pointer covers eight elements; only called from AVX2 code.
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+}
+
+impl Elem for f16 {
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        self.to_f32()
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const f16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's pointer covers eight elements; only called from F16C code.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
+    }
+}
+
+fn dot_scalar<T: Elem>(a: &[f32], b: &[T]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y.f32()).sum()
+}
+
+fn axpy_scalar<T: Elem>(acc: &mut [f32], w: f32, v: &[T]) {
     for (a, x) in acc.iter_mut().zip(v) {
-        *a += w * x.to_f32();
+        *a += w * x.f32();
     }
+}
+
+/// Key scores four keys at a time: per key two 8-lane FMA chains over the head dimension
+/// (16-wide steps, then one 8-wide step into the first), reduced for the four keys together by
+/// a transposing add tree with the same pairings as a one-key horizontal sum (lanes i + i+4,
+/// then 0+2 and 1+3, then those two), then the scalar tail. `k` holds `out.len()` rows of
+/// `q.len()` elements.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scores_avx2<T: Elem>(q: &[f32], k: &[T], scale: f32, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let (d, n) = (q.len(), out.len());
+    debug_assert!(k.len() >= n * d);
+    let (qp, kp) = (q.as_ptr(), k.as_ptr());
+    let tail = |j: usize, from: usize| -> f32 {
+        (from..d).map(|i| q[i] * k[j * d + i].f32()).sum::<f32>()
+    };
+    let mut j = 0;
+    while j + 4 <= n {
+        let mut s0 = [_mm256_setzero_ps(); 4];
+        let mut s1 = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 16 <= d {
+            let (qa, qb) = (_mm256_loadu_ps(qp.add(i)), _mm256_loadu_ps(qp.add(i + 8)));
+            for c in 0..4 {
+                let row = kp.add((j + c) * d + i);
+                s0[c] = _mm256_fmadd_ps(qa, T::load8(row), s0[c]);
+                s1[c] = _mm256_fmadd_ps(qb, T::load8(row.add(8)), s1[c]);
+            }
+            i += 16;
+        }
+        if i + 8 <= d {
+            let qa = _mm256_loadu_ps(qp.add(i));
+            for (c, s) in s0.iter_mut().enumerate() {
+                *s = _mm256_fmadd_ps(qa, T::load8(kp.add((j + c) * d + i)), *s);
+            }
+            i += 8;
+        }
+        let v: [__m256; 4] = std::array::from_fn(|c| _mm256_add_ps(s0[c], s1[c]));
+        // Lanes i + i+4: keys 0 and 1 (low and high half), keys 2 and 3.
+        let ab = _mm256_add_ps(
+            _mm256_permute2f128_ps::<0x20>(v[0], v[1]),
+            _mm256_permute2f128_ps::<0x31>(v[0], v[1]),
+        );
+        let cd = _mm256_add_ps(
+            _mm256_permute2f128_ps::<0x20>(v[2], v[3]),
+            _mm256_permute2f128_ps::<0x31>(v[2], v[3]),
+        );
+        // 0+2 and 1+3: [k0, k0, k2, k2 | k1, k1, k3, k3].
+        let x = _mm256_add_ps(
+            _mm256_shuffle_ps::<0x44>(ab, cd),
+            _mm256_shuffle_ps::<0xEE>(ab, cd),
+        );
+        let x = _mm256_add_ps(x, _mm256_shuffle_ps::<0xB1>(x, x));
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), x);
+        for (c, lane) in [0, 4, 2, 6].into_iter().enumerate() {
+            let mut s = lanes[lane];
+            if i < d {
+                s += tail(j + c, i);
+            }
+            out[j + c] = s * scale;
+        }
+        j += 4;
+    }
+    while j < n {
+        let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut i = 0;
+        while i + 16 <= d {
+            let row = kp.add(j * d + i);
+            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(i)), T::load8(row), s0);
+            s1 = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(i + 8)), T::load8(row.add(8)), s1);
+            i += 16;
+        }
+        if i + 8 <= d {
+            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(i)), T::load8(kp.add(j * d + i)), s0);
+            i += 8;
+        }
+        let v = _mm256_add_ps(s0, s1);
+        let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        let mut s = _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps::<1>(s2, s2)));
+        if i < d {
+            s += tail(j, i);
+        }
+        out[j] = s * scale;
+        j += 1;
+    }
+}
+
+/// `y += sum_j w[j] * v_j` with the accumulators for up to 64 lanes of `y` in registers while
+/// the values stream past (per lane the same FMAs in the same order as one axpy per value).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn weighted_sum_avx2<T: Elem>(w: &[f32], v: &[T], y: &mut [f32]) {
+    let d = y.len();
+    debug_assert!(v.len() >= w.len() * d);
+    let mut c0 = 0;
+    while c0 + 8 <= d {
+        let chunks = ((d - c0) / 8).min(8);
+        match chunks {
+            8 => weighted_chunk::<T, 8>(w, v, y, c0),
+            7 => weighted_chunk::<T, 7>(w, v, y, c0),
+            6 => weighted_chunk::<T, 6>(w, v, y, c0),
+            5 => weighted_chunk::<T, 5>(w, v, y, c0),
+            4 => weighted_chunk::<T, 4>(w, v, y, c0),
+            3 => weighted_chunk::<T, 3>(w, v, y, c0),
+            2 => weighted_chunk::<T, 2>(w, v, y, c0),
+            _ => weighted_chunk::<T, 1>(w, v, y, c0),
+        }
+        c0 += 8 * chunks;
+    }
+    if c0 < d {
+        for (j, &p) in w.iter().enumerate() {
+            axpy_scalar(&mut y[c0..], p, &v[j * d + c0..(j + 1) * d]);
+        }
+    }
+}
+
+/// Lanes `c0..c0 + 8 * N` of [`weighted_sum_avx2`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn weighted_chunk<T: Elem, const N: usize>(w: &[f32], v: &[T], y: &mut [f32], c0: usize) {
+    use std::arch::x86_64::*;
+    let d = y.len();
+    let yp = y.as_mut_ptr().add(c0);
+    let mut acc: [__m256; N] = std::array::from_fn(|c| _mm256_loadu_ps(yp.add(8 * c)));
+    let vp = v.as_ptr().add(c0);
+    for (j, &p) in w.iter().enumerate() {
+        let wv = _mm256_set1_ps(p);
+        let row = vp.add(j * d);
+        for (c, a) in acc.iter_mut().enumerate() {
+            *a = _mm256_fmadd_ps(wv, T::load8(row.add(8 * c)), *a);
+        }
+    }
+    for (c, a) in acc.iter().enumerate() {
+        _mm256_storeu_ps(yp.add(8 * c), *a);
+    }
+}
+
+/// `s = exp(s - max)` for every score; returns their sum.
+fn exp_shifted(scores: &mut [f32], max: f32, simd: bool) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: avx2 and fma were detected at run time.
+        return unsafe { exp_shifted_avx2(scores, max) };
+    }
+    let _ = simd;
+    let mut sum = 0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    sum
+}
+
+/// `exp(x)` on eight lanes, within 2 ulp of the exact value: `x = n ln2 + r` with `|r| <=
+/// ln2/2` (ln2 split in two so that `r` is exact), a degree-7 polynomial for `exp(r)` and
+/// `2^n` from the exponent bits. Below -87.3 (where the result would leave the normal range)
+/// the result is 0.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let live = _mm256_cmp_ps::<_CMP_GE_OQ>(x, _mm256_set1_ps(-87.3));
+    let x = _mm256_max_ps(x, _mm256_set1_ps(-87.3));
+    let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+        x,
+        _mm256_set1_ps(std::f32::consts::LOG2_E),
+    ));
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+    // Taylor coefficients 1/7! .. 1/2!, then r^2 p + r + 1.
+    let mut p = _mm256_set1_ps(1.0 / 5040.0);
+    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5] {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    }
+    let p = _mm256_fmadd_ps(
+        p,
+        _mm256_mul_ps(r, r),
+        _mm256_add_ps(r, _mm256_set1_ps(1.0)),
+    );
+    let scale = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
+        _mm256_cvtps_epi32(n),
+        _mm256_set1_epi32(127),
+    )));
+    _mm256_and_ps(_mm256_mul_ps(p, scale), live)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_shifted_avx2(scores: &mut [f32], max: f32) -> f32 {
+    use std::arch::x86_64::*;
+    let m = _mm256_set1_ps(max);
+    let mut acc = _mm256_setzero_ps();
+    let mut chunks = scores.chunks_exact_mut(8);
+    for c in &mut chunks {
+        let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), m));
+        _mm256_storeu_ps(c.as_mut_ptr(), e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    let rest = chunks.into_remainder();
+    if !rest.is_empty() {
+        let mut buf = [f32::NEG_INFINITY; 8];
+        buf[..rest.len()].copy_from_slice(rest);
+        let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(buf.as_ptr()), m));
+        _mm256_storeu_ps(buf.as_mut_ptr(), e);
+        rest.copy_from_slice(&buf[..rest.len()]);
+        acc = _mm256_add_ps(acc, e);
+    }
+    let s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
+    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps::<1>(s2, s2)))
 }
 
 /// The AVX2/FMA/F16C paths, exactly when the matmul kernels use theirs (the same detection
 /// and the same `LLAMA_CORE_KERNEL=scalar` override).
 fn simd() -> bool {
     crate::kernels::simd()
-}
-
-fn dot(a: &[f32], b: &[f32], simd: bool) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: avx2 and fma were detected at run time.
-        return unsafe { dot_avx2(a, b) };
-    }
-    let _ = simd;
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
-
-fn axpy(acc: &mut [f32], w: f32, v: &[f32], simd: bool) {
-    #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: avx2 and fma were detected at run time.
-        return unsafe { axpy_avx2(acc, w, v) };
-    }
-    let _ = simd;
-    for (a, x) in acc.iter_mut().zip(v) {
-        *a += w * x;
-    }
 }
 
 /// Causal attention of `q` `(1, heads, t, head_dim)` (rows at positions `start..start + t`)
@@ -298,31 +430,22 @@ pub(crate) fn causal(
             };
             let seen = start + i + 1;
             scores.clear();
-            let mut max = f32::NEG_INFINITY;
-            for j in 0..seen {
-                let s = keys.dot(qrow, j, simd) * scale;
-                max = max.max(s);
-                scores.push(s);
-            }
-            let mut sum = 0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
+            scores.resize(seen, 0.0);
+            keys.scores(qrow, scale, &mut scores, simd);
+            let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+            let sum = exp_shifted(&mut scores, max, simd);
             // SAFETY: row i, columns of head h, are written by this item only.
             let y = unsafe {
                 std::slice::from_raw_parts_mut((out_ptr as *mut f32).add(i * width + h * hd), hd)
             };
             if round_f16 {
                 let inv = 1.0 / sum;
-                for (j, &p) in scores.iter().enumerate() {
-                    let p = half::f16::from_f32(p * inv).to_f32();
-                    vals.axpy(y, p, j, simd);
+                for p in scores.iter_mut() {
+                    *p = half::f16::from_f32(*p * inv).to_f32();
                 }
+                vals.weighted_sum(&scores, y, simd);
             } else {
-                for (j, &p) in scores.iter().enumerate() {
-                    vals.axpy(y, p, j, simd);
-                }
+                vals.weighted_sum(&scores, y, simd);
                 let inv = 1.0 / sum;
                 for o in y.iter_mut() {
                     *o *= inv;
@@ -497,6 +620,35 @@ mod tests {
                 .unwrap();
             assert_eq!(a, b);
         }
+    }
+
+    #[test]
+    fn vector_exp_is_within_two_ulp() {
+        if !simd() {
+            return;
+        }
+        let mut xs: Vec<f32> = (0..200_000).map(|i| -90.0 + i as f32 * 4.6e-4).collect();
+        xs.extend([0.0, -0.0, -1e-30, -87.29, -87.31, -100.0, f32::NEG_INFINITY]);
+        let mut got = xs.clone();
+        let sum = exp_shifted(&mut got, 0.0, true);
+        let mut want_sum = 0f64;
+        for (&x, &g) in xs.iter().zip(&got) {
+            let want = (x as f64).exp();
+            want_sum += want;
+            if x < -87.3 {
+                assert!(
+                    g == 0.0 || (g as f64 - want).abs() < 1e-37,
+                    "exp({x}) = {g}"
+                );
+                continue;
+            }
+            let ulp = f32::EPSILON as f64 * want;
+            assert!(
+                (g as f64 - want).abs() <= 2.0 * ulp,
+                "exp({x}) = {g}, want {want}"
+            );
+        }
+        assert!(((sum as f64) - want_sum).abs() < 1e-5 * want_sum);
     }
 
     #[test]

@@ -429,23 +429,20 @@ simd_tile!(tile_avx2, "avx2,fma,f16c", false);
 simd_tile!(tile_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", true);
 
 /// Weight rows per interleaved group.
+///
+/// Matrices with `n % G == 0` are stored as interleaved groups of 8 rows. Group layout, per
+/// block: the 8 f16 scales, for Q4_1/Q5_1 the 8 f16 minimums, for Q5 the 8 fifth-bit words
+/// (rearranged per quant piece, see [`qh_to_pieces`]), then the quants in 4-byte pieces, piece
+/// `j` of rows 0..8 side by side (Q4/Q5: the 16 bytes of a row are pieces 0..4, byte `i`
+/// holding elements `i` and `i + 16`; Q8_0: 32 bytes, pieces 0..8). One 32-byte load then
+/// holds the same four elements of eight rows, so the integer dot of one activation block with
+/// eight weight rows is eight `dpbusd` against a broadcast of four activation bytes, with each
+/// row's sum in its own lane: no horizontal sums, and one scale multiply per eight rows. Same
+/// size as the GGUF blocks.
 const G: usize = 8;
 
-/// Whether `fmt` matrices are stored as interleaved groups of [`G`] rows (when `n % G == 0`).
-///
-/// Group layout, per group of 8 weight rows and per block: the 8 f16 scales, for Q4_1 the 8 f16
-/// minimums, then the quants in 4-byte pieces, piece `j` of rows 0..8 side by side (Q4: the 16
-/// bytes of a row are pieces 0..4, byte `i` holding elements `i` and `i + 16`; Q8_0: 32 bytes,
-/// pieces 0..8). One 32-byte load then holds the same four elements of eight rows, so the
-/// integer dot of one activation block with eight weight rows is eight `dpbusd` against a
-/// broadcast of four activation bytes, with each row's sum in its own lane: no horizontal sums,
-/// and one scale multiply per eight rows. Same size as the GGUF blocks.
-fn groupable(fmt: BlockFmt) -> bool {
-    matches!(fmt, BlockFmt::Q4_0 | BlockFmt::Q4_1 | BlockFmt::Q8_0)
-}
-
-/// Byte offset of the quants inside a group block.
-fn group_quants_at(fmt: BlockFmt) -> usize {
+/// Byte offsets inside a group block: the 8 fifth-bit words (Q5), then the quants.
+fn group_qh_at(fmt: BlockFmt) -> usize {
     if fmt.has_min() {
         4 * G
     } else {
@@ -453,11 +450,42 @@ fn group_quants_at(fmt: BlockFmt) -> usize {
     }
 }
 
+fn has_qh(fmt: BlockFmt) -> bool {
+    matches!(fmt, BlockFmt::Q5_0 | BlockFmt::Q5_1)
+}
+
+fn group_quants_at(fmt: BlockFmt) -> usize {
+    group_qh_at(fmt) + if has_qh(fmt) { 4 * G } else { 0 }
+}
+
+/// A Q5 block's fifth bits rearranged so that byte `p` serves quant piece `p`: its low four
+/// bits are the fifth bits of elements `4p..4p+4` (the low nibbles of the piece), its high
+/// four those of elements `16+4p..16+4p+4` (the high nibbles).
+fn qh_to_pieces(qh: u32) -> u32 {
+    (0..4).fold(0u32, |acc, p| {
+        let lo = (qh >> (4 * p)) & 0xF;
+        let hi = (qh >> (16 + 4 * p)) & 0xF;
+        acc | ((lo | (hi << 4)) << (8 * p))
+    })
+}
+
+fn qh_from_pieces(v: u32) -> u32 {
+    (0..4).fold(0u32, |acc, p| {
+        let b = (v >> (8 * p)) & 0xFF;
+        acc | ((b & 0xF) << (4 * p)) | ((b >> 4) << (16 + 4 * p))
+    })
+}
+
+/// Bytes before the quants in a GGUF block (scale, minimum, fifth bits).
+fn head_bytes(fmt: BlockFmt) -> usize {
+    group_quants_at(fmt) / G
+}
+
 /// GGUF rows (`k` values each, `n % G == 0`) rearranged into interleaved groups.
 fn interleave(fmt: BlockFmt, data: &[u8], k: usize) -> Vec<u8> {
     let (bytes, nb) = (fmt.bytes(), k / QK);
-    let qat = group_quants_at(fmt);
-    let quant_bytes = bytes - qat / G;
+    let (qh_at, qat, head) = (group_qh_at(fmt), group_quants_at(fmt), head_bytes(fmt));
+    let quant_bytes = bytes - head;
     let mut out = vec![0u8; data.len()];
     for (g, dst) in out.chunks_exact_mut(nb * G * bytes).enumerate() {
         for (b, gb) in dst.chunks_exact_mut(G * bytes).enumerate() {
@@ -467,7 +495,13 @@ fn interleave(fmt: BlockFmt, data: &[u8], k: usize) -> Vec<u8> {
                 if fmt.has_min() {
                     gb[2 * G + 2 * i..2 * G + 2 * i + 2].copy_from_slice(&src[2..4]);
                 }
-                let qs = &src[qat / G..];
+                if has_qh(fmt) {
+                    let at = head - 4;
+                    let qh = u32::from_le_bytes([src[at], src[at + 1], src[at + 2], src[at + 3]]);
+                    gb[qh_at + 4 * i..qh_at + 4 * i + 4]
+                        .copy_from_slice(&qh_to_pieces(qh).to_le_bytes());
+                }
+                let qs = &src[head..];
                 for j in 0..quant_bytes / 4 {
                     let at = qat + (j * G + i) * 4;
                     gb[at..at + 4].copy_from_slice(&qs[4 * j..4 * j + 4]);
@@ -478,26 +512,88 @@ fn interleave(fmt: BlockFmt, data: &[u8], k: usize) -> Vec<u8> {
     out
 }
 
+/// Formats as const parameters of the group kernels, so that each is compiled on its own.
+const F_Q4_0: u8 = 0;
+const F_Q4_1: u8 = 1;
+const F_Q5_0: u8 = 2;
+const F_Q5_1: u8 = 3;
+const F_Q8_0: u8 = 4;
+
+const fn fmt_of(f: u8) -> BlockFmt {
+    match f {
+        F_Q4_0 => BlockFmt::Q4_0,
+        F_Q4_1 => BlockFmt::Q4_1,
+        F_Q5_0 => BlockFmt::Q5_0,
+        F_Q5_1 => BlockFmt::Q5_1,
+        _ => BlockFmt::Q8_0,
+    }
+}
+
 /// The SIMD kernels over interleaved groups: `R` activation rows times the 8 rows of the group
-/// starting at `w`, over `nb` blocks.
+/// starting at `w`, over `nb` blocks. Each row's integer sums run in `S` independent chains
+/// (pieces `t % S`), so the `dpbusd` latency does not bound a small tile.
 #[cfg(target_arch = "x86_64")]
 macro_rules! simd_group {
     ($name:ident, $features:literal, $vnni:expr) => {
         #[target_feature(enable = $features)]
-        unsafe fn $name<const R: usize>(
-            fmt: BlockFmt,
+        unsafe fn $name<const F: u8, const R: usize, const S: usize>(
             w: *const u8,
             x: [*const XBlock; R],
             nb: usize,
             out: &mut [[f32; G]; R],
         ) {
             use std::arch::x86_64::*;
+            let fmt = const { fmt_of(F) };
             let gb = fmt.bytes() * G;
             let qat = group_quants_at(fmt);
+            let qh_at = group_qh_at(fmt);
             let mask = _mm256_set1_epi8(0x0F);
             let eight = _mm256_set1_epi8(8);
+            let sixteen = _mm256_set1_epi8(16);
             let flip = _mm256_set1_epi8(-128);
             let ones = _mm256_set1_epi16(1);
+            // Fifth bits: byte p of each lane's word spread over the lane's four bytes, then
+            // bit i (low nibbles) or bit 4 + i (high nibbles) of byte i tested.
+            let spread: [__m256i; 4] = std::array::from_fn(|p| {
+                let p = p as i8;
+                let l = |o: i8| o + p;
+                _mm256_setr_epi8(
+                    l(0),
+                    l(0),
+                    l(0),
+                    l(0),
+                    l(4),
+                    l(4),
+                    l(4),
+                    l(4),
+                    l(8),
+                    l(8),
+                    l(8),
+                    l(8),
+                    l(12),
+                    l(12),
+                    l(12),
+                    l(12),
+                    l(0),
+                    l(0),
+                    l(0),
+                    l(0),
+                    l(4),
+                    l(4),
+                    l(4),
+                    l(4),
+                    l(8),
+                    l(8),
+                    l(8),
+                    l(8),
+                    l(12),
+                    l(12),
+                    l(12),
+                    l(12),
+                )
+            });
+            let bits_lo = _mm256_set1_epi32(0x0804_0201);
+            let bits_hi = _mm256_set1_epi32(0x8040_2010u32 as i32);
             let mut acc = [_mm256_setzero_ps(); R];
             let mut corr = [_mm256_setzero_ps(); R];
             for b in 0..nb {
@@ -516,36 +612,50 @@ macro_rules! simd_group {
                         };
                     }
                 } else {
+                    let qh = if has_qh(fmt) {
+                        _mm256_loadu_si256(p.add(qh_at) as *const __m256i)
+                    } else {
+                        _mm256_setzero_si256()
+                    };
                     for j in 0..4 {
                         let raw = _mm256_loadu_si256(q.add(32 * j) as *const __m256i);
                         wv[j] = _mm256_and_si256(raw, mask);
                         wv[j + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), mask);
+                        if has_qh(fmt) {
+                            let h = _mm256_shuffle_epi8(qh, spread[j]);
+                            let lo = _mm256_cmpeq_epi8(_mm256_and_si256(h, bits_lo), bits_lo);
+                            let hi = _mm256_cmpeq_epi8(_mm256_and_si256(h, bits_hi), bits_hi);
+                            wv[j] = _mm256_or_si256(wv[j], _mm256_and_si256(lo, sixteen));
+                            wv[j + 4] = _mm256_or_si256(wv[j + 4], _mm256_and_si256(hi, sixteen));
+                        }
                     }
-                    if !$vnni && fmt == BlockFmt::Q4_0 {
+                    if !$vnni && !fmt.has_min() {
+                        let off = if has_qh(fmt) { sixteen } else { eight };
                         for v in wv.iter_mut() {
-                            *v = _mm256_sub_epi8(*v, eight);
+                            *v = _mm256_sub_epi8(*v, off);
                         }
                     }
                 }
-                // Activation pieces: elements 4t..4t+4 pair with wv[t] (Q4: the low nibbles
-                // of pieces 0..4 are elements 0..16, the high ones 16..32).
-                let mut isum = [_mm256_setzero_si256(); R];
+                // Activation pieces: elements 4t..4t+4 pair with wv[t] (Q4/Q5: the low
+                // nibbles of pieces 0..4 are elements 0..16, the high ones 16..32).
+                let mut isum = [[_mm256_setzero_si256(); R]; S];
                 for (t, v) in wv.iter().enumerate() {
                     for r in 0..R {
                         let xq = (*x[r].add(b)).qs.as_ptr().add(4 * t) as *const i32;
                         let y = _mm256_set1_epi32(xq.read_unaligned());
-                        isum[r] = if $vnni {
-                            _mm256_dpbusd_epi32(isum[r], *v, y)
+                        let a = isum[t % S][r];
+                        isum[t % S][r] = if $vnni {
+                            _mm256_dpbusd_epi32(a, *v, y)
                         } else if fmt.has_min() {
                             _mm256_add_epi32(
-                                isum[r],
+                                a,
                                 _mm256_madd_epi16(_mm256_maddubs_epi16(*v, y), ones),
                             )
                         } else {
                             let aw = _mm256_sign_epi8(*v, *v);
                             let sy = _mm256_sign_epi8(y, *v);
                             _mm256_add_epi32(
-                                isum[r],
+                                a,
                                 _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sy), ones),
                             )
                         };
@@ -553,16 +663,19 @@ macro_rules! simd_group {
                 }
                 for r in 0..R {
                     let xb = &*x[r].add(b);
-                    let mut i = isum[r];
+                    let mut i = isum[0][r];
+                    for set in isum.iter().skip(1) {
+                        i = _mm256_add_epi32(i, set[r]);
+                    }
                     if $vnni {
-                        match fmt {
-                            BlockFmt::Q4_0 => {
-                                i = _mm256_sub_epi32(i, _mm256_set1_epi32(8 * xb.sum))
-                            }
-                            BlockFmt::Q8_0 => {
-                                i = _mm256_sub_epi32(i, _mm256_set1_epi32(128 * xb.sum))
-                            }
-                            _ => {}
+                        let off = match fmt {
+                            BlockFmt::Q4_0 => 8,
+                            BlockFmt::Q5_0 => 16,
+                            BlockFmt::Q8_0 => 128,
+                            _ => 0,
+                        };
+                        if off != 0 {
+                            i = _mm256_sub_epi32(i, _mm256_set1_epi32(off * xb.sum));
                         }
                     }
                     acc[r] = _mm256_fmadd_ps(
@@ -587,6 +700,41 @@ macro_rules! simd_group {
 simd_group!(group_avx2, "avx2,fma,f16c", false);
 #[cfg(target_arch = "x86_64")]
 simd_group!(group_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", true);
+
+/// One group tile through the kernel compiled for `fmt` and the ISA.
+///
+/// # Safety
+/// The CPU has the ISA's features; `w` starts a group of `nb` blocks and every `x` a row of
+/// `nb` blocks.
+#[cfg(target_arch = "x86_64")]
+unsafe fn group_kernel<const R: usize, const S: usize>(
+    fmt: BlockFmt,
+    vnni: bool,
+    w: *const u8,
+    x: [*const XBlock; R],
+    nb: usize,
+    out: &mut [[f32; G]; R],
+) {
+    macro_rules! go {
+        ($f:expr) => {
+            if vnni {
+                group_vnni::<{ $f }, R, S>(w, x, nb, out)
+            } else {
+                group_avx2::<{ $f }, R, S>(w, x, nb, out)
+            }
+        };
+    }
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match fmt {
+            BlockFmt::Q4_0 => go!(F_Q4_0),
+            BlockFmt::Q4_1 => go!(F_Q4_1),
+            BlockFmt::Q5_0 => go!(F_Q5_0),
+            BlockFmt::Q5_1 => go!(F_Q5_1),
+            BlockFmt::Q8_0 => go!(F_Q8_0),
+        }
+    }
+}
 
 /// Quantized activations of `m` rows of `k` values, rows spread over the pool.
 fn quantize_rows_parallel(xs: &[f32], m: usize, k: usize) -> Vec<XBlock> {
@@ -631,7 +779,7 @@ fn run_items(items: usize, work: &(dyn Fn(usize) + Sync)) {
 }
 
 /// A weight matrix `[n, k]` (rows are output features) in one of the block formats, stored as
-/// GGUF blocks, or as interleaved groups of 8 rows (see [`groupable`]).
+/// GGUF blocks, or as interleaved groups of 8 rows (see [`G`]).
 #[derive(Debug)]
 pub(crate) struct BlockMatrix {
     fmt: BlockFmt,
@@ -647,7 +795,7 @@ const TILE_C: usize = 2;
 /// Weight rows per work item in decode.
 const DECODE_C: usize = 4;
 /// Activation rows per tile over interleaved groups.
-const GROUP_R: usize = 4;
+const GROUP_R: usize = 6;
 
 impl BlockMatrix {
     /// Copies the GGUF bytes of a `[n, k]` tensor (interleaved when the format allows).
@@ -658,9 +806,7 @@ impl BlockMatrix {
                 data.len()
             )));
         }
-        let grouped = groupable(fmt)
-            && n.is_multiple_of(G)
-            && std::env::var_os("LLAMA_CORE_NO_REPACK").is_none();
+        let grouped = n.is_multiple_of(G) && std::env::var_os("LLAMA_CORE_NO_REPACK").is_none();
         let data = if grouped {
             interleave(fmt, data, k)
         } else {
@@ -685,12 +831,20 @@ impl BlockMatrix {
         }
         let (g, i) = (c / G, c % G);
         let gb = &self.data[(g * nb + b) * G * bytes..][..G * bytes];
-        let qat = group_quants_at(self.fmt);
+        let (qh_at, qat, head) = (
+            group_qh_at(self.fmt),
+            group_quants_at(self.fmt),
+            head_bytes(self.fmt),
+        );
         out[..2].copy_from_slice(&gb[2 * i..2 * i + 2]);
         if self.fmt.has_min() {
             out[2..4].copy_from_slice(&gb[2 * G + 2 * i..2 * G + 2 * i + 2]);
         }
-        let head = qat / G;
+        if has_qh(self.fmt) {
+            let w = &gb[qh_at + 4 * i..qh_at + 4 * i + 4];
+            let qh = qh_from_pieces(u32::from_le_bytes([w[0], w[1], w[2], w[3]]));
+            out[head - 4..head].copy_from_slice(&qh.to_le_bytes());
+        }
         for j in 0..(bytes - head) / 4 {
             let at = qat + (j * G + i) * 4;
             out[head + 4 * j..head + 4 * j + 4].copy_from_slice(&gb[at..at + 4]);
@@ -799,18 +953,13 @@ impl BlockMatrix {
                 // SAFETY: the CPU has the features (checked at run time); `w` starts a group
                 // of `nb` blocks and every `x` a row of `nb` blocks inside their buffers.
                 unsafe {
+                    let vnni = isa == Isa::Vnni;
                     if rows.len() == 1 {
                         let mut one = [[0f32; G]; 1];
-                        if isa == Isa::Vnni {
-                            group_vnni::<1>(self.fmt, w, [x[0]], nb, &mut one)
-                        } else {
-                            group_avx2::<1>(self.fmt, w, [x[0]], nb, &mut one)
-                        }
+                        group_kernel::<1, 2>(self.fmt, vnni, w, [x[0]], nb, &mut one);
                         out[0] = one[0];
-                    } else if isa == Isa::Vnni {
-                        group_vnni::<GROUP_R>(self.fmt, w, x, nb, out)
                     } else {
-                        group_avx2::<GROUP_R>(self.fmt, w, x, nb, out)
+                        group_kernel::<GROUP_R, 2>(self.fmt, vnni, w, x, nb, out);
                     }
                 }
             }
@@ -1490,43 +1639,52 @@ mod tests {
 
     #[test]
     fn rows_equal_candles_dequantization() {
-        for dt in [
-            GgmlDType::Q4_0,
-            GgmlDType::Q4_1,
-            GgmlDType::Q5_0,
-            GgmlDType::Q5_1,
-            GgmlDType::Q8_0,
-        ] {
-            let (n, k) = (9, 64);
-            let q = QTensor::quantize(
-                &Tensor::from_vec(values(n * k, 9), (n, k), &Device::Cpu).unwrap(),
-                dt,
-            )
-            .unwrap();
-            let full: Vec<f32> = q
-                .dequantize(&Device::Cpu)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
+        // 9 rows keep the GGUF layout, 16 are stored as interleaved groups.
+        for (n, k) in [(9, 64), (16, 96)] {
+            for dt in [
+                GgmlDType::Q4_0,
+                GgmlDType::Q4_1,
+                GgmlDType::Q5_0,
+                GgmlDType::Q5_1,
+                GgmlDType::Q8_0,
+            ] {
+                let q = QTensor::quantize(
+                    &Tensor::from_vec(values(n * k, 9), (n, k), &Device::Cpu).unwrap(),
+                    dt,
+                )
                 .unwrap();
-            let mat = BlockMatrix::new(BlockFmt::from_ggml(dt).unwrap(), &q.data().unwrap(), n, k)
-                .unwrap();
-            let got: Vec<f32> = mat
-                .rows(&[3, 0, 8])
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            for (i, &id) in [3usize, 0, 8].iter().enumerate() {
-                assert_eq!(
-                    &got[i * k..(i + 1) * k],
-                    &full[id * k..(id + 1) * k],
-                    "{dt:?}"
-                );
+                let full: Vec<f32> = q
+                    .dequantize(&Device::Cpu)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let bytes = q.data().unwrap();
+                let mat = BlockMatrix::new(BlockFmt::from_ggml(dt).unwrap(), &bytes, n, k).unwrap();
+                let repack = std::env::var_os("LLAMA_CORE_NO_REPACK").is_none();
+                assert_eq!(mat.grouped, repack && n % G == 0);
+                let row_bytes = bytes.len() / n;
+                for c in 0..n {
+                    assert_eq!(mat.gguf_row(c), &bytes[c * row_bytes..(c + 1) * row_bytes]);
+                }
+                let ids = [3usize, 0, 8, n - 1];
+                let got: Vec<f32> = mat
+                    .rows(&ids.map(|i| i as u32))
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                for (i, &id) in ids.iter().enumerate() {
+                    assert_eq!(
+                        &got[i * k..(i + 1) * k],
+                        &full[id * k..(id + 1) * k],
+                        "{dt:?}"
+                    );
+                }
+                assert!(mat.rows(&[n as u32]).is_err());
             }
-            assert!(mat.rows(&[9]).is_err());
         }
     }
 
