@@ -207,6 +207,17 @@ enum Isa {
     Avx2,
     #[cfg(target_arch = "x86_64")]
     Vnni,
+    /// AVX-512 (F, BW, VL, VNNI): the 256-bit VNNI kernels, plus 512-bit ones where written.
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+impl Isa {
+    /// VNNI on 256-bit vectors is available.
+    #[cfg(target_arch = "x86_64")]
+    fn vnni(self) -> bool {
+        matches!(self, Isa::Vnni | Isa::Avx512)
+    }
 }
 
 /// Whether our kernels are used at all (`LLAMA_CORE_KERNEL=candle` runs candle's instead,
@@ -227,9 +238,13 @@ fn isa() -> Isa {
             let vnni = avx2
                 && is_x86_feature_detected!("avx512vnni")
                 && is_x86_feature_detected!("avx512vl");
+            let avx512 =
+                vnni && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw");
             match forced.as_str() {
                 "scalar" => Isa::Scalar,
                 "avx2" if avx2 => Isa::Avx2,
+                "vnni256" if vnni => Isa::Vnni,
+                _ if avx512 => Isa::Avx512,
                 _ if vnni => Isa::Vnni,
                 _ if avx2 => Isa::Avx2,
                 _ => Isa::Scalar,
@@ -882,14 +897,14 @@ impl BlockMatrix {
         let full = rows.len() == R && cols.len() == C;
         match isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 | Isa::Vnni if full => {
+            Isa::Avx2 | Isa::Vnni | Isa::Avx512 if full => {
                 let w: [*const u8; C] = std::array::from_fn(|c| self.row(cols.start + c).as_ptr());
                 let x: [*const XBlock; R] =
                     std::array::from_fn(|r| xq[(rows.start + r) * nb..].as_ptr());
                 // SAFETY: the CPU has the features (checked at run time); every pointer starts
                 // a row of `nb` blocks inside its buffer.
                 unsafe {
-                    if isa == Isa::Vnni {
+                    if isa.vnni() {
                         tile_vnni::<R, C>(self.fmt, w, x, nb, out)
                     } else {
                         tile_avx2::<R, C>(self.fmt, w, x, nb, out)
@@ -943,7 +958,7 @@ impl BlockMatrix {
         let gbytes = nb * G * self.fmt.bytes();
         match isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 | Isa::Vnni => {
+            Isa::Avx2 | Isa::Vnni | Isa::Avx512 => {
                 let w = self.data[g * gbytes..(g + 1) * gbytes].as_ptr();
                 // A partial tile repeats its last row; the extra results are not used.
                 let x: [*const XBlock; GROUP_R] = std::array::from_fn(|r| {
@@ -953,7 +968,7 @@ impl BlockMatrix {
                 // SAFETY: the CPU has the features (checked at run time); `w` starts a group
                 // of `nb` blocks and every `x` a row of `nb` blocks inside their buffers.
                 unsafe {
-                    let vnni = isa == Isa::Vnni;
+                    let vnni = isa.vnni();
                     if rows.len() == 1 {
                         let mut one = [[0f32; G]; 1];
                         group_kernel::<1, 2>(self.fmt, vnni, w, [x[0]], nb, &mut one);
@@ -1059,7 +1074,7 @@ pub(crate) struct F16Matrix {
 
 /// Rows per f16 group, and activation rows per f16 tile.
 const FG: usize = 16;
-const F16_R: usize = 6;
+const F16_R: usize = 8;
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -1148,6 +1163,48 @@ unsafe fn f16_group_avx2<const R: usize>(
     }
 }
 
+/// [`f16_group_avx2`] on 512-bit vectors: one vector holds a position of all 16 rows of the
+/// group, so a tile of `R` activation rows needs `R` accumulators. Per output lane the same
+/// FMAs in the same order (and for one row the same four position sets), so both give
+/// identical results.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn f16_group_avx512<const R: usize>(
+    w: *const f16,
+    x: [*const f32; R],
+    k: usize,
+    out: &mut [[f32; FG]; R],
+) {
+    use std::arch::x86_64::*;
+    const U: usize = 4;
+    let sets = if R == 1 { U } else { 1 };
+    let mut acc = [[_mm512_setzero_ps(); R]; U];
+    let mut i = 0;
+    while i + sets <= k {
+        for (u, a) in acc.iter_mut().enumerate().take(sets) {
+            let wv = _mm512_cvtph_ps(_mm256_loadu_si256(w.add((i + u) * FG) as *const __m256i));
+            for r in 0..R {
+                a[r] = _mm512_fmadd_ps(_mm512_set1_ps(*x[r].add(i + u)), wv, a[r]);
+            }
+        }
+        i += sets;
+    }
+    while i < k {
+        let wv = _mm512_cvtph_ps(_mm256_loadu_si256(w.add(i * FG) as *const __m256i));
+        for r in 0..R {
+            acc[0][r] = _mm512_fmadd_ps(_mm512_set1_ps(*x[r].add(i)), wv, acc[0][r]);
+        }
+        i += 1;
+    }
+    for r in 0..R {
+        let mut v = acc[0][r];
+        for a in acc.iter().take(sets).skip(1) {
+            v = _mm512_add_ps(v, a[r]);
+        }
+        _mm512_storeu_ps(out[r].as_mut_ptr(), v);
+    }
+}
+
 impl F16Matrix {
     /// Takes `n` rows of `k` values; groups them in place (one group of scratch).
     pub(crate) fn from_rows(mut data: Vec<f16>, n: usize, k: usize) -> Self {
@@ -1214,15 +1271,45 @@ impl F16Matrix {
                 let row = (rows.start + r).min(rows.end - 1);
                 xs[row * k..(row + 1) * k].as_ptr()
             });
-            // SAFETY: avx2/fma/f16c were detected at run time; `w` holds `k` positions of 16
+            let w = w.as_ptr();
+            let wide = isa() == Isa::Avx512;
+            // SAFETY: the features were detected at run time; `w` holds `k` positions of 16
             // values and every `x` a row of `k` values.
             unsafe {
-                if rows.len() == 1 {
-                    let mut one = [[0f32; FG]; 1];
-                    f16_group_avx2::<1>(w.as_ptr(), [x[0]], k, &mut one);
-                    out[0] = one[0];
-                } else {
-                    f16_group_avx2::<F16_R>(w.as_ptr(), x, k, out);
+                fn part<'a, const R: usize>(
+                    x: &[*const f32],
+                    out: &'a mut [[f32; FG]],
+                ) -> ([*const f32; R], &'a mut [[f32; FG]; R]) {
+                    (
+                        std::array::from_fn(|r| x[r]),
+                        (&mut out[..R]).try_into().expect("R rows"),
+                    )
+                }
+                match (wide, rows.len()) {
+                    (_, 1) => {
+                        let (x, o) = part::<1>(&x, out);
+                        if wide {
+                            f16_group_avx512::<1>(w, x, k, o)
+                        } else {
+                            f16_group_avx2::<1>(w, x, k, o)
+                        }
+                    }
+                    (true, 2..=4) => {
+                        let (x, o) = part::<4>(&x, out);
+                        f16_group_avx512::<4>(w, x, k, o)
+                    }
+                    (true, 5..=8) => {
+                        let (x, o) = part::<8>(&x, out);
+                        f16_group_avx512::<8>(w, x, k, o)
+                    }
+                    (true, _) => f16_group_avx512::<F16_R>(w, x, k, out),
+                    (false, n) => {
+                        for half in 0..n.div_ceil(F16_R / 2) {
+                            let at = half * (F16_R / 2);
+                            let (x, o) = part::<{ F16_R / 2 }>(&x[at..], &mut out[at..]);
+                            f16_group_avx2::<{ F16_R / 2 }>(w, x, k, o)
+                        }
+                    }
                 }
             }
             return;
@@ -1701,7 +1788,7 @@ mod tests {
             .map(|v| f16::from_f32(*v).to_f32())
             .collect();
         let mat = F16Matrix::from_rows(w.iter().map(|v| f16::from_f32(*v)).collect(), n, k);
-        for m in [1usize, 3, 12, 13] {
+        for m in [1usize, 3, 6, 7, 12, 13, 25] {
             let x = values(m * k, 8 + m as u32);
             let y: Vec<f32> = mat
                 .forward(&Tensor::from_vec(x.clone(), (1, m, k), &Device::Cpu).unwrap())
@@ -1728,6 +1815,34 @@ mod tests {
             .unwrap();
         assert_eq!(&rows[..k], &w[2 * k..3 * k]);
         assert_eq!(&rows[k..], &w[(n - 1) * k..n * k]);
+    }
+
+    /// The 512-bit f16 tile gives bit for bit what the 256-bit one gives.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn f16_wide_tile_equals_narrow_tile() {
+        if !(is_x86_feature_detected!("avx512f") && simd()) {
+            return;
+        }
+        let k = 77;
+        let w: Vec<f16> = values(FG * k, 31)
+            .iter()
+            .map(|v| f16::from_f32(*v))
+            .collect();
+        let x = values(4 * k, 32);
+        let xp: [*const f32; 4] = std::array::from_fn(|r| x[r * k..].as_ptr());
+        let (mut a, mut b) = ([[0f32; FG]; 4], [[0f32; FG]; 4]);
+        let (mut a1, mut b1) = ([[0f32; FG]; 1], [[0f32; FG]; 1]);
+        // SAFETY: the features were detected above; `w` holds k positions of 16 values and
+        // every row of `x` k values.
+        unsafe {
+            f16_group_avx512::<4>(w.as_ptr(), xp, k, &mut a);
+            f16_group_avx2::<4>(w.as_ptr(), xp, k, &mut b);
+            f16_group_avx512::<1>(w.as_ptr(), [xp[0]], k, &mut a1);
+            f16_group_avx2::<1>(w.as_ptr(), [xp[0]], k, &mut b1);
+        }
+        assert_eq!(a, b);
+        assert_eq!(a1, b1);
     }
 
     #[test]
