@@ -58,7 +58,7 @@ impl BlockFmt {
         }
     }
 
-    fn bytes(self) -> usize {
+    const fn bytes(self) -> usize {
         match self {
             BlockFmt::Q4_0 => 18,
             BlockFmt::Q4_1 => 20,
@@ -69,7 +69,7 @@ impl BlockFmt {
     }
 
     /// Formats with a per-block minimum (`m_w s_x` term).
-    fn has_min(self) -> bool {
+    const fn has_min(self) -> bool {
         matches!(self, BlockFmt::Q4_1 | BlockFmt::Q5_1)
     }
 
@@ -456,21 +456,25 @@ simd_tile!(tile_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", true);
 /// size as the GGUF blocks.
 const G: usize = 8;
 
-/// Byte offsets inside a group block: the 8 fifth-bit words (Q5), then the quants.
-fn group_qh_at(fmt: BlockFmt) -> usize {
+/// Rows per interleaved group for the 512-bit kernels.
+const G16: usize = 16;
+
+/// Byte offsets inside a block of a group of `gs` rows: the fifth-bit words (Q5), then the
+/// quants.
+const fn group_qh_at(fmt: BlockFmt, gs: usize) -> usize {
     if fmt.has_min() {
-        4 * G
+        4 * gs
     } else {
-        2 * G
+        2 * gs
     }
 }
 
-fn has_qh(fmt: BlockFmt) -> bool {
+const fn has_qh(fmt: BlockFmt) -> bool {
     matches!(fmt, BlockFmt::Q5_0 | BlockFmt::Q5_1)
 }
 
-fn group_quants_at(fmt: BlockFmt) -> usize {
-    group_qh_at(fmt) + if has_qh(fmt) { 4 * G } else { 0 }
+const fn group_quants_at(fmt: BlockFmt, gs: usize) -> usize {
+    group_qh_at(fmt, gs) + if has_qh(fmt) { 4 * gs } else { 0 }
 }
 
 /// A Q5 block's fifth bits rearranged so that byte `p` serves quant piece `p`: its low four
@@ -492,23 +496,27 @@ fn qh_from_pieces(v: u32) -> u32 {
 }
 
 /// Bytes before the quants in a GGUF block (scale, minimum, fifth bits).
-fn head_bytes(fmt: BlockFmt) -> usize {
-    group_quants_at(fmt) / G
+const fn head_bytes(fmt: BlockFmt) -> usize {
+    group_quants_at(fmt, 1)
 }
 
-/// GGUF rows (`k` values each, `n % G == 0`) rearranged into interleaved groups.
-fn interleave(fmt: BlockFmt, data: &[u8], k: usize) -> Vec<u8> {
+/// GGUF rows (`k` values each, `n % gs == 0`) rearranged into interleaved groups of `gs`.
+fn interleave(fmt: BlockFmt, data: &[u8], k: usize, gs: usize) -> Vec<u8> {
     let (bytes, nb) = (fmt.bytes(), k / QK);
-    let (qh_at, qat, head) = (group_qh_at(fmt), group_quants_at(fmt), head_bytes(fmt));
+    let (qh_at, qat, head) = (
+        group_qh_at(fmt, gs),
+        group_quants_at(fmt, gs),
+        head_bytes(fmt),
+    );
     let quant_bytes = bytes - head;
     let mut out = vec![0u8; data.len()];
-    for (g, dst) in out.chunks_exact_mut(nb * G * bytes).enumerate() {
-        for (b, gb) in dst.chunks_exact_mut(G * bytes).enumerate() {
-            for i in 0..G {
-                let src = &data[((g * G + i) * nb + b) * bytes..][..bytes];
+    for (g, dst) in out.chunks_exact_mut(nb * gs * bytes).enumerate() {
+        for (b, gb) in dst.chunks_exact_mut(gs * bytes).enumerate() {
+            for i in 0..gs {
+                let src = &data[((g * gs + i) * nb + b) * bytes..][..bytes];
                 gb[2 * i..2 * i + 2].copy_from_slice(&src[..2]);
                 if fmt.has_min() {
-                    gb[2 * G + 2 * i..2 * G + 2 * i + 2].copy_from_slice(&src[2..4]);
+                    gb[2 * gs + 2 * i..2 * gs + 2 * i + 2].copy_from_slice(&src[2..4]);
                 }
                 if has_qh(fmt) {
                     let at = head - 4;
@@ -518,7 +526,7 @@ fn interleave(fmt: BlockFmt, data: &[u8], k: usize) -> Vec<u8> {
                 }
                 let qs = &src[head..];
                 for j in 0..quant_bytes / 4 {
-                    let at = qat + (j * G + i) * 4;
+                    let at = qat + (j * gs + i) * 4;
                     gb[at..at + 4].copy_from_slice(&qs[4 * j..4 * j + 4]);
                 }
             }
@@ -560,8 +568,8 @@ macro_rules! simd_group {
             use std::arch::x86_64::*;
             let fmt = const { fmt_of(F) };
             let gb = fmt.bytes() * G;
-            let qat = group_quants_at(fmt);
-            let qh_at = group_qh_at(fmt);
+            let qat = group_quants_at(fmt, G);
+            let qh_at = group_qh_at(fmt, G);
             let mask = _mm256_set1_epi8(0x0F);
             let eight = _mm256_set1_epi8(8);
             let sixteen = _mm256_set1_epi8(16);
@@ -716,6 +724,126 @@ simd_group!(group_avx2, "avx2,fma,f16c", false);
 #[cfg(target_arch = "x86_64")]
 simd_group!(group_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", true);
 
+/// [`group_vnni`] on 512-bit vectors over groups of 16 rows: one 64-byte load holds the same
+/// four elements of 16 rows, one `dpbusd` against a broadcast of four activation bytes sums
+/// them for all 16 rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn group_avx512<const F: u8, const R: usize, const S: usize>(
+    w: *const u8,
+    x: [*const XBlock; R],
+    nb: usize,
+    out: &mut [[f32; G16]; R],
+) {
+    use std::arch::x86_64::*;
+    let fmt = const { fmt_of(F) };
+    let gb = fmt.bytes() * G16;
+    let qat = group_quants_at(fmt, G16);
+    let qh_at = group_qh_at(fmt, G16);
+    let mask = _mm512_set1_epi8(0x0F);
+    let sixteen = _mm512_set1_epi8(16);
+    let flip = _mm512_set1_epi8(-128);
+    let spread: [__m512i; 4] = std::array::from_fn(|p| {
+        let p = p as u32;
+        // Within each 128-bit lane, bytes 4i..4i+4 take byte 4i + p.
+        let word = |i: u32| ((4 * i + p) * 0x0101_0101) as i32;
+        _mm512_broadcast_i32x4(_mm_setr_epi32(word(0), word(1), word(2), word(3)))
+    });
+    let bits_lo = _mm512_set1_epi32(0x0804_0201);
+    let bits_hi = _mm512_set1_epi32(0x8040_2010u32 as i32);
+    let mut acc = [_mm512_setzero_ps(); R];
+    let mut corr = [_mm512_setzero_ps(); R];
+    for b in 0..nb {
+        let p = w.add(b * gb);
+        let dw = _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i));
+        let q = p.add(qat);
+        let mut wv = [_mm512_setzero_si512(); 8];
+        if fmt == BlockFmt::Q8_0 {
+            for (j, v) in wv.iter_mut().enumerate() {
+                *v = _mm512_xor_si512(_mm512_loadu_si512(q.add(64 * j) as *const _), flip);
+            }
+        } else {
+            let qh = if has_qh(fmt) {
+                _mm512_loadu_si512(p.add(qh_at) as *const _)
+            } else {
+                _mm512_setzero_si512()
+            };
+            for j in 0..4 {
+                let raw = _mm512_loadu_si512(q.add(64 * j) as *const _);
+                wv[j] = _mm512_and_si512(raw, mask);
+                wv[j + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), mask);
+                if has_qh(fmt) {
+                    let h = _mm512_shuffle_epi8(qh, spread[j]);
+                    let lo = _mm512_test_epi8_mask(h, bits_lo);
+                    let hi = _mm512_test_epi8_mask(h, bits_hi);
+                    wv[j] = _mm512_mask_add_epi8(wv[j], lo, wv[j], sixteen);
+                    wv[j + 4] = _mm512_mask_add_epi8(wv[j + 4], hi, wv[j + 4], sixteen);
+                }
+            }
+        }
+        let mut isum = [[_mm512_setzero_si512(); R]; S];
+        for (t, v) in wv.iter().enumerate() {
+            for r in 0..R {
+                let xq = (*x[r].add(b)).qs.as_ptr().add(4 * t) as *const i32;
+                let y = _mm512_set1_epi32(xq.read_unaligned());
+                isum[t % S][r] = _mm512_dpbusd_epi32(isum[t % S][r], *v, y);
+            }
+        }
+        for r in 0..R {
+            let xb = &*x[r].add(b);
+            let mut i = isum[0][r];
+            for set in isum.iter().skip(1) {
+                i = _mm512_add_epi32(i, set[r]);
+            }
+            let off = match fmt {
+                BlockFmt::Q4_0 => 8,
+                BlockFmt::Q5_0 => 16,
+                BlockFmt::Q8_0 => 128,
+                _ => 0,
+            };
+            if off != 0 {
+                i = _mm512_sub_epi32(i, _mm512_set1_epi32(off * xb.sum));
+            }
+            acc[r] = _mm512_fmadd_ps(
+                _mm512_cvtepi32_ps(i),
+                _mm512_mul_ps(dw, _mm512_set1_ps(xb.d)),
+                acc[r],
+            );
+            if fmt.has_min() {
+                let mw = _mm512_cvtph_ps(_mm256_loadu_si256(p.add(2 * G16) as *const __m256i));
+                corr[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(xb.s), corr[r]);
+            }
+        }
+    }
+    for r in 0..R {
+        _mm512_storeu_ps(out[r].as_mut_ptr(), _mm512_add_ps(acc[r], corr[r]));
+    }
+}
+
+/// [`group_avx512`] compiled for `fmt`.
+///
+/// # Safety
+/// As [`group_kernel`], with AVX-512 F/BW/VL/VNNI.
+#[cfg(target_arch = "x86_64")]
+unsafe fn group_kernel16<const R: usize, const S: usize>(
+    fmt: BlockFmt,
+    w: *const u8,
+    x: [*const XBlock; R],
+    nb: usize,
+    out: &mut [[f32; G16]; R],
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match fmt {
+            BlockFmt::Q4_0 => group_avx512::<F_Q4_0, R, S>(w, x, nb, out),
+            BlockFmt::Q4_1 => group_avx512::<F_Q4_1, R, S>(w, x, nb, out),
+            BlockFmt::Q5_0 => group_avx512::<F_Q5_0, R, S>(w, x, nb, out),
+            BlockFmt::Q5_1 => group_avx512::<F_Q5_1, R, S>(w, x, nb, out),
+            BlockFmt::Q8_0 => group_avx512::<F_Q8_0, R, S>(w, x, nb, out),
+        }
+    }
+}
+
 /// One group tile through the kernel compiled for `fmt` and the ISA.
 ///
 /// # Safety
@@ -800,7 +928,8 @@ pub(crate) struct BlockMatrix {
     fmt: BlockFmt,
     n: usize,
     k: usize,
-    grouped: bool,
+    /// Rows per interleaved group: 16 (512-bit kernels), 8, or 0 for GGUF rows.
+    group: usize,
     data: Vec<u8>,
 }
 
@@ -809,8 +938,10 @@ const TILE_R: usize = 4;
 const TILE_C: usize = 2;
 /// Weight rows per work item in decode.
 const DECODE_C: usize = 4;
-/// Activation rows per tile over interleaved groups.
-const GROUP_R: usize = 6;
+/// Activation rows per tile over interleaved groups: 8 with the 512-bit kernels (16-row
+/// groups), 6 with the 256-bit ones.
+const GROUP_R: usize = 8;
+const GROUP_R8: usize = 6;
 
 impl BlockMatrix {
     /// Copies the GGUF bytes of a `[n, k]` tensor (interleaved when the format allows).
@@ -821,9 +952,17 @@ impl BlockMatrix {
                 data.len()
             )));
         }
-        let grouped = n.is_multiple_of(G) && std::env::var_os("LLAMA_CORE_NO_REPACK").is_none();
-        let data = if grouped {
-            interleave(fmt, data, k)
+        let group = if std::env::var_os("LLAMA_CORE_NO_REPACK").is_some() {
+            0
+        } else if isa() == Isa::Avx512 && n.is_multiple_of(G16) {
+            G16
+        } else if n.is_multiple_of(G) {
+            G
+        } else {
+            0
+        };
+        let data = if group > 0 {
+            interleave(fmt, data, k, group)
         } else {
             data.to_vec()
         };
@@ -831,29 +970,29 @@ impl BlockMatrix {
             fmt,
             n,
             k,
-            grouped,
+            group,
             data,
         })
     }
 
     /// The GGUF bytes of block `b` of row `c` (whatever the layout).
     fn block(&self, c: usize, b: usize) -> [u8; 34] {
-        let (bytes, nb) = (self.fmt.bytes(), self.k / QK);
+        let (bytes, nb, gs) = (self.fmt.bytes(), self.k / QK, self.group);
         let mut out = [0u8; 34];
-        if !self.grouped {
+        if gs == 0 {
             out[..bytes].copy_from_slice(&self.data[(c * nb + b) * bytes..][..bytes]);
             return out;
         }
-        let (g, i) = (c / G, c % G);
-        let gb = &self.data[(g * nb + b) * G * bytes..][..G * bytes];
+        let (g, i) = (c / gs, c % gs);
+        let gb = &self.data[(g * nb + b) * gs * bytes..][..gs * bytes];
         let (qh_at, qat, head) = (
-            group_qh_at(self.fmt),
-            group_quants_at(self.fmt),
+            group_qh_at(self.fmt, gs),
+            group_quants_at(self.fmt, gs),
             head_bytes(self.fmt),
         );
         out[..2].copy_from_slice(&gb[2 * i..2 * i + 2]);
         if self.fmt.has_min() {
-            out[2..4].copy_from_slice(&gb[2 * G + 2 * i..2 * G + 2 * i + 2]);
+            out[2..4].copy_from_slice(&gb[2 * gs + 2 * i..2 * gs + 2 * i + 2]);
         }
         if has_qh(self.fmt) {
             let w = &gb[qh_at + 4 * i..qh_at + 4 * i + 4];
@@ -861,7 +1000,7 @@ impl BlockMatrix {
             out[head - 4..head].copy_from_slice(&qh.to_le_bytes());
         }
         for j in 0..(bytes - head) / 4 {
-            let at = qat + (j * G + i) * 4;
+            let at = qat + (j * gs + i) * 4;
             out[head + 4 * j..head + 4 * j + 4].copy_from_slice(&gb[at..at + 4]);
         }
         out
@@ -945,17 +1084,18 @@ impl BlockMatrix {
         Ok(Tensor::from_vec(out, (ids.len(), k), &Device::Cpu)?)
     }
 
-    /// Dots of activation rows `rows` (at most [`GROUP_R`]) with the 8 rows of group `g`.
+    /// Dots of activation rows `rows` (at most [`GROUP_R`] for 16-row groups, [`GROUP_R8`]
+    /// for 8-row groups) with the rows of group `g`.
     fn group_tile(
         &self,
         isa: Isa,
         xq: &[XBlock],
         rows: std::ops::Range<usize>,
         g: usize,
-        out: &mut [[f32; G]; GROUP_R],
+        out: &mut [[f32; G16]; GROUP_R],
     ) {
-        let nb = self.k / QK;
-        let gbytes = nb * G * self.fmt.bytes();
+        let (nb, gs) = (self.k / QK, self.group);
+        let gbytes = nb * gs * self.fmt.bytes();
         match isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 | Isa::Vnni | Isa::Avx512 => {
@@ -965,25 +1105,43 @@ impl BlockMatrix {
                     let row = (rows.start + r).min(rows.end - 1);
                     xq[row * nb..(row + 1) * nb].as_ptr()
                 });
-                // SAFETY: the CPU has the features (checked at run time); `w` starts a group
-                // of `nb` blocks and every `x` a row of `nb` blocks inside their buffers.
+                // SAFETY: the CPU has the features (checked at run time: a 16-row layout is
+                // chosen only with AVX-512); `w` starts a group of `nb` blocks and every `x` a
+                // row of `nb` blocks inside their buffers.
                 unsafe {
+                    if gs == G16 {
+                        if rows.len() == 1 {
+                            let mut one = [[0f32; G16]; 1];
+                            group_kernel16::<1, 2>(self.fmt, w, [x[0]], nb, &mut one);
+                            out[0] = one[0];
+                        } else {
+                            group_kernel16::<GROUP_R, 2>(self.fmt, w, x, nb, out);
+                        }
+                        return;
+                    }
                     let vnni = isa.vnni();
                     if rows.len() == 1 {
                         let mut one = [[0f32; G]; 1];
                         group_kernel::<1, 2>(self.fmt, vnni, w, [x[0]], nb, &mut one);
-                        out[0] = one[0];
+                        out[0][..G].copy_from_slice(&one[0]);
                     } else {
-                        group_kernel::<GROUP_R, 2>(self.fmt, vnni, w, x, nb, out);
+                        let mut part = [[0f32; G]; GROUP_R8];
+                        let x = std::array::from_fn(|r| x[r]);
+                        group_kernel::<GROUP_R8, 2>(self.fmt, vnni, w, x, nb, &mut part);
+                        for (o, p) in out.iter_mut().zip(&part) {
+                            o[..G].copy_from_slice(p);
+                        }
                     }
                 }
             }
             _ => {
                 for (r, row) in rows.enumerate() {
                     let xr = &xq[row * nb..(row + 1) * nb];
-                    for (i, o) in out[r].iter_mut().enumerate() {
+                    for (i, o) in out[r][..gs].iter_mut().enumerate() {
                         *o = (0..nb)
-                            .map(|b| dot_scalar(self.fmt, &self.block(g * G + i, b), &xr[b..b + 1]))
+                            .map(|b| {
+                                dot_scalar(self.fmt, &self.block(g * gs + i, b), &xr[b..b + 1])
+                            })
                             .sum();
                     }
                 }
@@ -1005,19 +1163,21 @@ impl BlockMatrix {
             unsafe { *(dst_ptr as *mut f32).add(r * n + c) = v };
         };
         let items;
-        let work: Box<dyn Fn(usize) + Sync> = if self.grouped {
+        let work: Box<dyn Fn(usize) + Sync> = if self.group > 0 {
             // Tiles of GROUP_R activation rows x one group, group-major so that a worker's
             // consecutive items reuse the group's weights from cache.
-            let row_tiles = m.div_ceil(GROUP_R);
-            items = row_tiles * (n / G);
+            let gs = self.group;
+            let tile = if gs == G16 { GROUP_R } else { GROUP_R8 };
+            let row_tiles = m.div_ceil(tile);
+            items = row_tiles * (n / gs);
             Box::new(move |item: usize| {
                 let (g, rt) = (item / row_tiles, item % row_tiles);
-                let rows = rt * GROUP_R..m.min((rt + 1) * GROUP_R);
-                let mut out = [[0f32; G]; GROUP_R];
+                let rows = rt * tile..m.min((rt + 1) * tile);
+                let mut out = [[0f32; G16]; GROUP_R];
                 self.group_tile(isa, &xq, rows.clone(), g, &mut out);
                 for (r, row) in rows.enumerate() {
-                    for (i, &v) in out[r].iter().enumerate() {
-                        put(row, g * G + i, v);
+                    for (i, &v) in out[r][..gs].iter().enumerate() {
+                        put(row, g * gs + i, v);
                     }
                 }
             })
@@ -1750,7 +1910,7 @@ mod tests {
                 let bytes = q.data().unwrap();
                 let mat = BlockMatrix::new(BlockFmt::from_ggml(dt).unwrap(), &bytes, n, k).unwrap();
                 let repack = std::env::var_os("LLAMA_CORE_NO_REPACK").is_none();
-                assert_eq!(mat.grouped, repack && n % G == 0);
+                assert_eq!(mat.group > 0, repack && n % G == 0);
                 let row_bytes = bytes.len() / n;
                 for c in 0..n {
                     assert_eq!(mat.gguf_row(c), &bytes[c * row_bytes..(c + 1) * row_bytes]);
