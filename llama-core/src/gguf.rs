@@ -428,6 +428,15 @@ impl GgufFile {
         }
     }
 
+    /// [`Gguf::release`] for bytes `start..start + len` of a tensor's data.
+    pub(crate) fn release_part(&self, name: &str, start: usize, len: usize) {
+        if let Some(info) = self.tensors.get(name) {
+            if start + len <= info.size {
+                crate::weights::release_pages(&self.mmap, info.offset + start, len);
+            }
+        }
+    }
+
     /// The raw bytes of a tensor (bounds were checked at open).
     pub fn tensor_data(&self, name: &str) -> Option<(&TensorInfo, &[u8])> {
         let info = self.tensors.get(name)?;

@@ -500,8 +500,18 @@ const fn head_bytes(fmt: BlockFmt) -> usize {
     group_quants_at(fmt, 1)
 }
 
-/// GGUF rows (`k` values each, `n % gs == 0`) rearranged into interleaved groups of `gs`.
-fn interleave(fmt: BlockFmt, data: &[u8], k: usize, gs: usize) -> Vec<u8> {
+/// Bytes copied out of a source between calls to its `release`.
+const RELEASE_CHUNK: usize = 1 << 20;
+
+/// GGUF rows (`k` values each, `n % gs == 0`) rearranged into interleaved groups of `gs`;
+/// `release(start, len)` is called for each consumed range of `data`.
+fn interleave(
+    fmt: BlockFmt,
+    data: &[u8],
+    k: usize,
+    gs: usize,
+    release: &dyn Fn(usize, usize),
+) -> Vec<u8> {
     let (bytes, nb) = (fmt.bytes(), k / QK);
     let (qh_at, qat, head) = (
         group_qh_at(fmt, gs),
@@ -510,7 +520,13 @@ fn interleave(fmt: BlockFmt, data: &[u8], k: usize, gs: usize) -> Vec<u8> {
     );
     let quant_bytes = bytes - head;
     let mut out = vec![0u8; data.len()];
+    let mut released = 0;
     for (g, dst) in out.chunks_exact_mut(nb * gs * bytes).enumerate() {
+        let done = g * nb * gs * bytes;
+        if done - released >= RELEASE_CHUNK {
+            release(released, done - released);
+            released = done;
+        }
         for (b, gb) in dst.chunks_exact_mut(gs * bytes).enumerate() {
             for i in 0..gs {
                 let src = &data[((g * gs + i) * nb + b) * bytes..][..bytes];
@@ -532,6 +548,7 @@ fn interleave(fmt: BlockFmt, data: &[u8], k: usize, gs: usize) -> Vec<u8> {
             }
         }
     }
+    release(released, data.len() - released);
     out
 }
 
@@ -946,6 +963,18 @@ const GROUP_R8: usize = 6;
 impl BlockMatrix {
     /// Copies the GGUF bytes of a `[n, k]` tensor (interleaved when the format allows).
     pub(crate) fn new(fmt: BlockFmt, data: &[u8], n: usize, k: usize) -> Result<Self> {
+        Self::new_releasing(fmt, data, n, k, &|_, _| {})
+    }
+
+    /// [`BlockMatrix::new`] calling `release(start, len)` for each range of `data` once it has
+    /// been copied (about every MiB), so that a memory-mapped source need not stay resident.
+    pub(crate) fn new_releasing(
+        fmt: BlockFmt,
+        data: &[u8],
+        n: usize,
+        k: usize,
+        release: &dyn Fn(usize, usize),
+    ) -> Result<Self> {
         if !k.is_multiple_of(QK) || data.len() != n * (k / QK) * fmt.bytes() {
             return Err(Error::InvalidArgument(format!(
                 "{fmt:?} matrix [{n}, {k}] cannot hold {} bytes",
@@ -962,9 +991,14 @@ impl BlockMatrix {
             0
         };
         let data = if group > 0 {
-            interleave(fmt, data, k, group)
+            interleave(fmt, data, k, group, release)
         } else {
-            data.to_vec()
+            let mut out = Vec::with_capacity(data.len());
+            for (i, c) in data.chunks(RELEASE_CHUNK).enumerate() {
+                out.extend_from_slice(c);
+                release(i * RELEASE_CHUNK, c.len());
+            }
+            out
         };
         Ok(BlockMatrix {
             fmt,

@@ -120,10 +120,13 @@ pub(crate) enum Matmul {
         n: usize,
         k: usize,
     },
+    Blocks(crate::kernels::BlockMatrix),
 }
 
 enum Loaded {
     Q(QTensor),
+    /// A matrix in one of our kernels' block formats, built straight from the file.
+    Blocks(crate::kernels::BlockMatrix),
     /// Dense values (row-major, f32) of f32 and bf16 storage.
     Dense(Vec<f32>),
     /// f16 storage, kept at f16 (a matmul weight stays f16 without an f32 copy).
@@ -137,15 +140,27 @@ impl Loaded {
             Loaded::Dense(v) => Ok(v),
             Loaded::F16(h) => Ok(h.iter().map(|v| v.to_f32()).collect()),
             Loaded::Q(q) => Err(q),
+            Loaded::Blocks(_) => unreachable!("block matrices are loaded for matmuls only"),
         }
     }
 }
 
 fn f16_values(bytes: &[u8]) -> Vec<half::f16> {
-    bytes
-        .chunks_exact(2)
-        .map(|c| half::f16::from_le_bytes([c[0], c[1]]))
-        .collect()
+    f16_values_releasing(bytes, &|_, _| {})
+}
+
+/// f16 values, calling `release(start, len)` for each MiB of `bytes` once it is copied.
+fn f16_values_releasing(bytes: &[u8], release: &dyn Fn(usize, usize)) -> Vec<half::f16> {
+    const CHUNK: usize = 1 << 20;
+    let mut out = Vec::with_capacity(bytes.len() / 2);
+    for (i, c) in bytes.chunks(CHUNK).enumerate() {
+        out.extend(
+            c.chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]])),
+        );
+        release(i * CHUNK, c.len());
+    }
+    out
 }
 
 /// f32 values of a dense GGUF tensor (F32/F16/BF16), one copy out of the map.
@@ -311,17 +326,26 @@ impl WeightSource {
     }
 
     /// Up to `n` bytes of a tensor's stored data (empty when it is missing); for fingerprints.
+    /// The pages the read brought in (the kernel maps and reads ahead well beyond `n`) are
+    /// released again.
     pub(crate) fn raw_prefix(&self, w: W, n: usize) -> Vec<u8> {
         match self {
-            WeightSource::Gguf(g) => g
-                .tensor_data(&w.gguf_name())
-                .map(|(_, d)| d[..n.min(d.len())].to_vec())
-                .unwrap_or_default(),
+            WeightSource::Gguf(g) => {
+                let name = w.gguf_name();
+                let out = g
+                    .tensor_data(&name)
+                    .map(|(_, d)| d[..n.min(d.len())].to_vec())
+                    .unwrap_or_default();
+                g.release(&name);
+                out
+            }
             WeightSource::SafeTensors { st, .. } => st
                 .get(&w.hf_name())
                 .map(|e| {
                     let d = st.data(e);
-                    d[..n.min(d.len())].to_vec()
+                    let out = d[..n.min(d.len())].to_vec();
+                    st.release(e);
+                    out
                 })
                 .unwrap_or_default(),
         }
@@ -343,6 +367,19 @@ impl WeightSource {
     /// Loads a tensor, checking its shape: GGUF tensors stay in their block format, safetensors
     /// become dense f32. `unpermute_heads`: undo GGUF's Q/K row permutation for this many heads.
     fn load(&self, w: W, shape: &[usize], unpermute_heads: Option<usize>) -> Result<Loaded> {
+        self.load_as(w, shape, unpermute_heads, false)
+    }
+
+    /// [`WeightSource::load`]; with `blocks`, a GGUF matrix in one of our kernels' block
+    /// formats is built straight from the map (no intermediate copy), releasing the mapped
+    /// pages as it goes.
+    fn load_as(
+        &self,
+        w: W,
+        shape: &[usize],
+        unpermute_heads: Option<usize>,
+        blocks: bool,
+    ) -> Result<Loaded> {
         match self {
             WeightSource::Gguf(g) => {
                 let name = w.gguf_name();
@@ -372,8 +409,16 @@ impl WeightSource {
                     }
                     None => data,
                 };
-                let out = if info.dtype == GgmlDType::F16 {
-                    Ok(Loaded::F16(f16_values(bytes)))
+                let release = |start: usize, len: usize| g.release_part(&name, start, len);
+                let fmt = crate::kernels::BlockFmt::from_ggml(info.dtype)
+                    .filter(|_| blocks && shape.len() == 2 && crate::kernels::enabled());
+                let out = if let Some(fmt) = fmt {
+                    crate::kernels::BlockMatrix::new_releasing(
+                        fmt, bytes, shape[0], shape[1], &release,
+                    )
+                    .map(Loaded::Blocks)
+                } else if info.dtype == GgmlDType::F16 {
+                    Ok(Loaded::F16(f16_values_releasing(bytes, &release)))
                 } else if matches!(info.dtype, GgmlDType::F32 | GgmlDType::BF16) {
                     Ok(Loaded::Dense(gguf_dense_values(bytes, info.dtype)))
                 } else {
@@ -475,7 +520,7 @@ impl WeightSource {
         use crate::quantize::{quantize_rows, tensor_type, FileType};
         let err =
             |e: candle_core::Error| Error::weights(self.path(), format!("{w:?}"), e.to_string());
-        let loaded = self.load(w, shape, unpermute_heads)?;
+        let loaded = self.load_as(w, shape, unpermute_heads, true)?;
         let k = shape[shape.len() - 1];
         let (target, note) = tensor_type(role, rules, k);
         if let Some(n) = note {
@@ -483,6 +528,7 @@ impl WeightSource {
         }
         let (ty, values) = match (target, loaded) {
             (_, Loaded::Q(q)) => return QMatMul::from_qtensor(q).map(Matmul::Candle).map_err(err),
+            (_, Loaded::Blocks(m)) => return Ok(Matmul::Blocks(m)),
             (Some(FileType::Quant(q)), loaded) => (q.ggml(), loaded.into_f32().unwrap_or_default()),
             // f16 weights stay f16 (half the memory and bandwidth of f32).
             (_, Loaded::F16(data)) if shape.len() == 2 => {

@@ -200,6 +200,7 @@ impl Linear {
             Matmul::F16 { data, n, k } => {
                 QMatMul::TensorF16(Tensor::from_vec(data, (n, k), &Device::Cpu)?)
             }
+            Matmul::Blocks(m) => return Ok(Linear::Blocks(std::sync::Arc::new(m))),
             Matmul::Candle(m) => m,
         };
         if let QMatMul::QTensor(q) = &m {
@@ -348,7 +349,7 @@ impl Model {
         progress: Option<&mut ProgressFn<'_>>,
         quantize: crate::quantize::TypeRules,
     ) -> Result<Model> {
-        let g = GgufFile::open(path)?;
+        let mut g = GgufFile::open(path)?;
         let config = Config::from_gguf(&g)?;
         config.validate(path)?;
         let tokenizer = Tokenizer::from_gguf(&g)?;
@@ -356,6 +357,16 @@ impl Model {
             .get("tokenizer.chat_template")
             .and_then(|v| v.as_str())
             .map(str::to_string);
+        // The vocabulary arrays (~10 MiB of strings for a 49k vocabulary) now live in the
+        // tokenizer; freeing them before the weights load lowers the load's peak memory.
+        for key in [
+            "tokenizer.ggml.tokens",
+            "tokenizer.ggml.merges",
+            "tokenizer.ggml.scores",
+            "tokenizer.ggml.token_type",
+        ] {
+            g.metadata.remove(key);
+        }
         let src = WeightSource::Gguf(g);
         Self::build(
             src,
