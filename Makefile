@@ -24,6 +24,10 @@ python-tests:
 
 test: model lint header
 	cargo test --workspace
+	# The kernel and attention unit tests again on each narrower SIMD path (same test binary).
+	LLAMA_CORE_KERNEL=vnni256 cargo test -p llama-core --lib
+	LLAMA_CORE_KERNEL=avx2 cargo test -p llama-core --lib
+	LLAMA_CORE_KERNEL=scalar cargo test -p llama-core --lib
 	bash tests/c/run.sh
 	bash scripts/test-python.sh
 

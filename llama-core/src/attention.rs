@@ -624,13 +624,10 @@ mod tests {
 
     #[test]
     fn vector_exp_is_within_two_ulp() {
-        if !simd() {
-            return;
-        }
         let mut xs: Vec<f32> = (0..200_000).map(|i| -90.0 + i as f32 * 4.6e-4).collect();
         xs.extend([0.0, -0.0, -1e-30, -87.29, -87.31, -100.0, f32::NEG_INFINITY]);
         let mut got = xs.clone();
-        let sum = exp_shifted(&mut got, 0.0, true);
+        let sum = exp_shifted(&mut got, 0.0, simd());
         let mut want_sum = 0f64;
         for (&x, &g) in xs.iter().zip(&got) {
             let want = (x as f64).exp();

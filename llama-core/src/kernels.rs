@@ -21,11 +21,13 @@
 //! loses enough bits to move the logits measurably. Without VNNI, Q4_0, Q5_0 and Q8_0 use signed
 //! values and the sign trick (`maddubs(|w|, sign(y, w))`), as ggml does.
 //!
-//! The x86-64 paths (AVX-512 VNNI on 256-bit vectors, else AVX2/FMA/F16C) are picked at run
-//! time with `is_x86_feature_detected!`, so a portable build still uses them; other machines
-//! run the scalar path, which computes the same integers. Work items are tiles of activation
-//! rows x weight rows, so a weight block is unpacked once per tile rather than once per row,
-//! spread over our thread pool (`crate::pool`). `LLAMA_CORE_KERNEL=scalar|avx2` forces a path,
+//! The x86-64 paths are picked at run time with `is_x86_feature_detected!`, so a portable
+//! build still uses them: AVX-512 (F/BW/VL/VNNI) runs 512-bit kernels over groups of 16 weight
+//! rows (and 512-bit f16 tiles); AVX-512 VNNI alone runs the 256-bit VNNI kernels over groups of
+//! 8 rows; AVX2/FMA/F16C the `maddubs` versions; other machines the scalar path, which computes
+//! the same integers. Work items are tiles of activation rows x weight rows, so a weight block
+//! is unpacked once per tile rather than once per row, spread over our thread pool
+//! (`crate::pool`). `LLAMA_CORE_KERNEL=scalar|avx2|vnni256` forces a path,
 //! `LLAMA_CORE_KERNEL=candle` uses candle's kernels everywhere.
 
 use candle_core::quantized::GgmlDType;
@@ -1268,7 +1270,7 @@ pub(crate) struct F16Matrix {
 
 /// Rows per f16 group, and activation rows per f16 tile.
 const FG: usize = 16;
-const F16_R: usize = 8;
+const F16_R: usize = 12;
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
