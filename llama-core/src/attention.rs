@@ -103,6 +103,66 @@ impl<'a> Rows<'a> {
             }
         }
     }
+
+    /// [`Rows::scores`] for several query rows at once (at most 4): `out` holds one segment
+    /// of `n` scores per query, keys `0..n`.
+    fn scores_multi(self, qs: &[&[f32]], scale: f32, n: usize, out: &mut [f32], simd: bool) {
+        #[cfg(target_arch = "x86_64")]
+        if simd && qs.len() > 1 {
+            let d = qs[0].len();
+            macro_rules! go {
+                ($v:expr, $q:literal) => {{
+                    let q: [&[f32]; $q] = std::array::from_fn(|c| qs[c]);
+                    // SAFETY: avx2, fma and f16c were detected at run time; the key rows are in
+                    // bounds (sliced below) and `out` holds `Q * n` scores.
+                    unsafe { scores_multi_avx2::<_, $q>(q, &$v[..n * d], n, scale, out) }
+                }};
+            }
+            match (self, qs.len()) {
+                (Rows::F32(v), 2) => go!(v, 2),
+                (Rows::F32(v), 3) => go!(v, 3),
+                (Rows::F32(v), _) => go!(v, 4),
+                (Rows::F16(v), 2) => go!(v, 2),
+                (Rows::F16(v), 3) => go!(v, 3),
+                (Rows::F16(v), _) => go!(v, 4),
+            }
+            return;
+        }
+        for (c, q) in qs.iter().enumerate() {
+            self.scores(q, scale, &mut out[c * n..(c + 1) * n], simd);
+        }
+    }
+
+    /// [`Rows::weighted_sum`] for several weight rows at once (at most 4; `w` holds one
+    /// segment of `n` weights per output row).
+    fn weighted_multi(self, w: &[f32], n: usize, ys: &mut [&mut [f32]], simd: bool) {
+        #[cfg(target_arch = "x86_64")]
+        if simd && ys.len() > 1 {
+            let d = ys[0].len();
+            macro_rules! go {
+                ($v:expr, $q:literal, $n:literal) => {{
+                    let mut it = ys.iter_mut();
+                    let y: [&mut [f32]; $q] =
+                        std::array::from_fn(|_| &mut **it.next().expect("Q rows"));
+                    // SAFETY: avx2, fma and f16c were detected at run time; the value rows are
+                    // in bounds (sliced below) and `w` holds `Q * n` weights.
+                    unsafe { weighted_multi_avx2::<_, $q, $n>(w, n, &$v[..n * d], y) }
+                }};
+            }
+            match (self, ys.len()) {
+                (Rows::F32(v), 2) => go!(v, 2, 4),
+                (Rows::F32(v), 3) => go!(v, 3, 2),
+                (Rows::F32(v), _) => go!(v, 4, 2),
+                (Rows::F16(v), 2) => go!(v, 2, 4),
+                (Rows::F16(v), 3) => go!(v, 3, 2),
+                (Rows::F16(v), _) => go!(v, 4, 2),
+            }
+            return;
+        }
+        for (c, y) in ys.iter_mut().enumerate() {
+            self.weighted_sum(&w[c * n..(c + 1) * n], y, simd);
+        }
+    }
 }
 
 /// A stored key or value element: f32, or f16 read through F16C. Both give the same lanes and
@@ -290,6 +350,134 @@ unsafe fn weighted_chunk<T: Elem, const N: usize>(w: &[f32], v: &[T], y: &mut [f
     }
 }
 
+/// Scores of `Q` query rows against the same keys, one key at a time: the key's two 8-lane
+/// loads serve every query, and each (query, key) dot runs the same two FMA chains and the
+/// same reduction pairings as [`scores_avx2`], so results are identical. `out` holds `Q`
+/// segments of `n` scores; `k` holds `n` rows of `d = q[0].len()` elements.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scores_multi_avx2<T: Elem, const Q: usize>(
+    q: [&[f32]; Q],
+    k: &[T],
+    n: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let d = q[0].len();
+    debug_assert!(k.len() >= n * d && out.len() >= Q * n && Q <= 4);
+    let kp = k.as_ptr();
+    for j in 0..n {
+        let row = kp.add(j * d);
+        let mut s0 = [_mm256_setzero_ps(); Q];
+        let mut s1 = [_mm256_setzero_ps(); Q];
+        let mut i = 0;
+        while i + 16 <= d {
+            let (kl, kh) = (T::load8(row.add(i)), T::load8(row.add(i + 8)));
+            for c in 0..Q {
+                let qp = q[c].as_ptr().add(i);
+                s0[c] = _mm256_fmadd_ps(_mm256_loadu_ps(qp), kl, s0[c]);
+                s1[c] = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(8)), kh, s1[c]);
+            }
+            i += 16;
+        }
+        if i + 8 <= d {
+            let kl = T::load8(row.add(i));
+            for c in 0..Q {
+                s0[c] = _mm256_fmadd_ps(_mm256_loadu_ps(q[c].as_ptr().add(i)), kl, s0[c]);
+            }
+            i += 8;
+        }
+        let v: [__m256; 4] = std::array::from_fn(|c| {
+            if c < Q {
+                _mm256_add_ps(s0[c], s1[c])
+            } else {
+                _mm256_setzero_ps()
+            }
+        });
+        let ab = _mm256_add_ps(
+            _mm256_permute2f128_ps::<0x20>(v[0], v[1]),
+            _mm256_permute2f128_ps::<0x31>(v[0], v[1]),
+        );
+        let cd = _mm256_add_ps(
+            _mm256_permute2f128_ps::<0x20>(v[2], v[3]),
+            _mm256_permute2f128_ps::<0x31>(v[2], v[3]),
+        );
+        let x = _mm256_add_ps(
+            _mm256_shuffle_ps::<0x44>(ab, cd),
+            _mm256_shuffle_ps::<0xEE>(ab, cd),
+        );
+        let x = _mm256_add_ps(x, _mm256_shuffle_ps::<0xB1>(x, x));
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), x);
+        for (c, lane) in [0, 4, 2, 6].into_iter().enumerate().take(Q) {
+            let mut s = lanes[lane];
+            if i < d {
+                s += (i..d).map(|e| q[c][e] * k[j * d + e].f32()).sum::<f32>();
+            }
+            out[c * n + j] = s * scale;
+        }
+    }
+}
+
+/// `y_c += sum_j w_c[j] * v_j` for `Q` weight rows over the same values (`w` holds `Q`
+/// segments of `n`): each value load serves every row; per lane the same FMAs in the same
+/// order as [`weighted_sum_avx2`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn weighted_multi_avx2<T: Elem, const Q: usize, const N: usize>(
+    w: &[f32],
+    n: usize,
+    v: &[T],
+    y: [&mut [f32]; Q],
+) {
+    use std::arch::x86_64::*;
+    let d = y[0].len();
+    debug_assert!(v.len() >= n * d && w.len() >= Q * n);
+    let yp: [*mut f32; Q] = std::array::from_fn(|c| y[c].as_ptr() as *mut f32);
+    let vp = v.as_ptr();
+    let mut c0 = 0;
+    while c0 + 8 <= d {
+        let chunks = ((d - c0) / 8).min(N);
+        if chunks == N {
+            let mut acc: [[__m256; N]; Q] = std::array::from_fn(|c| {
+                std::array::from_fn(|l| _mm256_loadu_ps(yp[c].add(c0 + 8 * l)))
+            });
+            for j in 0..n {
+                let row = vp.add(j * d + c0);
+                let vv: [__m256; N] = std::array::from_fn(|l| T::load8(row.add(8 * l)));
+                for (c, a) in acc.iter_mut().enumerate() {
+                    let wv = _mm256_set1_ps(*w.get_unchecked(c * n + j));
+                    for l in 0..N {
+                        a[l] = _mm256_fmadd_ps(wv, vv[l], a[l]);
+                    }
+                }
+            }
+            for (c, a) in acc.iter().enumerate() {
+                for (l, x) in a.iter().enumerate() {
+                    _mm256_storeu_ps(yp[c].add(c0 + 8 * l), *x);
+                }
+            }
+        } else {
+            for c in 0..Q {
+                let yc = std::slice::from_raw_parts_mut(yp[c], d);
+                weighted_chunk::<T, 1>(&w[c * n..(c + 1) * n], v, yc, c0);
+            }
+            c0 += 8;
+            continue;
+        }
+        c0 += 8 * N;
+    }
+    if c0 < d {
+        for c in 0..Q {
+            let yc = std::slice::from_raw_parts_mut(yp[c], d);
+            for j in 0..n {
+                axpy_scalar(&mut yc[c0..], w[c * n + j], &v[j * d + c0..(j + 1) * d]);
+            }
+        }
+    }
+}
+
 /// `s = exp(s - max)` for every score; returns their sum.
 fn exp_shifted(scores: &mut [f32], max: f32, simd: bool) -> f32 {
     #[cfg(target_arch = "x86_64")]
@@ -412,48 +600,69 @@ pub(crate) fn causal(
     let out_ptr = out.as_mut_ptr() as usize;
     let simd = simd();
     let row_blocks = t.div_ceil(ROWS);
+    // Prompt rows: the query heads that share a KV head (up to 4) run together, so each key
+    // and value loaded serves all of them. Decode (one row) keeps one head per item so that
+    // the heads spread over the threads.
+    let per = if t > 1 { group.min(4) } else { 1 };
+    let chunks = group.div_ceil(per);
     let work = |item: usize| {
-        let (h, rb) = (item / row_blocks, item % row_blocks);
-        let kvh = h / group;
+        let (hc, rb) = (item / row_blocks, item % row_blocks);
+        let (kvh, c) = (hc / chunks, hc % chunks);
+        let heads = kvh * group + c * per..kvh * group + ((c + 1) * per).min(group);
+        let nq = heads.len();
         let keys = ks.from(k0 + kvh * k_head);
         let vals = vs.from(v0 + kvh * v_head);
-        let mut scores = Vec::with_capacity(total);
-        let mut q16 = Vec::with_capacity(if round_f16 { hd } else { 0 });
+        let mut scores = vec![0f32; nq * total];
+        let mut qbuf = vec![0f32; nq * hd];
         for i in rb * ROWS..t.min((rb + 1) * ROWS) {
-            let qrow = &qs[q0 + h * q_head + i * hd..][..hd];
-            let qrow = if round_f16 {
-                q16.clear();
-                q16.extend(qrow.iter().map(|v| half::f16::from_f32(*v).to_f32()));
-                &q16[..]
-            } else {
-                qrow
-            };
-            let seen = start + i + 1;
-            scores.clear();
-            scores.resize(seen, 0.0);
-            keys.scores(qrow, scale, &mut scores, simd);
-            let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-            let sum = exp_shifted(&mut scores, max, simd);
-            // SAFETY: row i, columns of head h, are written by this item only.
-            let y = unsafe {
-                std::slice::from_raw_parts_mut((out_ptr as *mut f32).add(i * width + h * hd), hd)
-            };
-            if round_f16 {
-                let inv = 1.0 / sum;
-                for p in scores.iter_mut() {
-                    *p = half::f16::from_f32(*p * inv).to_f32();
+            for (c, h) in heads.clone().enumerate() {
+                let src = &qs[q0 + h * q_head + i * hd..][..hd];
+                let dst = &mut qbuf[c * hd..(c + 1) * hd];
+                if round_f16 {
+                    for (d, v) in dst.iter_mut().zip(src) {
+                        *d = half::f16::from_f32(*v).to_f32();
+                    }
+                } else {
+                    dst.copy_from_slice(src);
                 }
-                vals.weighted_sum(&scores, y, simd);
-            } else {
-                vals.weighted_sum(&scores, y, simd);
-                let inv = 1.0 / sum;
-                for o in y.iter_mut() {
-                    *o *= inv;
+            }
+            let seen = start + i + 1;
+            let qrows: Vec<&[f32]> = qbuf.chunks_exact(hd).collect();
+            keys.scores_multi(&qrows, scale, seen, &mut scores, simd);
+            let mut sums = [0f32; 4];
+            for (c, sum) in sums.iter_mut().enumerate().take(nq) {
+                let sc = &mut scores[c * seen..(c + 1) * seen];
+                let max = sc.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+                *sum = exp_shifted(sc, max, simd);
+                if round_f16 {
+                    let inv = 1.0 / *sum;
+                    for p in sc.iter_mut() {
+                        *p = half::f16::from_f32(*p * inv).to_f32();
+                    }
+                }
+            }
+            // SAFETY: row i, columns of these heads, are written by this item only.
+            let mut ys: Vec<&mut [f32]> = heads
+                .clone()
+                .map(|h| unsafe {
+                    std::slice::from_raw_parts_mut(
+                        (out_ptr as *mut f32).add(i * width + h * hd),
+                        hd,
+                    )
+                })
+                .collect();
+            vals.weighted_multi(&scores[..nq * seen], seen, &mut ys, simd);
+            if !round_f16 {
+                for (y, sum) in ys.iter_mut().zip(sums) {
+                    let inv = 1.0 / sum;
+                    for o in y.iter_mut() {
+                        *o *= inv;
+                    }
                 }
             }
         }
     };
-    crate::pool::pool().run(nh * row_blocks, &|r| r.for_each(work));
+    crate::pool::pool().run(nkv * chunks * row_blocks, &|r| r.for_each(work));
     Ok(Tensor::from_vec(out, (1, t, width), q.device())?)
 }
 
