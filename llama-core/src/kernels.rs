@@ -36,6 +36,8 @@ use half::f16;
 
 use crate::error::{Error, Result};
 
+mod q4k;
+
 const QK: usize = 32;
 
 /// The block formats these kernels run.
@@ -1670,6 +1672,8 @@ pub(crate) fn k_matrix(
         Ok(std::sync::Arc::new(KMatrix::<T>::new(b, n, k)?))
     }
     Some(match t {
+        GgmlDType::Q4K if q4k::Q4KMatrix::fits(n, k) => q4k::Q4KMatrix::new(bytes, n, k)
+            .map(|m| std::sync::Arc::new(m) as std::sync::Arc<dyn KLinear>),
         GgmlDType::Q2K => make::<BlockQ2K>(bytes, n, k),
         GgmlDType::Q3K => make::<BlockQ3K>(bytes, n, k),
         GgmlDType::Q4K => make::<BlockQ4K>(bytes, n, k),

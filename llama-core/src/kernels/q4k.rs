@@ -1,0 +1,484 @@
+//! Q4_K matrices stored as interleaved groups of 8 rows, with SIMD kernels of our own (the
+//! format of most `Q4_K_M` files; candle 0.11 runs one row per dot product).
+//!
+//! A Q4_K super-block holds 256 weights: f16 `d` and `dmin`, eight 6-bit scales and mins (one
+//! per 32 weights, packed in 12 bytes) and 4-bit quants; weight `i` is
+//! `d * sc[i / 32] * q_i - dmin * m[i / 32]`. Activations are quantized to q8_K blocks exactly
+//! as llama.cpp does (`-127 / max` with the signed extreme, nearest-even rounding), so each
+//! super-block contributes `d_x (d sum_s sc_s I_s - dmin sum_s m_s S_s)` with the exact integer
+//! dots `I_s` and activation sums `S_s` of sub-block `s`.
+//!
+//! Group layout, per group of 8 rows and super-block (1248 bytes, GGUF: 1152): the 8 `d`, the
+//! 8 `dmin` (f16), the scales decoded to bytes `[sub-block][row]`, the mins as 16-bit pairs
+//! `[sub-block pair][row][2]`, then the quants in 4-byte pieces `[pair][piece][row]` (the low
+//! nibbles of pair `p` are sub-block `2p`, the high ones `2p + 1`). One 32-byte load then holds
+//! the same 8 quants of 8 rows; a `dpbusd` (or `maddubs` + `madd`) against a broadcast of four
+//! activation bytes sums them with each row in its own lane, a 32-bit multiply applies the
+//! eight rows' scales, and one `madd` per sub-block pair applies the mins.
+
+use candle_core::{Device, Tensor};
+use half::f16;
+
+use super::{check_ids, isa, matmul_shape, run_items, Isa, KLinear};
+use crate::error::{Error, Result};
+
+const QK_K: usize = 256;
+const GGUF_BYTES: usize = 144;
+const G: usize = 8;
+const D_AT: usize = 0;
+const DMIN_AT: usize = 2 * G;
+const SC_AT: usize = 4 * G;
+const M_AT: usize = SC_AT + 8 * G;
+const Q_AT: usize = M_AT + 4 * G * 4;
+const GROUP_BYTES: usize = Q_AT + 128 * G;
+/// Activation rows per prompt tile.
+const TILE_R: usize = 4;
+
+/// One q8_K activation block: scale, quants, and the sums of each 32-quant sub-block.
+#[derive(Clone, Copy)]
+#[repr(C, align(32))]
+pub(super) struct XK {
+    d: f32,
+    sub: [i16; 8],
+    qs: [i8; QK_K],
+}
+
+const ZERO_XK: XK = XK {
+    d: 0.0,
+    sub: [0; 8],
+    qs: [0; QK_K],
+};
+
+/// llama.cpp's `quantize_row_q8_K_ref`: the element of largest magnitude (first one on ties)
+/// maps to -127, quants rounded to nearest even.
+fn quantize_q8k(x: &[f32], out: &mut [XK]) {
+    for (xb, ob) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
+        let (mut amax, mut max) = (0f32, 0f32);
+        for &v in xb {
+            if v.abs() > amax {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        if amax == 0.0 {
+            *ob = ZERO_XK;
+            continue;
+        }
+        let iscale = -127.0 / max;
+        for (q, &v) in ob.qs.iter_mut().zip(xb) {
+            *q = ((iscale * v).round_ties_even() as i32).min(127) as i8;
+        }
+        for (s, chunk) in ob.sub.iter_mut().zip(ob.qs.chunks_exact(32)) {
+            *s = chunk.iter().map(|&q| q as i16).sum();
+        }
+        ob.d = 1.0 / iscale;
+    }
+}
+
+/// The six-bit scale and min of sub-block `j` from a block's 12 packed bytes.
+fn scale_min(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+/// A Q4_K matrix `[n, k]` with `n % 8 == 0`, in the group layout above.
+pub(crate) struct Q4KMatrix {
+    n: usize,
+    k: usize,
+    data: Vec<u8>,
+}
+
+impl std::fmt::Debug for Q4KMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Q4KMatrix[{}, {}]", self.n, self.k)
+    }
+}
+
+impl Q4KMatrix {
+    /// Whether this layout and its kernels serve a `[n, k]` matrix on this machine.
+    pub(crate) fn fits(n: usize, k: usize) -> bool {
+        n.is_multiple_of(G)
+            && k.is_multiple_of(QK_K)
+            && isa() != Isa::Scalar
+            && std::env::var_os("LLAMA_CORE_NO_REPACK").is_none()
+    }
+
+    /// Rearranges GGUF Q4_K bytes of a `[n, k]` matrix.
+    pub(crate) fn new(bytes: &[u8], n: usize, k: usize) -> Result<Self> {
+        let nb = k / QK_K;
+        if !k.is_multiple_of(QK_K) || !n.is_multiple_of(G) || bytes.len() != n * nb * GGUF_BYTES {
+            return Err(Error::InvalidArgument(format!(
+                "Q4_K matrix [{n}, {k}] cannot hold {} bytes",
+                bytes.len()
+            )));
+        }
+        let mut data = vec![0u8; n / G * nb * GROUP_BYTES];
+        for (g, dst) in data.chunks_exact_mut(nb * GROUP_BYTES).enumerate() {
+            for (b, gb) in dst.chunks_exact_mut(GROUP_BYTES).enumerate() {
+                for r in 0..G {
+                    let src = &bytes[((g * G + r) * nb + b) * GGUF_BYTES..][..GGUF_BYTES];
+                    gb[D_AT + 2 * r..D_AT + 2 * r + 2].copy_from_slice(&src[0..2]);
+                    gb[DMIN_AT + 2 * r..DMIN_AT + 2 * r + 2].copy_from_slice(&src[2..4]);
+                    let packed = &src[4..16];
+                    for s in 0..8 {
+                        let (sc, m) = scale_min(s, packed);
+                        gb[SC_AT + s * G + r] = sc;
+                        let at = M_AT + ((s / 2) * G + r) * 4 + (s % 2) * 2;
+                        gb[at..at + 2].copy_from_slice(&(m as i16).to_le_bytes());
+                    }
+                    let qs = &src[16..];
+                    for p in 0..4 {
+                        for j in 0..8 {
+                            let at = Q_AT + ((p * 8 + j) * G + r) * 4;
+                            gb[at..at + 4].copy_from_slice(&qs[32 * p + 4 * j..32 * p + 4 * j + 4]);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(Q4KMatrix { n, k, data })
+    }
+
+    fn group_block(&self, g: usize, b: usize) -> &[u8] {
+        let nb = self.k / QK_K;
+        &self.data[(g * nb + b) * GROUP_BYTES..][..GROUP_BYTES]
+    }
+
+    /// Row `c` dequantized (candle's and llama.cpp's arithmetic: `d * sc * q - dmin * m`).
+    fn dequantize_row(&self, c: usize, out: &mut [f32]) {
+        let (g, r) = (c / G, c % G);
+        for (b, ob) in out.chunks_exact_mut(QK_K).enumerate() {
+            let gb = self.group_block(g, b);
+            let d = f16::from_le_bytes([gb[D_AT + 2 * r], gb[D_AT + 2 * r + 1]]).to_f32();
+            let dmin = f16::from_le_bytes([gb[DMIN_AT + 2 * r], gb[DMIN_AT + 2 * r + 1]]).to_f32();
+            for s in 0..8 {
+                let sc = gb[SC_AT + s * G + r];
+                let at = M_AT + ((s / 2) * G + r) * 4 + (s % 2) * 2;
+                let m = i16::from_le_bytes([gb[at], gb[at + 1]]);
+                let (d1, m1) = (d * sc as f32, dmin * m as f32);
+                let (p, high) = (s / 2, s % 2 == 1);
+                for l in 0..32 {
+                    let (j, byte) = (l / 4, l % 4);
+                    let v = gb[Q_AT + ((p * 8 + j) * G + r) * 4 + byte];
+                    let q = if high { v >> 4 } else { v & 0xF };
+                    ob[s * 32 + l] = d1 * q as f32 - m1;
+                }
+            }
+        }
+    }
+
+    /// Scalar path over the group layout (same integers as the SIMD kernels).
+    fn tile_scalar(&self, g: usize, x: &[&[XK]], out: &mut [[f32; G]]) {
+        let nb = self.k / QK_K;
+        for (xr, o) in x.iter().zip(out.iter_mut()) {
+            *o = [0.0; G];
+            for b in 0..nb {
+                let gb = self.group_block(g, b);
+                let xb = &xr[b];
+                for (r, or) in o.iter_mut().enumerate() {
+                    let (mut sumi, mut summ) = (0i32, 0i32);
+                    for s in 0..8 {
+                        let (p, high) = (s / 2, s % 2 == 1);
+                        let mut dot = 0i32;
+                        for l in 0..32 {
+                            let (j, byte) = (l / 4, l % 4);
+                            let v = gb[Q_AT + ((p * 8 + j) * G + r) * 4 + byte];
+                            let q = if high { v >> 4 } else { v & 0xF };
+                            dot += q as i32 * xb.qs[s * 32 + l] as i32;
+                        }
+                        sumi += dot * gb[SC_AT + s * G + r] as i32;
+                        let at = M_AT + ((s / 2) * G + r) * 4 + (s % 2) * 2;
+                        summ += i16::from_le_bytes([gb[at], gb[at + 1]]) as i32 * xb.sub[s] as i32;
+                    }
+                    let d = f16::from_le_bytes([gb[D_AT + 2 * r], gb[D_AT + 2 * r + 1]]).to_f32();
+                    let dmin =
+                        f16::from_le_bytes([gb[DMIN_AT + 2 * r], gb[DMIN_AT + 2 * r + 1]]).to_f32();
+                    *or += xb.d * d * sumi as f32 - xb.d * dmin * summ as f32;
+                }
+            }
+        }
+    }
+}
+
+/// `R` activation rows times the 8 rows of the group at `w`, over `nb` super-blocks.
+#[cfg(target_arch = "x86_64")]
+macro_rules! q4k_group {
+    ($name:ident, $features:literal, $vnni:expr) => {
+        #[target_feature(enable = $features)]
+        unsafe fn $name<const R: usize>(
+            w: *const u8,
+            x: [*const XK; R],
+            nb: usize,
+            out: &mut [[f32; G]; R],
+        ) {
+            use std::arch::x86_64::*;
+            let mask = _mm256_set1_epi8(0x0F);
+            let ones = _mm256_set1_epi16(1);
+            let mut acc = [_mm256_setzero_ps(); R];
+            for b in 0..nb {
+                let p = w.add(b * GROUP_BYTES);
+                let dw = _mm256_cvtph_ps(_mm_loadu_si128(p.add(D_AT) as *const __m128i));
+                let dmin = _mm256_cvtph_ps(_mm_loadu_si128(p.add(DMIN_AT) as *const __m128i));
+                let mut sumi = [_mm256_setzero_si256(); R];
+                for pair in 0..4 {
+                    let mut lo = [_mm256_setzero_si256(); R];
+                    let mut hi = [_mm256_setzero_si256(); R];
+                    for j in 0..8 {
+                        let raw =
+                            _mm256_loadu_si256(p.add(Q_AT + (pair * 8 + j) * 32) as *const __m256i);
+                        let wl = _mm256_and_si256(raw, mask);
+                        let wh = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), mask);
+                        for r in 0..R {
+                            let xq = (*x[r].add(b)).qs.as_ptr().add(pair * 64 + 4 * j);
+                            let yl = _mm256_set1_epi32((xq as *const i32).read_unaligned());
+                            let yh = _mm256_set1_epi32((xq.add(32) as *const i32).read_unaligned());
+                            if $vnni {
+                                lo[r] = _mm256_dpbusd_epi32(lo[r], wl, yl);
+                                hi[r] = _mm256_dpbusd_epi32(hi[r], wh, yh);
+                            } else {
+                                lo[r] = _mm256_add_epi32(
+                                    lo[r],
+                                    _mm256_madd_epi16(_mm256_maddubs_epi16(wl, yl), ones),
+                                );
+                                hi[r] = _mm256_add_epi32(
+                                    hi[r],
+                                    _mm256_madd_epi16(_mm256_maddubs_epi16(wh, yh), ones),
+                                );
+                            }
+                        }
+                    }
+                    let scl = _mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                        p.add(SC_AT + 2 * pair * G) as *const __m128i
+                    ));
+                    let sch = _mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                        p.add(SC_AT + (2 * pair + 1) * G) as *const __m128i,
+                    ));
+                    for r in 0..R {
+                        sumi[r] = _mm256_add_epi32(sumi[r], _mm256_mullo_epi32(lo[r], scl));
+                        sumi[r] = _mm256_add_epi32(sumi[r], _mm256_mullo_epi32(hi[r], sch));
+                    }
+                }
+                for r in 0..R {
+                    let xb = &*x[r].add(b);
+                    let mut summ = _mm256_setzero_si256();
+                    for pair in 0..4 {
+                        let m = _mm256_loadu_si256(p.add(M_AT + pair * 32) as *const __m256i);
+                        let s = _mm256_set1_epi32(
+                            (xb.sub.as_ptr().add(2 * pair) as *const i32).read_unaligned(),
+                        );
+                        summ = _mm256_add_epi32(summ, _mm256_madd_epi16(m, s));
+                    }
+                    let dx = _mm256_set1_ps(xb.d);
+                    acc[r] =
+                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[r]), _mm256_mul_ps(dw, dx), acc[r]);
+                    acc[r] =
+                        _mm256_fnmadd_ps(_mm256_cvtepi32_ps(summ), _mm256_mul_ps(dmin, dx), acc[r]);
+                }
+            }
+            for r in 0..R {
+                _mm256_storeu_ps(out[r].as_mut_ptr(), acc[r]);
+            }
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+q4k_group!(q4k_avx2, "avx2,fma,f16c", false);
+#[cfg(target_arch = "x86_64")]
+q4k_group!(q4k_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", true);
+
+impl KLinear for Q4KMatrix {
+    fn dtype(&self) -> candle_core::quantized::GgmlDType {
+        candle_core::quantized::GgmlDType::Q4K
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (m, k, out_dims) = matmul_shape(x, self.k, self.n)?;
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let nb = k / QK_K;
+        let mut xq = vec![ZERO_XK; m * nb];
+        let xq_ptr = xq.as_mut_ptr() as usize;
+        run_items(m, &|r| {
+            // SAFETY: row `r` of `xq` is written by this item only, and `xq` outlives the call.
+            let out =
+                unsafe { std::slice::from_raw_parts_mut((xq_ptr as *mut XK).add(r * nb), nb) };
+            quantize_q8k(&xs[r * k..(r + 1) * k], out);
+        });
+        let n = self.n;
+        let mut dst = vec![0f32; m * n];
+        let dst_ptr = dst.as_mut_ptr() as usize;
+        let isa = isa();
+        let row_tiles = m.div_ceil(TILE_R);
+        let work = |item: usize| {
+            let (g, rt) = (item / row_tiles, item % row_tiles);
+            let rows = rt * TILE_R..m.min((rt + 1) * TILE_R);
+            let mut out = [[0f32; G]; TILE_R];
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 | Isa::Vnni | Isa::Avx512 => {
+                    let w = self.group_block(g, 0).as_ptr();
+                    // A partial tile repeats its last row; the extra results are not used.
+                    let x: [*const XK; TILE_R] = std::array::from_fn(|r| {
+                        let row = (rows.start + r).min(rows.end - 1);
+                        xq[row * nb..(row + 1) * nb].as_ptr()
+                    });
+                    // SAFETY: the CPU has the features (checked at run time); `w` starts the
+                    // group's `nb` super-blocks and every `x` a row of `nb` blocks.
+                    unsafe {
+                        let vnni = isa.vnni();
+                        if rows.len() == 1 {
+                            let mut one = [[0f32; G]; 1];
+                            if vnni {
+                                q4k_vnni::<1>(w, [x[0]], nb, &mut one)
+                            } else {
+                                q4k_avx2::<1>(w, [x[0]], nb, &mut one)
+                            }
+                            out[0] = one[0];
+                        } else if vnni {
+                            q4k_vnni::<TILE_R>(w, x, nb, &mut out)
+                        } else {
+                            q4k_avx2::<TILE_R>(w, x, nb, &mut out)
+                        }
+                    }
+                }
+                _ => {
+                    let xr: Vec<&[XK]> = rows.clone().map(|r| &xq[r * nb..(r + 1) * nb]).collect();
+                    self.tile_scalar(g, &xr, &mut out[..rows.len()]);
+                }
+            }
+            for (r, row) in rows.enumerate() {
+                for (i, &v) in out[r].iter().enumerate() {
+                    // SAFETY: (row, g * G + i) is inside dst and written by this item only.
+                    unsafe { *(dst_ptr as *mut f32).add(row * n + g * G + i) = v };
+                }
+            }
+        };
+        run_items(row_tiles * (n / G), &work);
+        Ok(Tensor::from_vec(dst, out_dims, &Device::Cpu)?)
+    }
+
+    fn rows(&self, ids: &[u32]) -> Result<Tensor> {
+        let k = self.k;
+        let mut out = vec![0f32; ids.len() * k];
+        check_ids(ids, self.n)?;
+        for (&id, dst) in ids.iter().zip(out.chunks_exact_mut(k)) {
+            self.dequantize_row(id as usize, dst);
+        }
+        Ok(Tensor::from_vec(out, (ids.len(), k), &Device::Cpu)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::{GgmlDType, QTensor};
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s as f32 / u32::MAX as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Rows equal candle's dequantization; products equal the scalar path over the same
+    /// integers and agree with candle's Q4_K matmul (both quantize activations to q8_K).
+    #[test]
+    fn q4k_matrix_matches_scalar_and_candle() {
+        for (n, k, m) in [(16, 512, 1), (8, 256, 5), (24, 768, 9)] {
+            let w = values(n * k, 3 + n as u32);
+            let q = QTensor::quantize(
+                &Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap(),
+                GgmlDType::Q4K,
+            )
+            .unwrap();
+            let mat = Q4KMatrix::new(&q.data().unwrap(), n, k).unwrap();
+            let full: Vec<f32> = q
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let ids: Vec<u32> = (0..n as u32).collect();
+            let rows: Vec<f32> = mat
+                .rows(&ids)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(rows, full);
+            let x = values(m * k, 17 + m as u32);
+            let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap();
+            let got: Vec<f32> = mat
+                .forward(&xt)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let nb = k / QK_K;
+            let mut xq = vec![ZERO_XK; m * nb];
+            for r in 0..m {
+                quantize_q8k(&x[r * k..(r + 1) * k], &mut xq[r * nb..(r + 1) * nb]);
+            }
+            let qm = candle_core::quantized::QMatMul::from_qtensor(q).unwrap();
+            let theirs: Vec<f32> = candle_core::Module::forward(&qm, &xt)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for g in 0..n / G {
+                let xr: Vec<&[XK]> = (0..m).map(|r| &xq[r * nb..(r + 1) * nb]).collect();
+                let mut want = vec![[0f32; G]; m];
+                mat.tile_scalar(g, &xr, &mut want);
+                for r in 0..m {
+                    for i in 0..G {
+                        let (a, s) = (got[r * n + g * G + i], want[r][i]);
+                        assert!((a - s).abs() < 1e-4 * (1.0 + s.abs()), "{a} vs scalar {s}");
+                        let c = theirs[r * n + g * G + i];
+                        assert!((a - c).abs() < 2e-3 * (1.0 + c.abs()), "{a} vs candle {c}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn q8k_quantization_follows_llama_cpp() {
+        let mut x = values(512, 5);
+        x[7] = -3.0; // the extreme of a block maps to -127 whatever its sign (iscale = -127/max)
+        x[300] = 2.0;
+        x[301] = -2.0; // a tie in magnitude: the first one wins
+        let mut out = [ZERO_XK; 2];
+        quantize_q8k(&x, &mut out);
+        assert_eq!(out[0].qs[7], -127);
+        assert_eq!(out[1].qs[300 - 256], -127);
+        assert_eq!(out[1].qs[301 - 256], 127);
+        for (b, ob) in out.iter().enumerate() {
+            for (s, &sum) in ob.sub.iter().enumerate() {
+                let want: i16 = ob.qs[s * 32..(s + 1) * 32].iter().map(|&q| q as i16).sum();
+                assert_eq!(sum, want, "block {b} sub {s}");
+            }
+            for (i, &q) in ob.qs.iter().enumerate() {
+                let v = x[b * 256 + i] / ob.d;
+                assert!((v - q as f32).abs() <= 0.5 + 1e-3, "{v} vs {q}");
+            }
+        }
+        let mut z = [ZERO_XK; 1];
+        quantize_q8k(&[0.0; 256], &mut z);
+        assert_eq!(z[0].d, 0.0);
+    }
+}
