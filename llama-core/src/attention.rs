@@ -497,13 +497,16 @@ fn exp_shifted(scores: &mut [f32], max: f32, simd: bool) -> f32 {
 /// `exp(x)` on eight lanes, within 2 ulp of the exact value: `x = n ln2 + r` with `|r| <=
 /// ln2/2` (ln2 split in two so that `r` is exact), a degree-7 polynomial for `exp(r)` and
 /// `2^n` from the exponent bits. Below -87.3 (where the result would leave the normal range)
-/// the result is 0.
+/// the result is 0; above 88 it is `exp(88)` (finite).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn exp8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+pub(crate) unsafe fn exp8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
     let live = _mm256_cmp_ps::<_CMP_GE_OQ>(x, _mm256_set1_ps(-87.3));
-    let x = _mm256_max_ps(x, _mm256_set1_ps(-87.3));
+    let x = _mm256_min_ps(
+        _mm256_max_ps(x, _mm256_set1_ps(-87.3)),
+        _mm256_set1_ps(88.0),
+    );
     let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
         x,
         _mm256_set1_ps(std::f32::consts::LOG2_E),

@@ -914,6 +914,85 @@ fn quantize_rows_parallel(xs: &[f32], m: usize, k: usize) -> Vec<XBlock> {
     xq
 }
 
+/// A matmul input's values: borrowed from the tensor's storage when it is a contiguous f32
+/// CPU tensor (no copy), else copied out.
+pub(crate) enum Input<'a> {
+    Borrowed(candle_core::StorageRef<'a>, usize, usize),
+    Owned(Vec<f32>),
+}
+
+impl std::ops::Deref for Input<'_> {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self {
+            Input::Borrowed(s, a, b) => match &**s {
+                candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => &v[*a..*b],
+                _ => &[],
+            },
+            Input::Owned(v) => v,
+        }
+    }
+}
+
+pub(crate) fn input_f32(x: &Tensor) -> Result<Input<'_>> {
+    let (storage, layout) = x.storage_and_layout();
+    if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(_)), Some((a, b))) =
+        (&*storage, layout.contiguous_offsets())
+    {
+        return Ok(Input::Borrowed(storage, a, b));
+    }
+    drop(storage);
+    Ok(Input::Owned(x.flatten_all()?.to_vec1::<f32>()?))
+}
+
+/// SwiGLU, `silu(g) * u` with `silu(x) = x / (1 + exp(-x))`, in one pass on the pool (one
+/// output buffer; the vectorized `exp` of the attention kernel).
+pub(crate) fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    if g.dims() != u.dims() {
+        return Err(Error::InvalidArgument(format!(
+            "swiglu: {:?} vs {:?}",
+            g.dims(),
+            u.dims()
+        )));
+    }
+    let (gs, us) = (input_f32(g)?, input_f32(u)?);
+    let n = gs.len();
+    let mut out = vec![0f32; n];
+    let out_ptr = out.as_mut_ptr() as usize;
+    let simd = simd();
+    const CHUNK: usize = 4096;
+    run_items(n.div_ceil(CHUNK), &|c| {
+        let r = c * CHUNK..n.min((c + 1) * CHUNK);
+        // SAFETY: chunk `c` of `out` is written by this item only.
+        let o =
+            unsafe { std::slice::from_raw_parts_mut((out_ptr as *mut f32).add(r.start), r.len()) };
+        let (gc, uc) = (&gs[r.clone()], &us[r]);
+        let mut i = 0;
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: avx2 and fma were detected at run time; every access is in bounds.
+            unsafe {
+                use std::arch::x86_64::*;
+                let one = _mm256_set1_ps(1.0);
+                while i + 8 <= o.len() {
+                    let gv = _mm256_loadu_ps(gc.as_ptr().add(i));
+                    let e = crate::attention::exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+                    let silu = _mm256_div_ps(gv, _mm256_add_ps(e, one));
+                    let y = _mm256_mul_ps(silu, _mm256_loadu_ps(uc.as_ptr().add(i)));
+                    _mm256_storeu_ps(o.as_mut_ptr().add(i), y);
+                    i += 8;
+                }
+            }
+        }
+        let _ = simd;
+        for j in i..o.len() {
+            o[j] = gc[j] / (1.0 + (-gc[j]).exp()) * uc[j];
+        }
+    });
+    drop((gs, us));
+    Ok(Tensor::from_vec(out, g.dims(), &Device::Cpu)?)
+}
+
 /// Checks a matmul input `[..., k]`: returns its rows, `k`, and the output shape `[..., n]`.
 fn matmul_shape(x: &Tensor, k_w: usize, n: usize) -> Result<(usize, usize, Vec<usize>)> {
     let mut dims = x.dims().to_vec();
@@ -1190,7 +1269,7 @@ impl BlockMatrix {
     /// `x @ W^T` for `x` of shape `[..., k]`.
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (m, k, out_dims) = matmul_shape(x, self.k, self.n)?;
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let xs = input_f32(x)?;
         let xq = quantize_rows_parallel(&xs, m, k);
         let n = self.n;
         let mut dst = vec![0f32; m * n];
@@ -1559,7 +1638,7 @@ impl F16Matrix {
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (m, k, out_dims) = matmul_shape(x, self.k, self.n)?;
         let n = self.n;
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let xs = input_f32(x)?;
         let mut dst = vec![0f32; m * n];
         let dst_ptr = dst.as_mut_ptr() as usize;
         let simd = isa() != Isa::Scalar;
@@ -1740,7 +1819,7 @@ impl<T: KBlock> KLinear for KMatrix<T> {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         use candle_core::quantized::k_quants::{BlockQ8K, GgmlType};
         let (m, k, out_dims) = matmul_shape(x, self.k, self.n)?;
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let xs = input_f32(x)?;
         let nbx = k / BlockQ8K::BLCK_SIZE;
         let mut xq = vec![BlockQ8K::zeros(); m * nbx];
         let xq_ptr = xq.as_mut_ptr() as usize;
@@ -2118,6 +2197,39 @@ mod tests {
             assert_eq!(pair[r][..FG], g0[r]);
             assert_eq!(pair[r][FG..], g1[r]);
         }
+    }
+
+    #[test]
+    fn swiglu_matches_candles_silu_times_up() {
+        let n = 3 * 4096 + 13;
+        let mut g = values(n, 41);
+        for v in g.iter_mut() {
+            *v *= 12.0;
+        }
+        g[0] = 100.0;
+        g[1] = -100.0;
+        g[2] = 0.0;
+        let u = values(n, 42);
+        let (gt, ut) = (
+            Tensor::from_vec(g, (1, n), &Device::Cpu).unwrap(),
+            Tensor::from_vec(u, (1, n), &Device::Cpu).unwrap(),
+        );
+        let got: Vec<f32> = swiglu(&gt, &ut)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let want: Vec<f32> = (candle_nn::ops::silu(&gt).unwrap() * &ut)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{i}: {a} vs {b}");
+        }
+        assert!(swiglu(&gt, &gt.narrow(1, 0, 5).unwrap()).is_err());
     }
 
     #[test]

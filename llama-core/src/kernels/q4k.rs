@@ -300,7 +300,7 @@ impl KLinear for Q4KMatrix {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (m, k, out_dims) = matmul_shape(x, self.k, self.n)?;
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let xs = super::input_f32(x)?;
         let nb = k / QK_K;
         let mut xq = vec![ZERO_XK; m * nb];
         let xq_ptr = xq.as_mut_ptr() as usize;

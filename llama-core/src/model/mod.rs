@@ -707,7 +707,12 @@ impl Model {
             let hn = candle_nn::ops::rms_norm(&x, &l.ffn_norm, eps)?;
             let g = l.gate.forward(&hn)?;
             let u = l.up.forward(&hn)?;
-            let y = l.down.forward(&(candle_nn::ops::silu(&g)? * u)?)?;
+            let a = if crate::kernels::enabled() {
+                crate::kernels::swiglu(&g, &u)?
+            } else {
+                (candle_nn::ops::silu(&g)? * u)?
+            };
+            let y = l.down.forward(&a)?;
             x = (x + y)?;
         }
         cache.advance(t);
