@@ -8,11 +8,11 @@
 //! super-block contributes `d_x (d sum_s sc_s I_s - dmin sum_s m_s S_s)` with the exact integer
 //! dots `I_s` and activation sums `S_s` of sub-block `s`.
 //!
-//! Group layout, per group of 8 rows and super-block (1248 bytes, GGUF: 1152): the 8 `d`, the
-//! 8 `dmin` (f16), the scales decoded to bytes `[sub-block][row]`, the mins as 16-bit pairs
-//! `[sub-block pair][row][2]`, then the quants in 4-byte pieces `[pair][piece][row]` (the low
-//! nibbles of pair `p` are sub-block `2p`, the high ones `2p + 1`). One 32-byte load then holds
-//! the same 8 quants of 8 rows; a `dpbusd` (or `maddubs` + `madd`) against a broadcast of four
+//! Group layout, per group of 8 rows (16 with the 512-bit kernels) and super-block (8 rows:
+//! 1248 bytes, GGUF: 1152): the `d`, the `dmin` (f16), the scales decoded to bytes
+//! `[sub-block][row]`, the mins as 16-bit pairs `[sub-block pair][row][2]`, then the quants in
+//! 4-byte pieces `[pair][piece][row]` (the low nibbles of pair `p` are sub-block `2p`, the high
+//! ones `2p + 1`). One 32-byte load then holds the same 8 quants of 8 rows (64 bytes, 16 rows); a `dpbusd` (or `maddubs` + `madd`) against a broadcast of four
 //! activation bytes sums them with each row in its own lane, a 32-bit multiply applies the
 //! eight rows' scales, and one `madd` per sub-block pair applies the mins.
 
@@ -24,15 +24,28 @@ use crate::error::{Error, Result};
 
 const QK_K: usize = 256;
 const GGUF_BYTES: usize = 144;
+/// Rows per group: 8 for the 256-bit kernels, 16 for the 512-bit ones.
 const G: usize = 8;
-const D_AT: usize = 0;
-const DMIN_AT: usize = 2 * G;
-const SC_AT: usize = 4 * G;
-const M_AT: usize = SC_AT + 8 * G;
-const Q_AT: usize = M_AT + 4 * G * 4;
-const GROUP_BYTES: usize = Q_AT + 128 * G;
+const G16: usize = 16;
 /// Activation rows per prompt tile.
 const TILE_R: usize = 4;
+
+/// Offsets inside a group block of `gs` rows.
+const fn dmin_at(gs: usize) -> usize {
+    2 * gs
+}
+const fn sc_at(gs: usize) -> usize {
+    4 * gs
+}
+const fn m_at(gs: usize) -> usize {
+    sc_at(gs) + 8 * gs
+}
+const fn q_at(gs: usize) -> usize {
+    m_at(gs) + 16 * gs
+}
+const fn group_bytes(gs: usize) -> usize {
+    q_at(gs) + 128 * gs
+}
 
 /// One q8_K activation block: scale, quants, and the sums of each 32-quant sub-block.
 #[derive(Clone, Copy)]
@@ -87,10 +100,12 @@ fn scale_min(j: usize, q: &[u8]) -> (u8, u8) {
     }
 }
 
-/// A Q4_K matrix `[n, k]` with `n % 8 == 0`, in the group layout above.
+/// A Q4_K matrix `[n, k]` with `n % 8 == 0`, in the group layout above (groups of 16 rows
+/// when the 512-bit kernels run and `n % 16 == 0`).
 pub(crate) struct Q4KMatrix {
     n: usize,
     k: usize,
+    gs: usize,
     data: Vec<u8>,
 }
 
@@ -118,87 +133,109 @@ impl Q4KMatrix {
                 bytes.len()
             )));
         }
-        let mut data = vec![0u8; n / G * nb * GROUP_BYTES];
-        for (g, dst) in data.chunks_exact_mut(nb * GROUP_BYTES).enumerate() {
-            for (b, gb) in dst.chunks_exact_mut(GROUP_BYTES).enumerate() {
-                for r in 0..G {
-                    let src = &bytes[((g * G + r) * nb + b) * GGUF_BYTES..][..GGUF_BYTES];
-                    gb[D_AT + 2 * r..D_AT + 2 * r + 2].copy_from_slice(&src[0..2]);
-                    gb[DMIN_AT + 2 * r..DMIN_AT + 2 * r + 2].copy_from_slice(&src[2..4]);
+        let gs = if isa() == Isa::Avx512 && n.is_multiple_of(G16) {
+            G16
+        } else {
+            G
+        };
+        let gbytes = group_bytes(gs);
+        let mut data = vec![0u8; n / gs * nb * gbytes];
+        for (g, dst) in data.chunks_exact_mut(nb * gbytes).enumerate() {
+            for (b, gb) in dst.chunks_exact_mut(gbytes).enumerate() {
+                for r in 0..gs {
+                    let src = &bytes[((g * gs + r) * nb + b) * GGUF_BYTES..][..GGUF_BYTES];
+                    gb[2 * r..2 * r + 2].copy_from_slice(&src[0..2]);
+                    gb[dmin_at(gs) + 2 * r..dmin_at(gs) + 2 * r + 2].copy_from_slice(&src[2..4]);
                     let packed = &src[4..16];
                     for s in 0..8 {
                         let (sc, m) = scale_min(s, packed);
-                        gb[SC_AT + s * G + r] = sc;
-                        let at = M_AT + ((s / 2) * G + r) * 4 + (s % 2) * 2;
+                        gb[sc_at(gs) + s * gs + r] = sc;
+                        let at = m_at(gs) + ((s / 2) * gs + r) * 4 + (s % 2) * 2;
                         gb[at..at + 2].copy_from_slice(&(m as i16).to_le_bytes());
                     }
                     let qs = &src[16..];
                     for p in 0..4 {
                         for j in 0..8 {
-                            let at = Q_AT + ((p * 8 + j) * G + r) * 4;
+                            let at = q_at(gs) + ((p * 8 + j) * gs + r) * 4;
                             gb[at..at + 4].copy_from_slice(&qs[32 * p + 4 * j..32 * p + 4 * j + 4]);
                         }
                     }
                 }
             }
         }
-        Ok(Q4KMatrix { n, k, data })
+        Ok(Q4KMatrix { n, k, gs, data })
     }
 
     fn group_block(&self, g: usize, b: usize) -> &[u8] {
-        let nb = self.k / QK_K;
-        &self.data[(g * nb + b) * GROUP_BYTES..][..GROUP_BYTES]
+        let (nb, gbytes) = (self.k / QK_K, group_bytes(self.gs));
+        &self.data[(g * nb + b) * gbytes..][..gbytes]
+    }
+
+    /// Row `r` of a group block: `d`, `dmin`, the scale and min of sub-block `s`, and the
+    /// 4-bit quant of element `l` of sub-block `s`.
+    fn d_dmin(&self, gb: &[u8], r: usize) -> (f32, f32) {
+        let at = dmin_at(self.gs) + 2 * r;
+        (
+            f16::from_le_bytes([gb[2 * r], gb[2 * r + 1]]).to_f32(),
+            f16::from_le_bytes([gb[at], gb[at + 1]]).to_f32(),
+        )
+    }
+
+    fn sc_m(&self, gb: &[u8], r: usize, s: usize) -> (u8, i16) {
+        let gs = self.gs;
+        let at = m_at(gs) + ((s / 2) * gs + r) * 4 + (s % 2) * 2;
+        (
+            gb[sc_at(gs) + s * gs + r],
+            i16::from_le_bytes([gb[at], gb[at + 1]]),
+        )
+    }
+
+    fn quant(&self, gb: &[u8], r: usize, s: usize, l: usize) -> u8 {
+        let (p, j, byte) = (s / 2, l / 4, l % 4);
+        let v = gb[q_at(self.gs) + ((p * 8 + j) * self.gs + r) * 4 + byte];
+        if s % 2 == 1 {
+            v >> 4
+        } else {
+            v & 0xF
+        }
     }
 
     /// Row `c` dequantized (candle's and llama.cpp's arithmetic: `d * sc * q - dmin * m`).
     fn dequantize_row(&self, c: usize, out: &mut [f32]) {
-        let (g, r) = (c / G, c % G);
+        let (g, r) = (c / self.gs, c % self.gs);
         for (b, ob) in out.chunks_exact_mut(QK_K).enumerate() {
             let gb = self.group_block(g, b);
-            let d = f16::from_le_bytes([gb[D_AT + 2 * r], gb[D_AT + 2 * r + 1]]).to_f32();
-            let dmin = f16::from_le_bytes([gb[DMIN_AT + 2 * r], gb[DMIN_AT + 2 * r + 1]]).to_f32();
+            let (d, dmin) = self.d_dmin(gb, r);
             for s in 0..8 {
-                let sc = gb[SC_AT + s * G + r];
-                let at = M_AT + ((s / 2) * G + r) * 4 + (s % 2) * 2;
-                let m = i16::from_le_bytes([gb[at], gb[at + 1]]);
+                let (sc, m) = self.sc_m(gb, r, s);
                 let (d1, m1) = (d * sc as f32, dmin * m as f32);
-                let (p, high) = (s / 2, s % 2 == 1);
                 for l in 0..32 {
-                    let (j, byte) = (l / 4, l % 4);
-                    let v = gb[Q_AT + ((p * 8 + j) * G + r) * 4 + byte];
-                    let q = if high { v >> 4 } else { v & 0xF };
-                    ob[s * 32 + l] = d1 * q as f32 - m1;
+                    ob[s * 32 + l] = d1 * self.quant(gb, r, s, l) as f32 - m1;
                 }
             }
         }
     }
 
-    /// Scalar path over the group layout (same integers as the SIMD kernels).
-    fn tile_scalar(&self, g: usize, x: &[&[XK]], out: &mut [[f32; G]]) {
+    /// Scalar path over the group layout (same integers as the SIMD kernels): the `gs` rows
+    /// of group `g` for each activation row of `x`.
+    fn tile_scalar(&self, g: usize, x: &[&[XK]], out: &mut [[f32; G16]]) {
         let nb = self.k / QK_K;
         for (xr, o) in x.iter().zip(out.iter_mut()) {
-            *o = [0.0; G];
+            *o = [0.0; G16];
             for b in 0..nb {
                 let gb = self.group_block(g, b);
                 let xb = &xr[b];
-                for (r, or) in o.iter_mut().enumerate() {
+                for (r, or) in o.iter_mut().enumerate().take(self.gs) {
                     let (mut sumi, mut summ) = (0i32, 0i32);
                     for s in 0..8 {
-                        let (p, high) = (s / 2, s % 2 == 1);
-                        let mut dot = 0i32;
-                        for l in 0..32 {
-                            let (j, byte) = (l / 4, l % 4);
-                            let v = gb[Q_AT + ((p * 8 + j) * G + r) * 4 + byte];
-                            let q = if high { v >> 4 } else { v & 0xF };
-                            dot += q as i32 * xb.qs[s * 32 + l] as i32;
-                        }
-                        sumi += dot * gb[SC_AT + s * G + r] as i32;
-                        let at = M_AT + ((s / 2) * G + r) * 4 + (s % 2) * 2;
-                        summ += i16::from_le_bytes([gb[at], gb[at + 1]]) as i32 * xb.sub[s] as i32;
+                        let dot: i32 = (0..32)
+                            .map(|l| self.quant(gb, r, s, l) as i32 * xb.qs[s * 32 + l] as i32)
+                            .sum();
+                        let (sc, m) = self.sc_m(gb, r, s);
+                        sumi += dot * sc as i32;
+                        summ += m as i32 * xb.sub[s] as i32;
                     }
-                    let d = f16::from_le_bytes([gb[D_AT + 2 * r], gb[D_AT + 2 * r + 1]]).to_f32();
-                    let dmin =
-                        f16::from_le_bytes([gb[DMIN_AT + 2 * r], gb[DMIN_AT + 2 * r + 1]]).to_f32();
+                    let (d, dmin) = self.d_dmin(gb, r);
                     *or += xb.d * d * sumi as f32 - xb.d * dmin * summ as f32;
                 }
             }
@@ -222,16 +259,17 @@ macro_rules! q4k_group {
             let ones = _mm256_set1_epi16(1);
             let mut acc = [_mm256_setzero_ps(); R];
             for b in 0..nb {
-                let p = w.add(b * GROUP_BYTES);
-                let dw = _mm256_cvtph_ps(_mm_loadu_si128(p.add(D_AT) as *const __m128i));
-                let dmin = _mm256_cvtph_ps(_mm_loadu_si128(p.add(DMIN_AT) as *const __m128i));
+                let p = w.add(b * group_bytes(G));
+                let dw = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+                let dmin = _mm256_cvtph_ps(_mm_loadu_si128(p.add(dmin_at(G)) as *const __m128i));
                 let mut sumi = [_mm256_setzero_si256(); R];
                 for pair in 0..4 {
                     let mut lo = [_mm256_setzero_si256(); R];
                     let mut hi = [_mm256_setzero_si256(); R];
                     for j in 0..8 {
-                        let raw =
-                            _mm256_loadu_si256(p.add(Q_AT + (pair * 8 + j) * 32) as *const __m256i);
+                        let raw = _mm256_loadu_si256(
+                            p.add(q_at(G) + (pair * 8 + j) * 32) as *const __m256i
+                        );
                         let wl = _mm256_and_si256(raw, mask);
                         let wh = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), mask);
                         for r in 0..R {
@@ -254,10 +292,10 @@ macro_rules! q4k_group {
                         }
                     }
                     let scl = _mm256_cvtepu8_epi32(_mm_loadl_epi64(
-                        p.add(SC_AT + 2 * pair * G) as *const __m128i
+                        p.add(sc_at(G) + 2 * pair * G) as *const __m128i
                     ));
                     let sch = _mm256_cvtepu8_epi32(_mm_loadl_epi64(
-                        p.add(SC_AT + (2 * pair + 1) * G) as *const __m128i,
+                        p.add(sc_at(G) + (2 * pair + 1) * G) as *const __m128i,
                     ));
                     for r in 0..R {
                         sumi[r] = _mm256_add_epi32(sumi[r], _mm256_mullo_epi32(lo[r], scl));
@@ -268,7 +306,7 @@ macro_rules! q4k_group {
                     let xb = &*x[r].add(b);
                     let mut summ = _mm256_setzero_si256();
                     for pair in 0..4 {
-                        let m = _mm256_loadu_si256(p.add(M_AT + pair * 32) as *const __m256i);
+                        let m = _mm256_loadu_si256(p.add(m_at(G) + pair * 32) as *const __m256i);
                         let s = _mm256_set1_epi32(
                             (xb.sub.as_ptr().add(2 * pair) as *const i32).read_unaligned(),
                         );
@@ -293,6 +331,69 @@ q4k_group!(q4k_avx2, "avx2,fma,f16c", false);
 #[cfg(target_arch = "x86_64")]
 q4k_group!(q4k_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", true);
 
+/// [`q4k_vnni`] on 512-bit vectors over groups of 16 rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn q4k_avx512<const R: usize>(
+    w: *const u8,
+    x: [*const XK; R],
+    nb: usize,
+    out: &mut [[f32; G16]; R],
+) {
+    use std::arch::x86_64::*;
+    let mask = _mm512_set1_epi8(0x0F);
+    let mut acc = [_mm512_setzero_ps(); R];
+    for b in 0..nb {
+        let p = w.add(b * group_bytes(G16));
+        let dw = _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i));
+        let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(p.add(dmin_at(G16)) as *const __m256i));
+        let mut sumi = [_mm512_setzero_si512(); R];
+        for pair in 0..4 {
+            let mut lo = [_mm512_setzero_si512(); R];
+            let mut hi = [_mm512_setzero_si512(); R];
+            for j in 0..8 {
+                let raw = _mm512_loadu_si512(p.add(q_at(G16) + (pair * 8 + j) * 64) as *const _);
+                let wl = _mm512_and_si512(raw, mask);
+                let wh = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), mask);
+                for r in 0..R {
+                    let xq = (*x[r].add(b)).qs.as_ptr().add(pair * 64 + 4 * j);
+                    let yl = _mm512_set1_epi32((xq as *const i32).read_unaligned());
+                    let yh = _mm512_set1_epi32((xq.add(32) as *const i32).read_unaligned());
+                    lo[r] = _mm512_dpbusd_epi32(lo[r], wl, yl);
+                    hi[r] = _mm512_dpbusd_epi32(hi[r], wh, yh);
+                }
+            }
+            let scl = _mm512_cvtepu8_epi32(_mm_loadu_si128(
+                p.add(sc_at(G16) + 2 * pair * G16) as *const __m128i
+            ));
+            let sch = _mm512_cvtepu8_epi32(_mm_loadu_si128(
+                p.add(sc_at(G16) + (2 * pair + 1) * G16) as *const __m128i,
+            ));
+            for r in 0..R {
+                sumi[r] = _mm512_add_epi32(sumi[r], _mm512_mullo_epi32(lo[r], scl));
+                sumi[r] = _mm512_add_epi32(sumi[r], _mm512_mullo_epi32(hi[r], sch));
+            }
+        }
+        for r in 0..R {
+            let xb = &*x[r].add(b);
+            let mut summ = _mm512_setzero_si512();
+            for pair in 0..4 {
+                let m = _mm512_loadu_si512(p.add(m_at(G16) + pair * 64) as *const _);
+                let s = _mm512_set1_epi32(
+                    (xb.sub.as_ptr().add(2 * pair) as *const i32).read_unaligned(),
+                );
+                summ = _mm512_add_epi32(summ, _mm512_madd_epi16(m, s));
+            }
+            let dx = _mm512_set1_ps(xb.d);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi[r]), _mm512_mul_ps(dw, dx), acc[r]);
+            acc[r] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(summ), _mm512_mul_ps(dmin, dx), acc[r]);
+        }
+    }
+    for r in 0..R {
+        _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]);
+    }
+}
+
 impl KLinear for Q4KMatrix {
     fn dtype(&self) -> candle_core::quantized::GgmlDType {
         candle_core::quantized::GgmlDType::Q4K
@@ -314,11 +415,12 @@ impl KLinear for Q4KMatrix {
         let mut dst = vec![0f32; m * n];
         let dst_ptr = dst.as_mut_ptr() as usize;
         let isa = isa();
+        let gs = self.gs;
         let row_tiles = m.div_ceil(TILE_R);
         let work = |item: usize| {
             let (g, rt) = (item / row_tiles, item % row_tiles);
             let rows = rt * TILE_R..m.min((rt + 1) * TILE_R);
-            let mut out = [[0f32; G]; TILE_R];
+            let mut out = [[0f32; G16]; TILE_R];
             match isa {
                 #[cfg(target_arch = "x86_64")]
                 Isa::Avx2 | Isa::Vnni | Isa::Avx512 => {
@@ -328,22 +430,37 @@ impl KLinear for Q4KMatrix {
                         let row = (rows.start + r).min(rows.end - 1);
                         xq[row * nb..(row + 1) * nb].as_ptr()
                     });
-                    // SAFETY: the CPU has the features (checked at run time); `w` starts the
-                    // group's `nb` super-blocks and every `x` a row of `nb` blocks.
+                    // SAFETY: the CPU has the features (checked at run time: 16-row groups
+                    // only with AVX-512); `w` starts the group's `nb` super-blocks and every
+                    // `x` a row of `nb` blocks.
                     unsafe {
                         let vnni = isa.vnni();
-                        if rows.len() == 1 {
+                        if gs == G16 {
+                            if rows.len() == 1 {
+                                let mut one = [[0f32; G16]; 1];
+                                q4k_avx512::<1>(w, [x[0]], nb, &mut one);
+                                out[0] = one[0];
+                            } else {
+                                q4k_avx512::<TILE_R>(w, x, nb, &mut out);
+                            }
+                        } else if rows.len() == 1 {
                             let mut one = [[0f32; G]; 1];
                             if vnni {
                                 q4k_vnni::<1>(w, [x[0]], nb, &mut one)
                             } else {
                                 q4k_avx2::<1>(w, [x[0]], nb, &mut one)
                             }
-                            out[0] = one[0];
-                        } else if vnni {
-                            q4k_vnni::<TILE_R>(w, x, nb, &mut out)
+                            out[0][..G].copy_from_slice(&one[0]);
                         } else {
-                            q4k_avx2::<TILE_R>(w, x, nb, &mut out)
+                            let mut part = [[0f32; G]; TILE_R];
+                            if vnni {
+                                q4k_vnni::<TILE_R>(w, x, nb, &mut part)
+                            } else {
+                                q4k_avx2::<TILE_R>(w, x, nb, &mut part)
+                            }
+                            for (o, p) in out.iter_mut().zip(&part) {
+                                o[..G].copy_from_slice(p);
+                            }
                         }
                     }
                 }
@@ -353,13 +470,13 @@ impl KLinear for Q4KMatrix {
                 }
             }
             for (r, row) in rows.enumerate() {
-                for (i, &v) in out[r].iter().enumerate() {
-                    // SAFETY: (row, g * G + i) is inside dst and written by this item only.
-                    unsafe { *(dst_ptr as *mut f32).add(row * n + g * G + i) = v };
+                for (i, &v) in out[r][..gs].iter().enumerate() {
+                    // SAFETY: (row, g * gs + i) is inside dst and written by this item only.
+                    unsafe { *(dst_ptr as *mut f32).add(row * n + g * gs + i) = v };
                 }
             }
         };
-        run_items(row_tiles * (n / G), &work);
+        run_items(row_tiles * (n / gs), &work);
         Ok(Tensor::from_vec(dst, out_dims, &Device::Cpu)?)
     }
 
@@ -440,15 +557,16 @@ mod tests {
                 .unwrap()
                 .to_vec1()
                 .unwrap();
-            for g in 0..n / G {
+            let gs = mat.gs;
+            for g in 0..n / gs {
                 let xr: Vec<&[XK]> = (0..m).map(|r| &xq[r * nb..(r + 1) * nb]).collect();
-                let mut want = vec![[0f32; G]; m];
+                let mut want = vec![[0f32; G16]; m];
                 mat.tile_scalar(g, &xr, &mut want);
                 for r in 0..m {
-                    for i in 0..G {
-                        let (a, s) = (got[r * n + g * G + i], want[r][i]);
+                    for i in 0..gs {
+                        let (a, s) = (got[r * n + g * gs + i], want[r][i]);
                         assert!((a - s).abs() < 1e-4 * (1.0 + s.abs()), "{a} vs scalar {s}");
-                        let c = theirs[r * n + g * G + i];
+                        let c = theirs[r * n + g * gs + i];
                         assert!((a - c).abs() < 2e-3 * (1.0 + c.abs()), "{a} vs candle {c}");
                     }
                 }
