@@ -478,6 +478,134 @@ unsafe fn weighted_multi_avx2<T: Elem, const Q: usize, const N: usize>(
     }
 }
 
+/// A block of queries (rows x heads sharing one KV head) against the keys and values on
+/// 512-bit vectors: each key is converted once for every query, each query's dot runs as one
+/// 16-lane FMA chain whose halves are the two 8-lane chains of [`scores_avx2`], reduced four
+/// queries at a time with its pairings; the values are then accumulated with each value row
+/// loaded once for 4 queries, per lane in key order as in [`weighted_sum_avx2`]. So the
+/// results equal the row-at-a-time path's bit for bit (decode uses that path: a conversation
+/// read in pieces gives what it gives read at once). Query `c` (`qm[c * hd..]`, already
+/// rounded when `round_f16`) sees keys `0..seen[c]` and writes `ys[c]` (zeroed by the caller).
+/// `hd` is a multiple of 16, at most 256.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_tile_avx512<T: Elem>(
+    qm: &[f32],
+    seen: &[usize],
+    keys: &[T],
+    vals: &[T],
+    hd: usize,
+    scale: f32,
+    round_f16: bool,
+    ys: &mut [&mut [f32]],
+) {
+    use std::arch::x86_64::*;
+    let nq = seen.len();
+    let n = seen.iter().copied().max().unwrap_or(0);
+    let width = n.div_ceil(16) * 16;
+    debug_assert!(keys.len() >= n * hd && vals.len() >= n * hd && hd.is_multiple_of(16));
+    let mut sc = vec![0f32; nq * width];
+    let steps = hd / 16;
+    let mut kv = [_mm512_setzero_ps(); 16];
+    for j in 0..n {
+        let row = keys.as_ptr().add(j * hd);
+        for (m, v) in kv.iter_mut().enumerate().take(steps) {
+            *v = _mm512_insertf32x8::<1>(
+                _mm512_castps256_ps512(T::load8(row.add(16 * m))),
+                T::load8(row.add(16 * m + 8)),
+            );
+        }
+        for q0 in (0..nq).step_by(4) {
+            // Lanes 0..8 of a query's sum are the first chain of the row-at-a-time dot (the
+            // low half of each 16-wide step), lanes 8..16 the second: the halves added and the
+            // four queries reduced together give exactly its sums.
+            let v: [__m256; 4] = std::array::from_fn(|c| {
+                if q0 + c >= nq {
+                    return _mm256_setzero_ps();
+                }
+                let qp = qm.as_ptr().add((q0 + c) * hd);
+                let mut a = _mm512_setzero_ps();
+                for (m, k) in kv.iter().enumerate().take(steps) {
+                    a = _mm512_fmadd_ps(_mm512_loadu_ps(qp.add(16 * m)), *k, a);
+                }
+                _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps::<1>(a))
+            });
+            let ab = _mm256_add_ps(
+                _mm256_permute2f128_ps::<0x20>(v[0], v[1]),
+                _mm256_permute2f128_ps::<0x31>(v[0], v[1]),
+            );
+            let cd = _mm256_add_ps(
+                _mm256_permute2f128_ps::<0x20>(v[2], v[3]),
+                _mm256_permute2f128_ps::<0x31>(v[2], v[3]),
+            );
+            let x = _mm256_add_ps(
+                _mm256_shuffle_ps::<0x44>(ab, cd),
+                _mm256_shuffle_ps::<0xEE>(ab, cd),
+            );
+            let x = _mm256_add_ps(x, _mm256_shuffle_ps::<0xB1>(x, x));
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), x);
+            for (c, lane) in [0, 4, 2, 6].into_iter().enumerate() {
+                if q0 + c < nq {
+                    sc[(q0 + c) * width + j] = lanes[lane] * scale;
+                }
+            }
+        }
+    }
+    let mut sums = vec![0f32; nq];
+    for (c, sum) in sums.iter_mut().enumerate() {
+        let row = &mut sc[c * width..(c + 1) * width];
+        let (live, dead) = row.split_at_mut(seen[c]);
+        let max = live.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        *sum = exp_shifted_avx2(live, max);
+        if round_f16 {
+            let inv = 1.0 / *sum;
+            for p in live.iter_mut() {
+                *p = f16::from_f32(*p * inv).to_f32();
+            }
+        }
+        dead.fill(0.0);
+    }
+    for d0 in (0..hd).step_by(64) {
+        let lanes = (hd - d0).min(64) / 16;
+        for q0 in (0..nq).step_by(4) {
+            let qn = (nq - q0).min(4);
+            let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+            for j in 0..n {
+                let row = vals.as_ptr().add(j * hd + d0);
+                let mut vv = [_mm512_setzero_ps(); 4];
+                for (l, v) in vv.iter_mut().enumerate().take(lanes) {
+                    *v = _mm512_insertf32x8::<1>(
+                        _mm512_castps256_ps512(T::load8(row.add(16 * l))),
+                        T::load8(row.add(16 * l + 8)),
+                    );
+                }
+                for (c, a) in acc.iter_mut().enumerate().take(qn) {
+                    let p = _mm512_set1_ps(*sc.get_unchecked((q0 + c) * width + j));
+                    for l in 0..lanes {
+                        a[l] = _mm512_fmadd_ps(p, vv[l], a[l]);
+                    }
+                }
+            }
+            for (c, a) in acc.iter().enumerate().take(qn) {
+                let y = &mut ys[q0 + c];
+                for (l, v) in a.iter().enumerate().take(lanes) {
+                    _mm512_storeu_ps(y.as_mut_ptr().add(d0 + 16 * l), *v);
+                }
+            }
+        }
+    }
+    if !round_f16 {
+        for (y, sum) in ys.iter_mut().zip(&sums) {
+            let inv = 1.0 / sum;
+            for o in y.iter_mut() {
+                *o *= inv;
+            }
+        }
+    }
+}
+
 /// `s = exp(s - max)` for every score; returns their sum.
 fn exp_shifted(scores: &mut [f32], max: f32, simd: bool) -> f32 {
     #[cfg(target_arch = "x86_64")]
@@ -608,6 +736,76 @@ pub(crate) fn causal(
     // the heads spread over the threads.
     let per = if t > 1 { group.min(4) } else { 1 };
     let chunks = group.div_ceil(per);
+    #[cfg(target_arch = "x86_64")]
+    let same_storage = matches!(
+        (ks, vs),
+        (Rows::F16(_), Rows::F16(_)) | (Rows::F32(_), Rows::F32(_))
+    );
+    if t > 1 && hd.is_multiple_of(16) && hd <= 256 && simd && same_storage && crate::kernels::wide()
+    {
+        // All the query heads of a KV head, for a block of rows, as one tile.
+        let tile = |item: usize| {
+            let (kvh, rb) = (item / row_blocks, item % row_blocks);
+            let heads = kvh * group..(kvh + 1) * group;
+            let rows = rb * ROWS..t.min((rb + 1) * ROWS);
+            let nq = rows.len() * group;
+            let mut qm = vec![0f32; nq * hd];
+            let mut seen = Vec::with_capacity(nq);
+            let mut ys: Vec<&mut [f32]> = Vec::with_capacity(nq);
+            for i in rows.clone() {
+                for h in heads.clone() {
+                    let c = seen.len();
+                    let src = &qs[q0 + h * q_head + i * hd..][..hd];
+                    let dst = &mut qm[c * hd..(c + 1) * hd];
+                    if round_f16 {
+                        for (d, v) in dst.iter_mut().zip(src) {
+                            *d = half::f16::from_f32(*v).to_f32();
+                        }
+                    } else {
+                        dst.copy_from_slice(src);
+                    }
+                    seen.push(start + i + 1);
+                    // SAFETY: row i, columns of head h, are written by this item only.
+                    ys.push(unsafe {
+                        std::slice::from_raw_parts_mut(
+                            (out_ptr as *mut f32).add(i * width + h * hd),
+                            hd,
+                        )
+                    });
+                }
+            }
+            let n = start + rows.end;
+            // SAFETY: AVX-512 was detected at run time; the key and value rows `0..n` are in
+            // bounds (sliced here) and `hd % 16 == 0`.
+            unsafe {
+                match (ks.from(k0 + kvh * k_head), vs.from(v0 + kvh * v_head)) {
+                    (Rows::F16(k), Rows::F16(v)) => attend_tile_avx512(
+                        &qm,
+                        &seen,
+                        &k[..n * hd],
+                        &v[..n * hd],
+                        hd,
+                        scale,
+                        round_f16,
+                        &mut ys,
+                    ),
+                    (Rows::F32(k), Rows::F32(v)) => attend_tile_avx512(
+                        &qm,
+                        &seen,
+                        &k[..n * hd],
+                        &v[..n * hd],
+                        hd,
+                        scale,
+                        round_f16,
+                        &mut ys,
+                    ),
+                    _ => {}
+                }
+            }
+        };
+        crate::pool::pool().run(nkv * row_blocks, &|r| r.for_each(tile));
+        return Ok(Tensor::from_vec(out, (1, t, width), q.device())?);
+    }
     let work = |item: usize| {
         let (hc, rb) = (item / row_blocks, item % row_blocks);
         let (kvh, c) = (hc / chunks, hc % chunks);
@@ -798,9 +996,16 @@ mod tests {
     /// An f16 cache gives exactly what an f32 cache holding the same rounded values gives.
     #[test]
     fn f16_storage_equals_rounded_f32_storage() {
+        // 72: the row-at-a-time path; 64: the 512-bit tile where the CPU has it.
+        for hd in [72, 64] {
+            f16_storage_case(hd);
+        }
+    }
+
+    fn f16_storage_case(hd: usize) {
         use candle_core::DType;
         let dev = Device::Cpu;
-        let (nh, nkv, hd, t, start) = (6, 2, 72, 9, 4);
+        let (nh, nkv, t, start) = (6, 2, 9, 4);
         let q = Tensor::from_vec(values(nh * t * hd, 3), (1, nh, t, hd), &dev).unwrap();
         let kv = |seed| {
             Tensor::from_vec(
@@ -858,6 +1063,51 @@ mod tests {
             );
         }
         assert!(((sum as f64) - want_sum).abs() < 1e-5 * want_sum);
+    }
+
+    /// Rows evaluated together (prompt) give exactly what they give one at a time (decode),
+    /// so a conversation read in pieces gives what it gives read at once.
+    #[test]
+    fn a_block_of_rows_equals_the_rows_one_at_a_time() {
+        use candle_core::DType;
+        let dev = Device::Cpu;
+        for hd in [64, 72] {
+            let (nh, nkv, t, start) = (6, 2, 11, 3);
+            let q = Tensor::from_vec(values(nh * t * hd, 13), (1, nh, t, hd), &dev).unwrap();
+            let kv = |seed| {
+                Tensor::from_vec(
+                    values(nkv * (start + t) * hd, seed),
+                    (1, nkv, start + t, hd),
+                    &dev,
+                )
+                .unwrap()
+                .to_dtype(DType::F16)
+                .unwrap()
+            };
+            let (k, v) = (kv(15), kv(17));
+            let all: Vec<f32> = causal(&q, &k, &v, start, 0.125, true)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for i in 0..t {
+                let qi = q.narrow(2, i, 1).unwrap().contiguous().unwrap();
+                let n = start + i + 1;
+                let (ki, vi) = (k.narrow(2, 0, n).unwrap(), v.narrow(2, 0, n).unwrap());
+                let one: Vec<f32> = causal(&qi, &ki, &vi, start + i, 0.125, true)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                assert_eq!(
+                    &all[i * nh * hd..(i + 1) * nh * hd],
+                    &one[..],
+                    "hd {hd} row {i}"
+                );
+            }
+        }
     }
 
     #[test]

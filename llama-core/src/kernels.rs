@@ -262,6 +262,14 @@ fn isa() -> Isa {
     })
 }
 
+/// Whether the 512-bit AVX-512 paths run.
+pub(crate) fn wide() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return isa() == Isa::Avx512;
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// Whether the x86-64 SIMD paths (AVX2, FMA, F16C at least) run.
 pub(crate) fn simd() -> bool {
     isa() != Isa::Scalar
