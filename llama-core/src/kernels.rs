@@ -37,6 +37,7 @@ use half::f16;
 use crate::error::{Error, Result};
 
 mod q4k;
+mod q6k;
 
 const QK: usize = 32;
 
@@ -1760,6 +1761,8 @@ pub(crate) fn k_matrix(
     }
     Some(match t {
         GgmlDType::Q4K if q4k::Q4KMatrix::fits(n, k) => q4k::Q4KMatrix::new(bytes, n, k)
+            .map(|m| std::sync::Arc::new(m) as std::sync::Arc<dyn KLinear>),
+        GgmlDType::Q6K if q6k::Q6KMatrix::fits(n, k) => q6k::Q6KMatrix::new(bytes, n, k)
             .map(|m| std::sync::Arc::new(m) as std::sync::Arc<dyn KLinear>),
         GgmlDType::Q2K => make::<BlockQ2K>(bytes, n, k),
         GgmlDType::Q3K => make::<BlockQ3K>(bytes, n, k),

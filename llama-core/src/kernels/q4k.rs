@@ -51,20 +51,24 @@ const fn group_bytes(gs: usize) -> usize {
 #[derive(Clone, Copy)]
 #[repr(C, align(32))]
 pub(super) struct XK {
-    d: f32,
-    sub: [i16; 8],
-    qs: [i8; QK_K],
+    pub(super) d: f32,
+    /// Sums of each 32-quant sub-block (Q4_K's mins).
+    pub(super) sub: [i16; 8],
+    /// Sums of each 16 quants (Q6_K's offset).
+    pub(super) s16: [i16; 16],
+    pub(super) qs: [i8; QK_K],
 }
 
-const ZERO_XK: XK = XK {
+pub(super) const ZERO_XK: XK = XK {
     d: 0.0,
     sub: [0; 8],
+    s16: [0; 16],
     qs: [0; QK_K],
 };
 
 /// llama.cpp's `quantize_row_q8_K_ref`: the element of largest magnitude (first one on ties)
 /// maps to -127, quants rounded to nearest even.
-fn quantize_q8k(x: &[f32], out: &mut [XK]) {
+pub(super) fn quantize_q8k(x: &[f32], out: &mut [XK]) {
     for (xb, ob) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
         let (mut amax, mut max) = (0f32, 0f32);
         for &v in xb {
@@ -81,8 +85,11 @@ fn quantize_q8k(x: &[f32], out: &mut [XK]) {
         for (q, &v) in ob.qs.iter_mut().zip(xb) {
             *q = ((iscale * v).round_ties_even() as i32).min(127) as i8;
         }
-        for (s, chunk) in ob.sub.iter_mut().zip(ob.qs.chunks_exact(32)) {
+        for (s, chunk) in ob.s16.iter_mut().zip(ob.qs.chunks_exact(16)) {
             *s = chunk.iter().map(|&q| q as i16).sum();
+        }
+        for (s, pair) in ob.sub.iter_mut().zip(ob.s16.chunks_exact(2)) {
+            *s = pair[0] + pair[1];
         }
         ob.d = 1.0 / iscale;
     }
@@ -589,6 +596,10 @@ mod tests {
             for (s, &sum) in ob.sub.iter().enumerate() {
                 let want: i16 = ob.qs[s * 32..(s + 1) * 32].iter().map(|&q| q as i16).sum();
                 assert_eq!(sum, want, "block {b} sub {s}");
+            }
+            for (s, &sum) in ob.s16.iter().enumerate() {
+                let want: i16 = ob.qs[s * 16..(s + 1) * 16].iter().map(|&q| q as i16).sum();
+                assert_eq!(sum, want, "block {b} s16 {s}");
             }
             for (i, &q) in ob.qs.iter().enumerate() {
                 let v = x[b * 256 + i] / ob.d;
