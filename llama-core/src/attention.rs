@@ -212,6 +212,34 @@ fn axpy_scalar<T: Elem>(acc: &mut [f32], w: f32, v: &[T]) {
     }
 }
 
+/// The horizontal sums of four 8-lane vectors together, with the pairings of a one-vector
+/// sum (lanes `i + (i+4)`, then `0+2` and `1+3`, then those two), so each equals what
+/// summing its vector alone gives.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn hsum4(v: [std::arch::x86_64::__m256; 4]) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    // Lanes i + i+4: vectors 0 and 1 (low and high half), vectors 2 and 3.
+    let ab = _mm256_add_ps(
+        _mm256_permute2f128_ps::<0x20>(v[0], v[1]),
+        _mm256_permute2f128_ps::<0x31>(v[0], v[1]),
+    );
+    let cd = _mm256_add_ps(
+        _mm256_permute2f128_ps::<0x20>(v[2], v[3]),
+        _mm256_permute2f128_ps::<0x31>(v[2], v[3]),
+    );
+    // 0+2 and 1+3: [v0, v0, v2, v2 | v1, v1, v3, v3].
+    let x = _mm256_add_ps(
+        _mm256_shuffle_ps::<0x44>(ab, cd),
+        _mm256_shuffle_ps::<0xEE>(ab, cd),
+    );
+    let x = _mm256_add_ps(x, _mm256_shuffle_ps::<0xB1>(x, x));
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), x);
+    [lanes[0], lanes[4], lanes[2], lanes[6]]
+}
+
 /// Key scores four keys at a time: per key two 8-lane FMA chains over the head dimension
 /// (16-wide steps, then one 8-wide step into the first), reduced for the four keys together by
 /// a transposing add tree with the same pairings as a one-key horizontal sum (lanes i + i+4,
@@ -248,26 +276,9 @@ unsafe fn scores_avx2<T: Elem>(q: &[f32], k: &[T], scale: f32, out: &mut [f32]) 
             }
             i += 8;
         }
-        let v: [__m256; 4] = std::array::from_fn(|c| _mm256_add_ps(s0[c], s1[c]));
-        // Lanes i + i+4: keys 0 and 1 (low and high half), keys 2 and 3.
-        let ab = _mm256_add_ps(
-            _mm256_permute2f128_ps::<0x20>(v[0], v[1]),
-            _mm256_permute2f128_ps::<0x31>(v[0], v[1]),
-        );
-        let cd = _mm256_add_ps(
-            _mm256_permute2f128_ps::<0x20>(v[2], v[3]),
-            _mm256_permute2f128_ps::<0x31>(v[2], v[3]),
-        );
-        // 0+2 and 1+3: [k0, k0, k2, k2 | k1, k1, k3, k3].
-        let x = _mm256_add_ps(
-            _mm256_shuffle_ps::<0x44>(ab, cd),
-            _mm256_shuffle_ps::<0xEE>(ab, cd),
-        );
-        let x = _mm256_add_ps(x, _mm256_shuffle_ps::<0xB1>(x, x));
-        let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), x);
-        for (c, lane) in [0, 4, 2, 6].into_iter().enumerate() {
-            let mut s = lanes[lane];
+        let sums = hsum4(std::array::from_fn(|c| _mm256_add_ps(s0[c], s1[c])));
+        for (c, &sum) in sums.iter().enumerate() {
+            let mut s = sum;
             if i < d {
                 s += tail(j + c, i);
             }
@@ -395,23 +406,9 @@ unsafe fn scores_multi_avx2<T: Elem, const Q: usize>(
                 _mm256_setzero_ps()
             }
         });
-        let ab = _mm256_add_ps(
-            _mm256_permute2f128_ps::<0x20>(v[0], v[1]),
-            _mm256_permute2f128_ps::<0x31>(v[0], v[1]),
-        );
-        let cd = _mm256_add_ps(
-            _mm256_permute2f128_ps::<0x20>(v[2], v[3]),
-            _mm256_permute2f128_ps::<0x31>(v[2], v[3]),
-        );
-        let x = _mm256_add_ps(
-            _mm256_shuffle_ps::<0x44>(ab, cd),
-            _mm256_shuffle_ps::<0xEE>(ab, cd),
-        );
-        let x = _mm256_add_ps(x, _mm256_shuffle_ps::<0xB1>(x, x));
-        let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), x);
-        for (c, lane) in [0, 4, 2, 6].into_iter().enumerate().take(Q) {
-            let mut s = lanes[lane];
+        let sums = hsum4(v);
+        for (c, &sum) in sums.iter().enumerate().take(Q) {
+            let mut s = sum;
             if i < d {
                 s += (i..d).map(|e| q[c][e] * k[j * d + e].f32()).sum::<f32>();
             }
@@ -531,24 +528,9 @@ unsafe fn attend_tile_avx512<T: Elem>(
                 }
                 _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps::<1>(a))
             });
-            let ab = _mm256_add_ps(
-                _mm256_permute2f128_ps::<0x20>(v[0], v[1]),
-                _mm256_permute2f128_ps::<0x31>(v[0], v[1]),
-            );
-            let cd = _mm256_add_ps(
-                _mm256_permute2f128_ps::<0x20>(v[2], v[3]),
-                _mm256_permute2f128_ps::<0x31>(v[2], v[3]),
-            );
-            let x = _mm256_add_ps(
-                _mm256_shuffle_ps::<0x44>(ab, cd),
-                _mm256_shuffle_ps::<0xEE>(ab, cd),
-            );
-            let x = _mm256_add_ps(x, _mm256_shuffle_ps::<0xB1>(x, x));
-            let mut lanes = [0f32; 8];
-            _mm256_storeu_ps(lanes.as_mut_ptr(), x);
-            for (c, lane) in [0, 4, 2, 6].into_iter().enumerate() {
+            for (c, &sum) in hsum4(v).iter().enumerate() {
                 if q0 + c < nq {
-                    sc[(q0 + c) * width + j] = lanes[lane] * scale;
+                    sc[(q0 + c) * width + j] = sum * scale;
                 }
             }
         }
@@ -872,15 +854,11 @@ mod tests {
     use super::*;
     use candle_core::{Device, D};
 
+    /// Test data in `[-2, 2]`.
     fn values(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s as f32 / u32::MAX as f32) * 4.0 - 2.0
-            })
+        crate::test_util::values(n, seed)
+            .into_iter()
+            .map(|v| 2.0 * v)
             .collect()
     }
 

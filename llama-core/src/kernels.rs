@@ -1874,19 +1874,8 @@ impl<T: KBlock> KLinear for KMatrix<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::values;
     use candle_core::quantized::QTensor;
-
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s as f32 / u32::MAX as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
 
     /// Every path available on this CPU gives the scalar path's products (up to float
     /// summation order), and the scalar path matches an f64 product of the dequantized weights

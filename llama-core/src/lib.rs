@@ -38,6 +38,8 @@ pub mod quantize;
 pub mod sampler;
 mod session;
 mod state;
+#[cfg(test)]
+mod test_util;
 pub mod tokenizer;
 mod weights;
 

@@ -501,19 +501,8 @@ impl KLinear for Q4KMatrix {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::values;
     use candle_core::quantized::{GgmlDType, QTensor};
-
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s as f32 / u32::MAX as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
 
     /// Rows equal candle's dequantization; products equal the scalar path over the same
     /// integers and agree with candle's Q4_K matmul (both quantize activations to q8_K).

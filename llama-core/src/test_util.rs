@@ -1,0 +1,14 @@
+//! Helpers shared by the unit tests.
+
+/// `n` pseudo-random values in `[-1, 1]` (xorshift32 from `seed`): the same data on every run.
+pub(crate) fn values(n: usize, seed: u32) -> Vec<f32> {
+    let mut s = seed | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            (s as f32 / u32::MAX as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
