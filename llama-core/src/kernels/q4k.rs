@@ -26,9 +26,9 @@ const QK_K: usize = 256;
 const GGUF_BYTES: usize = 144;
 /// Rows per group: 8 for the 256-bit kernels, 16 for the 512-bit ones.
 const G: usize = 8;
-const G16: usize = 16;
+pub(super) const G16: usize = 16;
 /// Activation rows per prompt tile.
-const TILE_R: usize = 4;
+pub(super) const TILE_R: usize = 4;
 
 /// Offsets inside a group block of `gs` rows.
 const fn dmin_at(gs: usize) -> usize {
@@ -401,90 +401,112 @@ unsafe fn q4k_avx512<const R: usize>(
     }
 }
 
+/// A tile of the k-quant group kernels: group `g`, activation rows `rows` (their q8_K blocks
+/// as `x`, padded by repeating the last row; all rows' blocks as `xq`), results into `out`.
+pub(super) type Tile<'a> = dyn Fn(usize, std::ops::Range<usize>, [*const XK; TILE_R], &[XK], &mut [[f32; G16]; TILE_R])
+    + Sync
+    + 'a;
+
+/// The activation rows `rows` of `xq` (`nb` blocks each) as slices, for the scalar paths.
+pub(super) fn row_slices(xq: &[XK], rows: std::ops::Range<usize>, nb: usize) -> Vec<&[XK]> {
+    rows.map(|r| &xq[r * nb..(r + 1) * nb]).collect()
+}
+
+/// The driver shared by the k-quant group kernels: quantizes the rows of `x` to q8_K, runs
+/// `tile` over tiles of up to [`TILE_R`] activation rows x one group of `gs` weight rows on
+/// the pool (group-major, so a worker's consecutive tiles reuse the group from cache), and
+/// gathers `x @ W^T` for a `[n, k]` matrix.
+pub(super) fn group_forward(
+    x: &Tensor,
+    k: usize,
+    n: usize,
+    gs: usize,
+    tile: &Tile<'_>,
+) -> Result<Tensor> {
+    let (m, k, out_dims) = matmul_shape(x, k, n)?;
+    let xs = super::input_f32(x)?;
+    let nb = k / QK_K;
+    let mut xq = vec![ZERO_XK; m * nb];
+    let xq_ptr = xq.as_mut_ptr() as usize;
+    run_items(m, &|r| {
+        // SAFETY: row `r` of `xq` is written by this item only, and `xq` outlives the call.
+        let out = unsafe { std::slice::from_raw_parts_mut((xq_ptr as *mut XK).add(r * nb), nb) };
+        quantize_q8k(&xs[r * k..(r + 1) * k], out);
+    });
+    let mut dst = vec![0f32; m * n];
+    let dst_ptr = dst.as_mut_ptr() as usize;
+    let row_tiles = m.div_ceil(TILE_R);
+    let work = |item: usize| {
+        let (g, rt) = (item / row_tiles, item % row_tiles);
+        let rows = rt * TILE_R..m.min((rt + 1) * TILE_R);
+        let x: [*const XK; TILE_R] = std::array::from_fn(|r| {
+            let row = (rows.start + r).min(rows.end - 1);
+            xq[row * nb..(row + 1) * nb].as_ptr()
+        });
+        let mut out = [[0f32; G16]; TILE_R];
+        tile(g, rows.clone(), x, &xq, &mut out);
+        for (r, row) in rows.enumerate() {
+            for (i, &v) in out[r][..gs].iter().enumerate() {
+                // SAFETY: (row, g * gs + i) is inside dst and written by this item only.
+                unsafe { *(dst_ptr as *mut f32).add(row * n + g * gs + i) = v };
+            }
+        }
+    };
+    run_items(row_tiles * (n / gs), &work);
+    Ok(Tensor::from_vec(dst, out_dims, &Device::Cpu)?)
+}
+
 impl KLinear for Q4KMatrix {
     fn dtype(&self) -> candle_core::quantized::GgmlDType {
         candle_core::quantized::GgmlDType::Q4K
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (m, k, out_dims) = matmul_shape(x, self.k, self.n)?;
-        let xs = super::input_f32(x)?;
-        let nb = k / QK_K;
-        let mut xq = vec![ZERO_XK; m * nb];
-        let xq_ptr = xq.as_mut_ptr() as usize;
-        run_items(m, &|r| {
-            // SAFETY: row `r` of `xq` is written by this item only, and `xq` outlives the call.
-            let out =
-                unsafe { std::slice::from_raw_parts_mut((xq_ptr as *mut XK).add(r * nb), nb) };
-            quantize_q8k(&xs[r * k..(r + 1) * k], out);
-        });
-        let n = self.n;
-        let mut dst = vec![0f32; m * n];
-        let dst_ptr = dst.as_mut_ptr() as usize;
-        let isa = isa();
-        let gs = self.gs;
-        let row_tiles = m.div_ceil(TILE_R);
-        let work = |item: usize| {
-            let (g, rt) = (item / row_tiles, item % row_tiles);
-            let rows = rt * TILE_R..m.min((rt + 1) * TILE_R);
-            let mut out = [[0f32; G16]; TILE_R];
-            match isa {
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 | Isa::Vnni | Isa::Avx512 => {
-                    let w = self.group_block(g, 0).as_ptr();
-                    // A partial tile repeats its last row; the extra results are not used.
-                    let x: [*const XK; TILE_R] = std::array::from_fn(|r| {
-                        let row = (rows.start + r).min(rows.end - 1);
-                        xq[row * nb..(row + 1) * nb].as_ptr()
-                    });
-                    // SAFETY: the CPU has the features (checked at run time: 16-row groups
-                    // only with AVX-512); `w` starts the group's `nb` super-blocks and every
-                    // `x` a row of `nb` blocks.
-                    unsafe {
-                        let vnni = isa.vnni();
-                        if gs == G16 {
-                            if rows.len() == 1 {
-                                let mut one = [[0f32; G16]; 1];
-                                q4k_avx512::<1>(w, [x[0]], nb, &mut one);
-                                out[0] = one[0];
-                            } else {
-                                q4k_avx512::<TILE_R>(w, x, nb, &mut out);
-                            }
-                        } else if rows.len() == 1 {
-                            let mut one = [[0f32; G]; 1];
-                            if vnni {
-                                q4k_vnni::<1>(w, [x[0]], nb, &mut one)
-                            } else {
-                                q4k_avx2::<1>(w, [x[0]], nb, &mut one)
-                            }
-                            out[0][..G].copy_from_slice(&one[0]);
+        let (isa, gs) = (isa(), self.gs);
+        let nb = self.k / QK_K;
+        group_forward(x, self.k, self.n, gs, &|g, rows, x, xq, out| match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 | Isa::Vnni | Isa::Avx512 => {
+                let w = self.group_block(g, 0).as_ptr();
+                // SAFETY: the CPU has the features (checked at run time: 16-row groups only
+                // with AVX-512); `w` starts the group's `nb` super-blocks and every `x` a row
+                // of `nb` blocks.
+                unsafe {
+                    let vnni = isa.vnni();
+                    if gs == G16 {
+                        if rows.len() == 1 {
+                            let mut one = [[0f32; G16]; 1];
+                            q4k_avx512::<1>(w, [x[0]], nb, &mut one);
+                            out[0] = one[0];
                         } else {
-                            let mut part = [[0f32; G]; TILE_R];
-                            if vnni {
-                                q4k_vnni::<TILE_R>(w, x, nb, &mut part)
-                            } else {
-                                q4k_avx2::<TILE_R>(w, x, nb, &mut part)
-                            }
-                            for (o, p) in out.iter_mut().zip(&part) {
-                                o[..G].copy_from_slice(p);
-                            }
+                            q4k_avx512::<TILE_R>(w, x, nb, out);
+                        }
+                    } else if rows.len() == 1 {
+                        let mut one = [[0f32; G]; 1];
+                        if vnni {
+                            q4k_vnni::<1>(w, [x[0]], nb, &mut one)
+                        } else {
+                            q4k_avx2::<1>(w, [x[0]], nb, &mut one)
+                        }
+                        out[0][..G].copy_from_slice(&one[0]);
+                    } else {
+                        let mut part = [[0f32; G]; TILE_R];
+                        if vnni {
+                            q4k_vnni::<TILE_R>(w, x, nb, &mut part)
+                        } else {
+                            q4k_avx2::<TILE_R>(w, x, nb, &mut part)
+                        }
+                        for (o, p) in out.iter_mut().zip(&part) {
+                            o[..G].copy_from_slice(p);
                         }
                     }
                 }
-                _ => {
-                    let xr: Vec<&[XK]> = rows.clone().map(|r| &xq[r * nb..(r + 1) * nb]).collect();
-                    self.tile_scalar(g, &xr, &mut out[..rows.len()]);
-                }
             }
-            for (r, row) in rows.enumerate() {
-                for (i, &v) in out[r][..gs].iter().enumerate() {
-                    // SAFETY: (row, g * gs + i) is inside dst and written by this item only.
-                    unsafe { *(dst_ptr as *mut f32).add(row * n + g * gs + i) = v };
-                }
+            _ => {
+                let n = rows.len();
+                self.tile_scalar(g, &row_slices(xq, rows, nb), &mut out[..n])
             }
-        };
-        run_items(row_tiles * (n / gs), &work);
-        Ok(Tensor::from_vec(dst, out_dims, &Device::Cpu)?)
+        })
     }
 
     fn rows(&self, ids: &[u32]) -> Result<Tensor> {

@@ -20,8 +20,8 @@
 use candle_core::{Device, Tensor};
 use half::f16;
 
-use super::q4k::{quantize_q8k, XK, ZERO_XK};
-use super::{check_ids, isa, matmul_shape, run_items, Isa, KLinear};
+use super::q4k::{group_forward, row_slices, TILE_R, XK};
+use super::{check_ids, isa, Isa, KLinear};
 use crate::error::{Error, Result};
 
 const QK_K: usize = 256;
@@ -31,8 +31,6 @@ const SC_AT: usize = 2 * G;
 const Q_AT: usize = SC_AT + 16 * G;
 const PIECE: usize = 12 * G;
 const GROUP_BYTES: usize = Q_AT + 16 * PIECE;
-/// Activation rows per prompt tile.
-const TILE_R: usize = 4;
 
 /// A Q6_K matrix `[n, k]` with `n % 8 == 0`, in the group layout above.
 pub(crate) struct Q6KMatrix {
@@ -257,35 +255,13 @@ impl KLinear for Q6KMatrix {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (m, k, out_dims) = matmul_shape(x, self.k, self.n)?;
-        let xs = super::input_f32(x)?;
-        let nb = k / QK_K;
-        let mut xq = vec![ZERO_XK; m * nb];
-        let xq_ptr = xq.as_mut_ptr() as usize;
-        run_items(m, &|r| {
-            // SAFETY: row `r` of `xq` is written by this item only, and `xq` outlives the call.
-            let out =
-                unsafe { std::slice::from_raw_parts_mut((xq_ptr as *mut XK).add(r * nb), nb) };
-            quantize_q8k(&xs[r * k..(r + 1) * k], out);
-        });
-        let n = self.n;
-        let mut dst = vec![0f32; m * n];
-        let dst_ptr = dst.as_mut_ptr() as usize;
-        let isa = isa();
-        let row_tiles = m.div_ceil(TILE_R);
-        let work = |item: usize| {
-            let (g, rt) = (item / row_tiles, item % row_tiles);
-            let rows = rt * TILE_R..m.min((rt + 1) * TILE_R);
-            let mut out = [[0f32; G]; TILE_R];
+        let (isa, nb) = (isa(), self.k / QK_K);
+        group_forward(x, self.k, self.n, G, &|g, rows, x, xq, out| {
+            let mut part = [[0f32; G]; TILE_R];
             match isa {
                 #[cfg(target_arch = "x86_64")]
                 Isa::Avx2 | Isa::Vnni | Isa::Avx512 => {
                     let w = self.group_block(g, 0).as_ptr();
-                    // A partial tile repeats its last row; the extra results are not used.
-                    let x: [*const XK; TILE_R] = std::array::from_fn(|r| {
-                        let row = (rows.start + r).min(rows.end - 1);
-                        xq[row * nb..(row + 1) * nb].as_ptr()
-                    });
                     // SAFETY: the CPU has the features (checked at run time); `w` starts the
                     // group's `nb` super-blocks and every `x` a row of `nb` blocks.
                     unsafe {
@@ -297,28 +273,23 @@ impl KLinear for Q6KMatrix {
                             } else {
                                 q6k_avx2::<1>(w, [x[0]], nb, &mut one)
                             }
-                            out[0] = one[0];
+                            part[0] = one[0];
                         } else if vnni {
-                            q6k_vnni::<TILE_R>(w, x, nb, &mut out)
+                            q6k_vnni::<TILE_R>(w, x, nb, &mut part)
                         } else {
-                            q6k_avx2::<TILE_R>(w, x, nb, &mut out)
+                            q6k_avx2::<TILE_R>(w, x, nb, &mut part)
                         }
                     }
                 }
                 _ => {
-                    let xr: Vec<&[XK]> = rows.clone().map(|r| &xq[r * nb..(r + 1) * nb]).collect();
-                    self.tile_scalar(g, &xr, &mut out[..rows.len()]);
+                    let n = rows.len();
+                    self.tile_scalar(g, &row_slices(xq, rows, nb), &mut part[..n])
                 }
             }
-            for (r, row) in rows.enumerate() {
-                for (i, &v) in out[r].iter().enumerate() {
-                    // SAFETY: (row, g * G + i) is inside dst and written by this item only.
-                    unsafe { *(dst_ptr as *mut f32).add(row * n + g * G + i) = v };
-                }
+            for (o, p) in out.iter_mut().zip(&part) {
+                o[..G].copy_from_slice(p);
             }
-        };
-        run_items(row_tiles * (n / G), &work);
-        Ok(Tensor::from_vec(dst, out_dims, &Device::Cpu)?)
+        })
     }
 
     fn rows(&self, ids: &[u32]) -> Result<Tensor> {
@@ -335,6 +306,7 @@ impl KLinear for Q6KMatrix {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::q4k::{quantize_q8k, ZERO_XK};
     use crate::test_util::values;
     use candle_core::quantized::{GgmlDType, QTensor};
 
