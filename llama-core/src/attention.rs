@@ -810,8 +810,9 @@ pub(crate) fn causal(
                 }
             }
             let seen = start + i + 1;
-            let qrows: Vec<&[f32]> = qbuf.chunks_exact(hd).collect();
-            keys.scores_multi(&qrows, scale, seen, &mut scores, simd);
+            // No allocation per row (this runs for every head of every decoded token).
+            let qrows: [&[f32]; 4] = std::array::from_fn(|c| &qbuf[c.min(nq - 1) * hd..][..hd]);
+            keys.scores_multi(&qrows[..nq], scale, seen, &mut scores, simd);
             let mut sums = [0f32; 4];
             for (c, sum) in sums.iter_mut().enumerate().take(nq) {
                 let sc = &mut scores[c * seen..(c + 1) * seen];
@@ -824,19 +825,18 @@ pub(crate) fn causal(
                     }
                 }
             }
-            // SAFETY: row i, columns of these heads, are written by this item only.
-            let mut ys: Vec<&mut [f32]> = heads
-                .clone()
-                .map(|h| unsafe {
-                    std::slice::from_raw_parts_mut(
-                        (out_ptr as *mut f32).add(i * width + h * hd),
-                        hd,
-                    )
-                })
-                .collect();
-            vals.weighted_multi(&scores[..nq * seen], seen, &mut ys, simd);
+            // SAFETY: row i, columns of these heads, are written by this item only (slots
+            // past `nq` are empty).
+            let mut ys: [&mut [f32]; 4] = std::array::from_fn(|c| unsafe {
+                let len = if c < nq { hd } else { 0 };
+                std::slice::from_raw_parts_mut(
+                    (out_ptr as *mut f32).add(i * width + (heads.start + c.min(nq - 1)) * hd),
+                    len,
+                )
+            });
+            vals.weighted_multi(&scores[..nq * seen], seen, &mut ys[..nq], simd);
             if !round_f16 {
-                for (y, sum) in ys.iter_mut().zip(sums) {
+                for (y, sum) in ys.iter_mut().zip(sums).take(nq) {
                     let inv = 1.0 / sum;
                     for o in y.iter_mut() {
                         *o *= inv;
