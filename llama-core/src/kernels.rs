@@ -1030,6 +1030,71 @@ fn run_items(items: usize, work: &(dyn Fn(usize) + Sync)) {
     crate::pool::pool().run(items, &|range| range.for_each(work));
 }
 
+/// A matmul's `[m, n]` output, filled by work items that each write their own values: no
+/// zeroing pass over the buffer first (it would cost a memory pass per matmul).
+pub(crate) struct Dst {
+    buf: Vec<f32>,
+    m: usize,
+    n: usize,
+}
+
+/// Where work items write a [`Dst`]'s values (shared by the items of one matmul).
+#[derive(Clone, Copy)]
+pub(crate) struct DstWriter {
+    ptr: usize,
+    m: usize,
+    n: usize,
+}
+
+impl Dst {
+    pub(crate) fn new(m: usize, n: usize) -> Dst {
+        Dst {
+            buf: Vec::with_capacity(m * n),
+            m,
+            n,
+        }
+    }
+
+    pub(crate) fn writer(&mut self) -> DstWriter {
+        DstWriter {
+            ptr: self.buf.as_mut_ptr() as usize,
+            m: self.m,
+            n: self.n,
+        }
+    }
+
+    /// The values.
+    ///
+    /// # Safety
+    /// Every element was written through [`DstWriter::put`].
+    pub(crate) unsafe fn finish(mut self) -> Vec<f32> {
+        // SAFETY: the caller wrote all m * n elements of the reserved capacity.
+        unsafe { self.buf.set_len(self.m * self.n) };
+        self.buf
+    }
+}
+
+impl DstWriter {
+    /// Writes `vals` at row `row`, columns `col..col + vals.len()`. Work items write disjoint
+    /// places.
+    #[inline]
+    pub(crate) fn put(&self, row: usize, col: usize, vals: &[f32]) {
+        assert!(
+            row < self.m && col + vals.len() <= self.n,
+            "matmul output bounds"
+        );
+        // SAFETY: in bounds (checked above) of a buffer with m * n reserved values that lives
+        // until `finish`; no two work items write the same element.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                vals.as_ptr(),
+                (self.ptr as *mut f32).add(row * self.n + col),
+                vals.len(),
+            )
+        };
+    }
+}
+
 /// A weight matrix `[n, k]` (rows are output features) in one of the block formats, stored as
 /// GGUF blocks, or as interleaved groups of 8 rows (see [`G`]).
 #[derive(Debug)]
@@ -1281,13 +1346,9 @@ impl BlockMatrix {
         let xs = input_f32(x)?;
         let xq = quantize_rows_parallel(&xs, m, k);
         let n = self.n;
-        let mut dst = vec![0f32; m * n];
-        let dst_ptr = dst.as_mut_ptr() as usize;
+        let mut dst = Dst::new(m, n);
+        let put = dst.writer();
         let isa = isa();
-        let put = |r: usize, c: usize, v: f32| {
-            // SAFETY: (r, c) is inside dst and each element is written by one work item only.
-            unsafe { *(dst_ptr as *mut f32).add(r * n + c) = v };
-        };
         let items;
         let work: Box<dyn Fn(usize) + Sync> = if self.group > 0 {
             // Tiles of GROUP_R activation rows x one group, group-major so that a worker's
@@ -1302,9 +1363,7 @@ impl BlockMatrix {
                 let mut out = [[0f32; G16]; GROUP_R];
                 self.group_tile(isa, &xq, rows.clone(), g, &mut out);
                 for (r, row) in rows.enumerate() {
-                    for (i, &v) in out[r][..gs].iter().enumerate() {
-                        put(row, g * gs + i, v);
-                    }
+                    put.put(row, g * gs, &out[r][..gs]);
                 }
             })
         } else if m == 1 {
@@ -1314,9 +1373,7 @@ impl BlockMatrix {
                 let cols = g * DECODE_C..n.min((g + 1) * DECODE_C);
                 let mut out = [[0f32; DECODE_C]; 1];
                 self.tile::<1, DECODE_C>(isa, &xq, 0..1, cols.clone(), &mut out);
-                for (c, col) in cols.enumerate() {
-                    put(0, col, out[0][c]);
-                }
+                put.put(0, cols.start, &out[0][..cols.len()]);
             })
         } else {
             // Prompt: tiles of TILE_R activation rows x TILE_C weight rows, weight-row major so
@@ -1330,14 +1387,14 @@ impl BlockMatrix {
                 let mut out = [[0f32; TILE_C]; TILE_R];
                 self.tile::<TILE_R, TILE_C>(isa, &xq, rows.clone(), cols.clone(), &mut out);
                 for (r, row) in rows.enumerate() {
-                    for (c, col) in cols.clone().enumerate() {
-                        put(row, col, out[r][c]);
-                    }
+                    put.put(row, cols.start, &out[r][..cols.len()]);
                 }
             })
         };
         run_items(items, &work);
         drop(work);
+        // SAFETY: the items cover every (row, column) of the output.
+        let dst = unsafe { dst.finish() };
         Ok(Tensor::from_vec(dst, out_dims, &Device::Cpu)?)
     }
 }
@@ -1491,13 +1548,26 @@ unsafe fn f16_group_avx512<const R: usize>(
     }
 }
 
-/// Two adjacent 16-row groups (`w` and `w + 16 k`) times `R` activation rows: per position two
-/// weight vectors and one broadcast per row, each broadcast feeding two FMAs. Per output lane
-/// the same FMAs in the same order as the one-group tiles.
+/// `len` (a multiple of 16) f16 values from `src` as f32 into `dst`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn f16_group2_avx512<const R: usize>(
-    w: *const f16,
+#[target_feature(enable = "avx512f,f16c")]
+unsafe fn f16_to_f32_avx512(src: *const f16, dst: *mut f32, len: usize) {
+    use std::arch::x86_64::*;
+    for i in (0..len).step_by(FG) {
+        _mm512_storeu_ps(
+            dst.add(i),
+            _mm512_cvtph_ps(_mm256_loadu_si256(src.add(i) as *const __m256i)),
+        );
+    }
+}
+
+/// Two adjacent 16-row groups of f32 weights (`w` and `w + 16 k`, converted from f16 once
+/// per tile of rows) times `R` activation rows. Per output lane the same FMAs in the same order
+/// as the f16 tiles, so the same results.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn f32_group2_avx512<const R: usize>(
+    w: *const f32,
     x: [*const f32; R],
     k: usize,
     out: &mut [[f32; 2 * FG]; R],
@@ -1507,8 +1577,8 @@ unsafe fn f16_group2_avx512<const R: usize>(
     let mut a0 = [_mm512_setzero_ps(); R];
     let mut a1 = [_mm512_setzero_ps(); R];
     for i in 0..k {
-        let v0 = _mm512_cvtph_ps(_mm256_loadu_si256(w.add(i * FG) as *const __m256i));
-        let v1 = _mm512_cvtph_ps(_mm256_loadu_si256(w1.add(i * FG) as *const __m256i));
+        let v0 = _mm512_loadu_ps(w.add(i * FG));
+        let v1 = _mm512_loadu_ps(w1.add(i * FG));
         for r in 0..R {
             let xv = _mm512_set1_ps(*x[r].add(i));
             a0[r] = _mm512_fmadd_ps(xv, v0, a0[r]);
@@ -1519,6 +1589,11 @@ unsafe fn f16_group2_avx512<const R: usize>(
         _mm512_storeu_ps(out[r].as_mut_ptr(), a0[r]);
         _mm512_storeu_ps(out[r].as_mut_ptr().add(FG), a1[r]);
     }
+}
+
+thread_local! {
+    /// Per-thread f32 copy of the weight groups a prompt tile works on.
+    static F32_SCRATCH: std::cell::RefCell<((usize, usize), Vec<f32>)> = const { std::cell::RefCell::new(((0, 0), Vec::new())) };
 }
 
 impl F16Matrix {
@@ -1645,44 +1720,22 @@ impl F16Matrix {
 
     /// `x @ W^T` for `x` of shape `[..., k]`.
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (m, k, out_dims) = matmul_shape(x, self.k, self.n)?;
+        let (m, _, out_dims) = matmul_shape(x, self.k, self.n)?;
         let n = self.n;
         let xs = input_f32(x)?;
-        let mut dst = vec![0f32; m * n];
-        let dst_ptr = dst.as_mut_ptr() as usize;
+        let mut dst = Dst::new(m, n);
+        let put = dst.writer();
         let simd = isa() != Isa::Scalar;
-        let put = |r: usize, c: usize, v: f32| {
-            // SAFETY: (r, c) is inside dst and each element is written by one work item only.
-            unsafe { *(dst_ptr as *mut f32).add(r * n + c) = v };
-        };
+        // Prompts on AVX-512 over pairs of groups.
         #[cfg(target_arch = "x86_64")]
-        if self.grouped && m > 1 && n.is_multiple_of(2 * FG) && isa() == Isa::Avx512 {
-            // Pairs of groups: each broadcast activation feeds two FMAs.
-            const R: usize = 8;
-            let row_tiles = m.div_ceil(R);
-            let work = |item: usize| {
-                let (g2, rt) = (item / row_tiles, item % row_tiles);
-                let rows = rt * R..m.min((rt + 1) * R);
-                // A partial tile repeats its last row; the extra results are not used.
-                let x: [*const f32; R] = std::array::from_fn(|r| {
-                    let row = (rows.start + r).min(rows.end - 1);
-                    xs[row * k..(row + 1) * k].as_ptr()
-                });
-                let w = self.data[2 * g2 * FG * k..(2 * g2 + 2) * FG * k].as_ptr();
-                let mut out = [[0f32; 2 * FG]; R];
-                // SAFETY: AVX-512 was detected at run time; `w` holds two groups of `k`
-                // positions and every `x` a row of `k` values.
-                unsafe { f16_group2_avx512::<R>(w, x, k, &mut out) };
-                for (r, row) in rows.enumerate() {
-                    for (i, &v) in out[r].iter().enumerate() {
-                        put(row, 2 * g2 * FG + i, v);
-                    }
-                }
-            };
-            run_items(row_tiles * (n / (2 * FG)), &work);
-            return Ok(Tensor::from_vec(dst, out_dims, &Device::Cpu)?);
-        }
-        if self.grouped {
+        let done = self.grouped && m > 1 && n.is_multiple_of(2 * FG) && isa() == Isa::Avx512 && {
+            self.forward_pairs(&xs, m, put);
+            true
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let done = false;
+        if done {
+        } else if self.grouped {
             let row_tiles = m.div_ceil(F16_R);
             let work = |item: usize| {
                 let (g, rt) = (item / row_tiles, item % row_tiles);
@@ -1690,14 +1743,21 @@ impl F16Matrix {
                 let mut out = [[0f32; FG]; F16_R];
                 self.group_tile(simd, &xs, rows.clone(), g, &mut out);
                 for (r, row) in rows.enumerate() {
-                    for (i, &v) in out[r].iter().enumerate() {
-                        put(row, g * FG + i, v);
-                    }
+                    put.put(row, g * FG, &out[r]);
                 }
             };
             run_items(row_tiles * (n / FG), &work);
-            return Ok(Tensor::from_vec(dst, out_dims, &Device::Cpu)?);
+        } else {
+            self.forward_rows(&xs, m, simd, put);
         }
+        // SAFETY: every path above writes every (row, column) of the output.
+        let dst = unsafe { dst.finish() };
+        Ok(Tensor::from_vec(dst, out_dims, &Device::Cpu)?)
+    }
+
+    /// Plain rows (a row count that is not a multiple of 16): a dot product per output.
+    fn forward_rows(&self, xs: &[f32], m: usize, simd: bool, put: DstWriter) {
+        let (n, k) = (self.n, self.k);
         let group = 8;
         let work = |g: usize| {
             for c in g * group..n.min((g + 1) * group) {
@@ -1713,12 +1773,60 @@ impl F16Matrix {
                     };
                     #[cfg(not(target_arch = "x86_64"))]
                     let v = dot_f16_scalar(w, xr);
-                    put(r, c, v);
+                    put.put(r, c, &[v]);
                 }
             }
         };
         run_items(n.div_ceil(group), &work);
-        Ok(Tensor::from_vec(dst, out_dims, &Device::Cpu)?)
+    }
+
+    /// Prompts on AVX-512, `n` a multiple of 32: each work item takes a pair of groups and a
+    /// run of row tiles; the pair is converted to f32 once into a per-thread buffer (kept while
+    /// the thread's next items use the same pair), so the inner loop is loads and FMAs only.
+    #[cfg(target_arch = "x86_64")]
+    fn forward_pairs(&self, xs: &[f32], m: usize, put: DstWriter) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        /// Activation rows per tile, and tiles per work item.
+        const R: usize = 12;
+        const TILES: usize = 4;
+        static CALLS: AtomicUsize = AtomicUsize::new(1);
+        let (n, k) = (self.n, self.k);
+        let row_tiles = m.div_ceil(R);
+        let runs = row_tiles.div_ceil(TILES);
+        // Tells this call's conversions from any earlier call's.
+        let call = CALLS.fetch_add(1, Ordering::Relaxed);
+        let work = |item: usize| {
+            let (g2, run) = (item / runs, item % runs);
+            let w = &self.data[2 * g2 * FG * k..(2 * g2 + 2) * FG * k];
+            F32_SCRATCH.with(|cell| {
+                let (key, buf) = &mut *cell.borrow_mut();
+                if buf.len() < w.len() {
+                    buf.resize(w.len(), 0.0);
+                }
+                if *key != (call, g2) {
+                    // SAFETY: AVX-512 was detected at run time (the caller checked);
+                    // `buf` holds at least `w.len()` values, a multiple of 16.
+                    unsafe { f16_to_f32_avx512(w.as_ptr(), buf.as_mut_ptr(), w.len()) };
+                    *key = (call, g2);
+                }
+                for rt in run * TILES..row_tiles.min((run + 1) * TILES) {
+                    let rows = rt * R..m.min((rt + 1) * R);
+                    // A partial tile repeats its last row; the extra results are not used.
+                    let x: [*const f32; R] = std::array::from_fn(|r| {
+                        let row = (rows.start + r).min(rows.end - 1);
+                        xs[row * k..(row + 1) * k].as_ptr()
+                    });
+                    let mut out = [[0f32; 2 * FG]; R];
+                    // SAFETY: as above; `buf` holds two groups of `k` positions and every
+                    // `x` a row of `k` values.
+                    unsafe { f32_group2_avx512::<R>(buf.as_ptr(), x, k, &mut out) };
+                    for (r, row) in rows.enumerate() {
+                        put.put(row, 2 * g2 * FG, &out[r]);
+                    }
+                }
+            });
+        };
+        run_items(runs * (n / (2 * FG)), &work);
     }
 }
 
@@ -1842,21 +1950,21 @@ impl<T: KBlock> KLinear for KMatrix<T> {
             BlockQ8K::from_float(&xs[r * k..(r + 1) * k], out);
         });
         let n = self.n;
-        let mut dst = vec![0f32; m * n];
-        let dst_ptr = dst.as_mut_ptr() as usize;
+        let mut dst = Dst::new(m, n);
+        let put = dst.writer();
         let row_tiles = m.div_ceil(K_ROWS);
         let work = |item: usize| {
             let (cg, rt) = (item / row_tiles, item % row_tiles);
             for c in cg * K_COLS..n.min((cg + 1) * K_COLS) {
                 let w = self.row(c);
                 for r in rt * K_ROWS..m.min((rt + 1) * K_ROWS) {
-                    let v = T::vec_dot(k, w, &xq[r * nbx..(r + 1) * nbx]);
-                    // SAFETY: (r, c) is inside dst and written by this item only.
-                    unsafe { *(dst_ptr as *mut f32).add(r * n + c) = v };
+                    put.put(r, c, &[T::vec_dot(k, w, &xq[r * nbx..(r + 1) * nbx])]);
                 }
             }
         };
         run_items(row_tiles * n.div_ceil(K_COLS), &work);
+        // SAFETY: the items cover every (row, column) of the output.
+        let dst = unsafe { dst.finish() };
         Ok(Tensor::from_vec(dst, out_dims, &Device::Cpu)?)
     }
 
@@ -2124,7 +2232,7 @@ mod tests {
             .map(|v| f16::from_f32(*v).to_f32())
             .collect();
         let mat = F16Matrix::from_rows(w.iter().map(|v| f16::from_f32(*v)).collect(), n, k);
-        for m in [1usize, 3, 6, 7, 12, 13, 25] {
+        for m in [1usize, 3, 6, 7, 12, 13, 25, 61] {
             let x = values(m * k, 8 + m as u32);
             let y: Vec<f32> = mat
                 .forward(&Tensor::from_vec(x.clone(), (1, m, k), &Device::Cpu).unwrap())
@@ -2185,11 +2293,13 @@ mod tests {
             .iter()
             .map(|v| f16::from_f32(*v))
             .collect();
+        let mut w2f = vec![0f32; w2.len()];
         let mut pair = [[0f32; 2 * FG]; 4];
         let (mut g0, mut g1) = ([[0f32; FG]; 4], [[0f32; FG]; 4]);
         // SAFETY: as above; `w2` holds two groups.
         unsafe {
-            f16_group2_avx512::<4>(w2.as_ptr(), xp, k, &mut pair);
+            f16_to_f32_avx512(w2.as_ptr(), w2f.as_mut_ptr(), w2.len());
+            f32_group2_avx512::<4>(w2f.as_ptr(), xp, k, &mut pair);
             f16_group_avx2::<4>(w2.as_ptr(), xp, k, &mut g0);
             f16_group_avx2::<4>(w2[FG * k..].as_ptr(), xp, k, &mut g1);
         }

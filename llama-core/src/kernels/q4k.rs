@@ -19,7 +19,7 @@
 use candle_core::{Device, Tensor};
 use half::f16;
 
-use super::{check_ids, isa, matmul_shape, run_items, Isa, KLinear};
+use super::{check_ids, isa, matmul_shape, run_items, Dst, Isa, KLinear};
 use crate::error::{Error, Result};
 
 const QK_K: usize = 256;
@@ -433,8 +433,8 @@ pub(super) fn group_forward(
         let out = unsafe { std::slice::from_raw_parts_mut((xq_ptr as *mut XK).add(r * nb), nb) };
         quantize_q8k(&xs[r * k..(r + 1) * k], out);
     });
-    let mut dst = vec![0f32; m * n];
-    let dst_ptr = dst.as_mut_ptr() as usize;
+    let mut dst = Dst::new(m, n);
+    let put = dst.writer();
     let row_tiles = m.div_ceil(TILE_R);
     let work = |item: usize| {
         let (g, rt) = (item / row_tiles, item % row_tiles);
@@ -446,13 +446,12 @@ pub(super) fn group_forward(
         let mut out = [[0f32; G16]; TILE_R];
         tile(g, rows.clone(), x, &xq, &mut out);
         for (r, row) in rows.enumerate() {
-            for (i, &v) in out[r][..gs].iter().enumerate() {
-                // SAFETY: (row, g * gs + i) is inside dst and written by this item only.
-                unsafe { *(dst_ptr as *mut f32).add(row * n + g * gs + i) = v };
-            }
+            put.put(row, g * gs, &out[r][..gs]);
         }
     };
     run_items(row_tiles * (n / gs), &work);
+    // SAFETY: the items cover every (row, column) of the output.
+    let dst = unsafe { dst.finish() };
     Ok(Tensor::from_vec(dst, out_dims, &Device::Cpu)?)
 }
 
