@@ -681,6 +681,7 @@ fn simd() -> bool {
 /// its dot products with the keys, and the normalized attention weights are rounded to f16
 /// before they weight the values. With keys and values rounded too (the caller does that),
 /// greedy outputs stay with llama.cpp's where its margins are clear.
+#[cfg(test)]
 pub(crate) fn causal(
     q: &Tensor,
     k: &Tensor,
@@ -690,26 +691,72 @@ pub(crate) fn causal(
     round_f16: bool,
 ) -> Result<Tensor> {
     let (_, nh, t, hd) = q.dims4()?;
+    let (qs, q0, q_head) = head_view(q)?;
+    let qs = match &*qs {
+        Storage::Cpu(CpuStorage::F32(v)) => &v[q0..],
+        _ => return Err(Error::InvalidArgument("attention: f32 queries only".into())),
+    };
+    let queries = Queries {
+        data: qs,
+        heads: nh,
+        rows: t,
+        head_dim: hd,
+        head_stride: q_head,
+        row_stride: hd,
+    };
+    let mut out = vec![0f32; t * nh * hd];
+    causal_into(&queries, k, v, start, scale, round_f16, &mut out)?;
+    Ok(Tensor::from_vec(out, (1, t, nh * hd), q.device())?)
+}
+
+/// Query rows for [`causal_into`]: head `h` of row `i` is
+/// `data[h * head_stride + i * row_stride..][..head_dim]`.
+pub(crate) struct Queries<'a> {
+    pub data: &'a [f32],
+    pub heads: usize,
+    pub rows: usize,
+    pub head_dim: usize,
+    pub head_stride: usize,
+    pub row_stride: usize,
+}
+
+impl Queries<'_> {
+    fn at(&self, h: usize, i: usize) -> &[f32] {
+        &self.data[h * self.head_stride + i * self.row_stride..][..self.head_dim]
+    }
+}
+
+/// [`causal`] with the queries in any row/head layout, into `out` (`rows x heads * head_dim`,
+/// row-major).
+pub(crate) fn causal_into(
+    q: &Queries<'_>,
+    k: &Tensor,
+    v: &Tensor,
+    start: usize,
+    scale: f32,
+    round_f16: bool,
+    out: &mut [f32],
+) -> Result<()> {
+    let (nh, t, hd) = (q.heads, q.rows, q.head_dim);
     let (_, nkv, total, hd_k) = k.dims4()?;
-    if hd_k != hd || v.dims4()? != (1, nkv, total, hd) || total != start + t || nh % nkv != 0 {
+    if hd_k != hd
+        || v.dims4()? != (1, nkv, total, hd)
+        || total != start + t
+        || nkv == 0
+        || nh % nkv != 0
+        || out.len() != t * nh * hd
+    {
         return Err(Error::InvalidArgument(format!(
-            "attention: q {:?}, k {:?}, v {:?}, start {start}",
-            q.dims(),
+            "attention: {nh} query heads x {t} rows x {hd}, k {:?}, v {:?}, start {start}",
             k.dims(),
             v.dims()
         )));
     }
     let group = nh / nkv;
-    let (qs, q0, q_head) = head_view(q)?;
     let (ks, k0, k_head) = head_view(k)?;
     let (vs, v0, v_head) = head_view(v)?;
-    let qs = match &*qs {
-        Storage::Cpu(CpuStorage::F32(v)) => &v[..],
-        _ => return Err(Error::InvalidArgument("attention: f32 queries only".into())),
-    };
     let (ks, vs) = (Rows::of(&ks), Rows::of(&vs));
     let width = nh * hd;
-    let mut out = vec![0f32; t * width];
     let out_ptr = out.as_mut_ptr() as usize;
     let simd = simd();
     let row_blocks = t.div_ceil(ROWS);
@@ -737,7 +784,7 @@ pub(crate) fn causal(
             for i in rows.clone() {
                 for h in heads.clone() {
                     let c = seen.len();
-                    let src = &qs[q0 + h * q_head + i * hd..][..hd];
+                    let src = q.at(h, i);
                     let dst = &mut qm[c * hd..(c + 1) * hd];
                     if round_f16 {
                         for (d, v) in dst.iter_mut().zip(src) {
@@ -786,7 +833,7 @@ pub(crate) fn causal(
             }
         };
         crate::pool::pool().run(nkv * row_blocks, &|r| r.for_each(tile));
-        return Ok(Tensor::from_vec(out, (1, t, width), q.device())?);
+        return Ok(());
     }
     let work = |item: usize| {
         let (hc, rb) = (item / row_blocks, item % row_blocks);
@@ -799,7 +846,7 @@ pub(crate) fn causal(
         let mut qbuf = vec![0f32; nq * hd];
         for i in rb * ROWS..t.min((rb + 1) * ROWS) {
             for (c, h) in heads.clone().enumerate() {
-                let src = &qs[q0 + h * q_head + i * hd..][..hd];
+                let src = q.at(h, i);
                 let dst = &mut qbuf[c * hd..(c + 1) * hd];
                 if round_f16 {
                     for (d, v) in dst.iter_mut().zip(src) {
@@ -834,6 +881,10 @@ pub(crate) fn causal(
                     len,
                 )
             });
+            // The weighted sums accumulate into the output (which may hold old values).
+            for y in ys.iter_mut().take(nq) {
+                y.fill(0.0);
+            }
             vals.weighted_multi(&scores[..nq * seen], seen, &mut ys[..nq], simd);
             if !round_f16 {
                 for (y, sum) in ys.iter_mut().zip(sums).take(nq) {
@@ -846,7 +897,7 @@ pub(crate) fn causal(
         }
     };
     crate::pool::pool().run(nkv * chunks * row_blocks, &|r| r.for_each(work));
-    Ok(Tensor::from_vec(out, (1, t, width), q.device())?)
+    Ok(())
 }
 
 #[cfg(test)]

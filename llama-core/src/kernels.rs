@@ -954,8 +954,8 @@ pub(crate) fn input_f32(x: &Tensor) -> Result<Input<'_>> {
     Ok(Input::Owned(x.flatten_all()?.to_vec1::<f32>()?))
 }
 
-/// SwiGLU, `silu(g) * u` with `silu(x) = x / (1 + exp(-x))`, in one pass on the pool (one
-/// output buffer; the vectorized `exp` of the attention kernel).
+/// SwiGLU, `silu(g) * u` with `silu(x) = x / (1 + exp(-x))`, into a new tensor.
+#[cfg(test)]
 pub(crate) fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     if g.dims() != u.dims() {
         return Err(Error::InvalidArgument(format!(
@@ -964,18 +964,86 @@ pub(crate) fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
             u.dims()
         )));
     }
-    let (gs, us) = (input_f32(g)?, input_f32(u)?);
-    let n = gs.len();
-    let mut out = vec![0f32; n];
-    let out_ptr = out.as_mut_ptr() as usize;
+    let mut out = input_f32(g)?.to_vec();
+    swiglu_in_place(&mut out, &input_f32(u)?);
+    Ok(Tensor::from_vec(out, g.dims(), &Device::Cpu)?)
+}
+
+/// RMS norm of each row of `x` (rows of `w.len()` values) into `out`: `x / sqrt(mean(x^2) +
+/// eps) * w`, with candle's `rms_norm` arithmetic (a sequential f32 sum of squares, then a
+/// divide and a multiply per value). Rows spread over the pool for prompts.
+pub(crate) fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let d = w.len();
+    assert!(
+        d > 0 && x.len() == out.len() && x.len().is_multiple_of(d),
+        "rms_norm shapes"
+    );
+    let norm = |src: &[f32], dst: &mut [f32]| {
+        let sum2 = src.iter().map(|&v| v * v).sum::<f32>();
+        let m = (sum2 / d as f32 + eps).sqrt();
+        for ((o, &s), &a) in dst.iter_mut().zip(src).zip(w) {
+            *o = s / m * a;
+        }
+    };
+    rows_on_pool(x, out, d, &norm);
+}
+
+/// `x += y`, elementwise (the residual adds).
+pub(crate) fn add_in_place(x: &mut [f32], y: &[f32]) {
+    assert_eq!(x.len(), y.len(), "add shapes");
+    const CHUNK: usize = 8192;
+    let x_ptr = x.as_mut_ptr() as usize;
+    let n = x.len();
+    let work = |c: usize| {
+        let r = c * CHUNK..n.min((c + 1) * CHUNK);
+        // SAFETY: chunk `c` of `x` is written by this item only.
+        let xc =
+            unsafe { std::slice::from_raw_parts_mut((x_ptr as *mut f32).add(r.start), r.len()) };
+        for (a, b) in xc.iter_mut().zip(&y[r]) {
+            *a += b;
+        }
+    };
+    if n <= CHUNK {
+        work(0);
+    } else {
+        run_items(n.div_ceil(CHUNK), &work);
+    }
+}
+
+/// `f(src row, dst row)` for each row of `d` values, on the pool when there are many rows.
+fn rows_on_pool(src: &[f32], dst: &mut [f32], d: usize, f: &(dyn Fn(&[f32], &mut [f32]) + Sync)) {
+    let rows = src.len() / d;
+    const ROWS: usize = 16;
+    if rows <= ROWS {
+        for (s, o) in src.chunks_exact(d).zip(dst.chunks_exact_mut(d)) {
+            f(s, o);
+        }
+        return;
+    }
+    let dst_ptr = dst.as_mut_ptr() as usize;
+    run_items(rows.div_ceil(ROWS), &|c| {
+        for r in c * ROWS..rows.min((c + 1) * ROWS) {
+            // SAFETY: row `r` of `dst` is written by this item only.
+            let o = unsafe { std::slice::from_raw_parts_mut((dst_ptr as *mut f32).add(r * d), d) };
+            f(&src[r * d..(r + 1) * d], o);
+        }
+    });
+}
+
+/// SwiGLU in place, `g = silu(g) * u`, in one pass on the pool (the vectorized `exp` of the
+/// attention kernel).
+pub(crate) fn swiglu_in_place(g: &mut [f32], u: &[f32]) {
+    assert_eq!(g.len(), u.len(), "swiglu operands");
+    let n = g.len();
+    let g_ptr = g.as_mut_ptr() as usize;
     let simd = simd();
     const CHUNK: usize = 4096;
     run_items(n.div_ceil(CHUNK), &|c| {
         let r = c * CHUNK..n.min((c + 1) * CHUNK);
-        // SAFETY: chunk `c` of `out` is written by this item only.
+        // SAFETY: chunk `c` of `g` is read and written by this item only.
         let o =
-            unsafe { std::slice::from_raw_parts_mut((out_ptr as *mut f32).add(r.start), r.len()) };
-        let (gc, uc) = (&gs[r.clone()], &us[r]);
+            unsafe { std::slice::from_raw_parts_mut((g_ptr as *mut f32).add(r.start), r.len()) };
+        let uc = &u[r];
         let mut i = 0;
         #[cfg(target_arch = "x86_64")]
         if simd {
@@ -984,7 +1052,7 @@ pub(crate) fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
                 use std::arch::x86_64::*;
                 let one = _mm256_set1_ps(1.0);
                 while i + 8 <= o.len() {
-                    let gv = _mm256_loadu_ps(gc.as_ptr().add(i));
+                    let gv = _mm256_loadu_ps(o.as_ptr().add(i));
                     let e = crate::attention::exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv));
                     let silu = _mm256_div_ps(gv, _mm256_add_ps(e, one));
                     let y = _mm256_mul_ps(silu, _mm256_loadu_ps(uc.as_ptr().add(i)));
@@ -995,14 +1063,11 @@ pub(crate) fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
         }
         let _ = simd;
         for j in i..o.len() {
-            o[j] = gc[j] / (1.0 + (-gc[j]).exp()) * uc[j];
+            o[j] = o[j] / (1.0 + (-o[j]).exp()) * uc[j];
         }
     });
-    drop((gs, us));
-    Ok(Tensor::from_vec(out, g.dims(), &Device::Cpu)?)
 }
 
-/// Checks a matmul input `[..., k]`: returns its rows, `k`, and the output shape `[..., n]`.
 fn matmul_shape(x: &Tensor, k_w: usize, n: usize) -> Result<(usize, usize, Vec<usize>)> {
     let mut dims = x.dims().to_vec();
     let k = *dims.last().unwrap_or(&0);
@@ -1025,6 +1090,24 @@ fn check_ids(ids: &[u32], rows: usize) -> Result<()> {
     }
 }
 
+/// `x @ W^T` as a new tensor through `matmul`, which writes every element of the `[m, n]`
+/// output (the contract of every matrix type's `matmul`).
+fn forward_via(
+    x: &Tensor,
+    k: usize,
+    n: usize,
+    matmul: impl FnOnce(&[f32], usize, DstWriter<'_>),
+) -> Result<Tensor> {
+    let (m, _, out_dims) = matmul_shape(x, k, n)?;
+    let xs = input_f32(x)?;
+    let mut dst = Dst::new(m, n);
+    matmul(&xs, m, dst.writer());
+    drop(xs);
+    // SAFETY: `matmul` wrote every element.
+    let dst = unsafe { dst.finish() };
+    Ok(Tensor::from_vec(dst, out_dims, &Device::Cpu)?)
+}
+
 /// Runs `work` for items `0..items` on our thread pool (`crate::pool`).
 fn run_items(items: usize, work: &(dyn Fn(usize) + Sync)) {
     crate::pool::pool().run(items, &|range| range.for_each(work));
@@ -1038,12 +1121,14 @@ pub(crate) struct Dst {
     n: usize,
 }
 
-/// Where work items write a [`Dst`]'s values (shared by the items of one matmul).
+/// Where work items write a matmul's `[m, n]` output (shared by the items of one matmul; it
+/// borrows the buffer for as long as it lives).
 #[derive(Clone, Copy)]
-pub(crate) struct DstWriter {
+pub(crate) struct DstWriter<'a> {
     ptr: usize,
     m: usize,
     n: usize,
+    _buf: std::marker::PhantomData<&'a mut [f32]>,
 }
 
 impl Dst {
@@ -1055,11 +1140,12 @@ impl Dst {
         }
     }
 
-    pub(crate) fn writer(&mut self) -> DstWriter {
+    pub(crate) fn writer(&mut self) -> DstWriter<'_> {
         DstWriter {
             ptr: self.buf.as_mut_ptr() as usize,
             m: self.m,
             n: self.n,
+            _buf: std::marker::PhantomData,
         }
     }
 
@@ -1074,7 +1160,18 @@ impl Dst {
     }
 }
 
-impl DstWriter {
+impl<'a> DstWriter<'a> {
+    /// A writer over `out`, `[m, n]` row-major (every element is to be written by the matmul).
+    pub(crate) fn over(out: &'a mut [f32], m: usize, n: usize) -> DstWriter<'a> {
+        assert_eq!(out.len(), m * n, "matmul output size");
+        DstWriter {
+            ptr: out.as_mut_ptr() as usize,
+            m,
+            n,
+            _buf: std::marker::PhantomData,
+        }
+    }
+
     /// Writes `vals` at row `row`, columns `col..col + vals.len()`. Work items write disjoint
     /// places.
     #[inline]
@@ -1342,12 +1439,13 @@ impl BlockMatrix {
 
     /// `x @ W^T` for `x` of shape `[..., k]`.
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (m, k, out_dims) = matmul_shape(x, self.k, self.n)?;
-        let xs = input_f32(x)?;
-        let xq = quantize_rows_parallel(&xs, m, k);
-        let n = self.n;
-        let mut dst = Dst::new(m, n);
-        let put = dst.writer();
+        forward_via(x, self.k, self.n, |xs, m, put| self.matmul(xs, m, put))
+    }
+
+    /// `xs @ W^T` for `m` rows of `k` values, every output written through `put`.
+    pub(crate) fn matmul(&self, xs: &[f32], m: usize, put: DstWriter<'_>) {
+        let (n, k) = (self.n, self.k);
+        let xq = quantize_rows_parallel(xs, m, k);
         let isa = isa();
         let items;
         let work: Box<dyn Fn(usize) + Sync> = if self.group > 0 {
@@ -1392,10 +1490,6 @@ impl BlockMatrix {
             })
         };
         run_items(items, &work);
-        drop(work);
-        // SAFETY: the items cover every (row, column) of the output.
-        let dst = unsafe { dst.finish() };
-        Ok(Tensor::from_vec(dst, out_dims, &Device::Cpu)?)
     }
 }
 
@@ -1720,16 +1814,17 @@ impl F16Matrix {
 
     /// `x @ W^T` for `x` of shape `[..., k]`.
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (m, _, out_dims) = matmul_shape(x, self.k, self.n)?;
+        forward_via(x, self.k, self.n, |xs, m, put| self.matmul(xs, m, put))
+    }
+
+    /// `xs @ W^T` for `m` rows of `k` values, every output written through `put`.
+    pub(crate) fn matmul(&self, xs: &[f32], m: usize, put: DstWriter<'_>) {
         let n = self.n;
-        let xs = input_f32(x)?;
-        let mut dst = Dst::new(m, n);
-        let put = dst.writer();
         let simd = isa() != Isa::Scalar;
         // Prompts on AVX-512 over pairs of groups.
         #[cfg(target_arch = "x86_64")]
         let done = self.grouped && m > 1 && n.is_multiple_of(2 * FG) && isa() == Isa::Avx512 && {
-            self.forward_pairs(&xs, m, put);
+            self.forward_pairs(xs, m, put);
             true
         };
         #[cfg(not(target_arch = "x86_64"))]
@@ -1741,22 +1836,19 @@ impl F16Matrix {
                 let (g, rt) = (item / row_tiles, item % row_tiles);
                 let rows = rt * F16_R..m.min((rt + 1) * F16_R);
                 let mut out = [[0f32; FG]; F16_R];
-                self.group_tile(simd, &xs, rows.clone(), g, &mut out);
+                self.group_tile(simd, xs, rows.clone(), g, &mut out);
                 for (r, row) in rows.enumerate() {
                     put.put(row, g * FG, &out[r]);
                 }
             };
             run_items(row_tiles * (n / FG), &work);
         } else {
-            self.forward_rows(&xs, m, simd, put);
+            self.forward_rows(xs, m, simd, put);
         }
-        // SAFETY: every path above writes every (row, column) of the output.
-        let dst = unsafe { dst.finish() };
-        Ok(Tensor::from_vec(dst, out_dims, &Device::Cpu)?)
     }
 
     /// Plain rows (a row count that is not a multiple of 16): a dot product per output.
-    fn forward_rows(&self, xs: &[f32], m: usize, simd: bool, put: DstWriter) {
+    fn forward_rows(&self, xs: &[f32], m: usize, simd: bool, put: DstWriter<'_>) {
         let (n, k) = (self.n, self.k);
         let group = 8;
         let work = |g: usize| {
@@ -1784,7 +1876,7 @@ impl F16Matrix {
     /// run of row tiles; the pair is converted to f32 once into a per-thread buffer (kept while
     /// the thread's next items use the same pair), so the inner loop is loads and FMAs only.
     #[cfg(target_arch = "x86_64")]
-    fn forward_pairs(&self, xs: &[f32], m: usize, put: DstWriter) {
+    fn forward_pairs(&self, xs: &[f32], m: usize, put: DstWriter<'_>) {
         use std::sync::atomic::{AtomicUsize, Ordering};
         /// Activation rows per tile, and tiles per work item.
         const R: usize = 12;
@@ -1852,8 +1944,16 @@ impl<T> std::fmt::Debug for KMatrix<T> {
 /// What the model needs from a k-quant matrix, whatever its block type.
 pub(crate) trait KLinear: Send + Sync + std::fmt::Debug {
     fn dtype(&self) -> GgmlDType;
-    fn forward(&self, x: &Tensor) -> Result<Tensor>;
+    /// `[n, k]`.
+    fn shape(&self) -> (usize, usize);
+    /// `xs @ W^T` for `m` rows of `k` values, every output written through `put`.
+    fn matmul(&self, xs: &[f32], m: usize, put: DstWriter<'_>);
     fn rows(&self, ids: &[u32]) -> Result<Tensor>;
+    /// `x @ W^T` for `x` of shape `[..., k]`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, k) = self.shape();
+        forward_via(x, k, n, |xs, m, put| self.matmul(xs, m, put))
+    }
 }
 
 /// Builds the k-quant matrix for GGUF bytes of type `t`, if `t` is a k-quant.
@@ -1935,10 +2035,13 @@ impl<T: KBlock> KLinear for KMatrix<T> {
         T::DTYPE
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn shape(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    fn matmul(&self, xs: &[f32], m: usize, put: DstWriter<'_>) {
         use candle_core::quantized::k_quants::{BlockQ8K, GgmlType};
-        let (m, k, out_dims) = matmul_shape(x, self.k, self.n)?;
-        let xs = input_f32(x)?;
+        let k = self.k;
         let nbx = k / BlockQ8K::BLCK_SIZE;
         let mut xq = vec![BlockQ8K::zeros(); m * nbx];
         let xq_ptr = xq.as_mut_ptr() as usize;
@@ -1950,8 +2053,6 @@ impl<T: KBlock> KLinear for KMatrix<T> {
             BlockQ8K::from_float(&xs[r * k..(r + 1) * k], out);
         });
         let n = self.n;
-        let mut dst = Dst::new(m, n);
-        let put = dst.writer();
         let row_tiles = m.div_ceil(K_ROWS);
         let work = |item: usize| {
             let (cg, rt) = (item / row_tiles, item % row_tiles);
@@ -1963,9 +2064,6 @@ impl<T: KBlock> KLinear for KMatrix<T> {
             }
         };
         run_items(row_tiles * n.div_ceil(K_COLS), &work);
-        // SAFETY: the items cover every (row, column) of the output.
-        let dst = unsafe { dst.finish() };
-        Ok(Tensor::from_vec(dst, out_dims, &Device::Cpu)?)
     }
 
     fn rows(&self, ids: &[u32]) -> Result<Tensor> {

@@ -19,7 +19,7 @@
 use candle_core::{Device, Tensor};
 use half::f16;
 
-use super::{check_ids, isa, matmul_shape, run_items, Dst, Isa, KLinear};
+use super::{check_ids, isa, run_items, DstWriter, Isa, KLinear};
 use crate::error::{Error, Result};
 
 const QK_K: usize = 256;
@@ -415,16 +415,15 @@ pub(super) fn row_slices(xq: &[XK], rows: std::ops::Range<usize>, nb: usize) -> 
 /// The driver shared by the k-quant group kernels: quantizes the rows of `x` to q8_K, runs
 /// `tile` over tiles of up to [`TILE_R`] activation rows x one group of `gs` weight rows on
 /// the pool (group-major, so a worker's consecutive tiles reuse the group from cache), and
-/// gathers `x @ W^T` for a `[n, k]` matrix.
-pub(super) fn group_forward(
-    x: &Tensor,
-    k: usize,
-    n: usize,
+/// writes `xs @ W^T` for `m` rows of a `[n, k]` matrix through `put`.
+pub(super) fn group_matmul(
+    xs: &[f32],
+    m: usize,
+    (n, k): (usize, usize),
     gs: usize,
+    put: DstWriter<'_>,
     tile: &Tile<'_>,
-) -> Result<Tensor> {
-    let (m, k, out_dims) = matmul_shape(x, k, n)?;
-    let xs = super::input_f32(x)?;
+) {
     let nb = k / QK_K;
     let mut xq = vec![ZERO_XK; m * nb];
     let xq_ptr = xq.as_mut_ptr() as usize;
@@ -433,8 +432,6 @@ pub(super) fn group_forward(
         let out = unsafe { std::slice::from_raw_parts_mut((xq_ptr as *mut XK).add(r * nb), nb) };
         quantize_q8k(&xs[r * k..(r + 1) * k], out);
     });
-    let mut dst = Dst::new(m, n);
-    let put = dst.writer();
     let row_tiles = m.div_ceil(TILE_R);
     let work = |item: usize| {
         let (g, rt) = (item / row_tiles, item % row_tiles);
@@ -450,9 +447,6 @@ pub(super) fn group_forward(
         }
     };
     run_items(row_tiles * (n / gs), &work);
-    // SAFETY: the items cover every (row, column) of the output.
-    let dst = unsafe { dst.finish() };
-    Ok(Tensor::from_vec(dst, out_dims, &Device::Cpu)?)
 }
 
 impl KLinear for Q4KMatrix {
@@ -460,52 +454,63 @@ impl KLinear for Q4KMatrix {
         candle_core::quantized::GgmlDType::Q4K
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn shape(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    fn matmul(&self, xs: &[f32], m: usize, put: DstWriter<'_>) {
         let (isa, gs) = (isa(), self.gs);
         let nb = self.k / QK_K;
-        group_forward(x, self.k, self.n, gs, &|g, rows, x, xq, out| match isa {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 | Isa::Vnni | Isa::Avx512 => {
-                let w = self.group_block(g, 0).as_ptr();
-                // SAFETY: the CPU has the features (checked at run time: 16-row groups only
-                // with AVX-512); `w` starts the group's `nb` super-blocks and every `x` a row
-                // of `nb` blocks.
-                unsafe {
-                    let vnni = isa.vnni();
-                    if gs == G16 {
-                        if rows.len() == 1 {
-                            let mut one = [[0f32; G16]; 1];
-                            q4k_avx512::<1>(w, [x[0]], nb, &mut one);
-                            out[0] = one[0];
+        group_matmul(
+            xs,
+            m,
+            self.shape(),
+            gs,
+            put,
+            &|g, rows, x, xq, out| match isa {
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 | Isa::Vnni | Isa::Avx512 => {
+                    let w = self.group_block(g, 0).as_ptr();
+                    // SAFETY: the CPU has the features (checked at run time: 16-row groups only
+                    // with AVX-512); `w` starts the group's `nb` super-blocks and every `x` a row
+                    // of `nb` blocks.
+                    unsafe {
+                        let vnni = isa.vnni();
+                        if gs == G16 {
+                            if rows.len() == 1 {
+                                let mut one = [[0f32; G16]; 1];
+                                q4k_avx512::<1>(w, [x[0]], nb, &mut one);
+                                out[0] = one[0];
+                            } else {
+                                q4k_avx512::<TILE_R>(w, x, nb, out);
+                            }
+                        } else if rows.len() == 1 {
+                            let mut one = [[0f32; G]; 1];
+                            if vnni {
+                                q4k_vnni::<1>(w, [x[0]], nb, &mut one)
+                            } else {
+                                q4k_avx2::<1>(w, [x[0]], nb, &mut one)
+                            }
+                            out[0][..G].copy_from_slice(&one[0]);
                         } else {
-                            q4k_avx512::<TILE_R>(w, x, nb, out);
-                        }
-                    } else if rows.len() == 1 {
-                        let mut one = [[0f32; G]; 1];
-                        if vnni {
-                            q4k_vnni::<1>(w, [x[0]], nb, &mut one)
-                        } else {
-                            q4k_avx2::<1>(w, [x[0]], nb, &mut one)
-                        }
-                        out[0][..G].copy_from_slice(&one[0]);
-                    } else {
-                        let mut part = [[0f32; G]; TILE_R];
-                        if vnni {
-                            q4k_vnni::<TILE_R>(w, x, nb, &mut part)
-                        } else {
-                            q4k_avx2::<TILE_R>(w, x, nb, &mut part)
-                        }
-                        for (o, p) in out.iter_mut().zip(&part) {
-                            o[..G].copy_from_slice(p);
+                            let mut part = [[0f32; G]; TILE_R];
+                            if vnni {
+                                q4k_vnni::<TILE_R>(w, x, nb, &mut part)
+                            } else {
+                                q4k_avx2::<TILE_R>(w, x, nb, &mut part)
+                            }
+                            for (o, p) in out.iter_mut().zip(&part) {
+                                o[..G].copy_from_slice(p);
+                            }
                         }
                     }
                 }
-            }
-            _ => {
-                let n = rows.len();
-                self.tile_scalar(g, &row_slices(xq, rows, nb), &mut out[..n])
-            }
-        })
+                _ => {
+                    let n = rows.len();
+                    self.tile_scalar(g, &row_slices(xq, rows, nb), &mut out[..n])
+                }
+            },
+        )
     }
 
     fn rows(&self, ids: &[u32]) -> Result<Tensor> {

@@ -20,8 +20,8 @@
 use candle_core::{Device, Tensor};
 use half::f16;
 
-use super::q4k::{group_forward, row_slices, TILE_R, XK};
-use super::{check_ids, isa, Isa, KLinear};
+use super::q4k::{group_matmul, row_slices, TILE_R, XK};
+use super::{check_ids, isa, DstWriter, Isa, KLinear};
 use crate::error::{Error, Result};
 
 const QK_K: usize = 256;
@@ -254,9 +254,13 @@ impl KLinear for Q6KMatrix {
         candle_core::quantized::GgmlDType::Q6K
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn shape(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    fn matmul(&self, xs: &[f32], m: usize, put: DstWriter<'_>) {
         let (isa, nb) = (isa(), self.k / QK_K);
-        group_forward(x, self.k, self.n, G, &|g, rows, x, xq, out| {
+        group_matmul(xs, m, self.shape(), G, put, &|g, rows, x, xq, out| {
             let mut part = [[0f32; G]; TILE_R];
             match isa {
                 #[cfg(target_arch = "x86_64")]

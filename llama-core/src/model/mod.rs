@@ -236,6 +236,31 @@ impl Linear {
         }
     }
 
+    /// `xs @ W^T` for `m` rows of `k` values into `out` (`m x n`, every value overwritten).
+    fn matmul_into(&self, xs: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
+        use crate::kernels::DstWriter;
+        let n = out.len() / m.max(1);
+        match self {
+            Linear::Blocks(w) => w.matmul(xs, m, DstWriter::over(out, m, n)),
+            Linear::F16(w) => w.matmul(xs, m, DstWriter::over(out, m, n)),
+            Linear::K(w) => w.matmul(xs, m, DstWriter::over(out, m, n)),
+            Linear::Candle(w) => {
+                let x = Tensor::from_slice(xs, (m, xs.len() / m.max(1)), &Device::Cpu)?;
+                let y = w.forward(&x)?.to_dtype(DType::F32)?.flatten_all()?;
+                let y = y.to_vec1::<f32>()?;
+                if y.len() != out.len() {
+                    return Err(Error::InvalidArgument(format!(
+                        "matmul: {} outputs for a buffer of {}",
+                        y.len(),
+                        out.len()
+                    )));
+                }
+                out.copy_from_slice(&y);
+            }
+        }
+        Ok(())
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Linear::Candle(m) => Ok(m.forward(x)?),
@@ -641,8 +666,74 @@ impl Model {
     /// Runs `tokens` at the cache's next positions and returns the final hidden states
     /// `(len, hidden)` after the output norm. The caller checks capacity and ids.
     pub(crate) fn forward_hidden(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        if crate::kernels::enabled() {
+            return self.forward_rows(tokens, cache);
+        }
+        self.forward_tensors(tokens, cache)
+    }
+
+    /// [`Model::forward_hidden`] on our kernels over plain row-major buffers allocated once per
+    /// call and reused by every layer (no per-op tensors, transposes or page faults).
+    fn forward_rows(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        use crate::kernels::{add_in_place, input_f32, rms_norm_rows, swiglu_in_place};
         let m = &*self.inner;
         let half_cache = cache.dtype() == DType::F16;
+        let c = &m.config;
+        let t = tokens.len();
+        let start = cache.len();
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let (hidden, ffn) = (c.hidden_size, c.intermediate_size);
+        let (qw, kw) = (nh * hd, nkv * hd);
+        let dev = &m.device;
+        cache.reserve(t, dev)?;
+        let mut x: Vec<f32> = m.embed.rows(tokens)?.flatten_all()?.to_vec1()?;
+        let (cos, sin) = m.rope.tables(start, t);
+        let mut hn = vec![0f32; t * hidden];
+        let (mut q, mut att) = (vec![0f32; t * qw], vec![0f32; t * qw]);
+        let (mut k, mut v) = (vec![0f32; t * kw], vec![0f32; t * kw]);
+        let mut o = vec![0f32; t * hidden];
+        let (mut g, mut u) = (vec![0f32; t * ffn], vec![0f32; t * ffn]);
+        let scale = (1.0 / (hd as f64).sqrt()) as f32;
+        let eps = c.rms_norm_eps as f32;
+        for (li, l) in m.layers.iter().enumerate() {
+            rms_norm_rows(&x, &input_f32(&l.attn_norm)?, eps, &mut hn);
+            l.q.matmul_into(&hn, t, &mut q)?;
+            l.k.matmul_into(&hn, t, &mut k)?;
+            l.v.matmul_into(&hn, t, &mut v)?;
+            m.rope.apply(&mut q, t, nh, qw, (&cos, &sin));
+            m.rope.apply(&mut k, t, nkv, kw, (&cos, &sin));
+            // An f16 cache rounds keys and values as it stores them.
+            let kt = Tensor::from_slice(&k, (1, t, nkv, hd), dev)?.transpose(1, 2)?;
+            let vt = Tensor::from_slice(&v, (1, t, nkv, hd), dev)?.transpose(1, 2)?;
+            let (k_all, v_all) = cache.append(li, &kt, &vt)?;
+            let queries = crate::attention::Queries {
+                data: &q,
+                heads: nh,
+                rows: t,
+                head_dim: hd,
+                head_stride: hd,
+                row_stride: qw,
+            };
+            crate::attention::causal_into(
+                &queries, &k_all, &v_all, start, scale, half_cache, &mut att,
+            )?;
+            l.o.matmul_into(&att, t, &mut o)?;
+            add_in_place(&mut x, &o);
+            rms_norm_rows(&x, &input_f32(&l.ffn_norm)?, eps, &mut hn);
+            l.gate.matmul_into(&hn, t, &mut g)?;
+            l.up.matmul_into(&hn, t, &mut u)?;
+            swiglu_in_place(&mut g, &u);
+            l.down.matmul_into(&g, t, &mut o)?;
+            add_in_place(&mut x, &o);
+        }
+        cache.advance(t);
+        rms_norm_rows(&x, &input_f32(&m.norm)?, eps, &mut hn);
+        Ok(Tensor::from_vec(hn, (t, hidden), dev)?)
+    }
+
+    /// [`Model::forward_hidden`] with candle's tensor ops (`LLAMA_CORE_KERNEL=candle`).
+    fn forward_tensors(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        let m = &*self.inner;
         let c = &m.config;
         let t = tokens.len();
         let start = cache.len();
@@ -653,8 +744,8 @@ impl Model {
         let mut x = m.embed.rows(tokens)?.reshape((1, t, c.hidden_size))?;
         let (cos, sin) = m.rope.cos_sin(start, t, dev)?;
         let total = start + t;
-        // The additive causal mask, for the tensor-op attention only.
-        let mask = if t > 1 && !crate::kernels::enabled() {
+        // The additive causal mask.
+        let mask = if t > 1 {
             let mut v = vec![0f32; t * total];
             for i in 0..t {
                 for j in (start + i + 1)..total {
@@ -679,9 +770,7 @@ impl Model {
             let k = candle_nn::rotary_emb::rope(&k, &cos, &sin)?;
             // An f16 cache rounds keys and values as it stores them.
             let (k_all, v_all) = cache.append(li, &k, &v)?;
-            let y = if crate::kernels::enabled() {
-                crate::attention::causal(&q, &k_all, &v_all, start, scale as f32, half_cache)?
-            } else {
+            let y = {
                 // candle's tensor ops (for comparison: LLAMA_CORE_KERNEL=candle).
                 let k_all = k_all.squeeze(0)?.to_dtype(DType::F32)?;
                 let v_all = v_all.squeeze(0)?.to_dtype(DType::F32)?;
@@ -707,11 +796,7 @@ impl Model {
             let hn = candle_nn::ops::rms_norm(&x, &l.ffn_norm, eps)?;
             let g = l.gate.forward(&hn)?;
             let u = l.up.forward(&hn)?;
-            let a = if crate::kernels::enabled() {
-                crate::kernels::swiglu(&g, &u)?
-            } else {
-                (candle_nn::ops::silu(&g)? * u)?
-            };
+            let a = (candle_nn::ops::silu(&g)? * u)?;
             let y = l.down.forward(&a)?;
             x = (x + y)?;
         }

@@ -91,6 +91,16 @@ impl Rope {
         dev: &Device,
     ) -> Result<(Tensor, Tensor)> {
         let half = self.head_dim / 2;
+        let (cos, sin) = self.tables(start, len);
+        Ok((
+            Tensor::from_vec(cos, (len, half), dev)?,
+            Tensor::from_vec(sin, (len, half), dev)?,
+        ))
+    }
+
+    /// The cos and sin tables of [`Rope::cos_sin`] as `len x head_dim / 2` values.
+    pub(crate) fn tables(&self, start: usize, len: usize) -> (Vec<f32>, Vec<f32>) {
+        let half = self.head_dim / 2;
         let mut cos = Vec::with_capacity(len * half);
         let mut sin = Vec::with_capacity(len * half);
         match self.scaling {
@@ -124,9 +134,37 @@ impl Rope {
                 }
             }
         }
-        Ok((
-            Tensor::from_vec(cos, (len, half), dev)?,
-            Tensor::from_vec(sin, (len, half), dev)?,
-        ))
+        (cos, sin)
+    }
+
+    /// Rotates `rows` rows of `heads` heads (`x[i * row_stride + h * head_dim..]`) in place
+    /// with the tables of [`Rope::tables`] (row `i` uses table row `i`): the pairs
+    /// `(x[j], x[j + head_dim / 2])`, as candle's `rope` and llama.cpp's NeoX-ordered rope on
+    /// the un-permuted weights (the same products and differences, so the same values).
+    pub(crate) fn apply(
+        &self,
+        x: &mut [f32],
+        rows: usize,
+        heads: usize,
+        row_stride: usize,
+        (cos, sin): (&[f32], &[f32]),
+    ) {
+        let d = self.head_dim;
+        let half = d / 2;
+        for i in 0..rows {
+            let (c, s) = (
+                &cos[i * half..(i + 1) * half],
+                &sin[i * half..(i + 1) * half],
+            );
+            for h in 0..heads {
+                let v = &mut x[i * row_stride + h * d..][..d];
+                let (a, b) = v.split_at_mut(half);
+                for j in 0..half {
+                    let (x1, x2) = (a[j], b[j]);
+                    a[j] = x1 * c[j] - x2 * s[j];
+                    b[j] = x1 * s[j] + x2 * c[j];
+                }
+            }
+        }
     }
 }
