@@ -487,7 +487,7 @@ unsafe fn weighted_multi_avx2<T: Elem, const Q: usize, const N: usize>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn attend_tile_avx512<T: Elem>(
+unsafe fn attend_tile_avx512<T: Elem, const S: usize>(
     qm: &[f32],
     seen: &[usize],
     keys: &[T],
@@ -503,6 +503,8 @@ unsafe fn attend_tile_avx512<T: Elem>(
     let width = n.div_ceil(16) * 16;
     debug_assert!(keys.len() >= n * hd && vals.len() >= n * hd && hd.is_multiple_of(16));
     let mut sc = vec![0f32; nq * width];
+    // S > 0: the head size is 16 S, known at compile time (loops unrolled).
+    let hd = if S > 0 { 16 * S } else { hd };
     let steps = hd / 16;
     let mut kv = [_mm512_setzero_ps(); 16];
     for j in 0..n {
@@ -807,27 +809,25 @@ pub(crate) fn causal_into(
             // SAFETY: AVX-512 was detected at run time; the key and value rows `0..n` are in
             // bounds (sliced here) and `hd % 16 == 0`.
             unsafe {
+                macro_rules! tile {
+                    ($k:expr, $v:expr) => {{
+                        let (k, v) = (&$k[..n * hd], &$v[..n * hd]);
+                        match hd {
+                            64 => attend_tile_avx512::<_, 4>(
+                                &qm, &seen, k, v, hd, scale, round_f16, &mut ys,
+                            ),
+                            128 => attend_tile_avx512::<_, 8>(
+                                &qm, &seen, k, v, hd, scale, round_f16, &mut ys,
+                            ),
+                            _ => attend_tile_avx512::<_, 0>(
+                                &qm, &seen, k, v, hd, scale, round_f16, &mut ys,
+                            ),
+                        }
+                    }};
+                }
                 match (ks.from(k0 + kvh * k_head), vs.from(v0 + kvh * v_head)) {
-                    (Rows::F16(k), Rows::F16(v)) => attend_tile_avx512(
-                        &qm,
-                        &seen,
-                        &k[..n * hd],
-                        &v[..n * hd],
-                        hd,
-                        scale,
-                        round_f16,
-                        &mut ys,
-                    ),
-                    (Rows::F32(k), Rows::F32(v)) => attend_tile_avx512(
-                        &qm,
-                        &seen,
-                        &k[..n * hd],
-                        &v[..n * hd],
-                        hd,
-                        scale,
-                        round_f16,
-                        &mut ys,
-                    ),
+                    (Rows::F16(k), Rows::F16(v)) => tile!(k, v),
+                    (Rows::F32(k), Rows::F32(v)) => tile!(k, v),
                     _ => {}
                 }
             }
@@ -1100,7 +1100,7 @@ mod tests {
     fn a_block_of_rows_equals_the_rows_one_at_a_time() {
         use candle_core::DType;
         let dev = Device::Cpu;
-        for hd in [64, 72] {
+        for hd in [64, 72, 96, 128] {
             let (nh, nkv, t, start) = (6, 2, 11, 3);
             let q = Tensor::from_vec(values(nh * t * hd, 13), (1, nh, t, hd), &dev).unwrap();
             let kv = |seed| {
