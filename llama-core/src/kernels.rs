@@ -1497,9 +1497,10 @@ impl BlockMatrix {
 /// f32 (F16C conversion and FMA on x86-64 when present).
 ///
 /// When `n` is a multiple of 16 the rows are stored in interleaved groups of 16: for each
-/// position `i` of `k`, the 16 rows' values side by side. A tile of up to 6 activation rows and
-/// one group is then a register-blocked GEMM: per position, two 8-wide weight vectors and one
-/// broadcast activation per row, 12 accumulators. Other shapes keep plain rows and a dot
+/// position `i` of `k`, the 16 rows' values side by side. A tile of activation rows and one
+/// group is then a register-blocked GEMM: per position, the group's 16 values (one 512-bit or
+/// two 256-bit vectors) and one broadcast activation per row. Prompts on AVX-512 convert pairs
+/// of groups to f32 once per thread (`forward_pairs`). Other shapes keep plain rows and a dot
 /// product per row.
 #[derive(Debug)]
 pub(crate) struct F16Matrix {
