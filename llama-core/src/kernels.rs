@@ -991,23 +991,29 @@ pub(crate) fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 /// `x += y`, elementwise (the residual adds).
 pub(crate) fn add_in_place(x: &mut [f32], y: &[f32]) {
     assert_eq!(x.len(), y.len(), "add shapes");
-    const CHUNK: usize = 8192;
-    let x_ptr = x.as_mut_ptr() as usize;
-    let n = x.len();
-    let work = |c: usize| {
-        let r = c * CHUNK..n.min((c + 1) * CHUNK);
-        // SAFETY: chunk `c` of `x` is written by this item only.
-        let xc =
-            unsafe { std::slice::from_raw_parts_mut((x_ptr as *mut f32).add(r.start), r.len()) };
+    chunks_on_pool(x, &|r, xc| {
         for (a, b) in xc.iter_mut().zip(&y[r]) {
             *a += b;
         }
-    };
+    });
+}
+
+/// `f(range, &mut x[range])` over chunks of `x`, on the pool when there is more than one.
+fn chunks_on_pool(x: &mut [f32], f: &(dyn Fn(std::ops::Range<usize>, &mut [f32]) + Sync)) {
+    const CHUNK: usize = 4096;
+    let n = x.len();
     if n <= CHUNK {
-        work(0);
-    } else {
-        run_items(n.div_ceil(CHUNK), &work);
+        f(0..n, x);
+        return;
     }
+    let x_ptr = x.as_mut_ptr() as usize;
+    run_items(n.div_ceil(CHUNK), &|c| {
+        let r = c * CHUNK..n.min((c + 1) * CHUNK);
+        // SAFETY: chunk `c` of `x` is read and written by this item only.
+        let xc =
+            unsafe { std::slice::from_raw_parts_mut((x_ptr as *mut f32).add(r.start), r.len()) };
+        f(r, xc);
+    });
 }
 
 /// `f(src row, dst row)` for each row of `d` values, on the pool when there are many rows.
@@ -1034,15 +1040,8 @@ fn rows_on_pool(src: &[f32], dst: &mut [f32], d: usize, f: &(dyn Fn(&[f32], &mut
 /// attention kernel).
 pub(crate) fn swiglu_in_place(g: &mut [f32], u: &[f32]) {
     assert_eq!(g.len(), u.len(), "swiglu operands");
-    let n = g.len();
-    let g_ptr = g.as_mut_ptr() as usize;
     let simd = simd();
-    const CHUNK: usize = 4096;
-    run_items(n.div_ceil(CHUNK), &|c| {
-        let r = c * CHUNK..n.min((c + 1) * CHUNK);
-        // SAFETY: chunk `c` of `g` is read and written by this item only.
-        let o =
-            unsafe { std::slice::from_raw_parts_mut((g_ptr as *mut f32).add(r.start), r.len()) };
+    chunks_on_pool(g, &|r, o| {
         let uc = &u[r];
         let mut i = 0;
         #[cfg(target_arch = "x86_64")]
