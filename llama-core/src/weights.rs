@@ -123,6 +123,109 @@ pub(crate) enum Matmul {
     Blocks(crate::kernels::BlockMatrix),
 }
 
+impl Matmul {
+    /// Matrices that read the same input (Q, K and V; gate and up) as one `[sum of n, k]`
+    /// matrix, their rows one after another, when they are stored alike: one pass over the
+    /// activations and one pool call instead of one each. Parts stored differently (a Q4_K_M
+    /// file's Q6_K value matrices next to Q4_K keys, say) come back as they were.
+    pub(crate) fn stack(parts: Vec<Matmul>) -> Result<Vec<Matmul>> {
+        if parts.len() < 2 {
+            return Ok(parts);
+        }
+        let stacked = match parts.as_slice() {
+            [Matmul::F16 { k, .. }, ..]
+                if parts
+                    .iter()
+                    .all(|p| matches!(p, Matmul::F16 { k: k2, .. } if k2 == k)) =>
+            {
+                let k = *k;
+                let mut rows = 0;
+                let mut data = Vec::new();
+                for p in &parts {
+                    if let Matmul::F16 { data: d, n, .. } = p {
+                        data.extend_from_slice(d);
+                        rows += n;
+                    }
+                }
+                Some(Matmul::F16 { data, n: rows, k })
+            }
+            [Matmul::Blocks(_), ..] => {
+                let mats: Vec<&crate::kernels::BlockMatrix> = parts
+                    .iter()
+                    .filter_map(|p| match p {
+                        Matmul::Blocks(m) => Some(m),
+                        _ => None,
+                    })
+                    .collect();
+                if mats.len() == parts.len() {
+                    crate::kernels::BlockMatrix::stack(&mats).map(Matmul::Blocks)
+                } else {
+                    None
+                }
+            }
+            [Matmul::Candle(QMatMul::QTensor(first)), ..] => {
+                let qs: Vec<&QTensor> = parts
+                    .iter()
+                    .filter_map(|p| match p {
+                        Matmul::Candle(QMatMul::QTensor(q)) => Some(&**q),
+                        _ => None,
+                    })
+                    .collect();
+                let (dtype, k) = (first.dtype(), first.shape().dims().last().copied());
+                let alike = qs.len() == parts.len()
+                    && qs.iter().all(|q| {
+                        q.dtype() == dtype
+                            && q.shape().rank() == 2
+                            && q.shape().dims().last().copied() == k
+                    });
+                match (alike, k) {
+                    (true, Some(k)) => {
+                        let mut bytes = Vec::new();
+                        let mut rows = 0;
+                        for q in &qs {
+                            bytes.extend_from_slice(&q.data()?);
+                            rows += q.shape().dims()[0];
+                        }
+                        let store = aligned(&bytes);
+                        let q = qtensor_from_ggml(
+                            dtype,
+                            as_bytes(&store, bytes.len()),
+                            vec![rows, k],
+                            &Device::Cpu,
+                        )?;
+                        Some(Matmul::Candle(QMatMul::from_qtensor(q)?))
+                    }
+                    _ => None,
+                }
+            }
+            [Matmul::Candle(QMatMul::Tensor(first)), ..] => {
+                let ts: Vec<&Tensor> = parts
+                    .iter()
+                    .filter_map(|p| match p {
+                        Matmul::Candle(QMatMul::Tensor(t)) => Some(t),
+                        _ => None,
+                    })
+                    .collect();
+                let k = first.dims().last().copied();
+                if ts.len() == parts.len()
+                    && ts
+                        .iter()
+                        .all(|t| t.rank() == 2 && t.dims().last().copied() == k)
+                {
+                    Some(Matmul::Candle(QMatMul::Tensor(Tensor::cat(&ts, 0)?)))
+                } else {
+                    None
+                }
+            }
+            _ => None,
+        };
+        Ok(match stacked {
+            Some(m) => vec![m],
+            None => parts,
+        })
+    }
+}
+
 enum Loaded {
     Q(QTensor),
     /// A matrix in one of our kernels' block formats, built straight from the file.

@@ -267,6 +267,9 @@ macro_rules! q4k_group {
             let mut acc = [_mm256_setzero_ps(); R];
             for b in 0..nb {
                 let p = w.add(b * group_bytes(G));
+                if R == 1 {
+                    super::prefetch_ahead(p, group_bytes(G));
+                }
                 let dw = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
                 let dmin = _mm256_cvtph_ps(_mm_loadu_si128(p.add(dmin_at(G)) as *const __m128i));
                 let mut sumi = [_mm256_setzero_si256(); R];
@@ -352,6 +355,9 @@ unsafe fn q4k_avx512<const R: usize>(
     let mut acc = [_mm512_setzero_ps(); R];
     for b in 0..nb {
         let p = w.add(b * group_bytes(G16));
+        if R == 1 {
+            super::prefetch_ahead(p, group_bytes(G16));
+        }
         let dw = _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i));
         let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(p.add(dmin_at(G16)) as *const __m256i));
         let mut sumi = [_mm512_setzero_si512(); R];

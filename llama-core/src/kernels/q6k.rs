@@ -177,6 +177,9 @@ macro_rules! q6k_group {
             let mut acc = [_mm256_setzero_ps(); R];
             for b in 0..nb {
                 let p = w.add(b * GROUP_BYTES);
+                if R == 1 {
+                    super::prefetch_ahead(p, GROUP_BYTES);
+                }
                 let dw = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
                 let mut sumi = [_mm256_setzero_si256(); R];
                 for half in 0..2 {

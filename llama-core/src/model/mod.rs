@@ -236,29 +236,50 @@ impl Linear {
         }
     }
 
-    /// `xs @ W^T` for `m` rows of `k` values into `out` (`m x n`, every value overwritten).
-    fn matmul_into(&self, xs: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
+    /// `xs @ W^T` for `m` rows of `k` values into columns `col0..col0 + n` of `out`
+    /// (`[m, stride]`; every value of those columns overwritten).
+    fn matmul_cols(
+        &self,
+        xs: &[f32],
+        m: usize,
+        out: &mut [f32],
+        (stride, col0, n): (usize, usize, usize),
+    ) -> Result<()> {
         use crate::kernels::DstWriter;
-        let n = out.len() / m.max(1);
+        if out.len() != m * stride || col0 + n > stride {
+            return Err(Error::InvalidArgument(format!(
+                "matmul: columns {col0}..{} of a [{m}, {stride}] buffer of {}",
+                col0 + n,
+                out.len()
+            )));
+        }
+        let dst = DstWriter::columns(out, m, stride, col0, n);
         match self {
-            Linear::Blocks(w) => w.matmul(xs, m, DstWriter::over(out, m, n)),
-            Linear::F16(w) => w.matmul(xs, m, DstWriter::over(out, m, n)),
-            Linear::K(w) => w.matmul(xs, m, DstWriter::over(out, m, n)),
+            Linear::Blocks(w) => w.matmul(xs, m, dst),
+            Linear::F16(w) => w.matmul(xs, m, dst),
+            Linear::K(w) => w.matmul(xs, m, dst),
             Linear::Candle(w) => {
                 let x = Tensor::from_slice(xs, (m, xs.len() / m.max(1)), &Device::Cpu)?;
                 let y = w.forward(&x)?.to_dtype(DType::F32)?.flatten_all()?;
                 let y = y.to_vec1::<f32>()?;
-                if y.len() != out.len() {
+                if y.len() != m * n {
                     return Err(Error::InvalidArgument(format!(
-                        "matmul: {} outputs for a buffer of {}",
+                        "matmul: {} outputs for {m} x {n}",
                         y.len(),
-                        out.len()
                     )));
                 }
-                out.copy_from_slice(&y);
+                for (r, row) in y.chunks_exact(n.max(1)).enumerate() {
+                    dst.put(r, 0, row);
+                }
             }
         }
         Ok(())
+    }
+
+    /// `xs @ W^T` for `m` rows of `k` values into `out` (`m x n`, every value overwritten).
+    fn matmul_into(&self, xs: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
+        let n = out.len() / m.max(1);
+        self.matmul_cols(xs, m, out, (n, 0, n))
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -271,15 +292,75 @@ impl Linear {
     }
 }
 
+/// Projections of the same input (Q, K, V; gate, up) with their outputs side by side: one
+/// stacked matrix where the parts are stored alike ([`Matmul::stack`]: one pass over the
+/// activations, one pool call), else one matrix per part.
+struct Stack {
+    mats: Vec<Linear>,
+    /// Output width of each part.
+    widths: Vec<usize>,
+}
+
+impl Stack {
+    fn new(parts: Vec<crate::weights::Matmul>, widths: Vec<usize>) -> Result<Stack> {
+        let mats = crate::weights::Matmul::stack(parts)?
+            .into_iter()
+            .map(Linear::new)
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Stack { mats, widths })
+    }
+
+    /// All the parts' outputs side by side.
+    fn width(&self) -> usize {
+        self.widths.iter().sum()
+    }
+
+    /// The parts' outputs for `m` rows of `xs`, side by side in `out` (`[m, width]`).
+    fn matmul_into(&self, xs: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
+        let stride = self.width();
+        if let [one] = self.mats.as_slice() {
+            return one.matmul_cols(xs, m, out, (stride, 0, stride));
+        }
+        let mut col = 0;
+        for (mat, &n) in self.mats.iter().zip(&self.widths) {
+            mat.matmul_cols(xs, m, out, (stride, col, n))?;
+            col += n;
+        }
+        Ok(())
+    }
+
+    /// The `N` parts' outputs as tensors (candle's tensor path).
+    fn forward<const N: usize>(&self, x: &Tensor) -> Result<[Tensor; N]> {
+        let out = if let [one] = self.mats.as_slice() {
+            let y = one.forward(x)?;
+            let last = y.rank() - 1;
+            let mut col = 0;
+            let mut out = Vec::with_capacity(self.widths.len());
+            for &n in &self.widths {
+                out.push(y.narrow(last, col, n)?);
+                col += n;
+            }
+            out
+        } else {
+            self.mats
+                .iter()
+                .map(|m| m.forward(x))
+                .collect::<Result<Vec<_>>>()?
+        };
+        out.try_into().map_err(|v: Vec<Tensor>| {
+            Error::InvalidArgument(format!("{} projections where {N} were expected", v.len()))
+        })
+    }
+}
+
 struct Layer {
     attn_norm: Tensor,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// Q, K and V.
+    qkv: Stack,
     o: Linear,
     ffn_norm: Tensor,
-    gate: Linear,
-    up: Linear,
+    /// Gate and up.
+    gate_up: Stack,
     down: Linear,
 }
 
@@ -465,22 +546,29 @@ impl Model {
         let embed =
             Linear::new(src.load_matmul(W::Embed, &[c.vocab_size, h], None, embed_role, rules)?)?;
         tick(1)?;
-        let mat = |w: W, shape: &[usize], perm: Option<usize>| -> Result<Linear> {
-            Linear::new(src.load_matmul(w, shape, perm, Role::Matrix, rules)?)
+        let load = |w: W, shape: &[usize], perm: Option<usize>| {
+            src.load_matmul(w, shape, perm, Role::Matrix, rules)
         };
+        let mat = |w: W, shape: &[usize]| -> Result<Linear> { Linear::new(load(w, shape, None)?) };
         let ff = c.intermediate_size;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {
+            let qkv = vec![
+                load(W::Q(l), &[nh * hd, h], perm_q)?,
+                load(W::K(l), &[nkv * hd, h], perm_k)?,
+                load(W::V(l), &[nkv * hd, h], None)?,
+            ];
+            let gate_up = vec![
+                load(W::Gate(l), &[ff, h], None)?,
+                load(W::Up(l), &[ff, h], None)?,
+            ];
             let layer = Layer {
                 attn_norm: src.load_dense(W::AttnNorm(l), &[h])?,
-                q: mat(W::Q(l), &[nh * hd, h], perm_q)?,
-                k: mat(W::K(l), &[nkv * hd, h], perm_k)?,
-                v: mat(W::V(l), &[nkv * hd, h], None)?,
-                o: mat(W::O(l), &[h, nh * hd], None)?,
+                qkv: Stack::new(qkv, vec![nh * hd, nkv * hd, nkv * hd])?,
+                o: mat(W::O(l), &[h, nh * hd])?,
                 ffn_norm: src.load_dense(W::FfnNorm(l), &[h])?,
-                gate: mat(W::Gate(l), &[ff, h], None)?,
-                up: mat(W::Up(l), &[ff, h], None)?,
-                down: mat(W::Down(l), &[h, ff], None)?,
+                gate_up: Stack::new(gate_up, vec![ff, ff])?,
+                down: mat(W::Down(l), &[h, ff])?,
             };
             layers.push(layer);
             tick(9)?;
@@ -502,7 +590,7 @@ impl Model {
         };
         tick(1)?;
         let rope = Rope::new(c, freq_factors.as_deref());
-        let weight_type = match layers.first().map(|l| &l.q) {
+        let weight_type = match layers.first().and_then(|l| l.qkv.mats.first()) {
             Some(Linear::Candle(QMatMul::QTensor(q))) => format!("{:?}", q.dtype()),
             Some(Linear::Blocks(m)) => format!("{:?}", m.fmt()),
             Some(Linear::F16(_)) => "F16".to_string(),
@@ -675,7 +763,7 @@ impl Model {
     /// [`Model::forward_hidden`] on our kernels over plain row-major buffers allocated once per
     /// call and reused by every layer (no per-op tensors, transposes or page faults).
     fn forward_rows(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
-        use crate::kernels::{add_in_place, input_f32, rms_norm_rows, swiglu_in_place};
+        use crate::kernels::{add_in_place, input_f32, rms_norm_rows, swiglu_rows};
         let m = &*self.inner;
         let half_cache = cache.dtype() == DType::F16;
         let c = &m.config;
@@ -689,30 +777,37 @@ impl Model {
         let mut x: Vec<f32> = m.embed.rows(tokens)?.flatten_all()?.to_vec1()?;
         let (cos, sin) = m.rope.tables(start, t);
         let mut hn = vec![0f32; t * hidden];
-        let (mut q, mut att) = (vec![0f32; t * qw], vec![0f32; t * qw]);
+        // Q, K and V side by side in each row, then gate and up.
+        let qkv_w = qw + 2 * kw;
+        let (mut qkv, mut att) = (vec![0f32; t * qkv_w], vec![0f32; t * qw]);
         let (mut k, mut v) = (vec![0f32; t * kw], vec![0f32; t * kw]);
         let mut o = vec![0f32; t * hidden];
-        let (mut g, mut u) = (vec![0f32; t * ffn], vec![0f32; t * ffn]);
+        let (mut gu, mut a) = (vec![0f32; t * 2 * ffn], vec![0f32; t * ffn]);
         let scale = (1.0 / (hd as f64).sqrt()) as f32;
         let eps = c.rms_norm_eps as f32;
         for (li, l) in m.layers.iter().enumerate() {
             rms_norm_rows(&x, &input_f32(&l.attn_norm)?, eps, &mut hn);
-            l.q.matmul_into(&hn, t, &mut q)?;
-            l.k.matmul_into(&hn, t, &mut k)?;
-            l.v.matmul_into(&hn, t, &mut v)?;
-            m.rope.apply(&mut q, t, nh, qw, (&cos, &sin));
-            m.rope.apply(&mut k, t, nkv, kw, (&cos, &sin));
+            l.qkv.matmul_into(&hn, t, &mut qkv)?;
+            m.rope.apply(&mut qkv, t, nh, qkv_w, (&cos, &sin));
+            m.rope.apply(&mut qkv[qw..], t, nkv, qkv_w, (&cos, &sin));
+            for (row, (kr, vr)) in qkv
+                .chunks_exact(qkv_w)
+                .zip(k.chunks_exact_mut(kw).zip(v.chunks_exact_mut(kw)))
+            {
+                kr.copy_from_slice(&row[qw..qw + kw]);
+                vr.copy_from_slice(&row[qw + kw..]);
+            }
             // An f16 cache rounds keys and values as it stores them.
             let kt = Tensor::from_slice(&k, (1, t, nkv, hd), dev)?.transpose(1, 2)?;
             let vt = Tensor::from_slice(&v, (1, t, nkv, hd), dev)?.transpose(1, 2)?;
             let (k_all, v_all) = cache.append(li, &kt, &vt)?;
             let queries = crate::attention::Queries {
-                data: &q,
+                data: &qkv,
                 heads: nh,
                 rows: t,
                 head_dim: hd,
                 head_stride: hd,
-                row_stride: qw,
+                row_stride: qkv_w,
             };
             crate::attention::causal_into(
                 &queries, &k_all, &v_all, start, scale, half_cache, &mut att,
@@ -720,10 +815,9 @@ impl Model {
             l.o.matmul_into(&att, t, &mut o)?;
             add_in_place(&mut x, &o);
             rms_norm_rows(&x, &input_f32(&l.ffn_norm)?, eps, &mut hn);
-            l.gate.matmul_into(&hn, t, &mut g)?;
-            l.up.matmul_into(&hn, t, &mut u)?;
-            swiglu_in_place(&mut g, &u);
-            l.down.matmul_into(&g, t, &mut o)?;
+            l.gate_up.matmul_into(&hn, t, &mut gu)?;
+            swiglu_rows(&gu, ffn, &mut a);
+            l.down.matmul_into(&a, t, &mut o)?;
             add_in_place(&mut x, &o);
         }
         cache.advance(t);
@@ -760,9 +854,7 @@ impl Model {
         let eps = c.rms_norm_eps as f32;
         for (li, l) in m.layers.iter().enumerate() {
             let hn = candle_nn::ops::rms_norm(&x, &l.attn_norm, eps)?;
-            let q = l.q.forward(&hn)?;
-            let k = l.k.forward(&hn)?;
-            let v = l.v.forward(&hn)?;
+            let [q, k, v] = l.qkv.forward(&hn)?;
             let q = q.reshape((1, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
             let k = k.reshape((1, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
             let v = v.reshape((1, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
@@ -794,8 +886,7 @@ impl Model {
             let y = l.o.forward(&y)?;
             x = (x + y)?;
             let hn = candle_nn::ops::rms_norm(&x, &l.ffn_norm, eps)?;
-            let g = l.gate.forward(&hn)?;
-            let u = l.up.forward(&hn)?;
+            let [g, u] = l.gate_up.forward(&hn)?;
             let a = (candle_nn::ops::silu(&g)? * u)?;
             let y = l.down.forward(&a)?;
             x = (x + y)?;
@@ -958,4 +1049,128 @@ pub(crate) fn open_hf(dir: &Path) -> Result<HfParts> {
         src,
         tokenizer_json,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quantize::{quantize_rows, FileType};
+    use crate::test_util::values;
+    use crate::weights::Matmul;
+
+    /// A `[n, k]` matrix of seeded values stored as `ty` (F32: dense values).
+    fn part(ty: FileType, n: usize, k: usize, seed: u32) -> Matmul {
+        let vals = values(n * k, seed);
+        match ty {
+            FileType::F16 => Matmul::F16 {
+                data: vals.iter().map(|&v| half::f16::from_f32(v)).collect(),
+                n,
+                k,
+            },
+            FileType::F32 => Matmul::Candle(QMatMul::Tensor(
+                Tensor::from_vec(vals, (n, k), &Device::Cpu).unwrap(),
+            )),
+            FileType::Quant(q) => {
+                let bytes = quantize_rows(&vals, k, ty, 1).unwrap();
+                match crate::kernels::BlockFmt::from_ggml(q.ggml()) {
+                    Some(fmt) if crate::kernels::enabled() => {
+                        Matmul::Blocks(crate::kernels::BlockMatrix::new(fmt, &bytes, n, k).unwrap())
+                    }
+                    _ => {
+                        let store = crate::weights::aligned(&bytes);
+                        let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                            q.ggml(),
+                            crate::weights::as_bytes(&store, bytes.len()),
+                            vec![n, k],
+                            &Device::Cpu,
+                        )
+                        .unwrap();
+                        Matmul::Candle(QMatMul::from_qtensor(q).unwrap())
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn stacked_projections_equal_the_separate_matrices() {
+        use FileType::{Quant, F16, F32};
+        use QuantType::*;
+        // (part types, widths, k, matrices expected once stacked where the types allow)
+        let cases: Vec<(Vec<FileType>, Vec<usize>, usize, usize)> = vec![
+            (vec![F16; 3], vec![64, 32, 32], 96, 1),
+            (vec![Quant(Q8_0); 3], vec![64, 32, 32], 96, 1),
+            (vec![Quant(Q5_1); 2], vec![48, 48], 64, 1),
+            (vec![Quant(Q4K); 3], vec![32, 16, 16], 256, 1),
+            (vec![F32; 2], vec![24, 40], 32, 1),
+            // Stored differently: one matrix each.
+            (vec![Quant(Q8_0), Quant(Q4_0), F16], vec![64, 32, 32], 64, 3),
+            (
+                vec![Quant(Q4K), Quant(Q6K), Quant(Q4K)],
+                vec![32, 16, 16],
+                256,
+                3,
+            ),
+        ];
+        for (types, widths, k, expect) in cases {
+            let parts = || -> Vec<Matmul> {
+                types
+                    .iter()
+                    .zip(&widths)
+                    .enumerate()
+                    .map(|(i, (&ty, &n))| part(ty, n, k, 7 + i as u32))
+                    .collect()
+            };
+            let stack = Stack::new(parts(), widths.clone()).unwrap();
+            let single: Vec<Linear> = parts()
+                .into_iter()
+                .map(|p| Linear::new(p).unwrap())
+                .collect();
+            if crate::kernels::enabled() {
+                assert_eq!(stack.mats.len(), expect, "{types:?}");
+            }
+            let total = stack.width();
+            for m in [1usize, 3, 13] {
+                let xs = values(m * k, 99);
+                let mut got = vec![f32::NAN; m * total];
+                stack.matmul_into(&xs, m, &mut got).unwrap();
+                let mut col = 0;
+                for (lin, &n) in single.iter().zip(&widths) {
+                    let mut want = vec![0f32; m * n];
+                    lin.matmul_into(&xs, m, &mut want).unwrap();
+                    for r in 0..m {
+                        assert_eq!(
+                            &got[r * total + col..][..n],
+                            &want[r * n..][..n],
+                            "{types:?} m={m} row {r}, columns from {col}"
+                        );
+                    }
+                    col += n;
+                }
+                // candle's tensor path splits the same outputs.
+                let x = Tensor::from_vec(xs.clone(), (1, m, k), &Device::Cpu).unwrap();
+                let outs: [Tensor; 3] = match widths.len() {
+                    3 => stack.forward(&x).unwrap(),
+                    _ => {
+                        let [a, b] = stack.forward(&x).unwrap();
+                        [a, b.clone(), b]
+                    }
+                };
+                for (o, (lin, &n)) in outs.iter().zip(single.iter().zip(&widths)) {
+                    assert_eq!(o.dims(), &[1, m, n]);
+                    let want = lin.forward(&x).unwrap().flatten_all().unwrap();
+                    let got = o.flatten_all().unwrap();
+                    assert_eq!(
+                        got.to_vec1::<f32>().unwrap(),
+                        want.to_vec1::<f32>().unwrap()
+                    );
+                }
+            }
+            // A wrong number of parts is an error, not a panic.
+            if widths.len() == 3 {
+                let x = Tensor::zeros((1, 1, k), DType::F32, &Device::Cpu).unwrap();
+                assert!(stack.forward::<2>(&x).is_err());
+            }
+        }
+    }
 }
