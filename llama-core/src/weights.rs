@@ -129,95 +129,70 @@ impl Matmul {
     /// activations and one pool call instead of one each. Parts stored differently (a Q4_K_M
     /// file's Q6_K value matrices next to Q4_K keys, say) come back as they were.
     pub(crate) fn stack(parts: Vec<Matmul>) -> Result<Vec<Matmul>> {
+        /// `f` of every part, if it gives one for each.
+        fn each<'a, T>(parts: &'a [Matmul], f: impl Fn(&'a Matmul) -> Option<T>) -> Option<Vec<T>> {
+            parts.iter().map(f).collect()
+        }
+        let width = |dims: &[usize]| (dims.len() == 2).then(|| dims[1]);
+        let same = |ks: &[Option<usize>]| {
+            ks.first()
+                .copied()
+                .flatten()
+                .filter(|k| ks.iter().all(|x| *x == Some(*k)))
+        };
         if parts.len() < 2 {
             return Ok(parts);
         }
-        let stacked = match parts.as_slice() {
-            [Matmul::F16 { k, .. }, ..]
-                if parts
-                    .iter()
-                    .all(|p| matches!(p, Matmul::F16 { k: k2, .. } if k2 == k)) =>
-            {
-                let k = *k;
-                let mut rows = 0;
-                let mut data = Vec::new();
-                for p in &parts {
-                    if let Matmul::F16 { data: d, n, .. } = p {
-                        data.extend_from_slice(d);
-                        rows += n;
-                    }
-                }
-                Some(Matmul::F16 { data, n: rows, k })
-            }
-            [Matmul::Blocks(_), ..] => {
-                let mats: Vec<&crate::kernels::BlockMatrix> = parts
-                    .iter()
-                    .filter_map(|p| match p {
-                        Matmul::Blocks(m) => Some(m),
-                        _ => None,
-                    })
-                    .collect();
-                if mats.len() == parts.len() {
-                    crate::kernels::BlockMatrix::stack(&mats).map(Matmul::Blocks)
-                } else {
-                    None
-                }
-            }
-            [Matmul::Candle(QMatMul::QTensor(first)), ..] => {
-                let qs: Vec<&QTensor> = parts
-                    .iter()
-                    .filter_map(|p| match p {
-                        Matmul::Candle(QMatMul::QTensor(q)) => Some(&**q),
-                        _ => None,
-                    })
-                    .collect();
-                let (dtype, k) = (first.dtype(), first.shape().dims().last().copied());
-                let alike = qs.len() == parts.len()
-                    && qs.iter().all(|q| {
-                        q.dtype() == dtype
-                            && q.shape().rank() == 2
-                            && q.shape().dims().last().copied() == k
-                    });
-                match (alike, k) {
-                    (true, Some(k)) => {
-                        let mut bytes = Vec::new();
-                        let mut rows = 0;
-                        for q in &qs {
-                            bytes.extend_from_slice(&q.data()?);
-                            rows += q.shape().dims()[0];
-                        }
-                        let store = aligned(&bytes);
-                        let q = qtensor_from_ggml(
-                            dtype,
-                            as_bytes(&store, bytes.len()),
-                            vec![rows, k],
-                            &Device::Cpu,
-                        )?;
-                        Some(Matmul::Candle(QMatMul::from_qtensor(q)?))
-                    }
-                    _ => None,
-                }
-            }
-            [Matmul::Candle(QMatMul::Tensor(first)), ..] => {
-                let ts: Vec<&Tensor> = parts
-                    .iter()
-                    .filter_map(|p| match p {
-                        Matmul::Candle(QMatMul::Tensor(t)) => Some(t),
-                        _ => None,
-                    })
-                    .collect();
-                let k = first.dims().last().copied();
-                if ts.len() == parts.len()
-                    && ts
-                        .iter()
-                        .all(|t| t.rank() == 2 && t.dims().last().copied() == k)
-                {
-                    Some(Matmul::Candle(QMatMul::Tensor(Tensor::cat(&ts, 0)?)))
-                } else {
-                    None
-                }
-            }
+        let stacked = if let Some(f16) = each(&parts, |p| match p {
+            Matmul::F16 { data, n, k } => Some((data, *n, *k)),
             _ => None,
+        }) {
+            let ks: Vec<_> = f16.iter().map(|&(_, _, k)| Some(k)).collect();
+            same(&ks).map(|k| Matmul::F16 {
+                data: f16.iter().flat_map(|(d, _, _)| d.iter().copied()).collect(),
+                n: f16.iter().map(|&(_, n, _)| n).sum(),
+                k,
+            })
+        } else if let Some(blocks) = each(&parts, |p| match p {
+            Matmul::Blocks(m) => Some(m),
+            _ => None,
+        }) {
+            crate::kernels::BlockMatrix::stack(&blocks).map(Matmul::Blocks)
+        } else if let Some(qs) = each(&parts, |p| match p {
+            Matmul::Candle(QMatMul::QTensor(q)) => Some(&**q),
+            _ => None,
+        }) {
+            let ks: Vec<_> = qs.iter().map(|q| width(q.shape().dims())).collect();
+            let dtype = qs[0].dtype();
+            match same(&ks) {
+                Some(k) if qs.iter().all(|q| q.dtype() == dtype) => {
+                    let mut bytes = Vec::new();
+                    for q in &qs {
+                        bytes.extend_from_slice(&q.data()?);
+                    }
+                    let rows = qs.iter().map(|q| q.shape().dims()[0]).sum();
+                    let store = aligned(&bytes);
+                    let q = qtensor_from_ggml(
+                        dtype,
+                        as_bytes(&store, bytes.len()),
+                        vec![rows, k],
+                        &Device::Cpu,
+                    )?;
+                    Some(Matmul::Candle(QMatMul::from_qtensor(q)?))
+                }
+                _ => None,
+            }
+        } else if let Some(ts) = each(&parts, |p| match p {
+            Matmul::Candle(QMatMul::Tensor(t)) => Some(t),
+            _ => None,
+        }) {
+            let ks: Vec<_> = ts.iter().map(|t| width(t.dims())).collect();
+            match same(&ks) {
+                Some(_) => Some(Matmul::Candle(QMatMul::Tensor(Tensor::cat(&ts, 0)?))),
+                None => None,
+            }
+        } else {
+            None
         };
         Ok(match stacked {
             Some(m) => vec![m],
