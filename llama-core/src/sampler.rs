@@ -223,6 +223,18 @@ impl Sampler {
         &self.cfg
     }
 
+    /// How many of the latest tokens of `history` the penalties apply to (0: none apply).
+    fn penalty_window(&self, history: &[u32]) -> usize {
+        let c = &self.cfg;
+        if c.repeat_penalty == 1.0 && c.frequency_penalty == 0.0 && c.presence_penalty == 0.0 {
+            return 0;
+        }
+        match c.repeat_last_n {
+            -1 => history.len(),
+            n => (n.max(0) as usize).min(history.len()),
+        }
+    }
+
     /// Applies penalties and logit bias to a copy of `logits` (what every later stage sees).
     pub fn apply_penalties(&self, logits: &[f32], history: &[u32]) -> Vec<Candidate> {
         let c = &self.cfg;
@@ -234,13 +246,8 @@ impl Sampler {
                 logit: l,
             })
             .collect();
-        let window = match c.repeat_last_n {
-            -1 => history.len(),
-            n => (n.max(0) as usize).min(history.len()),
-        };
-        let penalize = window > 0
-            && (c.repeat_penalty != 1.0 || c.frequency_penalty != 0.0 || c.presence_penalty != 0.0);
-        if penalize {
+        let window = self.penalty_window(history);
+        if window > 0 {
             let mut counts: std::collections::HashMap<u32, u32> = Default::default();
             for &t in &history[history.len() - window..] {
                 *counts.entry(t).or_default() += 1;
@@ -269,6 +276,17 @@ impl Sampler {
     /// greedy).
     pub fn distribution(&self, logits: &[f32], history: &[u32]) -> Vec<(u32, f32)> {
         let c = &self.cfg;
+        if c.temperature == 0.0 && c.logit_bias.is_empty() && self.penalty_window(history) == 0 {
+            // Greedy with nothing to adjust: the argmax (the lowest id among equals, NaN
+            // skipped) without a copy of the logits.
+            let mut best: Option<(u32, f32)> = None;
+            for (i, &l) in logits.iter().enumerate() {
+                if !l.is_nan() && best.is_none_or(|(_, b)| l.total_cmp(&b).is_gt()) {
+                    best = Some((i as u32, l));
+                }
+            }
+            return best.map(|(id, _)| vec![(id, 1.0)]).unwrap_or_default();
+        }
         let mut cand = self.apply_penalties(logits, history);
         cand.retain(|x| !x.logit.is_nan());
         if cand.is_empty() {

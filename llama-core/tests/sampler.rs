@@ -125,3 +125,27 @@ fn invalid_parameters_are_errors() {
     }
     assert!(Sampler::greedy().sample(&[], &[]).is_err());
 }
+
+#[test]
+fn greedy_takes_the_lowest_id_among_equals_and_skips_nan() {
+    let mut g = Sampler::greedy();
+    let l = [1.0, f32::NAN, 3.0, 3.0, f32::NEG_INFINITY];
+    assert_eq!(g.sample(&l, &[]).unwrap(), 2);
+    assert_eq!(g.distribution(&l, &[]), vec![(2, 1.0)]);
+    assert_eq!(g.sample(&[f32::NAN, f32::NEG_INFINITY], &[]).unwrap(), 1);
+    assert!(g.sample(&[f32::NAN, f32::NAN], &[]).is_err());
+    assert!(g.sample(&[], &[]).is_err());
+    // With a penalty or a bias in play, greedy takes the adjusted logits' argmax.
+    let mut p = Sampler::new(
+        SamplerConfig::default()
+            .temperature(0.0)
+            .repeat_penalty(2.0),
+    )
+    .unwrap();
+    assert_eq!(p.sample(&[1.0, 1.5, 0.5], &[1]).unwrap(), 0);
+    assert_eq!(p.sample(&[1.0, 1.5, 0.5], &[]).unwrap(), 1);
+    let mut cfg = SamplerConfig::greedy();
+    cfg.logit_bias = vec![(2, 5.0)];
+    let mut b = Sampler::new(cfg).unwrap();
+    assert_eq!(b.sample(&[1.0, 1.5, 0.5], &[]).unwrap(), 2);
+}
