@@ -1789,10 +1789,26 @@ thread_local! {
 }
 
 impl F16Matrix {
-    /// Takes `n` rows of `k` values; groups them in place (one group of scratch).
-    pub(crate) fn from_rows(mut data: Vec<f16>, n: usize, k: usize) -> Self {
-        assert_eq!(data.len(), n * k, "f16 matrix [{n}, {k}]");
+    /// Takes `n` rows of `k` values.
+    #[cfg(test)]
+    pub(crate) fn from_rows(data: Vec<f16>, n: usize, k: usize) -> Self {
+        Self::from_pieces(vec![data], n, k)
+    }
+
+    /// Takes `n` rows of `k` values held in pieces of whole rows, one after another (a stacked
+    /// matrix's parts), and joins and groups them in one pass, groups spread over the pool.
+    pub(crate) fn from_pieces(mut pieces: Vec<Vec<f16>>, n: usize, k: usize) -> Self {
+        let total: usize = pieces.iter().map(|p| p.len()).sum();
+        assert!(
+            total == n * k && pieces.iter().all(|p| p.len().is_multiple_of(k.max(1))),
+            "f16 matrix [{n}, {k}]"
+        );
         if !n.is_multiple_of(FG) || std::env::var_os("LLAMA_CORE_NO_REPACK").is_some() {
+            let data = if pieces.len() == 1 {
+                pieces.pop().unwrap_or_default()
+            } else {
+                pieces.concat()
+            };
             return F16Matrix {
                 n,
                 k,
@@ -1800,16 +1816,27 @@ impl F16Matrix {
                 data,
             };
         }
-        // The 16 rows of a group are contiguous: transpose each 16 x k block.
-        let mut scratch = vec![f16::ZERO; FG * k];
-        for block in data.chunks_exact_mut(FG * k) {
-            for (i, row) in block.chunks_exact(k).enumerate() {
-                for (p, &v) in row.iter().enumerate() {
-                    scratch[p * FG + i] = v;
+        // Where each row starts: (piece, offset).
+        let mut rows = Vec::with_capacity(n);
+        for (pi, p) in pieces.iter().enumerate() {
+            rows.extend((0..p.len() / k).map(|r| (pi, r * k)));
+        }
+        let mut data: Vec<f16> = Vec::with_capacity(n * k);
+        let dst = data.as_mut_ptr() as usize;
+        // Group g holds its 16 rows position by position: value p of row i at p * 16 + i.
+        run_items(n / FG, &|g| {
+            let out = (dst as *mut f16).wrapping_add(g * FG * k);
+            for i in 0..FG {
+                let (pi, at) = rows[g * FG + i];
+                for (p, &v) in pieces[pi][at..at + k].iter().enumerate() {
+                    // SAFETY: `p * 16 + i < 16 k`: inside group `g`'s values of the reserved
+                    // capacity, which this item alone writes.
+                    unsafe { out.add(p * FG + i).write(v) };
                 }
             }
-            block.copy_from_slice(&scratch);
-        }
+        });
+        // SAFETY: the groups cover all `n k` values, each written above.
+        unsafe { data.set_len(n * k) };
         F16Matrix {
             n,
             k,

@@ -115,8 +115,10 @@ fn st_to_f32(bytes: &[u8], dtype: safetensors::Dtype) -> Vec<f32> {
 /// A matmul weight as loaded: candle's representation, or f16 rows handed over as they are.
 pub(crate) enum Matmul {
     Candle(QMatMul),
+    /// `n` rows of `k` f16 values, held in pieces of whole rows, one after another (one piece
+    /// as loaded; several once stacked, joined when the matrix is built).
     F16 {
-        data: Vec<half::f16>,
+        pieces: Vec<Vec<half::f16>>,
         n: usize,
         k: usize,
     },
@@ -143,16 +145,23 @@ impl Matmul {
         if parts.len() < 2 {
             return Ok(parts);
         }
-        let stacked = if let Some(f16) = each(&parts, |p| match p {
-            Matmul::F16 { data, n, k } => Some((data, *n, *k)),
+        let f16_widths = each(&parts, |p| match p {
+            Matmul::F16 { k, .. } => Some(Some(*k)),
             _ => None,
-        }) {
-            let ks: Vec<_> = f16.iter().map(|&(_, _, k)| Some(k)).collect();
-            same(&ks).map(|k| Matmul::F16 {
-                data: f16.iter().flat_map(|(d, _, _)| d.iter().copied()).collect(),
-                n: f16.iter().map(|&(_, n, _)| n).sum(),
-                k,
-            })
+        });
+        if let Some(k) = f16_widths.as_deref().and_then(same) {
+            // The pieces are joined (and grouped) in one pass when the matrix is built.
+            let (mut pieces, mut rows) = (Vec::new(), 0);
+            for p in parts {
+                if let Matmul::F16 { pieces: ps, n, .. } = p {
+                    pieces.extend(ps);
+                    rows += n;
+                }
+            }
+            return Ok(vec![Matmul::F16 { pieces, n: rows, k }]);
+        }
+        let stacked = if f16_widths.is_some() {
+            None
         } else if let Some(blocks) = each(&parts, |p| match p {
             Matmul::Blocks(m) => Some(m),
             _ => None,
@@ -230,14 +239,28 @@ fn f16_values(bytes: &[u8]) -> Vec<half::f16> {
 /// f16 values, calling `release(start, len)` for each MiB of `bytes` once it is copied.
 fn f16_values_releasing(bytes: &[u8], release: &dyn Fn(usize, usize)) -> Vec<half::f16> {
     const CHUNK: usize = 1 << 20;
-    let mut out = Vec::with_capacity(bytes.len() / 2);
-    for (i, c) in bytes.chunks(CHUNK).enumerate() {
+    let n = bytes.len() / 2;
+    let mut out: Vec<half::f16> = Vec::with_capacity(n);
+    let dst = out.as_mut_ptr() as *mut u8;
+    for (i, c) in bytes[..2 * n].chunks(CHUNK).enumerate() {
+        #[cfg(target_endian = "little")]
+        // SAFETY: `out` has room for `n` values (`2 n` bytes) and chunk `i` lands at byte
+        // `i * CHUNK` of them; an f16 in memory is its little-endian bytes on this target.
+        unsafe {
+            std::ptr::copy_nonoverlapping(c.as_ptr(), dst.add(i * CHUNK), c.len())
+        };
+        #[cfg(not(target_endian = "little"))]
         out.extend(
             c.chunks_exact(2)
                 .map(|c| half::f16::from_le_bytes([c[0], c[1]])),
         );
         release(i * CHUNK, c.len());
     }
+    #[cfg(target_endian = "little")]
+    // SAFETY: every one of the `n` values was written above (any bit pattern is an f16).
+    unsafe {
+        out.set_len(n)
+    };
     out
 }
 
@@ -611,7 +634,7 @@ impl WeightSource {
             // f16 weights stay f16 (half the memory and bandwidth of f32).
             (_, Loaded::F16(data)) if shape.len() == 2 => {
                 return Ok(Matmul::F16 {
-                    data,
+                    pieces: vec![data],
                     n: shape[0],
                     k: shape[1],
                 });
