@@ -1138,7 +1138,8 @@ mod tests {
                 assert_eq!(stack.mats.len(), expect, "{types:?}");
             }
             let total = stack.width();
-            let regrouped = widths.iter().any(|w| !w.is_multiple_of(16)) && total.is_multiple_of(16);
+            let regrouped =
+                widths.iter().any(|w| !w.is_multiple_of(16)) && total.is_multiple_of(16);
             let same = |got: &[f32], want: &[f32], what: &str| {
                 if regrouped && crate::kernels::enabled() {
                     for (a, b) in got.iter().zip(want) {
