@@ -764,8 +764,7 @@ pub(crate) fn causal_into(
     let row_blocks = t.div_ceil(ROWS);
     // Prompt rows: the query heads that share a KV head (up to 4) run together, so each key
     // and value loaded serves all of them. Decode (one row) that does not take the tile below
-    // (fewer KV heads than threads) keeps one head per item so that the heads spread over the
-    // threads.
+    // keeps one head per item so that the heads spread over the threads.
     let per = if t > 1 { group.min(4) } else { 1 };
     let chunks = group.div_ceil(per);
     #[cfg(target_arch = "x86_64")]
@@ -773,10 +772,12 @@ pub(crate) fn causal_into(
         (ks, vs),
         (Rows::F16(_), Rows::F16(_)) | (Rows::F32(_), Rows::F32(_))
     );
-    // The tile serves decode too when there are at least as many KV heads as threads to
-    // spread them over (each key converted once for the whole group of query heads: +25-30%
-    // decode at 3000 positions on SmolLM2); with fewer, the heads spread one per item below.
-    let tile_rows = t > 1 || nkv >= crate::pool::pool().threads();
+    // The tile serves decode too once the context is long and there are at least as many KV
+    // heads as threads to spread them over (each key converted once for the whole group of
+    // query heads: +25-30% decode at 3000 positions on SmolLM2). With a short context the
+    // heads spread one per item below (the same results either way, bit for bit).
+    const LONG: usize = 512;
+    let tile_rows = t > 1 || (total >= LONG && nkv >= crate::pool::pool().threads());
     if tile_rows
         && hd.is_multiple_of(16)
         && hd <= 256
