@@ -32,6 +32,36 @@
 
 
 /**
+ * `llama_model_params.kernel`: the widest path this CPU runs.
+ */
+#define LLAMA_KERNEL_AUTO 0
+
+/**
+ * Portable scalar code.
+ */
+#define LLAMA_KERNEL_SCALAR 1
+
+/**
+ * x86-64 AVX2 + FMA + F16C.
+ */
+#define LLAMA_KERNEL_AVX2 2
+
+/**
+ * AVX2 plus 256-bit AVX-512 VNNI.
+ */
+#define LLAMA_KERNEL_VNNI256 3
+
+/**
+ * AVX-512 (F, BW, VL, VNNI).
+ */
+#define LLAMA_KERNEL_AVX512 4
+
+/**
+ * candle's kernels and tensor operations throughout (the reference path).
+ */
+#define LLAMA_KERNEL_CANDLE 5
+
+/**
  * `llama_model_params.quantize`: keep weights as stored.
  */
 #define LLAMA_QUANTIZE_NONE 0
@@ -227,6 +257,15 @@ typedef struct {
    * `LLAMA_QUANTIZE_NONE`.
    */
   int32_t quantize;
+  /**
+   * Threads for loading and for the sessions that do not set their own; 0 (default) = one
+   * per physical core.
+   */
+  uint32_t n_threads;
+  /**
+   * Kernel path: one of the `LLAMA_KERNEL_*` values. Default `LLAMA_KERNEL_AUTO`.
+   */
+  int32_t kernel;
 } llama_model_params;
 
 /**
@@ -331,6 +370,10 @@ typedef struct {
    * half of the rest; -1 (default) disables it (a full context is LLAMA_STATUS_CONTEXT_OVERFLOW).
    */
   int32_t context_shift_keep;
+  /**
+   * Threads for this session's forward passes; 0 (default) = the model's.
+   */
+  uint32_t n_threads;
 } llama_session_params;
 
 /**
@@ -448,6 +491,17 @@ size_t llama_model_n_embd(const llama_model *model);
  * Context length the model was trained for, or 0 if `model` is NULL.
  */
 size_t llama_model_n_ctx_train(const llama_model *model);
+
+/**
+ * Threads of the model's pool, or 0 if `model` is NULL.
+ */
+uint32_t llama_model_n_threads(const llama_model *model);
+
+/**
+ * The kernel path the model computes on (a `LLAMA_KERNEL_*` value, never
+ * `LLAMA_KERNEL_AUTO`), or -1 if `model` is NULL.
+ */
+int32_t llama_model_kernel(const llama_model *model);
 
 /**
  * Whether `token` ends generation (EOS, end of turn, ...). False for NULL or out-of-range.

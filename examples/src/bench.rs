@@ -63,6 +63,7 @@ fn argmax(l: &[f32]) -> u32 {
 
 pub fn run(
     a: BenchArgs,
+    opts: ModelOptions<'_>,
     default_model: impl FnOnce() -> Result<PathBuf, Box<dyn std::error::Error>>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let path = match a.model {
@@ -71,7 +72,7 @@ pub fn run(
     };
     let reps = a.repetitions.max(1);
     let t0 = Instant::now();
-    let mut opts = ModelOptions::default();
+    let mut opts = opts;
     if let Some(q) = &a.quantize {
         opts = opts.with_quantize(llama_core::QuantType::parse(q)?);
     }
@@ -117,7 +118,7 @@ pub fn run(
     }
     let tg128 = median(tg);
     let rss = peak_rss_mib();
-    let threads = std::env::var("RAYON_NUM_THREADS").ok();
+    let threads = model.threads();
     if a.json {
         println!(
             "{}",
@@ -126,6 +127,7 @@ pub fn run(
                 "model": path.display().to_string(),
                 "weights": model.weight_type(),
                 "threads": threads,
+                "kernel": model.kernel().as_str(),
                 "repetitions": reps,
                 "pp128_tps": pp128,
                 "pp512_tps": pp512,

@@ -25,9 +25,18 @@ use serde_json::json;
     about = "Run Llama-family models locally (GGUF or Hugging Face folders)"
 )]
 struct Cli {
-    /// Compute threads (default: one per physical core; same as RAYON_NUM_THREADS).
-    #[arg(short = 't', long, global = true)]
+    /// Compute threads (0: one per physical core). Also sizes candle's own pool
+    /// (RAYON_NUM_THREADS) for the weight types that run on candle's kernels.
+    #[arg(short = 't', long, global = true, env = "LLAMA_THREADS")]
     threads: Option<usize>,
+    /// Kernel path: auto, scalar, avx2, vnni256, avx512, or candle (candle's kernels and
+    /// tensor operations throughout, for comparison).
+    #[arg(long, global = true, env = "LLAMA_CORE_KERNEL", default_value = "auto")]
+    kernel: String,
+    /// Keep the file's row layout instead of regrouping weight rows for the SIMD kernels
+    /// (slower; for comparing layouts).
+    #[arg(long, global = true, env = "LLAMA_CORE_NO_REPACK", value_parser = clap::builder::FalseyValueParser::new())]
+    keep_file_layout: bool,
     /// Log details to stderr (-v debug, -vv trace). LLAMA_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
@@ -204,17 +213,54 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     if let Some(n) = cli.threads.filter(|&n| n > 0) {
-        // Read by candle's thread pools when they start (before any model work).
+        // Read by candle's own thread pool when it starts (before any model work); llama-core
+        // takes the count through its options.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-        std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
     }
-    if let Err(e) = run(cli) {
+    let compute = llama_core::Kernel::parse(&cli.kernel).map(|kernel| Compute {
+        threads: cli.threads.unwrap_or(0),
+        kernel,
+        keep_file_layout: cli.keep_file_layout,
+    });
+    if let Err(e) = compute
+        .map_err(Into::into)
+        .and_then(|c| {
+            COMPUTE
+                .set(c)
+                .map_err(|_| "compute options set twice".into())
+        })
+        .and_then(|()| run(cli))
+    {
         eprintln!("error: {e}");
         std::process::exit(1);
     }
 }
 
 type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+/// The global compute options (`--threads`, `--kernel`, `--keep-file-layout`).
+#[derive(Clone, Copy)]
+struct Compute {
+    threads: usize,
+    kernel: llama_core::Kernel,
+    keep_file_layout: bool,
+}
+
+static COMPUTE: std::sync::OnceLock<Compute> = std::sync::OnceLock::new();
+
+/// Model options with the global compute options applied.
+fn model_options<'a>() -> ModelOptions<'a> {
+    let c = COMPUTE.get().copied().unwrap_or(Compute {
+        threads: 0,
+        kernel: llama_core::Kernel::Auto,
+        keep_file_layout: false,
+    });
+    let mut o = ModelOptions::default()
+        .with_kernel(c.kernel)
+        .with_threads(c.threads);
+    o.keep_file_layout = c.keep_file_layout;
+    o
+}
 
 fn run(cli: Cli) -> AnyResult<()> {
     match cli.cmd {
@@ -232,7 +278,7 @@ fn run(cli: Cli) -> AnyResult<()> {
             Ok(())
         }
         Cmd::Perplexity(a) => perplexity(a),
-        Cmd::Bench(a) => bench::run(a, default_model::path),
+        Cmd::Bench(a) => bench::run(a, model_options(), default_model::path),
         Cmd::FetchModel => {
             println!("{}", default_model::path()?.display());
             Ok(())
@@ -303,7 +349,7 @@ fn load(m: &ModelArg) -> AnyResult<Model> {
     };
     let b = bar("loading");
     let t0 = Instant::now();
-    let mut opts = ModelOptions::default().with_progress(|p| {
+    let mut opts = model_options().with_progress(|p| {
         progress(&b, p.loaded, p.total);
         ControlFlow::Continue(())
     });

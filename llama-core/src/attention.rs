@@ -669,7 +669,7 @@ unsafe fn exp_shifted_avx2(scores: &mut [f32], max: f32) -> f32 {
 }
 
 /// The AVX2/FMA/F16C paths, exactly when the matmul kernels use theirs (the same detection
-/// and the same `LLAMA_CORE_KERNEL=scalar` override).
+/// and the same `Kernel::Scalar` override).
 fn simd() -> bool {
     crate::kernels::simd()
 }

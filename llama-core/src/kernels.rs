@@ -27,8 +27,8 @@
 //! 8 rows; AVX2/FMA/F16C the `maddubs` versions; other machines the scalar path, which computes
 //! the same integers. Work items are tiles of activation rows x weight rows, so a weight block
 //! is unpacked once per tile rather than once per row, spread over our thread pool
-//! (`crate::pool`). `LLAMA_CORE_KERNEL=scalar|avx2|vnni256` forces a path,
-//! `LLAMA_CORE_KERNEL=candle` uses candle's kernels everywhere.
+//! (`crate::pool`). [`crate::Kernel`] (`ModelOptions::kernel`) forces a path, or candle's kernels
+//! everywhere.
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
@@ -60,6 +60,16 @@ impl BlockFmt {
             GgmlDType::Q5_1 => Some(BlockFmt::Q5_1),
             GgmlDType::Q8_0 => Some(BlockFmt::Q8_0),
             _ => None,
+        }
+    }
+
+    pub(crate) fn ggml(self) -> GgmlDType {
+        match self {
+            BlockFmt::Q4_0 => GgmlDType::Q4_0,
+            BlockFmt::Q4_1 => GgmlDType::Q4_1,
+            BlockFmt::Q5_0 => GgmlDType::Q5_0,
+            BlockFmt::Q5_1 => GgmlDType::Q5_1,
+            BlockFmt::Q8_0 => GgmlDType::Q8_0,
         }
     }
 
@@ -205,62 +215,21 @@ fn quantize_row_scalar(x: &[f32], out: &mut [XBlock]) {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Isa {
-    Scalar,
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-    #[cfg(target_arch = "x86_64")]
-    Vnni,
-    /// AVX-512 (F, BW, VL, VNNI): the 256-bit VNNI kernels, plus 512-bit ones where written.
-    #[cfg(target_arch = "x86_64")]
-    Avx512,
-}
+pub(crate) use crate::exec::Isa;
 
-impl Isa {
-    /// VNNI on 256-bit vectors is available.
-    #[cfg(target_arch = "x86_64")]
-    fn vnni(self) -> bool {
-        matches!(self, Isa::Vnni | Isa::Avx512)
-    }
-}
-
-/// Whether our kernels are used at all (`LLAMA_CORE_KERNEL=candle` runs candle's instead,
-/// for comparison).
+/// Whether our kernels run in the current call (not candle's: [`crate::Kernel::Candle`]).
 pub(crate) fn enabled() -> bool {
-    std::env::var("LLAMA_CORE_KERNEL").map_or(true, |v| v != "candle")
+    crate::exec::current().ours()
 }
 
-fn isa() -> Isa {
-    static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
-    *ISA.get_or_init(|| {
-        let forced = std::env::var("LLAMA_CORE_KERNEL").unwrap_or_default();
-        #[cfg(target_arch = "x86_64")]
-        {
-            let avx2 = is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c");
-            let vnni = avx2
-                && is_x86_feature_detected!("avx512vnni")
-                && is_x86_feature_detected!("avx512vl");
-            let avx512 =
-                vnni && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw");
-            match forced.as_str() {
-                "scalar" => Isa::Scalar,
-                "avx2" if avx2 => Isa::Avx2,
-                "vnni256" if vnni => Isa::Vnni,
-                _ if avx512 => Isa::Avx512,
-                _ if vnni => Isa::Vnni,
-                _ if avx2 => Isa::Avx2,
-                _ => Isa::Scalar,
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            let _ = forced;
-            Isa::Scalar
-        }
-    })
+/// The SIMD level of the current call.
+pub(crate) fn isa() -> Isa {
+    crate::exec::current().isa
+}
+
+/// Whether weights are regrouped into the SIMD kernels' row groups at load.
+pub(crate) fn repack() -> bool {
+    crate::exec::current().repack
 }
 
 /// Whether the 512-bit AVX-512 paths run.
@@ -1133,7 +1102,7 @@ fn matmul_shape(x: &Tensor, k_w: usize, n: usize) -> Result<(usize, usize, Vec<u
     Ok((m, k, dims))
 }
 
-fn check_ids(ids: &[u32], rows: usize) -> Result<()> {
+pub(crate) fn check_ids(ids: &[u32], rows: usize) -> Result<()> {
     match ids.iter().find(|&&id| id as usize >= rows) {
         Some(id) => Err(Error::InvalidArgument(format!(
             "token id {id} is outside the embedding of {rows} rows"
@@ -1148,12 +1117,12 @@ fn forward_via(
     x: &Tensor,
     k: usize,
     n: usize,
-    matmul: impl FnOnce(&[f32], usize, DstWriter<'_>),
+    matmul: impl FnOnce(&[f32], usize, DstWriter<'_>) -> Result<()>,
 ) -> Result<Tensor> {
     let (m, _, out_dims) = matmul_shape(x, k, n)?;
     let xs = input_f32(x)?;
     let mut dst = Dst::new(m, n);
-    matmul(&xs, m, dst.writer());
+    matmul(&xs, m, dst.writer())?;
     drop(xs);
     // SAFETY: `matmul` wrote every element.
     let dst = unsafe { dst.finish() };
@@ -1303,7 +1272,7 @@ impl BlockMatrix {
                 data.len()
             )));
         }
-        let group = if std::env::var_os("LLAMA_CORE_NO_REPACK").is_some() {
+        let group = if !repack() {
             0
         } else if isa() == Isa::Avx512 && n.is_multiple_of(G16) {
             G16
@@ -1368,10 +1337,6 @@ impl BlockMatrix {
         (0..self.k / QK)
             .flat_map(|b| self.block(c, b)[..self.fmt.bytes()].to_vec())
             .collect()
-    }
-
-    pub(crate) fn fmt(&self) -> BlockFmt {
-        self.fmt
     }
 
     /// The matrices' rows one after another, as one matrix, when they share a format, a width
@@ -1440,27 +1405,21 @@ impl BlockMatrix {
         }
     }
 
-    /// Rows `ids` dequantized, `[ids.len(), k]` (embedding lookup).
-    pub(crate) fn rows(&self, ids: &[u32]) -> Result<Tensor> {
-        let k = self.k;
-        let mut out = vec![0f32; ids.len() * k];
-        check_ids(ids, self.n)?;
-        for (&id, dst) in ids.iter().zip(out.chunks_exact_mut(k)) {
-            for (b, o) in dst.chunks_exact_mut(QK).enumerate() {
-                let wb = self.block(id as usize, b);
-                let d = f16_at(&wb, 0);
-                let m = if self.fmt.has_min() {
-                    f16_at(&wb, 2)
-                } else {
-                    0.0
-                };
-                let (u, off) = self.fmt.unsigned_quants(&wb);
-                for (o, &q) in o.iter_mut().zip(&u) {
-                    *o = (q as i32 - off) as f32 * d + m;
-                }
+    /// Row `id` dequantized into `dst` (`k` values).
+    fn dequantize_row(&self, id: usize, dst: &mut [f32]) {
+        for (b, o) in dst.chunks_exact_mut(QK).enumerate() {
+            let wb = self.block(id, b);
+            let d = f16_at(&wb, 0);
+            let m = if self.fmt.has_min() {
+                f16_at(&wb, 2)
+            } else {
+                0.0
+            };
+            let (u, off) = self.fmt.unsigned_quants(&wb);
+            for (o, &q) in o.iter_mut().zip(&u) {
+                *o = (q as i32 - off) as f32 * d + m;
             }
         }
-        Ok(Tensor::from_vec(out, (ids.len(), k), &Device::Cpu)?)
     }
 
     /// Dots of activation rows `rows` (at most [`GROUP_R`] for 16-row groups, [`GROUP_R8`]
@@ -1528,13 +1487,8 @@ impl BlockMatrix {
         }
     }
 
-    /// `x @ W^T` for `x` of shape `[..., k]`.
-    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        forward_via(x, self.k, self.n, |xs, m, put| self.matmul(xs, m, put))
-    }
-
     /// `xs @ W^T` for `m` rows of `k` values, every output written through `put`.
-    pub(crate) fn matmul(&self, xs: &[f32], m: usize, put: DstWriter<'_>) {
+    fn compute(&self, xs: &[f32], m: usize, put: DstWriter<'_>) {
         let (n, k) = (self.n, self.k);
         let xq = quantize_rows_parallel(xs, m, k);
         let isa = isa();
@@ -1803,7 +1757,7 @@ impl F16Matrix {
             total == n * k && pieces.iter().all(|p| p.len().is_multiple_of(k.max(1))),
             "f16 matrix [{n}, {k}]"
         );
-        if !n.is_multiple_of(FG) || std::env::var_os("LLAMA_CORE_NO_REPACK").is_some() {
+        if !n.is_multiple_of(FG) || !repack() {
             let data = if pieces.len() == 1 {
                 pieces.pop().unwrap_or_default()
             } else {
@@ -1853,14 +1807,11 @@ impl F16Matrix {
         }
     }
 
-    /// Rows `ids` as f32, `[ids.len(), k]`.
-    pub(crate) fn rows(&self, ids: &[u32]) -> Result<Tensor> {
-        let mut out = Vec::with_capacity(ids.len() * self.k);
-        check_ids(ids, self.n)?;
-        for &id in ids {
-            out.extend((0..self.k).map(|p| self.at(id as usize, p).to_f32()));
+    /// Row `id` as f32 into `dst` (`k` values).
+    fn dequantize_row(&self, id: usize, dst: &mut [f32]) {
+        for (p, o) in dst.iter_mut().enumerate() {
+            *o = self.at(id, p).to_f32();
         }
-        Ok(Tensor::from_vec(out, (ids.len(), self.k), &Device::Cpu)?)
     }
 
     /// Rows `rows` of `xs` times group `g`, into `out`.
@@ -1937,13 +1888,8 @@ impl F16Matrix {
         }
     }
 
-    /// `x @ W^T` for `x` of shape `[..., k]`.
-    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        forward_via(x, self.k, self.n, |xs, m, put| self.matmul(xs, m, put))
-    }
-
     /// `xs @ W^T` for `m` rows of `k` values, every output written through `put`.
-    pub(crate) fn matmul(&self, xs: &[f32], m: usize, put: DstWriter<'_>) {
+    fn compute(&self, xs: &[f32], m: usize, put: DstWriter<'_>) {
         let n = self.n;
         let simd = isa() != Isa::Scalar;
         // Prompts on AVX-512 over pairs of groups.
@@ -2047,6 +1993,46 @@ impl F16Matrix {
     }
 }
 
+impl WeightMatrix for BlockMatrix {
+    fn dtype(&self) -> GgmlDType {
+        self.fmt.ggml()
+    }
+    fn shape(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+    fn bytes(&self) -> usize {
+        self.data.len()
+    }
+    fn matmul(&self, xs: &[f32], m: usize, put: DstWriter<'_>) -> Result<()> {
+        self.compute(xs, m, put);
+        Ok(())
+    }
+    fn row_into(&self, i: usize, out: &mut [f32]) -> Result<()> {
+        self.dequantize_row(i, out);
+        Ok(())
+    }
+}
+
+impl WeightMatrix for F16Matrix {
+    fn dtype(&self) -> GgmlDType {
+        GgmlDType::F16
+    }
+    fn shape(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+    fn bytes(&self) -> usize {
+        self.data.len() * 2
+    }
+    fn matmul(&self, xs: &[f32], m: usize, put: DstWriter<'_>) -> Result<()> {
+        self.compute(xs, m, put);
+        Ok(())
+    }
+    fn row_into(&self, i: usize, out: &mut [f32]) -> Result<()> {
+        self.dequantize_row(i, out);
+        Ok(())
+    }
+}
+
 /// A k-quant weight matrix `[n, k]` (Q2_K to Q6_K) on our thread pool, with candle's block
 /// dot products (`GgmlType::vec_dot`, AVX2 when the CPU has it) and activations quantized to
 /// q8_K blocks as candle and ggml do. Running them on our pool rather than candle's keeps one
@@ -2066,14 +2052,30 @@ impl<T> std::fmt::Debug for KMatrix<T> {
     }
 }
 
-/// What the model needs from a k-quant matrix, whatever its block type.
-pub(crate) trait KLinear: Send + Sync + std::fmt::Debug {
+/// A weight matrix `[n, k]` (`n` outputs of `k` inputs), whatever its storage: the block
+/// formats, f16, the k-quants, candle's tensors (`crate::matrix`). The model holds these; a
+/// LoRA adapter wraps one.
+pub(crate) trait WeightMatrix: Send + Sync {
+    /// The storage type.
     fn dtype(&self) -> GgmlDType;
     /// `[n, k]`.
     fn shape(&self) -> (usize, usize);
+    /// Bytes the weights occupy in memory.
+    fn bytes(&self) -> usize;
     /// `xs @ W^T` for `m` rows of `k` values, every output written through `put`.
-    fn matmul(&self, xs: &[f32], m: usize, put: DstWriter<'_>);
-    fn rows(&self, ids: &[u32]) -> Result<Tensor>;
+    fn matmul(&self, xs: &[f32], m: usize, put: DstWriter<'_>) -> Result<()>;
+    /// Row `i < n` dequantized into `out` (`k` values).
+    fn row_into(&self, i: usize, out: &mut [f32]) -> Result<()>;
+    /// Rows `ids` dequantized, `[ids.len(), k]` (embedding lookup).
+    fn rows(&self, ids: &[u32]) -> Result<Tensor> {
+        let (n, k) = self.shape();
+        check_ids(ids, n)?;
+        let mut out = vec![0f32; ids.len() * k];
+        for (&id, dst) in ids.iter().zip(out.chunks_exact_mut(k.max(1))) {
+            self.row_into(id as usize, dst)?;
+        }
+        Ok(Tensor::from_vec(out, (ids.len(), k), &Device::Cpu)?)
+    }
     /// `x @ W^T` for `x` of shape `[..., k]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (n, k) = self.shape();
@@ -2087,16 +2089,16 @@ pub(crate) fn k_matrix(
     bytes: &[u8],
     n: usize,
     k: usize,
-) -> Option<Result<std::sync::Arc<dyn KLinear>>> {
+) -> Option<Result<std::sync::Arc<dyn WeightMatrix>>> {
     use candle_core::quantized::k_quants::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K};
-    fn make<T: KBlock>(b: &[u8], n: usize, k: usize) -> Result<std::sync::Arc<dyn KLinear>> {
+    fn make<T: KBlock>(b: &[u8], n: usize, k: usize) -> Result<std::sync::Arc<dyn WeightMatrix>> {
         Ok(std::sync::Arc::new(KMatrix::<T>::new(b, n, k)?))
     }
     Some(match t {
         GgmlDType::Q4K if q4k::Q4KMatrix::fits(n, k) => q4k::Q4KMatrix::new(bytes, n, k)
-            .map(|m| std::sync::Arc::new(m) as std::sync::Arc<dyn KLinear>),
+            .map(|m| std::sync::Arc::new(m) as std::sync::Arc<dyn WeightMatrix>),
         GgmlDType::Q6K if q6k::Q6KMatrix::fits(n, k) => q6k::Q6KMatrix::new(bytes, n, k)
-            .map(|m| std::sync::Arc::new(m) as std::sync::Arc<dyn KLinear>),
+            .map(|m| std::sync::Arc::new(m) as std::sync::Arc<dyn WeightMatrix>),
         GgmlDType::Q2K => make::<BlockQ2K>(bytes, n, k),
         GgmlDType::Q3K => make::<BlockQ3K>(bytes, n, k),
         GgmlDType::Q4K => make::<BlockQ4K>(bytes, n, k),
@@ -2155,7 +2157,7 @@ impl<T: KBlock> KMatrix<T> {
     }
 }
 
-impl<T: KBlock> KLinear for KMatrix<T> {
+impl<T: KBlock> WeightMatrix for KMatrix<T> {
     fn dtype(&self) -> GgmlDType {
         T::DTYPE
     }
@@ -2164,7 +2166,11 @@ impl<T: KBlock> KLinear for KMatrix<T> {
         (self.n, self.k)
     }
 
-    fn matmul(&self, xs: &[f32], m: usize, put: DstWriter<'_>) {
+    fn bytes(&self) -> usize {
+        self.data.len() * std::mem::size_of::<T>()
+    }
+
+    fn matmul(&self, xs: &[f32], m: usize, put: DstWriter<'_>) -> Result<()> {
         use candle_core::quantized::k_quants::{BlockQ8K, GgmlType};
         let k = self.k;
         let nbx = k / BlockQ8K::BLCK_SIZE;
@@ -2189,16 +2195,12 @@ impl<T: KBlock> KLinear for KMatrix<T> {
             }
         };
         run_items(row_tiles * n.div_ceil(K_COLS), &work);
+        Ok(())
     }
 
-    fn rows(&self, ids: &[u32]) -> Result<Tensor> {
-        let k = self.k;
-        let mut out = vec![0f32; ids.len() * k];
-        check_ids(ids, self.n)?;
-        for (&id, dst) in ids.iter().zip(out.chunks_exact_mut(k)) {
-            T::to_float(self.row(id as usize), dst);
-        }
-        Ok(Tensor::from_vec(out, (ids.len(), k), &Device::Cpu)?)
+    fn row_into(&self, i: usize, out: &mut [f32]) -> Result<()> {
+        T::to_float(self.row(i), out);
+        Ok(())
     }
 }
 
@@ -2416,7 +2418,7 @@ mod tests {
                     .unwrap();
                 let bytes = q.data().unwrap();
                 let mat = BlockMatrix::new(BlockFmt::from_ggml(dt).unwrap(), &bytes, n, k).unwrap();
-                let repack = std::env::var_os("LLAMA_CORE_NO_REPACK").is_none();
+                let repack = repack();
                 assert_eq!(mat.group > 0, repack && n % G == 0);
                 let row_bytes = bytes.len() / n;
                 for c in 0..n {

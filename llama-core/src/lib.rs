@@ -27,10 +27,12 @@ pub mod chat;
 pub mod config;
 pub mod convert;
 pub mod error;
+mod exec;
 mod generate;
 pub mod gguf;
 mod kernels;
 mod kv_cache;
+mod matrix;
 mod model;
 mod perplexity;
 mod pool;
@@ -46,6 +48,7 @@ mod weights;
 pub use chat::Message;
 pub use config::{Config, RopeScaling};
 pub use error::{Error, Result};
+pub use exec::Kernel;
 pub use generate::{
     CancelHandle, Detokenizer, GenerateOptions, Generation, Generator, Piece, StopReason, Timings,
     TokenLogprob, TokenStream,

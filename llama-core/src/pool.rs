@@ -9,8 +9,11 @@
 //! does the work itself and the step runs at the speed of the cores actually available.
 //!
 //! Workers spin briefly after a call (the next matmul usually follows within microseconds), then
-//! yield, then park. Threads: `CANDLE_NUM_THREADS`, else `RAYON_NUM_THREADS`, else one per core
-//! (the CLI's `--threads` sets both), read once, when the pool first runs.
+//! yield, then park. A pool has a fixed number of threads; one pool per thread count is made
+//! on first use and kept for the process ([`Pool::with_threads`]). Which pool (and which kernel
+//! settings) a call into the core runs on is set by a [`Runtime`] for the duration of the call:
+//! the model's options at load, the session's for its forward passes. A call carries its
+//! settings to the workers that help with it.
 //!
 //! Completion protocol. `gen` is odd while a call is live. A worker that sees a new odd `gen`
 //! registers in `active` and then re-reads `gen`; the caller, once every item is done, makes
@@ -24,6 +27,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::thread::Thread;
 
+use crate::error::{Error, Result};
+use crate::exec::{with_settings, Settings};
+
 /// Spins of an idle worker before it starts yielding, then yields before it parks.
 const SPINS: u32 = 20_000;
 const YIELDS: u32 = 50;
@@ -34,6 +40,8 @@ struct Job {
     work: *const Work<'static>,
     items: usize,
     chunk: usize,
+    /// The caller's kernel settings, installed on the workers while they help.
+    settings: Settings,
 }
 
 struct Shared {
@@ -55,23 +63,32 @@ pub(crate) struct Pool {
     shared: &'static Shared,
     workers: Vec<Thread>,
     lock: Mutex<()>,
+    /// Threads asked for (the caller included).
+    size: usize,
 }
 
 thread_local! {
     static IN_POOL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static CURRENT: std::cell::Cell<Option<&'static Pool>> = const { std::cell::Cell::new(None) };
 }
 
-fn thread_count() -> usize {
-    let from_env = |name: &str| {
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .filter(|&n| n > 0)
-    };
-    from_env("CANDLE_NUM_THREADS")
-        .or_else(|| from_env("RAYON_NUM_THREADS"))
-        .unwrap_or_else(candle_core::utils::get_num_threads)
-        .max(1)
+/// The most threads a pool may have.
+pub(crate) const MAX_THREADS: usize = 1024;
+
+/// Threads when none are asked for: one per physical core.
+pub(crate) fn default_threads() -> usize {
+    num_cpus::get_physical().max(1)
+}
+
+/// `0` (one per physical core) or a count, checked.
+pub(crate) fn thread_count(threads: usize) -> Result<usize> {
+    match threads {
+        0 => Ok(default_threads()),
+        n if n > MAX_THREADS => Err(Error::InvalidArgument(format!(
+            "threads: {n} is more than {MAX_THREADS}"
+        ))),
+        n => Ok(n),
+    }
 }
 
 /// Grabs and runs chunks until the cursor passes the end, counting each in `done`.
@@ -122,7 +139,7 @@ fn worker(shared: &'static Shared) {
             // SAFETY: registered in `active` while the call is live: the caller will not
             // replace the job until this worker leaves.
             let job = unsafe { &*shared.job.get() };
-            drain(shared, job);
+            with_settings(job.settings, || drain(shared, job));
         }
         shared.active.fetch_sub(1, Ordering::SeqCst);
     }
@@ -136,6 +153,7 @@ impl Pool {
                 work: (&|_: std::ops::Range<usize>| {}) as &Work<'static> as *const Work<'static>,
                 items: 0,
                 chunk: 1,
+                settings: crate::exec::current(),
             }),
             cursor: AtomicUsize::new(0),
             done: AtomicUsize::new(0),
@@ -156,6 +174,7 @@ impl Pool {
             shared,
             workers,
             lock: Mutex::new(()),
+            size: threads,
         }
     }
 
@@ -189,6 +208,7 @@ impl Pool {
                     as *const Work<'static>,
                 items,
                 chunk,
+                settings: crate::exec::current(),
             };
         }
         s.cursor.store(0, Ordering::Relaxed);
@@ -230,10 +250,76 @@ impl Drop for Pool {
     }
 }
 
-/// The process-wide pool.
+impl Pool {
+    /// The process's pool of `threads` threads (`0`: one per physical core), made on first use.
+    pub(crate) fn with_threads(threads: usize) -> Result<&'static Pool> {
+        static POOLS: Mutex<Vec<&'static Pool>> = Mutex::new(Vec::new());
+        let threads = thread_count(threads)?;
+        let mut pools = POOLS.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = pools.iter().find(|p| p.size == threads) {
+            return Ok(p);
+        }
+        let p: &'static Pool = Box::leak(Box::new(Pool::new(threads)));
+        pools.push(p);
+        Ok(p)
+    }
+}
+
+/// The pool of the running call (a [`Runtime`]'s), else the default one.
 pub(crate) fn pool() -> &'static Pool {
-    static POOL: OnceLock<Pool> = OnceLock::new();
-    POOL.get_or_init(|| Pool::new(thread_count()))
+    CURRENT.with(|c| c.get()).unwrap_or_else(|| {
+        static DEFAULT: OnceLock<&'static Pool> = OnceLock::new();
+        DEFAULT.get_or_init(|| {
+            Pool::with_threads(0).unwrap_or_else(|_| Box::leak(Box::new(Pool::new(1))))
+        })
+    })
+}
+
+/// Where and how a call into the core computes: its kernel settings and its thread pool.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Runtime {
+    pub(crate) settings: Settings,
+    pub(crate) pool: &'static Pool,
+}
+
+impl Runtime {
+    pub(crate) fn new(settings: Settings, threads: usize) -> Result<Runtime> {
+        Ok(Runtime {
+            settings,
+            pool: Pool::with_threads(threads)?,
+        })
+    }
+
+    /// The same settings on a pool of `threads` threads (`0`: this runtime's pool).
+    pub(crate) fn with_threads(self, threads: usize) -> Result<Runtime> {
+        if threads == 0 {
+            return Ok(self);
+        }
+        Runtime::new(self.settings, threads)
+    }
+
+    /// Threads that run a call.
+    pub(crate) fn threads(&self) -> usize {
+        self.pool.threads()
+    }
+
+    /// Runs `f` with these settings and this pool (restored afterwards, also on a panic).
+    pub(crate) fn run<R>(&self, f: impl FnOnce() -> R) -> R {
+        struct Restore(Option<&'static Pool>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                CURRENT.with(|c| c.set(self.0));
+            }
+        }
+        let _restore = Restore(CURRENT.with(|c| c.replace(Some(self.pool))));
+        with_settings(self.settings, f)
+    }
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Pool({} threads)", self.threads())
+    }
 }
 
 #[cfg(test)]
@@ -270,6 +356,30 @@ mod tests {
                 });
             }
         });
+    }
+
+    #[test]
+    fn a_runtime_carries_its_settings_and_pool_to_the_workers() {
+        use crate::exec::{current, Kernel};
+        let settings = Settings::new(Kernel::Scalar, false).unwrap();
+        let rt = Runtime::new(settings, 3).unwrap();
+        assert_eq!(rt.threads(), 3);
+        assert!(std::ptr::eq(rt.pool, Pool::with_threads(3).unwrap()));
+        let seen = Mutex::new(vec![]);
+        rt.run(|| {
+            assert!(std::ptr::eq(pool(), rt.pool));
+            pool().run(256, &|r| {
+                std::thread::sleep(std::time::Duration::from_micros(50));
+                seen.lock().unwrap().push((r.len(), current()));
+            });
+        });
+        let seen = seen.into_inner().unwrap();
+        assert_eq!(seen.iter().map(|s| s.0).sum::<usize>(), 256);
+        assert!(seen.iter().all(|s| s.1 == settings));
+        assert_ne!(current(), settings);
+        assert!(Pool::with_threads(MAX_THREADS + 1).is_err());
+        assert_eq!(rt.with_threads(0).unwrap().threads(), 3);
+        assert_eq!(rt.with_threads(2).unwrap().threads(), 2);
     }
 
     #[test]

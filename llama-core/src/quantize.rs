@@ -166,47 +166,42 @@ pub(crate) fn tensor_type(
     (Some(t), note)
 }
 
-/// Runs `f` over `items` on up to `threads` threads, results in order.
+/// The pool of `threads` threads, or with `0` the running call's pool (the model's at load;
+/// one thread per physical core otherwise).
+fn pool_of(threads: usize) -> Result<&'static crate::pool::Pool> {
+    match threads {
+        0 => Ok(crate::pool::pool()),
+        n => crate::pool::Pool::with_threads(n),
+    }
+}
+
+/// Runs `f` over `items` on `pool`, results in order.
 pub(crate) fn par_map<T: Sync, R: Send>(
     items: &[T],
-    threads: usize,
+    pool: &crate::pool::Pool,
     f: impl Fn(&T) -> R + Sync,
-) -> Vec<R> {
-    let threads = threads.clamp(1, items.len().max(1));
-    if threads == 1 {
-        return items.iter().map(f).collect();
-    }
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let mut out: Vec<Option<R>> = (0..items.len()).map(|_| None).collect();
-    let slots = std::sync::Mutex::new(&mut out);
-    std::thread::scope(|s| {
-        for _ in 0..threads {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if i >= items.len() {
-                    break;
-                }
-                let r = f(&items[i]);
-                if let Ok(mut g) = slots.lock() {
-                    g[i] = Some(r);
-                }
-            });
+) -> Result<Vec<R>> {
+    let slots: Vec<std::sync::Mutex<Option<R>>> =
+        items.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    pool.run(items.len(), &|range| {
+        for i in range {
+            let r = f(&items[i]);
+            *slots[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
         }
     });
-    out.into_iter()
-        .map(|r| r.expect("every item was processed"))
+    slots
+        .into_iter()
+        .map(|m| {
+            m.into_inner()
+                .unwrap_or_else(|e| e.into_inner())
+                .ok_or_else(|| Error::InvalidArgument("a parallel item did not run".into()))
+        })
         .collect()
 }
 
-/// Threads to use when the caller gives 0.
-pub(crate) fn default_threads() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-}
-
 /// Quantizes a dense row-major matrix `[rows, row_len]` (f32 values) to `ty`, splitting the rows
-/// over `threads` threads. Returns the raw GGUF block bytes (identical for any thread count).
+/// over the pool of `threads` threads (`0`: the running call's pool, one thread per physical
+/// core by default). Returns the raw GGUF block bytes (identical for any thread count).
 /// `row_len` must be a multiple of the type's block size.
 pub fn quantize_rows(
     values: &[f32],
@@ -233,12 +228,13 @@ pub fn quantize_rows(
         FileType::Quant(_) => {}
     }
     // Chunks of whole rows, a few per thread so uneven progress evens out.
-    let per_chunk = rows.div_ceil(threads.max(1) * 4).max(1);
+    let pool = pool_of(threads)?;
+    let per_chunk = rows.div_ceil(pool.threads() * 4).max(1);
     let chunks: Vec<(usize, usize)> = (0..rows)
         .step_by(per_chunk)
         .map(|r| (r, (r + per_chunk).min(rows)))
         .collect();
-    let parts = par_map(&chunks, threads, |&(a, b)| -> Result<Vec<u8>> {
+    let parts = par_map(&chunks, pool, |&(a, b)| -> Result<Vec<u8>> {
         let t = Tensor::from_slice(
             &values[a * row_len..b * row_len],
             (b - a, row_len),
@@ -246,7 +242,7 @@ pub fn quantize_rows(
         )?;
         let q = candle_core::quantized::QTensor::quantize(&t, ty.ggml())?;
         Ok(q.data()?.into_owned())
-    });
+    })?;
     let mut out = Vec::new();
     for p in parts {
         out.extend_from_slice(&p?);
@@ -263,10 +259,10 @@ pub fn dequantize(bytes: &[u8], ty: FileType, elems: usize) -> Result<Vec<f32>> 
             bytes.len()
         )));
     }
-    let store = crate::weights::aligned(bytes);
+    let store = crate::matrix::aligned(bytes);
     let q = qtensor_from_ggml(
         g,
-        crate::weights::as_bytes(&store, bytes.len()),
+        crate::matrix::as_bytes(&store, bytes.len()),
         vec![elems],
         &Device::Cpu,
     )?;
@@ -288,7 +284,7 @@ pub struct QuantizeOptions {
     pub output_type: Option<FileType>,
     /// Type of an untied token embedding; default: `ty`.
     pub embedding_type: Option<FileType>,
-    /// Worker threads (0: one per core).
+    /// Worker threads (0: one per physical core).
     pub threads: usize,
 }
 
@@ -347,11 +343,7 @@ pub fn quantize_model(
     opts: &QuantizeOptions,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<QuantizeReport> {
-    let threads = if opts.threads == 0 {
-        default_threads()
-    } else {
-        opts.threads
-    };
+    let threads = crate::pool::thread_count(opts.threads)?;
     let rules = TypeRules {
         base: Some(opts.ty),
         output: opts.output_type,
@@ -463,9 +455,9 @@ pub fn quantize_model(
         let batch = (i..n).take(threads).collect::<Vec<_>>();
         let outer = batch.len();
         let inner = (threads / outer).max(1);
-        let results = par_map(&batch, outer, |&k| {
+        let results = par_map(&batch, pool_of(outer)?, |&k| {
             convert_one(&source, &jobs[k], types[k], inner)
-        });
+        })?;
         for (k, r) in batch.iter().zip(results) {
             let bytes = r?;
             w.write_tensor(*k, &bytes)?;
@@ -504,10 +496,10 @@ fn convert_one(source: &Source, job: &Job, ty: FileType, threads: usize) -> Resu
                 g.release(&job.name);
                 return quantize_rows(&v, row, ty, threads);
             }
-            let store = crate::weights::aligned(data);
+            let store = crate::matrix::aligned(data);
             let q = qtensor_from_ggml(
                 info.dtype,
-                crate::weights::as_bytes(&store, data.len()),
+                crate::matrix::as_bytes(&store, data.len()),
                 info.shape.clone(),
                 &Device::Cpu,
             )

@@ -4,6 +4,7 @@ use crate::error::{Error, Result};
 use crate::generate::CancelHandle;
 use crate::kv_cache::KvCache;
 use crate::model::Model;
+use crate::pool::Runtime;
 
 /// How keys and values are stored in the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -30,6 +31,9 @@ pub struct SessionOptions {
     /// tokens, drop the older half of the rest, and re-evaluate. `None` (default) makes a full
     /// context a [`Error::ContextOverflow`].
     pub context_shift: Option<usize>,
+    /// Threads for this session's forward passes (`0`: the model's, see
+    /// [`ModelOptions::threads`](crate::ModelOptions::threads)).
+    pub threads: usize,
 }
 
 impl Default for SessionOptions {
@@ -39,6 +43,7 @@ impl Default for SessionOptions {
             n_batch: 512,
             kv_type: KvCacheType::F16,
             context_shift: None,
+            threads: 0,
         }
     }
 }
@@ -64,6 +69,11 @@ impl SessionOptions {
         self.kv_type = t;
         self
     }
+    /// Sets the thread count (`0`: the model's).
+    pub fn threads(mut self, n: usize) -> Self {
+        self.threads = n;
+        self
+    }
 }
 
 /// Default context size when none is asked for.
@@ -76,6 +86,8 @@ pub struct Session {
     tokens: Vec<u32>,
     logits: Option<Vec<f32>>,
     opts: SessionOptions,
+    /// The model's kernel settings on this session's pool.
+    runtime: Runtime,
     pub(crate) cancel: CancelHandle,
 }
 
@@ -105,8 +117,10 @@ impl Model {
         if opts.n_batch == 0 {
             return Err(Error::InvalidArgument("n_batch must be positive".into()));
         }
+        let runtime = self.inner.runtime.with_threads(opts.threads)?;
         let opts = SessionOptions { n_ctx, ..opts };
         Ok(Session {
+            runtime,
             model: self.clone(),
             cache: self.new_cache(n_ctx, opts.kv_type == KvCacheType::F16),
             tokens: vec![],
@@ -141,6 +155,10 @@ impl Session {
     /// The options the session was made with.
     pub fn options(&self) -> &SessionOptions {
         &self.opts
+    }
+    /// Threads of this session's forward passes.
+    pub fn threads(&self) -> usize {
+        self.runtime.threads()
     }
 
     fn check(&self, tokens: &[u32]) -> Result<()> {
@@ -195,6 +213,16 @@ impl Session {
             return Ok(vec![]);
         }
         self.check(tokens)?;
+        let runtime = self.runtime;
+        runtime.run(|| self.eval_chunks(tokens, all_from, cancellable))
+    }
+
+    fn eval_chunks(
+        &mut self,
+        tokens: &[u32],
+        all_from: Option<usize>,
+        cancellable: bool,
+    ) -> Result<Vec<Vec<f32>>> {
         let mut out = vec![];
         let mut offset = 0usize;
         for chunk in tokens.chunks(self.opts.n_batch) {
@@ -262,6 +290,7 @@ impl Session {
             tokens: self.tokens.clone(),
             logits: self.logits.clone(),
             opts: self.opts.clone(),
+            runtime: self.runtime,
             cancel: CancelHandle::default(),
         })
     }

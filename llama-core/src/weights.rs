@@ -15,6 +15,7 @@ use std::collections::HashMap;
 
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
+use crate::matrix::{aligned, as_bytes, family, Family, Matmul};
 
 /// Where a tensor is read from.
 pub(crate) enum WeightSource {
@@ -112,104 +113,6 @@ fn st_to_f32(bytes: &[u8], dtype: safetensors::Dtype) -> Vec<f32> {
     }
 }
 
-/// A matmul weight as loaded: candle's representation, or f16 rows handed over as they are.
-pub(crate) enum Matmul {
-    Candle(QMatMul),
-    /// `n` rows of `k` f16 values, held in pieces of whole rows, one after another (one piece
-    /// as loaded; several once stacked, joined when the matrix is built).
-    F16 {
-        pieces: Vec<Vec<half::f16>>,
-        n: usize,
-        k: usize,
-    },
-    Blocks(crate::kernels::BlockMatrix),
-}
-
-impl Matmul {
-    /// Matrices that read the same input (Q, K and V; gate and up) as one `[sum of n, k]`
-    /// matrix, their rows one after another, when they are stored alike: one pass over the
-    /// activations and one pool call instead of one each. Parts stored differently (a Q4_K_M
-    /// file's Q6_K value matrices next to Q4_K keys, say) come back as they were.
-    pub(crate) fn stack(parts: Vec<Matmul>) -> Result<Vec<Matmul>> {
-        /// `f` of every part, if it gives one for each.
-        fn each<'a, T>(parts: &'a [Matmul], f: impl Fn(&'a Matmul) -> Option<T>) -> Option<Vec<T>> {
-            parts.iter().map(f).collect()
-        }
-        let width = |dims: &[usize]| (dims.len() == 2).then(|| dims[1]);
-        let same = |ks: &[Option<usize>]| {
-            ks.first()
-                .copied()
-                .flatten()
-                .filter(|k| ks.iter().all(|x| *x == Some(*k)))
-        };
-        if parts.len() < 2 {
-            return Ok(parts);
-        }
-        let f16_widths = each(&parts, |p| match p {
-            Matmul::F16 { k, .. } => Some(Some(*k)),
-            _ => None,
-        });
-        if let Some(k) = f16_widths.as_deref().and_then(same) {
-            // The pieces are joined (and grouped) in one pass when the matrix is built.
-            let (mut pieces, mut rows) = (Vec::new(), 0);
-            for p in parts {
-                if let Matmul::F16 { pieces: ps, n, .. } = p {
-                    pieces.extend(ps);
-                    rows += n;
-                }
-            }
-            return Ok(vec![Matmul::F16 { pieces, n: rows, k }]);
-        }
-        let stacked = if f16_widths.is_some() {
-            None
-        } else if let Some(blocks) = each(&parts, |p| match p {
-            Matmul::Blocks(m) => Some(m),
-            _ => None,
-        }) {
-            crate::kernels::BlockMatrix::stack(&blocks).map(Matmul::Blocks)
-        } else if let Some(qs) = each(&parts, |p| match p {
-            Matmul::Candle(QMatMul::QTensor(q)) => Some(&**q),
-            _ => None,
-        }) {
-            let ks: Vec<_> = qs.iter().map(|q| width(q.shape().dims())).collect();
-            let dtype = qs[0].dtype();
-            match same(&ks) {
-                Some(k) if qs.iter().all(|q| q.dtype() == dtype) => {
-                    let mut bytes = Vec::new();
-                    for q in &qs {
-                        bytes.extend_from_slice(&q.data()?);
-                    }
-                    let rows = qs.iter().map(|q| q.shape().dims()[0]).sum();
-                    let store = aligned(&bytes);
-                    let q = qtensor_from_ggml(
-                        dtype,
-                        as_bytes(&store, bytes.len()),
-                        vec![rows, k],
-                        &Device::Cpu,
-                    )?;
-                    Some(Matmul::Candle(QMatMul::from_qtensor(q)?))
-                }
-                _ => None,
-            }
-        } else if let Some(ts) = each(&parts, |p| match p {
-            Matmul::Candle(QMatMul::Tensor(t)) => Some(t),
-            _ => None,
-        }) {
-            let ks: Vec<_> = ts.iter().map(|t| width(t.dims())).collect();
-            match same(&ks) {
-                Some(_) => Some(Matmul::Candle(QMatMul::Tensor(Tensor::cat(&ts, 0)?))),
-                None => None,
-            }
-        } else {
-            None
-        };
-        Ok(match stacked {
-            Some(m) => vec![m],
-            None => parts,
-        })
-    }
-}
-
 enum Loaded {
     Q(QTensor),
     /// A matrix in one of our kernels' block formats, built straight from the file.
@@ -227,7 +130,18 @@ impl Loaded {
             Loaded::Dense(v) => Ok(v),
             Loaded::F16(h) => Ok(h.iter().map(|v| v.to_f32()).collect()),
             Loaded::Q(q) => Err(q),
-            Loaded::Blocks(_) => unreachable!("block matrices are loaded for matmuls only"),
+            Loaded::Blocks(m) => {
+                use crate::matrix::WeightMatrix;
+                let (n, k) = m.shape();
+                let mut v = vec![0f32; n * k];
+                for (i, row) in v.chunks_exact_mut(k.max(1)).enumerate() {
+                    // A block matrix dequantizes any of its rows (it cannot fail).
+                    if m.row_into(i, row).is_err() {
+                        row.fill(f32::NAN);
+                    }
+                }
+                Ok(v)
+            }
         }
     }
 }
@@ -397,20 +311,6 @@ pub fn permute_rows_for_gguf(data: &[u8], rows: usize, n_heads: usize) -> Vec<u8
     out
 }
 
-/// Copies bytes into 8-byte aligned storage (quantized blocks hold f16/f32 fields).
-pub(crate) fn aligned(bytes: &[u8]) -> Vec<u64> {
-    let mut v = vec![0u64; bytes.len().div_ceil(8)];
-    // SAFETY: u64 storage viewed as bytes; length within the allocation.
-    let dst = unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, bytes.len()) };
-    dst.copy_from_slice(bytes);
-    v
-}
-
-pub(crate) fn as_bytes(v: &[u64], len: usize) -> &[u8] {
-    // SAFETY: viewing initialized u64 storage as bytes.
-    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, len) }
-}
-
 impl WeightSource {
     pub(crate) fn path(&self) -> &Path {
         match self {
@@ -511,8 +411,10 @@ impl WeightSource {
                     None => data,
                 };
                 let release = |start: usize, len: usize| g.release_part(&name, start, len);
-                let fmt = crate::kernels::BlockFmt::from_ggml(info.dtype)
-                    .filter(|_| blocks && shape.len() == 2 && crate::kernels::enabled());
+                let fmt = match family(info.dtype, shape.len()) {
+                    Family::Blocks(fmt) if blocks => Some(fmt),
+                    _ => None,
+                };
                 let out = if let Some(fmt) = fmt {
                     crate::kernels::BlockMatrix::new_releasing(
                         fmt, bytes, shape[0], shape[1], &release,
@@ -648,12 +550,7 @@ impl WeightSource {
                 )?)));
             }
         };
-        let bytes = quantize_rows(
-            &values,
-            k,
-            FileType::Quant(QuantType::from_ggml(ty)),
-            crate::quantize::default_threads(),
-        )?;
+        let bytes = quantize_rows(&values, k, FileType::Quant(QuantType::from_ggml(ty)), 0)?;
         drop(values);
         let store = aligned(&bytes);
         let q = qtensor_from_ggml(

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use common::tiny::{build, Spec};
 use llama_core::convert::{write_gguf, GgufTensor};
 use llama_core::gguf::GgufFile;
-use llama_core::{KvCacheType, Model, ModelOptions, SessionOptions};
+use llama_core::{KvCacheType, Model, SessionOptions};
 
 const TOKENS: [u32; 8] = [5, 40, 77, 100, 3, 250, 17, 64];
 
@@ -116,9 +116,9 @@ fn every_gguf_block_type_loads_and_runs() {
         write_gguf(&p, &meta, &tensors).unwrap();
         let pd = t.dir.path().join(format!("{dtype:?}-dequantized.gguf"));
         write_gguf(&pd, &meta, &dequantized).unwrap();
-        let m = Model::load(&p, ModelOptions::default()).unwrap();
+        let m = Model::load(&p, common::options()).unwrap();
         assert_eq!(m.weight_type(), format!("{dtype:?}"));
-        let want = logits(&Model::load(&pd, ModelOptions::default()).unwrap());
+        let want = logits(&Model::load(&pd, common::options()).unwrap());
         let e = rel_err(&logits(&m), &want);
         println!("{dtype:?}: relative error vs its dequantized weights {e:.4}");
         assert!(e < 0.15, "{dtype:?}: relative error {e}");
@@ -131,7 +131,7 @@ fn f16_and_bf16_safetensors() {
         seed: 23,
         ..Default::default()
     });
-    let base = Model::load(&t.hf, ModelOptions::default()).unwrap();
+    let base = Model::load(&t.hf, common::options()).unwrap();
     let want = logits(&base);
     let all = candle_core::safetensors::load(t.hf.join("model.safetensors"), &Device::Cpu).unwrap();
     for (dt, bound) in [(DType::F16, 0.01), (DType::BF16, 0.05)] {
@@ -140,7 +140,7 @@ fn f16_and_bf16_safetensors() {
             .map(|(k, v)| (k.clone(), v.to_dtype(dt).unwrap()))
             .collect();
         candle_core::safetensors::save(&conv, t.hf.join("model.safetensors")).unwrap();
-        let m = Model::load(&t.hf, ModelOptions::default()).unwrap();
+        let m = Model::load(&t.hf, common::options()).unwrap();
         let e = rel_err(&logits(&m), &want);
         println!("{dt:?} safetensors: relative error {e:.4}");
         assert!(e < bound, "{dt:?}: {e}");
@@ -155,7 +155,7 @@ fn generation_config_eos_ids_are_unioned() {
         r#"{"eos_token_id": [2, 1]}"#,
     )
     .unwrap();
-    let m = Model::load(&t.hf, ModelOptions::default()).unwrap();
+    let m = Model::load(&t.hf, common::options()).unwrap();
     assert!(m.config().eos_token_ids.contains(&2) && m.config().eos_token_ids.contains(&1));
     assert!(m.tokenizer().is_eog(1) && m.tokenizer().is_eog(2));
 }
@@ -218,20 +218,20 @@ fn quantize_at_load_equals_quantize_then_load() {
                 GgmlDType::Q6K
             };
             assert_eq!(a.tensors[head].dtype, want_head, "{qt:?} head");
-            let pre = logits(&Model::load(&from_gguf, ModelOptions::default()).unwrap());
-            let pre_hf_model = Model::load(&from_hf, ModelOptions::default()).unwrap();
+            let pre = logits(&Model::load(&from_gguf, common::options()).unwrap());
+            let pre_hf_model = Model::load(&from_hf, common::options()).unwrap();
             assert_eq!(
                 logits(&pre_hf_model),
                 pre,
                 "{qt:?}: files from GGUF and HF differ"
             );
             for src in [&t.hf, &t.gguf] {
-                let at_load = Model::load(src, ModelOptions::default().with_quantize(qt)).unwrap();
+                let at_load = Model::load(src, common::options().with_quantize(qt)).unwrap();
                 assert_eq!(at_load.weight_type(), format!("{:?}", qt_ggml(qt)));
                 assert_eq!(logits(&at_load), pre, "{qt:?} from {}", src.display());
             }
             // The tokenizer written from tokenizer.json tokenizes as the original.
-            let orig = Model::load(&t.gguf, ModelOptions::default()).unwrap();
+            let orig = Model::load(&t.gguf, common::options()).unwrap();
             for text in [
                 "hello world",
                 " the cat sat",
@@ -259,11 +259,7 @@ fn quantize_at_load_equals_quantize_then_load() {
         seed: 31,
         ..Default::default()
     });
-    let m = Model::load(
-        &odd.hf,
-        ModelOptions::default().with_quantize(QuantType::Q6K),
-    )
-    .unwrap();
+    let m = Model::load(&odd.hf, common::options().with_quantize(QuantType::Q6K)).unwrap();
     assert_eq!(m.weight_type(), "Q8_0");
     assert!(QuantType::parse("q4_k").is_ok() && QuantType::parse("q3_x").is_err());
 }

@@ -4,7 +4,7 @@
 mod common;
 
 use common::tiny::{build, reference_logits, Scaling, Spec, Tiny, Vocab};
-use llama_core::{KvCacheType, Model, ModelOptions, SessionOptions};
+use llama_core::{KvCacheType, Model, SessionOptions};
 
 const TOKENS: [u32; 12] = [5, 40, 77, 100, 3, 250, 17, 64, 9, 120, 33, 200];
 
@@ -38,7 +38,7 @@ fn check(name: &str, spec: Spec, with_gguf: bool) -> Tiny {
     let t = build(spec);
     let reference = reference_logits(&t, &TOKENS);
     let scale = reference.iter().flatten().fold(0f64, |m, v| m.max(v.abs()));
-    let hf = Model::load(&t.hf, ModelOptions::default()).unwrap();
+    let hf = Model::load(&t.hf, common::options()).unwrap();
     let ours_hf = all_logits(&hf, &TOKENS, 512);
     let d_hf = max_diff(&ours_hf, &reference);
     println!("{name}: hf vs f64 reference max abs diff {d_hf:.2e} (logit scale {scale:.1})");
@@ -53,7 +53,7 @@ fn check(name: &str, spec: Spec, with_gguf: bool) -> Tiny {
         );
     }
     if with_gguf {
-        let gg = Model::load(&t.gguf, ModelOptions::default()).unwrap();
+        let gg = Model::load(&t.gguf, common::options()).unwrap();
         assert_eq!(gg.config().head_dim, hf.config().head_dim);
         let ours_gg = all_logits(&gg, &TOKENS, 512);
         let d_fmt = max_diff32(&ours_gg, &ours_hf);
@@ -168,7 +168,7 @@ fn long_prefill_crosses_cache_growth() {
         seed: 21,
         ..Default::default()
     });
-    let m = Model::load(&t.gguf, ModelOptions::default()).unwrap();
+    let m = Model::load(&t.gguf, common::options()).unwrap();
     let toks: Vec<u32> = (0..300u32)
         .map(|i| (i * 37 + 11) % t.vocab_size as u32)
         .collect();
@@ -180,8 +180,8 @@ fn long_prefill_crosses_cache_growth() {
 #[test]
 fn bpe_tokenizer_from_gguf_and_json_agree() {
     let t = build(Spec::default());
-    let gg = Model::load(&t.gguf, ModelOptions::default()).unwrap();
-    let hf = Model::load(&t.hf, ModelOptions::default()).unwrap();
+    let gg = Model::load(&t.gguf, common::options()).unwrap();
+    let hf = Model::load(&t.hf, common::options()).unwrap();
     for (text, special) in [
         ("hello world", false),
         ("the 123 world", false),
@@ -211,8 +211,8 @@ fn spm_tokenizer_from_gguf() {
         vocab: Vocab::Spm,
         ..Default::default()
     });
-    let gg = Model::load(&t.gguf, ModelOptions::default()).unwrap();
-    let hf = Model::load(&t.hf, ModelOptions::default()).unwrap();
+    let gg = Model::load(&t.gguf, common::options()).unwrap();
+    let hf = Model::load(&t.hf, common::options()).unwrap();
     let tok = gg.tokenizer();
     let ids = gg.tokenize("hello world and the", true, false).unwrap();
     let pieces: Vec<String> = ids.iter().map(|&i| tok.id_to_token(i).unwrap()).collect();

@@ -3,7 +3,7 @@
 use std::ffi::{c_char, c_void};
 use std::ops::ControlFlow;
 
-use llama_core::{Message, Model, ModelOptions, QuantType};
+use llama_core::{Kernel, Message, Model, ModelOptions, QuantType};
 
 use crate::{
     catch, catch_or, cstr_arg, fail, fail_with, llama_status, read_params, require, str_arg,
@@ -33,6 +33,41 @@ pub struct llama_model_params {
     /// Quantize dense weights while loading: one of the `LLAMA_QUANTIZE_*` values. Default
     /// `LLAMA_QUANTIZE_NONE`.
     pub quantize: i32,
+    /// Threads for loading and for the sessions that do not set their own; 0 (default) = one
+    /// per physical core.
+    pub n_threads: u32,
+    /// Kernel path: one of the `LLAMA_KERNEL_*` values. Default `LLAMA_KERNEL_AUTO`.
+    pub kernel: i32,
+}
+
+/// `llama_model_params.kernel`: the widest path this CPU runs.
+pub const LLAMA_KERNEL_AUTO: i32 = 0;
+/// Portable scalar code.
+pub const LLAMA_KERNEL_SCALAR: i32 = 1;
+/// x86-64 AVX2 + FMA + F16C.
+pub const LLAMA_KERNEL_AVX2: i32 = 2;
+/// AVX2 plus 256-bit AVX-512 VNNI.
+pub const LLAMA_KERNEL_VNNI256: i32 = 3;
+/// AVX-512 (F, BW, VL, VNNI).
+pub const LLAMA_KERNEL_AVX512: i32 = 4;
+/// candle's kernels and tensor operations throughout (the reference path).
+pub const LLAMA_KERNEL_CANDLE: i32 = 5;
+
+pub(crate) fn kernel_from_c(k: i32) -> Result<Kernel, llama_status> {
+    Ok(match k {
+        LLAMA_KERNEL_AUTO => Kernel::Auto,
+        LLAMA_KERNEL_SCALAR => Kernel::Scalar,
+        LLAMA_KERNEL_AVX2 => Kernel::Avx2,
+        LLAMA_KERNEL_VNNI256 => Kernel::Vnni256,
+        LLAMA_KERNEL_AVX512 => Kernel::Avx512,
+        LLAMA_KERNEL_CANDLE => Kernel::Candle,
+        other => {
+            return Err(fail_with(
+                llama_status::InvalidArgument,
+                format!("kernel {other} is not a LLAMA_KERNEL_* value"),
+            ))
+        }
+    })
 }
 
 /// `llama_model_params.quantize`: keep weights as stored.
@@ -62,6 +97,8 @@ pub extern "C" fn llama_model_params_default() -> llama_model_params {
         progress: None,
         progress_user_data: std::ptr::null_mut(),
         quantize: LLAMA_QUANTIZE_NONE,
+        n_threads: 0,
+        kernel: LLAMA_KERNEL_AUTO,
     }
 }
 
@@ -91,7 +128,13 @@ pub unsafe extern "C" fn llama_model_load(
             Ok(p) => p,
             Err(s) => return s,
         };
-        let mut opts = ModelOptions::default();
+        let kernel = match kernel_from_c(p.kernel) {
+            Ok(k) => k,
+            Err(s) => return s,
+        };
+        let mut opts = ModelOptions::default()
+            .with_kernel(kernel)
+            .with_threads(p.n_threads as usize);
         let q = match p.quantize {
             LLAMA_QUANTIZE_NONE => None,
             LLAMA_QUANTIZE_Q8_0 => Some(QuantType::Q8_0),
@@ -167,6 +210,28 @@ pub unsafe extern "C" fn llama_model_n_ctx_train(model: *const llama_model) -> u
         model
             .as_ref()
             .map_or(0, |m| m.inner.config().max_position_embeddings)
+    })
+}
+
+/// Threads of the model's pool, or 0 if `model` is NULL.
+#[no_mangle]
+pub unsafe extern "C" fn llama_model_n_threads(model: *const llama_model) -> u32 {
+    catch_or(0, || model.as_ref().map_or(0, |m| m.inner.threads() as u32))
+}
+
+/// The kernel path the model computes on (a `LLAMA_KERNEL_*` value, never
+/// `LLAMA_KERNEL_AUTO`), or -1 if `model` is NULL.
+#[no_mangle]
+pub unsafe extern "C" fn llama_model_kernel(model: *const llama_model) -> i32 {
+    catch_or(-1, || {
+        model.as_ref().map_or(-1, |m| match m.inner.kernel() {
+            Kernel::Scalar => LLAMA_KERNEL_SCALAR,
+            Kernel::Avx2 => LLAMA_KERNEL_AVX2,
+            Kernel::Vnni256 => LLAMA_KERNEL_VNNI256,
+            Kernel::Avx512 => LLAMA_KERNEL_AVX512,
+            Kernel::Candle => LLAMA_KERNEL_CANDLE,
+            _ => LLAMA_KERNEL_AUTO,
+        })
     })
 }
 

@@ -37,6 +37,8 @@ pub struct llama_session_params {
     /// Context shift: when the context is full keep this many first tokens and drop the older
     /// half of the rest; -1 (default) disables it (a full context is LLAMA_STATUS_CONTEXT_OVERFLOW).
     pub context_shift_keep: i32,
+    /// Threads for this session's forward passes; 0 (default) = the model's.
+    pub n_threads: u32,
 }
 
 /// Default session parameters.
@@ -48,6 +50,7 @@ pub extern "C" fn llama_session_params_default() -> llama_session_params {
         n_batch: 512,
         kv_f32: false,
         context_shift_keep: -1,
+        n_threads: 0,
     }
 }
 
@@ -67,12 +70,14 @@ pub unsafe extern "C" fn llama_session_new(
         let p = match read_params(
             params,
             llama_session_params_default(),
-            std::mem::size_of::<llama_session_params>(),
+            // Headers before `n_threads` was added pass the struct without it.
+            std::mem::offset_of!(llama_session_params, n_threads),
         ) {
             Ok(p) => p,
             Err(s) => return s,
         };
         let mut o = SessionOptions::default()
+            .threads(p.n_threads as usize)
             .n_ctx(p.n_ctx as usize)
             .n_batch(p.n_batch as usize)
             .kv_type(if p.kv_f32 {

@@ -40,20 +40,25 @@ pub(crate) fn messages(items: &Bound<'_, PyAny>) -> PyResult<Vec<Message>> {
 impl Model {
     /// Loads a model. `path`: a .gguf file or a Hugging Face folder. `progress=True` shows a
     /// tqdm bar when tqdm is installed. `quantize` ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1",
-    /// "q4_k", "q5_k", "q6_k") quantizes dense weights while loading. Raises
-    /// FileNotFoundError, ModelLoadError.
+    /// "q4_k", "q5_k", "q6_k") quantizes dense weights while loading. `threads` (0: one per
+    /// physical core) computes the load and the sessions that set none; `kernel` ("auto",
+    /// "scalar", "avx2", "vnni256", "avx512", "candle") picks the kernel path. Raises
+    /// FileNotFoundError, ModelLoadError, ValueError.
     #[staticmethod]
-    #[pyo3(signature = (path, *, progress=false, quantize=None))]
+    #[pyo3(signature = (path, *, progress=false, quantize=None, threads=0, kernel="auto"))]
     fn load(
         py: Python<'_>,
         path: PathBuf,
         progress: bool,
         quantize: Option<&str>,
+        threads: usize,
+        kernel: &str,
     ) -> PyResult<Model> {
         let quantize = quantize
             .map(llama_core::QuantType::parse)
             .transpose()
             .py_err()?;
+        let kernel = llama_core::Kernel::parse(kernel).py_err()?;
         let bar: Option<Py<PyAny>> = if progress {
             match PyModule::import(py, "tqdm.auto") {
                 Ok(m) => {
@@ -70,7 +75,9 @@ impl Model {
         };
         let mut last = 0i64;
         let res = py.detach(|| {
-            let mut opts = ModelOptions::default();
+            let mut opts = ModelOptions::default()
+                .with_kernel(kernel)
+                .with_threads(threads);
             if let Some(q) = quantize {
                 opts = opts.with_quantize(q);
             }
@@ -98,14 +105,16 @@ impl Model {
     }
 
     /// Starts a session. `n_ctx=0` means 4096 or the model's trained context if smaller;
-    /// `kv_type` is "f16" or "f32"; `context_shift=n_keep` enables context shift.
-    #[pyo3(signature = (n_ctx=0, n_batch=512, kv_type="f16", context_shift=None))]
+    /// `kv_type` is "f16" or "f32"; `context_shift=n_keep` enables context shift; `threads`
+    /// (0: the model's) computes this session's forward passes.
+    #[pyo3(signature = (n_ctx=0, n_batch=512, kv_type="f16", context_shift=None, threads=0))]
     fn session(
         slf: &Bound<'_, Self>,
         n_ctx: usize,
         n_batch: usize,
         kv_type: &str,
         context_shift: Option<usize>,
+        threads: usize,
     ) -> PyResult<Session> {
         let kv = match kv_type {
             "f16" => llama_core::KvCacheType::F16,
@@ -119,7 +128,8 @@ impl Model {
         let mut o = SessionOptions::default()
             .n_ctx(n_ctx)
             .n_batch(n_batch)
-            .kv_type(kv);
+            .kv_type(kv)
+            .threads(threads);
         o.context_shift = context_shift;
         let s = slf.get().inner.session(o).py_err()?;
         Ok(Session::wrap(slf.clone().unbind(), s))
@@ -208,6 +218,16 @@ impl Model {
     #[getter]
     fn weight_type(&self) -> String {
         self.inner.weight_type().to_string()
+    }
+    /// The kernel path the model computes on ("scalar", "avx2", "vnni256", "avx512", "candle").
+    #[getter]
+    fn kernel(&self) -> &'static str {
+        self.inner.kernel().as_str()
+    }
+    /// Threads of the model's pool (sessions that set none use it).
+    #[getter]
+    fn threads(&self) -> usize {
+        self.inner.threads()
     }
     /// "gguf" or "safetensors".
     #[getter]

@@ -72,3 +72,20 @@ def test_quantize_at_load(model_path, llama_bin, tmp_path):
         assert s.generate("1, 2, 3, 4, 5,", max_tokens=6, sampler=llama_core.Sampler.greedy()).startswith(" 6, 7")
     with pytest.raises(ValueError):
         llama_core.Model.load(out, quantize="q3_x")
+
+
+def test_threads_and_kernel_are_arguments(model_path):
+    one = llama_core.Model.load(model_path, threads=1, kernel="scalar")
+    assert one.threads == 1 and one.kernel == "scalar"
+    auto = llama_core.Model.load(model_path)
+    assert auto.kernel in ("scalar", "avx2", "vnni256", "avx512")
+    ids = one.tokenize("The capital of France is")
+    s = one.session(threads=2, kv_type="f32")
+    s.eval(ids)
+    t = auto.session(kv_type="f32")
+    t.eval(ids)
+    assert int(s.logits().argmax()) == int(t.logits().argmax())
+    with pytest.raises(ValueError):
+        llama_core.Model.load(model_path, kernel="avx1024")
+    with pytest.raises(ValueError):
+        llama_core.Model.load(model_path, threads=1 << 20)

@@ -123,6 +123,43 @@ int main(int argc, char **argv) {
     mp.quantize = 42;
     CHECK(llama_model_load(argv[1], &mp, &model) == LLAMA_STATUS_INVALID_ARGUMENT && model == NULL);
     mp = llama_model_params_default();
+    mp.kernel = 99;
+    CHECK(llama_model_load(argv[1], &mp, &model) == LLAMA_STATUS_INVALID_ARGUMENT && model == NULL);
+    mp = llama_model_params_default();
+    mp.n_threads = 1u << 20;
+    CHECK(llama_model_load(argv[1], &mp, &model) == LLAMA_STATUS_INVALID_ARGUMENT && model == NULL);
+    /* Threads and the kernel path are parameters; the same greedy token on every path. */
+    {
+        int32_t hello[2] = {19556, 905};
+        int32_t best[2] = {-1, -1};
+        int kernels[2] = {LLAMA_KERNEL_SCALAR, LLAMA_KERNEL_AUTO};
+        for (int i = 0; i < 2; i++) {
+            llama_model *km = NULL;
+            mp = llama_model_params_default();
+            mp.n_threads = 1;
+            mp.kernel = kernels[i];
+            CHECK(llama_model_load(argv[1], &mp, &km) == LLAMA_STATUS_OK && km != NULL);
+            if (!km) return 1;
+            CHECK(llama_model_n_threads(km) == 1);
+            CHECK(llama_model_kernel(km) != LLAMA_KERNEL_AUTO && llama_model_kernel(km) >= 0);
+            if (kernels[i] == LLAMA_KERNEL_SCALAR) CHECK(llama_model_kernel(km) == LLAMA_KERNEL_SCALAR);
+            llama_session_params kp = llama_session_params_default();
+            kp.n_threads = 2;
+            llama_session *ks = NULL;
+            CHECK(llama_session_new(km, &kp, &ks) == LLAMA_STATUS_OK);
+            CHECK(llama_session_eval(ks, hello, 2) == LLAMA_STATUS_OK);
+            static float lg[49152];
+            size_t nl = 0;
+            CHECK(llama_session_logits(ks, lg, 49152, &nl) == LLAMA_STATUS_OK && nl == 49152);
+            for (size_t j = 0; j < nl; j++)
+                if (best[i] < 0 || lg[j] > lg[best[i]]) best[i] = (int32_t)j;
+            llama_session_free(ks);
+            llama_model_free(km);
+        }
+        CHECK(best[0] >= 0 && best[0] == best[1]);
+    }
+    CHECK(llama_model_kernel(NULL) == -1 && llama_model_n_threads(NULL) == 0);
+    mp = llama_model_params_default();
     mp.progress = progress_abort;
     CHECK(llama_model_load(argv[1], &mp, &model) == LLAMA_STATUS_CANCELLED && model == NULL);
     const char bad_utf8[] = {'/', 't', (char)0xff, 0};

@@ -16,10 +16,9 @@
 //! activation bytes sums them with each row in its own lane, a 32-bit multiply applies the
 //! eight rows' scales, and one `madd` per sub-block pair applies the mins.
 
-use candle_core::{Device, Tensor};
 use half::f16;
 
-use super::{check_ids, isa, run_items, DstWriter, Isa, KLinear};
+use super::{isa, run_items, DstWriter, Isa, WeightMatrix};
 use crate::error::{Error, Result};
 
 const QK_K: usize = 256;
@@ -125,10 +124,7 @@ impl std::fmt::Debug for Q4KMatrix {
 impl Q4KMatrix {
     /// Whether this layout and its kernels serve a `[n, k]` matrix on this machine.
     pub(crate) fn fits(n: usize, k: usize) -> bool {
-        n.is_multiple_of(G)
-            && k.is_multiple_of(QK_K)
-            && isa() != Isa::Scalar
-            && std::env::var_os("LLAMA_CORE_NO_REPACK").is_none()
+        n.is_multiple_of(G) && k.is_multiple_of(QK_K) && isa() != Isa::Scalar && super::repack()
     }
 
     /// Rearranges GGUF Q4_K bytes of a `[n, k]` matrix.
@@ -455,7 +451,7 @@ pub(super) fn group_matmul(
     run_items(row_tiles * (n / gs), &work);
 }
 
-impl KLinear for Q4KMatrix {
+impl WeightMatrix for Q4KMatrix {
     fn dtype(&self) -> candle_core::quantized::GgmlDType {
         candle_core::quantized::GgmlDType::Q4K
     }
@@ -464,7 +460,11 @@ impl KLinear for Q4KMatrix {
         (self.n, self.k)
     }
 
-    fn matmul(&self, xs: &[f32], m: usize, put: DstWriter<'_>) {
+    fn bytes(&self) -> usize {
+        std::mem::size_of_val(&self.data[..])
+    }
+
+    fn matmul(&self, xs: &[f32], m: usize, put: DstWriter<'_>) -> Result<()> {
         let (isa, gs) = (isa(), self.gs);
         let nb = self.k / QK_K;
         group_matmul(
@@ -516,17 +516,13 @@ impl KLinear for Q4KMatrix {
                     self.tile_scalar(g, &row_slices(xq, rows, nb), &mut out[..n])
                 }
             },
-        )
+        );
+        Ok(())
     }
 
-    fn rows(&self, ids: &[u32]) -> Result<Tensor> {
-        let k = self.k;
-        let mut out = vec![0f32; ids.len() * k];
-        check_ids(ids, self.n)?;
-        for (&id, dst) in ids.iter().zip(out.chunks_exact_mut(k)) {
-            self.dequantize_row(id as usize, dst);
-        }
-        Ok(Tensor::from_vec(out, (ids.len(), k), &Device::Cpu)?)
+    fn row_into(&self, i: usize, out: &mut [f32]) -> Result<()> {
+        self.dequantize_row(i, out);
+        Ok(())
     }
 }
 
@@ -535,6 +531,7 @@ mod tests {
     use super::*;
     use crate::test_util::values;
     use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
 
     /// Rows equal candle's dequantization; products equal the scalar path over the same
     /// integers and agree with candle's Q4_K matmul (both quantize activations to q8_K).

@@ -17,11 +17,10 @@
 //! each quarter of the half in a few masks and shifts, each paired with one broadcast of four
 //! activation bytes in a `dpbusd` (or `maddubs` + `madd`).
 
-use candle_core::{Device, Tensor};
 use half::f16;
 
 use super::q4k::{group_matmul, row_slices, TILE_R, XK};
-use super::{check_ids, isa, DstWriter, Isa, KLinear};
+use super::{isa, DstWriter, Isa, WeightMatrix};
 use crate::error::{Error, Result};
 
 const QK_K: usize = 256;
@@ -48,10 +47,7 @@ impl std::fmt::Debug for Q6KMatrix {
 impl Q6KMatrix {
     /// Whether this layout and its kernels serve a `[n, k]` matrix on this machine.
     pub(crate) fn fits(n: usize, k: usize) -> bool {
-        n.is_multiple_of(G)
-            && k.is_multiple_of(QK_K)
-            && isa() != Isa::Scalar
-            && std::env::var_os("LLAMA_CORE_NO_REPACK").is_none()
+        n.is_multiple_of(G) && k.is_multiple_of(QK_K) && isa() != Isa::Scalar && super::repack()
     }
 
     /// Rearranges GGUF Q6_K bytes of a `[n, k]` matrix.
@@ -252,7 +248,7 @@ q6k_group!(q6k_avx2, "avx2,fma,f16c", false);
 #[cfg(target_arch = "x86_64")]
 q6k_group!(q6k_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", true);
 
-impl KLinear for Q6KMatrix {
+impl WeightMatrix for Q6KMatrix {
     fn dtype(&self) -> candle_core::quantized::GgmlDType {
         candle_core::quantized::GgmlDType::Q6K
     }
@@ -261,7 +257,11 @@ impl KLinear for Q6KMatrix {
         (self.n, self.k)
     }
 
-    fn matmul(&self, xs: &[f32], m: usize, put: DstWriter<'_>) {
+    fn bytes(&self) -> usize {
+        std::mem::size_of_val(&self.data[..])
+    }
+
+    fn matmul(&self, xs: &[f32], m: usize, put: DstWriter<'_>) -> Result<()> {
         let (isa, nb) = (isa(), self.k / QK_K);
         group_matmul(xs, m, self.shape(), G, put, &|g, rows, x, xq, out| {
             let mut part = [[0f32; G]; TILE_R];
@@ -296,17 +296,13 @@ impl KLinear for Q6KMatrix {
             for (o, p) in out.iter_mut().zip(&part) {
                 o[..G].copy_from_slice(p);
             }
-        })
+        });
+        Ok(())
     }
 
-    fn rows(&self, ids: &[u32]) -> Result<Tensor> {
-        let k = self.k;
-        let mut out = vec![0f32; ids.len() * k];
-        check_ids(ids, self.n)?;
-        for (&id, dst) in ids.iter().zip(out.chunks_exact_mut(k)) {
-            self.dequantize_row(id as usize, dst);
-        }
-        Ok(Tensor::from_vec(out, (ids.len(), k), &Device::Cpu)?)
+    fn row_into(&self, i: usize, out: &mut [f32]) -> Result<()> {
+        self.dequantize_row(i, out);
+        Ok(())
     }
 }
 
@@ -316,6 +312,7 @@ mod tests {
     use crate::kernels::q4k::{quantize_q8k, ZERO_XK};
     use crate::test_util::values;
     use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
 
     /// Rows equal candle's dequantization; products equal the scalar path over the same
     /// integers and agree with candle's Q6_K matmul (both quantize activations to q8_K).

@@ -7,13 +7,15 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::quantized::QMatMul;
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::exec::{Kernel, Settings};
 use crate::gguf::GgufFile;
 use crate::kv_cache::KvCache;
+use crate::matrix::{self, Linear, Matmul};
+use crate::pool::Runtime;
 use crate::tokenizer::Tokenizer;
 use crate::weights::{WeightSource, W};
 use rope::Rope;
@@ -58,6 +60,15 @@ pub struct ModelOptions<'a> {
     pub quantize_output: Option<QuantType>,
     /// Overrides the type of an untied token embedding when quantizing.
     pub quantize_embedding: Option<QuantType>,
+    /// Which kernels compute (default: the widest this CPU runs). Weights are laid out for the
+    /// path at load, so it is fixed for the model's life.
+    pub kernel: Kernel,
+    /// Threads for loading (quantize-at-load, regrouping) and for the sessions that do not set
+    /// their own (`0`: one per physical core).
+    pub threads: usize,
+    /// Keep the file's row layout instead of regrouping rows for the SIMD kernels (slower; for
+    /// comparing layouts).
+    pub keep_file_layout: bool,
 }
 
 /// Block types for quantizing at load time.
@@ -161,6 +172,18 @@ impl<'a> ModelOptions<'a> {
         self
     }
 
+    /// Chooses the kernel path (see [`Kernel`]).
+    pub fn with_kernel(mut self, k: Kernel) -> Self {
+        self.kernel = k;
+        self
+    }
+
+    /// Sets the thread count (`0`: one per physical core).
+    pub fn with_threads(mut self, n: usize) -> Self {
+        self.threads = n;
+        self
+    }
+
     /// Sets a progress callback.
     pub fn with_progress(
         mut self,
@@ -175,122 +198,13 @@ impl std::fmt::Debug for ModelOptions<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ModelOptions")
             .field("progress", &self.progress.is_some())
+            .field("quantize", &self.quantize)
+            .field("quantize_output", &self.quantize_output)
+            .field("quantize_embedding", &self.quantize_embedding)
+            .field("kernel", &self.kernel)
+            .field("threads", &self.threads)
+            .field("keep_file_layout", &self.keep_file_layout)
             .finish()
-    }
-}
-
-/// A weight matrix: candle's kernels, or ours where candle's are slow.
-#[derive(Clone)]
-enum Linear {
-    Candle(QMatMul),
-    Blocks(std::sync::Arc<crate::kernels::BlockMatrix>),
-    F16(std::sync::Arc<crate::kernels::F16Matrix>),
-    K(std::sync::Arc<dyn crate::kernels::KLinear>),
-}
-
-impl Linear {
-    fn new(m: crate::weights::Matmul) -> Result<Self> {
-        use crate::weights::Matmul;
-        let m = match m {
-            Matmul::F16 { pieces, n, k } if crate::kernels::enabled() => {
-                return Ok(Linear::F16(std::sync::Arc::new(
-                    crate::kernels::F16Matrix::from_pieces(pieces, n, k),
-                )));
-            }
-            Matmul::F16 { pieces, n, k } => {
-                let data: Vec<half::f16> = pieces.concat();
-                QMatMul::TensorF16(Tensor::from_vec(data, (n, k), &Device::Cpu)?)
-            }
-            Matmul::Blocks(m) => return Ok(Linear::Blocks(std::sync::Arc::new(m))),
-            Matmul::Candle(m) => m,
-        };
-        if let QMatMul::QTensor(q) = &m {
-            if crate::kernels::enabled() && q.shape().rank() == 2 {
-                let (n, k) = q.shape().dims2()?;
-                if let Some(mat) = crate::kernels::k_matrix(q.dtype(), &q.data()?, n, k) {
-                    return Ok(Linear::K(mat?));
-                }
-            }
-            if let Some(fmt) =
-                crate::kernels::BlockFmt::from_ggml(q.dtype()).filter(|_| crate::kernels::enabled())
-            {
-                if q.shape().rank() == 2 {
-                    let (n, k) = q.shape().dims2()?;
-                    let mat = crate::kernels::BlockMatrix::new(fmt, &q.data()?, n, k)?;
-                    return Ok(Linear::Blocks(std::sync::Arc::new(mat)));
-                }
-            }
-        }
-        Ok(Linear::Candle(m))
-    }
-
-    /// Rows of the matrix (embedding lookup), `[ids.len(), k]`.
-    fn rows(&self, ids: &[u32]) -> Result<Tensor> {
-        match self {
-            Linear::Candle(m) => {
-                let t = Tensor::new(ids, &Device::Cpu)?;
-                // f32 whatever the storage (an f16 table gives f16 rows).
-                Ok(m.embedding(&t)?.to_dtype(DType::F32)?)
-            }
-            Linear::Blocks(m) => m.rows(ids),
-            Linear::F16(m) => m.rows(ids),
-            Linear::K(m) => m.rows(ids),
-        }
-    }
-
-    /// `xs @ W^T` for `m` rows of `k` values into columns `col0..col0 + n` of `out`
-    /// (`[m, stride]`; every value of those columns overwritten).
-    fn matmul_cols(
-        &self,
-        xs: &[f32],
-        m: usize,
-        out: &mut [f32],
-        (stride, col0, n): (usize, usize, usize),
-    ) -> Result<()> {
-        use crate::kernels::DstWriter;
-        if out.len() != m * stride || col0 + n > stride {
-            return Err(Error::InvalidArgument(format!(
-                "matmul: columns {col0}..{} of a [{m}, {stride}] buffer of {}",
-                col0 + n,
-                out.len()
-            )));
-        }
-        let dst = DstWriter::columns(out, m, stride, col0, n);
-        match self {
-            Linear::Blocks(w) => w.matmul(xs, m, dst),
-            Linear::F16(w) => w.matmul(xs, m, dst),
-            Linear::K(w) => w.matmul(xs, m, dst),
-            Linear::Candle(w) => {
-                let x = Tensor::from_slice(xs, (m, xs.len() / m.max(1)), &Device::Cpu)?;
-                let y = w.forward(&x)?.to_dtype(DType::F32)?.flatten_all()?;
-                let y = y.to_vec1::<f32>()?;
-                if y.len() != m * n {
-                    return Err(Error::InvalidArgument(format!(
-                        "matmul: {} outputs for {m} x {n}",
-                        y.len(),
-                    )));
-                }
-                for (r, row) in y.chunks_exact(n.max(1)).enumerate() {
-                    dst.put(r, 0, row);
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// `xs @ W^T` for `m` rows of `k` values into `out` (`m x n`, every value overwritten).
-    fn matmul_into(&self, xs: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
-        let n = out.len() / m.max(1);
-        self.matmul_cols(xs, m, out, (n, 0, n))
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Linear::Candle(m) => Ok(m.forward(x)?),
-            Linear::Blocks(m) => m.forward(x),
-            Linear::F16(m) => m.forward(x),
-            Linear::K(m) => m.forward(x),
-        }
     }
 }
 
@@ -304,10 +218,10 @@ struct Stack {
 }
 
 impl Stack {
-    fn new(parts: Vec<crate::weights::Matmul>, widths: Vec<usize>) -> Result<Stack> {
-        let mats = crate::weights::Matmul::stack(parts)?
+    fn new(parts: Vec<Matmul>, widths: Vec<usize>) -> Result<Stack> {
+        let mats = Matmul::stack(parts)?
             .into_iter()
-            .map(Linear::new)
+            .map(matrix::build)
             .collect::<Result<Vec<_>>>()?;
         Ok(Stack { mats, widths })
     }
@@ -321,11 +235,11 @@ impl Stack {
     fn matmul_into(&self, xs: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
         let stride = self.width();
         if let [one] = self.mats.as_slice() {
-            return one.matmul_cols(xs, m, out, (stride, 0, stride));
+            return matrix::matmul_cols(&**one, xs, m, out, (stride, 0, stride));
         }
         let mut col = 0;
         for (mat, &n) in self.mats.iter().zip(&self.widths) {
-            mat.matmul_cols(xs, m, out, (stride, col, n))?;
+            matrix::matmul_cols(&**mat, xs, m, out, (stride, col, n))?;
             col += n;
         }
         Ok(())
@@ -380,6 +294,17 @@ pub(crate) struct Inner {
     lm_head: Linear,
     rope: Rope,
     device: Device,
+    /// The kernel settings the weights were laid out for, and the default pool.
+    pub(crate) runtime: Runtime,
+}
+
+/// What a model is built from: its weights (still mapped), configuration, tokenizer and template.
+struct Parts {
+    src: WeightSource,
+    config: Config,
+    tokenizer: Tokenizer,
+    chat_template: Option<String>,
+    format: &'static str,
 }
 
 /// Sentence embeddings from [`Model::embed`].
@@ -435,17 +360,23 @@ impl Model {
             output: q(options.quantize_output),
             embedding: q(options.quantize_embedding),
         };
+        let settings = Settings::new(options.kernel, !options.keep_file_layout)?;
+        let runtime = Runtime::new(settings, options.threads)?;
         let progress = options.progress.as_mut();
         let t0 = std::time::Instant::now();
-        let model = if meta.is_dir() {
-            Self::load_hf(path, progress, quantize)
-        } else {
-            Self::load_gguf(path, progress, quantize)
-        }?;
+        let model = runtime.run(|| {
+            if meta.is_dir() {
+                Self::load_hf(path, progress, quantize, runtime)
+            } else {
+                Self::load_gguf(path, progress, quantize, runtime)
+            }
+        })?;
         tracing::info!(
             path = %path.display(),
             format = model.format(),
             weights = model.weight_type(),
+            kernel = settings.kernel.as_str(),
+            threads = runtime.threads(),
             secs = t0.elapsed().as_secs_f64(),
             "model loaded"
         );
@@ -456,6 +387,7 @@ impl Model {
         path: &Path,
         progress: Option<&mut ProgressFn<'_>>,
         quantize: crate::quantize::TypeRules,
+        runtime: Runtime,
     ) -> Result<Model> {
         let mut g = GgufFile::open(path)?;
         let config = Config::from_gguf(&g)?;
@@ -476,43 +408,46 @@ impl Model {
             g.metadata.remove(key);
         }
         let src = WeightSource::Gguf(g);
-        Self::build(
+        let parts = Parts {
             src,
             config,
             tokenizer,
             chat_template,
-            "gguf",
-            progress,
-            quantize,
-        )
+            format: "gguf",
+        };
+        Self::build(parts, progress, quantize, runtime)
     }
 
     fn load_hf(
         dir: &Path,
         progress: Option<&mut ProgressFn<'_>>,
         quantize: crate::quantize::TypeRules,
+        runtime: Runtime,
     ) -> Result<Model> {
         let parts = open_hf(dir)?;
-        Self::build(
-            parts.src,
-            parts.config,
-            parts.tokenizer,
-            parts.chat_template,
-            "safetensors",
-            progress,
-            quantize,
-        )
+        let parts = Parts {
+            src: parts.src,
+            config: parts.config,
+            tokenizer: parts.tokenizer,
+            chat_template: parts.chat_template,
+            format: "safetensors",
+        };
+        Self::build(parts, progress, quantize, runtime)
     }
 
     fn build(
-        src: WeightSource,
-        config: Config,
-        tokenizer: Tokenizer,
-        chat_template: Option<String>,
-        format: &'static str,
+        parts: Parts,
         mut progress: Option<&mut ProgressFn<'_>>,
         quantize: crate::quantize::TypeRules,
+        runtime: Runtime,
     ) -> Result<Model> {
+        let Parts {
+            src,
+            config,
+            tokenizer,
+            chat_template,
+            format,
+        } = parts;
         let c = &config;
         let (h, hd, nh, nkv) = (
             c.hidden_size,
@@ -545,13 +480,19 @@ impl Model {
         use crate::quantize::Role;
         let embed_role = if tied { Role::Output } else { Role::Embedding };
         let rules = &quantize;
-        let embed =
-            Linear::new(src.load_matmul(W::Embed, &[c.vocab_size, h], None, embed_role, rules)?)?;
+        let embed = matrix::build(src.load_matmul(
+            W::Embed,
+            &[c.vocab_size, h],
+            None,
+            embed_role,
+            rules,
+        )?)?;
         tick(1)?;
         let load = |w: W, shape: &[usize], perm: Option<usize>| {
             src.load_matmul(w, shape, perm, Role::Matrix, rules)
         };
-        let mat = |w: W, shape: &[usize]| -> Result<Linear> { Linear::new(load(w, shape, None)?) };
+        let mat =
+            |w: W, shape: &[usize]| -> Result<Linear> { matrix::build(load(w, shape, None)?) };
         let ff = c.intermediate_size;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {
@@ -582,7 +523,7 @@ impl Model {
         } else {
             let m = src.load_matmul(W::Output, &[c.vocab_size, h], None, Role::Output, rules)?;
             tick(1)?;
-            Linear::new(m)?
+            matrix::build(m)?
         };
         let freq_factors = if is_gguf && src.has(W::RopeFreqs) {
             let t = src.load_dense(W::RopeFreqs, &[hd / 2])?;
@@ -592,11 +533,11 @@ impl Model {
         };
         tick(1)?;
         let rope = Rope::new(c, freq_factors.as_deref());
+        // A dense f32 matrix reports the file's type (BF16 weights compute as f32).
         let weight_type = match layers.first().and_then(|l| l.qkv.mats.first()) {
-            Some(Linear::Candle(QMatMul::QTensor(q))) => format!("{:?}", q.dtype()),
-            Some(Linear::Blocks(m)) => format!("{:?}", m.fmt()),
-            Some(Linear::F16(_)) => "F16".to_string(),
-            Some(Linear::K(m)) => format!("{:?}", m.dtype()),
+            Some(m) if m.dtype() != candle_core::quantized::GgmlDType::F32 => {
+                format!("{:?}", m.dtype())
+            }
             _ => src.dtype_name(W::Q(0)).unwrap_or_default(),
         };
         let path = src.path().to_path_buf();
@@ -635,6 +576,7 @@ impl Model {
                 lm_head,
                 rope,
                 device: Device::Cpu,
+                runtime,
             }),
         })
     }
@@ -659,6 +601,14 @@ impl Model {
     pub fn format(&self) -> &str {
         self.inner.format
     }
+    /// The kernel path the model computes on (never [`Kernel::Auto`]).
+    pub fn kernel(&self) -> Kernel {
+        self.inner.runtime.settings.kernel
+    }
+    /// Threads of the model's pool (sessions that do not set their own use it).
+    pub fn threads(&self) -> usize {
+        self.inner.runtime.threads()
+    }
     /// Storage type of the attention weights (e.g. `Q4_1`, `F32`).
     pub fn weight_type(&self) -> &str {
         &self.inner.weight_type
@@ -680,6 +630,32 @@ impl Model {
             c.vocab_size * h
         };
         c.vocab_size * h + c.num_hidden_layers * layer + h + head
+    }
+
+    /// Bytes the weight matrices occupy in memory (embedding, every layer's projections and
+    /// the output head; a tied head counted once).
+    pub fn weight_bytes(&self) -> usize {
+        let m = &*self.inner;
+        let layers: usize = m
+            .layers
+            .iter()
+            .map(|l| {
+                let stacks: usize = l
+                    .qkv
+                    .mats
+                    .iter()
+                    .chain(&l.gate_up.mats)
+                    .map(|w| w.bytes())
+                    .sum();
+                stacks + l.o.bytes() + l.down.bytes()
+            })
+            .sum();
+        let head = if Arc::ptr_eq(&m.embed, &m.lm_head) {
+            0
+        } else {
+            m.lm_head.bytes()
+        };
+        m.embed.bytes() + layers + head
     }
 
     /// A hash of the configuration and weights, used to check saved session state.
@@ -735,10 +711,13 @@ impl Model {
         }
         let mut cache = self.new_cache(tokens.len(), false);
         let mut rows: Vec<Vec<f32>> = vec![];
-        for chunk in tokens.chunks(512) {
-            let h = self.forward_hidden(chunk, &mut cache)?;
-            rows.extend(h.to_vec2::<f32>()?);
-        }
+        self.inner.runtime.run(|| -> Result<()> {
+            for chunk in tokens.chunks(512) {
+                let h = self.forward_hidden(chunk, &mut cache)?;
+                rows.extend(h.to_vec2::<f32>()?);
+            }
+            Ok(())
+        })?;
         let dim = self.inner.config.hidden_size;
         let mut mean = vec![0f32; dim];
         for r in &rows {
@@ -814,12 +793,12 @@ impl Model {
             crate::attention::causal_into(
                 &queries, &k_all, &v_all, start, scale, half_cache, &mut att,
             )?;
-            l.o.matmul_into(&att, t, &mut o)?;
+            matrix::matmul_into(&*l.o, &att, t, &mut o)?;
             add_in_place(&mut x, &o);
             rms_norm_rows(&x, &input_f32(&l.ffn_norm)?, eps, &mut hn);
             l.gate_up.matmul_into(&hn, t, &mut gu)?;
             swiglu_rows(&gu, ffn, &mut a);
-            l.down.matmul_into(&a, t, &mut o)?;
+            matrix::matmul_into(&*l.down, &a, t, &mut o)?;
             add_in_place(&mut x, &o);
         }
         cache.advance(t);
@@ -827,7 +806,7 @@ impl Model {
         Ok(Tensor::from_vec(hn, (t, hidden), dev)?)
     }
 
-    /// [`Model::forward_hidden`] with candle's tensor ops (`LLAMA_CORE_KERNEL=candle`).
+    /// [`Model::forward_hidden`] with candle's tensor ops (`Kernel::Candle`).
     fn forward_tensors(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
         let m = &*self.inner;
         let c = &m.config;
@@ -865,7 +844,7 @@ impl Model {
             // An f16 cache rounds keys and values as it stores them.
             let (k_all, v_all) = cache.append(li, &k, &v)?;
             let y = {
-                // candle's tensor ops (for comparison: LLAMA_CORE_KERNEL=candle).
+                // candle's tensor ops (for comparison: `Kernel::Candle`).
                 let k_all = k_all.squeeze(0)?.to_dtype(DType::F32)?;
                 let v_all = v_all.squeeze(0)?.to_dtype(DType::F32)?;
                 // Each KV head serves `group` query heads: fold the group into the rows so keys
@@ -1058,7 +1037,7 @@ mod tests {
     use super::*;
     use crate::quantize::{quantize_rows, FileType};
     use crate::test_util::values;
-    use crate::weights::Matmul;
+    use candle_core::quantized::QMatMul;
 
     /// A `[n, k]` matrix of seeded values stored as `ty` (F32: dense values).
     fn part(ty: FileType, n: usize, k: usize, seed: u32) -> Matmul {
@@ -1079,10 +1058,10 @@ mod tests {
                         Matmul::Blocks(crate::kernels::BlockMatrix::new(fmt, &bytes, n, k).unwrap())
                     }
                     _ => {
-                        let store = crate::weights::aligned(&bytes);
+                        let store = crate::matrix::aligned(&bytes);
                         let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
                             q.ggml(),
-                            crate::weights::as_bytes(&store, bytes.len()),
+                            crate::matrix::as_bytes(&store, bytes.len()),
                             vec![n, k],
                             &Device::Cpu,
                         )
@@ -1132,7 +1111,7 @@ mod tests {
             let stack = Stack::new(parts(), widths.clone()).unwrap();
             let single: Vec<Linear> = parts()
                 .into_iter()
-                .map(|p| Linear::new(p).unwrap())
+                .map(|p| matrix::build(p).unwrap())
                 .collect();
             if crate::kernels::enabled() {
                 assert_eq!(stack.mats.len(), expect, "{types:?}");
@@ -1159,7 +1138,7 @@ mod tests {
                 let mut col = 0;
                 for (lin, &n) in single.iter().zip(&widths) {
                     let mut want = vec![0f32; m * n];
-                    lin.matmul_into(&xs, m, &mut want).unwrap();
+                    matrix::matmul_into(&**lin, &xs, m, &mut want).unwrap();
                     for r in 0..m {
                         same(
                             &got[r * total + col..][..n],

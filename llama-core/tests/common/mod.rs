@@ -111,3 +111,12 @@ pub fn file_near_tie_threshold(r: &serde_json::Value, case: &serde_json::Value) 
     let spread = v["margin_spread"].as_f64().unwrap_or(0.0) as f32;
     near_tie_threshold(r).max(parted + 0.05).max(spread)
 }
+
+/// Default model options on the kernel path `LLAMA_CORE_KERNEL` names (the Makefile runs some
+/// test binaries again on candle's path this way), else the widest this CPU runs.
+pub fn options() -> llama_core::ModelOptions<'static> {
+    let kernel = std::env::var("LLAMA_CORE_KERNEL")
+        .map(|k| llama_core::Kernel::parse(&k).expect("LLAMA_CORE_KERNEL names a kernel"))
+        .unwrap_or_default();
+    llama_core::ModelOptions::default().with_kernel(kernel)
+}

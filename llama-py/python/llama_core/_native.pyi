@@ -15,9 +15,21 @@ _Prompt = Union[str, Sequence[int]]
 @final
 class Model:
     @staticmethod
-    def load(path: Union[str, os.PathLike[str]], *, progress: bool = False, quantize: Optional[str] = None) -> Model: ...
+    def load(
+        path: Union[str, os.PathLike[str]],
+        *,
+        progress: bool = False,
+        quantize: Optional[str] = None,
+        threads: int = 0,
+        kernel: str = "auto",
+    ) -> Model: ...
     def session(
-        self, n_ctx: int = 0, n_batch: int = 512, kv_type: str = "f16", context_shift: Optional[int] = None
+        self,
+        n_ctx: int = 0,
+        n_batch: int = 512,
+        kv_type: str = "f16",
+        context_shift: Optional[int] = None,
+        threads: int = 0,
     ) -> Session: ...
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> List[int]: ...
     def detokenize(self, ids: Sequence[int], special: bool = False) -> str: ...
@@ -34,6 +46,10 @@ class Model:
     def n_layers(self) -> int: ...
     @property
     def weight_type(self) -> str: ...
+    @property
+    def kernel(self) -> str: ...
+    @property
+    def threads(self) -> int: ...
     @property
     def format(self) -> str: ...
     @property
