@@ -634,6 +634,14 @@ llama_status llama_session_top_logprobs(const llama_session *session,
                                         size_t *n_out);
 
 /**
+ * The session's tokens (every evaluated id, in order); two-call rule on `out` / `*n_out`.
+ */
+llama_status llama_session_tokens(const llama_session *session,
+                                  int32_t *out,
+                                  size_t capacity,
+                                  size_t *n_out);
+
+/**
  * Rolls back to the first `n` tokens.
  */
 llama_status llama_session_truncate(llama_session *session, size_t n);

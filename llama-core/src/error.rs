@@ -83,6 +83,11 @@ impl Error {
             message: message.into(),
         }
     }
+    /// The one error for asking a session's logits (or log-probabilities, or a generation
+    /// without a prompt) before anything was evaluated.
+    pub(crate) fn no_logits() -> Self {
+        Error::InvalidArgument("the session has no logits yet: evaluate tokens first".into())
+    }
     pub(crate) fn weights(
         path: impl Into<PathBuf>,
         tensor: impl Into<String>,

@@ -253,9 +253,7 @@ impl Generator {
         if !prompt.is_empty() {
             session.eval(prompt)?;
         } else if session.logits().is_none() {
-            return Err(Error::InvalidArgument(
-                "nothing to generate from: give a prompt or evaluate tokens first".into(),
-            ));
+            return Err(Error::no_logits());
         }
         let prompt_time = t0.elapsed();
         let detok = Detokenizer::new(session.tokens(), opts.special);
@@ -336,28 +334,14 @@ impl Generator {
                 text,
             }));
         }
-        let logits = session
-            .logits()
-            .ok_or_else(|| {
-                Error::InvalidArgument("nothing to generate from: the session is empty".into())
-            })?
-            .to_vec();
+        let logits = session.logits().ok_or_else(Error::no_logits)?.to_vec();
         let id = sampler.sample(&logits, session.tokens())?;
         if let Some(top) = self.opts.logprobs {
             let lp = log_softmax(&logits);
-            let mut idx: Vec<u32> = (0..lp.len() as u32).collect();
-            let k = top.min(idx.len());
-            if k > 0 {
-                idx.select_nth_unstable_by(k - 1, |a, b| {
-                    lp[*b as usize].total_cmp(&lp[*a as usize])
-                });
-            }
-            let mut best: Vec<(u32, f32)> = idx[..k].iter().map(|&i| (i, lp[i as usize])).collect();
-            best.sort_by(|a, b| b.1.total_cmp(&a.1));
             self.result.logprobs.push(TokenLogprob {
                 id,
                 logprob: lp[id as usize],
-                top: best,
+                top: crate::sampler::top_k_of(&lp, top),
             });
         }
         self.result.tokens.push(id);
@@ -456,7 +440,87 @@ impl Iterator for TokenStream<'_> {
     }
 }
 
+/// What a generation continues from ([`Session::start`]).
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub enum Prompt<'a> {
+    /// Text, tokenized as llama.cpp does for prompts: special tokens parsed, BOS (when the model
+    /// asks for one) only on an empty session.
+    Text(&'a str),
+    /// Token ids, evaluated as they are (may be empty to continue from the current logits).
+    Tokens(&'a [u32]),
+    /// A conversation rendered with the model's chat template (generation prompt added); the
+    /// cached prefix shared with earlier turns is kept and only the rest is evaluated.
+    Chat(&'a [Message]),
+}
+
 impl Session {
+    /// The tokens still to evaluate for `prompt` (see [`Prompt`]); for a chat the session is
+    /// truncated to the prefix it shares with the conversation.
+    pub fn prompt_tokens(&mut self, prompt: Prompt<'_>) -> Result<Vec<u32>> {
+        match prompt {
+            Prompt::Text(t) => self.model().tokenize(t, self.is_empty(), true),
+            Prompt::Tokens(ids) => Ok(ids.to_vec()),
+            Prompt::Chat(messages) => {
+                let ids = self.model().chat_tokens(messages)?;
+                Ok(self.reuse_prefix(&ids))
+            }
+        }
+    }
+
+    /// The one generation driver: evaluates `prompt` and returns the [`Generator`] to step
+    /// ([`Session::stream`], [`Session::generate`], [`Session::chat`], C and Python all start
+    /// here).
+    pub fn start(&mut self, prompt: Prompt<'_>, opts: GenerateOptions) -> Result<Generator> {
+        let ids = self.prompt_tokens(prompt)?;
+        Generator::new(self, &ids, opts)
+    }
+
+    /// The `k` most likely next tokens as `(id, log-probability)`, best first, equal values in
+    /// id order (the order of [`GenerateOptions::logprobs`] too).
+    pub fn top_logprobs(&self, k: usize) -> Result<Vec<(u32, f32)>> {
+        Ok(crate::sampler::top_k_of(
+            &log_softmax(self.last_logits()?),
+            k,
+        ))
+    }
+
+    /// The logits of the last evaluated position, or the "no logits yet" error.
+    pub fn last_logits(&self) -> Result<&[f32]> {
+        self.logits().ok_or_else(Error::no_logits)
+    }
+
+    /// Draws the next token from the last logits with `sampler` (the session's tokens feed its
+    /// penalties).
+    pub fn sample(&self, sampler: &mut Sampler) -> Result<u32> {
+        sampler.sample(self.last_logits()?, self.tokens())
+    }
+
+    /// Streams the reply to `messages` ([`Prompt::Chat`]): an iterator of pieces.
+    pub fn chat_stream<'s>(
+        &'s mut self,
+        messages: &[Message],
+        sampler: &'s mut Sampler,
+        opts: GenerateOptions,
+    ) -> Result<TokenStream<'s>> {
+        self.stream_prompt(Prompt::Chat(messages), sampler, opts)
+    }
+
+    /// Streams the generation after any [`Prompt`].
+    pub fn stream_prompt<'s>(
+        &'s mut self,
+        prompt: Prompt<'_>,
+        sampler: &'s mut Sampler,
+        opts: GenerateOptions,
+    ) -> Result<TokenStream<'s>> {
+        let gen = self.start(prompt, opts)?;
+        Ok(TokenStream {
+            session: self,
+            sampler,
+            gen,
+        })
+    }
+
     /// A handle that cancels this session's work from another thread.
     pub fn cancel_handle(&self) -> CancelHandle {
         self.cancel.clone()
@@ -469,12 +533,7 @@ impl Session {
         sampler: &'s mut Sampler,
         opts: GenerateOptions,
     ) -> Result<TokenStream<'s>> {
-        let gen = Generator::new(self, prompt, opts)?;
-        Ok(TokenStream {
-            session: self,
-            sampler,
-            gen,
-        })
+        self.stream_prompt(Prompt::Tokens(prompt), sampler, opts)
     }
 
     /// Evaluates `prompt` after the current context and generates, calling `on_piece` with each
@@ -484,9 +543,22 @@ impl Session {
         prompt: &[u32],
         sampler: &mut Sampler,
         opts: GenerateOptions,
+        on_piece: impl FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<Generation> {
+        self.generate_prompt(Prompt::Tokens(prompt), sampler, opts, on_piece)
+    }
+
+    /// [`Session::generate`] after any [`Prompt`]. Pieces whose text is empty (a token whose
+    /// text is held back: part of a character or of a possible stop string) are not passed to
+    /// `on_piece`.
+    pub fn generate_prompt(
+        &mut self,
+        prompt: Prompt<'_>,
+        sampler: &mut Sampler,
+        opts: GenerateOptions,
         mut on_piece: impl FnMut(&str) -> ControlFlow<()>,
     ) -> Result<Generation> {
-        let mut stream = self.stream(prompt, sampler, opts)?;
+        let mut stream = self.stream_prompt(prompt, sampler, opts)?;
         while let Some(p) = stream.next() {
             let p = p?;
             if !p.text.is_empty() && on_piece(&p.text).is_break() {
@@ -505,9 +577,7 @@ impl Session {
         opts: GenerateOptions,
         on_piece: impl FnMut(&str) -> ControlFlow<()>,
     ) -> Result<Generation> {
-        let ids = self.model().chat_tokens(messages)?;
-        let rest = self.reuse_prefix(&ids);
-        self.generate(&rest, sampler, opts, on_piece)
+        self.generate_prompt(Prompt::Chat(messages), sampler, opts, on_piece)
     }
 
     /// Keeps the longest cached prefix shared with `ids` and returns the tokens still to

@@ -50,10 +50,10 @@ pub use config::{Config, RopeScaling};
 pub use error::{Error, Result};
 pub use exec::Kernel;
 pub use generate::{
-    CancelHandle, Detokenizer, GenerateOptions, Generation, Generator, Piece, StopReason, Timings,
-    TokenLogprob, TokenStream,
+    CancelHandle, Detokenizer, GenerateOptions, Generation, Generator, Piece, Prompt, StopReason,
+    Timings, TokenLogprob, TokenStream,
 };
-pub use model::{Embeddings, LoadProgress, Model, ModelOptions, ProgressFn, QuantType};
+pub use model::{Embeddings, LoadProgress, Model, ModelOptions, Pooling, ProgressFn, QuantType};
 pub use perplexity::Perplexity;
 pub use sampler::{Sampler, SamplerConfig};
 pub use session::{KvCacheType, Session, SessionOptions, DEFAULT_N_CTX};

@@ -373,6 +373,23 @@ fn softmax(c: &[Candidate]) -> Vec<f32> {
     e.iter().map(|v| (v / s) as f32).collect()
 }
 
+/// The `k` most likely tokens of log-probabilities `lp`, best first; equal values in id order.
+/// The one tie order of the library (generation logprobs, `Session::top_logprobs`, C, Python).
+pub fn top_k_of(lp: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let order = |a: &u32, b: &u32| lp[*b as usize].total_cmp(&lp[*a as usize]).then(a.cmp(b));
+    let mut idx: Vec<u32> = (0..lp.len() as u32).collect();
+    let k = k.min(idx.len());
+    if k == 0 {
+        return vec![];
+    }
+    if k < idx.len() {
+        idx.select_nth_unstable_by(k - 1, order);
+        idx.truncate(k);
+    }
+    idx.sort_unstable_by(order);
+    idx.into_iter().map(|i| (i, lp[i as usize])).collect()
+}
+
 /// Numerically stable log-softmax of a logit vector.
 pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);

@@ -162,10 +162,19 @@ fn cancel_from_another_thread_and_session_stays_usable() {
         h.cancel();
     });
     let mut sent = false;
+    // End-of-generation tokens banned: only the cancellation can end this generation (the
+    // tiny model's greedy text reaches EOS within milliseconds, before a descheduled canceller
+    // thread may run).
+    let mut cfg = SamplerConfig::default().temperature(0.0);
+    cfg.logit_bias = (0..m.config().vocab_size as u32)
+        .filter(|&t| m.tokenizer().is_eog(t))
+        .map(|t| (t, f32::NEG_INFINITY))
+        .collect();
+    assert!(!cfg.logit_bias.is_empty());
     let g = s
         .generate(
             &PROMPT,
-            &mut Sampler::greedy(),
+            &mut Sampler::new(cfg).unwrap(),
             GenerateOptions::default().max_tokens(1_000_000),
             |_| {
                 if !sent {
@@ -375,4 +384,121 @@ fn multi_turn_chat_reuses_the_cache() {
         )
         .unwrap();
     assert_eq!(g2.tokens, g3.tokens);
+}
+
+#[test]
+fn top_logprobs_one_tie_order_everywhere() {
+    use llama_core::sampler::top_k_of;
+    // Ties in id order, best first, never more than the vocabulary.
+    let lp = [-1.0f32, -0.5, -1.0, -0.5, -3.0, -1.0];
+    assert_eq!(
+        top_k_of(&lp, 4),
+        vec![(1, -0.5), (3, -0.5), (0, -1.0), (2, -1.0)]
+    );
+    assert_eq!(top_k_of(&lp, 10).len(), 6);
+    assert!(top_k_of(&lp, 0).is_empty());
+    let (_, m) = tiny();
+    let mut s = m.session(SessionOptions::default()).unwrap();
+    assert!(matches!(s.top_logprobs(3), Err(Error::InvalidArgument(_))));
+    assert!(s.last_logits().is_err());
+    assert!(s.sample(&mut Sampler::greedy()).is_err());
+    s.eval(&PROMPT).unwrap();
+    let top = s.top_logprobs(5).unwrap();
+    let lp = log_softmax(s.logits().unwrap());
+    let mut want: Vec<(u32, f32)> = lp.iter().enumerate().map(|(i, &v)| (i as u32, v)).collect();
+    want.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    assert_eq!(top, want[..5].to_vec());
+    // The generator reports the same alternatives for the token it draws.
+    let greedy = s.sample(&mut Sampler::greedy()).unwrap();
+    assert_eq!(greedy, top[0].0);
+    let g = s
+        .generate(
+            &[],
+            &mut Sampler::greedy(),
+            GenerateOptions::default().max_tokens(1).logprobs(5),
+            |_| ControlFlow::Continue(()),
+        )
+        .unwrap();
+    assert_eq!(g.logprobs[0].top, top);
+}
+
+#[test]
+fn one_prompt_entry_point_applies_the_bos_rule_and_reuses_chat_prefixes() {
+    use llama_core::Prompt;
+    let m = real();
+    let text = "The capital of France is";
+    let mut s = m.session(SessionOptions::default()).unwrap();
+    // Text on an empty session: BOS as the model asks, special tokens parsed.
+    assert_eq!(
+        s.prompt_tokens(Prompt::Text(text)).unwrap(),
+        m.tokenize(text, true, true).unwrap()
+    );
+    assert_eq!(
+        s.prompt_tokens(Prompt::Text("<|im_start|>")).unwrap(),
+        m.tokenize("<|im_start|>", true, true).unwrap()
+    );
+    s.eval(&m.tokenize(text, true, true).unwrap()).unwrap();
+    // After the first tokens: no BOS.
+    assert_eq!(
+        s.prompt_tokens(Prompt::Text(" Paris")).unwrap(),
+        m.tokenize(" Paris", false, true).unwrap()
+    );
+    // Text, tokens and the streaming and callback forms give the same generation.
+    let opts = || GenerateOptions::default().max_tokens(8);
+    let ids = m.tokenize(text, true, true).unwrap();
+    let mut a = m.session(SessionOptions::default()).unwrap();
+    let ga = a
+        .generate_prompt(Prompt::Text(text), &mut Sampler::greedy(), opts(), |_| {
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+    let mut b = m.session(SessionOptions::default()).unwrap();
+    let mut smp = Sampler::greedy();
+    let gb = b.stream(&ids, &mut smp, opts()).unwrap().finish().unwrap();
+    assert_eq!(ga.tokens, gb.tokens);
+    assert_eq!(ga.text, gb.text);
+    // A streamed chat equals the callback chat, and the next turn re-reads only the new part.
+    let mut msgs = vec![Message::user("Hi")];
+    let mut c = m.session(SessionOptions::default()).unwrap();
+    let gc = c
+        .chat(&msgs, &mut Sampler::greedy(), opts(), |_| {
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+    let mut d = m.session(SessionOptions::default()).unwrap();
+    let mut smp = Sampler::greedy();
+    let mut streamed = String::new();
+    let mut stream = d.chat_stream(&msgs, &mut smp, opts()).unwrap();
+    for p in stream.by_ref() {
+        streamed.push_str(&p.unwrap().text);
+    }
+    let gd = stream.finish().unwrap();
+    assert_eq!((gc.tokens.clone(), gc.text.clone()), (gd.tokens, streamed));
+    msgs.push(Message::assistant(gc.text));
+    msgs.push(Message::user("And you?"));
+    let full = m.chat_tokens(&msgs).unwrap();
+    let rest = c.prompt_tokens(Prompt::Chat(&msgs)).unwrap();
+    assert!(!rest.is_empty() && rest.len() < full.len());
+    assert_eq!(&full[full.len() - rest.len()..], &rest[..]);
+    assert_eq!(c.tokens(), &full[..full.len() - rest.len()]);
+}
+
+#[test]
+fn pooling_picks_the_mean_or_the_last_state() {
+    use llama_core::Pooling;
+    let (_, m) = tiny();
+    let e = m.embed("hello world").unwrap();
+    assert_eq!(
+        m.embed_pooled("hello world", Pooling::Mean).unwrap(),
+        e.mean
+    );
+    assert_eq!(
+        m.embed_pooled("hello world", Pooling::Last).unwrap(),
+        e.last
+    );
+    assert_eq!(e.pooled(Pooling::Last), &e.last[..]);
+    for p in [Pooling::Mean, Pooling::Last] {
+        assert_eq!(Pooling::parse(p.as_str()).unwrap(), p);
+    }
+    assert!(Pooling::parse("max").is_err());
 }

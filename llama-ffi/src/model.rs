@@ -3,7 +3,7 @@
 use std::ffi::{c_char, c_void};
 use std::ops::ControlFlow;
 
-use llama_core::{Kernel, Message, Model, ModelOptions, QuantType};
+use llama_core::{Kernel, Message, Model, ModelOptions, Pooling, QuantType};
 
 use crate::{
     catch, catch_or, cstr_arg, fail, fail_with, llama_status, read_params, require, str_arg,
@@ -406,19 +406,18 @@ pub unsafe extern "C" fn llama_model_embed(
             Ok(t) => t,
             Err(s) => return s,
         };
-        if pooling != 0 && pooling != 1 {
-            return fail_with(
-                llama_status::InvalidArgument,
-                format!("pooling {pooling} is not a llama_pooling value"),
-            );
-        }
-        match (*model).inner.embed(text) {
-            Ok(e) => write_array(
-                if pooling == 0 { &e.mean } else { &e.last },
-                out,
-                capacity,
-                n_out,
-            ),
+        let pooling = match pooling {
+            LLAMA_POOLING_MEAN => Pooling::Mean,
+            LLAMA_POOLING_LAST => Pooling::Last,
+            other => {
+                return fail_with(
+                    llama_status::InvalidArgument,
+                    format!("pooling {other} is not a LLAMA_POOLING_* value"),
+                )
+            }
+        };
+        match (*model).inner.embed_pooled(text, pooling) {
+            Ok(v) => write_array(&v, out, capacity, n_out),
             Err(e) => fail(e),
         }
     })

@@ -136,14 +136,7 @@ pub unsafe extern "C" fn llama_sampler_sample(
 ) -> llama_status {
     catch(|| {
         require!(sampler, session, out_token);
-        let s = &(*session).inner;
-        let Some(logits) = s.logits() else {
-            return fail_with(
-                llama_status::InvalidArgument,
-                "the session has no logits yet: evaluate tokens first",
-            );
-        };
-        match (*sampler).inner.sample(logits, s.tokens()) {
+        match (*session).inner.sample(&mut (*sampler).inner) {
             Ok(t) => {
                 *out_token = t as i32;
                 llama_status::Ok

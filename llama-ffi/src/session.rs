@@ -3,7 +3,9 @@
 
 use std::ffi::{c_char, c_void};
 
-use llama_core::{CancelHandle, GenerateOptions, KvCacheType, Session, SessionOptions, StopReason};
+use llama_core::{
+    CancelHandle, GenerateOptions, KvCacheType, Prompt, Session, SessionOptions, StopReason,
+};
 
 use crate::model::{messages, token_slice};
 use crate::{
@@ -151,12 +153,9 @@ pub unsafe extern "C" fn llama_session_logits(
 ) -> llama_status {
     catch(|| {
         require!(session, n_out);
-        match (*session).inner.logits() {
-            Some(l) => write_array(l, out, capacity, n_out),
-            None => fail_with(
-                llama_status::InvalidArgument,
-                "the session has no logits yet: evaluate tokens first",
-            ),
+        match (*session).inner.last_logits() {
+            Ok(l) => write_array(l, out, capacity, n_out),
+            Err(e) => fail(e),
         }
     })
 }
@@ -173,22 +172,36 @@ pub unsafe extern "C" fn llama_session_top_logprobs(
 ) -> llama_status {
     catch(|| {
         require!(session, tokens, logprobs, n_out);
-        let Some(l) = (*session).inner.logits() else {
-            return fail_with(
-                llama_status::InvalidArgument,
-                "the session has no logits yet: evaluate tokens first",
-            );
+        let top = match (*session).inner.top_logprobs(k) {
+            Ok(t) => t,
+            Err(e) => return fail(e),
         };
-        let lp = llama_core::sampler::log_softmax(l);
-        let mut idx: Vec<usize> = (0..lp.len()).collect();
-        idx.sort_by(|&a, &b| lp[b].total_cmp(&lp[a]).then(a.cmp(&b)));
-        let n = k.min(idx.len());
-        for (i, &id) in idx[..n].iter().enumerate() {
+        for (i, &(id, lp)) in top.iter().enumerate() {
             *tokens.add(i) = id as i32;
-            *logprobs.add(i) = lp[id];
+            *logprobs.add(i) = lp;
         }
-        *n_out = n;
+        *n_out = top.len();
         llama_status::Ok
+    })
+}
+
+/// The session's tokens (every evaluated id, in order); two-call rule on `out` / `*n_out`.
+#[no_mangle]
+pub unsafe extern "C" fn llama_session_tokens(
+    session: *const llama_session,
+    out: *mut i32,
+    capacity: usize,
+    n_out: *mut usize,
+) -> llama_status {
+    catch(|| {
+        require!(session, n_out);
+        let ids: Vec<i32> = (*session)
+            .inner
+            .tokens()
+            .iter()
+            .map(|&t| t as i32)
+            .collect();
+        write_array(&ids, out, capacity, n_out)
     })
 }
 
@@ -383,7 +396,7 @@ pub struct llama_generation_info {
 unsafe fn run_generation(
     session: *mut llama_session,
     sampler: *mut llama_sampler,
-    prompt: Vec<u32>,
+    prompt: Prompt<'_>,
     params: *const llama_generate_params,
     cb: llama_token_cb,
     user_data: *mut c_void,
@@ -411,7 +424,7 @@ unsafe fn run_generation(
     }
     let session = &mut (*session).inner;
     let sampler = &mut (*sampler).inner;
-    let mut stream = match session.stream(&prompt, sampler, opts) {
+    let mut stream = match session.stream_prompt(prompt, sampler, opts) {
         Ok(s) => s,
         Err(e) => return fail(e),
     };
@@ -480,7 +493,15 @@ pub unsafe extern "C" fn llama_session_generate(
             Ok(v) => v,
             Err(s) => return s,
         };
-        run_generation(session, sampler, ids, params, cb, user_data, info)
+        run_generation(
+            session,
+            sampler,
+            Prompt::Tokens(&ids),
+            params,
+            cb,
+            user_data,
+            info,
+        )
     })
 }
 
@@ -503,12 +524,15 @@ pub unsafe extern "C" fn llama_session_generate_text(
             Ok(t) => t,
             Err(s) => return s,
         };
-        let add = (*session).inner.is_empty();
-        let ids = match (*session).inner.model().tokenize(text, add, true) {
-            Ok(v) => v,
-            Err(e) => return fail(e),
-        };
-        run_generation(session, sampler, ids, params, cb, user_data, info)
+        run_generation(
+            session,
+            sampler,
+            Prompt::Text(text),
+            params,
+            cb,
+            user_data,
+            info,
+        )
     })
 }
 
@@ -531,11 +555,14 @@ pub unsafe extern "C" fn llama_session_chat(
             Ok(m) => m,
             Err(s) => return s,
         };
-        let ids = match (*session).inner.model().chat_tokens(&msgs) {
-            Ok(v) => v,
-            Err(e) => return fail(e),
-        };
-        let rest = (*session).inner.reuse_prefix(&ids);
-        run_generation(session, sampler, rest, params, cb, user_data, info)
+        run_generation(
+            session,
+            sampler,
+            Prompt::Chat(&msgs),
+            params,
+            cb,
+            user_data,
+            info,
+        )
     })
 }

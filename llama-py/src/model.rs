@@ -178,14 +178,11 @@ impl Model {
         text: &str,
         pooling: &str,
     ) -> PyResult<Bound<'py, PyArray1<f32>>> {
-        if pooling != "mean" && pooling != "last" {
-            return Err(invalid(format!(
-                "pooling must be 'mean' or 'last', not {pooling:?}"
-            )));
-        }
+        let pooling = llama_core::Pooling::parse(pooling).py_err()?;
         let text = text.to_string();
-        let e = py.detach(|| self.inner.embed(&text)).py_err()?;
-        let v = if pooling == "mean" { e.mean } else { e.last };
+        let v = py
+            .detach(|| self.inner.embed_pooled(&text, pooling))
+            .py_err()?;
         Ok(PyArray1::from_vec(py, v))
     }
 

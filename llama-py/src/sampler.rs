@@ -73,10 +73,7 @@ impl Sampler {
             let mut smp = self.lock()?;
             let guard = session.lock()?;
             let s = guard.as_ref().ok_or_else(crate::session::closed)?;
-            let logits = s
-                .logits()
-                .ok_or_else(|| invalid("the session has no logits yet: evaluate tokens first"))?;
-            smp.sample(logits, s.tokens()).py_err()
+            s.sample(&mut smp).py_err()
         })
     }
 

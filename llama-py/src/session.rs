@@ -29,9 +29,22 @@ pub struct Session {
     model: Py<Model>,
 }
 
+/// A prompt as Python gave it, owned so it can cross into the GIL-free section; the core's
+/// [`llama_core::Prompt`] rules (BOS, chat prefix reuse) apply to it there.
 enum Prompt {
     Text(String),
     Ids(Vec<u32>),
+    Chat(Vec<llama_core::Message>),
+}
+
+impl Prompt {
+    fn as_core(&self) -> llama_core::Prompt<'_> {
+        match self {
+            Prompt::Text(t) => llama_core::Prompt::Text(t),
+            Prompt::Ids(ids) => llama_core::Prompt::Tokens(ids),
+            Prompt::Chat(m) => llama_core::Prompt::Chat(m),
+        }
+    }
 }
 
 fn prompt_arg(p: &Bound<'_, PyAny>) -> PyResult<Prompt> {
@@ -98,31 +111,19 @@ impl Session {
         })
     }
 
-    fn to_ids(&self, py: Python<'_>, p: Prompt, s_empty: bool) -> PyResult<Vec<u32>> {
-        match p {
-            Prompt::Ids(v) => Ok(v),
-            Prompt::Text(t) => {
-                let m = &self.model.bind(py).get().inner;
-                py.detach(|| m.tokenize(&t, s_empty, true)).py_err()
-            }
-        }
-    }
-
     fn run_to_end(
         &self,
         py: Python<'_>,
-        ids: Vec<u32>,
+        prompt: Prompt,
         sampler: &Py<Sampler>,
         opts: GenerateOptions,
-        chat: bool,
     ) -> PyResult<String> {
         let smp = sampler.bind(py).get();
         let g = py.detach(|| -> PyResult<Generation> {
             let mut guard = self.lock()?;
             let s = guard.as_mut().ok_or_else(closed)?;
             let mut sm = smp.lock()?;
-            let rest = if chat { s.reuse_prefix(&ids) } else { ids };
-            let mut gen = Generator::new(s, &rest, opts).py_err()?;
+            let mut gen = s.start(prompt.as_core(), opts).py_err()?;
             while gen.step(s, &mut sm).py_err()?.is_some() {}
             Ok(gen.into_generation())
         })?;
@@ -148,19 +149,7 @@ impl Session {
     /// The `k` most likely next tokens as (id, log-probability) pairs, best first.
     #[pyo3(signature = (k=5))]
     fn top_logprobs(&self, py: Python<'_>, k: usize) -> PyResult<Vec<(u32, f32)>> {
-        self.with(py, |s| {
-            let l = s
-                .logits()
-                .ok_or_else(|| invalid("the session has no logits yet: evaluate tokens first"))?;
-            let lp = llama_core::sampler::log_softmax(l);
-            let mut idx: Vec<u32> = (0..lp.len() as u32).collect();
-            idx.sort_by(|&a, &b| lp[b as usize].total_cmp(&lp[a as usize]).then(a.cmp(&b)));
-            Ok(idx
-                .into_iter()
-                .take(k)
-                .map(|i| (i, lp[i as usize]))
-                .collect())
-        })
+        self.with(py, |s| s.top_logprobs(k).py_err())
     }
 
     /// Token ids in the session.
@@ -199,10 +188,8 @@ impl Session {
         logprobs: Option<usize>,
     ) -> PyResult<String> {
         let p = prompt_arg(prompt)?;
-        let empty = self.with(py, |s| Ok(s.is_empty()))?;
-        let ids = self.to_ids(py, p, empty)?;
         let smp = default_sampler(py, sampler)?;
-        self.run_to_end(py, ids, &smp, gen_opts(max_tokens, stop, logprobs), false)
+        self.run_to_end(py, p, &smp, gen_opts(max_tokens, stop, logprobs))
     }
 
     /// Like `generate` but returns an iterator of text pieces as they are produced.
@@ -214,12 +201,8 @@ impl Session {
         sampler: Option<Py<Sampler>>,
         stop: Option<Vec<String>>,
     ) -> PyResult<TokenStream> {
-        let py = slf.py();
-        let this = slf.get();
         let p = prompt_arg(prompt)?;
-        let empty = this.with(py, |s| Ok(s.is_empty()))?;
-        let ids = this.to_ids(py, p, empty)?;
-        start_stream(slf, ids, false, sampler, gen_opts(max_tokens, stop, None))
+        start_stream(slf, p, sampler, gen_opts(max_tokens, stop, None))
     }
 
     /// Replies to a conversation (list of {'role', 'content'} dicts) using the model's chat
@@ -234,10 +217,13 @@ impl Session {
         stop: Option<Vec<String>>,
     ) -> PyResult<String> {
         let msgs = self::messages(messages)?;
-        let m = &self.model.bind(py).get().inner;
-        let ids = py.detach(|| m.chat_tokens(&msgs)).py_err()?;
         let smp = default_sampler(py, sampler)?;
-        self.run_to_end(py, ids, &smp, gen_opts(max_tokens, stop, None), true)
+        self.run_to_end(
+            py,
+            Prompt::Chat(msgs),
+            &smp,
+            gen_opts(max_tokens, stop, None),
+        )
     }
 
     /// Like `chat` but returns an iterator of text pieces as they are produced.
@@ -249,11 +235,13 @@ impl Session {
         sampler: Option<Py<Sampler>>,
         stop: Option<Vec<String>>,
     ) -> PyResult<TokenStream> {
-        let py = slf.py();
         let msgs = self::messages(messages)?;
-        let m = &slf.get().model.bind(py).get().inner;
-        let ids = py.detach(|| m.chat_tokens(&msgs)).py_err()?;
-        start_stream(slf, ids, true, sampler, gen_opts(max_tokens, stop, None))
+        start_stream(
+            slf,
+            Prompt::Chat(msgs),
+            sampler,
+            gen_opts(max_tokens, stop, None),
+        )
     }
 
     /// Details of the last `generate`/`chat`/finished `stream`: a dict with 'tokens', 'text',
@@ -409,21 +397,19 @@ impl Session {
     }
 }
 
-/// Evaluates `ids` (after keeping the cached prefix they share, for chat) and returns the
-/// stream of the generation that follows.
+/// Evaluates `prompt` (the core's rules: BOS, chat prefix reuse) and returns the stream of the
+/// generation that follows.
 fn start_stream(
     slf: &Bound<'_, Session>,
-    ids: Vec<u32>,
-    chat: bool,
+    prompt: Prompt,
     sampler: Option<Py<Sampler>>,
     opts: GenerateOptions,
 ) -> PyResult<TokenStream> {
     let py = slf.py();
     let smp = default_sampler(py, sampler)?;
-    let gen = slf.get().with(py, move |s| {
-        let rest = if chat { s.reuse_prefix(&ids) } else { ids };
-        Generator::new(s, &rest, opts).py_err()
-    })?;
+    let gen = slf
+        .get()
+        .with(py, move |s| s.start(prompt.as_core(), opts).py_err())?;
     Ok(TokenStream {
         session: slf.clone().unbind(),
         sampler: smp,

@@ -1,15 +1,14 @@
 import json
-import os
 import subprocess
 import sys
 
-# Run in a child process with one compute thread per session (CANDLE_NUM_THREADS=1), so that
-# any overlap between two Python threads can only come from the GIL being released.
+# Run in a child process with one compute thread per session (`threads=1`), so that any overlap
+# between two Python threads can only come from the GIL being released.
 SCRIPT = r"""
 import json, sys, threading, time
 import llama_core
 
-model = llama_core.Model.load(sys.argv[1])
+model = llama_core.Model.load(sys.argv[1], threads=1)
 PROMPTS = ["Once upon a time", "The meaning of life is"]
 
 def run(prompt):
@@ -34,8 +33,7 @@ print(json.dumps({"serial": serial_time, "parallel": parallel_time, "same": resu
 
 
 def test_two_sessions_run_concurrently(model_path):
-    env = dict(os.environ, CANDLE_NUM_THREADS="1", RAYON_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-c", SCRIPT, model_path], env=env, check=True, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", SCRIPT, model_path], check=True, capture_output=True, text=True)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["same"], "threads must not change results"
     # Two threads on 2 cores: clearly below the serial sum (loose bound, shared machines).

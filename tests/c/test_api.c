@@ -176,6 +176,20 @@ int main(int argc, char **argv) {
     CHECK(llama_model_token_is_eog(model, 2));
     CHECK(!llama_model_token_is_eog(model, 100));
     CHECK(llama_model_n_vocab(NULL) == 0);
+    /* A session's tokens: two-call rule. */
+    {
+        llama_session *ts = NULL;
+        CHECK(llama_session_new(model, NULL, &ts) == LLAMA_STATUS_OK);
+        int32_t three[3] = {19556, 905, 28};
+        CHECK(llama_session_eval(ts, three, 3) == LLAMA_STATUS_OK);
+        size_t nt = 0;
+        CHECK(llama_session_tokens(ts, NULL, 0, &nt) == LLAMA_STATUS_BUFFER_TOO_SMALL && nt == 3);
+        int32_t got[3] = {0, 0, 0};
+        CHECK(llama_session_tokens(ts, got, 3, &nt) == LLAMA_STATUS_OK && nt == 3);
+        CHECK(got[0] == 19556 && got[1] == 905 && got[2] == 28);
+        CHECK(llama_session_tokens(NULL, got, 3, &nt) == LLAMA_STATUS_NULL_ARGUMENT);
+        llama_session_free(ts);
+    }
 
     /* Tokenize: two-call rule. */
     size_t n = 0;

@@ -319,6 +319,47 @@ pub struct Embeddings {
     pub n_tokens: usize,
 }
 
+/// How [`Model::embed_pooled`] pools the final hidden states of a text's tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Pooling {
+    /// The mean over every token.
+    #[default]
+    Mean,
+    /// The last token's.
+    Last,
+}
+
+impl Pooling {
+    /// Parses `mean` or `last`.
+    pub fn parse(s: &str) -> Result<Pooling> {
+        match s {
+            "mean" => Ok(Pooling::Mean),
+            "last" => Ok(Pooling::Last),
+            other => Err(Error::InvalidArgument(format!(
+                "pooling must be 'mean' or 'last', not {other:?}"
+            ))),
+        }
+    }
+    /// The name [`Pooling::parse`] takes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Pooling::Mean => "mean",
+            Pooling::Last => "last",
+        }
+    }
+}
+
+impl Embeddings {
+    /// The embedding pooled as `p`.
+    pub fn pooled(&self, p: Pooling) -> &[f32] {
+        match p {
+            Pooling::Mean => &self.mean,
+            Pooling::Last => &self.last,
+        }
+    }
+}
+
 /// A loaded model: immutable, cheap to clone (shared), `Send + Sync`.
 #[derive(Clone)]
 pub struct Model {
@@ -691,6 +732,15 @@ impl Model {
     pub fn embed(&self, text: &str) -> Result<Embeddings> {
         let ids = self.tokenize(text, true, false)?;
         self.embed_tokens(&ids)
+    }
+
+    /// The embedding of `text` pooled as `pooling` (`hidden_size` values).
+    pub fn embed_pooled(&self, text: &str, pooling: Pooling) -> Result<Vec<f32>> {
+        let e = self.embed(text)?;
+        Ok(match pooling {
+            Pooling::Mean => e.mean,
+            Pooling::Last => e.last,
+        })
     }
 
     /// Embeddings of a token sequence (see [`Model::embed`]).
