@@ -436,7 +436,7 @@ extern "C" {
 #endif // __cplusplus
 
 /**
- * A static, NUL-terminated name for a status code.
+ * A static, NUL-terminated name for a status code ("unknown status" for other values).
  */
 const char *llama_status_str(int32_t status);
 

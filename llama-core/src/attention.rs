@@ -246,6 +246,9 @@ unsafe fn hsum4(v: [std::arch::x86_64::__m256; 4]) -> [f32; 4] {
 /// then 0+2 and 1+3, then those two), then the scalar tail. `k` holds `out.len()` rows of
 /// `q.len()` elements.
 #[cfg(target_arch = "x86_64")]
+/// # Safety
+/// The CPU supports `avx2,fma,f16c` (the caller checked at run time). `k` holds `out.len()` rows
+/// of `q.len()` elements.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn scores_avx2<T: Elem>(q: &[f32], k: &[T], scale: f32, out: &mut [f32]) {
     use std::arch::x86_64::*;
@@ -314,6 +317,9 @@ unsafe fn scores_avx2<T: Elem>(q: &[f32], k: &[T], scale: f32, out: &mut [f32]) 
 /// `y += sum_j w[j] * v_j` with the accumulators for up to 64 lanes of `y` in registers while
 /// the values stream past (per lane the same FMAs in the same order as one axpy per value).
 #[cfg(target_arch = "x86_64")]
+/// # Safety
+/// The CPU supports `avx2,fma,f16c` (the caller checked at run time). `v` holds `w.len()` rows of
+/// `y.len()` elements.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn weighted_sum_avx2<T: Elem>(w: &[f32], v: &[T], y: &mut [f32]) {
     let d = y.len();
@@ -342,6 +348,9 @@ unsafe fn weighted_sum_avx2<T: Elem>(w: &[f32], v: &[T], y: &mut [f32]) {
 
 /// Lanes `c0..c0 + 8 * N` of [`weighted_sum_avx2`].
 #[cfg(target_arch = "x86_64")]
+/// # Safety
+/// The CPU supports `avx2,fma,f16c` (the caller checked at run time). `v` holds `w.len()` rows of
+/// `y.len()` elements and `c0 + 8 * N <= y.len()`.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn weighted_chunk<T: Elem, const N: usize>(w: &[f32], v: &[T], y: &mut [f32], c0: usize) {
     use std::arch::x86_64::*;
@@ -366,6 +375,9 @@ unsafe fn weighted_chunk<T: Elem, const N: usize>(w: &[f32], v: &[T], y: &mut [f
 /// same reduction pairings as [`scores_avx2`], so results are identical. `out` holds `Q`
 /// segments of `n` scores; `k` holds `n` rows of `d = q[0].len()` elements.
 #[cfg(target_arch = "x86_64")]
+/// # Safety
+/// The CPU supports `avx2,fma,f16c` (the caller checked at run time). `k` holds `n` rows of
+/// `q[0].len()` elements and `out` `Q` segments of `n`.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn scores_multi_avx2<T: Elem, const Q: usize>(
     q: [&[f32]; Q],
@@ -421,6 +433,9 @@ unsafe fn scores_multi_avx2<T: Elem, const Q: usize>(
 /// segments of `n`): each value load serves every row; per lane the same FMAs in the same
 /// order as [`weighted_sum_avx2`].
 #[cfg(target_arch = "x86_64")]
+/// # Safety
+/// The CPU supports `avx2,fma,f16c` (the caller checked at run time). `v` holds `n` rows of the
+/// output rows' length, and the weights `Q` segments of `n`.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn weighted_multi_avx2<T: Elem, const Q: usize, const N: usize>(
     w: &[f32],
@@ -611,6 +626,8 @@ fn exp_shifted(scores: &mut [f32], max: f32, simd: bool) -> f32 {
 /// `2^n` from the exponent bits. Below -87.3 (where the result would leave the normal range)
 /// the result is 0; above 88 it is `exp(88)` (finite).
 #[cfg(target_arch = "x86_64")]
+/// # Safety
+/// The CPU supports `avx2,fma` (the caller checked at run time).
 #[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn exp8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
@@ -643,6 +660,8 @@ pub(crate) unsafe fn exp8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__
 }
 
 #[cfg(target_arch = "x86_64")]
+/// # Safety
+/// The CPU supports `avx2,fma` (the caller checked at run time).
 #[target_feature(enable = "avx2,fma")]
 unsafe fn exp_shifted_avx2(scores: &mut [f32], max: f32) -> f32 {
     use std::arch::x86_64::*;

@@ -35,6 +35,7 @@ use candle_core::{Device, Tensor};
 use half::f16;
 
 use crate::error::{Error, Result};
+use crate::pool::for_each_chunk_mut;
 
 mod q4k;
 mod q6k;
@@ -157,6 +158,8 @@ fn quantize_row(x: &[f32], out: &mut [XBlock]) {
 /// The same as [`quantize_row_scalar`] for one block, eight lanes at a time (the rounding,
 /// nearest with ties to even, is the one ggml's x86 code uses too).
 #[cfg(target_arch = "x86_64")]
+/// # Safety
+/// The CPU supports `avx2,fma,f16c` (the caller checked at run time). `xb` holds 32 values.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn quantize_block_avx2(xb: &[f32], ob: &mut XBlock) {
     use std::arch::x86_64::*;
@@ -294,6 +297,10 @@ pub(crate) fn prefetch_ahead(p: *const u8, len: usize) {
 #[cfg(target_arch = "x86_64")]
 macro_rules! simd_tile {
     ($name:ident, $features:literal, $vnni:expr) => {
+        /// # Safety
+        /// The CPU supports the features this instance is compiled for (the caller checked at run
+        /// time). `w` points at `C` rows of `nb` blocks of `fmt` and every `x` at a row of `nb`
+        /// activation blocks.
         #[target_feature(enable = $features)]
         unsafe fn $name<const R: usize, const C: usize>(
             fmt: BlockFmt,
@@ -578,6 +585,10 @@ const fn fmt_of(f: u8) -> BlockFmt {
 #[cfg(target_arch = "x86_64")]
 macro_rules! simd_group {
     ($name:ident, $features:literal, $vnni:expr) => {
+        /// # Safety
+        /// The CPU supports the features this instance is compiled for (the caller checked at run
+        /// time). `w` starts a group of `nb` blocks of format `F` and every `x` a row of `nb`
+        /// blocks.
         #[target_feature(enable = $features)]
         unsafe fn $name<const F: u8, const R: usize, const S: usize>(
             w: *const u8,
@@ -751,6 +762,9 @@ simd_group!(group_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", true);
 /// four elements of 16 rows, one `dpbusd` against a broadcast of four activation bytes sums
 /// them for all 16 rows.
 #[cfg(target_arch = "x86_64")]
+/// # Safety
+/// The CPU supports `avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c` (the caller checked at
+/// run time). `w` starts a group of `nb` blocks of format `F` and every `x` a row of `nb` blocks.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn group_avx512<const F: u8, const R: usize, const S: usize>(
     w: *const u8,
@@ -909,13 +923,11 @@ unsafe fn group_kernel<const R: usize, const S: usize>(
 fn quantize_rows_parallel(xs: &[f32], m: usize, k: usize) -> Vec<XBlock> {
     let nb = k / QK;
     let mut xq = vec![ZERO_X; m * nb];
-    let xq_ptr = xq.as_mut_ptr() as usize;
-    run_items(m, &|r| {
-        // SAFETY: row `r` of `xq` is written by this item only, and `xq` outlives the call.
-        let out =
-            unsafe { std::slice::from_raw_parts_mut((xq_ptr as *mut XBlock).add(r * nb), nb) };
-        quantize_row(&xs[r * k..(r + 1) * k], out);
-    });
+    if nb > 0 {
+        for_each_chunk_mut(&mut xq, nb, &|r, out| {
+            quantize_row(&xs[r * k..(r + 1) * k], out)
+        });
+    }
     xq
 }
 
@@ -1010,14 +1022,7 @@ fn chunks_on_pool(x: &mut [f32], f: &(dyn Fn(std::ops::Range<usize>, &mut [f32])
         f(0..n, x);
         return;
     }
-    let x_ptr = x.as_mut_ptr() as usize;
-    run_items(n.div_ceil(CHUNK), &|c| {
-        let r = c * CHUNK..n.min((c + 1) * CHUNK);
-        // SAFETY: chunk `c` of `x` is read and written by this item only.
-        let xc =
-            unsafe { std::slice::from_raw_parts_mut((x_ptr as *mut f32).add(r.start), r.len()) };
-        f(r, xc);
-    });
+    for_each_chunk_mut(x, CHUNK, &|c, xc| f(c * CHUNK..c * CHUNK + xc.len(), xc));
 }
 
 /// `f(src row, dst row)` for each row of `d` values, on the pool when there are many rows.
@@ -1030,11 +1035,9 @@ fn rows_on_pool(src: &[f32], dst: &mut [f32], d: usize, f: &(dyn Fn(&[f32], &mut
         }
         return;
     }
-    let dst_ptr = dst.as_mut_ptr() as usize;
-    run_items(rows.div_ceil(ROWS), &|c| {
-        for r in c * ROWS..rows.min((c + 1) * ROWS) {
-            // SAFETY: row `r` of `dst` is written by this item only.
-            let o = unsafe { std::slice::from_raw_parts_mut((dst_ptr as *mut f32).add(r * d), d) };
+    for_each_chunk_mut(&mut dst[..rows * d], ROWS * d, &|c, block| {
+        for (j, o) in block.chunks_exact_mut(d).enumerate() {
+            let r = c * ROWS + j;
             f(&src[r * d..(r + 1) * d], o);
         }
     });
@@ -1560,6 +1563,9 @@ const FG: usize = 16;
 const F16_R: usize = 12;
 
 #[cfg(target_arch = "x86_64")]
+/// # Safety
+/// The CPU supports `avx2,fma,f16c` (the caller checked at run time). `w` holds at least
+/// `x.len()` values.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_f16_avx2(w: &[f16], x: &[f32]) -> f32 {
     use std::arch::x86_64::*;
@@ -1596,6 +1602,9 @@ fn dot_f16_scalar(w: &[f16], x: &[f32]) -> f32 {
 
 /// `R` activation rows times one 16-row group (`w`: `k` positions of 16 values).
 #[cfg(target_arch = "x86_64")]
+/// # Safety
+/// The CPU supports `avx2,fma,f16c` (the caller checked at run time). `w` holds `k` positions of
+/// 16 values and every `x` a row of `k` values.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn f16_group_avx2<const R: usize>(
     w: *const f16,
@@ -1654,6 +1663,9 @@ unsafe fn f16_group_avx2<const R: usize>(
 /// FMAs in the same order (and for one row the same four position sets), so both give
 /// identical results.
 #[cfg(target_arch = "x86_64")]
+/// # Safety
+/// The CPU supports `avx512f,avx2,fma,f16c` (the caller checked at run time). `w` holds `k`
+/// positions of 16 values and every `x` a row of `k` values.
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 unsafe fn f16_group_avx512<const R: usize>(
     w: *const f16,
@@ -1696,6 +1708,9 @@ unsafe fn f16_group_avx512<const R: usize>(
 
 /// `len` (a multiple of 16) f16 values from `src` as f32 into `dst`.
 #[cfg(target_arch = "x86_64")]
+/// # Safety
+/// The CPU supports `avx512f,f16c` (the caller checked at run time). `src` is readable and `dst`
+/// writable for `len` values.
 #[target_feature(enable = "avx512f,f16c")]
 unsafe fn f16_to_f32_avx512(src: *const f16, dst: *mut f32, len: usize) {
     use std::arch::x86_64::*;
@@ -1711,6 +1726,9 @@ unsafe fn f16_to_f32_avx512(src: *const f16, dst: *mut f32, len: usize) {
 /// per tile of rows) times `R` activation rows. Per output lane the same FMAs in the same order
 /// as the f16 tiles, so the same results.
 #[cfg(target_arch = "x86_64")]
+/// # Safety
+/// The CPU supports `avx512f,fma` (the caller checked at run time). the pointers hold the
+/// positions of the two groups and every activation row the caller passes.
 #[target_feature(enable = "avx512f,fma")]
 unsafe fn f32_group2_avx512<const R: usize>(
     w: *const f32,
@@ -1775,22 +1793,18 @@ impl F16Matrix {
         for (pi, p) in pieces.iter().enumerate() {
             rows.extend((0..p.len() / k).map(|r| (pi, r * k)));
         }
-        let mut data: Vec<f16> = Vec::with_capacity(n * k);
-        let dst = data.as_mut_ptr() as usize;
+        let mut data: Vec<f16> = vec![f16::ZERO; n * k];
         // Group g holds its 16 rows position by position: value p of row i at p * 16 + i.
-        run_items(n / FG, &|g| {
-            let out = (dst as *mut f16).wrapping_add(g * FG * k);
-            for i in 0..FG {
-                let (pi, at) = rows[g * FG + i];
-                for (p, &v) in pieces[pi][at..at + k].iter().enumerate() {
-                    // SAFETY: `p * 16 + i < 16 k`: inside group `g`'s values of the reserved
-                    // capacity, which this item alone writes.
-                    unsafe { out.add(p * FG + i).write(v) };
+        if k > 0 {
+            for_each_chunk_mut(&mut data, FG * k, &|g, out| {
+                for i in 0..FG {
+                    let (pi, at) = rows[g * FG + i];
+                    for (p, &v) in pieces[pi][at..at + k].iter().enumerate() {
+                        out[p * FG + i] = v;
+                    }
                 }
-            }
-        });
-        // SAFETY: the groups cover all `n k` values, each written above.
-        unsafe { data.set_len(n * k) };
+            });
+        }
         F16Matrix {
             n,
             k,
@@ -2175,14 +2189,11 @@ impl<T: KBlock> WeightMatrix for KMatrix<T> {
         let k = self.k;
         let nbx = k / BlockQ8K::BLCK_SIZE;
         let mut xq = vec![BlockQ8K::zeros(); m * nbx];
-        let xq_ptr = xq.as_mut_ptr() as usize;
-        run_items(m, &|r| {
-            // SAFETY: row `r` of `xq` is written by this item only, and `xq` outlives the call.
-            let out = unsafe {
-                std::slice::from_raw_parts_mut((xq_ptr as *mut BlockQ8K).add(r * nbx), nbx)
-            };
-            BlockQ8K::from_float(&xs[r * k..(r + 1) * k], out);
-        });
+        if nbx > 0 {
+            for_each_chunk_mut(&mut xq, nbx, &|r, out| {
+                BlockQ8K::from_float(&xs[r * k..(r + 1) * k], out)
+            });
+        }
         let n = self.n;
         let row_tiles = m.div_ceil(K_ROWS);
         let work = |item: usize| {

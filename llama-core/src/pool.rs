@@ -275,6 +275,33 @@ pub(crate) fn pool() -> &'static Pool {
     })
 }
 
+/// Runs `f(i, chunk)` for each of the disjoint chunks of `chunk` elements of `data` (chunk `i`
+/// starts at `i * chunk`; the last may be shorter), on the running call's pool: the one place a
+/// mutable buffer is split across the pool's threads.
+pub(crate) fn for_each_chunk_mut<T: Send>(
+    data: &mut [T],
+    chunk: usize,
+    f: &(dyn Fn(usize, &mut [T]) + Sync),
+) {
+    struct Base<T>(*mut T);
+    // SAFETY: the pointer is only used to make disjoint `&mut` chunks of a `[T]` with `T: Send`,
+    // each handed to one item (so to one thread) at a time.
+    unsafe impl<T: Send> Sync for Base<T> {}
+    let (n, chunk) = (data.len(), chunk.max(1));
+    let base = Base(data.as_mut_ptr());
+    let base = &base;
+    pool().run(n.div_ceil(chunk), &|items| {
+        for i in items {
+            let start = i * chunk;
+            let len = chunk.min(n - start);
+            // SAFETY: `start + len <= n`, chunks of distinct `i` do not overlap, each `i` runs
+            // once, and `data` stays borrowed until `run` returns after every item.
+            let c = unsafe { std::slice::from_raw_parts_mut(base.0.add(start), len) };
+            f(i, c);
+        }
+    });
+}
+
 /// Where and how a call into the core computes: its kernel settings and its thread pool.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Runtime {
@@ -380,6 +407,20 @@ mod tests {
         assert!(Pool::with_threads(MAX_THREADS + 1).is_err());
         assert_eq!(rt.with_threads(0).unwrap().threads(), 3);
         assert_eq!(rt.with_threads(2).unwrap().threads(), 2);
+    }
+
+    #[test]
+    fn chunks_are_disjoint_and_cover_the_buffer() {
+        for (n, chunk) in [(0usize, 4usize), (1, 4), (10, 3), (64, 8), (100, 1), (7, 0)] {
+            let mut v = vec![usize::MAX; n];
+            for_each_chunk_mut(&mut v, chunk, &|i, c| {
+                for (j, x) in c.iter_mut().enumerate() {
+                    assert_eq!(*x, usize::MAX, "written twice");
+                    *x = i * chunk.max(1) + j;
+                }
+            });
+            assert_eq!(v, (0..n).collect::<Vec<_>>());
+        }
     }
 
     #[test]

@@ -112,12 +112,32 @@ pub(crate) fn catch_or<T>(default: T, f: impl FnOnce() -> T) -> T {
     })
 }
 
-/// Returns `NullArgument` from the enclosing function when a pointer is NULL.
+/// The panic boundary around every export (rustls-ffi's `ffi_panic_boundary!`). For a fallible
+/// export the body is a block whose value is the status to return, in which argument checks and core
+/// calls fail with `?` (their error is a `llama_status` whose message is already set) or
+/// `return Err(status)`; a panic becomes `LLAMA_STATUS_PANIC` with its message.
+macro_rules! guard {
+    // An infallible export: on a panic it returns `$default` (the message is still set).
+    ($default:expr, $body:block) => {
+        $crate::catch_or($default, || $body)
+    };
+    ($body:block) => {
+        $crate::catch(|| {
+            let run = || -> ::std::result::Result<$crate::llama_status, $crate::llama_status> {
+                Ok($body)
+            };
+            run().unwrap_or_else(|s| s)
+        })
+    };
+}
+pub(crate) use guard;
+
+/// Returns `NullArgument` from the enclosing [`guard!`] body when a pointer is NULL.
 macro_rules! require {
     ($($p:ident),+) => {
         $(
             if $p.is_null() {
-                return $crate::fail_with($crate::llama_status::NullArgument, concat!("argument `", stringify!($p), "` is NULL"));
+                return Err($crate::fail_with($crate::llama_status::NullArgument, concat!("argument `", stringify!($p), "` is NULL")));
             }
         )+
     };
@@ -239,35 +259,65 @@ pub(crate) unsafe fn write_array<T: Copy>(
     llama_status::Ok
 }
 
-/// A static, NUL-terminated name for a status code.
+impl llama_status {
+    /// Every status, for [`llama_status_str`].
+    const ALL: [llama_status; 15] = [
+        llama_status::Ok,
+        llama_status::NullArgument,
+        llama_status::InvalidArgument,
+        llama_status::InvalidUtf8,
+        llama_status::Io,
+        llama_status::ModelLoad,
+        llama_status::Unsupported,
+        llama_status::Tokenizer,
+        llama_status::ChatTemplate,
+        llama_status::ContextOverflow,
+        llama_status::Cancelled,
+        llama_status::State,
+        llama_status::BufferTooSmall,
+        llama_status::Backend,
+        llama_status::Panic,
+    ];
+
+    /// The status's name, NUL-terminated (an exhaustive match: a new status needs a name).
+    fn name(self) -> &'static std::ffi::CStr {
+        match self {
+            llama_status::Ok => c"ok",
+            llama_status::NullArgument => c"null argument",
+            llama_status::InvalidArgument => c"invalid argument",
+            llama_status::InvalidUtf8 => c"invalid UTF-8",
+            llama_status::Io => c"I/O error",
+            llama_status::ModelLoad => c"invalid model",
+            llama_status::Unsupported => c"unsupported model",
+            llama_status::Tokenizer => c"tokenizer error",
+            llama_status::ChatTemplate => c"chat template error",
+            llama_status::ContextOverflow => c"context overflow",
+            llama_status::Cancelled => c"cancelled",
+            llama_status::State => c"invalid session state",
+            llama_status::BufferTooSmall => c"buffer too small",
+            llama_status::Backend => c"backend error",
+            llama_status::Panic => c"internal error (panic)",
+        }
+    }
+}
+
+/// A static, NUL-terminated name for a status code ("unknown status" for other values).
 #[no_mangle]
 pub extern "C" fn llama_status_str(status: i32) -> *const c_char {
-    let s: &'static [u8] = match status {
-        0 => b"ok\0",
-        1 => b"null argument\0",
-        2 => b"invalid argument\0",
-        3 => b"invalid UTF-8\0",
-        4 => b"I/O error\0",
-        5 => b"invalid model\0",
-        6 => b"unsupported model\0",
-        7 => b"tokenizer error\0",
-        8 => b"chat template error\0",
-        9 => b"context overflow\0",
-        10 => b"cancelled\0",
-        11 => b"invalid session state\0",
-        12 => b"buffer too small\0",
-        13 => b"backend error\0",
-        99 => b"internal error (panic)\0",
-        _ => b"unknown status\0",
-    };
-    s.as_ptr() as *const c_char
+    guard!(c"unknown status".as_ptr(), {
+        llama_status::ALL
+            .iter()
+            .find(|s| **s as i32 == status)
+            .map_or(c"unknown status", |s| s.name())
+            .as_ptr()
+    })
 }
 
 /// The message of the last failed call on this thread (empty if none). The string belongs to
 /// the library and stays valid until the next failing call on this thread.
 #[no_mangle]
 pub extern "C" fn llama_last_error_message() -> *const c_char {
-    LAST_ERROR.with(|e| e.borrow().as_ptr())
+    guard!(c"".as_ptr(), { LAST_ERROR.with(|e| e.borrow().as_ptr()) })
 }
 
 /// The library version as a static string, e.g. "0.1.0".
@@ -304,10 +354,56 @@ mod tests {
 
     #[test]
     fn status_strings_are_static_and_named() {
-        for code in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 99, -1, 1000] {
-            let s = unsafe { std::ffi::CStr::from_ptr(llama_status_str(code)) };
-            assert!(!s.to_bytes().is_empty());
+        let mut seen = std::collections::BTreeSet::new();
+        for s in llama_status::ALL {
+            let name = unsafe { std::ffi::CStr::from_ptr(llama_status_str(s as i32)) };
+            assert_eq!(name, s.name());
+            assert!(
+                seen.insert(name.to_str().unwrap()),
+                "{s:?}: name used twice"
+            );
+            assert_ne!(name.to_bytes(), b"unknown status");
         }
+        for code in [-1, 14, 98, 100, 1000] {
+            let s = unsafe { std::ffi::CStr::from_ptr(llama_status_str(code)) };
+            assert_eq!(s.to_bytes(), b"unknown status");
+        }
+        // Every value of the header's enum is in `ALL` (0..=13 and 99).
+        let codes: Vec<i32> = llama_status::ALL.iter().map(|s| *s as i32).collect();
+        assert_eq!(codes, (0..=13).chain([99]).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn the_guard_turns_errors_and_panics_into_statuses() {
+        unsafe fn checked(p: *const u8, fail: bool) -> llama_status {
+            guard!({
+                require!(p);
+                if fail {
+                    return Err(fail_with(llama_status::InvalidArgument, "asked to fail"));
+                }
+                let n: usize = "12".parse().map_err(|_| llama_status::InvalidArgument)?;
+                if n != 12 {
+                    panic!("unreachable parse result");
+                }
+                llama_status::Ok
+            })
+        }
+        unsafe {
+            assert_eq!(checked(std::ptr::null(), false), llama_status::NullArgument);
+            assert_eq!(checked(b"x".as_ptr(), true), llama_status::InvalidArgument);
+            assert_eq!(checked(b"x".as_ptr(), false), llama_status::Ok);
+        }
+        let boom = |fail: bool| -> llama_status {
+            guard!({
+                if fail {
+                    panic!("inside the guard");
+                }
+                llama_status::Ok
+            })
+        };
+        assert_eq!(boom(true), llama_status::Panic);
+        assert_eq!(boom(false), llama_status::Ok);
+        assert_eq!(guard!(5usize, { "x".parse::<usize>().unwrap_or(5) }), 5);
     }
 
     #[test]

@@ -6,8 +6,8 @@ use std::ops::ControlFlow;
 use llama_core::{Kernel, Message, Model, ModelOptions, Pooling, QuantType};
 
 use crate::{
-    catch, catch_or, cstr_arg, fail, fail_with, llama_status, read_params, require, str_arg,
-    write_array, write_bytes,
+    cstr_arg, fail, fail_with, guard, llama_status, read_params, require, str_arg, write_array,
+    write_bytes,
 };
 
 /// A loaded model (opaque). Immutable; share it across threads freely.
@@ -114,24 +114,15 @@ pub unsafe extern "C" fn llama_model_load(
     params: *const llama_model_params,
     out: *mut *mut llama_model,
 ) -> llama_status {
-    catch(|| {
+    guard!({
         require!(out);
-        let path = match cstr_arg(path, "path") {
-            Ok(p) => p,
-            Err(s) => return s,
-        };
-        let p = match read_params(
+        let path = cstr_arg(path, "path")?;
+        let p = read_params(
             params,
             llama_model_params_default(),
             2 * std::mem::size_of::<usize>(),
-        ) {
-            Ok(p) => p,
-            Err(s) => return s,
-        };
-        let kernel = match kernel_from_c(p.kernel) {
-            Ok(k) => k,
-            Err(s) => return s,
-        };
+        )?;
+        let kernel = kernel_from_c(p.kernel)?;
         let mut opts = ModelOptions::default()
             .with_kernel(kernel)
             .with_threads(p.n_threads as usize);
@@ -146,10 +137,10 @@ pub unsafe extern "C" fn llama_model_load(
             LLAMA_QUANTIZE_Q5_K => Some(QuantType::Q5K),
             LLAMA_QUANTIZE_Q6_K => Some(QuantType::Q6K),
             other => {
-                return fail_with(
+                return Err(fail_with(
                     llama_status::InvalidArgument,
                     format!("quantize {other} is not a LLAMA_QUANTIZE_* value"),
-                )
+                ))
             }
         };
         if let Some(q) = q {
@@ -180,7 +171,7 @@ pub unsafe extern "C" fn llama_model_load(
 /// no-op.
 #[no_mangle]
 pub unsafe extern "C" fn llama_model_free(model: *mut llama_model) {
-    catch_or((), || {
+    guard!((), {
         if !model.is_null() {
             drop(Box::from_raw(model));
         }
@@ -190,7 +181,7 @@ pub unsafe extern "C" fn llama_model_free(model: *mut llama_model) {
 /// Vocabulary size (rows of the embedding), or 0 if `model` is NULL.
 #[no_mangle]
 pub unsafe extern "C" fn llama_model_n_vocab(model: *const llama_model) -> usize {
-    catch_or(0, || {
+    guard!(0, {
         model.as_ref().map_or(0, |m| m.inner.config().vocab_size)
     })
 }
@@ -198,7 +189,7 @@ pub unsafe extern "C" fn llama_model_n_vocab(model: *const llama_model) -> usize
 /// Width of the hidden states (the embedding size), or 0 if `model` is NULL.
 #[no_mangle]
 pub unsafe extern "C" fn llama_model_n_embd(model: *const llama_model) -> usize {
-    catch_or(0, || {
+    guard!(0, {
         model.as_ref().map_or(0, |m| m.inner.config().hidden_size)
     })
 }
@@ -206,7 +197,7 @@ pub unsafe extern "C" fn llama_model_n_embd(model: *const llama_model) -> usize 
 /// Context length the model was trained for, or 0 if `model` is NULL.
 #[no_mangle]
 pub unsafe extern "C" fn llama_model_n_ctx_train(model: *const llama_model) -> usize {
-    catch_or(0, || {
+    guard!(0, {
         model
             .as_ref()
             .map_or(0, |m| m.inner.config().max_position_embeddings)
@@ -216,14 +207,16 @@ pub unsafe extern "C" fn llama_model_n_ctx_train(model: *const llama_model) -> u
 /// Threads of the model's pool, or 0 if `model` is NULL.
 #[no_mangle]
 pub unsafe extern "C" fn llama_model_n_threads(model: *const llama_model) -> u32 {
-    catch_or(0, || model.as_ref().map_or(0, |m| m.inner.threads() as u32))
+    guard!(0, {
+        model.as_ref().map_or(0, |m| m.inner.threads() as u32)
+    })
 }
 
 /// The kernel path the model computes on (a `LLAMA_KERNEL_*` value, never
 /// `LLAMA_KERNEL_AUTO`), or -1 if `model` is NULL.
 #[no_mangle]
 pub unsafe extern "C" fn llama_model_kernel(model: *const llama_model) -> i32 {
-    catch_or(-1, || {
+    guard!(-1, {
         model.as_ref().map_or(-1, |m| match m.inner.kernel() {
             Kernel::Scalar => LLAMA_KERNEL_SCALAR,
             Kernel::Avx2 => LLAMA_KERNEL_AVX2,
@@ -238,7 +231,7 @@ pub unsafe extern "C" fn llama_model_kernel(model: *const llama_model) -> i32 {
 /// Whether `token` ends generation (EOS, end of turn, ...). False for NULL or out-of-range.
 #[no_mangle]
 pub unsafe extern "C" fn llama_model_token_is_eog(model: *const llama_model, token: i32) -> bool {
-    catch_or(false, || {
+    guard!(false, {
         model
             .as_ref()
             .is_some_and(|m| token >= 0 && m.inner.tokenizer().is_eog(token as u32))
@@ -259,12 +252,9 @@ pub unsafe extern "C" fn llama_model_tokenize(
     capacity: usize,
     n_tokens: *mut usize,
 ) -> llama_status {
-    catch(|| {
+    guard!({
         require!(model, n_tokens);
-        let text = match str_arg(text, len, "text") {
-            Ok(t) => t,
-            Err(s) => return s,
-        };
+        let text = str_arg(text, len, "text")?;
         match (*model).inner.tokenize(text, add_special, parse_special) {
             Ok(ids) => {
                 let ids: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
@@ -307,12 +297,9 @@ pub unsafe extern "C" fn llama_model_detokenize(
     capacity: usize,
     n_bytes: *mut usize,
 ) -> llama_status {
-    catch(|| {
+    guard!({
         require!(model, n_bytes);
-        let ids = match token_slice(tokens, n) {
-            Ok(v) => v,
-            Err(s) => return s,
-        };
+        let ids = token_slice(tokens, n)?;
         match (*model).inner.detokenize(&ids, special) {
             Ok(t) => write_bytes(t.as_bytes(), buf as *mut u8, capacity, n_bytes, true),
             Err(e) => fail(e),
@@ -366,12 +353,9 @@ pub unsafe extern "C" fn llama_model_apply_chat_template(
     capacity: usize,
     n_bytes: *mut usize,
 ) -> llama_status {
-    catch(|| {
+    guard!({
         require!(model, n_bytes);
-        let msgs = match messages(messages_, n_messages) {
-            Ok(m) => m,
-            Err(s) => return s,
-        };
+        let msgs = messages(messages_, n_messages)?;
         match (*model)
             .inner
             .apply_chat_template(&msgs, add_generation_prompt)
@@ -400,20 +384,17 @@ pub unsafe extern "C" fn llama_model_embed(
     capacity: usize,
     n_out: *mut usize,
 ) -> llama_status {
-    catch(|| {
+    guard!({
         require!(model, n_out);
-        let text = match str_arg(text, len, "text") {
-            Ok(t) => t,
-            Err(s) => return s,
-        };
+        let text = str_arg(text, len, "text")?;
         let pooling = match pooling {
             LLAMA_POOLING_MEAN => Pooling::Mean,
             LLAMA_POOLING_LAST => Pooling::Last,
             other => {
-                return fail_with(
+                return Err(fail_with(
                     llama_status::InvalidArgument,
                     format!("pooling {other} is not a LLAMA_POOLING_* value"),
-                )
+                ))
             }
         };
         match (*model).inner.embed_pooled(text, pooling) {

@@ -2,7 +2,7 @@
 
 use llama_core::{Sampler, SamplerConfig};
 
-use crate::{catch, catch_or, fail, fail_with, llama_session, llama_status, read_params, require};
+use crate::{fail, fail_with, guard, llama_session, llama_status, read_params, require};
 
 /// A configured sampler with its random state (opaque). One thread at a time.
 pub struct llama_sampler {
@@ -73,16 +73,13 @@ pub unsafe extern "C" fn llama_sampler_new(
     params: *const llama_sampler_params,
     out: *mut *mut llama_sampler,
 ) -> llama_status {
-    catch(|| {
+    guard!({
         require!(out);
-        let p = match read_params(
+        let p = read_params(
             params,
             llama_sampler_params_default(),
             std::mem::size_of::<llama_sampler_params>(),
-        ) {
-            Ok(p) => p,
-            Err(s) => return s,
-        };
+        )?;
         let mut cfg = SamplerConfig::default()
             .temperature(p.temperature)
             .top_k(p.top_k)
@@ -95,15 +92,18 @@ pub unsafe extern "C" fn llama_sampler_new(
         cfg.seed = p.has_seed.then_some(p.seed);
         if p.n_logit_bias > 0 {
             if p.logit_bias_tokens.is_null() || p.logit_bias_values.is_null() {
-                return fail_with(llama_status::NullArgument, "logit bias arrays are NULL");
+                return Err(fail_with(
+                    llama_status::NullArgument,
+                    "logit bias arrays are NULL",
+                ));
             }
             let ids = std::slice::from_raw_parts(p.logit_bias_tokens, p.n_logit_bias);
             let vals = std::slice::from_raw_parts(p.logit_bias_values, p.n_logit_bias);
             if let Some(bad) = ids.iter().find(|&&t| t < 0) {
-                return fail_with(
+                return Err(fail_with(
                     llama_status::InvalidArgument,
                     format!("logit bias token {bad} is negative"),
-                );
+                ));
             }
             cfg.logit_bias = ids.iter().zip(vals).map(|(&t, &v)| (t as u32, v)).collect();
         }
@@ -120,7 +120,7 @@ pub unsafe extern "C" fn llama_sampler_new(
 /// Frees a sampler. NULL is a no-op.
 #[no_mangle]
 pub unsafe extern "C" fn llama_sampler_free(sampler: *mut llama_sampler) {
-    catch_or((), || {
+    guard!((), {
         if !sampler.is_null() {
             drop(Box::from_raw(sampler));
         }
@@ -134,7 +134,7 @@ pub unsafe extern "C" fn llama_sampler_sample(
     session: *const llama_session,
     out_token: *mut i32,
 ) -> llama_status {
-    catch(|| {
+    guard!({
         require!(sampler, session, out_token);
         match (*session).inner.sample(&mut (*sampler).inner) {
             Ok(t) => {

@@ -9,7 +9,7 @@ use llama_core::{
 
 use crate::model::{messages, token_slice};
 use crate::{
-    catch, catch_or, fail, fail_with, llama_chat_message, llama_model, llama_sampler, llama_status,
+    fail, fail_with, guard, llama_chat_message, llama_model, llama_sampler, llama_status,
     read_params, require, str_arg, write_array, write_bytes,
 };
 
@@ -67,17 +67,14 @@ pub unsafe extern "C" fn llama_session_new(
     params: *const llama_session_params,
     out: *mut *mut llama_session,
 ) -> llama_status {
-    catch(|| {
+    guard!({
         require!(model, out);
-        let p = match read_params(
+        let p = read_params(
             params,
             llama_session_params_default(),
             // Headers before `n_threads` was added pass the struct without it.
             std::mem::offset_of!(llama_session_params, n_threads),
-        ) {
-            Ok(p) => p,
-            Err(s) => return s,
-        };
+        )?;
         let mut o = SessionOptions::default()
             .threads(p.n_threads as usize)
             .n_ctx(p.n_ctx as usize)
@@ -103,7 +100,7 @@ pub unsafe extern "C" fn llama_session_new(
 /// Frees a session. NULL is a no-op.
 #[no_mangle]
 pub unsafe extern "C" fn llama_session_free(session: *mut llama_session) {
-    catch_or((), || {
+    guard!((), {
         if !session.is_null() {
             drop(Box::from_raw(session));
         }
@@ -113,13 +110,13 @@ pub unsafe extern "C" fn llama_session_free(session: *mut llama_session) {
 /// Number of tokens in the session (0 for NULL).
 #[no_mangle]
 pub unsafe extern "C" fn llama_session_n_tokens(session: *const llama_session) -> usize {
-    catch_or(0, || session.as_ref().map_or(0, |s| s.inner.len()))
+    guard!(0, { session.as_ref().map_or(0, |s| s.inner.len()) })
 }
 
 /// Context size of the session (0 for NULL).
 #[no_mangle]
 pub unsafe extern "C" fn llama_session_n_ctx(session: *const llama_session) -> usize {
-    catch_or(0, || session.as_ref().map_or(0, |s| s.inner.n_ctx()))
+    guard!(0, { session.as_ref().map_or(0, |s| s.inner.n_ctx()) })
 }
 
 /// Evaluates tokens after the current ones (in chunks of n_batch); keeps the last logits.
@@ -129,12 +126,9 @@ pub unsafe extern "C" fn llama_session_eval(
     tokens: *const i32,
     n: usize,
 ) -> llama_status {
-    catch(|| {
+    guard!({
         require!(session);
-        let ids = match token_slice(tokens, n) {
-            Ok(v) => v,
-            Err(s) => return s,
-        };
+        let ids = token_slice(tokens, n)?;
         match (*session).inner.eval(&ids) {
             Ok(()) => llama_status::Ok,
             Err(e) => fail(e),
@@ -151,7 +145,7 @@ pub unsafe extern "C" fn llama_session_logits(
     capacity: usize,
     n_out: *mut usize,
 ) -> llama_status {
-    catch(|| {
+    guard!({
         require!(session, n_out);
         match (*session).inner.last_logits() {
             Ok(l) => write_array(l, out, capacity, n_out),
@@ -170,12 +164,9 @@ pub unsafe extern "C" fn llama_session_top_logprobs(
     logprobs: *mut f32,
     n_out: *mut usize,
 ) -> llama_status {
-    catch(|| {
+    guard!({
         require!(session, tokens, logprobs, n_out);
-        let top = match (*session).inner.top_logprobs(k) {
-            Ok(t) => t,
-            Err(e) => return fail(e),
-        };
+        let top = (*session).inner.top_logprobs(k).map_err(fail)?;
         for (i, &(id, lp)) in top.iter().enumerate() {
             *tokens.add(i) = id as i32;
             *logprobs.add(i) = lp;
@@ -193,7 +184,7 @@ pub unsafe extern "C" fn llama_session_tokens(
     capacity: usize,
     n_out: *mut usize,
 ) -> llama_status {
-    catch(|| {
+    guard!({
         require!(session, n_out);
         let ids: Vec<i32> = (*session)
             .inner
@@ -211,7 +202,7 @@ pub unsafe extern "C" fn llama_session_truncate(
     session: *mut llama_session,
     n: usize,
 ) -> llama_status {
-    catch(|| {
+    guard!({
         require!(session);
         (*session).inner.truncate(n);
         llama_status::Ok
@@ -224,7 +215,7 @@ pub unsafe extern "C" fn llama_session_fork(
     session: *const llama_session,
     out: *mut *mut llama_session,
 ) -> llama_status {
-    catch(|| {
+    guard!({
         require!(session, out);
         match (*session).inner.fork() {
             Ok(s) => {
@@ -245,7 +236,7 @@ pub unsafe extern "C" fn llama_session_save_state(
     capacity: usize,
     n_bytes: *mut usize,
 ) -> llama_status {
-    catch(|| {
+    guard!({
         require!(session, n_bytes);
         match (*session)
             .inner
@@ -268,7 +259,7 @@ pub unsafe extern "C" fn llama_session_restore(
     out: *mut *mut llama_session,
     out_sampler: *mut *mut llama_sampler,
 ) -> llama_status {
-    catch(|| {
+    guard!({
         require!(model, buf, out);
         let bytes = std::slice::from_raw_parts(buf, len);
         match Session::restore(&(*model).inner, bytes) {
@@ -294,7 +285,7 @@ pub unsafe extern "C" fn llama_session_cancel_handle(
     session: *const llama_session,
     out: *mut *mut llama_cancel_handle,
 ) -> llama_status {
-    catch(|| {
+    guard!({
         require!(session, out);
         *out = Box::into_raw(Box::new(llama_cancel_handle {
             inner: (*session).inner.cancel_handle(),
@@ -307,7 +298,7 @@ pub unsafe extern "C" fn llama_session_cancel_handle(
 /// tokens). Safe from any thread. NULL is a no-op.
 #[no_mangle]
 pub unsafe extern "C" fn llama_cancel_handle_cancel(handle: *const llama_cancel_handle) {
-    catch_or((), || {
+    guard!((), {
         if let Some(h) = handle.as_ref() {
             h.inner.cancel()
         }
@@ -317,7 +308,7 @@ pub unsafe extern "C" fn llama_cancel_handle_cancel(handle: *const llama_cancel_
 /// Frees a cancel handle. NULL is a no-op.
 #[no_mangle]
 pub unsafe extern "C" fn llama_cancel_handle_free(handle: *mut llama_cancel_handle) {
-    catch_or((), || {
+    guard!((), {
         if !handle.is_null() {
             drop(Box::from_raw(handle));
         }
@@ -401,39 +392,30 @@ unsafe fn run_generation(
     cb: llama_token_cb,
     user_data: *mut c_void,
     info: *mut llama_generation_info,
-) -> llama_status {
-    let p = match read_params(
+) -> Result<llama_status, llama_status> {
+    let p = read_params(
         params,
         llama_generate_params_default(),
         std::mem::size_of::<llama_generate_params>(),
-    ) {
-        Ok(p) => p,
-        Err(s) => return s,
-    };
+    )?;
     let mut opts = GenerateOptions::default().max_tokens(p.max_tokens as usize);
     if p.n_stop > 0 {
         if p.stop.is_null() {
-            return fail_with(llama_status::NullArgument, "`stop` is NULL but n_stop > 0");
+            return Err(fail_with(
+                llama_status::NullArgument,
+                "`stop` is NULL but n_stop > 0",
+            ));
         }
         for &s in std::slice::from_raw_parts(p.stop, p.n_stop) {
-            match crate::cstr_arg(s, "stop") {
-                Ok(s) => opts = opts.stop(s),
-                Err(st) => return st,
-            }
+            opts = opts.stop(crate::cstr_arg(s, "stop")?);
         }
     }
     let session = &mut (*session).inner;
     let sampler = &mut (*sampler).inner;
-    let mut stream = match session.stream_prompt(prompt, sampler, opts) {
-        Ok(s) => s,
-        Err(e) => return fail(e),
-    };
+    let mut stream = session.stream_prompt(prompt, sampler, opts).map_err(fail)?;
     let mut stopped = false;
     for piece in stream.by_ref() {
-        let piece = match piece {
-            Ok(p) => p,
-            Err(e) => return fail(e),
-        };
+        let piece = piece.map_err(fail)?;
         if let Some(f) = cb {
             let tok = if piece.token == u32::MAX {
                 -1
@@ -471,7 +453,7 @@ unsafe fn run_generation(
             generation_ms: g.timings.generation.as_secs_f64() * 1e3,
         };
     }
-    llama_status::Ok
+    Ok(llama_status::Ok)
 }
 
 /// Evaluates `prompt` tokens after the current context (may be empty to continue), then
@@ -487,12 +469,9 @@ pub unsafe extern "C" fn llama_session_generate(
     user_data: *mut c_void,
     info: *mut llama_generation_info,
 ) -> llama_status {
-    catch(|| {
+    guard!({
         require!(session, sampler);
-        let ids = match token_slice(prompt, n_prompt) {
-            Ok(v) => v,
-            Err(s) => return s,
-        };
+        let ids = token_slice(prompt, n_prompt)?;
         run_generation(
             session,
             sampler,
@@ -501,7 +480,7 @@ pub unsafe extern "C" fn llama_session_generate(
             cb,
             user_data,
             info,
-        )
+        )?
     })
 }
 
@@ -518,12 +497,9 @@ pub unsafe extern "C" fn llama_session_generate_text(
     user_data: *mut c_void,
     info: *mut llama_generation_info,
 ) -> llama_status {
-    catch(|| {
+    guard!({
         require!(session, sampler);
-        let text = match str_arg(prompt, len, "prompt") {
-            Ok(t) => t,
-            Err(s) => return s,
-        };
+        let text = str_arg(prompt, len, "prompt")?;
         run_generation(
             session,
             sampler,
@@ -532,7 +508,7 @@ pub unsafe extern "C" fn llama_session_generate_text(
             cb,
             user_data,
             info,
-        )
+        )?
     })
 }
 
@@ -549,12 +525,9 @@ pub unsafe extern "C" fn llama_session_chat(
     user_data: *mut c_void,
     info: *mut llama_generation_info,
 ) -> llama_status {
-    catch(|| {
+    guard!({
         require!(session, sampler);
-        let msgs = match messages(messages_, n_messages) {
-            Ok(m) => m,
-            Err(s) => return s,
-        };
+        let msgs = messages(messages_, n_messages)?;
         run_generation(
             session,
             sampler,
@@ -563,6 +536,6 @@ pub unsafe extern "C" fn llama_session_chat(
             cb,
             user_data,
             info,
-        )
+        )?
     })
 }

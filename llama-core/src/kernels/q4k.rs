@@ -250,6 +250,10 @@ impl Q4KMatrix {
 #[cfg(target_arch = "x86_64")]
 macro_rules! q4k_group {
     ($name:ident, $features:literal, $vnni:expr) => {
+        /// # Safety
+        /// The CPU supports the features this instance is compiled for (the caller checked at run
+        /// time). `w` starts a group of `nb` super-blocks and every `x` a row of `nb` q8_K
+        /// blocks.
         #[target_feature(enable = $features)]
         unsafe fn $name<const R: usize>(
             w: *const u8,
@@ -339,6 +343,9 @@ q4k_group!(q4k_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", true);
 
 /// [`q4k_vnni`] on 512-bit vectors over groups of 16 rows.
 #[cfg(target_arch = "x86_64")]
+/// # Safety
+/// The CPU supports `avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c` (the caller checked at
+/// run time). `w` starts a group of `nb` super-blocks and every `x` a row of `nb` q8_K blocks.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn q4k_avx512<const R: usize>(
     w: *const u8,
@@ -428,12 +435,11 @@ pub(super) fn group_matmul(
 ) {
     let nb = k / QK_K;
     let mut xq = vec![ZERO_XK; m * nb];
-    let xq_ptr = xq.as_mut_ptr() as usize;
-    run_items(m, &|r| {
-        // SAFETY: row `r` of `xq` is written by this item only, and `xq` outlives the call.
-        let out = unsafe { std::slice::from_raw_parts_mut((xq_ptr as *mut XK).add(r * nb), nb) };
-        quantize_q8k(&xs[r * k..(r + 1) * k], out);
-    });
+    if nb > 0 {
+        crate::pool::for_each_chunk_mut(&mut xq, nb, &|r, out| {
+            quantize_q8k(&xs[r * k..(r + 1) * k], out)
+        });
+    }
     let row_tiles = m.div_ceil(TILE_R);
     let work = |item: usize| {
         let (g, rt) = (item / row_tiles, item % row_tiles);

@@ -158,6 +158,10 @@ impl Q6KMatrix {
 #[cfg(target_arch = "x86_64")]
 macro_rules! q6k_group {
     ($name:ident, $features:literal, $vnni:expr) => {
+        /// # Safety
+        /// The CPU supports the features this instance is compiled for (the caller checked at run
+        /// time). `w` starts a group of `nb` super-blocks and every `x` a row of `nb` q8_K
+        /// blocks.
         #[target_feature(enable = $features)]
         unsafe fn $name<const R: usize>(
             w: *const u8,
