@@ -1,0 +1,258 @@
+//! Tests of the attention kernels: every path against the tensor formulation, bit for bit where
+//! claimed.
+
+use super::*;
+use candle_core::{Device, D};
+
+/// Test data in `[-2, 2]`.
+fn values(n: usize, seed: u32) -> Vec<f32> {
+    crate::test_util::values(n, seed)
+        .into_iter()
+        .map(|v| 2.0 * v)
+        .collect()
+}
+
+/// The tensor-op formulation: full scores, additive mask, softmax, matmul.
+fn reference(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    start: usize,
+    scale: f64,
+    round_f16: bool,
+) -> Tensor {
+    let f16 = |t: Tensor| {
+        if round_f16 {
+            t.to_dtype(candle_core::DType::F16)
+                .unwrap()
+                .to_dtype(candle_core::DType::F32)
+                .unwrap()
+        } else {
+            t
+        }
+    };
+    let (_, nh, t, hd) = q.dims4().unwrap();
+    let nkv = k.dim(1).unwrap();
+    let total = start + t;
+    let k = k.squeeze(0).unwrap().repeat_interleave_heads(nh / nkv);
+    let v = v.squeeze(0).unwrap().repeat_interleave_heads(nh / nkv);
+    let q = f16(q.squeeze(0).unwrap());
+    let att = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
+    let mut mask = vec![0f32; t * total];
+    for i in 0..t {
+        for j in start + i + 1..total {
+            mask[i * total + j] = f32::NEG_INFINITY;
+        }
+    }
+    let mask = Tensor::from_vec(mask, (t, total), &Device::Cpu).unwrap();
+    let att = att.broadcast_add(&mask).unwrap();
+    let att = f16(candle_nn::ops::softmax(&att, D::Minus1).unwrap());
+    att.matmul(&v)
+        .unwrap()
+        .transpose(0, 1)
+        .unwrap()
+        .reshape((1, t, nh * hd))
+        .unwrap()
+}
+
+trait Heads {
+    fn repeat_interleave_heads(&self, n: usize) -> Tensor;
+}
+impl Heads for Tensor {
+    fn repeat_interleave_heads(&self, n: usize) -> Tensor {
+        let (h, l, d) = self.dims3().unwrap();
+        self.unsqueeze(1)
+            .unwrap()
+            .broadcast_as((h, n, l, d))
+            .unwrap()
+            .reshape((h * n, l, d))
+            .unwrap()
+            .contiguous()
+            .unwrap()
+    }
+}
+
+#[test]
+fn matches_the_tensor_formulation() {
+    for (nh, nkv, hd, t, start) in [(6, 2, 16, 5, 0), (4, 4, 12, 1, 9), (9, 3, 64, 20, 7)] {
+        let dev = Device::Cpu;
+        let q = Tensor::from_vec(values(nh * t * hd, 3), (1, nh, t, hd), &dev).unwrap();
+        // K/V as the cache holds them: a longer buffer, narrowed to the positions in use.
+        let cap = start + t + 5;
+        let k = Tensor::from_vec(values(nkv * cap * hd, 5), (1, nkv, cap, hd), &dev)
+            .unwrap()
+            .narrow(2, 0, start + t)
+            .unwrap();
+        let v = Tensor::from_vec(values(nkv * cap * hd, 7), (1, nkv, cap, hd), &dev)
+            .unwrap()
+            .narrow(2, 0, start + t)
+            .unwrap();
+        let scale = 1.0 / (hd as f64).sqrt();
+        // Plain f32, and with llama.cpp's f16 roundings of the queries and the weights.
+        for round in [false, true] {
+            let got: Vec<f32> = causal(&q, &k, &v, start, scale as f32, round)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let want: Vec<f32> = reference(
+                &q,
+                &k.contiguous().unwrap(),
+                &v.contiguous().unwrap(),
+                start,
+                scale,
+                round,
+            )
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+            let d = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                d < 1e-5,
+                "{nh}/{nkv} heads, t {t}, start {start}, f16 {round}: max diff {d}"
+            );
+        }
+    }
+}
+
+/// An f16 cache gives exactly what an f32 cache holding the same rounded values gives.
+#[test]
+fn f16_storage_equals_rounded_f32_storage() {
+    // 72: the row-at-a-time path; 64: the 512-bit tile where the CPU has it.
+    for hd in [72, 64] {
+        f16_storage_case(hd);
+    }
+}
+
+fn f16_storage_case(hd: usize) {
+    use candle_core::DType;
+    let dev = Device::Cpu;
+    let (nh, nkv, t, start) = (6, 2, 9, 4);
+    let q = Tensor::from_vec(values(nh * t * hd, 3), (1, nh, t, hd), &dev).unwrap();
+    let kv = |seed| {
+        Tensor::from_vec(
+            values(nkv * (start + t) * hd, seed),
+            (1, nkv, start + t, hd),
+            &dev,
+        )
+        .unwrap()
+        .to_dtype(DType::F16)
+        .unwrap()
+    };
+    let (k16, v16) = (kv(5), kv(7));
+    let (k32, v32) = (
+        k16.to_dtype(DType::F32).unwrap(),
+        v16.to_dtype(DType::F32).unwrap(),
+    );
+    for round in [false, true] {
+        let a: Vec<f32> = causal(&q, &k16, &v16, start, 0.1, round)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let b: Vec<f32> = causal(&q, &k32, &v32, start, 0.1, round)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(a, b);
+    }
+}
+
+#[test]
+fn vector_exp_is_within_two_ulp() {
+    let mut xs: Vec<f32> = (0..200_000).map(|i| -90.0 + i as f32 * 4.6e-4).collect();
+    xs.extend([0.0, -0.0, -1e-30, -87.29, -87.31, -100.0, f32::NEG_INFINITY]);
+    let mut got = xs.clone();
+    let sum = exp_shifted(&mut got, 0.0, simd());
+    let mut want_sum = 0f64;
+    for (&x, &g) in xs.iter().zip(&got) {
+        let want = (x as f64).exp();
+        want_sum += want;
+        if x < -87.3 {
+            assert!(
+                g == 0.0 || (g as f64 - want).abs() < 1e-37,
+                "exp({x}) = {g}"
+            );
+            continue;
+        }
+        let ulp = f32::EPSILON as f64 * want;
+        assert!(
+            (g as f64 - want).abs() <= 2.0 * ulp,
+            "exp({x}) = {g}, want {want}"
+        );
+    }
+    assert!(((sum as f64) - want_sum).abs() < 1e-5 * want_sum);
+}
+
+/// Rows evaluated together (prompt) give exactly what they give one at a time (decode),
+/// so a conversation read in pieces gives what it gives read at once.
+#[test]
+fn a_block_of_rows_equals_the_rows_one_at_a_time() {
+    use candle_core::DType;
+    let dev = Device::Cpu;
+    // Past 512 positions a decoded row takes the tile on AVX-512 (with as many KV heads
+    // as threads): the same values as a block of rows still.
+    for (hd, t, start) in [
+        (64, 11, 3),
+        (72, 11, 3),
+        (96, 11, 3),
+        (128, 11, 3),
+        (64, 3, 600),
+    ] {
+        let nh = 6;
+        let nkv = 2;
+        let q = Tensor::from_vec(values(nh * t * hd, 13), (1, nh, t, hd), &dev).unwrap();
+        let kv = |seed| {
+            Tensor::from_vec(
+                values(nkv * (start + t) * hd, seed),
+                (1, nkv, start + t, hd),
+                &dev,
+            )
+            .unwrap()
+            .to_dtype(DType::F16)
+            .unwrap()
+        };
+        let (k, v) = (kv(15), kv(17));
+        let all: Vec<f32> = causal(&q, &k, &v, start, 0.125, true)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for i in 0..t {
+            let qi = q.narrow(2, i, 1).unwrap().contiguous().unwrap();
+            let n = start + i + 1;
+            let (ki, vi) = (k.narrow(2, 0, n).unwrap(), v.narrow(2, 0, n).unwrap());
+            let one: Vec<f32> = causal(&qi, &ki, &vi, start + i, 0.125, true)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(
+                &all[i * nh * hd..(i + 1) * nh * hd],
+                &one[..],
+                "hd {hd} row {i}"
+            );
+        }
+    }
+}
+
+#[test]
+fn rejects_mismatched_shapes() {
+    let dev = Device::Cpu;
+    let q = Tensor::zeros((1, 4, 2, 8), candle_core::DType::F32, &dev).unwrap();
+    let k = Tensor::zeros((1, 3, 2, 8), candle_core::DType::F32, &dev).unwrap();
+    assert!(causal(&q, &k, &k, 0, 1.0, false).is_err());
+    let k = Tensor::zeros((1, 2, 3, 8), candle_core::DType::F32, &dev).unwrap();
+    assert!(causal(&q, &k, &k, 0, 1.0, false).is_err());
+}

@@ -1,0 +1,307 @@
+//! Dense f16 weight matrices ([`F16Matrix`]): 16-row groups, the scalar path and the dispatch
+//! to the [`avx2`] and [`avx512`] tiles.
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use avx2::*;
+#[cfg(target_arch = "x86_64")]
+pub(crate) use avx512::*;
+
+use super::*;
+use half::f16;
+
+/// A dense f16 weight matrix `[n, k]`, kept at f16 (half the bytes of f32) and multiplied in
+/// f32 (F16C conversion and FMA on x86-64 when present).
+///
+/// When `n` is a multiple of 16 the rows are stored in interleaved groups of 16: for each
+/// position `i` of `k`, the 16 rows' values side by side. A tile of activation rows and one
+/// group is then a register-blocked GEMM: per position, the group's 16 values (one 512-bit or
+/// two 256-bit vectors) and one broadcast activation per row. Prompts on AVX-512 convert pairs
+/// of groups to f32 once per thread (`forward_pairs`). Other shapes keep plain rows and a dot
+/// product per row.
+#[derive(Debug)]
+pub(crate) struct F16Matrix {
+    n: usize,
+    k: usize,
+    grouped: bool,
+    data: Vec<f16>,
+}
+
+/// Rows per f16 group, and activation rows per f16 tile.
+pub(crate) const FG: usize = 16;
+pub(crate) const F16_R: usize = 12;
+
+pub(crate) fn dot_f16_scalar(w: &[f16], x: &[f32]) -> f32 {
+    w.iter().zip(x).map(|(a, b)| a.to_f32() * b).sum()
+}
+
+impl F16Matrix {
+    /// Takes `n` rows of `k` values.
+    #[cfg(test)]
+    pub(crate) fn from_rows(data: Vec<f16>, n: usize, k: usize) -> Self {
+        Self::from_pieces(vec![data], n, k)
+    }
+
+    /// Takes `n` rows of `k` values held in pieces of whole rows, one after another (a stacked
+    /// matrix's parts), and joins and groups them in one pass, groups spread over the pool.
+    pub(crate) fn from_pieces(mut pieces: Vec<Vec<f16>>, n: usize, k: usize) -> Self {
+        let total: usize = pieces.iter().map(|p| p.len()).sum();
+        assert!(
+            total == n * k && pieces.iter().all(|p| p.len().is_multiple_of(k.max(1))),
+            "f16 matrix [{n}, {k}]"
+        );
+        if !n.is_multiple_of(FG) || !repack() {
+            let data = if pieces.len() == 1 {
+                pieces.pop().unwrap_or_default()
+            } else {
+                pieces.concat()
+            };
+            return F16Matrix {
+                n,
+                k,
+                grouped: false,
+                data,
+            };
+        }
+        // Where each row starts: (piece, offset).
+        let mut rows = Vec::with_capacity(n);
+        for (pi, p) in pieces.iter().enumerate() {
+            rows.extend((0..p.len() / k).map(|r| (pi, r * k)));
+        }
+        let mut data: Vec<f16> = vec![f16::ZERO; n * k];
+        // Group g holds its 16 rows position by position: value p of row i at p * 16 + i.
+        if k > 0 {
+            for_each_chunk_mut(&mut data, FG * k, &|g, out| {
+                for i in 0..FG {
+                    let (pi, at) = rows[g * FG + i];
+                    for (p, &v) in pieces[pi][at..at + k].iter().enumerate() {
+                        out[p * FG + i] = v;
+                    }
+                }
+            });
+        }
+        F16Matrix {
+            n,
+            k,
+            grouped: true,
+            data,
+        }
+    }
+
+    fn at(&self, c: usize, p: usize) -> f16 {
+        if self.grouped {
+            self.data[(c / FG * self.k + p) * FG + c % FG]
+        } else {
+            self.data[c * self.k + p]
+        }
+    }
+
+    /// Row `id` as f32 into `dst` (`k` values).
+    fn dequantize_row(&self, id: usize, dst: &mut [f32]) {
+        for (p, o) in dst.iter_mut().enumerate() {
+            *o = self.at(id, p).to_f32();
+        }
+    }
+
+    /// Rows `rows` of `xs` times group `g`, into `out`.
+    fn group_tile(
+        &self,
+        simd: bool,
+        xs: &[f32],
+        rows: std::ops::Range<usize>,
+        g: usize,
+        out: &mut [[f32; FG]; F16_R],
+    ) {
+        let k = self.k;
+        let w = &self.data[g * FG * k..(g + 1) * FG * k];
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // A partial tile repeats its last row; the extra results are not used.
+            let x: [*const f32; F16_R] = std::array::from_fn(|r| {
+                let row = (rows.start + r).min(rows.end - 1);
+                xs[row * k..(row + 1) * k].as_ptr()
+            });
+            let w = w.as_ptr();
+            let wide = isa() == Isa::Avx512;
+            // SAFETY: the features were detected at run time; `w` holds `k` positions of 16
+            // values and every `x` a row of `k` values.
+            unsafe {
+                fn part<'a, const R: usize>(
+                    x: &[*const f32],
+                    out: &'a mut [[f32; FG]],
+                ) -> ([*const f32; R], &'a mut [[f32; FG]; R]) {
+                    (
+                        std::array::from_fn(|r| x[r]),
+                        (&mut out[..R]).try_into().expect("R rows"),
+                    )
+                }
+                match (wide, rows.len()) {
+                    (_, 1) => {
+                        let (x, o) = part::<1>(&x, out);
+                        if wide {
+                            f16_group_avx512::<1>(w, x, k, o)
+                        } else {
+                            f16_group_avx2::<1>(w, x, k, o)
+                        }
+                    }
+                    (true, 2..=4) => {
+                        let (x, o) = part::<4>(&x, out);
+                        f16_group_avx512::<4>(w, x, k, o)
+                    }
+                    (true, 5..=8) => {
+                        let (x, o) = part::<8>(&x, out);
+                        f16_group_avx512::<8>(w, x, k, o)
+                    }
+                    (true, _) => f16_group_avx512::<F16_R>(w, x, k, out),
+                    (false, n) => {
+                        for half in 0..n.div_ceil(F16_R / 2) {
+                            let at = half * (F16_R / 2);
+                            let (x, o) = part::<{ F16_R / 2 }>(&x[at..], &mut out[at..]);
+                            f16_group_avx2::<{ F16_R / 2 }>(w, x, k, o)
+                        }
+                    }
+                }
+            }
+            return;
+        }
+        let _ = simd;
+        for (r, row) in rows.enumerate() {
+            let xr = &xs[row * k..(row + 1) * k];
+            for (i, o) in out[r].iter_mut().enumerate() {
+                *o = xr
+                    .iter()
+                    .enumerate()
+                    .map(|(p, v)| w[p * FG + i].to_f32() * v)
+                    .sum();
+            }
+        }
+    }
+
+    /// `xs @ W^T` for `m` rows of `k` values, every output written through `put`.
+    fn compute(&self, xs: &[f32], m: usize, put: DstWriter<'_>) {
+        let n = self.n;
+        let simd = isa() != Isa::Scalar;
+        // Prompts on AVX-512 over pairs of groups.
+        #[cfg(target_arch = "x86_64")]
+        let done = self.grouped && m > 1 && n.is_multiple_of(2 * FG) && isa() == Isa::Avx512 && {
+            self.forward_pairs(xs, m, put);
+            true
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let done = false;
+        if done {
+        } else if self.grouped {
+            let row_tiles = m.div_ceil(F16_R);
+            let work = |item: usize| {
+                let (g, rt) = (item / row_tiles, item % row_tiles);
+                let rows = rt * F16_R..m.min((rt + 1) * F16_R);
+                let mut out = [[0f32; FG]; F16_R];
+                self.group_tile(simd, xs, rows.clone(), g, &mut out);
+                for (r, row) in rows.enumerate() {
+                    put.put(row, g * FG, &out[r]);
+                }
+            };
+            run_items(row_tiles * (n / FG), &work);
+        } else {
+            self.forward_rows(xs, m, simd, put);
+        }
+    }
+
+    /// Plain rows (a row count that is not a multiple of 16): a dot product per output.
+    fn forward_rows(&self, xs: &[f32], m: usize, simd: bool, put: DstWriter<'_>) {
+        let (n, k) = (self.n, self.k);
+        let group = 8;
+        let work = |g: usize| {
+            for c in g * group..n.min((g + 1) * group) {
+                let w = &self.data[c * k..(c + 1) * k];
+                for r in 0..m {
+                    let xr = &xs[r * k..(r + 1) * k];
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: avx2/fma/f16c were detected at run time when `simd` is set.
+                    let v = if simd {
+                        unsafe { dot_f16_avx2(w, xr) }
+                    } else {
+                        dot_f16_scalar(w, xr)
+                    };
+                    #[cfg(not(target_arch = "x86_64"))]
+                    let v = dot_f16_scalar(w, xr);
+                    put.put(r, c, &[v]);
+                }
+            }
+        };
+        run_items(n.div_ceil(group), &work);
+    }
+
+    /// Prompts on AVX-512, `n` a multiple of 32: each work item takes a pair of groups and a
+    /// run of row tiles; the pair is converted to f32 once into a per-thread buffer (kept while
+    /// the thread's next items use the same pair), so the inner loop is loads and FMAs only.
+    #[cfg(target_arch = "x86_64")]
+    fn forward_pairs(&self, xs: &[f32], m: usize, put: DstWriter<'_>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        /// Activation rows per tile, and tiles per work item.
+        const R: usize = 12;
+        const TILES: usize = 4;
+        static CALLS: AtomicUsize = AtomicUsize::new(1);
+        let (n, k) = (self.n, self.k);
+        let row_tiles = m.div_ceil(R);
+        let runs = row_tiles.div_ceil(TILES);
+        // Tells this call's conversions from any earlier call's.
+        let call = CALLS.fetch_add(1, Ordering::Relaxed);
+        let work = |item: usize| {
+            let (g2, run) = (item / runs, item % runs);
+            let w = &self.data[2 * g2 * FG * k..(2 * g2 + 2) * FG * k];
+            F32_SCRATCH.with(|cell| {
+                let (key, buf) = &mut *cell.borrow_mut();
+                if buf.len() < w.len() {
+                    buf.resize(w.len(), 0.0);
+                }
+                if *key != (call, g2) {
+                    // SAFETY: AVX-512 was detected at run time (the caller checked);
+                    // `buf` holds at least `w.len()` values, a multiple of 16.
+                    unsafe { f16_to_f32_avx512(w.as_ptr(), buf.as_mut_ptr(), w.len()) };
+                    *key = (call, g2);
+                }
+                for rt in run * TILES..row_tiles.min((run + 1) * TILES) {
+                    let rows = rt * R..m.min((rt + 1) * R);
+                    // A partial tile repeats its last row; the extra results are not used.
+                    let x: [*const f32; R] = std::array::from_fn(|r| {
+                        let row = (rows.start + r).min(rows.end - 1);
+                        xs[row * k..(row + 1) * k].as_ptr()
+                    });
+                    let mut out = [[0f32; 2 * FG]; R];
+                    // SAFETY: as above; `buf` holds two groups of `k` positions and every
+                    // `x` a row of `k` values.
+                    unsafe { f32_group2_avx512::<R>(buf.as_ptr(), x, k, &mut out) };
+                    for (r, row) in rows.enumerate() {
+                        put.put(row, 2 * g2 * FG, &out[r]);
+                    }
+                }
+            });
+        };
+        run_items(runs * (n / (2 * FG)), &work);
+    }
+}
+
+impl WeightMatrix for F16Matrix {
+    fn dtype(&self) -> GgmlDType {
+        GgmlDType::F16
+    }
+    fn shape(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+    fn bytes(&self) -> usize {
+        self.data.len() * 2
+    }
+    fn matmul(&self, xs: &[f32], m: usize, put: DstWriter<'_>) -> Result<()> {
+        self.compute(xs, m, put);
+        Ok(())
+    }
+    fn row_into(&self, i: usize, out: &mut [f32]) -> Result<()> {
+        self.dequantize_row(i, out);
+        Ok(())
+    }
+}

@@ -1,0 +1,174 @@
+//! Our CPU matmul kernels, by family: the 32-value block formats (`block32`: Q4_0, Q4_1,
+//! Q5_0, Q5_1, Q8_0), dense f16 (`f16`) and the k-quants (`kquant`), each with its scalar
+//! path and its x86-64 SIMD paths in per-ISA files; the [`WeightMatrix`] trait every storage
+//! implements (candle's tensors too, in `crate::matrix`); the output writer (`dst`), the
+//! element-wise operations of the forward pass (`elementwise`) and the SIMD helpers shared
+//! with attention ([`simd`]).
+//!
+//! The x86-64 paths are picked at run time with `is_x86_feature_detected!`, so a portable
+//! build still uses them: AVX-512 (F/BW/VL/VNNI) runs 512-bit kernels over groups of 16 weight
+//! rows (and 512-bit f16 tiles); AVX-512 VNNI alone runs the 256-bit VNNI kernels over groups of
+//! 8 rows; AVX2/FMA/F16C the `maddubs` versions; other machines the scalar path, which computes
+//! the same integers. Work items are tiles of activation rows x weight rows, spread over our
+//! thread pool (`crate::pool`). [`crate::Kernel`] (`ModelOptions::kernel`) forces a path, or
+//! candle's kernels everywhere.
+
+use candle_core::quantized::GgmlDType;
+use candle_core::{Device, Tensor};
+
+pub(crate) use crate::error::{Error, Result};
+pub(crate) use crate::pool::for_each_chunk_mut;
+
+mod block32;
+mod dst;
+mod elementwise;
+mod f16;
+mod kquant;
+pub(crate) mod simd;
+#[cfg(test)]
+mod tests;
+
+pub(crate) use block32::*;
+pub(crate) use dst::*;
+pub(crate) use elementwise::*;
+pub(crate) use f16::*;
+pub(crate) use kquant::*;
+#[cfg(target_arch = "x86_64")]
+pub(crate) use simd::prefetch_ahead;
+
+pub(crate) use crate::exec::Isa;
+
+/// Whether our kernels run in the current call (not candle's: [`crate::Kernel::Candle`]).
+pub(crate) fn enabled() -> bool {
+    crate::exec::current().ours()
+}
+
+/// The SIMD level of the current call.
+pub(crate) fn isa() -> Isa {
+    crate::exec::current().isa
+}
+
+/// Whether weights are regrouped into the SIMD kernels' row groups at load.
+pub(crate) fn repack() -> bool {
+    crate::exec::current().repack
+}
+
+/// Whether the 512-bit AVX-512 paths run.
+pub(crate) fn wide() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return isa() == Isa::Avx512;
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Whether the x86-64 SIMD paths (AVX2, FMA, F16C at least) run.
+pub(crate) fn simd() -> bool {
+    isa() != Isa::Scalar
+}
+
+/// A matmul input's values: borrowed from the tensor's storage when it is a contiguous f32
+/// CPU tensor (no copy), else copied out.
+pub(crate) enum Input<'a> {
+    Borrowed(candle_core::StorageRef<'a>, usize, usize),
+    Owned(Vec<f32>),
+}
+
+impl std::ops::Deref for Input<'_> {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self {
+            Input::Borrowed(s, a, b) => match &**s {
+                candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => &v[*a..*b],
+                _ => &[],
+            },
+            Input::Owned(v) => v,
+        }
+    }
+}
+
+pub(crate) fn input_f32(x: &Tensor) -> Result<Input<'_>> {
+    let (storage, layout) = x.storage_and_layout();
+    if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(_)), Some((a, b))) =
+        (&*storage, layout.contiguous_offsets())
+    {
+        return Ok(Input::Borrowed(storage, a, b));
+    }
+    drop(storage);
+    Ok(Input::Owned(x.flatten_all()?.to_vec1::<f32>()?))
+}
+
+fn matmul_shape(x: &Tensor, k_w: usize, n: usize) -> Result<(usize, usize, Vec<usize>)> {
+    let mut dims = x.dims().to_vec();
+    let k = *dims.last().unwrap_or(&0);
+    if k != k_w || k == 0 {
+        return Err(Error::InvalidArgument(format!(
+            "matmul: input width {k} != {k_w}"
+        )));
+    }
+    let m = x.elem_count() / k;
+    *dims.last_mut().expect("non-empty") = n;
+    Ok((m, k, dims))
+}
+
+pub(crate) fn check_ids(ids: &[u32], rows: usize) -> Result<()> {
+    match ids.iter().find(|&&id| id as usize >= rows) {
+        Some(id) => Err(Error::InvalidArgument(format!(
+            "token id {id} is outside the embedding of {rows} rows"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// `x @ W^T` as a new tensor through `matmul`, which writes every element of the `[m, n]`
+/// output (the contract of every matrix type's `matmul`).
+fn forward_via(
+    x: &Tensor,
+    k: usize,
+    n: usize,
+    matmul: impl FnOnce(&[f32], usize, DstWriter<'_>) -> Result<()>,
+) -> Result<Tensor> {
+    let (m, _, out_dims) = matmul_shape(x, k, n)?;
+    let xs = input_f32(x)?;
+    let mut dst = Dst::new(m, n);
+    matmul(&xs, m, dst.writer())?;
+    drop(xs);
+    // SAFETY: `matmul` wrote every element.
+    let dst = unsafe { dst.finish() };
+    Ok(Tensor::from_vec(dst, out_dims, &Device::Cpu)?)
+}
+
+/// Runs `work` for items `0..items` on our thread pool (`crate::pool`).
+fn run_items(items: usize, work: &(dyn Fn(usize) + Sync)) {
+    crate::pool::pool().run(items, &|range| range.for_each(work));
+}
+
+/// A weight matrix `[n, k]` (`n` outputs of `k` inputs), whatever its storage: the block
+/// formats, f16, the k-quants, candle's tensors (`crate::matrix`). The model holds these; a
+/// LoRA adapter wraps one.
+pub(crate) trait WeightMatrix: Send + Sync {
+    /// The storage type.
+    fn dtype(&self) -> GgmlDType;
+    /// `[n, k]`.
+    fn shape(&self) -> (usize, usize);
+    /// Bytes the weights occupy in memory.
+    fn bytes(&self) -> usize;
+    /// `xs @ W^T` for `m` rows of `k` values, every output written through `put`.
+    fn matmul(&self, xs: &[f32], m: usize, put: DstWriter<'_>) -> Result<()>;
+    /// Row `i < n` dequantized into `out` (`k` values).
+    fn row_into(&self, i: usize, out: &mut [f32]) -> Result<()>;
+    /// Rows `ids` dequantized, `[ids.len(), k]` (embedding lookup).
+    fn rows(&self, ids: &[u32]) -> Result<Tensor> {
+        let (n, k) = self.shape();
+        check_ids(ids, n)?;
+        let mut out = vec![0f32; ids.len() * k];
+        for (&id, dst) in ids.iter().zip(out.chunks_exact_mut(k.max(1))) {
+            self.row_into(id as usize, dst)?;
+        }
+        Ok(Tensor::from_vec(out, (ids.len(), k), &Device::Cpu)?)
+    }
+    /// `x @ W^T` for `x` of shape `[..., k]`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, k) = self.shape();
+        forward_via(x, k, n, |xs, m, put| self.matmul(xs, m, put))
+    }
+}
