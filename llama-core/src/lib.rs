@@ -24,11 +24,11 @@
 
 mod attention;
 pub mod chat;
+mod codec;
 pub mod config;
 pub mod convert;
 pub mod error;
 mod exec;
-mod generate;
 pub mod gguf;
 mod kernels;
 mod kv_cache;
@@ -39,24 +39,24 @@ mod pool;
 pub mod quantize;
 pub mod sampler;
 mod session;
-mod state;
 #[cfg(test)]
 mod test_util;
 pub mod tokenizer;
+mod types;
 mod weights;
 
 pub use chat::Message;
 pub use config::{Config, RopeScaling};
 pub use error::{Error, Result};
 pub use exec::Kernel;
-pub use generate::{
-    CancelHandle, Detokenizer, GenerateOptions, Generation, Generator, Piece, Prompt, StopReason,
-    Timings, TokenLogprob, TokenStream,
-};
 pub use model::{Embeddings, LoadProgress, Model, ModelOptions, Pooling, ProgressFn, QuantType};
 pub use perplexity::Perplexity;
 pub use sampler::{Sampler, SamplerConfig};
+pub use session::generate::{
+    CancelHandle, Detokenizer, GenerateOptions, Generation, Generator, Piece, Prompt, StopReason,
+    Timings, TokenLogprob, TokenStream,
+};
+pub use session::state::STATE_FORMAT_VERSION;
 pub use session::{KvCacheType, Session, SessionOptions, DEFAULT_N_CTX};
-pub use state::STATE_FORMAT_VERSION;
 pub use tokenizer::Tokenizer;
 pub use weights::permute_rows_for_gguf;

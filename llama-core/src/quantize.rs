@@ -10,269 +10,20 @@
 use std::path::Path;
 
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 
 use crate::config::{Config, RopeScaling};
-use crate::convert::{GgufTensorInfo, GgufWriter};
 use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, Value};
-use crate::model::QuantType;
+use crate::gguf::{GgufTensorInfo, GgufWriter};
 use crate::tokenizer::Tokenizer;
 use crate::weights::{permute_rows_for_gguf, W};
 
-/// Storage type of a converted model file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum FileType {
-    /// 32-bit float.
-    F32,
-    /// 16-bit float.
-    F16,
-    /// A block-quantized type.
-    Quant(QuantType),
-}
+pub use crate::types::FileType;
+pub(crate) use crate::types::{tensor_type, Role, TypeRules};
 
-impl std::fmt::Display for FileType {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let s = match self {
-            FileType::F32 => "f32",
-            FileType::F16 => "f16",
-            FileType::Quant(q) => match q {
-                QuantType::Q8_0 => "q8_0",
-                QuantType::Q4_0 => "q4_0",
-                QuantType::Q4_1 => "q4_1",
-                QuantType::Q5_0 => "q5_0",
-                QuantType::Q5_1 => "q5_1",
-                QuantType::Q4K => "q4_k",
-                QuantType::Q5K => "q5_k",
-                QuantType::Q6K => "q6_k",
-            },
-        };
-        f.write_str(s)
-    }
-}
-
-impl FileType {
-    /// Parses `f32`, `f16` or a [`QuantType`] name (`q8_0`, `q4_k`, ...).
-    pub fn parse(s: &str) -> Result<FileType> {
-        match s.to_ascii_lowercase().as_str() {
-            "f32" => Ok(FileType::F32),
-            "f16" => Ok(FileType::F16),
-            other => QuantType::parse(other).map(FileType::Quant).map_err(|_| {
-                Error::InvalidArgument(format!(
-                    "unknown type `{s}` (f32, f16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k)"
-                ))
-            }),
-        }
-    }
-
-    pub(crate) fn ggml(self) -> GgmlDType {
-        match self {
-            FileType::F32 => GgmlDType::F32,
-            FileType::F16 => GgmlDType::F16,
-            FileType::Quant(q) => q.ggml(),
-        }
-    }
-
-    /// llama.cpp's `general.file_type` code (the `_S` k-quant variants: no tensor promotion).
-    pub(crate) fn gguf_file_type(self) -> u32 {
-        match self {
-            FileType::F32 => 0,
-            FileType::F16 => 1,
-            FileType::Quant(q) => match q {
-                QuantType::Q4_0 => 2,
-                QuantType::Q4_1 => 3,
-                QuantType::Q8_0 => 7,
-                QuantType::Q5_0 => 8,
-                QuantType::Q5_1 => 9,
-                QuantType::Q4K => 14,
-                QuantType::Q5K => 16,
-                QuantType::Q6K => 18,
-            },
-        }
-    }
-
-    fn fallback(self) -> Option<FileType> {
-        match self {
-            FileType::Quant(q) => q.fallback().map(FileType::Quant),
-            _ => None,
-        }
-    }
-}
-
-/// What a tensor is, for the type rules.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Role {
-    /// Norm weights, rope factors: always f32.
-    Vector,
-    /// The token embedding of a model with a separate output head.
-    Embedding,
-    /// The output head, or the token embedding of a tied model.
-    Output,
-    /// Any other weight matrix.
-    Matrix,
-}
-
-/// Per-role type overrides.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct TypeRules {
-    pub(crate) base: Option<FileType>,
-    pub(crate) output: Option<FileType>,
-    pub(crate) embedding: Option<FileType>,
-}
-
-/// The type a tensor of `role` with rows of `row_len` gets, and a note when it had to fall back.
-pub(crate) fn tensor_type(
-    role: Role,
-    rules: &TypeRules,
-    row_len: usize,
-) -> (Option<FileType>, Option<String>) {
-    let Some(base) = rules.base else {
-        return (None, None);
-    };
-    let wanted = match role {
-        Role::Vector => return (Some(FileType::F32), None),
-        Role::Matrix => base,
-        Role::Embedding => rules.embedding.unwrap_or(base),
-        Role::Output => match rules.output {
-            Some(t) => t,
-            None => match base {
-                FileType::F32 | FileType::F16 => base,
-                FileType::Quant(QuantType::Q8_0) => base,
-                FileType::Quant(_) if !row_len.is_multiple_of(256) => {
-                    FileType::Quant(QuantType::Q8_0)
-                }
-                FileType::Quant(_) => FileType::Quant(QuantType::Q6K),
-            },
-        },
-    };
-    let mut t = wanted;
-    while !row_len.is_multiple_of(t.ggml().block_size()) {
-        match t.fallback() {
-            Some(f) => t = f,
-            None => {
-                return (
-                    Some(FileType::F16),
-                    Some(format!(
-                        "rows of {row_len} fit no block of {wanted}: f16 instead"
-                    )),
-                )
-            }
-        }
-    }
-    let note = (t != wanted).then(|| {
-        format!("rows of {row_len} are not a multiple of {wanted}'s block size: {t} instead")
-    });
-    (Some(t), note)
-}
-
-/// The pool of `threads` threads, or with `0` the running call's pool (the model's at load;
-/// one thread per physical core otherwise).
-fn pool_of(threads: usize) -> Result<&'static crate::pool::Pool> {
-    match threads {
-        0 => Ok(crate::pool::pool()),
-        n => crate::pool::Pool::with_threads(n),
-    }
-}
-
-/// Runs `f` over `items` on `pool`, results in order.
-pub(crate) fn par_map<T: Sync, R: Send>(
-    items: &[T],
-    pool: &crate::pool::Pool,
-    f: impl Fn(&T) -> R + Sync,
-) -> Result<Vec<R>> {
-    let slots: Vec<std::sync::Mutex<Option<R>>> =
-        items.iter().map(|_| std::sync::Mutex::new(None)).collect();
-    pool.run(items.len(), &|range| {
-        for i in range {
-            let r = f(&items[i]);
-            *slots[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
-        }
-    });
-    slots
-        .into_iter()
-        .map(|m| {
-            m.into_inner()
-                .unwrap_or_else(|e| e.into_inner())
-                .ok_or_else(|| Error::InvalidArgument("a parallel item did not run".into()))
-        })
-        .collect()
-}
-
-/// Quantizes a dense row-major matrix `[rows, row_len]` (f32 values) to `ty`, splitting the rows
-/// over the pool of `threads` threads (`0`: the running call's pool, one thread per physical
-/// core by default). Returns the raw GGUF block bytes (identical for any thread count).
-/// `row_len` must be a multiple of the type's block size.
-pub fn quantize_rows(
-    values: &[f32],
-    row_len: usize,
-    ty: FileType,
-    threads: usize,
-) -> Result<Vec<u8>> {
-    let block = ty.ggml().block_size();
-    if row_len == 0 || !row_len.is_multiple_of(block) || !values.len().is_multiple_of(row_len) {
-        return Err(Error::InvalidArgument(format!(
-            "cannot quantize {} values in rows of {row_len} to {ty} (blocks of {block})",
-            values.len()
-        )));
-    }
-    let rows = values.len() / row_len;
-    match ty {
-        FileType::F32 => return Ok(values.iter().flat_map(|x| x.to_le_bytes()).collect()),
-        FileType::F16 => {
-            return Ok(values
-                .iter()
-                .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
-                .collect())
-        }
-        FileType::Quant(_) => {}
-    }
-    // Chunks of whole rows, a few per thread so uneven progress evens out.
-    let pool = pool_of(threads)?;
-    let per_chunk = rows.div_ceil(pool.threads() * 4).max(1);
-    let chunks: Vec<(usize, usize)> = (0..rows)
-        .step_by(per_chunk)
-        .map(|r| (r, (r + per_chunk).min(rows)))
-        .collect();
-    let parts = par_map(&chunks, pool, |&(a, b)| -> Result<Vec<u8>> {
-        let t = Tensor::from_slice(
-            &values[a * row_len..b * row_len],
-            (b - a, row_len),
-            &Device::Cpu,
-        )?;
-        let q = candle_core::quantized::QTensor::quantize(&t, ty.ggml())?;
-        Ok(q.data()?.into_owned())
-    })?;
-    let mut out = Vec::new();
-    for p in parts {
-        out.extend_from_slice(&p?);
-    }
-    Ok(out)
-}
-
-/// Dequantizes GGUF block bytes of type `ty` holding `elems` values.
-pub fn dequantize(bytes: &[u8], ty: FileType, elems: usize) -> Result<Vec<f32>> {
-    let g = ty.ggml();
-    if !elems.is_multiple_of(g.block_size()) || bytes.len() != tensor_bytes(g, elems) {
-        return Err(Error::InvalidArgument(format!(
-            "{} bytes do not hold {elems} values of {ty}",
-            bytes.len()
-        )));
-    }
-    let store = crate::matrix::aligned(bytes);
-    let q = qtensor_from_ggml(
-        g,
-        crate::matrix::as_bytes(&store, bytes.len()),
-        vec![elems],
-        &Device::Cpu,
-    )?;
-    Ok(q.dequantize(&Device::Cpu)?.to_vec1()?)
-}
-
-/// Bytes a tensor of `elems` values takes in `dtype`.
-pub(crate) fn tensor_bytes(dtype: GgmlDType, elems: usize) -> usize {
-    elems / dtype.block_size() * dtype.type_size()
-}
+pub use crate::codec::{dequantize, quantize_rows};
+pub(crate) use crate::codec::{par_map, pool_of, tensor_bytes};
 
 /// Options for [`quantize_model`].
 #[derive(Debug, Clone, Copy)]
@@ -351,7 +102,7 @@ pub fn quantize_model(
     };
     let meta_dir = std::fs::metadata(src).map_err(|e| Error::io(src, e))?;
     let (meta, jobs, source) = if meta_dir.is_dir() {
-        let parts = crate::model::open_hf(src)?;
+        let parts = crate::weights::open_hf(src)?;
         let meta = hf_metadata(
             src,
             &parts.config,

@@ -6,10 +6,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::Session;
 use crate::chat::{render_template, Message};
 use crate::error::{Error, Result};
 use crate::sampler::{log_softmax, Sampler};
-use crate::session::Session;
 use crate::tokenizer::Tokenizer;
 
 /// A handle that cancels a session's work from another thread.

@@ -8,10 +8,10 @@
 
 use candle_core::{Device, Tensor};
 
+use super::{KvCacheType, Session, SessionOptions};
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::sampler::{Rng, Sampler, SamplerConfig};
-use crate::session::{KvCacheType, Session, SessionOptions};
 
 const MAGIC: &[u8; 4] = b"LLSS";
 /// Version of the snapshot format written by this library.

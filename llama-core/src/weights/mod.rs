@@ -9,108 +9,27 @@ use std::path::{Path, PathBuf};
 
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QMatMul, QTensor};
 
-use crate::model::QuantType;
+use crate::types::QuantType;
 use candle_core::{Device, Tensor};
-use std::collections::HashMap;
 
 use crate::error::{Error, Result};
+
+pub(crate) mod hf;
+mod names;
+mod st;
+
 use crate::gguf::GgufFile;
 use crate::matrix::{aligned, as_bytes, family, Family, Matmul};
+pub(crate) use hf::open_hf;
+pub use names::permute_rows_for_gguf;
+pub(crate) use names::{llama_tensors, unpermute_rows, W};
+use st::st_to_f32;
+pub(crate) use st::StFiles;
 
 /// Where a tensor is read from.
 pub(crate) enum WeightSource {
     Gguf(GgufFile),
     SafeTensors { st: StFiles, dir: PathBuf },
-}
-
-/// Memory-mapped safetensors files (one model, possibly sharded) with a tensor index.
-pub(crate) struct StFiles {
-    maps: Vec<memmap2::Mmap>,
-    index: HashMap<String, StEntry>,
-}
-
-struct StEntry {
-    file: usize,
-    dtype: safetensors::Dtype,
-    shape: Vec<usize>,
-    /// Absolute byte range in the file.
-    start: usize,
-    end: usize,
-}
-
-impl StFiles {
-    /// Maps and indexes the files; the first file naming a tensor wins.
-    pub(crate) fn open(files: &[PathBuf]) -> Result<Self> {
-        let mut maps = Vec::with_capacity(files.len());
-        let mut index = HashMap::new();
-        for (i, path) in files.iter().enumerate() {
-            let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-            // SAFETY: a read-only map of a file we do not modify.
-            let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(path, e))?;
-            let (n, meta) = safetensors::SafeTensors::read_metadata(&map)
-                .map_err(|e| Error::weights(path, "", format!("invalid safetensors file: {e}")))?;
-            let base = 8 + n;
-            for (name, info) in meta.tensors() {
-                let (a, b) = info.data_offsets;
-                if base + b > map.len() || a > b {
-                    return Err(Error::weights(path, &name, "data lies outside the file"));
-                }
-                index.entry(name).or_insert(StEntry {
-                    file: i,
-                    dtype: info.dtype,
-                    shape: info.shape.clone(),
-                    start: base + a,
-                    end: base + b,
-                });
-            }
-            maps.push(map);
-        }
-        Ok(StFiles { maps, index })
-    }
-
-    fn get(&self, name: &str) -> Option<&StEntry> {
-        self.index.get(name)
-    }
-
-    fn data(&self, e: &StEntry) -> &[u8] {
-        &self.maps[e.file][e.start..e.end]
-    }
-
-    fn release(&self, e: &StEntry) {
-        release_pages(&self.maps[e.file], e.start, e.end - e.start);
-    }
-}
-
-/// Drops the resident pages of a mapped file range once its tensor has been copied out, so
-/// loading (and quantizing) a large model never keeps the whole file resident. The map is a
-/// read-only private file mapping: a later read of the range re-reads the file.
-pub(crate) fn release_pages(map: &memmap2::Mmap, start: usize, len: usize) {
-    #[cfg(unix)]
-    if len > 0 && start + len <= map.len() {
-        // SAFETY: DONTNEED on a read-only file-backed mapping only drops cached pages; their
-        // content is unchanged when next read. No reference into the range is held across this.
-        let _ =
-            unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len) };
-    }
-    #[cfg(not(unix))]
-    let _ = (map, start, len);
-}
-
-fn st_to_f32(bytes: &[u8], dtype: safetensors::Dtype) -> Vec<f32> {
-    match dtype {
-        safetensors::Dtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        safetensors::Dtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        _ => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-    }
 }
 
 enum Loaded {
@@ -185,130 +104,6 @@ pub(crate) fn gguf_dense_values(bytes: &[u8], dtype: GgmlDType) -> Vec<f32> {
         GgmlDType::BF16 => st_to_f32(bytes, safetensors::Dtype::BF16),
         _ => st_to_f32(bytes, safetensors::Dtype::F32),
     }
-}
-
-/// Which kind of weight: decides the HF and GGUF names.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum W {
-    Embed,
-    OutputNorm,
-    Output,
-    AttnNorm(usize),
-    Q(usize),
-    K(usize),
-    V(usize),
-    O(usize),
-    FfnNorm(usize),
-    Gate(usize),
-    Up(usize),
-    Down(usize),
-    RopeFreqs,
-}
-
-/// Every weight of a llama model with its shape (candle order) and, for Q and K, the head
-/// count of llama.cpp's row permutation: the order llama.cpp's converter writes them.
-pub(crate) fn llama_tensors(
-    c: &crate::config::Config,
-    has_output: bool,
-) -> Vec<(W, Vec<usize>, Option<usize>)> {
-    let (h, hd, nh, nkv, ff) = (
-        c.hidden_size,
-        c.head_dim,
-        c.num_attention_heads,
-        c.num_key_value_heads,
-        c.intermediate_size,
-    );
-    let mut list = vec![(W::Embed, vec![c.vocab_size, h], None)];
-    for l in 0..c.num_hidden_layers {
-        list.push((W::AttnNorm(l), vec![h], None));
-        list.push((W::Q(l), vec![nh * hd, h], Some(nh)));
-        list.push((W::K(l), vec![nkv * hd, h], Some(nkv)));
-        list.push((W::V(l), vec![nkv * hd, h], None));
-        list.push((W::O(l), vec![h, nh * hd], None));
-        list.push((W::FfnNorm(l), vec![h], None));
-        list.push((W::Gate(l), vec![ff, h], None));
-        list.push((W::Up(l), vec![ff, h], None));
-        list.push((W::Down(l), vec![h, ff], None));
-    }
-    list.push((W::OutputNorm, vec![h], None));
-    if has_output {
-        list.push((W::Output, vec![c.vocab_size, h], None));
-    }
-    list
-}
-
-impl W {
-    pub(crate) fn gguf_name(self) -> String {
-        match self {
-            W::Embed => "token_embd.weight".into(),
-            W::OutputNorm => "output_norm.weight".into(),
-            W::Output => "output.weight".into(),
-            W::AttnNorm(l) => format!("blk.{l}.attn_norm.weight"),
-            W::Q(l) => format!("blk.{l}.attn_q.weight"),
-            W::K(l) => format!("blk.{l}.attn_k.weight"),
-            W::V(l) => format!("blk.{l}.attn_v.weight"),
-            W::O(l) => format!("blk.{l}.attn_output.weight"),
-            W::FfnNorm(l) => format!("blk.{l}.ffn_norm.weight"),
-            W::Gate(l) => format!("blk.{l}.ffn_gate.weight"),
-            W::Up(l) => format!("blk.{l}.ffn_up.weight"),
-            W::Down(l) => format!("blk.{l}.ffn_down.weight"),
-            W::RopeFreqs => "rope_freqs.weight".into(),
-        }
-    }
-    pub(crate) fn hf_name(self) -> String {
-        match self {
-            W::Embed => "model.embed_tokens.weight".into(),
-            W::OutputNorm => "model.norm.weight".into(),
-            W::Output => "lm_head.weight".into(),
-            W::AttnNorm(l) => format!("model.layers.{l}.input_layernorm.weight"),
-            W::Q(l) => format!("model.layers.{l}.self_attn.q_proj.weight"),
-            W::K(l) => format!("model.layers.{l}.self_attn.k_proj.weight"),
-            W::V(l) => format!("model.layers.{l}.self_attn.v_proj.weight"),
-            W::O(l) => format!("model.layers.{l}.self_attn.o_proj.weight"),
-            W::FfnNorm(l) => format!("model.layers.{l}.post_attention_layernorm.weight"),
-            W::Gate(l) => format!("model.layers.{l}.mlp.gate_proj.weight"),
-            W::Up(l) => format!("model.layers.{l}.mlp.up_proj.weight"),
-            W::Down(l) => format!("model.layers.{l}.mlp.down_proj.weight"),
-            W::RopeFreqs => "rope_freqs.weight".into(),
-        }
-    }
-}
-
-/// Rows of a head-major projection, permuted from GGUF's interleaved order back to HF's
-/// rotate-half order: HF row `h*d + j*d/2 + i` is GGUF row `h*d + 2*i + j`.
-pub(crate) fn unpermute_rows(data: &[u8], rows: usize, n_heads: usize) -> Vec<u8> {
-    let row_bytes = data.len() / rows;
-    let d = rows / n_heads;
-    let mut out = vec![0u8; data.len()];
-    for h in 0..n_heads {
-        for j in 0..2 {
-            for i in 0..d / 2 {
-                let dst = h * d + j * (d / 2) + i;
-                let src = h * d + 2 * i + j;
-                out[dst * row_bytes..(dst + 1) * row_bytes]
-                    .copy_from_slice(&data[src * row_bytes..(src + 1) * row_bytes]);
-            }
-        }
-    }
-    out
-}
-
-/// The inverse of [`unpermute_rows`]: HF order to GGUF order (used when writing GGUF).
-pub fn permute_rows_for_gguf(data: &[u8], rows: usize, n_heads: usize) -> Vec<u8> {
-    let row_bytes = data.len() / rows;
-    let d = rows / n_heads;
-    let mut out = vec![0u8; data.len()];
-    for h in 0..n_heads {
-        for j in 0..2 {
-            for i in 0..d / 2 {
-                let hf = h * d + j * (d / 2) + i;
-                let gg = h * d + 2 * i + j;
-                out[gg * row_bytes..(gg + 1) * row_bytes]
-                    .copy_from_slice(&data[hf * row_bytes..(hf + 1) * row_bytes]);
-            }
-        }
-    }
-    out
 }
 
 impl WeightSource {
@@ -517,10 +312,11 @@ impl WeightSource {
         w: W,
         shape: &[usize],
         unpermute_heads: Option<usize>,
-        role: crate::quantize::Role,
-        rules: &crate::quantize::TypeRules,
+        role: crate::types::Role,
+        rules: &crate::types::TypeRules,
     ) -> Result<Matmul> {
-        use crate::quantize::{quantize_rows, tensor_type, FileType};
+        use crate::codec::quantize_rows;
+        use crate::types::{tensor_type, FileType};
         let err =
             |e: candle_core::Error| Error::weights(self.path(), format!("{w:?}"), e.to_string());
         let loaded = self.load_as(w, shape, unpermute_heads, true)?;

@@ -1,4 +1,5 @@
-//! A bounds-checked GGUF reader over a memory map.
+//! GGUF files: a bounds-checked reader over a memory map (here) and the writer ([`write`]:
+//! streaming, atomic rename).
 //!
 //! Every length and offset in the header is checked against the file size before it is used, so
 //! a truncated or lying file yields an [`Error::Weights`] instead of a panic or a huge allocation.
@@ -10,6 +11,10 @@ use candle_core::quantized::GgmlDType;
 use memmap2::Mmap;
 
 use crate::error::{Error, Result};
+
+mod write;
+pub(crate) use write::{finish_tmp, tmp_name, GgufTensorInfo, GgufWriter};
+pub use write::{write_gguf, GgufTensor};
 
 const GGUF_MAGIC: u32 = 0x4655_4747; // "GGUF" little-endian
 const DEFAULT_ALIGNMENT: u64 = 32;
@@ -424,7 +429,7 @@ impl GgufFile {
     /// re-read from the file if used again).
     pub(crate) fn release(&self, name: &str) {
         if let Some(info) = self.tensors.get(name) {
-            crate::weights::release_pages(&self.mmap, info.offset, info.size);
+            release_pages(&self.mmap, info.offset, info.size);
         }
     }
 
@@ -432,7 +437,7 @@ impl GgufFile {
     pub(crate) fn release_part(&self, name: &str, start: usize, len: usize) {
         if let Some(info) = self.tensors.get(name) {
             if start + len <= info.size {
-                crate::weights::release_pages(&self.mmap, info.offset + start, len);
+                release_pages(&self.mmap, info.offset + start, len);
             }
         }
     }
@@ -442,4 +447,19 @@ impl GgufFile {
         let info = self.tensors.get(name)?;
         Some((info, &self.mmap[info.offset..info.offset + info.size]))
     }
+}
+
+/// Drops the resident pages of a mapped file range once its tensor has been copied out, so
+/// loading (and quantizing) a large model never keeps the whole file resident. The map is a
+/// read-only private file mapping: a later read of the range re-reads the file.
+pub(crate) fn release_pages(map: &memmap2::Mmap, start: usize, len: usize) {
+    #[cfg(unix)]
+    if len > 0 && start + len <= map.len() {
+        // SAFETY: DONTNEED on a read-only file-backed mapping only drops cached pages; their
+        // content is unchanged when next read. No reference into the range is held across this.
+        let _ =
+            unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len) };
+    }
+    #[cfg(not(unix))]
+    let _ = (map, start, len);
 }

@@ -1,10 +1,13 @@
 //! A session: one sequence's KV cache, position and token history over a shared [`Model`].
 
 use crate::error::{Error, Result};
-use crate::generate::CancelHandle;
+pub(crate) mod generate;
+pub(crate) mod state;
+
 use crate::kv_cache::KvCache;
 use crate::model::Model;
 use crate::pool::Runtime;
+pub use generate::CancelHandle;
 
 /// How keys and values are stored in the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -1,0 +1,169 @@
+//! The forward pass: our kernels over row buffers allocated once per call, or candle's tensor
+//! operations on [`crate::Kernel::Candle`]; and the output head.
+
+use super::*;
+
+impl Model {
+    /// Runs `tokens` at the cache's next positions and returns the final hidden states
+    /// `(len, hidden)` after the output norm. The caller checks capacity and ids.
+    pub(crate) fn forward_hidden(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        if crate::kernels::enabled() {
+            return self.forward_rows(tokens, cache);
+        }
+        self.forward_tensors(tokens, cache)
+    }
+
+    /// [`Model::forward_hidden`] on our kernels over plain row-major buffers allocated once per
+    /// call and reused by every layer (no per-op tensors, transposes or page faults).
+    fn forward_rows(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        use crate::kernels::{add_in_place, input_f32, rms_norm_rows, swiglu_rows};
+        let m = &*self.inner;
+        let half_cache = cache.dtype() == DType::F16;
+        let c = &m.config;
+        let t = tokens.len();
+        let start = cache.len();
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let (hidden, ffn) = (c.hidden_size, c.intermediate_size);
+        let (qw, kw) = (nh * hd, nkv * hd);
+        let dev = &m.device;
+        cache.reserve(t, dev)?;
+        let mut x: Vec<f32> = m.embed.rows(tokens)?.flatten_all()?.to_vec1()?;
+        let (cos, sin) = m.rope.tables(start, t);
+        let mut hn = vec![0f32; t * hidden];
+        // Q, K and V side by side in each row, then gate and up.
+        let qkv_w = qw + 2 * kw;
+        let (mut qkv, mut att) = (vec![0f32; t * qkv_w], vec![0f32; t * qw]);
+        let (mut k, mut v) = (vec![0f32; t * kw], vec![0f32; t * kw]);
+        let mut o = vec![0f32; t * hidden];
+        let (mut gu, mut a) = (vec![0f32; t * 2 * ffn], vec![0f32; t * ffn]);
+        let scale = (1.0 / (hd as f64).sqrt()) as f32;
+        let eps = c.rms_norm_eps as f32;
+        for (li, l) in m.layers.iter().enumerate() {
+            rms_norm_rows(&x, &input_f32(&l.attn_norm)?, eps, &mut hn);
+            l.qkv.matmul_into(&hn, t, &mut qkv)?;
+            m.rope.apply(&mut qkv, t, nh, qkv_w, (&cos, &sin));
+            m.rope.apply(&mut qkv[qw..], t, nkv, qkv_w, (&cos, &sin));
+            for (row, (kr, vr)) in qkv
+                .chunks_exact(qkv_w)
+                .zip(k.chunks_exact_mut(kw).zip(v.chunks_exact_mut(kw)))
+            {
+                kr.copy_from_slice(&row[qw..qw + kw]);
+                vr.copy_from_slice(&row[qw + kw..]);
+            }
+            // An f16 cache rounds keys and values as it stores them.
+            let kt = Tensor::from_slice(&k, (1, t, nkv, hd), dev)?.transpose(1, 2)?;
+            let vt = Tensor::from_slice(&v, (1, t, nkv, hd), dev)?.transpose(1, 2)?;
+            let (k_all, v_all) = cache.append(li, &kt, &vt)?;
+            let queries = crate::attention::Queries {
+                data: &qkv,
+                heads: nh,
+                rows: t,
+                head_dim: hd,
+                head_stride: hd,
+                row_stride: qkv_w,
+            };
+            crate::attention::causal_into(
+                &queries, &k_all, &v_all, start, scale, half_cache, &mut att,
+            )?;
+            matrix::matmul_into(&*l.o, &att, t, &mut o)?;
+            add_in_place(&mut x, &o);
+            rms_norm_rows(&x, &input_f32(&l.ffn_norm)?, eps, &mut hn);
+            l.gate_up.matmul_into(&hn, t, &mut gu)?;
+            swiglu_rows(&gu, ffn, &mut a);
+            matrix::matmul_into(&*l.down, &a, t, &mut o)?;
+            add_in_place(&mut x, &o);
+        }
+        cache.advance(t);
+        rms_norm_rows(&x, &input_f32(&m.norm)?, eps, &mut hn);
+        Ok(Tensor::from_vec(hn, (t, hidden), dev)?)
+    }
+
+    /// [`Model::forward_hidden`] with candle's tensor ops (`Kernel::Candle`).
+    fn forward_tensors(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        let m = &*self.inner;
+        let c = &m.config;
+        let t = tokens.len();
+        let start = cache.len();
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let group = nh / nkv;
+        let dev = &m.device;
+        cache.reserve(t, dev)?;
+        let mut x = m.embed.rows(tokens)?.reshape((1, t, c.hidden_size))?;
+        let (cos, sin) = m.rope.cos_sin(start, t, dev)?;
+        let total = start + t;
+        // The additive causal mask.
+        let mask = if t > 1 {
+            let mut v = vec![0f32; t * total];
+            for i in 0..t {
+                for j in (start + i + 1)..total {
+                    v[i * total + j] = f32::NEG_INFINITY;
+                }
+            }
+            Some(Tensor::from_vec(v, (t, total), dev)?)
+        } else {
+            None
+        };
+        let scale = 1.0 / (hd as f64).sqrt();
+        let eps = c.rms_norm_eps as f32;
+        for (li, l) in m.layers.iter().enumerate() {
+            let hn = candle_nn::ops::rms_norm(&x, &l.attn_norm, eps)?;
+            let [q, k, v] = l.qkv.forward(&hn)?;
+            let q = q.reshape((1, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
+            let k = k.reshape((1, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let v = v.reshape((1, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let q = candle_nn::rotary_emb::rope(&q, &cos, &sin)?;
+            let k = candle_nn::rotary_emb::rope(&k, &cos, &sin)?;
+            // An f16 cache rounds keys and values as it stores them.
+            let (k_all, v_all) = cache.append(li, &k, &v)?;
+            let y = {
+                // candle's tensor ops (for comparison: `Kernel::Candle`).
+                let k_all = k_all.squeeze(0)?.to_dtype(DType::F32)?;
+                let v_all = v_all.squeeze(0)?.to_dtype(DType::F32)?;
+                // Each KV head serves `group` query heads: fold the group into the rows so keys
+                // and values are read once per KV head, with no repeated copies.
+                let q = q.reshape((nkv, group * t, hd))?;
+                let att = (q.matmul(&k_all.t()?)? * scale)?;
+                let att = match &mask {
+                    Some(mk) => att
+                        .reshape((nkv, group, t, total))?
+                        .broadcast_add(mk)?
+                        .reshape((nkv, group * t, total))?,
+                    None => att,
+                };
+                let att = candle_nn::ops::softmax_last_dim(&att)?;
+                att.matmul(&v_all.contiguous()?)?
+                    .reshape((nh, t, hd))?
+                    .transpose(0, 1)?
+                    .reshape((1, t, nh * hd))?
+            };
+            let y = l.o.forward(&y)?;
+            x = (x + y)?;
+            let hn = candle_nn::ops::rms_norm(&x, &l.ffn_norm, eps)?;
+            let [g, u] = l.gate_up.forward(&hn)?;
+            let a = (candle_nn::ops::silu(&g)? * u)?;
+            let y = l.down.forward(&a)?;
+            x = (x + y)?;
+        }
+        cache.advance(t);
+        let x = candle_nn::ops::rms_norm(&x, &m.norm, eps)?;
+        Ok(x.squeeze(0)?)
+    }
+
+    /// Output-head logits `(rows, vocab)` for hidden states `(rows, hidden)`.
+    pub(crate) fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let h = hidden.unsqueeze(0)?.contiguous()?;
+        Ok(self
+            .inner
+            .lm_head
+            .forward(&h)?
+            .squeeze(0)?
+            .to_dtype(DType::F32)?)
+    }
+
+    /// Last-row logits as a vector.
+    pub(crate) fn last_logits(&self, hidden: &Tensor) -> Result<Vec<f32>> {
+        let n = hidden.dim(0)?;
+        let last = hidden.narrow(0, n - 1, 1)?;
+        Ok(self.logits(&last)?.squeeze(0)?.to_vec1::<f32>()?)
+    }
+}

@@ -1,0 +1,255 @@
+//! Loading: a GGUF file or a Hugging Face folder becomes a [`Model`] under the options' kernel
+//! settings and pool (quantize-at-load included), with progress and cancellation.
+
+use super::*;
+use crate::weights::open_hf;
+
+/// What a model is built from: its weights (still mapped), configuration, tokenizer and template.
+struct Parts {
+    src: WeightSource,
+    config: Config,
+    tokenizer: Tokenizer,
+    chat_template: Option<String>,
+    format: &'static str,
+}
+
+fn fnv1a(h: &mut u64, bytes: &[u8]) {
+    for &b in bytes {
+        *h ^= b as u64;
+        *h = h.wrapping_mul(0x100_0000_01b3);
+    }
+}
+
+impl Model {
+    /// Loads a model from a GGUF file or a Hugging Face folder (config.json, safetensors,
+    /// tokenizer.json).
+    pub fn load(path: impl AsRef<Path>, mut options: ModelOptions<'_>) -> Result<Model> {
+        let path = path.as_ref();
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        let q = |t: Option<QuantType>| t.map(crate::types::FileType::Quant);
+        let quantize = crate::types::TypeRules {
+            base: q(options.quantize),
+            output: q(options.quantize_output),
+            embedding: q(options.quantize_embedding),
+        };
+        let settings = Settings::new(options.kernel, !options.keep_file_layout)?;
+        let runtime = Runtime::new(settings, options.threads)?;
+        let progress = options.progress.as_mut();
+        let t0 = std::time::Instant::now();
+        let model = runtime.run(|| {
+            if meta.is_dir() {
+                Self::load_hf(path, progress, quantize, runtime)
+            } else {
+                Self::load_gguf(path, progress, quantize, runtime)
+            }
+        })?;
+        tracing::info!(
+            path = %path.display(),
+            format = model.format(),
+            weights = model.weight_type(),
+            kernel = settings.kernel.as_str(),
+            threads = runtime.threads(),
+            secs = t0.elapsed().as_secs_f64(),
+            "model loaded"
+        );
+        Ok(model)
+    }
+
+    fn load_gguf(
+        path: &Path,
+        progress: Option<&mut ProgressFn<'_>>,
+        quantize: crate::types::TypeRules,
+        runtime: Runtime,
+    ) -> Result<Model> {
+        let mut g = GgufFile::open(path)?;
+        let config = Config::from_gguf(&g)?;
+        config.validate(path)?;
+        let tokenizer = Tokenizer::from_gguf(&g)?;
+        let chat_template = g
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.as_str())
+            .map(str::to_string);
+        // The vocabulary arrays (~10 MiB of strings for a 49k vocabulary) now live in the
+        // tokenizer; freeing them before the weights load lowers the load's peak memory.
+        for key in [
+            "tokenizer.ggml.tokens",
+            "tokenizer.ggml.merges",
+            "tokenizer.ggml.scores",
+            "tokenizer.ggml.token_type",
+        ] {
+            g.metadata.remove(key);
+        }
+        let src = WeightSource::Gguf(g);
+        let parts = Parts {
+            src,
+            config,
+            tokenizer,
+            chat_template,
+            format: "gguf",
+        };
+        Self::build(parts, progress, quantize, runtime)
+    }
+
+    fn load_hf(
+        dir: &Path,
+        progress: Option<&mut ProgressFn<'_>>,
+        quantize: crate::types::TypeRules,
+        runtime: Runtime,
+    ) -> Result<Model> {
+        let parts = open_hf(dir)?;
+        let parts = Parts {
+            src: parts.src,
+            config: parts.config,
+            tokenizer: parts.tokenizer,
+            chat_template: parts.chat_template,
+            format: "safetensors",
+        };
+        Self::build(parts, progress, quantize, runtime)
+    }
+
+    fn build(
+        parts: Parts,
+        mut progress: Option<&mut ProgressFn<'_>>,
+        quantize: crate::types::TypeRules,
+        runtime: Runtime,
+    ) -> Result<Model> {
+        let Parts {
+            src,
+            config,
+            tokenizer,
+            chat_template,
+            format,
+        } = parts;
+        let c = &config;
+        let (h, hd, nh, nkv) = (
+            c.hidden_size,
+            c.head_dim,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+        );
+        let tied = !src.has(W::Output);
+        let total = 3 + 9 * c.num_hidden_layers + usize::from(!tied);
+        let mut loaded = 0usize;
+        let mut tick = |n: usize| -> Result<()> {
+            loaded += n;
+            if let Some(p) = progress.as_mut() {
+                if p(&LoadProgress { loaded, total }).is_break() {
+                    return Err(Error::Cancelled);
+                }
+            }
+            Ok(())
+        };
+        if tokenizer.vocab_size() > c.vocab_size {
+            tracing::debug!(
+                tokenizer = tokenizer.vocab_size(),
+                model = c.vocab_size,
+                "tokenizer has more ids than the embedding"
+            );
+        }
+        let is_gguf = matches!(src, WeightSource::Gguf(_));
+        let perm_q = is_gguf.then_some(nh);
+        let perm_k = is_gguf.then_some(nkv);
+        use crate::types::Role;
+        let embed_role = if tied { Role::Output } else { Role::Embedding };
+        let rules = &quantize;
+        let embed = matrix::build(src.load_matmul(
+            W::Embed,
+            &[c.vocab_size, h],
+            None,
+            embed_role,
+            rules,
+        )?)?;
+        tick(1)?;
+        let load = |w: W, shape: &[usize], perm: Option<usize>| {
+            src.load_matmul(w, shape, perm, Role::Matrix, rules)
+        };
+        let mat =
+            |w: W, shape: &[usize]| -> Result<Linear> { matrix::build(load(w, shape, None)?) };
+        let ff = c.intermediate_size;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for l in 0..c.num_hidden_layers {
+            let qkv = vec![
+                load(W::Q(l), &[nh * hd, h], perm_q)?,
+                load(W::K(l), &[nkv * hd, h], perm_k)?,
+                load(W::V(l), &[nkv * hd, h], None)?,
+            ];
+            let gate_up = vec![
+                load(W::Gate(l), &[ff, h], None)?,
+                load(W::Up(l), &[ff, h], None)?,
+            ];
+            let layer = Layer {
+                attn_norm: src.load_dense(W::AttnNorm(l), &[h])?,
+                qkv: Stack::new(qkv, vec![nh * hd, nkv * hd, nkv * hd])?,
+                o: mat(W::O(l), &[h, nh * hd])?,
+                ffn_norm: src.load_dense(W::FfnNorm(l), &[h])?,
+                gate_up: Stack::new(gate_up, vec![ff, ff])?,
+                down: mat(W::Down(l), &[h, ff])?,
+            };
+            layers.push(layer);
+            tick(9)?;
+        }
+        let norm = src.load_dense(W::OutputNorm, &[h])?;
+        tick(1)?;
+        let lm_head = if tied {
+            embed.clone()
+        } else {
+            let m = src.load_matmul(W::Output, &[c.vocab_size, h], None, Role::Output, rules)?;
+            tick(1)?;
+            matrix::build(m)?
+        };
+        let freq_factors = if is_gguf && src.has(W::RopeFreqs) {
+            let t = src.load_dense(W::RopeFreqs, &[hd / 2])?;
+            Some(t.to_vec1::<f32>()?)
+        } else {
+            None
+        };
+        tick(1)?;
+        let rope = Rope::new(c, freq_factors.as_deref());
+        // A dense f32 matrix reports the file's type (BF16 weights compute as f32).
+        let weight_type = match layers.first().and_then(|l| l.qkv.mats.first()) {
+            Some(m) if m.dtype() != candle_core::quantized::GgmlDType::F32 => {
+                format!("{:?}", m.dtype())
+            }
+            _ => src.dtype_name(W::Q(0)).unwrap_or_default(),
+        };
+        let path = src.path().to_path_buf();
+        // Fingerprint: configuration, load-time quantization and the first bytes of every
+        // weight as stored (no dequantization at load).
+        let mut fp = 0xcbf2_9ce4_8422_2325u64;
+        fnv1a(&mut fp, format!("{c:?} {quantize:?}").as_bytes());
+        for l in 0..c.num_hidden_layers {
+            for w in [
+                W::Q(l),
+                W::K(l),
+                W::V(l),
+                W::O(l),
+                W::Gate(l),
+                W::Up(l),
+                W::Down(l),
+            ] {
+                fnv1a(&mut fp, &src.raw_prefix(w, 256));
+            }
+        }
+        fnv1a(&mut fp, &src.raw_prefix(W::Embed, 256));
+        fnv1a(&mut fp, &src.raw_prefix(W::Output, 256));
+        drop(src);
+        Ok(Model {
+            inner: Arc::new(Inner {
+                config,
+                tokenizer,
+                chat_template,
+                path,
+                format,
+                weight_type,
+                fingerprint: fp,
+                embed,
+                layers,
+                norm,
+                lm_head,
+                rope,
+                device: Device::Cpu,
+                runtime,
+            }),
+        })
+    }
+}
