@@ -75,6 +75,51 @@ pub struct Config {
     pub eos_token_ids: Vec<u32>,
 }
 
+/// Where a rotary frequency falls under the llama3 rule ([`RopeScaling::llama3_band`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Llama3Band {
+    /// Short wavelength: kept.
+    Keep,
+    /// Long wavelength: divided by `factor`.
+    Divide(f64),
+    /// In between: `(1 - s) * f / factor + s * f`.
+    Blend {
+        /// The scaling factor.
+        factor: f64,
+        /// The blend weight of the unscaled frequency.
+        s: f64,
+    },
+}
+
+impl RopeScaling {
+    /// The llama3 rule (Llama 3.1+): how the inverse frequency `inv_freq` is rescaled, by its
+    /// wavelength against the original context's bands. `None` for the other scalings. The one
+    /// place the rule is written: RoPE applies it, and the GGUF writer stores it as llama.cpp's
+    /// per-dimension divisors.
+    pub(crate) fn llama3_band(&self, inv_freq: f64) -> Option<Llama3Band> {
+        let RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings: orig,
+        } = *self
+        else {
+            return None;
+        };
+        let wl = 2.0 * std::f64::consts::PI / inv_freq;
+        Some(if wl < orig / high_freq_factor {
+            Llama3Band::Keep
+        } else if wl > orig / low_freq_factor {
+            Llama3Band::Divide(factor)
+        } else {
+            Llama3Band::Blend {
+                factor,
+                s: (orig / wl - low_freq_factor) / (high_freq_factor - low_freq_factor),
+            }
+        })
+    }
+}
+
 impl Config {
     /// Checks internal consistency (positive sizes, head counts dividing evenly, ...).
     pub fn validate(&self, path: &Path) -> Result<()> {

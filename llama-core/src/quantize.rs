@@ -12,7 +12,7 @@ use std::path::Path;
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};
 use candle_core::{DType, Device};
 
-use crate::config::{Config, RopeScaling};
+use crate::config::{Config, Llama3Band, RopeScaling};
 use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, Value};
 use crate::gguf::{GgufTensorInfo, GgufWriter};
@@ -300,29 +300,19 @@ fn hf_jobs(c: &Config, has_output: bool) -> Vec<Job> {
             }
         })
         .collect();
-    if let RopeScaling::Llama3 {
-        factor,
-        low_freq_factor,
-        high_freq_factor,
-        original_max_position_embeddings: orig,
-    } = c.rope_scaling
-    {
+    if matches!(c.rope_scaling, RopeScaling::Llama3 { .. }) {
         // The llama3 rescaling as per-dimension divisors of the inverse frequencies, as
         // llama.cpp's converter stores it.
         let d = c.head_dim;
-        let low_wl = orig / low_freq_factor;
-        let high_wl = orig / high_freq_factor;
         let factors = (0..d / 2)
             .map(|i| {
                 let f = 1.0 / c.rope_theta.powf((2 * i) as f64 / d as f64);
-                let wl = 2.0 * std::f64::consts::PI / f;
-                if wl < high_wl {
-                    1.0
-                } else if wl > low_wl {
-                    factor as f32
-                } else {
-                    let s = (orig / wl - low_freq_factor) / (high_freq_factor - low_freq_factor);
-                    (1.0 / ((1.0 - s) / factor + s)) as f32
+                match c.rope_scaling.llama3_band(f) {
+                    Some(Llama3Band::Divide(factor)) => factor as f32,
+                    Some(Llama3Band::Blend { factor, s }) => {
+                        (1.0 / ((1.0 - s) / factor + s)) as f32
+                    }
+                    Some(Llama3Band::Keep) | None => 1.0,
                 }
             })
             .collect();

@@ -16,6 +16,10 @@ tests/reference/smollm2.json:
 Usage: python3 tests/reference/make_reference.py [--model PATH] [--llama target/release/llama]
 Never run by CI (too slow); rerun and commit the JSON when the corpus changes.
 """
+# llama.cpp's native build compiles AMX kernels that fault on these machines (SIGSEGV at the
+# first ldtilecfg on quantized files): the ISA is listed instead, AMX off.
+LLAMA_CPP_CMAKE_ARGS = "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+
 import argparse
 import base64
 import hashlib
@@ -96,7 +100,7 @@ def ensure_venv():
     py = os.path.join(venv, "bin", "python")
     if not os.path.exists(py):
         subprocess.check_call([sys.executable, "-m", "venv", venv])
-    env = dict(os.environ, CMAKE_ARGS=os.environ.get("CMAKE_ARGS", "-DGGML_NATIVE=ON"))
+    env = dict(os.environ, CMAKE_ARGS=os.environ.get("CMAKE_ARGS", LLAMA_CPP_CMAKE_ARGS))
     subprocess.check_call([py, "-m", "pip", "install", "-q", LLAMA_CPP_PYTHON, "jinja2", "numpy"], env=env)
     os.execv(py, [py] + sys.argv)
 

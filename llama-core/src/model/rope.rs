@@ -2,7 +2,7 @@
 
 use candle_core::{Device, Tensor};
 
-use crate::config::{Config, RopeScaling};
+use crate::config::{Config, Llama3Band, RopeScaling};
 use crate::error::Result;
 
 /// Inverse frequencies and the scaling rule; cos/sin tables are made per forward call for the
@@ -30,23 +30,14 @@ impl Rope {
         let mut inv_freq = base(cfg.rope_theta);
         match cfg.rope_scaling {
             RopeScaling::Linear { factor } => inv_freq.iter_mut().for_each(|f| *f /= factor),
-            RopeScaling::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original_max_position_embeddings: orig,
-            } => {
-                let low_wl = orig / low_freq_factor;
-                let high_wl = orig / high_freq_factor;
+            RopeScaling::Llama3 { .. } => {
                 for f in inv_freq.iter_mut() {
-                    let wl = 2.0 * std::f64::consts::PI / *f;
-                    if wl < high_wl {
-                    } else if wl > low_wl {
-                        *f /= factor;
-                    } else {
-                        let s =
-                            (orig / wl - low_freq_factor) / (high_freq_factor - low_freq_factor);
-                        *f = (1.0 - s) * *f / factor + s * *f;
+                    match cfg.rope_scaling.llama3_band(*f) {
+                        Some(Llama3Band::Divide(factor)) => *f /= factor,
+                        Some(Llama3Band::Blend { factor, s }) => {
+                            *f = (1.0 - s) * *f / factor + s * *f
+                        }
+                        Some(Llama3Band::Keep) | None => {}
                     }
                 }
             }
