@@ -22,6 +22,20 @@
 //! ```
 #![deny(missing_docs)]
 
+/// Builder setters of an options struct: each `name(arg: Type) => field = value;` becomes
+/// `pub fn name(mut self, arg: Type) -> Self` setting `self.field = value`.
+macro_rules! setters {
+    ($($(#[$doc:meta])* $name:ident($arg:ident: $ty:ty) => $field:ident = $val:expr;)*) => {
+        $(
+            $(#[$doc])*
+            pub fn $name(mut self, $arg: $ty) -> Self {
+                self.$field = $val;
+                self
+            }
+        )*
+    };
+}
+
 mod attention;
 pub mod chat;
 mod codec;

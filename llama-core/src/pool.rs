@@ -275,29 +275,96 @@ pub(crate) fn pool() -> &'static Pool {
     })
 }
 
+/// A buffer whose disjoint parts the work items of one pool call write: the one way a mutable
+/// buffer crosses into the pool's threads (no pointer smuggled through a `usize`). It borrows
+/// the buffer (or, from [`SharedMut::spare`], a vector's reserved capacity) for `'a`; every
+/// access is bounds-checked; the caller promises only that items take disjoint ranges.
+pub(crate) struct SharedMut<'a, T> {
+    ptr: *mut T,
+    len: usize,
+    _buf: std::marker::PhantomData<&'a mut [T]>,
+}
+
+impl<T> Clone for SharedMut<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SharedMut<'_, T> {}
+
+// SAFETY: a `SharedMut` only hands out disjoint parts of a `[T]` (the callers' contract), so
+// sharing it between threads is sharing `&mut` to distinct elements, sound for `T: Send`.
+unsafe impl<T: Send> Sync for SharedMut<'_, T> {}
+// SAFETY: as above.
+unsafe impl<T: Send> Send for SharedMut<'_, T> {}
+
+impl<'a, T> SharedMut<'a, T> {
+    /// Over `buf`.
+    pub(crate) fn new(buf: &'a mut [T]) -> Self {
+        SharedMut {
+            ptr: buf.as_mut_ptr(),
+            len: buf.len(),
+            _buf: std::marker::PhantomData,
+        }
+    }
+
+    /// Over the reserved capacity of `v` (not yet initialized: write it with
+    /// [`SharedMut::write`] only).
+    pub(crate) fn spare(v: &'a mut Vec<T>) -> Self {
+        v.clear();
+        SharedMut {
+            ptr: v.as_mut_ptr(),
+            len: v.capacity(),
+            _buf: std::marker::PhantomData,
+        }
+    }
+
+    /// Elements `start..start + len` (bounds-checked).
+    ///
+    /// # Safety
+    /// The range is initialized and no other reference to any of its elements is alive while
+    /// the returned one is (work items take disjoint ranges).
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn slice(&self, start: usize, len: usize) -> &'a mut [T] {
+        assert!(
+            start <= self.len && len <= self.len - start,
+            "shared buffer bounds"
+        );
+        // SAFETY: in bounds (checked); exclusivity per the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), len) }
+    }
+
+    /// Copies `vals` to elements `start..` (bounds-checked).
+    ///
+    /// # Safety
+    /// No other work item reads or writes those elements meanwhile.
+    pub(crate) unsafe fn write(&self, start: usize, vals: &[T])
+    where
+        T: Copy,
+    {
+        assert!(
+            start <= self.len && vals.len() <= self.len - start,
+            "shared buffer bounds"
+        );
+        // SAFETY: in bounds (checked); exclusivity per the caller's contract.
+        unsafe { std::ptr::copy_nonoverlapping(vals.as_ptr(), self.ptr.add(start), vals.len()) }
+    }
+}
+
 /// Runs `f(i, chunk)` for each of the disjoint chunks of `chunk` elements of `data` (chunk `i`
-/// starts at `i * chunk`; the last may be shorter), on the running call's pool: the one place a
-/// mutable buffer is split across the pool's threads.
+/// starts at `i * chunk`; the last may be shorter), on the running call's pool.
 pub(crate) fn for_each_chunk_mut<T: Send>(
     data: &mut [T],
     chunk: usize,
     f: &(dyn Fn(usize, &mut [T]) + Sync),
 ) {
-    struct Base<T>(*mut T);
-    // SAFETY: the pointer is only used to make disjoint `&mut` chunks of a `[T]` with `T: Send`,
-    // each handed to one item (so to one thread) at a time.
-    unsafe impl<T: Send> Sync for Base<T> {}
     let (n, chunk) = (data.len(), chunk.max(1));
-    let base = Base(data.as_mut_ptr());
-    let base = &base;
+    let shared = SharedMut::new(data);
     pool().run(n.div_ceil(chunk), &|items| {
         for i in items {
             let start = i * chunk;
-            let len = chunk.min(n - start);
-            // SAFETY: `start + len <= n`, chunks of distinct `i` do not overlap, each `i` runs
-            // once, and `data` stays borrowed until `run` returns after every item.
-            let c = unsafe { std::slice::from_raw_parts_mut(base.0.add(start), len) };
-            f(i, c);
+            // SAFETY: chunks of distinct `i` do not overlap and each `i` runs once.
+            f(i, unsafe { shared.slice(start, chunk.min(n - start)) });
         }
     });
 }

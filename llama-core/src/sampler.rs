@@ -57,40 +57,21 @@ impl SamplerConfig {
             ..Default::default()
         }
     }
-    /// Sets the temperature.
-    pub fn temperature(mut self, t: f32) -> Self {
-        self.temperature = t;
-        self
-    }
-    /// Sets top-k.
-    pub fn top_k(mut self, k: i32) -> Self {
-        self.top_k = k;
-        self
-    }
-    /// Sets top-p.
-    pub fn top_p(mut self, p: f32) -> Self {
-        self.top_p = p;
-        self
-    }
-    /// Sets min-p.
-    pub fn min_p(mut self, p: f32) -> Self {
-        self.min_p = p;
-        self
-    }
-    /// Sets the repeat penalty.
-    pub fn repeat_penalty(mut self, r: f32) -> Self {
-        self.repeat_penalty = r;
-        self
-    }
-    /// Sets the penalty window.
-    pub fn repeat_last_n(mut self, n: i32) -> Self {
-        self.repeat_last_n = n;
-        self
-    }
-    /// Sets the seed.
-    pub fn seed(mut self, s: u64) -> Self {
-        self.seed = Some(s);
-        self
+    setters! {
+        /// Sets the temperature.
+        temperature(t: f32) => temperature = t;
+        /// Sets top-k.
+        top_k(k: i32) => top_k = k;
+        /// Sets top-p.
+        top_p(p: f32) => top_p = p;
+        /// Sets min-p.
+        min_p(p: f32) => min_p = p;
+        /// Sets the repeat penalty.
+        repeat_penalty(r: f32) => repeat_penalty = r;
+        /// Sets the penalty window.
+        repeat_last_n(n: i32) => repeat_last_n = n;
+        /// Sets the seed.
+        seed(s: u64) => seed = Some(s);
     }
 
     /// Checks every value's range.

@@ -103,11 +103,7 @@ fn random_corruption_never_panics() {
 fn missing_tensor_is_named() {
     let t = build(Spec::default());
     let g = llama_core::gguf::GgufFile::open(&t.gguf).unwrap();
-    let meta: Vec<_> = g
-        .metadata
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    let meta = common::tiny::metadata(&g);
     let tensors: Vec<_> = g
         .tensor_order
         .iter()

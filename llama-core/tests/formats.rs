@@ -4,7 +4,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use common::tiny::{build, Spec};
 use llama_core::convert::{write_gguf, GgufTensor};
@@ -39,77 +39,20 @@ fn every_gguf_block_type_loads_and_runs() {
         ..Default::default()
     });
     let g = GgufFile::open(&t.gguf).unwrap();
-    let meta: Vec<_> = g
-        .metadata
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    let meta = common::tiny::metadata(&g);
     // Each quantized file is compared with an F32 file holding its own dequantized weights: what
     // remains is the 8-bit rounding of activations (a few percent on this random model), while a
     // wrong block layout or row order gives a relative error above 1.
-    let cases = [
-        GgmlDType::F16,
-        GgmlDType::BF16,
-        GgmlDType::Q8_0,
-        GgmlDType::Q5_0,
-        GgmlDType::Q5_1,
-        GgmlDType::Q4_0,
-        GgmlDType::Q4_1,
-        GgmlDType::Q6K,
-        GgmlDType::Q5K,
-        GgmlDType::Q4K,
-        GgmlDType::Q3K,
-        GgmlDType::Q2K,
-    ];
+    let cases = common::tiny::GGUF_TYPES;
     for dtype in cases {
         let mut dequantized = vec![];
         let tensors: Vec<GgufTensor> = g
             .tensor_order
             .iter()
             .map(|name| {
-                let (info, data) = g.tensor_data(name).unwrap();
-                if info.shape.len() == 1 {
-                    dequantized.push(GgufTensor {
-                        name: name.clone(),
-                        shape: info.shape.clone(),
-                        dtype: info.dtype,
-                        data: data.to_vec(),
-                    });
-                    return GgufTensor {
-                        name: name.clone(),
-                        shape: info.shape.clone(),
-                        dtype: info.dtype,
-                        data: data.to_vec(),
-                    };
-                }
-                let vals: Vec<f32> = data
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                    .collect();
-                let tensor = Tensor::from_vec(vals, info.shape.clone(), &Device::Cpu).unwrap();
-                let q = QTensor::quantize(&tensor, dtype).unwrap();
-                let back: Vec<u8> = q
-                    .dequantize(&Device::Cpu)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-                    .iter()
-                    .flat_map(|x| x.to_le_bytes())
-                    .collect();
-                dequantized.push(GgufTensor {
-                    name: name.clone(),
-                    shape: info.shape.clone(),
-                    dtype: GgmlDType::F32,
-                    data: back,
-                });
-                GgufTensor {
-                    name: name.clone(),
-                    shape: info.shape.clone(),
-                    dtype,
-                    data: q.data().unwrap().to_vec(),
-                }
+                let (stored, values) = common::tiny::stored_as(&g, name, dtype);
+                dequantized.push(values.unwrap_or_else(|| stored.clone()));
+                stored
             })
             .collect();
         let p = t.dir.path().join(format!("{dtype:?}.gguf"));

@@ -10,8 +10,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{Device, Tensor};
+use candle_core::quantized::GgmlDType;
 use common::tiny::{build, Spec, Tiny};
 use llama_core::convert::{write_gguf, GgufTensor};
 use llama_core::gguf::GgufFile;
@@ -50,37 +49,11 @@ fn logits_hash(m: &Model, kv: KvCacheType) -> u64 {
 /// The tiny GGUF with every matrix stored as `dtype`.
 fn gguf_as(t: &Tiny, dtype: GgmlDType) -> PathBuf {
     let g = GgufFile::open(&t.gguf).unwrap();
-    let meta: Vec<_> = g
-        .metadata
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    let meta = common::tiny::metadata(&g);
     let tensors: Vec<GgufTensor> = g
         .tensor_order
         .iter()
-        .map(|name| {
-            let (info, data) = g.tensor_data(name).unwrap();
-            if info.shape.len() == 1 || dtype == GgmlDType::F32 {
-                return GgufTensor {
-                    name: name.clone(),
-                    shape: info.shape.clone(),
-                    dtype: info.dtype,
-                    data: data.to_vec(),
-                };
-            }
-            let vals: Vec<f32> = data
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                .collect();
-            let tensor = Tensor::from_vec(vals, info.shape.clone(), &Device::Cpu).unwrap();
-            let q = QTensor::quantize(&tensor, dtype).unwrap();
-            GgufTensor {
-                name: name.clone(),
-                shape: info.shape.clone(),
-                dtype,
-                data: q.data().unwrap().to_vec(),
-            }
-        })
+        .map(|name| common::tiny::stored_as(&g, name, dtype).0)
         .collect();
     let p = t.dir.path().join(format!("{dtype:?}.gguf"));
     write_gguf(&p, &meta, &tensors).unwrap();
@@ -90,21 +63,7 @@ fn gguf_as(t: &Tiny, dtype: GgmlDType) -> PathBuf {
 /// (name, path, load-time quantization) for every weight format.
 fn models(t: &Tiny) -> Vec<(String, PathBuf, Option<QuantType>)> {
     let mut v = vec![];
-    for dtype in [
-        GgmlDType::F32,
-        GgmlDType::F16,
-        GgmlDType::BF16,
-        GgmlDType::Q8_0,
-        GgmlDType::Q5_0,
-        GgmlDType::Q5_1,
-        GgmlDType::Q4_0,
-        GgmlDType::Q4_1,
-        GgmlDType::Q6K,
-        GgmlDType::Q5K,
-        GgmlDType::Q4K,
-        GgmlDType::Q3K,
-        GgmlDType::Q2K,
-    ] {
+    for dtype in std::iter::once(GgmlDType::F32).chain(common::tiny::GGUF_TYPES) {
         v.push((format!("gguf-{dtype:?}"), gguf_as(t, dtype), None));
     }
     v.push(("hf-f32".to_string(), t.hf.clone(), None));
@@ -114,13 +73,9 @@ fn models(t: &Tiny) -> Vec<(String, PathBuf, Option<QuantType>)> {
     v
 }
 
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/logit_hashes.txt")
-}
-
-#[test]
-fn logits_are_bit_identical_to_the_recorded_hashes() {
-    let t = build(Spec {
+/// The tiny model both tests run (inner dimensions of 256 so the k-quants fit).
+fn tiny() -> Tiny {
+    build(Spec {
         hidden: 256,
         ff: 512,
         heads: 4,
@@ -128,7 +83,16 @@ fn logits_are_bit_identical_to_the_recorded_hashes() {
         head_dim: 64,
         seed: 41,
         ..Default::default()
-    });
+    })
+}
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/logit_hashes.txt")
+}
+
+#[test]
+fn logits_are_bit_identical_to_the_recorded_hashes() {
+    let t = tiny();
     let recording = std::env::var_os("LLAMA_RECORD_LOGIT_HASHES").is_some();
     let text = std::fs::read_to_string(fixture()).unwrap_or_default();
     let want: BTreeMap<&str, &str> = text
@@ -169,15 +133,7 @@ fn logits_are_bit_identical_to_the_recorded_hashes() {
 /// The thread count (the model's, or a session's own) does not change a bit of the logits.
 #[test]
 fn threads_do_not_change_the_logits() {
-    let t = build(Spec {
-        hidden: 256,
-        ff: 512,
-        heads: 4,
-        kv_heads: 2,
-        head_dim: 64,
-        seed: 41,
-        ..Default::default()
-    });
+    let t = tiny();
     let path = gguf_as(&t, GgmlDType::Q4_0);
     let one = Model::load(&path, ModelOptions::default().with_threads(1)).unwrap();
     assert_eq!(one.threads(), 1);

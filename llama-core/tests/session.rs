@@ -10,8 +10,8 @@ use common::real_model_path;
 use common::tiny::{build, Spec, Tiny};
 use llama_core::sampler::log_softmax;
 use llama_core::{
-    Detokenizer, Error, GenerateOptions, Message, Model, ModelOptions, Sampler, SamplerConfig,
-    Session, SessionOptions, StopReason,
+    Detokenizer, Error, GenerateOptions, Generation, Message, Model, ModelOptions, Sampler,
+    SamplerConfig, Session, SessionOptions, StopReason,
 };
 
 fn tiny() -> &'static (Tiny, Model) {
@@ -40,6 +40,28 @@ fn gen(s: &mut Session, prompt: &[u32], smp: &mut Sampler, n: usize) -> Vec<u32>
     )
     .unwrap()
     .tokens
+}
+
+/// Greedy generation of at most `n` tokens after `prompt`.
+fn greedy(s: &mut Session, prompt: &[u32], n: usize) -> Generation {
+    s.generate(
+        prompt,
+        &mut Sampler::greedy(),
+        GenerateOptions::default().max_tokens(n),
+        |_| ControlFlow::Continue(()),
+    )
+    .unwrap()
+}
+
+/// Greedy reply of at most `n` tokens to `messages`.
+fn greedy_chat(s: &mut Session, messages: &[Message], n: usize) -> Generation {
+    s.chat(
+        messages,
+        &mut Sampler::greedy(),
+        GenerateOptions::default().max_tokens(n),
+        |_| ControlFlow::Continue(()),
+    )
+    .unwrap()
 }
 
 fn seeded(seed: u64) -> Sampler {
@@ -214,14 +236,7 @@ fn context_overflow_is_an_error_unless_shift_is_enabled() {
     let mut s = m
         .session(SessionOptions::default().n_ctx(16).context_shift(2))
         .unwrap();
-    let g = s
-        .generate(
-            &PROMPT,
-            &mut Sampler::greedy(),
-            GenerateOptions::default().max_tokens(50),
-            |_| ControlFlow::Continue(()),
-        )
-        .unwrap();
+    let g = greedy(&mut s, &PROMPT, 50);
     assert_eq!(g.tokens.len(), 50);
     assert!(s.len() <= 16);
     assert_eq!(
@@ -275,14 +290,7 @@ fn stop_string_is_held_back_and_never_emitted() {
     let m = real();
     let prompt = m.tokenize("1, 2, 3, 4, 5,", true, true).unwrap();
     let mut s = m.session(SessionOptions::default()).unwrap();
-    let free = s
-        .generate(
-            &prompt,
-            &mut Sampler::greedy(),
-            GenerateOptions::default().max_tokens(30),
-            |_| ControlFlow::Continue(()),
-        )
-        .unwrap();
+    let free = greedy(&mut s, &prompt, 30);
     assert!(free.text.contains(", 9,"), "{:?}", free.text);
     // ", 9" spans several tokens (",", " ", "9").
     let mut s = m.session(SessionOptions::default()).unwrap();
@@ -348,25 +356,11 @@ fn multi_turn_chat_reuses_the_cache() {
     let m = real();
     let mut s = m.session(SessionOptions::default()).unwrap();
     let mut msgs = vec![Message::user("Hi")];
-    let g1 = s
-        .chat(
-            &msgs,
-            &mut Sampler::greedy(),
-            GenerateOptions::default().max_tokens(20),
-            |_| ControlFlow::Continue(()),
-        )
-        .unwrap();
+    let g1 = greedy_chat(&mut s, &msgs, 20);
     msgs.push(Message::assistant(g1.text.clone()));
     msgs.push(Message::user("Name a color."));
     let full = m.chat_tokens(&msgs).unwrap();
-    let g2 = s
-        .chat(
-            &msgs,
-            &mut Sampler::greedy(),
-            GenerateOptions::default().max_tokens(10),
-            |_| ControlFlow::Continue(()),
-        )
-        .unwrap();
+    let g2 = greedy_chat(&mut s, &msgs, 10);
     assert!(
         g2.timings.prompt_tokens < full.len() / 2,
         "re-read {} of {} tokens",
@@ -375,14 +369,7 @@ fn multi_turn_chat_reuses_the_cache() {
     );
     // Same reply as a fresh session reading the whole conversation.
     let mut fresh = m.session(SessionOptions::default()).unwrap();
-    let g3 = fresh
-        .chat(
-            &msgs,
-            &mut Sampler::greedy(),
-            GenerateOptions::default().max_tokens(10),
-            |_| ControlFlow::Continue(()),
-        )
-        .unwrap();
+    let g3 = greedy_chat(&mut fresh, &msgs, 10);
     assert_eq!(g2.tokens, g3.tokens);
 }
 
@@ -460,11 +447,7 @@ fn one_prompt_entry_point_applies_the_bos_rule_and_reuses_chat_prefixes() {
     // A streamed chat equals the callback chat, and the next turn re-reads only the new part.
     let mut msgs = vec![Message::user("Hi")];
     let mut c = m.session(SessionOptions::default()).unwrap();
-    let gc = c
-        .chat(&msgs, &mut Sampler::greedy(), opts(), |_| {
-            ControlFlow::Continue(())
-        })
-        .unwrap();
+    let gc = greedy_chat(&mut c, &msgs, 8);
     let mut d = m.session(SessionOptions::default()).unwrap();
     let mut smp = Sampler::greedy();
     let mut streamed = String::new();

@@ -116,15 +116,7 @@ impl Model {
         context_shift: Option<usize>,
         threads: usize,
     ) -> PyResult<Session> {
-        let kv = match kv_type {
-            "f16" => llama_core::KvCacheType::F16,
-            "f32" => llama_core::KvCacheType::F32,
-            other => {
-                return Err(invalid(format!(
-                    "kv_type must be 'f16' or 'f32', not {other:?}"
-                )))
-            }
-        };
+        let kv = llama_core::KvCacheType::parse(kv_type).py_err()?;
         let mut o = SessionOptions::default()
             .n_ctx(n_ctx)
             .n_batch(n_batch)

@@ -368,10 +368,7 @@ impl Session {
                     "Session(n_tokens={}, n_ctx={}, kv_type='{}')",
                     s.len(),
                     s.n_ctx(),
-                    match s.options().kv_type {
-                        llama_core::KvCacheType::F32 => "f32",
-                        _ => "f16",
-                    }
+                    s.options().kv_type.as_str()
                 ),
                 None => "Session(closed)".to_string(),
             },

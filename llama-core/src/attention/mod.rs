@@ -299,7 +299,7 @@ pub(crate) fn causal_into(
     let (vs, v0, v_head) = head_view(v)?;
     let (ks, vs) = (Rows::of(&ks), Rows::of(&vs));
     let width = nh * hd;
-    let out_ptr = out.as_mut_ptr() as usize;
+    let out = crate::pool::SharedMut::new(out);
     let simd = simd();
     let row_blocks = t.div_ceil(ROWS);
     // Prompt rows: the query heads that share a KV head (up to 4) run together, so each key
@@ -348,12 +348,7 @@ pub(crate) fn causal_into(
                     }
                     seen.push(start + i + 1);
                     // SAFETY: row i, columns of head h, are written by this item only.
-                    ys.push(unsafe {
-                        std::slice::from_raw_parts_mut(
-                            (out_ptr as *mut f32).add(i * width + h * hd),
-                            hd,
-                        )
-                    });
+                    ys.push(unsafe { out.slice(i * width + h * hd, hd) });
                 }
             }
             let n = start + rows.end;
@@ -427,10 +422,7 @@ pub(crate) fn causal_into(
             // past `nq` are empty).
             let mut ys: [&mut [f32]; 4] = std::array::from_fn(|c| unsafe {
                 let len = if c < nq { hd } else { 0 };
-                std::slice::from_raw_parts_mut(
-                    (out_ptr as *mut f32).add(i * width + (heads.start + c.min(nq - 1)) * hd),
-                    len,
-                )
+                out.slice(i * width + (heads.start + c.min(nq - 1)) * hd, len)
             });
             // The weighted sums accumulate into the output (which may hold old values).
             for y in ys.iter_mut().take(nq) {

@@ -60,6 +60,7 @@ fn write_value(w: &mut impl Write, v: &Value) -> std::io::Result<()> {
 }
 
 /// One tensor to write: name, candle-order shape, type, raw block bytes.
+#[derive(Debug, Clone)]
 pub struct GgufTensor {
     /// Tensor name.
     pub name: String,

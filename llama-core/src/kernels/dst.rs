@@ -1,6 +1,8 @@
 //! Where a matmul's work items write their outputs: [`Dst`] (a fresh buffer) and
 //! [`DstWriter`] (bounds-checked writes into a buffer or a column block of a wider one).
 
+use crate::pool::SharedMut;
+
 /// A matmul's `[m, n]` output, filled by work items that each write their own values: no
 /// zeroing pass over the buffer first (it would cost a memory pass per matmul).
 pub(crate) struct Dst {
@@ -13,13 +15,14 @@ pub(crate) struct Dst {
 /// borrows the buffer for as long as it lives).
 #[derive(Clone, Copy)]
 pub(crate) struct DstWriter<'a> {
-    ptr: usize,
+    buf: SharedMut<'a, f32>,
+    /// The first column of the block this writer covers.
+    col0: usize,
     m: usize,
     n: usize,
     /// Values from one row to the next (`n` unless the output is a column block of a wider
     /// buffer).
     stride: usize,
-    _buf: std::marker::PhantomData<&'a mut [f32]>,
 }
 
 impl Dst {
@@ -32,12 +35,13 @@ impl Dst {
     }
 
     pub(crate) fn writer(&mut self) -> DstWriter<'_> {
+        let (m, n) = (self.m, self.n);
         DstWriter {
-            ptr: self.buf.as_mut_ptr() as usize,
-            m: self.m,
-            n: self.n,
-            stride: self.n,
-            _buf: std::marker::PhantomData,
+            buf: SharedMut::spare(&mut self.buf),
+            col0: 0,
+            m,
+            n,
+            stride: n,
         }
     }
 
@@ -66,12 +70,11 @@ impl<'a> DstWriter<'a> {
             "matmul output size"
         );
         DstWriter {
-            // In bounds: col0 <= stride, and the buffer holds m * stride values.
-            ptr: out.as_mut_ptr().wrapping_add(col0) as usize,
+            buf: SharedMut::new(out),
+            col0,
             m,
             n,
             stride,
-            _buf: std::marker::PhantomData,
         }
     }
 
@@ -83,15 +86,7 @@ impl<'a> DstWriter<'a> {
             row < self.m && col + vals.len() <= self.n,
             "matmul output bounds"
         );
-        // SAFETY: in bounds (checked above) of a buffer with m rows of `stride` reserved values
-        // that lives until `finish` (or the borrow ends); no two work items write the same
-        // element.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                vals.as_ptr(),
-                (self.ptr as *mut f32).add(row * self.stride + col),
-                vals.len(),
-            )
-        };
+        // SAFETY: no two work items write the same element (the shared buffer checks bounds).
+        unsafe { self.buf.write(row * self.stride + self.col0 + col, vals) };
     }
 }

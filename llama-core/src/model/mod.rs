@@ -77,34 +77,17 @@ pub struct ModelOptions<'a> {
 }
 
 impl<'a> ModelOptions<'a> {
-    /// Quantizes dense weights while loading.
-    pub fn with_quantize(mut self, q: QuantType) -> Self {
-        self.quantize = Some(q);
-        self
-    }
-
-    /// Overrides the output head's type when quantizing (see [`ModelOptions::quantize`]).
-    pub fn with_quantize_output(mut self, q: QuantType) -> Self {
-        self.quantize_output = Some(q);
-        self
-    }
-
-    /// Overrides an untied embedding's type when quantizing.
-    pub fn with_quantize_embedding(mut self, q: QuantType) -> Self {
-        self.quantize_embedding = Some(q);
-        self
-    }
-
-    /// Chooses the kernel path (see [`Kernel`]).
-    pub fn with_kernel(mut self, k: Kernel) -> Self {
-        self.kernel = k;
-        self
-    }
-
-    /// Sets the thread count (`0`: one per physical core).
-    pub fn with_threads(mut self, n: usize) -> Self {
-        self.threads = n;
-        self
+    setters! {
+        /// Quantizes dense weights while loading.
+        with_quantize(q: QuantType) => quantize = Some(q);
+        /// Overrides the output head's type when quantizing (see [`ModelOptions::quantize`]).
+        with_quantize_output(q: QuantType) => quantize_output = Some(q);
+        /// Overrides an untied embedding's type when quantizing.
+        with_quantize_embedding(q: QuantType) => quantize_embedding = Some(q);
+        /// Chooses the kernel path (see [`Kernel`]).
+        with_kernel(k: Kernel) => kernel = k;
+        /// Sets the thread count (`0`: one per physical core).
+        with_threads(n: usize) => threads = n;
     }
 
     /// Sets a progress callback.

@@ -20,6 +20,26 @@ pub enum KvCacheType {
     F32,
 }
 
+impl KvCacheType {
+    /// Parses `f16` or `f32`.
+    pub fn parse(s: &str) -> Result<KvCacheType> {
+        match s {
+            "f16" => Ok(KvCacheType::F16),
+            "f32" => Ok(KvCacheType::F32),
+            other => Err(Error::InvalidArgument(format!(
+                "kv_type must be 'f16' or 'f32', not {other:?}"
+            ))),
+        }
+    }
+    /// The name [`KvCacheType::parse`] takes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KvCacheType::F16 => "f16",
+            KvCacheType::F32 => "f32",
+        }
+    }
+}
+
 /// Options for [`Model::session`].
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -52,30 +72,17 @@ impl Default for SessionOptions {
 }
 
 impl SessionOptions {
-    /// Sets the context size.
-    pub fn n_ctx(mut self, n: usize) -> Self {
-        self.n_ctx = n;
-        self
-    }
-    /// Sets the prompt batch size.
-    pub fn n_batch(mut self, n: usize) -> Self {
-        self.n_batch = n;
-        self
-    }
-    /// Enables context shift keeping the first `n_keep` tokens.
-    pub fn context_shift(mut self, n_keep: usize) -> Self {
-        self.context_shift = Some(n_keep);
-        self
-    }
-    /// Sets the KV cache precision.
-    pub fn kv_type(mut self, t: KvCacheType) -> Self {
-        self.kv_type = t;
-        self
-    }
-    /// Sets the thread count (`0`: the model's).
-    pub fn threads(mut self, n: usize) -> Self {
-        self.threads = n;
-        self
+    setters! {
+        /// Sets the context size.
+        n_ctx(n: usize) => n_ctx = n;
+        /// Sets the prompt batch size.
+        n_batch(n: usize) => n_batch = n;
+        /// Enables context shift keeping the first `n_keep` tokens.
+        context_shift(n_keep: usize) => context_shift = Some(n_keep);
+        /// Sets the KV cache precision.
+        kv_type(t: KvCacheType) => kv_type = t;
+        /// Sets the thread count (`0`: the model's).
+        threads(n: usize) => threads = n;
     }
 }
 

@@ -630,3 +630,76 @@ pub fn reference_logits(t: &Tiny, tokens: &[u32]) -> Vec<Vec<f64>> {
         .map(|x| matvec(head, &rmsnorm(x, &w["model.norm.weight"], s.eps)))
         .collect()
 }
+
+/// Tensor `name` of `g` stored as `dtype`, with the values the stored tensor holds (as F32
+/// bytes); 1-D tensors and `F32` are kept as they are (`None`).
+pub fn stored_as(
+    g: &llama_core::gguf::GgufFile,
+    name: &str,
+    dtype: GgmlDType,
+) -> (GgufTensor, Option<GgufTensor>) {
+    let (info, data) = g.tensor_data(name).unwrap();
+    if info.shape.len() == 1 || dtype == GgmlDType::F32 {
+        let t = GgufTensor {
+            name: name.to_string(),
+            shape: info.shape.clone(),
+            dtype: info.dtype,
+            data: data.to_vec(),
+        };
+        return (t, None);
+    }
+    let vals: Vec<f32> = data
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let tensor = Tensor::from_vec(vals, info.shape.clone(), &Device::Cpu).unwrap();
+    let q = candle_core::quantized::QTensor::quantize(&tensor, dtype).unwrap();
+    let back: Vec<u8> = q
+        .dequantize(&Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .flat_map(|x| x.to_le_bytes())
+        .collect();
+    let stored = GgufTensor {
+        name: name.to_string(),
+        shape: info.shape.clone(),
+        dtype,
+        data: q.data().unwrap().to_vec(),
+    };
+    let values = GgufTensor {
+        name: name.to_string(),
+        shape: info.shape.clone(),
+        dtype: GgmlDType::F32,
+        data: back,
+    };
+    (stored, Some(values))
+}
+
+/// Every GGUF block type candle writes, besides F32: the formats tests and the logit hashes
+/// run each.
+pub const GGUF_TYPES: [GgmlDType; 12] = [
+    GgmlDType::F16,
+    GgmlDType::BF16,
+    GgmlDType::Q8_0,
+    GgmlDType::Q5_0,
+    GgmlDType::Q5_1,
+    GgmlDType::Q4_0,
+    GgmlDType::Q4_1,
+    GgmlDType::Q6K,
+    GgmlDType::Q5K,
+    GgmlDType::Q4K,
+    GgmlDType::Q3K,
+    GgmlDType::Q2K,
+];
+
+/// A GGUF file's metadata as `write_gguf` takes it.
+pub fn metadata(g: &llama_core::gguf::GgufFile) -> Vec<(String, Value)> {
+    g.metadata
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}

@@ -28,11 +28,8 @@
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
-
 #[cfg(target_arch = "x86_64")]
-pub(crate) use avx2::*;
-#[cfg(target_arch = "x86_64")]
-pub(crate) use avx512::*;
+pub(crate) use {avx2::*, avx512::*};
 
 use super::*;
 use half::f16;

@@ -1,18 +1,15 @@
 //! Dense f16 weight matrices ([`F16Matrix`]): 16-row groups, the scalar path and the dispatch
 //! to the [`avx2`] and [`avx512`] tiles.
 
+use super::*;
+use half::f16;
+
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
-
 #[cfg(target_arch = "x86_64")]
-pub(crate) use avx2::*;
-#[cfg(target_arch = "x86_64")]
-pub(crate) use avx512::*;
-
-use super::*;
-use half::f16;
+pub(crate) use {avx2::*, avx512::*};
 
 /// A dense f16 weight matrix `[n, k]`, kept at f16 (half the bytes of f32) and multiplied in
 /// f32 (F16C conversion and FMA on x86-64 when present).

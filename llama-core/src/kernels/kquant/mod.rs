@@ -142,3 +142,58 @@ impl<T: KBlock> WeightMatrix for KMatrix<T> {
         Ok(())
     }
 }
+
+/// For the k-quant tests: rows equal candle's dequantization; products equal the scalar path
+/// (`tile(mat, group, activation rows, out)` over groups of `gs(mat)` rows, the same q8_K
+/// integers) and agree with candle's matmul of the same type (which also quantizes activations
+/// to q8_K).
+#[cfg(test)]
+pub(crate) fn check_kquant<M: WeightMatrix, const W: usize>(
+    dtype: GgmlDType,
+    seed: u32,
+    make: impl Fn(&[u8], usize, usize) -> M,
+    gs: impl Fn(&M) -> usize,
+    tile: impl Fn(&M, usize, &[&[q4k::XK]], &mut [[f32; W]]),
+) {
+    use candle_core::quantized::QTensor;
+    let vec = |t: Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+    for (n, k, m) in [(16, 512, 1), (8, 256, 5), (24, 768, 9)] {
+        let w = crate::test_util::values(n * k, seed + n as u32);
+        let t = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&t, dtype).unwrap();
+        let mat = make(&q.data().unwrap(), n, k);
+        let ids: Vec<u32> = (0..n as u32).collect();
+        let full = vec(q.dequantize(&Device::Cpu).unwrap());
+        assert_eq!(vec(mat.rows(&ids).unwrap()), full, "{dtype:?} rows");
+        let x = crate::test_util::values(m * k, seed + 14 + m as u32);
+        let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap();
+        let got = vec(mat.forward(&xt).unwrap());
+        let nb = k / q4k::QK_K;
+        let mut xq = vec![q4k::ZERO_XK; m * nb];
+        for r in 0..m {
+            q4k::quantize_q8k(&x[r * k..(r + 1) * k], &mut xq[r * nb..(r + 1) * nb]);
+        }
+        let qm = candle_core::quantized::QMatMul::from_qtensor(q).unwrap();
+        let theirs = vec(candle_core::Module::forward(&qm, &xt).unwrap());
+        let gs = gs(&mat);
+        let mut want = vec![0f32; m * n];
+        let xr: Vec<&[q4k::XK]> = (0..m).map(|r| &xq[r * nb..(r + 1) * nb]).collect();
+        for g in 0..n / gs {
+            let mut out = vec![[0f32; W]; m];
+            tile(&mat, g, &xr, &mut out);
+            for (r, o) in out.iter().enumerate() {
+                want[r * n + g * gs..][..gs].copy_from_slice(&o[..gs]);
+            }
+        }
+        for ((&a, &s), &c) in got.iter().zip(&want).zip(&theirs) {
+            assert!(
+                (a - s).abs() < 1e-4 * (1.0 + s.abs()),
+                "{dtype:?}: {a} vs scalar {s}"
+            );
+            assert!(
+                (a - c).abs() < 2e-3 * (1.0 + c.abs()),
+                "{dtype:?}: {a} vs candle {c}"
+            );
+        }
+    }
+}

@@ -21,7 +21,7 @@ use half::f16;
 use super::{isa, run_items, DstWriter, Isa, WeightMatrix};
 use crate::error::{Error, Result};
 
-const QK_K: usize = 256;
+pub(crate) const QK_K: usize = 256;
 const GGUF_BYTES: usize = 144;
 /// Rows per group: 8 for the 256-bit kernels, 16 for the 512-bit ones.
 const G: usize = 8;
@@ -49,7 +49,7 @@ const fn group_bytes(gs: usize) -> usize {
 /// One q8_K activation block: scale, quants, and the sums of each 32-quant sub-block.
 #[derive(Clone, Copy)]
 #[repr(C, align(32))]
-pub(super) struct XK {
+pub(crate) struct XK {
     pub(super) d: f32,
     /// Sums of each 32-quant sub-block (Q4_K's mins).
     pub(super) sub: [i16; 8],
@@ -536,73 +536,19 @@ impl WeightMatrix for Q4KMatrix {
 mod tests {
     use super::*;
     use crate::test_util::values;
-    use candle_core::quantized::{GgmlDType, QTensor};
-    use candle_core::{Device, Tensor};
+    use candle_core::quantized::GgmlDType;
 
     /// Rows equal candle's dequantization; products equal the scalar path over the same
-    /// integers and agree with candle's Q4_K matmul (both quantize activations to q8_K).
+    /// integers and agree with candle's Q4_K matmul.
     #[test]
     fn q4k_matrix_matches_scalar_and_candle() {
-        for (n, k, m) in [(16, 512, 1), (8, 256, 5), (24, 768, 9)] {
-            let w = values(n * k, 3 + n as u32);
-            let q = QTensor::quantize(
-                &Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap(),
-                GgmlDType::Q4K,
-            )
-            .unwrap();
-            let mat = Q4KMatrix::new(&q.data().unwrap(), n, k).unwrap();
-            let full: Vec<f32> = q
-                .dequantize(&Device::Cpu)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let ids: Vec<u32> = (0..n as u32).collect();
-            let rows: Vec<f32> = mat
-                .rows(&ids)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            assert_eq!(rows, full);
-            let x = values(m * k, 17 + m as u32);
-            let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap();
-            let got: Vec<f32> = mat
-                .forward(&xt)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let nb = k / QK_K;
-            let mut xq = vec![ZERO_XK; m * nb];
-            for r in 0..m {
-                quantize_q8k(&x[r * k..(r + 1) * k], &mut xq[r * nb..(r + 1) * nb]);
-            }
-            let qm = candle_core::quantized::QMatMul::from_qtensor(q).unwrap();
-            let theirs: Vec<f32> = candle_core::Module::forward(&qm, &xt)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let gs = mat.gs;
-            for g in 0..n / gs {
-                let xr: Vec<&[XK]> = (0..m).map(|r| &xq[r * nb..(r + 1) * nb]).collect();
-                let mut want = vec![[0f32; G16]; m];
-                mat.tile_scalar(g, &xr, &mut want);
-                for r in 0..m {
-                    for i in 0..gs {
-                        let (a, s) = (got[r * n + g * gs + i], want[r][i]);
-                        assert!((a - s).abs() < 1e-4 * (1.0 + s.abs()), "{a} vs scalar {s}");
-                        let c = theirs[r * n + g * gs + i];
-                        assert!((a - c).abs() < 2e-3 * (1.0 + c.abs()), "{a} vs candle {c}");
-                    }
-                }
-            }
-        }
+        crate::kernels::check_kquant(
+            GgmlDType::Q4K,
+            3,
+            |b, n, k| Q4KMatrix::new(b, n, k).unwrap(),
+            |m| m.gs,
+            |m, g, x, out| m.tile_scalar(g, x, out),
+        );
     }
 
     #[test]

@@ -313,73 +313,18 @@ impl WeightMatrix for Q6KMatrix {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::q4k::{quantize_q8k, ZERO_XK};
-    use crate::test_util::values;
-    use candle_core::quantized::{GgmlDType, QTensor};
-    use candle_core::{Device, Tensor};
+    use candle_core::quantized::GgmlDType;
 
     /// Rows equal candle's dequantization; products equal the scalar path over the same
-    /// integers and agree with candle's Q6_K matmul (both quantize activations to q8_K).
+    /// integers and agree with candle's Q6_K matmul.
     #[test]
     fn q6k_matrix_matches_scalar_and_candle() {
-        for (n, k, m) in [(16, 512, 1), (8, 256, 5), (24, 768, 9)] {
-            let w = values(n * k, 5 + n as u32);
-            let q = QTensor::quantize(
-                &Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap(),
-                GgmlDType::Q6K,
-            )
-            .unwrap();
-            let mat = Q6KMatrix::new(&q.data().unwrap(), n, k).unwrap();
-            let full: Vec<f32> = q
-                .dequantize(&Device::Cpu)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let ids: Vec<u32> = (0..n as u32).collect();
-            let rows: Vec<f32> = mat
-                .rows(&ids)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            assert_eq!(rows, full);
-            let x = values(m * k, 19 + m as u32);
-            let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap();
-            let got: Vec<f32> = mat
-                .forward(&xt)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let nb = k / QK_K;
-            let mut xq = vec![ZERO_XK; m * nb];
-            for r in 0..m {
-                quantize_q8k(&x[r * k..(r + 1) * k], &mut xq[r * nb..(r + 1) * nb]);
-            }
-            let qm = candle_core::quantized::QMatMul::from_qtensor(q).unwrap();
-            let theirs: Vec<f32> = candle_core::Module::forward(&qm, &xt)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            for g in 0..n / G {
-                let xr: Vec<&[XK]> = (0..m).map(|r| &xq[r * nb..(r + 1) * nb]).collect();
-                let mut want = vec![[0f32; G]; m];
-                mat.tile_scalar(g, &xr, &mut want);
-                for r in 0..m {
-                    for i in 0..G {
-                        let (a, s) = (got[r * n + g * G + i], want[r][i]);
-                        assert!((a - s).abs() < 1e-4 * (1.0 + s.abs()), "{a} vs scalar {s}");
-                        let c = theirs[r * n + g * G + i];
-                        assert!((a - c).abs() < 2e-3 * (1.0 + c.abs()), "{a} vs candle {c}");
-                    }
-                }
-            }
-        }
+        crate::kernels::check_kquant(
+            GgmlDType::Q6K,
+            5,
+            |b, n, k| Q6KMatrix::new(b, n, k).unwrap(),
+            |_| G,
+            |m, g, x, out| m.tile_scalar(g, x, out),
+        );
     }
 }
