@@ -121,6 +121,17 @@ impl RopeScaling {
 }
 
 impl Config {
+    /// `(hidden_size, head_dim, num_attention_heads, num_key_value_heads, intermediate_size)`.
+    pub(crate) fn dims(&self) -> (usize, usize, usize, usize, usize) {
+        (
+            self.hidden_size,
+            self.head_dim,
+            self.num_attention_heads,
+            self.num_key_value_heads,
+            self.intermediate_size,
+        )
+    }
+
     /// Checks internal consistency (positive sizes, head counts dividing evenly, ...).
     pub fn validate(&self, path: &Path) -> Result<()> {
         let bad = |m: String| Err(Error::config(path, m));

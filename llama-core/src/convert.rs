@@ -9,12 +9,10 @@ use std::path::Path;
 
 use candle_core::{DType, Tensor};
 
-use crate::config::{Config, RopeScaling};
+use crate::config::RopeScaling;
 use crate::error::{Error, Result};
-use crate::gguf::{finish_tmp, tmp_name, GgufFile};
+use crate::gguf::{finish_tmp, tmp_name};
 pub use crate::gguf::{write_gguf, GgufTensor};
-use crate::tokenizer::Tokenizer;
-use crate::weights::WeightSource;
 
 /// Dense storage types for conversions: [`FileType::F32`] or [`FileType::F16`] (a block type is
 /// an error where a dense one is needed).
@@ -29,16 +27,14 @@ pub fn gguf_to_hf(
     ty: DenseType,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<()> {
-    let g = GgufFile::open(src)?;
-    let cfg = Config::from_gguf(&g)?;
-    cfg.validate(src)?;
-    let tok = Tokenizer::from_gguf(&g)?;
-    let template = g
-        .get("tokenizer.chat_template")
-        .and_then(|v| v.as_str())
-        .map(str::to_string);
-    let rope_freqs = g.tensors.contains_key("rope_freqs.weight");
-    let src_w = WeightSource::Gguf(g);
+    let crate::weights::Parts {
+        src: src_w,
+        config: cfg,
+        tokenizer: tok,
+        chat_template: template,
+        ..
+    } = crate::weights::open_gguf(src)?;
+    let rope_freqs = src_w.has(crate::weights::W::RopeFreqs);
     let dtype = match ty {
         DenseType::F32 => DType::F32,
         DenseType::F16 => DType::F16,

@@ -43,25 +43,20 @@ fn gen(s: &mut Session, prompt: &[u32], smp: &mut Sampler, n: usize) -> Vec<u32>
 }
 
 /// Greedy generation of at most `n` tokens after `prompt`.
-fn greedy(s: &mut Session, prompt: &[u32], n: usize) -> Generation {
-    s.generate(
-        prompt,
-        &mut Sampler::greedy(),
-        GenerateOptions::default().max_tokens(n),
-        |_| ControlFlow::Continue(()),
-    )
+fn greedy_prompt(s: &mut Session, prompt: llama_core::Prompt<'_>, n: usize) -> Generation {
+    let opts = GenerateOptions::default().max_tokens(n);
+    s.generate_prompt(prompt, &mut Sampler::greedy(), opts, |_| {
+        ControlFlow::Continue(())
+    })
     .unwrap()
 }
 
-/// Greedy reply of at most `n` tokens to `messages`.
+fn greedy(s: &mut Session, prompt: &[u32], n: usize) -> Generation {
+    greedy_prompt(s, llama_core::Prompt::Tokens(prompt), n)
+}
+
 fn greedy_chat(s: &mut Session, messages: &[Message], n: usize) -> Generation {
-    s.chat(
-        messages,
-        &mut Sampler::greedy(),
-        GenerateOptions::default().max_tokens(n),
-        |_| ControlFlow::Continue(()),
-    )
-    .unwrap()
+    greedy_prompt(s, llama_core::Prompt::Chat(messages), n)
 }
 
 fn seeded(seed: u64) -> Sampler {

@@ -19,6 +19,38 @@ use candle_core::{Device, Tensor};
 pub(crate) use crate::error::{Error, Result};
 pub(crate) use crate::pool::for_each_chunk_mut;
 
+/// [`WeightMatrix`] for one of our matrix types: fields `n`, `k` and `data`, an inherent
+/// `compute(xs, m, put)` (the matmul) and `dequantize_row(i, out)`.
+macro_rules! our_weight_matrix {
+    ($t:ty, $dtype:expr) => {
+        impl $crate::kernels::WeightMatrix for $t {
+            fn dtype(&self) -> candle_core::quantized::GgmlDType {
+                let dtype: fn(&Self) -> candle_core::quantized::GgmlDType = $dtype;
+                dtype(self)
+            }
+            fn shape(&self) -> (usize, usize) {
+                (self.n, self.k)
+            }
+            fn bytes(&self) -> usize {
+                std::mem::size_of_val(&self.data[..])
+            }
+            fn matmul(
+                &self,
+                xs: &[f32],
+                m: usize,
+                put: $crate::kernels::DstWriter<'_>,
+            ) -> $crate::error::Result<()> {
+                self.compute(xs, m, put);
+                Ok(())
+            }
+            fn row_into(&self, i: usize, out: &mut [f32]) -> $crate::error::Result<()> {
+                self.dequantize_row(i, out);
+                Ok(())
+            }
+        }
+    };
+}
+
 mod block32;
 mod dst;
 mod elementwise;

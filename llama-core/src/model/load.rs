@@ -2,16 +2,7 @@
 //! settings and pool (quantize-at-load included), with progress and cancellation.
 
 use super::*;
-use crate::weights::open_hf;
-
-/// What a model is built from: its weights (still mapped), configuration, tokenizer and template.
-struct Parts {
-    src: WeightSource,
-    config: Config,
-    tokenizer: Tokenizer,
-    chat_template: Option<String>,
-    format: &'static str,
-}
+use crate::weights::{open_gguf, open_hf, Parts};
 
 fn fnv1a(h: &mut u64, bytes: &[u8]) {
     for &b in bytes {
@@ -61,32 +52,19 @@ impl Model {
         quantize: crate::types::TypeRules,
         runtime: Runtime,
     ) -> Result<Model> {
-        let mut g = GgufFile::open(path)?;
-        let config = Config::from_gguf(&g)?;
-        config.validate(path)?;
-        let tokenizer = Tokenizer::from_gguf(&g)?;
-        let chat_template = g
-            .get("tokenizer.chat_template")
-            .and_then(|v| v.as_str())
-            .map(str::to_string);
+        let mut parts = open_gguf(path)?;
         // The vocabulary arrays (~10 MiB of strings for a 49k vocabulary) now live in the
         // tokenizer; freeing them before the weights load lowers the load's peak memory.
-        for key in [
-            "tokenizer.ggml.tokens",
-            "tokenizer.ggml.merges",
-            "tokenizer.ggml.scores",
-            "tokenizer.ggml.token_type",
-        ] {
-            g.metadata.remove(key);
+        if let WeightSource::Gguf(g) = &mut parts.src {
+            for key in [
+                "tokenizer.ggml.tokens",
+                "tokenizer.ggml.merges",
+                "tokenizer.ggml.scores",
+                "tokenizer.ggml.token_type",
+            ] {
+                g.metadata.remove(key);
+            }
         }
-        let src = WeightSource::Gguf(g);
-        let parts = Parts {
-            src,
-            config,
-            tokenizer,
-            chat_template,
-            format: "gguf",
-        };
         Self::build(parts, progress, quantize, runtime)
     }
 
@@ -96,15 +74,7 @@ impl Model {
         quantize: crate::types::TypeRules,
         runtime: Runtime,
     ) -> Result<Model> {
-        let parts = open_hf(dir)?;
-        let parts = Parts {
-            src: parts.src,
-            config: parts.config,
-            tokenizer: parts.tokenizer,
-            chat_template: parts.chat_template,
-            format: "safetensors",
-        };
-        Self::build(parts, progress, quantize, runtime)
+        Self::build(open_hf(dir)?.into(), progress, quantize, runtime)
     }
 
     fn build(

@@ -15,7 +15,6 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::exec::{Kernel, Settings};
-use crate::gguf::GgufFile;
 use crate::kv_cache::KvCache;
 use crate::matrix::{self, Linear, Matmul};
 use crate::pool::Runtime;
@@ -254,13 +253,7 @@ impl Model {
     /// Number of parameters (weights of every layer, embedding, norms and output head).
     pub fn n_params(&self) -> usize {
         let c = &self.inner.config;
-        let (h, hd, nh, nkv, ff) = (
-            c.hidden_size,
-            c.head_dim,
-            c.num_attention_heads,
-            c.num_key_value_heads,
-            c.intermediate_size,
-        );
+        let (h, hd, nh, nkv, ff) = c.dims();
         let layer = h * nh * hd * 2 + h * nkv * hd * 2 + 3 * h * ff + 2 * h;
         let head = if c.tie_word_embeddings {
             0

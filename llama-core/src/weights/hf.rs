@@ -19,6 +19,18 @@ pub(crate) struct HfParts {
     pub(crate) tokenizer_json: serde_json::Value,
 }
 
+impl From<HfParts> for super::Parts {
+    fn from(p: HfParts) -> super::Parts {
+        super::Parts {
+            src: p.src,
+            config: p.config,
+            tokenizer: p.tokenizer,
+            chat_template: p.chat_template,
+            format: "safetensors",
+        }
+    }
+}
+
 pub(crate) fn open_hf(dir: &Path) -> Result<HfParts> {
     let cfg_path = dir.join("config.json");
     if !cfg_path.is_file() {

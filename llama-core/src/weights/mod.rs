@@ -21,6 +21,36 @@ mod st;
 use crate::gguf::GgufFile;
 use crate::matrix::{aligned, as_bytes, family, Family, Matmul};
 pub(crate) use hf::open_hf;
+
+/// What a model is built from: its weights (still mapped), configuration, tokenizer and chat
+/// template, parsed and checked.
+pub(crate) struct Parts {
+    pub(crate) src: WeightSource,
+    pub(crate) config: crate::config::Config,
+    pub(crate) tokenizer: crate::tokenizer::Tokenizer,
+    pub(crate) chat_template: Option<String>,
+    /// `"gguf"` or `"safetensors"`.
+    pub(crate) format: &'static str,
+}
+
+/// A GGUF file's parts (its configuration validated).
+pub(crate) fn open_gguf(path: &Path) -> Result<Parts> {
+    let g = GgufFile::open(path)?;
+    let config = crate::config::Config::from_gguf(&g)?;
+    config.validate(path)?;
+    let tokenizer = crate::tokenizer::Tokenizer::from_gguf(&g)?;
+    let chat_template = g
+        .get("tokenizer.chat_template")
+        .and_then(|v| v.as_str())
+        .map(str::to_string);
+    Ok(Parts {
+        src: WeightSource::Gguf(g),
+        config,
+        tokenizer,
+        chat_template,
+        format: "gguf",
+    })
+}
 pub use names::permute_rows_for_gguf;
 pub(crate) use names::{llama_tensors, unpermute_rows, W};
 use st::st_to_f32;

@@ -25,13 +25,7 @@ pub(crate) fn llama_tensors(
     c: &crate::config::Config,
     has_output: bool,
 ) -> Vec<(W, Vec<usize>, Option<usize>)> {
-    let (h, hd, nh, nkv, ff) = (
-        c.hidden_size,
-        c.head_dim,
-        c.num_attention_heads,
-        c.num_key_value_heads,
-        c.intermediate_size,
-    );
+    let (h, hd, nh, nkv, ff) = c.dims();
     let mut list = vec![(W::Embed, vec![c.vocab_size, h], None)];
     for l in 0..c.num_hidden_layers {
         list.push((W::AttnNorm(l), vec![h], None));

@@ -638,22 +638,4 @@ impl BlockMatrix {
     }
 }
 
-impl WeightMatrix for BlockMatrix {
-    fn dtype(&self) -> GgmlDType {
-        self.fmt.ggml()
-    }
-    fn shape(&self) -> (usize, usize) {
-        (self.n, self.k)
-    }
-    fn bytes(&self) -> usize {
-        self.data.len()
-    }
-    fn matmul(&self, xs: &[f32], m: usize, put: DstWriter<'_>) -> Result<()> {
-        self.compute(xs, m, put);
-        Ok(())
-    }
-    fn row_into(&self, i: usize, out: &mut [f32]) -> Result<()> {
-        self.dequantize_row(i, out);
-        Ok(())
-    }
-}
+our_weight_matrix!(BlockMatrix, |m| m.fmt.ggml());

@@ -283,22 +283,4 @@ impl F16Matrix {
     }
 }
 
-impl WeightMatrix for F16Matrix {
-    fn dtype(&self) -> GgmlDType {
-        GgmlDType::F16
-    }
-    fn shape(&self) -> (usize, usize) {
-        (self.n, self.k)
-    }
-    fn bytes(&self) -> usize {
-        self.data.len() * 2
-    }
-    fn matmul(&self, xs: &[f32], m: usize, put: DstWriter<'_>) -> Result<()> {
-        self.compute(xs, m, put);
-        Ok(())
-    }
-    fn row_into(&self, i: usize, out: &mut [f32]) -> Result<()> {
-        self.dequantize_row(i, out);
-        Ok(())
-    }
-}
+our_weight_matrix!(F16Matrix, |_| GgmlDType::F16);

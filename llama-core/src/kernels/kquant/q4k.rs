@@ -457,20 +457,11 @@ pub(super) fn group_matmul(
     run_items(row_tiles * (n / gs), &work);
 }
 
-impl WeightMatrix for Q4KMatrix {
-    fn dtype(&self) -> candle_core::quantized::GgmlDType {
-        candle_core::quantized::GgmlDType::Q4K
-    }
+our_weight_matrix!(Q4KMatrix, |_| candle_core::quantized::GgmlDType::Q4K);
 
-    fn shape(&self) -> (usize, usize) {
-        (self.n, self.k)
-    }
-
-    fn bytes(&self) -> usize {
-        std::mem::size_of_val(&self.data[..])
-    }
-
-    fn matmul(&self, xs: &[f32], m: usize, put: DstWriter<'_>) -> Result<()> {
+impl Q4KMatrix {
+    /// `xs @ W^T` for `m` rows of `k` values, every output written through `put`.
+    fn compute(&self, xs: &[f32], m: usize, put: DstWriter<'_>) {
         let (isa, gs) = (isa(), self.gs);
         let nb = self.k / QK_K;
         group_matmul(
@@ -523,12 +514,6 @@ impl WeightMatrix for Q4KMatrix {
                 }
             },
         );
-        Ok(())
-    }
-
-    fn row_into(&self, i: usize, out: &mut [f32]) -> Result<()> {
-        self.dequantize_row(i, out);
-        Ok(())
     }
 }
 

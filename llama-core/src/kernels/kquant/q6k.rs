@@ -252,20 +252,11 @@ q6k_group!(q6k_avx2, "avx2,fma,f16c", false);
 #[cfg(target_arch = "x86_64")]
 q6k_group!(q6k_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", true);
 
-impl WeightMatrix for Q6KMatrix {
-    fn dtype(&self) -> candle_core::quantized::GgmlDType {
-        candle_core::quantized::GgmlDType::Q6K
-    }
+our_weight_matrix!(Q6KMatrix, |_| candle_core::quantized::GgmlDType::Q6K);
 
-    fn shape(&self) -> (usize, usize) {
-        (self.n, self.k)
-    }
-
-    fn bytes(&self) -> usize {
-        std::mem::size_of_val(&self.data[..])
-    }
-
-    fn matmul(&self, xs: &[f32], m: usize, put: DstWriter<'_>) -> Result<()> {
+impl Q6KMatrix {
+    /// `xs @ W^T` for `m` rows of `k` values, every output written through `put`.
+    fn compute(&self, xs: &[f32], m: usize, put: DstWriter<'_>) {
         let (isa, nb) = (isa(), self.k / QK_K);
         group_matmul(xs, m, self.shape(), G, put, &|g, rows, x, xq, out| {
             let mut part = [[0f32; G]; TILE_R];
@@ -301,12 +292,6 @@ impl WeightMatrix for Q6KMatrix {
                 o[..G].copy_from_slice(p);
             }
         });
-        Ok(())
-    }
-
-    fn row_into(&self, i: usize, out: &mut [f32]) -> Result<()> {
-        self.dequantize_row(i, out);
-        Ok(())
     }
 }
 
