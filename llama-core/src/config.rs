@@ -92,6 +92,28 @@ pub(crate) enum Llama3Band {
 }
 
 impl RopeScaling {
+    /// The `rope_scaling` object of a Hugging Face config.json (`None` when unscaled), as
+    /// [`Config::from_hf_json`] reads it.
+    pub(crate) fn to_hf_json(&self) -> Option<serde_json::Value> {
+        Some(match *self {
+            RopeScaling::None => return None,
+            RopeScaling::Linear { factor } => {
+                serde_json::json!({"rope_type": "linear", "factor": factor})
+            }
+            RopeScaling::Dynamic { factor } => {
+                serde_json::json!({"rope_type": "dynamic", "factor": factor})
+            }
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => serde_json::json!({"rope_type": "llama3", "factor": factor,
+                "low_freq_factor": low_freq_factor, "high_freq_factor": high_freq_factor,
+                "original_max_position_embeddings": original_max_position_embeddings}),
+        })
+    }
+
     /// The llama3 rule (Llama 3.1+): how the inverse frequency `inv_freq` is rescaled, by its
     /// wavelength against the original context's bands. `None` for the other scalings. The one
     /// place the rule is written: RoPE applies it, and the GGUF writer stores it as llama.cpp's

@@ -9,7 +9,6 @@ use std::path::Path;
 
 use candle_core::{DType, Tensor};
 
-use crate::config::RopeScaling;
 use crate::error::{Error, Result};
 use crate::gguf::{finish_tmp, tmp_name};
 pub use crate::gguf::{write_gguf, GgufTensor};
@@ -89,24 +88,8 @@ pub fn gguf_to_hf(
     if let Some(&e) = c.eos_token_ids.first() {
         config["eos_token_id"] = e.into();
     }
-    match &c.rope_scaling {
-        RopeScaling::None => {}
-        RopeScaling::Linear { factor } => {
-            config["rope_scaling"] = serde_json::json!({"rope_type": "linear", "factor": factor})
-        }
-        RopeScaling::Dynamic { factor } => {
-            config["rope_scaling"] = serde_json::json!({"rope_type": "dynamic", "factor": factor})
-        }
-        RopeScaling::Llama3 {
-            factor,
-            low_freq_factor,
-            high_freq_factor,
-            original_max_position_embeddings,
-        } => {
-            config["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": factor,
-                "low_freq_factor": low_freq_factor, "high_freq_factor": high_freq_factor,
-                "original_max_position_embeddings": original_max_position_embeddings})
-        }
+    if let Some(j) = c.rope_scaling.to_hf_json() {
+        config["rope_scaling"] = j;
     }
     if rope_freqs {
         tracing::warn!("rope_freqs.weight is not representable in config.json; the exported folder runs without it");

@@ -393,13 +393,11 @@ fn top_logprobs_one_tie_order_everywhere() {
     // The generator reports the same alternatives for the token it draws.
     let greedy = s.sample(&mut Sampler::greedy()).unwrap();
     assert_eq!(greedy, top[0].0);
+    let one = GenerateOptions::default().max_tokens(1).logprobs(5);
     let g = s
-        .generate(
-            &[],
-            &mut Sampler::greedy(),
-            GenerateOptions::default().max_tokens(1).logprobs(5),
-            |_| ControlFlow::Continue(()),
-        )
+        .generate(&[], &mut Sampler::greedy(), one, |_| {
+            ControlFlow::Continue(())
+        })
         .unwrap();
     assert_eq!(g.logprobs[0].top, top);
 }

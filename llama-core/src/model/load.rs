@@ -28,11 +28,12 @@ impl Model {
         let progress = options.progress.as_mut();
         let t0 = std::time::Instant::now();
         let model = runtime.run(|| {
-            if meta.is_dir() {
-                Self::load_hf(path, progress, quantize, runtime)
+            let parts = if meta.is_dir() {
+                open_hf(path)?.into()
             } else {
-                Self::load_gguf(path, progress, quantize, runtime)
-            }
+                open_gguf_for_loading(path)?
+            };
+            Self::build(parts, progress, quantize, runtime)
         })?;
         tracing::info!(
             path = %path.display(),
@@ -44,37 +45,6 @@ impl Model {
             "model loaded"
         );
         Ok(model)
-    }
-
-    fn load_gguf(
-        path: &Path,
-        progress: Option<&mut ProgressFn<'_>>,
-        quantize: crate::types::TypeRules,
-        runtime: Runtime,
-    ) -> Result<Model> {
-        let mut parts = open_gguf(path)?;
-        // The vocabulary arrays (~10 MiB of strings for a 49k vocabulary) now live in the
-        // tokenizer; freeing them before the weights load lowers the load's peak memory.
-        if let WeightSource::Gguf(g) = &mut parts.src {
-            for key in [
-                "tokenizer.ggml.tokens",
-                "tokenizer.ggml.merges",
-                "tokenizer.ggml.scores",
-                "tokenizer.ggml.token_type",
-            ] {
-                g.metadata.remove(key);
-            }
-        }
-        Self::build(parts, progress, quantize, runtime)
-    }
-
-    fn load_hf(
-        dir: &Path,
-        progress: Option<&mut ProgressFn<'_>>,
-        quantize: crate::types::TypeRules,
-        runtime: Runtime,
-    ) -> Result<Model> {
-        Self::build(open_hf(dir)?.into(), progress, quantize, runtime)
     }
 
     fn build(
@@ -222,4 +192,21 @@ impl Model {
             }),
         })
     }
+}
+
+/// [`open_gguf`], with the vocabulary arrays (~10 MiB of strings for a 49k vocabulary, now in
+/// the tokenizer) freed before the weights load, which lowers the load's peak memory.
+fn open_gguf_for_loading(path: &Path) -> Result<Parts> {
+    let mut parts = open_gguf(path)?;
+    if let WeightSource::Gguf(g) = &mut parts.src {
+        for key in [
+            "tokenizer.ggml.tokens",
+            "tokenizer.ggml.merges",
+            "tokenizer.ggml.scores",
+            "tokenizer.ggml.token_type",
+        ] {
+            g.metadata.remove(key);
+        }
+    }
+    Ok(parts)
 }

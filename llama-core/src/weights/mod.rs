@@ -312,12 +312,7 @@ impl WeightSource {
 
     /// Loads a tensor as a dense f32 tensor.
     pub(crate) fn load_dense(&self, w: W, shape: &[usize]) -> Result<Tensor> {
-        match self.load(w, shape, None)?.into_f32() {
-            Ok(v) => Ok(Tensor::from_vec(v, shape, &Device::Cpu)?),
-            Err(q) => q
-                .dequantize(&Device::Cpu)
-                .map_err(|e| Error::weights(self.path(), format!("{w:?}"), e.to_string())),
-        }
+        self.load_dense_unpermuted(w, shape, None)
     }
 
     /// Loads a tensor as dense f32 with optional Q/K un-permutation (for export).
