@@ -46,38 +46,54 @@ pub(crate) fn llama_tensors(
 }
 
 impl W {
-    pub(crate) fn gguf_name(self) -> String {
+    /// The weight's names in both formats: `(GGUF, Hugging Face)`; `{l}` is the layer.
+    fn names(self) -> (&'static str, &'static str) {
         match self {
-            W::Embed => "token_embd.weight".into(),
-            W::OutputNorm => "output_norm.weight".into(),
-            W::Output => "output.weight".into(),
-            W::AttnNorm(l) => format!("blk.{l}.attn_norm.weight"),
-            W::Q(l) => format!("blk.{l}.attn_q.weight"),
-            W::K(l) => format!("blk.{l}.attn_k.weight"),
-            W::V(l) => format!("blk.{l}.attn_v.weight"),
-            W::O(l) => format!("blk.{l}.attn_output.weight"),
-            W::FfnNorm(l) => format!("blk.{l}.ffn_norm.weight"),
-            W::Gate(l) => format!("blk.{l}.ffn_gate.weight"),
-            W::Up(l) => format!("blk.{l}.ffn_up.weight"),
-            W::Down(l) => format!("blk.{l}.ffn_down.weight"),
-            W::RopeFreqs => "rope_freqs.weight".into(),
+            W::Embed => ("token_embd.weight", "model.embed_tokens.weight"),
+            W::OutputNorm => ("output_norm.weight", "model.norm.weight"),
+            W::Output => ("output.weight", "lm_head.weight"),
+            W::AttnNorm(_) => ("attn_norm", "input_layernorm"),
+            W::Q(_) => ("attn_q", "self_attn.q_proj"),
+            W::K(_) => ("attn_k", "self_attn.k_proj"),
+            W::V(_) => ("attn_v", "self_attn.v_proj"),
+            W::O(_) => ("attn_output", "self_attn.o_proj"),
+            W::FfnNorm(_) => ("ffn_norm", "post_attention_layernorm"),
+            W::Gate(_) => ("ffn_gate", "mlp.gate_proj"),
+            W::Up(_) => ("ffn_up", "mlp.up_proj"),
+            W::Down(_) => ("ffn_down", "mlp.down_proj"),
+            W::RopeFreqs => ("rope_freqs.weight", "rope_freqs.weight"),
         }
     }
-    pub(crate) fn hf_name(self) -> String {
+
+    /// The layer of a per-layer weight.
+    fn layer(self) -> Option<usize> {
         match self {
-            W::Embed => "model.embed_tokens.weight".into(),
-            W::OutputNorm => "model.norm.weight".into(),
-            W::Output => "lm_head.weight".into(),
-            W::AttnNorm(l) => format!("model.layers.{l}.input_layernorm.weight"),
-            W::Q(l) => format!("model.layers.{l}.self_attn.q_proj.weight"),
-            W::K(l) => format!("model.layers.{l}.self_attn.k_proj.weight"),
-            W::V(l) => format!("model.layers.{l}.self_attn.v_proj.weight"),
-            W::O(l) => format!("model.layers.{l}.self_attn.o_proj.weight"),
-            W::FfnNorm(l) => format!("model.layers.{l}.post_attention_layernorm.weight"),
-            W::Gate(l) => format!("model.layers.{l}.mlp.gate_proj.weight"),
-            W::Up(l) => format!("model.layers.{l}.mlp.up_proj.weight"),
-            W::Down(l) => format!("model.layers.{l}.mlp.down_proj.weight"),
-            W::RopeFreqs => "rope_freqs.weight".into(),
+            W::AttnNorm(l)
+            | W::Q(l)
+            | W::K(l)
+            | W::V(l)
+            | W::O(l)
+            | W::FfnNorm(l)
+            | W::Gate(l)
+            | W::Up(l)
+            | W::Down(l) => Some(l),
+            W::Embed | W::OutputNorm | W::Output | W::RopeFreqs => None,
+        }
+    }
+
+    pub(crate) fn gguf_name(self) -> String {
+        let (g, _) = self.names();
+        match self.layer() {
+            Some(l) => format!("blk.{l}.{g}.weight"),
+            None => g.to_string(),
+        }
+    }
+
+    pub(crate) fn hf_name(self) -> String {
+        let (_, h) = self.names();
+        match self.layer() {
+            Some(l) => format!("model.layers.{l}.{h}.weight"),
+            None => h.to_string(),
         }
     }
 }

@@ -2,6 +2,31 @@
 //! and candle's block dot products on our pool for the others.
 
 pub(crate) mod q4k;
+
+/// Whether our grouped k-quant layout (groups of `g` rows, super-blocks of 256) serves a
+/// `[n, k]` matrix on the running path.
+fn grouped_layout_fits(n: usize, k: usize, g: usize) -> bool {
+    n.is_multiple_of(g) && k.is_multiple_of(q4k::QK_K) && isa() != Isa::Scalar && repack()
+}
+
+/// Checks that GGUF bytes hold a `[n, k]` k-quant matrix in groups of `g` rows
+/// (`block_bytes` per super-block); returns the super-blocks per row.
+fn check_gguf_bytes(
+    name: &str,
+    bytes: &[u8],
+    (n, k): (usize, usize),
+    g: usize,
+    block_bytes: usize,
+) -> Result<usize> {
+    let nb = k / q4k::QK_K;
+    if !k.is_multiple_of(q4k::QK_K) || !n.is_multiple_of(g) || bytes.len() != n * nb * block_bytes {
+        return Err(Error::InvalidArgument(format!(
+            "{name} matrix [{n}, {k}] cannot hold {} bytes",
+            bytes.len()
+        )));
+    }
+    Ok(nb)
+}
 pub(crate) mod q6k;
 
 use super::*;

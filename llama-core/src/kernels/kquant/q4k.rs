@@ -19,7 +19,7 @@
 use half::f16;
 
 use super::{isa, run_items, DstWriter, Isa, WeightMatrix};
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 pub(crate) const QK_K: usize = 256;
 const GGUF_BYTES: usize = 144;
@@ -115,27 +115,15 @@ pub(crate) struct Q4KMatrix {
     data: Vec<u8>,
 }
 
-impl std::fmt::Debug for Q4KMatrix {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Q4KMatrix[{}, {}]", self.n, self.k)
-    }
-}
-
 impl Q4KMatrix {
     /// Whether this layout and its kernels serve a `[n, k]` matrix on this machine.
     pub(crate) fn fits(n: usize, k: usize) -> bool {
-        n.is_multiple_of(G) && k.is_multiple_of(QK_K) && isa() != Isa::Scalar && super::repack()
+        super::grouped_layout_fits(n, k, G)
     }
 
     /// Rearranges GGUF Q4_K bytes of a `[n, k]` matrix.
     pub(crate) fn new(bytes: &[u8], n: usize, k: usize) -> Result<Self> {
-        let nb = k / QK_K;
-        if !k.is_multiple_of(QK_K) || !n.is_multiple_of(G) || bytes.len() != n * nb * GGUF_BYTES {
-            return Err(Error::InvalidArgument(format!(
-                "Q4_K matrix [{n}, {k}] cannot hold {} bytes",
-                bytes.len()
-            )));
-        }
+        let nb = super::check_gguf_bytes("Q4_K", bytes, (n, k), G, GGUF_BYTES)?;
         let gs = if isa() == Isa::Avx512 && n.is_multiple_of(G16) {
             G16
         } else {

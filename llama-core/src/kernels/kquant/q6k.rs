@@ -21,7 +21,7 @@ use half::f16;
 
 use super::q4k::{group_matmul, row_slices, TILE_R, XK};
 use super::{isa, DstWriter, Isa, WeightMatrix};
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 const QK_K: usize = 256;
 const GGUF_BYTES: usize = 210;
@@ -38,27 +38,15 @@ pub(crate) struct Q6KMatrix {
     data: Vec<u8>,
 }
 
-impl std::fmt::Debug for Q6KMatrix {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Q6KMatrix[{}, {}]", self.n, self.k)
-    }
-}
-
 impl Q6KMatrix {
     /// Whether this layout and its kernels serve a `[n, k]` matrix on this machine.
     pub(crate) fn fits(n: usize, k: usize) -> bool {
-        n.is_multiple_of(G) && k.is_multiple_of(QK_K) && isa() != Isa::Scalar && super::repack()
+        super::grouped_layout_fits(n, k, G)
     }
 
     /// Rearranges GGUF Q6_K bytes of a `[n, k]` matrix.
     pub(crate) fn new(bytes: &[u8], n: usize, k: usize) -> Result<Self> {
-        let nb = k / QK_K;
-        if !k.is_multiple_of(QK_K) || !n.is_multiple_of(G) || bytes.len() != n * nb * GGUF_BYTES {
-            return Err(Error::InvalidArgument(format!(
-                "Q6_K matrix [{n}, {k}] cannot hold {} bytes",
-                bytes.len()
-            )));
-        }
+        let nb = super::check_gguf_bytes("Q6_K", bytes, (n, k), G, GGUF_BYTES)?;
         let mut data = vec![0u8; n / G * nb * GROUP_BYTES];
         for (g, dst) in data.chunks_exact_mut(nb * GROUP_BYTES).enumerate() {
             for (b, gb) in dst.chunks_exact_mut(GROUP_BYTES).enumerate() {
