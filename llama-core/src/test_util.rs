@@ -12,3 +12,20 @@ pub(crate) fn values(n: usize, seed: u32) -> Vec<f32> {
         })
         .collect()
 }
+
+/// A candle result's values, flattened (test shorthand).
+pub(crate) trait Flat {
+    fn flat(self) -> Vec<f32>;
+}
+
+impl Flat for candle_core::Result<candle_core::Tensor> {
+    fn flat(self) -> Vec<f32> {
+        self.unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    }
+}
+
+impl Flat for crate::error::Result<candle_core::Tensor> {
+    fn flat(self) -> Vec<f32> {
+        self.unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    }
+}

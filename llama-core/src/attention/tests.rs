@@ -2,6 +2,7 @@
 //! claimed.
 
 use super::*;
+use crate::test_util::Flat;
 use candle_core::{Device, D};
 
 /// Test data in `[-2, 2]`.
@@ -90,12 +91,7 @@ fn matches_the_tensor_formulation() {
         let scale = 1.0 / (hd as f64).sqrt();
         // Plain f32, and with llama.cpp's f16 roundings of the queries and the weights.
         for round in [false, true] {
-            let got: Vec<f32> = causal(&q, &k, &v, start, scale as f32, round)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let got: Vec<f32> = causal(&q, &k, &v, start, scale as f32, round).flat();
             let want: Vec<f32> = reference(
                 &q,
                 &k.contiguous().unwrap(),
@@ -130,39 +126,31 @@ fn f16_storage_equals_rounded_f32_storage() {
     }
 }
 
+/// Keys or values `[1, nkv, len, hd]` of seeded test data, stored as f16.
+fn f16_kv(nkv: usize, len: usize, hd: usize, seed: u32) -> Tensor {
+    Tensor::from_vec(
+        values(nkv * len * hd, seed),
+        (1, nkv, len, hd),
+        &Device::Cpu,
+    )
+    .unwrap()
+    .to_dtype(candle_core::DType::F16)
+    .unwrap()
+}
+
 fn f16_storage_case(hd: usize) {
     use candle_core::DType;
     let dev = Device::Cpu;
     let (nh, nkv, t, start) = (6, 2, 9, 4);
     let q = Tensor::from_vec(values(nh * t * hd, 3), (1, nh, t, hd), &dev).unwrap();
-    let kv = |seed| {
-        Tensor::from_vec(
-            values(nkv * (start + t) * hd, seed),
-            (1, nkv, start + t, hd),
-            &dev,
-        )
-        .unwrap()
-        .to_dtype(DType::F16)
-        .unwrap()
-    };
-    let (k16, v16) = (kv(5), kv(7));
+    let (k16, v16) = (f16_kv(nkv, start + t, hd, 5), f16_kv(nkv, start + t, hd, 7));
     let (k32, v32) = (
         k16.to_dtype(DType::F32).unwrap(),
         v16.to_dtype(DType::F32).unwrap(),
     );
     for round in [false, true] {
-        let a: Vec<f32> = causal(&q, &k16, &v16, start, 0.1, round)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let b: Vec<f32> = causal(&q, &k32, &v32, start, 0.1, round)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let a: Vec<f32> = causal(&q, &k16, &v16, start, 0.1, round).flat();
+        let b: Vec<f32> = causal(&q, &k32, &v32, start, 0.1, round).flat();
         assert_eq!(a, b);
     }
 }
@@ -197,7 +185,6 @@ fn vector_exp_is_within_two_ulp() {
 /// so a conversation read in pieces gives what it gives read at once.
 #[test]
 fn a_block_of_rows_equals_the_rows_one_at_a_time() {
-    use candle_core::DType;
     let dev = Device::Cpu;
     // Past 512 positions a decoded row takes the tile on AVX-512 (with as many KV heads
     // as threads): the same values as a block of rows still.
@@ -211,33 +198,16 @@ fn a_block_of_rows_equals_the_rows_one_at_a_time() {
         let nh = 6;
         let nkv = 2;
         let q = Tensor::from_vec(values(nh * t * hd, 13), (1, nh, t, hd), &dev).unwrap();
-        let kv = |seed| {
-            Tensor::from_vec(
-                values(nkv * (start + t) * hd, seed),
-                (1, nkv, start + t, hd),
-                &dev,
-            )
-            .unwrap()
-            .to_dtype(DType::F16)
-            .unwrap()
-        };
-        let (k, v) = (kv(15), kv(17));
-        let all: Vec<f32> = causal(&q, &k, &v, start, 0.125, true)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let (k, v) = (
+            f16_kv(nkv, start + t, hd, 15),
+            f16_kv(nkv, start + t, hd, 17),
+        );
+        let all: Vec<f32> = causal(&q, &k, &v, start, 0.125, true).flat();
         for i in 0..t {
             let qi = q.narrow(2, i, 1).unwrap().contiguous().unwrap();
             let n = start + i + 1;
             let (ki, vi) = (k.narrow(2, 0, n).unwrap(), v.narrow(2, 0, n).unwrap());
-            let one: Vec<f32> = causal(&qi, &ki, &vi, start + i, 0.125, true)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let one: Vec<f32> = causal(&qi, &ki, &vi, start + i, 0.125, true).flat();
             assert_eq!(
                 &all[i * nh * hd..(i + 1) * nh * hd],
                 &one[..],

@@ -2,6 +2,16 @@
 
 use super::*;
 use crate::test_util::values;
+use crate::test_util::Flat;
+
+/// The block formats our block kernels run.
+const BLOCK_TYPES: [GgmlDType; 5] = [
+    GgmlDType::Q4_0,
+    GgmlDType::Q4_1,
+    GgmlDType::Q5_0,
+    GgmlDType::Q5_1,
+    GgmlDType::Q8_0,
+];
 use candle_core::quantized::QTensor;
 use half::f16;
 
@@ -27,22 +37,12 @@ fn block_matmul_matches_scalar_and_reference() {
             let w = values(n * k, 7 + n as u32);
             let q =
                 QTensor::quantize(&Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap(), dt).unwrap();
-            let wd: Vec<f32> = q
-                .dequantize(&Device::Cpu)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let wd: Vec<f32> = q.dequantize(&Device::Cpu).flat();
             let mat = BlockMatrix::new(fmt, &q.data().unwrap(), n, k).unwrap();
             let x = values(m * k, 11 + m as u32);
             let y: Vec<f32> = mat
                 .forward(&Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+                .flat();
             let nb = k / QK;
             for r in 0..m {
                 let mut xq = vec![ZERO_X; nb];
@@ -77,13 +77,7 @@ fn block_matmul_matches_scalar_and_reference() {
 fn block_matmul_agrees_with_candle() {
     use candle_core::quantized::QMatMul;
     use candle_core::Module;
-    for dt in [
-        GgmlDType::Q4_0,
-        GgmlDType::Q4_1,
-        GgmlDType::Q5_0,
-        GgmlDType::Q5_1,
-        GgmlDType::Q8_0,
-    ] {
+    for dt in BLOCK_TYPES {
         for (n, k, m) in [(64, 1536, 1), (72, 576, 7)] {
             let w = values(n * k, 3);
             let q =
@@ -92,20 +86,8 @@ fn block_matmul_agrees_with_candle() {
                 .unwrap();
             let theirs = QMatMul::from_qtensor(q).unwrap();
             let x = Tensor::from_vec(values(m * k, 5), (1, m, k), &Device::Cpu).unwrap();
-            let a: Vec<f32> = ours
-                .forward(&x)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let b: Vec<f32> = theirs
-                .forward(&x)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let a: Vec<f32> = ours.forward(&x).flat();
+            let b: Vec<f32> = theirs.forward(&x).flat();
             let scale = b.iter().fold(0f32, |mx, v| mx.max(v.abs()));
             let d = a
                 .iter()
@@ -140,30 +122,12 @@ fn k_quant_matrices_equal_candles() {
         )
         .unwrap();
         let ours = k_matrix(dt, &q.data().unwrap(), n, k).unwrap().unwrap();
-        let full: Vec<f32> = q
-            .dequantize(&Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let full: Vec<f32> = q.dequantize(&Device::Cpu).flat();
         let theirs = QMatMul::from_qtensor(q).unwrap();
         for m in [1usize, 6] {
             let x = Tensor::from_vec(values(m * k, 17), (1, m, k), &Device::Cpu).unwrap();
-            let a: Vec<f32> = ours
-                .forward(&x)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let b: Vec<f32> = theirs
-                .forward(&x)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let a: Vec<f32> = ours.forward(&x).flat();
+            let b: Vec<f32> = theirs.forward(&x).flat();
             for (p, q) in a.iter().zip(&b) {
                 assert!(
                     (p - q).abs() <= 1e-5 * (1.0 + q.abs()),
@@ -171,13 +135,7 @@ fn k_quant_matrices_equal_candles() {
                 );
             }
         }
-        let rows: Vec<f32> = ours
-            .rows(&[7, 2])
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let rows: Vec<f32> = ours.rows(&[7, 2]).flat();
         assert_eq!(&rows[..k], &full[7 * k..8 * k], "{dt:?}");
         assert_eq!(&rows[k..], &full[2 * k..3 * k], "{dt:?}");
         assert!(ours.rows(&[10]).is_err());
@@ -190,25 +148,13 @@ fn k_quant_matrices_equal_candles() {
 fn rows_equal_candles_dequantization() {
     // 9 rows keep the GGUF layout, 16 are stored as interleaved groups.
     for (n, k) in [(9, 64), (16, 96)] {
-        for dt in [
-            GgmlDType::Q4_0,
-            GgmlDType::Q4_1,
-            GgmlDType::Q5_0,
-            GgmlDType::Q5_1,
-            GgmlDType::Q8_0,
-        ] {
+        for dt in BLOCK_TYPES {
             let q = QTensor::quantize(
                 &Tensor::from_vec(values(n * k, 9), (n, k), &Device::Cpu).unwrap(),
                 dt,
             )
             .unwrap();
-            let full: Vec<f32> = q
-                .dequantize(&Device::Cpu)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let full: Vec<f32> = q.dequantize(&Device::Cpu).flat();
             let bytes = q.data().unwrap();
             let mat = BlockMatrix::new(BlockFmt::from_ggml(dt).unwrap(), &bytes, n, k).unwrap();
             let repack = repack();
@@ -218,13 +164,7 @@ fn rows_equal_candles_dequantization() {
                 assert_eq!(mat.gguf_row(c), &bytes[c * row_bytes..(c + 1) * row_bytes]);
             }
             let ids = [3usize, 0, 8, n - 1];
-            let got: Vec<f32> = mat
-                .rows(&ids.map(|i| i as u32))
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let got: Vec<f32> = mat.rows(&ids.map(|i| i as u32)).flat();
             for (i, &id) in ids.iter().enumerate() {
                 assert_eq!(
                     &got[i * k..(i + 1) * k],
@@ -254,11 +194,7 @@ fn f16_case(n: usize, k: usize) {
         let x = values(m * k, 8 + m as u32);
         let y: Vec<f32> = mat
             .forward(&Tensor::from_vec(x.clone(), (1, m, k), &Device::Cpu).unwrap())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+            .flat();
         for r in 0..m {
             for c in 0..n {
                 let want: f64 = (0..k)
@@ -268,13 +204,7 @@ fn f16_case(n: usize, k: usize) {
             }
         }
     }
-    let rows: Vec<f32> = mat
-        .rows(&[2, n as u32 - 1])
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let rows: Vec<f32> = mat.rows(&[2, n as u32 - 1]).flat();
     assert_eq!(&rows[..k], &w[2 * k..3 * k]);
     assert_eq!(&rows[k..], &w[(n - 1) * k..n * k]);
 }
@@ -344,18 +274,8 @@ fn swiglu_matches_candles_silu_times_up() {
         Tensor::from_vec(g, (rows, width), &Device::Cpu).unwrap(),
         Tensor::from_vec(u, (rows, width), &Device::Cpu).unwrap(),
     );
-    let got: Vec<f32> = swiglu(&gt, &ut)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let want: Vec<f32> = (candle_nn::ops::silu(&gt).unwrap() * &ut)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let got: Vec<f32> = swiglu(&gt, &ut).flat();
+    let want: Vec<f32> = (candle_nn::ops::silu(&gt).unwrap() * &ut).flat();
     for (i, (a, b)) in got.iter().zip(&want).enumerate() {
         assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{i}: {a} vs {b}");
     }
