@@ -144,6 +144,19 @@ macro_rules! require {
 }
 pub(crate) use require;
 
+/// Hands `v` to C through `*out`, boxed (the matching `_free` takes it back).
+pub(crate) unsafe fn give<T>(out: *mut *mut T, v: T) -> llama_status {
+    *out = Box::into_raw(Box::new(v));
+    llama_status::Ok
+}
+
+/// Frees what [`give`] handed out; NULL is a no-op.
+pub(crate) unsafe fn take_back<T>(p: *mut T) {
+    if !p.is_null() {
+        drop(Box::from_raw(p));
+    }
+}
+
 /// Reads a versioned params struct: NULL means defaults; a `struct_size` of 0 or larger than this
 /// library's struct is an error; a smaller one (an older header) keeps defaults for the rest.
 pub(crate) unsafe fn read_params<T: Copy>(

@@ -6,8 +6,8 @@ use std::ops::ControlFlow;
 use llama_core::{Kernel, Message, Model, ModelOptions, Pooling, QuantType};
 
 use crate::{
-    cstr_arg, fail, fail_with, guard, llama_status, read_params, require, str_arg, write_array,
-    write_bytes,
+    cstr_arg, fail, fail_with, give, guard, llama_status, read_params, require, str_arg, take_back,
+    write_array, write_bytes,
 };
 
 /// A loaded model (opaque). Immutable; share it across threads freely.
@@ -157,13 +157,8 @@ pub unsafe extern "C" fn llama_model_load(
                 }
             });
         }
-        match Model::load(path, opts) {
-            Ok(m) => {
-                *out = Box::into_raw(Box::new(llama_model { inner: m }));
-                llama_status::Ok
-            }
-            Err(e) => fail(e),
-        }
+        let inner = Model::load(path, opts).map_err(fail)?;
+        give(out, llama_model { inner })
     })
 }
 
@@ -171,11 +166,7 @@ pub unsafe extern "C" fn llama_model_load(
 /// no-op.
 #[no_mangle]
 pub unsafe extern "C" fn llama_model_free(model: *mut llama_model) {
-    guard!((), {
-        if !model.is_null() {
-            drop(Box::from_raw(model));
-        }
-    })
+    guard!((), { take_back(model) })
 }
 
 /// Vocabulary size (rows of the embedding), or 0 if `model` is NULL.

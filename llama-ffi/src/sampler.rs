@@ -2,7 +2,9 @@
 
 use llama_core::{Sampler, SamplerConfig};
 
-use crate::{fail, fail_with, guard, llama_session, llama_status, read_params, require};
+use crate::{
+    fail, fail_with, give, guard, llama_session, llama_status, read_params, require, take_back,
+};
 
 /// A configured sampler with its random state (opaque). One thread at a time.
 pub struct llama_sampler {
@@ -107,24 +109,15 @@ pub unsafe extern "C" fn llama_sampler_new(
             }
             cfg.logit_bias = ids.iter().zip(vals).map(|(&t, &v)| (t as u32, v)).collect();
         }
-        match Sampler::new(cfg) {
-            Ok(s) => {
-                *out = Box::into_raw(Box::new(llama_sampler { inner: s }));
-                llama_status::Ok
-            }
-            Err(e) => fail(e),
-        }
+        let inner = Sampler::new(cfg).map_err(fail)?;
+        give(out, llama_sampler { inner })
     })
 }
 
 /// Frees a sampler. NULL is a no-op.
 #[no_mangle]
 pub unsafe extern "C" fn llama_sampler_free(sampler: *mut llama_sampler) {
-    guard!((), {
-        if !sampler.is_null() {
-            drop(Box::from_raw(sampler));
-        }
-    })
+    guard!((), { take_back(sampler) })
 }
 
 /// Samples the next token from the session's last logits (its tokens feed the penalties).

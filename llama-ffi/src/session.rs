@@ -9,8 +9,8 @@ use llama_core::{
 
 use crate::model::{messages, token_slice};
 use crate::{
-    fail, fail_with, guard, llama_chat_message, llama_model, llama_sampler, llama_status,
-    read_params, require, str_arg, write_array, write_bytes,
+    fail, fail_with, give, guard, llama_chat_message, llama_model, llama_sampler, llama_status,
+    read_params, require, str_arg, take_back, write_array, write_bytes,
 };
 
 /// One sequence's state (opaque): KV cache, tokens, logits. Keeps its model alive. One thread
@@ -100,11 +100,7 @@ pub unsafe extern "C" fn llama_session_new(
 /// Frees a session. NULL is a no-op.
 #[no_mangle]
 pub unsafe extern "C" fn llama_session_free(session: *mut llama_session) {
-    guard!((), {
-        if !session.is_null() {
-            drop(Box::from_raw(session));
-        }
-    })
+    guard!((), { take_back(session) })
 }
 
 /// Number of tokens in the session (0 for NULL).
@@ -287,10 +283,8 @@ pub unsafe extern "C" fn llama_session_cancel_handle(
 ) -> llama_status {
     guard!({
         require!(session, out);
-        *out = Box::into_raw(Box::new(llama_cancel_handle {
-            inner: (*session).inner.cancel_handle(),
-        }));
-        llama_status::Ok
+        let inner = (*session).inner.cancel_handle();
+        give(out, llama_cancel_handle { inner })
     })
 }
 
@@ -308,11 +302,7 @@ pub unsafe extern "C" fn llama_cancel_handle_cancel(handle: *const llama_cancel_
 /// Frees a cancel handle. NULL is a no-op.
 #[no_mangle]
 pub unsafe extern "C" fn llama_cancel_handle_free(handle: *mut llama_cancel_handle) {
-    guard!((), {
-        if !handle.is_null() {
-            drop(Box::from_raw(handle));
-        }
-    })
+    guard!((), { take_back(handle) })
 }
 
 /// Called with each piece of generated text (UTF-8, not NUL-terminated; `len` may be 0 while

@@ -203,17 +203,19 @@ pub struct Model {
 
 impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let c = &self.inner.config;
-        f.debug_struct("Model")
-            .field("path", &self.inner.path)
-            .field("format", &self.inner.format)
-            .field("weights", &self.inner.weight_type)
-            .field("layers", &c.num_hidden_layers)
-            .field("hidden_size", &c.hidden_size)
-            .field("heads", &c.num_attention_heads)
-            .field("kv_heads", &c.num_key_value_heads)
-            .field("vocab_size", &c.vocab_size)
-            .finish()
+        let (m, c) = (&*self.inner, &self.inner.config);
+        write!(
+            f,
+            "Model({}, {} {}, {} layers, hidden {}, heads {}/{}, vocab {})",
+            m.path.display(),
+            m.format,
+            m.weight_type,
+            c.num_hidden_layers,
+            c.hidden_size,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.vocab_size
+        )
     }
 }
 

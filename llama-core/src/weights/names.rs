@@ -82,18 +82,21 @@ impl W {
     }
 
     pub(crate) fn gguf_name(self) -> String {
-        let (g, _) = self.names();
-        match self.layer() {
-            Some(l) => format!("blk.{l}.{g}.weight"),
-            None => g.to_string(),
-        }
+        self.name(false)
     }
 
     pub(crate) fn hf_name(self) -> String {
-        let (_, h) = self.names();
-        match self.layer() {
-            Some(l) => format!("model.layers.{l}.{h}.weight"),
-            None => h.to_string(),
+        self.name(true)
+    }
+
+    /// The full tensor name in a Hugging Face folder (`hf`) or a GGUF file.
+    fn name(self, hf: bool) -> String {
+        let (g, h) = self.names();
+        match (self.layer(), hf) {
+            (Some(l), false) => format!("blk.{l}.{g}.weight"),
+            (Some(l), true) => format!("model.layers.{l}.{h}.weight"),
+            (None, false) => g.to_string(),
+            (None, true) => h.to_string(),
         }
     }
 }
