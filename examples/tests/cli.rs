@@ -261,3 +261,43 @@ fn bench_json_has_every_field() {
     }
     assert_eq!(j["weights"], "Q4_1");
 }
+
+/// The kernel path and thread count are CLI options (and their environment variables); every
+/// path gives the same greedy tokens here, and a bad name is an error line, not a panic.
+#[test]
+fn kernel_and_threads_are_options() {
+    let m = model();
+    let ids = |extra: &[&str], env: Option<(&str, &str)>| -> Result<serde_json::Value, String> {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_llama"));
+        cmd.args(["generate", "--model", &m, "--prompt", "1, 2, 3,"])
+            .args(["--temperature", "0", "--max-tokens", "6", "--json"])
+            .args(extra);
+        if let Some((k, v)) = env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        Ok(j["ids"].clone())
+    };
+    let auto = ids(&[], None).unwrap();
+    assert_eq!(auto.as_array().map(|a| a.len()), Some(6));
+    assert_eq!(ids(&["--kernel", "scalar", "-t", "1"], None).unwrap(), auto);
+    assert_eq!(
+        ids(&[], Some(("LLAMA_CORE_KERNEL", "candle"))).unwrap(),
+        auto
+    );
+    assert_eq!(ids(&[], Some(("LLAMA_THREADS", "1"))).unwrap(), auto);
+    let err = ids(&["--kernel", "avx1024"], None).unwrap_err();
+    assert!(
+        err.contains("unknown kernel") && !err.contains("panicked"),
+        "{err}"
+    );
+    let err = ids(&["-t", "100000"], None).unwrap_err();
+    assert!(
+        err.contains("threads") && !err.contains("panicked"),
+        "{err}"
+    );
+}

@@ -101,17 +101,17 @@ impl W {
     }
 }
 
-/// Rows of a head-major projection, permuted from GGUF's interleaved order back to HF's
+/// Moves whole rows of a head-major projection between GGUF's interleaved order and HF's
 /// rotate-half order: HF row `h*d + j*d/2 + i` is GGUF row `h*d + 2*i + j`.
-pub(crate) fn unpermute_rows(data: &[u8], rows: usize, n_heads: usize) -> Vec<u8> {
+fn move_rows(data: &[u8], rows: usize, n_heads: usize, to_hf: bool) -> Vec<u8> {
     let row_bytes = data.len() / rows;
     let d = rows / n_heads;
     let mut out = vec![0u8; data.len()];
     for h in 0..n_heads {
         for j in 0..2 {
             for i in 0..d / 2 {
-                let dst = h * d + j * (d / 2) + i;
-                let src = h * d + 2 * i + j;
+                let (hf, gg) = (h * d + j * (d / 2) + i, h * d + 2 * i + j);
+                let (dst, src) = if to_hf { (hf, gg) } else { (gg, hf) };
                 out[dst * row_bytes..(dst + 1) * row_bytes]
                     .copy_from_slice(&data[src * row_bytes..(src + 1) * row_bytes]);
             }
@@ -120,20 +120,13 @@ pub(crate) fn unpermute_rows(data: &[u8], rows: usize, n_heads: usize) -> Vec<u8
     out
 }
 
+/// Rows of a head-major projection, permuted from GGUF's interleaved order back to HF's
+/// rotate-half order.
+pub(crate) fn unpermute_rows(data: &[u8], rows: usize, n_heads: usize) -> Vec<u8> {
+    move_rows(data, rows, n_heads, true)
+}
+
 /// The inverse of [`unpermute_rows`]: HF order to GGUF order (used when writing GGUF).
 pub fn permute_rows_for_gguf(data: &[u8], rows: usize, n_heads: usize) -> Vec<u8> {
-    let row_bytes = data.len() / rows;
-    let d = rows / n_heads;
-    let mut out = vec![0u8; data.len()];
-    for h in 0..n_heads {
-        for j in 0..2 {
-            for i in 0..d / 2 {
-                let hf = h * d + j * (d / 2) + i;
-                let gg = h * d + 2 * i + j;
-                out[gg * row_bytes..(gg + 1) * row_bytes]
-                    .copy_from_slice(&data[hf * row_bytes..(hf + 1) * row_bytes]);
-            }
-        }
-    }
-    out
+    move_rows(data, rows, n_heads, false)
 }
