@@ -137,6 +137,9 @@ pub fn render_template(
     eos_token: &str,
 ) -> Result<String> {
     let mut env = Environment::new();
+    // Templates come with model files from the internet: rendering is bounded in steps and in
+    // output (a hostile template fails with a ChatTemplate error instead of hanging the host).
+    env.set_fuel(Some(TEMPLATE_FUEL));
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
     minijinja_contrib::add_to_environment(&mut env);
@@ -153,24 +156,96 @@ pub fn render_template(
     let tmpl = env
         .get_template("chat")
         .map_err(|e| Error::ChatTemplate(e.to_string()))?;
-    tmpl.render(minijinja::context! {
+    let input: usize = messages
+        .iter()
+        .map(|m| m.content.len() + m.role.len())
+        .sum();
+    let mut out = Bounded {
+        buf: Vec::new(),
+        max: TEMPLATE_OUTPUT_BASE + 4 * input,
+    };
+    let ctx = minijinja::context! {
         messages => messages,
         add_generation_prompt => add_generation_prompt,
         bos_token => bos_token,
         eos_token => eos_token,
-    })
-    .map_err(|e| {
-        let mut msg = e.to_string();
-        if let Some(detail) = e.detail() {
-            msg = format!("{msg}: {detail}");
+    };
+    let rendered = tmpl.render_captured_to(ctx, &mut out).map(drop);
+    match rendered {
+        Ok(_) => String::from_utf8(out.buf)
+            .map_err(|_| Error::ChatTemplate("the template rendered invalid UTF-8".into())),
+        Err(e) if out.buf.len() >= out.max => Err(Error::ChatTemplate(format!(
+            "the template's output passed {} bytes (the limit for this conversation): {e}",
+            out.max
+        ))),
+        Err(e) => {
+            let mut msg = e.to_string();
+            if let Some(detail) = e.detail() {
+                msg = format!("{msg}: {detail}");
+            }
+            if e.kind() == ErrorKind::OutOfFuel {
+                msg = format!(
+                    "the template ran more than {TEMPLATE_FUEL} steps (a template that loops without end?): {msg}"
+                );
+            }
+            Err(Error::ChatTemplate(msg))
         }
-        Error::ChatTemplate(msg)
-    })
+    }
+}
+
+/// Steps (minijinja instructions) a chat template may run: real templates take a few hundred
+/// per message; nested loops over huge ranges run out.
+const TEMPLATE_FUEL: u64 = 5_000_000;
+/// Output a chat template may write: this much plus four times the conversation's text.
+const TEMPLATE_OUTPUT_BASE: usize = 1 << 20;
+
+/// A writer that fails past `max` bytes.
+struct Bounded {
+    buf: Vec<u8>,
+    max: usize,
+}
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() + b.len() > self.max {
+            self.buf.extend_from_slice(&b[..self.max - self.buf.len()]);
+            return Err(std::io::Error::other("chat template output limit"));
+        }
+        self.buf.extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hostile_templates_end_with_an_error_quickly() {
+        let msgs = [Message::user("hi")];
+        for t in [
+            "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+            "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+            "{% for i in range(10000000) %}{{ i }}{% endfor %}",
+            "{{ 'x' * 100000000000 }}",
+        ] {
+            let t0 = std::time::Instant::now();
+            let r = render_template(t, &msgs, true, "<s>", "</s>");
+            assert!(matches!(r, Err(Error::ChatTemplate(_))), "{t}: {r:?}");
+            assert!(t0.elapsed().as_secs_f64() < 1.0, "{t}: {:?}", t0.elapsed());
+        }
+        // A real template with a long conversation still renders.
+        let long: Vec<Message> = (0..2000)
+            .map(|i| Message::user(format!("message {i} {}", "word ".repeat(50))))
+            .collect();
+        let t = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}";
+        let out = render_template(t, &long, true, "<s>", "</s>").unwrap();
+        assert!(out.len() > 2000 * 250);
+    }
 
     #[test]
     fn civil_dates() {
