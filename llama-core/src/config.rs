@@ -143,6 +143,22 @@ impl RopeScaling {
 }
 
 impl Config {
+    /// The positions the model's rotary encoding serves: `max_position_embeddings`, times the
+    /// factor of linear or dynamic (NTK) scaling when above 1, the range that scaling exists to
+    /// reach (llama3 configurations already state their extended length).
+    pub fn scaled_context(&self) -> usize {
+        let factor = match self.rope_scaling {
+            RopeScaling::Linear { factor } | RopeScaling::Dynamic { factor } => factor.max(1.0),
+            RopeScaling::None | RopeScaling::Llama3 { .. } => 1.0,
+        };
+        let n = self.max_position_embeddings as f64 * factor;
+        if n >= (1u64 << 40) as f64 {
+            1 << 40
+        } else {
+            n as usize
+        }
+    }
+
     /// `(hidden_size, head_dim, num_attention_heads, num_key_value_heads, intermediate_size)`.
     pub(crate) fn dims(&self) -> (usize, usize, usize, usize, usize) {
         (

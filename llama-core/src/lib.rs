@@ -71,6 +71,6 @@ pub use session::generate::{
     Timings, TokenLogprob, TokenStream,
 };
 pub use session::state::STATE_FORMAT_VERSION;
-pub use session::{KvCacheType, Session, SessionOptions, DEFAULT_N_CTX};
+pub use session::{Interrupt, KvCacheType, Session, SessionOptions, DEFAULT_N_CTX};
 pub use tokenizer::Tokenizer;
 pub use weights::permute_rows_for_gguf;

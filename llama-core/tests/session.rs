@@ -478,3 +478,27 @@ fn pooling_picks_the_mean_or_the_last_state() {
     }
     assert!(Pooling::parse("max").is_err());
 }
+
+/// An interrupt check stops a prompt between layers; the session is as before the call and
+/// evaluates the same prompt to the same logits afterwards.
+#[test]
+fn an_interrupt_stops_a_prompt_between_layers_and_the_session_stays_consistent() {
+    let (_, m) = tiny();
+    let mut fresh = m.session(SessionOptions::default()).unwrap();
+    fresh.eval(&PROMPT[..2]).unwrap();
+    fresh.eval(&PROMPT[2..]).unwrap();
+    let mut s = m.session(SessionOptions::default()).unwrap();
+    s.eval(&PROMPT[..2]).unwrap();
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let c = calls.clone();
+    // The checks before the chunk and before layer 0 pass; the one before layer 1 stops.
+    s.set_interrupt(Some(Box::new(move || {
+        c.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= 2
+    })));
+    assert!(matches!(s.eval(&PROMPT[2..]), Err(Error::Cancelled)));
+    assert_eq!(calls.load(std::sync::atomic::Ordering::Relaxed), 3);
+    assert_eq!(s.tokens(), &PROMPT[..2]);
+    s.set_interrupt(None);
+    s.eval(&PROMPT[2..]).unwrap();
+    assert_eq!(s.logits().unwrap(), fresh.logits().unwrap());
+}

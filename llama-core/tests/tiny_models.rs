@@ -159,7 +159,26 @@ fn dynamic_ntk_rope_scaling() {
         seed: 9,
         ..Default::default()
     };
-    check("dynamic", spec, false);
+    let t = check("dynamic", spec, false);
+    // With default options the session holds the scaled range (8 x 2 = 16 positions): a
+    // 12-token prompt, past the trained 8, runs and matches the reference.
+    let m = Model::load(&t.hf, common::options()).unwrap();
+    assert_eq!(m.config().scaled_context(), 16);
+    let opts = SessionOptions::default().kv_type(KvCacheType::F32);
+    let mut s = m.session(opts).unwrap();
+    assert_eq!(s.n_ctx(), 16);
+    let got = s.eval_all_logits(&TOKENS).unwrap();
+    let reference = reference_logits(&t, &TOKENS);
+    let scale = reference.iter().flatten().fold(0f64, |m, v| m.max(v.abs()));
+    let d = max_diff(&got, &reference);
+    assert!(
+        d < 1e-3 * scale.max(1.0),
+        "dynamic NTK with default options: {d}"
+    );
+    assert!(
+        s.eval(&[1, 2, 3, 4, 5]).is_err(),
+        "past the scaled range is an overflow"
+    );
 }
 
 #[test]

@@ -5,6 +5,7 @@ mod errors;
 mod model;
 mod sampler;
 mod session;
+mod signals;
 
 use pyo3::prelude::*;
 

@@ -74,6 +74,7 @@ impl Model {
             None
         };
         let mut last = 0i64;
+        let sig = crate::signals::Signals::new(py);
         let res = py.detach(|| {
             let mut opts = ModelOptions::default()
                 .with_kernel(kernel)
@@ -81,8 +82,9 @@ impl Model {
             if let Some(q) = quantize {
                 opts = opts.with_quantize(q);
             }
-            if let Some(b) = &bar {
-                opts = opts.with_progress(|p| {
+            // Every tensor: the bar moves, and Ctrl-C stops the load.
+            opts = opts.with_progress(|p| {
+                if let Some(b) = &bar {
                     let now = (p.fraction() * 100.0) as i64;
                     if now > last {
                         let step = now - last;
@@ -91,17 +93,20 @@ impl Model {
                             let _ = b.bind(py).call_method1("update", (step,));
                         });
                     }
+                }
+                if sig.check() {
+                    ControlFlow::Break(())
+                } else {
                     ControlFlow::Continue(())
-                });
-            }
+                }
+            });
             llama_core::Model::load(&path, opts)
         });
         if let Some(b) = &bar {
             let _ = b.bind(py).call_method0("close");
         }
-        Ok(Model {
-            inner: res.py_err()?,
-        })
+        let res = sig.result(res.py_err());
+        Ok(Model { inner: res? })
     }
 
     /// Starts a session. `n_ctx=0` means 4096 or the model's trained context if smaller;

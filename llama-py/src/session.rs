@@ -10,6 +10,7 @@ use pyo3::types::{PyBytes, PyDict, PyTuple};
 use crate::errors::{invalid, to_py, IntoPy};
 use crate::model::{messages, Model};
 use crate::sampler::Sampler;
+use crate::signals::{guarded, Signals};
 
 /// (token, logprob, top alternatives) as returned to Python.
 type LogprobEntry = (u32, f32, Vec<(u32, f32)>);
@@ -104,11 +105,13 @@ impl Session {
         py: Python<'_>,
         f: impl FnOnce(&mut llama_core::Session) -> PyResult<T> + Send,
     ) -> PyResult<T> {
-        py.detach(|| {
+        let sig = Signals::new(py);
+        let r = py.detach(|| {
             let mut g = self.lock()?;
             let s = g.as_mut().ok_or_else(closed)?;
-            f(s)
-        })
+            guarded(s, &sig, f)
+        });
+        sig.result(r)
     }
 
     fn run_to_end(
@@ -119,14 +122,27 @@ impl Session {
         opts: GenerateOptions,
     ) -> PyResult<String> {
         let smp = sampler.bind(py).get();
+        let sig = Signals::new(py);
         let g = py.detach(|| -> PyResult<Generation> {
             let mut guard = self.lock()?;
             let s = guard.as_mut().ok_or_else(closed)?;
             let mut sm = smp.lock()?;
-            let mut gen = s.start(prompt.as_core(), opts).py_err()?;
-            while gen.step(s, &mut sm).py_err()?.is_some() {}
-            Ok(gen.into_generation())
-        })?;
+            guarded(s, &sig, |s| {
+                let mut gen = s.start(prompt.as_core(), opts).py_err()?;
+                while !sig.check() && gen.step(s, &mut sm).py_err()?.is_some() {}
+                gen.stop();
+                Ok(gen.into_generation())
+            })
+        });
+        // Ctrl-C: what was generated is kept (the session holds it), then KeyboardInterrupt.
+        let g = match (sig.take(), g) {
+            (Some(e), Ok(g)) => {
+                *self.last.lock().map_err(|_| invalid("poisoned"))? = Some(g);
+                return Err(e);
+            }
+            (Some(e), Err(_)) => return Err(e),
+            (None, g) => g?,
+        };
         let text = g.text.clone();
         *self.last.lock().map_err(|_| invalid("poisoned"))? = Some(g);
         Ok(text)
@@ -404,6 +420,7 @@ fn start_stream(
 ) -> PyResult<TokenStream> {
     let py = slf.py();
     let smp = default_sampler(py, sampler)?;
+    // `with` checks for signals while the prompt is evaluated.
     let gen = slf
         .get()
         .with(py, move |s| s.start(prompt.as_core(), opts).py_err())?;
@@ -438,30 +455,48 @@ impl TokenStream {
     fn __next__(&self, py: Python<'_>) -> PyResult<Option<String>> {
         let session = self.session.bind(py).get();
         let sampler = self.sampler.bind(py).get();
-        let (piece, finished) =
-            py.detach(|| -> PyResult<(Option<String>, Option<Generation>)> {
-                let mut gg = self.gen.lock().map_err(|_| invalid("poisoned"))?;
-                let Some(gen) = gg.as_mut() else {
-                    return Ok((None, None));
-                };
-                let mut sg = session.lock()?;
-                let s = sg.as_mut().ok_or_else(closed)?;
-                let mut sm = sampler.lock()?;
-                loop {
-                    match gen.step(s, &mut sm) {
-                        Ok(Some(p)) if !p.text.is_empty() => return Ok((Some(p.text), None)),
-                        Ok(Some(_)) => continue,
-                        Ok(None) => {
-                            let g = gg.take().map(|g| g.into_generation());
-                            return Ok((None, g));
-                        }
-                        Err(e) => {
-                            gg.take();
-                            return Err(to_py(e));
-                        }
+        let sig = Signals::new(py);
+        let r = py.detach(|| -> PyResult<(Option<String>, Option<Generation>)> {
+            let mut gg = self.gen.lock().map_err(|_| invalid("poisoned"))?;
+            let Some(gen) = gg.as_mut() else {
+                return Ok((None, None));
+            };
+            let mut sg = session.lock()?;
+            let s = sg.as_mut().ok_or_else(closed)?;
+            let mut sm = sampler.lock()?;
+            loop {
+                if sig.check() {
+                    // Ctrl-C: the stream ends here; the session keeps what was generated.
+                    let g = gg.take().map(|mut g| {
+                        g.stop();
+                        g.into_generation()
+                    });
+                    return Ok((None, g));
+                }
+                match gen.step(s, &mut sm) {
+                    Ok(Some(p)) if !p.text.is_empty() => return Ok((Some(p.text), None)),
+                    Ok(Some(_)) => continue,
+                    Ok(None) => {
+                        let g = gg.take().map(|g| g.into_generation());
+                        return Ok((None, g));
+                    }
+                    Err(e) => {
+                        gg.take();
+                        return Err(to_py(e));
                     }
                 }
-            })?;
+            }
+        });
+        let (piece, finished) = match (sig.take(), r) {
+            (Some(e), Ok((_, g))) => {
+                if let Some(g) = g {
+                    *session.last.lock().map_err(|_| invalid("poisoned"))? = Some(g);
+                }
+                return Err(e);
+            }
+            (Some(e), Err(_)) => return Err(e),
+            (None, r) => r?,
+        };
         if let Some(g) = finished {
             *session.last.lock().map_err(|_| invalid("poisoned"))? = Some(g);
         }

@@ -6,16 +6,26 @@ use super::*;
 impl Model {
     /// Runs `tokens` at the cache's next positions and returns the final hidden states
     /// `(len, hidden)` after the output norm. The caller checks capacity and ids.
-    pub(crate) fn forward_hidden(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+    pub(crate) fn forward_hidden(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        stop: &mut dyn FnMut() -> bool,
+    ) -> Result<Tensor> {
         if crate::kernels::enabled() {
-            return self.forward_rows(tokens, cache);
+            return self.forward_rows(tokens, cache, stop);
         }
-        self.forward_tensors(tokens, cache)
+        self.forward_tensors(tokens, cache, stop)
     }
 
     /// [`Model::forward_hidden`] on our kernels over plain row-major buffers allocated once per
     /// call and reused by every layer (no per-op tensors, transposes or page faults).
-    fn forward_rows(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+    fn forward_rows(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        stop: &mut dyn FnMut() -> bool,
+    ) -> Result<Tensor> {
         use crate::kernels::{add_in_place, input_f32, rms_norm_rows, swiglu_rows};
         let m = &*self.inner;
         let half_cache = cache.dtype() == DType::F16;
@@ -39,6 +49,11 @@ impl Model {
         let scale = (1.0 / (hd as f64).sqrt()) as f32;
         let eps = c.rms_norm_eps as f32;
         for (li, l) in m.layers.iter().enumerate() {
+            // Asked to stop (a cancel, Ctrl-C in Python): the cache keeps its length, so the
+            // caller's session is as before this call.
+            if stop() {
+                return Err(Error::Cancelled);
+            }
             rms_norm_rows(&x, &input_f32(&l.attn_norm)?, eps, &mut hn);
             l.qkv.matmul_into(&hn, t, &mut qkv)?;
             m.rope.apply(&mut qkv, t, nh, qkv_w, (&cos, &sin));
@@ -79,7 +94,12 @@ impl Model {
     }
 
     /// [`Model::forward_hidden`] with candle's tensor ops (`Kernel::Candle`).
-    fn forward_tensors(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+    fn forward_tensors(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        stop: &mut dyn FnMut() -> bool,
+    ) -> Result<Tensor> {
         let m = &*self.inner;
         let c = &m.config;
         let t = tokens.len();
@@ -106,6 +126,11 @@ impl Model {
         let scale = 1.0 / (hd as f64).sqrt();
         let eps = c.rms_norm_eps as f32;
         for (li, l) in m.layers.iter().enumerate() {
+            // Asked to stop (a cancel, Ctrl-C in Python): the cache keeps its length, so the
+            // caller's session is as before this call.
+            if stop() {
+                return Err(Error::Cancelled);
+            }
             let hn = candle_nn::ops::rms_norm(&x, &l.attn_norm, eps)?;
             let [q, k, v] = l.qkv.forward(&hn)?;
             let q = q.reshape((1, t, nh, hd))?.transpose(1, 2)?.contiguous()?;

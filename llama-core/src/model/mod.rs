@@ -355,7 +355,7 @@ impl Model {
         let mut rows: Vec<Vec<f32>> = vec![];
         self.inner.runtime.run(|| -> Result<()> {
             for chunk in tokens.chunks(512) {
-                let h = self.forward_hidden(chunk, &mut cache)?;
+                let h = self.forward_hidden(chunk, &mut cache, &mut || false)?;
                 rows.extend(h.to_vec2::<f32>()?);
             }
             Ok(())

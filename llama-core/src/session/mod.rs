@@ -44,7 +44,9 @@ impl KvCacheType {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct SessionOptions {
-    /// Context size in tokens; 0 means 4096 or the model's trained context if smaller.
+    /// Context size in tokens; 0 means 4096, or the model's range if smaller
+    /// ([`Config::scaled_context`](crate::Config::scaled_context): the trained context, times
+    /// the factor of linear or dynamic rope scaling).
     pub n_ctx: usize,
     /// Tokens evaluated per forward pass during prompt processing.
     pub n_batch: usize,
@@ -86,6 +88,9 @@ impl SessionOptions {
     }
 }
 
+/// A check for [`Session::set_interrupt`].
+pub type Interrupt = Box<dyn FnMut() -> bool + Send>;
+
 /// Default context size when none is asked for.
 pub const DEFAULT_N_CTX: usize = 4096;
 
@@ -98,6 +103,8 @@ pub struct Session {
     opts: SessionOptions,
     /// The model's kernel settings on this session's pool.
     runtime: Runtime,
+    /// Asked between prompt chunks and layers whether to stop (see [`Session::set_interrupt`]).
+    interrupt: Option<Interrupt>,
     pub(crate) cancel: CancelHandle,
 }
 
@@ -113,7 +120,8 @@ impl std::fmt::Debug for Session {
 impl Model {
     /// Starts a new session (empty context) on this model.
     pub fn session(&self, opts: SessionOptions) -> Result<Session> {
-        let max = self.config().max_position_embeddings;
+        // The default: 4096, or less when the model's (rope-scaled) range is shorter.
+        let max = self.config().scaled_context();
         let n_ctx = if opts.n_ctx == 0 {
             DEFAULT_N_CTX.min(max)
         } else {
@@ -131,6 +139,7 @@ impl Model {
         let opts = SessionOptions { n_ctx, ..opts };
         Ok(Session {
             runtime,
+            interrupt: None,
             model: self.clone(),
             cache: self.new_cache(n_ctx, opts.kv_type == KvCacheType::F16),
             tokens: vec![],
@@ -166,6 +175,13 @@ impl Session {
     pub fn options(&self) -> &SessionOptions {
         &self.opts
     }
+    /// Installs a check asked between prompt chunks and between layers of a forward pass
+    /// (true: stop with [`Error::Cancelled`], the session as before the call). Bindings use it
+    /// to honour their language's interrupts (Python's Ctrl-C); `None` removes it.
+    pub fn set_interrupt(&mut self, check: Option<Interrupt>) {
+        self.interrupt = check;
+    }
+
     /// Threads of this session's forward passes.
     pub fn threads(&self) -> usize {
         self.runtime.threads()
@@ -238,11 +254,16 @@ impl Session {
         for chunk in tokens.chunks(self.opts.n_batch) {
             let chunk_start = offset;
             offset += chunk.len();
-            if cancellable && self.cancel.take() {
+            let start_len = self.cache.len();
+            let (cancel, interrupt) = (&self.cancel, &mut self.interrupt);
+            // Checked between chunks and between layers: a cancel handle, or the interrupt
+            // check a binding installed (Python's signals).
+            let mut stop =
+                || cancellable && (cancel.take() || interrupt.as_mut().is_some_and(|f| f()));
+            if stop() {
                 return Err(Error::Cancelled);
             }
-            let start_len = self.cache.len();
-            let res = self.model.forward_hidden(chunk, &mut self.cache);
+            let res = self.model.forward_hidden(chunk, &mut self.cache, &mut stop);
             let hidden = match res {
                 Ok(h) => h,
                 Err(e) => {
@@ -301,6 +322,7 @@ impl Session {
             logits: self.logits.clone(),
             opts: self.opts.clone(),
             runtime: self.runtime,
+            interrupt: None,
             cancel: CancelHandle::default(),
         })
     }
