@@ -346,6 +346,49 @@ int main(int argc, char **argv) {
     llama_cancel_handle_free(NULL);
     llama_cancel_handle_cancel(NULL);
 
+    /* NULL everywhere: a status (or a safe value), never a crash. */
+    {
+        size_t nn = 0;
+        int32_t tk[4];
+        float lp[4];
+        char cbuf[8];
+        uint8_t bbuf[8];
+        llama_session *ns = NULL;
+        llama_sampler *nsm = NULL;
+        llama_cancel_handle *nh = NULL;
+        int32_t tok = 0;
+        CHECK(llama_model_tokenize(NULL, "a", 1, true, false, tk, 4, &nn) == LLAMA_STATUS_NULL_ARGUMENT);
+        CHECK(llama_model_detokenize(NULL, tk, 0, false, cbuf, 8, &nn) == LLAMA_STATUS_NULL_ARGUMENT);
+        CHECK(llama_model_apply_chat_template(NULL, NULL, 0, true, cbuf, 8, &nn) == LLAMA_STATUS_NULL_ARGUMENT);
+        CHECK(llama_model_embed(NULL, "a", 1, LLAMA_POOLING_MEAN, lp, 4, &nn) == LLAMA_STATUS_NULL_ARGUMENT);
+        CHECK(llama_sampler_sample(NULL, s2, &tok) == LLAMA_STATUS_NULL_ARGUMENT);
+        CHECK(llama_sampler_sample(g, NULL, &tok) == LLAMA_STATUS_NULL_ARGUMENT);
+        CHECK(llama_session_logits(NULL, lp, 4, &nn) == LLAMA_STATUS_NULL_ARGUMENT);
+        CHECK(llama_session_top_logprobs(NULL, 4, tk, lp, &nn) == LLAMA_STATUS_NULL_ARGUMENT);
+        CHECK(llama_session_top_logprobs(s2, 4, NULL, lp, &nn) == LLAMA_STATUS_NULL_ARGUMENT);
+        CHECK(llama_session_tokens(s2, tk, 4, NULL) == LLAMA_STATUS_NULL_ARGUMENT);
+        CHECK(llama_session_truncate(NULL, 0) == LLAMA_STATUS_NULL_ARGUMENT);
+        CHECK(llama_session_fork(NULL, &ns) == LLAMA_STATUS_NULL_ARGUMENT && ns == NULL);
+        CHECK(llama_session_fork(s2, NULL) == LLAMA_STATUS_NULL_ARGUMENT);
+        CHECK(llama_session_save_state(NULL, NULL, bbuf, 8, &nn) == LLAMA_STATUS_NULL_ARGUMENT);
+        CHECK(llama_session_restore(model, NULL, 8, &ns, &nsm) == LLAMA_STATUS_NULL_ARGUMENT && ns == NULL);
+        CHECK(llama_session_restore(model, bbuf, 8, NULL, &nsm) == LLAMA_STATUS_NULL_ARGUMENT);
+        CHECK(llama_session_cancel_handle(NULL, &nh) == LLAMA_STATUS_NULL_ARGUMENT && nh == NULL);
+        CHECK(llama_session_generate(NULL, g, tk, 0, NULL, NULL, NULL, NULL) == LLAMA_STATUS_NULL_ARGUMENT);
+        CHECK(llama_session_generate(s2, NULL, tk, 0, NULL, NULL, NULL, NULL) == LLAMA_STATUS_NULL_ARGUMENT);
+        CHECK(llama_session_generate_text(s2, g, NULL, 3, NULL, NULL, NULL, NULL) == LLAMA_STATUS_NULL_ARGUMENT);
+        CHECK(llama_session_chat(NULL, g, NULL, 0, NULL, NULL, NULL, NULL) == LLAMA_STATUS_NULL_ARGUMENT);
+        CHECK(llama_sampler_new(NULL, NULL) == LLAMA_STATUS_NULL_ARGUMENT);
+        CHECK(llama_model_n_embd(NULL) == 0 && llama_model_n_ctx_train(NULL) == 0 && !llama_model_token_is_eog(NULL, 2));
+        CHECK(llama_session_n_tokens(NULL) == 0 && llama_session_n_ctx(NULL) == 0);
+        /* Buffers too small: the size needed, nothing written past the capacity. */
+        CHECK(llama_session_logits(s2, lp, 4, &nn) == LLAMA_STATUS_BUFFER_TOO_SMALL && nn == 49152);
+        CHECK(llama_session_save_state(s2, NULL, bbuf, 8, &nn) == LLAMA_STATUS_BUFFER_TOO_SMALL && nn > 8);
+        /* Garbage state bytes are a state error. */
+        memset(bbuf, 0xab, sizeof bbuf);
+        CHECK(llama_session_restore(model, bbuf, 8, &ns, &nsm) == LLAMA_STATUS_STATE && ns == NULL);
+    }
+
     /* A session keeps its model alive after llama_model_free. */
     llama_model_free(model);
     CHECK(llama_session_eval(s2, one, 1) == LLAMA_STATUS_OK);
