@@ -1,6 +1,6 @@
 # Single entry point. `make demo` streams a chat answer from the default model; `make test`
 # runs every test (fetches the model first).
-.PHONY: demo test lint model reference header c-tests python-tests
+.PHONY: demo test lint model reference header c-tests python-tests fuzz
 
 demo:
 	cargo run --release -p llama-examples --bin llama -- chat --prompt "Name three rivers in Europe and one fact about each." --temperature 0.7 --seed 7 --max-tokens 160
@@ -32,6 +32,12 @@ test: model lint header
 	LLAMA_CORE_KERNEL=candle cargo test -p llama-core --lib --test formats --test tiny_models
 	bash tests/c/run.sh
 	bash scripts/test-python.sh
+
+# Every fuzz target for FUZZ_SECS seconds each (default 120), exploring past the fixed inputs
+# `make test` runs; failures are saved to target/fuzz-failures/.
+FUZZ_SECS ?= 120
+fuzz:
+	LLAMA_FUZZ_SECS=$(FUZZ_SECS) cargo test -p llama-core --test fuzz -- --nocapture
 
 # Regenerates tests/reference/smollm2.json with llama.cpp (slow: builds llama-cpp-python).
 reference:

@@ -179,6 +179,23 @@ impl Tokenizer {
         tokenizer_json: &Path,
         config: Option<&serde_json::Value>,
     ) -> Result<Self> {
+        // The tokenizers crate panics on some malformed files (found by tests/fuzz.rs: a
+        // decoder section cut short): that is an error of the file, not a crash of the host.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Self::from_hf_files_unchecked(tokenizer_json, config)
+        }))
+        .unwrap_or_else(|_| {
+            Err(Error::Tokenizer(format!(
+                "cannot load {}: the file is malformed (the tokenizers library failed on it)",
+                tokenizer_json.display()
+            )))
+        })
+    }
+
+    fn from_hf_files_unchecked(
+        tokenizer_json: &Path,
+        config: Option<&serde_json::Value>,
+    ) -> Result<Self> {
         let tok = HfTokenizer::from_file(tokenizer_json).map_err(|e| {
             Error::Tokenizer(format!("cannot load {}: {e}", tokenizer_json.display()))
         })?;

@@ -249,3 +249,16 @@ fn bad_tokens_and_overflow() {
     assert!(m.detokenize(&[100_000], false).is_err());
     assert!(m.session(SessionOptions::default().n_batch(0)).is_err());
 }
+
+/// Inputs the fuzzer (tests/fuzz.rs) found, kept as regression tests.
+#[test]
+fn fuzz_regressions_are_clean_errors() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz-regressions");
+    // A tokenizer.json cut short inside its added tokens: the tokenizers crate panicked on it.
+    let tok = dir.join("tokenizer-decoder-cut.json");
+    let r = std::panic::catch_unwind(|| llama_core::Tokenizer::from_hf_files(&tok, None));
+    assert!(
+        matches!(r, Ok(Err(Error::Tokenizer(_)))),
+        "a malformed tokenizer.json must be a Tokenizer error"
+    );
+}

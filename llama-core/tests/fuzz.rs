@@ -1,0 +1,243 @@
+//! A mutation fuzzer on stable Rust for every parser of untrusted bytes: the GGUF reader and
+//! model load, config.json, safetensors headers (an HF folder load), tokenizer.json, chat
+//! templates, session snapshots. Seeds are a tiny model's own files (built here) and the
+//! hostile snippets below; each input must give `Ok` or a clean `Err`, never a panic, and
+//! finish in bounded time. By default each target runs a fixed number of inputs (the same ones
+//! on every run: about half a minute for all of them); `LLAMA_FUZZ_SECS` runs each for that
+//! many seconds instead, exploring further (`make fuzz`). A failing input is written to
+//! `target/fuzz-failures/` and the test fails: fix it, then keep the input as a regression
+//! test (`tests/fuzz-regressions/`, `bad_input.rs`).
+
+mod common;
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::tiny::{build, Spec, Tiny};
+use llama_core::{Message, Model, ModelOptions, Session, SessionOptions};
+
+/// xorshift64*: the same inputs for the same seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+/// Values that find length and offset bugs.
+const INTERESTING: [u64; 9] = [
+    0,
+    1,
+    0x7f,
+    0xff,
+    0xffff,
+    0x7fff_ffff,
+    0xffff_ffff,
+    1 << 40,
+    u64::MAX,
+];
+
+/// One mutation of `seed`: byte flips, interesting integers written over, truncation,
+/// duplication of a slice, or insertion of random bytes.
+fn mutate(seed: &[u8], rng: &mut Rng) -> Vec<u8> {
+    let mut v = seed.to_vec();
+    for _ in 0..1 + rng.below(4) {
+        let at = rng.below(v.len().max(1));
+        match rng.below(6) {
+            0 if !v.is_empty() => v[at] ^= 1 << rng.below(8),
+            1 if !v.is_empty() => v[at] = rng.next() as u8,
+            2 => {
+                let x = INTERESTING[rng.below(INTERESTING.len())].to_le_bytes();
+                let w = [1, 2, 4, 8][rng.below(4)];
+                for (i, b) in x[..w].iter().enumerate() {
+                    if let Some(d) = v.get_mut(at + i) {
+                        *d = *b;
+                    }
+                }
+            }
+            3 => v.truncate(at),
+            4 if !v.is_empty() => {
+                let len = rng.below(64.min(v.len() - at) + 1);
+                let piece = v[at..at + len].to_vec();
+                let to = rng.below(v.len());
+                v.splice(to..to, piece);
+            }
+            _ => {
+                let extra: Vec<u8> = (0..1 + rng.below(16)).map(|_| rng.next() as u8).collect();
+                v.splice(at..at, extra);
+            }
+        }
+    }
+    v
+}
+
+/// `LLAMA_FUZZ_SECS`, when set.
+fn secs() -> Option<Duration> {
+    std::env::var("LLAMA_FUZZ_SECS")
+        .ok()
+        .and_then(|s| s.parse::<f64>().ok())
+        .map(Duration::from_secs_f64)
+}
+
+/// Runs `target` on mutations of the seeds: `budget` inputs, or for [`secs`] when set; a
+/// panic, or one input taking longer than `slow`, fails with the input saved.
+fn fuzz(name: &str, seeds: &[Vec<u8>], slow: Duration, budget: u64, target: impl Fn(&[u8])) {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ name.len() as u64);
+    let (t0, mut runs) = (Instant::now(), 0u64);
+    let more = |runs: u64| match secs() {
+        Some(d) => t0.elapsed() < d,
+        None => runs < budget,
+    };
+    while more(runs) {
+        let seed = &seeds[rng.below(seeds.len())];
+        let input = if runs < seeds.len() as u64 {
+            seed.clone()
+        } else {
+            mutate(seed, &mut rng)
+        };
+        let t = Instant::now();
+        let r = catch_unwind(AssertUnwindSafe(|| target(&input)));
+        let took = t.elapsed();
+        if r.is_err() || took > slow {
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/fuzz-failures");
+            std::fs::create_dir_all(&dir).unwrap();
+            let p = dir.join(format!("{name}-{runs}"));
+            std::fs::write(&p, &input).unwrap();
+            panic!(
+                "{name}: {} after {runs} inputs (input saved to {})",
+                if r.is_err() { "a panic" } else { "too slow" },
+                p.display()
+            );
+        }
+        runs += 1;
+    }
+    println!(
+        "{name}: {runs} inputs in {:.1} s, no failure",
+        t0.elapsed().as_secs_f64()
+    );
+}
+
+fn tiny() -> Tiny {
+    build(Spec {
+        seed: 5,
+        ..Default::default()
+    })
+}
+
+#[test]
+fn fuzz_gguf_reader_and_model_load() {
+    let t = tiny();
+    let seed = std::fs::read(&t.gguf).unwrap();
+    let p = t.dir.path().join("fuzz.gguf");
+    fuzz("gguf", &[seed], Duration::from_secs(5), 2000, |input| {
+        std::fs::write(&p, input).unwrap();
+        if llama_core::gguf::GgufFile::open(&p).is_ok() {
+            if let Ok(m) = Model::load(&p, ModelOptions::default()) {
+                let mut s = m.session(SessionOptions::default().n_ctx(16)).unwrap();
+                let _ = s.eval(&[1, 2, 3]);
+            }
+        }
+    });
+}
+
+#[test]
+fn fuzz_hf_folder_config_and_safetensors() {
+    let t = tiny();
+    let config = std::fs::read(t.hf.join("config.json")).unwrap();
+    let st = std::fs::read(t.hf.join("model.safetensors")).unwrap();
+    // The safetensors header (an 8-byte length and JSON) is what a lying file lies in.
+    let header_len = 8 + u64::from_le_bytes(st[..8].try_into().unwrap()) as usize;
+    let (head, body) = st.split_at(header_len.min(st.len()));
+    let dir = t.hf.clone();
+    let seeds = vec![config.clone(), head.to_vec()];
+    fuzz("hf-folder", &seeds, Duration::from_secs(5), 4000, |input| {
+        // Either the config or the safetensors header is mutated, the other kept.
+        if input.first() == Some(&b'{') {
+            std::fs::write(dir.join("config.json"), input).unwrap();
+            std::fs::write(dir.join("model.safetensors"), &st).unwrap();
+        } else {
+            std::fs::write(dir.join("config.json"), &config).unwrap();
+            let mut file = input.to_vec();
+            file.extend_from_slice(body);
+            std::fs::write(dir.join("model.safetensors"), file).unwrap();
+        }
+        let _ = Model::load(&dir, ModelOptions::default());
+    });
+}
+
+#[test]
+fn fuzz_tokenizer_json() {
+    let t = tiny();
+    let tok = std::fs::read(t.hf.join("tokenizer.json")).unwrap();
+    let p = t.dir.path().join("fuzz-tokenizer.json");
+    fuzz(
+        "tokenizer-json",
+        &[tok],
+        Duration::from_secs(5),
+        15000,
+        |input| {
+            std::fs::write(&p, input).unwrap();
+            if let Ok(tk) = llama_core::Tokenizer::from_hf_files(&p, None) {
+                let _ = tk.encode("hello world <s> 123", true, true);
+            }
+        },
+    );
+}
+
+#[test]
+fn fuzz_chat_templates() {
+    let seeds: Vec<Vec<u8>> = [
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+        "{{ bos_token }}{% for m in messages %}{% if m.role == 'user' %}[INST] {{ m.content | trim }} [/INST]{% else %}{{ m.content }}{{ eos_token }}{% endif %}{% endfor %}",
+        "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+        "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+        "{{ raise_exception('no') }}{{ strftime_now('%Y-%m-%d') }}",
+        "{% set x = messages[0].content.split(' ') %}{{ x | join('-') | upper }}{{ x[99] }}",
+    ]
+    .iter()
+    .map(|s| s.as_bytes().to_vec())
+    .collect();
+    let msgs = [
+        Message::system("be brief"),
+        Message::user("hello there"),
+        Message::assistant("hi"),
+    ];
+    fuzz(
+        "chat-template",
+        &seeds,
+        Duration::from_secs(2),
+        15000,
+        |input| {
+            let t = String::from_utf8_lossy(input);
+            let _ = llama_core::chat::render_template(&t, &msgs, true, "<s>", "</s>");
+        },
+    );
+}
+
+#[test]
+fn fuzz_session_snapshots() {
+    let t = tiny();
+    let m = Model::load(&t.gguf, ModelOptions::default()).unwrap();
+    let mut s = m.session(SessionOptions::default().n_ctx(32)).unwrap();
+    s.eval(&[1, 2, 3, 4, 5]).unwrap();
+    let seed = s.save_state(None).unwrap();
+    fuzz(
+        "session-state",
+        &[seed],
+        Duration::from_secs(2),
+        200000,
+        |input| {
+            if let Ok((mut r, _)) = Session::restore(&m, input) {
+                let _ = r.eval(&[6]);
+            }
+        },
+    );
+}
