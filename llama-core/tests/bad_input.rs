@@ -262,3 +262,30 @@ fn fuzz_regressions_are_clean_errors() {
         "a malformed tokenizer.json must be a Tokenizer error"
     );
 }
+
+/// Every test of this file again in a child process whose address space is limited to 1 GiB:
+/// lying headers (2^40-element tensors, huge counts and string lengths), corrupted files and
+/// the fuzz regressions give errors without a large allocation (an allocation past the limit
+/// would abort the child).
+#[test]
+fn the_bad_inputs_again_under_an_address_space_limit() {
+    if std::env::var_os("LLAMA_UNDER_LIMIT").is_some() {
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg("ulimit -v 1048576 && exec \"$0\" --test-threads 1")
+        .arg(&exe)
+        .env("LLAMA_UNDER_LIMIT", "1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "under a 1 GiB address-space limit: {}\n{}",
+        text,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("test result: ok"), "{text}");
+}
