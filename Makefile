@@ -1,6 +1,6 @@
 # Single entry point. `make demo` streams a chat answer from the default model; `make test`
 # runs every test (fetches the model first).
-.PHONY: demo test lint model reference header c-tests python-tests fuzz
+.PHONY: demo test lint model reference header c-tests python-tests fuzz miri
 
 demo:
 	cargo run --release -p llama-examples --bin llama -- chat --prompt "Name three rivers in Europe and one fact about each." --temperature 0.7 --seed 7 --max-tokens 160
@@ -38,6 +38,10 @@ test: model lint header
 FUZZ_SECS ?= 120
 fuzz:
 	LLAMA_FUZZ_SECS=$(FUZZ_SECS) cargo test -p llama-core --test fuzz -- --nocapture
+
+# The thread pool's tests under Miri (needs a nightly toolchain with the miri component).
+miri:
+	MIRIFLAGS="-Zmiri-disable-isolation -Zmiri-ignore-leaks" cargo +nightly miri test -p llama-core --lib pool::
 
 # Regenerates tests/reference/smollm2.json with llama.cpp (slow: builds llama-cpp-python).
 reference:

@@ -67,10 +67,14 @@ def main():
     stop.set()
     for w in workers:
         w.join()
+    # RSS moves between plateaus as sessions' KV caches come and go: compare the peaks of the
+    # first and last thirds after warm-up (growth there is a leak; single samples are not).
     warm = [r for t, r, _ in samples if t >= min(60.0, args.minutes * 60 / 3)]
-    growth = (warm[-1] - warm[0]) if len(warm) > 1 else 0.0
-    print(f"rounds {sum(counts)}; RSS after warm-up {warm[0]:.1f} -> {warm[-1]:.1f} MiB "
-          f"(max {max(warm):.1f}, growth {growth:+.1f} MiB)")
+    third = max(1, len(warm) // 3)
+    first, last = max(warm[:third]), max(warm[-third:])
+    print(f"rounds {sum(counts)}; RSS after warm-up {min(warm):.1f}-{max(warm):.1f} MiB; "
+          f"peak of the first third {first:.1f}, of the last third {last:.1f} "
+          f"(growth {last - first:+.1f} MiB)")
 
 
 if __name__ == "__main__":
