@@ -31,16 +31,7 @@ fn real() -> &'static Model {
     M.get_or_init(|| Model::load(real_model_path(), ModelOptions::default()).unwrap())
 }
 
-fn gen(s: &mut Session, prompt: &[u32], smp: &mut Sampler, n: usize) -> Vec<u32> {
-    s.generate(
-        prompt,
-        smp,
-        GenerateOptions::default().max_tokens(n),
-        |_| ControlFlow::Continue(()),
-    )
-    .unwrap()
-    .tokens
-}
+use common::gen;
 
 /// Greedy generation of at most `n` tokens after `prompt`.
 fn greedy_prompt(s: &mut Session, prompt: llama_core::Prompt<'_>, n: usize) -> Generation {

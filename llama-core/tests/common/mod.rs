@@ -120,3 +120,16 @@ pub fn options() -> llama_core::ModelOptions<'static> {
         .unwrap_or_default();
     llama_core::ModelOptions::default().with_kernel(kernel)
 }
+
+/// The tokens of a generation of at most `n` tokens after `prompt` with `smp`.
+pub fn gen(
+    s: &mut llama_core::Session,
+    prompt: &[u32],
+    smp: &mut llama_core::Sampler,
+    n: usize,
+) -> Vec<u32> {
+    let opts = llama_core::GenerateOptions::default().max_tokens(n);
+    s.generate(prompt, smp, opts, |_| std::ops::ControlFlow::Continue(()))
+        .unwrap()
+        .tokens
+}
