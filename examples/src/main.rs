@@ -25,8 +25,8 @@ use serde_json::json;
     about = "Run Llama-family models locally (GGUF or Hugging Face folders)"
 )]
 struct Cli {
-    /// Compute threads (0: one per physical core). Also sizes candle's own pool
-    /// (RAYON_NUM_THREADS) for the weight types that run on candle's kernels.
+    /// Compute threads (0: one per physical core). Also sizes candle's own threading
+    /// (RAYON_NUM_THREADS) for dense f32 weights and --kernel candle.
     #[arg(short = 't', long, global = true, env = "LLAMA_THREADS")]
     threads: Option<usize>,
     /// Kernel path: auto, scalar, avx2, vnni256, avx512, or candle (candle's kernels and

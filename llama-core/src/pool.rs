@@ -74,6 +74,9 @@ thread_local! {
 
 /// The most threads a pool may have.
 pub(crate) const MAX_THREADS: usize = 1024;
+/// The most pools (distinct thread counts) a process keeps: pools live to the end of the
+/// process, so without a cap a caller cycling through thread counts would pile up threads.
+pub(crate) const MAX_POOLS: usize = 16;
 
 /// Threads when none are asked for: one per physical core.
 pub(crate) fn default_threads() -> usize {
@@ -258,6 +261,14 @@ impl Pool {
         let mut pools = POOLS.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = pools.iter().find(|p| p.size == threads) {
             return Ok(p);
+        }
+        if pools.len() >= MAX_POOLS {
+            return Err(Error::InvalidArgument(format!(
+                "threads: {threads} would be a {}th distinct thread count (pools are kept for \
+                 the process; at most {MAX_POOLS}: {:?})",
+                pools.len() + 1,
+                pools.iter().map(|p| p.size).collect::<Vec<_>>()
+            )));
         }
         let p: &'static Pool = Box::leak(Box::new(Pool::new(threads)));
         pools.push(p);

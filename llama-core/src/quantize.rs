@@ -206,7 +206,7 @@ pub fn quantize_model(
         let batch = (i..n).take(threads).collect::<Vec<_>>();
         let outer = batch.len();
         let inner = (threads / outer).max(1);
-        let results = par_map(&batch, pool_of(outer)?, |&k| {
+        let results = par_map(&batch, pool_of(threads)?, |&k| {
             convert_one(&source, &jobs[k], types[k], inner)
         })?;
         for (k, r) in batch.iter().zip(results) {

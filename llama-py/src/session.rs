@@ -105,6 +105,19 @@ impl Session {
         py: Python<'_>,
         f: impl FnOnce(&mut llama_core::Session) -> PyResult<T> + Send,
     ) -> PyResult<T> {
+        py.detach(|| {
+            let mut g = self.lock()?;
+            let s = g.as_mut().ok_or_else(closed)?;
+            f(s)
+        })
+    }
+
+    /// [`Session::with`] for work that evaluates tokens: Ctrl-C stops it.
+    fn with_signals<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut llama_core::Session) -> PyResult<T> + Send,
+    ) -> PyResult<T> {
         let sig = Signals::new(py);
         let r = py.detach(|| {
             let mut g = self.lock()?;
@@ -153,7 +166,7 @@ impl Session {
 impl Session {
     /// Evaluates token ids after the current context (prompt processing in chunks).
     fn eval(&self, py: Python<'_>, tokens: Vec<u32>) -> PyResult<()> {
-        self.with(py, |s| s.eval(&tokens).py_err())
+        self.with_signals(py, |s| s.eval(&tokens).py_err())
     }
 
     /// Logits of the last evaluated position as a float32 array, or None before any eval.
@@ -420,10 +433,9 @@ fn start_stream(
 ) -> PyResult<TokenStream> {
     let py = slf.py();
     let smp = default_sampler(py, sampler)?;
-    // `with` checks for signals while the prompt is evaluated.
     let gen = slf
         .get()
-        .with(py, move |s| s.start(prompt.as_core(), opts).py_err())?;
+        .with_signals(py, move |s| s.start(prompt.as_core(), opts).py_err())?;
     Ok(TokenStream {
         session: slf.clone().unbind(),
         sampler: smp,
