@@ -1,6 +1,6 @@
 # Single entry point. `make demo` streams a chat answer from the default model; `make test`
 # runs every test (fetches the model first).
-.PHONY: demo test lint model reference header c-tests python-tests fuzz miri
+.PHONY: demo test lint model reference header c-tests python-tests fuzz miri tsan
 
 demo:
 	cargo run --release -p llama-examples --bin llama -- chat --prompt "Name three rivers in Europe and one fact about each." --temperature 0.7 --seed 7 --max-tokens 160
@@ -42,6 +42,15 @@ fuzz:
 # The thread pool's tests under Miri (needs a nightly toolchain with the miri component).
 miri:
 	MIRIFLAGS="-Zmiri-disable-isolation -Zmiri-ignore-leaks" cargo +nightly miri test -p llama-core --lib pool::
+
+# ThreadSanitizer (nightly with rust-src: the standard library is rebuilt instrumented) on the
+# core's unit tests (pool, kernels, attention, sessions), the 8-thread stress test and the pools
+# test (skipping one timing assertion the instrumented build is too slow for). The first build
+# takes about 5 minutes.
+tsan:
+	RUSTFLAGS="-Zsanitizer=thread" TSAN_OPTIONS="halt_on_error=1" CARGO_TARGET_DIR=target/tsan \
+	  cargo +nightly test -Zbuild-std --target x86_64-unknown-linux-gnu -p llama-core --lib --test stress --test pools \
+	  -- --skip hostile_templates_end_with_an_error_quickly
 
 # Regenerates tests/reference/smollm2.json with llama.cpp (slow: builds llama-cpp-python).
 reference:

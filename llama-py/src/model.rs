@@ -177,9 +177,12 @@ impl Model {
     ) -> PyResult<Bound<'py, PyArray1<f32>>> {
         let pooling = llama_core::Pooling::parse(pooling).py_err()?;
         let text = text.to_string();
-        let v = py
-            .detach(|| self.inner.embed_pooled(&text, pooling))
-            .py_err()?;
+        let sig = crate::signals::Signals::new(py);
+        let v = py.detach(|| {
+            self.inner
+                .embed_pooled_with(&text, pooling, &mut || sig.check())
+        });
+        let v = sig.result(v.py_err())?;
         Ok(PyArray1::from_vec(py, v))
     }
 

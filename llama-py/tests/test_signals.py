@@ -61,3 +61,15 @@ def test_ctrl_c_stops_a_stream_and_a_long_prompt(model):
     assert len(t) % 512 == 0 and len(t) < 3000
     t.eval([1, 2, 3])
     assert t.logits() is not None
+
+
+def test_ctrl_c_stops_embed_and_embed_works_again(model):
+    text = " ".join(f"word{i}" for i in range(3000))
+    timer, sent = _interrupt_after(0.2)
+    with pytest.raises(KeyboardInterrupt):
+        model.embed(text)
+    raised = time.perf_counter()
+    timer.join()
+    assert raised - sent["at"] < 0.5, raised - sent["at"]
+    v = model.embed("hello there")
+    assert v.shape == (model.n_embd,)

@@ -328,7 +328,19 @@ impl Model {
 
     /// The embedding of `text` pooled as `pooling` (`hidden_size` values).
     pub fn embed_pooled(&self, text: &str, pooling: Pooling) -> Result<Vec<f32>> {
-        let e = self.embed(text)?;
+        self.embed_pooled_with(text, pooling, &mut || false)
+    }
+
+    /// [`Model::embed_pooled`] asking `stop` between chunks and layers; `true` ends the call
+    /// with [`Error::Cancelled`] (bindings honour their language's interrupts with it).
+    pub fn embed_pooled_with(
+        &self,
+        text: &str,
+        pooling: Pooling,
+        stop: &mut dyn FnMut() -> bool,
+    ) -> Result<Vec<f32>> {
+        let ids = self.tokenize(text, true, false)?;
+        let e = self.embed_tokens_with(&ids, stop)?;
         Ok(match pooling {
             Pooling::Mean => e.mean,
             Pooling::Last => e.last,
@@ -337,6 +349,16 @@ impl Model {
 
     /// Embeddings of a token sequence (see [`Model::embed`]).
     pub fn embed_tokens(&self, tokens: &[u32]) -> Result<Embeddings> {
+        self.embed_tokens_with(tokens, &mut || false)
+    }
+
+    /// [`Model::embed_tokens`] asking `stop` between chunks and layers (see
+    /// [`Model::embed_pooled_with`]).
+    pub fn embed_tokens_with(
+        &self,
+        tokens: &[u32],
+        stop: &mut dyn FnMut() -> bool,
+    ) -> Result<Embeddings> {
         if tokens.is_empty() {
             return Err(Error::InvalidArgument(
                 "cannot embed an empty sequence".into(),
@@ -355,7 +377,10 @@ impl Model {
         let mut rows: Vec<Vec<f32>> = vec![];
         self.inner.runtime.run(|| -> Result<()> {
             for chunk in tokens.chunks(512) {
-                let h = self.forward_hidden(chunk, &mut cache, &mut || false)?;
+                if stop() {
+                    return Err(Error::Cancelled);
+                }
+                let h = self.forward_hidden(chunk, &mut cache, &mut *stop)?;
                 rows.extend(h.to_vec2::<f32>()?);
             }
             Ok(())
