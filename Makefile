@@ -29,7 +29,7 @@ test: model lint header
 	LLAMA_CORE_KERNEL=avx2 cargo test -p llama-core --lib
 	LLAMA_CORE_KERNEL=scalar cargo test -p llama-core --lib
 	# candle's tensor path (LLAMA_CORE_KERNEL=candle) on every weight format and tiny architecture.
-	LLAMA_CORE_KERNEL=candle cargo test -p llama-core --lib --test formats --test tiny_models
+	LLAMA_CORE_KERNEL=candle cargo test -p llama-core --lib --test formats --test tiny_models --test lora
 	bash tests/c/run.sh
 	bash scripts/test-python.sh
 

@@ -24,15 +24,40 @@ pub fn gguf_to_hf(
     src: &Path,
     dst_dir: &Path,
     ty: DenseType,
+    progress: impl FnMut(usize, usize),
+) -> Result<()> {
+    export_hf(src, dst_dir, ty, &[], progress)
+}
+
+/// [`gguf_to_hf`] from a GGUF file or a Hugging Face folder, with LoRA adapters merged into
+/// the weights (`W + sum scale * B A`, computed in f64 from the f32 base values).
+pub fn export_hf(
+    src: &Path,
+    dst_dir: &Path,
+    ty: DenseType,
+    adapters: &[(crate::Adapter, f32)],
     mut progress: impl FnMut(usize, usize),
 ) -> Result<()> {
+    let is_dir = std::fs::metadata(src)
+        .map_err(|e| Error::io(src, e))?
+        .is_dir();
+    if is_dir && same_dir(src, dst_dir) {
+        return Err(Error::InvalidArgument(format!(
+            "{} is the source folder: write the merged model elsewhere",
+            dst_dir.display()
+        )));
+    }
     let crate::weights::Parts {
         src: src_w,
         config: cfg,
         tokenizer: tok,
         chat_template: template,
         ..
-    } = crate::weights::open_gguf(src)?;
+    } = if is_dir {
+        crate::weights::open_hf(src)?.into()
+    } else {
+        crate::weights::open_gguf(src)?
+    };
     let rope_freqs = src_w.has(crate::weights::W::RopeFreqs);
     let dtype = match ty {
         DenseType::F32 => DType::F32,
@@ -50,7 +75,22 @@ pub fn gguf_to_hf(
     let mut map: HashMap<String, Tensor> = HashMap::new();
     let n = list.len();
     for (i, (w, shape, perm)) in list.into_iter().enumerate() {
-        let t = src_w.load_dense_unpermuted(w, &shape, perm)?;
+        let t = src_w.load_dense_unpermuted(w, &shape, perm.filter(|_| !is_dir))?;
+        let t = match crate::lora::target_of_weight(w) {
+            Some((l, target)) if !adapters.is_empty() => {
+                match crate::Adapter::delta(adapters, l, target, (shape[0], shape[1])) {
+                    Some(d) => {
+                        let mut v: Vec<f32> = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+                        for (x, d) in v.iter_mut().zip(&d) {
+                            *x += d;
+                        }
+                        Tensor::from_vec(v, shape.clone(), t.device())?
+                    }
+                    None => t,
+                }
+            }
+            _ => t,
+        };
         let t = if shape.len() == 1 {
             t
         } else {
@@ -129,4 +169,11 @@ fn write_text(path: &Path, text: &str) -> Result<()> {
     let tmp = tmp_name(path);
     let res = std::fs::write(&tmp, text);
     finish_tmp(res, &tmp, path)
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
 }

@@ -92,6 +92,19 @@ pub fn quantize_model(
     src: &Path,
     dst: &Path,
     opts: &QuantizeOptions,
+    progress: impl FnMut(usize, usize),
+) -> Result<QuantizeReport> {
+    merge_model(src, dst, opts, &[], progress)
+}
+
+/// [`quantize_model`] with LoRA adapters merged into the weights first: each projection an
+/// adapter updates becomes `W + sum scale * B A` (the update computed in f64 from the f32 base
+/// values, then converted to `opts.ty`). The adapters must fit the model at `src`.
+pub fn merge_model(
+    src: &Path,
+    dst: &Path,
+    opts: &QuantizeOptions,
+    adapters: &[(crate::Adapter, f32)],
     mut progress: impl FnMut(usize, usize),
 ) -> Result<QuantizeReport> {
     let threads = crate::pool::thread_count(opts.threads)?;
@@ -198,6 +211,14 @@ pub fn quantize_model(
             );
         }
     }
+    let cfg_for_lora = match &source {
+        Source::Gguf(g) => Config::from_gguf(g)?,
+        Source::Hf(_) => crate::weights::open_hf(src)?.config,
+    };
+    let lora = Lora {
+        adapters,
+        config: &cfg_for_lora,
+    };
     let mut w = GgufWriter::create(dst, &meta, &infos)?;
     let n = jobs.len();
     // Whole tensors in parallel when they are small; rows in parallel within large ones.
@@ -207,7 +228,7 @@ pub fn quantize_model(
         let outer = batch.len();
         let inner = (threads / outer).max(1);
         let results = par_map(&batch, pool_of(threads)?, |&k| {
-            convert_one(&source, &jobs[k], types[k], inner)
+            convert_one(&source, &jobs[k], types[k], inner, &lora)
         })?;
         for (k, r) in batch.iter().zip(results) {
             let bytes = r?;
@@ -226,18 +247,94 @@ enum Source {
     Hf(crate::weights::WeightSource),
 }
 
-fn convert_one(source: &Source, job: &Job, ty: FileType, threads: usize) -> Result<Vec<u8>> {
+/// The adapters a merge adds, and the model's configuration (for the Q/K row order).
+struct Lora<'a> {
+    adapters: &'a [(crate::Adapter, f32)],
+    config: &'a Config,
+}
+
+impl Lora<'_> {
+    /// The update of GGUF tensor `name` (GGUF row order), if an adapter changes it.
+    fn delta(&self, name: &str, shape: &[usize]) -> Result<Option<Vec<f32>>> {
+        if self.adapters.is_empty() {
+            return Ok(None);
+        }
+        let Some((l, t)) = crate::lora::target_of_gguf_name(name) else {
+            return Ok(None);
+        };
+        let (out, inp) = t.shape(self.config);
+        if shape != [out, inp] {
+            return Err(Error::InvalidArgument(format!(
+                "{name}: the model's tensor is {shape:?}, the adapter's update [{out}, {inp}]"
+            )));
+        }
+        let Some(d) = crate::Adapter::delta(self.adapters, l, t, (out, inp)) else {
+            return Ok(None);
+        };
+        Ok(Some(match t.permuted_heads(self.config) {
+            Some(heads) => {
+                let bytes: Vec<u8> = d.iter().flat_map(|x| x.to_le_bytes()).collect();
+                permute_rows_for_gguf(&bytes, out, heads)
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect()
+            }
+            None => d,
+        }))
+    }
+}
+
+fn convert_one(
+    source: &Source,
+    job: &Job,
+    ty: FileType,
+    threads: usize,
+    lora: &Lora<'_>,
+) -> Result<Vec<u8>> {
     let row = *job.shape.last().unwrap_or(&1);
+    let delta = lora.delta(&job.name, &job.shape)?;
+    let mut values = convert_values(source, job, ty, delta.is_some())?;
+    let Some(d) = delta else {
+        return match values {
+            Converted::Bytes(b) => Ok(b),
+            Converted::Values(v) => quantize_rows(&v, row, ty, threads),
+        };
+    };
+    let Converted::Values(v) = &mut values else {
+        return Err(Error::InvalidArgument(
+            "merge: tensor copied as stored".into(),
+        ));
+    };
+    for (x, d) in v.iter_mut().zip(&d) {
+        *x += d;
+    }
+    quantize_rows(v, row, ty, threads)
+}
+
+enum Converted {
+    /// Already in the output type.
+    Bytes(Vec<u8>),
+    Values(Vec<f32>),
+}
+
+/// A tensor's f32 values (GGUF row order), or its bytes when they are already of type `ty`
+/// and `need_values` is false.
+fn convert_values(
+    source: &Source,
+    job: &Job,
+    ty: FileType,
+    need_values: bool,
+) -> Result<Converted> {
     let values: Vec<f32> = match (&job.from, source) {
         (JobSource::Values(v), _) => v.clone(),
         (JobSource::Gguf, Source::Gguf(g)) => {
             let (info, data) = g
                 .tensor_data(&job.name)
                 .ok_or_else(|| Error::weights(g.path(), &job.name, "tensor is missing"))?;
-            if info.dtype == ty.ggml() {
+            if info.dtype == ty.ggml() && !need_values {
                 let v = data.to_vec();
                 g.release(&job.name);
-                return Ok(v);
+                return Ok(Converted::Bytes(v));
             }
             if matches!(
                 info.dtype,
@@ -245,7 +342,7 @@ fn convert_one(source: &Source, job: &Job, ty: FileType, threads: usize) -> Resu
             ) {
                 let v = crate::weights::gguf_dense_values(data, info.dtype);
                 g.release(&job.name);
-                return quantize_rows(&v, row, ty, threads);
+                return Ok(Converted::Values(v));
             }
             let store = crate::matrix::aligned(data);
             let q = qtensor_from_ggml(
@@ -279,7 +376,7 @@ fn convert_one(source: &Source, job: &Job, ty: FileType, threads: usize) -> Resu
         }
         _ => return Err(Error::InvalidArgument("tensor source mismatch".into())),
     };
-    quantize_rows(&values, row, ty, threads)
+    Ok(Converted::Values(values))
 }
 
 fn hf_jobs(c: &Config, has_output: bool) -> Vec<Job> {

@@ -2,6 +2,7 @@
 //! operations on [`crate::Kernel::Candle`]; and the output head.
 
 use super::*;
+use crate::lora::{self, Active, Target};
 
 impl Model {
     /// Runs `tokens` at the cache's next positions and returns the final hidden states
@@ -10,12 +11,13 @@ impl Model {
         &self,
         tokens: &[u32],
         cache: &mut KvCache,
+        lora: Active<'_>,
         stop: &mut dyn FnMut() -> bool,
     ) -> Result<Tensor> {
         if crate::kernels::enabled() {
-            return self.forward_rows(tokens, cache, stop);
+            return self.forward_rows(tokens, cache, lora, stop);
         }
-        self.forward_tensors(tokens, cache, stop)
+        self.forward_tensors(tokens, cache, lora, stop)
     }
 
     /// [`Model::forward_hidden`] on our kernels over plain row-major buffers allocated once per
@@ -24,6 +26,7 @@ impl Model {
         &self,
         tokens: &[u32],
         cache: &mut KvCache,
+        lora: Active<'_>,
         stop: &mut dyn FnMut() -> bool,
     ) -> Result<Tensor> {
         use crate::kernels::{add_in_place, input_f32, rms_norm_rows, swiglu_rows};
@@ -56,6 +59,13 @@ impl Model {
             }
             rms_norm_rows(&x, &input_f32(&l.attn_norm)?, eps, &mut hn);
             l.qkv.matmul_into(&hn, t, &mut qkv)?;
+            if !lora.is_empty() {
+                let mut col = 0;
+                for (tg, n) in [(Target::Q, qw), (Target::K, kw), (Target::V, kw)] {
+                    lora::add_delta(lora, li, tg, &hn, t, &mut qkv, (qkv_w, col, n))?;
+                    col += n;
+                }
+            }
             m.rope.apply(&mut qkv, t, nh, qkv_w, (&cos, &sin));
             m.rope.apply(&mut qkv[qw..], t, nkv, qkv_w, (&cos, &sin));
             for (row, (kr, vr)) in qkv
@@ -81,11 +91,15 @@ impl Model {
                 &queries, &k_all, &v_all, start, scale, half_cache, &mut att,
             )?;
             matrix::matmul_into(&*l.o, &att, t, &mut o)?;
+            lora::add_delta(lora, li, Target::O, &att, t, &mut o, (hidden, 0, hidden))?;
             add_in_place(&mut x, &o);
             rms_norm_rows(&x, &input_f32(&l.ffn_norm)?, eps, &mut hn);
             l.gate_up.matmul_into(&hn, t, &mut gu)?;
+            lora::add_delta(lora, li, Target::Gate, &hn, t, &mut gu, (2 * ffn, 0, ffn))?;
+            lora::add_delta(lora, li, Target::Up, &hn, t, &mut gu, (2 * ffn, ffn, ffn))?;
             swiglu_rows(&gu, ffn, &mut a);
             matrix::matmul_into(&*l.down, &a, t, &mut o)?;
+            lora::add_delta(lora, li, Target::Down, &a, t, &mut o, (hidden, 0, hidden))?;
             add_in_place(&mut x, &o);
         }
         cache.advance(t);
@@ -98,6 +112,7 @@ impl Model {
         &self,
         tokens: &[u32],
         cache: &mut KvCache,
+        lora: Active<'_>,
         stop: &mut dyn FnMut() -> bool,
     ) -> Result<Tensor> {
         let m = &*self.inner;
@@ -133,6 +148,9 @@ impl Model {
             }
             let hn = candle_nn::ops::rms_norm(&x, &l.attn_norm, eps)?;
             let [q, k, v] = l.qkv.forward(&hn)?;
+            let q = lora_tensor(lora, li, Target::Q, &hn, q)?;
+            let k = lora_tensor(lora, li, Target::K, &hn, k)?;
+            let v = lora_tensor(lora, li, Target::V, &hn, v)?;
             let q = q.reshape((1, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
             let k = k.reshape((1, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
             let v = v.reshape((1, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
@@ -161,12 +179,14 @@ impl Model {
                     .transpose(0, 1)?
                     .reshape((1, t, nh * hd))?
             };
-            let y = l.o.forward(&y)?;
+            let y = lora_tensor(lora, li, Target::O, &y, l.o.forward(&y)?)?;
             x = (x + y)?;
             let hn = candle_nn::ops::rms_norm(&x, &l.ffn_norm, eps)?;
             let [g, u] = l.gate_up.forward(&hn)?;
+            let g = lora_tensor(lora, li, Target::Gate, &hn, g)?;
+            let u = lora_tensor(lora, li, Target::Up, &hn, u)?;
             let a = (candle_nn::ops::silu(&g)? * u)?;
-            let y = l.down.forward(&a)?;
+            let y = lora_tensor(lora, li, Target::Down, &a, l.down.forward(&a)?)?;
             x = (x + y)?;
         }
         cache.advance(t);
@@ -191,4 +211,18 @@ impl Model {
         let last = hidden.narrow(0, n - 1, 1)?;
         Ok(self.logits(&last)?.squeeze(0)?.to_vec1::<f32>()?)
     }
+}
+
+/// `y` plus the active adapters' update of projection `t` for input `x` (candle's tensor path).
+fn lora_tensor(lora: Active<'_>, li: usize, t: Target, x: &Tensor, y: Tensor) -> Result<Tensor> {
+    if !lora::touches(lora, li, t) {
+        return Ok(y);
+    }
+    let shape = y.shape().clone();
+    let n = *shape.dims().last().unwrap_or(&0);
+    let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let mut ys: Vec<f32> = y.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let m = ys.len() / n.max(1);
+    lora::add_delta(lora, li, t, &xs, m, &mut ys, (n, 0, n))?;
+    Ok(Tensor::from_vec(ys, shape, x.device())?.to_dtype(y.dtype())?)
 }

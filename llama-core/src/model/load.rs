@@ -188,6 +188,7 @@ impl Model {
                 lm_head,
                 rope,
                 device: Device::Cpu,
+                adapters: Default::default(),
                 runtime,
             }),
         })

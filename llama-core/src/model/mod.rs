@@ -138,6 +138,8 @@ pub(crate) struct Inner {
     lm_head: Linear,
     rope: Rope,
     device: Device,
+    /// Adapters loaded for this model (snapshots find theirs here).
+    adapters: std::sync::Mutex<Vec<std::sync::Weak<crate::lora::AdapterInner>>>,
     /// The kernel settings the weights were laid out for, and the default pool.
     pub(crate) runtime: Runtime,
 }
@@ -295,6 +297,27 @@ impl Model {
     pub fn fingerprint(&self) -> u64 {
         self.inner.fingerprint
     }
+
+    /// Loads a LoRA adapter (a PEFT folder or a GGUF LoRA file) for this model: see
+    /// [`crate::Adapter::load`].
+    pub fn load_adapter(&self, path: impl AsRef<Path>) -> Result<crate::Adapter> {
+        crate::Adapter::load(self, path)
+    }
+
+    pub(crate) fn register_adapter(&self, a: &crate::Adapter) {
+        if let Ok(mut list) = self.inner.adapters.lock() {
+            list.retain(|w| w.strong_count() > 0);
+            list.push(a.downgrade());
+        }
+    }
+
+    /// A live adapter of this model with `fingerprint`, if one is loaded.
+    pub(crate) fn find_adapter(&self, fingerprint: u64) -> Option<crate::Adapter> {
+        let list = self.inner.adapters.lock().ok()?;
+        list.iter()
+            .filter_map(crate::Adapter::from_weak)
+            .find(|a| a.fingerprint() == fingerprint)
+    }
     /// Tokenizes with llama.cpp semantics (see [`Tokenizer::encode`]).
     pub fn tokenize(&self, text: &str, add_special: bool, parse_special: bool) -> Result<Vec<u32>> {
         self.inner
@@ -380,7 +403,7 @@ impl Model {
                 if stop() {
                     return Err(Error::Cancelled);
                 }
-                let h = self.forward_hidden(chunk, &mut cache, &mut *stop)?;
+                let h = self.forward_hidden(chunk, &mut cache, &[], &mut *stop)?;
                 rows.extend(h.to_vec2::<f32>()?);
             }
             Ok(())

@@ -105,6 +105,8 @@ pub struct Session {
     runtime: Runtime,
     /// Asked between prompt chunks and layers whether to stop (see [`Session::set_interrupt`]).
     interrupt: Option<Interrupt>,
+    /// LoRA adapters applied to this session's forward passes, with their scales.
+    adapters: Vec<(crate::Adapter, f32)>,
     pub(crate) cancel: CancelHandle,
 }
 
@@ -140,6 +142,7 @@ impl Model {
         Ok(Session {
             runtime,
             interrupt: None,
+            adapters: vec![],
             model: self.clone(),
             cache: self.new_cache(n_ctx, opts.kv_type == KvCacheType::F16),
             tokens: vec![],
@@ -263,7 +266,9 @@ impl Session {
             if stop() {
                 return Err(Error::Cancelled);
             }
-            let res = self.model.forward_hidden(chunk, &mut self.cache, &mut stop);
+            let res = self
+                .model
+                .forward_hidden(chunk, &mut self.cache, &self.adapters, &mut stop);
             let hidden = match res {
                 Ok(h) => h,
                 Err(e) => {
@@ -299,6 +304,33 @@ impl Session {
         self.logits.as_deref()
     }
 
+    /// Applies these LoRA adapters, each with its scale, to this session's evaluations from now
+    /// on (replacing the previous set; `&[]` is the base model). Other sessions and the model are
+    /// untouched; tokens already evaluated keep the cache they were computed with. A scale of 0
+    /// is exactly the base model. Every adapter must have been loaded for this session's model.
+    pub fn set_adapters(&mut self, adapters: &[(crate::Adapter, f32)]) -> Result<()> {
+        for (a, s) in adapters {
+            if a.model_fingerprint() != self.model.fingerprint() {
+                return Err(Error::InvalidArgument(format!(
+                    "adapter {} was loaded for another model",
+                    a.path().display()
+                )));
+            }
+            if !s.is_finite() {
+                return Err(Error::InvalidArgument(format!(
+                    "adapter scale {s} is not finite"
+                )));
+            }
+        }
+        self.adapters = adapters.to_vec();
+        Ok(())
+    }
+
+    /// The adapters applied, with their scales.
+    pub fn adapters(&self) -> &[(crate::Adapter, f32)] {
+        &self.adapters
+    }
+
     /// Rolls back to the first `n` tokens. The logits are cleared unless nothing was removed.
     pub fn truncate(&mut self, n: usize) {
         if n < self.tokens.len() {
@@ -323,6 +355,7 @@ impl Session {
             opts: self.opts.clone(),
             runtime: self.runtime,
             interrupt: None,
+            adapters: self.adapters.clone(),
             cancel: CancelHandle::default(),
         })
     }

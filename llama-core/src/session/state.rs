@@ -1,7 +1,8 @@
 //! Session snapshots: a versioned binary format holding the token history, the KV cache, the
 //! last logits and, optionally, a sampler's configuration and random state.
 //!
-//! Layout (little-endian): magic `LLSS`, format version (u32), model fingerprint (u64), then
+//! Layout (little-endian): magic `LLSS`, format version (u32), model fingerprint (u64), the
+//! LoRA adapters applied (version 2: count, then fingerprint, scale and path of each), then
 //! the session and cache fields, then an FNV-1a checksum (u64) of everything before it.
 //! Restoring checks magic, version, fingerprint, every length and the checksum before building
 //! anything, so another model's snapshot or a corrupted blob is an error, never garbage.
@@ -15,7 +16,7 @@ use crate::sampler::{Rng, Sampler, SamplerConfig};
 
 const MAGIC: &[u8; 4] = b"LLSS";
 /// Version of the snapshot format written by this library.
-pub const STATE_FORMAT_VERSION: u32 = 1;
+pub const STATE_FORMAT_VERSION: u32 = 2;
 
 fn fnv(bytes: &[u8]) -> u64 {
     let mut h = 0xcbf2_9ce4_8422_2325u64;
@@ -106,6 +107,14 @@ impl Session {
         w.0.extend_from_slice(MAGIC);
         w.u32(STATE_FORMAT_VERSION);
         w.u64(model.fingerprint());
+        w.u32(self.adapters().len() as u32);
+        for (a, s) in self.adapters() {
+            w.u64(a.fingerprint());
+            w.f32(*s);
+            let p = a.path().to_string_lossy();
+            w.u64(p.len() as u64);
+            w.0.extend_from_slice(p.as_bytes());
+        }
         let o = self.options();
         w.u64(self.n_ctx() as u64);
         w.u64(o.n_batch as u64);
@@ -190,7 +199,7 @@ impl Session {
         let sum = u64::from_le_bytes(tail.try_into().unwrap_or_default());
         let mut r = R { b: body, pos: 4 };
         let version = r.u32()?;
-        if version != STATE_FORMAT_VERSION {
+        if version != STATE_FORMAT_VERSION && version != 1 {
             return Err(Error::State(format!(
                 "snapshot format version {version} is not supported (this library reads {STATE_FORMAT_VERSION})"
             )));
@@ -204,6 +213,22 @@ impl Session {
             return Err(Error::State(
                 "snapshot was saved from a different model".into(),
             ));
+        }
+        let mut adapters = vec![];
+        if version >= 2 {
+            let n = r.u32()? as usize;
+            for _ in 0..n {
+                let fp = r.u64()?;
+                let scale = r.f32()?;
+                let len = r.len(1)?;
+                let path = String::from_utf8_lossy(r.take(len)?).into_owned();
+                let a = model.find_adapter(fp).ok_or_else(|| {
+                    Error::State(format!(
+                        "the snapshot was taken with LoRA adapter {path} (fingerprint {fp:016x}), which is not loaded for this model: load it first"
+                    ))
+                })?;
+                adapters.push((a, scale));
+            }
         }
         let c = model.config();
         let n_ctx = r.u64()? as usize;
@@ -287,6 +312,8 @@ impl Session {
             .kv_type(kv_type);
         opts.context_shift = (shift_flag == 1).then_some(shift_n);
         let mut s = model.session(opts)?;
+        s.set_adapters(&adapters)
+            .map_err(|e| Error::State(format!("adapters: {e}")))?;
         s.kv_import(tokens, kv, logits)?;
         Ok((s, sampler))
     }

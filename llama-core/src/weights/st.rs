@@ -52,6 +52,13 @@ impl StFiles {
         Ok(StFiles { maps, index })
     }
 
+    /// Every tensor name, sorted.
+    pub(crate) fn names(&self) -> Vec<&String> {
+        let mut v: Vec<&String> = self.index.keys().collect();
+        v.sort();
+        v
+    }
+
     pub(crate) fn get(&self, name: &str) -> Option<&StEntry> {
         self.index.get(name)
     }

@@ -534,8 +534,15 @@ fn rmsnorm(x: &[f64], w: &(Vec<usize>, Vec<f32>), eps: f64) -> Vec<f64> {
 
 /// Independent f64 forward pass over all positions (HF conventions: rotate-half RoPE).
 pub fn reference_logits(t: &Tiny, tokens: &[u32]) -> Vec<Vec<f64>> {
-    let s = &t.spec;
-    let w = &t.weights;
+    reference_logits_with(&t.spec, &t.weights, tokens)
+}
+
+/// [`reference_logits`] with other weights (HF names and row order), e.g. merged adapters.
+pub fn reference_logits_with(
+    s: &Spec,
+    w: &HashMap<String, (Vec<usize>, Vec<f32>)>,
+    tokens: &[u32],
+) -> Vec<Vec<f64>> {
     let (h, hd, nh, nkv) = (s.hidden, s.head_dim, s.heads, s.kv_heads);
     let inv = inv_freq(s, tokens.len());
     let emb = &w["model.embed_tokens.weight"];

@@ -1,0 +1,525 @@
+//! LoRA adapters: low-rank updates `W + scale * B A` of a model's projections, loaded from
+//! Hugging Face PEFT folders or llama.cpp GGUF LoRA files, applied at run time on top of any
+//! weight storage (`y = W x + scale * B (A x)`, the rank-r product in f32), chosen per session.
+//!
+//! An [`Adapter`] belongs to the model it was loaded for: it is checked against the model's
+//! shapes at load, immutable, and cheap to clone. Its matrices are held in the model's row order
+//! (Hugging Face's: a GGUF LoRA's Q/K `lora_b` rows are un-permuted as the base's are).
+
+mod gguf;
+mod peft;
+#[cfg(test)]
+mod tests;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Weak};
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::model::Model;
+use crate::weights::W;
+
+pub use gguf::write_gguf_lora;
+pub use peft::write_peft;
+
+/// A projection a LoRA adapter can update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Target {
+    /// Attention query (`q_proj`, `attn_q`).
+    Q,
+    /// Attention key (`k_proj`, `attn_k`).
+    K,
+    /// Attention value (`v_proj`, `attn_v`).
+    V,
+    /// Attention output (`o_proj`, `attn_output`).
+    O,
+    /// Feed-forward gate (`gate_proj`, `ffn_gate`).
+    Gate,
+    /// Feed-forward up (`up_proj`, `ffn_up`).
+    Up,
+    /// Feed-forward down (`down_proj`, `ffn_down`).
+    Down,
+}
+
+impl Target {
+    /// Every target, in the order a layer computes them.
+    pub const ALL: [Target; 7] = [
+        Target::Q,
+        Target::K,
+        Target::V,
+        Target::O,
+        Target::Gate,
+        Target::Up,
+        Target::Down,
+    ];
+
+    /// The short name (`q`, `k`, `v`, `o`, `gate`, `up`, `down`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Target::Q => "q",
+            Target::K => "k",
+            Target::V => "v",
+            Target::O => "o",
+            Target::Gate => "gate",
+            Target::Up => "up",
+            Target::Down => "down",
+        }
+    }
+
+    /// Parses a short name, a Hugging Face module name (`q_proj`) or a GGUF one (`attn_q`).
+    pub fn parse(s: &str) -> Result<Target> {
+        let t = match s.trim() {
+            "q" | "q_proj" | "attn_q" => Target::Q,
+            "k" | "k_proj" | "attn_k" => Target::K,
+            "v" | "v_proj" | "attn_v" => Target::V,
+            "o" | "o_proj" | "attn_output" => Target::O,
+            "gate" | "gate_proj" | "ffn_gate" => Target::Gate,
+            "up" | "up_proj" | "ffn_up" => Target::Up,
+            "down" | "down_proj" | "ffn_down" => Target::Down,
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "unknown LoRA target `{other}` (expected q, k, v, o, gate, up or down)"
+                )))
+            }
+        };
+        Ok(t)
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The model weight this target updates in layer `l`.
+    pub(crate) fn weight(self, l: usize) -> W {
+        match self {
+            Target::Q => W::Q(l),
+            Target::K => W::K(l),
+            Target::V => W::V(l),
+            Target::O => W::O(l),
+            Target::Gate => W::Gate(l),
+            Target::Up => W::Up(l),
+            Target::Down => W::Down(l),
+        }
+    }
+
+    /// The Hugging Face module path in layer `l` (`model.layers.3.self_attn.q_proj`).
+    pub(crate) fn hf_module(self, l: usize) -> String {
+        let w = self.weight(l).hf_name();
+        w.strip_suffix(".weight").unwrap_or(&w).to_string()
+    }
+
+    /// `(out, in)` of the projection.
+    pub(crate) fn shape(self, c: &Config) -> (usize, usize) {
+        let (h, hd, nh, nkv, ff) = c.dims();
+        match self {
+            Target::Q => (nh * hd, h),
+            Target::K | Target::V => (nkv * hd, h),
+            Target::O => (h, nh * hd),
+            Target::Gate | Target::Up => (ff, h),
+            Target::Down => (h, ff),
+        }
+    }
+
+    /// The head count of GGUF's row permutation (Q and K).
+    pub(crate) fn permuted_heads(self, c: &Config) -> Option<usize> {
+        match self {
+            Target::Q => Some(c.num_attention_heads),
+            Target::K => Some(c.num_key_value_heads),
+            _ => None,
+        }
+    }
+}
+
+/// One low-rank update: `delta = scale * B A`, `A` `[rank, in]`, `B` `[out, rank]`, row-major
+/// f32 in the model's row order.
+#[derive(Clone, Debug)]
+pub(crate) struct LoraPair {
+    pub(crate) rank: usize,
+    pub(crate) a: Vec<f32>,
+    pub(crate) b: Vec<f32>,
+    /// The adapter's own factor (PEFT: `alpha / r` or `alpha / sqrt(r)`; GGUF: `alpha / r`, or
+    /// 1 without alpha); a session's scale multiplies it.
+    pub(crate) scale: f32,
+}
+
+impl LoraPair {
+    /// Checks the pair against the projection's `(out, in)`; `what` names it in errors.
+    pub(crate) fn check(&self, (out, inp): (usize, usize), path: &Path, what: &str) -> Result<()> {
+        let r = self.rank;
+        if r == 0 {
+            return Err(Error::weights(path, what, "rank 0"));
+        }
+        if self.a.len() != r * inp {
+            return Err(Error::weights(
+                path,
+                what,
+                format!(
+                    "lora_A holds {} values where [{r}, {inp}] (rank x the base's input width) were expected",
+                    self.a.len()
+                ),
+            ));
+        }
+        if self.b.len() != out * r {
+            return Err(Error::weights(
+                path,
+                what,
+                format!(
+                    "lora_B holds {} values where [{out}, {r}] (the base's output width x rank) were expected",
+                    self.b.len()
+                ),
+            ));
+        }
+        if !self.scale.is_finite() {
+            return Err(Error::weights(path, what, "the scale is not finite"));
+        }
+        if self.a.iter().chain(&self.b).any(|v| !v.is_finite()) {
+            return Err(Error::weights(path, what, "holds a NaN or infinite value"));
+        }
+        Ok(())
+    }
+}
+
+/// Where an adapter came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdapterFormat {
+    /// A Hugging Face PEFT folder.
+    Peft,
+    /// A llama.cpp GGUF LoRA file.
+    Gguf,
+}
+
+impl AdapterFormat {
+    /// `"peft"` or `"gguf"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdapterFormat::Peft => "peft",
+            AdapterFormat::Gguf => "gguf",
+        }
+    }
+}
+
+/// What an adapter file holds, before it is tied to a model.
+pub(crate) struct Parsed {
+    pub(crate) format: AdapterFormat,
+    /// `(layer, target, pair)`.
+    pub(crate) pairs: Vec<(usize, Target, LoraPair)>,
+    /// The file's alpha where one global value describes it (GGUF's `adapter.lora.alpha`,
+    /// PEFT's `lora_alpha`).
+    pub(crate) alpha: Option<f32>,
+}
+
+pub(crate) struct AdapterInner {
+    path: PathBuf,
+    format: AdapterFormat,
+    model_fingerprint: u64,
+    fingerprint: u64,
+    /// `layers[l][target]`.
+    layers: Vec<[Option<LoraPair>; 7]>,
+    alpha: Option<f32>,
+}
+
+/// A LoRA adapter loaded for one model: immutable, shared, cheap to clone. Apply it to a
+/// session with [`crate::Session::set_adapters`].
+#[derive(Clone)]
+pub struct Adapter {
+    pub(crate) inner: Arc<AdapterInner>,
+}
+
+impl std::fmt::Debug for Adapter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Adapter")
+            .field("path", &self.inner.path)
+            .field("format", &self.inner.format)
+            .field("targets", &self.targets())
+            .field("max_rank", &self.max_rank())
+            .finish()
+    }
+}
+
+fn fnv(h: &mut u64, bytes: &[u8]) {
+    for &b in bytes {
+        *h ^= b as u64;
+        *h = h.wrapping_mul(0x100_0000_01b3);
+    }
+}
+
+impl Adapter {
+    /// Loads a PEFT folder (`adapter_config.json` + `adapter_model.safetensors`) or a GGUF LoRA
+    /// file for `model`, checking every matrix against the model's shapes.
+    pub fn load(model: &Model, path: impl AsRef<Path>) -> Result<Adapter> {
+        let path = path.as_ref();
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        let parsed = if meta.is_dir() {
+            peft::load(path, model.config())?
+        } else {
+            gguf::load(path, model.config())?
+        };
+        let a = Self::from_parsed(model, path, parsed)?;
+        model.register_adapter(&a);
+        tracing::info!(
+            path = %path.display(),
+            format = a.format().as_str(),
+            matrices = a.n_matrices(),
+            max_rank = a.max_rank(),
+            "adapter loaded"
+        );
+        Ok(a)
+    }
+
+    pub(crate) fn from_parsed(model: &Model, path: &Path, parsed: Parsed) -> Result<Adapter> {
+        let c = model.config();
+        let mut layers: Vec<[Option<LoraPair>; 7]> = (0..c.num_hidden_layers)
+            .map(|_| Default::default())
+            .collect();
+        if parsed.pairs.is_empty() {
+            return Err(Error::weights(
+                path,
+                "",
+                "the adapter holds no LoRA matrices",
+            ));
+        }
+        let mut fp = 0xcbf2_9ce4_8422_2325u64;
+        for (l, t, pair) in parsed.pairs {
+            let what = t.weight(l).gguf_name();
+            let slot = layers.get_mut(l).ok_or_else(|| {
+                Error::weights(
+                    path,
+                    &what,
+                    format!(
+                        "layer {l} is past the model's {} layers",
+                        c.num_hidden_layers
+                    ),
+                )
+            })?;
+            pair.check(t.shape(c), path, &what)?;
+            if slot[t.index()].is_some() {
+                return Err(Error::weights(path, &what, "given twice"));
+            }
+            fnv(
+                &mut fp,
+                format!("{l} {t:?} {} {}", pair.rank, pair.scale).as_bytes(),
+            );
+            for v in pair.a.iter().chain(&pair.b) {
+                fnv(&mut fp, &v.to_le_bytes());
+            }
+            slot[t.index()] = Some(pair);
+        }
+        Ok(Adapter {
+            inner: Arc::new(AdapterInner {
+                path: path.to_path_buf(),
+                format: parsed.format,
+                model_fingerprint: model.fingerprint(),
+                fingerprint: fp,
+                layers,
+                alpha: parsed.alpha,
+            }),
+        })
+    }
+
+    /// The file or folder it was loaded from.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+    /// The file format.
+    pub fn format(&self) -> AdapterFormat {
+        self.inner.format
+    }
+    /// A hash of the adapter's matrices and factors (snapshots record it).
+    pub fn fingerprint(&self) -> u64 {
+        self.inner.fingerprint
+    }
+    /// The fingerprint of the model it was loaded for.
+    pub fn model_fingerprint(&self) -> u64 {
+        self.inner.model_fingerprint
+    }
+    /// The file's global alpha, where it has one.
+    pub fn alpha(&self) -> Option<f32> {
+        self.inner.alpha
+    }
+    /// The targets updated in at least one layer.
+    pub fn targets(&self) -> Vec<Target> {
+        Target::ALL
+            .into_iter()
+            .filter(|t| self.inner.layers.iter().any(|l| l[t.index()].is_some()))
+            .collect()
+    }
+    /// The largest rank of its matrices.
+    pub fn max_rank(&self) -> usize {
+        self.pairs().map(|(_, _, p)| p.rank).max().unwrap_or(0)
+    }
+    /// How many projections it updates (over all layers).
+    pub fn n_matrices(&self) -> usize {
+        self.pairs().count()
+    }
+    /// Parameters (values of A and B).
+    pub fn n_params(&self) -> usize {
+        self.pairs().map(|(_, _, p)| p.a.len() + p.b.len()).sum()
+    }
+
+    /// Every `(layer, target, pair)`.
+    pub(crate) fn pairs(&self) -> impl Iterator<Item = (usize, Target, &LoraPair)> {
+        self.inner.layers.iter().enumerate().flat_map(|(l, slots)| {
+            Target::ALL
+                .into_iter()
+                .filter_map(move |t| slots[t.index()].as_ref().map(|p| (l, t, p)))
+        })
+    }
+
+    pub(crate) fn pair(&self, layer: usize, t: Target) -> Option<&LoraPair> {
+        self.inner.layers.get(layer)?[t.index()].as_ref()
+    }
+
+    pub(crate) fn downgrade(&self) -> Weak<AdapterInner> {
+        Arc::downgrade(&self.inner)
+    }
+
+    pub(crate) fn from_weak(w: &Weak<AdapterInner>) -> Option<Adapter> {
+        w.upgrade().map(|inner| Adapter { inner })
+    }
+
+    /// The dense update `sum scale * B A` of one projection (`[out, in]` row-major, f64
+    /// accumulation), for merging.
+    pub(crate) fn delta(
+        adapters: &[(Adapter, f32)],
+        layer: usize,
+        t: Target,
+        (out, inp): (usize, usize),
+    ) -> Option<Vec<f32>> {
+        let mut d: Option<Vec<f64>> = None;
+        for (a, s) in adapters {
+            let Some(p) = a.pair(layer, t) else { continue };
+            let f = (*s as f64) * p.scale as f64;
+            if f == 0.0 {
+                continue;
+            }
+            let acc = d.get_or_insert_with(|| vec![0f64; out * inp]);
+            for o in 0..out {
+                let brow = &p.b[o * p.rank..(o + 1) * p.rank];
+                let row = &mut acc[o * inp..(o + 1) * inp];
+                for (j, &bv) in brow.iter().enumerate() {
+                    let arow = &p.a[j * inp..(j + 1) * inp];
+                    let bf = bv as f64 * f;
+                    for (r, &av) in row.iter_mut().zip(arow) {
+                        *r += bf * av as f64;
+                    }
+                }
+            }
+        }
+        d.map(|v| v.into_iter().map(|x| x as f32).collect())
+    }
+}
+
+/// `(layer, target)` of a projection weight.
+pub(crate) fn target_of_weight(w: W) -> Option<(usize, Target)> {
+    Some(match w {
+        W::Q(l) => (l, Target::Q),
+        W::K(l) => (l, Target::K),
+        W::V(l) => (l, Target::V),
+        W::O(l) => (l, Target::O),
+        W::Gate(l) => (l, Target::Gate),
+        W::Up(l) => (l, Target::Up),
+        W::Down(l) => (l, Target::Down),
+        _ => return None,
+    })
+}
+
+/// `(layer, target)` of a GGUF projection name (`blk.3.attn_q.weight`).
+pub(crate) fn target_of_gguf_name(name: &str) -> Option<(usize, Target)> {
+    let rest = name.strip_prefix("blk.")?.strip_suffix(".weight")?;
+    let (l, module) = rest.split_once('.')?;
+    let t = match module {
+        "attn_q" | "attn_k" | "attn_v" | "attn_output" | "ffn_gate" | "ffn_up" | "ffn_down" => {
+            Target::parse(module).ok()?
+        }
+        _ => return None,
+    };
+    Some((l.parse().ok()?, t))
+}
+
+/// The adapters a forward pass applies, each with its session scale.
+pub(crate) type Active<'a> = &'a [(Adapter, f32)];
+
+/// `a . b` in f32 (16 lanes, fused multiply-adds).
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            acc[i] = x[i].mul_add(y[i], acc[i]);
+        }
+    }
+    let mut s = 0f32;
+    for (x, y) in ra.iter().zip(rb) {
+        s = x.mul_add(*y, s);
+    }
+    acc.iter().sum::<f32>() + s
+}
+
+/// Adds every active adapter's `scale * B (A x)` for projection `t` of layer `layer` to
+/// columns `col..col + n` of `out` (`[m, stride]`), for `m` rows of `xs` (`[m, k]`). A scale of
+/// 0 adds nothing (exactly the base model).
+pub(crate) fn add_delta(
+    active: Active<'_>,
+    layer: usize,
+    t: Target,
+    xs: &[f32],
+    m: usize,
+    out: &mut [f32],
+    (stride, col, n): (usize, usize, usize),
+) -> Result<()> {
+    for (adapter, s) in active {
+        let Some(p) = adapter.pair(layer, t) else {
+            continue;
+        };
+        let f = s * p.scale;
+        if f == 0.0 {
+            continue;
+        }
+        let r = p.rank;
+        let k = p.a.len() / r;
+        if xs.len() != m * k || p.b.len() != n * r || out.len() < m * stride || col + n > stride {
+            return Err(Error::InvalidArgument(format!(
+                "LoRA {t:?} of layer {layer}: [{m}, {}] input for a [{n}, {r}] x [{r}, {k}] update",
+                xs.len() / m.max(1)
+            )));
+        }
+        // A x first (rank r), then B of that, scaled.
+        let mut u = vec![0f32; m * r];
+        for (x, ur) in xs.chunks_exact(k).zip(u.chunks_exact_mut(r)) {
+            for (j, uj) in ur.iter_mut().enumerate() {
+                *uj = f * dot(x, &p.a[j * k..(j + 1) * k]);
+            }
+        }
+        let work = m * n * r;
+        let rows_out = |ur: &[f32], orow: &mut [f32]| {
+            for (o, y) in orow.iter_mut().enumerate() {
+                *y += dot(ur, &p.b[o * r..(o + 1) * r]);
+            }
+        };
+        if work < 1 << 16 || m > 1 {
+            for (i, ur) in u.chunks_exact(r).enumerate() {
+                rows_out(ur, &mut out[i * stride + col..i * stride + col + n]);
+            }
+        } else {
+            // Decode: one row, split over the pool by output columns.
+            let orow = &mut out[col..col + n];
+            const CHUNK: usize = 256;
+            crate::pool::for_each_chunk_mut(orow, CHUNK, &|i, chunk| {
+                for (o, y) in chunk.iter_mut().enumerate() {
+                    let o = i * CHUNK + o;
+                    *y += dot(&u, &p.b[o * r..(o + 1) * r]);
+                }
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Whether any active adapter updates `t` in `layer` with a non-zero factor.
+pub(crate) fn touches(active: Active<'_>, layer: usize, t: Target) -> bool {
+    active
+        .iter()
+        .any(|(a, s)| a.pair(layer, t).is_some_and(|p| s * p.scale != 0.0))
+}
