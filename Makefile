@@ -56,3 +56,4 @@ tsan:
 reference:
 	cargo build --release -p llama-examples
 	python3 tests/reference/make_reference.py
+	python3 tests/reference/lora_reference.py

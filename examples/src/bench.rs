@@ -23,6 +23,9 @@ pub struct BenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// A LoRA adapter applied to every run, PATH or PATH:SCALE (repeatable).
+    #[arg(long = "lora", value_name = "PATH[:SCALE]")]
+    lora: Vec<String>,
 }
 
 /// The synthetic prompt: the same ids for every engine and run (llama-bench uses random ids;
@@ -78,20 +81,25 @@ pub fn run(
     }
     let model = Model::load(&path, opts)?;
     let load_s = t0.elapsed().as_secs_f64();
+    let adapters = crate::lora::load_all(&model, &a.lora)?;
     let load_rss = peak_rss_mib();
     let vocab = model.config().vocab_size;
     let tokens = bench_tokens(512, vocab);
-    let sopts = || SessionOptions::default().n_ctx(1024);
+    let session = || -> Result<llama_core::Session, Box<dyn std::error::Error>> {
+        let mut s = model.session(SessionOptions::default().n_ctx(1024))?;
+        s.set_adapters(&adapters)?;
+        Ok(s)
+    };
     // Warm-up: first touches of the weights and of the thread pool.
     {
-        let mut s = model.session(sopts())?;
+        let mut s = session()?;
         s.eval(&tokens[..16])?;
     }
     let pp = |n: usize| -> Result<(f64, f64), Box<dyn std::error::Error>> {
         let mut secs = vec![];
         let mut ttft = vec![];
         for _ in 0..reps {
-            let mut s = model.session(sopts())?;
+            let mut s = session()?;
             let t = Instant::now();
             s.eval(&tokens[..n])?;
             let _first = argmax(s.logits().ok_or("no logits")?);
@@ -106,7 +114,7 @@ pub fn run(
     let n_gen = 128;
     let mut tg = vec![];
     for _ in 0..reps {
-        let mut s = model.session(sopts())?;
+        let mut s = session()?;
         s.eval(&tokens[..8])?;
         let mut next = argmax(s.logits().ok_or("no logits")?);
         let t = Instant::now();
@@ -136,6 +144,7 @@ pub fn run(
                 "peak_rss_mib": rss,
                 "load_s": load_s,
                 "load_peak_rss_mib": load_rss,
+                "lora": a.lora,
             })
         );
     } else {

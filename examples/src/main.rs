@@ -2,6 +2,7 @@
 
 mod bench;
 mod default_model;
+mod lora;
 
 use std::io::{BufRead, Read, Write};
 use std::ops::ControlFlow;
@@ -60,6 +61,9 @@ enum Cmd {
     Perplexity(PerplexityArgs),
     /// Measure prompt and decode speed, time to first token, load time and peak memory.
     Bench(bench::BenchArgs),
+    /// LoRA adapters: merge them into a model, or convert between PEFT and GGUF LoRA.
+    #[command(subcommand)]
+    Lora(lora::LoraCmd),
     /// Print the path of the default model, fetching it if needed.
     FetchModel,
 }
@@ -75,6 +79,10 @@ struct ModelArg {
     /// Quantize dense weights while loading (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k).
     #[arg(long)]
     quantize: Option<String>,
+    /// A LoRA adapter (PEFT folder or GGUF LoRA file), optionally with a scale (default 1):
+    /// PATH or PATH:SCALE. Repeatable: the adapters apply together.
+    #[arg(long = "lora", value_name = "PATH[:SCALE]")]
+    lora: Vec<String>,
 }
 
 #[derive(Args, Clone)]
@@ -165,6 +173,9 @@ struct PerplexityArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// A LoRA adapter, PATH or PATH:SCALE (repeatable).
+    #[arg(long = "lora", value_name = "PATH[:SCALE]")]
+    lora: Vec<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -236,7 +247,7 @@ fn main() {
     }
 }
 
-type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
+pub(crate) type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
 
 /// The global compute options (`--threads`, `--kernel`, `--keep-file-layout`).
 #[derive(Clone, Copy)]
@@ -249,7 +260,7 @@ struct Compute {
 static COMPUTE: std::sync::OnceLock<Compute> = std::sync::OnceLock::new();
 
 /// Model options with the global compute options applied.
-fn model_options<'a>() -> ModelOptions<'a> {
+pub(crate) fn model_options<'a>() -> ModelOptions<'a> {
     let c = COMPUTE.get().copied().unwrap_or(Compute {
         threads: 0,
         kernel: llama_core::Kernel::Auto,
@@ -279,6 +290,7 @@ fn run(cli: Cli) -> AnyResult<()> {
         }
         Cmd::Perplexity(a) => perplexity(a),
         Cmd::Bench(a) => bench::run(a, model_options(), default_model::path),
+        Cmd::Lora(c) => lora::run(c, cli.threads),
         Cmd::FetchModel => {
             println!("{}", default_model::path()?.display());
             Ok(())
@@ -326,7 +338,7 @@ fn dense(t: OutType) -> DenseType {
     }
 }
 
-fn bar(msg: &'static str) -> ProgressBar {
+pub(crate) fn bar(msg: &'static str) -> ProgressBar {
     let b = ProgressBar::new(0);
     b.set_style(
         ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} tensors")
@@ -337,7 +349,7 @@ fn bar(msg: &'static str) -> ProgressBar {
     b
 }
 
-fn progress(b: &ProgressBar, i: usize, n: usize) {
+pub(crate) fn progress(b: &ProgressBar, i: usize, n: usize) {
     b.set_length(n as u64);
     b.set_position(i as u64);
 }
@@ -381,7 +393,9 @@ fn gen_opts(s: &SamplingArgs) -> GenerateOptions {
 }
 
 fn session(model: &Model, m: &ModelArg) -> AnyResult<Session> {
-    Ok(model.session(SessionOptions::default().n_ctx(m.n_ctx))?)
+    let mut s = model.session(SessionOptions::default().n_ctx(m.n_ctx))?;
+    s.set_adapters(&lora::load_all(model, &m.lora)?)?;
+    Ok(s)
 }
 
 fn stream_to_stdout(piece: &str) -> ControlFlow<()> {
@@ -512,7 +526,9 @@ fn perplexity(a: PerplexityArgs) -> AnyResult<()> {
         model: a.model.clone(),
         n_ctx: 0,
         quantize: None,
+        lora: vec![],
     })?;
+    let adapters = lora::load_all(&model, &a.lora)?;
     let text = std::fs::read_to_string(&a.file)
         .map_err(|e| format!("cannot read {}: {e}", a.file.display()))?;
     let b = ProgressBar::new(0);
@@ -523,12 +539,13 @@ fn perplexity(a: PerplexityArgs) -> AnyResult<()> {
     );
     let t0 = Instant::now();
     let mut last = Vec::new();
-    let r = model.perplexity(&text, a.n_ctx, a.chunks, |done, total| {
-        b.set_length(total as u64);
-        b.set_position(done as u64);
-        last.push(done);
-        ControlFlow::Continue(())
-    })?;
+    let r =
+        model.perplexity_with_adapters(&text, a.n_ctx, a.chunks, &adapters, |done, total| {
+            b.set_length(total as u64);
+            b.set_position(done as u64);
+            last.push(done);
+            ControlFlow::Continue(())
+        })?;
     b.finish_and_clear();
     if a.json {
         println!(

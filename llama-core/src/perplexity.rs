@@ -50,6 +50,18 @@ impl Model {
         text: &str,
         n_ctx: usize,
         max_chunks: Option<usize>,
+        progress: impl FnMut(usize, usize) -> ControlFlow<()>,
+    ) -> Result<Perplexity> {
+        self.perplexity_with_adapters(text, n_ctx, max_chunks, &[], progress)
+    }
+
+    /// [`Model::perplexity`] with LoRA adapters applied (see [`crate::Session::set_adapters`]).
+    pub fn perplexity_with_adapters(
+        &self,
+        text: &str,
+        n_ctx: usize,
+        max_chunks: Option<usize>,
+        adapters: &[(crate::Adapter, f32)],
         mut progress: impl FnMut(usize, usize) -> ControlFlow<()>,
     ) -> Result<Perplexity> {
         if n_ctx < 8 {
@@ -82,6 +94,7 @@ impl Model {
                 window[0] = b;
             }
             let mut s = self.session(SessionOptions::default().n_ctx(n_ctx))?;
+            s.set_adapters(adapters)?;
             let logits = s.eval_logits_from(&window, first)?;
             for j in first..n_ctx - 1 {
                 let lp = log_softmax(&logits[j - first]);
