@@ -61,6 +61,25 @@ impl Elem for f16 {
     }
 }
 
+impl Elem for half::bf16 {
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const half::bf16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's pointer covers eight elements; only called from AVX2 code. A
+        // bf16 is the high half of an f32.
+        unsafe {
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(
+                _mm_loadu_si128(p as *const __m128i),
+            )))
+        }
+    }
+}
+
 /// The horizontal sums of four 8-lane vectors together, with the pairings of a one-vector
 /// sum (lanes `i + (i+4)`, then `0+2` and `1+3`, then those two), so each equals what
 /// summing its vector alone gives.

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use candle_core::quantized::GgmlDType;
 
-use super::{Adapter, AdapterFormat, LoraPair, Parsed, Target};
+use super::{Adapter, AdapterFormat, Parsed, RawPair, Target};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, GgufTensor, Value};
@@ -196,7 +196,7 @@ pub(crate) fn load(path: &Path, c: &Config) -> Result<Parsed> {
         } else {
             1.0
         };
-        pairs.push((l, t, LoraPair { rank, a, b, scale }));
+        pairs.push((l, t, RawPair { rank, a, b, scale }));
     }
     Ok(Parsed {
         format: AdapterFormat::Gguf,
@@ -241,7 +241,7 @@ pub fn write_gguf_lora(path: &Path, adapter: &Adapter, c: &Config) -> Result<()>
     for (l, t, p) in adapter.pairs() {
         let name = t.weight(l).gguf_name();
         let (out, inp) = t.shape(c);
-        let mut b = p.b.clone();
+        let mut b = p.b_f32();
         if alpha.is_none() {
             for v in &mut b {
                 *v *= p.scale;
@@ -255,7 +255,7 @@ pub fn write_gguf_lora(path: &Path, adapter: &Adapter, c: &Config) -> Result<()>
             name: format!("{name}.lora_a"),
             shape: vec![p.rank, inp],
             dtype: GgmlDType::F32,
-            data: f32_bytes(&p.a),
+            data: f32_bytes(&p.a.to_f32()),
         });
         tensors.push(GgufTensor {
             name: format!("{name}.lora_b"),

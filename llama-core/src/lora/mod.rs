@@ -7,6 +7,7 @@
 //! (Hugging Face's: a GGUF LoRA's Q/K `lora_b` rows are un-permuted as the base's are).
 
 mod gguf;
+mod kernel;
 mod peft;
 #[cfg(test)]
 mod tests;
@@ -18,6 +19,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::weights::W;
+use kernel::LoraMat;
 
 pub use gguf::write_gguf_lora;
 pub use peft::write_peft;
@@ -130,10 +132,10 @@ impl Target {
     }
 }
 
-/// One low-rank update: `delta = scale * B A`, `A` `[rank, in]`, `B` `[out, rank]`, row-major
-/// f32 in the model's row order.
+/// One low-rank update as a parser reads it: `delta = scale * B A`, `A` `[rank, in]`, `B`
+/// `[out, rank]`, row-major f32 in the model's row order.
 #[derive(Clone, Debug)]
-pub(crate) struct LoraPair {
+pub(crate) struct RawPair {
     pub(crate) rank: usize,
     pub(crate) a: Vec<f32>,
     pub(crate) b: Vec<f32>,
@@ -142,9 +144,9 @@ pub(crate) struct LoraPair {
     pub(crate) scale: f32,
 }
 
-impl LoraPair {
+impl RawPair {
     /// Checks the pair against the projection's `(out, in)`; `what` names it in errors.
-    pub(crate) fn check(&self, (out, inp): (usize, usize), path: &Path, what: &str) -> Result<()> {
+    fn check(&self, (out, inp): (usize, usize), path: &Path, what: &str) -> Result<()> {
         let r = self.rank;
         if r == 0 {
             return Err(Error::weights(path, what, "rank 0"));
@@ -177,6 +179,61 @@ impl LoraPair {
         }
         Ok(())
     }
+
+    /// As stored: `A` and `B^T` in their narrowest exact types.
+    fn store(self, out: usize, inp: usize) -> LoraPair {
+        let r = self.rank;
+        let mut bt = vec![0f32; r * out];
+        for o in 0..out {
+            for j in 0..r {
+                bt[j * out + o] = self.b[o * r + j];
+            }
+        }
+        LoraPair {
+            rank: r,
+            inp,
+            out,
+            a: LoraMat::new(self.a),
+            bt: LoraMat::new(bt),
+            scale: self.scale,
+        }
+    }
+}
+
+/// One update as an adapter holds it: `A` `[rank, inp]` and `B^T` `[rank, out]`.
+#[derive(Clone, Debug)]
+pub(crate) struct LoraPair {
+    pub(crate) rank: usize,
+    pub(crate) inp: usize,
+    pub(crate) out: usize,
+    pub(crate) a: LoraMat,
+    pub(crate) bt: LoraMat,
+    pub(crate) scale: f32,
+}
+
+impl LoraPair {
+    /// `B` as `[out, rank]` f32.
+    pub(crate) fn b_f32(&self) -> Vec<f32> {
+        let (r, out) = (self.rank, self.out);
+        let bt = self.bt.to_f32();
+        let mut b = vec![0f32; out * r];
+        for j in 0..r {
+            for o in 0..out {
+                b[o * r + j] = bt[j * out + o];
+            }
+        }
+        b
+    }
+
+    fn update(&self) -> kernel::Update<'_> {
+        kernel::Update {
+            rank: self.rank,
+            inp: self.inp,
+            out: self.out,
+            a: &self.a,
+            bt: &self.bt,
+        }
+    }
 }
 
 /// Where an adapter came from.
@@ -202,7 +259,7 @@ impl AdapterFormat {
 pub(crate) struct Parsed {
     pub(crate) format: AdapterFormat,
     /// `(layer, target, pair)`.
-    pub(crate) pairs: Vec<(usize, Target, LoraPair)>,
+    pub(crate) pairs: Vec<(usize, Target, RawPair)>,
     /// The file's alpha where one global value describes it (GGUF's `adapter.lora.alpha`,
     /// PEFT's `lora_alpha`).
     pub(crate) alpha: Option<f32>,
@@ -291,7 +348,8 @@ impl Adapter {
                     ),
                 )
             })?;
-            pair.check(t.shape(c), path, &what)?;
+            let (out, inp) = t.shape(c);
+            pair.check((out, inp), path, &what)?;
             if slot[t.index()].is_some() {
                 return Err(Error::weights(path, &what, "given twice"));
             }
@@ -302,7 +360,7 @@ impl Adapter {
             for v in pair.a.iter().chain(&pair.b) {
                 fnv(&mut fp, &v.to_le_bytes());
             }
-            slot[t.index()] = Some(pair);
+            slot[t.index()] = Some(pair.store(out, inp));
         }
         Ok(Adapter {
             inner: Arc::new(AdapterInner {
@@ -353,7 +411,27 @@ impl Adapter {
     }
     /// Parameters (values of A and B).
     pub fn n_params(&self) -> usize {
-        self.pairs().map(|(_, _, p)| p.a.len() + p.b.len()).sum()
+        self.pairs().map(|(_, _, p)| p.a.len() + p.bt.len()).sum()
+    }
+
+    /// Bytes its matrices take in memory.
+    pub fn n_bytes(&self) -> usize {
+        self.pairs()
+            .map(|(_, _, p)| p.a.bytes() + p.bt.bytes())
+            .sum()
+    }
+
+    /// The storage type of its matrices (`f16`, `bf16`, `f32`, or `mixed`).
+    pub fn dtype(&self) -> &'static str {
+        let mut names = self
+            .pairs()
+            .flat_map(|(_, _, p)| [p.a.dtype_name(), p.bt.dtype_name()]);
+        let first = names.next().unwrap_or("f32");
+        if names.all(|n| n == first) {
+            first
+        } else {
+            "mixed"
+        }
     }
 
     /// Every `(layer, target, pair)`.
@@ -393,11 +471,12 @@ impl Adapter {
                 continue;
             }
             let acc = d.get_or_insert_with(|| vec![0f64; out * inp]);
+            let (pa, pb) = (p.a.to_f32(), p.b_f32());
             for o in 0..out {
-                let brow = &p.b[o * p.rank..(o + 1) * p.rank];
+                let brow = &pb[o * p.rank..(o + 1) * p.rank];
                 let row = &mut acc[o * inp..(o + 1) * inp];
                 for (j, &bv) in brow.iter().enumerate() {
-                    let arow = &p.a[j * inp..(j + 1) * inp];
+                    let arow = &pa[j * inp..(j + 1) * inp];
                     let bf = bv as f64 * f;
                     for (r, &av) in row.iter_mut().zip(arow) {
                         *r += bf * av as f64;
@@ -439,24 +518,6 @@ pub(crate) fn target_of_gguf_name(name: &str) -> Option<(usize, Target)> {
 /// The adapters a forward pass applies, each with its session scale.
 pub(crate) type Active<'a> = &'a [(Adapter, f32)];
 
-/// `a . b` in f32 (16 lanes, fused multiply-adds).
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..16 {
-            acc[i] = x[i].mul_add(y[i], acc[i]);
-        }
-    }
-    let mut s = 0f32;
-    for (x, y) in ra.iter().zip(rb) {
-        s = x.mul_add(*y, s);
-    }
-    acc.iter().sum::<f32>() + s
-}
-
 /// Adds every active adapter's `scale * B (A x)` for projection `t` of layer `layer` to
 /// columns `col..col + n` of `out` (`[m, stride]`), for `m` rows of `xs` (`[m, k]`). A scale of
 /// 0 adds nothing (exactly the base model).
@@ -467,54 +528,56 @@ pub(crate) fn add_delta(
     xs: &[f32],
     m: usize,
     out: &mut [f32],
-    (stride, col, n): (usize, usize, usize),
+    cols: (usize, usize, usize),
 ) -> Result<()> {
     for (adapter, s) in active {
         let Some(p) = adapter.pair(layer, t) else {
             continue;
         };
         let f = s * p.scale;
-        if f == 0.0 {
-            continue;
-        }
-        let r = p.rank;
-        let k = p.a.len() / r;
-        if xs.len() != m * k || p.b.len() != n * r || out.len() < m * stride || col + n > stride {
-            return Err(Error::InvalidArgument(format!(
-                "LoRA {t:?} of layer {layer}: [{m}, {}] input for a [{n}, {r}] x [{r}, {k}] update",
-                xs.len() / m.max(1)
-            )));
-        }
-        // A x first (rank r), then B of that, scaled.
-        let mut u = vec![0f32; m * r];
-        for (x, ur) in xs.chunks_exact(k).zip(u.chunks_exact_mut(r)) {
-            for (j, uj) in ur.iter_mut().enumerate() {
-                *uj = f * dot(x, &p.a[j * k..(j + 1) * k]);
-            }
-        }
-        let work = m * n * r;
-        let rows_out = |ur: &[f32], orow: &mut [f32]| {
-            for (o, y) in orow.iter_mut().enumerate() {
-                *y += dot(ur, &p.b[o * r..(o + 1) * r]);
-            }
-        };
-        if work < 1 << 16 || m > 1 {
-            for (i, ur) in u.chunks_exact(r).enumerate() {
-                rows_out(ur, &mut out[i * stride + col..i * stride + col + n]);
-            }
-        } else {
-            // Decode: one row, split over the pool by output columns.
-            let orow = &mut out[col..col + n];
-            const CHUNK: usize = 256;
-            crate::pool::for_each_chunk_mut(orow, CHUNK, &|i, chunk| {
-                for (o, y) in chunk.iter_mut().enumerate() {
-                    let o = i * CHUNK + o;
-                    *y += dot(&u, &p.b[o * r..(o + 1) * r]);
-                }
-            });
+        if f != 0.0 {
+            kernel::apply(&p.update(), f, xs, m, out, cols)?;
         }
     }
     Ok(())
+}
+
+/// [`add_delta`] for several projections of the same input at once, `targets` giving each
+/// one's `(target, col, n)` in `out`'s rows of `stride`. One row (decode) runs as one pool call.
+pub(crate) fn add_deltas(
+    active: Active<'_>,
+    layer: usize,
+    targets: &[(Target, usize, usize)],
+    xs: &[f32],
+    m: usize,
+    out: &mut [f32],
+    stride: usize,
+) -> Result<()> {
+    if active.is_empty() {
+        return Ok(());
+    }
+    if m != 1 || out.len() != stride {
+        for &(t, col, n) in targets {
+            add_delta(active, layer, t, xs, m, out, (stride, col, n))?;
+        }
+        return Ok(());
+    }
+    let parts: Vec<kernel::Part<'_>> = targets
+        .iter()
+        .map(|&(t, col, n)| kernel::Part {
+            col,
+            n,
+            ups: active
+                .iter()
+                .filter_map(|(a, s)| {
+                    let p = a.pair(layer, t)?;
+                    let f = s * p.scale;
+                    (f != 0.0).then(|| (p.update(), f))
+                })
+                .collect(),
+        })
+        .collect();
+    kernel::apply_row(&parts, xs, out)
 }
 
 /// Whether any active adapter updates `t` in `layer` with a non-zero factor.

@@ -12,7 +12,7 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use serde_json::Value as J;
 
-use super::{Adapter, AdapterFormat, LoraPair, Parsed, Target};
+use super::{Adapter, AdapterFormat, LoraPair, Parsed, RawPair, Target};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::weights::StFiles;
@@ -417,7 +417,7 @@ pub(crate) fn load(dir: &Path, c: &Config) -> Result<Parsed> {
         } else {
             alpha / rank as f64
         } as f32;
-        pairs.push((l, t, LoraPair { rank, a, b, scale }));
+        pairs.push((l, t, RawPair { rank, a, b, scale }));
     }
     let one_alpha = !cfg.rslora && cfg.alpha_pattern.is_empty();
     Ok(Parsed {
@@ -475,15 +475,15 @@ pub fn write_peft(dir: &Path, adapter: &Adapter, base: &str) -> Result<()> {
         if alpha_of(p) != alpha {
             alpha_pattern.insert(key, serde_json::json!(alpha_of(p)));
         }
-        let (out, inp) = (p.b.len() / p.rank, p.a.len() / p.rank);
+        let (out, inp) = (p.out, p.inp);
         let dev = &Device::Cpu;
         tensors.insert(
             format!("base_model.model.{module}.lora_A.weight"),
-            Tensor::from_vec(p.a.clone(), (p.rank, inp), dev)?,
+            Tensor::from_vec(p.a.to_f32(), (p.rank, inp), dev)?,
         );
         tensors.insert(
             format!("base_model.model.{module}.lora_B.weight"),
-            Tensor::from_vec(p.b.clone(), (out, p.rank), dev)?,
+            Tensor::from_vec(p.b_f32(), (out, p.rank), dev)?,
         );
     }
     let cfg = serde_json::json!({

@@ -59,13 +59,12 @@ impl Model {
             }
             rms_norm_rows(&x, &input_f32(&l.attn_norm)?, eps, &mut hn);
             l.qkv.matmul_into(&hn, t, &mut qkv)?;
-            if !lora.is_empty() {
-                let mut col = 0;
-                for (tg, n) in [(Target::Q, qw), (Target::K, kw), (Target::V, kw)] {
-                    lora::add_delta(lora, li, tg, &hn, t, &mut qkv, (qkv_w, col, n))?;
-                    col += n;
-                }
-            }
+            let qkv_parts = [
+                (Target::Q, 0, qw),
+                (Target::K, qw, kw),
+                (Target::V, qw + kw, kw),
+            ];
+            lora::add_deltas(lora, li, &qkv_parts, &hn, t, &mut qkv, qkv_w)?;
             m.rope.apply(&mut qkv, t, nh, qkv_w, (&cos, &sin));
             m.rope.apply(&mut qkv[qw..], t, nkv, qkv_w, (&cos, &sin));
             for (row, (kr, vr)) in qkv
@@ -91,15 +90,23 @@ impl Model {
                 &queries, &k_all, &v_all, start, scale, half_cache, &mut att,
             )?;
             matrix::matmul_into(&*l.o, &att, t, &mut o)?;
-            lora::add_delta(lora, li, Target::O, &att, t, &mut o, (hidden, 0, hidden))?;
+            lora::add_deltas(lora, li, &[(Target::O, 0, hidden)], &att, t, &mut o, hidden)?;
             add_in_place(&mut x, &o);
             rms_norm_rows(&x, &input_f32(&l.ffn_norm)?, eps, &mut hn);
             l.gate_up.matmul_into(&hn, t, &mut gu)?;
-            lora::add_delta(lora, li, Target::Gate, &hn, t, &mut gu, (2 * ffn, 0, ffn))?;
-            lora::add_delta(lora, li, Target::Up, &hn, t, &mut gu, (2 * ffn, ffn, ffn))?;
+            let gu_parts = [(Target::Gate, 0, ffn), (Target::Up, ffn, ffn)];
+            lora::add_deltas(lora, li, &gu_parts, &hn, t, &mut gu, 2 * ffn)?;
             swiglu_rows(&gu, ffn, &mut a);
             matrix::matmul_into(&*l.down, &a, t, &mut o)?;
-            lora::add_delta(lora, li, Target::Down, &a, t, &mut o, (hidden, 0, hidden))?;
+            lora::add_deltas(
+                lora,
+                li,
+                &[(Target::Down, 0, hidden)],
+                &a,
+                t,
+                &mut o,
+                hidden,
+            )?;
             add_in_place(&mut x, &o);
         }
         cache.advance(t);

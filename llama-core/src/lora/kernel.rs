@@ -1,0 +1,391 @@
+//! Storage of an adapter's matrices and the run-time update `out += f * B (A x)`.
+//!
+//! Each matrix is kept in the narrowest type that holds every value exactly (f16, bf16, or
+//! f32): an f16 file stays f16 (half the bytes a decode step streams), an f32 file whose values
+//! are not all f16 stays f32. Arithmetic is f32. `A` is kept `[rank, in]` (the first product is
+//! `rank` dot products over the input), `B` transposed, `[rank, out]`, so the second product is
+//! `rank` scaled additions over the output row: both vectorize along contiguous memory.
+
+use half::{bf16, f16};
+
+use crate::error::{Error, Result};
+use crate::kernels::simd::Elem;
+
+/// A matrix of an adapter, row-major, in the narrowest exact type.
+#[derive(Clone, Debug)]
+pub(crate) enum LoraMat {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    BF16(Vec<bf16>),
+}
+
+impl LoraMat {
+    /// The values, stored as f16 or bf16 when that is exact for every one of them.
+    pub(crate) fn new(v: Vec<f32>) -> LoraMat {
+        if v.iter().all(|&x| f16::from_f32(x).to_f32() == x) {
+            return LoraMat::F16(v.iter().map(|&x| f16::from_f32(x)).collect());
+        }
+        if v.iter().all(|&x| bf16::from_f32(x).to_f32() == x) {
+            return LoraMat::BF16(v.iter().map(|&x| bf16::from_f32(x)).collect());
+        }
+        LoraMat::F32(v)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            LoraMat::F32(v) => v.len(),
+            LoraMat::F16(v) => v.len(),
+            LoraMat::BF16(v) => v.len(),
+        }
+    }
+
+    pub(crate) fn bytes(&self) -> usize {
+        match self {
+            LoraMat::F32(v) => v.len() * 4,
+            LoraMat::F16(v) => v.len() * 2,
+            LoraMat::BF16(v) => v.len() * 2,
+        }
+    }
+
+    pub(crate) fn to_f32(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.len()];
+        self.widen(0, &mut out);
+        out
+    }
+
+    /// Values `start..start + out.len()` as f32 into `out`.
+    fn widen(&self, start: usize, out: &mut [f32]) {
+        let n = out.len();
+        match self {
+            LoraMat::F32(v) => out.copy_from_slice(&v[start..start + n]),
+            LoraMat::F16(v) => {
+                for (o, x) in out.iter_mut().zip(&v[start..start + n]) {
+                    *o = x.f32();
+                }
+            }
+            LoraMat::BF16(v) => {
+                for (o, x) in out.iter_mut().zip(&v[start..start + n]) {
+                    *o = x.f32();
+                }
+            }
+        }
+    }
+
+    /// `x . self[start..start + x.len()]`.
+    #[inline]
+    fn dot(&self, start: usize, x: &[f32], simd: bool) -> f32 {
+        let n = x.len();
+        match self {
+            LoraMat::F32(v) => dot(x, &v[start..start + n], simd),
+            LoraMat::F16(v) => dot(x, &v[start..start + n], simd),
+            LoraMat::BF16(v) => dot(x, &v[start..start + n], simd),
+        }
+    }
+
+    /// `out += u * self[start..start + out.len()]`.
+    #[inline]
+    fn axpy(&self, start: usize, u: f32, out: &mut [f32], simd: bool) {
+        let n = out.len();
+        match self {
+            LoraMat::F32(v) => axpy(out, u, &v[start..start + n], simd),
+            LoraMat::F16(v) => axpy(out, u, &v[start..start + n], simd),
+            LoraMat::BF16(v) => axpy(out, u, &v[start..start + n], simd),
+        }
+    }
+
+    pub(crate) fn dtype_name(&self) -> &'static str {
+        match self {
+            LoraMat::F32(_) => "f32",
+            LoraMat::F16(_) => "f16",
+            LoraMat::BF16(_) => "bf16",
+        }
+    }
+}
+
+/// `x . w` in f32.
+#[inline]
+fn dot<T: Elem>(x: &[f32], w: &[T], simd: bool) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: `simd` is set only where the CPU has AVX2, FMA and F16C.
+        return unsafe { dot_avx2(x, w) };
+    }
+    let _ = simd;
+    x.iter().zip(w).map(|(a, b)| a * b.f32()).sum()
+}
+
+/// `out += u * w` in f32.
+#[inline]
+fn axpy<T: Elem>(out: &mut [f32], u: f32, w: &[T], simd: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: as in `dot`.
+        return unsafe { axpy_avx2(out, u, w) };
+    }
+    let _ = simd;
+    for (o, b) in out.iter_mut().zip(w) {
+        *o += u * b.f32();
+    }
+}
+
+/// # Safety
+/// The CPU supports AVX2, FMA and F16C; `w` is at least as long as `x`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_avx2<T: Elem>(x: &[f32], w: &[T]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = x.len().min(w.len());
+    let (xp, wp) = (x.as_ptr(), w.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 32 <= n {
+        for (j, a) in acc.iter_mut().enumerate() {
+            let o = i + 8 * j;
+            *a = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(o)), T::load8(wp.add(o)), *a);
+        }
+        i += 32;
+    }
+    while i + 8 <= n {
+        acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i)), T::load8(wp.add(i)), acc[0]);
+        i += 8;
+    }
+    let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    let h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
+    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    let h = _mm_add_ss(h, _mm_shuffle_ps::<1>(h, h));
+    let mut total = _mm_cvtss_f32(h);
+    while i < n {
+        total += x[i] * w[i].f32();
+        i += 1;
+    }
+    total
+}
+
+/// # Safety
+/// The CPU supports AVX2, FMA and F16C; `w` is at least as long as `out`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn axpy_avx2<T: Elem>(out: &mut [f32], u: f32, w: &[T]) {
+    use std::arch::x86_64::*;
+    let n = out.len().min(w.len());
+    let (op, wp) = (out.as_mut_ptr(), w.as_ptr());
+    let uv = _mm256_set1_ps(u);
+    let mut i = 0;
+    while i + 8 <= n {
+        let o = op.add(i);
+        _mm256_storeu_ps(
+            o,
+            _mm256_fmadd_ps(T::load8(wp.add(i)), uv, _mm256_loadu_ps(o)),
+        );
+        i += 8;
+    }
+    while i < n {
+        out[i] += u * w[i].f32();
+        i += 1;
+    }
+}
+
+/// One stored update: `A` `[rank, inp]`, `B^T` `[rank, out]`.
+#[derive(Clone, Debug)]
+pub(crate) struct Update<'a> {
+    pub(crate) rank: usize,
+    pub(crate) inp: usize,
+    pub(crate) out: usize,
+    pub(crate) a: &'a LoraMat,
+    pub(crate) bt: &'a LoraMat,
+}
+
+/// Output columns per item of the pool when one row is updated (decode).
+const COLS: usize = 128;
+/// Below this many multiply-adds a product runs on the calling thread alone.
+const SERIAL: usize = 1 << 12;
+
+/// `out[i, col..col + n] += f * B (A xs[i])` for the `m` rows of `xs` (`[m, inp]`), `out`
+/// `[m, stride]`.
+pub(crate) fn apply(
+    up: &Update<'_>,
+    f: f32,
+    xs: &[f32],
+    m: usize,
+    out: &mut [f32],
+    (stride, col, n): (usize, usize, usize),
+) -> Result<()> {
+    let (r, k) = (up.rank, up.inp);
+    let simd = crate::exec::current().isa != crate::exec::Isa::Scalar;
+    if xs.len() != m * k || up.out != n || out.len() != m * stride || col + n > stride {
+        return Err(Error::InvalidArgument(format!(
+            "LoRA update [{n}, {r}] x [{r}, {k}] on a [{m}, {}] input into columns {col}..{} of [{m}, {stride}]",
+            xs.len() / m.max(1),
+            col + n
+        )));
+    }
+    // A x first (rank values per row), scaled once.
+    let mut u = vec![0f32; m * r];
+    let a_work = m * r * k;
+    let fill_u = |i: usize, uj: &mut f32| {
+        let (row, j) = (i / r, i % r);
+        *uj = f * up.a.dot(j * k, &xs[row * k..(row + 1) * k], simd);
+    };
+    if a_work < SERIAL {
+        for (i, uj) in u.iter_mut().enumerate() {
+            fill_u(i, uj);
+        }
+    } else {
+        let per = (m * r).div_ceil(crate::pool::pool().threads() * 2).max(1);
+        crate::pool::for_each_chunk_mut(&mut u, per, &|c, chunk| {
+            for (o, uj) in chunk.iter_mut().enumerate() {
+                fill_u(c * per + o, uj);
+            }
+        });
+    }
+    // Then B: rank scaled additions of B^T's rows into each output row.
+    let add_row = |urow: &[f32], orow: &mut [f32], c0: usize| {
+        for (j, &uj) in urow.iter().enumerate() {
+            if uj != 0.0 {
+                up.bt.axpy(j * n + c0, uj, orow, simd);
+            }
+        }
+    };
+    if m == 1 {
+        let orow = &mut out[col..col + n];
+        if n * r < SERIAL {
+            add_row(&u, orow, 0);
+        } else {
+            crate::pool::for_each_chunk_mut(orow, COLS, &|c, chunk| add_row(&u, chunk, c * COLS));
+        }
+    } else {
+        crate::pool::for_each_chunk_mut(out, stride, &|i, row| {
+            add_row(&u[i * r..(i + 1) * r], &mut row[col..col + n], 0)
+        });
+    }
+    Ok(())
+}
+
+/// One projection's output window in a row and the updates that add to it.
+pub(crate) struct Part<'a> {
+    pub(crate) col: usize,
+    pub(crate) n: usize,
+    /// `(update, factor)`.
+    pub(crate) ups: Vec<(Update<'a>, f32)>,
+}
+
+/// For one row (decode): `out[col..col + n] += sum f * B (A x)` for every part, in one pool
+/// call: the first items compute every `A x` (one rank row each), the rest add `B^T`'s rows
+/// into column chunks of the outputs, each waiting until the first products are all done.
+/// Items are claimed in order and a claimed item runs at once, so the wait always ends.
+pub(crate) fn apply_row(parts: &[Part<'_>], x: &[f32], out: &mut [f32]) -> Result<()> {
+    use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+    let simd = crate::exec::current().isa != crate::exec::Isa::Scalar;
+    // (part, update, rank row, where its value goes in `u`)
+    let mut rows: Vec<(usize, usize, usize, usize)> = vec![];
+    let mut n_u = 0;
+    let mut work = 0;
+    for (pi, p) in parts.iter().enumerate() {
+        if p.col + p.n > out.len() {
+            return Err(Error::InvalidArgument(format!(
+                "LoRA update into columns {}..{} of a row of {}",
+                p.col,
+                p.col + p.n,
+                out.len()
+            )));
+        }
+        for (qi, (up, _)) in p.ups.iter().enumerate() {
+            if up.inp != x.len() || up.out != p.n {
+                return Err(Error::InvalidArgument(format!(
+                    "LoRA update [{}, {}] x [{}, {}] for a {}-wide input into {} columns",
+                    up.out,
+                    up.rank,
+                    up.rank,
+                    up.inp,
+                    x.len(),
+                    p.n
+                )));
+            }
+            for j in 0..up.rank {
+                rows.push((pi, qi, j, n_u + j));
+            }
+            n_u += up.rank;
+            work += up.rank * (up.inp + up.out);
+        }
+    }
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let u: Vec<AtomicU32> = (0..n_u).map(|_| AtomicU32::new(0)).collect();
+    // Start of each part's updates in `u`.
+    let mut starts = Vec::with_capacity(parts.len());
+    let mut at = 0;
+    for p in parts {
+        starts.push(at);
+        at += p.ups.iter().map(|(up, _)| up.rank).sum::<usize>();
+    }
+    let first = |i: usize| {
+        let (pi, qi, j, off) = rows[i];
+        let (up, f) = &parts[pi].ups[qi];
+        let v = f * up.a.dot(j * up.inp, x, simd);
+        u[off].store(v.to_bits(), Ordering::Relaxed);
+    };
+    // Column chunks: (part, first column within the part, width).
+    let mut chunks: Vec<(usize, usize, usize)> = vec![];
+    for (pi, p) in parts.iter().enumerate() {
+        if p.ups.is_empty() {
+            continue;
+        }
+        let mut c = 0;
+        while c < p.n {
+            let w = COLS.min(p.n - c);
+            chunks.push((pi, c, w));
+            c += w;
+        }
+    }
+    let second = |orow: &mut [f32], pi: usize, c0: usize| {
+        let p = &parts[pi];
+        let mut off = starts[pi];
+        for (up, _) in &p.ups {
+            for j in 0..up.rank {
+                let uj = f32::from_bits(u[off + j].load(Ordering::Relaxed));
+                if uj != 0.0 {
+                    up.bt.axpy(j * up.out + c0, uj, orow, simd);
+                }
+            }
+            off += up.rank;
+        }
+    };
+    if work < SERIAL * 4 {
+        for i in 0..rows.len() {
+            first(i);
+        }
+        for &(pi, c0, w) in &chunks {
+            let col = parts[pi].col + c0;
+            second(&mut out[col..col + w], pi, c0);
+        }
+        return Ok(());
+    }
+    let done = AtomicUsize::new(0);
+    let (na, nb) = (rows.len(), chunks.len());
+    let shared = crate::pool::SharedMut::new(out);
+    crate::pool::pool().run(na + nb, &|items| {
+        for i in items {
+            if i < na {
+                first(i);
+                done.fetch_add(1, Ordering::Release);
+                continue;
+            }
+            let mut spins = 0u32;
+            while done.load(Ordering::Acquire) < na {
+                spins += 1;
+                if spins < 1 << 12 {
+                    std::hint::spin_loop();
+                } else {
+                    std::thread::yield_now();
+                }
+            }
+            let (pi, c0, w) = chunks[i - na];
+            // SAFETY: the chunks are disjoint column ranges of the row (parts do not overlap,
+            // and chunks of one part do not).
+            let orow = unsafe { shared.slice(parts[pi].col + c0, w) };
+            second(orow, pi, c0);
+        }
+    });
+    Ok(())
+}
