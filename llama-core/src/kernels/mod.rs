@@ -169,9 +169,78 @@ fn forward_via(
     Ok(Tensor::from_vec(dst, out_dims, &Device::Cpu)?)
 }
 
-/// Runs `work` for items `0..items` on our thread pool (`crate::pool`).
+/// Runs `work` for items `0..items` on our thread pool (`crate::pool`), with the
+/// [`Rider`] installed by [`with_rider`] if there is one: its `pre` items before these, its
+/// `post` items after, all in one pool call.
 fn run_items(items: usize, work: &(dyn Fn(usize) + Sync)) {
-    crate::pool::pool().run(items, &|range| range.for_each(work));
+    match RIDER.with(|r| r.take()) {
+        None => crate::pool::pool().run(items, &|range| range.for_each(work)),
+        Some(rider) => {
+            // SAFETY: installed by `with_rider`, whose borrow of the rider outlives the closure
+            // this call runs in (the slot is cleared before `with_rider` returns).
+            let rider: &dyn Rider = unsafe { &*rider };
+            let (pre, post) = (rider.pre(), rider.post());
+            crate::pool::pool().run(pre + items + post, &|range| {
+                for i in range {
+                    if i < pre {
+                        rider.run_pre(i)
+                    } else if i < pre + items {
+                        work(i - pre)
+                    } else {
+                        rider.run_post(i - pre - items)
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// Work that rides along the next matmul's pool call (one pool call instead of three in a
+/// decode step, where the calls themselves cost as much as the work): `pre` items run first,
+/// `post` items last; a `post` item may wait for the `pre` items (claimed earlier, so running).
+pub(crate) trait Rider: Sync {
+    fn pre(&self) -> usize;
+    fn post(&self) -> usize;
+    fn run_pre(&self, i: usize);
+    fn run_post(&self, i: usize);
+}
+
+thread_local! {
+    static RIDER: std::cell::Cell<Option<*const (dyn Rider + 'static)>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` (a matmul) with `rider` joining its pool call; when `f` makes none (candle's
+/// matrices), the rider runs on its own afterwards.
+pub(crate) fn with_rider<R>(rider: &dyn Rider, f: impl FnOnce() -> R) -> R {
+    struct Clear;
+    impl Drop for Clear {
+        fn drop(&mut self) {
+            RIDER.with(|r| r.set(None));
+        }
+    }
+    // SAFETY: the lifetime is erased only while `f` runs; `Clear` empties the slot before the
+    // borrow of `rider` ends, also when `f` panics.
+    let erased: *const (dyn Rider + 'static) =
+        unsafe { std::mem::transmute::<*const (dyn Rider + '_), *const (dyn Rider + 'static)>(rider) };
+    RIDER.with(|r| r.set(Some(erased)));
+    let guard = Clear;
+    let out = f();
+    let unused = RIDER.with(|r| r.take()).is_some();
+    drop(guard);
+    if unused {
+        let (pre, post) = (rider.pre(), rider.post());
+        crate::pool::pool().run(pre + post, &|range| {
+            for i in range {
+                if i < pre {
+                    rider.run_pre(i)
+                } else {
+                    rider.run_post(i - pre)
+                }
+            }
+        });
+    }
+    out
 }
 
 /// A weight matrix `[n, k]` (`n` outputs of `k` inputs), whatever its storage: the block

@@ -238,27 +238,44 @@ pub(crate) fn apply(
             }
         });
     }
-    // Then B: rank scaled additions of B^T's rows into each output row.
-    let add_row = |urow: &[f32], orow: &mut [f32], c0: usize| {
+    // Then B: rank scaled additions of B^T's panel rows into each output row.
+    let add_chunk = |urow: &[f32], ochunk: &mut [f32], c0: usize| {
+        let w = ochunk.len();
         for (j, &uj) in urow.iter().enumerate() {
             if uj != 0.0 {
-                up.bt.axpy(j * n + c0, uj, orow, simd);
+                up.bt.axpy(c0 * r + j * w, uj, ochunk, simd);
             }
+        }
+    };
+    let add_row = |urow: &[f32], orow: &mut [f32]| {
+        for (c, chunk) in orow.chunks_mut(COLS).enumerate() {
+            add_chunk(urow, chunk, c * COLS);
         }
     };
     if m == 1 {
         let orow = &mut out[col..col + n];
         if n * r < SERIAL {
-            add_row(&u, orow, 0);
+            add_row(&u, orow);
         } else {
-            crate::pool::for_each_chunk_mut(orow, COLS, &|c, chunk| add_row(&u, chunk, c * COLS));
+            crate::pool::for_each_chunk_mut(orow, COLS, &|c, chunk| {
+                add_chunk(&u, chunk, c * COLS)
+            });
         }
     } else {
         crate::pool::for_each_chunk_mut(out, stride, &|i, row| {
-            add_row(&u[i * r..(i + 1) * r], &mut row[col..col + n], 0)
+            add_row(&u[i * r..(i + 1) * r], &mut row[col..col + n])
         });
     }
     Ok(())
+}
+
+/// Where `B[o, j]` lies in the stored `B^T`: panels of [`COLS`] output columns (the last one
+/// narrower), each `[rank, width]` row-major, so one column chunk's update reads one
+/// contiguous block.
+pub(crate) fn panel_index(j: usize, o: usize, rank: usize, out: usize) -> usize {
+    let c0 = o / COLS * COLS;
+    let w = COLS.min(out - c0);
+    c0 * rank + j * w + (o - c0)
 }
 
 /// One projection's output window in a row and the updates that add to it.
@@ -269,123 +286,154 @@ pub(crate) struct Part<'a> {
     pub(crate) ups: Vec<(Update<'a>, f32)>,
 }
 
-/// For one row (decode): `out[col..col + n] += sum f * B (A x)` for every part, in one pool
-/// call: the first items compute every `A x` (one rank row each), the rest add `B^T`'s rows
-/// into column chunks of the outputs, each waiting until the first products are all done.
-/// Items are claimed in order and a claimed item runs at once, so the wait always ends.
-pub(crate) fn apply_row(parts: &[Part<'_>], x: &[f32], out: &mut [f32]) -> Result<()> {
-    use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
-    let simd = crate::exec::current().isa != crate::exec::Isa::Scalar;
-    // (part, update, rank row, where its value goes in `u`)
-    let mut rows: Vec<(usize, usize, usize, usize)> = vec![];
-    let mut n_u = 0;
-    let mut work = 0;
-    for (pi, p) in parts.iter().enumerate() {
-        if p.col + p.n > out.len() {
-            return Err(Error::InvalidArgument(format!(
-                "LoRA update into columns {}..{} of a row of {}",
-                p.col,
-                p.col + p.n,
-                out.len()
-            )));
-        }
-        for (qi, (up, _)) in p.ups.iter().enumerate() {
-            if up.inp != x.len() || up.out != p.n {
+/// The update of one row (decode), `out[col..col + n] += sum f * B (A x)` for every part, as
+/// work riding along the base matmul's pool call ([`crate::kernels::Rider`]): `pre` items
+/// compute the `A x` products (a few rank rows each), `post` items add `B^T`'s rows into
+/// column chunks of `delta` (the base matmul writes `out` meanwhile), each waiting until every
+/// `pre` item is done; [`RowUpdate::finish`] adds `delta` to `out` after the call.
+pub(crate) struct RowUpdate<'a> {
+    parts: &'a [Part<'a>],
+    x: &'a [f32],
+    simd: bool,
+    /// `(part, update, first rank row, rows, where they go in u)`
+    pre: Vec<(usize, usize, usize, usize, usize)>,
+    /// `(part, first column within the part, width)`
+    post: Vec<(usize, usize, usize)>,
+    /// Start of each part's updates in `u`.
+    starts: Vec<usize>,
+    u: Vec<std::sync::atomic::AtomicU32>,
+    done: std::sync::atomic::AtomicUsize,
+    delta: crate::pool::SharedMut<'a, f32>,
+}
+
+/// Rank rows per `pre` item.
+const RANK_ROWS: usize = 4;
+
+impl<'a> RowUpdate<'a> {
+    /// Checks the shapes; `delta` is a zeroed buffer as long as an output row.
+    pub(crate) fn new(
+        parts: &'a [Part<'a>],
+        x: &'a [f32],
+        delta: &'a mut [f32],
+    ) -> Result<RowUpdate<'a>> {
+        let mut pre = vec![];
+        let mut starts = Vec::with_capacity(parts.len());
+        let mut n_u = 0;
+        for (pi, p) in parts.iter().enumerate() {
+            starts.push(n_u);
+            if p.col + p.n > delta.len() {
                 return Err(Error::InvalidArgument(format!(
-                    "LoRA update [{}, {}] x [{}, {}] for a {}-wide input into {} columns",
-                    up.out,
-                    up.rank,
-                    up.rank,
-                    up.inp,
-                    x.len(),
-                    p.n
+                    "LoRA update into columns {}..{} of a row of {}",
+                    p.col,
+                    p.col + p.n,
+                    delta.len()
                 )));
             }
-            for j in 0..up.rank {
-                rows.push((pi, qi, j, n_u + j));
+            for (qi, (up, _)) in p.ups.iter().enumerate() {
+                if up.inp != x.len() || up.out != p.n {
+                    return Err(Error::InvalidArgument(format!(
+                        "LoRA update [{}, {}] x [{}, {}] for a {}-wide input into {} columns",
+                        up.out,
+                        up.rank,
+                        up.rank,
+                        up.inp,
+                        x.len(),
+                        p.n
+                    )));
+                }
+                let mut j = 0;
+                while j < up.rank {
+                    let rows = RANK_ROWS.min(up.rank - j);
+                    pre.push((pi, qi, j, rows, n_u + j));
+                    j += rows;
+                }
+                n_u += up.rank;
             }
-            n_u += up.rank;
-            work += up.rank * (up.inp + up.out);
+        }
+        let mut post = vec![];
+        for (pi, p) in parts.iter().enumerate() {
+            if p.ups.is_empty() {
+                continue;
+            }
+            let mut c = 0;
+            while c < p.n {
+                let w = COLS.min(p.n - c);
+                post.push((pi, c, w));
+                c += w;
+            }
+        }
+        Ok(RowUpdate {
+            parts,
+            x,
+            simd: crate::exec::current().isa != crate::exec::Isa::Scalar,
+            pre,
+            post,
+            starts,
+            u: (0..n_u)
+                .map(|_| std::sync::atomic::AtomicU32::new(0))
+                .collect(),
+            done: std::sync::atomic::AtomicUsize::new(0),
+            delta: crate::pool::SharedMut::new(delta),
+        })
+    }
+
+}
+
+/// Adds the parts' columns of `delta` (a [`RowUpdate`]'s, once its call is over) to `out`.
+pub(crate) fn add_parts(parts: &[Part<'_>], delta: &[f32], out: &mut [f32]) {
+    for p in parts.iter().filter(|p| !p.ups.is_empty()) {
+        for (o, d) in out[p.col..p.col + p.n]
+            .iter_mut()
+            .zip(&delta[p.col..p.col + p.n])
+        {
+            *o += d;
         }
     }
-    if rows.is_empty() {
-        return Ok(());
+}
+
+impl crate::kernels::Rider for RowUpdate<'_> {
+    fn pre(&self) -> usize {
+        self.pre.len()
     }
-    let u: Vec<AtomicU32> = (0..n_u).map(|_| AtomicU32::new(0)).collect();
-    // Start of each part's updates in `u`.
-    let mut starts = Vec::with_capacity(parts.len());
-    let mut at = 0;
-    for p in parts {
-        starts.push(at);
-        at += p.ups.iter().map(|(up, _)| up.rank).sum::<usize>();
+    fn post(&self) -> usize {
+        self.post.len()
     }
-    let first = |i: usize| {
-        let (pi, qi, j, off) = rows[i];
-        let (up, f) = &parts[pi].ups[qi];
-        let v = f * up.a.dot(j * up.inp, x, simd);
-        u[off].store(v.to_bits(), Ordering::Relaxed);
-    };
-    // Column chunks: (part, first column within the part, width).
-    let mut chunks: Vec<(usize, usize, usize)> = vec![];
-    for (pi, p) in parts.iter().enumerate() {
-        if p.ups.is_empty() {
-            continue;
+    fn run_pre(&self, i: usize) {
+        use std::sync::atomic::Ordering;
+        let (pi, qi, j0, rows, off) = self.pre[i];
+        let (up, f) = &self.parts[pi].ups[qi];
+        for j in j0..j0 + rows {
+            let v = f * up.a.dot(j * up.inp, self.x, self.simd);
+            self.u[off + (j - j0)].store(v.to_bits(), Ordering::Relaxed);
         }
-        let mut c = 0;
-        while c < p.n {
-            let w = COLS.min(p.n - c);
-            chunks.push((pi, c, w));
-            c += w;
-        }
+        self.done.fetch_add(1, Ordering::Release);
     }
-    let second = |orow: &mut [f32], pi: usize, c0: usize| {
-        let p = &parts[pi];
-        let mut off = starts[pi];
+    fn run_post(&self, i: usize) {
+        use std::sync::atomic::Ordering;
+        let mut spins = 0u32;
+        while self.done.load(Ordering::Acquire) < self.pre.len() {
+            spins += 1;
+            if spins < 1 << 12 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        let (pi, c0, w) = self.post[i];
+        let p = &self.parts[pi];
+        let r_w = |r: usize, j: usize| c0 * r + j * w;
+        // SAFETY: the post items are disjoint column ranges of the row (parts do not overlap,
+        // and the chunks of one part do not), and nothing else touches `delta` during the call.
+        let orow = unsafe { self.delta.slice(p.col + c0, w) };
+        let mut off = self.starts[pi];
         for (up, _) in &p.ups {
             for j in 0..up.rank {
-                let uj = f32::from_bits(u[off + j].load(Ordering::Relaxed));
+                let uj = f32::from_bits(self.u[off + j].load(Ordering::Relaxed));
                 if uj != 0.0 {
-                    up.bt.axpy(j * up.out + c0, uj, orow, simd);
+                    up.bt.axpy(r_w(up.rank, j), uj, orow, self.simd);
                 }
             }
             off += up.rank;
         }
-    };
-    if work < SERIAL * 4 {
-        for i in 0..rows.len() {
-            first(i);
-        }
-        for &(pi, c0, w) in &chunks {
-            let col = parts[pi].col + c0;
-            second(&mut out[col..col + w], pi, c0);
-        }
-        return Ok(());
     }
-    let done = AtomicUsize::new(0);
-    let (na, nb) = (rows.len(), chunks.len());
-    let shared = crate::pool::SharedMut::new(out);
-    crate::pool::pool().run(na + nb, &|items| {
-        for i in items {
-            if i < na {
-                first(i);
-                done.fetch_add(1, Ordering::Release);
-                continue;
-            }
-            let mut spins = 0u32;
-            while done.load(Ordering::Acquire) < na {
-                spins += 1;
-                if spins < 1 << 12 {
-                    std::hint::spin_loop();
-                } else {
-                    std::thread::yield_now();
-                }
-            }
-            let (pi, c0, w) = chunks[i - na];
-            // SAFETY: the chunks are disjoint column ranges of the row (parts do not overlap,
-            // and chunks of one part do not).
-            let orow = unsafe { shared.slice(parts[pi].col + c0, w) };
-            second(orow, pi, c0);
-        }
-    });
-    Ok(())
 }

@@ -186,7 +186,7 @@ impl RawPair {
         let mut bt = vec![0f32; r * out];
         for o in 0..out {
             for j in 0..r {
-                bt[j * out + o] = self.b[o * r + j];
+                bt[kernel::panel_index(j, o, r, out)] = self.b[o * r + j];
             }
         }
         LoraPair {
@@ -219,7 +219,7 @@ impl LoraPair {
         let mut b = vec![0f32; out * r];
         for j in 0..r {
             for o in 0..out {
-                b[o * r + j] = bt[j * out + o];
+                b[o * r + j] = bt[kernel::panel_index(j, o, r, out)];
             }
         }
         b
@@ -542,9 +542,11 @@ pub(crate) fn add_delta(
     Ok(())
 }
 
-/// [`add_delta`] for several projections of the same input at once, `targets` giving each
-/// one's `(target, col, n)` in `out`'s rows of `stride`. One row (decode) runs as one pool call.
-pub(crate) fn add_deltas(
+/// `matmul` (which writes `out`, `[m, stride]`) followed by every active adapter's update of
+/// the projections `targets` (`(target, col, n)` in `out`'s rows), all of the same input `xs`.
+/// One row (decode) runs the update inside the matmul's own pool call.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_and_update(
     active: Active<'_>,
     layer: usize,
     targets: &[(Target, usize, usize)],
@@ -552,11 +554,13 @@ pub(crate) fn add_deltas(
     m: usize,
     out: &mut [f32],
     stride: usize,
+    matmul: impl FnOnce(&mut [f32]) -> Result<()>,
 ) -> Result<()> {
-    if active.is_empty() {
-        return Ok(());
+    if active.is_empty() || !targets.iter().any(|&(t, _, _)| touches(active, layer, t)) {
+        return matmul(out);
     }
     if m != 1 || out.len() != stride {
+        matmul(out)?;
         for &(t, col, n) in targets {
             add_delta(active, layer, t, xs, m, out, (stride, col, n))?;
         }
@@ -577,7 +581,13 @@ pub(crate) fn add_deltas(
                 .collect(),
         })
         .collect();
-    kernel::apply_row(&parts, xs, out)
+    let mut delta = vec![0f32; stride];
+    {
+        let rider = kernel::RowUpdate::new(&parts, xs, &mut delta)?;
+        crate::kernels::with_rider(&rider, || matmul(out))?;
+    }
+    kernel::add_parts(&parts, &delta, out);
+    Ok(())
 }
 
 /// Whether any active adapter updates `t` in `layer` with a non-zero factor.

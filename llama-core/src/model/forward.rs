@@ -58,13 +58,14 @@ impl Model {
                 return Err(Error::Cancelled);
             }
             rms_norm_rows(&x, &input_f32(&l.attn_norm)?, eps, &mut hn);
-            l.qkv.matmul_into(&hn, t, &mut qkv)?;
             let qkv_parts = [
                 (Target::Q, 0, qw),
                 (Target::K, qw, kw),
                 (Target::V, qw + kw, kw),
             ];
-            lora::add_deltas(lora, li, &qkv_parts, &hn, t, &mut qkv, qkv_w)?;
+            lora::matmul_and_update(lora, li, &qkv_parts, &hn, t, &mut qkv, qkv_w, |out| {
+                l.qkv.matmul_into(&hn, t, out)
+            })?;
             m.rope.apply(&mut qkv, t, nh, qkv_w, (&cos, &sin));
             m.rope.apply(&mut qkv[qw..], t, nkv, qkv_w, (&cos, &sin));
             for (row, (kr, vr)) in qkv
@@ -89,24 +90,21 @@ impl Model {
             crate::attention::causal_into(
                 &queries, &k_all, &v_all, start, scale, half_cache, &mut att,
             )?;
-            matrix::matmul_into(&*l.o, &att, t, &mut o)?;
-            lora::add_deltas(lora, li, &[(Target::O, 0, hidden)], &att, t, &mut o, hidden)?;
+            let o_part = [(Target::O, 0, hidden)];
+            lora::matmul_and_update(lora, li, &o_part, &att, t, &mut o, hidden, |out| {
+                matrix::matmul_into(&*l.o, &att, t, out)
+            })?;
             add_in_place(&mut x, &o);
             rms_norm_rows(&x, &input_f32(&l.ffn_norm)?, eps, &mut hn);
-            l.gate_up.matmul_into(&hn, t, &mut gu)?;
             let gu_parts = [(Target::Gate, 0, ffn), (Target::Up, ffn, ffn)];
-            lora::add_deltas(lora, li, &gu_parts, &hn, t, &mut gu, 2 * ffn)?;
+            lora::matmul_and_update(lora, li, &gu_parts, &hn, t, &mut gu, 2 * ffn, |out| {
+                l.gate_up.matmul_into(&hn, t, out)
+            })?;
             swiglu_rows(&gu, ffn, &mut a);
-            matrix::matmul_into(&*l.down, &a, t, &mut o)?;
-            lora::add_deltas(
-                lora,
-                li,
-                &[(Target::Down, 0, hidden)],
-                &a,
-                t,
-                &mut o,
-                hidden,
-            )?;
+            let down_part = [(Target::Down, 0, hidden)];
+            lora::matmul_and_update(lora, li, &down_part, &a, t, &mut o, hidden, |out| {
+                matrix::matmul_into(&*l.down, &a, t, out)
+            })?;
             add_in_place(&mut x, &o);
         }
         cache.advance(t);
