@@ -210,6 +210,12 @@ typedef enum {
 } llama_stop_reason;
 
 /**
+ * A LoRA adapter loaded for one model (opaque, immutable). Share it across threads and
+ * sessions; it keeps what it needs alive, so it may outlive `llama_model_free`.
+ */
+typedef struct llama_adapter llama_adapter;
+
+/**
  * A handle that cancels a session's work from any thread (opaque).
  */
 typedef struct llama_cancel_handle llama_cancel_handle;
@@ -456,6 +462,40 @@ const char *llama_version(void);
  * LLAMA_VERSION_NUMBER from the header).
  */
 uint32_t llama_version_number(void);
+
+/**
+ * Loads a LoRA adapter for `model`: a Hugging Face PEFT folder (`adapter_config.json` +
+ * `adapter_model.safetensors`) or a llama.cpp GGUF LoRA file (NUL-terminated UTF-8 path).
+ * Every matrix is checked against the model's shapes. On success `*out` owns the adapter:
+ * free it with `llama_adapter_free`.
+ */
+llama_status llama_adapter_load(const llama_model *model, const char *path, llama_adapter **out);
+
+/**
+ * Frees an adapter. Sessions it is applied to keep using it. NULL is a no-op.
+ */
+void llama_adapter_free(llama_adapter *adapter);
+
+/**
+ * How many projections the adapter updates over all layers (0 for NULL).
+ */
+size_t llama_adapter_n_matrices(const llama_adapter *adapter);
+
+/**
+ * The largest rank of the adapter's matrices (0 for NULL).
+ */
+size_t llama_adapter_max_rank(const llama_adapter *adapter);
+
+/**
+ * Applies `n` adapters with their `scales` to `session` from its next evaluation on,
+ * replacing the previous set (`n` = 0: the base model; `adapters` and `scales` may then be
+ * NULL). Other sessions are untouched; a scale of 0 is exactly the base model. Every adapter
+ * must have been loaded for this session's model and every scale must be finite.
+ */
+llama_status llama_session_set_adapters(llama_session *session,
+                                        const llama_adapter *const *adapters,
+                                        const float *scales,
+                                        size_t n);
 
 /**
  * Default model parameters.

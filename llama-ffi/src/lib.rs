@@ -7,10 +7,12 @@
 use std::cell::RefCell;
 use std::ffi::{c_char, CString};
 
+mod adapter;
 mod model;
 mod sampler;
 mod session;
 
+pub use adapter::*;
 pub use model::*;
 pub use sampler::*;
 pub use session::*;

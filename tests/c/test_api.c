@@ -1,5 +1,6 @@
 /* C test suite for libllama (llama-ffi). Usage: test_api MODEL.gguf EXPECTED_IDS
  * EXPECTED_IDS: comma-separated greedy token ids the Rust API produced for the prompt below. */
+#define _POSIX_C_SOURCE 200809L
 #include "llama.h"
 
 #include <math.h>
@@ -7,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 static int passed = 0, failed = 0;
 #define CHECK(cond)                                                                     \
@@ -89,6 +91,125 @@ static llama_sampler *greedy(void) {
     llama_sampler *s = NULL;
     if (llama_sampler_new(&sp, &s) != LLAMA_STATUS_OK) return NULL;
     return s;
+}
+
+/* A PEFT LoRA folder for the model's first layer's q_proj, rank 4 (values from a small
+ * integer formula), written with the C library only: adapter_config.json and a safetensors
+ * file (8-byte header length, JSON header, raw little-endian f32). Returns 0 on success. */
+static int write_peft(const char *dir, size_t n_embd) {
+    char path[512];
+    const size_t r = 4, na = r * n_embd, nb = n_embd * r;
+    snprintf(path, sizeof path, "%s/adapter_config.json", dir);
+    FILE *f = fopen(path, "w");
+    if (!f) return -1;
+    fprintf(f, "{\"peft_type\": \"LORA\", \"r\": 4, \"lora_alpha\": 8, \"target_modules\": [\"q_proj\"], "
+               "\"layers_to_transform\": [0], \"bias\": \"none\"}");
+    fclose(f);
+    char header[512];
+    int hl = snprintf(header, sizeof header,
+                      "{\"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight\":{\"dtype\":\"F32\",\"shape\":[4,%zu],\"data_offsets\":[0,%zu]},"
+                      "\"base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight\":{\"dtype\":\"F32\",\"shape\":[%zu,4],\"data_offsets\":[%zu,%zu]}}",
+                      n_embd, na * 4, n_embd, na * 4, (na + nb) * 4);
+    while (hl % 8) header[hl++] = ' ';
+    snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
+    f = fopen(path, "wb");
+    if (!f) return -1;
+    uint64_t len = (uint64_t)hl;
+    unsigned char le[8];
+    for (int i = 0; i < 8; i++) le[i] = (unsigned char)(len >> (8 * i));
+    fwrite(le, 1, 8, f);
+    fwrite(header, 1, (size_t)hl, f);
+    for (size_t i = 0; i < na + nb; i++) {
+        float v = (float)((int)((i * 2654435761u) % 2001u) - 1000) / 4000.0f;
+        fwrite(&v, sizeof v, 1, f); /* x86-64 is little-endian */
+    }
+    fclose(f);
+    return 0;
+}
+
+static float max_abs_diff(const float *a, const float *b, size_t n) {
+    float m = 0;
+    for (size_t i = 0; i < n; i++) {
+        float d = fabsf(a[i] - b[i]);
+        if (d > m) m = d;
+    }
+    return m;
+}
+
+/* LoRA adapters: load, apply per session, scale 0 is the base model, misuse. */
+static void test_adapters(llama_model *model, const char *model_path) {
+    char dir[] = "/tmp/llama-c-lora-XXXXXX";
+    if (!mkdtemp(dir)) {
+        CHECK(0);
+        return;
+    }
+    size_t n_embd = llama_model_n_embd(model), n_vocab = llama_model_n_vocab(model), nn = 0;
+    CHECK(write_peft(dir, n_embd) == 0);
+    llama_adapter *a = NULL;
+    CHECK(llama_adapter_load(model, dir, &a) == LLAMA_STATUS_OK && a != NULL);
+    CHECK(llama_adapter_n_matrices(a) == 1 && llama_adapter_max_rank(a) == 4);
+    CHECK(llama_adapter_n_matrices(NULL) == 0 && llama_adapter_max_rank(NULL) == 0);
+    int32_t toks[6] = {1, 2, 3, 4, 5, 6};
+    float *base = malloc(n_vocab * sizeof(float)), *with = malloc(n_vocab * sizeof(float)),
+          *zero = malloc(n_vocab * sizeof(float));
+    llama_session *s = NULL, *t = NULL;
+    CHECK(llama_session_new(model, NULL, &s) == LLAMA_STATUS_OK);
+    CHECK(llama_session_new(model, NULL, &t) == LLAMA_STATUS_OK);
+    CHECK(llama_session_eval(s, toks, 6) == LLAMA_STATUS_OK);
+    CHECK(llama_session_logits(s, base, n_vocab, &nn) == LLAMA_STATUS_OK);
+    const llama_adapter *set[1] = {a};
+    float one = 1.0f, nul = 0.0f, bad = NAN;
+    /* Scale 1 changes the logits, scale 0 is exactly the base model; another session is
+     * untouched. */
+    CHECK(llama_session_set_adapters(t, set, &one, 1) == LLAMA_STATUS_OK);
+    CHECK(llama_session_eval(t, toks, 6) == LLAMA_STATUS_OK);
+    CHECK(llama_session_logits(t, with, n_vocab, &nn) == LLAMA_STATUS_OK);
+    CHECK(max_abs_diff(base, with, n_vocab) > 1e-3f);
+    llama_session_truncate(t, 0);
+    CHECK(llama_session_set_adapters(t, set, &nul, 1) == LLAMA_STATUS_OK);
+    CHECK(llama_session_eval(t, toks, 6) == LLAMA_STATUS_OK);
+    CHECK(llama_session_logits(t, zero, n_vocab, &nn) == LLAMA_STATUS_OK);
+    CHECK(memcmp(base, zero, n_vocab * sizeof(float)) == 0);
+    /* n = 0 is the base model again. */
+    llama_session_truncate(t, 0);
+    CHECK(llama_session_set_adapters(t, set, &one, 1) == LLAMA_STATUS_OK);
+    CHECK(llama_session_set_adapters(t, NULL, NULL, 0) == LLAMA_STATUS_OK);
+    CHECK(llama_session_eval(t, toks, 6) == LLAMA_STATUS_OK);
+    CHECK(llama_session_logits(t, zero, n_vocab, &nn) == LLAMA_STATUS_OK);
+    CHECK(memcmp(base, zero, n_vocab * sizeof(float)) == 0);
+    /* Misuse. */
+    llama_adapter *b = NULL;
+    CHECK(llama_adapter_load(NULL, dir, &b) == LLAMA_STATUS_NULL_ARGUMENT && b == NULL);
+    CHECK(llama_adapter_load(model, NULL, &b) == LLAMA_STATUS_NULL_ARGUMENT && b == NULL);
+    CHECK(llama_adapter_load(model, dir, NULL) == LLAMA_STATUS_NULL_ARGUMENT);
+    CHECK(llama_adapter_load(model, "/no/such/adapter", &b) == LLAMA_STATUS_IO && b == NULL);
+    CHECK(llama_adapter_load(model, model_path, &b) == LLAMA_STATUS_MODEL_LOAD && b == NULL);
+    CHECK(strstr(llama_last_error_message(), "not a LoRA adapter") != NULL);
+    CHECK(llama_session_set_adapters(NULL, set, &one, 1) == LLAMA_STATUS_NULL_ARGUMENT);
+    CHECK(llama_session_set_adapters(t, NULL, &one, 1) == LLAMA_STATUS_NULL_ARGUMENT);
+    CHECK(llama_session_set_adapters(t, set, NULL, 1) == LLAMA_STATUS_NULL_ARGUMENT);
+    const llama_adapter *holes[1] = {NULL};
+    CHECK(llama_session_set_adapters(t, holes, &one, 1) == LLAMA_STATUS_NULL_ARGUMENT);
+    CHECK(llama_session_set_adapters(t, set, &bad, 1) == LLAMA_STATUS_INVALID_ARGUMENT);
+    /* A session keeps using an adapter freed after it was applied. */
+    CHECK(llama_session_set_adapters(s, set, &one, 1) == LLAMA_STATUS_OK);
+    llama_adapter_free(a);
+    llama_adapter_free(NULL);
+    llama_session_truncate(s, 0);
+    CHECK(llama_session_eval(s, toks, 6) == LLAMA_STATUS_OK);
+    CHECK(llama_session_logits(s, zero, n_vocab, &nn) == LLAMA_STATUS_OK);
+    CHECK(memcmp(with, zero, n_vocab * sizeof(float)) == 0);
+    llama_session_free(s);
+    llama_session_free(t);
+    free(base);
+    free(with);
+    free(zero);
+    char path[512];
+    snprintf(path, sizeof path, "%s/adapter_config.json", dir);
+    remove(path);
+    snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
+    remove(path);
+    rmdir(dir);
 }
 
 int main(int argc, char **argv) {
@@ -388,6 +509,8 @@ int main(int argc, char **argv) {
         memset(bbuf, 0xab, sizeof bbuf);
         CHECK(llama_session_restore(model, bbuf, 8, &ns, &nsm) == LLAMA_STATUS_STATE && ns == NULL);
     }
+
+    test_adapters(model, argv[1]);
 
     /* A session keeps its model alive after llama_model_free. */
     llama_model_free(model);

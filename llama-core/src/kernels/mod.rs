@@ -221,8 +221,9 @@ pub(crate) fn with_rider<R>(rider: &dyn Rider, f: impl FnOnce() -> R) -> R {
     }
     // SAFETY: the lifetime is erased only while `f` runs; `Clear` empties the slot before the
     // borrow of `rider` ends, also when `f` panics.
-    let erased: *const (dyn Rider + 'static) =
-        unsafe { std::mem::transmute::<*const (dyn Rider + '_), *const (dyn Rider + 'static)>(rider) };
+    let erased: *const (dyn Rider + 'static) = unsafe {
+        std::mem::transmute::<*const (dyn Rider + '_), *const (dyn Rider + 'static)>(rider)
+    };
     RIDER.with(|r| r.set(Some(erased)));
     let guard = Clear;
     let out = f();

@@ -257,9 +257,7 @@ pub(crate) fn apply(
         if n * r < SERIAL {
             add_row(&u, orow);
         } else {
-            crate::pool::for_each_chunk_mut(orow, COLS, &|c, chunk| {
-                add_chunk(&u, chunk, c * COLS)
-            });
+            crate::pool::for_each_chunk_mut(orow, COLS, &|c, chunk| add_chunk(&u, chunk, c * COLS));
         }
     } else {
         crate::pool::for_each_chunk_mut(out, stride, &|i, row| {
@@ -376,7 +374,6 @@ impl<'a> RowUpdate<'a> {
             delta: crate::pool::SharedMut::new(delta),
         })
     }
-
 }
 
 /// Adds the parts' columns of `delta` (a [`RowUpdate`]'s, once its call is over) to `out`.
