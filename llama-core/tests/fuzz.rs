@@ -1,6 +1,6 @@
 //! A mutation fuzzer on stable Rust for every parser of untrusted bytes: the GGUF reader and
 //! model load, config.json, safetensors headers (an HF folder load), tokenizer.json, chat
-//! templates, session snapshots. Seeds are a tiny model's own files (built here) and the
+//! templates, session snapshots, LoRA adapters (PEFT config and safetensors, GGUF LoRA). Seeds are a tiny model's own files (built here) and the
 //! hostile snippets below; each input must give `Ok` or a clean `Err`, never a panic, and
 //! finish in bounded time. By default each target runs a fixed number of inputs (the same ones
 //! on every run: about half a minute for all of them); `LLAMA_FUZZ_SECS` runs each for that
@@ -222,6 +222,78 @@ fn fuzz_chat_templates() {
     );
 }
 
+/// A PEFT adapter folder for the tiny model: q_proj and down_proj of every layer, rank 2.
+fn peft_adapter(t: &Tiny, dir: &Path) {
+    use candle_core::{Device, Tensor};
+    std::fs::create_dir_all(dir).unwrap();
+    let s = &t.spec;
+    let cfg = serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+        "target_modules": ["q_proj", "down_proj"], "rank_pattern": {"down_proj": 2},
+        "alpha_pattern": {"q_proj": 3}, "use_rslora": false, "bias": "none"});
+    std::fs::write(dir.join("adapter_config.json"), cfg.to_string()).unwrap();
+    let mut map = std::collections::HashMap::new();
+    for l in 0..s.layers {
+        for (m, out, inp) in [
+            ("self_attn.q_proj", s.heads * s.head_dim, s.hidden),
+            ("mlp.down_proj", s.hidden, s.ff),
+        ] {
+            let vals = |n: usize| (0..n).map(|i| ((i % 7) as f32 - 3.0) / 10.0).collect::<Vec<_>>();
+            let p = format!("base_model.model.model.layers.{l}.{m}");
+            map.insert(
+                format!("{p}.lora_A.weight"),
+                Tensor::from_vec(vals(2 * inp), (2, inp), &Device::Cpu).unwrap(),
+            );
+            map.insert(
+                format!("{p}.lora_B.weight"),
+                Tensor::from_vec(vals(out * 2), (out, 2), &Device::Cpu).unwrap(),
+            );
+        }
+    }
+    candle_core::safetensors::save(&map, dir.join("adapter_model.safetensors")).unwrap();
+}
+
+#[test]
+fn fuzz_lora_adapters() {
+    let t = tiny();
+    let m = Model::load(&t.gguf, ModelOptions::default()).unwrap();
+    let src = t.dir.path().join("peft-seed");
+    peft_adapter(&t, &src);
+    let a = m.load_adapter(&src).unwrap();
+    let gg = t.dir.path().join("seed-lora.gguf");
+    llama_core::lora::write_gguf_lora(&gg, &a, m.config()).unwrap();
+    let config = std::fs::read(src.join("adapter_config.json")).unwrap();
+    let st = std::fs::read(src.join("adapter_model.safetensors")).unwrap();
+    let header_len = 8 + u64::from_le_bytes(st[..8].try_into().unwrap()) as usize;
+    let (head, body) = st.split_at(header_len.min(st.len()));
+    let seeds = vec![config.clone(), head.to_vec(), std::fs::read(&gg).unwrap()];
+    let dir = t.dir.path().join("peft-fuzz");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = t.dir.path().join("fuzz-lora.gguf");
+    fuzz("lora", &seeds, Duration::from_secs(5), 6000, |input| {
+        // A GGUF LoRA file, or one of the PEFT folder's two files mutated, the other kept.
+        let loaded = if input.starts_with(b"GGUF") {
+            std::fs::write(&file, input).unwrap();
+            m.load_adapter(&file)
+        } else {
+            if input.first() == Some(&b'{') {
+                std::fs::write(dir.join("adapter_config.json"), input).unwrap();
+                std::fs::write(dir.join("adapter_model.safetensors"), &st).unwrap();
+            } else {
+                std::fs::write(dir.join("adapter_config.json"), &config).unwrap();
+                let mut f = input.to_vec();
+                f.extend_from_slice(body);
+                std::fs::write(dir.join("adapter_model.safetensors"), f).unwrap();
+            }
+            m.load_adapter(&dir)
+        };
+        if let Ok(a) = loaded {
+            let mut s = m.session(SessionOptions::default().n_ctx(16)).unwrap();
+            s.set_adapters(&[(a, 1.0)]).unwrap();
+            let _ = s.eval(&[1, 2, 3]);
+        }
+    });
+}
+
 #[test]
 fn fuzz_session_snapshots() {
     let t = tiny();
@@ -229,9 +301,17 @@ fn fuzz_session_snapshots() {
     let mut s = m.session(SessionOptions::default().n_ctx(32)).unwrap();
     s.eval(&[1, 2, 3, 4, 5]).unwrap();
     let seed = s.save_state(None).unwrap();
+    // A snapshot that records an adapter.
+    let src = t.dir.path().join("peft-snap");
+    peft_adapter(&t, &src);
+    let a = m.load_adapter(&src).unwrap();
+    let mut s2 = m.session(SessionOptions::default().n_ctx(32)).unwrap();
+    s2.set_adapters(&[(a, 0.5)]).unwrap();
+    s2.eval(&[1, 2, 3]).unwrap();
+    let seed2 = s2.save_state(None).unwrap();
     fuzz(
         "session-state",
-        &[seed],
+        &[seed, seed2],
         Duration::from_secs(2),
         200000,
         |input| {

@@ -1,6 +1,7 @@
 //! The native module `llama_core._native`: Python bindings of llama-core. The GIL is released
 //! during load, prompt processing and every decode step.
 
+mod adapter;
 mod errors;
 mod model;
 mod sampler;
@@ -19,6 +20,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
             .map_err(|e| pyo3::exceptions::PyRuntimeError::new_err(e.to_string()))
     });
     m.add_class::<model::Model>()?;
+    m.add_class::<adapter::Adapter>()?;
     m.add_class::<session::Session>()?;
     m.add_class::<session::TokenStream>()?;
     m.add_class::<sampler::Sampler>()?;

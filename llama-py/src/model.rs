@@ -226,6 +226,12 @@ impl Model {
     fn threads(&self) -> usize {
         self.inner.threads()
     }
+    /// Loads a LoRA adapter for this model: a Hugging Face PEFT folder (adapter_config.json +
+    /// adapter_model.safetensors) or a llama.cpp GGUF LoRA file.
+    fn load_adapter(&self, py: Python<'_>, path: PathBuf) -> PyResult<crate::adapter::Adapter> {
+        let inner = py.detach(|| self.inner.load_adapter(&path)).py_err()?;
+        Ok(crate::adapter::Adapter { inner })
+    }
     /// "gguf" or "safetensors".
     #[getter]
     fn format(&self) -> String {

@@ -303,6 +303,32 @@ impl Session {
         Ok(Session::wrap(self.model.clone_ref(py), f))
     }
 
+    /// Applies LoRA adapters, `[(adapter, scale), ...]`, to this session's evaluations from
+    /// now on, replacing the previous set (`[]`: the base model). Other sessions are untouched;
+    /// a scale of 0 is exactly the base model.
+    fn set_adapters(
+        &self,
+        py: Python<'_>,
+        adapters: Vec<(Py<crate::adapter::Adapter>, f32)>,
+    ) -> PyResult<()> {
+        let set: Vec<(llama_core::Adapter, f32)> = adapters
+            .iter()
+            .map(|(a, s)| (a.bind(py).get().inner.clone(), *s))
+            .collect();
+        self.with(py, |s| s.set_adapters(&set).py_err())
+    }
+
+    /// The adapters applied, `[(adapter, scale), ...]`.
+    #[getter]
+    fn adapters(&self, py: Python<'_>) -> PyResult<Vec<(crate::adapter::Adapter, f32)>> {
+        self.with(py, |s| {
+            Ok(s.adapters()
+                .iter()
+                .map(|(a, sc)| (crate::adapter::Adapter { inner: a.clone() }, *sc))
+                .collect())
+        })
+    }
+
     /// Rolls back to the first `n` tokens.
     fn truncate(&self, py: Python<'_>, n: usize) -> PyResult<()> {
         self.with(py, |s| {

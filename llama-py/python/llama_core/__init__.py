@@ -18,11 +18,12 @@ from ._errors import (
     SessionStateError,
     TokenizerError,
 )
-from ._native import Model, Sampler, Session, TokenStream, __version__
+from ._native import Adapter, Model, Sampler, Session, TokenStream, __version__
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
 __all__ = [
+    "Adapter",
     "ChatTemplateError",
     "ContextOverflowError",
     "GenerationCancelled",
