@@ -237,7 +237,11 @@ fn peft_adapter(t: &Tiny, dir: &Path) {
             ("self_attn.q_proj", s.heads * s.head_dim, s.hidden),
             ("mlp.down_proj", s.hidden, s.ff),
         ] {
-            let vals = |n: usize| (0..n).map(|i| ((i % 7) as f32 - 3.0) / 10.0).collect::<Vec<_>>();
+            let vals = |n: usize| {
+                (0..n)
+                    .map(|i| ((i % 7) as f32 - 3.0) / 10.0)
+                    .collect::<Vec<_>>()
+            };
             let p = format!("base_model.model.model.layers.{l}.{m}");
             map.insert(
                 format!("{p}.lora_A.weight"),

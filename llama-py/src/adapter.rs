@@ -25,7 +25,11 @@ impl Adapter {
     /// "down").
     #[getter]
     fn targets(&self) -> Vec<&'static str> {
-        self.inner.targets().into_iter().map(|t| t.as_str()).collect()
+        self.inner
+            .targets()
+            .into_iter()
+            .map(|t| t.as_str())
+            .collect()
     }
     /// How many projections it updates over all layers.
     #[getter]
