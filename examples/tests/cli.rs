@@ -301,3 +301,179 @@ fn kernel_and_threads_are_options() {
         "{err}"
     );
 }
+
+/// Greedy ids of `llama generate --json` with extra arguments.
+fn greedy_ids(m: &str, prompt: &str, extra: &[&str]) -> Vec<u64> {
+    let mut args = vec![
+        "generate",
+        "--model",
+        m,
+        "--prompt",
+        prompt,
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "16",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let (ok, out, err) = llama(&args);
+    assert!(ok, "{args:?}: {err}");
+    let j: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    j["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn lora_flags_merge_and_convert() {
+    use llama_core::gguf::{write_gguf, GgufTensor, Value};
+    let m = model();
+    let model = llama_core::Model::load(&m, llama_core::ModelOptions::default()).unwrap();
+    let c = model.config().clone();
+    let dir = std::env::temp_dir().join(format!("llama-cli-lora-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // A GGUF LoRA on Q and V of every layer, rank 4, values from a small formula.
+    let (h, q, kv, r) = (
+        c.hidden_size,
+        c.num_attention_heads * c.head_dim,
+        c.num_key_value_heads * c.head_dim,
+        4,
+    );
+    let vals = |n: usize, s: usize| -> Vec<u8> {
+        (0..n)
+            .flat_map(|i| (((i * 2654435761 + s) % 2001) as f32 / 4000.0 - 0.25).to_le_bytes())
+            .collect()
+    };
+    let mut tensors = vec![];
+    for l in 0..c.num_hidden_layers {
+        for (name, out) in [("attn_q", q), ("attn_v", kv)] {
+            tensors.push(GgufTensor {
+                name: format!("blk.{l}.{name}.weight.lora_a"),
+                shape: vec![r, h],
+                dtype: candle_core::quantized::GgmlDType::F32,
+                data: vals(r * h, l),
+            });
+            tensors.push(GgufTensor {
+                name: format!("blk.{l}.{name}.weight.lora_b"),
+                shape: vec![out, r],
+                dtype: candle_core::quantized::GgmlDType::F32,
+                data: vals(out * r, l + 7),
+            });
+        }
+    }
+    let meta = vec![
+        (
+            "general.architecture".to_string(),
+            Value::String("llama".into()),
+        ),
+        ("general.type".to_string(), Value::String("adapter".into())),
+        ("adapter.type".to_string(), Value::String("lora".into())),
+        ("adapter.lora.alpha".to_string(), Value::F32(8.0)),
+    ];
+    let lora = dir.join("lora.gguf");
+    write_gguf(&lora, &meta, &tensors).unwrap();
+    let lora_s = lora.to_str().unwrap();
+    let prompt = "The capital of France is";
+    let base = greedy_ids(&m, prompt, &[]);
+    let with = greedy_ids(&m, prompt, &["--lora", lora_s]);
+    assert_ne!(base, with, "the adapter changes the continuation");
+    // The library gives the same tokens with the same adapter.
+    let a = model.load_adapter(&lora).unwrap();
+    let mut s = model
+        .session(llama_core::SessionOptions::default())
+        .unwrap();
+    s.set_adapters(&[(a, 1.0)]).unwrap();
+    let ids = model.tokenize(prompt, true, true).unwrap();
+    let g = s
+        .generate(
+            &ids,
+            &mut llama_core::Sampler::greedy(),
+            llama_core::GenerateOptions::default().max_tokens(16),
+            |_| std::ops::ControlFlow::Continue(()),
+        )
+        .unwrap();
+    assert_eq!(with, g.tokens.iter().map(|&t| t as u64).collect::<Vec<_>>());
+    // Scale 0 is the base model.
+    assert_eq!(
+        greedy_ids(&m, prompt, &["--lora", &format!("{lora_s}:0")]),
+        base
+    );
+    // To PEFT and back through the CLI: the same tokens.
+    let peft = dir.join("peft");
+    let (ok, _, err) = llama(&["lora", "convert", "-m", &m, lora_s, peft.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(peft.join("adapter_config.json").is_file());
+    assert_eq!(
+        greedy_ids(&m, prompt, &["--lora", peft.to_str().unwrap()]),
+        with
+    );
+    let back = dir.join("back.gguf");
+    let (ok, _, err) = llama(&[
+        "lora",
+        "convert",
+        "-m",
+        &m,
+        peft.to_str().unwrap(),
+        back.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        greedy_ids(&m, prompt, &["--lora", back.to_str().unwrap()]),
+        with
+    );
+    // Merged into a GGUF file and into a Hugging Face folder: both load and run.
+    let merged = dir.join("merged.gguf");
+    let (ok, _, err) = llama(&[
+        "lora",
+        "merge",
+        "-m",
+        &m,
+        "--lora",
+        lora_s,
+        "-o",
+        merged.to_str().unwrap(),
+        "--type",
+        "q8_0",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(greedy_ids(merged.to_str().unwrap(), prompt, &[]).len(), 16);
+    let hf = dir.join("merged-hf");
+    let (ok, _, err) = llama(&[
+        "lora",
+        "merge",
+        "-m",
+        &m,
+        "--lora",
+        lora_s,
+        "-o",
+        hf.to_str().unwrap(),
+        "--hf",
+        "f16",
+    ]);
+    assert!(ok, "{err}");
+    assert!(hf.join("model.safetensors").is_file() && hf.join("config.json").is_file());
+    // bench and perplexity take --lora.
+    let (ok, out, err) = llama(&["bench", "-m", &m, "-r", "1", "--json", "--lora", lora_s]);
+    assert!(ok, "{err}");
+    let j: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(j["lora"][0], lora_s);
+    // A missing adapter is an error naming it, not a panic.
+    let (ok, _, err) = llama(&[
+        "generate",
+        "-m",
+        &m,
+        "-p",
+        "x",
+        "--lora",
+        "/no/such/adapter",
+    ]);
+    assert!(
+        !ok && err.contains("/no/such/adapter") && !err.contains("panicked"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -82,6 +82,30 @@ impl LoraMat {
         }
     }
 
+    /// `x . self[start + i * k..][..k]` for the four rows `i` (`k = x.len()`).
+    #[inline]
+    fn dot4(&self, start: usize, x: &[f32], simd: bool) -> [f32; 4] {
+        let k = x.len();
+        let span = start..start + 4 * k;
+        match self {
+            LoraMat::F32(v) => dot4(x, &v[span], simd),
+            LoraMat::F16(v) => dot4(x, &v[span], simd),
+            LoraMat::BF16(v) => dot4(x, &v[span], simd),
+        }
+    }
+
+    /// `out[c] += sum_j u[j] * self[start + j * w + c]` (`w = out.len()`, `j < u.len()`): one
+    /// panel of `B^T` into one column chunk.
+    #[inline]
+    fn panel(&self, start: usize, u: &[f32], out: &mut [f32], simd: bool) {
+        let span = start..start + u.len() * out.len();
+        match self {
+            LoraMat::F32(v) => panel(out, u, &v[span], simd),
+            LoraMat::F16(v) => panel(out, u, &v[span], simd),
+            LoraMat::BF16(v) => panel(out, u, &v[span], simd),
+        }
+    }
+
     /// `out += u * self[start..start + out.len()]`.
     #[inline]
     fn axpy(&self, start: usize, u: f32, out: &mut [f32], simd: bool) {
@@ -125,6 +149,99 @@ fn axpy<T: Elem>(out: &mut [f32], u: f32, w: &[T], simd: bool) {
     let _ = simd;
     for (o, b) in out.iter_mut().zip(w) {
         *o += u * b.f32();
+    }
+}
+
+/// Four rows of `w` (`[4, x.len()]`) dotted with `x`.
+#[inline]
+fn dot4<T: Elem>(x: &[f32], w: &[T], simd: bool) -> [f32; 4] {
+    let k = x.len();
+    #[cfg(target_arch = "x86_64")]
+    if simd && w.len() >= 4 * k {
+        // SAFETY: as in `dot`; `w` holds four rows of `k`.
+        return unsafe { dot4_avx2(x, w) };
+    }
+    std::array::from_fn(|i| dot(x, &w[i * k..(i + 1) * k], simd))
+}
+
+/// `out[c] += sum_j u[j] * p[j * w + c]`, `w = out.len()`.
+#[inline]
+fn panel<T: Elem>(out: &mut [f32], u: &[f32], p: &[T], simd: bool) {
+    let w = out.len();
+    #[cfg(target_arch = "x86_64")]
+    if simd && p.len() >= u.len() * w {
+        // SAFETY: as in `dot`; `p` holds `u.len()` rows of `w`.
+        return unsafe { panel_avx2(out, u, p) };
+    }
+    for (j, &uj) in u.iter().enumerate() {
+        axpy(out, uj, &p[j * w..(j + 1) * w], simd);
+    }
+}
+
+/// # Safety
+/// The CPU supports AVX2, FMA and F16C; `w` holds four rows of `x.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot4_avx2<T: Elem>(x: &[f32], w: &[T]) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    let k = x.len();
+    let (xp, wp) = (x.as_ptr(), w.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 8 <= k {
+        let xv = _mm256_loadu_ps(xp.add(i));
+        for (r, a) in acc.iter_mut().enumerate() {
+            *a = _mm256_fmadd_ps(xv, T::load8(wp.add(r * k + i)), *a);
+        }
+        i += 8;
+    }
+    let mut s = crate::kernels::simd::hsum4(acc);
+    while i < k {
+        for (r, sr) in s.iter_mut().enumerate() {
+            *sr += x[i] * w[r * k + i].f32();
+        }
+        i += 1;
+    }
+    s
+}
+
+/// # Safety
+/// The CPU supports AVX2, FMA and F16C; `p` holds `u.len()` rows of `out.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn panel_avx2<T: Elem>(out: &mut [f32], u: &[f32], p: &[T]) {
+    use std::arch::x86_64::*;
+    let w = out.len();
+    let (op, pp) = (out.as_mut_ptr(), p.as_ptr());
+    // Eight vectors of outputs stay in registers over every rank row.
+    let mut c = 0;
+    while c + 64 <= w {
+        let mut acc: [__m256; 8] = std::array::from_fn(|v| _mm256_loadu_ps(op.add(c + 8 * v)));
+        for (j, &uj) in u.iter().enumerate() {
+            let b = _mm256_set1_ps(uj);
+            let row = pp.add(j * w + c);
+            for (v, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(T::load8(row.add(8 * v)), b, *a);
+            }
+        }
+        for (v, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(op.add(c + 8 * v), *a);
+        }
+        c += 64;
+    }
+    while c + 8 <= w {
+        let mut a = _mm256_loadu_ps(op.add(c));
+        for (j, &uj) in u.iter().enumerate() {
+            a = _mm256_fmadd_ps(T::load8(pp.add(j * w + c)), _mm256_set1_ps(uj), a);
+        }
+        _mm256_storeu_ps(op.add(c), a);
+        c += 8;
+    }
+    while c < w {
+        for (j, &uj) in u.iter().enumerate() {
+            out[c] += uj * p[j * w + c].f32();
+        }
+        c += 1;
     }
 }
 
@@ -399,9 +516,16 @@ impl crate::kernels::Rider for RowUpdate<'_> {
         use std::sync::atomic::Ordering;
         let (pi, qi, j0, rows, off) = self.pre[i];
         let (up, f) = &self.parts[pi].ups[qi];
-        for j in j0..j0 + rows {
-            let v = f * up.a.dot(j * up.inp, self.x, self.simd);
-            self.u[off + (j - j0)].store(v.to_bits(), Ordering::Relaxed);
+        if rows == 4 {
+            let v = up.a.dot4(j0 * up.inp, self.x, self.simd);
+            for (i, v) in v.iter().enumerate() {
+                self.u[off + i].store((f * v).to_bits(), Ordering::Relaxed);
+            }
+        } else {
+            for j in j0..j0 + rows {
+                let v = f * up.a.dot(j * up.inp, self.x, self.simd);
+                self.u[off + (j - j0)].store(v.to_bits(), Ordering::Relaxed);
+            }
         }
         self.done.fetch_add(1, Ordering::Release);
     }
@@ -418,17 +542,20 @@ impl crate::kernels::Rider for RowUpdate<'_> {
         }
         let (pi, c0, w) = self.post[i];
         let p = &self.parts[pi];
-        let r_w = |r: usize, j: usize| c0 * r + j * w;
         // SAFETY: the post items are disjoint column ranges of the row (parts do not overlap,
         // and the chunks of one part do not), and nothing else touches `delta` during the call.
         let orow = unsafe { self.delta.slice(p.col + c0, w) };
         let mut off = self.starts[pi];
+        let mut u = [0f32; 64];
         for (up, _) in &p.ups {
-            for j in 0..up.rank {
-                let uj = f32::from_bits(self.u[off + j].load(Ordering::Relaxed));
-                if uj != 0.0 {
-                    up.bt.axpy(r_w(up.rank, j), uj, orow, self.simd);
+            // The panel of this chunk: rank rows of `w` columns from `c0 * rank`.
+            for base in (0..up.rank).step_by(u.len()) {
+                let n = (up.rank - base).min(u.len());
+                for (j, uj) in u[..n].iter_mut().enumerate() {
+                    *uj = f32::from_bits(self.u[off + base + j].load(Ordering::Relaxed));
                 }
+                up.bt
+                    .panel(c0 * up.rank + base * w, &u[..n], orow, self.simd);
             }
             off += up.rank;
         }
