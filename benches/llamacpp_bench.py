@@ -29,6 +29,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repetitions", type=int, default=3)
     ap.add_argument("--flash-attn", type=int, default=1)
+    ap.add_argument("--lora", default=None, help="a GGUF LoRA file applied at scale 1")
     args = ap.parse_args()
     import numpy as np
     import llama_cpp
@@ -36,7 +37,8 @@ def main():
     base = rss_now_mib()
     t0 = time.perf_counter()
     llm = llama_cpp.Llama(args.model, n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=args.threads,
-                          n_threads_batch=args.threads, flash_attn=bool(args.flash_attn), verbose=False)
+                          n_threads_batch=args.threads, flash_attn=bool(args.flash_attn), verbose=False,
+                          lora_path=args.lora)
     load_s = time.perf_counter() - t0
     toks = bench_tokens(512, llm.n_vocab())
     llm.reset()
@@ -76,6 +78,7 @@ def main():
         "model": args.model,
         "threads": args.threads,
         "flash_attn": bool(args.flash_attn),
+        "lora": args.lora,
         "repetitions": args.repetitions,
         "pp128_tps": pp128,
         "pp512_tps": pp512,
