@@ -57,6 +57,7 @@ mod session;
 #[cfg(test)]
 mod test_util;
 pub mod tokenizer;
+pub mod train;
 mod types;
 mod weights;
 

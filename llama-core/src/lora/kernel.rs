@@ -128,7 +128,7 @@ impl LoraMat {
 
 /// `x . w` in f32.
 #[inline]
-fn dot<T: Elem>(x: &[f32], w: &[T], simd: bool) -> f32 {
+pub(crate) fn dot<T: Elem>(x: &[f32], w: &[T], simd: bool) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if simd {
         // SAFETY: `simd` is set only where the CPU has AVX2, FMA and F16C.
@@ -154,7 +154,7 @@ fn axpy<T: Elem>(out: &mut [f32], u: f32, w: &[T], simd: bool) {
 
 /// Four rows of `w` (`[4, x.len()]`) dotted with `x`.
 #[inline]
-fn dot4<T: Elem>(x: &[f32], w: &[T], simd: bool) -> [f32; 4] {
+pub(crate) fn dot4<T: Elem>(x: &[f32], w: &[T], simd: bool) -> [f32; 4] {
     let k = x.len();
     #[cfg(target_arch = "x86_64")]
     if simd && w.len() >= 4 * k {
@@ -166,7 +166,7 @@ fn dot4<T: Elem>(x: &[f32], w: &[T], simd: bool) -> [f32; 4] {
 
 /// `out[c] += sum_j u[j] * p[j * w + c]`, `w = out.len()`.
 #[inline]
-fn panel<T: Elem>(out: &mut [f32], u: &[f32], p: &[T], simd: bool) {
+pub(crate) fn panel<T: Elem>(out: &mut [f32], u: &[f32], p: &[T], simd: bool) {
     let w = out.len();
     #[cfg(target_arch = "x86_64")]
     if simd && p.len() >= u.len() * w {

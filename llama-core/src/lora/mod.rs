@@ -7,7 +7,7 @@
 //! (Hugging Face's: a GGUF LoRA's Q/K `lora_b` rows are un-permuted as the base's are).
 
 mod gguf;
-mod kernel;
+pub(crate) mod kernel;
 mod peft;
 #[cfg(test)]
 mod tests;

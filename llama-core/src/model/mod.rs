@@ -3,7 +3,7 @@
 
 mod forward;
 mod load;
-mod rope;
+pub(crate) mod rope;
 mod stack;
 
 use std::ops::ControlFlow;
@@ -21,7 +21,7 @@ use crate::pool::Runtime;
 use crate::tokenizer::Tokenizer;
 pub use crate::types::QuantType;
 use crate::weights::{WeightSource, W};
-use rope::Rope;
+pub(crate) use rope::Rope;
 use stack::Stack;
 
 /// Progress of a model load, reported once per tensor.
@@ -122,6 +122,61 @@ struct Layer {
     /// Gate and up.
     gate_up: Stack,
     down: Linear,
+}
+
+/// What training reads of a model: every frozen weight, as references.
+pub(crate) struct TrainView<'a> {
+    pub(crate) config: &'a Config,
+    pub(crate) embed: &'a Linear,
+    pub(crate) lm_head: &'a Linear,
+    pub(crate) norm: Vec<f32>,
+    pub(crate) rope: &'a Rope,
+    pub(crate) layers: Vec<LayerView<'a>>,
+}
+
+/// One layer of a [`TrainView`]: norms as f32, projections with their output columns.
+pub(crate) struct LayerView<'a> {
+    pub(crate) attn_norm: Vec<f32>,
+    pub(crate) qkv: Vec<(&'a Linear, usize)>,
+    pub(crate) o: &'a Linear,
+    pub(crate) ffn_norm: Vec<f32>,
+    pub(crate) gate_up: Vec<(&'a Linear, usize)>,
+    pub(crate) down: &'a Linear,
+}
+
+impl Model {
+    pub(crate) fn train_view(&self) -> Result<TrainView<'_>> {
+        let m = &*self.inner;
+        let f32s = |t: &Tensor| -> Result<Vec<f32>> {
+            Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+        };
+        Ok(TrainView {
+            config: &m.config,
+            embed: &m.embed,
+            lm_head: &m.lm_head,
+            norm: f32s(&m.norm)?,
+            rope: &m.rope,
+            layers: m
+                .layers
+                .iter()
+                .map(|l| {
+                    Ok(LayerView {
+                        attn_norm: f32s(&l.attn_norm)?,
+                        qkv: l.qkv.parts(),
+                        o: &l.o,
+                        ffn_norm: f32s(&l.ffn_norm)?,
+                        gate_up: l.gate_up.parts(),
+                        down: &l.down,
+                    })
+                })
+                .collect::<Result<_>>()?,
+        })
+    }
+
+    /// The runtime (kernel settings and pool) of the model.
+    pub(crate) fn runtime(&self) -> Runtime {
+        self.inner.runtime
+    }
 }
 
 pub(crate) struct Inner {

@@ -128,6 +128,20 @@ impl Rope {
         (cos, sin)
     }
 
+    /// The transpose of [`Rope::apply`] (a rotation by the opposite angles): the gradient of
+    /// the rotated values back to the inputs.
+    pub(crate) fn apply_transposed(
+        &self,
+        x: &mut [f32],
+        rows: usize,
+        heads: usize,
+        row_stride: usize,
+        (cos, sin): (&[f32], &[f32]),
+    ) {
+        let neg: Vec<f32> = sin.iter().map(|s| -s).collect();
+        self.apply(x, rows, heads, row_stride, (cos, &neg));
+    }
+
     /// Rotates `rows` rows of `heads` heads (`x[i * row_stride + h * head_dim..]`) in place
     /// with the tables of [`Rope::tables`] (row `i` uses table row `i`): the pairs
     /// `(x[j], x[j + head_dim / 2])`, as candle's `rope` and llama.cpp's NeoX-ordered rope on

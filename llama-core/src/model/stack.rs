@@ -21,6 +21,23 @@ impl Stack {
         Ok(Stack { mats, widths })
     }
 
+    /// Each matrix with its first output column (one stacked matrix, or one per part).
+    pub(crate) fn parts(&self) -> Vec<(&Linear, usize)> {
+        if let [one] = self.mats.as_slice() {
+            return vec![(one, 0)];
+        }
+        let mut col = 0;
+        self.mats
+            .iter()
+            .zip(&self.widths)
+            .map(|(m, &n)| {
+                let c = col;
+                col += n;
+                (m, c)
+            })
+            .collect()
+    }
+
     /// All the parts' outputs side by side.
     pub(crate) fn width(&self) -> usize {
         self.widths.iter().sum()

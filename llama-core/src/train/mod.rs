@@ -1,0 +1,652 @@
+//! LoRA training on a frozen base of any weight type: a hand-written forward and backward pass
+//! of the Llama model in f32 over our own kernels and pool, with the LoRA matrices as the only
+//! trainable parameters (the base's weights get no gradient; the gradient flows through them,
+//! quantized included, to the inputs).
+//!
+//! The forward pass here is exact f32 arithmetic on the stored weight values in both directions
+//! (rows dequantized tile by tile), not the inference kernels' 8-bit activations, so a gradient
+//! is the gradient of the loss this pass computes (checked against central finite differences
+//! of an f64 forward pass in `tests/train.rs`).
+
+pub(crate) mod dense;
+
+use crate::error::{Error, Result};
+use crate::lora::{Adapter, AdapterFormat, Parsed, RawPair, Target};
+use crate::model::{LayerView, Model, TrainView};
+use dense::Heads;
+
+/// Which projections get LoRA matrices, their rank and alpha.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraConfig {
+    /// Rank `r`.
+    pub rank: usize,
+    /// `alpha`: the update is scaled by `alpha / r` (`alpha / sqrt(r)` with `rslora`).
+    pub alpha: f32,
+    /// Targets (default: all seven).
+    pub targets: Vec<Target>,
+    /// rsLoRA scaling.
+    pub rslora: bool,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        LoraConfig {
+            rank: 8,
+            alpha: 16.0,
+            targets: Target::ALL.to_vec(),
+            rslora: false,
+        }
+    }
+}
+
+impl LoraConfig {
+    /// The factor of the update.
+    pub fn scale(&self) -> f32 {
+        if self.rslora {
+            self.alpha / (self.rank as f32).sqrt()
+        } else {
+            self.alpha / self.rank as f32
+        }
+    }
+}
+
+/// One projection's trainable pair: `A` `[rank, inp]`, `B` `[out, rank]`, row-major f32.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pair {
+    /// `[rank, inp]`.
+    pub a: Vec<f32>,
+    /// `[out, rank]`.
+    pub b: Vec<f32>,
+}
+
+/// The trainable LoRA matrices of a model (or their gradients: the same shapes).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraParams {
+    /// The configuration.
+    pub config: LoraConfig,
+    /// `layers[l][target as usize]`.
+    pub layers: Vec<[Option<Pair>; 7]>,
+    /// `(out, inp)` of each target.
+    shapes: [(usize, usize); 7],
+}
+
+/// A small deterministic generator (xorshift64*), for initialization.
+pub(crate) struct Rng(pub(crate) u64);
+impl Rng {
+    pub(crate) fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    /// Uniform in [-1, 1).
+    pub(crate) fn uniform(&mut self) -> f32 {
+        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+}
+
+impl LoraParams {
+    /// Fresh matrices as PEFT initializes them: `A` uniform in `±1/sqrt(in)` (Kaiming-uniform
+    /// with `a = sqrt(5)`), `B` zero, so the adapter starts as the base model.
+    pub fn new(model: &Model, config: LoraConfig, seed: u64) -> Result<LoraParams> {
+        if config.rank == 0 || config.rank > 4096 {
+            return Err(Error::InvalidArgument(format!(
+                "LoRA rank {} (expected 1 to 4096)",
+                config.rank
+            )));
+        }
+        if !config.alpha.is_finite() {
+            return Err(Error::InvalidArgument("alpha must be finite".into()));
+        }
+        if config.targets.is_empty() {
+            return Err(Error::InvalidArgument("no LoRA targets".into()));
+        }
+        let c = model.config();
+        let shapes = Target::ALL.map(|t| t.shape(c));
+        let mut rng = Rng(seed ^ 0x9e37_79b9_7f4a_7c15);
+        let r = config.rank;
+        let layers = (0..c.num_hidden_layers)
+            .map(|_| {
+                Target::ALL.map(|t| {
+                    config.targets.contains(&t).then(|| {
+                        let (out, inp) = shapes[t as usize];
+                        let bound = 1.0 / (inp as f32).sqrt();
+                        Pair {
+                            a: (0..r * inp).map(|_| rng.uniform() * bound).collect(),
+                            b: vec![0.0; out * r],
+                        }
+                    })
+                })
+            })
+            .collect();
+        Ok(LoraParams {
+            config,
+            layers,
+            shapes,
+        })
+    }
+
+    /// The same shapes, all zero (gradients, optimizer moments).
+    pub fn zeros_like(&self) -> LoraParams {
+        let mut z = self.clone();
+        z.for_each_mut(|v| v.iter_mut().for_each(|x| *x = 0.0));
+        z
+    }
+
+    /// Every matrix, `A` then `B` of each pair in layer and target order.
+    pub fn for_each_mut(&mut self, mut f: impl FnMut(&mut [f32])) {
+        for l in &mut self.layers {
+            for p in l.iter_mut().flatten() {
+                f(&mut p.a);
+                f(&mut p.b);
+            }
+        }
+    }
+
+    /// Every matrix, as [`LoraParams::for_each_mut`].
+    pub fn for_each(&self, mut f: impl FnMut(&[f32])) {
+        for l in &self.layers {
+            for p in l.iter().flatten() {
+                f(&p.a);
+                f(&p.b);
+            }
+        }
+    }
+
+    /// Every matrix with the other's matching one (same shapes).
+    pub fn zip_mut(&mut self, other: &LoraParams, mut f: impl FnMut(&mut [f32], &[f32])) {
+        for (l, o) in self.layers.iter_mut().zip(&other.layers) {
+            for (p, q) in l.iter_mut().zip(o) {
+                if let (Some(p), Some(q)) = (p, q) {
+                    f(&mut p.a, &q.a);
+                    f(&mut p.b, &q.b);
+                }
+            }
+        }
+    }
+
+    /// Trainable values.
+    pub fn n_params(&self) -> usize {
+        let mut n = 0;
+        self.for_each(|v| n += v.len());
+        n
+    }
+
+    /// `(out, inp)` of target `t`.
+    pub fn shape(&self, t: Target) -> (usize, usize) {
+        self.shapes[t as usize]
+    }
+
+    /// An [`Adapter`] of `model` with these matrices (for `Session::set_adapters` and the
+    /// PEFT and GGUF writers); `name` is what it reports as its path.
+    pub fn to_adapter(&self, model: &Model, name: &str) -> Result<Adapter> {
+        let scale = self.config.scale();
+        let mut pairs = vec![];
+        for (l, layer) in self.layers.iter().enumerate() {
+            for t in Target::ALL {
+                if let Some(p) = &layer[t as usize] {
+                    pairs.push((
+                        l,
+                        t,
+                        RawPair {
+                            rank: self.config.rank,
+                            a: p.a.clone(),
+                            b: p.b.clone(),
+                            scale,
+                        },
+                    ));
+                }
+            }
+        }
+        let parsed = Parsed {
+            format: AdapterFormat::Peft,
+            pairs,
+            alpha: (!self.config.rslora).then_some(self.config.alpha),
+        };
+        let a = Adapter::from_parsed(model, std::path::Path::new(name), parsed)?;
+        model.register_adapter(&a);
+        Ok(a)
+    }
+}
+
+/// One layer's activations kept for the backward pass.
+struct Saved {
+    x: Vec<f32>,
+    hn: Vec<f32>,
+    r1: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    /// LoRA `x A^T` per target (Q, K, V, O, Gate, Up, Down).
+    u: [Vec<f32>; 7],
+    att: Vec<f32>,
+    lse: Vec<f32>,
+    x2: Vec<f32>,
+    hn2: Vec<f32>,
+    r2: Vec<f32>,
+    gu: Vec<f32>,
+    a: Vec<f32>,
+}
+
+/// What one sequence contributes: the summed loss over its scored positions, how many, and
+/// the gradient of the sum.
+#[derive(Debug, Clone)]
+pub struct SeqGrad {
+    /// Sum of `-log p(target)` over the scored positions.
+    pub loss_sum: f64,
+    /// Scored positions.
+    pub n_scored: usize,
+    /// d(loss_sum)/d(params).
+    pub grads: LoraParams,
+}
+
+/// `y[:, col..col + n] += s * u B^T` for `u` `[m, r]`, `B` `[n, r]`.
+fn lora_up(
+    u: &[f32],
+    b: &[f32],
+    s: f32,
+    m: usize,
+    r: usize,
+    y: &mut [f32],
+    (stride, col, n): (usize, usize, usize),
+) {
+    crate::pool::for_each_chunk_mut(y, stride, &|t, row| {
+        let ut = &u[t * r..(t + 1) * r];
+        for (o, yo) in row[col..col + n].iter_mut().enumerate() {
+            let bo = &b[o * r..(o + 1) * r];
+            *yo += s * ut.iter().zip(bo).map(|(a, b)| a * b).sum::<f32>();
+        }
+    });
+    let _ = m;
+}
+
+/// The backward pass of one LoRA update `y += s (x A^T) B^T` given `gy` (columns
+/// `col..col + n` of rows of `stride`): adds to `gx` and to the pair's gradients.
+#[allow(clippy::too_many_arguments)]
+fn lora_bwd(
+    p: &Pair,
+    g: &mut Pair,
+    s: f32,
+    x: &[f32],
+    u: &[f32],
+    gy: &[f32],
+    (stride, col, n): (usize, usize, usize),
+    m: usize,
+    gx: &mut [f32],
+) {
+    let r = p.a.len() / (x.len() / m.max(1)).max(1);
+    let k = x.len() / m.max(1);
+    // gB[o, j] += s sum_t gy[t, o] u[t, j]
+    crate::pool::for_each_chunk_mut(&mut g.b, r, &|o, gbo| {
+        for t in 0..m {
+            let gyo = gy[t * stride + col + o] * s;
+            if gyo != 0.0 {
+                for (gb, &ut) in gbo.iter_mut().zip(&u[t * r..(t + 1) * r]) {
+                    *gb += gyo * ut;
+                }
+            }
+        }
+    });
+    // gu[t, j] = s sum_o gy[t, o] B[o, j]
+    let mut gu = vec![0f32; m * r];
+    crate::pool::for_each_chunk_mut(&mut gu, r, &|t, gut| {
+        for o in 0..n {
+            let gyo = gy[t * stride + col + o] * s;
+            if gyo != 0.0 {
+                for (a, &bv) in gut.iter_mut().zip(&p.b[o * r..(o + 1) * r]) {
+                    *a += gyo * bv;
+                }
+            }
+        }
+    });
+    // gA[j, :] += sum_t gu[t, j] x[t, :]
+    crate::pool::for_each_chunk_mut(&mut g.a, k, &|j, gaj| {
+        for t in 0..m {
+            let w = gu[t * r + j];
+            if w != 0.0 {
+                for (a, &xv) in gaj.iter_mut().zip(&x[t * k..(t + 1) * k]) {
+                    *a += w * xv;
+                }
+            }
+        }
+    });
+    // gx[t, :] += sum_j gu[t, j] A[j, :]
+    let simd = crate::exec::current().isa != crate::exec::Isa::Scalar;
+    crate::pool::for_each_chunk_mut(gx, k, &|t, gxt| {
+        crate::lora::kernel::panel(gxt, &gu[t * r..(t + 1) * r], &p.a, simd)
+    });
+}
+
+impl Model {
+    /// The summed next-token loss of `tokens` over the positions `score` marks (`score[i]`:
+    /// whether predicting `tokens[i + 1]` from the tokens up to `i` counts; `len - 1` entries)
+    /// with the adapter `params`, and its gradient with respect to `params`. Exact f32 on the
+    /// stored weights; the base gets no gradient.
+    pub fn lora_loss_and_grads(
+        &self,
+        params: &LoraParams,
+        tokens: &[u32],
+        score: &[bool],
+    ) -> Result<SeqGrad> {
+        self.runtime().run(|| seq_grad(self, params, tokens, score))
+    }
+}
+
+fn check_inputs(model: &Model, params: &LoraParams, tokens: &[u32], score: &[bool]) -> Result<()> {
+    let c = model.config();
+    if tokens.len() < 2 {
+        return Err(Error::InvalidArgument(
+            "a training sequence needs at least 2 tokens".into(),
+        ));
+    }
+    if score.len() != tokens.len() - 1 {
+        return Err(Error::InvalidArgument(format!(
+            "{} loss flags for {} tokens (expected one per predicted token: {})",
+            score.len(),
+            tokens.len(),
+            tokens.len() - 1
+        )));
+    }
+    if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+        return Err(Error::InvalidArgument(format!(
+            "token id {bad} is outside the vocabulary"
+        )));
+    }
+    if params.layers.len() != c.num_hidden_layers
+        || Target::ALL.iter().any(|&t| params.shape(t) != t.shape(c))
+    {
+        return Err(Error::InvalidArgument(
+            "the LoRA parameters were made for another model".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn seq_grad(model: &Model, params: &LoraParams, tokens: &[u32], score: &[bool]) -> Result<SeqGrad> {
+    check_inputs(model, params, tokens, score)?;
+    let view = model.train_view()?;
+    let c = view.config;
+    let t = tokens.len();
+    let (h, hd, nh, nkv, ff) = c.dims();
+    let (qw, kw) = (nh * hd, nkv * hd);
+    let qkv_w = qw + 2 * kw;
+    let eps = c.rms_norm_eps as f32;
+    let s = params.config.scale();
+    let heads = Heads { t, nh, nkv, hd };
+    let scale = (1.0 / (hd as f64).sqrt()) as f32;
+    let (cos, sin) = view.rope.tables(0, t);
+    let mut x: Vec<f32> = view.embed.rows(tokens)?.flatten_all()?.to_vec1()?;
+    let mut saved: Vec<Saved> = Vec::with_capacity(c.num_hidden_layers);
+    for (li, l) in view.layers.iter().enumerate() {
+        let ps = &params.layers[li];
+        let mut hn = vec![0f32; t * h];
+        let r1 = dense::rms_norm(&x, &l.attn_norm, eps, &mut hn);
+        let mut qkv = vec![0f32; t * qkv_w];
+        for &(m, col) in &l.qkv {
+            dense::fwd(&**m, &hn, t, &mut qkv, (qkv_w, col));
+        }
+        let mut u: [Vec<f32>; 7] = Default::default();
+        for (tg, col, n) in [
+            (Target::Q, 0, qw),
+            (Target::K, qw, kw),
+            (Target::V, qw + kw, kw),
+        ] {
+            if let Some(p) = &ps[tg as usize] {
+                let r = params.config.rank;
+                u[tg as usize] = dense::lora_down(&hn, &p.a, t, r, h);
+                lora_up(&u[tg as usize], &p.b, s, t, r, &mut qkv, (qkv_w, col, n));
+            }
+        }
+        view.rope.apply(&mut qkv, t, nh, qkv_w, (&cos, &sin));
+        view.rope.apply(&mut qkv[qw..], t, nkv, qkv_w, (&cos, &sin));
+        let (mut q, mut k, mut v) = (vec![0f32; t * qw], vec![0f32; t * kw], vec![0f32; t * kw]);
+        for i in 0..t {
+            let row = &qkv[i * qkv_w..(i + 1) * qkv_w];
+            q[i * qw..(i + 1) * qw].copy_from_slice(&row[..qw]);
+            k[i * kw..(i + 1) * kw].copy_from_slice(&row[qw..qw + kw]);
+            v[i * kw..(i + 1) * kw].copy_from_slice(&row[qw + kw..]);
+        }
+        drop(qkv);
+        let mut att = vec![0f32; t * qw];
+        let lse = dense::attention(&q, &k, &v, heads, scale, &mut att);
+        let mut o = vec![0f32; t * h];
+        dense::fwd(&**l.o, &att, t, &mut o, (h, 0));
+        if let Some(p) = &ps[Target::O as usize] {
+            let r = params.config.rank;
+            u[Target::O as usize] = dense::lora_down(&att, &p.a, t, r, qw);
+            lora_up(&u[Target::O as usize], &p.b, s, t, r, &mut o, (h, 0, h));
+        }
+        let x2: Vec<f32> = x.iter().zip(&o).map(|(a, b)| a + b).collect();
+        let mut hn2 = vec![0f32; t * h];
+        let r2 = dense::rms_norm(&x2, &l.ffn_norm, eps, &mut hn2);
+        let mut gu = vec![0f32; t * 2 * ff];
+        for &(m, col) in &l.gate_up {
+            dense::fwd(&**m, &hn2, t, &mut gu, (2 * ff, col));
+        }
+        for (tg, col) in [(Target::Gate, 0), (Target::Up, ff)] {
+            if let Some(p) = &ps[tg as usize] {
+                let r = params.config.rank;
+                u[tg as usize] = dense::lora_down(&hn2, &p.a, t, r, h);
+                lora_up(&u[tg as usize], &p.b, s, t, r, &mut gu, (2 * ff, col, ff));
+            }
+        }
+        let mut a = vec![0f32; t * ff];
+        for i in 0..t {
+            let row = &gu[i * 2 * ff..(i + 1) * 2 * ff];
+            for j in 0..ff {
+                let g = row[j];
+                a[i * ff + j] = g * dense::sigmoid(g) * row[ff + j];
+            }
+        }
+        let mut d = vec![0f32; t * h];
+        dense::fwd(&**l.down, &a, t, &mut d, (h, 0));
+        if let Some(p) = &ps[Target::Down as usize] {
+            let r = params.config.rank;
+            u[Target::Down as usize] = dense::lora_down(&a, &p.a, t, r, ff);
+            lora_up(&u[Target::Down as usize], &p.b, s, t, r, &mut d, (h, 0, h));
+        }
+        let x3: Vec<f32> = x2.iter().zip(&d).map(|(a, b)| a + b).collect();
+        saved.push(Saved {
+            x,
+            hn,
+            r1,
+            q,
+            k,
+            v,
+            u,
+            att,
+            lse,
+            x2,
+            hn2,
+            r2,
+            gu,
+            a,
+        });
+        x = x3;
+    }
+    // Output norm, head and loss, over the scored positions only, in blocks of rows.
+    let mut hf = vec![0f32; t * h];
+    let rf = dense::rms_norm(&x, &view.norm, eps, &mut hf);
+    let vocab = c.vocab_size;
+    let rows: Vec<usize> = (0..t - 1).filter(|&i| score[i]).collect();
+    let mut g_hf = vec![0f32; t * h];
+    let mut loss_sum = 0f64;
+    const BLOCK: usize = 32;
+    for blk in rows.chunks(BLOCK) {
+        let m = blk.len();
+        let mut xb = vec![0f32; m * h];
+        for (bi, &i) in blk.iter().enumerate() {
+            xb[bi * h..(bi + 1) * h].copy_from_slice(&hf[i * h..(i + 1) * h]);
+        }
+        let mut logits = vec![0f32; m * vocab];
+        dense::fwd(&**view.lm_head, &xb, m, &mut logits, (vocab, 0));
+        for (bi, &i) in blk.iter().enumerate() {
+            let row = &mut logits[bi * vocab..(bi + 1) * vocab];
+            let mx = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let z: f64 = row.iter().map(|&v| ((v - mx) as f64).exp()).sum();
+            let target = tokens[i + 1] as usize;
+            loss_sum += mx as f64 + z.ln() - row[target] as f64;
+            // d loss / d logits = softmax - onehot.
+            for v in row.iter_mut() {
+                *v = (((*v - mx) as f64).exp() / z) as f32;
+            }
+            row[target] -= 1.0;
+        }
+        let mut gb = vec![0f32; m * h];
+        dense::bwd(&**view.lm_head, &logits, (vocab, 0), m, &mut gb);
+        for (bi, &i) in blk.iter().enumerate() {
+            g_hf[i * h..(i + 1) * h].copy_from_slice(&gb[bi * h..(bi + 1) * h]);
+        }
+    }
+    let mut gx = vec![0f32; t * h];
+    dense::rms_norm_bwd(&x, &view.norm, &rf, &g_hf, &mut gx);
+    let mut grads = params.zeros_like();
+    for li in (0..c.num_hidden_layers).rev() {
+        let sv = &saved[li];
+        let l: &LayerView<'_> = &view.layers[li];
+        gx = layer_bwd(&view, l, sv, params, &mut grads, li, gx, (&cos, &sin))?;
+    }
+    Ok(SeqGrad {
+        loss_sum,
+        n_scored: rows.len(),
+        grads,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn layer_bwd(
+    view: &TrainView<'_>,
+    l: &LayerView<'_>,
+    sv: &Saved,
+    params: &LoraParams,
+    grads: &mut LoraParams,
+    li: usize,
+    g3: Vec<f32>,
+    (cos, sin): (&[f32], &[f32]),
+) -> Result<Vec<f32>> {
+    let c = view.config;
+    let (h, hd, nh, nkv, ff) = c.dims();
+    let (qw, kw) = (nh * hd, nkv * hd);
+    let qkv_w = qw + 2 * kw;
+    let t = sv.x.len() / h;
+    let s = params.config.scale();
+    let ps = &params.layers[li];
+    let gs = &mut grads.layers[li];
+    // Down projection: d = a Wd^T (+ LoRA).
+    let mut ga = vec![0f32; t * ff];
+    dense::bwd(&**l.down, &g3, (h, 0), t, &mut ga);
+    if let (Some(p), Some(g)) = (&ps[Target::Down as usize], &mut gs[Target::Down as usize]) {
+        lora_bwd(
+            p,
+            g,
+            s,
+            &sv.a,
+            &sv.u[Target::Down as usize],
+            &g3,
+            (h, 0, h),
+            t,
+            &mut ga,
+        );
+    }
+    // SwiGLU: a = silu(gate) * up.
+    let mut ggu = vec![0f32; t * 2 * ff];
+    for i in 0..t {
+        let row = &sv.gu[i * 2 * ff..(i + 1) * 2 * ff];
+        for j in 0..ff {
+            let (g, up) = (row[j], row[ff + j]);
+            let sg = dense::sigmoid(g);
+            let gaij = ga[i * ff + j];
+            ggu[i * 2 * ff + j] = gaij * up * sg * (1.0 + g * (1.0 - sg));
+            ggu[i * 2 * ff + ff + j] = gaij * g * sg;
+        }
+    }
+    drop(ga);
+    let mut ghn2 = vec![0f32; t * h];
+    for &(m, col) in &l.gate_up {
+        dense::bwd(&**m, &ggu, (2 * ff, col), t, &mut ghn2);
+    }
+    for (tg, col) in [(Target::Gate, 0), (Target::Up, ff)] {
+        if let (Some(p), Some(g)) = (&ps[tg as usize], &mut gs[tg as usize]) {
+            lora_bwd(
+                p,
+                g,
+                s,
+                &sv.hn2,
+                &sv.u[tg as usize],
+                &ggu,
+                (2 * ff, col, ff),
+                t,
+                &mut ghn2,
+            );
+        }
+    }
+    drop(ggu);
+    let mut g2 = g3;
+    dense::rms_norm_bwd(&sv.x2, &l.ffn_norm, &sv.r2, &ghn2, &mut g2);
+    // Output projection: o = att Wo^T (+ LoRA).
+    let mut gatt = vec![0f32; t * qw];
+    dense::bwd(&**l.o, &g2, (h, 0), t, &mut gatt);
+    if let (Some(p), Some(g)) = (&ps[Target::O as usize], &mut gs[Target::O as usize]) {
+        lora_bwd(
+            p,
+            g,
+            s,
+            &sv.att,
+            &sv.u[Target::O as usize],
+            &g2,
+            (h, 0, h),
+            t,
+            &mut gatt,
+        );
+    }
+    // Attention, then RoPE (a rotation: its transpose).
+    let (mut gq, mut gk, mut gv) = (vec![0f32; t * qw], vec![0f32; t * kw], vec![0f32; t * kw]);
+    let heads = Heads { t, nh, nkv, hd };
+    let scale = (1.0 / (hd as f64).sqrt()) as f32;
+    dense::attention_bwd(
+        &sv.q,
+        &sv.k,
+        &sv.v,
+        &sv.att,
+        &sv.lse,
+        &gatt,
+        heads,
+        scale,
+        (&mut gq, &mut gk, &mut gv),
+    );
+    view.rope.apply_transposed(&mut gq, t, nh, qw, (cos, sin));
+    view.rope.apply_transposed(&mut gk, t, nkv, kw, (cos, sin));
+    let mut gqkv = vec![0f32; t * qkv_w];
+    for i in 0..t {
+        let row = &mut gqkv[i * qkv_w..(i + 1) * qkv_w];
+        row[..qw].copy_from_slice(&gq[i * qw..(i + 1) * qw]);
+        row[qw..qw + kw].copy_from_slice(&gk[i * kw..(i + 1) * kw]);
+        row[qw + kw..].copy_from_slice(&gv[i * kw..(i + 1) * kw]);
+    }
+    let mut ghn = vec![0f32; t * h];
+    for &(m, col) in &l.qkv {
+        dense::bwd(&**m, &gqkv, (qkv_w, col), t, &mut ghn);
+    }
+    for (tg, col, n) in [
+        (Target::Q, 0, qw),
+        (Target::K, qw, kw),
+        (Target::V, qw + kw, kw),
+    ] {
+        if let (Some(p), Some(g)) = (&ps[tg as usize], &mut gs[tg as usize]) {
+            lora_bwd(
+                p,
+                g,
+                s,
+                &sv.hn,
+                &sv.u[tg as usize],
+                &gqkv,
+                (qkv_w, col, n),
+                t,
+                &mut ghn,
+            );
+        }
+    }
+    let mut g1 = g2;
+    dense::rms_norm_bwd(&sv.x, &l.attn_norm, &sv.r1, &ghn, &mut g1);
+    Ok(g1)
+}

@@ -1,0 +1,342 @@
+//! LoRA training: every gradient of the training pass against central finite differences of an
+//! independent f64 forward pass of the loss, on tiny models in both formats and on a quantized
+//! base (its dequantized weights in the reference).
+
+mod common;
+
+use std::collections::HashMap;
+
+use candle_core::quantized::GgmlDType;
+use candle_core::Device;
+use common::tiny::{build, inv_freq, Spec, Tiny};
+use llama_core::train::{LoraConfig, LoraParams};
+use llama_core::{Model, Target};
+
+type Weights = HashMap<String, (Vec<usize>, Vec<f32>)>;
+
+const MODULES: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
+/// LoRA values in f64: `[layer][target] -> (A [r, in], B [out, r])`.
+type Lora64 = Vec<Vec<Option<(Vec<f64>, Vec<f64>)>>>;
+
+fn to64(p: &LoraParams) -> Lora64 {
+    p.layers
+        .iter()
+        .map(|l| {
+            l.iter()
+                .map(|p| {
+                    p.as_ref().map(|p| {
+                        (
+                            p.a.iter().map(|&v| v as f64).collect(),
+                            p.b.iter().map(|&v| v as f64).collect(),
+                        )
+                    })
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn matvec(w: &(Vec<usize>, Vec<f32>), x: &[f64]) -> Vec<f64> {
+    let (rows, cols) = (w.0[0], w.0[1]);
+    (0..rows)
+        .map(|r| (0..cols).map(|c| w.1[r * cols + c] as f64 * x[c]).sum())
+        .collect()
+}
+
+fn rms(x: &[f64], g: &(Vec<usize>, Vec<f32>), eps: f64) -> Vec<f64> {
+    let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
+    let s = 1.0 / (ms + eps).sqrt();
+    x.iter().zip(&g.1).map(|(v, g)| v * s * *g as f64).collect()
+}
+
+/// `W x + s B (A x)`.
+fn proj(
+    w: &(Vec<usize>, Vec<f32>),
+    lora: &Option<(Vec<f64>, Vec<f64>)>,
+    s: f64,
+    r: usize,
+    x: &[f64],
+) -> Vec<f64> {
+    let mut y = matvec(w, x);
+    if let Some((a, b)) = lora {
+        let k = x.len();
+        let u: Vec<f64> = (0..r)
+            .map(|j| (0..k).map(|i| a[j * k + i] * x[i]).sum())
+            .collect();
+        for (o, yo) in y.iter_mut().enumerate() {
+            *yo += s * (0..r).map(|j| b[o * r + j] * u[j]).sum::<f64>();
+        }
+    }
+    y
+}
+
+/// The summed next-token loss over the scored positions, in f64, with LoRA.
+#[allow(clippy::needless_range_loop)]
+fn loss64(
+    spec: &Spec,
+    w: &Weights,
+    lora: &Lora64,
+    s: f64,
+    r: usize,
+    tokens: &[u32],
+    score: &[bool],
+) -> f64 {
+    let (h, hd, nh, nkv) = (spec.hidden, spec.head_dim, spec.heads, spec.kv_heads);
+    let inv = inv_freq(spec, tokens.len());
+    let emb = &w["model.embed_tokens.weight"];
+    let mut xs: Vec<Vec<f64>> = tokens
+        .iter()
+        .map(|&id| {
+            emb.1[id as usize * h..(id as usize + 1) * h]
+                .iter()
+                .map(|&v| v as f64)
+                .collect()
+        })
+        .collect();
+    let rope = |v: &mut [f64], pos: usize| {
+        for i in 0..hd / 2 {
+            let a = pos as f64 * inv[i];
+            let (c, sn) = (a.cos(), a.sin());
+            let (x0, x1) = (v[i], v[i + hd / 2]);
+            v[i] = x0 * c - x1 * sn;
+            v[i + hd / 2] = x1 * c + x0 * sn;
+        }
+    };
+    for l in 0..spec.layers {
+        let p = format!("model.layers.{l}");
+        let wt = |m: &str| &w[&format!("{p}.{m}.weight")];
+        let (mut qs, mut ks, mut vs) = (vec![], vec![], vec![]);
+        for (pos, x) in xs.iter().enumerate() {
+            let n = rms(x, &w[&format!("{p}.input_layernorm.weight")], spec.eps);
+            let mut q = proj(wt(MODULES[0]), &lora[l][0], s, r, &n);
+            let mut k = proj(wt(MODULES[1]), &lora[l][1], s, r, &n);
+            for hh in 0..nh {
+                rope(&mut q[hh * hd..(hh + 1) * hd], pos);
+            }
+            for hh in 0..nkv {
+                rope(&mut k[hh * hd..(hh + 1) * hd], pos);
+            }
+            qs.push(q);
+            ks.push(k);
+            vs.push(proj(wt(MODULES[2]), &lora[l][2], s, r, &n));
+        }
+        for i in 0..xs.len() {
+            let mut att = vec![0f64; nh * hd];
+            for hh in 0..nh {
+                let g = hh / (nh / nkv);
+                let q = &qs[i][hh * hd..(hh + 1) * hd];
+                let sc: Vec<f64> = (0..=i)
+                    .map(|j| {
+                        q.iter()
+                            .zip(&ks[j][g * hd..(g + 1) * hd])
+                            .map(|(a, b)| a * b)
+                            .sum::<f64>()
+                            / (hd as f64).sqrt()
+                    })
+                    .collect();
+                let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = sc.iter().map(|v| (v - m).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for (j, ej) in e.iter().enumerate() {
+                    for d in 0..hd {
+                        att[hh * hd + d] += ej / z * vs[j][g * hd + d];
+                    }
+                }
+            }
+            let o = proj(wt(MODULES[3]), &lora[l][3], s, r, &att);
+            for (a, b) in xs[i].iter_mut().zip(o) {
+                *a += b;
+            }
+            let n = rms(
+                &xs[i],
+                &w[&format!("{p}.post_attention_layernorm.weight")],
+                spec.eps,
+            );
+            let g = proj(wt(MODULES[4]), &lora[l][4], s, r, &n);
+            let u = proj(wt(MODULES[5]), &lora[l][5], s, r, &n);
+            let act: Vec<f64> = g
+                .iter()
+                .zip(&u)
+                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                .collect();
+            let d = proj(wt(MODULES[6]), &lora[l][6], s, r, &act);
+            for (a, b) in xs[i].iter_mut().zip(d) {
+                *a += b;
+            }
+        }
+    }
+    let head = if spec.tie {
+        &w["model.embed_tokens.weight"]
+    } else {
+        &w["lm_head.weight"]
+    };
+    let mut loss = 0.0;
+    for (i, x) in xs.iter().enumerate().take(tokens.len() - 1) {
+        if !score[i] {
+            continue;
+        }
+        let logits = matvec(head, &rms(x, &w["model.norm.weight"], spec.eps));
+        let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let z: f64 = logits.iter().map(|v| (v - m).exp()).sum();
+        loss += m + z.ln() - logits[tokens[i + 1] as usize];
+    }
+    loss
+}
+
+/// Random LoRA values (B non-zero, or every gradient of A would be zero).
+fn random_params(m: &Model, rank: usize, seed: u64) -> LoraParams {
+    let cfg = LoraConfig {
+        rank,
+        alpha: 3.0,
+        targets: Target::ALL.to_vec(),
+        rslora: false,
+    };
+    let mut p = LoraParams::new(m, cfg, seed).unwrap();
+    let mut st = seed.wrapping_mul(6364136223846793005) | 1;
+    p.for_each_mut(|v| {
+        for x in v.iter_mut() {
+            st = st
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            *x = ((st >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.6;
+        }
+    });
+    p
+}
+
+/// Checks every gradient of the training pass on `m` against central differences of the f64
+/// loss over weights `w` (HF names and order).
+fn check(name: &str, t: &Tiny, m: &Model, w: &Weights) {
+    let tokens: Vec<u32> = vec![5, 40, 77, 100, 3, 250, 17, 64, 9, 120];
+    // The loss on the second half only, as a completion mask would.
+    let score: Vec<bool> = (0..tokens.len() - 1).map(|i| i >= 3).collect();
+    let p = random_params(m, 2, 11);
+    let (s, r) = (p.config.scale() as f64, p.config.rank);
+    let g = m.lora_loss_and_grads(&p, &tokens, &score).unwrap();
+    let base = to64(&p);
+    let l0 = loss64(&t.spec, w, &base, s, r, &tokens, &score);
+    println!("{name}: loss {} vs f64 {l0}", g.loss_sum);
+    assert!(
+        ((g.loss_sum - l0) / l0).abs() < 1e-5,
+        "{name}: loss {} vs f64 {l0}",
+        g.loss_sum
+    );
+    assert_eq!(g.n_scored, 6);
+    // Small enough that the third-order term of the central difference stays far below the
+    // tolerance (the loss is f64, so rounding is ~1e-13 of it).
+    let eps = 1e-4;
+    let (mut worst, mut n) = (0f64, 0usize);
+    let mut analytic = vec![];
+    g.grads
+        .for_each(|v| analytic.extend(v.iter().map(|&x| x as f64)));
+    let mut fds = vec![];
+    for l in 0..base.len() {
+        for ti in 0..7 {
+            for which in 0..2 {
+                let len =
+                    base[l][ti]
+                        .as_ref()
+                        .map_or(0, |(a, b)| if which == 0 { a.len() } else { b.len() });
+                for i in 0..len {
+                    let mut plus = base.clone();
+                    let mut minus = base.clone();
+                    {
+                        let (a, b) = plus[l][ti].as_mut().unwrap();
+                        if which == 0 {
+                            a[i] += eps
+                        } else {
+                            b[i] += eps
+                        }
+                        let (a, b) = minus[l][ti].as_mut().unwrap();
+                        if which == 0 {
+                            a[i] -= eps
+                        } else {
+                            b[i] -= eps
+                        }
+                    }
+                    let fd = (loss64(&t.spec, w, &plus, s, r, &tokens, &score)
+                        - loss64(&t.spec, w, &minus, s, r, &tokens, &score))
+                        / (2.0 * eps);
+                    fds.push(fd);
+                }
+            }
+        }
+    }
+    assert_eq!(fds.len(), analytic.len());
+    let big = fds.iter().fold(0f64, |m, v| m.max(v.abs()));
+    let mut worst_at = (0usize, 0f64, 0f64);
+    for (i, (a, fd)) in analytic.iter().zip(&fds).enumerate() {
+        // Relative to the difference itself, or for the smallest gradients (where f32 rounding
+        // of large cancelling terms dominates) to 1% of the largest.
+        let e = (a - fd).abs() / fd.abs().max(1e-2 * big);
+        if e > worst {
+            worst_at = (i, *a, *fd);
+        }
+        worst = worst.max(e);
+        n += 1;
+    }
+    println!(
+        "{name}: {n} gradients, largest relative error {worst:.2e} at #{} (analytic {:.6}, central difference {:.6}; largest gradient {big:.3})",
+        worst_at.0, worst_at.1, worst_at.2
+    );
+    assert!(worst < 1e-3, "{name}: relative error {worst}");
+}
+
+fn weights_from_hf(dir: &std::path::Path) -> Weights {
+    let map = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    map.into_iter()
+        .map(|(k, v)| {
+            let shape = v.dims().to_vec();
+            let vals = v
+                .to_dtype(candle_core::DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            (k, (shape, vals))
+        })
+        .collect()
+}
+
+#[test]
+fn lora_gradients_match_finite_differences() {
+    let t = build(Spec::default());
+    let hf = Model::load(&t.hf, common::options()).unwrap();
+    check("hf f32", &t, &hf, &t.weights);
+    let gg = Model::load(&t.gguf, common::options()).unwrap();
+    check("gguf f32", &t, &gg, &t.weights);
+}
+
+#[test]
+fn lora_gradients_through_a_quantized_base() {
+    // Inner widths of 64 fit the 32-value blocks; the reference runs the dequantized weights.
+    let t = build(Spec::default());
+    let g = llama_core::gguf::GgufFile::open(&t.gguf).unwrap();
+    let meta = common::tiny::metadata(&g);
+    for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0] {
+        let tensors: Vec<_> = g
+            .tensor_order
+            .iter()
+            .map(|name| common::tiny::stored_as(&g, name, dtype).0)
+            .collect();
+        let p = t.dir.path().join(format!("{dtype:?}.gguf"));
+        llama_core::convert::write_gguf(&p, &meta, &tensors).unwrap();
+        let out = t.dir.path().join(format!("{dtype:?}-hf"));
+        llama_core::convert::gguf_to_hf(&p, &out, llama_core::convert::DenseType::F32, |_, _| {})
+            .unwrap();
+        let w = weights_from_hf(&out);
+        let m = Model::load(&p, common::options()).unwrap();
+        assert_eq!(m.weight_type(), format!("{dtype:?}"));
+        check(&format!("{dtype:?}"), &t, &m, &w);
+    }
+}
