@@ -2,6 +2,7 @@
 
 mod bench;
 mod default_model;
+mod finetune;
 mod lora;
 
 use std::io::{BufRead, Read, Write};
@@ -61,6 +62,8 @@ enum Cmd {
     Perplexity(PerplexityArgs),
     /// Measure prompt and decode speed, time to first token, load time and peak memory.
     Bench(bench::BenchArgs),
+    /// Train a LoRA adapter (QLoRA on quantized bases) on JSONL data.
+    Finetune(finetune::FinetuneArgs),
     /// LoRA adapters: merge them into a model, or convert between PEFT and GGUF LoRA.
     #[command(subcommand)]
     Lora(lora::LoraCmd),
@@ -291,6 +294,7 @@ fn run(cli: Cli) -> AnyResult<()> {
         Cmd::Perplexity(a) => perplexity(a),
         Cmd::Bench(a) => bench::run(a, model_options(), default_model::path),
         Cmd::Lora(c) => lora::run(c, cli.threads),
+        Cmd::Finetune(a) => finetune::run(a),
         Cmd::FetchModel => {
             println!("{}", default_model::path()?.display());
             Ok(())

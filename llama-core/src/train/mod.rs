@@ -8,7 +8,12 @@
 //! is the gradient of the loss this pass computes (checked against central finite differences
 //! of an f64 forward pass in `tests/train.rs`).
 
+pub mod data;
 pub(crate) mod dense;
+mod trainer;
+
+pub use data::{load_jsonl, Example};
+pub use trainer::{EvalReport, StepReport, TrainOptions, Trainer};
 
 use crate::error::{Error, Result};
 use crate::lora::{Adapter, AdapterFormat, Parsed, RawPair, Target};
