@@ -88,7 +88,7 @@ impl TrainOptions {
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return bad(format!("learning rate {} must be positive", self.lr));
         }
-        if !(self.clip.is_finite() && self.clip >= 0.0) || !self.weight_decay.is_finite() {
+        if !(self.clip.is_finite() && self.clip >= 0.0 && self.weight_decay.is_finite()) {
             return bad("clip and weight_decay must be finite".into());
         }
         Ok(())
@@ -479,8 +479,7 @@ impl Trainer {
         t.step = u("step")?;
         t.epoch = u("epoch")?;
         t.pos = u("pos")?;
-        if t.step > t.total_steps() || t.pos > t.train.len() || t.epoch >= t.opts.epochs.max(1) + 1
-        {
+        if t.step > t.total_steps() || t.pos > t.train.len() || t.epoch > t.opts.epochs.max(1) {
             return Err(bad("step, epoch or position out of range"));
         }
         t.order = order(t.train.len(), t.opts.seed, t.epoch);
