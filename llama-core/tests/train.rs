@@ -340,3 +340,166 @@ fn lora_gradients_through_a_quantized_base() {
         check(&format!("{dtype:?}"), &t, &m, &w);
     }
 }
+
+fn write(dir: &std::path::Path, name: &str, lines: &[String]) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, lines.join("\n")).unwrap();
+    p
+}
+
+fn tiny_data(n: usize) -> Vec<String> {
+    // The tiny vocabulary knows bytes and a few words: a fixed completion per prompt.
+    (0..n)
+        .map(|i| {
+            serde_json::json!({"prompt": format!("hello {i}"), "completion": format!(" world {}", i % 3)})
+                .to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn training_lowers_the_loss_and_resumes_exactly() {
+    use llama_core::train::{load_jsonl, TrainOptions, Trainer};
+    let t = build(Spec::default());
+    let m = Model::load(&t.gguf, common::options()).unwrap();
+    let data = write(t.dir.path(), "train.jsonl", &tiny_data(12));
+    let train = load_jsonl(&m, &data, 64).unwrap();
+    assert_eq!(train.len(), 12);
+    // The prompt is not scored, the completion and EOS are.
+    let ex = &train[0];
+    assert!(!ex.score[0] && *ex.score.last().unwrap());
+    let opts = TrainOptions::default()
+        .lr(5e-3)
+        .epochs(3)
+        .batch(2)
+        .grad_accum(2)
+        .warmup(2)
+        .seed(7);
+    let mut full = Trainer::new(&m, train.clone(), opts.clone()).unwrap();
+    assert_eq!(full.total_steps(), 9);
+    let before = full.evaluate(&train).unwrap().loss;
+    let mut reports = vec![];
+    while let Some(r) = full.step().unwrap() {
+        reports.push(r);
+    }
+    let after = full.evaluate(&train).unwrap().loss;
+    println!("tiny training: loss {before:.4} -> {after:.4}");
+    assert!(after < 0.7 * before, "{before} -> {after}");
+    assert!(reports[0].lr < reports[1].lr, "warmup");
+    assert!(reports.last().unwrap().lr < reports[2].lr, "cosine decay");
+    // Interrupted after 4 steps, checkpointed, resumed in a new trainer: the same matrices.
+    let mut a = Trainer::new(&m, train.clone(), opts.clone()).unwrap();
+    for _ in 0..4 {
+        a.step().unwrap();
+    }
+    let ck = t.dir.path().join("ckpt");
+    a.save_checkpoint(&ck).unwrap();
+    drop(a);
+    let mut b = Trainer::resume(&m, train.clone(), &ck).unwrap();
+    assert_eq!(b.step_count(), 4);
+    while b.step().unwrap().is_some() {}
+    assert_eq!(
+        b.params(),
+        full.params(),
+        "resume equals the uninterrupted run"
+    );
+    // The same seed gives the same run; another seed another one.
+    let mut c = Trainer::new(&m, train.clone(), opts.clone().seed(8)).unwrap();
+    while c.step().unwrap().is_some() {}
+    assert_ne!(c.params(), full.params());
+    // A checkpoint of another model or another data size is refused.
+    let other = build(Spec {
+        layers: 3,
+        ..Spec::default()
+    });
+    let mo = Model::load(&other.gguf, common::options()).unwrap();
+    let e = Trainer::resume(&mo, load_jsonl(&mo, &data, 64).unwrap(), &ck)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("another model"), "{e}");
+    let e = Trainer::resume(&m, train[..5].to_vec(), &ck)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("training set"), "{e}");
+    // Cancellation stops a step and leaves the trainer as it was.
+    let mut d = Trainer::new(&m, train.clone(), opts.clone()).unwrap();
+    d.cancel_flag()
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(matches!(d.step(), Err(llama_core::Error::Cancelled)));
+    assert_eq!(d.step_count(), 0);
+    assert!(d.step().unwrap().is_some());
+    // The trained adapter runs in a session and changes the output.
+    let a = full.params().to_adapter(&m, "trained").unwrap();
+    let mut s = m.session(llama_core::SessionOptions::default()).unwrap();
+    s.eval(&ex.tokens).unwrap();
+    let base = s.logits().unwrap().to_vec();
+    let mut s2 = m.session(llama_core::SessionOptions::default()).unwrap();
+    s2.set_adapters(&[(a, 1.0)]).unwrap();
+    s2.eval(&ex.tokens).unwrap();
+    assert_ne!(s2.logits().unwrap(), &base[..]);
+}
+
+#[test]
+fn bad_training_data_names_the_line() {
+    use llama_core::train::load_jsonl;
+    let t = build(Spec::default());
+    let m = Model::load(&t.gguf, common::options()).unwrap();
+    let d = t.dir.path();
+    let ok = tiny_data(1)[0].clone();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec![ok.clone(), "{not json".into()], ":2: not valid JSON"),
+        (
+            vec![ok.clone(), "[1, 2]".into()],
+            ":2: each line must be a JSON object",
+        ),
+        (
+            vec![r#"{"prompt": "a"}"#.into()],
+            ":1: `completion` must be a string",
+        ),
+        (vec![r#"{"foo": "a"}"#.into()], ":1: expected"),
+        (
+            vec![
+                ok.clone(),
+                "".into(),
+                format!(r#"{{"text": "{}"}}"#, "hello ".repeat(40)),
+            ],
+            ":3:",
+        ),
+        (
+            vec![r#"{"messages": [{"role": "user", "content": "hi"}]}"#.into()],
+            "assistant",
+        ),
+        (
+            vec![r#"{"messages": [{"role": "user"}]}"#.into()],
+            "`role` and `content`",
+        ),
+        (vec!["".into(), "   ".into()], "holds no examples"),
+    ];
+    for (i, (lines, want)) in cases.iter().enumerate() {
+        let p = write(d, &format!("bad{i}.jsonl"), lines);
+        let e = load_jsonl(&m, &p, 32).unwrap_err().to_string();
+        assert!(e.contains(want), "case {i}: {e}");
+    }
+    // An empty completion still teaches the end of the answer (EOS is scored).
+    let p = write(
+        d,
+        "empty.jsonl",
+        &[r#"{"prompt": "a", "completion": ""}"#.into()],
+    );
+    assert_eq!(load_jsonl(&m, &p, 32).unwrap()[0].n_scored(), 1);
+    std::fs::write(d.join("utf8.jsonl"), b"{\"text\": \"ok\"}\n\xff\xfe\n").unwrap();
+    let e = load_jsonl(&m, &d.join("utf8.jsonl"), 32)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(":2: not valid UTF-8"), "{e}");
+    assert!(load_jsonl(&m, &d.join("missing.jsonl"), 32).is_err());
+    // A conversation: only the assistant turns are scored.
+    let conv = r#"{"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}]}"#;
+    let p = write(d, "conv.jsonl", &[conv.into()]);
+    let ex = &load_jsonl(&m, &p, 64).unwrap()[0];
+    let n = ex.n_scored();
+    assert!(n > 0 && n < ex.score.len(), "{n} of {}", ex.score.len());
+    assert!(!ex.score[0]);
+}
