@@ -18,6 +18,27 @@ pub struct FinetuneArgs {
     /// The base model (a .gguf file of any type, quantized included, or a Hugging Face folder).
     #[arg(short, long)]
     model: PathBuf,
+    #[command(flatten)]
+    train: TrainArgs,
+}
+
+#[derive(Args)]
+pub struct DistillArgs {
+    /// The teacher model (same vocabulary as the student).
+    #[arg(long)]
+    teacher: PathBuf,
+    /// The student model the LoRA adapter is trained on.
+    #[arg(long)]
+    student: PathBuf,
+    /// How many of the teacher's most likely tokens each position matches.
+    #[arg(long, default_value_t = 32)]
+    top_k: usize,
+    #[command(flatten)]
+    train: TrainArgs,
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
     /// Training data: JSONL of {"text"}, {"prompt", "completion"} or {"messages"}.
     #[arg(long)]
     data: PathBuf,
@@ -133,8 +154,19 @@ fn write_outputs(model: &Model, t: &Trainer, out: &Path) -> AnyResult<()> {
     Ok(())
 }
 
-pub fn run(a: FinetuneArgs) -> AnyResult<()> {
-    let model = Model::load(&a.model, crate::model_options())?;
+pub fn finetune(a: FinetuneArgs) -> AnyResult<()> {
+    run(&a.model, None, a.train)
+}
+
+pub fn distill(a: DistillArgs) -> AnyResult<()> {
+    run(&a.student, Some((&a.teacher, a.top_k)), a.train)
+}
+
+fn run(model_path: &Path, teacher: Option<(&Path, usize)>, a: TrainArgs) -> AnyResult<()> {
+    let model = Model::load(model_path, crate::model_options())?;
+    let teacher = teacher
+        .map(|(p, k)| Model::load(p, crate::model_options()).map(|m| (m, k)))
+        .transpose()?;
     let targets = a
         .targets
         .split(',')
@@ -167,6 +199,10 @@ pub fn run(a: FinetuneArgs) -> AnyResult<()> {
             Trainer::new(&model, train, opts)?
         }
     };
+    if let Some((tm, k)) = &teacher {
+        t = t.with_teacher(tm, *k)?;
+        eprintln!("distilling from {} (top {k})", tm.path().display());
+    }
     std::fs::create_dir_all(&a.out)?;
     let ckpt = a.out.join("checkpoint");
     let flag = t.cancel_flag();

@@ -64,6 +64,8 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// Train a LoRA adapter (QLoRA on quantized bases) on JSONL data.
     Finetune(finetune::FinetuneArgs),
+    /// Train a LoRA adapter on a student model to match a teacher's next-token distribution.
+    Distill(finetune::DistillArgs),
     /// LoRA adapters: merge them into a model, or convert between PEFT and GGUF LoRA.
     #[command(subcommand)]
     Lora(lora::LoraCmd),
@@ -294,7 +296,8 @@ fn run(cli: Cli) -> AnyResult<()> {
         Cmd::Perplexity(a) => perplexity(a),
         Cmd::Bench(a) => bench::run(a, model_options(), default_model::path),
         Cmd::Lora(c) => lora::run(c, cli.threads),
-        Cmd::Finetune(a) => finetune::run(a),
+        Cmd::Finetune(a) => finetune::finetune(a),
+        Cmd::Distill(a) => finetune::distill(a),
         Cmd::FetchModel => {
             println!("{}", default_model::path()?.display());
             Ok(())

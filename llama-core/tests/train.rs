@@ -80,7 +80,6 @@ fn proj(
 }
 
 /// The summed next-token loss over the scored positions, in f64, with LoRA.
-#[allow(clippy::needless_range_loop)]
 fn loss64(
     spec: &Spec,
     w: &Weights,
@@ -89,6 +88,21 @@ fn loss64(
     r: usize,
     tokens: &[u32],
     score: &[bool],
+) -> f64 {
+    loss64_with(spec, w, lora, s, r, tokens, score, None)
+}
+
+/// [`loss64`], or with teacher distributions per scored position: `-sum p log q`.
+#[allow(clippy::needless_range_loop, clippy::too_many_arguments)]
+fn loss64_with(
+    spec: &Spec,
+    w: &Weights,
+    lora: &Lora64,
+    s: f64,
+    r: usize,
+    tokens: &[u32],
+    score: &[bool],
+    teacher: Option<&[Vec<(u32, f32)>]>,
 ) -> f64 {
     let (h, hd, nh, nkv) = (spec.hidden, spec.head_dim, spec.heads, spec.kv_heads);
     let inv = inv_freq(spec, tokens.len());
@@ -180,6 +194,7 @@ fn loss64(
         &w["lm_head.weight"]
     };
     let mut loss = 0.0;
+    let mut n = 0;
     for (i, x) in xs.iter().enumerate().take(tokens.len() - 1) {
         if !score[i] {
             continue;
@@ -187,7 +202,15 @@ fn loss64(
         let logits = matvec(head, &rms(x, &w["model.norm.weight"], spec.eps));
         let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let z: f64 = logits.iter().map(|v| (v - m).exp()).sum();
-        loss += m + z.ln() - logits[tokens[i + 1] as usize];
+        let lse = m + z.ln();
+        loss += match teacher {
+            None => lse - logits[tokens[i + 1] as usize],
+            Some(d) => d[n]
+                .iter()
+                .map(|&(id, p)| p as f64 * (lse - logits[id as usize]))
+                .sum(),
+        };
+        n += 1;
     }
     loss
 }
@@ -502,4 +525,104 @@ fn bad_training_data_names_the_line() {
     let n = ex.n_scored();
     assert!(n > 0 && n < ex.score.len(), "{n} of {}", ex.score.len());
     assert!(!ex.score[0]);
+}
+
+#[test]
+fn distillation_gradients_and_learning() {
+    use llama_core::train::{load_jsonl, TrainOptions, Trainer};
+    let t = build(Spec::default());
+    let m = Model::load(&t.gguf, common::options()).unwrap();
+    // A teacher with other weights and the same vocabulary.
+    let tt = build(Spec {
+        seed: 99,
+        ..Spec::default()
+    });
+    let teacher = Model::load(&tt.gguf, common::options()).unwrap();
+    let tokens: Vec<u32> = vec![5, 40, 77, 100, 3, 250, 17, 64, 9, 120];
+    let score: Vec<bool> = (0..tokens.len() - 1).map(|i| i >= 3).collect();
+    let dists = teacher.teacher_top_k(&tokens, &score, 8).unwrap();
+    assert_eq!(dists.len(), 6);
+    assert!(dists
+        .iter()
+        .all(|d| d.len() == 8 && (d.iter().map(|x| x.1).sum::<f32>() - 1.0).abs() < 1e-5));
+    // Gradients against central differences of the f64 distillation loss (every 7th value).
+    let p = random_params(&m, 2, 5);
+    let (s, r) = (p.config.scale() as f64, p.config.rank);
+    let g = m
+        .lora_distill_loss_and_grads(&p, &tokens, &score, &dists)
+        .unwrap();
+    let base = to64(&p);
+    let f = |q: &Lora64| loss64_with(&t.spec, &t.weights, q, s, r, &tokens, &score, Some(&dists));
+    let l0 = f(&base);
+    assert!(
+        ((g.loss_sum - l0) / l0).abs() < 1e-5,
+        "{} vs {l0}",
+        g.loss_sum
+    );
+    let mut analytic = vec![];
+    g.grads
+        .for_each(|v| analytic.extend(v.iter().map(|&x| x as f64)));
+    let eps = 1e-4;
+    let (mut at, mut pairs) = (0usize, vec![]);
+    for l in 0..base.len() {
+        for ti in 0..7 {
+            let Some((a, b)) = &base[l][ti] else { continue };
+            for (which, len) in [(0, a.len()), (1, b.len())] {
+                for i in (0..len).step_by(7) {
+                    let (mut plus, mut minus) = (base.clone(), base.clone());
+                    let bump = |q: &mut Lora64, d: f64| {
+                        let (a, b) = q[l][ti].as_mut().unwrap();
+                        if which == 0 {
+                            a[i] += d
+                        } else {
+                            b[i] += d
+                        }
+                    };
+                    bump(&mut plus, eps);
+                    bump(&mut minus, -eps);
+                    pairs.push((analytic[at + i], (f(&plus) - f(&minus)) / (2.0 * eps)));
+                }
+                at += len;
+            }
+        }
+    }
+    let big = pairs.iter().fold(0f64, |m, p| m.max(p.1.abs()));
+    let worst = pairs
+        .iter()
+        .map(|&(a, fd)| (a - fd).abs() / fd.abs().max(1e-2 * big))
+        .fold(0f64, f64::max);
+    println!(
+        "distillation: {} gradients checked, largest relative error {worst:.2e}",
+        pairs.len()
+    );
+    assert!(worst < 1e-3, "{worst}");
+    // Training towards the teacher lowers the loss against it.
+    let data = write(t.dir.path(), "d.jsonl", &tiny_data(8));
+    let train = load_jsonl(&m, &data, 64).unwrap();
+    let mut tr = Trainer::new(
+        &m,
+        train.clone(),
+        TrainOptions::default().lr(5e-3).epochs(4).seed(3),
+    )
+    .unwrap()
+    .with_teacher(&teacher, 16)
+    .unwrap();
+    let before = tr.evaluate(&train).unwrap().loss;
+    while tr.step().unwrap().is_some() {}
+    let after = tr.evaluate(&train).unwrap().loss;
+    println!("distillation: loss against the teacher {before:.4} -> {after:.4}");
+    assert!(after < 0.9 * before, "{before} -> {after}");
+    // Another vocabulary is refused.
+    let spm = build(Spec {
+        vocab: common::tiny::Vocab::Spm,
+        ..Spec::default()
+    });
+    let other = Model::load(&spm.gguf, common::options()).unwrap();
+    let e = Trainer::new(&m, train, TrainOptions::default())
+        .unwrap()
+        .with_teacher(&other, 8)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("vocabulary") || e.contains("tokenizer"), "{e}");
 }

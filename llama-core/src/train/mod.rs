@@ -333,7 +333,72 @@ impl Model {
         tokens: &[u32],
         score: &[bool],
     ) -> Result<SeqGrad> {
-        self.runtime().run(|| seq_grad(self, params, tokens, score))
+        self.runtime()
+            .run(|| seq_grad(self, params, tokens, score, None))
+    }
+
+    /// [`Model::lora_loss_and_grads`] against a teacher's distributions instead of the next
+    /// tokens (distillation): `teacher[n]` holds `(id, probability)` pairs for the `n`-th scored
+    /// position (the teacher's top-k, renormalized). The loss is the cross-entropy
+    /// `-sum p log q`, which is the KL divergence from the teacher up to the teacher's entropy
+    /// (a constant): the same gradient.
+    pub fn lora_distill_loss_and_grads(
+        &self,
+        params: &LoraParams,
+        tokens: &[u32],
+        score: &[bool],
+        teacher: &[Vec<(u32, f32)>],
+    ) -> Result<SeqGrad> {
+        let n = score.iter().filter(|&&s| s).count();
+        if teacher.len() != n {
+            return Err(Error::InvalidArgument(format!(
+                "{} teacher distributions for {n} scored positions",
+                teacher.len()
+            )));
+        }
+        let vocab = self.config().vocab_size;
+        if teacher
+            .iter()
+            .flatten()
+            .any(|&(id, p)| id as usize >= vocab || !p.is_finite() || p < 0.0)
+        {
+            return Err(Error::InvalidArgument(
+                "a teacher distribution holds a bad id or probability".into(),
+            ));
+        }
+        self.runtime()
+            .run(|| seq_grad(self, params, tokens, score, Some(teacher)))
+    }
+
+    /// The top-`k` next-token distribution of this model (as a teacher) at every position of
+    /// `tokens` whose `score` is set, renormalized over the `k` ids.
+    pub fn teacher_top_k(
+        &self,
+        tokens: &[u32],
+        score: &[bool],
+        k: usize,
+    ) -> Result<Vec<Vec<(u32, f32)>>> {
+        if k == 0 {
+            return Err(Error::InvalidArgument("top-k must be positive".into()));
+        }
+        let mut s = self.session(
+            crate::SessionOptions::default()
+                .n_ctx(tokens.len().max(1))
+                .kv_type(crate::KvCacheType::F32),
+        )?;
+        let rows = s.eval_all_logits(&tokens[..tokens.len().saturating_sub(1)])?;
+        let mut out = vec![];
+        for (row, _) in rows.iter().zip(score).filter(|(_, &s)| s) {
+            let top = crate::sampler::top_k_of(row, k);
+            let mx = top.first().map_or(0.0, |t| t.1);
+            let z: f64 = top.iter().map(|t| ((t.1 - mx) as f64).exp()).sum();
+            out.push(
+                top.iter()
+                    .map(|t| (t.0, (((t.1 - mx) as f64).exp() / z) as f32))
+                    .collect(),
+            );
+        }
+        Ok(out)
     }
 }
 
@@ -367,7 +432,13 @@ fn check_inputs(model: &Model, params: &LoraParams, tokens: &[u32], score: &[boo
     Ok(())
 }
 
-fn seq_grad(model: &Model, params: &LoraParams, tokens: &[u32], score: &[bool]) -> Result<SeqGrad> {
+fn seq_grad(
+    model: &Model,
+    params: &LoraParams,
+    tokens: &[u32],
+    score: &[bool],
+    teacher: Option<&[Vec<(u32, f32)>]>,
+) -> Result<SeqGrad> {
     check_inputs(model, params, tokens, score)?;
     let view = model.train_view()?;
     let c = view.config;
@@ -477,7 +548,7 @@ fn seq_grad(model: &Model, params: &LoraParams, tokens: &[u32], score: &[bool]) 
     let mut g_hf = vec![0f32; t * h];
     let mut loss_sum = 0f64;
     const BLOCK: usize = 32;
-    for blk in rows.chunks(BLOCK) {
+    for (bn, blk) in rows.chunks(BLOCK).enumerate() {
         let m = blk.len();
         let mut xb = vec![0f32; m * h];
         for (bi, &i) in blk.iter().enumerate() {
@@ -489,13 +560,33 @@ fn seq_grad(model: &Model, params: &LoraParams, tokens: &[u32], score: &[bool]) 
             let row = &mut logits[bi * vocab..(bi + 1) * vocab];
             let mx = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
             let z: f64 = row.iter().map(|&v| ((v - mx) as f64).exp()).sum();
-            let target = tokens[i + 1] as usize;
-            loss_sum += mx as f64 + z.ln() - row[target] as f64;
-            // d loss / d logits = softmax - onehot.
-            for v in row.iter_mut() {
-                *v = (((*v - mx) as f64).exp() / z) as f32;
+            let lse = mx as f64 + z.ln();
+            match teacher {
+                None => {
+                    let target = tokens[i + 1] as usize;
+                    loss_sum += lse - row[target] as f64;
+                    // d loss / d logits = softmax - onehot.
+                    for v in row.iter_mut() {
+                        *v = (((*v - mx) as f64).exp() / z) as f32;
+                    }
+                    row[target] -= 1.0;
+                }
+                Some(dists) => {
+                    let dist = &dists[bn * BLOCK + bi];
+                    loss_sum += dist
+                        .iter()
+                        .map(|&(id, p)| p as f64 * (lse - row[id as usize] as f64))
+                        .sum::<f64>();
+                    let mass: f32 = dist.iter().map(|d| d.1).sum();
+                    // d/d logits of -sum p log softmax = mass * softmax - p.
+                    for v in row.iter_mut() {
+                        *v = mass * (((*v - mx) as f64).exp() / z) as f32;
+                    }
+                    for &(id, p) in dist {
+                        row[id as usize] -= p;
+                    }
+                }
             }
-            row[target] -= 1.0;
         }
         let mut gb = vec![0f32; m * h];
         dense::bwd(&**view.lm_head, &logits, (vocab, 0), m, &mut gb);

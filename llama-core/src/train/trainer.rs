@@ -141,6 +141,8 @@ pub struct Trainer {
     epoch: usize,
     order: Vec<usize>,
     cancel: Arc<AtomicBool>,
+    /// Distillation: the teacher and its top-k.
+    teacher: Option<(Model, usize)>,
 }
 
 /// The epoch's data order: a Fisher-Yates shuffle seeded by the run's seed and the epoch.
@@ -177,7 +179,50 @@ impl Trainer {
             epoch: 0,
             opts,
             cancel: Arc::new(AtomicBool::new(false)),
+            teacher: None,
         })
+    }
+
+    /// Distillation: train to match `teacher`'s next-token distribution (its top-`k`
+    /// log-probabilities, computed on the fly) instead of the data's next tokens. The teacher
+    /// must share the student's vocabulary (a smaller model of the same family, or an
+    /// unquantized copy of a quantized student).
+    pub fn with_teacher(mut self, teacher: &Model, k: usize) -> Result<Trainer> {
+        if k == 0 || k > 4096 {
+            return Err(Error::InvalidArgument(format!(
+                "teacher top-k {k} (expected 1 to 4096)"
+            )));
+        }
+        let (a, b) = (teacher.tokenizer(), self.model.tokenizer());
+        let (va, vb) = (teacher.config().vocab_size, self.model.config().vocab_size);
+        if va != vb || a.vocab_size() != b.vocab_size() {
+            return Err(Error::InvalidArgument(format!(
+                "the teacher's vocabulary ({va} ids) is not the student's ({vb}): distillation needs the same tokenizer"
+            )));
+        }
+        if let Some(id) = (0..a.vocab_size() as u32).find(|&i| a.id_to_token(i) != b.id_to_token(i))
+        {
+            return Err(Error::InvalidArgument(format!(
+                "the teacher's token {id} is {:?}, the student's {:?}: distillation needs the same tokenizer",
+                a.id_to_token(id),
+                b.id_to_token(id)
+            )));
+        }
+        self.teacher = Some((teacher.clone(), k));
+        Ok(self)
+    }
+
+    fn seq(&self, ex: &Example) -> Result<super::SeqGrad> {
+        match &self.teacher {
+            None => self
+                .model
+                .lora_loss_and_grads(&self.params, &ex.tokens, &ex.score),
+            Some((t, k)) => {
+                let dists = t.teacher_top_k(&ex.tokens, &ex.score, *k)?;
+                self.model
+                    .lora_distill_loss_and_grads(&self.params, &ex.tokens, &ex.score, &dists)
+            }
+        }
     }
 
     /// Optimizer steps in the whole run.
@@ -243,9 +288,7 @@ impl Trainer {
                 return Err(Error::Cancelled);
             }
             let ex = &self.train[self.order[self.pos + k]];
-            let g = self
-                .model
-                .lora_loss_and_grads(&self.params, &ex.tokens, &ex.score)?;
+            let g = self.seq(ex)?;
             loss += g.loss_sum;
             scored += g.n_scored;
             tokens += ex.tokens.len();
@@ -326,9 +369,7 @@ impl Trainer {
             if self.cancel.swap(false, Ordering::Relaxed) {
                 return Err(Error::Cancelled);
             }
-            let g = self
-                .model
-                .lora_loss_and_grads(&self.params, &ex.tokens, &ex.score)?;
+            let g = self.seq(ex)?;
             loss += g.loss_sum;
             scored += g.n_scored;
         }
