@@ -7,6 +7,7 @@ mod model;
 mod sampler;
 mod session;
 mod signals;
+mod train;
 
 use pyo3::prelude::*;
 
@@ -25,6 +26,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<session::TokenStream>()?;
     m.add_class::<sampler::Sampler>()?;
     m.add_function(wrap_pyfunction!(session::_restore_session, m)?)?;
+    m.add_function(wrap_pyfunction!(train::finetune, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

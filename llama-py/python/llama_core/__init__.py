@@ -18,7 +18,7 @@ from ._errors import (
     SessionStateError,
     TokenizerError,
 )
-from ._native import Adapter, Model, Sampler, Session, TokenStream, __version__
+from ._native import Adapter, Model, Sampler, Session, TokenStream, __version__, finetune
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
@@ -37,4 +37,5 @@ __all__ = [
     "TokenStream",
     "TokenizerError",
     "__version__",
+    "finetune",
 ]

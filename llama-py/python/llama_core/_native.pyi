@@ -1,13 +1,13 @@
 """Type stubs of the native module (checked against it by `python -m mypy.stubtest`)."""
 
 import os
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union, final
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union, final
 
 import numpy as np
 import numpy.typing as npt
 
 __version__: str
-__all__ = ["Model", "Adapter", "Session", "TokenStream", "Sampler", "_restore_session", "__version__"]
+__all__ = ["Model", "Adapter", "Session", "TokenStream", "Sampler", "_restore_session", "finetune", "__version__"]
 
 _Message = Mapping[str, str]
 _Prompt = Union[str, Sequence[int]]
@@ -155,3 +155,27 @@ class TokenStream(Iterator[str]):
     def close(self) -> None: ...
 
 def _restore_session(model: Model, data: bytes) -> Session: ...
+def finetune(
+    model: Model,
+    data: Union[str, "os.PathLike[str]"],
+    *,
+    out: Optional[Union[str, "os.PathLike[str]"]] = None,
+    eval: Optional[Union[str, "os.PathLike[str]"]] = None,
+    rank: int = 8,
+    alpha: float = 16.0,
+    targets: Optional[Sequence[str]] = None,
+    rslora: bool = False,
+    epochs: int = 1,
+    lr: float = 2e-4,
+    batch: int = 1,
+    grad_accum: int = 1,
+    max_len: int = 512,
+    warmup: int = 0,
+    weight_decay: float = 0.0,
+    clip: float = 1.0,
+    seed: int = 0,
+    eval_every: int = 50,
+    teacher: Optional[Model] = None,
+    top_k: int = 32,
+    progress: Optional[Union[bool, Callable[[Dict[str, object]], Optional[bool]]]] = None,
+) -> Adapter: ...
