@@ -237,6 +237,110 @@ typedef struct llama_sampler llama_sampler;
 typedef struct llama_session llama_session;
 
 /**
+ * Options for `llama_finetune`. Get defaults from `llama_finetune_params_default()`; set
+ * `data` (required).
+ */
+typedef struct {
+  /**
+   * `sizeof(llama_finetune_params)`.
+   */
+  size_t struct_size;
+  /**
+   * Training data: a JSONL file of `{"text"}`, `{"prompt", "completion"}` or `{"messages"}`
+   * lines (NUL-terminated UTF-8 path). Required.
+   */
+  const char *data;
+  /**
+   * A folder to write the adapter to (PEFT files and `adapter.gguf`), or NULL.
+   */
+  const char *out_dir;
+  /**
+   * Comma-separated targets (`q,k,v,o,gate,up,down`), or NULL for all seven.
+   */
+  const char *targets;
+  /**
+   * LoRA rank. Default 8.
+   */
+  uint32_t rank;
+  /**
+   * LoRA alpha (the update is scaled by alpha / rank). Default 16.
+   */
+  float alpha;
+  /**
+   * Passes over the data. Default 1.
+   */
+  uint32_t epochs;
+  /**
+   * Peak learning rate (linear warmup, then cosine decay). Default 2e-4.
+   */
+  float lr;
+  /**
+   * Sequences per micro-batch. Default 1.
+   */
+  uint32_t batch;
+  /**
+   * Micro-batches per optimizer step. Default 1.
+   */
+  uint32_t grad_accum;
+  /**
+   * Longest example in tokens. Default 512.
+   */
+  uint32_t max_len;
+  /**
+   * Warmup steps. Default 0.
+   */
+  uint32_t warmup;
+  /**
+   * AdamW weight decay. Default 0.
+   */
+  float weight_decay;
+  /**
+   * Gradient norm clipping (0: off). Default 1.
+   */
+  float clip;
+  /**
+   * Seed of the initialization and data order. Default 0.
+   */
+  uint64_t seed;
+  /**
+   * A teacher to distill from (same vocabulary), or NULL.
+   */
+  const llama_model *teacher;
+  /**
+   * The teacher's top-k per position. Default 32.
+   */
+  uint32_t top_k;
+} llama_finetune_params;
+
+/**
+ * One optimizer step's report, passed to the `llama_finetune` callback.
+ */
+typedef struct {
+  /**
+   * Steps done (1 after the first).
+   */
+  uint32_t step;
+  /**
+   * Steps in the run.
+   */
+  uint32_t total_steps;
+  /**
+   * Mean loss per scored token of this step.
+   */
+  float loss;
+  /**
+   * The learning rate used.
+   */
+  float lr;
+} llama_finetune_progress;
+
+/**
+ * Called after each step on the calling thread; return false to stop early (the adapter
+ * trained so far is returned).
+ */
+typedef bool (*llama_finetune_cb)(const llama_finetune_progress *progress, void *user_data);
+
+/**
  * Load progress callback: `progress` in [0, 1]; return false to abort the load
  * (`llama_model_load` then returns `LLAMA_STATUS_CANCELLED`). Called on the loading thread.
  */
@@ -496,6 +600,22 @@ llama_status llama_session_set_adapters(llama_session *session,
                                         const llama_adapter *const *adapters,
                                         const float *scales,
                                         size_t n);
+
+/**
+ * Default fine-tuning parameters (`data` NULL: set it).
+ */
+llama_finetune_params llama_finetune_params_default(void);
+
+/**
+ * Trains a LoRA adapter on `model` (QLoRA on a quantized base) and returns it in `*out`
+ * (free with `llama_adapter_free`; apply with `llama_session_set_adapters`). Bad data is
+ * `LLAMA_STATUS_INVALID_ARGUMENT` with the file and line in `llama_last_error_message()`.
+ */
+llama_status llama_finetune(const llama_model *model,
+                            const llama_finetune_params *params,
+                            llama_finetune_cb progress,
+                            void *user_data,
+                            llama_adapter **out);
 
 /**
  * Default model parameters.

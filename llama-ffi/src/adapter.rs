@@ -88,3 +88,178 @@ pub unsafe extern "C" fn llama_session_set_adapters(
         llama_status::Ok
     })
 }
+
+/// Options for `llama_finetune`. Get defaults from `llama_finetune_params_default()`; set
+/// `data` (required).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct llama_finetune_params {
+    /// `sizeof(llama_finetune_params)`.
+    pub struct_size: usize,
+    /// Training data: a JSONL file of `{"text"}`, `{"prompt", "completion"}` or `{"messages"}`
+    /// lines (NUL-terminated UTF-8 path). Required.
+    pub data: *const std::ffi::c_char,
+    /// A folder to write the adapter to (PEFT files and `adapter.gguf`), or NULL.
+    pub out_dir: *const std::ffi::c_char,
+    /// Comma-separated targets (`q,k,v,o,gate,up,down`), or NULL for all seven.
+    pub targets: *const std::ffi::c_char,
+    /// LoRA rank. Default 8.
+    pub rank: u32,
+    /// LoRA alpha (the update is scaled by alpha / rank). Default 16.
+    pub alpha: f32,
+    /// Passes over the data. Default 1.
+    pub epochs: u32,
+    /// Peak learning rate (linear warmup, then cosine decay). Default 2e-4.
+    pub lr: f32,
+    /// Sequences per micro-batch. Default 1.
+    pub batch: u32,
+    /// Micro-batches per optimizer step. Default 1.
+    pub grad_accum: u32,
+    /// Longest example in tokens. Default 512.
+    pub max_len: u32,
+    /// Warmup steps. Default 0.
+    pub warmup: u32,
+    /// AdamW weight decay. Default 0.
+    pub weight_decay: f32,
+    /// Gradient norm clipping (0: off). Default 1.
+    pub clip: f32,
+    /// Seed of the initialization and data order. Default 0.
+    pub seed: u64,
+    /// A teacher to distill from (same vocabulary), or NULL.
+    pub teacher: *const llama_model,
+    /// The teacher's top-k per position. Default 32.
+    pub top_k: u32,
+}
+
+/// Default fine-tuning parameters (`data` NULL: set it).
+#[no_mangle]
+pub extern "C" fn llama_finetune_params_default() -> llama_finetune_params {
+    llama_finetune_params {
+        struct_size: std::mem::size_of::<llama_finetune_params>(),
+        data: std::ptr::null(),
+        out_dir: std::ptr::null(),
+        targets: std::ptr::null(),
+        rank: 8,
+        alpha: 16.0,
+        epochs: 1,
+        lr: 2e-4,
+        batch: 1,
+        grad_accum: 1,
+        max_len: 512,
+        warmup: 0,
+        weight_decay: 0.0,
+        clip: 1.0,
+        seed: 0,
+        teacher: std::ptr::null(),
+        top_k: 32,
+    }
+}
+
+/// One optimizer step's report, passed to the `llama_finetune` callback.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct llama_finetune_progress {
+    /// Steps done (1 after the first).
+    pub step: u32,
+    /// Steps in the run.
+    pub total_steps: u32,
+    /// Mean loss per scored token of this step.
+    pub loss: f32,
+    /// The learning rate used.
+    pub lr: f32,
+}
+
+/// Called after each step on the calling thread; return false to stop early (the adapter
+/// trained so far is returned).
+pub type llama_finetune_cb = Option<
+    unsafe extern "C" fn(
+        progress: *const llama_finetune_progress,
+        user_data: *mut std::ffi::c_void,
+    ) -> bool,
+>;
+
+/// Trains a LoRA adapter on `model` (QLoRA on a quantized base) and returns it in `*out`
+/// (free with `llama_adapter_free`; apply with `llama_session_set_adapters`). Bad data is
+/// `LLAMA_STATUS_INVALID_ARGUMENT` with the file and line in `llama_last_error_message()`.
+#[no_mangle]
+pub unsafe extern "C" fn llama_finetune(
+    model: *const llama_model,
+    params: *const llama_finetune_params,
+    progress: llama_finetune_cb,
+    user_data: *mut std::ffi::c_void,
+    out: *mut *mut llama_adapter,
+) -> llama_status {
+    use llama_core::train::{load_jsonl, LoraConfig, TrainOptions, Trainer};
+    guard!({
+        require!(model, params, out);
+        let p = crate::read_params(
+            params,
+            llama_finetune_params_default(),
+            std::mem::size_of::<llama_finetune_params>(),
+        )?;
+        let m = &(*model).inner;
+        let data = cstr_arg(p.data, "params.data")?;
+        let opt_str =
+            |ptr: *const std::ffi::c_char, what: &str| -> Result<Option<&str>, llama_status> {
+                if ptr.is_null() {
+                    Ok(None)
+                } else {
+                    cstr_arg(ptr, what).map(Some)
+                }
+            };
+        let out_dir = opt_str(p.out_dir, "params.out_dir")?;
+        let targets = match opt_str(p.targets, "params.targets")? {
+            None => llama_core::Target::ALL.to_vec(),
+            Some(s) => s
+                .split(',')
+                .map(llama_core::Target::parse)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(fail)?,
+        };
+        let max_len = p.max_len as usize;
+        let train = load_jsonl(m, std::path::Path::new(data), max_len).map_err(fail)?;
+        let opts = TrainOptions::default()
+            .lora(LoraConfig {
+                rank: p.rank as usize,
+                alpha: p.alpha,
+                targets,
+                rslora: false,
+            })
+            .epochs(p.epochs as usize)
+            .lr(p.lr)
+            .batch(p.batch as usize)
+            .grad_accum(p.grad_accum as usize)
+            .warmup(p.warmup as usize)
+            .weight_decay(p.weight_decay)
+            .clip(p.clip)
+            .seed(p.seed);
+        let mut t = Trainer::new(m, train, opts).map_err(fail)?;
+        if let Some(teacher) = p.teacher.as_ref() {
+            t = t
+                .with_teacher(&teacher.inner, p.top_k as usize)
+                .map_err(fail)?;
+        }
+        while let Some(r) = t.step().map_err(fail)? {
+            if let Some(cb) = progress {
+                let rep = llama_finetune_progress {
+                    step: r.step as u32,
+                    total_steps: r.total_steps as u32,
+                    loss: r.loss as f32,
+                    lr: r.lr,
+                };
+                if !cb(&rep, user_data) {
+                    break;
+                }
+            }
+        }
+        let name = out_dir.unwrap_or("trained");
+        let a = t.params().to_adapter(m, name).map_err(fail)?;
+        if let Some(dir) = out_dir {
+            let dir = std::path::Path::new(dir);
+            llama_core::lora::write_peft(dir, &a, &m.path().display().to_string()).map_err(fail)?;
+            llama_core::lora::write_gguf_lora(&dir.join("adapter.gguf"), &a, m.config())
+                .map_err(fail)?;
+        }
+        give(out, llama_adapter { inner: a })
+    })
+}

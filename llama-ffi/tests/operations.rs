@@ -67,6 +67,11 @@ fn py_names(stub: &str) -> BTreeMap<String, BTreeSet<String>> {
         } else if let Some(rest) = line.strip_prefix("    def ") {
             let name = rest.split('(').next().unwrap_or_default().to_string();
             out.entry(class.clone()).or_default().insert(name);
+        } else if let Some(rest) = line.strip_prefix("def ") {
+            // A module-level function: listed without a class.
+            class.clear();
+            let name = rest.split('(').next().unwrap_or_default().to_string();
+            out.entry(String::new()).or_default().insert(name);
         } else if !line.starts_with(' ') && !line.is_empty() {
             class.clear();
         }

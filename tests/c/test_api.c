@@ -212,6 +212,74 @@ static void test_adapters(llama_model *model, const char *model_path) {
     rmdir(dir);
 }
 
+static int ft_steps = 0;
+static bool ft_progress(const llama_finetune_progress *p, void *ud) {
+    (void)ud;
+    ft_steps = (int)p->step;
+    return p->step < 3 && p->loss > 0 && p->total_steps == 4;
+}
+
+/* Fine-tuning: a few steps on a JSONL file, stopped by the callback; the adapter applies. */
+static void test_finetune(llama_model *model) {
+    char dir[] = "/tmp/llama-c-ft-XXXXXX";
+    if (!mkdtemp(dir)) {
+        CHECK(0);
+        return;
+    }
+    char data[128], out[128], path[512];
+    snprintf(data, sizeof data, "%s/train.jsonl", dir);
+    snprintf(out, sizeof out, "%s/out", dir);
+    FILE *f = fopen(data, "w");
+    for (int i = 0; i < 4; i++) fprintf(f, "{\"prompt\": \"Code %d:\", \"completion\": \" Z%dQ\"}\n", i, i % 2);
+    fclose(f);
+    llama_finetune_params fp = llama_finetune_params_default();
+    fp.data = data;
+    fp.out_dir = out;
+    fp.rank = 2;
+    fp.lr = 1e-3f;
+    fp.targets = "q,v";
+    llama_adapter *a = NULL;
+    CHECK(llama_finetune(model, &fp, ft_progress, NULL, &a) == LLAMA_STATUS_OK && a != NULL);
+    CHECK(ft_steps == 3);
+    CHECK(llama_adapter_n_matrices(a) == 2 * 30 && llama_adapter_max_rank(a) == 2);
+    snprintf(path, sizeof path, "%s/adapter.gguf", out);
+    llama_adapter *b = NULL;
+    CHECK(llama_adapter_load(model, path, &b) == LLAMA_STATUS_OK);
+    snprintf(path, sizeof path, "%s/adapter_config.json", out);
+    FILE *cfg = fopen(path, "r");
+    CHECK(cfg != NULL);
+    if (cfg) fclose(cfg);
+    llama_session *s = NULL;
+    CHECK(llama_session_new(model, NULL, &s) == LLAMA_STATUS_OK);
+    const llama_adapter *set[1] = {a};
+    float one = 1.0f;
+    CHECK(llama_session_set_adapters(s, set, &one, 1) == LLAMA_STATUS_OK);
+    int32_t toks[3] = {1, 2, 3};
+    CHECK(llama_session_eval(s, toks, 3) == LLAMA_STATUS_OK);
+    llama_session_free(s);
+    /* Bad data names the line; missing data is a NULL argument. */
+    f = fopen(data, "w");
+    fprintf(f, "{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"nope\": 1}\n");
+    fclose(f);
+    llama_adapter *c = NULL;
+    CHECK(llama_finetune(model, &fp, NULL, NULL, &c) == LLAMA_STATUS_INVALID_ARGUMENT && c == NULL);
+    CHECK(strstr(llama_last_error_message(), ":2:") != NULL);
+    fp.data = NULL;
+    CHECK(llama_finetune(model, &fp, NULL, NULL, &c) == LLAMA_STATUS_NULL_ARGUMENT);
+    CHECK(llama_finetune(NULL, &fp, NULL, NULL, &c) == LLAMA_STATUS_NULL_ARGUMENT);
+    fp = llama_finetune_params_default();
+    fp.struct_size = 2;
+    CHECK(llama_finetune(model, &fp, NULL, NULL, &c) == LLAMA_STATUS_INVALID_ARGUMENT);
+    llama_adapter_free(a);
+    llama_adapter_free(b);
+    const char *files[] = {"out/adapter.gguf", "out/adapter_config.json", "out/adapter_model.safetensors", "out", "train.jsonl"};
+    for (int i = 0; i < 5; i++) {
+        snprintf(path, sizeof path, "%s/%s", dir, files[i]);
+        if (remove(path) != 0) rmdir(path);
+    }
+    rmdir(dir);
+}
+
 int main(int argc, char **argv) {
     if (argc < 3) {
         fprintf(stderr, "usage: %s MODEL EXPECTED_IDS\n", argv[0]);
@@ -511,6 +579,7 @@ int main(int argc, char **argv) {
     }
 
     test_adapters(model, argv[1]);
+    test_finetune(model);
 
     /* A session keeps its model alive after llama_model_free. */
     llama_model_free(model);
