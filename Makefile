@@ -57,3 +57,4 @@ reference:
 	cargo build --release -p llama-examples
 	python3 tests/reference/make_reference.py
 	python3 tests/reference/lora_reference.py
+	python3 tests/reference/finetune_reference.py
