@@ -4,14 +4,88 @@
 //! causal attention, SwiGLU and the small LoRA products.
 
 use crate::kernels::WeightMatrix;
-use crate::lora::kernel::{dot, dot4, panel};
+use crate::lora::kernel::dot;
 use crate::pool::{for_each_chunk_mut, pool, SharedMut};
 
 /// Weight rows dequantized per tile.
-const TILE: usize = 16;
+const TILE: usize = 64;
 
 fn simd() -> bool {
     crate::exec::current().isa != crate::exec::Isa::Scalar
+}
+
+/// `dst (+)= lhs . rhs` on one thread (the `gemm` crate's kernels, picked for this CPU at run
+/// time), strides in elements: `dst` `[m, n]`, `lhs` `[m, k]`, `rhs` `[k, n]`.
+///
+/// # Safety
+/// The pointers cover the strided extents; `dst` does not overlap the inputs.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_f32(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    (dst_rs, dst_cs): (usize, usize),
+    accumulate: bool,
+    lhs: *const f32,
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: *const f32,
+    (rhs_rs, rhs_cs): (usize, usize),
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        gemm_scaled(
+            (m, n, k),
+            dst,
+            (dst_rs, dst_cs),
+            accumulate,
+            1.0,
+            lhs,
+            (lhs_rs, lhs_cs),
+            rhs,
+            (rhs_rs, rhs_cs),
+        )
+    }
+}
+
+/// [`gemm_f32`] with the product scaled by `beta`.
+///
+/// # Safety
+/// As [`gemm_f32`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_scaled(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    (dst_rs, dst_cs): (usize, usize),
+    accumulate: bool,
+    beta: f32,
+    lhs: *const f32,
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: *const f32,
+    (rhs_rs, rhs_cs): (usize, usize),
+) {
+    // SAFETY: the caller's contract; `gemm` reads and writes only within these extents.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            dst_cs as isize,
+            dst_rs as isize,
+            accumulate,
+            lhs,
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs,
+            rhs_cs as isize,
+            rhs_rs as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            beta,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
 }
 
 /// `y[t, col..col + n] = x[t] . W^T` for the `m` rows of `x` (`[m, k]`), `y` `[m, stride]`.
@@ -23,31 +97,35 @@ pub(crate) fn fwd(
     (stride, col): (usize, usize),
 ) {
     let (n, k) = w.shape();
-    let simd = simd();
     let tiles = n.div_ceil(TILE);
     let out = SharedMut::new(y);
+    assert!(x.len() >= m * k, "fwd: input shorter than its shape");
     pool().run(tiles, &|items| {
         let mut buf = vec![0f32; TILE * k];
+        let mut yt = vec![0f32; m * TILE];
         for tile in items {
             let o0 = tile * TILE;
             let rows = TILE.min(n - o0);
             for r in 0..rows {
                 let _ = w.row_into(o0 + r, &mut buf[r * k..(r + 1) * k]);
             }
-            let mut vals = [0f32; TILE];
+            // yt[m, rows] = x[m, k] . buf[rows, k]^T
+            // SAFETY: yt holds m x rows, x m x k, buf rows x k (read as its transpose).
+            unsafe {
+                gemm_f32(
+                    (m, rows, k),
+                    yt.as_mut_ptr(),
+                    (rows, 1),
+                    false,
+                    x.as_ptr(),
+                    (k, 1),
+                    buf.as_ptr(),
+                    (1, k),
+                )
+            };
             for t in 0..m {
-                let xt = &x[t * k..(t + 1) * k];
-                let mut r = 0;
-                while r + 4 <= rows {
-                    vals[r..r + 4].copy_from_slice(&dot4(xt, &buf[r * k..(r + 4) * k], simd));
-                    r += 4;
-                }
-                while r < rows {
-                    vals[r] = dot(xt, &buf[r * k..(r + 1) * k], simd);
-                    r += 1;
-                }
                 // SAFETY: tiles write disjoint column ranges of each row.
-                unsafe { out.write(t * stride + col + o0, &vals[..rows]) };
+                unsafe { out.write(t * stride + col + o0, &yt[t * rows..(t + 1) * rows]) };
             }
         }
     });
@@ -63,25 +141,36 @@ pub(crate) fn bwd(
     gx: &mut [f32],
 ) {
     let (n, k) = w.shape();
-    let simd = simd();
-    let rows_per = m.div_ceil(pool().threads() * 2).max(8);
-    for_each_chunk_mut(gx, rows_per * k, &|c, chunk| {
+    assert!(
+        gy.len() >= m.saturating_sub(1) * stride + col + n && gx.len() >= m * k,
+        "bwd: shapes"
+    );
+    let rows_per = m.div_ceil(pool().threads()).max(1);
+    for_each_chunk_mut(&mut gx[..m * k], rows_per * k, &|c, chunk| {
         let t0 = c * rows_per;
+        let mc = chunk.len() / k;
         let mut buf = vec![0f32; TILE * k];
-        let mut g = [0f32; TILE];
         let mut o0 = 0;
         while o0 < n {
             let rows = TILE.min(n - o0);
             for r in 0..rows {
                 let _ = w.row_into(o0 + r, &mut buf[r * k..(r + 1) * k]);
             }
-            for (i, gxt) in chunk.chunks_exact_mut(k).enumerate() {
-                let t = t0 + i;
-                g[..rows].copy_from_slice(&gy[t * stride + col + o0..][..rows]);
-                if g[..rows].iter().any(|&v| v != 0.0) {
-                    panel(gxt, &g[..rows], &buf[..rows * k], simd);
-                }
-            }
+            // chunk[mc, k] += gy[t0.., col + o0..][mc, rows] . buf[rows, k]
+            // SAFETY: chunk holds mc x k; gy's block lies within gy (checked above); buf
+            // rows x k.
+            unsafe {
+                gemm_f32(
+                    (mc, k, rows),
+                    chunk.as_mut_ptr(),
+                    (k, 1),
+                    true,
+                    gy.as_ptr().add(t0 * stride + col + o0),
+                    (stride, 1),
+                    buf.as_ptr(),
+                    (k, 1),
+                )
+            };
             o0 += rows;
         }
     });
@@ -230,10 +319,14 @@ pub(crate) fn attention_bwd(
                         let (gkj, gvj) = unsafe {
                             (gk.slice(j * kw + g * hd, hd), gv.slice(j * kw + g * hd, hd))
                         };
-                        for d in 0..hd {
-                            gqi[d] += gs * kj[d];
-                            gkj[d] += gs * qi[d];
-                            gvj[d] += pj * goi[d];
+                        for (g, &kv) in gqi.iter_mut().zip(kj) {
+                            *g += gs * kv;
+                        }
+                        for (g, &qv) in gkj.iter_mut().zip(qi) {
+                            *g += gs * qv;
+                        }
+                        for (g, &ov) in gvj.iter_mut().zip(goi) {
+                            *g += pj * ov;
                         }
                     }
                 }
@@ -250,13 +343,71 @@ pub(crate) fn sigmoid(x: f32) -> f32 {
 
 /// `u = x A^T` (`[m, r]`) for `A` `[r, k]`.
 pub(crate) fn lora_down(x: &[f32], a: &[f32], m: usize, r: usize, k: usize) -> Vec<f32> {
-    let simd = simd();
     let mut u = vec![0f32; m * r];
-    for_each_chunk_mut(&mut u, r, &|t, ut| {
-        let xt = &x[t * k..(t + 1) * k];
-        for (j, uj) in ut.iter_mut().enumerate() {
-            *uj = dot(xt, &a[j * k..(j + 1) * k], simd);
+    // u[m, r] = x[m, k] . A^T (A is [r, k]).
+    par_gemm(
+        (m, r, k),
+        &mut u,
+        (r, 0),
+        false,
+        1.0,
+        (x, 0, k, 1),
+        (a, 0, 1, k),
+    );
+    u
+}
+
+/// A strided matrix operand: `(values, offset of element (0, 0), row stride, column stride)`.
+pub(crate) type Operand<'a> = (&'a [f32], usize, usize, usize);
+
+/// `dst[i, dcol + j] (+)= beta * sum_p lhs[i, p] rhs[p, j]` for `i < m`, `j < n`, `p < k`, over
+/// the pool by blocks of `dst` rows (`dst` `[m, dst_rs]` row-major, each block a separate
+/// `gemm` call). Every operand's extent is checked.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn par_gemm(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    (dst_rs, dcol): (usize, usize),
+    accumulate: bool,
+    beta: f32,
+    lhs: Operand<'_>,
+    rhs: Operand<'_>,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let last = |(v, off, rs, cs): Operand<'_>, rows: usize, cols: usize| {
+        assert!(
+            off + (rows.max(1) - 1) * rs + (cols.max(1) - 1) * cs < v.len().max(1)
+                || rows * cols == 0,
+            "gemm operand out of bounds"
+        );
+    };
+    last(lhs, m, k);
+    last(rhs, k, n);
+    assert!(
+        dst.len() >= m * dst_rs && dcol + n <= dst_rs,
+        "gemm destination out of bounds"
+    );
+    let rows_per = m.div_ceil(pool().threads()).max(1);
+    for_each_chunk_mut(&mut dst[..m * dst_rs], rows_per * dst_rs, &|c, block| {
+        let i0 = c * rows_per;
+        let mb = block.len() / dst_rs;
+        let (lv, loff, lrs, lcs) = lhs;
+        let (rv, roff, rrs, rcs) = rhs;
+        // SAFETY: the extents were checked above; `block` is this item's rows of `dst`.
+        unsafe {
+            gemm_scaled(
+                (mb, n, k),
+                block.as_mut_ptr().add(dcol),
+                (dst_rs, 1),
+                accumulate,
+                beta,
+                lv.as_ptr().add(loff + i0 * lrs),
+                (lrs, lcs),
+                rv.as_ptr().add(roff),
+                (rrs, rcs),
+            )
         }
     });
-    u
 }

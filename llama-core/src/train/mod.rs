@@ -255,14 +255,16 @@ fn lora_up(
     y: &mut [f32],
     (stride, col, n): (usize, usize, usize),
 ) {
-    crate::pool::for_each_chunk_mut(y, stride, &|t, row| {
-        let ut = &u[t * r..(t + 1) * r];
-        for (o, yo) in row[col..col + n].iter_mut().enumerate() {
-            let bo = &b[o * r..(o + 1) * r];
-            *yo += s * ut.iter().zip(bo).map(|(a, b)| a * b).sum::<f32>();
-        }
-    });
-    let _ = m;
+    // y[:, col..] += s * u[m, r] . B^T (B is [n, r]).
+    dense::par_gemm(
+        (m, n, r),
+        y,
+        (stride, col),
+        true,
+        s,
+        (u, 0, r, 1),
+        (b, 0, 1, r),
+    );
 }
 
 /// The backward pass of one LoRA update `y += s (x A^T) B^T` given `gy` (columns
@@ -279,47 +281,49 @@ fn lora_bwd(
     m: usize,
     gx: &mut [f32],
 ) {
-    let r = p.a.len() / (x.len() / m.max(1)).max(1);
     let k = x.len() / m.max(1);
-    // gB[o, j] += s sum_t gy[t, o] u[t, j]
-    crate::pool::for_each_chunk_mut(&mut g.b, r, &|o, gbo| {
-        for t in 0..m {
-            let gyo = gy[t * stride + col + o] * s;
-            if gyo != 0.0 {
-                for (gb, &ut) in gbo.iter_mut().zip(&u[t * r..(t + 1) * r]) {
-                    *gb += gyo * ut;
-                }
-            }
-        }
-    });
-    // gu[t, j] = s sum_o gy[t, o] B[o, j]
+    let r = p.a.len() / k.max(1);
+    // gB[n, r] += s * gy^T[n, m] . u[m, r]
+    dense::par_gemm(
+        (n, r, m),
+        &mut g.b,
+        (r, 0),
+        true,
+        s,
+        (gy, col, 1, stride),
+        (u, 0, r, 1),
+    );
+    // gu[m, r] = s * gy[m, n] . B[n, r]
     let mut gu = vec![0f32; m * r];
-    crate::pool::for_each_chunk_mut(&mut gu, r, &|t, gut| {
-        for o in 0..n {
-            let gyo = gy[t * stride + col + o] * s;
-            if gyo != 0.0 {
-                for (a, &bv) in gut.iter_mut().zip(&p.b[o * r..(o + 1) * r]) {
-                    *a += gyo * bv;
-                }
-            }
-        }
-    });
-    // gA[j, :] += sum_t gu[t, j] x[t, :]
-    crate::pool::for_each_chunk_mut(&mut g.a, k, &|j, gaj| {
-        for t in 0..m {
-            let w = gu[t * r + j];
-            if w != 0.0 {
-                for (a, &xv) in gaj.iter_mut().zip(&x[t * k..(t + 1) * k]) {
-                    *a += w * xv;
-                }
-            }
-        }
-    });
-    // gx[t, :] += sum_j gu[t, j] A[j, :]
-    let simd = crate::exec::current().isa != crate::exec::Isa::Scalar;
-    crate::pool::for_each_chunk_mut(gx, k, &|t, gxt| {
-        crate::lora::kernel::panel(gxt, &gu[t * r..(t + 1) * r], &p.a, simd)
-    });
+    dense::par_gemm(
+        (m, r, n),
+        &mut gu,
+        (r, 0),
+        false,
+        s,
+        (gy, col, stride, 1),
+        (&p.b, 0, r, 1),
+    );
+    // gA[r, k] += gu^T[r, m] . x[m, k]
+    dense::par_gemm(
+        (r, k, m),
+        &mut g.a,
+        (k, 0),
+        true,
+        1.0,
+        (&gu, 0, 1, r),
+        (x, 0, k, 1),
+    );
+    // gx[m, k] += gu[m, r] . A[r, k]
+    dense::par_gemm(
+        (m, k, r),
+        gx,
+        (k, 0),
+        true,
+        1.0,
+        (&gu, 0, r, 1),
+        (&p.a, 0, k, 1),
+    );
 }
 
 impl Model {
