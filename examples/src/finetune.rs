@@ -70,6 +70,10 @@ pub struct TrainArgs {
     /// Longest example in tokens (a longer one is an error naming its line).
     #[arg(long, default_value_t = 512)]
     max_len: usize,
+    /// Pack each step's examples into sequences of up to --max-len tokens (each still attends
+    /// only to itself; faster for short examples).
+    #[arg(long)]
+    pack: bool,
     /// Warmup steps (linear), then cosine decay.
     #[arg(long, default_value_t = 0)]
     warmup: usize,
@@ -195,7 +199,8 @@ fn run(model_path: &Path, teacher: Option<(&Path, usize)>, a: TrainArgs) -> AnyR
                 .warmup(a.warmup)
                 .weight_decay(a.weight_decay)
                 .clip(a.clip)
-                .seed(a.seed);
+                .seed(a.seed)
+                .pack(if a.pack { a.max_len } else { 0 });
             Trainer::new(&model, train, opts)?
         }
     };

@@ -19,7 +19,8 @@ use crate::model::Model;
 #[pyfunction]
 #[pyo3(signature = (model, data, *, out=None, eval=None, rank=8, alpha=16.0, targets=None,
     rslora=false, epochs=1, lr=2e-4, batch=1, grad_accum=1, max_len=512, warmup=0,
-    weight_decay=0.0, clip=1.0, seed=0, eval_every=50, teacher=None, top_k=32, progress=None))]
+    weight_decay=0.0, clip=1.0, seed=0, eval_every=50, teacher=None, top_k=32, pack=false,
+    progress=None))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn finetune(
     py: Python<'_>,
@@ -43,6 +44,7 @@ pub(crate) fn finetune(
     eval_every: usize,
     teacher: Option<PyRef<'_, Model>>,
     top_k: usize,
+    pack: bool,
     progress: Option<Bound<'_, PyAny>>,
 ) -> PyResult<crate::adapter::Adapter> {
     use llama_core::train::{load_jsonl, LoraConfig, TrainOptions, Trainer};
@@ -80,7 +82,8 @@ pub(crate) fn finetune(
         .warmup(warmup)
         .weight_decay(weight_decay)
         .clip(clip)
-        .seed(seed);
+        .seed(seed)
+        .pack(if pack { max_len } else { 0 });
     let mut t = Trainer::new(&m, train, opts).py_err()?;
     if let Some(tm) = &teacher {
         t = t.with_teacher(tm, top_k).py_err()?;

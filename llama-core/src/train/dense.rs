@@ -216,24 +216,33 @@ pub(crate) fn rms_norm_bwd(x: &[f32], g: &[f32], rs: &[f32], gy: &[f32], gx: &mu
 /// Shapes of one attention call: `t` rows, `nh` query heads and `nkv` key/value heads of
 /// `hd`, rows of `q` `[t, q_stride]` (heads side by side from 0), `k`/`v` `[t, kv_stride]`.
 #[derive(Clone, Copy)]
-pub(crate) struct Heads {
+pub(crate) struct Heads<'a> {
     pub(crate) t: usize,
     pub(crate) nh: usize,
     pub(crate) nkv: usize,
     pub(crate) hd: usize,
+    /// For each row, the first row of its sequence (0 everywhere for one sequence; packed
+    /// sequences attend within their own span).
+    pub(crate) starts: &'a [usize],
 }
 
-/// Causal attention: `att[i, h]` = softmax over `j <= i` of `q_i . k_j * scale` times `v`;
+/// Causal attention: `att[i, h]` = softmax over `starts[i] <= j <= i` of `q_i . k_j * scale` times `v`;
 /// returns each (row, head)'s log-sum-exp (for the backward pass).
 pub(crate) fn attention(
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    s: Heads,
+    s: Heads<'_>,
     scale: f32,
     att: &mut [f32],
 ) -> Vec<f32> {
-    let Heads { t, nh, nkv, hd } = s;
+    let Heads {
+        t,
+        nh,
+        nkv,
+        hd,
+        starts,
+    } = s;
     let (qw, kw) = (nh * hd, nkv * hd);
     let group = nh / nkv;
     let mut lse = vec![0f32; nh * t];
@@ -246,19 +255,20 @@ pub(crate) fn attention(
             let g = h / group;
             for i in 0..t {
                 let qi = &q[i * qw + h * hd..][..hd];
+                let s0 = starts[i];
                 let mut mx = f32::NEG_INFINITY;
-                for (j, pj) in p[..=i].iter_mut().enumerate() {
+                for (j, pj) in p.iter_mut().enumerate().take(i + 1).skip(s0) {
                     *pj = dot(qi, &k[j * kw + g * hd..][..hd], simd) * scale;
                     mx = mx.max(*pj);
                 }
                 let mut z = 0f64;
-                for pj in &mut p[..=i] {
+                for pj in &mut p[s0..=i] {
                     *pj = (*pj - mx).exp();
                     z += *pj as f64;
                 }
                 let inv = (1.0 / z) as f32;
                 let mut o = vec![0f32; hd];
-                for (j, &pj) in p[..=i].iter().enumerate() {
+                for (j, &pj) in p.iter().enumerate().take(i + 1).skip(s0) {
                     let w = pj * inv;
                     for (od, &vd) in o.iter_mut().zip(&v[j * kw + g * hd..][..hd]) {
                         *od += w * vd;
@@ -286,11 +296,17 @@ pub(crate) fn attention_bwd(
     att: &[f32],
     lse: &[f32],
     go: &[f32],
-    s: Heads,
+    s: Heads<'_>,
     scale: f32,
     (gq, gk, gv): (&mut [f32], &mut [f32], &mut [f32]),
 ) {
-    let Heads { t, nh, nkv, hd } = s;
+    let Heads {
+        t,
+        nh,
+        nkv,
+        hd,
+        starts,
+    } = s;
     let (qw, kw) = (nh * hd, nkv * hd);
     let group = nh / nkv;
     let simd = simd();
@@ -306,11 +322,12 @@ pub(crate) fn attention_bwd(
                     let l = lse[h * t + i];
                     // SAFETY: this item owns head h's gq columns and group g's gk/gv columns.
                     let gqi = unsafe { gq.slice(i * qw + h * hd, hd) };
-                    for (j, pj) in p[..=i].iter_mut().enumerate() {
+                    let s0 = starts[i];
+                    for (j, pj) in p.iter_mut().enumerate().take(i + 1).skip(s0) {
                         let kj = &k[j * kw + g * hd..][..hd];
                         *pj = (dot(qi, kj, simd) * scale - l).exp();
                     }
-                    for (j, &pj) in p[..=i].iter().enumerate() {
+                    for (j, &pj) in p.iter().enumerate().take(i + 1).skip(s0) {
                         let vj = &v[j * kw + g * hd..][..hd];
                         let gp = dot(goi, vj, simd);
                         let gs = pj * (gp - di) * scale;

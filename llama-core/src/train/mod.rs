@@ -338,7 +338,22 @@ impl Model {
         score: &[bool],
     ) -> Result<SeqGrad> {
         self.runtime()
-            .run(|| seq_grad(self, params, tokens, score, None))
+            .run(|| seq_grad(self, params, tokens, score, None, &[0]))
+    }
+
+    /// [`Model::lora_loss_and_grads`] on several sequences packed into one: `segments` holds
+    /// the first index of each (starting with 0, increasing). Each attends only within itself
+    /// and its positions start at 0, so the result is the sum over the sequences alone (set
+    /// `score` false at each boundary: the last token of one does not predict the next one's).
+    pub fn lora_loss_and_grads_packed(
+        &self,
+        params: &LoraParams,
+        tokens: &[u32],
+        score: &[bool],
+        segments: &[usize],
+    ) -> Result<SeqGrad> {
+        self.runtime()
+            .run(|| seq_grad(self, params, tokens, score, None, segments))
     }
 
     /// [`Model::lora_loss_and_grads`] against a teacher's distributions instead of the next
@@ -371,7 +386,28 @@ impl Model {
             ));
         }
         self.runtime()
-            .run(|| seq_grad(self, params, tokens, score, Some(teacher)))
+            .run(|| seq_grad(self, params, tokens, score, Some(teacher), &[0]))
+    }
+
+    /// [`Model::lora_distill_loss_and_grads`] on packed sequences (see
+    /// [`Model::lora_loss_and_grads_packed`]).
+    pub fn lora_distill_loss_and_grads_packed(
+        &self,
+        params: &LoraParams,
+        tokens: &[u32],
+        score: &[bool],
+        segments: &[usize],
+        teacher: &[Vec<(u32, f32)>],
+    ) -> Result<SeqGrad> {
+        let n = score.iter().filter(|&&s| s).count();
+        if teacher.len() != n {
+            return Err(Error::InvalidArgument(format!(
+                "{} teacher distributions for {n} scored positions",
+                teacher.len()
+            )));
+        }
+        self.runtime()
+            .run(|| seq_grad(self, params, tokens, score, Some(teacher), segments))
     }
 
     /// The top-`k` next-token distribution of this model (as a teacher) at every position of
@@ -404,6 +440,21 @@ impl Model {
         }
         Ok(out)
     }
+}
+
+/// RoPE tables with one row per token, at its position within its segment.
+fn rope_rows(rope: &crate::model::Rope, starts: &[usize], hd: usize) -> (Vec<f32>, Vec<f32>) {
+    let t = starts.len();
+    let longest = (0..t).map(|i| i - starts[i] + 1).max().unwrap_or(1);
+    let (c, s) = rope.tables(0, longest);
+    let half = hd / 2;
+    let (mut cos, mut sin) = (Vec::with_capacity(t * half), Vec::with_capacity(t * half));
+    for (i, &s0) in starts.iter().enumerate() {
+        let p = i - s0;
+        cos.extend_from_slice(&c[p * half..(p + 1) * half]);
+        sin.extend_from_slice(&s[p * half..(p + 1) * half]);
+    }
+    (cos, sin)
 }
 
 fn check_inputs(model: &Model, params: &LoraParams, tokens: &[u32], score: &[bool]) -> Result<()> {
@@ -442,8 +493,23 @@ fn seq_grad(
     tokens: &[u32],
     score: &[bool],
     teacher: Option<&[Vec<(u32, f32)>]>,
+    segments: &[usize],
 ) -> Result<SeqGrad> {
     check_inputs(model, params, tokens, score)?;
+    if segments.first() != Some(&0)
+        || segments.windows(2).any(|w| w[0] >= w[1])
+        || segments.last().is_some_and(|&l| l >= tokens.len())
+    {
+        return Err(Error::InvalidArgument(
+            "segments must start at 0 and increase within the sequence".into(),
+        ));
+    }
+    // Each row's segment start.
+    let mut starts = vec![0usize; tokens.len()];
+    for (si, &s0) in segments.iter().enumerate() {
+        let end = segments.get(si + 1).copied().unwrap_or(tokens.len());
+        starts[s0..end].iter_mut().for_each(|x| *x = s0);
+    }
     let view = model.train_view()?;
     let c = view.config;
     let t = tokens.len();
@@ -452,9 +518,15 @@ fn seq_grad(
     let qkv_w = qw + 2 * kw;
     let eps = c.rms_norm_eps as f32;
     let s = params.config.scale();
-    let heads = Heads { t, nh, nkv, hd };
+    let heads = Heads {
+        t,
+        nh,
+        nkv,
+        hd,
+        starts: &starts,
+    };
     let scale = (1.0 / (hd as f64).sqrt()) as f32;
-    let (cos, sin) = view.rope.tables(0, t);
+    let (cos, sin) = rope_rows(view.rope, &starts, hd);
     let mut x: Vec<f32> = view.embed.rows(tokens)?.flatten_all()?.to_vec1()?;
     let mut saved: Vec<Saved> = Vec::with_capacity(c.num_hidden_layers);
     for (li, l) in view.layers.iter().enumerate() {
@@ -604,7 +676,17 @@ fn seq_grad(
     for li in (0..c.num_hidden_layers).rev() {
         let sv = &saved[li];
         let l: &LayerView<'_> = &view.layers[li];
-        gx = layer_bwd(&view, l, sv, params, &mut grads, li, gx, (&cos, &sin))?;
+        gx = layer_bwd(
+            &view,
+            l,
+            sv,
+            params,
+            &mut grads,
+            li,
+            gx,
+            (&cos, &sin),
+            &starts,
+        )?;
     }
     Ok(SeqGrad {
         loss_sum,
@@ -623,6 +705,7 @@ fn layer_bwd(
     li: usize,
     g3: Vec<f32>,
     (cos, sin): (&[f32], &[f32]),
+    starts: &[usize],
 ) -> Result<Vec<f32>> {
     let c = view.config;
     let (h, hd, nh, nkv, ff) = c.dims();
@@ -701,7 +784,13 @@ fn layer_bwd(
     }
     // Attention, then RoPE (a rotation: its transpose).
     let (mut gq, mut gk, mut gv) = (vec![0f32; t * qw], vec![0f32; t * kw], vec![0f32; t * kw]);
-    let heads = Heads { t, nh, nkv, hd };
+    let heads = Heads {
+        t,
+        nh,
+        nkv,
+        hd,
+        starts,
+    };
     let scale = (1.0 / (hd as f64).sqrt()) as f32;
     dense::attention_bwd(
         &sv.q,

@@ -177,5 +177,6 @@ def finetune(
     eval_every: int = 50,
     teacher: Optional[Model] = None,
     top_k: int = 32,
+    pack: bool = False,
     progress: Optional[Union[bool, Callable[[Dict[str, object]], Optional[bool]]]] = None,
 ) -> Adapter: ...
