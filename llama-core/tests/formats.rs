@@ -6,6 +6,7 @@ use std::collections::HashMap;
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
+use common::rel_err;
 use common::tiny::{build, Spec};
 use llama_core::convert::{write_gguf, GgufTensor};
 use llama_core::gguf::GgufFile;
@@ -18,12 +19,6 @@ fn logits(m: &Model) -> Vec<f32> {
         .session(SessionOptions::default().kv_type(KvCacheType::F32))
         .unwrap();
     s.eval_all_logits(&TOKENS).unwrap().concat()
-}
-
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den).sqrt()
 }
 
 #[test]

@@ -11,6 +11,7 @@ use std::path::Path;
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 use common::tiny::{build, reference_logits, reference_logits_with, Spec, Tiny};
+use common::{max_diff, max_diff32, rel_err};
 use llama_core::convert::{write_gguf, GgufTensor};
 use llama_core::gguf::Value;
 use llama_core::{permute_rows_for_gguf, Adapter, KvCacheType, Model, SessionOptions, Target};
@@ -195,20 +196,6 @@ fn logits_with(m: &Model, adapters: &[(Adapter, f32)]) -> Vec<Vec<f32>> {
         .unwrap();
     s.set_adapters(adapters).unwrap();
     s.eval_all_logits(&TOKENS).unwrap()
-}
-
-fn max_diff(a: &[Vec<f32>], b: &[Vec<f64>]) -> f64 {
-    a.iter()
-        .zip(b)
-        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (*p as f64 - q).abs()))
-        .fold(0.0, f64::max)
-}
-
-fn max_diff32(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
-    a.iter()
-        .zip(b)
-        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
-        .fold(0.0, f32::max)
 }
 
 /// Checks the adapters (already loaded on `m`) against the f64 reference of the merged weights,
@@ -690,12 +677,6 @@ fn bad_adapters_give_clear_errors() {
 
 fn flat(v: Vec<Vec<f32>>) -> Vec<f32> {
     v.concat()
-}
-
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den).sqrt()
 }
 
 #[test]

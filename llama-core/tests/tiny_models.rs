@@ -4,6 +4,7 @@
 mod common;
 
 use common::tiny::{build, reference_logits, Scaling, Spec, Tiny, Vocab};
+use common::{max_diff, max_diff32};
 use llama_core::{KvCacheType, Model, SessionOptions};
 
 const TOKENS: [u32; 12] = [5, 40, 77, 100, 3, 250, 17, 64, 9, 120, 33, 200];
@@ -18,20 +19,6 @@ fn all_logits(m: &Model, tokens: &[u32], n_batch: usize) -> Vec<Vec<f32>> {
         )
         .unwrap();
     s.eval_all_logits(tokens).unwrap()
-}
-
-fn max_diff(a: &[Vec<f32>], b: &[Vec<f64>]) -> f64 {
-    a.iter()
-        .zip(b)
-        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (*p as f64 - q).abs()))
-        .fold(0.0, f64::max)
-}
-
-fn max_diff32(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
-    a.iter()
-        .zip(b)
-        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
-        .fold(0.0, f32::max)
 }
 
 fn check(name: &str, spec: Spec, with_gguf: bool) -> Tiny {

@@ -14,42 +14,11 @@ fn simd() -> bool {
     crate::exec::current().isa != crate::exec::Isa::Scalar
 }
 
-/// `dst (+)= lhs . rhs` on one thread (the `gemm` crate's kernels, picked for this CPU at run
-/// time), strides in elements: `dst` `[m, n]`, `lhs` `[m, k]`, `rhs` `[k, n]`.
+/// `dst (+)= beta * lhs . rhs` on one thread (the `gemm` crate's kernels, picked for this CPU
+/// at run time), strides in elements: `dst` `[m, n]`, `lhs` `[m, k]`, `rhs` `[k, n]`.
 ///
 /// # Safety
 /// The pointers cover the strided extents; `dst` does not overlap the inputs.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_f32(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut f32,
-    (dst_rs, dst_cs): (usize, usize),
-    accumulate: bool,
-    lhs: *const f32,
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: *const f32,
-    (rhs_rs, rhs_cs): (usize, usize),
-) {
-    // SAFETY: the caller's contract.
-    unsafe {
-        gemm_scaled(
-            (m, n, k),
-            dst,
-            (dst_rs, dst_cs),
-            accumulate,
-            1.0,
-            lhs,
-            (lhs_rs, lhs_cs),
-            rhs,
-            (rhs_rs, rhs_cs),
-        )
-    }
-}
-
-/// [`gemm_f32`] with the product scaled by `beta`.
-///
-/// # Safety
-/// As [`gemm_f32`].
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_scaled(
     (m, n, k): (usize, usize, usize),
@@ -112,11 +81,12 @@ pub(crate) fn fwd(
             // yt[m, rows] = x[m, k] . buf[rows, k]^T
             // SAFETY: yt holds m x rows, x m x k, buf rows x k (read as its transpose).
             unsafe {
-                gemm_f32(
+                gemm_scaled(
                     (m, rows, k),
                     yt.as_mut_ptr(),
                     (rows, 1),
                     false,
+                    1.0,
                     x.as_ptr(),
                     (k, 1),
                     buf.as_ptr(),
@@ -160,11 +130,12 @@ pub(crate) fn bwd(
             // SAFETY: chunk holds mc x k; gy's block lies within gy (checked above); buf
             // rows x k.
             unsafe {
-                gemm_f32(
+                gemm_scaled(
                     (mc, k, rows),
                     chunk.as_mut_ptr(),
                     (k, 1),
                     true,
+                    1.0,
                     gy.as_ptr().add(t0 * stride + col + o0),
                     (stride, 1),
                     buf.as_ptr(),

@@ -133,3 +133,26 @@ pub fn gen(
         .unwrap()
         .tokens
 }
+
+/// Root-mean-square of `a - b` relative to that of `b`.
+pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+/// Largest `|a - b|` over rows of logits (ours f32, a reference f64).
+pub fn max_diff(a: &[Vec<f32>], b: &[Vec<f64>]) -> f64 {
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (*p as f64 - q).abs()))
+        .fold(0.0, f64::max)
+}
+
+/// Largest `|a - b|` over rows of logits.
+pub fn max_diff32(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
+        .fold(0.0, f32::max)
+}
