@@ -1,6 +1,7 @@
 //! A mutation fuzzer on stable Rust for every parser of untrusted bytes: the GGUF reader and
 //! model load, config.json, safetensors headers (an HF folder load), tokenizer.json, chat
-//! templates, session snapshots, LoRA adapters (PEFT config and safetensors, GGUF LoRA). Seeds are a tiny model's own files (built here) and the
+//! templates, session snapshots, LoRA adapters (PEFT config and safetensors, GGUF LoRA),
+//! training data (JSONL) and training checkpoints. Seeds are a tiny model's own files (built here) and the
 //! hostile snippets below; each input must give `Ok` or a clean `Err`, never a panic, and
 //! finish in bounded time. By default each target runs a fixed number of inputs (the same ones
 //! on every run: about half a minute for all of them); `LLAMA_FUZZ_SECS` runs each for that
@@ -321,6 +322,61 @@ fn fuzz_session_snapshots() {
         |input| {
             if let Ok((mut r, _)) = Session::restore(&m, input) {
                 let _ = r.eval(&[6]);
+            }
+        },
+    );
+}
+
+#[test]
+fn fuzz_training_data_and_checkpoints() {
+    use llama_core::train::{load_jsonl, TrainOptions, Trainer};
+    let t = tiny();
+    let m = Model::load(&t.gguf, ModelOptions::default()).unwrap();
+    let data = [
+        r#"{"text": "hello world"}"#,
+        r#"{"prompt": "hello", "completion": " world"}"#,
+        r#"{"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}]}"#,
+    ]
+    .join("\n");
+    let p = t.dir.path().join("train.jsonl");
+    std::fs::write(&p, &data).unwrap();
+    let train = load_jsonl(&m, &p, 64).unwrap();
+    let mut tr = Trainer::new(&m, train.clone(), TrainOptions::default().seed(1)).unwrap();
+    tr.step().unwrap();
+    let ck = t.dir.path().join("ckpt");
+    tr.save_checkpoint(&ck).unwrap();
+    let state = std::fs::read(ck.join("trainer_state.json")).unwrap();
+    let tensors = std::fs::read(ck.join("trainer_state.safetensors")).unwrap();
+    let header_len = 8 + u64::from_le_bytes(tensors[..8].try_into().unwrap()) as usize;
+    let (head, body) = tensors.split_at(header_len.min(tensors.len()));
+    let fz = t.dir.path().join("fuzz-ckpt");
+    std::fs::create_dir_all(&fz).unwrap();
+    let fp = t.dir.path().join("fuzz.jsonl");
+    let seeds = vec![data.as_bytes().to_vec(), state.clone(), head.to_vec()];
+    fuzz(
+        "train-data",
+        &seeds,
+        Duration::from_secs(5),
+        3000,
+        |input| {
+            // Training data (a JSONL file), the checkpoint's JSON state, or its tensor header.
+            if input.starts_with(br#"{""#) && !input.starts_with(b"{\n") {
+                std::fs::write(&fp, input).unwrap();
+                let _ = load_jsonl(&m, &fp, 64);
+            } else if input.first() == Some(&b'{') {
+                std::fs::write(fz.join("trainer_state.json"), input).unwrap();
+                std::fs::write(fz.join("trainer_state.safetensors"), &tensors).unwrap();
+                if let Ok(mut r) = Trainer::resume(&m, train.clone(), &fz) {
+                    let _ = r.step();
+                }
+            } else {
+                std::fs::write(fz.join("trainer_state.json"), &state).unwrap();
+                let mut f = input.to_vec();
+                f.extend_from_slice(body);
+                std::fs::write(fz.join("trainer_state.safetensors"), f).unwrap();
+                if let Ok(mut r) = Trainer::resume(&m, train.clone(), &fz) {
+                    let _ = r.step();
+                }
             }
         },
     );
