@@ -8,24 +8,11 @@ use std::collections::HashMap;
 
 use candle_core::quantized::GgmlDType;
 use candle_core::Device;
-use common::tiny::{build, inv_freq, Spec, Tiny};
+use common::tiny::{build, reference_logits_lora, Lora64, Spec, Tiny};
 use llama_core::train::{LoraConfig, LoraParams};
 use llama_core::{Model, Target};
 
 type Weights = HashMap<String, (Vec<usize>, Vec<f32>)>;
-
-const MODULES: [&str; 7] = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-];
-
-/// LoRA values in f64: `[layer][target] -> (A [r, in], B [out, r])`.
-type Lora64 = Vec<Vec<Option<(Vec<f64>, Vec<f64>)>>>;
 
 fn to64(p: &LoraParams) -> Lora64 {
     p.layers
@@ -45,40 +32,6 @@ fn to64(p: &LoraParams) -> Lora64 {
         .collect()
 }
 
-fn matvec(w: &(Vec<usize>, Vec<f32>), x: &[f64]) -> Vec<f64> {
-    let (rows, cols) = (w.0[0], w.0[1]);
-    (0..rows)
-        .map(|r| (0..cols).map(|c| w.1[r * cols + c] as f64 * x[c]).sum())
-        .collect()
-}
-
-fn rms(x: &[f64], g: &(Vec<usize>, Vec<f32>), eps: f64) -> Vec<f64> {
-    let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
-    let s = 1.0 / (ms + eps).sqrt();
-    x.iter().zip(&g.1).map(|(v, g)| v * s * *g as f64).collect()
-}
-
-/// `W x + s B (A x)`.
-fn proj(
-    w: &(Vec<usize>, Vec<f32>),
-    lora: &Option<(Vec<f64>, Vec<f64>)>,
-    s: f64,
-    r: usize,
-    x: &[f64],
-) -> Vec<f64> {
-    let mut y = matvec(w, x);
-    if let Some((a, b)) = lora {
-        let k = x.len();
-        let u: Vec<f64> = (0..r)
-            .map(|j| (0..k).map(|i| a[j * k + i] * x[i]).sum())
-            .collect();
-        for (o, yo) in y.iter_mut().enumerate() {
-            *yo += s * (0..r).map(|j| b[o * r + j] * u[j]).sum::<f64>();
-        }
-    }
-    y
-}
-
 /// The summed next-token loss over the scored positions, in f64, with LoRA.
 fn loss64(
     spec: &Spec,
@@ -93,113 +46,24 @@ fn loss64(
 }
 
 /// [`loss64`], or with teacher distributions per scored position: `-sum p log q`.
-#[allow(clippy::needless_range_loop, clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)]
 fn loss64_with(
     spec: &Spec,
     w: &Weights,
     lora: &Lora64,
     s: f64,
-    r: usize,
+    _r: usize,
     tokens: &[u32],
     score: &[bool],
     teacher: Option<&[Vec<(u32, f32)>]>,
 ) -> f64 {
-    let (h, hd, nh, nkv) = (spec.hidden, spec.head_dim, spec.heads, spec.kv_heads);
-    let inv = inv_freq(spec, tokens.len());
-    let emb = &w["model.embed_tokens.weight"];
-    let mut xs: Vec<Vec<f64>> = tokens
-        .iter()
-        .map(|&id| {
-            emb.1[id as usize * h..(id as usize + 1) * h]
-                .iter()
-                .map(|&v| v as f64)
-                .collect()
-        })
-        .collect();
-    let rope = |v: &mut [f64], pos: usize| {
-        for i in 0..hd / 2 {
-            let a = pos as f64 * inv[i];
-            let (c, sn) = (a.cos(), a.sin());
-            let (x0, x1) = (v[i], v[i + hd / 2]);
-            v[i] = x0 * c - x1 * sn;
-            v[i + hd / 2] = x1 * c + x0 * sn;
-        }
-    };
-    for l in 0..spec.layers {
-        let p = format!("model.layers.{l}");
-        let wt = |m: &str| &w[&format!("{p}.{m}.weight")];
-        let (mut qs, mut ks, mut vs) = (vec![], vec![], vec![]);
-        for (pos, x) in xs.iter().enumerate() {
-            let n = rms(x, &w[&format!("{p}.input_layernorm.weight")], spec.eps);
-            let mut q = proj(wt(MODULES[0]), &lora[l][0], s, r, &n);
-            let mut k = proj(wt(MODULES[1]), &lora[l][1], s, r, &n);
-            for hh in 0..nh {
-                rope(&mut q[hh * hd..(hh + 1) * hd], pos);
-            }
-            for hh in 0..nkv {
-                rope(&mut k[hh * hd..(hh + 1) * hd], pos);
-            }
-            qs.push(q);
-            ks.push(k);
-            vs.push(proj(wt(MODULES[2]), &lora[l][2], s, r, &n));
-        }
-        for i in 0..xs.len() {
-            let mut att = vec![0f64; nh * hd];
-            for hh in 0..nh {
-                let g = hh / (nh / nkv);
-                let q = &qs[i][hh * hd..(hh + 1) * hd];
-                let sc: Vec<f64> = (0..=i)
-                    .map(|j| {
-                        q.iter()
-                            .zip(&ks[j][g * hd..(g + 1) * hd])
-                            .map(|(a, b)| a * b)
-                            .sum::<f64>()
-                            / (hd as f64).sqrt()
-                    })
-                    .collect();
-                let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let e: Vec<f64> = sc.iter().map(|v| (v - m).exp()).collect();
-                let z: f64 = e.iter().sum();
-                for (j, ej) in e.iter().enumerate() {
-                    for d in 0..hd {
-                        att[hh * hd + d] += ej / z * vs[j][g * hd + d];
-                    }
-                }
-            }
-            let o = proj(wt(MODULES[3]), &lora[l][3], s, r, &att);
-            for (a, b) in xs[i].iter_mut().zip(o) {
-                *a += b;
-            }
-            let n = rms(
-                &xs[i],
-                &w[&format!("{p}.post_attention_layernorm.weight")],
-                spec.eps,
-            );
-            let g = proj(wt(MODULES[4]), &lora[l][4], s, r, &n);
-            let u = proj(wt(MODULES[5]), &lora[l][5], s, r, &n);
-            let act: Vec<f64> = g
-                .iter()
-                .zip(&u)
-                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
-                .collect();
-            let d = proj(wt(MODULES[6]), &lora[l][6], s, r, &act);
-            for (a, b) in xs[i].iter_mut().zip(d) {
-                *a += b;
-            }
-        }
-    }
-    let head = if spec.tie {
-        &w["model.embed_tokens.weight"]
-    } else {
-        &w["lm_head.weight"]
-    };
+    let rows = reference_logits_lora(spec, w, Some((lora, s)), tokens);
     let mut loss = 0.0;
     let mut n = 0;
-    for (i, x) in xs.iter().enumerate().take(tokens.len() - 1) {
+    for (i, logits) in rows.iter().enumerate().take(tokens.len() - 1) {
         if !score[i] {
             continue;
         }
-        let logits = matvec(head, &rms(x, &w["model.norm.weight"], spec.eps));
         let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let z: f64 = logits.iter().map(|v| (v - m).exp()).sum();
         let lse = m + z.ln();

@@ -543,6 +543,47 @@ pub fn reference_logits_with(
     w: &HashMap<String, (Vec<usize>, Vec<f32>)>,
     tokens: &[u32],
 ) -> Vec<Vec<f64>> {
+    reference_logits_lora(s, w, None, tokens)
+}
+
+/// LoRA values in f64: `[layer][target (Q, K, V, O, Gate, Up, Down)] -> (A [r, in], B [out, r])`.
+pub type Lora64 = Vec<Vec<Option<(Vec<f64>, Vec<f64>)>>>;
+
+/// `W x`, plus `scale * B (A x)` when the projection has LoRA values.
+fn proj(
+    w: &(Vec<usize>, Vec<f32>),
+    lora: Option<&(Vec<f64>, Vec<f64>)>,
+    scale: f64,
+    x: &[f64],
+) -> Vec<f64> {
+    let mut y = matvec(w, x);
+    if let Some((a, b)) = lora {
+        let k = x.len();
+        let r = a.len() / k;
+        let u: Vec<f64> = (0..r)
+            .map(|j| (0..k).map(|i| a[j * k + i] * x[i]).sum())
+            .collect();
+        for (o, yo) in y.iter_mut().enumerate() {
+            *yo += scale * (0..r).map(|j| b[o * r + j] * u[j]).sum::<f64>();
+        }
+    }
+    y
+}
+
+/// [`reference_logits_with`] with LoRA applied as `W x + scale * B (A x)` (f64 throughout).
+pub fn reference_logits_lora(
+    s: &Spec,
+    w: &HashMap<String, (Vec<usize>, Vec<f32>)>,
+    lora: Option<(&Lora64, f64)>,
+    tokens: &[u32],
+) -> Vec<Vec<f64>> {
+    let lp = |l: usize, t: usize, x: &[f64], name: &str| -> Vec<f64> {
+        let (ad, sc) = match lora {
+            Some((lo, sc)) => (lo[l][t].as_ref(), sc),
+            None => (None, 0.0),
+        };
+        proj(&w[&format!("model.layers.{l}.{name}.weight")], ad, sc, x)
+    };
     let (h, hd, nh, nkv) = (s.hidden, s.head_dim, s.heads, s.kv_heads);
     let inv = inv_freq(s, tokens.len());
     let emb = &w["model.embed_tokens.weight"];
@@ -571,8 +612,8 @@ pub fn reference_logits_with(
         let mut vs = vec![];
         for (pos, x) in xs.iter().enumerate() {
             let n = rmsnorm(x, &w[&format!("{p}.input_layernorm.weight")], s.eps);
-            let mut q = matvec(&w[&format!("{p}.self_attn.q_proj.weight")], &n);
-            let mut k = matvec(&w[&format!("{p}.self_attn.k_proj.weight")], &n);
+            let mut q = lp(l, 0, &n, "self_attn.q_proj");
+            let mut k = lp(l, 1, &n, "self_attn.k_proj");
             for hh in 0..nh {
                 rope(&mut q[hh * hd..(hh + 1) * hd], pos);
             }
@@ -581,7 +622,7 @@ pub fn reference_logits_with(
             }
             qs.push(q);
             ks.push(k);
-            vs.push(matvec(&w[&format!("{p}.self_attn.v_proj.weight")], &n));
+            vs.push(lp(l, 2, &n, "self_attn.v_proj"));
         }
         for i in 0..xs.len() {
             let mut att_out = vec![0f64; nh * hd];
@@ -606,7 +647,7 @@ pub fn reference_logits_with(
                     }
                 }
             }
-            let o = matvec(&w[&format!("{p}.self_attn.o_proj.weight")], &att_out);
+            let o = lp(l, 3, &att_out, "self_attn.o_proj");
             for (a, b) in xs[i].iter_mut().zip(o) {
                 *a += b;
             }
@@ -615,14 +656,14 @@ pub fn reference_logits_with(
                 &w[&format!("{p}.post_attention_layernorm.weight")],
                 s.eps,
             );
-            let g = matvec(&w[&format!("{p}.mlp.gate_proj.weight")], &n);
-            let u = matvec(&w[&format!("{p}.mlp.up_proj.weight")], &n);
+            let g = lp(l, 4, &n, "mlp.gate_proj");
+            let u = lp(l, 5, &n, "mlp.up_proj");
             let act: Vec<f64> = g
                 .iter()
                 .zip(&u)
                 .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
                 .collect();
-            let d = matvec(&w[&format!("{p}.mlp.down_proj.weight")], &act);
+            let d = lp(l, 6, &act, "mlp.down_proj");
             for (a, b) in xs[i].iter_mut().zip(d) {
                 *a += b;
             }
