@@ -368,25 +368,7 @@ impl Model {
         score: &[bool],
         teacher: &[Vec<(u32, f32)>],
     ) -> Result<SeqGrad> {
-        let n = score.iter().filter(|&&s| s).count();
-        if teacher.len() != n {
-            return Err(Error::InvalidArgument(format!(
-                "{} teacher distributions for {n} scored positions",
-                teacher.len()
-            )));
-        }
-        let vocab = self.config().vocab_size;
-        if teacher
-            .iter()
-            .flatten()
-            .any(|&(id, p)| id as usize >= vocab || !p.is_finite() || p < 0.0)
-        {
-            return Err(Error::InvalidArgument(
-                "a teacher distribution holds a bad id or probability".into(),
-            ));
-        }
-        self.runtime()
-            .run(|| seq_grad(self, params, tokens, score, Some(teacher), &[0]))
+        self.lora_distill_loss_and_grads_packed(params, tokens, score, &[0], teacher)
     }
 
     /// [`Model::lora_distill_loss_and_grads`] on packed sequences (see
@@ -405,6 +387,16 @@ impl Model {
                 "{} teacher distributions for {n} scored positions",
                 teacher.len()
             )));
+        }
+        let vocab = self.config().vocab_size;
+        if teacher
+            .iter()
+            .flatten()
+            .any(|&(id, p)| id as usize >= vocab || !p.is_finite() || p < 0.0)
+        {
+            return Err(Error::InvalidArgument(
+                "a teacher distribution holds a bad id or probability".into(),
+            ));
         }
         self.runtime()
             .run(|| seq_grad(self, params, tokens, score, Some(teacher), segments))

@@ -396,19 +396,25 @@ impl Trainer {
                 *v = b2 * *v + (1.0 - b2) * g * g;
             }
         });
-        let (m, v) = (&self.m, &self.v);
-        let mut flat_m = vec![];
-        m.for_each(|x| flat_m.push(x.to_vec()));
-        let mut flat_v = vec![];
-        v.for_each(|x| flat_v.push(x.to_vec()));
-        let mut i = 0;
-        self.params.for_each_mut(|p| {
-            for ((p, m), v) in p.iter_mut().zip(&flat_m[i]).zip(&flat_v[i]) {
-                let update = (m / bc1) / ((v / bc2).sqrt() + eps);
-                *p -= lr * (update + wd * *p);
+        // p -= lr * (m_hat / (sqrt(v_hat) + eps) + wd * p), matrix by matrix.
+        for ((pl, ml), vl) in self
+            .params
+            .layers
+            .iter_mut()
+            .zip(&self.m.layers)
+            .zip(&self.v.layers)
+        {
+            for ((p, m), v) in pl.iter_mut().zip(ml).zip(vl) {
+                if let (Some(p), Some(m), Some(v)) = (p, m, v) {
+                    for (p, (m, v)) in [(&mut p.a, (&m.a, &v.a)), (&mut p.b, (&m.b, &v.b))] {
+                        for ((p, m), v) in p.iter_mut().zip(m).zip(v) {
+                            let update = (m / bc1) / ((v / bc2).sqrt() + eps);
+                            *p -= lr * (update + wd * *p);
+                        }
+                    }
+                }
             }
-            i += 1;
-        });
+        }
         self.pos += take;
         self.step += 1;
         let epoch = self.epoch;
