@@ -59,6 +59,10 @@ pub enum Error {
     /// An argument was out of range or otherwise invalid.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// A constraint (JSON schema, grammar, regular expression, choices) is invalid or cannot
+    /// be followed.
+    #[error("invalid constraint: {0}")]
+    Grammar(String),
     /// The operation was cancelled through a [`crate::CancelHandle`].
     #[error("operation cancelled")]
     Cancelled,

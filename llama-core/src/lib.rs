@@ -40,6 +40,7 @@ mod attention;
 pub mod chat;
 mod codec;
 pub mod config;
+pub mod constrain;
 pub mod convert;
 pub mod error;
 mod exec;
@@ -63,6 +64,7 @@ mod weights;
 
 pub use chat::Message;
 pub use config::{Config, RopeScaling};
+pub use constrain::{Constraint, Grammar};
 pub use error::{Error, Result};
 pub use exec::Kernel;
 pub use lora::{Adapter, AdapterFormat, Target};

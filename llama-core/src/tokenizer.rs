@@ -484,6 +484,116 @@ impl Tokenizer {
     pub fn hf(&self) -> &HfTokenizer {
         &self.special
     }
+
+    /// The bytes every token stands for, by id, as they appear in decoded text: byte-level
+    /// vocabularies mapped back through GPT-2's byte table, SentencePiece `▁` as a space and
+    /// `<0xNN>` pieces as their byte. Special tokens are `0xFF` followed by their text (the
+    /// marker llguidance's token tables use); ids the vocabulary leaves empty have no bytes.
+    pub fn token_bytes(&self) -> Vec<Vec<u8>> {
+        let mode = ByteMode::of(&self.special);
+        let added = self.special.get_added_tokens_decoder();
+        let unicode_to_byte: HashMap<char, u8> = gpt2_byte_table()
+            .iter()
+            .enumerate()
+            .map(|(b, &c)| (c, b as u8))
+            .collect();
+        (0..self.vocab_size as u32)
+            .map(|id| {
+                if let Some(t) = added.get(&id) {
+                    let mut v = Vec::with_capacity(t.content.len() + 1);
+                    if t.special {
+                        v.push(0xFF);
+                    }
+                    v.extend_from_slice(t.content.as_bytes());
+                    return v;
+                }
+                let Some(text) = self.special.id_to_token(id) else {
+                    return vec![];
+                };
+                match mode {
+                    ByteMode::ByteLevel => {
+                        let mut v = Vec::with_capacity(text.len());
+                        for c in text.chars() {
+                            match unicode_to_byte.get(&c) {
+                                Some(&b) => v.push(b),
+                                None => {
+                                    let mut buf = [0u8; 4];
+                                    v.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+                                }
+                            }
+                        }
+                        v
+                    }
+                    ByteMode::SentencePiece => {
+                        if let Some(b) = text
+                            .strip_prefix("<0x")
+                            .and_then(|h| h.strip_suffix('>'))
+                            .filter(|h| h.len() == 2)
+                            .and_then(|h| u8::from_str_radix(h, 16).ok())
+                        {
+                            return vec![b];
+                        }
+                        text.replace('\u{2581}', " ").into_bytes()
+                    }
+                    ByteMode::Plain => text.into_bytes(),
+                }
+            })
+            .collect()
+    }
+}
+
+/// How vocabulary strings map to text bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ByteMode {
+    ByteLevel,
+    SentencePiece,
+    Plain,
+}
+
+impl ByteMode {
+    fn of(t: &HfTokenizer) -> ByteMode {
+        let Some(dec) = t.get_decoder().and_then(|d| serde_json::to_value(d).ok()) else {
+            return ByteMode::Plain;
+        };
+        fn has(v: &serde_json::Value, pred: &dyn Fn(&serde_json::Value) -> bool) -> bool {
+            pred(v)
+                || v.get("decoders")
+                    .and_then(|d| d.as_array())
+                    .is_some_and(|a| a.iter().any(|d| has(d, pred)))
+        }
+        let ty = |v: &serde_json::Value, name: &str| {
+            v.get("type").and_then(|t| t.as_str()) == Some(name)
+        };
+        if has(&dec, &|v| ty(v, "ByteLevel")) {
+            ByteMode::ByteLevel
+        } else if has(&dec, &|v| {
+            ty(v, "Metaspace")
+                || ty(v, "ByteFallback")
+                || (ty(v, "Replace") && v.to_string().contains('\u{2581}'))
+        }) {
+            ByteMode::SentencePiece
+        } else {
+            ByteMode::Plain
+        }
+    }
+}
+
+/// GPT-2's byte-to-character table: byte `b` is written as character `table[b]`.
+fn gpt2_byte_table() -> [char; 256] {
+    let mut table = ['\0'; 256];
+    let printable = |b: u32| {
+        (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b)
+    };
+    let mut n = 0u32;
+    for b in 0..256u32 {
+        table[b as usize] = if printable(b) {
+            char::from_u32(b).expect("latin-1 is valid")
+        } else {
+            n += 1;
+            char::from_u32(255 + n).expect("below the surrogates")
+        };
+    }
+    table
 }
 
 /// Merges for a SentencePiece BPE vocabulary: every split of a token into two vocabulary

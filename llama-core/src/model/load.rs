@@ -189,6 +189,7 @@ impl Model {
                 rope,
                 device: Device::Cpu,
                 adapters: Default::default(),
+                constraints: Default::default(),
                 runtime,
             }),
         })

@@ -197,6 +197,8 @@ pub(crate) struct Inner {
     adapters: std::sync::Mutex<Vec<std::sync::Weak<crate::lora::AdapterInner>>>,
     /// The kernel settings the weights were laid out for, and the default pool.
     pub(crate) runtime: Runtime,
+    /// llguidance's token table and parser factory, built on the first constraint.
+    pub(crate) constraints: std::sync::OnceLock<Result<crate::constrain::Compiler, String>>,
 }
 
 /// Sentence embeddings from [`Model::embed`].
@@ -284,6 +286,17 @@ impl Model {
     /// The model's tokenizer.
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.inner.tokenizer
+    }
+
+    /// Compiles a constraint for generation on this model ([`crate::GenerateOptions::constraint`]
+    /// compiles its own; compile once here to reuse it, or to check a schema up front). The
+    /// first call builds the model's token table (~50 ms for a 49k vocabulary).
+    pub fn compile_constraint(
+        &self,
+        c: &crate::constrain::Constraint,
+    ) -> Result<crate::constrain::Grammar> {
+        crate::constrain::compiler(&self.inner.constraints, &self.inner.tokenizer)?
+            .compile(c, &self.inner.tokenizer)
     }
     /// The chat template shipped with the model, if any.
     pub fn chat_template(&self) -> Option<&str> {

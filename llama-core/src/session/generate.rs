@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::Session;
 use crate::chat::{render_template, Message};
+use crate::constrain::{Constraint, ConstraintState, Grammar};
 use crate::error::{Error, Result};
 use crate::sampler::{log_softmax, Sampler};
 use crate::tokenizer::Tokenizer;
@@ -42,6 +43,12 @@ pub struct GenerateOptions {
     pub logprobs: Option<usize>,
     /// Render special tokens in the streamed text.
     pub special: bool,
+    /// What the output must match (compiled when generation starts; see
+    /// [`GenerateOptions::grammar`] to reuse a compiled one). `None`: free text.
+    pub constraint: Option<Constraint>,
+    /// A constraint compiled with [`crate::Model::compile_constraint`]; used instead of
+    /// `constraint` when set.
+    pub grammar: Option<Grammar>,
 }
 
 impl Default for GenerateOptions {
@@ -51,6 +58,8 @@ impl Default for GenerateOptions {
             stop: vec![],
             logprobs: None,
             special: false,
+            constraint: None,
+            grammar: None,
         }
     }
 }
@@ -71,6 +80,16 @@ impl GenerateOptions {
         self.logprobs = Some(top);
         self
     }
+    /// Constrains the output (JSON schema, grammar, regex, choices).
+    pub fn constrain(mut self, c: Constraint) -> Self {
+        self.constraint = Some(c);
+        self
+    }
+    /// Constrains the output with an already compiled constraint.
+    pub fn grammar(mut self, g: Grammar) -> Self {
+        self.grammar = Some(g);
+        self
+    }
 }
 
 /// Why generation ended.
@@ -87,10 +106,16 @@ pub enum StopReason {
     Callback,
     /// Cancelled through the [`CancelHandle`].
     Cancelled,
+    /// The constraint is complete and allows nothing more.
+    GrammarComplete,
+    /// `max_tokens` or a stop string ended a constrained generation before its output matched
+    /// the constraint: the text is a prefix of a match, not a match.
+    GrammarIncomplete,
 }
 
 impl StopReason {
-    /// A short name: `max_tokens`, `eog`, `stop_string`, `callback`, `cancelled`.
+    /// A short name: `max_tokens`, `eog`, `stop_string`, `callback`, `cancelled`, `grammar`
+    /// (complete), `grammar_incomplete`.
     pub fn as_str(&self) -> &'static str {
         match self {
             StopReason::MaxTokens => "max_tokens",
@@ -98,6 +123,8 @@ impl StopReason {
             StopReason::StopString => "stop_string",
             StopReason::Callback => "callback",
             StopReason::Cancelled => "cancelled",
+            StopReason::GrammarComplete => "grammar",
+            StopReason::GrammarIncomplete => "grammar_incomplete",
         }
     }
 }
@@ -243,12 +270,19 @@ pub struct Generator {
     result: Generation,
     done: bool,
     started: Instant,
+    constraint: Option<ConstraintState>,
 }
 
 impl Generator {
     /// Evaluates `prompt` after the session's current context and prepares generation.
     pub fn new(session: &mut Session, prompt: &[u32], opts: GenerateOptions) -> Result<Self> {
         let t0 = Instant::now();
+        // A bad constraint is an error before anything is evaluated or generated.
+        let constraint = match (&opts.grammar, &opts.constraint) {
+            (Some(g), _) => Some(g.matcher()),
+            (None, Some(c)) => Some(session.model().compile_constraint(c)?.matcher()),
+            (None, None) => None,
+        };
         let n_prompt = prompt.len();
         if !prompt.is_empty() {
             session.eval(prompt)?;
@@ -275,6 +309,7 @@ impl Generator {
             },
             done: false,
             started: Instant::now(),
+            constraint,
         })
     }
 
@@ -327,17 +362,36 @@ impl Generator {
                 text,
             }));
         }
-        if self.result.tokens.len() >= self.opts.max_tokens {
-            let rest = self.end(StopReason::MaxTokens);
+        let complete = self.constraint.as_ref().is_some_and(|c| c.is_stopped());
+        if complete || self.result.tokens.len() >= self.opts.max_tokens {
+            let accepting = self.constraint.as_mut().map(|c| c.is_accepting());
+            let reason = match accepting {
+                Some(_) if complete => StopReason::GrammarComplete,
+                Some(false) => StopReason::GrammarIncomplete,
+                _ => StopReason::MaxTokens,
+            };
+            let rest = self.end(reason);
             return Ok(rest.map(|text| Piece {
                 token: u32::MAX,
                 text,
             }));
         }
-        let logits = session.logits().ok_or_else(Error::no_logits)?.to_vec();
+        let raw = session.logits().ok_or_else(Error::no_logits)?;
+        let mut logits = raw.to_vec();
+        if let Some(c) = &mut self.constraint {
+            c.apply(&mut logits)?;
+        }
         let id = sampler.sample(&logits, session.tokens())?;
+        if let Some(c) = &mut self.constraint {
+            // An end-of-generation token is allowed only where the output is complete; the
+            // matcher has nothing to advance past then.
+            if !session.model().tokenizer().is_eog(id) {
+                c.consume(id)?;
+            }
+        }
         if let Some(top) = self.opts.logprobs {
-            let lp = log_softmax(&logits);
+            // The model's own probabilities, before the constraint's mask.
+            let lp = log_softmax(session.logits().ok_or_else(Error::no_logits)?);
             self.result.logprobs.push(TokenLogprob {
                 id,
                 logprob: lp[id as usize],
@@ -375,7 +429,11 @@ impl Generator {
             self.text.truncate(pos);
             self.emitted = self.text.len();
             self.result.text = self.text.clone();
-            self.end(StopReason::StopString);
+            self.end(if self.constraint.is_some() {
+                StopReason::GrammarIncomplete
+            } else {
+                StopReason::StopString
+            });
             return Ok(Some(Piece {
                 token: id,
                 text: out,
