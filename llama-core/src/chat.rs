@@ -13,6 +13,10 @@ pub struct Message {
     pub role: String,
     /// The text.
     pub content: String,
+    /// The tool calls an assistant message made (templates read them as Hugging Face's
+    /// `tool_calls`); empty for every other message.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<crate::constrain::tools::ToolCall>,
 }
 
 impl Message {
@@ -21,7 +25,19 @@ impl Message {
         Message {
             role: role.into(),
             content: content.into(),
+            tool_calls: vec![],
         }
+    }
+    /// An assistant message that made these tool calls.
+    pub fn tool_calls(calls: Vec<crate::constrain::tools::ToolCall>) -> Self {
+        Message {
+            tool_calls: calls,
+            ..Self::assistant("")
+        }
+    }
+    /// A tool's result (role `tool`).
+    pub fn tool(content: impl Into<String>) -> Self {
+        Self::new("tool", content)
     }
     /// A system message.
     pub fn system(content: impl Into<String>) -> Self {
@@ -136,6 +152,26 @@ pub fn render_template(
     bos_token: &str,
     eos_token: &str,
 ) -> Result<String> {
+    render_template_with_tools(
+        template,
+        messages,
+        None,
+        add_generation_prompt,
+        bos_token,
+        eos_token,
+    )
+}
+
+/// [`render_template`] with `tools` (OpenAI-shaped JSON, as Hugging Face's
+/// `apply_chat_template(tools=...)` passes them; `None` leaves the variable undefined).
+pub fn render_template_with_tools(
+    template: &str,
+    messages: &[Message],
+    tools: Option<&[serde_json::Value]>,
+    add_generation_prompt: bool,
+    bos_token: &str,
+    eos_token: &str,
+) -> Result<String> {
     let mut env = Environment::new();
     // Templates come with model files from the internet: rendering is bounded in steps and in
     // output (a hostile template fails with a ChatTemplate error instead of hanging the host).
@@ -158,14 +194,23 @@ pub fn render_template(
         .map_err(|e| Error::ChatTemplate(e.to_string()))?;
     let input: usize = messages
         .iter()
-        .map(|m| m.content.len() + m.role.len())
-        .sum();
+        .map(|m| {
+            m.content.len()
+                + m.role.len()
+                + m.tool_calls
+                    .iter()
+                    .map(|c| 64 + c.name.len() + c.arguments.to_string().len())
+                    .sum::<usize>()
+        })
+        .sum::<usize>()
+        + tools.map_or(0, |t| t.iter().map(|v| v.to_string().len()).sum());
     let mut out = Bounded {
         buf: Vec::new(),
         max: TEMPLATE_OUTPUT_BASE + 4 * input,
     };
     let ctx = minijinja::context! {
         messages => messages,
+        tools => tools,
         add_generation_prompt => add_generation_prompt,
         bos_token => bos_token,
         eos_token => eos_token,

@@ -64,6 +64,7 @@ mod weights;
 
 pub use chat::Message;
 pub use config::{Config, RopeScaling};
+pub use constrain::tools::{Tool, ToolCall, ToolChoice, ToolFormat};
 pub use constrain::{Constraint, Grammar};
 pub use error::{Error, Result};
 pub use exec::Kernel;

@@ -9,6 +9,7 @@
 //! complete.
 
 pub mod gbnf;
+pub mod tools;
 
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};

@@ -7,7 +7,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::Session;
-use crate::chat::{render_template, Message};
+use crate::chat::{render_template, render_template_with_tools, Message};
+use crate::constrain::tools::{
+    parse_tool_calls, template_takes_tools, tool_constraint, tools_prompt, Tool, ToolCall,
+    ToolChoice, ToolFormat,
+};
 use crate::constrain::{Constraint, ConstraintState, Grammar};
 use crate::error::{Error, Result};
 use crate::sampler::{log_softmax, Sampler};
@@ -49,6 +53,12 @@ pub struct GenerateOptions {
     /// A constraint compiled with [`crate::Model::compile_constraint`]; used instead of
     /// `constraint` when set.
     pub grammar: Option<Grammar>,
+    /// Tools the model may call: a chat prompt shows them to the model (through its template),
+    /// and unless `constraint` or `grammar` is set the reply is constrained by `tool_choice`;
+    /// the calls come back parsed in [`Generation::tool_calls`].
+    pub tools: Vec<Tool>,
+    /// Whether and which tool must be called (default: the model chooses).
+    pub tool_choice: ToolChoice,
 }
 
 impl Default for GenerateOptions {
@@ -60,6 +70,8 @@ impl Default for GenerateOptions {
             special: false,
             constraint: None,
             grammar: None,
+            tools: vec![],
+            tool_choice: ToolChoice::Auto,
         }
     }
 }
@@ -88,6 +100,12 @@ impl GenerateOptions {
     /// Constrains the output with an already compiled constraint.
     pub fn grammar(mut self, g: Grammar) -> Self {
         self.grammar = Some(g);
+        self
+    }
+    /// Offers tools to the model with `choice`.
+    pub fn tools(mut self, tools: Vec<Tool>, choice: ToolChoice) -> Self {
+        self.tools = tools;
+        self.tool_choice = choice;
         self
     }
 }
@@ -184,6 +202,8 @@ pub struct Generation {
     pub stop_reason: StopReason,
     /// Log-probabilities, when asked for.
     pub logprobs: Vec<TokenLogprob>,
+    /// The tool calls the reply made (with [`GenerateOptions::tools`]; empty for a text reply).
+    pub tool_calls: Vec<ToolCall>,
     /// Timings.
     pub timings: Timings,
 }
@@ -278,9 +298,19 @@ impl Generator {
     pub fn new(session: &mut Session, prompt: &[u32], opts: GenerateOptions) -> Result<Self> {
         let t0 = Instant::now();
         // A bad constraint is an error before anything is evaluated or generated.
-        let constraint = match (&opts.grammar, &opts.constraint) {
+        let model = session.model().clone();
+        let tool_constraint = if opts.grammar.is_none() && opts.constraint.is_none() {
+            let format = ToolFormat::of_template(model.chat_template());
+            tool_constraint(&opts.tools, &opts.tool_choice, format)?
+        } else {
+            None
+        };
+        let constraint = match (
+            &opts.grammar,
+            opts.constraint.as_ref().or(tool_constraint.as_ref()),
+        ) {
             (Some(g), _) => Some(g.matcher()),
-            (None, Some(c)) => Some(session.model().compile_constraint(c)?.matcher()),
+            (None, Some(c)) => Some(model.compile_constraint(c)?.matcher()),
             (None, None) => None,
         };
         let n_prompt = prompt.len();
@@ -301,6 +331,7 @@ impl Generator {
                 text: String::new(),
                 stop_reason: StopReason::MaxTokens,
                 logprobs: vec![],
+                tool_calls: vec![],
                 timings: Timings {
                     prompt_tokens: n_prompt,
                     prompt: prompt_time,
@@ -341,12 +372,20 @@ impl Generator {
         self.result.timings.generation = self.started.elapsed();
         self.result.timings.generated_tokens = self.result.tokens.len();
         if reason == StopReason::StopString {
+            self.parse_calls();
             return None;
         }
         let rest = self.text[self.emitted..].to_string();
         self.emitted = self.text.len();
         self.result.text = self.text.clone();
+        self.parse_calls();
         (!rest.is_empty()).then_some(rest)
+    }
+
+    fn parse_calls(&mut self) {
+        if !self.opts.tools.is_empty() && self.opts.tool_choice != ToolChoice::None {
+            self.result.tool_calls = parse_tool_calls(&self.result.text, &self.opts.tools);
+        }
     }
 
     /// Runs one decode step: samples a token, evaluates it, and returns the text it releases;
@@ -526,11 +565,26 @@ impl Session {
         }
     }
 
+    /// [`Session::prompt_tokens`] with tools shown to a chat prompt's template.
+    pub fn prompt_tokens_with_tools(
+        &mut self,
+        prompt: Prompt<'_>,
+        tools: &[Tool],
+    ) -> Result<Vec<u32>> {
+        match prompt {
+            Prompt::Chat(messages) => {
+                let ids = self.model().chat_tokens_with_tools(messages, tools)?;
+                Ok(self.reuse_prefix(&ids))
+            }
+            other => self.prompt_tokens(other),
+        }
+    }
+
     /// The one generation driver: evaluates `prompt` and returns the [`Generator`] to step
     /// ([`Session::stream`], [`Session::generate`], [`Session::chat`], C and Python all start
     /// here).
     pub fn start(&mut self, prompt: Prompt<'_>, opts: GenerateOptions) -> Result<Generator> {
-        let ids = self.prompt_tokens(prompt)?;
+        let ids = self.prompt_tokens_with_tools(prompt, &opts.tools)?;
         Generator::new(self, &ids, opts)
     }
 
@@ -664,23 +718,70 @@ impl crate::Model {
         messages: &[Message],
         add_generation_prompt: bool,
     ) -> Result<String> {
+        self.apply_chat_template_with_tools(messages, &[], add_generation_prompt)
+    }
+
+    /// [`crate::Model::apply_chat_template`] showing `tools` to the model: a template that reads
+    /// `tools` gets them as Hugging Face passes them; any other template gets them (and the
+    /// call format) in the system message, and earlier calls written as JSON text.
+    pub fn apply_chat_template_with_tools(
+        &self,
+        messages: &[Message],
+        tools: &[Tool],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let template = self.chat_template().ok_or_else(|| {
             Error::ChatTemplate(format!("{} has no chat template", self.path().display()))
         })?;
         let tok = self.tokenizer();
         let name = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i)).unwrap_or_default();
-        render_template(
-            template,
-            messages,
-            add_generation_prompt,
-            &name(tok.bos_id()),
-            &name(tok.eos_id()),
-        )
+        let (bos, eos) = (name(tok.bos_id()), name(tok.eos_id()));
+        let has_calls = messages.iter().any(|m| !m.tool_calls.is_empty());
+        if template_takes_tools(template) || (tools.is_empty() && !has_calls) {
+            let json: Vec<serde_json::Value> = tools.iter().map(Tool::to_json).collect();
+            let tools = (!json.is_empty()).then_some(&json[..]);
+            return render_template_with_tools(
+                template,
+                messages,
+                tools,
+                add_generation_prompt,
+                &bos,
+                &eos,
+            );
+        }
+        let format = ToolFormat::of_template(Some(template));
+        let mut msgs = messages.to_vec();
+        for m in &mut msgs {
+            if !m.tool_calls.is_empty() {
+                let calls: Vec<String> =
+                    m.tool_calls.iter().map(|c| format.write_call(c)).collect();
+                if !m.content.is_empty() {
+                    m.content.push('\n');
+                }
+                m.content.push_str(&calls.join("\n"));
+                m.tool_calls.clear();
+            }
+        }
+        if !tools.is_empty() {
+            let prompt = tools_prompt(tools, format);
+            match msgs.first_mut() {
+                Some(m) if m.role == "system" => {
+                    m.content = format!("{}\n\n{prompt}", m.content);
+                }
+                _ => msgs.insert(0, Message::system(prompt)),
+            }
+        }
+        render_template(template, &msgs, add_generation_prompt, &bos, &eos)
     }
 
     /// The tokens of a rendered conversation: special tokens parsed, one BOS at most.
     pub fn chat_tokens(&self, messages: &[Message]) -> Result<Vec<u32>> {
-        let text = self.apply_chat_template(messages, true)?;
+        self.chat_tokens_with_tools(messages, &[])
+    }
+
+    /// [`crate::Model::chat_tokens`] with `tools` shown to the template.
+    pub fn chat_tokens_with_tools(&self, messages: &[Message], tools: &[Tool]) -> Result<Vec<u32>> {
+        let text = self.apply_chat_template_with_tools(messages, tools, true)?;
         let tok = self.tokenizer();
         let mut ids = tok.encode(&text, false, true)?;
         if tok.adds_bos() {
