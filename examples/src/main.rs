@@ -15,8 +15,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use llama_core::convert::{gguf_to_hf, DenseType};
 use llama_core::quantize::{quantize_model, FileType, QuantizeOptions};
 use llama_core::{
-    GenerateOptions, Generation, Message, Model, ModelOptions, Sampler, SamplerConfig, Session,
-    SessionOptions,
+    Constraint, GenerateOptions, Generation, Message, Model, ModelOptions, Sampler, SamplerConfig,
+    Session, SessionOptions, Tool, ToolChoice,
 };
 use serde_json::json;
 
@@ -117,6 +117,24 @@ struct SamplingArgs {
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     json: bool,
+    /// Constrain the output to JSON valid under this JSON Schema (a file, or the schema itself).
+    #[arg(long, value_name = "FILE_OR_JSON", group = "constraint")]
+    json_schema: Option<String>,
+    /// Constrain the output to a grammar file: llama.cpp GBNF (.gbnf, or `root ::=` inside) or
+    /// llguidance Lark (.lark, or anything else).
+    #[arg(long, value_name = "FILE", group = "constraint")]
+    grammar: Option<PathBuf>,
+    /// Constrain the output to match this regular expression.
+    #[arg(long, value_name = "RE", group = "constraint")]
+    regex: Option<String>,
+    /// Constrain the output to one of these comma-separated choices.
+    #[arg(
+        long,
+        value_name = "A,B,C",
+        group = "constraint",
+        value_delimiter = ','
+    )]
+    choice: Option<Vec<String>>,
 }
 
 #[derive(Args)]
@@ -140,6 +158,13 @@ struct ChatArgs {
     /// One user turn (non-interactive).
     #[arg(short, long)]
     prompt: Option<String>,
+    /// Tools the model may call: a JSON file with a list in OpenAI's shape
+    /// (`[{"type": "function", "function": {"name", "description", "parameters"}}]`).
+    #[arg(long, value_name = "FILE")]
+    tools: Option<PathBuf>,
+    /// With --tools: auto (default), required, none, or a tool's name.
+    #[arg(long, value_name = "CHOICE")]
+    tool_choice: Option<String>,
     #[command(flatten)]
     sampling: SamplingArgs,
 }
@@ -393,10 +418,66 @@ fn sampler(s: &SamplingArgs) -> AnyResult<Sampler> {
     Ok(Sampler::new(cfg)?)
 }
 
-fn gen_opts(s: &SamplingArgs) -> GenerateOptions {
+fn gen_opts(s: &SamplingArgs) -> AnyResult<GenerateOptions> {
     let mut o = GenerateOptions::default().max_tokens(s.max_tokens);
     o.stop = s.stop.clone();
-    o
+    o.constraint = constraint(s)?;
+    Ok(o)
+}
+
+/// The constraint the flags ask for (clap allows one at most).
+fn constraint(s: &SamplingArgs) -> AnyResult<Option<Constraint>> {
+    if let Some(schema) = &s.json_schema {
+        let text = if schema.trim_start().starts_with('{') || schema.trim() == "true" {
+            schema.clone()
+        } else {
+            std::fs::read_to_string(schema)
+                .map_err(|e| format!("cannot read the JSON schema file {schema}: {e}"))?
+        };
+        return Ok(Some(Constraint::json_schema_str(&text)?));
+    }
+    if let Some(path) = &s.grammar {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read the grammar file {}: {e}", path.display()))?;
+        return Ok(Some(match path.extension().and_then(|e| e.to_str()) {
+            Some("gbnf") => Constraint::Gbnf(text),
+            Some("lark") => Constraint::Lark(text),
+            _ => Constraint::grammar(text),
+        }));
+    }
+    if let Some(rx) = &s.regex {
+        return Ok(Some(Constraint::Regex(rx.clone())));
+    }
+    if let Some(items) = &s.choice {
+        return Ok(Some(Constraint::Choices(items.clone())));
+    }
+    Ok(None)
+}
+
+/// Tools from a JSON file (a list in OpenAI's shape) and the choice flag.
+fn tools(a: &ChatArgs) -> AnyResult<(Vec<Tool>, ToolChoice)> {
+    let Some(path) = &a.tools else {
+        if a.tool_choice.is_some() {
+            return Err("--tool-choice needs --tools".into());
+        }
+        return Ok((vec![], ToolChoice::Auto));
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the tools file {}: {e}", path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{} is not JSON: {e}", path.display()))?;
+    let list = v
+        .as_array()
+        .ok_or_else(|| format!("{} must hold a JSON list of tools", path.display()))?;
+    let tools = list
+        .iter()
+        .map(Tool::from_json)
+        .collect::<Result<Vec<_>, _>>()?;
+    let choice = match &a.tool_choice {
+        Some(c) => ToolChoice::parse(c)?,
+        None => ToolChoice::Auto,
+    };
+    Ok((tools, choice))
 }
 
 fn session(model: &Model, m: &ModelArg) -> AnyResult<Session> {
@@ -435,6 +516,7 @@ fn json_result(prompt_ids: &[u32], g: &Generation) -> serde_json::Value {
         "ids": g.tokens,
         "text": g.text,
         "stop_reason": g.stop_reason.as_str(),
+        "tool_calls": g.tool_calls.iter().map(|c| json!({"name": c.name, "arguments": c.arguments})).collect::<Vec<_>>(),
         "timings": {
             "prompt_tokens": g.timings.prompt_tokens,
             "prompt_ms": g.timings.prompt.as_secs_f64() * 1e3,
@@ -449,15 +531,21 @@ fn json_result(prompt_ids: &[u32], g: &Generation) -> serde_json::Value {
 fn generate(a: GenerateArgs) -> AnyResult<()> {
     let model = load(&a.model)?;
     let ids = model.tokenize(&a.prompt, true, true)?;
-    one_turn(&model, &a.model, &a.sampling, &ids)
+    one_turn(&model, &a.model, &a.sampling, &ids, gen_opts(&a.sampling)?)
 }
 
 /// Generates after `ids` on a fresh session: streams the text, or prints one JSON object.
-fn one_turn(model: &Model, m: &ModelArg, sampling: &SamplingArgs, ids: &[u32]) -> AnyResult<()> {
+fn one_turn(
+    model: &Model,
+    m: &ModelArg,
+    sampling: &SamplingArgs,
+    ids: &[u32],
+    opts: GenerateOptions,
+) -> AnyResult<()> {
     let mut s = session(model, m)?;
     let mut smp = sampler(sampling)?;
     let json = sampling.json;
-    let g = s.generate(ids, &mut smp, gen_opts(sampling), |p| {
+    let g = s.generate(ids, &mut smp, opts, |p| {
         if json {
             ControlFlow::Continue(())
         } else {
@@ -468,6 +556,9 @@ fn one_turn(model: &Model, m: &ModelArg, sampling: &SamplingArgs, ids: &[u32]) -
         println!("{}", json_result(ids, &g));
     } else {
         println!();
+        for c in &g.tool_calls {
+            eprintln!("[tool call: {} {}]", c.name, c.arguments);
+        }
     }
     summary(&g);
     Ok(())
@@ -475,6 +566,8 @@ fn one_turn(model: &Model, m: &ModelArg, sampling: &SamplingArgs, ids: &[u32]) -
 
 fn chat(a: ChatArgs) -> AnyResult<()> {
     let model = load(&a.model)?;
+    let (tools, choice) = tools(&a)?;
+    let opts = gen_opts(&a.sampling)?.tools(tools, choice);
     let mut messages = vec![];
     if let Some(sys) = &a.system {
         messages.push(Message::system(sys.clone()));
@@ -482,8 +575,8 @@ fn chat(a: ChatArgs) -> AnyResult<()> {
     if let Some(p) = &a.prompt {
         // One turn on an empty session: the rendered conversation is the whole prompt.
         messages.push(Message::user(p.clone()));
-        let ids = model.chat_tokens(&messages)?;
-        return one_turn(&model, &a.model, &a.sampling, &ids);
+        let ids = model.chat_tokens_with_tools(&messages, &opts.tools)?;
+        return one_turn(&model, &a.model, &a.sampling, &ids, opts);
     }
     let mut s = session(&model, &a.model)?;
     let mut smp = sampler(&a.sampling)?;
@@ -499,10 +592,21 @@ fn chat(a: ChatArgs) -> AnyResult<()> {
             break;
         }
         messages.push(Message::user(line.trim_end().to_string()));
-        let g = s.chat(&messages, &mut smp, gen_opts(&a.sampling), stream_to_stdout)?;
+        let g = s.chat(&messages, &mut smp, opts.clone(), stream_to_stdout)?;
         println!();
         summary(&g);
-        messages.push(Message::assistant(g.text.clone()));
+        if g.tool_calls.is_empty() {
+            messages.push(Message::assistant(g.text.clone()));
+        } else {
+            for c in &g.tool_calls {
+                eprintln!("[tool call: {} {}]", c.name, c.arguments);
+            }
+            messages.push(Message::tool_calls(g.tool_calls.clone()));
+            eprint!("tool result> ");
+            let mut result = String::new();
+            stdin.lock().read_line(&mut result)?;
+            messages.push(Message::tool(result.trim_end().to_string()));
+        }
     }
     Ok(())
 }
