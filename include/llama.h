@@ -178,10 +178,52 @@ typedef enum {
    */
   LLAMA_STATUS_BACKEND = 13,
   /**
+   * A constraint (JSON schema, grammar, regular expression, choices, tools) is invalid.
+   */
+  LLAMA_STATUS_CONSTRAINT = 14,
+  /**
    * An internal error (a caught panic). Please report it.
    */
   LLAMA_STATUS_PANIC = 99,
 } llama_status;
+
+/**
+ * Kinds of output constraint.
+ */
+typedef enum {
+  /**
+   * Free text.
+   */
+  LLAMA_CONSTRAINT_KIND_NONE = 0,
+  /**
+   * JSON valid under the JSON schema in `constraint`.
+   */
+  LLAMA_CONSTRAINT_KIND_JSON_SCHEMA = 1,
+  /**
+   * Any JSON object.
+   */
+  LLAMA_CONSTRAINT_KIND_JSON_OBJECT = 2,
+  /**
+   * A grammar in llguidance's Lark syntax.
+   */
+  LLAMA_CONSTRAINT_KIND_LARK = 3,
+  /**
+   * A grammar in llama.cpp's GBNF.
+   */
+  LLAMA_CONSTRAINT_KIND_GBNF = 4,
+  /**
+   * A regular expression the whole output matches.
+   */
+  LLAMA_CONSTRAINT_KIND_REGEX = 5,
+  /**
+   * One of the choices, one per line.
+   */
+  LLAMA_CONSTRAINT_KIND_CHOICES = 6,
+  /**
+   * A grammar, GBNF or Lark as its content tells.
+   */
+  LLAMA_CONSTRAINT_KIND_GRAMMAR = 7,
+} llama_constraint_kind;
 
 /**
  * Why generation ended.
@@ -207,6 +249,14 @@ typedef enum {
    * Cancelled through a cancel handle.
    */
   LLAMA_STOP_REASON_CANCELLED = 4,
+  /**
+   * The constraint is complete.
+   */
+  LLAMA_STOP_REASON_GRAMMAR_COMPLETE = 5,
+  /**
+   * max_tokens or a stop string cut a constrained output before it matched.
+   */
+  LLAMA_STOP_REASON_GRAMMAR_INCOMPLETE = 6,
 } llama_stop_reason;
 
 /**
@@ -506,6 +556,25 @@ typedef struct {
    * Number of stop strings. Default 0.
    */
   size_t n_stop;
+  /**
+   * What `constraint` holds. Default LLAMA_CONSTRAINT_NONE.
+   */
+  llama_constraint_kind constraint_kind;
+  /**
+   * The constraint's text (NUL-terminated UTF-8): a JSON schema, a Lark or GBNF grammar, a
+   * regular expression, or the choices one per line. NULL for NONE and JSON_OBJECT.
+   */
+  const char *constraint;
+  /**
+   * Tools the model may call: a JSON list in OpenAI's shape (`[{"type": "function",
+   * "function": {"name", "description", "parameters"}}]`), or NULL. A chat shows them to
+   * the model; the calls are read back with `llama_session_tool_calls`.
+   */
+  const char *tools;
+  /**
+   * With `tools`: "auto" (NULL means auto), "required", "none", or a tool's name.
+   */
+  const char *tool_choice;
 } llama_generate_params;
 
 /**
@@ -852,6 +921,13 @@ void llama_cancel_handle_free(llama_cancel_handle *handle);
  * Default generation parameters.
  */
 llama_generate_params llama_generate_params_default(void);
+
+/**
+ * The last generation's tool calls (with `tools` in its params) as a JSON array of
+ * `{"name", "arguments"}` objects, `[]` when it made none. Owned by the session, valid until
+ * its next generation or its free. NULL only for a NULL session.
+ */
+const char *llama_session_tool_calls(const llama_session *session);
 
 /**
  * Evaluates `prompt` tokens after the current context (may be empty to continue), then

@@ -261,6 +261,14 @@ fn fuzz_regressions_are_clean_errors() {
         matches!(r, Ok(Err(Error::Tokenizer(_)))),
         "a malformed tokenizer.json must be a Tokenizer error"
     );
+    // A GBNF escape whose character is multi-byte (`\` then U+FFFD): the error's position
+    // was computed inside the character and panicked.
+    let g = String::from_utf8_lossy(
+        &std::fs::read(dir.join("constraint-gbnf-escape-mid-char")).unwrap(),
+    )
+    .to_string();
+    let r = llama_core::constrain::gbnf::gbnf_to_lark(&g, &|_| None);
+    assert!(matches!(r, Err(Error::Grammar(m)) if m.contains("unknown escape")));
 }
 
 /// Every test of this file again in a child process whose address space is limited to 1 GiB:

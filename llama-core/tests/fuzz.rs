@@ -1,7 +1,8 @@
 //! A mutation fuzzer on stable Rust for every parser of untrusted bytes: the GGUF reader and
 //! model load, config.json, safetensors headers (an HF folder load), tokenizer.json, chat
 //! templates, session snapshots, LoRA adapters (PEFT config and safetensors, GGUF LoRA),
-//! training data (JSONL) and training checkpoints. Seeds are a tiny model's own files (built here) and the
+//! training data (JSONL), training checkpoints and constraints (JSON schemas, Lark, GBNF,
+//! regexes, choices). Seeds are a tiny model's own files (built here) and the
 //! hostile snippets below; each input must give `Ok` or a clean `Err`, never a panic, and
 //! finish in bounded time. By default each target runs a fixed number of inputs (the same ones
 //! on every run: about half a minute for all of them); `LLAMA_FUZZ_SECS` runs each for that
@@ -16,7 +17,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::tiny::{build, Spec, Tiny};
-use llama_core::{Message, Model, ModelOptions, Session, SessionOptions};
+use llama_core::{
+    Constraint, GenerateOptions, Message, Model, ModelOptions, Sampler, Session, SessionOptions,
+};
 
 /// xorshift64*: the same inputs for the same seed.
 struct Rng(u64);
@@ -376,6 +379,57 @@ fn fuzz_training_data_and_checkpoints() {
                 std::fs::write(fz.join("trainer_state.safetensors"), f).unwrap();
                 if let Ok(mut r) = Trainer::resume(&m, train.clone(), &fz) {
                     let _ = r.step();
+                }
+            }
+        },
+    );
+}
+
+#[test]
+fn fuzz_constraints() {
+    // Grammar text is untrusted: JSON schemas, Lark and GBNF grammars, regexes, each compiled
+    // for the tiny model and followed for a few greedy tokens.
+    let seeds: Vec<Vec<u8>> = [
+        r##"{"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}, "b": {"type": "array", "items": {"enum": ["x", "y"]}, "maxItems": 3}}, "required": ["a"]}"##,
+        r##"{"anyOf": [{"type": "string", "pattern": "^[a-z]{2,5}$"}, {"type": "number", "multipleOf": 0.5}], "$defs": {"n": {"$ref": "#/$defs/n"}}}"##,
+        r##"{"oneOf": [{"const": 1}, {"type": "object", "properties": {"r": {"$ref": "#"}}}], "format": "date-time"}"##,
+        "start: expr\nexpr: term ((\"+\" | \"-\") term)*\nterm: NUMBER | \"(\" expr \")\"\nNUMBER: /[0-9]+/\n",
+        "start: \"a\"{2,4} b?\nb: %json {\"type\": \"boolean\"}\n",
+        "root ::= expr\nexpr ::= term ((\"+\" | \"-\") term)*\nterm ::= [0-9]+ | \"(\" expr \")\"\n",
+        "root ::= [^\\x00-\\x1f\"]{1,10} | \"\\u00e9\"+ (root)? # comment\n",
+        "(a|b)*c{1,3}[x-z]+\\d?",
+        "((((a*)*)*)*)*b",
+    ]
+    .iter()
+    .map(|s| s.as_bytes().to_vec())
+    .collect();
+    let t = tiny();
+    let m = Model::load(&t.gguf, ModelOptions::default()).unwrap();
+    let s = std::cell::RefCell::new(m.session(SessionOptions::default().n_ctx(64)).unwrap());
+    fuzz(
+        "constraint",
+        &seeds,
+        Duration::from_secs(5),
+        1500,
+        |input| {
+            let text = String::from_utf8_lossy(input);
+            let mut cs = vec![
+                Constraint::Lark(text.to_string()),
+                Constraint::Gbnf(text.to_string()),
+                Constraint::Regex(text.to_string()),
+                Constraint::Choices(text.split('|').map(String::from).collect()),
+            ];
+            if let Ok(c) = Constraint::json_schema_str(&text) {
+                cs.push(c);
+            }
+            for c in cs {
+                if let Ok(g) = m.compile_constraint(&c) {
+                    let mut s = s.borrow_mut();
+                    s.truncate(0);
+                    let opts = GenerateOptions::default().grammar(g).max_tokens(6);
+                    let _ = s.generate(&[1, 2], &mut Sampler::greedy(), opts, |_| {
+                        std::ops::ControlFlow::Continue(())
+                    });
                 }
             }
         },

@@ -50,6 +50,8 @@ pub enum llama_status {
     BufferTooSmall = 12,
     /// A tensor backend error.
     Backend = 13,
+    /// A constraint (JSON schema, grammar, regular expression, choices, tools) is invalid.
+    Constraint = 14,
     /// An internal error (a caught panic). Please report it.
     Panic = 99,
 }
@@ -82,6 +84,7 @@ pub(crate) fn fail(e: llama_core::Error) -> llama_status {
         E::InvalidArgument(_) => llama_status::InvalidArgument,
         E::Cancelled => llama_status::Cancelled,
         E::State(_) => llama_status::State,
+        E::Grammar(_) => llama_status::Constraint,
         _ => llama_status::Backend,
     };
     fail_with(status, e.to_string())
@@ -276,7 +279,7 @@ pub(crate) unsafe fn write_array<T: Copy>(
 
 impl llama_status {
     /// Every status, for [`llama_status_str`].
-    const ALL: [llama_status; 15] = [
+    const ALL: [llama_status; 16] = [
         llama_status::Ok,
         llama_status::NullArgument,
         llama_status::InvalidArgument,
@@ -291,6 +294,7 @@ impl llama_status {
         llama_status::State,
         llama_status::BufferTooSmall,
         llama_status::Backend,
+        llama_status::Constraint,
         llama_status::Panic,
     ];
 
@@ -311,6 +315,7 @@ impl llama_status {
             llama_status::State => c"invalid session state",
             llama_status::BufferTooSmall => c"buffer too small",
             llama_status::Backend => c"backend error",
+            llama_status::Constraint => c"invalid constraint",
             llama_status::Panic => c"internal error (panic)",
         }
     }

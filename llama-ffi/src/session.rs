@@ -4,7 +4,8 @@
 use std::ffi::{c_char, c_void};
 
 use llama_core::{
-    CancelHandle, GenerateOptions, KvCacheType, Prompt, Session, SessionOptions, StopReason,
+    CancelHandle, Constraint, GenerateOptions, KvCacheType, Prompt, Session, SessionOptions,
+    StopReason, Tool, ToolChoice,
 };
 
 use crate::model::{messages, token_slice};
@@ -17,6 +18,8 @@ use crate::{
 /// at a time.
 pub struct llama_session {
     pub(crate) inner: Session,
+    /// The last generation's tool calls as a JSON array (`llama_session_tool_calls`).
+    tool_calls: std::ffi::CString,
 }
 
 /// A handle that cancels a session's work from any thread (opaque).
@@ -57,7 +60,10 @@ pub extern "C" fn llama_session_params_default() -> llama_session_params {
 }
 
 fn boxed(s: Session) -> *mut llama_session {
-    Box::into_raw(Box::new(llama_session { inner: s }))
+    Box::into_raw(Box::new(llama_session {
+        inner: s,
+        tool_calls: c"[]".into(),
+    }))
 }
 
 /// Creates a session on `model` (NULL `params`: defaults). Free with `llama_session_free`.
@@ -329,6 +335,39 @@ pub struct llama_generate_params {
     pub stop: *const *const c_char,
     /// Number of stop strings. Default 0.
     pub n_stop: usize,
+    /// What `constraint` holds. Default LLAMA_CONSTRAINT_NONE.
+    pub constraint_kind: llama_constraint_kind,
+    /// The constraint's text (NUL-terminated UTF-8): a JSON schema, a Lark or GBNF grammar, a
+    /// regular expression, or the choices one per line. NULL for NONE and JSON_OBJECT.
+    pub constraint: *const c_char,
+    /// Tools the model may call: a JSON list in OpenAI's shape (`[{"type": "function",
+    /// "function": {"name", "description", "parameters"}}]`), or NULL. A chat shows them to
+    /// the model; the calls are read back with `llama_session_tool_calls`.
+    pub tools: *const c_char,
+    /// With `tools`: "auto" (NULL means auto), "required", "none", or a tool's name.
+    pub tool_choice: *const c_char,
+}
+
+/// Kinds of output constraint.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum llama_constraint_kind {
+    /// Free text.
+    None = 0,
+    /// JSON valid under the JSON schema in `constraint`.
+    JsonSchema = 1,
+    /// Any JSON object.
+    JsonObject = 2,
+    /// A grammar in llguidance's Lark syntax.
+    Lark = 3,
+    /// A grammar in llama.cpp's GBNF.
+    Gbnf = 4,
+    /// A regular expression the whole output matches.
+    Regex = 5,
+    /// One of the choices, one per line.
+    Choices = 6,
+    /// A grammar, GBNF or Lark as its content tells.
+    Grammar = 7,
 }
 
 /// Default generation parameters.
@@ -339,6 +378,10 @@ pub extern "C" fn llama_generate_params_default() -> llama_generate_params {
         max_tokens: 256,
         stop: std::ptr::null(),
         n_stop: 0,
+        constraint_kind: llama_constraint_kind::None,
+        constraint: std::ptr::null(),
+        tools: std::ptr::null(),
+        tool_choice: std::ptr::null(),
     }
 }
 
@@ -356,6 +399,10 @@ pub enum llama_stop_reason {
     Callback = 3,
     /// Cancelled through a cancel handle.
     Cancelled = 4,
+    /// The constraint is complete.
+    GrammarComplete = 5,
+    /// max_tokens or a stop string cut a constrained output before it matched.
+    GrammarIncomplete = 6,
 }
 
 /// Summary of a generation, written on success when the out-pointer is not NULL.
@@ -400,6 +447,49 @@ unsafe fn run_generation(
             opts = opts.stop(crate::cstr_arg(s, "stop")?);
         }
     }
+    use llama_constraint_kind as K;
+    // The raw value first: a C enum field may hold any integer.
+    let kind = *(&p.constraint_kind as *const llama_constraint_kind as *const u32);
+    if kind > K::Grammar as u32 {
+        return Err(fail_with(
+            llama_status::InvalidArgument,
+            format!("constraint_kind {kind} is not a llama_constraint_kind"),
+        ));
+    }
+    let text = || crate::cstr_arg(p.constraint, "constraint");
+    opts.constraint = match p.constraint_kind {
+        K::None => None,
+        K::JsonObject => Some(Constraint::JsonObject),
+        K::JsonSchema => Some(Constraint::json_schema_str(text()?).map_err(fail)?),
+        K::Lark => Some(Constraint::Lark(text()?.into())),
+        K::Gbnf => Some(Constraint::Gbnf(text()?.into())),
+        K::Grammar => Some(Constraint::grammar(text()?)),
+        K::Regex => Some(Constraint::Regex(text()?.into())),
+        K::Choices => Some(Constraint::from_kind("choices", text()?).map_err(fail)?),
+    };
+    if !p.tools.is_null() {
+        let v: serde_json::Value = serde_json::from_str(crate::cstr_arg(p.tools, "tools")?)
+            .map_err(|e| {
+                fail_with(
+                    llama_status::InvalidArgument,
+                    format!("`tools` is not JSON: {e}"),
+                )
+            })?;
+        let list = v.as_array().ok_or_else(|| {
+            fail_with(llama_status::InvalidArgument, "`tools` must be a JSON list")
+        })?;
+        opts.tools = list
+            .iter()
+            .map(Tool::from_json)
+            .collect::<Result<_, _>>()
+            .map_err(fail)?;
+    }
+    if !p.tool_choice.is_null() {
+        opts.tool_choice =
+            ToolChoice::parse(crate::cstr_arg(p.tool_choice, "tool_choice")?).map_err(fail)?;
+    }
+    (*session).tool_calls = c"[]".into();
+    let calls_out = &mut (*session).tool_calls as *mut std::ffi::CString;
     let session = &mut (*session).inner;
     let sampler = &mut (*sampler).inner;
     let mut stream = session.stream_prompt(prompt, sampler, opts).map_err(fail)?;
@@ -428,6 +518,15 @@ unsafe fn run_generation(
     } else {
         stream.generation().clone()
     };
+    let calls: Vec<serde_json::Value> = g
+        .tool_calls
+        .iter()
+        .map(|c| serde_json::json!({"name": c.name, "arguments": c.arguments}))
+        .collect();
+    let text = serde_json::Value::Array(calls)
+        .to_string()
+        .replace('\0', "");
+    *calls_out = std::ffi::CString::new(text).unwrap_or_default();
     if !info.is_null() {
         *info = llama_generation_info {
             stop_reason: match g.stop_reason {
@@ -435,6 +534,8 @@ unsafe fn run_generation(
                 StopReason::EndOfGeneration => llama_stop_reason::Eog,
                 StopReason::StopString => llama_stop_reason::StopString,
                 StopReason::Cancelled => llama_stop_reason::Cancelled,
+                StopReason::GrammarComplete => llama_stop_reason::GrammarComplete,
+                StopReason::GrammarIncomplete => llama_stop_reason::GrammarIncomplete,
                 _ => llama_stop_reason::Callback,
             },
             n_prompt_tokens: g.timings.prompt_tokens,
@@ -444,6 +545,17 @@ unsafe fn run_generation(
         };
     }
     Ok(llama_status::Ok)
+}
+
+/// The last generation's tool calls (with `tools` in its params) as a JSON array of
+/// `{"name", "arguments"}` objects, `[]` when it made none. Owned by the session, valid until
+/// its next generation or its free. NULL only for a NULL session.
+#[no_mangle]
+pub unsafe extern "C" fn llama_session_tool_calls(session: *const llama_session) -> *const c_char {
+    if session.is_null() {
+        return std::ptr::null();
+    }
+    (*session).tool_calls.as_ptr()
 }
 
 /// Evaluates `prompt` tokens after the current context (may be empty to continue), then

@@ -33,6 +33,7 @@ pub fn to_py(e: llama_core::Error) -> PyErr {
         E::InvalidArgument(_) => "InvalidArgumentError",
         E::Cancelled => "GenerationCancelled",
         E::State(_) => "SessionStateError",
+        E::Grammar(_) => "ConstraintError",
         _ => "LlamaError",
     };
     let msg = e.to_string();

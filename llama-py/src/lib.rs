@@ -2,6 +2,7 @@
 //! during load, prompt processing and every decode step.
 
 mod adapter;
+mod constrain;
 mod errors;
 mod model;
 mod sampler;

@@ -31,7 +31,28 @@ pub(crate) fn messages(items: &Bound<'_, PyAny>) -> PyResult<Vec<Message>> {
                 .extract::<String>()
                 .map_err(|_| invalid(format!("message '{k}' must be a str")))
         };
-        out.push(Message::new(get("role")?, get("content")?));
+        // An assistant turn with tool calls (OpenAI's shape) may have no content.
+        let calls = match d.get_item("tool_calls")?.filter(|c| !c.is_none()) {
+            None => vec![],
+            Some(c) => {
+                let v = crate::constrain::to_json(&c, "tool_calls")?;
+                let list = v
+                    .as_array()
+                    .ok_or_else(|| invalid("message 'tool_calls' must be a list"))?;
+                list.iter()
+                    .map(llama_core::ToolCall::from_json)
+                    .collect::<llama_core::Result<Vec<_>>>()
+                    .py_err()?
+            }
+        };
+        let content = match d.get_item("content")? {
+            Some(c) if c.is_none() && !calls.is_empty() => String::new(),
+            None if !calls.is_empty() => String::new(),
+            _ => get("content")?,
+        };
+        let mut m = Message::new(get("role")?, content);
+        m.tool_calls = calls;
+        out.push(m);
     }
     Ok(out)
 }

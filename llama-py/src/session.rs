@@ -7,6 +7,7 @@ use numpy::PyArray1;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyTuple};
 
+use crate::constrain::Structured;
 use crate::errors::{invalid, to_py, IntoPy};
 use crate::model::{messages, Model};
 use crate::sampler::Sampler;
@@ -205,8 +206,11 @@ impl Session {
 
     /// Generates after `prompt` (a str, tokenized with special tokens parsed and BOS on an
     /// empty session, or a list of ids) and returns the text. `sampler=None` uses llama.cpp's
-    /// default sampling; pass `Sampler.greedy()` for greedy decoding.
-    #[pyo3(signature = (prompt, max_tokens=256, sampler=None, stop=None, logprobs=None))]
+    /// default sampling; pass `Sampler.greedy()` for greedy decoding. At most one constraint:
+    /// `response_format` (OpenAI's: `{"type": "json_schema", "json_schema": {"schema": ...}}`
+    /// or `{"type": "json_object"}`), `grammar` (GBNF or Lark text), `regex`, `choices`.
+    #[pyo3(signature = (prompt, max_tokens=256, sampler=None, stop=None, logprobs=None, *, response_format=None, grammar=None, regex=None, choices=None))]
+    #[allow(clippy::too_many_arguments)]
     fn generate(
         &self,
         py: Python<'_>,
@@ -215,28 +219,44 @@ impl Session {
         sampler: Option<Py<Sampler>>,
         stop: Option<Vec<String>>,
         logprobs: Option<usize>,
+        response_format: Option<&Bound<'_, PyAny>>,
+        grammar: Option<String>,
+        regex: Option<String>,
+        choices: Option<Vec<String>>,
     ) -> PyResult<String> {
         let p = prompt_arg(prompt)?;
+        let st = Structured::parse(response_format, grammar, regex, choices, None, None)?;
         let smp = default_sampler(py, sampler)?;
-        self.run_to_end(py, p, &smp, gen_opts(max_tokens, stop, logprobs))
+        self.run_to_end(py, p, &smp, st.apply(gen_opts(max_tokens, stop, logprobs)))
     }
 
     /// Like `generate` but returns an iterator of text pieces as they are produced.
-    #[pyo3(signature = (prompt, max_tokens=256, sampler=None, stop=None))]
+    #[pyo3(signature = (prompt, max_tokens=256, sampler=None, stop=None, *, response_format=None, grammar=None, regex=None, choices=None))]
+    #[allow(clippy::too_many_arguments)]
     fn stream(
         slf: &Bound<'_, Self>,
         prompt: &Bound<'_, PyAny>,
         max_tokens: usize,
         sampler: Option<Py<Sampler>>,
         stop: Option<Vec<String>>,
+        response_format: Option<&Bound<'_, PyAny>>,
+        grammar: Option<String>,
+        regex: Option<String>,
+        choices: Option<Vec<String>>,
     ) -> PyResult<TokenStream> {
         let p = prompt_arg(prompt)?;
-        start_stream(slf, p, sampler, gen_opts(max_tokens, stop, None))
+        let st = Structured::parse(response_format, grammar, regex, choices, None, None)?;
+        start_stream(slf, p, sampler, st.apply(gen_opts(max_tokens, stop, None)))
     }
 
-    /// Replies to a conversation (list of {'role', 'content'} dicts) using the model's chat
-    /// template; the cached prefix of earlier turns is reused. Returns the reply text.
-    #[pyo3(signature = (messages, max_tokens=256, sampler=None, stop=None))]
+    /// Replies to a conversation (list of {'role', 'content'} dicts; assistant turns may carry
+    /// 'tool_calls', tool results use role 'tool') using the model's chat template; the cached
+    /// prefix of earlier turns is reused. Returns the reply text. Constraints as in `generate`;
+    /// `tools` (OpenAI's list of `{"type": "function", "function": {...}}`) are shown to the
+    /// model and `tool_choice` ("auto", "required", "none", a name, or OpenAI's dict) decides
+    /// whether it must call one: the parsed calls are in `last_generation["tool_calls"]`.
+    #[pyo3(signature = (messages, max_tokens=256, sampler=None, stop=None, *, response_format=None, grammar=None, regex=None, choices=None, tools=None, tool_choice=None))]
+    #[allow(clippy::too_many_arguments)]
     fn chat(
         &self,
         py: Python<'_>,
@@ -244,38 +264,54 @@ impl Session {
         max_tokens: usize,
         sampler: Option<Py<Sampler>>,
         stop: Option<Vec<String>>,
+        response_format: Option<&Bound<'_, PyAny>>,
+        grammar: Option<String>,
+        regex: Option<String>,
+        choices: Option<Vec<String>>,
+        tools: Option<&Bound<'_, PyAny>>,
+        tool_choice: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<String> {
         let msgs = self::messages(messages)?;
+        let st = Structured::parse(response_format, grammar, regex, choices, tools, tool_choice)?;
         let smp = default_sampler(py, sampler)?;
         self.run_to_end(
             py,
             Prompt::Chat(msgs),
             &smp,
-            gen_opts(max_tokens, stop, None),
+            st.apply(gen_opts(max_tokens, stop, None)),
         )
     }
 
     /// Like `chat` but returns an iterator of text pieces as they are produced.
-    #[pyo3(signature = (messages, max_tokens=256, sampler=None, stop=None))]
+    #[pyo3(signature = (messages, max_tokens=256, sampler=None, stop=None, *, response_format=None, grammar=None, regex=None, choices=None, tools=None, tool_choice=None))]
+    #[allow(clippy::too_many_arguments)]
     fn chat_stream(
         slf: &Bound<'_, Self>,
         messages: &Bound<'_, PyAny>,
         max_tokens: usize,
         sampler: Option<Py<Sampler>>,
         stop: Option<Vec<String>>,
+        response_format: Option<&Bound<'_, PyAny>>,
+        grammar: Option<String>,
+        regex: Option<String>,
+        choices: Option<Vec<String>>,
+        tools: Option<&Bound<'_, PyAny>>,
+        tool_choice: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<TokenStream> {
         let msgs = self::messages(messages)?;
+        let st = Structured::parse(response_format, grammar, regex, choices, tools, tool_choice)?;
         start_stream(
             slf,
             Prompt::Chat(msgs),
             sampler,
-            gen_opts(max_tokens, stop, None),
+            st.apply(gen_opts(max_tokens, stop, None)),
         )
     }
 
     /// Details of the last `generate`/`chat`/finished `stream`: a dict with 'tokens', 'text',
     /// 'stop_reason', 'prompt_tokens', 'prompt_ms', 'generated_tokens', 'generation_ms' and
-    /// 'logprobs' (list of (id, logprob, [(id, logprob), ...])). None before any generation.
+    /// 'logprobs' (list of (id, logprob, [(id, logprob), ...])) and 'tool_calls' (list of
+    /// {'name', 'arguments'} dicts). None before any generation.
     #[getter]
     fn last_generation<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
         let g = self.last.lock().map_err(|_| invalid("poisoned"))?.clone();
@@ -294,6 +330,10 @@ impl Session {
             .map(|l| (l.id, l.logprob, l.top.clone()))
             .collect();
         d.set_item("logprobs", lps)?;
+        d.set_item(
+            "tool_calls",
+            crate::constrain::calls_to_py(py, &g.tool_calls)?,
+        )?;
         Ok(Some(d))
     }
 

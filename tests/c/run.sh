@@ -21,6 +21,7 @@ cc "${CFLAGS[@]}" -I"$prefix/include" -c "$out/double.c" -o "$out/double.o"
 c++ -std=c++17 -Wall -Wextra -Werror -x c++ -I"$prefix/include" -c "$out/double.c" -o "$out/double_cpp.o"
 # Example and test suite.
 cc "${CFLAGS[@]}" examples/c/chat.c $pc_flags -o "$out/chat"
+cc "${CFLAGS[@]}" examples/c/structured.c $pc_flags -o "$out/structured"
 cc "${CFLAGS[@]}" -pthread tests/c/test_api.c $pc_flags -lm -o "$out/test_api"
 export LD_LIBRARY_PATH="$prefix/lib"
 # The tokens the Rust API produces for the same prompt, greedy.
@@ -31,6 +32,9 @@ echo "C test suite (expected greedy ids from Rust: $ids)"
 "$out/test_api" "$model" "$ids"
 "$out/chat" "$model" "Say hello." > "$out/chat.out"
 test -s "$out/chat.out"
+echo "yes
+no" | "$out/structured" "$model" choices "Is fire hot?" > "$out/structured.out"
+grep -qx 'yes\|no' "$out/structured.out"
 if command -v valgrind >/dev/null; then
   vg_target=target/valgrind
   CARGO_TARGET_DIR=$vg_target RUSTFLAGS="-C target-cpu=x86-64-v3" cargo build -q -p llama-ffi >&2

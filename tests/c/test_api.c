@@ -280,6 +280,73 @@ static void test_finetune(llama_model *model) {
     rmdir(dir);
 }
 
+static void test_constraints(llama_model *model) {
+    llama_session *s = NULL;
+    CHECK(llama_session_new(model, NULL, &s) == LLAMA_STATUS_OK);
+    llama_sampler *greedy = NULL;
+    llama_sampler_params sp = llama_sampler_params_default();
+    sp.temperature = 0.0f;
+    CHECK(llama_sampler_new(&sp, &greedy) == LLAMA_STATUS_OK);
+    llama_chat_message msgs[1] = {{"user", "Is water wet?"}};
+    /* Choices: the reply is one of them and the grammar completes. */
+    llama_generate_params gp = llama_generate_params_default();
+    gp.constraint_kind = LLAMA_CONSTRAINT_KIND_CHOICES;
+    gp.constraint = "yes\nno\nmaybe";
+    collect_t c;
+    memset(&c, 0, sizeof c);
+    llama_generation_info info;
+    CHECK(llama_session_chat(s, greedy, msgs, 1, &gp, collect, &c, &info) == LLAMA_STATUS_OK);
+    CHECK(strcmp(c.text, "yes") == 0 || strcmp(c.text, "no") == 0 || strcmp(c.text, "maybe") == 0);
+    CHECK(info.stop_reason == LLAMA_STOP_REASON_GRAMMAR_COMPLETE);
+    /* A JSON schema cut off by max_tokens says so. */
+    llama_session_truncate(s, 0);
+    gp.constraint_kind = LLAMA_CONSTRAINT_KIND_JSON_SCHEMA;
+    gp.constraint = "{\"type\": \"object\", \"properties\": {\"answer\": {\"type\": \"string\"}}, \"required\": [\"answer\"]}";
+    gp.max_tokens = 3;
+    memset(&c, 0, sizeof c);
+    CHECK(llama_session_chat(s, greedy, msgs, 1, &gp, collect, &c, &info) == LLAMA_STATUS_OK);
+    CHECK(info.stop_reason == LLAMA_STOP_REASON_GRAMMAR_INCOMPLETE);
+    CHECK(strncmp(c.text, "{\"answer\": ", 11) == 0);
+    /* Bad constraints fail before anything is generated. */
+    gp = llama_generate_params_default();
+    const char *bad[3] = {"{not json", "{\"type\": \"strin\"}", "{\"minLength\": -1, \"type\": \"string\"}"};
+    for (int i = 0; i < 3; i++) {
+        llama_session_truncate(s, 0);
+        gp.constraint_kind = LLAMA_CONSTRAINT_KIND_JSON_SCHEMA;
+        gp.constraint = bad[i];
+        memset(&c, 0, sizeof c);
+        CHECK(llama_session_chat(s, greedy, msgs, 1, &gp, collect, &c, &info) == LLAMA_STATUS_CONSTRAINT);
+        CHECK(c.n == 0 && llama_session_n_tokens(s) == 0);
+    }
+    gp.constraint_kind = LLAMA_CONSTRAINT_KIND_GBNF;
+    gp.constraint = "root ::= [a";
+    CHECK(llama_session_chat(s, greedy, msgs, 1, &gp, collect, &c, &info) == LLAMA_STATUS_CONSTRAINT);
+    CHECK(strstr(llama_last_error_message(), "character class") != NULL);
+    gp.constraint = NULL;
+    CHECK(llama_session_chat(s, greedy, msgs, 1, &gp, collect, &c, &info) == LLAMA_STATUS_NULL_ARGUMENT);
+    gp.constraint_kind = (llama_constraint_kind)77;
+    CHECK(llama_session_chat(s, greedy, msgs, 1, &gp, collect, &c, &info) == LLAMA_STATUS_INVALID_ARGUMENT);
+    /* A required tool call comes back parsed. */
+    llama_session_truncate(s, 0);
+    gp = llama_generate_params_default();
+    gp.max_tokens = 60;
+    gp.tools = "[{\"type\": \"function\", \"function\": {\"name\": \"get_time\", \"description\": \"Time in a city\", "
+               "\"parameters\": {\"type\": \"object\", \"properties\": {\"city\": {\"type\": \"string\", \"maxLength\": 20}}, \"required\": [\"city\"]}}}]";
+    gp.tool_choice = "required";
+    llama_chat_message q[1] = {{"user", "What time is it in Tokyo?"}};
+    memset(&c, 0, sizeof c);
+    CHECK(llama_session_chat(s, greedy, q, 1, &gp, collect, &c, &info) == LLAMA_STATUS_OK);
+    const char *calls = llama_session_tool_calls(s);
+    CHECK(calls != NULL && strncmp(calls, "[{\"name\":\"get_time\",\"arguments\":{\"city\":", 40) == 0);
+    CHECK(llama_session_tool_calls(NULL) == NULL);
+    gp.tool_choice = "no_such_tool";
+    CHECK(llama_session_chat(s, greedy, q, 1, &gp, collect, &c, &info) == LLAMA_STATUS_INVALID_ARGUMENT);
+    gp.tools = "{\"not\": \"a list\"}";
+    CHECK(llama_session_chat(s, greedy, q, 1, &gp, collect, &c, &info) == LLAMA_STATUS_INVALID_ARGUMENT);
+    llama_sampler_free(greedy);
+    llama_session_free(s);
+}
+
 int main(int argc, char **argv) {
     if (argc < 3) {
         fprintf(stderr, "usage: %s MODEL EXPECTED_IDS\n", argv[0]);
@@ -580,6 +647,7 @@ int main(int argc, char **argv) {
 
     test_adapters(model, argv[1]);
     test_finetune(model);
+    test_constraints(model);
 
     /* A session keeps its model alive after llama_model_free. */
     llama_model_free(model);

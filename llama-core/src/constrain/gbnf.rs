@@ -108,15 +108,13 @@ struct Parser<'a> {
 
 impl Parser<'_> {
     fn err(&self, msg: &str) -> Error {
-        let line = self.src[..self.pos.min(self.src.len())]
-            .bytes()
-            .filter(|&b| b == b'\n')
-            .count()
-            + 1;
-        let col_start = self.src[..self.pos.min(self.src.len())]
-            .rfind('\n')
-            .map_or(0, |i| i + 1);
-        let col = self.pos.saturating_sub(col_start) + 1;
+        let mut pos = self.pos.min(self.src.len());
+        while !self.src.is_char_boundary(pos) {
+            pos -= 1;
+        }
+        let line = self.src[..pos].bytes().filter(|&b| b == b'\n').count() + 1;
+        let col_start = self.src[..pos].rfind('\n').map_or(0, |i| i + 1);
+        let col = self.src[col_start..pos].chars().count() + 1;
         Error::Grammar(format!("GBNF line {line}, column {col}: {msg}"))
     }
 
@@ -358,8 +356,11 @@ impl Parser<'_> {
             return Ok(c);
         }
         self.pos += 1;
-        let e = self.peek().ok_or_else(|| self.err("unterminated escape"))?;
-        self.pos += 1;
+        let e = self.src[self.pos..]
+            .chars()
+            .next()
+            .ok_or_else(|| self.err("unterminated escape"))?;
+        self.pos += e.len_utf8();
         let hex = |p: &mut Self, n: usize| -> Result<char> {
             let digits = p.src.get(p.pos..p.pos + n).unwrap_or("");
             let v = u32::from_str_radix(digits, 16)
@@ -370,15 +371,15 @@ impl Parser<'_> {
             char::from_u32(v).ok_or_else(|| p.err(&format!("escape U+{v:X} is not a character")))
         };
         Ok(match e {
-            b'x' => hex(self, 2)?,
-            b'u' => hex(self, 4)?,
-            b'U' => hex(self, 8)?,
-            b't' => '\t',
-            b'r' => '\r',
-            b'n' => '\n',
-            b'\\' | b'"' | b'[' | b']' | b'-' | b'^' => e as char,
+            'x' => hex(self, 2)?,
+            'u' => hex(self, 4)?,
+            'U' => hex(self, 8)?,
+            't' => '\t',
+            'r' => '\r',
+            'n' => '\n',
+            '\\' | '"' | '[' | ']' | '-' | '^' => e,
             other => {
-                return Err(self.err(&format!("unknown escape `\\{}`", other as char)));
+                return Err(self.err(&format!("unknown escape `\\{other}`")));
             }
         })
     }

@@ -10,6 +10,7 @@ import logging as _logging
 
 from ._errors import (
     ChatTemplateError,
+    ConstraintError,
     ContextOverflowError,
     GenerationCancelled,
     InvalidArgumentError,
@@ -25,6 +26,7 @@ _logging.getLogger(__name__).addHandler(_logging.NullHandler())
 __all__ = [
     "Adapter",
     "ChatTemplateError",
+    "ConstraintError",
     "ContextOverflowError",
     "GenerationCancelled",
     "InvalidArgumentError",

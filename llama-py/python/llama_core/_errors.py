@@ -31,3 +31,7 @@ class SessionStateError(LlamaError):
 
 class InvalidArgumentError(LlamaError, ValueError):
     """An argument is out of range or of the wrong kind."""
+
+
+class ConstraintError(LlamaError, ValueError):
+    """A JSON schema, grammar, regular expression, choice list or tool is invalid."""

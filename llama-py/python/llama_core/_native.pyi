@@ -9,7 +9,7 @@ import numpy.typing as npt
 __version__: str
 __all__ = ["Model", "Adapter", "Session", "TokenStream", "Sampler", "_restore_session", "finetune", "__version__"]
 
-_Message = Mapping[str, str]
+_Message = Mapping[str, object]
 _Prompt = Union[str, Sequence[int]]
 
 @final
@@ -113,9 +113,23 @@ class Session:
         sampler: Optional[Sampler] = None,
         stop: Optional[Sequence[str]] = None,
         logprobs: Optional[int] = None,
+        *,
+        response_format: Optional[Mapping[str, object]] = None,
+        grammar: Optional[str] = None,
+        regex: Optional[str] = None,
+        choices: Optional[Sequence[str]] = None,
     ) -> str: ...
     def stream(
-        self, prompt: _Prompt, max_tokens: int = 256, sampler: Optional[Sampler] = None, stop: Optional[Sequence[str]] = None
+        self,
+        prompt: _Prompt,
+        max_tokens: int = 256,
+        sampler: Optional[Sampler] = None,
+        stop: Optional[Sequence[str]] = None,
+        *,
+        response_format: Optional[Mapping[str, object]] = None,
+        grammar: Optional[str] = None,
+        regex: Optional[str] = None,
+        choices: Optional[Sequence[str]] = None,
     ) -> TokenStream: ...
     def chat(
         self,
@@ -123,6 +137,13 @@ class Session:
         max_tokens: int = 256,
         sampler: Optional[Sampler] = None,
         stop: Optional[Sequence[str]] = None,
+        *,
+        response_format: Optional[Mapping[str, object]] = None,
+        grammar: Optional[str] = None,
+        regex: Optional[str] = None,
+        choices: Optional[Sequence[str]] = None,
+        tools: Optional[Sequence[Mapping[str, object]]] = None,
+        tool_choice: Optional[Union[str, Mapping[str, object]]] = None,
     ) -> str: ...
     def chat_stream(
         self,
@@ -130,6 +151,13 @@ class Session:
         max_tokens: int = 256,
         sampler: Optional[Sampler] = None,
         stop: Optional[Sequence[str]] = None,
+        *,
+        response_format: Optional[Mapping[str, object]] = None,
+        grammar: Optional[str] = None,
+        regex: Optional[str] = None,
+        choices: Optional[Sequence[str]] = None,
+        tools: Optional[Sequence[Mapping[str, object]]] = None,
+        tool_choice: Optional[Union[str, Mapping[str, object]]] = None,
     ) -> TokenStream: ...
     @property
     def last_generation(self) -> Optional[Dict[str, object]]: ...
