@@ -117,6 +117,46 @@
 #define LLAMA_POOLING_LAST 1
 
 /**
+ * Free text (`constraint_kind`).
+ */
+#define LLAMA_CONSTRAINT_KIND_NONE 0
+
+/**
+ * JSON valid under the JSON schema in `constraint`.
+ */
+#define LLAMA_CONSTRAINT_KIND_JSON_SCHEMA 1
+
+/**
+ * Any JSON object (`constraint` unused).
+ */
+#define LLAMA_CONSTRAINT_KIND_JSON_OBJECT 2
+
+/**
+ * A grammar in llguidance's Lark syntax.
+ */
+#define LLAMA_CONSTRAINT_KIND_LARK 3
+
+/**
+ * A grammar in llama.cpp's GBNF.
+ */
+#define LLAMA_CONSTRAINT_KIND_GBNF 4
+
+/**
+ * A regular expression the whole output matches.
+ */
+#define LLAMA_CONSTRAINT_KIND_REGEX 5
+
+/**
+ * One of the choices, one per line.
+ */
+#define LLAMA_CONSTRAINT_KIND_CHOICES 6
+
+/**
+ * A grammar, GBNF or Lark as its content tells.
+ */
+#define LLAMA_CONSTRAINT_KIND_GRAMMAR 7
+
+/**
  * Status of a fallible call. `LLAMA_STATUS_OK` is 0; the others name the failure class and
  * `llama_last_error_message()` has the details.
  */
@@ -186,44 +226,6 @@ typedef enum {
    */
   LLAMA_STATUS_PANIC = 99,
 } llama_status;
-
-/**
- * Kinds of output constraint.
- */
-typedef enum {
-  /**
-   * Free text.
-   */
-  LLAMA_CONSTRAINT_KIND_NONE = 0,
-  /**
-   * JSON valid under the JSON schema in `constraint`.
-   */
-  LLAMA_CONSTRAINT_KIND_JSON_SCHEMA = 1,
-  /**
-   * Any JSON object.
-   */
-  LLAMA_CONSTRAINT_KIND_JSON_OBJECT = 2,
-  /**
-   * A grammar in llguidance's Lark syntax.
-   */
-  LLAMA_CONSTRAINT_KIND_LARK = 3,
-  /**
-   * A grammar in llama.cpp's GBNF.
-   */
-  LLAMA_CONSTRAINT_KIND_GBNF = 4,
-  /**
-   * A regular expression the whole output matches.
-   */
-  LLAMA_CONSTRAINT_KIND_REGEX = 5,
-  /**
-   * One of the choices, one per line.
-   */
-  LLAMA_CONSTRAINT_KIND_CHOICES = 6,
-  /**
-   * A grammar, GBNF or Lark as its content tells.
-   */
-  LLAMA_CONSTRAINT_KIND_GRAMMAR = 7,
-} llama_constraint_kind;
 
 /**
  * Why generation ended.
@@ -557,9 +559,10 @@ typedef struct {
    */
   size_t n_stop;
   /**
-   * What `constraint` holds. Default LLAMA_CONSTRAINT_NONE.
+   * What `constraint` holds: one of the `LLAMA_CONSTRAINT_KIND_*` values. Default
+   * `LLAMA_CONSTRAINT_KIND_NONE`.
    */
-  llama_constraint_kind constraint_kind;
+  int32_t constraint_kind;
   /**
    * The constraint's text (NUL-terminated UTF-8): a JSON schema, a Lark or GBNF grammar, a
    * regular expression, or the choices one per line. NULL for NONE and JSON_OBJECT.

@@ -44,7 +44,7 @@ int main(int argc, char **argv) {
     }
     static const struct {
         const char *name;
-        llama_constraint_kind kind;
+        int32_t kind;
     } kinds[] = {
         {"json_schema", LLAMA_CONSTRAINT_KIND_JSON_SCHEMA}, {"json_object", LLAMA_CONSTRAINT_KIND_JSON_OBJECT},
         {"lark", LLAMA_CONSTRAINT_KIND_LARK},               {"gbnf", LLAMA_CONSTRAINT_KIND_GBNF},

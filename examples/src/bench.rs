@@ -2,11 +2,14 @@
 //! memory, measured the way llama.cpp's llama-bench does (fixed synthetic token ids, fresh
 //! context per run, median of several repetitions).
 
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Args;
-use llama_core::{Model, ModelOptions, SessionOptions};
+use llama_core::{
+    Constraint, GenerateOptions, Message, Model, ModelOptions, Sampler, SessionOptions,
+};
 use serde_json::json;
 
 #[derive(Args)]
@@ -26,6 +29,16 @@ pub struct BenchArgs {
     /// A LoRA adapter applied to every run, PATH or PATH:SCALE (repeatable).
     #[arg(long = "lora", value_name = "PATH[:SCALE]")]
     lora: Vec<String>,
+    /// Also measure greedy chat decode under this JSON schema (a file or the schema itself)
+    /// against the same decode unconstrained, and the schema's compile time.
+    #[arg(long, value_name = "FILE_OR_JSON")]
+    json_schema: Option<String>,
+    /// The user message of the constrained test.
+    #[arg(
+        long,
+        default_value = "List twenty people with their names, ages and cities as JSON."
+    )]
+    schema_prompt: String,
 }
 
 /// The synthetic prompt: the same ids for every engine and run (llama-bench uses random ids;
@@ -125,6 +138,16 @@ pub fn run(
         tg.push(n_gen as f64 / t.elapsed().as_secs_f64());
     }
     let tg128 = median(tg);
+    let constrained = match &a.json_schema {
+        Some(schema) => Some(constrained_decode(
+            &model,
+            &adapters,
+            schema,
+            &a.schema_prompt,
+            reps,
+        )?),
+        None => None,
+    };
     let rss = peak_rss_mib();
     let threads = model.threads();
     if a.json {
@@ -145,6 +168,7 @@ pub fn run(
                 "load_s": load_s,
                 "load_peak_rss_mib": load_rss,
                 "lora": a.lora,
+                "constrained": constrained,
             })
         );
     } else {
@@ -155,6 +179,72 @@ pub fn run(
         println!("tg128   {tg128:.1} tok/s");
         println!("ttft    {ttft_ms:.1} ms (128-token prompt)");
         println!("peak    {rss:.0} MiB RSS");
+        if let Some(c) = &constrained {
+            println!(
+                "schema  compile {:.2} ms; decode {:.1} tok/s constrained vs {:.1} free over {} tokens: {:.3}x; masks {:.3} ms/token",
+                c["compile_ms"].as_f64().unwrap_or(0.0),
+                c["constrained_tps"].as_f64().unwrap_or(0.0),
+                c["free_tps"].as_f64().unwrap_or(0.0),
+                c["tokens"],
+                c["ratio"].as_f64().unwrap_or(0.0),
+                c["mask_ms_per_token"].as_f64().unwrap_or(0.0),
+            );
+        }
     }
     Ok(())
+}
+
+/// Greedy chat decode under a JSON schema and without it, the same number of tokens, medians of
+/// `reps` alternating runs (the first compile builds the token table and is timed apart).
+fn constrained_decode(
+    model: &Model,
+    adapters: &[(llama_core::Adapter, f32)],
+    schema: &str,
+    prompt: &str,
+    reps: usize,
+) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+    let text = if schema.trim_start().starts_with('{') {
+        schema.to_string()
+    } else {
+        std::fs::read_to_string(schema)?
+    };
+    let c = Constraint::json_schema_str(&text)?;
+    let t = Instant::now();
+    let _ = model.compile_constraint(&Constraint::JsonObject)?;
+    let table_ms = t.elapsed().as_secs_f64() * 1e3;
+    let t = Instant::now();
+    let g = model.compile_constraint(&c)?;
+    let compile_ms = t.elapsed().as_secs_f64() * 1e3;
+    let ids = model.chat_tokens(&[Message::user(prompt)])?;
+    let run =
+        |opts: GenerateOptions| -> Result<llama_core::Generation, Box<dyn std::error::Error>> {
+            let mut s = model.session(SessionOptions::default().n_ctx(2048))?;
+            s.set_adapters(adapters)?;
+            Ok(s.generate(&ids, &mut Sampler::greedy(), opts, |_| {
+                ControlFlow::Continue(())
+            })?)
+        };
+    let first = run(GenerateOptions::default()
+        .grammar(g.clone())
+        .max_tokens(512))?;
+    let n = first.tokens.len();
+    let (mut ct, mut ft, mut mask) = (vec![], vec![], vec![]);
+    for _ in 0..reps {
+        let gc = run(GenerateOptions::default().grammar(g.clone()).max_tokens(n))?;
+        ct.push(gc.timings.generation_tps());
+        mask.push(gc.timings.constraint.as_secs_f64() * 1e3 / gc.tokens.len().max(1) as f64);
+        let gf = run(GenerateOptions::default().max_tokens(n))?;
+        ft.push(gf.timings.generation_tps());
+    }
+    let (c_tps, f_tps) = (median(ct), median(ft));
+    Ok(json!({
+        "tokens": n,
+        "token_table_ms": table_ms,
+        "compile_ms": compile_ms,
+        "constrained_tps": c_tps,
+        "free_tps": f_tps,
+        "ratio": c_tps / f_tps,
+        "mask_ms_per_token": median(mask),
+        "stop_reason": first.stop_reason.as_str(),
+    }))
 }

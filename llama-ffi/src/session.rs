@@ -335,8 +335,9 @@ pub struct llama_generate_params {
     pub stop: *const *const c_char,
     /// Number of stop strings. Default 0.
     pub n_stop: usize,
-    /// What `constraint` holds. Default LLAMA_CONSTRAINT_NONE.
-    pub constraint_kind: llama_constraint_kind,
+    /// What `constraint` holds: one of the `LLAMA_CONSTRAINT_KIND_*` values. Default
+    /// `LLAMA_CONSTRAINT_KIND_NONE`.
+    pub constraint_kind: i32,
     /// The constraint's text (NUL-terminated UTF-8): a JSON schema, a Lark or GBNF grammar, a
     /// regular expression, or the choices one per line. NULL for NONE and JSON_OBJECT.
     pub constraint: *const c_char,
@@ -348,27 +349,22 @@ pub struct llama_generate_params {
     pub tool_choice: *const c_char,
 }
 
-/// Kinds of output constraint.
-#[repr(C)]
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum llama_constraint_kind {
-    /// Free text.
-    None = 0,
-    /// JSON valid under the JSON schema in `constraint`.
-    JsonSchema = 1,
-    /// Any JSON object.
-    JsonObject = 2,
-    /// A grammar in llguidance's Lark syntax.
-    Lark = 3,
-    /// A grammar in llama.cpp's GBNF.
-    Gbnf = 4,
-    /// A regular expression the whole output matches.
-    Regex = 5,
-    /// One of the choices, one per line.
-    Choices = 6,
-    /// A grammar, GBNF or Lark as its content tells.
-    Grammar = 7,
-}
+/// Free text (`constraint_kind`).
+pub const LLAMA_CONSTRAINT_KIND_NONE: i32 = 0;
+/// JSON valid under the JSON schema in `constraint`.
+pub const LLAMA_CONSTRAINT_KIND_JSON_SCHEMA: i32 = 1;
+/// Any JSON object (`constraint` unused).
+pub const LLAMA_CONSTRAINT_KIND_JSON_OBJECT: i32 = 2;
+/// A grammar in llguidance's Lark syntax.
+pub const LLAMA_CONSTRAINT_KIND_LARK: i32 = 3;
+/// A grammar in llama.cpp's GBNF.
+pub const LLAMA_CONSTRAINT_KIND_GBNF: i32 = 4;
+/// A regular expression the whole output matches.
+pub const LLAMA_CONSTRAINT_KIND_REGEX: i32 = 5;
+/// One of the choices, one per line.
+pub const LLAMA_CONSTRAINT_KIND_CHOICES: i32 = 6;
+/// A grammar, GBNF or Lark as its content tells.
+pub const LLAMA_CONSTRAINT_KIND_GRAMMAR: i32 = 7;
 
 /// Default generation parameters.
 #[no_mangle]
@@ -378,7 +374,7 @@ pub extern "C" fn llama_generate_params_default() -> llama_generate_params {
         max_tokens: 256,
         stop: std::ptr::null(),
         n_stop: 0,
-        constraint_kind: llama_constraint_kind::None,
+        constraint_kind: LLAMA_CONSTRAINT_KIND_NONE,
         constraint: std::ptr::null(),
         tools: std::ptr::null(),
         tool_choice: std::ptr::null(),
@@ -447,25 +443,29 @@ unsafe fn run_generation(
             opts = opts.stop(crate::cstr_arg(s, "stop")?);
         }
     }
-    use llama_constraint_kind as K;
-    // The raw value first: a C enum field may hold any integer.
-    let kind = *(&p.constraint_kind as *const llama_constraint_kind as *const u32);
-    if kind > K::Grammar as u32 {
+    let text = || crate::cstr_arg(p.constraint, "constraint");
+    let k = p.constraint_kind;
+    opts.constraint = if k == LLAMA_CONSTRAINT_KIND_NONE {
+        None
+    } else if k == LLAMA_CONSTRAINT_KIND_JSON_OBJECT {
+        Some(Constraint::JsonObject)
+    } else if k == LLAMA_CONSTRAINT_KIND_JSON_SCHEMA {
+        Some(Constraint::json_schema_str(text()?).map_err(fail)?)
+    } else if k == LLAMA_CONSTRAINT_KIND_LARK {
+        Some(Constraint::Lark(text()?.into()))
+    } else if k == LLAMA_CONSTRAINT_KIND_GBNF {
+        Some(Constraint::Gbnf(text()?.into()))
+    } else if k == LLAMA_CONSTRAINT_KIND_GRAMMAR {
+        Some(Constraint::grammar(text()?))
+    } else if k == LLAMA_CONSTRAINT_KIND_REGEX {
+        Some(Constraint::Regex(text()?.into()))
+    } else if k == LLAMA_CONSTRAINT_KIND_CHOICES {
+        Some(Constraint::from_kind("choices", text()?).map_err(fail)?)
+    } else {
         return Err(fail_with(
             llama_status::InvalidArgument,
-            format!("constraint_kind {kind} is not a llama_constraint_kind"),
+            format!("constraint_kind {k} is not one of the LLAMA_CONSTRAINT_KIND_* values"),
         ));
-    }
-    let text = || crate::cstr_arg(p.constraint, "constraint");
-    opts.constraint = match p.constraint_kind {
-        K::None => None,
-        K::JsonObject => Some(Constraint::JsonObject),
-        K::JsonSchema => Some(Constraint::json_schema_str(text()?).map_err(fail)?),
-        K::Lark => Some(Constraint::Lark(text()?.into())),
-        K::Gbnf => Some(Constraint::Gbnf(text()?.into())),
-        K::Grammar => Some(Constraint::grammar(text()?)),
-        K::Regex => Some(Constraint::Regex(text()?.into())),
-        K::Choices => Some(Constraint::from_kind("choices", text()?).map_err(fail)?),
     };
     if !p.tools.is_null() {
         let v: serde_json::Value = serde_json::from_str(crate::cstr_arg(p.tools, "tools")?)

@@ -374,7 +374,7 @@ mod tests {
             tool_constraint(&[t.clone(), t.clone()], &ToolChoice::Auto, ToolFormat::Json).is_err()
         );
         assert!(tool_constraint(
-            &[t.clone()],
+            std::slice::from_ref(&t),
             &ToolChoice::Function("x".into()),
             ToolFormat::Json
         )

@@ -169,6 +169,8 @@ pub struct Timings {
     pub generated_tokens: usize,
     /// Time spent generating.
     pub generation: Duration,
+    /// Of `generation`, the time spent computing the constraint's masks.
+    pub constraint: Duration,
 }
 
 impl Timings {
@@ -371,6 +373,9 @@ impl Generator {
         self.result.stop_reason = reason;
         self.result.timings.generation = self.started.elapsed();
         self.result.timings.generated_tokens = self.result.tokens.len();
+        if let Some(c) = &self.constraint {
+            self.result.timings.constraint = c.mask_time;
+        }
         if reason == StopReason::StopString {
             self.parse_calls();
             return None;
