@@ -19,7 +19,7 @@ SCHEMAS = json.loads((ROOT / "tests" / "fixtures" / "schemas.json").read_text())
 
 def _validate(text: str, schema: dict) -> None:
     value = json.loads(text)
-    jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker()).validate(value)
+    jsonschema.Draft202012Validator(schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER).validate(value)
 
 
 def _python(model, case) -> str:
