@@ -160,13 +160,24 @@ impl TokenizerEnv for TokenTable {
     fn tokenize_bytes(&self, s: &[u8]) -> Vec<TokenId> {
         // Text through the model's own tokenizer; bytes that are not UTF-8 greedily by the
         // table (llguidance uses this for forced text, never for the mask).
-        match std::str::from_utf8(s) {
-            Ok(text) => self
-                .tokenizer
-                .encode(text, false, false)
-                .unwrap_or_else(|_| self.trie.greedy_tokenize(s)),
-            Err(_) => self.trie.greedy_tokenize(s),
+        // The tokenizer's ids are used only when they spell exactly these bytes (SentencePiece
+        // prepends a space; llguidance forces the first of these tokens).
+        if let Ok(text) = std::str::from_utf8(s) {
+            if let Ok(ids) = self.tokenizer.encode(text, false, false) {
+                let spelled = ids
+                    .iter()
+                    .try_fold(Vec::with_capacity(s.len()), |mut v, &id| {
+                        ((id as usize) < self.trie.vocab_size()).then(|| {
+                            v.extend_from_slice(self.trie.token(id));
+                            v
+                        })
+                    });
+                if spelled.as_deref() == Some(s) {
+                    return ids;
+                }
+            }
         }
+        self.trie.greedy_tokenize(s)
     }
 }
 
