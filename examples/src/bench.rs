@@ -8,7 +8,8 @@ use std::time::Instant;
 
 use clap::Args;
 use llama_core::{
-    Constraint, GenerateOptions, Message, Model, ModelOptions, Sampler, SessionOptions,
+    Constraint, GenerateOptions, Message, Model, ModelOptions, Sampler, SamplerConfig,
+    SessionOptions,
 };
 use serde_json::json;
 
@@ -216,13 +217,22 @@ fn constrained_decode(
     let g = model.compile_constraint(&c)?;
     let compile_ms = t.elapsed().as_secs_f64() * 1e3;
     let ids = model.chat_tokens(&[Message::user(prompt)])?;
+    // End-of-generation tokens banned in both runs, so the free one runs as long as the
+    // constrained one (where the grammar never allows them before it completes) through the
+    // same sampler path.
+    let mut cfg = SamplerConfig::greedy();
+    cfg.logit_bias = model
+        .tokenizer()
+        .eog_ids()
+        .iter()
+        .map(|&id| (id, f32::NEG_INFINITY))
+        .collect();
     let run =
         |opts: GenerateOptions| -> Result<llama_core::Generation, Box<dyn std::error::Error>> {
             let mut s = model.session(SessionOptions::default().n_ctx(2048))?;
             s.set_adapters(adapters)?;
-            Ok(s.generate(&ids, &mut Sampler::greedy(), opts, |_| {
-                ControlFlow::Continue(())
-            })?)
+            let mut smp = Sampler::new(cfg.clone())?;
+            Ok(s.generate(&ids, &mut smp, opts, |_| ControlFlow::Continue(()))?)
         };
     let first = run(GenerateOptions::default()
         .grammar(g.clone())
@@ -234,6 +244,9 @@ fn constrained_decode(
         ct.push(gc.timings.generation_tps());
         mask.push(gc.timings.constraint.as_secs_f64() * 1e3 / gc.tokens.len().max(1) as f64);
         let gf = run(GenerateOptions::default().max_tokens(n))?;
+        if gf.tokens.len() != n {
+            return Err(format!("the free run made {} tokens, not {n}", gf.tokens.len()).into());
+        }
         ft.push(gf.timings.generation_tps());
     }
     let (c_tps, f_tps) = (median(ct), median(ft));

@@ -343,7 +343,10 @@ impl ConstraintState {
 
     /// Advances past a sampled token (one the mask allowed).
     pub(crate) fn consume(&mut self, id: u32) -> Result<()> {
-        self.m.consume_token(id).map_err(llg_err)
+        let t0 = Instant::now();
+        let r = self.m.consume_token(id).map_err(llg_err);
+        self.mask_time += t0.elapsed();
+        r
     }
 }
 
