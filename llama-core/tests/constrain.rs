@@ -65,21 +65,28 @@ fn token_bytes_spell_the_tokenized_text() {
     }
 }
 
+/// Whether a text matches what its constraint asked for, checked independently.
+type Check = Box<dyn Fn(&str) -> bool>;
+
 #[test]
 fn random_models_follow_every_constraint() {
     let schema = serde_json::json!({"type": "object", "properties": {
         "n": {"type": "integer", "minimum": -5, "maximum": 5},
         "s": {"type": "string", "pattern": "^[a-c]{1,4}$"}},
         "required": ["n", "s"], "additionalProperties": false});
+    let dashed = regex::Regex::new("^[0-9]{2}-[xyz]+$").unwrap();
+    let tuple = regex::Regex::new(r"^\([0-9]+(,[0-9]+)*\)$").unwrap();
+    let short = regex::Regex::new("^[a-c]{1,4}$").unwrap();
     for (name, m) in models() {
         let g = m
             .compile_constraint(&Constraint::JsonSchema(schema.clone()))
             .unwrap();
         let choices = ["alpha", "beta", "gamma delta"];
-        let cases: Vec<(Constraint, Box<dyn Fn(&str) -> bool>)> = vec![
+        let (dashed, tuple) = (dashed.clone(), tuple.clone());
+        let cases: Vec<(Constraint, Check)> = vec![
             (
                 Constraint::Regex("[0-9]{2}-[xyz]+".into()),
-                Box::new(|t: &str| regex::Regex::new("^[0-9]{2}-[xyz]+$").unwrap().is_match(t)),
+                Box::new(move |t: &str| dashed.is_match(t)),
             ),
             (
                 Constraint::Choices(choices.iter().map(|s| s.to_string()).collect()),
@@ -87,11 +94,7 @@ fn random_models_follow_every_constraint() {
             ),
             (
                 Constraint::grammar("root ::= \"(\" [0-9]+ (\",\" [0-9]+)* \")\""),
-                Box::new(|t: &str| {
-                    regex::Regex::new(r"^\([0-9]+(,[0-9]+)*\)$")
-                        .unwrap()
-                        .is_match(t)
-                }),
+                Box::new(move |t: &str| tuple.is_match(t)),
             ),
         ];
         for seed in 0..4u64 {
@@ -122,12 +125,7 @@ fn random_models_follow_every_constraint() {
                 let n = v["n"].as_f64().unwrap_or_else(|| panic!("{name}: {v}"));
                 assert_eq!(n.fract(), 0.0, "{name}: {v}");
                 assert!((-5.0..=5.0).contains(&n), "{name}: {v}");
-                assert!(
-                    regex::Regex::new("^[a-c]{1,4}$")
-                        .unwrap()
-                        .is_match(v["s"].as_str().unwrap()),
-                    "{name}: {v}"
-                );
+                assert!(short.is_match(v["s"].as_str().unwrap()), "{name}: {v}");
             } else {
                 assert_eq!(
                     out.stop_reason,
@@ -166,4 +164,115 @@ fn random_models_follow_every_constraint() {
             }
         }
     }
+}
+
+/// A Llama 3.1-style template (tools in a system turn, calls as `{"name", "parameters"}`,
+/// results as `ipython` turns), as a tiny HF folder's tokenizer_config.json carries it.
+const LLAMA31_TOOLS_TEMPLATE: &str = r#"{{- bos_token }}{%- if tools is not none %}<|start_header_id|>system<|end_header_id|>
+
+You have these tools. To call one write {"name": function name, "parameters": arguments}.
+{%- for t in tools %}
+{{ t | tojson }}
+{%- endfor %}<|eot_id|>{%- endif %}
+{%- for message in messages %}
+{%- if message.tool_calls is defined and message.tool_calls %}{%- set tool_call = message.tool_calls[0].function %}<|start_header_id|>assistant<|end_header_id|>
+
+{{- '{"name": "' + tool_call.name + '", "parameters": ' + (tool_call.arguments | tojson) + '}' }}<|eot_id|>
+{%- elif message.role == "tool" %}<|start_header_id|>ipython<|end_header_id|>
+
+{{ message.content }}<|eot_id|>
+{%- else %}<|start_header_id|>{{ message.role }}<|end_header_id|>
+
+{{ message.content }}<|eot_id|>{%- endif %}
+{%- endfor %}{%- if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>
+
+{% endif %}"#;
+
+#[test]
+fn llama3_tool_calls_through_a_template_that_reads_tools() {
+    use llama_core::{Message, Tool, ToolChoice, ToolFormat};
+    let t = build(Spec {
+        seed: 43,
+        ..Default::default()
+    });
+    let cfg_path = t.hf.join("tokenizer_config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["chat_template"] = LLAMA31_TOOLS_TEMPLATE.into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let m = Model::load(&t.hf, ModelOptions::default()).unwrap();
+    assert_eq!(
+        ToolFormat::of_template(m.chat_template()),
+        ToolFormat::Llama3
+    );
+    let tools = vec![Tool::from_json(&serde_json::json!({"type": "function", "function": {
+        "name": "lookup", "description": "Looks a word up",
+        "parameters": {"type": "object", "properties": {"word": {"type": "string", "pattern": "^[a-z]{1,6}$"}},
+                       "required": ["word"], "additionalProperties": false}}}))
+    .unwrap()];
+    let mut msgs = vec![Message::user("define cat")];
+    let rendered = m
+        .apply_chat_template_with_tools(&msgs, &tools, true)
+        .unwrap();
+    assert!(
+        rendered.contains("You have these tools") && rendered.contains("\"name\":\"lookup\""),
+        "{rendered}"
+    );
+    // Without tools the template's tools block is absent (`tools` is none).
+    let plain = m.apply_chat_template(&msgs, true).unwrap();
+    assert!(!plain.contains("You have these tools"), "{plain}");
+    let word = regex::Regex::new("^[a-z]{1,6}$").unwrap();
+    let mut complete = 0;
+    for seed in 0..3u64 {
+        let mut smp = Sampler::new(SamplerConfig::default().temperature(1.0).seed(seed)).unwrap();
+        let mut s = m.session(SessionOptions::default().n_ctx(1024)).unwrap();
+        let out = s
+            .chat(
+                &msgs,
+                &mut smp,
+                GenerateOptions::default()
+                    .tools(tools.clone(), ToolChoice::Required)
+                    .max_tokens(200),
+                |_| ControlFlow::Continue(()),
+            )
+            .unwrap();
+        if out.stop_reason == StopReason::GrammarComplete {
+            assert!(
+                out.text
+                    .starts_with("{\"name\": \"lookup\", \"parameters\": "),
+                "{:?}",
+                out.text
+            );
+            assert_eq!(out.tool_calls.len(), 1, "{:?}", out.text);
+            let w = out.tool_calls[0].arguments["word"].as_str().unwrap();
+            assert!(word.is_match(w), "{w}");
+            complete += 1;
+        } else {
+            assert_eq!(
+                out.stop_reason,
+                StopReason::GrammarIncomplete,
+                "{:?}",
+                out.text
+            );
+            assert!(out.tool_calls.is_empty());
+        }
+    }
+    assert!(complete > 0, "no call completed in 200 tokens");
+    // The call goes back through the template in its own format.
+    msgs.push(Message::tool_calls(vec![llama_core::ToolCall {
+        name: "lookup".into(),
+        arguments: serde_json::json!({"word": "cat"}),
+    }]));
+    msgs.push(Message::tool("a small feline"));
+    let r = m
+        .apply_chat_template_with_tools(&msgs, &tools, true)
+        .unwrap();
+    assert!(
+        r.contains("{\"name\": \"lookup\", \"parameters\": {\"word\":\"cat\"}}"),
+        "{r}"
+    );
+    assert!(
+        r.contains("ipython<|end_header_id|>\n\na small feline"),
+        "{r}"
+    );
 }
