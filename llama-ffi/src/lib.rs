@@ -384,13 +384,13 @@ mod tests {
             );
             assert_ne!(name.to_bytes(), b"unknown status");
         }
-        for code in [-1, 14, 98, 100, 1000] {
+        for code in [-1, 15, 98, 100, 1000] {
             let s = unsafe { std::ffi::CStr::from_ptr(llama_status_str(code)) };
             assert_eq!(s.to_bytes(), b"unknown status");
         }
-        // Every value of the header's enum is in `ALL` (0..=13 and 99).
+        // Every value of the header's enum is in `ALL` (0..=14 and 99).
         let codes: Vec<i32> = llama_status::ALL.iter().map(|s| *s as i32).collect();
-        assert_eq!(codes, (0..=13).chain([99]).collect::<Vec<_>>());
+        assert_eq!(codes, (0..=14).chain([99]).collect::<Vec<_>>());
     }
 
     #[test]
