@@ -23,7 +23,13 @@ pub(crate) use crate::pool::for_each_chunk_mut;
 /// `compute(xs, m, put)` (the matmul) and `dequantize_row(i, out)`.
 macro_rules! our_weight_matrix {
     ($t:ty, $dtype:expr) => {
+        our_weight_matrix!($t, $dtype, false);
+    };
+    ($t:ty, $dtype:expr, $invariant:expr) => {
         impl $crate::kernels::WeightMatrix for $t {
+            fn batch_invariant(&self) -> bool {
+                $invariant
+            }
             fn dtype(&self) -> candle_core::quantized::GgmlDType {
                 let dtype: fn(&Self) -> candle_core::quantized::GgmlDType = $dtype;
                 dtype(self)
@@ -267,6 +273,12 @@ pub(crate) trait WeightMatrix: Send + Sync {
             self.row_into(id as usize, dst)?;
         }
         Ok(Tensor::from_vec(out, (ids.len(), k), &Device::Cpu)?)
+    }
+    /// Whether each row's product is the same bits whatever rows are computed with it (`m`,
+    /// the row's place in the tiles): then a batched forward pass can put several sequences'
+    /// rows through one product and still give each what it gets alone.
+    fn batch_invariant(&self) -> bool {
+        false
     }
     /// `x @ W^T` for `x` of shape `[..., k]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {

@@ -317,3 +317,70 @@ fn quantized_activations_follow_ggml() {
     quantize_row(&zero, &mut out);
     assert!(out[0].qs.iter().all(|&q| q == 0) && out[0].d == 0.0);
 }
+
+/// Which of our matrices compute each row alike whatever rows come with it, checked: every
+/// row of a 13-row product against that row alone and inside other sub-batches. Those that
+/// claim it (`batch_invariant`) must hold it bit for bit; the rest are reported.
+#[test]
+fn batch_invariant_matrices_give_each_row_the_same_bits() {
+    let (n, k) = (64, 512);
+    let w = values(n * k, 91);
+    let wt = Tensor::from_vec(w.clone(), (n, k), &Device::Cpu).unwrap();
+    let mut mats: Vec<(String, std::sync::Arc<dyn WeightMatrix>)> = vec![];
+    for (fmt, dt) in [
+        (BlockFmt::Q4_0, GgmlDType::Q4_0),
+        (BlockFmt::Q4_1, GgmlDType::Q4_1),
+        (BlockFmt::Q5_0, GgmlDType::Q5_0),
+        (BlockFmt::Q5_1, GgmlDType::Q5_1),
+        (BlockFmt::Q8_0, GgmlDType::Q8_0),
+    ] {
+        let q = QTensor::quantize(&wt, dt).unwrap();
+        mats.push((
+            format!("{dt:?}"),
+            std::sync::Arc::new(BlockMatrix::new(fmt, &q.data().unwrap(), n, k).unwrap()),
+        ));
+    }
+    for dt in [GgmlDType::Q4K, GgmlDType::Q6K] {
+        let q = QTensor::quantize(&wt, dt).unwrap();
+        mats.push((
+            format!("{dt:?}"),
+            k_matrix(dt, &q.data().unwrap(), n, k).unwrap().unwrap(),
+        ));
+    }
+    mats.push((
+        "F16".into(),
+        std::sync::Arc::new(F16Matrix::from_rows(
+            w.iter().map(|v| f16::from_f32(*v)).collect(),
+            n,
+            k,
+        )),
+    ));
+    let m = 13;
+    let x = values(m * k, 92);
+    let product = |mat: &dyn WeightMatrix, rows: std::ops::Range<usize>| -> Vec<u32> {
+        let r = rows.len();
+        let mut out = vec![0f32; r * n];
+        crate::matrix::matmul_into(mat, &x[rows.start * k..rows.end * k], r, &mut out).unwrap();
+        out.iter().map(|v| v.to_bits()).collect()
+    };
+    for (name, mat) in &mats {
+        let all = product(&**mat, 0..m);
+        let mut same = true;
+        for r in 0..m {
+            same &= product(&**mat, r..r + 1) == all[r * n..(r + 1) * n];
+        }
+        for (a, b) in [(0, 2), (3, 8), (5, 13), (1, 12)] {
+            same &= product(&**mat, a..b) == all[a * n..b * n];
+        }
+        if mat.batch_invariant() {
+            assert!(
+                same,
+                "{name} claims batch invariance but a row changed with its batch"
+            );
+        }
+        println!(
+            "{name}: rows {} with their batch",
+            if same { "never change" } else { "change" }
+        );
+    }
+}

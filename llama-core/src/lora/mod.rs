@@ -590,6 +590,52 @@ pub(crate) fn matmul_and_update(
     Ok(())
 }
 
+/// The active adapters' update alone, added to `out` (the base product already there), with the
+/// arithmetic [`matmul_and_update`] uses for the same rows: `add_delta` for several rows, the
+/// one-row update (run on its own instead of riding a matmul) for one. A batched forward pass
+/// computes the base product of every sequence's rows at once, then each sequence's update.
+pub(crate) fn update_rows(
+    active: Active<'_>,
+    layer: usize,
+    targets: &[(Target, usize, usize)],
+    xs: &[f32],
+    m: usize,
+    out: &mut [f32],
+    stride: usize,
+) -> Result<()> {
+    if active.is_empty() || !targets.iter().any(|&(t, _, _)| touches(active, layer, t)) {
+        return Ok(());
+    }
+    if m != 1 || out.len() != stride {
+        for &(t, col, n) in targets {
+            add_delta(active, layer, t, xs, m, out, (stride, col, n))?;
+        }
+        return Ok(());
+    }
+    let parts: Vec<kernel::Part<'_>> = targets
+        .iter()
+        .map(|&(t, col, n)| kernel::Part {
+            col,
+            n,
+            ups: active
+                .iter()
+                .filter_map(|(a, s)| {
+                    let p = a.pair(layer, t)?;
+                    let f = s * p.scale;
+                    (f != 0.0).then(|| (p.update(), f))
+                })
+                .collect(),
+        })
+        .collect();
+    let mut delta = vec![0f32; stride];
+    {
+        let rider = kernel::RowUpdate::new(&parts, xs, &mut delta)?;
+        crate::kernels::with_rider(&rider, || ());
+    }
+    kernel::add_parts(&parts, &delta, out);
+    Ok(())
+}
+
 /// Whether any active adapter updates `t` in `layer` with a non-zero factor.
 pub(crate) fn touches(active: Active<'_>, layer: usize, t: Target) -> bool {
     active

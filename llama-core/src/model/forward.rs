@@ -4,6 +4,13 @@
 use super::*;
 use crate::lora::{self, Active, Target};
 
+/// One sequence of [`Model::forward_batch`]: its new tokens, its cache and its adapters.
+pub(crate) struct BatchSeq<'c, 'a> {
+    pub(crate) tokens: &'a [u32],
+    pub(crate) cache: &'c mut KvCache,
+    pub(crate) lora: Active<'a>,
+}
+
 impl Model {
     /// Runs `tokens` at the cache's next positions and returns the final hidden states
     /// `(len, hidden)` after the output norm. The caller checks capacity and ids.
@@ -112,6 +119,186 @@ impl Model {
         Ok(Tensor::from_vec(hn, (t, hidden), dev)?)
     }
 
+    /// Several sequences in one forward pass on our kernels: every sequence's rows go through
+    /// each weight matrix together (one pass over the weights for all of them), while RoPE,
+    /// the KV cache, attention and LoRA updates stay per sequence. Each row's result is what
+    /// the sequence's own [`Model::forward_hidden`] gives it (the kernels compute every row
+    /// alike whatever the rows around it). Returns each sequence's last row after the output
+    /// norm. The caller checks capacity and ids.
+    pub(crate) fn forward_batch(&self, seqs: &mut [BatchSeq<'_, '_>]) -> Result<Vec<Vec<f32>>> {
+        use crate::kernels::{add_in_place, input_f32, rms_norm_rows, swiglu_rows};
+        let m = &*self.inner;
+        let c = &m.config;
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let (hidden, ffn) = (c.hidden_size, c.intermediate_size);
+        let (qw, kw) = (nh * hd, nkv * hd);
+        let dev = &m.device;
+        // Row offsets of each sequence.
+        let mut offs = Vec::with_capacity(seqs.len() + 1);
+        offs.push(0usize);
+        for s in seqs.iter() {
+            offs.push(offs.last().copied().unwrap_or(0) + s.tokens.len());
+        }
+        let t = *offs.last().unwrap_or(&0);
+        let starts: Vec<usize> = seqs.iter().map(|s| s.cache.len()).collect();
+        for s in seqs.iter_mut() {
+            s.cache.reserve(s.tokens.len(), dev)?;
+        }
+        let all: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
+        let mut x: Vec<f32> = m.embed.rows(&all)?.flatten_all()?.to_vec1()?;
+        let tables: Vec<(Vec<f32>, Vec<f32>)> = seqs
+            .iter()
+            .zip(&starts)
+            .map(|(s, &st)| m.rope.tables(st, s.tokens.len()))
+            .collect();
+        let qkv_w = qw + 2 * kw;
+        let mut hn = vec![0f32; t * hidden];
+        let (mut qkv, mut att) = (vec![0f32; t * qkv_w], vec![0f32; t * qw]);
+        let mut o = vec![0f32; t * hidden];
+        let (mut gu, mut a) = (vec![0f32; t * 2 * ffn], vec![0f32; t * ffn]);
+        let scale = (1.0 / (hd as f64).sqrt()) as f32;
+        let eps = c.rms_norm_eps as f32;
+        let qkv_parts = [
+            (Target::Q, 0, qw),
+            (Target::K, qw, kw),
+            (Target::V, qw + kw, kw),
+        ];
+        let o_part = [(Target::O, 0, hidden)];
+        let gu_parts = [(Target::Gate, 0, ffn), (Target::Up, ffn, ffn)];
+        let down_part = [(Target::Down, 0, hidden)];
+        // The LoRA update of each sequence's rows, after the shared base product.
+        let update = |seqs: &[BatchSeq<'_, '_>],
+                      li: usize,
+                      parts: &[(Target, usize, usize)],
+                      xs: &[f32],
+                      xw: usize,
+                      out: &mut [f32],
+                      ow: usize|
+         -> Result<()> {
+            for (i, s) in seqs.iter().enumerate() {
+                let (r0, r1) = (offs[i], offs[i + 1]);
+                lora::update_rows(
+                    s.lora,
+                    li,
+                    parts,
+                    &xs[r0 * xw..r1 * xw],
+                    r1 - r0,
+                    &mut out[r0 * ow..r1 * ow],
+                    ow,
+                )?;
+            }
+            Ok(())
+        };
+        // One product over every sequence's rows where the matrix computes each row alike
+        // whatever comes with it; one per sequence otherwise (the same bits as alone either way).
+        let shared = |invariant: bool,
+                      xs: &[f32],
+                      xw: usize,
+                      out: &mut [f32],
+                      ow: usize,
+                      f: &mut dyn FnMut(&[f32], usize, &mut [f32]) -> Result<()>|
+         -> Result<()> {
+            if invariant {
+                return f(xs, t, out);
+            }
+            for w in offs.windows(2) {
+                let (r0, r1) = (w[0], w[1]);
+                f(&xs[r0 * xw..r1 * xw], r1 - r0, &mut out[r0 * ow..r1 * ow])?;
+            }
+            Ok(())
+        };
+        for (li, l) in m.layers.iter().enumerate() {
+            rms_norm_rows(&x, &input_f32(&l.attn_norm)?, eps, &mut hn);
+            shared(
+                l.qkv.batch_invariant(),
+                &hn,
+                hidden,
+                &mut qkv,
+                qkv_w,
+                &mut |x, r, o| l.qkv.matmul_into(x, r, o),
+            )?;
+            update(seqs, li, &qkv_parts, &hn, hidden, &mut qkv, qkv_w)?;
+            for (i, s) in seqs.iter_mut().enumerate() {
+                let (r0, r1) = (offs[i], offs[i + 1]);
+                let ti = r1 - r0;
+                let rows = &mut qkv[r0 * qkv_w..r1 * qkv_w];
+                let (cos, sin) = &tables[i];
+                m.rope.apply(rows, ti, nh, qkv_w, (cos, sin));
+                m.rope.apply(&mut rows[qw..], ti, nkv, qkv_w, (cos, sin));
+                let (mut k, mut v) = (vec![0f32; ti * kw], vec![0f32; ti * kw]);
+                for (row, (kr, vr)) in rows
+                    .chunks_exact(qkv_w)
+                    .zip(k.chunks_exact_mut(kw).zip(v.chunks_exact_mut(kw)))
+                {
+                    kr.copy_from_slice(&row[qw..qw + kw]);
+                    vr.copy_from_slice(&row[qw + kw..]);
+                }
+                let kt = Tensor::from_slice(&k, (1, ti, nkv, hd), dev)?.transpose(1, 2)?;
+                let vt = Tensor::from_slice(&v, (1, ti, nkv, hd), dev)?.transpose(1, 2)?;
+                let (k_all, v_all) = s.cache.append(li, &kt, &vt)?;
+                let queries = crate::attention::Queries {
+                    data: rows,
+                    heads: nh,
+                    rows: ti,
+                    head_dim: hd,
+                    head_stride: hd,
+                    row_stride: qkv_w,
+                };
+                let half_cache = s.cache.dtype() == DType::F16;
+                crate::attention::causal_into(
+                    &queries,
+                    &k_all,
+                    &v_all,
+                    starts[i],
+                    scale,
+                    half_cache,
+                    &mut att[r0 * qw..r1 * qw],
+                )?;
+            }
+            shared(
+                l.o.batch_invariant(),
+                &att,
+                qw,
+                &mut o,
+                hidden,
+                &mut |x, r, out| matrix::matmul_into(&*l.o, x, r, out),
+            )?;
+            update(seqs, li, &o_part, &att, qw, &mut o, hidden)?;
+            add_in_place(&mut x, &o);
+            rms_norm_rows(&x, &input_f32(&l.ffn_norm)?, eps, &mut hn);
+            shared(
+                l.gate_up.batch_invariant(),
+                &hn,
+                hidden,
+                &mut gu,
+                2 * ffn,
+                &mut |x, r, o| l.gate_up.matmul_into(x, r, o),
+            )?;
+            update(seqs, li, &gu_parts, &hn, hidden, &mut gu, 2 * ffn)?;
+            swiglu_rows(&gu, ffn, &mut a);
+            shared(
+                l.down.batch_invariant(),
+                &a,
+                ffn,
+                &mut o,
+                hidden,
+                &mut |x, r, out| matrix::matmul_into(&*l.down, x, r, out),
+            )?;
+            update(seqs, li, &down_part, &a, ffn, &mut o, hidden)?;
+            add_in_place(&mut x, &o);
+        }
+        let norm = input_f32(&m.norm)?;
+        let mut out = Vec::with_capacity(seqs.len());
+        for (i, s) in seqs.iter_mut().enumerate() {
+            s.cache.advance(s.tokens.len());
+            let last = offs[i + 1] - 1;
+            let mut h = vec![0f32; hidden];
+            rms_norm_rows(&x[last * hidden..(last + 1) * hidden], &norm, eps, &mut h);
+            out.push(h);
+        }
+        Ok(out)
+    }
+
     /// [`Model::forward_hidden`] with candle's tensor ops (`Kernel::Candle`).
     fn forward_tensors(
         &self,
@@ -208,6 +395,11 @@ impl Model {
             .forward(&h)?
             .squeeze(0)?
             .to_dtype(DType::F32)?)
+    }
+
+    /// Whether the output head computes each row alike whatever rows come with it.
+    pub(crate) fn head_batch_invariant(&self) -> bool {
+        self.inner.lm_head.batch_invariant()
     }
 
     /// Last-row logits as a vector.

@@ -43,6 +43,11 @@ impl Stack {
         self.widths.iter().sum()
     }
 
+    /// Whether every part computes each row alike whatever rows come with it.
+    pub(crate) fn batch_invariant(&self) -> bool {
+        self.mats.iter().all(|m| m.batch_invariant())
+    }
+
     /// The parts' outputs for `m` rows of `xs`, side by side in `out` (`[m, width]`).
     pub(crate) fn matmul_into(&self, xs: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
         let stride = self.width();

@@ -299,6 +299,108 @@ impl Session {
         Ok(out)
     }
 
+    /// Evaluates each session's tokens after its own context, all sessions in one forward pass
+    /// (one pass over the weights for every sequence: decode steps of several conversations cost
+    /// little more than one). Sessions must share one model; each keeps its own KV cache,
+    /// adapters and logits, and gets exactly the logits it would get evaluating its tokens
+    /// alone (`eval`), whatever else is in the batch. Prompts go in chunks of each session's
+    /// `n_batch`, as `eval` does. An empty token list leaves its session as it is. On an error
+    /// every session is left as before the call. Not cancellable (a batch step is short; drop a
+    /// sequence between steps instead).
+    pub fn eval_batch(batch: &mut [(&mut Session, &[u32])]) -> Result<()> {
+        let Some(first) = batch.first() else {
+            return Ok(());
+        };
+        let model = first.0.model.clone();
+        for (s, toks) in batch.iter() {
+            if !std::sync::Arc::ptr_eq(&s.model.inner, &model.inner) {
+                return Err(Error::InvalidArgument(
+                    "every session of a batch must belong to the same model".into(),
+                ));
+            }
+            s.check(toks)?;
+        }
+        if !crate::kernels::enabled() {
+            // candle's tensor path has no batched pass: one session after another.
+            for (s, toks) in batch.iter_mut() {
+                s.eval_uncancellable(toks)?;
+            }
+            return Ok(());
+        }
+        let before: Vec<usize> = batch.iter().map(|(s, _)| s.tokens.len()).collect();
+        let runtime = first.0.runtime;
+        let r = runtime.run(|| Self::eval_batch_chunks(&model, batch));
+        if r.is_err() {
+            for ((s, _), &n) in batch.iter_mut().zip(&before) {
+                s.truncate(n);
+            }
+        }
+        r
+    }
+
+    fn eval_batch_chunks(model: &Model, batch: &mut [(&mut Session, &[u32])]) -> Result<()> {
+        let mut done: Vec<usize> = vec![0; batch.len()];
+        loop {
+            // This round: the next chunk of each session that has tokens left.
+            let mut idx = vec![];
+            let mut seqs = vec![];
+            for (i, (s, toks)) in batch.iter_mut().enumerate() {
+                if done[i] >= toks.len() {
+                    continue;
+                }
+                let n = s.opts.n_batch.min(toks.len() - done[i]);
+                let chunk = &toks[done[i]..done[i] + n];
+                done[i] += n;
+                idx.push((i, chunk));
+                let Session {
+                    cache, adapters, ..
+                } = &mut **s;
+                seqs.push(crate::model::BatchSeq {
+                    tokens: chunk,
+                    cache,
+                    lora: adapters,
+                });
+            }
+            if seqs.is_empty() {
+                return Ok(());
+            }
+            let lens: Vec<usize> = seqs.iter().map(|q| q.cache.len()).collect();
+            let hidden = match model.forward_batch(&mut seqs) {
+                Ok(h) => h,
+                Err(e) => {
+                    drop(seqs);
+                    for (&(i, _), &n) in idx.iter().zip(&lens) {
+                        batch[i].0.cache.truncate(n);
+                    }
+                    return Err(e);
+                }
+            };
+            drop(seqs);
+            let hidden_size = model.config().hidden_size;
+            let cpu = &candle_core::Device::Cpu;
+            // One output-head product for every sequence's last row where the head computes
+            // each row alike whatever comes with it; one each otherwise.
+            let logits: Vec<Vec<f32>> = if model.head_batch_invariant() {
+                let rows: Vec<f32> = hidden.concat();
+                let h = candle_core::Tensor::from_vec(rows, (idx.len(), hidden_size), cpu)?;
+                model.logits(&h)?.to_vec2::<f32>()?
+            } else {
+                hidden
+                    .into_iter()
+                    .map(|row| {
+                        let h = candle_core::Tensor::from_vec(row, (1, hidden_size), cpu)?;
+                        model.last_logits(&h)
+                    })
+                    .collect::<Result<_>>()?
+            };
+            for ((i, chunk), l) in idx.into_iter().zip(logits) {
+                let s = &mut batch[i].0;
+                s.tokens.extend_from_slice(chunk);
+                s.logits = Some(l);
+            }
+        }
+    }
+
     /// Logits of the last evaluated position.
     pub fn logits(&self) -> Option<&[f32]> {
         self.logits.as_deref()

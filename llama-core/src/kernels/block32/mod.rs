@@ -638,4 +638,4 @@ impl BlockMatrix {
     }
 }
 
-our_weight_matrix!(BlockMatrix, |m| m.fmt.ggml());
+our_weight_matrix!(BlockMatrix, |m| m.fmt.ggml(), true);

@@ -445,7 +445,7 @@ pub(super) fn group_matmul(
     run_items(row_tiles * (n / gs), &work);
 }
 
-our_weight_matrix!(Q4KMatrix, |_| candle_core::quantized::GgmlDType::Q4K);
+our_weight_matrix!(Q4KMatrix, |_| candle_core::quantized::GgmlDType::Q4K, true);
 
 impl Q4KMatrix {
     /// `xs @ W^T` for `m` rows of `k` values, every output written through `put`.

@@ -240,7 +240,7 @@ q6k_group!(q6k_avx2, "avx2,fma,f16c", false);
 #[cfg(target_arch = "x86_64")]
 q6k_group!(q6k_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", true);
 
-our_weight_matrix!(Q6KMatrix, |_| candle_core::quantized::GgmlDType::Q6K);
+our_weight_matrix!(Q6KMatrix, |_| candle_core::quantized::GgmlDType::Q6K, true);
 
 impl Q6KMatrix {
     /// `xs @ W^T` for `m` rows of `k` values, every output written through `put`.

@@ -1,0 +1,260 @@
+//! Batched evaluation: several sessions in one forward pass get, bit for bit, the logits they
+//! get alone, whatever else is in the batch (prompts of other lengths, other sessions decoding,
+//! other adapters), on the real model's every weight format and on tiny models with LoRA.
+
+mod common;
+
+use std::path::Path;
+
+use common::tiny::{build, Spec};
+use common::*;
+use llama_core::{Model, ModelOptions, Session, SessionOptions};
+
+/// Greedy next token.
+fn argmax(l: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in l.iter().enumerate() {
+        if v > l[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn bits(l: &[f32]) -> Vec<u32> {
+    l.iter().map(|v| v.to_bits()).collect()
+}
+
+/// The logits (as bits) after the prompt and after each of `n` greedy decode steps, alone.
+fn alone(s: &mut Session, prompt: &[u32], n: usize) -> Vec<Vec<u32>> {
+    s.eval(prompt).unwrap();
+    let mut out = vec![bits(s.logits().unwrap())];
+    for _ in 0..n {
+        let next = argmax(s.logits().unwrap());
+        s.eval(&[next]).unwrap();
+        out.push(bits(s.logits().unwrap()));
+    }
+    out
+}
+
+/// The same, all sessions together; session `i` joins at step `join[i]` (its prompt then goes
+/// in while the others decode).
+fn together(
+    sessions: &mut [Session],
+    prompts: &[Vec<u32>],
+    join: &[usize],
+    n: usize,
+) -> Vec<Vec<Vec<u32>>> {
+    let mut out: Vec<Vec<Vec<u32>>> = vec![vec![]; sessions.len()];
+    let last = join.iter().max().copied().unwrap_or(0) + n;
+    for step in 0..=last {
+        let mut toks: Vec<Vec<u32>> = vec![];
+        for (i, s) in sessions.iter().enumerate() {
+            let t = if step == join[i] {
+                prompts[i].clone()
+            } else if step > join[i] && out[i].len() <= n {
+                vec![argmax(s.logits().unwrap())]
+            } else {
+                vec![]
+            };
+            toks.push(t);
+        }
+        let mut batch: Vec<(&mut Session, &[u32])> = sessions
+            .iter_mut()
+            .zip(&toks)
+            .map(|(s, t)| (s, t.as_slice()))
+            .collect();
+        Session::eval_batch(&mut batch).unwrap();
+        for (i, s) in sessions.iter().enumerate() {
+            if !toks[i].is_empty() {
+                out[i].push(bits(s.logits().unwrap()));
+            }
+        }
+    }
+    out
+}
+
+fn prompts(m: &Model) -> Vec<Vec<u32>> {
+    [
+        "The capital of France is",
+        "1, 2, 3, 4, 5, 6, 7,",
+        "Once upon a time, in a small village by the sea, there lived an old fisherman who",
+        "def fibonacci(n):",
+    ]
+    .iter()
+    .map(|p| m.tokenize(p, true, false).unwrap())
+    .collect()
+}
+
+fn check_model(name: &str, m: &Model, n: usize) {
+    let ps = prompts(m);
+    let solo: Vec<Vec<Vec<u32>>> = ps
+        .iter()
+        .map(|p| {
+            alone(
+                &mut m.session(SessionOptions::default().n_ctx(256)).unwrap(),
+                p,
+                n,
+            )
+        })
+        .collect();
+    for join in [vec![0, 0, 0, 0], vec![0, 2, 3, 5]] {
+        let mut ss: Vec<Session> = (0..ps.len())
+            .map(|_| m.session(SessionOptions::default().n_ctx(256)).unwrap())
+            .collect();
+        let got = together(&mut ss, &ps, &join, n);
+        for i in 0..ps.len() {
+            assert_eq!(got[i].len(), solo[i].len(), "{name} seq {i}");
+            for (step, (a, b)) in got[i].iter().zip(&solo[i]).enumerate() {
+                assert!(
+                    a == b,
+                    "{name}: sequence {i} (joining at {:?}) differs from alone at step {step}",
+                    join
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn real_model_batches_are_bit_identical_to_alone() {
+    let path = real_model_path();
+    let m = Model::load(&path, options()).unwrap();
+    check_model("Q4_1", &m, 6);
+    // The other weight formats the reference script writes, when present.
+    let dir = path.parent().unwrap();
+    for f in ["f16", "q8_0", "q4_0", "q4_k"] {
+        let p = dir.join(format!("SmolLM2-135M-Instruct.{f}.gguf"));
+        if p.exists() {
+            let m = Model::load(&p, options()).unwrap();
+            check_model(f, &m, 3);
+        }
+    }
+}
+
+/// A PEFT adapter on q, v and down of every layer, rank 2, with values from `seed`.
+fn adapter(t: &common::tiny::Tiny, dir: &Path, seed: u32) {
+    use candle_core::{Device, Tensor};
+    std::fs::create_dir_all(dir).unwrap();
+    let s = &t.spec;
+    let cfg = serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+        "target_modules": ["q_proj", "v_proj", "down_proj"]});
+    std::fs::write(dir.join("adapter_config.json"), cfg.to_string()).unwrap();
+    let mut map = std::collections::HashMap::new();
+    for l in 0..s.layers {
+        for (m, out, inp) in [
+            ("self_attn.q_proj", s.heads * s.head_dim, s.hidden),
+            ("self_attn.v_proj", s.kv_heads * s.head_dim, s.hidden),
+            ("mlp.down_proj", s.hidden, s.ff),
+        ] {
+            let vals = |n: usize, k: u32| {
+                (0..n as u32)
+                    .map(|i| (((i * 7 + k * 13 + seed * 29) % 11) as f32 - 5.0) / 20.0)
+                    .collect::<Vec<_>>()
+            };
+            let p = format!("base_model.model.model.layers.{l}.{m}");
+            map.insert(
+                format!("{p}.lora_A.weight"),
+                Tensor::from_vec(vals(2 * inp, 1), (2, inp), &Device::Cpu).unwrap(),
+            );
+            map.insert(
+                format!("{p}.lora_B.weight"),
+                Tensor::from_vec(vals(out * 2, 2), (out, 2), &Device::Cpu).unwrap(),
+            );
+        }
+    }
+    candle_core::safetensors::save(&map, dir.join("adapter_model.safetensors")).unwrap();
+}
+
+#[test]
+fn sessions_with_different_adapters_batch_exactly() {
+    let t = build(Spec {
+        seed: 77,
+        ..Default::default()
+    });
+    let m = Model::load(&t.gguf, ModelOptions::default()).unwrap();
+    let (da, db) = (t.dir.path().join("a"), t.dir.path().join("b"));
+    adapter(&t, &da, 1);
+    adapter(&t, &db, 2);
+    let a = m.load_adapter(&da).unwrap();
+    let b = m.load_adapter(&db).unwrap();
+    let sets = [
+        vec![],
+        vec![(a.clone(), 1.0)],
+        vec![(b.clone(), 0.5)],
+        vec![(a, 0.7), (b, 1.3)],
+    ];
+    let ps: Vec<Vec<u32>> = vec![
+        vec![1, 5, 9, 14],
+        vec![2, 3],
+        vec![7, 8, 9, 10, 11, 12, 13],
+        vec![4],
+    ];
+    let n = 5;
+    let solo: Vec<Vec<Vec<u32>>> = ps
+        .iter()
+        .zip(&sets)
+        .map(|(p, set)| {
+            let mut s = m.session(SessionOptions::default().n_ctx(64)).unwrap();
+            s.set_adapters(set).unwrap();
+            alone(&mut s, p, n)
+        })
+        .collect();
+    for join in [vec![0, 0, 0, 0], vec![3, 0, 1, 2]] {
+        let mut ss: Vec<Session> = sets
+            .iter()
+            .map(|set| {
+                let mut s = m
+                    .session(SessionOptions::default().n_ctx(64).n_batch(3))
+                    .unwrap();
+                s.set_adapters(set).unwrap();
+                s
+            })
+            .collect();
+        // n_batch 3 here: prompts go in chunks, as alone with the same n_batch.
+        let solo_chunked: Vec<Vec<Vec<u32>>> = ps
+            .iter()
+            .zip(&sets)
+            .map(|(p, set)| {
+                let mut s = m
+                    .session(SessionOptions::default().n_ctx(64).n_batch(3))
+                    .unwrap();
+                s.set_adapters(set).unwrap();
+                alone(&mut s, p, n)
+            })
+            .collect();
+        let got = together(&mut ss, &ps, &join, n);
+        for i in 0..ps.len() {
+            assert_eq!(got[i], solo_chunked[i], "sequence {i}, join {join:?}");
+            // The adapters matter (the base differs) except for the base set.
+            if i > 0 {
+                assert_ne!(got[i], solo[0], "sequence {i}");
+            }
+        }
+    }
+}
+
+#[test]
+fn batch_errors_leave_sessions_as_they_were() {
+    let t = build(Spec {
+        seed: 78,
+        ..Default::default()
+    });
+    let m = Model::load(&t.gguf, ModelOptions::default()).unwrap();
+    let other = Model::load(&t.hf, ModelOptions::default()).unwrap();
+    let mut a = m.session(SessionOptions::default().n_ctx(8)).unwrap();
+    let mut b = m.session(SessionOptions::default().n_ctx(8)).unwrap();
+    let mut c = other.session(SessionOptions::default().n_ctx(8)).unwrap();
+    a.eval(&[1, 2]).unwrap();
+    let before = a.logits().unwrap().to_vec();
+    // Another model's session.
+    let r = Session::eval_batch(&mut [(&mut a, &[3][..]), (&mut c, &[3][..])]);
+    assert!(r.is_err());
+    // A token outside the vocabulary, and a context overflow.
+    assert!(Session::eval_batch(&mut [(&mut a, &[3][..]), (&mut b, &[1_000_000][..])]).is_err());
+    assert!(Session::eval_batch(&mut [(&mut a, &[3][..]), (&mut b, &[1; 9][..])]).is_err());
+    assert_eq!(a.tokens(), &[1, 2]);
+    assert_eq!(a.logits().unwrap(), &before[..]);
+    assert!(b.is_empty());
+    assert!(Session::eval_batch(&mut []).is_ok());
+}
