@@ -4,6 +4,9 @@
 use super::*;
 use crate::lora::{self, Active, Target};
 
+/// A product of `m` rows into an output buffer (one matrix of the batched pass).
+type RowsProduct<'a> = dyn FnMut(&[f32], usize, &mut [f32]) -> Result<()> + 'a;
+
 /// One sequence of [`Model::forward_batch`]: its new tokens, its cache and its adapters.
 pub(crate) struct BatchSeq<'c, 'a> {
     pub(crate) tokens: &'a [u32],
@@ -196,7 +199,7 @@ impl Model {
                       xw: usize,
                       out: &mut [f32],
                       ow: usize,
-                      f: &mut dyn FnMut(&[f32], usize, &mut [f32]) -> Result<()>|
+                      f: &mut RowsProduct<'_>|
          -> Result<()> {
             if invariant {
                 return f(xs, t, out);
