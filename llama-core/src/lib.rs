@@ -37,6 +37,7 @@ macro_rules! setters {
 }
 
 mod attention;
+pub mod batch;
 pub mod chat;
 mod codec;
 pub mod config;
@@ -62,6 +63,7 @@ pub mod train;
 mod types;
 mod weights;
 
+pub use batch::{Batch, BatchEvent, Finished, SeqId};
 pub use chat::Message;
 pub use config::{Config, RopeScaling};
 pub use constrain::tools::{Tool, ToolCall, ToolChoice, ToolFormat};

@@ -258,3 +258,181 @@ fn batch_errors_leave_sessions_as_they_were() {
     assert!(b.is_empty());
     assert!(Session::eval_batch(&mut []).is_ok());
 }
+
+/// What a generation request is: its prompt and options, its sampler.
+fn request(
+    i: usize,
+) -> (
+    Vec<llama_core::Message>,
+    llama_core::GenerateOptions,
+    llama_core::SamplerConfig,
+) {
+    use llama_core::{Constraint, GenerateOptions, Message, SamplerConfig};
+    let questions = [
+        "Name three rivers in Europe.",
+        "What is 12 times 7?",
+        "Write a haiku about the sea.",
+        "Describe a cat as JSON.",
+        "Is the sky blue? Answer yes or no.",
+        "Tell me a joke.",
+    ];
+    let q = questions[i % questions.len()];
+    let mut opts = GenerateOptions::default().max_tokens(12 + 7 * i);
+    if i % 3 == 1 {
+        opts = opts.stop(".");
+    }
+    if q.contains("JSON") {
+        opts = opts.constrain(Constraint::JsonSchema(serde_json::json!({"type": "object",
+            "properties": {"name": {"type": "string", "maxLength": 10}, "age": {"type": "integer"}},
+            "required": ["name", "age"]})));
+    }
+    if q.contains("yes or no") {
+        opts = opts.constrain(Constraint::Choices(vec!["yes".into(), "no".into()]));
+    }
+    let cfg = if i % 2 == 0 {
+        SamplerConfig::greedy()
+    } else {
+        SamplerConfig::default()
+            .temperature(0.9)
+            .seed(100 + i as u64)
+    };
+    (vec![Message::user(q)], opts, cfg)
+}
+
+#[test]
+fn continuous_batches_generate_what_each_generates_alone() {
+    use llama_core::{Batch, Prompt, Sampler};
+    let m = Model::load(real_model_path(), options()).unwrap();
+    let n = 6;
+    let alone: Vec<llama_core::Generation> = (0..n)
+        .map(|i| {
+            let (msgs, opts, cfg) = request(i);
+            let mut s = m.session(SessionOptions::default().n_ctx(512)).unwrap();
+            s.chat(&msgs, &mut Sampler::new(cfg).unwrap(), opts, |_| {
+                std::ops::ControlFlow::Continue(())
+            })
+            .unwrap()
+        })
+        .collect();
+    // Three join at once, the others one step apart while the first decode; one more is
+    // cancelled halfway.
+    let mut b = Batch::new(&m);
+    let mut ids = vec![];
+    let mut streamed: std::collections::HashMap<llama_core::SeqId, String> = Default::default();
+    let add = |b: &mut Batch, i: usize| {
+        let (msgs, opts, cfg) = request(i);
+        let s = m.session(SessionOptions::default().n_ctx(512)).unwrap();
+        b.add(s, Prompt::Chat(&msgs), opts, Sampler::new(cfg).unwrap())
+            .unwrap()
+    };
+    for i in 0..3 {
+        ids.push(add(&mut b, i));
+    }
+    let victim = add(&mut b, 0);
+    let handle = b.cancel_handle(victim).unwrap();
+    let mut step = 0;
+    let mut finished = vec![];
+    while !b.is_empty() {
+        if (3..n).contains(&(step + 2)) {
+            ids.push(add(&mut b, step + 2));
+        }
+        if step == 4 {
+            handle.cancel();
+        }
+        for e in b.step().unwrap() {
+            streamed.entry(e.id).or_default().push_str(&e.piece.text);
+        }
+        finished.extend(b.take_finished());
+        step += 1;
+    }
+    assert_eq!(ids.len(), n);
+    for (i, id) in ids.iter().enumerate() {
+        let f = finished.iter().find(|f| f.id == *id).unwrap();
+        let g = f.result.as_ref().unwrap();
+        assert_eq!(
+            g.tokens, alone[i].tokens,
+            "request {i}: {:?} vs alone {:?}",
+            g.text, alone[i].text
+        );
+        assert_eq!(g.text, alone[i].text, "request {i}");
+        assert_eq!(g.stop_reason, alone[i].stop_reason, "request {i}");
+        assert_eq!(streamed[id], g.text, "request {i}: streamed text");
+        // The session holds the conversation for a next turn.
+        assert!(f.session.len() > 0);
+    }
+    let v = finished.iter().find(|f| f.id == victim).unwrap();
+    assert_eq!(
+        v.result.as_ref().unwrap().stop_reason,
+        llama_core::StopReason::Cancelled
+    );
+}
+
+#[test]
+fn batch_add_rejects_bad_requests_up_front() {
+    use llama_core::{Batch, Constraint, GenerateOptions, Prompt, Sampler};
+    let t = build(Spec {
+        seed: 79,
+        ..Default::default()
+    });
+    let m = Model::load(&t.gguf, ModelOptions::default()).unwrap();
+    let other = Model::load(&t.hf, ModelOptions::default()).unwrap();
+    let mut b = Batch::new(&m);
+    let s = || m.session(SessionOptions::default().n_ctx(16)).unwrap();
+    assert!(b
+        .add(
+            other.session(SessionOptions::default()).unwrap(),
+            Prompt::Tokens(&[1]),
+            GenerateOptions::default(),
+            Sampler::greedy()
+        )
+        .is_err());
+    assert!(b
+        .add(
+            s(),
+            Prompt::Tokens(&[1; 17]),
+            GenerateOptions::default(),
+            Sampler::greedy()
+        )
+        .is_err());
+    assert!(b
+        .add(
+            s(),
+            Prompt::Tokens(&[1_000_000]),
+            GenerateOptions::default(),
+            Sampler::greedy()
+        )
+        .is_err());
+    assert!(b
+        .add(
+            s(),
+            Prompt::Tokens(&[]),
+            GenerateOptions::default(),
+            Sampler::greedy()
+        )
+        .is_err());
+    let bad = GenerateOptions::default().constrain(Constraint::Regex("(".into()));
+    assert!(matches!(
+        b.add(s(), Prompt::Tokens(&[1]), bad, Sampler::greedy()),
+        Err(llama_core::Error::Grammar(_))
+    ));
+    assert!(b.is_empty());
+    // A stopped sequence ends at once with its session.
+    let id = b
+        .add(
+            s(),
+            Prompt::Tokens(&[1, 2]),
+            GenerateOptions::default().max_tokens(3),
+            Sampler::greedy(),
+        )
+        .unwrap();
+    assert!(b.stop(id));
+    assert!(!b.stop(id));
+    let f = b.take_finished();
+    assert_eq!(f.len(), 1);
+    assert_eq!(
+        f[0].result.as_ref().unwrap().stop_reason,
+        llama_core::StopReason::Callback
+    );
+    let all = b.run_to_end().unwrap();
+    assert!(all.is_empty());
+}

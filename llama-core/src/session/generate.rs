@@ -281,6 +281,27 @@ pub struct Piece {
     pub text: String,
 }
 
+/// The compiled constraint a generation with `opts` follows: `grammar`, else `constraint`
+/// compiled, else the tools' call constraint (per `tool_choice` and the template's format).
+pub(crate) fn resolve_grammar(
+    model: &crate::Model,
+    opts: &GenerateOptions,
+) -> Result<Option<Grammar>> {
+    if let Some(g) = &opts.grammar {
+        return Ok(Some(g.clone()));
+    }
+    let tools = if opts.constraint.is_none() {
+        let format = ToolFormat::of_template(model.chat_template());
+        tool_constraint(&opts.tools, &opts.tool_choice, format)?
+    } else {
+        None
+    };
+    match opts.constraint.as_ref().or(tools.as_ref()) {
+        Some(c) => Ok(Some(model.compile_constraint(c)?)),
+        None => Ok(None),
+    }
+}
+
 /// The generation state machine, owned and independent of any borrow: drive it with
 /// [`Generator::step`] (language bindings keep it between calls; [`TokenStream`] wraps it).
 #[derive(Debug)]
@@ -300,21 +321,7 @@ impl Generator {
     pub fn new(session: &mut Session, prompt: &[u32], opts: GenerateOptions) -> Result<Self> {
         let t0 = Instant::now();
         // A bad constraint is an error before anything is evaluated or generated.
-        let model = session.model().clone();
-        let tool_constraint = if opts.grammar.is_none() && opts.constraint.is_none() {
-            let format = ToolFormat::of_template(model.chat_template());
-            tool_constraint(&opts.tools, &opts.tool_choice, format)?
-        } else {
-            None
-        };
-        let constraint = match (
-            &opts.grammar,
-            opts.constraint.as_ref().or(tool_constraint.as_ref()),
-        ) {
-            (Some(g), _) => Some(g.matcher()),
-            (None, Some(c)) => Some(model.compile_constraint(c)?.matcher()),
-            (None, None) => None,
-        };
+        let constraint = resolve_grammar(session.model(), &opts)?.map(|g| g.matcher());
         let n_prompt = prompt.len();
         if !prompt.is_empty() {
             session.eval(prompt)?;
@@ -344,6 +351,13 @@ impl Generator {
             started: Instant::now(),
             constraint,
         })
+    }
+
+    /// Records the prompt's size and time (a batch evaluates prompts before the generator
+    /// starts).
+    pub(crate) fn set_prompt_timing(&mut self, tokens: usize, time: Duration) {
+        self.result.timings.prompt_tokens = tokens;
+        self.result.timings.prompt = time;
     }
 
     /// Generation so far (complete once `step` returned `None`).
@@ -396,14 +410,37 @@ impl Generator {
     /// Runs one decode step: samples a token, evaluates it, and returns the text it releases;
     /// `None` once generation has ended.
     pub fn step(&mut self, session: &mut Session, sampler: &mut Sampler) -> Result<Option<Piece>> {
+        match self.sample_step(session, sampler)? {
+            None => Ok(None),
+            Some((piece, None)) => Ok(Some(piece)),
+            Some((piece, Some(id))) => {
+                session.eval_uncancellable(&[id])?;
+                Ok(Some(piece))
+            }
+        }
+    }
+
+    /// [`Generator::step`] up to the evaluation: samples and returns the piece, and the token
+    /// to evaluate before the next step (`None` when generation ended with this piece). A
+    /// batch evaluates the tokens of all its sequences in one forward pass.
+    pub(crate) fn sample_step(
+        &mut self,
+        session: &mut Session,
+        sampler: &mut Sampler,
+    ) -> Result<Option<(Piece, Option<u32>)>> {
         if self.done {
             return Ok(None);
         }
         if session.cancel.take() {
             let rest = self.end(StopReason::Cancelled);
-            return Ok(rest.map(|text| Piece {
-                token: u32::MAX,
-                text,
+            return Ok(rest.map(|text| {
+                (
+                    Piece {
+                        token: u32::MAX,
+                        text,
+                    },
+                    None,
+                )
             }));
         }
         let complete = self.constraint.as_ref().is_some_and(|c| c.is_stopped());
@@ -415,9 +452,14 @@ impl Generator {
                 _ => StopReason::MaxTokens,
             };
             let rest = self.end(reason);
-            return Ok(rest.map(|text| Piece {
-                token: u32::MAX,
-                text,
+            return Ok(rest.map(|text| {
+                (
+                    Piece {
+                        token: u32::MAX,
+                        text,
+                    },
+                    None,
+                )
             }));
         }
         let raw = session.logits().ok_or_else(Error::no_logits)?;
@@ -447,10 +489,13 @@ impl Generator {
         let tok = model.tokenizer();
         if tok.is_eog(id) {
             let rest = self.end(StopReason::EndOfGeneration);
-            return Ok(Some(Piece {
-                token: id,
-                text: rest.unwrap_or_default(),
-            }));
+            return Ok(Some((
+                Piece {
+                    token: id,
+                    text: rest.unwrap_or_default(),
+                },
+                None,
+            )));
         }
         if let Some(piece) = self.detok.step(tok, id)? {
             self.text.push_str(&piece);
@@ -478,25 +523,30 @@ impl Generator {
             } else {
                 StopReason::StopString
             });
-            return Ok(Some(Piece {
-                token: id,
-                text: out,
-            }));
+            return Ok(Some((
+                Piece {
+                    token: id,
+                    text: out,
+                },
+                None,
+            )));
         }
         let hold = holdback(&self.text[self.emitted..], &self.opts.stop);
         let upto = self.text.len() - hold;
         let out = self.text[self.emitted..upto].to_string();
         self.emitted = upto;
         self.result.text = self.text[..self.emitted].to_string();
-        // Make room, then evaluate the token for the next step.
+        // Make room for the token the next step evaluates.
         if session.len() + 1 > session.n_ctx() {
             session.shift_context()?;
         }
-        session.eval_uncancellable(&[id])?;
-        Ok(Some(Piece {
-            token: id,
-            text: out,
-        }))
+        Ok(Some((
+            Piece {
+                token: id,
+                text: out,
+            },
+            Some(id),
+        )))
     }
 }
 
