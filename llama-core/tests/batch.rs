@@ -289,7 +289,7 @@ fn request(
     if q.contains("yes or no") {
         opts = opts.constrain(Constraint::Choices(vec!["yes".into(), "no".into()]));
     }
-    let cfg = if i % 2 == 0 {
+    let cfg = if i.is_multiple_of(2) {
         SamplerConfig::greedy()
     } else {
         SamplerConfig::default()
@@ -358,7 +358,7 @@ fn continuous_batches_generate_what_each_generates_alone() {
         assert_eq!(g.stop_reason, alone[i].stop_reason, "request {i}");
         assert_eq!(streamed[id], g.text, "request {i}: streamed text");
         // The session holds the conversation for a next turn.
-        assert!(f.session.len() > 0);
+        assert!(!f.session.is_empty());
     }
     let v = finished.iter().find(|f| f.id == victim).unwrap();
     assert_eq!(
