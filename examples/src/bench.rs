@@ -34,6 +34,10 @@ pub struct BenchArgs {
     /// against the same decode unconstrained, and the schema's compile time.
     #[arg(long, value_name = "FILE_OR_JSON")]
     json_schema: Option<String>,
+    /// Also measure aggregate decode speed with this many sequences decoding together
+    /// (comma-separated counts, e.g. 1,4,8,16): one forward pass per step for all of them.
+    #[arg(long, value_name = "N,N,...", value_delimiter = ',')]
+    batch: Vec<usize>,
     /// The user message of the constrained test.
     #[arg(
         long,
@@ -149,6 +153,11 @@ pub fn run(
         )?),
         None => None,
     };
+    let batched: Vec<serde_json::Value> = a
+        .batch
+        .iter()
+        .map(|&n| batched_decode(&model, &adapters, n, reps))
+        .collect::<Result<_, _>>()?;
     let rss = peak_rss_mib();
     let threads = model.threads();
     if a.json {
@@ -170,6 +179,7 @@ pub fn run(
                 "load_peak_rss_mib": load_rss,
                 "lora": a.lora,
                 "constrained": constrained,
+                "batched": batched,
             })
         );
     } else {
@@ -180,6 +190,14 @@ pub fn run(
         println!("tg128   {tg128:.1} tok/s");
         println!("ttft    {ttft_ms:.1} ms (128-token prompt)");
         println!("peak    {rss:.0} MiB RSS");
+        for b in &batched {
+            println!(
+                "batch   {:>2} sequences: {:.1} tok/s aggregate ({:.1} per sequence)",
+                b["sequences"],
+                b["aggregate_tps"].as_f64().unwrap_or(0.0),
+                b["per_sequence_tps"].as_f64().unwrap_or(0.0),
+            );
+        }
         if let Some(c) = &constrained {
             println!(
                 "schema  compile {:.2} ms; decode {:.1} tok/s constrained vs {:.1} free over {} tokens: {:.3}x; masks {:.3} ms/token",
@@ -193,6 +211,50 @@ pub fn run(
         }
     }
     Ok(())
+}
+
+/// `n` sequences (different 32-token prompts) decoding 64 greedy tokens together, one batched
+/// forward pass per step; the median of `reps` runs.
+fn batched_decode(
+    model: &Model,
+    adapters: &[(llama_core::Adapter, f32)],
+    n: usize,
+    reps: usize,
+) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+    let vocab = model.config().vocab_size;
+    let steps = 64;
+    let mut rates = vec![];
+    for _ in 0..reps {
+        let mut sessions = vec![];
+        for i in 0..n.max(1) {
+            let mut s = model.session(SessionOptions::default().n_ctx(256))?;
+            s.set_adapters(adapters)?;
+            let toks = bench_tokens(32 + i, vocab);
+            s.eval(&toks[i..])?;
+            sessions.push(s);
+        }
+        let t = Instant::now();
+        for _ in 0..steps {
+            let next: Vec<[u32; 1]> = sessions
+                .iter()
+                .map(|s| s.logits().map(|l| [argmax(l)]).ok_or("no logits"))
+                .collect::<Result<_, _>>()?;
+            let mut batch: Vec<(&mut llama_core::Session, &[u32])> = sessions
+                .iter_mut()
+                .zip(&next)
+                .map(|(s, t)| (s, &t[..]))
+                .collect();
+            llama_core::Session::eval_batch(&mut batch)?;
+        }
+        rates.push((n.max(1) * steps) as f64 / t.elapsed().as_secs_f64());
+    }
+    let agg = median(rates);
+    Ok(json!({
+        "sequences": n.max(1),
+        "steps": steps,
+        "aggregate_tps": agg,
+        "per_sequence_tps": agg / n.max(1) as f64,
+    }))
 }
 
 /// Greedy chat decode under a JSON schema and without it, the same number of tokens, medians of

@@ -2,6 +2,7 @@
 //! during load, prompt processing and every decode step.
 
 mod adapter;
+mod batch;
 mod constrain;
 mod errors;
 mod model;
@@ -26,6 +27,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<session::Session>()?;
     m.add_class::<session::TokenStream>()?;
     m.add_class::<sampler::Sampler>()?;
+    m.add_class::<batch::Batch>()?;
     m.add_function(wrap_pyfunction!(session::_restore_session, m)?)?;
     m.add_function(wrap_pyfunction!(train::finetune, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

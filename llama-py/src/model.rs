@@ -153,6 +153,37 @@ impl Model {
         Ok(Session::wrap(slf.clone().unbind(), s))
     }
 
+    /// Generates after every prompt at once (one forward pass per step for all of them) and
+    /// returns the texts in prompt order. Each prompt: a str, token ids, or a conversation (a
+    /// list of message dicts, rendered with the chat template). Every sequence gets a copy of
+    /// `sampler` (default: llama.cpp's sampling) and the other options as in `Session.chat`;
+    /// each gives exactly what it gives alone. Ctrl-C interrupts it.
+    #[pyo3(signature = (prompts, max_tokens=256, sampler=None, stop=None, *, response_format=None, grammar=None, regex=None, choices=None, tools=None, tool_choice=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn generate_batch(
+        slf: &Bound<'_, Self>,
+        prompts: &Bound<'_, PyAny>,
+        max_tokens: usize,
+        sampler: Option<Py<crate::sampler::Sampler>>,
+        stop: Option<Vec<String>>,
+        response_format: Option<&Bound<'_, PyAny>>,
+        grammar: Option<String>,
+        regex: Option<String>,
+        choices: Option<Vec<String>>,
+        tools: Option<&Bound<'_, PyAny>>,
+        tool_choice: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Vec<String>> {
+        let st = crate::constrain::Structured::parse(
+            response_format,
+            grammar,
+            regex,
+            choices,
+            tools,
+            tool_choice,
+        )?;
+        crate::batch::generate_batch(slf.py(), slf, prompts, max_tokens, sampler, stop, st)
+    }
+
     /// Token ids of `text` (llama.cpp semantics: `add_special` adds BOS when the model asks for
     /// it, `parse_special` maps special-token text to its id).
     #[pyo3(signature = (text, add_special=true, parse_special=false))]

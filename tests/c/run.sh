@@ -41,7 +41,7 @@ if command -v valgrind >/dev/null; then
   mkdir -p "$out/vg"
   cp "$vg_target/debug/libllama.so" "$out/vg/libllama.so.0"
   echo "C test suite under valgrind"
-  LD_LIBRARY_PATH="$out/vg" valgrind --error-exitcode=1 --suppressions=tests/c/valgrind.supp --leak-check=full --errors-for-leak-kinds=definite \
+  LLAMA_TEST_LIGHT=1 LD_LIBRARY_PATH="$out/vg" valgrind --error-exitcode=1 --suppressions=tests/c/valgrind.supp --leak-check=full --errors-for-leak-kinds=definite \
     --show-leak-kinds=definite -q "$out/test_api" "$model" "$ids"
 else
   echo "valgrind not installed: skipping the memory check" >&2

@@ -19,12 +19,13 @@ from ._errors import (
     SessionStateError,
     TokenizerError,
 )
-from ._native import Adapter, Model, Sampler, Session, TokenStream, __version__, finetune
+from ._native import Adapter, Batch, Model, Sampler, Session, TokenStream, __version__, finetune
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
 __all__ = [
     "Adapter",
+    "Batch",
     "ChatTemplateError",
     "ConstraintError",
     "ContextOverflowError",

@@ -7,7 +7,7 @@ import numpy as np
 import numpy.typing as npt
 
 __version__: str
-__all__ = ["Model", "Adapter", "Session", "TokenStream", "Sampler", "_restore_session", "finetune", "__version__"]
+__all__ = ["Model", "Adapter", "Session", "TokenStream", "Sampler", "Batch", "_restore_session", "finetune", "__version__"]
 
 _Message = Mapping[str, object]
 _Prompt = Union[str, Sequence[int]]
@@ -31,6 +31,20 @@ class Model:
         context_shift: Optional[int] = None,
         threads: int = 0,
     ) -> Session: ...
+    def generate_batch(
+        self,
+        prompts: Sequence[Union[str, Sequence[int], Sequence[_Message]]],
+        max_tokens: int = 256,
+        sampler: Optional[Sampler] = None,
+        stop: Optional[Sequence[str]] = None,
+        *,
+        response_format: Optional[Mapping[str, object]] = None,
+        grammar: Optional[str] = None,
+        regex: Optional[str] = None,
+        choices: Optional[Sequence[str]] = None,
+        tools: Optional[Sequence[Mapping[str, object]]] = None,
+        tool_choice: Optional[Union[str, Mapping[str, object]]] = None,
+    ) -> List[str]: ...
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> List[int]: ...
     def detokenize(self, ids: Sequence[int], special: bool = False) -> str: ...
     def apply_chat_template(self, messages: Sequence[_Message], add_generation_prompt: bool = True) -> str: ...
@@ -175,6 +189,29 @@ class Session:
     def closed(self) -> bool: ...
     def __enter__(self) -> Session: ...
     def __exit__(self, exc_type: object, exc: object, tb: object) -> bool: ...
+
+@final
+class Batch:
+    def __init__(self, model: Model) -> None: ...
+    def add(
+        self,
+        prompt: Union[str, Sequence[int], Sequence[_Message]],
+        max_tokens: int = 256,
+        sampler: Optional[Sampler] = None,
+        stop: Optional[Sequence[str]] = None,
+        *,
+        n_ctx: int = 0,
+        response_format: Optional[Mapping[str, object]] = None,
+        grammar: Optional[str] = None,
+        regex: Optional[str] = None,
+        choices: Optional[Sequence[str]] = None,
+        tools: Optional[Sequence[Mapping[str, object]]] = None,
+        tool_choice: Optional[Union[str, Mapping[str, object]]] = None,
+    ) -> int: ...
+    def step(self) -> List[Tuple[int, str]]: ...
+    def finished(self) -> Dict[int, Dict[str, object]]: ...
+    def cancel(self, id: int) -> bool: ...
+    def __len__(self) -> int: ...
 
 @final
 class TokenStream(Iterator[str]):
