@@ -192,7 +192,7 @@ class Session:
 
 @final
 class Batch:
-    def __init__(self, model: Model) -> None: ...
+    def __new__(cls, model: Model) -> Batch: ...
     def add(
         self,
         prompt: Union[str, Sequence[int], Sequence[_Message]],
