@@ -268,6 +268,11 @@ typedef enum {
 typedef struct llama_adapter llama_adapter;
 
 /**
+ * Many generations on one model (opaque). One thread at a time.
+ */
+typedef struct llama_batch llama_batch;
+
+/**
  * A handle that cancels a session's work from any thread (opaque).
  */
 typedef struct llama_cancel_handle llama_cancel_handle;
@@ -393,6 +398,130 @@ typedef struct {
 typedef bool (*llama_finetune_cb)(const llama_finetune_progress *progress, void *user_data);
 
 /**
+ * Options for `llama_session_new`. Get defaults from `llama_session_params_default()`.
+ */
+typedef struct {
+  /**
+   * `sizeof(llama_session_params)`.
+   */
+  size_t struct_size;
+  /**
+   * Context size in tokens; 0 = 4096 or the model's trained context if smaller. Default 0.
+   */
+  uint32_t n_ctx;
+  /**
+   * Prompt tokens per forward pass. Default 512.
+   */
+  uint32_t n_batch;
+  /**
+   * Keep the KV cache in f32 instead of f16. Default false.
+   */
+  bool kv_f32;
+  /**
+   * Context shift: when the context is full keep this many first tokens and drop the older
+   * half of the rest; -1 (default) disables it (a full context is LLAMA_STATUS_CONTEXT_OVERFLOW).
+   */
+  int32_t context_shift_keep;
+  /**
+   * Threads for this session's forward passes; 0 (default) = the model's.
+   */
+  uint32_t n_threads;
+} llama_session_params;
+
+/**
+ * One chat message: NUL-terminated UTF-8 role ("system", "user", "assistant", ...) and content.
+ */
+typedef struct {
+  /**
+   * Role.
+   */
+  const char *role;
+  /**
+   * Text.
+   */
+  const char *content;
+} llama_chat_message;
+
+/**
+ * Options for generation. Get defaults from `llama_generate_params_default()`.
+ */
+typedef struct {
+  /**
+   * `sizeof(llama_generate_params)`.
+   */
+  size_t struct_size;
+  /**
+   * Most tokens to generate. Default 256.
+   */
+  uint32_t max_tokens;
+  /**
+   * Stop strings (NUL-terminated UTF-8), or NULL. Default NULL.
+   */
+  const char *const *stop;
+  /**
+   * Number of stop strings. Default 0.
+   */
+  size_t n_stop;
+  /**
+   * What `constraint` holds: one of the `LLAMA_CONSTRAINT_KIND_*` values. Default
+   * `LLAMA_CONSTRAINT_KIND_NONE`.
+   */
+  int32_t constraint_kind;
+  /**
+   * The constraint's text (NUL-terminated UTF-8): a JSON schema, a Lark or GBNF grammar, a
+   * regular expression, or the choices one per line. NULL for NONE and JSON_OBJECT.
+   */
+  const char *constraint;
+  /**
+   * Tools the model may call: a JSON list in OpenAI's shape (`[{"type": "function",
+   * "function": {"name", "description", "parameters"}}]`), or NULL. A chat shows them to
+   * the model; the calls are read back with `llama_session_tool_calls`.
+   */
+  const char *tools;
+  /**
+   * With `tools`: "auto" (NULL means auto), "required", "none", or a tool's name.
+   */
+  const char *tool_choice;
+} llama_generate_params;
+
+/**
+ * Called by `llama_batch_step` with each piece of text a sequence produced (UTF-8, not
+ * NUL-terminated, `len` may be 0) and its token (LLAMA_TOKEN_NULL for a final flush). Return
+ * false to stop that sequence (stop reason callback).
+ */
+typedef bool (*llama_batch_cb)(uint64_t id,
+                               const char *piece,
+                               size_t len,
+                               int32_t token,
+                               void *user_data);
+
+/**
+ * Summary of a generation, written on success when the out-pointer is not NULL.
+ */
+typedef struct {
+  /**
+   * Why it ended.
+   */
+  llama_stop_reason stop_reason;
+  /**
+   * Prompt tokens evaluated.
+   */
+  size_t n_prompt_tokens;
+  /**
+   * Tokens generated (an end-of-generation token included).
+   */
+  size_t n_generated;
+  /**
+   * Milliseconds spent on the prompt.
+   */
+  double prompt_ms;
+  /**
+   * Milliseconds spent generating.
+   */
+  double generation_ms;
+} llama_generation_info;
+
+/**
  * Load progress callback: `progress` in [0, 1]; return false to abort the load
  * (`llama_model_load` then returns `LLAMA_STATUS_CANCELLED`). Called on the loading thread.
  */
@@ -429,20 +558,6 @@ typedef struct {
    */
   int32_t kernel;
 } llama_model_params;
-
-/**
- * One chat message: NUL-terminated UTF-8 role ("system", "user", "assistant", ...) and content.
- */
-typedef struct {
-  /**
-   * Role.
-   */
-  const char *role;
-  /**
-   * Text.
-   */
-  const char *content;
-} llama_chat_message;
 
 /**
  * Sampling parameters; names and defaults as llama.cpp (see docs/parameters.md). Get
@@ -508,110 +623,11 @@ typedef struct {
 } llama_sampler_params;
 
 /**
- * Options for `llama_session_new`. Get defaults from `llama_session_params_default()`.
- */
-typedef struct {
-  /**
-   * `sizeof(llama_session_params)`.
-   */
-  size_t struct_size;
-  /**
-   * Context size in tokens; 0 = 4096 or the model's trained context if smaller. Default 0.
-   */
-  uint32_t n_ctx;
-  /**
-   * Prompt tokens per forward pass. Default 512.
-   */
-  uint32_t n_batch;
-  /**
-   * Keep the KV cache in f32 instead of f16. Default false.
-   */
-  bool kv_f32;
-  /**
-   * Context shift: when the context is full keep this many first tokens and drop the older
-   * half of the rest; -1 (default) disables it (a full context is LLAMA_STATUS_CONTEXT_OVERFLOW).
-   */
-  int32_t context_shift_keep;
-  /**
-   * Threads for this session's forward passes; 0 (default) = the model's.
-   */
-  uint32_t n_threads;
-} llama_session_params;
-
-/**
- * Options for generation. Get defaults from `llama_generate_params_default()`.
- */
-typedef struct {
-  /**
-   * `sizeof(llama_generate_params)`.
-   */
-  size_t struct_size;
-  /**
-   * Most tokens to generate. Default 256.
-   */
-  uint32_t max_tokens;
-  /**
-   * Stop strings (NUL-terminated UTF-8), or NULL. Default NULL.
-   */
-  const char *const *stop;
-  /**
-   * Number of stop strings. Default 0.
-   */
-  size_t n_stop;
-  /**
-   * What `constraint` holds: one of the `LLAMA_CONSTRAINT_KIND_*` values. Default
-   * `LLAMA_CONSTRAINT_KIND_NONE`.
-   */
-  int32_t constraint_kind;
-  /**
-   * The constraint's text (NUL-terminated UTF-8): a JSON schema, a Lark or GBNF grammar, a
-   * regular expression, or the choices one per line. NULL for NONE and JSON_OBJECT.
-   */
-  const char *constraint;
-  /**
-   * Tools the model may call: a JSON list in OpenAI's shape (`[{"type": "function",
-   * "function": {"name", "description", "parameters"}}]`), or NULL. A chat shows them to
-   * the model; the calls are read back with `llama_session_tool_calls`.
-   */
-  const char *tools;
-  /**
-   * With `tools`: "auto" (NULL means auto), "required", "none", or a tool's name.
-   */
-  const char *tool_choice;
-} llama_generate_params;
-
-/**
  * Called with each piece of generated text (UTF-8, not NUL-terminated; `len` may be 0 while
  * a character or a possible stop string is incomplete) and the token that produced it
  * (LLAMA_TOKEN_NULL for a final flush). Return false to stop. Called on the generating thread.
  */
 typedef bool (*llama_token_cb)(const char *piece, size_t len, int32_t token, void *user_data);
-
-/**
- * Summary of a generation, written on success when the out-pointer is not NULL.
- */
-typedef struct {
-  /**
-   * Why it ended.
-   */
-  llama_stop_reason stop_reason;
-  /**
-   * Prompt tokens evaluated.
-   */
-  size_t n_prompt_tokens;
-  /**
-   * Tokens generated (an end-of-generation token included).
-   */
-  size_t n_generated;
-  /**
-   * Milliseconds spent on the prompt.
-   */
-  double prompt_ms;
-  /**
-   * Milliseconds spent generating.
-   */
-  double generation_ms;
-} llama_generation_info;
 
 #ifdef __cplusplus
 extern "C" {
@@ -688,6 +704,72 @@ llama_status llama_finetune(const llama_model *model,
                             llama_finetune_cb progress,
                             void *user_data,
                             llama_adapter **out);
+
+/**
+ * Creates an empty batch for `model`. Free with `llama_batch_free`.
+ */
+llama_status llama_batch_new(const llama_model *model, llama_batch **out);
+
+/**
+ * Frees a batch and every sequence still in it. NULL is a no-op.
+ */
+void llama_batch_free(llama_batch *batch);
+
+/**
+ * Adds a chat generation: a new session (`session_params`, NULL for defaults) replies to
+ * `messages` with a copy of `sampler` (its seed gives what it gives alone) under `params`
+ * (NULL for defaults: max_tokens, stop strings, constraint, tools). The conversation is rendered
+ * and its constraint compiled now, so bad input fails here; the prompt is read by the next
+ * steps. Writes the sequence's id to `id`.
+ */
+llama_status llama_batch_add_chat(llama_batch *batch,
+                                  const llama_session_params *session_params,
+                                  const llama_sampler *sampler,
+                                  const llama_chat_message *messages_,
+                                  size_t n_messages,
+                                  const llama_generate_params *params,
+                                  uint64_t *id);
+
+/**
+ * Like `llama_batch_add_chat` with a text prompt (`len` bytes of UTF-8, tokenized as llama.cpp
+ * does for prompts).
+ */
+llama_status llama_batch_add_text(llama_batch *batch,
+                                  const llama_session_params *session_params,
+                                  const llama_sampler *sampler,
+                                  const char *prompt,
+                                  size_t len,
+                                  const llama_generate_params *params,
+                                  uint64_t *id);
+
+/**
+ * One step: samples the next token of every generating sequence (calling `cb`, which may be
+ * NULL, with the text each released), then one forward pass for those tokens and the next
+ * prompt chunk of every sequence still reading its prompt. Ended sequences are read with
+ * `llama_batch_take_finished`.
+ */
+llama_status llama_batch_step(llama_batch *batch, llama_batch_cb cb, void *user_data);
+
+/**
+ * Sequences still running (reading their prompt or generating); 0 for NULL.
+ */
+size_t llama_batch_n_running(const llama_batch *batch);
+
+/**
+ * Cancels sequence `id` (it ends with stop reason cancelled at the next step); may be called
+ * between steps. `LLAMA_STATUS_INVALID_ARGUMENT` when it is not running.
+ */
+llama_status llama_batch_cancel(llama_batch *batch, uint64_t id);
+
+/**
+ * Takes the next ended sequence: writes its id, the status of its result (OK, or the error
+ * that ended it alone: its message is then `llama_last_error_message()`) and, when OK and
+ * `info` is not NULL, its summary. Returns false when none has ended.
+ */
+bool llama_batch_take_finished(llama_batch *batch,
+                               uint64_t *id,
+                               llama_status *status,
+                               llama_generation_info *info);
 
 /**
  * Default model parameters.

@@ -8,11 +8,13 @@ use std::cell::RefCell;
 use std::ffi::{c_char, CString};
 
 mod adapter;
+mod batch;
 mod model;
 mod sampler;
 mod session;
 
 pub use adapter::*;
+pub use batch::*;
 pub use model::*;
 pub use sampler::*;
 pub use session::*;

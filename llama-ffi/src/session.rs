@@ -75,24 +75,7 @@ pub unsafe extern "C" fn llama_session_new(
 ) -> llama_status {
     guard!({
         require!(model, out);
-        let p = read_params(
-            params,
-            llama_session_params_default(),
-            // Headers before `n_threads` was added pass the struct without it.
-            std::mem::offset_of!(llama_session_params, n_threads),
-        )?;
-        let mut o = SessionOptions::default()
-            .threads(p.n_threads as usize)
-            .n_ctx(p.n_ctx as usize)
-            .n_batch(p.n_batch as usize)
-            .kv_type(if p.kv_f32 {
-                KvCacheType::F32
-            } else {
-                KvCacheType::F16
-            });
-        if p.context_shift_keep >= 0 {
-            o = o.context_shift(p.context_shift_keep as usize);
-        }
+        let o = session_options(params)?;
         match (*model).inner.session(o) {
             Ok(s) => {
                 *out = boxed(s);
@@ -101,6 +84,31 @@ pub unsafe extern "C" fn llama_session_new(
             Err(e) => fail(e),
         }
     })
+}
+
+/// A `llama_session_params` (NULL: defaults) as the core's options.
+pub(crate) unsafe fn session_options(
+    params: *const llama_session_params,
+) -> Result<SessionOptions, llama_status> {
+    let p = read_params(
+        params,
+        llama_session_params_default(),
+        // Headers before `n_threads` was added pass the struct without it.
+        std::mem::offset_of!(llama_session_params, n_threads),
+    )?;
+    let mut o = SessionOptions::default()
+        .threads(p.n_threads as usize)
+        .n_ctx(p.n_ctx as usize)
+        .n_batch(p.n_batch as usize)
+        .kv_type(if p.kv_f32 {
+            KvCacheType::F32
+        } else {
+            KvCacheType::F16
+        });
+    if p.context_shift_keep >= 0 {
+        o = o.context_shift(p.context_shift_keep as usize);
+    }
+    Ok(o)
 }
 
 /// Frees a session. NULL is a no-op.
@@ -417,15 +425,29 @@ pub struct llama_generation_info {
     pub generation_ms: f64,
 }
 
-unsafe fn run_generation(
-    session: *mut llama_session,
-    sampler: *mut llama_sampler,
-    prompt: Prompt<'_>,
+/// The C summary of a generation.
+pub(crate) fn generation_info(g: &llama_core::Generation) -> llama_generation_info {
+    llama_generation_info {
+        stop_reason: match g.stop_reason {
+            StopReason::MaxTokens => llama_stop_reason::MaxTokens,
+            StopReason::EndOfGeneration => llama_stop_reason::Eog,
+            StopReason::StopString => llama_stop_reason::StopString,
+            StopReason::Cancelled => llama_stop_reason::Cancelled,
+            StopReason::GrammarComplete => llama_stop_reason::GrammarComplete,
+            StopReason::GrammarIncomplete => llama_stop_reason::GrammarIncomplete,
+            _ => llama_stop_reason::Callback,
+        },
+        n_prompt_tokens: g.timings.prompt_tokens,
+        n_generated: g.tokens.len(),
+        prompt_ms: g.timings.prompt.as_secs_f64() * 1e3,
+        generation_ms: g.timings.generation.as_secs_f64() * 1e3,
+    }
+}
+
+/// A `llama_generate_params` (NULL: defaults) as the core's options.
+pub(crate) unsafe fn generate_options(
     params: *const llama_generate_params,
-    cb: llama_token_cb,
-    user_data: *mut c_void,
-    info: *mut llama_generation_info,
-) -> Result<llama_status, llama_status> {
+) -> Result<GenerateOptions, llama_status> {
     let p = read_params(
         params,
         llama_generate_params_default(),
@@ -488,6 +510,19 @@ unsafe fn run_generation(
         opts.tool_choice =
             ToolChoice::parse(crate::cstr_arg(p.tool_choice, "tool_choice")?).map_err(fail)?;
     }
+    Ok(opts)
+}
+
+unsafe fn run_generation(
+    session: *mut llama_session,
+    sampler: *mut llama_sampler,
+    prompt: Prompt<'_>,
+    params: *const llama_generate_params,
+    cb: llama_token_cb,
+    user_data: *mut c_void,
+    info: *mut llama_generation_info,
+) -> Result<llama_status, llama_status> {
+    let opts = generate_options(params)?;
     (*session).tool_calls = c"[]".into();
     let calls_out = &mut (*session).tool_calls as *mut std::ffi::CString;
     let session = &mut (*session).inner;
@@ -528,21 +563,7 @@ unsafe fn run_generation(
         .replace('\0', "");
     *calls_out = std::ffi::CString::new(text).unwrap_or_default();
     if !info.is_null() {
-        *info = llama_generation_info {
-            stop_reason: match g.stop_reason {
-                StopReason::MaxTokens => llama_stop_reason::MaxTokens,
-                StopReason::EndOfGeneration => llama_stop_reason::Eog,
-                StopReason::StopString => llama_stop_reason::StopString,
-                StopReason::Cancelled => llama_stop_reason::Cancelled,
-                StopReason::GrammarComplete => llama_stop_reason::GrammarComplete,
-                StopReason::GrammarIncomplete => llama_stop_reason::GrammarIncomplete,
-                _ => llama_stop_reason::Callback,
-            },
-            n_prompt_tokens: g.timings.prompt_tokens,
-            n_generated: g.tokens.len(),
-            prompt_ms: g.timings.prompt.as_secs_f64() * 1e3,
-            generation_ms: g.timings.generation.as_secs_f64() * 1e3,
-        };
+        *info = generation_info(&g);
     }
     Ok(llama_status::Ok)
 }

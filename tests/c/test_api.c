@@ -361,6 +361,102 @@ static void test_constraints(llama_model *model) {
     llama_session_free(s);
 }
 
+typedef struct {
+    uint64_t first;
+    char text[3][1024];
+    size_t len[3];
+} batch_collect_t;
+
+static bool batch_collect(uint64_t id, const char *piece, size_t len, int32_t token, void *user_data) {
+    (void)token;
+    batch_collect_t *c = (batch_collect_t *)user_data;
+    size_t i = (size_t)(id - c->first);
+    if (i < 3 && c->len[i] + len < sizeof c->text[i]) {
+        memcpy(c->text[i] + c->len[i], piece, len);
+        c->len[i] += len;
+        c->text[i][c->len[i]] = 0;
+    }
+    return true;
+}
+
+static void test_batch(llama_model *model) {
+    bool light = getenv("LLAMA_TEST_LIGHT") != NULL;
+    uint32_t n_gen = light ? 4 : 16;
+    llama_sampler_params sp = llama_sampler_params_default();
+    sp.temperature = 0.0f;
+    llama_sampler *greedy = NULL;
+    CHECK(llama_sampler_new(&sp, &greedy) == LLAMA_STATUS_OK);
+    const char *qs[3] = {"Name a color.", "What is 2+2?", "Say hi to Bob."};
+    char alone[3][1024];
+    for (int i = 0; i < 3; i++) {
+        llama_session *s = NULL;
+        CHECK(llama_session_new(model, NULL, &s) == LLAMA_STATUS_OK);
+        llama_chat_message m[1] = {{"user", qs[i]}};
+        llama_generate_params gp = llama_generate_params_default();
+        gp.max_tokens = n_gen;
+        collect_t c;
+        memset(&c, 0, sizeof c);
+        CHECK(llama_session_chat(s, greedy, m, 1, &gp, collect, &c, NULL) == LLAMA_STATUS_OK);
+        memcpy(alone[i], c.text, sizeof alone[i]);
+        alone[i][sizeof alone[i] - 1] = 0;
+        llama_session_free(s);
+    }
+    llama_batch *b = NULL;
+    CHECK(llama_batch_new(model, &b) == LLAMA_STATUS_OK && b != NULL);
+    if (!b) return;
+    batch_collect_t bc;
+    memset(&bc, 0, sizeof bc);
+    uint64_t ids[3] = {0, 0, 0};
+    for (int i = 0; i < 3; i++) {
+        llama_chat_message m[1] = {{"user", qs[i]}};
+        llama_generate_params gp = llama_generate_params_default();
+        gp.max_tokens = n_gen;
+        CHECK(llama_batch_add_chat(b, NULL, greedy, m, 1, &gp, &ids[i]) == LLAMA_STATUS_OK);
+    }
+    bc.first = ids[0];
+    CHECK(ids[1] == ids[0] + 1 && ids[2] == ids[0] + 2);
+    CHECK(llama_batch_n_running(b) == 3);
+    int steps = 0;
+    while (llama_batch_n_running(b) > 0 && steps < 200) {
+        CHECK(llama_batch_step(b, batch_collect, &bc) == LLAMA_STATUS_OK);
+        steps++;
+    }
+    int n_done = 0;
+    uint64_t id;
+    llama_status st;
+    llama_generation_info info;
+    while (llama_batch_take_finished(b, &id, &st, &info)) {
+        CHECK(st == LLAMA_STATUS_OK && info.n_generated > 0);
+        n_done++;
+    }
+    CHECK(n_done == 3);
+    for (int i = 0; i < 3; i++) CHECK(strcmp(bc.text[i], alone[i]) == 0);
+    /* Cancel one sequence alone. */
+    llama_chat_message m[1] = {{"user", qs[0]}};
+    CHECK(llama_batch_add_chat(b, NULL, greedy, m, 1, NULL, &id) == LLAMA_STATUS_OK);
+    CHECK(llama_batch_cancel(b, id) == LLAMA_STATUS_OK);
+    CHECK(llama_batch_step(b, NULL, NULL) == LLAMA_STATUS_OK);
+    CHECK(llama_batch_take_finished(b, &id, &st, &info) && st == LLAMA_STATUS_OK);
+    CHECK(info.stop_reason == LLAMA_STOP_REASON_CANCELLED);
+    CHECK(llama_batch_n_running(b) == 0);
+    /* Bad input fails at add, before anything runs. */
+    llama_generate_params bad = llama_generate_params_default();
+    bad.constraint_kind = LLAMA_CONSTRAINT_KIND_REGEX;
+    bad.constraint = "(";
+    CHECK(llama_batch_add_chat(b, NULL, greedy, m, 1, &bad, &id) == LLAMA_STATUS_CONSTRAINT);
+    CHECK(llama_batch_add_chat(NULL, NULL, greedy, m, 1, NULL, &id) == LLAMA_STATUS_NULL_ARGUMENT);
+    CHECK(llama_batch_add_chat(b, NULL, NULL, m, 1, NULL, &id) == LLAMA_STATUS_NULL_ARGUMENT);
+    CHECK(llama_batch_add_text(b, NULL, greedy, "\xff", 1, NULL, &id) == LLAMA_STATUS_INVALID_UTF8);
+    CHECK(llama_batch_cancel(b, 12345) == LLAMA_STATUS_INVALID_ARGUMENT);
+    CHECK(!llama_batch_take_finished(b, &id, &st, &info));
+    CHECK(!llama_batch_take_finished(NULL, &id, &st, &info));
+    CHECK(llama_batch_n_running(NULL) == 0);
+    CHECK(llama_batch_step(NULL, NULL, NULL) == LLAMA_STATUS_NULL_ARGUMENT);
+    llama_batch_free(b);
+    llama_batch_free(NULL);
+    llama_sampler_free(greedy);
+}
+
 int main(int argc, char **argv) {
     if (argc < 3) {
         fprintf(stderr, "usage: %s MODEL EXPECTED_IDS\n", argv[0]);
@@ -662,6 +758,7 @@ int main(int argc, char **argv) {
     test_adapters(model, argv[1]);
     test_finetune(model);
     test_constraints(model);
+    test_batch(model);
 
     /* A session keeps its model alive after llama_model_free. */
     llama_model_free(model);
