@@ -61,7 +61,15 @@ pub struct Batch {
     seqs: Vec<Seq>,
     finished: Vec<Finished>,
     next: u64,
+    /// Sessions that just read a prompt, kept so that a new request starting with the same
+    /// tokens (a shared system prompt) starts from a copy instead of reading them again;
+    /// newest last.
+    prefixes: Vec<Session>,
+    prefix_slots: usize,
 }
+
+/// The shortest shared prefix worth copying a cache for.
+const MIN_SHARED_PREFIX: usize = 16;
 
 impl std::fmt::Debug for Batch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -80,6 +88,61 @@ impl Batch {
             seqs: vec![],
             finished: vec![],
             next: 0,
+            prefixes: vec![],
+            prefix_slots: 4,
+        }
+    }
+
+    /// Keeps the caches of the last `slots` prompts read (default 4; 0 turns the prefix cache
+    /// off): a new request on an empty session whose tokens start with at least 16 of one of
+    /// them (a shared system prompt, an earlier turn) starts from a copy of that cache and reads
+    /// only the rest. The copy holds exactly what reading those tokens computes.
+    pub fn with_prefix_cache(mut self, slots: usize) -> Batch {
+        self.prefix_slots = slots;
+        self.prefixes.truncate(slots);
+        self
+    }
+
+    /// A copy of the cached prompt sharing the longest prefix with `prompt` (at least
+    /// [`MIN_SHARED_PREFIX`] tokens), for an empty `session` with the same options and adapters.
+    fn reuse(
+        &self,
+        session: &Session,
+        prompt: &Prompt<'_>,
+        opts: &GenerateOptions,
+    ) -> Result<Option<(Session, Vec<u32>)>> {
+        if !session.is_empty() || self.prefixes.is_empty() {
+            return Ok(None);
+        }
+        let ids = match prompt {
+            Prompt::Chat(m) => self.model.chat_tokens_with_tools(m, &opts.tools)?,
+            Prompt::Text(t) => self.model.tokenize(t, true, true)?,
+            Prompt::Tokens(t) => t.to_vec(),
+        };
+        let same_adapters = |a: &Session| {
+            a.adapters().len() == session.adapters().len()
+                && a.adapters()
+                    .iter()
+                    .zip(session.adapters())
+                    .all(|((x, s), (y, t))| x.same(y) && s == t)
+        };
+        let best = self
+            .prefixes
+            .iter()
+            .filter(|p| p.options() == session.options() && same_adapters(p))
+            .map(|p| {
+                let common = p
+                    .tokens()
+                    .iter()
+                    .zip(&ids)
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                (common, p)
+            })
+            .max_by_key(|(c, _)| *c);
+        match best {
+            Some((common, p)) if common >= MIN_SHARED_PREFIX => Ok(Some((p.fork()?, ids))),
+            _ => Ok(None),
         }
     }
 
@@ -101,7 +164,13 @@ impl Batch {
             ));
         }
         opts.grammar = resolve_grammar(&self.model, &opts)?;
-        let pending = session.prompt_tokens_with_tools(prompt, &opts.tools)?;
+        let pending = match self.reuse(&session, &prompt, &opts)? {
+            Some((copy, ids)) => {
+                session = copy;
+                session.reuse_prefix(&ids)
+            }
+            None => session.prompt_tokens_with_tools(prompt, &opts.tools)?,
+        };
         if pending.is_empty() && session.logits().is_none() {
             return Err(Error::no_logits());
         }
@@ -233,6 +302,14 @@ impl Batch {
             s.done_prompt += toks.len();
             s.prompt_time += pass;
             if s.done_prompt == s.pending.len() {
+                if self.prefix_slots > 0 && s.session.len() >= MIN_SHARED_PREFIX {
+                    if let Ok(copy) = s.session.fork() {
+                        if self.prefixes.len() >= self.prefix_slots {
+                            self.prefixes.remove(0);
+                        }
+                        self.prefixes.push(copy);
+                    }
+                }
                 let opts = s.opts.take().expect("options until the generator starts");
                 match Generator::new(&mut s.session, &[], opts) {
                     Ok(mut g) => {

@@ -436,3 +436,84 @@ fn batch_add_rejects_bad_requests_up_front() {
     let all = b.run_to_end().unwrap();
     assert!(all.is_empty());
 }
+
+#[test]
+fn a_shared_system_prompt_is_read_once_and_changes_nothing() {
+    use llama_core::{Batch, GenerateOptions, Message, Prompt, Sampler};
+    let m = Model::load(real_model_path(), options()).unwrap();
+    let system = Message::system(
+        "You are a terse assistant for a hardware store. Answer in one short sentence, name \
+         the aisle when you can, and never recommend a competitor.",
+    );
+    let convs: Vec<Vec<Message>> = [
+        "Where are the hammers?",
+        "Do you sell paint?",
+        "Where are the screws?",
+    ]
+    .iter()
+    .map(|q| vec![system.clone(), Message::user(*q)])
+    .collect();
+    let opts = || GenerateOptions::default().max_tokens(20);
+    let alone: Vec<llama_core::Generation> = convs
+        .iter()
+        .map(|c| {
+            let mut s = m.session(SessionOptions::default().n_ctx(512)).unwrap();
+            s.chat(c, &mut Sampler::greedy(), opts(), |_| {
+                std::ops::ControlFlow::Continue(())
+            })
+            .unwrap()
+        })
+        .collect();
+    let mut b = Batch::new(&m);
+    let session = || m.session(SessionOptions::default().n_ctx(512)).unwrap();
+    b.add(
+        session(),
+        Prompt::Chat(&convs[0]),
+        opts(),
+        Sampler::greedy(),
+    )
+    .unwrap();
+    // The first prompt is read in the first step; the others join after it.
+    b.step().unwrap();
+    for c in &convs[1..] {
+        b.add(session(), Prompt::Chat(c), opts(), Sampler::greedy())
+            .unwrap();
+    }
+    let done = b.run_to_end().unwrap();
+    assert_eq!(done.len(), 3);
+    for (i, f) in done.iter().enumerate() {
+        let g = f.result.as_ref().unwrap();
+        assert_eq!(g.tokens, alone[i].tokens, "conversation {i}");
+        if i > 0 {
+            // Only the part after the shared prefix was read.
+            assert!(
+                g.timings.prompt_tokens < alone[i].timings.prompt_tokens / 2,
+                "conversation {i}: read {} of {} prompt tokens",
+                g.timings.prompt_tokens,
+                alone[i].timings.prompt_tokens
+            );
+        }
+    }
+    // Off: every prompt read whole.
+    let mut b = Batch::new(&m).with_prefix_cache(0);
+    b.add(
+        session(),
+        Prompt::Chat(&convs[0]),
+        opts(),
+        Sampler::greedy(),
+    )
+    .unwrap();
+    b.step().unwrap();
+    b.add(
+        session(),
+        Prompt::Chat(&convs[1]),
+        opts(),
+        Sampler::greedy(),
+    )
+    .unwrap();
+    let done = b.run_to_end().unwrap();
+    assert_eq!(
+        done[1].result.as_ref().unwrap().timings.prompt_tokens,
+        alone[1].timings.prompt_tokens
+    );
+}

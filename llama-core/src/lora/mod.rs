@@ -282,6 +282,13 @@ pub struct Adapter {
     pub(crate) inner: Arc<AdapterInner>,
 }
 
+impl Adapter {
+    /// Whether `self` and `other` are the same loaded adapter (clones of one load).
+    pub(crate) fn same(&self, other: &Adapter) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+}
+
 impl std::fmt::Debug for Adapter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Adapter")

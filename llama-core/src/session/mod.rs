@@ -41,7 +41,7 @@ impl KvCacheType {
 }
 
 /// Options for [`Model::session`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct SessionOptions {
     /// Context size in tokens; 0 means 4096, or the model's range if smaller
