@@ -8,10 +8,11 @@ use llama_core::{GenerateOptions, Generation, Prompt, SeqId, SessionOptions};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
-use crate::constrain::{calls_to_py, Structured};
+use crate::constrain::Structured;
 use crate::errors::{invalid, IntoPy};
 use crate::model::{messages, Model};
 use crate::sampler::Sampler;
+use crate::session::generation_dict;
 use crate::signals::Signals;
 
 /// A prompt as Python gave it: text, token ids, or a conversation (a list of message dicts).
@@ -45,20 +46,6 @@ impl Owned {
             Owned::Chat(m) => Prompt::Chat(m),
         }
     }
-}
-
-/// The result of one sequence as Python sees it (the keys of `Session.last_generation`).
-fn generation_dict<'py>(py: Python<'py>, g: &Generation) -> PyResult<Bound<'py, PyDict>> {
-    let d = PyDict::new(py);
-    d.set_item("tokens", g.tokens.clone())?;
-    d.set_item("text", g.text.clone())?;
-    d.set_item("stop_reason", g.stop_reason.as_str())?;
-    d.set_item("prompt_tokens", g.timings.prompt_tokens)?;
-    d.set_item("prompt_ms", g.timings.prompt.as_secs_f64() * 1e3)?;
-    d.set_item("generated_tokens", g.timings.generated_tokens)?;
-    d.set_item("generation_ms", g.timings.generation.as_secs_f64() * 1e3)?;
-    d.set_item("tool_calls", calls_to_py(py, &g.tool_calls)?)?;
-    Ok(d)
 }
 
 fn sampler_for(py: Python<'_>, s: Option<&Py<Sampler>>) -> PyResult<llama_core::Sampler> {

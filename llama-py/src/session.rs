@@ -13,6 +13,34 @@ use crate::model::{messages, Model};
 use crate::sampler::Sampler;
 use crate::signals::{guarded, Signals};
 
+/// A generation as Python sees it: 'tokens', 'text', 'stop_reason', 'prompt_tokens',
+/// 'prompt_ms', 'generated_tokens', 'generation_ms', 'logprobs' and 'tool_calls'
+/// (`Session.last_generation`, `Batch.finished`).
+pub(crate) fn generation_dict<'py>(
+    py: Python<'py>,
+    g: &Generation,
+) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("tokens", g.tokens.clone())?;
+    d.set_item("text", g.text.clone())?;
+    d.set_item("stop_reason", g.stop_reason.as_str())?;
+    d.set_item("prompt_tokens", g.timings.prompt_tokens)?;
+    d.set_item("prompt_ms", g.timings.prompt.as_secs_f64() * 1e3)?;
+    d.set_item("generated_tokens", g.timings.generated_tokens)?;
+    d.set_item("generation_ms", g.timings.generation.as_secs_f64() * 1e3)?;
+    let lps: Vec<LogprobEntry> = g
+        .logprobs
+        .iter()
+        .map(|l| (l.id, l.logprob, l.top.clone()))
+        .collect();
+    d.set_item("logprobs", lps)?;
+    d.set_item(
+        "tool_calls",
+        crate::constrain::calls_to_py(py, &g.tool_calls)?,
+    )?;
+    Ok(d)
+}
+
 /// (token, logprob, top alternatives) as returned to Python.
 type LogprobEntry = (u32, f32, Vec<(u32, f32)>);
 
@@ -316,25 +344,7 @@ impl Session {
     fn last_generation<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
         let g = self.last.lock().map_err(|_| invalid("poisoned"))?.clone();
         let Some(g) = g else { return Ok(None) };
-        let d = PyDict::new(py);
-        d.set_item("tokens", g.tokens.clone())?;
-        d.set_item("text", g.text.clone())?;
-        d.set_item("stop_reason", g.stop_reason.as_str())?;
-        d.set_item("prompt_tokens", g.timings.prompt_tokens)?;
-        d.set_item("prompt_ms", g.timings.prompt.as_secs_f64() * 1e3)?;
-        d.set_item("generated_tokens", g.timings.generated_tokens)?;
-        d.set_item("generation_ms", g.timings.generation.as_secs_f64() * 1e3)?;
-        let lps: Vec<LogprobEntry> = g
-            .logprobs
-            .iter()
-            .map(|l| (l.id, l.logprob, l.top.clone()))
-            .collect();
-        d.set_item("logprobs", lps)?;
-        d.set_item(
-            "tool_calls",
-            crate::constrain::calls_to_py(py, &g.tool_calls)?,
-        )?;
-        Ok(Some(d))
+        Ok(Some(generation_dict(py, &g)?))
     }
 
     /// An independent copy sharing the evaluated prefix.

@@ -549,6 +549,30 @@ pub(crate) fn add_delta(
     Ok(())
 }
 
+/// The one-row update's parts: each target's columns with the active adapters' pairs and
+/// factors (zero factors left out).
+fn row_parts<'a>(
+    active: Active<'a>,
+    layer: usize,
+    targets: &[(Target, usize, usize)],
+) -> Vec<kernel::Part<'a>> {
+    targets
+        .iter()
+        .map(|&(t, col, n)| kernel::Part {
+            col,
+            n,
+            ups: active
+                .iter()
+                .filter_map(|(a, s)| {
+                    let p = a.pair(layer, t)?;
+                    let f = s * p.scale;
+                    (f != 0.0).then(|| (p.update(), f))
+                })
+                .collect(),
+        })
+        .collect()
+}
+
 /// `matmul` (which writes `out`, `[m, stride]`) followed by every active adapter's update of
 /// the projections `targets` (`(target, col, n)` in `out`'s rows), all of the same input `xs`.
 /// One row (decode) runs the update inside the matmul's own pool call.
@@ -573,21 +597,7 @@ pub(crate) fn matmul_and_update(
         }
         return Ok(());
     }
-    let parts: Vec<kernel::Part<'_>> = targets
-        .iter()
-        .map(|&(t, col, n)| kernel::Part {
-            col,
-            n,
-            ups: active
-                .iter()
-                .filter_map(|(a, s)| {
-                    let p = a.pair(layer, t)?;
-                    let f = s * p.scale;
-                    (f != 0.0).then(|| (p.update(), f))
-                })
-                .collect(),
-        })
-        .collect();
+    let parts = row_parts(active, layer, targets);
     let mut delta = vec![0f32; stride];
     {
         let rider = kernel::RowUpdate::new(&parts, xs, &mut delta)?;
@@ -619,21 +629,7 @@ pub(crate) fn update_rows(
         }
         return Ok(());
     }
-    let parts: Vec<kernel::Part<'_>> = targets
-        .iter()
-        .map(|&(t, col, n)| kernel::Part {
-            col,
-            n,
-            ups: active
-                .iter()
-                .filter_map(|(a, s)| {
-                    let p = a.pair(layer, t)?;
-                    let f = s * p.scale;
-                    (f != 0.0).then(|| (p.update(), f))
-                })
-                .collect(),
-        })
-        .collect();
+    let parts = row_parts(active, layer, targets);
     let mut delta = vec![0f32; stride];
     {
         let rider = kernel::RowUpdate::new(&parts, xs, &mut delta)?;
