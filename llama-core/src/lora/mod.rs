@@ -592,16 +592,30 @@ pub(crate) fn matmul_and_update(
     }
     if m != 1 || out.len() != stride {
         matmul(out)?;
-        for &(t, col, n) in targets {
-            add_delta(active, layer, t, xs, m, out, (stride, col, n))?;
-        }
-        return Ok(());
+        return update_rows(active, layer, targets, xs, m, out, stride);
     }
+    // One row: the update rides the matmul's own pool call.
+    one_row_update(active, layer, targets, xs, out, stride, |rider, out| {
+        crate::kernels::with_rider(rider, || matmul(out))
+    })
+}
+
+/// The one-row update of `out` (`stride` values): the parts' `A x` and `B` panels computed by
+/// `run` (which may run the rider alone or with a matmul of `out`), then added.
+fn one_row_update(
+    active: Active<'_>,
+    layer: usize,
+    targets: &[(Target, usize, usize)],
+    xs: &[f32],
+    out: &mut [f32],
+    stride: usize,
+    run: impl FnOnce(&kernel::RowUpdate<'_>, &mut [f32]) -> Result<()>,
+) -> Result<()> {
     let parts = row_parts(active, layer, targets);
     let mut delta = vec![0f32; stride];
     {
         let rider = kernel::RowUpdate::new(&parts, xs, &mut delta)?;
-        crate::kernels::with_rider(&rider, || matmul(out))?;
+        run(&rider, out)?;
     }
     kernel::add_parts(&parts, &delta, out);
     Ok(())
@@ -629,14 +643,10 @@ pub(crate) fn update_rows(
         }
         return Ok(());
     }
-    let parts = row_parts(active, layer, targets);
-    let mut delta = vec![0f32; stride];
-    {
-        let rider = kernel::RowUpdate::new(&parts, xs, &mut delta)?;
-        crate::kernels::with_rider(&rider, || ());
-    }
-    kernel::add_parts(&parts, &delta, out);
-    Ok(())
+    one_row_update(active, layer, targets, xs, out, stride, |rider, _| {
+        crate::kernels::with_rider(rider, || ());
+        Ok(())
+    })
 }
 
 /// Whether any active adapter updates `t` in `layer` with a non-zero factor.
