@@ -4,6 +4,7 @@ mod bench;
 mod default_model;
 mod finetune;
 mod lora;
+mod serve;
 
 use std::io::{BufRead, Read, Write};
 use std::ops::ControlFlow;
@@ -69,6 +70,9 @@ enum Cmd {
     /// LoRA adapters: merge them into a model, or convert between PEFT and GGUF LoRA.
     #[command(subcommand)]
     Lora(lora::LoraCmd),
+    /// Serve the model over HTTP: an OpenAI-compatible API (chat, completions, embeddings)
+    /// with batched decode, and a chat page at /.
+    Serve(serve::ServeArgs),
     /// Print the path of the default model, fetching it if needed.
     FetchModel,
 }
@@ -241,18 +245,28 @@ struct ExportArgs {
 
 fn main() {
     let cli = Cli::parse();
+    // The server logs its requests (info) by default; other commands only warnings.
+    let (quiet, json) = match &cli.cmd {
+        Cmd::Serve(a) => ("info", a.log_json),
+        _ => ("warn", false),
+    };
     let filter = std::env::var("LLAMA_LOG").unwrap_or_else(|_| {
         match cli.verbose {
-            0 => "warn",
+            0 => quiet,
             1 => "debug",
             _ => "trace",
         }
         .to_string()
     });
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
-        .init();
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if json {
+        logs.json().flatten_event(true).init();
+    } else {
+        logs.init();
+    }
     if let Some(n) = cli.threads.filter(|&n| n > 0) {
         // Read by candle's own thread pool when it starts (before any model work); llama-core
         // takes the count through its options.
@@ -323,6 +337,7 @@ fn run(cli: Cli) -> AnyResult<()> {
         Cmd::Lora(c) => lora::run(c, cli.threads),
         Cmd::Finetune(a) => finetune::finetune(a),
         Cmd::Distill(a) => finetune::distill(a),
+        Cmd::Serve(a) => serve::run(a),
         Cmd::FetchModel => {
             println!("{}", default_model::path()?.display());
             Ok(())

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::sampler::Sampler;
-use crate::session::generate::{resolve_grammar, Generation, Generator, Piece, Prompt, StopReason};
+use crate::session::generate::{
+    resolve_grammar, Generation, Generator, Piece, Prompt, StopReason, TokenLogprob,
+};
 use crate::session::{CancelHandle, Session};
 use crate::GenerateOptions;
 
@@ -28,6 +30,8 @@ pub struct BatchEvent {
     /// The token and the text it released (text may be empty; `token` is `u32::MAX` for a
     /// final flush).
     pub piece: Piece,
+    /// The token's log-probability and alternatives, when the options ask for them.
+    pub logprob: Option<TokenLogprob>,
 }
 
 /// A sequence that ended: its generation (or the error that ended it) and its session, which
@@ -257,7 +261,17 @@ impl Batch {
             if let Some(g) = s.gen.as_mut() {
                 match g.sample_step(&mut s.session, &mut s.sampler) {
                     Ok(Some((piece, next))) => {
-                        events.push(BatchEvent { id: s.id, piece });
+                        let logprob = match g.generation().logprobs.last() {
+                            Some(l) if piece.token != u32::MAX && l.id == piece.token => {
+                                Some(l.clone())
+                            }
+                            _ => None,
+                        };
+                        events.push(BatchEvent {
+                            id: s.id,
+                            piece,
+                            logprob,
+                        });
                         match next {
                             Some(t) => to_eval.push((i, vec![t])),
                             None => {

@@ -26,29 +26,6 @@ pub(crate) fn from_json<'py>(
     py.import("json")?.call_method1("loads", (v.to_string(),))
 }
 
-/// The constraint in OpenAI's `response_format`: `{"type": "json_schema", "json_schema":
-/// {"schema": {...}, ...}}`, `{"type": "json_object"}` or `{"type": "text"}`.
-fn parse_response_format(v: &serde_json::Value) -> PyResult<Option<Constraint>> {
-    let ty = v.get("type").and_then(|t| t.as_str()).ok_or_else(|| {
-        invalid("response_format needs a 'type' ('json_schema', 'json_object' or 'text')")
-    })?;
-    match ty {
-        "text" => Ok(None),
-        "json_object" => Ok(Some(Constraint::JsonObject)),
-        "json_schema" => {
-            let js = v.get("json_schema").ok_or_else(|| {
-                invalid("response_format of type 'json_schema' needs 'json_schema'")
-            })?;
-            // OpenAI nests the schema under "schema"; a bare schema is accepted too.
-            let schema = js.get("schema").unwrap_or(js);
-            Ok(Some(Constraint::JsonSchema(schema.clone())))
-        }
-        other => Err(invalid(format!(
-            "response_format type {other:?} is not 'json_schema', 'json_object' or 'text'"
-        ))),
-    }
-}
-
 /// The structured-output keyword arguments of `generate`, `chat` and their stream forms.
 #[derive(Default)]
 pub(crate) struct Structured {
@@ -68,7 +45,7 @@ impl Structured {
     ) -> PyResult<Structured> {
         let mut given: Vec<Constraint> = vec![];
         if let Some(rf) = response_format.filter(|o| !o.is_none()) {
-            given.extend(parse_response_format(&to_json(rf, "response_format")?)?);
+            given.extend(Constraint::from_response_format(&to_json(rf, "response_format")?).py_err()?);
         }
         given.extend(grammar.map(Constraint::grammar));
         given.extend(regex.map(Constraint::Regex));

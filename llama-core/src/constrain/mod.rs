@@ -41,6 +41,33 @@ pub enum Constraint {
 }
 
 impl Constraint {
+    /// The constraint in OpenAI's `response_format`: `{"type": "json_schema", "json_schema":
+    /// {"schema": {...}, ...}}` (a bare schema under `json_schema` is accepted too),
+    /// `{"type": "json_object"}`, or `{"type": "text"}` (no constraint: `None`).
+    pub fn from_response_format(v: &serde_json::Value) -> Result<Option<Constraint>> {
+        let bad = |m: String| Error::InvalidArgument(m);
+        let ty = v.get("type").and_then(|t| t.as_str()).ok_or_else(|| {
+            bad("response_format needs a 'type' ('json_schema', 'json_object' or 'text')".into())
+        })?;
+        match ty {
+            "text" => Ok(None),
+            "json_object" => Ok(Some(Constraint::JsonObject)),
+            "json_schema" => {
+                let js = v.get("json_schema").ok_or_else(|| {
+                    bad("response_format of type 'json_schema' needs 'json_schema'".into())
+                })?;
+                let schema = js.get("schema").unwrap_or(js);
+                if !schema.is_object() && !schema.is_boolean() {
+                    return Err(bad("response_format's json_schema.schema must be a JSON schema object".into()));
+                }
+                Ok(Some(Constraint::JsonSchema(schema.clone())))
+            }
+            other => Err(bad(format!(
+                "response_format type {other:?} is not 'json_schema', 'json_object' or 'text'"
+            ))),
+        }
+    }
+
     /// A JSON schema given as text.
     pub fn json_schema_str(text: &str) -> Result<Constraint> {
         serde_json::from_str(text)

@@ -1,0 +1,824 @@
+//! Routes, handlers and OpenAI's response shapes.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use futures_util::stream::{self, Stream};
+use llama_core::{Generation, Model, TokenLogprob};
+use serde_json::{json, Value};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+use crate::api::{self, core_error, finish_reason, ApiError, Params, PromptInput};
+use crate::engine::{Engine, Event, Job, JobPrompt};
+
+/// What every handler shares.
+pub struct AppState {
+    /// The model.
+    pub model: Model,
+    /// The engine.
+    pub engine: Engine,
+    model_id: String,
+    api_key: Option<String>,
+    created: u64,
+    next_id: AtomicU64,
+    /// Token bytes for log-probabilities (built on first use).
+    token_bytes: OnceLock<Vec<Vec<u8>>>,
+    /// One embeddings computation at a time (they share the compute threads with decode).
+    embed: tokio::sync::Semaphore,
+    requests: AtomicU64,
+    errors: AtomicU64,
+}
+
+impl AppState {
+    /// State for `model` served by `engine`.
+    pub fn new(model: Model, engine: Engine, model_id: String, api_key: Option<String>) -> Self {
+        AppState {
+            model,
+            engine,
+            model_id,
+            api_key,
+            created: unix_now(),
+            next_id: AtomicU64::new(1),
+            token_bytes: OnceLock::new(),
+            embed: tokio::sync::Semaphore::new(1),
+            requests: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+        }
+    }
+
+    fn id(&self, prefix: &str) -> String {
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        format!("{prefix}-{:x}{n:06x}", self.created)
+    }
+
+    fn token_text(&self, id: u32) -> (String, Vec<u8>) {
+        let table = self
+            .token_bytes
+            .get_or_init(|| self.model.tokenizer().token_bytes());
+        let mut b = table.get(id as usize).cloned().unwrap_or_default();
+        // Special tokens are 0xFF followed by their text in the table.
+        if b.first() == Some(&0xFF) {
+            b.remove(0);
+        }
+        (String::from_utf8_lossy(&b).into_owned(), b)
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut r = (status, axum::Json(self.body())).into_response();
+        if self.status == 429 || self.status == 503 {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        r
+    }
+}
+
+/// The server's routes over `state`; bodies above `max_body` bytes get 413.
+pub fn router(state: Arc<AppState>, max_body: usize) -> Router {
+    let api = Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model_by_id))
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .route("/", get(page))
+        .route("/health", get(health))
+        .merge(api)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::extract::DefaultBodyLimit::max(max_body))
+        .layer(middleware::from_fn_with_state(state.clone(), log_requests))
+        .with_state(state)
+}
+
+async fn log_requests(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let t0 = Instant::now();
+    let r = next.run(req).await;
+    st.requests.fetch_add(1, Ordering::Relaxed);
+    let status = r.status().as_u16();
+    if status >= 400 {
+        st.errors.fetch_add(1, Ordering::Relaxed);
+    }
+    tracing::info!(
+        %method,
+        path,
+        status,
+        ms = t0.elapsed().as_secs_f64() * 1e3,
+        "request"
+    );
+    r
+}
+
+/// Compares without stopping at the first differing byte.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if let Some(key) = &st.api_key {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        match given {
+            Some(g) if same_secret(g.as_bytes(), key.as_bytes()) => {}
+            Some(_) => {
+                return ApiError::new(401, "invalid_request_error", "Incorrect API key provided.")
+                    .code("invalid_api_key")
+                    .into_response()
+            }
+            None => {
+                return ApiError::new(
+                    401,
+                    "invalid_request_error",
+                    "This server needs an API key: send 'Authorization: Bearer <key>'.",
+                )
+                .code("invalid_api_key")
+                .into_response()
+            }
+        }
+    }
+    next.run(req).await
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError::new(
+        404,
+        "invalid_request_error",
+        format!("no route {} {}", req.method(), req.uri().path()),
+    )
+    .code("not_found")
+}
+
+async fn method_not_allowed(req: Request) -> ApiError {
+    ApiError::new(
+        405,
+        "invalid_request_error",
+        format!("{} is not allowed on {}", req.method(), req.uri().path()),
+    )
+    .code("method_not_allowed")
+}
+
+/// The body, or the error its reading gave (413 above the limit).
+fn body(b: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    b.map_err(|r| {
+        let status = r.status().as_u16();
+        let e = ApiError::new(status, "invalid_request_error", r.body_text());
+        if status == 413 {
+            e.code("request_too_large")
+        } else {
+            e
+        }
+    })
+}
+
+async fn page() -> Html<&'static str> {
+    Html(include_str!("page.html"))
+}
+
+async fn health(State(st): State<Arc<AppState>>) -> Response {
+    if st.engine.is_closing() {
+        ApiError::new(503, "server_error", "shutting down")
+            .code("shutting_down")
+            .into_response()
+    } else {
+        axum::Json(json!({"status": "ok"})).into_response()
+    }
+}
+
+fn model_object(st: &AppState) -> Value {
+    json!({
+        "id": st.model_id,
+        "object": "model",
+        "created": st.created,
+        "owned_by": "llama-core",
+        "meta": {
+            "n_ctx": st.engine.n_ctx(),
+            "n_vocab": st.model.config().vocab_size,
+            "n_embd": st.model.config().hidden_size,
+        },
+    })
+}
+
+async fn models(State(st): State<Arc<AppState>>) -> axum::Json<Value> {
+    axum::Json(json!({"object": "list", "data": [model_object(&st)]}))
+}
+
+async fn model_by_id(
+    State(st): State<Arc<AppState>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    if id == st.model_id {
+        axum::Json(model_object(&st)).into_response()
+    } else {
+        ApiError::new(
+            404,
+            "invalid_request_error",
+            format!("The model '{id}' does not exist (this server serves '{}').", st.model_id),
+        )
+        .code("model_not_found")
+        .into_response()
+    }
+}
+
+async fn metrics(State(st): State<Arc<AppState>>) -> Response {
+    let m = &st.engine.metrics;
+    let l = st.engine.limits();
+    let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: String| {
+        out.push_str(&format!(
+            "# HELP llama_{name} {help}\n# TYPE llama_{name} {kind}\nllama_{name} {value}\n"
+        ));
+    };
+    metric(
+        "prompt_tokens_total",
+        "counter",
+        "Prompt tokens of admitted requests.",
+        r(&m.prompt_tokens).to_string(),
+    );
+    metric(
+        "generated_tokens_total",
+        "counter",
+        "Tokens generated.",
+        r(&m.generated_tokens).to_string(),
+    );
+    metric(
+        "tokens_per_second",
+        "gauge",
+        "Tokens generated per second over the last 10 seconds.",
+        format!("{:.3}", m.tokens_per_second()),
+    );
+    metric(
+        "active_sequences",
+        "gauge",
+        "Sequences in the batch.",
+        m.active.load(Ordering::Relaxed).to_string(),
+    );
+    metric(
+        "queue_length",
+        "gauge",
+        "Requests waiting for a place in the batch.",
+        m.queued.load(Ordering::Relaxed).to_string(),
+    );
+    metric(
+        "max_sequences",
+        "gauge",
+        "Sequences decoded together at most.",
+        l.max_sequences.to_string(),
+    );
+    metric(
+        "forward_passes_total",
+        "counter",
+        "Batched forward passes run.",
+        r(&m.steps).to_string(),
+    );
+    metric(
+        "requests_admitted_total",
+        "counter",
+        "Generation requests admitted to the batch.",
+        r(&m.admitted).to_string(),
+    );
+    metric(
+        "requests_rejected_total",
+        "counter",
+        "Generation requests refused because the queue was full.",
+        r(&m.rejected).to_string(),
+    );
+    metric(
+        "requests_disconnected_total",
+        "counter",
+        "Sequences ended because their client went away.",
+        r(&m.disconnected).to_string(),
+    );
+    metric(
+        "http_requests_total",
+        "counter",
+        "HTTP requests answered.",
+        r(&st.requests).to_string(),
+    );
+    metric(
+        "http_errors_total",
+        "counter",
+        "HTTP requests answered with a status of 400 or more.",
+        r(&st.errors).to_string(),
+    );
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        out,
+    )
+        .into_response()
+}
+
+/// Chat or completion: what differs in their responses.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+/// One generation request on its way through the engine.
+struct Call {
+    st: Arc<AppState>,
+    kind: Kind,
+    id: String,
+    created: u64,
+    params: Params,
+    has_tools: bool,
+    prompt_tokens: usize,
+    rx: UnboundedReceiver<Event>,
+    t0: Instant,
+}
+
+impl Call {
+    /// Queues the job and waits until the engine admits it (or refuses it: the error is the
+    /// response, sent before any stream starts).
+    async fn start(
+        st: Arc<AppState>,
+        kind: Kind,
+        prompt: JobPrompt,
+        params: Params,
+        opts: llama_core::GenerateOptions,
+    ) -> Result<Call, ApiError> {
+        let (tx, mut rx) = unbounded_channel();
+        let has_tools = !opts.tools.is_empty();
+        st.engine.submit(Job {
+            prompt,
+            opts,
+            max_tokens: params.max_tokens,
+            sampler: params.sampler.clone(),
+            events: tx,
+        })?;
+        let t0 = Instant::now();
+        let prompt_tokens = match rx.recv().await {
+            Some(Event::Started { prompt_tokens }) => prompt_tokens,
+            Some(Event::Done(Err(e))) => return Err(e),
+            _ => {
+                return Err(ApiError::new(
+                    500,
+                    "server_error",
+                    "the engine ended the request before starting it",
+                ))
+            }
+        };
+        let id = st.id(if kind == Kind::Chat { "chatcmpl" } else { "cmpl" });
+        Ok(Call {
+            created: unix_now(),
+            st,
+            kind,
+            id,
+            params,
+            has_tools,
+            prompt_tokens,
+            rx,
+            t0,
+        })
+    }
+
+    fn object(&self, chunk: bool) -> &'static str {
+        match (self.kind, chunk) {
+            (Kind::Chat, false) => "chat.completion",
+            (Kind::Chat, true) => "chat.completion.chunk",
+            (Kind::Completion, _) => "text_completion",
+        }
+    }
+
+    fn usage(&self, g: &Generation) -> Value {
+        let completion = g.tokens.len();
+        json!({
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+        })
+    }
+
+    /// Chat's `logprobs.content` entries.
+    fn chat_logprobs(&self, lps: &[TokenLogprob]) -> Value {
+        let entry = |id: u32, lp: f32| {
+            let (token, bytes) = self.st.token_text(id);
+            json!({"token": token, "logprob": lp, "bytes": bytes})
+        };
+        let content: Vec<Value> = lps
+            .iter()
+            .map(|l| {
+                let mut e = entry(l.id, l.logprob);
+                e["top_logprobs"] = l.top.iter().map(|&(t, p)| entry(t, p)).collect();
+                e
+            })
+            .collect();
+        json!({ "content": content })
+    }
+
+    /// Completions' `logprobs`: parallel lists, `text_offset` counted from `start`.
+    fn completion_logprobs(&self, lps: &[TokenLogprob], start: usize) -> Value {
+        let mut offset = start;
+        let mut tokens = vec![];
+        let mut offsets = vec![];
+        for l in lps {
+            let (t, _) = self.st.token_text(l.id);
+            offsets.push(offset);
+            offset += t.len();
+            tokens.push(t);
+        }
+        json!({
+            "tokens": tokens,
+            "token_logprobs": lps.iter().map(|l| l.logprob).collect::<Vec<_>>(),
+            "top_logprobs": lps.iter().map(|l| {
+                l.top.iter().map(|&(t, p)| (self.st.token_text(t).0, json!(p))).collect::<serde_json::Map<_, _>>()
+            }).collect::<Vec<_>>(),
+            "text_offset": offsets,
+        })
+    }
+
+    fn tool_calls(&self, g: &Generation) -> Vec<Value> {
+        g.tool_calls
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                json!({
+                    "index": i,
+                    "id": format!("call_{}_{i}", self.id),
+                    "type": "function",
+                    "function": {"name": c.name, "arguments": c.arguments.to_string()},
+                })
+            })
+            .collect()
+    }
+
+    fn log_end(&self, g: &Generation) {
+        tracing::info!(
+            id = %self.id,
+            prompt_tokens = self.prompt_tokens,
+            completion_tokens = g.tokens.len(),
+            stop = g.stop_reason.as_str(),
+            tokens_per_s = g.timings.generation_tps(),
+            ms = self.t0.elapsed().as_secs_f64() * 1e3,
+            "generation"
+        );
+    }
+
+    /// Waits for the end and answers with one JSON object.
+    async fn whole(mut self) -> Response {
+        let g = loop {
+            match self.rx.recv().await {
+                Some(Event::Token { .. }) | Some(Event::Started { .. }) => {}
+                Some(Event::Done(Ok(g))) => break g,
+                Some(Event::Done(Err(e))) => return e.into_response(),
+                None => {
+                    return ApiError::new(500, "server_error", "the engine stopped").into_response()
+                }
+            }
+        };
+        self.log_end(&g);
+        let made_calls = !g.tool_calls.is_empty();
+        let finish = finish_reason(g.stop_reason, made_calls);
+        let logprobs = self.params.logprobs.map(|_| match self.kind {
+            Kind::Chat => self.chat_logprobs(&g.logprobs),
+            Kind::Completion => self.completion_logprobs(&g.logprobs, 0),
+        });
+        let choice = match self.kind {
+            Kind::Chat => {
+                let mut message = json!({"role": "assistant", "content": g.text});
+                if made_calls {
+                    message["content"] = Value::Null;
+                    message["tool_calls"] = Value::Array(self.tool_calls(&g));
+                }
+                json!({"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish})
+            }
+            Kind::Completion => {
+                json!({"index": 0, "text": g.text, "logprobs": logprobs, "finish_reason": finish})
+            }
+        };
+        axum::Json(json!({
+            "id": self.id,
+            "object": self.object(false),
+            "created": self.created,
+            "model": self.st.model_id,
+            "choices": [choice],
+            "usage": self.usage(&g),
+        }))
+        .into_response()
+    }
+
+    fn chunk(&self, choice: Value) -> SseEvent {
+        let v = json!({
+            "id": self.id,
+            "object": self.object(true),
+            "created": self.created,
+            "model": self.st.model_id,
+            "choices": [choice],
+        });
+        SseEvent::default().data(v.to_string())
+    }
+
+    fn delta(&self, text: &str, logprobs: &[TokenLogprob], offset: usize) -> SseEvent {
+        let lp = self.params.logprobs.map(|_| match self.kind {
+            Kind::Chat => self.chat_logprobs(logprobs),
+            Kind::Completion => self.completion_logprobs(logprobs, offset),
+        });
+        match self.kind {
+            Kind::Chat => self.chunk(json!({
+                "index": 0, "delta": {"content": text}, "logprobs": lp, "finish_reason": null
+            })),
+            Kind::Completion => self.chunk(json!({
+                "index": 0, "text": text, "logprobs": lp, "finish_reason": null
+            })),
+        }
+    }
+
+    /// The closing events of a stream: a reply held back for tools, the finish reason, usage.
+    fn last(&self, g: &Generation, held: &str) -> Vec<SseEvent> {
+        let mut out = vec![];
+        let made_calls = !g.tool_calls.is_empty();
+        if self.kind == Kind::Chat && made_calls {
+            out.push(self.chunk(json!({
+                "index": 0, "delta": {"tool_calls": self.tool_calls(g)}, "logprobs": null,
+                "finish_reason": null
+            })));
+        } else if !held.is_empty() {
+            out.push(self.delta(held, &[], 0));
+        }
+        let finish = finish_reason(g.stop_reason, made_calls);
+        out.push(match self.kind {
+            Kind::Chat => self.chunk(json!({
+                "index": 0, "delta": {}, "logprobs": null, "finish_reason": finish
+            })),
+            Kind::Completion => self.chunk(json!({
+                "index": 0, "text": "", "logprobs": null, "finish_reason": finish
+            })),
+        });
+        if self.params.include_usage {
+            let v = json!({
+                "id": self.id,
+                "object": self.object(true),
+                "created": self.created,
+                "model": self.st.model_id,
+                "choices": [],
+                "usage": self.usage(g),
+            });
+            out.push(SseEvent::default().data(v.to_string()));
+        }
+        out.push(SseEvent::default().data("[DONE]"));
+        out
+    }
+
+    /// Streams `chat.completion.chunk`s (or completion chunks) ending in `data: [DONE]`. With
+    /// tools, the reply is held back until its end, when it is known to be calls or text.
+    fn stream(self) -> Response {
+        struct S {
+            call: Call,
+            queue: std::collections::VecDeque<SseEvent>,
+            held: String,
+            offset: usize,
+            done: bool,
+        }
+        let mut first = std::collections::VecDeque::new();
+        if self.kind == Kind::Chat {
+            first.push_back(self.chunk(json!({
+                "index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null,
+                "finish_reason": null
+            })));
+        }
+        let s = S {
+            call: self,
+            queue: first,
+            held: String::new(),
+            offset: 0,
+            done: false,
+        };
+        let events = stream::unfold(s, |mut s| async move {
+            loop {
+                if let Some(e) = s.queue.pop_front() {
+                    return Some((Ok::<_, Infallible>(e), s));
+                }
+                if s.done {
+                    return None;
+                }
+                // Tokens that arrived together go out in one chunk.
+                let mut text = String::new();
+                let mut lps = vec![];
+                let mut end = None;
+                match s.call.rx.recv().await {
+                    None => {
+                        end = Some(Err(ApiError::new(500, "server_error", "the engine stopped")))
+                    }
+                    Some(ev) => {
+                        let mut ev = Some(ev);
+                        while let Some(e) = ev.take() {
+                            match e {
+                                Event::Token { text: t, logprob } => {
+                                    text.push_str(&t);
+                                    lps.extend(logprob);
+                                }
+                                Event::Started { .. } => {}
+                                Event::Done(r) => {
+                                    end = Some(r);
+                                    break;
+                                }
+                            }
+                            ev = s.call.rx.try_recv().ok();
+                        }
+                    }
+                }
+                if s.call.has_tools && s.call.kind == Kind::Chat {
+                    s.held.push_str(&text);
+                } else if !text.is_empty() || !lps.is_empty() {
+                    let e = s.call.delta(&text, &lps, s.offset);
+                    s.offset += text.len();
+                    s.queue.push_back(e);
+                }
+                match end {
+                    Some(Ok(g)) => {
+                        s.call.log_end(&g);
+                        let held = std::mem::take(&mut s.held);
+                        s.queue.extend(s.call.last(&g, &held));
+                        s.done = true;
+                    }
+                    Some(Err(e)) => {
+                        s.queue
+                            .push_back(SseEvent::default().data(e.body().to_string()));
+                        s.done = true;
+                    }
+                    None => {}
+                }
+            }
+        });
+        sse(events)
+    }
+}
+
+fn sse<S>(events: S) -> Response
+where
+    S: Stream<Item = Result<SseEvent, Infallible>> + Send + 'static,
+{
+    Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+async fn chat_completions(
+    State(st): State<Arc<AppState>>,
+    b: Result<Bytes, BytesRejection>,
+) -> Response {
+    let r = match body(b).and_then(|b| api::parse_chat(&b)) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let mut opts = llama_core::GenerateOptions::default();
+    opts.stop = r.params.stop.clone();
+    opts.logprobs = r.params.logprobs;
+    opts.constraint = r.constraint;
+    opts.tools = r.tools;
+    opts.tool_choice = r.tool_choice;
+    let stream = r.params.stream;
+    match Call::start(st, Kind::Chat, JobPrompt::Chat(r.messages), r.params, opts).await {
+        Ok(c) if stream => c.stream(),
+        Ok(c) => c.whole().await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn completions(
+    State(st): State<Arc<AppState>>,
+    b: Result<Bytes, BytesRejection>,
+) -> Response {
+    let r = match body(b).and_then(|b| api::parse_completion(&b)) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let mut opts = llama_core::GenerateOptions::default();
+    opts.stop = r.params.stop.clone();
+    opts.logprobs = r.params.logprobs;
+    opts.constraint = r.constraint;
+    let prompt = match r.prompt {
+        PromptInput::Text(t) => JobPrompt::Text(t),
+        PromptInput::Tokens(t) => JobPrompt::Tokens(t),
+    };
+    let stream = r.params.stream;
+    match Call::start(st, Kind::Completion, prompt, r.params, opts).await {
+        Ok(c) if stream => c.stream(),
+        Ok(c) => c.whole().await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Sets a flag when dropped: a handler's future dropped by a client that went away stops its
+/// blocking work.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+async fn embeddings(
+    State(st): State<Arc<AppState>>,
+    b: Result<Bytes, BytesRejection>,
+) -> Response {
+    let r = match body(b).and_then(|b| api::parse_embeddings(&b)) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    if st.engine.is_closing() {
+        return ApiError::new(503, "server_error", "the server is shutting down").into_response();
+    }
+    let n_ctx = st.engine.n_ctx();
+    let model = st.model.clone();
+    let mut ids = vec![];
+    for (i, input) in r.inputs.iter().enumerate() {
+        let t = match input {
+            PromptInput::Text(t) => match model.tokenize(t, true, false) {
+                Ok(t) => t,
+                Err(e) => return core_error(&e).into_response(),
+            },
+            PromptInput::Tokens(t) => t.clone(),
+        };
+        if t.len() > n_ctx {
+            return ApiError::invalid(
+                "input",
+                format!("input {i} is {} tokens, above the context of {n_ctx}", t.len()),
+            )
+            .code("context_length_exceeded")
+            .into_response();
+        }
+        ids.push(t);
+    }
+    let Ok(_permit) = st.embed.acquire().await else {
+        return ApiError::new(503, "server_error", "the server is shutting down").into_response();
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let guard = CancelOnDrop(stop.clone());
+    let work = tokio::task::spawn_blocking(move || {
+        ids.iter()
+            .map(|t| {
+                let e = model.embed_tokens_with(t, &mut || stop.load(Ordering::SeqCst))?;
+                let mut v = e.mean;
+                let norm = v.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>().sqrt();
+                if norm > 0.0 {
+                    v.iter_mut().for_each(|x| *x = (*x as f64 / norm) as f32);
+                }
+                Ok((v, t.len()))
+            })
+            .collect::<llama_core::Result<Vec<_>>>()
+    });
+    let out = match work.await {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => return core_error(&e).into_response(),
+        Err(e) => {
+            return ApiError::new(500, "server_error", format!("embedding failed: {e}"))
+                .into_response()
+        }
+    };
+    drop(guard);
+    let tokens: usize = out.iter().map(|(_, n)| n).sum();
+    let data: Vec<Value> = out
+        .into_iter()
+        .enumerate()
+        .map(|(i, (v, _))| {
+            let embedding = if r.base64 {
+                use base64::Engine as _;
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(v)
+            };
+            json!({"object": "embedding", "index": i, "embedding": embedding})
+        })
+        .collect();
+    axum::Json(json!({
+        "object": "list",
+        "data": data,
+        "model": st.model_id,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }))
+    .into_response()
+}

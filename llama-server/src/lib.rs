@@ -1,0 +1,116 @@
+//! `llama serve`: an OpenAI-compatible HTTP server over llama-core's batched decode.
+//!
+//! Every chat and completion request becomes a sequence of one [`llama_core::Batch`], owned by
+//! the engine thread ([`engine`]): all of them advance together, one forward pass per step,
+//! each with its own sampler, stop strings, constraint and cache, and each gives exactly the
+//! tokens it gives alone. Endpoints: `/v1/chat/completions`, `/v1/completions` (both stream as
+//! server-sent events), `/v1/embeddings`, `/v1/models`, `/health`, `/metrics` (Prometheus
+//! text) and a chat page at `/`. Request parsing lives in [`api`] (fuzzed by the crate's
+//! tests).
+
+pub mod api;
+pub mod engine;
+mod http;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use api::ApiError;
+pub use engine::{Engine, Limits, Metrics};
+pub use http::{router, AppState};
+
+/// How to run the server.
+#[derive(Clone)]
+pub struct ServerConfig {
+    /// Address to listen on (default 127.0.0.1:8080).
+    pub addr: SocketAddr,
+    /// The id `/v1/models` gives the model.
+    pub model_id: String,
+    /// When set, `/v1/*` and `/metrics` need `Authorization: Bearer <key>`.
+    pub api_key: Option<String>,
+    /// Largest request body in bytes.
+    pub max_body: usize,
+    /// The engine's limits.
+    pub limits: Limits,
+    /// After SIGTERM or Ctrl-C, how long running requests may go on before they are cut off.
+    pub shutdown_grace: Duration,
+}
+
+/// Loads nothing: serves `model` until SIGTERM or Ctrl-C, then stops taking requests, lets the
+/// running ones finish (cancelling those still running after the grace period) and returns.
+/// `ready` is called with the bound address once the server listens.
+pub fn run(
+    model: &llama_core::Model,
+    config: ServerConfig,
+    ready: impl FnOnce(SocketAddr),
+) -> Result<(), Box<dyn std::error::Error>> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("llama-http")
+        .build()?;
+    let engine = Engine::start(model, config.limits.clone())?;
+    let state = Arc::new(AppState::new(
+        model.clone(),
+        engine,
+        config.model_id.clone(),
+        config.api_key.clone(),
+    ));
+    let app = router(state.clone(), config.max_body);
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(config.addr)
+            .await
+            .map_err(|e| format!("cannot listen on {}: {e}", config.addr))?;
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, model = %config.model_id, "listening");
+        ready(addr);
+        let st = state.clone();
+        let grace = config.shutdown_grace;
+        let shutdown = async move {
+            wait_for_signal().await;
+            tracing::info!(
+                running = st.engine.metrics.active.load(std::sync::atomic::Ordering::Relaxed),
+                grace_s = grace.as_secs_f64(),
+                "shutting down: finishing running requests"
+            );
+            st.engine.close();
+            let st2 = st.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(grace).await;
+                tracing::warn!("grace period over: cancelling running requests");
+                st2.engine.cancel_all();
+            });
+        };
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(|e| format!("server error: {e}"))?;
+        Ok::<_, Box<dyn std::error::Error>>(())
+    })?;
+    state.engine.cancel_all();
+    state.engine.join();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
