@@ -7,7 +7,7 @@ model=$(bash scripts/fetch-model.sh)
 venv=target/pyvenv
 rm -rf "$venv" target/wheels
 python3 -m venv "$venv"
-"$venv/bin/python" -m pip install -q --disable-pip-version-check "maturin>=1.5,<2" numpy pytest mypy tqdm jsonschema rfc3339-validator
+"$venv/bin/python" -m pip install -q --disable-pip-version-check "maturin>=1.5,<2" numpy pytest mypy tqdm jsonschema rfc3339-validator openai playwright
 "$venv/bin/maturin" build -q -m llama-py/Cargo.toml -o target/wheels
 "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps target/wheels/llama_core-*.whl
 echo "stubtest:"
