@@ -38,6 +38,7 @@ test: model lint header
 FUZZ_SECS ?= 120
 fuzz:
 	LLAMA_FUZZ_SECS=$(FUZZ_SECS) cargo test -p llama-core --test fuzz -- --nocapture
+	LLAMA_FUZZ_SECS=$(FUZZ_SECS) cargo test -p llama-server --test fuzz -- --nocapture
 
 # The thread pool's tests under Miri (needs a nightly toolchain with the miri component).
 miri:

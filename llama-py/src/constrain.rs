@@ -45,7 +45,9 @@ impl Structured {
     ) -> PyResult<Structured> {
         let mut given: Vec<Constraint> = vec![];
         if let Some(rf) = response_format.filter(|o| !o.is_none()) {
-            given.extend(Constraint::from_response_format(&to_json(rf, "response_format")?).py_err()?);
+            given.extend(
+                Constraint::from_response_format(&to_json(rf, "response_format")?).py_err()?,
+            );
         }
         given.extend(grammar.map(Constraint::grammar));
         given.extend(regex.map(Constraint::Regex));

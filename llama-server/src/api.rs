@@ -161,15 +161,14 @@ pub const MAX_EMBEDDING_INPUTS: usize = 2048;
 pub const MAX_STOP: usize = 16;
 
 fn object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
-    let v: Value = serde_json::from_slice(body).map_err(|e| {
-        ApiError::invalid(
-            "",
-            format!("the request body is not valid JSON: {e}"),
-        )
-    })?;
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid("", format!("the request body is not valid JSON: {e}")))?;
     match v {
         Value::Object(m) => Ok(m),
-        _ => Err(ApiError::invalid("", "the request body must be a JSON object")),
+        _ => Err(ApiError::invalid(
+            "",
+            "the request body must be a JSON object",
+        )),
     }
 }
 
@@ -269,16 +268,26 @@ fn params(m: &Map<String, Value>, default_max: Option<usize>) -> Result<Params, 
         })?;
         for (k, v) in o {
             let id: u32 = k.parse().map_err(|_| {
-                ApiError::invalid("logit_bias", format!("logit_bias key {k:?} is not a token id"))
+                ApiError::invalid(
+                    "logit_bias",
+                    format!("logit_bias key {k:?} is not a token id"),
+                )
             })?;
             let x = v
                 .as_f64()
                 .filter(|x| (-100.0..=100.0).contains(x))
                 .ok_or_else(|| {
-                    ApiError::invalid("logit_bias", "logit_bias values must be numbers in -100..100")
+                    ApiError::invalid(
+                        "logit_bias",
+                        "logit_bias values must be numbers in -100..100",
+                    )
                 })?;
             // OpenAI: -100 bans the token, 100 makes it the only choice.
-            let bias = if x <= -100.0 { f32::NEG_INFINITY } else { x as f32 };
+            let bias = if x <= -100.0 {
+                f32::NEG_INFINITY
+            } else {
+                x as f32
+            };
             s.logit_bias.push((id, bias));
         }
     }
@@ -342,9 +351,8 @@ fn params(m: &Map<String, Value>, default_max: Option<usize>) -> Result<Params, 
 fn response_format(m: &Map<String, Value>) -> Result<Option<Constraint>, ApiError> {
     match field(m, "response_format") {
         None => Ok(None),
-        Some(v) => Constraint::from_response_format(v).map_err(|e| {
-            ApiError::invalid("response_format", core_error(&e).message)
-        }),
+        Some(v) => Constraint::from_response_format(v)
+            .map_err(|e| ApiError::invalid("response_format", core_error(&e).message)),
     }
 }
 
@@ -361,7 +369,9 @@ fn content(v: Option<&Value>, at: &str) -> Result<String, ApiError> {
                     (Some(other), _) if other != "text" => {
                         return Err(ApiError::invalid(
                             at,
-                            format!("content parts of type {other:?} are not supported (text only)"),
+                            format!(
+                                "content parts of type {other:?} are not supported (text only)"
+                            ),
                         ))
                     }
                     _ => {
@@ -552,7 +562,10 @@ pub fn parse_completion(body: &[u8]) -> Result<CompletionRequest, ApiError> {
         return Err(ApiError::invalid("suffix", "suffix is not supported"));
     }
     if integer(&m, "best_of", 1, i64::MAX)?.is_some_and(|n| n != 1) {
-        return Err(ApiError::invalid("best_of", "only best_of = 1 is supported"));
+        return Err(ApiError::invalid(
+            "best_of",
+            "only best_of = 1 is supported",
+        ));
     }
     Ok(CompletionRequest {
         model: string(&m, "model")?.map(str::to_string),
@@ -682,10 +695,29 @@ mod tests {
         assert_eq!(c.params.logprobs, Some(3));
         let c = parse_completion(br#"{"prompt": [1, 2, 3]}"#).unwrap();
         assert_eq!(c.prompt, PromptInput::Tokens(vec![1, 2, 3]));
-        assert_eq!(parse_completion(br#"{"prompt": ["a", "b"]}"#).unwrap_err().param.as_deref(), Some("prompt"));
-        assert_eq!(parse_completion(br#"{"prompt": "a", "echo": true}"#).unwrap_err().param.as_deref(), Some("echo"));
-        let e = parse_embeddings(br#"{"input": ["a", [1, 2]], "encoding_format": "base64"}"#).unwrap();
-        assert_eq!(e.inputs, vec![PromptInput::Text("a".into()), PromptInput::Tokens(vec![1, 2])]);
+        assert_eq!(
+            parse_completion(br#"{"prompt": ["a", "b"]}"#)
+                .unwrap_err()
+                .param
+                .as_deref(),
+            Some("prompt")
+        );
+        assert_eq!(
+            parse_completion(br#"{"prompt": "a", "echo": true}"#)
+                .unwrap_err()
+                .param
+                .as_deref(),
+            Some("echo")
+        );
+        let e =
+            parse_embeddings(br#"{"input": ["a", [1, 2]], "encoding_format": "base64"}"#).unwrap();
+        assert_eq!(
+            e.inputs,
+            vec![
+                PromptInput::Text("a".into()),
+                PromptInput::Tokens(vec![1, 2])
+            ]
+        );
         assert!(e.base64);
         assert!(parse_embeddings(br#"{"input": [[]]}"#).is_err());
         assert!(parse_embeddings(br#"{"input": [-1]}"#).is_err());

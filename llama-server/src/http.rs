@@ -242,7 +242,10 @@ async fn model_by_id(
         ApiError::new(
             404,
             "invalid_request_error",
-            format!("The model '{id}' does not exist (this server serves '{}').", st.model_id),
+            format!(
+                "The model '{id}' does not exist (this server serves '{}').",
+                st.model_id
+            ),
         )
         .code("model_not_found")
         .into_response()
@@ -332,7 +335,10 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
         r(&st.errors).to_string(),
     );
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         out,
     )
         .into_response()
@@ -389,7 +395,11 @@ impl Call {
                 ))
             }
         };
-        let id = st.id(if kind == Kind::Chat { "chatcmpl" } else { "cmpl" });
+        let id = st.id(if kind == Kind::Chat {
+            "chatcmpl"
+        } else {
+            "cmpl"
+        });
         Ok(Call {
             created: unix_now(),
             st,
@@ -628,7 +638,11 @@ impl Call {
                 let mut end = None;
                 match s.call.rx.recv().await {
                     None => {
-                        end = Some(Err(ApiError::new(500, "server_error", "the engine stopped")))
+                        end = Some(Err(ApiError::new(
+                            500,
+                            "server_error",
+                            "the engine stopped",
+                        )))
                     }
                     Some(ev) => {
                         let mut ev = Some(ev);
@@ -740,10 +754,7 @@ impl Drop for CancelOnDrop {
     }
 }
 
-async fn embeddings(
-    State(st): State<Arc<AppState>>,
-    b: Result<Bytes, BytesRejection>,
-) -> Response {
+async fn embeddings(State(st): State<Arc<AppState>>, b: Result<Bytes, BytesRejection>) -> Response {
     let r = match body(b).and_then(|b| api::parse_embeddings(&b)) {
         Ok(r) => r,
         Err(e) => return e.into_response(),
@@ -765,7 +776,10 @@ async fn embeddings(
         if t.len() > n_ctx {
             return ApiError::invalid(
                 "input",
-                format!("input {i} is {} tokens, above the context of {n_ctx}", t.len()),
+                format!(
+                    "input {i} is {} tokens, above the context of {n_ctx}",
+                    t.len()
+                ),
             )
             .code("context_length_exceeded")
             .into_response();
@@ -782,7 +796,11 @@ async fn embeddings(
             .map(|t| {
                 let e = model.embed_tokens_with(t, &mut || stop.load(Ordering::SeqCst))?;
                 let mut v = e.mean;
-                let norm = v.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>().sqrt();
+                let norm = v
+                    .iter()
+                    .map(|x| (*x as f64) * (*x as f64))
+                    .sum::<f64>()
+                    .sqrt();
                 if norm > 0.0 {
                     v.iter_mut().for_each(|x| *x = (*x as f64 / norm) as f32);
                 }

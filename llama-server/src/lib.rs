@@ -70,7 +70,11 @@ pub fn run(
         let shutdown = async move {
             wait_for_signal().await;
             tracing::info!(
-                running = st.engine.metrics.active.load(std::sync::atomic::Ordering::Relaxed),
+                running = st
+                    .engine
+                    .metrics
+                    .active
+                    .load(std::sync::atomic::Ordering::Relaxed),
                 grace_s = grace.as_secs_f64(),
                 "shutting down: finishing running requests"
             );

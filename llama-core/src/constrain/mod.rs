@@ -58,7 +58,9 @@ impl Constraint {
                 })?;
                 let schema = js.get("schema").unwrap_or(js);
                 if !schema.is_object() && !schema.is_boolean() {
-                    return Err(bad("response_format's json_schema.schema must be a JSON schema object".into()));
+                    return Err(bad(
+                        "response_format's json_schema.schema must be a JSON schema object".into(),
+                    ));
                 }
                 Ok(Some(Constraint::JsonSchema(schema.clone())))
             }

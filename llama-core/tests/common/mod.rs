@@ -3,10 +3,11 @@
 
 use std::path::PathBuf;
 
-/// The real SmolLM2 model: `$LLAMA_TEST_MODEL`, else the default cache path. The README's test
-/// command fetches it first (`scripts/fetch-model.sh`); a missing model is a test failure.
+pub mod fuzzer;
 pub mod tiny;
 
+/// The real SmolLM2 model: `$LLAMA_TEST_MODEL`, else the default cache path. The README's test
+/// command fetches it first (`scripts/fetch-model.sh`); a missing model is a test failure.
 pub fn real_model_path() -> PathBuf {
     if let Some(p) = std::env::var_os("LLAMA_TEST_MODEL") {
         return PathBuf::from(p);
