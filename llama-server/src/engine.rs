@@ -11,29 +11,18 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use llama_core::{
-    Batch, Error, GenerateOptions, Generation, Message, Model, Sampler, SamplerConfig, SeqId,
+    Batch, Error, GenerateOptions, Generation, Model, Sampler, SamplerConfig, SeqId,
     SessionOptions, TokenLogprob,
 };
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::api::{core_error, ApiError};
 
-/// What a request continues from.
-#[derive(Debug, Clone)]
-pub enum JobPrompt {
-    /// A conversation, rendered with the model's template.
-    Chat(Vec<Message>),
-    /// Text.
-    Text(String),
-    /// Token ids.
-    Tokens(Vec<u32>),
-}
-
 /// A generation request for the engine.
 pub struct Job {
-    /// The prompt.
-    pub prompt: JobPrompt,
-    /// Options (`max_tokens` is replaced by the limit below).
+    /// The prompt's tokens (rendered and tokenized by the handler).
+    pub tokens: Vec<u32>,
+    /// Options, constraint compiled (`max_tokens` is replaced by the limit below).
     pub opts: GenerateOptions,
     /// Most tokens asked for (`None`: until the context is full).
     pub max_tokens: Option<usize>,
@@ -389,15 +378,10 @@ impl Worker {
         }
     }
 
-    /// Tokenizes the prompt, bounds the generation by the context, and adds it to the batch.
+    /// Bounds the generation by the context and adds it to the batch.
     fn admit(&self, batch: &mut Batch, job: &Job) -> Result<(SeqId, usize), ApiError> {
         let e = |e: Error| core_error(&e);
-        let ids = match &job.prompt {
-            JobPrompt::Chat(m) => self.model.chat_tokens_with_tools(m, &job.opts.tools),
-            JobPrompt::Text(t) => self.model.tokenize(t, true, true),
-            JobPrompt::Tokens(t) => Ok(t.clone()),
-        }
-        .map_err(e)?;
+        let ids = &job.tokens;
         if ids.is_empty() {
             return Err(ApiError::invalid("prompt", "the prompt is empty"));
         }
@@ -420,7 +404,7 @@ impl Worker {
             session.set_adapters(&self.limits.adapters).map_err(e)?;
         }
         let id = batch
-            .add(session, llama_core::Prompt::Tokens(&ids), opts, sampler)
+            .add(session, llama_core::Prompt::Tokens(ids), opts, sampler)
             .map_err(e)?;
         Ok((id, ids.len()))
     }

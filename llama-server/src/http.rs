@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use crate::api::{self, core_error, finish_reason, ApiError, Params, PromptInput};
-use crate::engine::{Engine, Event, Job, JobPrompt};
+use crate::engine::{Engine, Event, Job};
 
 /// What every handler shares.
 pub struct AppState {
@@ -351,6 +351,13 @@ enum Kind {
     Completion,
 }
 
+/// What a request continues from.
+enum JobPrompt {
+    Chat(Vec<llama_core::Message>),
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
 /// One generation request on its way through the engine.
 struct Call {
     st: Arc<AppState>,
@@ -365,8 +372,9 @@ struct Call {
 }
 
 impl Call {
-    /// Queues the job and waits until the engine admits it (or refuses it: the error is the
-    /// response, sent before any stream starts).
+    /// Renders and tokenizes the prompt and compiles its constraint (on a blocking thread, not
+    /// the decode thread), queues the job and waits until the engine admits it (or refuses
+    /// it: the error is the response, sent before any stream starts).
     async fn start(
         st: Arc<AppState>,
         kind: Kind,
@@ -374,10 +382,34 @@ impl Call {
         params: Params,
         opts: llama_core::GenerateOptions,
     ) -> Result<Call, ApiError> {
+        if st.engine.is_closing() {
+            return Err(
+                ApiError::new(503, "server_error", "the server is shutting down")
+                    .code("shutting_down"),
+            );
+        }
+        let model = st.model.clone();
+        let prepared = tokio::task::spawn_blocking(move || {
+            let tokens = match prompt {
+                JobPrompt::Chat(m) => model.chat_tokens_with_tools(&m, &opts.tools)?,
+                JobPrompt::Text(t) => model.tokenize(&t, true, true)?,
+                JobPrompt::Tokens(t) => t,
+            };
+            Ok::<_, llama_core::Error>((tokens, model.prepare_options(opts)?))
+        })
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                500,
+                "server_error",
+                format!("preparing the request failed: {e}"),
+            )
+        })?;
+        let (tokens, opts) = prepared.map_err(|e| core_error(&e))?;
         let (tx, mut rx) = unbounded_channel();
         let has_tools = !opts.tools.is_empty();
         st.engine.submit(Job {
-            prompt,
+            tokens,
             opts,
             max_tokens: params.max_tokens,
             sampler: params.sampler.clone(),

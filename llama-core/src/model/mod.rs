@@ -289,6 +289,17 @@ impl Model {
         &self.inner.tokenizer
     }
 
+    /// `opts` with its constraint (or its tools' call constraint) compiled into
+    /// [`GenerateOptions::grammar`](crate::GenerateOptions::grammar), so that starting the
+    /// generation compiles nothing (a server prepares requests off its decode thread).
+    pub fn prepare_options(
+        &self,
+        mut opts: crate::GenerateOptions,
+    ) -> Result<crate::GenerateOptions> {
+        opts.grammar = crate::session::generate::resolve_grammar(self, &opts)?;
+        Ok(opts)
+    }
+
     /// Compiles a constraint for generation on this model ([`crate::GenerateOptions::constraint`]
     /// compiles its own; compile once here to reuse it, or to check a schema up front). The
     /// first call builds the model's token table (~50 ms for a 49k vocabulary).
