@@ -1,6 +1,6 @@
 # Single entry point. `make demo` streams a chat answer from the default model; `make test`
 # runs every test (fetches the model first).
-.PHONY: demo test lint model reference header c-tests python-tests fuzz miri tsan
+.PHONY: demo test lint model reference header c-tests python-tests fuzz miri tsan bench
 
 demo:
 	cargo run --release -p llama-examples --bin llama -- chat --prompt "Name three rivers in Europe and one fact about each." --temperature 0.7 --seed 7 --max-tokens 160
@@ -32,6 +32,12 @@ test: model lint header
 	LLAMA_CORE_KERNEL=candle cargo test -p llama-core --lib --test formats --test tiny_models --test lora
 	bash tests/c/run.sh
 	bash scripts/test-python.sh
+
+# Benchmarks against llama.cpp (outside CI): kernels and decode (benches/compare.sh), then the
+# server under concurrent load against llama-cpp-python's server (benches/server.sh).
+bench:
+	bash benches/compare.sh
+	bash benches/server.sh
 
 # Every fuzz target for FUZZ_SECS seconds each (default 120), exploring past the fixed inputs
 # `make test` runs; failures are saved to target/fuzz-failures/.
