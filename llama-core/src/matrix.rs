@@ -98,6 +98,18 @@ pub(crate) fn matmul_cols(
     xs: &[f32],
     m: usize,
     out: &mut [f32],
+    cols: (usize, usize, usize),
+) -> Result<()> {
+    check_cols(w, xs, m, out, cols)?;
+    let (stride, col0, n) = cols;
+    w.matmul(xs, m, DstWriter::columns(out, m, stride, col0, n))
+}
+
+fn check_cols(
+    w: &dyn WeightMatrix,
+    xs: &[f32],
+    m: usize,
+    out: &[f32],
     (stride, col0, n): (usize, usize, usize),
 ) -> Result<()> {
     let (wn, k) = w.shape();
@@ -109,7 +121,45 @@ pub(crate) fn matmul_cols(
             out.len()
         )));
     }
-    w.matmul(xs, m, DstWriter::columns(out, m, stride, col0, n))
+    Ok(())
+}
+
+/// [`matmul_cols`] with each of the `m` rows computed exactly as it is alone: one product
+/// where the matrix has one ([`WeightMatrix::matmul_as_alone`]), one product per row
+/// otherwise.
+pub(crate) fn matmul_cols_as_alone(
+    w: &dyn WeightMatrix,
+    xs: &[f32],
+    m: usize,
+    out: &mut [f32],
+    cols: (usize, usize, usize),
+) -> Result<()> {
+    check_cols(w, xs, m, out, cols)?;
+    let (stride, col0, n) = cols;
+    if m == 0 || w.matmul_as_alone(xs, m, DstWriter::columns(out, m, stride, col0, n))? {
+        return Ok(());
+    }
+    let k = w.shape().1;
+    for r in 0..m {
+        let o = &mut out[r * stride..(r + 1) * stride];
+        w.matmul(
+            &xs[r * k..(r + 1) * k],
+            1,
+            DstWriter::columns(o, 1, stride, col0, n),
+        )?;
+    }
+    Ok(())
+}
+
+/// [`matmul_into`] with each row computed exactly as it is alone ([`matmul_cols_as_alone`]).
+pub(crate) fn matmul_into_as_alone(
+    w: &dyn WeightMatrix,
+    xs: &[f32],
+    m: usize,
+    out: &mut [f32],
+) -> Result<()> {
+    let n = w.shape().0;
+    matmul_cols_as_alone(w, xs, m, out, (n, 0, n))
 }
 
 /// `xs @ W^T` for `m` rows into `out` (`[m, n]`, every value overwritten).

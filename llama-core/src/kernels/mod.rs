@@ -26,9 +26,32 @@ macro_rules! our_weight_matrix {
         our_weight_matrix!($t, $dtype, false);
     };
     ($t:ty, $dtype:expr, $invariant:expr) => {
+        our_weight_matrix!($t, $dtype, $invariant, |me: &$t,
+                                                    xs: &[f32],
+                                                    m: usize,
+                                                    put: $crate::kernels::DstWriter<
+            '_,
+        >| {
+            if $invariant {
+                me.compute(xs, m, put);
+            }
+            $invariant
+        });
+    };
+    ($t:ty, $dtype:expr, $invariant:expr, $as_alone:expr) => {
         impl $crate::kernels::WeightMatrix for $t {
             fn batch_invariant(&self) -> bool {
                 $invariant
+            }
+            fn matmul_as_alone(
+                &self,
+                xs: &[f32],
+                m: usize,
+                put: $crate::kernels::DstWriter<'_>,
+            ) -> $crate::error::Result<bool> {
+                let as_alone: fn(&Self, &[f32], usize, $crate::kernels::DstWriter<'_>) -> bool =
+                    $as_alone;
+                Ok(as_alone(self, xs, m, put))
             }
             fn dtype(&self) -> candle_core::quantized::GgmlDType {
                 let dtype: fn(&Self) -> candle_core::quantized::GgmlDType = $dtype;
@@ -279,6 +302,17 @@ pub(crate) trait WeightMatrix: Send + Sync {
     /// rows through one product and still give each what it gets alone.
     fn batch_invariant(&self) -> bool {
         false
+    }
+    /// `xs @ W^T` for `m` rows, each computed exactly as a product of that row alone (`m == 1`)
+    /// computes it, in one product (a batch's one-token sequences share one pass over the
+    /// weights). `false`, nothing written, where the matrix has no such product: the caller
+    /// then runs each row alone. A batch-invariant matrix's is its usual product.
+    fn matmul_as_alone(&self, xs: &[f32], m: usize, put: DstWriter<'_>) -> Result<bool> {
+        if self.batch_invariant() {
+            self.matmul(xs, m, put)?;
+            return Ok(true);
+        }
+        Ok(false)
     }
     /// `x @ W^T` for `x` of shape `[..., k]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {

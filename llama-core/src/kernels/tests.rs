@@ -229,10 +229,10 @@ fn f16_wide_tile_equals_narrow_tile() {
     // SAFETY: the features were detected above; `w` holds k positions of 16 values and
     // every row of `x` k values.
     unsafe {
-        f16_group_avx512::<4>(w.as_ptr(), xp, k, &mut a);
-        f16_group_avx2::<4>(w.as_ptr(), xp, k, &mut b);
-        f16_group_avx512::<1>(w.as_ptr(), [xp[0]], k, &mut a1);
-        f16_group_avx2::<1>(w.as_ptr(), [xp[0]], k, &mut b1);
+        f16_group_avx512::<4, 1>(w.as_ptr(), xp, k, &mut a);
+        f16_group_avx2::<4, 1>(w.as_ptr(), xp, k, &mut b);
+        f16_group_avx512::<1, 4>(w.as_ptr(), [xp[0]], k, &mut a1);
+        f16_group_avx2::<1, 4>(w.as_ptr(), [xp[0]], k, &mut b1);
     }
     assert_eq!(a, b);
     assert_eq!(a1, b1);
@@ -248,8 +248,8 @@ fn f16_wide_tile_equals_narrow_tile() {
     unsafe {
         f16_to_f32_avx512(w2.as_ptr(), w2f.as_mut_ptr(), w2.len());
         f32_group2_avx512::<4>(w2f.as_ptr(), xp, k, &mut pair);
-        f16_group_avx2::<4>(w2.as_ptr(), xp, k, &mut g0);
-        f16_group_avx2::<4>(w2[FG * k..].as_ptr(), xp, k, &mut g1);
+        f16_group_avx2::<4, 1>(w2.as_ptr(), xp, k, &mut g0);
+        f16_group_avx2::<4, 1>(w2[FG * k..].as_ptr(), xp, k, &mut g1);
     }
     for r in 0..4 {
         assert_eq!(pair[r][..FG], g0[r]);
@@ -377,6 +377,16 @@ fn batch_invariant_matrices_give_each_row_the_same_bits() {
                 same,
                 "{name} claims batch invariance but a row changed with its batch"
             );
+        }
+        // Rows computed as each alone, in one product where the matrix has one.
+        let mut out = vec![0f32; m * n];
+        crate::matrix::matmul_into_as_alone(&**mat, &x, m, &mut out).unwrap();
+        for r in 0..m {
+            let alone: Vec<u32> = out[r * n..(r + 1) * n]
+                .iter()
+                .map(|v| v.to_bits())
+                .collect();
+            assert_eq!(alone, product(&**mat, r..r + 1), "{name}: row {r} as alone");
         }
         println!(
             "{name}: rows {} with their batch",

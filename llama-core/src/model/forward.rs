@@ -193,19 +193,42 @@ impl Model {
             Ok(())
         };
         // One product over every sequence's rows where the matrix computes each row alike
-        // whatever comes with it; one per sequence otherwise (the same bits as alone either way).
+        // whatever comes with it. Otherwise the one-token sequences (decode) share one product
+        // computed as each row alone (`alone`), and each longer chunk gets its own product:
+        // the same bits as alone either way.
+        let singles: Vec<usize> = offs
+            .windows(2)
+            .filter(|w| w[1] - w[0] == 1)
+            .map(|w| w[0])
+            .collect();
         let shared = |invariant: bool,
                       xs: &[f32],
                       xw: usize,
                       out: &mut [f32],
                       ow: usize,
-                      f: &mut RowsProduct<'_>|
+                      f: &mut RowsProduct<'_>,
+                      alone: &mut RowsProduct<'_>|
          -> Result<()> {
             if invariant {
                 return f(xs, t, out);
             }
+            let together = singles.len() > 1;
+            if together {
+                let mut xb = Vec::with_capacity(singles.len() * xw);
+                for &r in &singles {
+                    xb.extend_from_slice(&xs[r * xw..(r + 1) * xw]);
+                }
+                let mut ob = vec![0f32; singles.len() * ow];
+                alone(&xb, singles.len(), &mut ob)?;
+                for (j, &r) in singles.iter().enumerate() {
+                    out[r * ow..(r + 1) * ow].copy_from_slice(&ob[j * ow..(j + 1) * ow]);
+                }
+            }
             for w in offs.windows(2) {
                 let (r0, r1) = (w[0], w[1]);
+                if together && r1 - r0 == 1 {
+                    continue;
+                }
                 f(&xs[r0 * xw..r1 * xw], r1 - r0, &mut out[r0 * ow..r1 * ow])?;
             }
             Ok(())
@@ -219,6 +242,7 @@ impl Model {
                 &mut qkv,
                 qkv_w,
                 &mut |x, r, o| l.qkv.matmul_into(x, r, o),
+                &mut |x, r, o| l.qkv.matmul_into_as_alone(x, r, o),
             )?;
             update(seqs, li, &qkv_parts, &hn, hidden, &mut qkv, qkv_w)?;
             for (i, s) in seqs.iter_mut().enumerate() {
@@ -265,6 +289,7 @@ impl Model {
                 &mut o,
                 hidden,
                 &mut |x, r, out| matrix::matmul_into(&*l.o, x, r, out),
+                &mut |x, r, out| matrix::matmul_into_as_alone(&*l.o, x, r, out),
             )?;
             update(seqs, li, &o_part, &att, qw, &mut o, hidden)?;
             add_in_place(&mut x, &o);
@@ -276,6 +301,7 @@ impl Model {
                 &mut gu,
                 2 * ffn,
                 &mut |x, r, o| l.gate_up.matmul_into(x, r, o),
+                &mut |x, r, o| l.gate_up.matmul_into_as_alone(x, r, o),
             )?;
             update(seqs, li, &gu_parts, &hn, hidden, &mut gu, 2 * ffn)?;
             swiglu_rows(&gu, ffn, &mut a);
@@ -286,6 +312,7 @@ impl Model {
                 &mut o,
                 hidden,
                 &mut |x, r, out| matrix::matmul_into(&*l.down, x, r, out),
+                &mut |x, r, out| matrix::matmul_into_as_alone(&*l.down, x, r, out),
             )?;
             update(seqs, li, &down_part, &a, ffn, &mut o, hidden)?;
             add_in_place(&mut x, &o);
@@ -403,6 +430,25 @@ impl Model {
     /// Whether the output head computes each row alike whatever rows come with it.
     pub(crate) fn head_batch_invariant(&self) -> bool {
         self.inner.lm_head.batch_invariant()
+    }
+
+    /// The logits of `m` rows of `hidden` (`[m, hidden_size]`), each exactly as
+    /// [`Model::last_logits`] computes it for that row alone, in one product where the head has
+    /// one; `None` where it has not.
+    pub(crate) fn logits_as_alone(
+        &self,
+        hidden: &[f32],
+        m: usize,
+    ) -> Result<Option<Vec<Vec<f32>>>> {
+        let head = &*self.inner.lm_head;
+        let n = head.shape().0;
+        let mut out = vec![0f32; m * n];
+        let done = head.matmul_as_alone(
+            hidden,
+            m,
+            crate::kernels::DstWriter::columns(&mut out, m, n, 0, n),
+        )?;
+        Ok(done.then(|| out.chunks_exact(n.max(1)).map(<[f32]>::to_vec).collect()))
     }
 
     /// Last-row logits as a vector.

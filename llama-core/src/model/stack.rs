@@ -3,6 +3,15 @@
 
 use super::*;
 
+/// A product into a column block ([`matrix::matmul_cols`] or its as-alone form).
+type ColsProduct = fn(
+    &dyn crate::kernels::WeightMatrix,
+    &[f32],
+    usize,
+    &mut [f32],
+    (usize, usize, usize),
+) -> Result<()>;
+
 /// Projections of the same input (Q, K, V; gate, up) with their outputs side by side: one
 /// stacked matrix where the parts are stored alike ([`Matmul::stack`]: one pass over the
 /// activations, one pool call), else one matrix per part.
@@ -50,13 +59,22 @@ impl Stack {
 
     /// The parts' outputs for `m` rows of `xs`, side by side in `out` (`[m, width]`).
     pub(crate) fn matmul_into(&self, xs: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
+        self.product(xs, m, out, matrix::matmul_cols)
+    }
+
+    /// [`Stack::matmul_into`] with each row computed exactly as it is alone.
+    pub(crate) fn matmul_into_as_alone(&self, xs: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
+        self.product(xs, m, out, matrix::matmul_cols_as_alone)
+    }
+
+    fn product(&self, xs: &[f32], m: usize, out: &mut [f32], each: ColsProduct) -> Result<()> {
         let stride = self.width();
         if let [one] = self.mats.as_slice() {
-            return matrix::matmul_cols(&**one, xs, m, out, (stride, 0, stride));
+            return each(&**one, xs, m, out, (stride, 0, stride));
         }
         let mut col = 0;
         for (mat, &n) in self.mats.iter().zip(&self.widths) {
-            matrix::matmul_cols(&**mat, xs, m, out, (stride, col, n))?;
+            each(&**mat, xs, m, out, (stride, col, n))?;
             col += n;
         }
         Ok(())

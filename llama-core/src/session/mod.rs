@@ -384,6 +384,8 @@ impl Session {
                 let rows: Vec<f32> = hidden.concat();
                 let h = candle_core::Tensor::from_vec(rows, (idx.len(), hidden_size), cpu)?;
                 model.logits(&h)?.to_vec2::<f32>()?
+            } else if let Some(l) = model.logits_as_alone(&hidden.concat(), idx.len())? {
+                l
             } else {
                 hidden
                     .into_iter()

@@ -42,21 +42,22 @@ pub(crate) unsafe fn dot_f16_avx2(w: &[f16], x: &[f32]) -> f32 {
 /// The CPU supports `avx2,fma,f16c` (the caller checked at run time). `w` holds `k` positions of
 /// 16 values and every `x` a row of `k` values.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn f16_group_avx2<const R: usize>(
+pub(crate) unsafe fn f16_group_avx2<const R: usize, const SETS: usize>(
     w: *const f16,
     x: [*const f32; R],
     k: usize,
     out: &mut [[f32; FG]; R],
 ) {
     use std::arch::x86_64::*;
-    // One row has two dependent FMA chains per position: split positions over four sets of
-    // accumulators so the chains overlap. Several rows overlap by themselves.
-    const U: usize = 4;
-    let sets = if R == 1 { U } else { 1 };
-    let mut acc = [[[_mm256_setzero_ps(); 2]; R]; U];
+    // Positions go round `SETS` sets of accumulators (set `u` takes positions `i + u` of each
+    // step; the tail goes to set 0), summed in set order at the end. One row alone has two
+    // dependent FMA chains per position, so it runs [`ONE_ROW_SETS`] sets for the chains to
+    // overlap; several rows overlap by themselves and run one set.
+    let sets = SETS;
+    let mut acc = [[[_mm256_setzero_ps(); 2]; R]; SETS];
     let mut i = 0;
     while i + sets <= k {
-        if R == 1 {
+        if SETS > 1 {
             prefetch_ahead(w.add(i * FG) as *const u8, sets * FG * 2);
         }
         for (u, a) in acc.iter_mut().enumerate().take(sets) {

@@ -3,27 +3,26 @@
 use super::*;
 
 /// [`f16_group_avx2`] on 512-bit vectors: one vector holds a position of all 16 rows of the
-/// group, so a tile of `R` activation rows needs `R` accumulators. Per output lane the same
-/// FMAs in the same order (and for one row the same four position sets), so both give
-/// identical results.
+/// group, so a tile of `R` activation rows needs `R` accumulators per position set (`SETS`).
+/// Per output lane the same FMAs in the same order for the same `SETS`, so both give identical
+/// results.
 #[cfg(target_arch = "x86_64")]
 /// # Safety
 /// The CPU supports `avx512f,avx2,fma,f16c` (the caller checked at run time). `w` holds `k`
 /// positions of 16 values and every `x` a row of `k` values.
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-pub(crate) unsafe fn f16_group_avx512<const R: usize>(
+pub(crate) unsafe fn f16_group_avx512<const R: usize, const SETS: usize>(
     w: *const f16,
     x: [*const f32; R],
     k: usize,
     out: &mut [[f32; FG]; R],
 ) {
     use std::arch::x86_64::*;
-    const U: usize = 4;
-    let sets = if R == 1 { U } else { 1 };
-    let mut acc = [[_mm512_setzero_ps(); R]; U];
+    let sets = SETS;
+    let mut acc = [[_mm512_setzero_ps(); R]; SETS];
     let mut i = 0;
     while i + sets <= k {
-        if R == 1 {
+        if SETS > 1 {
             prefetch_ahead(w.add(i * FG) as *const u8, sets * FG * 2);
         }
         for (u, a) in acc.iter_mut().enumerate().take(sets) {

@@ -31,6 +31,9 @@ pub(crate) struct F16Matrix {
 /// Rows per f16 group, and activation rows per f16 tile.
 pub(crate) const FG: usize = 16;
 pub(crate) const F16_R: usize = 12;
+/// Position sets of a one-row product (four overlapping FMA chains); the products of
+/// [`F16Matrix::compute_as_alone`] use the same, so each row gets the bits it gets alone.
+pub(crate) const ONE_ROW_SETS: usize = 4;
 
 pub(crate) fn dot_f16_scalar(w: &[f16], x: &[f32]) -> f32 {
     w.iter().zip(x).map(|(a, b)| a.to_f32() * b).sum()
@@ -140,25 +143,25 @@ impl F16Matrix {
                     (_, 1) => {
                         let (x, o) = part::<1>(&x, out);
                         if wide {
-                            f16_group_avx512::<1>(w, x, k, o)
+                            f16_group_avx512::<1, ONE_ROW_SETS>(w, x, k, o)
                         } else {
-                            f16_group_avx2::<1>(w, x, k, o)
+                            f16_group_avx2::<1, ONE_ROW_SETS>(w, x, k, o)
                         }
                     }
                     (true, 2..=4) => {
                         let (x, o) = part::<4>(&x, out);
-                        f16_group_avx512::<4>(w, x, k, o)
+                        f16_group_avx512::<4, 1>(w, x, k, o)
                     }
                     (true, 5..=8) => {
                         let (x, o) = part::<8>(&x, out);
-                        f16_group_avx512::<8>(w, x, k, o)
+                        f16_group_avx512::<8, 1>(w, x, k, o)
                     }
-                    (true, _) => f16_group_avx512::<F16_R>(w, x, k, out),
+                    (true, _) => f16_group_avx512::<F16_R, 1>(w, x, k, out),
                     (false, n) => {
                         for half in 0..n.div_ceil(F16_R / 2) {
                             let at = half * (F16_R / 2);
                             let (x, o) = part::<{ F16_R / 2 }>(&x[at..], &mut out[at..]);
-                            f16_group_avx2::<{ F16_R / 2 }>(w, x, k, o)
+                            f16_group_avx2::<{ F16_R / 2 }, 1>(w, x, k, o)
                         }
                     }
                 }
@@ -209,6 +212,55 @@ impl F16Matrix {
     }
 
     /// Plain rows (a row count that is not a multiple of 16): a dot product per output.
+    /// `m` rows, each with a one-row product's order ([`ONE_ROW_SETS`] position sets per lane):
+    /// every row gets the bits it gets alone, in one pass over the weights (a batch's
+    /// one-token sequences). Without SIMD tiles every row's product is already computed alike
+    /// whatever comes with it.
+    fn compute_as_alone(&self, xs: &[f32], m: usize, put: DstWriter<'_>) {
+        #[cfg(target_arch = "x86_64")]
+        if self.grouped && isa() != Isa::Scalar && m > 1 {
+            const T: usize = 4;
+            let wide = isa() == Isa::Avx512;
+            let k = self.k;
+            let row_tiles = m.div_ceil(T);
+            let work = |item: usize| {
+                let (g, rt) = (item / row_tiles, item % row_tiles);
+                let rows = rt * T..m.min((rt + 1) * T);
+                let w = self.data[g * FG * k..(g + 1) * FG * k].as_ptr();
+                let x: [*const f32; T] = std::array::from_fn(|r| {
+                    let row = (rows.start + r).min(rows.end - 1);
+                    xs[row * k..(row + 1) * k].as_ptr()
+                });
+                let mut out = [[0f32; FG]; T];
+                // SAFETY: the ISA was detected; `w` is one group of `k` positions and every
+                // `x` a row of `k` values.
+                unsafe {
+                    if wide {
+                        f16_group_avx512::<T, ONE_ROW_SETS>(w, x, k, &mut out);
+                    } else {
+                        for half in 0..2 {
+                            let o: &mut [[f32; FG]; 2] = (&mut out[2 * half..2 * half + 2])
+                                .try_into()
+                                .expect("two rows");
+                            f16_group_avx2::<2, ONE_ROW_SETS>(
+                                w,
+                                [x[2 * half], x[2 * half + 1]],
+                                k,
+                                o,
+                            );
+                        }
+                    }
+                }
+                for (r, row) in rows.enumerate() {
+                    put.put(row, g * FG, &out[r]);
+                }
+            };
+            run_items(row_tiles * (self.n / FG), &work);
+            return;
+        }
+        self.compute(xs, m, put)
+    }
+
     fn forward_rows(&self, xs: &[f32], m: usize, simd: bool, put: DstWriter<'_>) {
         let (n, k) = (self.n, self.k);
         let group = 8;
@@ -283,4 +335,12 @@ impl F16Matrix {
     }
 }
 
-our_weight_matrix!(F16Matrix, |_| GgmlDType::F16);
+our_weight_matrix!(F16Matrix, |_| GgmlDType::F16, false, |me: &F16Matrix,
+                                                          xs: &[f32],
+                                                          m: usize,
+                                                          put: DstWriter<
+    '_,
+>| {
+    me.compute_as_alone(xs, m, put);
+    true
+});
