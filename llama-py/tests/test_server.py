@@ -404,11 +404,21 @@ def test_chat_page_streams_a_reply_in_headless_chromium(server, client):
             page.fill("#temperature", "0")
             page.fill("#max_tokens", "30")
             page.fill("#input", question)
+            # Record the reply's lengths as the page renders it: a streamed reply grows.
+            page.evaluate("""() => {
+                window.seenLengths = new Set();
+                new MutationObserver(() => {
+                    const a = document.querySelectorAll('.assistant');
+                    if (a.length) window.seenLengths.add(a[a.length - 1].textContent.length);
+                }).observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true});
+            }""")
             page.press("#input", "Enter")
             page.wait_for_selector(".assistant[data-state=done]", timeout=60000)
             reply = page.text_content(".assistant")
+            grew = page.evaluate("window.seenLengths.size")
             page.screenshot(path=os.path.join(os.environ.get("LLAMA_TEST_OUT", "/tmp"), "chat-page.png"))
         finally:
             browser.close()
     want = client.chat.completions.create(model="m", messages=[{"role": "user", "content": question}], max_tokens=30, temperature=0)
     assert reply == want.choices[0].message.content and reply
+    assert grew >= 3, f"the reply was rendered {grew} times: not streamed"
