@@ -65,6 +65,11 @@ pub(crate) unsafe fn group_avx512<const F: u8, const R: usize, const S: usize>(
                 }
             }
         }
+        let mw = if fmt.has_min() {
+            _mm512_cvtph_ps(_mm256_loadu_si256(p.add(2 * G16) as *const __m256i))
+        } else {
+            _mm512_setzero_ps()
+        };
         let mut isum = [[_mm512_setzero_si512(); R]; S];
         for (t, v) in wv.iter().enumerate() {
             for r in 0..R {
@@ -94,7 +99,6 @@ pub(crate) unsafe fn group_avx512<const F: u8, const R: usize, const S: usize>(
                 acc[r],
             );
             if fmt.has_min() {
-                let mw = _mm512_cvtph_ps(_mm256_loadu_si256(p.add(2 * G16) as *const __m256i));
                 corr[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(xb.s), corr[r]);
             }
         }
