@@ -337,7 +337,23 @@ impl Worker {
                 self.metrics.disconnected.fetch_add(1, Ordering::Relaxed);
             }
             if !batch.is_empty() {
-                match batch.step() {
+                let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| batch.step()));
+                let Ok(step) = step else {
+                    // A bug in a step must not take the server down with it: every running
+                    // request ends with a 500 and the engine goes on with an empty batch.
+                    tracing::error!("a batch step panicked: its requests end with an error");
+                    for (_, tx) in running.drain() {
+                        let _ = tx.send(Event::Done(Err(ApiError::new(
+                            500,
+                            "server_error",
+                            "internal error while generating (logged by the server)",
+                        ))));
+                    }
+                    batch = Batch::new(&self.model);
+                    self.metrics.active.store(0, Ordering::Relaxed);
+                    continue;
+                };
+                match step {
                     Ok(events) => {
                         self.metrics.steps.fetch_add(1, Ordering::Relaxed);
                         let mut tokens = 0;
