@@ -57,6 +57,8 @@ struct Seq {
     gen: Option<Generator>,
     cancel: CancelHandle,
     prompt_time: Duration,
+    /// Prompt tokens taken from the prefix cache when the sequence was added.
+    cached: usize,
 }
 
 /// Many generations on one model, advanced together ([`Batch::step`]).
@@ -168,7 +170,9 @@ impl Batch {
             ));
         }
         opts.grammar = resolve_grammar(&self.model, &opts)?;
-        let pending = match self.reuse(&session, &prompt, &opts)? {
+        let reuse = self.reuse(&session, &prompt, &opts)?;
+        let reused = reuse.is_some();
+        let pending = match reuse {
             Some((copy, ids)) => {
                 session = copy;
                 session.reuse_prefix(&ids)
@@ -189,6 +193,7 @@ impl Batch {
         let id = SeqId(self.next);
         self.next += 1;
         let cancel = session.cancel_handle();
+        let cached = if reused { session.len() } else { 0 };
         self.seqs.push(Seq {
             id,
             session,
@@ -199,8 +204,15 @@ impl Batch {
             gen: None,
             cancel,
             prompt_time: Duration::ZERO,
+            cached,
         });
         Ok(id)
+    }
+
+    /// How many of sequence `id`'s prompt tokens came from the prefix cache (a copy of an
+    /// earlier prompt's cache) instead of being read; `None` when it is not running.
+    pub fn cached_tokens(&self, id: SeqId) -> Option<usize> {
+        self.seqs.iter().find(|s| s.id == id).map(|s| s.cached)
     }
 
     /// Sequences still running (reading their prompt or generating).

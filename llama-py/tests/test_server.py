@@ -422,3 +422,17 @@ def test_chat_page_streams_a_reply_in_headless_chromium(server, client):
     want = client.chat.completions.create(model="m", messages=[{"role": "user", "content": question}], max_tokens=30, temperature=0)
     assert reply == want.choices[0].message.content and reply
     assert grew >= 3, f"the reply was rendered {grew} times: not streamed"
+
+
+def test_shared_system_prompt_comes_from_the_prefix_cache(client, model):
+    system = {"role": "system", "content": "You are a careful assistant who answers in one short sentence, always politely, and never uses lists."}
+    first = [system, {"role": "user", "content": "What colour is the sky?"}]
+    second = [system, {"role": "user", "content": "What is the capital of Italy?"}]
+    client.chat.completions.create(model="m", messages=first, max_tokens=4, temperature=0)
+    r = client.chat.completions.create(model="m", messages=second, max_tokens=24, temperature=0)
+    cached = r.usage.prompt_tokens_details.cached_tokens
+    assert 16 <= cached < r.usage.prompt_tokens
+    # A cached prefix gives exactly what reading it gives.
+    with model.session() as s:
+        want = s.chat(second, max_tokens=24, sampler=llama_core.Sampler.greedy())
+    assert r.choices[0].message.content == want

@@ -39,6 +39,8 @@ pub enum Event {
     Started {
         /// Prompt length in tokens.
         prompt_tokens: usize,
+        /// Of them, tokens taken from the prefix cache.
+        cached_tokens: usize,
     },
     /// A generated token and the text it released.
     Token {
@@ -73,8 +75,10 @@ pub struct Metrics {
     pub queued: AtomicUsize,
     /// Sequences in the batch.
     pub active: AtomicUsize,
-    /// Prompt tokens read (cached prefixes included).
+    /// Prompt tokens of admitted requests (cached prefixes included).
     pub prompt_tokens: AtomicU64,
+    /// Of them, tokens taken from the prefix cache instead of being read.
+    pub cached_tokens: AtomicU64,
     /// Tokens generated.
     pub generated_tokens: AtomicU64,
     /// Forward passes run.
@@ -314,11 +318,18 @@ impl Worker {
                 }
                 match self.admit(&mut batch, &job) {
                     Ok((id, prompt_tokens)) => {
+                        let cached_tokens = batch.cached_tokens(id).unwrap_or(0);
                         self.metrics.admitted.fetch_add(1, Ordering::Relaxed);
                         self.metrics
                             .prompt_tokens
                             .fetch_add(prompt_tokens as u64, Ordering::Relaxed);
-                        let _ = job.events.send(Event::Started { prompt_tokens });
+                        self.metrics
+                            .cached_tokens
+                            .fetch_add(cached_tokens as u64, Ordering::Relaxed);
+                        let _ = job.events.send(Event::Started {
+                            prompt_tokens,
+                            cached_tokens,
+                        });
                         running.insert(id, job.events);
                     }
                     Err(e) => {

@@ -269,6 +269,12 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
         r(&m.prompt_tokens).to_string(),
     );
     metric(
+        "prompt_tokens_cached_total",
+        "counter",
+        "Prompt tokens taken from the prefix cache instead of being read.",
+        r(&m.cached_tokens).to_string(),
+    );
+    metric(
         "generated_tokens_total",
         "counter",
         "Tokens generated.",
@@ -367,6 +373,7 @@ struct Call {
     params: Params,
     has_tools: bool,
     prompt_tokens: usize,
+    cached_tokens: usize,
     rx: UnboundedReceiver<Event>,
     t0: Instant,
 }
@@ -416,8 +423,11 @@ impl Call {
             events: tx,
         })?;
         let t0 = Instant::now();
-        let prompt_tokens = match rx.recv().await {
-            Some(Event::Started { prompt_tokens }) => prompt_tokens,
+        let (prompt_tokens, cached_tokens) = match rx.recv().await {
+            Some(Event::Started {
+                prompt_tokens,
+                cached_tokens,
+            }) => (prompt_tokens, cached_tokens),
             Some(Event::Done(Err(e))) => return Err(e),
             _ => {
                 return Err(ApiError::new(
@@ -440,6 +450,7 @@ impl Call {
             params,
             has_tools,
             prompt_tokens,
+            cached_tokens,
             rx,
             t0,
         })
@@ -459,6 +470,7 @@ impl Call {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": completion,
             "total_tokens": self.prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
         })
     }
 
