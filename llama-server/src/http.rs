@@ -254,92 +254,96 @@ async fn model_by_id(
 
 async fn metrics(State(st): State<Arc<AppState>>) -> Response {
     let m = &st.engine.metrics;
-    let l = st.engine.limits();
-    let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let r = |a: &AtomicU64| a.load(Ordering::Relaxed).to_string();
+    let g = |a: &std::sync::atomic::AtomicUsize| a.load(Ordering::Relaxed).to_string();
+    const C: &str = "counter";
+    const G: &str = "gauge";
+    let rows: [(&str, &str, &str, String); 13] = [
+        (
+            "prompt_tokens_total",
+            C,
+            "Prompt tokens of admitted requests.",
+            r(&m.prompt_tokens),
+        ),
+        (
+            "prompt_tokens_cached_total",
+            C,
+            "Prompt tokens taken from the prefix cache instead of being read.",
+            r(&m.cached_tokens),
+        ),
+        (
+            "generated_tokens_total",
+            C,
+            "Tokens generated.",
+            r(&m.generated_tokens),
+        ),
+        (
+            "tokens_per_second",
+            G,
+            "Tokens generated per second over the last 10 seconds.",
+            format!("{:.3}", m.tokens_per_second()),
+        ),
+        (
+            "active_sequences",
+            G,
+            "Sequences in the batch.",
+            g(&m.active),
+        ),
+        (
+            "queue_length",
+            G,
+            "Requests waiting for a place in the batch.",
+            g(&m.queued),
+        ),
+        (
+            "max_sequences",
+            G,
+            "Sequences decoded together at most.",
+            st.engine.limits().max_sequences.to_string(),
+        ),
+        (
+            "forward_passes_total",
+            C,
+            "Batched forward passes run.",
+            r(&m.steps),
+        ),
+        (
+            "requests_admitted_total",
+            C,
+            "Generation requests admitted to the batch.",
+            r(&m.admitted),
+        ),
+        (
+            "requests_rejected_total",
+            C,
+            "Generation requests refused because the queue was full.",
+            r(&m.rejected),
+        ),
+        (
+            "requests_disconnected_total",
+            C,
+            "Sequences ended because their client went away.",
+            r(&m.disconnected),
+        ),
+        (
+            "http_requests_total",
+            C,
+            "HTTP requests answered.",
+            r(&st.requests),
+        ),
+        (
+            "http_errors_total",
+            C,
+            "HTTP requests answered with a status of 400 or more.",
+            r(&st.errors),
+        ),
+    ];
     let mut out = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, value: String| {
+    for (name, kind, help, value) in rows {
         out.push_str(&format!(
             "# HELP llama_{name} {help}\n# TYPE llama_{name} {kind}\nllama_{name} {value}\n"
         ));
-    };
-    metric(
-        "prompt_tokens_total",
-        "counter",
-        "Prompt tokens of admitted requests.",
-        r(&m.prompt_tokens).to_string(),
-    );
-    metric(
-        "prompt_tokens_cached_total",
-        "counter",
-        "Prompt tokens taken from the prefix cache instead of being read.",
-        r(&m.cached_tokens).to_string(),
-    );
-    metric(
-        "generated_tokens_total",
-        "counter",
-        "Tokens generated.",
-        r(&m.generated_tokens).to_string(),
-    );
-    metric(
-        "tokens_per_second",
-        "gauge",
-        "Tokens generated per second over the last 10 seconds.",
-        format!("{:.3}", m.tokens_per_second()),
-    );
-    metric(
-        "active_sequences",
-        "gauge",
-        "Sequences in the batch.",
-        m.active.load(Ordering::Relaxed).to_string(),
-    );
-    metric(
-        "queue_length",
-        "gauge",
-        "Requests waiting for a place in the batch.",
-        m.queued.load(Ordering::Relaxed).to_string(),
-    );
-    metric(
-        "max_sequences",
-        "gauge",
-        "Sequences decoded together at most.",
-        l.max_sequences.to_string(),
-    );
-    metric(
-        "forward_passes_total",
-        "counter",
-        "Batched forward passes run.",
-        r(&m.steps).to_string(),
-    );
-    metric(
-        "requests_admitted_total",
-        "counter",
-        "Generation requests admitted to the batch.",
-        r(&m.admitted).to_string(),
-    );
-    metric(
-        "requests_rejected_total",
-        "counter",
-        "Generation requests refused because the queue was full.",
-        r(&m.rejected).to_string(),
-    );
-    metric(
-        "requests_disconnected_total",
-        "counter",
-        "Sequences ended because their client went away.",
-        r(&m.disconnected).to_string(),
-    );
-    metric(
-        "http_requests_total",
-        "counter",
-        "HTTP requests answered.",
-        r(&st.requests).to_string(),
-    );
-    metric(
-        "http_errors_total",
-        "counter",
-        "HTTP requests answered with a status of 400 or more.",
-        r(&st.errors).to_string(),
-    );
+    }
     (
         [(
             header::CONTENT_TYPE,
