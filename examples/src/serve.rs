@@ -43,6 +43,9 @@ pub(crate) struct ServeArgs {
     /// After SIGTERM or Ctrl-C, seconds running requests may go on before they are cut off.
     #[arg(long, default_value_t = 30.0)]
     shutdown_grace: f64,
+    /// Let web pages of this origin call the API (CORS; repeatable; `*` for any origin).
+    #[arg(long = "cors", value_name = "ORIGIN")]
+    cors: Vec<String>,
     /// Log one JSON object per line instead of text.
     #[arg(long)]
     pub(crate) log_json: bool,
@@ -80,6 +83,7 @@ pub(crate) fn run(a: ServeArgs) -> AnyResult<()> {
             adapters,
         },
         shutdown_grace: Duration::from_secs_f64(a.shutdown_grace),
+        cors: a.cors,
     };
     llama_server::run(&model, config, |addr| {
         // On stdout, for scripts that start the server on port 0.

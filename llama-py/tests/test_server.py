@@ -342,9 +342,20 @@ def test_queue_limit_answers_429(model_path):
         s.stop()
 
 
-def test_api_key_and_json_logs(model_path):
-    s = Server(model_path, "--api-key", "sekret", "--log-json")
+def test_api_key_cors_and_json_logs(server, model_path):
+    # Without --cors no cross-origin header is sent.
+    _, h, _ = server.raw("GET", "/v1/models", headers={"Origin": "http://example.test"})
+    assert "access-control-allow-origin" not in {k.lower() for k in h}
+    s = Server(model_path, "--api-key", "sekret", "--log-json", "--cors", "http://example.test")
     try:
+        # A browser's preflight carries no key and passes; the allowed origin is echoed.
+        status, h, _ = s.raw("OPTIONS", "/v1/chat/completions", headers={
+            "Origin": "http://example.test", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type"})
+        h = {k.lower(): v for k, v in h.items()}
+        assert status == 200 and h["access-control-allow-origin"] == "http://example.test"
+        _, h, _ = s.raw("GET", "/health", headers={"Origin": "http://elsewhere.test"})
+        assert "access-control-allow-origin" not in {k.lower() for k in h}
         with pytest.raises(openai.AuthenticationError) as e:
             s.client(api_key="wrong").models.list()
         assert e.value.body["code"] == "invalid_api_key"

@@ -35,6 +35,33 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// After SIGTERM or Ctrl-C, how long running requests may go on before they are cut off.
     pub shutdown_grace: Duration,
+    /// Origins whose web pages may call the API (CORS; `*`: any). Empty: same origin only.
+    pub cors: Vec<String>,
+}
+
+/// `app` answering cross-origin requests (and their preflight `OPTIONS`) from `origins` (`*`:
+/// any); unchanged when `origins` is empty.
+pub fn with_cors(app: axum::Router, origins: &[String]) -> Result<axum::Router, String> {
+    use axum::http::{header, HeaderValue, Method};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return Ok(app);
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        let list = origins
+            .iter()
+            .map(|o| HeaderValue::from_str(o).map_err(|_| format!("bad CORS origin {o:?}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        AllowOrigin::list(list)
+    };
+    Ok(app.layer(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST])
+            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE]),
+    ))
 }
 
 /// Loads nothing: serves `model` until SIGTERM or Ctrl-C, then stops taking requests, lets the
@@ -57,7 +84,7 @@ pub fn run(
         config.model_id.clone(),
         config.api_key.clone(),
     ));
-    let app = router(state.clone(), config.max_body);
+    let app = with_cors(router(state.clone(), config.max_body), &config.cors)?;
     rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(config.addr)
             .await
