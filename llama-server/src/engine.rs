@@ -180,6 +180,14 @@ impl Engine {
         self.closing.load(Ordering::SeqCst)
     }
 
+    /// Whether the engine thread still runs.
+    pub fn is_alive(&self) -> bool {
+        self.thread
+            .lock()
+            .ok()
+            .is_some_and(|t| t.as_ref().is_some_and(|t| !t.is_finished()))
+    }
+
     /// Queues a job: 503 while shutting down, 429 when the queue is full, 400 when it asks for
     /// more tokens than the server allows.
     pub fn submit(&self, job: Job) -> Result<(), ApiError> {

@@ -36,6 +36,8 @@ pub struct AppState {
     token_bytes: OnceLock<Vec<Vec<u8>>>,
     /// One embeddings computation at a time (they share the compute threads with decode).
     embed: tokio::sync::Semaphore,
+    /// Embedding requests waiting for `embed`.
+    embed_waiting: std::sync::atomic::AtomicUsize,
     requests: AtomicU64,
     errors: AtomicU64,
 }
@@ -52,6 +54,7 @@ impl AppState {
             next_id: AtomicU64::new(1),
             token_bytes: OnceLock::new(),
             embed: tokio::sync::Semaphore::new(1),
+            embed_waiting: std::sync::atomic::AtomicUsize::new(0),
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
         }
@@ -209,6 +212,8 @@ async fn health(State(st): State<Arc<AppState>>) -> Response {
         ApiError::new(503, "server_error", "shutting down")
             .code("shutting_down")
             .into_response()
+    } else if !st.engine.is_alive() {
+        ApiError::new(503, "server_error", "the engine has stopped").into_response()
     } else {
         axum::Json(json!({"status": "ok"})).into_response()
     }
@@ -834,8 +839,22 @@ async fn embeddings(State(st): State<Arc<AppState>>, b: Result<Bytes, BytesRejec
         }
         ids.push(t);
     }
-    let Ok(_permit) = st.embed.acquire().await else {
-        return ApiError::new(503, "server_error", "the server is shutting down").into_response();
+    // Embeddings wait for one another, at most as many as the generation queue holds.
+    let waiting = st.embed_waiting.fetch_add(1, Ordering::SeqCst);
+    let permit = if waiting >= st.engine.limits().max_queue {
+        None
+    } else {
+        st.embed.acquire().await.ok()
+    };
+    st.embed_waiting.fetch_sub(1, Ordering::SeqCst);
+    let Some(_permit) = permit else {
+        return ApiError::new(
+            429,
+            "rate_limit_error",
+            "the server is busy with other embedding requests; retry later",
+        )
+        .code("queue_full")
+        .into_response();
     };
     let stop = Arc::new(AtomicBool::new(false));
     let guard = CancelOnDrop(stop.clone());
