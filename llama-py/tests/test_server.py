@@ -228,6 +228,13 @@ def test_structured_output_and_tools(client):
         tools=tools, tool_choice="required", max_tokens=60, temperature=0, stream=True))
     calls = [t for ch in chunks if ch.choices and ch.choices[0].delta.tool_calls for t in ch.choices[0].delta.tool_calls]
     assert [(t.function.name, t.function.arguments) for t in calls] == [(call.function.name, call.function.arguments)]
+    # A streamed text reply held back for tools keeps its log-probabilities.
+    kw = dict(model="m", messages=[{"role": "user", "content": "Say hello."}], tools=tools, tool_choice="none",
+              max_tokens=12, temperature=0, logprobs=True, top_logprobs=1)
+    whole = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(stream=True, **kw))
+    streamed = [e.logprob for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert streamed == pytest.approx([e.logprob for e in whole.choices[0].logprobs.content]) and streamed
     # The call and its result go back through the template.
     follow = client.chat.completions.create(
         model="m", max_tokens=20, temperature=0,

@@ -627,7 +627,8 @@ impl Call {
                 "finish_reason": null
             })));
         } else if !held.is_empty() {
-            out.push(self.delta(held, &[], 0));
+            // Everything was held back: the generation's log-probabilities are the held text's.
+            out.push(self.delta(held, &g.logprobs, 0));
         }
         let finish = finish_reason(g.stop_reason, made_calls);
         out.push(match self.kind {
