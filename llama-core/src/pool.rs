@@ -69,7 +69,17 @@ pub(crate) struct Pool {
 
 thread_local! {
     static IN_POOL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// This thread's place among the threads of its pool's calls: 0 for a caller (one per
+    /// call), `1..threads` for the workers.
+    static SLOT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     static CURRENT: std::cell::Cell<Option<&'static Pool>> = const { std::cell::Cell::new(None) };
+}
+
+/// This thread's slot in the calls of its pool: 0 for the calling thread, `1..threads` for
+/// the workers (see [`Pool::threads`]); items of one call on different threads see different
+/// slots.
+pub(crate) fn slot() -> usize {
+    SLOT.with(|s| s.get())
 }
 
 /// The most threads a pool may have.
@@ -168,7 +178,10 @@ impl Pool {
             .filter_map(|i| {
                 std::thread::Builder::new()
                     .name(format!("llama-core-{i}"))
-                    .spawn(move || worker(shared))
+                    .spawn(move || {
+                        SLOT.with(|s| s.set(i));
+                        worker(shared)
+                    })
                     .ok()
                     .map(|h| h.thread().clone())
             })
@@ -343,6 +356,16 @@ impl<'a, T> SharedMut<'a, T> {
         );
         // SAFETY: in bounds (checked); exclusivity per the caller's contract.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), len) }
+    }
+
+    /// A pointer to elements `start..start + len` (bounds-checked), for a work item to come
+    /// back to them later in the same pool call.
+    pub(crate) fn ptr_at(&self, start: usize, len: usize) -> *mut T {
+        assert!(
+            start <= self.len && len <= self.len - start,
+            "shared buffer bounds"
+        );
+        self.ptr.wrapping_add(start)
     }
 
     /// Copies `vals` to elements `start..` (bounds-checked).

@@ -78,6 +78,17 @@ impl<'a> DstWriter<'a> {
         }
     }
 
+    /// Says that an item is about to compute row `row`, columns `col..col + len`: a rider
+    /// (a LoRA update) asks for the cache lines it will read when the piece is put.
+    #[inline]
+    pub(crate) fn hint(&self, row: usize, col: usize, len: usize) {
+        if self.m == 1 && row == 0 {
+            if let Some(rider) = crate::kernels::finishing() {
+                rider.prefetch(self.col0 + col, len);
+            }
+        }
+    }
+
     /// Writes `vals` at row `row`, columns `col..col + vals.len()`. Work items write disjoint
     /// places.
     #[inline]
@@ -86,7 +97,13 @@ impl<'a> DstWriter<'a> {
             row < self.m && col + vals.len() <= self.n,
             "matmul output bounds"
         );
+        let at = row * self.stride + self.col0 + col;
         // SAFETY: no two work items write the same element (the shared buffer checks bounds).
-        unsafe { self.buf.write(row * self.stride + self.col0 + col, vals) };
+        unsafe { self.buf.write(at, vals) };
+        if self.m == 1 {
+            // A one-row piece under a rider (a LoRA update): it adds to the piece later in the
+            // item's pool call.
+            crate::kernels::written(self.col0 + col, self.buf.ptr_at(at, vals.len()), vals.len());
+        }
     }
 }

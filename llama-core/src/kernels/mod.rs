@@ -95,7 +95,7 @@ pub(crate) use elementwise::*;
 pub(crate) use f16::*;
 pub(crate) use kquant::*;
 #[cfg(target_arch = "x86_64")]
-pub(crate) use simd::prefetch_ahead;
+pub(crate) use simd::{prefetch_ahead, PREFETCH_AHEAD};
 
 pub(crate) use crate::exec::Isa;
 
@@ -199,24 +199,24 @@ fn forward_via(
 }
 
 /// Runs `work` for items `0..items` on our thread pool (`crate::pool`), with the
-/// [`Rider`] installed by [`with_rider`] if there is one: its `pre` items before these, its
-/// `post` items after, all in one pool call.
+/// [`Rider`] installed by [`with_rider`] if there is one: its `pre` items (the first pool call
+/// under it claims them) before these in the same pool call, and its [`Rider::finish`] applied
+/// to each one-row piece the items write ([`DstWriter::put`]).
 fn run_items(items: usize, work: &(dyn Fn(usize) + Sync)) {
-    match RIDER.with(|r| r.take()) {
+    match RIDER.with(|r| r.get()) {
         None => crate::pool::pool().run(items, &|range| range.for_each(work)),
         Some(rider) => {
             // SAFETY: installed by `with_rider`, whose borrow of the rider outlives the closure
             // this call runs in (the slot is cleared before `with_rider` returns).
             let rider: &dyn Rider = unsafe { &*rider };
-            let (pre, post) = (rider.pre(), rider.post());
-            crate::pool::pool().run(pre + items + post, &|range| {
+            let pre = rider.claim_pre();
+            crate::pool::pool().run(pre + items, &|range| {
+                let _finishing = Finishing::set(rider);
                 for i in range {
                     if i < pre {
                         rider.run_pre(i)
-                    } else if i < pre + items {
-                        work(i - pre)
                     } else {
-                        rider.run_post(i - pre - items)
+                        work(i - pre)
                     }
                 }
             });
@@ -224,53 +224,134 @@ fn run_items(items: usize, work: &(dyn Fn(usize) + Sync)) {
     }
 }
 
-/// Work that rides along the next matmul's pool call (one pool call instead of three in a
-/// decode step, where the calls themselves cost as much as the work): `pre` items run first,
-/// `post` items last; a `post` item may wait for the `pre` items (claimed earlier, so running).
+/// Work that rides along the next matmuls' pool calls (in a decode step the calls themselves
+/// cost as much as a small update's work): `pre` items run first in the first call (a piece
+/// written by the matmul's items may wait for them: they are claimed earlier, so running),
+/// then each one-row piece of output the items write passes through `finish` before it is
+/// stored.
 pub(crate) trait Rider: Sync {
-    fn pre(&self) -> usize;
-    fn post(&self) -> usize;
+    /// The number of `pre` items the first caller runs; 0 for every later caller.
+    fn claim_pre(&self) -> usize;
     fn run_pre(&self, i: usize);
-    fn run_post(&self, i: usize);
+    /// Adjusts columns `col..col + vals.len()` of the output row before they are stored.
+    fn finish(&self, col: usize, vals: &mut [f32]);
+    /// Columns `col..col + len` will be finished soon ([`DstWriter::hint`]).
+    fn prefetch(&self, _col: usize, _len: usize) {}
 }
+
+/// A thread's state while it runs items of a pool call under a rider: the rider, and the
+/// piece of the output row written but not yet finished (consecutive pieces are joined, so the
+/// rider works on whole runs of columns, not on each item's few).
+#[derive(Clone, Copy)]
+struct FinishState {
+    rider: *const (dyn Rider + 'static),
+    ptr: *mut f32,
+    col: usize,
+    len: usize,
+}
+
+/// The longest run of columns a rider is handed at once.
+const PENDING: usize = 256;
 
 thread_local! {
     static RIDER: std::cell::Cell<Option<*const (dyn Rider + 'static)>> =
         const { std::cell::Cell::new(None) };
+    static FINISHING: std::cell::Cell<Option<FinishState>> = const { std::cell::Cell::new(None) };
 }
 
-/// Runs `f` (a matmul) with `rider` joining its pool call; when `f` makes none (candle's
-/// matrices), the rider runs on its own afterwards.
-pub(crate) fn with_rider<R>(rider: &dyn Rider, f: impl FnOnce() -> R) -> R {
-    struct Clear;
-    impl Drop for Clear {
-        fn drop(&mut self) {
-            RIDER.with(|r| r.set(None));
+/// Sets [`FINISHING`] for the items of one pool call on this thread; on drop, finishes the
+/// pending piece and restores the slot (also when an item panics, then without finishing).
+struct Finishing(Option<FinishState>);
+
+impl Finishing {
+    fn set(rider: &dyn Rider) -> Finishing {
+        // SAFETY: the lifetime is erased only while the pool call runs; the guard restores the
+        // slot before the borrow ends.
+        let erased: *const (dyn Rider + 'static) = unsafe {
+            std::mem::transmute::<*const (dyn Rider + '_), *const (dyn Rider + 'static)>(rider)
+        };
+        let state = FinishState {
+            rider: erased,
+            ptr: std::ptr::null_mut(),
+            col: 0,
+            len: 0,
+        };
+        Finishing(FINISHING.with(|f| f.replace(Some(state))))
+    }
+}
+
+impl Drop for Finishing {
+    fn drop(&mut self) {
+        let state = FINISHING.with(|f| f.replace(self.0));
+        if let Some(s) = state {
+            if !std::thread::panicking() {
+                flush(s);
+            }
         }
     }
-    // SAFETY: the lifetime is erased only while `f` runs; `Clear` empties the slot before the
+}
+
+/// Hands the pending piece of `s` to its rider.
+fn flush(s: FinishState) {
+    if s.len == 0 {
+        return;
+    }
+    // SAFETY: `s.ptr` points at `s.len` values of the output row this thread's items wrote in
+    // the running pool call (their buffer outlives it; no other item touches them), and the
+    // rider is alive for the call (see `Finishing::set`).
+    unsafe {
+        let vals = std::slice::from_raw_parts_mut(s.ptr, s.len);
+        (*s.rider).finish(s.col, vals);
+    }
+}
+
+/// A work item wrote columns `col..col + len` of a one-row output at `ptr`: under a rider the
+/// piece joins the pending run (finished when the run breaks, grows long, or the item's pool
+/// call ends on this thread).
+#[inline]
+pub(crate) fn written(col: usize, ptr: *mut f32, len: usize) {
+    FINISHING.with(|f| {
+        let Some(mut s) = f.get() else { return };
+        if s.len > 0
+            && col == s.col + s.len
+            && ptr == s.ptr.wrapping_add(s.len)
+            && s.len + len <= PENDING
+        {
+            s.len += len;
+        } else {
+            flush(s);
+            s.ptr = ptr;
+            s.col = col;
+            s.len = len;
+        }
+        f.set(Some(s));
+    })
+}
+
+/// The rider whose items this thread is running, if any.
+#[inline]
+pub(crate) fn finishing() -> Option<&'static dyn Rider> {
+    // SAFETY: set only by `Finishing` for the duration of a pool call under `with_rider`;
+    // callers use the reference within the item that asked.
+    FINISHING.with(|f| f.get()).map(|s| unsafe { &*s.rider })
+}
+
+/// Runs `f` (a matmul) with `rider` joining its pool calls. What they did not do (no pool
+/// call: candle's matrices; pieces not worth it) is the caller's to complete afterwards.
+pub(crate) fn with_rider<R>(rider: &dyn Rider, f: impl FnOnce() -> R) -> R {
+    struct Clear(Option<*const (dyn Rider + 'static)>);
+    impl Drop for Clear {
+        fn drop(&mut self) {
+            RIDER.with(|r| r.set(self.0));
+        }
+    }
+    // SAFETY: the lifetime is erased only while `f` runs; `Clear` restores the slot before the
     // borrow of `rider` ends, also when `f` panics.
     let erased: *const (dyn Rider + 'static) = unsafe {
         std::mem::transmute::<*const (dyn Rider + '_), *const (dyn Rider + 'static)>(rider)
     };
-    RIDER.with(|r| r.set(Some(erased)));
-    let guard = Clear;
-    let out = f();
-    let unused = RIDER.with(|r| r.take()).is_some();
-    drop(guard);
-    if unused {
-        let (pre, post) = (rider.pre(), rider.post());
-        crate::pool::pool().run(pre + post, &|range| {
-            for i in range {
-                if i < pre {
-                    rider.run_pre(i)
-                } else {
-                    rider.run_post(i - pre)
-                }
-            }
-        });
-    }
-    out
+    let _guard = Clear(RIDER.with(|r| r.replace(Some(erased))));
+    f()
 }
 
 /// A weight matrix `[n, k]` (`n` outputs of `k` inputs), whatever its storage: the block

@@ -255,7 +255,7 @@ pub fn write_gguf_lora(path: &Path, adapter: &Adapter, c: &Config) -> Result<()>
             name: format!("{name}.lora_a"),
             shape: vec![p.rank, inp],
             dtype: GgmlDType::F32,
-            data: f32_bytes(&p.a.to_f32()),
+            data: f32_bytes(&p.a_f32()),
         });
         tensors.push(GgufTensor {
             name: format!("{name}.lora_b"),

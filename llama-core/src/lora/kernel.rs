@@ -11,6 +11,28 @@ use half::{bf16, f16};
 use crate::error::{Error, Result};
 use crate::kernels::simd::Elem;
 
+/// The vector code the products run: none (scalar), 256-bit AVX2/FMA/F16C, or 512-bit
+/// AVX-512F.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Simd {
+    None,
+    Avx2,
+    Avx512,
+}
+
+impl Simd {
+    /// What the current settings' instruction set allows.
+    pub(crate) fn current() -> Simd {
+        match crate::exec::current().isa {
+            crate::exec::Isa::Scalar => Simd::None,
+            #[cfg(target_arch = "x86_64")]
+            crate::exec::Isa::Avx512 => Simd::Avx512,
+            #[cfg(target_arch = "x86_64")]
+            _ => Simd::Avx2,
+        }
+    }
+}
+
 /// A matrix of an adapter, row-major, in the narrowest exact type.
 #[derive(Clone, Debug)]
 pub(crate) enum LoraMat {
@@ -71,49 +93,58 @@ impl LoraMat {
         }
     }
 
-    /// `x . self[start..start + x.len()]`.
+    /// The `rb` rank rows of the block of a stored `A` (`[rank, k]` in blocks of [`RB`] rows,
+    /// see [`a_index`]) starting at row `j0`, dotted with `x` (`k` values), into `out[..rb]`.
+    /// Each row's dot product: one accumulator over chunks of [`LANES`] positions in order, the
+    /// lanes summed, then the tail positions; the same whatever the vector width.
     #[inline]
-    fn dot(&self, start: usize, x: &[f32], simd: bool) -> f32 {
-        let n = x.len();
+    pub(crate) fn block_dots(&self, j0: usize, rb: usize, x: &[f32], out: &mut [f32], simd: Simd) {
+        // The block and the rest of the matrix after it (which the block's stream asks for
+        // ahead).
+        let from = j0 * x.len();
+        assert!(
+            from + rb * x.len() <= self.len(),
+            "LoRA block outside its matrix"
+        );
         match self {
-            LoraMat::F32(v) => dot(x, &v[start..start + n], simd),
-            LoraMat::F16(v) => dot(x, &v[start..start + n], simd),
-            LoraMat::BF16(v) => dot(x, &v[start..start + n], simd),
+            LoraMat::F32(v) => block_dots(&v[from..], rb, x, out, simd),
+            LoraMat::F16(v) => block_dots(&v[from..], rb, x, out, simd),
+            LoraMat::BF16(v) => block_dots(&v[from..], rb, x, out, simd),
         }
     }
 
-    /// `x . self[start + i * k..][..k]` for the four rows `i` (`k = x.len()`).
-    #[inline]
-    fn dot4(&self, start: usize, x: &[f32], simd: bool) -> [f32; 4] {
-        let k = x.len();
-        let span = start..start + 4 * k;
+    /// `out[c] += sum_j u[j] * B[lo + c, j]` for the columns `lo..lo + out.len()` of this
+    /// `B^T` (`[rank, n]` in panels of [`P`] columns, `rank = u.len()`): per column one
+    /// fused multiply-add per rank value, `j` ascending, whatever the vector width, so a column
+    /// gets the same bits whichever way a row is split into ranges.
+    pub(crate) fn add_cols(&self, n: usize, u: &[f32], lo: usize, out: &mut [f32], simd: Simd) {
         match self {
-            LoraMat::F32(v) => dot4(x, &v[span], simd),
-            LoraMat::F16(v) => dot4(x, &v[span], simd),
-            LoraMat::BF16(v) => dot4(x, &v[span], simd),
+            LoraMat::F32(v) => add_cols(v, n, u, lo, out, simd),
+            LoraMat::F16(v) => add_cols(v, n, u, lo, out, simd),
+            LoraMat::BF16(v) => add_cols(v, n, u, lo, out, simd),
         }
     }
 
-    /// `out[c] += sum_j u[j] * self[start + j * w + c]` (`w = out.len()`, `j < u.len()`): one
-    /// panel of `B^T` into one column chunk.
-    #[inline]
-    fn panel(&self, start: usize, u: &[f32], out: &mut [f32], simd: bool) {
-        let span = start..start + u.len() * out.len();
-        match self {
-            LoraMat::F32(v) => panel(out, u, &v[span], simd),
-            LoraMat::F16(v) => panel(out, u, &v[span], simd),
-            LoraMat::BF16(v) => panel(out, u, &v[span], simd),
-        }
-    }
-
-    /// `out += u * self[start..start + out.len()]`.
-    #[inline]
-    fn axpy(&self, start: usize, u: f32, out: &mut [f32], simd: bool) {
-        let n = out.len();
-        match self {
-            LoraMat::F32(v) => axpy(out, u, &v[start..start + n], simd),
-            LoraMat::F16(v) => axpy(out, u, &v[start..start + n], simd),
-            LoraMat::BF16(v) => axpy(out, u, &v[start..start + n], simd),
+    /// Asks for the cache lines of the panels holding columns `lo..hi` of this `B^T`
+    /// (`[rank, n]`).
+    #[cfg(target_arch = "x86_64")]
+    fn prefetch_cols(&self, rank: usize, n: usize, lo: usize, hi: usize) {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let (ptr, size) = match self {
+            LoraMat::F32(v) => (v.as_ptr() as *const u8, 4),
+            LoraMat::F16(v) => (v.as_ptr() as *const u8, 2),
+            LoraMat::BF16(v) => (v.as_ptr() as *const u8, 2),
+        };
+        let (a, b) = (
+            lo / P * P * rank * size,
+            hi.min(n).div_ceil(P) * P * rank * size,
+        );
+        let b = b.min(n * rank * size);
+        let mut at = a;
+        while at < b {
+            // SAFETY: a prefetch is a hint that never faults; the address lies in the matrix.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(ptr.wrapping_add(at) as *const i8) };
+            at += 64;
         }
     }
 
@@ -128,9 +159,9 @@ impl LoraMat {
 
 /// `x . w` in f32.
 #[inline]
-pub(crate) fn dot<T: Elem>(x: &[f32], w: &[T], simd: bool) -> f32 {
+pub(crate) fn dot<T: Elem>(x: &[f32], w: &[T], simd: Simd) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if simd {
+    if simd != Simd::None {
         // SAFETY: `simd` is set only where the CPU has AVX2, FMA and F16C.
         return unsafe { dot_avx2(x, w) };
     }
@@ -138,110 +169,325 @@ pub(crate) fn dot<T: Elem>(x: &[f32], w: &[T], simd: bool) -> f32 {
     x.iter().zip(w).map(|(a, b)| a * b.f32()).sum()
 }
 
-/// `out += u * w` in f32.
-#[inline]
-fn axpy<T: Elem>(out: &mut [f32], u: f32, w: &[T], simd: bool) {
-    #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: as in `dot`.
-        return unsafe { axpy_avx2(out, u, w) };
-    }
-    let _ = simd;
-    for (o, b) in out.iter_mut().zip(w) {
-        *o += u * b.f32();
+/// [`LoraMat::add_cols`] for one storage type.
+fn add_cols<T: Elem>(bt: &[T], n: usize, u: &[f32], lo: usize, out: &mut [f32], simd: Simd) {
+    let r = u.len();
+    let hi = lo + out.len();
+    // Whole panels end here.
+    let whole = hi.min(n / P * P);
+    let mut c = lo;
+    while c < hi {
+        #[cfg(target_arch = "x86_64")]
+        if simd != Simd::None && c.is_multiple_of(P) && c + P <= whole {
+            // A run of whole panels in one call.
+            let q = (whole - c) / P;
+            let dst = &mut out[c - lo..c - lo + q * P];
+            let src = &bt[c * r..(c + q * P) * r];
+            // SAFETY: `simd` is set only where the CPU has AVX2, FMA and F16C (AVX-512F for
+            // `Avx512`); `src` holds `q` panels of `r` rows of `P`, `dst` `q * P` values.
+            unsafe {
+                if simd == Simd::Avx512 {
+                    panels_avx512(src, u, dst)
+                } else {
+                    panels_avx2(src, u, dst)
+                }
+            }
+            c += q * P;
+            continue;
+        }
+        let c0 = c / P * P;
+        let w = P.min(n - c0);
+        let panel = &bt[c0 * r..(c0 + w) * r];
+        let end = hi.min(c0 + w);
+        let dst = &mut out[c - lo..end - lo];
+        let a = c - c0;
+        #[cfg(target_arch = "x86_64")]
+        if simd != Simd::None && w == P && end - c == 8 && a.is_multiple_of(8) {
+            // SAFETY: as above; the half panel starts at `a` and `dst` holds 8 values.
+            unsafe { panel8_avx2(panel, u, a, dst) };
+            c = end;
+            continue;
+        }
+        let _ = simd;
+        for (i, o) in dst.iter_mut().enumerate() {
+            let col = a + i;
+            let mut v = *o;
+            for (j, &uj) in u.iter().enumerate() {
+                v = uj.mul_add(panel[j * w + col].f32(), v);
+            }
+            *o = v;
+        }
+        c = end;
     }
 }
 
-/// Four rows of `w` (`[4, x.len()]`) dotted with `x`.
-#[inline]
-pub(crate) fn dot4<T: Elem>(x: &[f32], w: &[T], simd: bool) -> [f32; 4] {
-    let k = x.len();
-    #[cfg(target_arch = "x86_64")]
-    if simd && w.len() >= 4 * k {
-        // SAFETY: as in `dot`; `w` holds four rows of `k`.
-        return unsafe { dot4_avx2(x, w) };
-    }
-    std::array::from_fn(|i| dot(x, &w[i * k..(i + 1) * k], simd))
-}
-
-/// `out[c] += sum_j u[j] * p[j * w + c]`, `w = out.len()`.
-#[inline]
-pub(crate) fn panel<T: Elem>(out: &mut [f32], u: &[f32], p: &[T], simd: bool) {
-    let w = out.len();
-    #[cfg(target_arch = "x86_64")]
-    if simd && p.len() >= u.len() * w {
-        // SAFETY: as in `dot`; `p` holds `u.len()` rows of `w`.
-        return unsafe { panel_avx2(out, u, p) };
-    }
-    for (j, &uj) in u.iter().enumerate() {
-        axpy(out, uj, &p[j * w..(j + 1) * w], simd);
-    }
-}
-
+/// Whole panels (`out.len() / P` of them, `u.len()` rows of [`P`] each, one after another):
+/// `out[l] = fma(p[j * P + l], u[j], out[l])` for `j` ascending, four panels at a time (four
+/// independent chains).
+///
 /// # Safety
-/// The CPU supports AVX2, FMA and F16C; `w` holds four rows of `x.len()`.
+/// The CPU supports AVX-512F, AVX2, FMA and F16C; `p` holds `out.len() / P` panels of
+/// `u.len()` rows of [`P`].
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot4_avx2<T: Elem>(x: &[f32], w: &[T]) -> [f32; 4] {
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn panels_avx512<T: Elem>(p: &[T], u: &[f32], out: &mut [f32]) {
     use std::arch::x86_64::*;
-    let k = x.len();
-    let (xp, wp) = (x.as_ptr(), w.as_ptr());
-    let mut acc = [_mm256_setzero_ps(); 4];
+    let (r, q) = (u.len(), out.len() / P);
+    let span = r * P;
+    let (pp, op) = (p.as_ptr(), out.as_mut_ptr());
     let mut i = 0;
-    while i + 8 <= k {
-        let xv = _mm256_loadu_ps(xp.add(i));
-        for (r, a) in acc.iter_mut().enumerate() {
-            *a = _mm256_fmadd_ps(xv, T::load8(wp.add(r * k + i)), *a);
-        }
-        i += 8;
-    }
-    let mut s = crate::kernels::simd::hsum4(acc);
-    while i < k {
-        for (r, sr) in s.iter_mut().enumerate() {
-            *sr += x[i] * w[r * k + i].f32();
-        }
-        i += 1;
-    }
-    s
-}
-
-/// # Safety
-/// The CPU supports AVX2, FMA and F16C; `p` holds `u.len()` rows of `out.len()`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn panel_avx2<T: Elem>(out: &mut [f32], u: &[f32], p: &[T]) {
-    use std::arch::x86_64::*;
-    let w = out.len();
-    let (op, pp) = (out.as_mut_ptr(), p.as_ptr());
-    // Eight vectors of outputs stay in registers over every rank row.
-    let mut c = 0;
-    while c + 64 <= w {
-        let mut acc: [__m256; 8] = std::array::from_fn(|v| _mm256_loadu_ps(op.add(c + 8 * v)));
+    while i + 4 <= q {
+        let base = pp.add(i * span);
+        let mut acc: [__m512; 4] = std::array::from_fn(|v| _mm512_loadu_ps(op.add((i + v) * P)));
         for (j, &uj) in u.iter().enumerate() {
-            let b = _mm256_set1_ps(uj);
-            let row = pp.add(j * w + c);
+            let b = _mm512_set1_ps(uj);
             for (v, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_fmadd_ps(T::load8(row.add(8 * v)), b, *a);
+                *a = _mm512_fmadd_ps(T::load16(base.add(v * span + j * P)), b, *a);
             }
         }
         for (v, a) in acc.iter().enumerate() {
-            _mm256_storeu_ps(op.add(c + 8 * v), *a);
+            _mm512_storeu_ps(op.add((i + v) * P), *a);
         }
-        c += 64;
+        i += 4;
     }
-    while c + 8 <= w {
-        let mut a = _mm256_loadu_ps(op.add(c));
+    while i < q {
+        let base = pp.add(i * span);
+        let mut a = _mm512_loadu_ps(op.add(i * P));
         for (j, &uj) in u.iter().enumerate() {
-            a = _mm256_fmadd_ps(T::load8(pp.add(j * w + c)), _mm256_set1_ps(uj), a);
+            a = _mm512_fmadd_ps(T::load16(base.add(j * P)), _mm512_set1_ps(uj), a);
         }
-        _mm256_storeu_ps(op.add(c), a);
-        c += 8;
+        _mm512_storeu_ps(op.add(i * P), a);
+        i += 1;
     }
-    while c < w {
+}
+
+/// [`panels_avx512`] on 256-bit vectors (each panel two halves), with the same arithmetic per
+/// lane.
+///
+/// # Safety
+/// The CPU supports AVX2, FMA and F16C; `p` holds `out.len() / P` panels of `u.len()` rows of
+/// [`P`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn panels_avx2<T: Elem>(p: &[T], u: &[f32], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let (r, q) = (u.len(), out.len() / P);
+    let span = r * P;
+    let (pp, op) = (p.as_ptr(), out.as_mut_ptr());
+    let mut i = 0;
+    while i + 2 <= q {
+        let base = pp.add(i * span);
+        // Lanes of panel i (halves 0, 1) and panel i + 1 (halves 0, 1).
+        let at = |v: usize| (v / 2) * span + (v % 2) * 8;
+        let mut acc: [__m256; 4] =
+            std::array::from_fn(|v| _mm256_loadu_ps(op.add(i * P + (v / 2) * P + (v % 2) * 8)));
         for (j, &uj) in u.iter().enumerate() {
-            out[c] += uj * p[j * w + c].f32();
+            let b = _mm256_set1_ps(uj);
+            for (v, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(T::load8(base.add(at(v) + j * P)), b, *a);
+            }
         }
-        c += 1;
+        for (v, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(op.add(i * P + (v / 2) * P + (v % 2) * 8), *a);
+        }
+        i += 2;
+    }
+    if i < q {
+        let base = pp.add(i * span);
+        let mut acc = [
+            _mm256_loadu_ps(op.add(i * P)),
+            _mm256_loadu_ps(op.add(i * P + 8)),
+        ];
+        for (j, &uj) in u.iter().enumerate() {
+            let b = _mm256_set1_ps(uj);
+            for (h, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(T::load8(base.add(h * 8 + j * P)), b, *a);
+            }
+        }
+        _mm256_storeu_ps(op.add(i * P), acc[0]);
+        _mm256_storeu_ps(op.add(i * P + 8), acc[1]);
+    }
+}
+
+/// Half a panel, lanes `at..at + 8`, with the arithmetic of [`panels_avx512`].
+///
+/// # Safety
+/// The CPU supports AVX2, FMA and F16C; `p` holds `u.len()` rows of [`P`], `at + 8 <= P`, `out`
+/// 8 values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn panel8_avx2<T: Elem>(p: &[T], u: &[f32], at: usize, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let pp = p.as_ptr().add(at);
+    let mut acc = _mm256_loadu_ps(out.as_ptr());
+    for (j, &uj) in u.iter().enumerate() {
+        acc = _mm256_fmadd_ps(T::load8(pp.add(j * P)), _mm256_set1_ps(uj), acc);
+    }
+    _mm256_storeu_ps(out.as_mut_ptr(), acc);
+}
+
+/// Places of `u` per `pre` item: a cache line of f32, so that items on different threads
+/// write different lines.
+const U_LINE: usize = 16;
+
+/// Rank rows per block of a stored `A`.
+pub(crate) const RB: usize = 4;
+/// Input positions per chunk of a block of `A`: one 512-bit vector of f32.
+pub(crate) const LANES: usize = 16;
+
+/// Where `A[j, i]` lies in a stored `A` (`[rank, k]`): blocks of [`RB`] rank rows (the last one
+/// narrower), block after block; in a block of `rb` rows, the chunks of [`LANES`] positions one
+/// after another, each `[rb, LANES]`, then the tail positions `[rb, k % LANES]`. A block's
+/// products read one contiguous stream.
+pub(crate) fn a_index(j: usize, i: usize, rank: usize, k: usize) -> usize {
+    let j0 = j / RB * RB;
+    let rb = RB.min(rank - j0);
+    let k16 = k / LANES * LANES;
+    let base = j0 * k;
+    if i < k16 {
+        base + (i / LANES) * rb * LANES + (j - j0) * LANES + i % LANES
+    } else {
+        base + k16 * rb + (j - j0) * (k - k16) + (i - k16)
+    }
+}
+
+/// [`LoraMat::block_dots`] for one storage type: `w` starts with the block (`rb` rows) and
+/// runs to the matrix's end.
+fn block_dots<T: Elem>(w: &[T], rb: usize, x: &[f32], out: &mut [f32], simd: Simd) {
+    let k = x.len();
+    let k16 = k / LANES * LANES;
+    #[cfg(target_arch = "x86_64")]
+    if simd == Simd::Avx512 {
+        // SAFETY: `Avx512` is set only where the CPU has AVX-512F (and AVX2, FMA, F16C); `w`
+        // holds a block of `rb <= RB` rows of `k`.
+        unsafe { block_dots_avx512(w, rb, x, out) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if simd == Simd::Avx2 {
+        // SAFETY: `Avx2` is set only where the CPU has AVX2, FMA and F16C; as above.
+        unsafe { block_dots_avx2(w, rb, x, out) };
+        return;
+    }
+    let mut acc = [[0f32; LANES]; RB];
+    for c in 0..k16 / LANES {
+        for (r, a) in acc.iter_mut().enumerate().take(rb) {
+            let row = &w[(c * rb + r) * LANES..][..LANES];
+            for l in 0..LANES {
+                a[l] = row[l].f32().mul_add(x[c * LANES + l], a[l]);
+            }
+        }
+    }
+    let _ = simd;
+    let tail = k - k16;
+    for r in 0..rb {
+        // The lanes summed as `_mm512_reduce_add_ps` does: halves, then halves again.
+        let mut v = acc[r];
+        let mut n = LANES;
+        while n > 1 {
+            n /= 2;
+            for l in 0..n {
+                v[l] += v[l + n];
+            }
+        }
+        let mut s = v[0];
+        let t = &w[k16 * rb + r * tail..][..tail];
+        for (i, wv) in t.iter().enumerate() {
+            s += x[k16 + i] * wv.f32();
+        }
+        out[r] = s;
+    }
+}
+
+/// Asks for the lines `PREFETCH_AHEAD..PREFETCH_AHEAD + len` bytes past `p`, none at or past
+/// `end` (a block's stream runs into the next block of the same matrix, not beyond it).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_within(p: *const u8, len: usize, end: *const u8) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    let mut at = p.wrapping_add(crate::kernels::PREFETCH_AHEAD);
+    let stop = at.wrapping_add(len);
+    while at < stop && at < end {
+        // SAFETY: a prefetch is a hint that never faults; the address lies in the matrix.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(at as *const i8) };
+        at = at.wrapping_add(64);
+    }
+}
+
+/// [`block_dots`] on 512-bit vectors: one stream through the block, its cache lines asked for
+/// ahead (not past the matrix's end).
+///
+/// # Safety
+/// The CPU supports AVX-512F, AVX2, FMA and F16C; `w` starts with a block of `rb <= RB` rows
+/// of `x.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn block_dots_avx512<T: Elem>(w: &[T], rb: usize, x: &[f32], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let k = x.len();
+    let k16 = k / LANES * LANES;
+    let size = std::mem::size_of::<T>();
+    let (xp, wp) = (x.as_ptr(), w.as_ptr());
+    let end = wp.add(w.len()) as *const u8;
+    let mut acc = [_mm512_setzero_ps(); RB];
+    for c in 0..k16 / LANES {
+        let xv = _mm512_loadu_ps(xp.add(c * LANES));
+        let p = wp.add(c * rb * LANES);
+        prefetch_within(p as *const u8, rb * LANES * size, end);
+        for (r, a) in acc.iter_mut().enumerate().take(rb) {
+            *a = _mm512_fmadd_ps(T::load16(p.add(r * LANES)), xv, *a);
+        }
+    }
+    let tail = k - k16;
+    for (r, a) in acc.iter().enumerate().take(rb) {
+        let mut s = _mm512_reduce_add_ps(*a);
+        for i in 0..tail {
+            s += x[k16 + i] * (*wp.add(k16 * rb + r * tail + i)).f32();
+        }
+        out[r] = s;
+    }
+}
+
+/// [`block_dots_avx512`] on 256-bit vectors (each chunk two halves, summed as the 512-bit
+/// reduction does), with the same results.
+///
+/// # Safety
+/// The CPU supports AVX2, FMA and F16C; `w` starts with a block of `rb <= RB` rows of
+/// `x.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn block_dots_avx2<T: Elem>(w: &[T], rb: usize, x: &[f32], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let k = x.len();
+    let k16 = k / LANES * LANES;
+    let size = std::mem::size_of::<T>();
+    let (xp, wp) = (x.as_ptr(), w.as_ptr());
+    let end = wp.add(w.len()) as *const u8;
+    let mut acc = [[_mm256_setzero_ps(); 2]; RB];
+    for c in 0..k16 / LANES {
+        let xv = [
+            _mm256_loadu_ps(xp.add(c * LANES)),
+            _mm256_loadu_ps(xp.add(c * LANES + 8)),
+        ];
+        let p = wp.add(c * rb * LANES);
+        prefetch_within(p as *const u8, rb * LANES * size, end);
+        for (r, a) in acc.iter_mut().enumerate().take(rb) {
+            for h in 0..2 {
+                a[h] = _mm256_fmadd_ps(T::load8(p.add(r * LANES + 8 * h)), xv[h], a[h]);
+            }
+        }
+    }
+    let tail = k - k16;
+    for (r, a) in acc.iter().enumerate().take(rb) {
+        // Lanes l + l+8, then l + l+4, then l + l+2, then 0 + 1: `_mm512_reduce_add_ps`.
+        let v = _mm256_add_ps(a[0], a[1]);
+        let v = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let v = _mm_add_ps(v, _mm_shuffle_ps::<0b01_00_11_10>(v, v));
+        let mut s = _mm_cvtss_f32(v) + _mm_cvtss_f32(_mm_shuffle_ps::<1>(v, v));
+        for i in 0..tail {
+            s += x[k16 + i] * (*wp.add(k16 * rb + r * tail + i)).f32();
+        }
+        out[r] = s;
     }
 }
 
@@ -278,30 +524,6 @@ unsafe fn dot_avx2<T: Elem>(x: &[f32], w: &[T]) -> f32 {
     total
 }
 
-/// # Safety
-/// The CPU supports AVX2, FMA and F16C; `w` is at least as long as `out`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn axpy_avx2<T: Elem>(out: &mut [f32], u: f32, w: &[T]) {
-    use std::arch::x86_64::*;
-    let n = out.len().min(w.len());
-    let (op, wp) = (out.as_mut_ptr(), w.as_ptr());
-    let uv = _mm256_set1_ps(u);
-    let mut i = 0;
-    while i + 8 <= n {
-        let o = op.add(i);
-        _mm256_storeu_ps(
-            o,
-            _mm256_fmadd_ps(T::load8(wp.add(i)), uv, _mm256_loadu_ps(o)),
-        );
-        i += 8;
-    }
-    while i < n {
-        out[i] += u * w[i].f32();
-        i += 1;
-    }
-}
-
 /// One stored update: `A` `[rank, inp]`, `B^T` `[rank, out]`.
 #[derive(Clone, Debug)]
 pub(crate) struct Update<'a> {
@@ -312,8 +534,8 @@ pub(crate) struct Update<'a> {
     pub(crate) bt: &'a LoraMat,
 }
 
-/// Output columns per item of the pool when one row is updated (decode).
-const COLS: usize = 128;
+/// Output columns per panel of a stored `B^T`: one 512-bit vector of f32 results.
+pub(crate) const P: usize = 16;
 /// Below this many multiply-adds a product runs on the calling thread alone.
 const SERIAL: usize = 1 << 12;
 
@@ -328,7 +550,7 @@ pub(crate) fn apply(
     (stride, col, n): (usize, usize, usize),
 ) -> Result<()> {
     let (r, k) = (up.rank, up.inp);
-    let simd = crate::exec::current().isa != crate::exec::Isa::Scalar;
+    let simd = Simd::current();
     if xs.len() != m * k || up.out != n || out.len() != m * stride || col + n > stride {
         return Err(Error::InvalidArgument(format!(
             "LoRA update [{n}, {r}] x [{r}, {k}] on a [{m}, {}] input into columns {col}..{} of [{m}, {stride}]",
@@ -339,57 +561,44 @@ pub(crate) fn apply(
     // A x first (rank values per row), scaled once.
     let mut u = vec![0f32; m * r];
     let a_work = m * r * k;
-    let fill_u = |i: usize, uj: &mut f32| {
-        let (row, j) = (i / r, i % r);
-        *uj = f * up.a.dot(j * k, &xs[row * k..(row + 1) * k], simd);
+    let fill_row = |row: usize, urow: &mut [f32]| {
+        let x = &xs[row * k..(row + 1) * k];
+        for j0 in (0..r).step_by(RB) {
+            let rb = RB.min(r - j0);
+            up.a.block_dots(j0, rb, x, &mut urow[j0..j0 + rb], simd);
+        }
+        for v in urow.iter_mut() {
+            *v *= f;
+        }
     };
     if a_work < SERIAL {
-        for (i, uj) in u.iter_mut().enumerate() {
-            fill_u(i, uj);
+        for (row, urow) in u.chunks_exact_mut(r).enumerate() {
+            fill_row(row, urow);
         }
     } else {
-        let per = (m * r).div_ceil(crate::pool::pool().threads() * 2).max(1);
-        crate::pool::for_each_chunk_mut(&mut u, per, &|c, chunk| {
-            for (o, uj) in chunk.iter_mut().enumerate() {
-                fill_u(c * per + o, uj);
-            }
-        });
+        crate::pool::for_each_chunk_mut(&mut u, r, &|row, urow| fill_row(row, urow));
     }
-    // Then B: rank scaled additions of B^T's panel rows into each output row.
-    let add_chunk = |urow: &[f32], ochunk: &mut [f32], c0: usize| {
-        let w = ochunk.len();
-        for (j, &uj) in urow.iter().enumerate() {
-            if uj != 0.0 {
-                up.bt.axpy(c0 * r + j * w, uj, ochunk, simd);
-            }
-        }
-    };
-    let add_row = |urow: &[f32], orow: &mut [f32]| {
-        for (c, chunk) in orow.chunks_mut(COLS).enumerate() {
-            add_chunk(urow, chunk, c * COLS);
-        }
-    };
-    if m == 1 {
-        let orow = &mut out[col..col + n];
-        if n * r < SERIAL {
-            add_row(&u, orow);
-        } else {
-            crate::pool::for_each_chunk_mut(orow, COLS, &|c, chunk| add_chunk(&u, chunk, c * COLS));
+    // Then B, row by row.
+    if m == 1 || n * r * m < SERIAL {
+        for (i, row) in out.chunks_exact_mut(stride).enumerate() {
+            up.bt
+                .add_cols(n, &u[i * r..(i + 1) * r], 0, &mut row[col..col + n], simd);
         }
     } else {
         crate::pool::for_each_chunk_mut(out, stride, &|i, row| {
-            add_row(&u[i * r..(i + 1) * r], &mut row[col..col + n])
+            up.bt
+                .add_cols(n, &u[i * r..(i + 1) * r], 0, &mut row[col..col + n], simd)
         });
     }
     Ok(())
 }
 
-/// Where `B[o, j]` lies in the stored `B^T`: panels of [`COLS`] output columns (the last one
-/// narrower), each `[rank, width]` row-major, so one column chunk's update reads one
-/// contiguous block.
+/// Where `B[o, j]` lies in the stored `B^T`: panels of [`P`] output columns (the last one
+/// narrower), each `[rank, width]` row-major, so the update of a column range reads whole
+/// contiguous panels.
 pub(crate) fn panel_index(j: usize, o: usize, rank: usize, out: usize) -> usize {
-    let c0 = o / COLS * COLS;
-    let w = COLS.min(out - c0);
+    let c0 = o / P * P;
+    let w = P.min(out - c0);
     c0 * rank + j * w + (o - c0)
 }
 
@@ -401,47 +610,96 @@ pub(crate) struct Part<'a> {
     pub(crate) ups: Vec<(Update<'a>, f32)>,
 }
 
-/// The update of one row (decode), `out[col..col + n] += sum f * B (A x)` for every part, as
-/// work riding along the base matmul's pool call ([`crate::kernels::Rider`]): `pre` items
-/// compute the `A x` products (a few rank rows each), `post` items add `B^T`'s rows into
-/// column chunks of `delta` (the base matmul writes `out` meanwhile), each waiting until every
-/// `pre` item is done; [`RowUpdate::finish`] adds `delta` to `out` after the call.
+/// The update of one row (decode), `out[col..col + n] += sum f * B (A x)` for every part,
+/// riding along the base matmul's pool call ([`crate::kernels::Rider`]): `pre` items, claimed
+/// before the matmul's own, compute the `A x` products (a few rank rows each); then each piece
+/// of the output row the matmul's items write gets its columns' `B` update on the way
+/// ([`crate::kernels::Rider::finish`], waiting until every `pre` item is done), so the update
+/// costs no pass of its own over the row. [`RowUpdate::complete`] does what no item did (a
+/// matrix without our pool, pieces too narrow to be worth it).
 pub(crate) struct RowUpdate<'a> {
     parts: &'a [Part<'a>],
     x: &'a [f32],
-    simd: bool,
+    simd: Simd,
     /// `(part, update, first rank row, rows, where they go in u)`
     pre: Vec<(usize, usize, usize, usize, usize)>,
-    /// `(part, first column within the part, width)`
-    post: Vec<(usize, usize, usize)>,
-    /// Start of each part's updates in `u`.
+    /// Each part's first `pre` item.
     starts: Vec<usize>,
-    u: Vec<std::sync::atomic::AtomicU32>,
-    done: std::sync::atomic::AtomicUsize,
-    delta: crate::pool::SharedMut<'a, f32>,
+    /// The scaled `A x` values, written by the `pre` items (disjoint places), read once
+    /// `done` says they are all written.
+    u: Cells,
+    /// `pre` items done, per thread slot (each thread counts its own: no line written by two
+    /// threads).
+    done: Box<[Padded<std::sync::atomic::AtomicUsize>]>,
+    claimed: std::sync::atomic::AtomicBool,
+    /// Per thread slot ([`crate::pool::slot`]): what its pieces finished. Each thread writes
+    /// its own (no line shared between threads, no read-modify-write in the pieces' path).
+    slots: Box<[Slot]>,
+    width: usize,
 }
 
-/// Rank rows per `pre` item.
-const RANK_ROWS: usize = 4;
+/// What the pieces of one thread finished: a count of columns and a flag per [`GROUP`].
+struct Slot {
+    columns: Padded<std::sync::atomic::AtomicUsize>,
+    marks: Box<[std::sync::atomic::AtomicBool]>,
+}
+
+impl Slot {
+    fn new(width: usize) -> Slot {
+        Slot {
+            columns: Padded(std::sync::atomic::AtomicUsize::new(0)),
+            marks: (0..width.div_ceil(GROUP))
+                .map(|_| std::sync::atomic::AtomicBool::new(false))
+                .collect(),
+        }
+    }
+}
+
+/// A value on a cache line of its own (written by several threads; nothing else there to
+/// bounce along with it).
+#[repr(align(128))]
+struct Padded<T>(T);
+
+/// `f32` places written by several threads at disjoint indices, then read by all.
+struct Cells(Box<[std::cell::UnsafeCell<f32>]>);
+
+// SAFETY: the writers touch disjoint places and publish them through `RowUpdate::done`
+// (release/acquire) before any reader looks; see `set` and `all`.
+unsafe impl Sync for Cells {}
+
+impl Cells {
+    /// # Safety
+    /// No other thread reads or writes place `i` meanwhile.
+    unsafe fn set(&self, i: usize, v: f32) {
+        // SAFETY: the caller's guarantee.
+        unsafe { *self.0[i].get() = v };
+    }
+
+    /// # Safety
+    /// No thread writes any place while the slice lives.
+    unsafe fn all(&self) -> &[f32] {
+        // SAFETY: `UnsafeCell<f32>` has the layout of `f32`; no writer (the caller's guarantee).
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr() as *const f32, self.0.len()) }
+    }
+}
+
+/// Columns per mark: a piece finishes the whole groups it covers and leaves the columns of its
+/// partly covered ones (a narrow or misaligned piece) to [`RowUpdate::complete`].
+const GROUP: usize = 8;
 
 impl<'a> RowUpdate<'a> {
-    /// Checks the shapes; `delta` is a zeroed buffer as long as an output row.
-    pub(crate) fn new(
-        parts: &'a [Part<'a>],
-        x: &'a [f32],
-        delta: &'a mut [f32],
-    ) -> Result<RowUpdate<'a>> {
+    /// Checks the shapes; `width` is the output row's.
+    pub(crate) fn new(parts: &'a [Part<'a>], x: &'a [f32], width: usize) -> Result<RowUpdate<'a>> {
         let mut pre = vec![];
         let mut starts = Vec::with_capacity(parts.len());
         let mut n_u = 0;
         for (pi, p) in parts.iter().enumerate() {
-            starts.push(n_u);
-            if p.col + p.n > delta.len() {
+            starts.push(pre.len());
+            if p.col + p.n > width {
                 return Err(Error::InvalidArgument(format!(
-                    "LoRA update into columns {}..{} of a row of {}",
+                    "LoRA update into columns {}..{} of a row of {width}",
                     p.col,
                     p.col + p.n,
-                    delta.len()
                 )));
             }
             for (qi, (up, _)) in p.ups.iter().enumerate() {
@@ -458,81 +716,41 @@ impl<'a> RowUpdate<'a> {
                 }
                 let mut j = 0;
                 while j < up.rank {
-                    let rows = RANK_ROWS.min(up.rank - j);
-                    pre.push((pi, qi, j, rows, n_u + j));
+                    let rows = RB.min(up.rank - j);
+                    pre.push((pi, qi, j, rows, pre.len() * U_LINE));
                     j += rows;
                 }
-                n_u += up.rank;
-            }
-        }
-        let mut post = vec![];
-        for (pi, p) in parts.iter().enumerate() {
-            if p.ups.is_empty() {
-                continue;
-            }
-            let mut c = 0;
-            while c < p.n {
-                let w = COLS.min(p.n - c);
-                post.push((pi, c, w));
-                c += w;
+                n_u += up.rank.div_ceil(RB) * U_LINE;
             }
         }
         Ok(RowUpdate {
             parts,
             x,
-            simd: crate::exec::current().isa != crate::exec::Isa::Scalar,
+            simd: Simd::current(),
             pre,
-            post,
             starts,
-            u: (0..n_u)
-                .map(|_| std::sync::atomic::AtomicU32::new(0))
+            u: Cells((0..n_u).map(|_| std::cell::UnsafeCell::new(0f32)).collect()),
+            done: (0..crate::pool::pool().threads().max(1))
+                .map(|_| Padded(std::sync::atomic::AtomicUsize::new(0)))
                 .collect(),
-            done: std::sync::atomic::AtomicUsize::new(0),
-            delta: crate::pool::SharedMut::new(delta),
+            claimed: std::sync::atomic::AtomicBool::new(false),
+            slots: (0..crate::pool::pool().threads().max(1))
+                .map(|_| Slot::new(width))
+                .collect(),
+            width,
         })
     }
-}
 
-/// Adds the parts' columns of `delta` (a [`RowUpdate`]'s, once its call is over) to `out`.
-pub(crate) fn add_parts(parts: &[Part<'_>], delta: &[f32], out: &mut [f32]) {
-    for p in parts.iter().filter(|p| !p.ups.is_empty()) {
-        for (o, d) in out[p.col..p.col + p.n]
-            .iter_mut()
-            .zip(&delta[p.col..p.col + p.n])
-        {
-            *o += d;
-        }
-    }
-}
-
-impl crate::kernels::Rider for RowUpdate<'_> {
-    fn pre(&self) -> usize {
-        self.pre.len()
-    }
-    fn post(&self) -> usize {
-        self.post.len()
-    }
-    fn run_pre(&self, i: usize) {
-        use std::sync::atomic::Ordering;
-        let (pi, qi, j0, rows, off) = self.pre[i];
-        let (up, f) = &self.parts[pi].ups[qi];
-        if rows == 4 {
-            let v = up.a.dot4(j0 * up.inp, self.x, self.simd);
-            for (i, v) in v.iter().enumerate() {
-                self.u[off + i].store((f * v).to_bits(), Ordering::Relaxed);
-            }
-        } else {
-            for j in j0..j0 + rows {
-                let v = f * up.a.dot(j * up.inp, self.x, self.simd);
-                self.u[off + (j - j0)].store(v.to_bits(), Ordering::Relaxed);
-            }
-        }
-        self.done.fetch_add(1, Ordering::Release);
-    }
-    fn run_post(&self, i: usize) {
+    fn wait_pre(&self) {
         use std::sync::atomic::Ordering;
         let mut spins = 0u32;
-        while self.done.load(Ordering::Acquire) < self.pre.len() {
+        while self
+            .done
+            .iter()
+            .map(|d| d.0.load(Ordering::Acquire))
+            .sum::<usize>()
+            < self.pre.len()
+        {
             spins += 1;
             if spins < 1 << 12 {
                 std::hint::spin_loop();
@@ -540,24 +758,174 @@ impl crate::kernels::Rider for RowUpdate<'_> {
                 std::thread::yield_now();
             }
         }
-        let (pi, c0, w) = self.post[i];
-        let p = &self.parts[pi];
-        // SAFETY: the post items are disjoint column ranges of the row (parts do not overlap,
-        // and the chunks of one part do not), and nothing else touches `delta` during the call.
-        let orow = unsafe { self.delta.slice(p.col + c0, w) };
-        let mut off = self.starts[pi];
-        let mut u = [0f32; 64];
-        for (up, _) in &p.ups {
-            // The panel of this chunk: rank rows of `w` columns from `c0 * rank`.
-            for base in (0..up.rank).step_by(u.len()) {
-                let n = (up.rank - base).min(u.len());
-                for (j, uj) in u[..n].iter_mut().enumerate() {
-                    *uj = f32::from_bits(self.u[off + base + j].load(Ordering::Relaxed));
-                }
-                up.bt
-                    .panel(c0 * up.rank + base * w, &u[..n], orow, self.simd);
+    }
+
+    /// Adds the update of columns `col..col + vals.len()` of the row to `vals` (every `pre`
+    /// item done).
+    fn add(&self, col: usize, vals: &mut [f32]) {
+        let end = col + vals.len();
+        // SAFETY: every `pre` item is done (the caller waited on `done`, which they release),
+        // and nothing writes `u` after them.
+        let u = unsafe { self.u.all() };
+        for (pi, p) in self.parts.iter().enumerate() {
+            let (lo, hi) = (col.max(p.col), end.min(p.col + p.n));
+            if p.ups.is_empty() || lo >= hi {
+                continue;
             }
-            off += up.rank;
+            let dst = &mut vals[lo - col..hi - col];
+            let mut item = self.starts[pi];
+            let mut local = [0f32; 64];
+            for (up, _) in &p.ups {
+                let r = up.rank;
+                // The update's values, one line per `pre` item.
+                let gather = |j: usize| u[(item + j / RB) * U_LINE + j % RB];
+                if r <= local.len() {
+                    for (j, v) in local[..r].iter_mut().enumerate() {
+                        *v = gather(j);
+                    }
+                    up.bt.add_cols(p.n, &local[..r], lo - p.col, dst, self.simd);
+                } else {
+                    let big: Vec<f32> = (0..r).map(gather).collect();
+                    up.bt.add_cols(p.n, &big, lo - p.col, dst, self.simd);
+                }
+                item += r.div_ceil(RB);
+            }
+        }
+    }
+
+    /// After the call the rider rode (or none): the `A x` products if no pool call claimed
+    /// them, then the update of every column no piece finished, into `out` (the row).
+    pub(crate) fn complete(&self, out: &mut [f32]) -> Result<()> {
+        use crate::kernels::Rider;
+        use std::sync::atomic::Ordering;
+        if out.len() != self.width {
+            return Err(Error::InvalidArgument(format!(
+                "LoRA update of a row of {} into {}",
+                self.width,
+                out.len()
+            )));
+        }
+        let pre = self.claim_pre();
+        if pre > 0 {
+            crate::pool::pool().run(pre, &|range| range.for_each(|i| self.run_pre(i)));
+        }
+        self.wait_pre();
+        // The pool call (or calls) ended: what every thread wrote is visible here.
+        let columns: usize = self
+            .slots
+            .iter()
+            .map(|s| s.columns.0.load(Ordering::Relaxed))
+            .sum();
+        if columns == self.width {
+            // Every column went through a piece.
+            return Ok(());
+        }
+        let groups = self.width.div_ceil(GROUP);
+        let marked = |g: usize| {
+            self.slots
+                .iter()
+                .any(|s| s.marks[g].load(Ordering::Relaxed))
+        };
+        let mut g = 0;
+        while g < groups {
+            if marked(g) {
+                g += 1;
+                continue;
+            }
+            let start = g;
+            while g < groups && !marked(g) {
+                g += 1;
+            }
+            let (a, b) = (start * GROUP, (g * GROUP).min(self.width));
+            self.add(a, &mut out[a..b]);
+        }
+        Ok(())
+    }
+}
+
+impl crate::kernels::Rider for RowUpdate<'_> {
+    fn claim_pre(&self) -> usize {
+        if self.claimed.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            0
+        } else {
+            self.pre.len()
+        }
+    }
+    fn run_pre(&self, i: usize) {
+        use std::sync::atomic::Ordering;
+        let (pi, qi, j0, rows, off) = self.pre[i];
+        let (up, f) = &self.parts[pi].ups[qi];
+        let mut v = [0f32; RB];
+        up.a.block_dots(j0, rows, self.x, &mut v[..rows], self.simd);
+        for (j, v) in v[..rows].iter().enumerate() {
+            // SAFETY: item `i` alone writes these places, before it releases `done`.
+            unsafe { self.u.set(off + j, f * v) };
+        }
+        let si = crate::pool::slot();
+        match self.done.get(si) {
+            // Only this thread writes its slot.
+            Some(d) => {
+                d.0.store(d.0.load(Ordering::Relaxed) + 1, Ordering::Release)
+            }
+            // A thread of another pool (not one of ours): the last slot, shared.
+            None => {
+                let d = &self.done[self.done.len() - 1].0;
+                d.fetch_add(1, Ordering::Release);
+            }
+        }
+    }
+    fn prefetch(&self, col: usize, len: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if self.simd != Simd::None {
+            let end = col + len;
+            for p in self.parts {
+                let (lo, hi) = (col.max(p.col), end.min(p.col + p.n));
+                if lo >= hi {
+                    continue;
+                }
+                for (up, _) in &p.ups {
+                    up.bt.prefetch_cols(up.rank, p.n, lo - p.col, hi - p.col);
+                }
+            }
+        }
+        let _ = (col, len);
+    }
+    fn finish(&self, col: usize, vals: &mut [f32]) {
+        use std::sync::atomic::Ordering;
+        let end = col + vals.len();
+        // The whole groups inside the piece.
+        let (g0, g1) = (col.div_ceil(GROUP), end.min(self.width) / GROUP);
+        let full_end = if end >= self.width {
+            self.width
+        } else {
+            g1 * GROUP
+        };
+        let g1 = if end >= self.width {
+            self.width.div_ceil(GROUP)
+        } else {
+            g1
+        };
+        if g0 >= g1 || end > self.width {
+            return;
+        }
+        self.wait_pre();
+        let a = g0 * GROUP;
+        self.add(a, &mut vals[a - col..full_end - col]);
+        // This thread's slot (the last one for a thread of another pool, which cannot happen
+        // for items of our call; shared then, so counted with a read-modify-write).
+        let si = crate::pool::slot();
+        let slot = &self.slots[si.min(self.slots.len() - 1)];
+        for m in &slot.marks[g0..g1] {
+            m.store(true, Ordering::Relaxed);
+        }
+        if si < self.slots.len() {
+            let c = &slot.columns.0;
+            c.store(
+                c.load(Ordering::Relaxed) + (full_end - a),
+                Ordering::Relaxed,
+            );
+        } else {
+            slot.columns.0.fetch_add(full_end - a, Ordering::Relaxed);
         }
     }
 }

@@ -189,18 +189,25 @@ impl RawPair {
                 bt[kernel::panel_index(j, o, r, out)] = self.b[o * r + j];
             }
         }
+        let mut a = vec![0f32; r * inp];
+        for j in 0..r {
+            for i in 0..inp {
+                a[kernel::a_index(j, i, r, inp)] = self.a[j * inp + i];
+            }
+        }
         LoraPair {
             rank: r,
             inp,
             out,
-            a: LoraMat::new(self.a),
+            a: LoraMat::new(a),
             bt: LoraMat::new(bt),
             scale: self.scale,
         }
     }
 }
 
-/// One update as an adapter holds it: `A` `[rank, inp]` and `B^T` `[rank, out]`.
+/// One update as an adapter holds it: `A` `[rank, inp]` (in blocks of rank rows,
+/// [`kernel::a_index`]) and `B^T` `[rank, out]` (in panels of columns, [`kernel::panel_index`]).
 #[derive(Clone, Debug)]
 pub(crate) struct LoraPair {
     pub(crate) rank: usize,
@@ -212,6 +219,19 @@ pub(crate) struct LoraPair {
 }
 
 impl LoraPair {
+    /// `A` as `[rank, inp]` f32, row-major.
+    pub(crate) fn a_f32(&self) -> Vec<f32> {
+        let (r, inp) = (self.rank, self.inp);
+        let stored = self.a.to_f32();
+        let mut a = vec![0f32; r * inp];
+        for j in 0..r {
+            for i in 0..inp {
+                a[j * inp + i] = stored[kernel::a_index(j, i, r, inp)];
+            }
+        }
+        a
+    }
+
     /// `B` as `[out, rank]` f32.
     pub(crate) fn b_f32(&self) -> Vec<f32> {
         let (r, out) = (self.rank, self.out);
@@ -478,7 +498,7 @@ impl Adapter {
                 continue;
             }
             let acc = d.get_or_insert_with(|| vec![0f64; out * inp]);
-            let (pa, pb) = (p.a.to_f32(), p.b_f32());
+            let (pa, pb) = (p.a_f32(), p.b_f32());
             for o in 0..out {
                 let brow = &pb[o * p.rank..(o + 1) * p.rank];
                 let row = &mut acc[o * inp..(o + 1) * inp];
@@ -612,13 +632,9 @@ fn one_row_update(
     run: impl FnOnce(&kernel::RowUpdate<'_>, &mut [f32]) -> Result<()>,
 ) -> Result<()> {
     let parts = row_parts(active, layer, targets);
-    let mut delta = vec![0f32; stride];
-    {
-        let rider = kernel::RowUpdate::new(&parts, xs, &mut delta)?;
-        run(&rider, out)?;
-    }
-    kernel::add_parts(&parts, &delta, out);
-    Ok(())
+    let rider = kernel::RowUpdate::new(&parts, xs, stride)?;
+    run(&rider, out)?;
+    rider.complete(out)
 }
 
 /// The active adapters' update alone, added to `out` (the base product already there), with the

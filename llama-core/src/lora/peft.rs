@@ -479,7 +479,7 @@ pub fn write_peft(dir: &Path, adapter: &Adapter, base: &str) -> Result<()> {
         let dev = &Device::Cpu;
         tensors.insert(
             format!("base_model.model.{module}.lora_A.weight"),
-            Tensor::from_vec(p.a.to_f32(), (p.rank, inp), dev)?,
+            Tensor::from_vec(p.a_f32(), (p.rank, inp), dev)?,
         );
         tensors.insert(
             format!("base_model.model.{module}.lora_B.weight"),

@@ -4,14 +4,14 @@
 //! causal attention, SwiGLU and the small LoRA products.
 
 use crate::kernels::WeightMatrix;
-use crate::lora::kernel::dot;
+use crate::lora::kernel::{dot, Simd};
 use crate::pool::{for_each_chunk_mut, pool, SharedMut};
 
 /// Weight rows dequantized per tile.
 const TILE: usize = 64;
 
-fn simd() -> bool {
-    crate::exec::current().isa != crate::exec::Isa::Scalar
+fn simd() -> Simd {
+    Simd::current()
 }
 
 /// `dst (+)= beta * lhs . rhs` on one thread (the `gemm` crate's kernels, picked for this CPU

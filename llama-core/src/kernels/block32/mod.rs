@@ -604,6 +604,7 @@ impl BlockMatrix {
                 let (g, rt) = (item / row_tiles, item % row_tiles);
                 let rows = rt * tile..m.min((rt + 1) * tile);
                 let mut out = [[0f32; G16]; GROUP_R];
+                put.hint(rows.start, g * gs, gs);
                 self.group_tile(isa, &xq, rows.clone(), g, &mut out);
                 for (r, row) in rows.enumerate() {
                     put.put(row, g * gs, &out[r][..gs]);
