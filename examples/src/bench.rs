@@ -143,6 +143,11 @@ pub fn run(
         tg.push(n_gen as f64 / t.elapsed().as_secs_f64());
     }
     let tg128 = median(tg);
+    let versus = if adapters.is_empty() {
+        None
+    } else {
+        Some(adapters_versus_base(&model, &adapters, &tokens, reps)?)
+    };
     let constrained = match &a.json_schema {
         Some(schema) => Some(constrained_decode(
             &model,
@@ -178,6 +183,7 @@ pub fn run(
                 "load_s": load_s,
                 "load_peak_rss_mib": load_rss,
                 "lora": a.lora,
+                "lora_vs_base": versus,
                 "constrained": constrained,
                 "batched": batched,
             })
@@ -198,6 +204,17 @@ pub fn run(
                 b["per_sequence_tps"].as_f64().unwrap_or(0.0),
             );
         }
+        if let Some(v) = &versus {
+            println!(
+                "lora    decode {:.1} tok/s with the adapters vs {:.1} without, interleaved: {:.3}x; prompt 512 {:.1} vs {:.1} tok/s: {:.3}x",
+                v["decode_tps"].as_f64().unwrap_or(0.0),
+                v["base_decode_tps"].as_f64().unwrap_or(0.0),
+                v["decode_ratio"].as_f64().unwrap_or(0.0),
+                v["prompt_tps"].as_f64().unwrap_or(0.0),
+                v["base_prompt_tps"].as_f64().unwrap_or(0.0),
+                v["prompt_ratio"].as_f64().unwrap_or(0.0),
+            );
+        }
         if let Some(c) = &constrained {
             println!(
                 "schema  compile {:.2} ms; decode {:.1} tok/s constrained vs {:.1} free over {} tokens: {:.3}x; masks {:.3} ms/token",
@@ -211,6 +228,63 @@ pub fn run(
         }
     }
     Ok(())
+}
+
+/// Decode and 512-token prompts with the adapters against the same without them, measured in
+/// alternation in one process (16-token rounds of greedy decode on two sessions, 8 rounds per
+/// context; whole prompts one after the other), so that a machine's drift and neighbours
+/// weigh on both alike: the ratio is the measure of what the adapters cost.
+fn adapters_versus_base(
+    model: &Model,
+    adapters: &[(llama_core::Adapter, f32)],
+    tokens: &[u32],
+    reps: usize,
+) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+    let new = |with: bool| -> Result<llama_core::Session, Box<dyn std::error::Error>> {
+        let mut s = model.session(SessionOptions::default().n_ctx(1024))?;
+        if with {
+            s.set_adapters(adapters)?;
+        }
+        Ok(s)
+    };
+    let mut sessions = [new(false)?, new(true)?];
+    let (rounds, per) = (8 * reps.max(1), 16);
+    let mut secs = [0f64; 2];
+    for round in 0..rounds {
+        for (s, t) in sessions.iter_mut().zip(secs.iter_mut()) {
+            if round % 8 == 0 {
+                s.truncate(0);
+                s.eval(&tokens[..8])?;
+            }
+            let mut next = argmax(s.logits().ok_or("no logits")?);
+            let start = Instant::now();
+            for _ in 0..per {
+                s.eval(&[next])?;
+                next = argmax(s.logits().ok_or("no logits")?);
+            }
+            *t += start.elapsed().as_secs_f64();
+        }
+    }
+    let n = (rounds * per) as f64;
+    let mut psecs = [0f64; 2];
+    for _ in 0..reps.max(1) {
+        for (with, t) in [false, true].into_iter().zip(psecs.iter_mut()) {
+            let mut s = new(with)?;
+            let start = Instant::now();
+            s.eval(&tokens[..512])?;
+            *t += start.elapsed().as_secs_f64();
+        }
+    }
+    let np = (512 * reps.max(1)) as f64;
+    Ok(json!({
+        "decode_tps": n / secs[1],
+        "base_decode_tps": n / secs[0],
+        "decode_ratio": secs[0] / secs[1],
+        "prompt_tps": np / psecs[1],
+        "base_prompt_tps": np / psecs[0],
+        "prompt_ratio": psecs[0] / psecs[1],
+        "decode_tokens": rounds * per,
+    }))
 }
 
 /// `n` sequences (different 32-token prompts) decoding 64 greedy tokens together, one batched
