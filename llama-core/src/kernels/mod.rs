@@ -76,6 +76,19 @@ macro_rules! our_weight_matrix {
                 self.dequantize_row(i, out);
                 Ok(())
             }
+            fn rows_into(&self, start: usize, out: &mut [f32]) -> $crate::error::Result<()> {
+                let k = self.k.max(1);
+                if !out.len().is_multiple_of(k) || start + out.len() / k > self.n {
+                    return Err($crate::error::Error::InvalidArgument(format!(
+                        "rows {start}.. ({} values) of a [{}, {}] matrix",
+                        out.len(),
+                        self.n,
+                        self.k
+                    )));
+                }
+                self.dequantize_rows(start, out);
+                Ok(())
+            }
         }
     };
 }
@@ -368,6 +381,22 @@ pub(crate) trait WeightMatrix: Send + Sync {
     fn matmul(&self, xs: &[f32], m: usize, put: DstWriter<'_>) -> Result<()>;
     /// Row `i < n` dequantized into `out` (`k` values).
     fn row_into(&self, i: usize, out: &mut [f32]) -> Result<()>;
+    /// Rows `start..start + out.len() / k` dequantized into `out`, one after another (a
+    /// training tile: layouts that interleave rows dequantize whole groups at once).
+    fn rows_into(&self, start: usize, out: &mut [f32]) -> Result<()> {
+        let (n, k) = self.shape();
+        let k = k.max(1);
+        if !out.len().is_multiple_of(k) || start + out.len() / k > n {
+            return Err(Error::InvalidArgument(format!(
+                "rows {start}.. ({} values) of a [{n}, {k}] matrix",
+                out.len()
+            )));
+        }
+        for (r, dst) in out.chunks_exact_mut(k).enumerate() {
+            self.row_into(start + r, dst)?;
+        }
+        Ok(())
+    }
     /// Rows `ids` dequantized, `[ids.len(), k]` (embedding lookup).
     fn rows(&self, ids: &[u32]) -> Result<Tensor> {
         let (n, k) = self.shape();

@@ -394,3 +394,59 @@ fn batch_invariant_matrices_give_each_row_the_same_bits() {
         );
     }
 }
+
+/// `rows_into` (a training tile) gives what `row_into` gives row by row, for every layout:
+/// f16 interleaved groups (whole groups and the rows around them) and plain rows, the block
+/// formats in groups and in the file's layout, the k-quants; out-of-range rows are refused.
+#[test]
+fn row_ranges_equal_rows_one_by_one() {
+    let mut mats: Vec<(String, std::sync::Arc<dyn WeightMatrix>)> = vec![];
+    for (n, k) in [(48, 40), (20, 32), (32, 512)] {
+        let w: Vec<f16> = values(n * k, 3).iter().map(|v| f16::from_f32(*v)).collect();
+        mats.push((
+            format!("f16 {n}x{k}"),
+            std::sync::Arc::new(F16Matrix::from_rows(w, n, k)),
+        ));
+        if k % 32 == 0 {
+            for dt in BLOCK_TYPES {
+                let q = QTensor::quantize(
+                    &Tensor::from_vec(values(n * k, 5), (n, k), &Device::Cpu).unwrap(),
+                    dt,
+                )
+                .unwrap();
+                let fmt = BlockFmt::from_ggml(dt).unwrap();
+                let m = BlockMatrix::new(fmt, &q.data().unwrap(), n, k).unwrap();
+                mats.push((format!("{dt:?} {n}x{k}"), std::sync::Arc::new(m)));
+            }
+        }
+        if k % 256 == 0 {
+            for dt in [GgmlDType::Q4K, GgmlDType::Q6K] {
+                let q = QTensor::quantize(
+                    &Tensor::from_vec(values(n * k, 7), (n, k), &Device::Cpu).unwrap(),
+                    dt,
+                )
+                .unwrap();
+                let m = k_matrix(dt, &q.data().unwrap(), n, k).unwrap().unwrap();
+                mats.push((format!("{dt:?} {n}x{k}"), m));
+            }
+        }
+    }
+    for (name, m) in &mats {
+        let (n, k) = m.shape();
+        for (start, count) in [(0, n), (16, n - 16), (3, 17), (n - 1, 1), (5, 0)] {
+            let mut got = vec![f32::NAN; count * k];
+            m.rows_into(start, &mut got).unwrap();
+            let mut want = vec![0f32; count * k];
+            for r in 0..count {
+                m.row_into(start + r, &mut want[r * k..(r + 1) * k])
+                    .unwrap();
+            }
+            assert_eq!(got, want, "{name} rows {start}..{}", start + count);
+        }
+        assert!(
+            m.rows_into(n - 1, &mut vec![0f32; 2 * k]).is_err(),
+            "{name}"
+        );
+        assert!(m.rows_into(0, &mut vec![0f32; k + 1]).is_err(), "{name}");
+    }
+}

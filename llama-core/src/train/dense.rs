@@ -75,9 +75,7 @@ pub(crate) fn fwd(
         for tile in items {
             let o0 = tile * TILE;
             let rows = TILE.min(n - o0);
-            for r in 0..rows {
-                let _ = w.row_into(o0 + r, &mut buf[r * k..(r + 1) * k]);
-            }
+            let _ = w.rows_into(o0, &mut buf[..rows * k]);
             // yt[m, rows] = x[m, k] . buf[rows, k]^T
             // SAFETY: yt holds m x rows, x m x k, buf rows x k (read as its transpose).
             unsafe {
@@ -102,7 +100,10 @@ pub(crate) fn fwd(
 }
 
 /// `gx[t] += gy[t, col..col + n] . W` (the gradient through `x W^T` to `x`), `gx` `[m, k]`.
-/// Items are blocks of rows of `gx`; each walks every weight tile.
+/// Items are shares of the weight tiles (tile `i` in share `i % shares`), so each weight row is
+/// dequantized once per call, not once per thread; share 0 adds into `gx`, the others into
+/// buffers of their own, added to `gx` in share order at the end (a fixed order: the same
+/// result for the same thread count).
 pub(crate) fn bwd(
     w: &dyn WeightMatrix,
     gy: &[f32],
@@ -115,36 +116,62 @@ pub(crate) fn bwd(
         gy.len() >= m.saturating_sub(1) * stride + col + n && gx.len() >= m * k,
         "bwd: shapes"
     );
-    let rows_per = m.div_ceil(pool().threads()).max(1);
-    for_each_chunk_mut(&mut gx[..m * k], rows_per * k, &|c, chunk| {
-        let t0 = c * rows_per;
-        let mc = chunk.len() / k;
-        let mut buf = vec![0f32; TILE * k];
-        let mut o0 = 0;
-        while o0 < n {
-            let rows = TILE.min(n - o0);
-            for r in 0..rows {
-                let _ = w.row_into(o0 + r, &mut buf[r * k..(r + 1) * k]);
+    let tiles = n.div_ceil(TILE);
+    let shares = pool().threads().min(tiles).max(1);
+    let mk = m * k;
+    let mut partial = vec![0f32; (shares - 1) * mk];
+    {
+        let gx_out = SharedMut::new(&mut gx[..mk]);
+        let part_out = SharedMut::new(&mut partial);
+        pool().run(shares, &|items| {
+            let mut buf = vec![0f32; TILE * k];
+            for share in items {
+                // SAFETY: share 0 alone writes gx, share s > 0 alone its own buffer.
+                let dst = unsafe {
+                    if share == 0 {
+                        gx_out.slice(0, mk)
+                    } else {
+                        part_out.slice((share - 1) * mk, mk)
+                    }
+                };
+                let mut tile = share;
+                while tile < tiles {
+                    let o0 = tile * TILE;
+                    let rows = TILE.min(n - o0);
+                    let _ = w.rows_into(o0, &mut buf[..rows * k]);
+                    // dst[m, k] += gy[.., col + o0..][m, rows] . buf[rows, k]
+                    // SAFETY: dst holds m x k; gy's block lies within gy (checked above); buf
+                    // rows x k.
+                    unsafe {
+                        gemm_scaled(
+                            (m, k, rows),
+                            dst.as_mut_ptr(),
+                            (k, 1),
+                            true,
+                            1.0,
+                            gy.as_ptr().add(col + o0),
+                            (stride, 1),
+                            buf.as_ptr(),
+                            (k, 1),
+                        )
+                    };
+                    tile += shares;
+                }
             }
-            // chunk[mc, k] += gy[t0.., col + o0..][mc, rows] . buf[rows, k]
-            // SAFETY: chunk holds mc x k; gy's block lies within gy (checked above); buf
-            // rows x k.
-            unsafe {
-                gemm_scaled(
-                    (mc, k, rows),
-                    chunk.as_mut_ptr(),
-                    (k, 1),
-                    true,
-                    1.0,
-                    gy.as_ptr().add(t0 * stride + col + o0),
-                    (stride, 1),
-                    buf.as_ptr(),
-                    (k, 1),
-                )
-            };
-            o0 += rows;
-        }
-    });
+        });
+    }
+    if shares > 1 {
+        let per = mk.div_ceil(pool().threads() * 4).max(1024);
+        for_each_chunk_mut(&mut gx[..mk], per, &|c, chunk| {
+            let at = c * per;
+            for s in 1..shares {
+                let p = &partial[(s - 1) * mk + at..][..chunk.len()];
+                for (g, v) in chunk.iter_mut().zip(p) {
+                    *g += v;
+                }
+            }
+        });
+    }
 }
 
 /// RMS norm of each row: `y = x * r * g`, `r = 1 / sqrt(mean(x^2) + eps)`; returns the `r`s.

@@ -506,7 +506,17 @@ impl BlockMatrix {
     }
 
     /// Row `id` dequantized into `dst` (`k` values).
+    /// Rows `start..` into `out`, one after another.
+    fn dequantize_rows(&self, start: usize, out: &mut [f32]) {
+        for (r, dst) in out.chunks_exact_mut(self.k.max(1)).enumerate() {
+            self.dequantize_row(start + r, dst);
+        }
+    }
+
     fn dequantize_row(&self, id: usize, dst: &mut [f32]) {
+        if self.group > 0 && !has_qh(self.fmt) {
+            return self.dequantize_grouped_row(id, dst);
+        }
         for (b, o) in dst.chunks_exact_mut(QK).enumerate() {
             let wb = self.block(id, b);
             let d = f16_at(&wb, 0);
@@ -518,6 +528,42 @@ impl BlockMatrix {
             let (u, off) = self.fmt.unsigned_quants(&wb);
             for (o, &q) in o.iter_mut().zip(&u) {
                 *o = (q as i32 - off) as f32 * d + m;
+            }
+        }
+    }
+
+    /// [`BlockMatrix::dequantize_row`] read straight from the interleaved groups (Q4_0, Q4_1,
+    /// Q8_0: the formats without fifth bits), with the same arithmetic: no GGUF block is put
+    /// back together first (training dequantizes every weight row once or twice a step).
+    fn dequantize_grouped_row(&self, c: usize, dst: &mut [f32]) {
+        let (bytes, nb, gs) = (self.fmt.bytes(), self.k / QK, self.group);
+        let (g, i) = (c / gs, c % gs);
+        let qat = group_quants_at(self.fmt, gs);
+        let pieces = (bytes - head_bytes(self.fmt)) / 4;
+        let has_min = self.fmt.has_min();
+        let group = &self.data[g * nb * gs * bytes..][..nb * gs * bytes];
+        for (gb, o) in group.chunks_exact(gs * bytes).zip(dst.chunks_exact_mut(QK)) {
+            let d = f16_at(gb, 2 * i);
+            let m = if has_min {
+                f16_at(gb, 2 * gs + 2 * i)
+            } else {
+                0.0
+            };
+            for j in 0..pieces {
+                let q = &gb[qat + (j * gs + i) * 4..][..4];
+                for (t, &b) in q.iter().enumerate() {
+                    match self.fmt {
+                        BlockFmt::Q8_0 => o[4 * j + t] = (b as i8) as f32 * d + m,
+                        BlockFmt::Q4_0 => {
+                            o[4 * j + t] = ((b & 0x0F) as i32 - 8) as f32 * d + m;
+                            o[QK / 2 + 4 * j + t] = ((b >> 4) as i32 - 8) as f32 * d + m;
+                        }
+                        _ => {
+                            o[4 * j + t] = (b & 0x0F) as f32 * d + m;
+                            o[QK / 2 + 4 * j + t] = (b >> 4) as f32 * d + m;
+                        }
+                    }
+                }
             }
         }
     }

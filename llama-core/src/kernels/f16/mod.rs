@@ -100,6 +100,44 @@ impl F16Matrix {
         }
     }
 
+    /// Rows `start..` into `out`, one after another: whole groups of the interleaved layout
+    /// converted at once (each group's values are contiguous, `[k][FG]`) and transposed in
+    /// blocks of `FG` positions; other rows one by one.
+    fn dequantize_rows(&self, start: usize, out: &mut [f32]) {
+        use half::slice::HalfFloatSliceExt;
+        let k = self.k.max(1);
+        let rows = out.len() / k;
+        let mut r = 0;
+        let mut scratch = vec![];
+        while r < rows {
+            let c = start + r;
+            if self.grouped && c.is_multiple_of(FG) && r + FG <= rows {
+                let g = c / FG;
+                scratch.resize(FG * self.k, 0f32);
+                self.data[g * FG * self.k..(g + 1) * FG * self.k]
+                    .convert_to_f32_slice(&mut scratch);
+                let dst = &mut out[r * k..(r + FG) * k];
+                // Position by position: one contiguous read of the group's FG values, one
+                // write into each of the FG rows (FG sequential write streams).
+                let (mut rows_out, _) = dst.split_at_mut(FG * k);
+                let mut heads: [&mut [f32]; FG] = std::array::from_fn(|_| {
+                    let (h, t) = std::mem::take(&mut rows_out).split_at_mut(k);
+                    rows_out = t;
+                    h
+                });
+                for (p, vals) in scratch.chunks_exact(FG).enumerate() {
+                    for (h, &v) in heads.iter_mut().zip(vals) {
+                        h[p] = v;
+                    }
+                }
+                r += FG;
+            } else {
+                self.dequantize_row(c, &mut out[r * k..(r + 1) * k]);
+                r += 1;
+            }
+        }
+    }
+
     /// Row `id` as f32 into `dst` (`k` values).
     fn dequantize_row(&self, id: usize, dst: &mut [f32]) {
         for (p, o) in dst.iter_mut().enumerate() {

@@ -106,6 +106,13 @@ impl Q6KMatrix {
     }
 
     /// Row `c` dequantized (candle's and llama.cpp's arithmetic: `d * sc * (q - 32)`).
+    /// Rows `start..` into `out`, one after another.
+    fn dequantize_rows(&self, start: usize, out: &mut [f32]) {
+        for (r, dst) in out.chunks_exact_mut(self.k.max(1)).enumerate() {
+            self.dequantize_row(start + r, dst);
+        }
+    }
+
     fn dequantize_row(&self, c: usize, out: &mut [f32]) {
         let (g, r) = (c / G, c % G);
         for (b, ob) in out.chunks_exact_mut(QK_K).enumerate() {
