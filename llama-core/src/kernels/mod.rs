@@ -270,6 +270,8 @@ thread_local! {
     static RIDER: std::cell::Cell<Option<*const (dyn Rider + 'static)>> =
         const { std::cell::Cell::new(None) };
     static FINISHING: std::cell::Cell<Option<FinishState>> = const { std::cell::Cell::new(None) };
+    /// Whether `FINISHING` is set: the one check every one-row piece of every matmul pays.
+    static FINISHING_ON: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// Sets [`FINISHING`] for the items of one pool call on this thread; on drop, finishes the
@@ -289,6 +291,7 @@ impl Finishing {
             col: 0,
             len: 0,
         };
+        FINISHING_ON.with(|f| f.set(true));
         Finishing(FINISHING.with(|f| f.replace(Some(state))))
     }
 }
@@ -296,6 +299,7 @@ impl Finishing {
 impl Drop for Finishing {
     fn drop(&mut self) {
         let state = FINISHING.with(|f| f.replace(self.0));
+        FINISHING_ON.with(|f| f.set(self.0.is_some()));
         if let Some(s) = state {
             if !std::thread::panicking() {
                 flush(s);
@@ -323,6 +327,9 @@ fn flush(s: FinishState) {
 /// call ends on this thread).
 #[inline]
 pub(crate) fn written(col: usize, ptr: *mut f32, len: usize) {
+    if !FINISHING_ON.with(|f| f.get()) {
+        return;
+    }
     FINISHING.with(|f| {
         let Some(mut s) = f.get() else { return };
         if s.len > 0
@@ -344,6 +351,9 @@ pub(crate) fn written(col: usize, ptr: *mut f32, len: usize) {
 /// The rider whose items this thread is running, if any.
 #[inline]
 pub(crate) fn finishing() -> Option<&'static dyn Rider> {
+    if !FINISHING_ON.with(|f| f.get()) {
+        return None;
+    }
     // SAFETY: set only by `Finishing` for the duration of a pool call under `with_rider`;
     // callers use the reference within the item that asked.
     FINISHING.with(|f| f.get()).map(|s| unsafe { &*s.rider })
