@@ -113,6 +113,16 @@ impl F16Matrix {
             let c = start + r;
             if self.grouped && c.is_multiple_of(FG) && r + FG <= rows {
                 let g = c / FG;
+                #[cfg(target_arch = "x86_64")]
+                if isa() == Isa::Avx512 {
+                    let dst = &mut out[r * k..(r + FG) * k];
+                    let src = &self.data[g * FG * self.k..(g + 1) * FG * self.k];
+                    // SAFETY: AVX-512 is the running ISA (checked at run time); `src` holds the
+                    // group's k * FG values, `dst` FG rows of k.
+                    unsafe { group_rows_avx512(src.as_ptr(), self.k, dst.as_mut_ptr(), k) };
+                    r += FG;
+                    continue;
+                }
                 scratch.resize(FG * self.k, 0f32);
                 self.data[g * FG * self.k..(g + 1) * FG * self.k]
                     .convert_to_f32_slice(&mut scratch);
