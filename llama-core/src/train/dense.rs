@@ -284,8 +284,10 @@ pub(crate) fn attention(
 }
 
 /// Gradients of [`attention`]: `gq`, `gk`, `gv` (`+=`) given `go` (`[t, q_stride]`), the
-/// forward's `att` and log-sum-exps. Items are key/value heads (each owns its `gk`/`gv`
-/// columns and its query heads' `gq` columns).
+/// forward's `att` and log-sum-exps. Items are query heads (balanced over the threads even
+/// when there are fewer key/value heads than threads): each owns its `gq` columns and adds
+/// its key/value gradients into buffers of its own, summed into `gk`/`gv` per key/value head
+/// afterwards in head order (a fixed order: the same result whatever the threads).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attention_bwd(
     q: &[f32],
@@ -308,17 +310,25 @@ pub(crate) fn attention_bwd(
     let (qw, kw) = (nh * hd, nkv * hd);
     let group = nh / nkv;
     let simd = simd();
-    let (gq, gk, gv) = (SharedMut::new(gq), SharedMut::new(gk), SharedMut::new(gv));
-    pool().run(nkv, &|groups| {
-        let mut p = vec![0f32; t];
-        for g in groups {
-            for h in g * group..(g + 1) * group {
+    let th = t * hd;
+    // Per query head: its key and value gradients, [t, hd] each.
+    let mut pk = vec![0f32; nh * th];
+    let mut pv = vec![0f32; nh * th];
+    {
+        let gq = SharedMut::new(gq);
+        let (pks, pvs) = (SharedMut::new(&mut pk), SharedMut::new(&mut pv));
+        pool().run(nh, &|heads| {
+            let mut p = vec![0f32; t];
+            for h in heads {
+                let g = h / group;
+                // SAFETY: this item alone owns head h's buffers.
+                let (hk, hv) = unsafe { (pks.slice(h * th, th), pvs.slice(h * th, th)) };
                 for i in 0..t {
                     let qi = &q[i * qw + h * hd..][..hd];
                     let goi = &go[i * qw + h * hd..][..hd];
                     let di = dot(goi, &att[i * qw + h * hd..][..hd], simd);
                     let l = lse[h * t + i];
-                    // SAFETY: this item owns head h's gq columns and group g's gk/gv columns.
+                    // SAFETY: this item owns head h's gq columns.
                     let gqi = unsafe { gq.slice(i * qw + h * hd, hd) };
                     let s0 = starts[i];
                     for (j, pj) in p.iter_mut().enumerate().take(i + 1).skip(s0) {
@@ -330,19 +340,35 @@ pub(crate) fn attention_bwd(
                         let gp = dot(goi, vj, simd);
                         let gs = pj * (gp - di) * scale;
                         let kj = &k[j * kw + g * hd..][..hd];
-                        // SAFETY: as above.
-                        let (gkj, gvj) = unsafe {
-                            (gk.slice(j * kw + g * hd, hd), gv.slice(j * kw + g * hd, hd))
-                        };
-                        for (g, &kv) in gqi.iter_mut().zip(kj) {
-                            *g += gs * kv;
+                        for (gd, &kv) in gqi.iter_mut().zip(kj) {
+                            *gd += gs * kv;
                         }
-                        for (g, &qv) in gkj.iter_mut().zip(qi) {
-                            *g += gs * qv;
+                        for (gd, &qv) in hk[j * hd..(j + 1) * hd].iter_mut().zip(qi) {
+                            *gd += gs * qv;
                         }
-                        for (g, &ov) in gvj.iter_mut().zip(goi) {
-                            *g += pj * ov;
+                        for (gd, &ov) in hv[j * hd..(j + 1) * hd].iter_mut().zip(goi) {
+                            *gd += pj * ov;
                         }
+                    }
+                }
+            }
+        });
+    }
+    // gk/gv rows: each adds its key/value heads' query heads in order.
+    let (gk, gv) = (SharedMut::new(gk), SharedMut::new(gv));
+    pool().run(t, &|rows| {
+        for j in rows {
+            for g in 0..nkv {
+                // SAFETY: each row is one item's.
+                let (gkj, gvj) =
+                    unsafe { (gk.slice(j * kw + g * hd, hd), gv.slice(j * kw + g * hd, hd)) };
+                for h in g * group..(g + 1) * group {
+                    let at = h * th + j * hd;
+                    for (d, s) in gkj.iter_mut().zip(&pk[at..at + hd]) {
+                        *d += s;
+                    }
+                    for (d, s) in gvj.iter_mut().zip(&pv[at..at + hd]) {
+                        *d += s;
                     }
                 }
             }
