@@ -100,7 +100,7 @@ impl<'a> DstWriter<'a> {
         let at = row * self.stride + self.col0 + col;
         // SAFETY: no two work items write the same element (the shared buffer checks bounds).
         unsafe { self.buf.write(at, vals) };
-        if self.m == 1 {
+        if self.m == 1 && crate::kernels::riding() {
             // A one-row piece under a rider (a LoRA update): it adds to the piece later in the
             // item's pool call.
             crate::kernels::written(self.col0 + col, self.buf.ptr_at(at, vals.len()), vals.len());

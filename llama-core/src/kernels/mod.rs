@@ -77,15 +77,7 @@ macro_rules! our_weight_matrix {
                 Ok(())
             }
             fn rows_into(&self, start: usize, out: &mut [f32]) -> $crate::error::Result<()> {
-                let k = self.k.max(1);
-                if !out.len().is_multiple_of(k) || start + out.len() / k > self.n {
-                    return Err($crate::error::Error::InvalidArgument(format!(
-                        "rows {start}.. ({} values) of a [{}, {}] matrix",
-                        out.len(),
-                        self.n,
-                        self.k
-                    )));
-                }
+                $crate::kernels::check_rows(start, out, (self.n, self.k))?;
                 self.dequantize_rows(start, out);
                 Ok(())
             }
@@ -327,9 +319,6 @@ fn flush(s: FinishState) {
 /// call ends on this thread).
 #[inline]
 pub(crate) fn written(col: usize, ptr: *mut f32, len: usize) {
-    if !FINISHING_ON.with(|f| f.get()) {
-        return;
-    }
     FINISHING.with(|f| {
         let Some(mut s) = f.get() else { return };
         if s.len > 0
@@ -348,10 +337,17 @@ pub(crate) fn written(col: usize, ptr: *mut f32, len: usize) {
     })
 }
 
+/// Whether this thread is running items of a pool call under a rider (the one check every
+/// one-row piece of every matmul pays).
+#[inline]
+pub(crate) fn riding() -> bool {
+    FINISHING_ON.with(|f| f.get())
+}
+
 /// The rider whose items this thread is running, if any.
 #[inline]
 pub(crate) fn finishing() -> Option<&'static dyn Rider> {
-    if !FINISHING_ON.with(|f| f.get()) {
+    if !riding() {
         return None;
     }
     // SAFETY: set only by `Finishing` for the duration of a pool call under `with_rider`;
@@ -377,6 +373,30 @@ pub(crate) fn with_rider<R>(rider: &dyn Rider, f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// Checks that `out` holds whole rows `start..` of an `[n, k]` matrix ([`WeightMatrix::rows_into`]).
+pub(crate) fn check_rows(start: usize, out: &[f32], (n, k): (usize, usize)) -> Result<()> {
+    let kk = k.max(1);
+    if !out.len().is_multiple_of(kk) || start + out.len() / kk > n {
+        return Err(Error::InvalidArgument(format!(
+            "rows {start}.. ({} values) of a [{n}, {k}] matrix",
+            out.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Rows `start..` into `out` (`k` values each) one at a time through `row`.
+pub(crate) fn rows_one_by_one(
+    k: usize,
+    start: usize,
+    out: &mut [f32],
+    mut row: impl FnMut(usize, &mut [f32]),
+) {
+    for (r, dst) in out.chunks_exact_mut(k.max(1)).enumerate() {
+        row(start + r, dst);
+    }
+}
+
 /// A weight matrix `[n, k]` (`n` outputs of `k` inputs), whatever its storage: the block
 /// formats, f16, the k-quants, candle's tensors (`crate::matrix`). The model holds these; a
 /// LoRA adapter wraps one.
@@ -394,18 +414,14 @@ pub(crate) trait WeightMatrix: Send + Sync {
     /// Rows `start..start + out.len() / k` dequantized into `out`, one after another (a
     /// training tile: layouts that interleave rows dequantize whole groups at once).
     fn rows_into(&self, start: usize, out: &mut [f32]) -> Result<()> {
-        let (n, k) = self.shape();
-        let k = k.max(1);
-        if !out.len().is_multiple_of(k) || start + out.len() / k > n {
-            return Err(Error::InvalidArgument(format!(
-                "rows {start}.. ({} values) of a [{n}, {k}] matrix",
-                out.len()
-            )));
-        }
-        for (r, dst) in out.chunks_exact_mut(k).enumerate() {
-            self.row_into(start + r, dst)?;
-        }
-        Ok(())
+        check_rows(start, out, self.shape())?;
+        let mut res = Ok(());
+        rows_one_by_one(self.shape().1, start, out, |i, dst| {
+            if res.is_ok() {
+                res = self.row_into(i, dst);
+            }
+        });
+        res
     }
     /// Rows `ids` dequantized, `[ids.len(), k]` (embedding lookup).
     fn rows(&self, ids: &[u32]) -> Result<Tensor> {

@@ -2,9 +2,11 @@
 //!
 //! Each matrix is kept in the narrowest type that holds every value exactly (f16, bf16, or
 //! f32): an f16 file stays f16 (half the bytes a decode step streams), an f32 file whose values
-//! are not all f16 stays f32. Arithmetic is f32. `A` is kept `[rank, in]` (the first product is
-//! `rank` dot products over the input), `B` transposed, `[rank, out]`, so the second product is
-//! `rank` scaled additions over the output row: both vectorize along contiguous memory.
+//! are not all f16 stays f32. Arithmetic is f32. `A` (`[rank, in]`) is kept in blocks of [`RB`]
+//! rank rows interleaved by [`LANES`] input positions ([`a_index`]), so a block's dot products
+//! read one stream; `B` transposed (`[rank, out]`) in panels of [`P`] output columns
+//! ([`panel_index`]), so the update of any run of columns reads whole contiguous panels.
+//! In decode the update rides along the base matmul's pool call ([`RowUpdate`]).
 
 use half::{bf16, f16};
 
@@ -33,7 +35,7 @@ impl Simd {
     }
 }
 
-/// A matrix of an adapter, row-major, in the narrowest exact type.
+/// A matrix of an adapter (in one of the layouts above), in the narrowest exact type.
 #[derive(Clone, Debug)]
 pub(crate) enum LoraMat {
     F32(Vec<f32>),

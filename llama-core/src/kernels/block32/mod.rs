@@ -505,14 +505,12 @@ impl BlockMatrix {
         }
     }
 
-    /// Row `id` dequantized into `dst` (`k` values).
     /// Rows `start..` into `out`, one after another.
     fn dequantize_rows(&self, start: usize, out: &mut [f32]) {
-        for (r, dst) in out.chunks_exact_mut(self.k.max(1)).enumerate() {
-            self.dequantize_row(start + r, dst);
-        }
+        rows_one_by_one(self.k, start, out, |i, dst| self.dequantize_row(i, dst));
     }
 
+    /// Row `id` dequantized into `dst` (`k` values).
     fn dequantize_row(&self, id: usize, dst: &mut [f32]) {
         if self.group > 0 && !has_qh(self.fmt) {
             return self.dequantize_grouped_row(id, dst);
