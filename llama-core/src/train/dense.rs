@@ -3,6 +3,8 @@
 //! arithmetic is exact f32 on the stored values, the same in both directions), RMS norm,
 //! causal attention, SwiGLU and the small LoRA products.
 
+use super::sgemm::Lhs;
+pub(crate) use super::sgemm::Operand;
 use crate::kernels::WeightMatrix;
 use crate::lora::kernel::{dot, Simd};
 use crate::pool::{for_each_chunk_mut, pool, SharedMut};
@@ -12,49 +14,6 @@ const TILE: usize = 64;
 
 fn simd() -> Simd {
     Simd::current()
-}
-
-/// `dst (+)= beta * lhs . rhs` on one thread (the `gemm` crate's kernels, picked for this CPU
-/// at run time), strides in elements: `dst` `[m, n]`, `lhs` `[m, k]`, `rhs` `[k, n]`.
-///
-/// # Safety
-/// The pointers cover the strided extents; `dst` does not overlap the inputs.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_scaled(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut f32,
-    (dst_rs, dst_cs): (usize, usize),
-    accumulate: bool,
-    beta: f32,
-    lhs: *const f32,
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: *const f32,
-    (rhs_rs, rhs_cs): (usize, usize),
-) {
-    // SAFETY: the caller's contract; `gemm` reads and writes only within these extents.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            dst_cs as isize,
-            dst_rs as isize,
-            accumulate,
-            lhs,
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs,
-            rhs_cs as isize,
-            rhs_rs as isize,
-            if accumulate { 1.0 } else { 0.0 },
-            beta,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
 }
 
 /// `y[t, col..col + n] = x[t] . W^T` for the `m` rows of `x` (`[m, k]`), `y` `[m, stride]`.
@@ -67,34 +26,22 @@ pub(crate) fn fwd(
 ) {
     let (n, k) = w.shape();
     let tiles = n.div_ceil(TILE);
+    assert!(
+        x.len() >= m * k && (m == 0 || y.len() >= (m - 1) * stride + col + n),
+        "fwd: shapes"
+    );
+    // x is packed once for all the tiles.
+    let lhs = Lhs::new_par((x, 0, k, 1), m, k);
     let out = SharedMut::new(y);
-    assert!(x.len() >= m * k, "fwd: input shorter than its shape");
     pool().run(tiles, &|items| {
         let mut buf = vec![0f32; TILE * k];
-        let mut yt = vec![0f32; m * TILE];
         for tile in items {
             let o0 = tile * TILE;
             let rows = TILE.min(n - o0);
             let _ = w.rows_into(o0, &mut buf[..rows * k]);
-            // yt[m, rows] = x[m, k] . buf[rows, k]^T
-            // SAFETY: yt holds m x rows, x m x k, buf rows x k (read as its transpose).
-            unsafe {
-                gemm_scaled(
-                    (m, rows, k),
-                    yt.as_mut_ptr(),
-                    (rows, 1),
-                    false,
-                    1.0,
-                    x.as_ptr(),
-                    (k, 1),
-                    buf.as_ptr(),
-                    (1, k),
-                )
-            };
-            for t in 0..m {
-                // SAFETY: tiles write disjoint column ranges of each row.
-                unsafe { out.write(t * stride + col + o0, &yt[t * rows..(t + 1) * rows]) };
-            }
+            // y[m, col + o0..][m, rows] = x[m, k] . buf[rows, k]^T
+            // SAFETY: tiles write disjoint column ranges of each row.
+            unsafe { lhs.times_shared((&buf, 0, 1, k), rows, out, (col + o0, stride), false, 1.0) };
         }
     });
 }
@@ -140,21 +87,14 @@ pub(crate) fn bwd(
                     let rows = TILE.min(n - o0);
                     let _ = w.rows_into(o0, &mut buf[..rows * k]);
                     // dst[m, k] += gy[.., col + o0..][m, rows] . buf[rows, k]
-                    // SAFETY: dst holds m x k; gy's block lies within gy (checked above); buf
-                    // rows x k.
-                    unsafe {
-                        gemm_scaled(
-                            (m, k, rows),
-                            dst.as_mut_ptr(),
-                            (k, 1),
-                            true,
-                            1.0,
-                            gy.as_ptr().add(col + o0),
-                            (stride, 1),
-                            buf.as_ptr(),
-                            (k, 1),
-                        )
-                    };
+                    Lhs::new((gy, col + o0, stride, 1), m, rows).times(
+                        (&buf, 0, k, 1),
+                        k,
+                        dst,
+                        (0, k),
+                        true,
+                        1.0,
+                    );
                     tile += shares;
                 }
             }
@@ -398,12 +338,9 @@ pub(crate) fn lora_down(x: &[f32], a: &[f32], m: usize, r: usize, k: usize) -> V
     u
 }
 
-/// A strided matrix operand: `(values, offset of element (0, 0), row stride, column stride)`.
-pub(crate) type Operand<'a> = (&'a [f32], usize, usize, usize);
-
 /// `dst[i, dcol + j] (+)= beta * sum_p lhs[i, p] rhs[p, j]` for `i < m`, `j < n`, `p < k`, over
 /// the pool by blocks of `dst` rows (`dst` `[m, dst_rs]` row-major, each block a separate
-/// `gemm` call). Every operand's extent is checked.
+/// product). Every operand's extent is checked.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn par_gemm(
     (m, n, k): (usize, usize, usize),
@@ -417,15 +354,6 @@ pub(crate) fn par_gemm(
     if m == 0 || n == 0 {
         return;
     }
-    let last = |(v, off, rs, cs): Operand<'_>, rows: usize, cols: usize| {
-        assert!(
-            off + (rows.max(1) - 1) * rs + (cols.max(1) - 1) * cs < v.len().max(1)
-                || rows * cols == 0,
-            "gemm operand out of bounds"
-        );
-    };
-    last(lhs, m, k);
-    last(rhs, k, n);
     assert!(
         dst.len() >= m * dst_rs && dcol + n <= dst_rs,
         "gemm destination out of bounds"
@@ -435,20 +363,13 @@ pub(crate) fn par_gemm(
         let i0 = c * rows_per;
         let mb = block.len() / dst_rs;
         let (lv, loff, lrs, lcs) = lhs;
-        let (rv, roff, rrs, rcs) = rhs;
-        // SAFETY: the extents were checked above; `block` is this item's rows of `dst`.
-        unsafe {
-            gemm_scaled(
-                (mb, n, k),
-                block.as_mut_ptr().add(dcol),
-                (dst_rs, 1),
-                accumulate,
-                beta,
-                lv.as_ptr().add(loff + i0 * lrs),
-                (lrs, lcs),
-                rv.as_ptr().add(roff),
-                (rrs, rcs),
-            )
-        }
+        Lhs::new((lv, loff + i0 * lrs, lrs, lcs), mb, k).times(
+            rhs,
+            n,
+            block,
+            (dcol, dst_rs),
+            accumulate,
+            beta,
+        );
     });
 }

@@ -10,6 +10,7 @@
 
 pub mod data;
 pub(crate) mod dense;
+pub(crate) mod sgemm;
 mod trainer;
 
 pub use data::{load_jsonl, Example};

@@ -131,3 +131,87 @@ pub(crate) unsafe fn group_kernel16<const R: usize, const S: usize>(
         }
     }
 }
+
+/// [`BlockMatrix::dequantize_grouped_row`] on 512-bit vectors (Q4_0, Q4_1, Q8_0), the same
+/// arithmetic (`q * d + m`, a product then a sum): row `i` of a group of `gs` rows, `nb`
+/// blocks, into `dst`. A block's quants of one row are its `bytes / 4` pieces of four bytes,
+/// `gs * 4` bytes apart, gathered into one 128-bit vector per 16 quant bytes.
+///
+/// # Safety
+/// The CPU supports `avx512f` (the caller checked at run time). `group` holds the group's `nb`
+/// blocks of `gs` rows, `i < gs`, `dst` holds `nb * 32` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2")]
+pub(crate) unsafe fn grouped_row_avx512(
+    fmt: BlockFmt,
+    group: &[u8],
+    gs: usize,
+    i: usize,
+    dst: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let bytes = fmt.bytes();
+    let nb = dst.len() / QK;
+    assert!(
+        i < gs && group.len() >= nb * gs * bytes && !has_qh(fmt),
+        "grouped row bounds"
+    );
+    let qat = group_quants_at(fmt, gs);
+    let has_min = fmt.has_min();
+    let g = group.as_ptr();
+    let o = dst.as_mut_ptr();
+    // SAFETY: every read lies within block b of `group` (checked above: the block's quants end
+    // at `gs * bytes`), every write within `dst`'s nb * 32 values.
+    unsafe {
+        let word = |at: *const u8| (at as *const i32).read_unaligned();
+        // Four pieces of row i from `q` on (pieces `gs * 4` bytes apart).
+        let four = |q: *const u8| {
+            _mm_setr_epi32(
+                word(q),
+                word(q.add(gs * 4)),
+                word(q.add(2 * gs * 4)),
+                word(q.add(3 * gs * 4)),
+            )
+        };
+        let low = _mm_set1_epi8(0x0F);
+        let zero = _mm512_setzero_ps();
+        let eight = _mm512_set1_epi32(8);
+        for b in 0..nb {
+            let gb = g.add(b * gs * bytes);
+            let d = _mm512_set1_ps(f16_at(std::slice::from_raw_parts(gb.add(2 * i), 2), 0));
+            let m = if has_min {
+                _mm512_set1_ps(f16_at(
+                    std::slice::from_raw_parts(gb.add(2 * gs + 2 * i), 2),
+                    0,
+                ))
+            } else {
+                zero
+            };
+            let q = gb.add(qat + i * 4);
+            let out = o.add(b * QK);
+            let put = |at: *mut f32, v: __m512i| {
+                _mm512_storeu_ps(
+                    at,
+                    _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(v), d), m),
+                )
+            };
+            match fmt {
+                BlockFmt::Q8_0 => {
+                    put(out, _mm512_cvtepi8_epi32(four(q)));
+                    put(out.add(16), _mm512_cvtepi8_epi32(four(q.add(4 * gs * 4))));
+                }
+                _ => {
+                    let v = four(q);
+                    let mut lo = _mm512_cvtepu8_epi32(_mm_and_si128(v, low));
+                    let mut hi = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 4), low));
+                    if fmt == BlockFmt::Q4_0 {
+                        lo = _mm512_sub_epi32(lo, eight);
+                        hi = _mm512_sub_epi32(hi, eight);
+                    }
+                    put(out, lo);
+                    put(out.add(16), hi);
+                }
+            }
+        }
+    }
+}

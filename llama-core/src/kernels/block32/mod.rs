@@ -540,6 +540,12 @@ impl BlockMatrix {
         let pieces = (bytes - head_bytes(self.fmt)) / 4;
         let has_min = self.fmt.has_min();
         let group = &self.data[g * nb * gs * bytes..][..nb * gs * bytes];
+        #[cfg(target_arch = "x86_64")]
+        if isa() == Isa::Avx512 {
+            // SAFETY: AVX-512 is the running ISA (checked at run time); `group` is the row's
+            // group of nb blocks, `dst` k = nb * 32 values.
+            return unsafe { grouped_row_avx512(self.fmt, group, gs, i, &mut dst[..nb * QK]) };
+        }
         for (gb, o) in group.chunks_exact(gs * bytes).zip(dst.chunks_exact_mut(QK)) {
             let d = f16_at(gb, 2 * i);
             let m = if has_min {
