@@ -616,8 +616,13 @@ fn seq_grad(
     let rows: Vec<usize> = (0..t - 1).filter(|&i| score[i]).collect();
     let mut g_hf = vec![0f32; t * h];
     let mut loss_sum = 0f64;
-    const BLOCK: usize = 32;
-    for (bn, blk) in rows.chunks(BLOCK).enumerate() {
+    // Rows per block: as many as a block's logits fit in LOGITS_BYTES (each block
+    // dequantizes the whole head once forward and once backward), at least 32, in blocks of
+    // even size.
+    const LOGITS_BYTES: usize = 32 << 20;
+    let cap = (LOGITS_BYTES / (4 * vocab.max(1))).max(32);
+    let block = rows.len().div_ceil(rows.len().div_ceil(cap).max(1)).max(1);
+    for (bn, blk) in rows.chunks(block).enumerate() {
         let m = blk.len();
         let mut xb = vec![0f32; m * h];
         for (bi, &i) in blk.iter().enumerate() {
@@ -641,7 +646,7 @@ fn seq_grad(
                     row[target] -= 1.0;
                 }
                 Some(dists) => {
-                    let dist = &dists[bn * BLOCK + bi];
+                    let dist = &dists[bn * block + bi];
                     loss_sum += dist
                         .iter()
                         .map(|&(id, p)| p as f64 * (lse - row[id as usize] as f64))

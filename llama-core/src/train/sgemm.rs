@@ -87,16 +87,36 @@ impl<'a> Lhs<'a> {
             let kb = KC.min(k - p0);
             // SAFETY: each (block, panel) item writes its own MR * kb values.
             let dst = unsafe { out.slice(p0 * mp + i * MR * kb, MR * kb) };
-            for r in 0..MR.min(m - i * MR) {
-                let row = off + (i * MR + r) * rs + p0 * cs;
-                if cs == 1 {
-                    for (p, &x) in v[row..row + kb].iter().enumerate() {
-                        dst[p * MR + r] = x;
-                    }
-                } else {
-                    for p in 0..kb {
-                        dst[p * MR + r] = v[row + p * cs];
-                    }
+            let rows = MR.min(m - i * MR);
+            let first = off + i * MR * rs + p0 * cs;
+            if rs == 1 {
+                // Each position's rows are contiguous.
+                for (p, d) in dst.chunks_exact_mut(MR).enumerate() {
+                    d[..rows].copy_from_slice(&v[first + p * cs..][..rows]);
+                }
+                return;
+            }
+            #[cfg(target_arch = "x86_64")]
+            if cs == 1 {
+                // The last row's last position lies within `v` (checked above).
+                assert!(first + (rows - 1) * rs + kb <= v.len());
+                // SAFETY: AVX-512 runs (`packed`); `rows` rows of `kb` values `rs` apart from
+                // `first` lie within `v`, `dst` holds kb positions of MR.
+                unsafe {
+                    transpose_avx512(
+                        v.as_ptr().add(first),
+                        (rs, rows),
+                        kb,
+                        dst.as_mut_ptr(),
+                        (MR, MR),
+                    )
+                };
+                return;
+            }
+            for r in 0..rows {
+                let row = first + r * rs;
+                for p in 0..kb {
+                    dst[p * MR + r] = v[row + p * cs];
                 }
             }
         };
@@ -251,6 +271,26 @@ fn pack_b(
                 dst[..w].copy_from_slice(&v[at..at + w]);
             }
         } else if rs == 1 {
+            #[cfg(target_arch = "x86_64")]
+            if packed() {
+                for h in 0..w.div_ceil(16) {
+                    let rows = 16.min(w - 16 * h);
+                    let at = off + (c0 + 16 * h) * cs + p0;
+                    assert!(at + (rows - 1) * cs + kb <= v.len());
+                    // SAFETY: AVX-512 runs; the `rows` columns of `kb` positions lie within
+                    // `v` (checked), the panel holds kb positions of NR from lane 16 h.
+                    unsafe {
+                        transpose_avx512(
+                            v.as_ptr().add(at),
+                            (cs, rows),
+                            kb,
+                            panel.as_mut_ptr().add(16 * h),
+                            (NR, 16),
+                        )
+                    };
+                }
+                continue;
+            }
             for j in 0..w {
                 let at = off + (c0 + j) * cs + p0;
                 for (p, &x) in v[at..at + kb].iter().enumerate() {
@@ -263,6 +303,74 @@ fn pack_b(
                     *d = v[off + (p0 + p) * rs + (c0 + j) * cs];
                 }
             }
+        }
+    }
+}
+
+/// `out[p * ostride + j] = src[j * sstride + p]` for `j < rows <= 16`, `p < len`, zero for
+/// `rows <= j < width` (`width <= 16` values written per position): 16 x 16 blocks transposed
+/// in registers.
+///
+/// # Safety
+/// AVX-512F is present; `src` holds `rows` rows of `len` values `sstride` apart; `out` is
+/// writable for `len` positions of `width` values `ostride` apart.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose_avx512(
+    src: *const f32,
+    (sstride, rows): (usize, usize),
+    len: usize,
+    out: *mut f32,
+    (ostride, width): (usize, usize),
+) {
+    use std::arch::x86_64::*;
+    let wmask = ((1u32 << width) - 1) as __mmask16;
+    let mut p = 0;
+    // SAFETY: the caller's contract; loads past `len` and stores past `width` are masked.
+    unsafe {
+        while p < len {
+            let n = 16.min(len - p);
+            let lm = ((1u32 << n) - 1) as __mmask16;
+            let r: [__m512; 16] = std::array::from_fn(|j| {
+                if j < rows {
+                    _mm512_maskz_loadu_ps(lm, src.add(j * sstride + p))
+                } else {
+                    _mm512_setzero_ps()
+                }
+            });
+            let mut t = [_mm512_setzero_ps(); 16];
+            for i in 0..8 {
+                t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+                t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+            }
+            // u[4i + c]: in 128-bit lane L, rows 4i..4i + 4 at column 4L + c.
+            let mut u = [_mm512_setzero_ps(); 16];
+            for i in 0..4 {
+                u[4 * i] = _mm512_shuffle_ps::<0x44>(t[4 * i], t[4 * i + 2]);
+                u[4 * i + 1] = _mm512_shuffle_ps::<0xEE>(t[4 * i], t[4 * i + 2]);
+                u[4 * i + 2] = _mm512_shuffle_ps::<0x44>(t[4 * i + 1], t[4 * i + 3]);
+                u[4 * i + 3] = _mm512_shuffle_ps::<0xEE>(t[4 * i + 1], t[4 * i + 3]);
+            }
+            for c in 0..4 {
+                let s0 = _mm512_shuffle_f32x4::<0x44>(u[c], u[4 + c]);
+                let s1 = _mm512_shuffle_f32x4::<0xEE>(u[c], u[4 + c]);
+                let s2 = _mm512_shuffle_f32x4::<0x44>(u[8 + c], u[12 + c]);
+                let s3 = _mm512_shuffle_f32x4::<0xEE>(u[8 + c], u[12 + c]);
+                // Column 4L + c of all 16 rows.
+                let col = [
+                    _mm512_shuffle_f32x4::<0x88>(s0, s2),
+                    _mm512_shuffle_f32x4::<0xDD>(s0, s2),
+                    _mm512_shuffle_f32x4::<0x88>(s1, s3),
+                    _mm512_shuffle_f32x4::<0xDD>(s1, s3),
+                ];
+                for (l, v) in col.iter().enumerate() {
+                    let q = 4 * l + c;
+                    if q < n {
+                        _mm512_mask_storeu_ps(out.add((p + q) * ostride), wmask, *v);
+                    }
+                }
+            }
+            p += 16;
         }
     }
 }
