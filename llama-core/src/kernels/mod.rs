@@ -81,9 +81,45 @@ macro_rules! our_weight_matrix {
                 self.dequantize_rows(start, out);
                 Ok(())
             }
+            fn panels(&self) -> bool {
+                self.has_panels()
+            }
+            fn panel_into(
+                &self,
+                rows: std::ops::Range<usize>,
+                cols: std::ops::Range<usize>,
+                out: &mut [f32],
+            ) {
+                $crate::kernels::check_panel(&rows, &cols, out, (self.n, self.k), self.panels());
+                self.panel_t(rows, cols, out)
+            }
         }
     };
 }
+
+/// Panics unless `rows` (16 or 32 of them from a multiple of 16) and positions `cols` lie
+/// within an `[n, k]` matrix that has panels, and `out` holds the panel.
+pub(crate) fn check_panel(
+    rows: &std::ops::Range<usize>,
+    cols: &std::ops::Range<usize>,
+    out: &[f32],
+    (n, k): (usize, usize),
+    panels: bool,
+) {
+    assert!(
+        panels
+            && rows.start.is_multiple_of(16)
+            && (rows.len() == 16 || rows.len() == 32)
+            && rows.end <= n
+            && cols.start <= cols.end
+            && cols.end <= k
+            && out.len() >= cols.len() * PANEL,
+        "weight panel rows {rows:?} positions {cols:?} of [{n}, {k}]"
+    );
+}
+
+/// Values per position of a training panel ([`WeightMatrix::panel_into`]).
+pub(crate) const PANEL: usize = 32;
 
 mod block32;
 mod dst;
@@ -422,6 +458,22 @@ pub(crate) trait WeightMatrix: Send + Sync {
             }
         });
         res
+    }
+    /// Whether [`WeightMatrix::panel_into`] runs (its layout keeps rows in groups of 16).
+    fn panels(&self) -> bool {
+        false
+    }
+    /// Rows `rows` (16 or 32 of them, from a multiple of 16) at positions `cols`, transposed
+    /// into a training panel: `out[p * PANEL + j]` = row `rows.start + j` at `cols.start + p`,
+    /// the values [`WeightMatrix::row_into`] gives. Only where [`WeightMatrix::panels`];
+    /// panics on a range outside the matrix.
+    fn panel_into(
+        &self,
+        rows: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
+        out: &mut [f32],
+    ) {
+        check_panel(&rows, &cols, out, self.shape(), self.panels());
     }
     /// Rows `ids` dequantized, `[ids.len(), k]` (embedding lookup).
     fn rows(&self, ids: &[u32]) -> Result<Tensor> {

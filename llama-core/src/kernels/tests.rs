@@ -448,5 +448,44 @@ fn row_ranges_equal_rows_one_by_one() {
             "{name}"
         );
         assert!(m.rows_into(0, &mut vec![0f32; k + 1]).is_err(), "{name}");
+        // Training panels: the same values transposed, for 16 and 32 rows, whole blocks and
+        // ranges inside them.
+        if m.panels() {
+            let mut rows = vec![0f32; n * k];
+            m.rows_into(0, &mut rows).unwrap();
+            for (r0, count) in [(0, 16), (0, 32), (16, 16), (n - 16, 16)] {
+                if r0 + count > n {
+                    continue;
+                }
+                for cols in [0..k, 0..k / 2, k / 4..k, 3..k - 5] {
+                    let mut panel = vec![f32::NAN; cols.len() * PANEL];
+                    m.panel_into(r0..r0 + count, cols.clone(), &mut panel);
+                    for p in 0..cols.len() {
+                        for j in 0..count {
+                            assert_eq!(
+                                panel[p * PANEL + j].to_bits(),
+                                rows[(r0 + j) * k + cols.start + p].to_bits(),
+                                "{name} panel rows {r0}+{count} cols {cols:?} [{p}, {j}]"
+                            );
+                        }
+                    }
+                }
+            }
+            let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                m.panel_into(n..n + 16, 0..k, &mut vec![0f32; k * PANEL])
+            }));
+            assert!(res.is_err(), "{name}: rows past the matrix");
+        }
+    }
+    // The layouts with panels: f16 and the block formats without fifth bits, in groups.
+    let with_panels: Vec<&str> = mats
+        .iter()
+        .filter(|(_, m)| m.panels())
+        .map(|(n, _)| n.as_str())
+        .collect();
+    if repack() {
+        assert!(with_panels.iter().any(|n| n.starts_with("f16 48x40")));
+        assert!(with_panels.iter().any(|n| n.starts_with("Q4_1 32x512")));
+        assert!(with_panels.iter().any(|n| n.starts_with("Q8_0 32x512")));
     }
 }

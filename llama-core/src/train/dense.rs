@@ -3,8 +3,8 @@
 //! arithmetic is exact f32 on the stored values, the same in both directions), RMS norm,
 //! causal attention, SwiGLU and the small LoRA products.
 
-use super::sgemm::Lhs;
 pub(crate) use super::sgemm::Operand;
+use super::sgemm::{Lhs, Rhs, Scratch};
 use crate::kernels::WeightMatrix;
 use crate::lora::kernel::{dot, Simd};
 use crate::pool::{for_each_chunk_mut, pool, SharedMut};
@@ -34,14 +34,21 @@ pub(crate) fn fwd(
     let lhs = Lhs::new_par((x, 0, k, 1), m, k);
     let out = SharedMut::new(y);
     pool().run(tiles, &|items| {
-        let mut buf = vec![0f32; TILE * k];
         for tile in items {
             let o0 = tile * TILE;
             let rows = TILE.min(n - o0);
-            let _ = w.rows_into(o0, &mut buf[..rows * k]);
-            // y[m, col + o0..][m, rows] = x[m, k] . buf[rows, k]^T
+            // y[m, col + o0..][m, rows] = x[m, k] . W[o0..o0 + rows, k]^T
             // SAFETY: tiles write disjoint column ranges of each row.
-            unsafe { lhs.times_shared((&buf, 0, 1, k), rows, out, (col + o0, stride), false, 1.0) };
+            unsafe {
+                lhs.times_shared(
+                    Rhs::WeightT(w, o0),
+                    rows,
+                    out,
+                    (col + o0, stride),
+                    false,
+                    1.0,
+                )
+            };
         }
     });
 }
@@ -71,7 +78,7 @@ pub(crate) fn bwd(
         let gx_out = SharedMut::new(&mut gx[..mk]);
         let part_out = SharedMut::new(&mut partial);
         pool().run(shares, &|items| {
-            let mut buf = vec![0f32; TILE * k];
+            let mut buf = Scratch::new(TILE * k);
             for share in items {
                 // SAFETY: share 0 alone writes gx, share s > 0 alone its own buffer.
                 let dst = unsafe {
@@ -85,10 +92,11 @@ pub(crate) fn bwd(
                 while tile < tiles {
                     let o0 = tile * TILE;
                     let rows = TILE.min(n - o0);
-                    let _ = w.rows_into(o0, &mut buf[..rows * k]);
+                    w.rows_into(o0, &mut buf[..rows * k])
+                        .expect("weight rows within the matrix");
                     // dst[m, k] += gy[.., col + o0..][m, rows] . buf[rows, k]
                     Lhs::new((gy, col + o0, stride, 1), m, rows).times(
-                        (&buf, 0, k, 1),
+                        (&buf[..rows * k], 0, k, 1),
                         k,
                         dst,
                         (0, k),

@@ -11,11 +11,73 @@
 //! The left operand is a [`Lhs`], packed once and used for any number of right operands (the
 //! forward pass multiplies one activation by every weight tile).
 
+use crate::kernels::{WeightMatrix, PANEL};
 use crate::lora::kernel::Simd;
 use crate::pool::{pool, SharedMut};
 
 /// A strided matrix operand: `(values, offset of element (0, 0), row stride, column stride)`.
 pub(crate) type Operand<'a> = (&'a [f32], usize, usize, usize);
+
+/// The right operand `B` (`[k, n]`) of a product.
+#[derive(Clone, Copy)]
+pub(crate) enum Rhs<'a> {
+    /// A strided matrix.
+    Matrix(Operand<'a>),
+    /// Rows `start..start + n` of a weight, transposed: `B[p, j]` = row `start + j` at
+    /// position `p` (packed straight from the weight's panels where it has them).
+    WeightT(&'a dyn WeightMatrix, usize),
+}
+
+const _: () = assert!(NR == PANEL, "a weight panel is one column panel");
+
+thread_local! {
+    /// Each thread's spare buffers ([`Scratch`]).
+    static SPARE: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A buffer of at least `len` values (stale ones from an earlier use: every reader writes what
+/// it reads first), taken from this thread's spares and given back to them when dropped, so
+/// the products and tiles of a step do not allocate and zero fresh pages each time.
+pub(crate) struct Scratch(Vec<f32>);
+
+impl Scratch {
+    pub(crate) fn new(len: usize) -> Scratch {
+        let mut v = SPARE
+            .try_with(|s| s.borrow_mut().pop())
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        if v.len() < len {
+            v.resize(len, 0.0);
+        }
+        Scratch(v)
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Scratch {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let v = std::mem::take(&mut self.0);
+        let _ = SPARE.try_with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < 8 {
+                s.push(v);
+            }
+        });
+    }
+}
 
 /// Rows of the register tile.
 pub(crate) const MR: usize = 12;
@@ -45,7 +107,7 @@ enum Form<'a> {
     /// `k` in blocks of [`KC`] positions (the last shorter), each block `mp = ceil(m / MR) *
     /// MR` rows as panels of [`MR`]: block at `p0 * mp`, panel `i` of a block of `kb` positions
     /// at `i * MR * kb`, value `(row, p)` of a panel at `p * MR + row`.
-    Panels { data: Vec<f32>, mp: usize },
+    Panels { data: Scratch, mp: usize },
     /// As given (the `gemm` crate packs for itself).
     Strided(Operand<'a>),
 }
@@ -78,8 +140,8 @@ impl<'a> Lhs<'a> {
         let panels = m.div_ceil(MR);
         let mp = panels * MR;
         let blocks = k.div_ceil(KC);
-        let mut data = vec![0f32; mp * k];
-        let out = SharedMut::new(&mut data);
+        let mut data = Scratch::new(mp * k);
+        let out = SharedMut::new(&mut data[..mp * k]);
         let (v, off, rs, cs) = a;
         let pack = |item: usize| {
             let (b, i) = (item / panels, item % panels);
@@ -93,6 +155,7 @@ impl<'a> Lhs<'a> {
                 // Each position's rows are contiguous.
                 for (p, d) in dst.chunks_exact_mut(MR).enumerate() {
                     d[..rows].copy_from_slice(&v[first + p * cs..][..rows]);
+                    d[rows..].fill(0.0);
                 }
                 return;
             }
@@ -113,10 +176,10 @@ impl<'a> Lhs<'a> {
                 };
                 return;
             }
-            for r in 0..rows {
+            for r in 0..MR {
                 let row = first + r * rs;
                 for p in 0..kb {
-                    dst[p * MR + r] = v[row + p * cs];
+                    dst[p * MR + r] = if r < rows { v[row + p * cs] } else { 0.0 };
                 }
             }
         };
@@ -144,7 +207,7 @@ impl<'a> Lhs<'a> {
         beta: f32,
     ) {
         // SAFETY: `c` is borrowed exclusively.
-        unsafe { self.times_shared(b, n, SharedMut::new(c), at, accumulate, beta) }
+        unsafe { self.times_shared(Rhs::Matrix(b), n, SharedMut::new(c), at, accumulate, beta) }
     }
 
     /// [`Lhs::times`] into a buffer the pool's items share.
@@ -154,7 +217,7 @@ impl<'a> Lhs<'a> {
     /// this runs.
     pub(crate) unsafe fn times_shared(
         &self,
-        b: Operand<'_>,
+        b: Rhs<'_>,
         n: usize,
         c: SharedMut<'_, f32>,
         (c0, rs_c): (usize, usize),
@@ -165,13 +228,40 @@ impl<'a> Lhs<'a> {
         if m == 0 || n == 0 {
             return;
         }
-        check_operand(b, k, n, "right");
+        let b = match b {
+            Rhs::Matrix(op) => {
+                check_operand(op, k, n, "right");
+                Rhs::Matrix(op)
+            }
+            Rhs::WeightT(w, start) => {
+                let (wn, wk) = w.shape();
+                assert!(wk == k && start + n <= wn, "weight rows out of bounds");
+                let direct = matches!(self.form, Form::Panels { .. })
+                    && w.panels()
+                    && start.is_multiple_of(16)
+                    && n.is_multiple_of(16);
+                if !direct {
+                    // The rows dequantized, as their transpose.
+                    let mut rows = Scratch::new(n * k);
+                    w.rows_into(start, &mut rows[..n * k])
+                        .expect("weight rows within the matrix (checked)");
+                    let op = (&rows[..n * k], 0, 1, k);
+                    // SAFETY: the caller's contract.
+                    return unsafe {
+                        self.times_shared(Rhs::Matrix(op), n, c, (c0, rs_c), accumulate, beta)
+                    };
+                }
+                Rhs::WeightT(w, start)
+            }
+        };
         assert!(m == 1 || rs_c >= n, "product destination rows overlap");
         // Bounds-checked: the destination's extent lies within the buffer.
         let c = c.ptr_at(c0, (m - 1) * rs_c + n);
         match &self.form {
             Form::Strided((av, aoff, ars, acs)) => {
-                let (bv, boff, brs, bcs) = b;
+                let Rhs::Matrix((bv, boff, brs, bcs)) = b else {
+                    unreachable!("weights are dequantized for gemm above")
+                };
                 // SAFETY: every extent was checked above (and `A`'s when it was made); the
                 // destination is this call's alone (the caller's contract), rows `rs_c >= n`
                 // apart.
@@ -206,9 +296,23 @@ impl<'a> Lhs<'a> {
                         let np = nb.div_ceil(NR);
                         for p0 in (0..k).step_by(KC) {
                             let kb = KC.min(k - p0);
-                            bp.clear();
-                            bp.resize(np * NR * kb, 0.0);
-                            pack_b(b, (p0, kb), (j0, nb), &mut bp);
+                            if bp.len() < np * NR * kb {
+                                bp.resize(np * NR * kb, 0.0);
+                            }
+                            let bp = &mut bp[..np * NR * kb];
+                            match b {
+                                Rhs::Matrix(op) => pack_b(op, (p0, kb), (j0, nb), bp),
+                                Rhs::WeightT(w, start) => {
+                                    for (jp, panel) in bp.chunks_exact_mut(NR * kb).enumerate() {
+                                        let r0 = start + j0 + jp * NR;
+                                        let w_rows = NR.min(nb - jp * NR);
+                                        if w_rows < NR {
+                                            panel.fill(0.0);
+                                        }
+                                        w.panel_into(r0..r0 + w_rows, p0..p0 + kb, panel);
+                                    }
+                                }
+                            }
                             let load = accumulate || p0 > 0;
                             let block = &data[p0 * mp..][..kb * mp];
                             for jp in 0..np {
@@ -265,6 +369,9 @@ fn pack_b(
     for (jp, panel) in out.chunks_exact_mut(NR * kb).enumerate() {
         let c0 = j0 + jp * NR;
         let w = NR.min(j0 + nb - c0);
+        if w < NR {
+            panel.fill(0.0);
+        }
         if cs == 1 {
             for (p, dst) in panel.chunks_exact_mut(NR).enumerate() {
                 let at = off + (p0 + p) * rs + c0;

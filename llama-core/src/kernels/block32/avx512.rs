@@ -215,3 +215,81 @@ pub(crate) unsafe fn grouped_row_avx512(
         }
     }
 }
+
+/// [`BlockMatrix::panel_t`] for one group of 16 rows: `blocks` (whole blocks of the group)
+/// into `out[p * PANEL..][..16]`, one vector of the 16 rows per position, with the scalar
+/// arithmetic (`q * d + m`, a product then a sum).
+///
+/// # Safety
+/// The CPU supports `avx512f`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,f16c")]
+pub(crate) unsafe fn group_panel_avx512(fmt: BlockFmt, blocks: &[u8], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let bytes = fmt.bytes();
+    let gb = G16 * bytes;
+    let nb = blocks.len() / gb;
+    assert!(
+        !has_qh(fmt)
+            && blocks.len() == nb * gb
+            && (nb == 0 || out.len() >= (nb * QK - 1) * PANEL + G16),
+        "group panel bounds"
+    );
+    let qat = group_quants_at(fmt, G16);
+    let (src, o) = (blocks.as_ptr(), out.as_mut_ptr());
+    // SAFETY: every read lies within `blocks` (block b's bytes end at (b + 1) * gb), every
+    // write within `out` (position < nb * 32, checked above).
+    unsafe {
+        let low = _mm512_set1_epi32(0x0F);
+        let eight = _mm512_set1_epi32(8);
+        let zero = _mm512_setzero_ps();
+        for b in 0..nb {
+            let p = src.add(b * gb);
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i));
+            let m = if fmt.has_min() {
+                _mm512_cvtph_ps(_mm256_loadu_si256(p.add(2 * G16) as *const __m256i))
+            } else {
+                zero
+            };
+            let put = |pos: usize, q: __m512i| {
+                let v = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(q), d), m);
+                _mm512_storeu_ps(o.add((b * QK + pos) * PANEL), v);
+            };
+            let pieces = (bytes - head_bytes(fmt)) / 4;
+            for j in 0..pieces {
+                // Lane i: the piece's four quant bytes of row i.
+                let v = _mm512_loadu_si512(p.add(qat + j * G16 * 4) as *const _);
+                match fmt {
+                    BlockFmt::Q8_0 => {
+                        put(4 * j, _mm512_srai_epi32::<24>(_mm512_slli_epi32::<24>(v)));
+                        put(
+                            4 * j + 1,
+                            _mm512_srai_epi32::<24>(_mm512_slli_epi32::<16>(v)),
+                        );
+                        put(
+                            4 * j + 2,
+                            _mm512_srai_epi32::<24>(_mm512_slli_epi32::<8>(v)),
+                        );
+                        put(4 * j + 3, _mm512_srai_epi32::<24>(v));
+                    }
+                    _ => {
+                        let off = if fmt == BlockFmt::Q4_0 {
+                            eight
+                        } else {
+                            _mm512_setzero_si512()
+                        };
+                        let nib = |q: __m512i| _mm512_sub_epi32(_mm512_and_si512(q, low), off);
+                        put(4 * j, nib(v));
+                        put(QK / 2 + 4 * j, nib(_mm512_srli_epi32::<4>(v)));
+                        put(4 * j + 1, nib(_mm512_srli_epi32::<8>(v)));
+                        put(QK / 2 + 4 * j + 1, nib(_mm512_srli_epi32::<12>(v)));
+                        put(4 * j + 2, nib(_mm512_srli_epi32::<16>(v)));
+                        put(QK / 2 + 4 * j + 2, nib(_mm512_srli_epi32::<20>(v)));
+                        put(4 * j + 3, nib(_mm512_srli_epi32::<24>(v)));
+                        put(QK / 2 + 4 * j + 3, nib(_mm512_srli_epi32::<28>(v)));
+                    }
+                }
+            }
+        }
+    }
+}

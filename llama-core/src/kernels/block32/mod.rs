@@ -535,17 +535,27 @@ impl BlockMatrix {
     /// back together first (training dequantizes every weight row once or twice a step).
     fn dequantize_grouped_row(&self, c: usize, dst: &mut [f32]) {
         let (bytes, nb, gs) = (self.fmt.bytes(), self.k / QK, self.group);
+        #[cfg(target_arch = "x86_64")]
+        if isa() == Isa::Avx512 {
+            let (g, i) = (c / gs, c % gs);
+            let group = &self.data[g * nb * gs * bytes..][..nb * gs * bytes];
+            // SAFETY: AVX-512 is the running ISA (checked at run time); `group` is the row's
+            // group of nb blocks, `dst` k = nb * 32 values.
+            return unsafe { grouped_row_avx512(self.fmt, group, gs, i, &mut dst[..nb * QK]) };
+        }
+        self.grouped_blocks(c, 0..nb, dst);
+    }
+
+    /// Blocks `blocks` of row `c` of the interleaved groups into `dst` (32 values each), on
+    /// scalar code.
+    fn grouped_blocks(&self, c: usize, blocks: std::ops::Range<usize>, dst: &mut [f32]) {
+        let (bytes, nb, gs) = (self.fmt.bytes(), self.k / QK, self.group);
         let (g, i) = (c / gs, c % gs);
         let qat = group_quants_at(self.fmt, gs);
         let pieces = (bytes - head_bytes(self.fmt)) / 4;
         let has_min = self.fmt.has_min();
         let group = &self.data[g * nb * gs * bytes..][..nb * gs * bytes];
-        #[cfg(target_arch = "x86_64")]
-        if isa() == Isa::Avx512 {
-            // SAFETY: AVX-512 is the running ISA (checked at run time); `group` is the row's
-            // group of nb blocks, `dst` k = nb * 32 values.
-            return unsafe { grouped_row_avx512(self.fmt, group, gs, i, &mut dst[..nb * QK]) };
-        }
+        let group = &group[blocks.start * gs * bytes..blocks.end * gs * bytes];
         for (gb, o) in group.chunks_exact(gs * bytes).zip(dst.chunks_exact_mut(QK)) {
             let d = f16_at(gb, 2 * i);
             let m = if has_min {
@@ -568,6 +578,40 @@ impl BlockMatrix {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// Training panels straight from the interleaved groups (the formats without fifth bits).
+    fn has_panels(&self) -> bool {
+        self.group > 0 && !has_qh(self.fmt) && G16.is_multiple_of(self.group)
+    }
+
+    /// [`WeightMatrix::panel_into`] (the bounds were checked): on AVX-512 with 16-row groups
+    /// and whole blocks, each piece of a block is the same four quants of the group's 16 rows
+    /// (one 512-bit load), spread into 16-row vectors; else row by row.
+    fn panel_t(&self, rows: std::ops::Range<usize>, cols: std::ops::Range<usize>, out: &mut [f32]) {
+        let (bytes, nb, gs) = (self.fmt.bytes(), self.k / QK, self.group);
+        let whole = cols.start.is_multiple_of(QK) && cols.end.is_multiple_of(QK);
+        #[cfg(target_arch = "x86_64")]
+        if isa() == Isa::Avx512 && gs == G16 && whole {
+            for h in 0..rows.len() / G16 {
+                let g = rows.start / G16 + h;
+                let group = &self.data[g * nb * gs * bytes..][..nb * gs * bytes];
+                let blocks = &group[cols.start / QK * gs * bytes..cols.end / QK * gs * bytes];
+                // SAFETY: AVX-512 is the running ISA; `blocks` holds whole blocks of the group,
+                // `out` cols.len() positions of PANEL (checked).
+                unsafe { group_panel_avx512(self.fmt, blocks, &mut out[G16 * h..]) };
+            }
+            return;
+        }
+        let (b0, b1) = (cols.start / QK, cols.end.div_ceil(QK));
+        let mut tmp = vec![0f32; (b1 - b0) * QK];
+        for (j, r) in rows.enumerate() {
+            self.grouped_blocks(r, b0..b1, &mut tmp);
+            let at = cols.start - b0 * QK;
+            for (p, &v) in tmp[at..at + cols.len()].iter().enumerate() {
+                out[p * PANEL + j] = v;
             }
         }
     }

@@ -159,3 +159,23 @@ pub(crate) unsafe fn group_rows_avx512(src: *const f16, k: usize, dst: *mut f32,
         p0 += 1;
     }
 }
+
+/// [`F16Matrix::panel_t`] for one group: `len` positions of 16 values from `src` converted to
+/// `out[p * PANEL..][..16]`.
+///
+/// # Safety
+/// The CPU supports `avx512f,f16c`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,f16c")]
+pub(crate) unsafe fn panel_avx512(src: &[f16], out: &mut [f32], len: usize) {
+    use std::arch::x86_64::*;
+    assert!(src.len() >= len * FG && (len == 0 || out.len() >= (len - 1) * PANEL + FG));
+    let (s, o) = (src.as_ptr(), out.as_mut_ptr());
+    for p in 0..len {
+        // SAFETY: within both slices (checked above).
+        unsafe {
+            let v = _mm512_cvtph_ps(_mm256_loadu_si256(s.add(p * FG) as *const __m256i));
+            _mm512_storeu_ps(o.add(p * PANEL), v);
+        }
+    }
+}

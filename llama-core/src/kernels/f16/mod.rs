@@ -148,6 +148,32 @@ impl F16Matrix {
         }
     }
 
+    fn has_panels(&self) -> bool {
+        self.grouped
+    }
+
+    /// [`WeightMatrix::panel_into`]: each position of a group is its 16 rows side by side,
+    /// so a panel is a conversion (the bounds were checked).
+    fn panel_t(&self, rows: std::ops::Range<usize>, cols: std::ops::Range<usize>, out: &mut [f32]) {
+        let k = self.k;
+        for h in 0..rows.len() / FG {
+            let g = rows.start / FG + h;
+            let src = &self.data[(g * k + cols.start) * FG..(g * k + cols.end) * FG];
+            #[cfg(target_arch = "x86_64")]
+            if isa() == Isa::Avx512 {
+                // SAFETY: AVX-512 is the running ISA; `src` holds cols.len() positions of FG
+                // values, `out` as many of PANEL (checked).
+                unsafe { panel_avx512(src, &mut out[FG * h..], cols.len()) };
+                continue;
+            }
+            for (p, vals) in src.chunks_exact(FG).enumerate() {
+                for (o, v) in out[p * PANEL + FG * h..][..FG].iter_mut().zip(vals) {
+                    *o = v.to_f32();
+                }
+            }
+        }
+    }
+
     /// Row `id` as f32 into `dst` (`k` values).
     fn dequantize_row(&self, id: usize, dst: &mut [f32]) {
         for (p, o) in dst.iter_mut().enumerate() {

@@ -450,6 +450,14 @@ pub(super) fn group_matmul(
     run_items(row_tiles * (n / gs), &work);
 }
 
+impl Q4KMatrix {
+    /// No training panels: rows are dequantized whole.
+    fn has_panels(&self) -> bool {
+        false
+    }
+    fn panel_t(&self, _: std::ops::Range<usize>, _: std::ops::Range<usize>, _: &mut [f32]) {}
+}
+
 our_weight_matrix!(Q4KMatrix, |_| candle_core::quantized::GgmlDType::Q4K, true);
 
 impl Q4KMatrix {

@@ -245,6 +245,14 @@ q6k_group!(q6k_avx2, "avx2,fma,f16c", false);
 #[cfg(target_arch = "x86_64")]
 q6k_group!(q6k_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", true);
 
+impl Q6KMatrix {
+    /// No training panels: rows are dequantized whole.
+    fn has_panels(&self) -> bool {
+        false
+    }
+    fn panel_t(&self, _: std::ops::Range<usize>, _: std::ops::Range<usize>, _: &mut [f32]) {}
+}
+
 our_weight_matrix!(Q6KMatrix, |_| candle_core::quantized::GgmlDType::Q6K, true);
 
 impl Q6KMatrix {
