@@ -324,10 +324,50 @@ pub(crate) fn attention_bwd(
     });
 }
 
-/// `1 / (1 + e^-x)`.
-#[inline]
-pub(crate) fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+/// `exp(x)` of every value in place (the 2-ulp vector `exp` on x86-64 SIMD paths).
+pub(crate) fn exp_in_place(v: &mut [f32]) {
+    let mut i = 0;
+    #[cfg(target_arch = "x86_64")]
+    if simd() != Simd::None {
+        // SAFETY: AVX2 and FMA run (the current settings' ISA); every access is in bounds.
+        unsafe {
+            use std::arch::x86_64::*;
+            while i + 8 <= v.len() {
+                let x = _mm256_loadu_ps(v.as_ptr().add(i));
+                _mm256_storeu_ps(v.as_mut_ptr().add(i), crate::kernels::simd::exp8(x));
+                i += 8;
+            }
+        }
+    }
+    for x in &mut v[i..] {
+        *x = x.exp();
+    }
+}
+
+/// Gradients of SwiGLU `a = silu(g) * up` (rows of `gu`: `ff` gate values then `ff` up
+/// values) given `ga` (`[t, ff]`) into `ggu` (`[t, 2 ff]`), rows on the pool:
+/// `d/dg = ga up s (1 + g (1 - s))`, `d/dup = ga g s`, `s = sigmoid(g)`.
+pub(crate) fn swiglu_bwd(gu: &[f32], ga: &[f32], ff: usize, ggu: &mut [f32]) {
+    assert!(
+        ff > 0 && gu.len() == ggu.len() && ga.len() * 2 == gu.len(),
+        "swiglu_bwd operands"
+    );
+    for_each_chunk_mut(ggu, 2 * ff, &|i, out| {
+        let row = &gu[i * 2 * ff..(i + 1) * 2 * ff];
+        let gar = &ga[i * ff..(i + 1) * ff];
+        let (og, ou) = out.split_at_mut(ff);
+        // og <- exp(-g) first.
+        for (o, &g) in og.iter_mut().zip(&row[..ff]) {
+            *o = -g;
+        }
+        exp_in_place(og);
+        for j in 0..ff {
+            let (g, up) = (row[j], row[ff + j]);
+            let sg = 1.0 / (1.0 + og[j]);
+            og[j] = gar[j] * up * sg * (1.0 + g * (1.0 - sg));
+            ou[j] = gar[j] * g * sg;
+        }
+    });
 }
 
 /// `u = x A^T` (`[m, r]`) for `A` `[r, k]`.

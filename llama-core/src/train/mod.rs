@@ -576,13 +576,7 @@ fn seq_grad(
             }
         }
         let mut a = vec![0f32; t * ff];
-        for i in 0..t {
-            let row = &gu[i * 2 * ff..(i + 1) * 2 * ff];
-            for j in 0..ff {
-                let g = row[j];
-                a[i * ff + j] = g * dense::sigmoid(g) * row[ff + j];
-            }
-        }
+        crate::kernels::swiglu_rows(&gu, ff, &mut a);
         let mut d = vec![0f32; t * h];
         dense::fwd(&**l.down, &a, t, &mut d, (h, 0));
         if let Some(p) = &ps[Target::Down as usize] {
@@ -630,38 +624,49 @@ fn seq_grad(
         }
         let mut logits = vec![0f32; m * vocab];
         dense::fwd(&**view.lm_head, &xb, m, &mut logits, (vocab, 0));
-        for (bi, &i) in blk.iter().enumerate() {
-            let row = &mut logits[bi * vocab..(bi + 1) * vocab];
-            let mx = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            let z: f64 = row.iter().map(|&v| ((v - mx) as f64).exp()).sum();
-            let lse = mx as f64 + z.ln();
-            match teacher {
-                None => {
-                    let target = tokens[i + 1] as usize;
-                    loss_sum += lse - row[target] as f64;
-                    // d loss / d logits = softmax - onehot.
-                    for v in row.iter_mut() {
-                        *v = (((*v - mx) as f64).exp() / z) as f32;
-                    }
-                    row[target] -= 1.0;
-                }
-                Some(dists) => {
-                    let dist = &dists[bn * block + bi];
-                    loss_sum += dist
+        // Each row's loss, then its gradient in place, rows on the pool; the losses summed
+        // in row order.
+        let mut losses = vec![0f64; m];
+        {
+            let lo = crate::pool::SharedMut::new(&mut losses);
+            crate::pool::for_each_chunk_mut(&mut logits, vocab, &|bi, row| {
+                let i = blk[bi];
+                let mx = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let target = tokens[i + 1] as usize;
+                let picked: Vec<(usize, f32)> = match teacher {
+                    None => vec![(target, 1.0)],
+                    Some(dists) => dists[bn * block + bi]
                         .iter()
-                        .map(|&(id, p)| p as f64 * (lse - row[id as usize] as f64))
-                        .sum::<f64>();
-                    let mass: f32 = dist.iter().map(|d| d.1).sum();
-                    // d/d logits of -sum p log softmax = mass * softmax - p.
-                    for v in row.iter_mut() {
-                        *v = mass * (((*v - mx) as f64).exp() / z) as f32;
-                    }
-                    for &(id, p) in dist {
-                        row[id as usize] -= p;
-                    }
+                        .map(|&(id, p)| (id as usize, p))
+                        .collect(),
+                };
+                // -sum p log softmax = sum p (lse - logit).
+                let before: Vec<f32> = picked.iter().map(|&(id, _)| row[id]).collect();
+                for v in row.iter_mut() {
+                    *v -= mx;
                 }
-            }
+                dense::exp_in_place(row);
+                let z: f64 = row.iter().map(|&e| e as f64).sum();
+                let lse = mx as f64 + z.ln();
+                let loss: f64 = picked
+                    .iter()
+                    .zip(&before)
+                    .map(|(&(_, p), &l)| p as f64 * (lse - l as f64))
+                    .sum();
+                // d/d logits = mass * softmax - p (one-hot for a target).
+                let mass: f32 = picked.iter().map(|d| d.1).sum();
+                let f = (mass as f64 / z) as f32;
+                for v in row.iter_mut() {
+                    *v *= f;
+                }
+                for &(id, p) in &picked {
+                    row[id] -= p;
+                }
+                // SAFETY: each row's item writes its own loss.
+                unsafe { lo.write(bi, &[loss]) };
+            });
         }
+        loss_sum += losses.iter().sum::<f64>();
         let mut gb = vec![0f32; m * h];
         dense::bwd(&**view.lm_head, &logits, (vocab, 0), m, &mut gb);
         for (bi, &i) in blk.iter().enumerate() {
@@ -731,16 +736,7 @@ fn layer_bwd(
     }
     // SwiGLU: a = silu(gate) * up.
     let mut ggu = vec![0f32; t * 2 * ff];
-    for i in 0..t {
-        let row = &sv.gu[i * 2 * ff..(i + 1) * 2 * ff];
-        for j in 0..ff {
-            let (g, up) = (row[j], row[ff + j]);
-            let sg = dense::sigmoid(g);
-            let gaij = ga[i * ff + j];
-            ggu[i * 2 * ff + j] = gaij * up * sg * (1.0 + g * (1.0 - sg));
-            ggu[i * 2 * ff + ff + j] = gaij * g * sg;
-        }
-    }
+    dense::swiglu_bwd(&sv.gu, &ga, ff, &mut ggu);
     drop(ga);
     let mut ghn2 = vec![0f32; t * h];
     for &(m, col) in &l.gate_up {
