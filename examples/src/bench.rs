@@ -38,6 +38,11 @@ pub struct BenchArgs {
     /// (comma-separated counts, e.g. 1,4,8,16): one forward pass per step for all of them.
     #[arg(long, value_name = "N,N,...", value_delimiter = ',')]
     batch: Vec<usize>,
+    /// Also measure LoRA training (rank 16 on all seven projections, one sequence of this many
+    /// tokens per step, every position scored) against the f32 FMA peak measured in the same
+    /// run on the same threads.
+    #[arg(long, value_name = "TOKENS", num_args = 0..=1, default_missing_value = "256")]
+    train: Option<usize>,
     /// The user message of the constrained test.
     #[arg(
         long,
@@ -163,6 +168,10 @@ pub fn run(
         .iter()
         .map(|&n| batched_decode(&model, &adapters, n, reps))
         .collect::<Result<_, _>>()?;
+    let training = match a.train {
+        Some(len) => Some(train_speed(&model, len, reps)?),
+        None => None,
+    };
     let rss = peak_rss_mib();
     let threads = model.threads();
     if a.json {
@@ -186,6 +195,7 @@ pub fn run(
                 "lora_vs_base": versus,
                 "constrained": constrained,
                 "batched": batched,
+                "training": training,
             })
         );
     } else {
@@ -213,6 +223,17 @@ pub fn run(
                 v["prompt_tps"].as_f64().unwrap_or(0.0),
                 v["base_prompt_tps"].as_f64().unwrap_or(0.0),
                 v["prompt_ratio"].as_f64().unwrap_or(0.0),
+            );
+        }
+        if let Some(t) = &training {
+            println!(
+                "train   {:.1} tok/s (LoRA rank 16, {}-token sequences): {:.1} GFLOP/s = {:.1}% of the f32 FMA peak measured here ({:.1} GFLOP/s on {} threads)",
+                t["tokens_per_s"].as_f64().unwrap_or(0.0),
+                t["sequence_tokens"],
+                t["gflops"].as_f64().unwrap_or(0.0),
+                100.0 * t["of_fma_peak"].as_f64().unwrap_or(0.0),
+                t["fma_peak_gflops"].as_f64().unwrap_or(0.0),
+                t["threads"],
             );
         }
         if let Some(c) = &constrained {
@@ -396,4 +417,140 @@ fn constrained_decode(
         "mask_ms_per_token": median(mask),
         "stop_reason": first.stop_reason.as_str(),
     }))
+}
+
+/// LoRA training speed: one warm-up step, then `reps` steps of one `len`-token sequence each
+/// (median tokens/s), rank 16 on all seven projections; the FLOP of a token taken as 4 x the
+/// base's matrix parameters (forward plus the gradient to the inputs), against the f32 FMA peak
+/// measured right after on as many threads.
+fn train_speed(
+    model: &Model,
+    len: usize,
+    reps: usize,
+) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+    use llama_core::train::{Example, LoraConfig, TrainOptions, Trainer};
+    let len = len.max(2);
+    let c = model.config();
+    let steps = reps + 1;
+    let ids = bench_tokens(len * steps, c.vocab_size);
+    let data: Vec<Example> = ids
+        .chunks_exact(len)
+        .map(|t| Example {
+            tokens: t.to_vec(),
+            score: vec![true; len - 1],
+        })
+        .collect();
+    let opts = TrainOptions::default()
+        .lora(LoraConfig {
+            rank: 16,
+            alpha: 32.0,
+            targets: llama_core::Target::ALL.to_vec(),
+            rslora: false,
+        })
+        .epochs(1)
+        .batch(1)
+        .seed(1);
+    let mut trainer = Trainer::new(model, data, opts)?;
+    let mut rates = vec![];
+    for i in 0..steps {
+        let t = Instant::now();
+        let r = trainer.step()?.ok_or("training ended early")?;
+        if i > 0 {
+            rates.push(r.tokens as f64 / t.elapsed().as_secs_f64());
+        }
+    }
+    let tps = median(rates);
+    let (h, ff, hd) = (c.hidden_size, c.intermediate_size, c.head_dim);
+    let (qw, kw) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
+    let params = c.num_hidden_layers * (h * (qw + 2 * kw) + qw * h + 3 * h * ff) + c.vocab_size * h;
+    let gflops = tps * 4.0 * params as f64 / 1e9;
+    let threads = model.threads();
+    let peak = fma_peak_gflops(threads);
+    Ok(json!({
+        "sequence_tokens": len,
+        "steps": reps,
+        "tokens_per_s": tps,
+        "flop_per_token": 4 * params,
+        "gflops": gflops,
+        "threads": threads,
+        "fma_peak_gflops": peak,
+        "of_fma_peak": if peak > 0.0 { gflops / peak } else { 0.0 },
+    }))
+}
+
+/// The f32 FMA throughput of `threads` threads running at once (GFLOP/s): each runs 24
+/// independent chains of fused multiply-adds on the widest vectors this CPU has (512-bit with
+/// AVX-512F, else 256-bit with FMA, else scalar `mul_add`) for about 0.3 s.
+fn fma_peak_gflops(threads: usize) -> f64 {
+    let run = || -> (f64, f64) {
+        let iters: u64 = 20_000_000;
+        let start = Instant::now();
+        let flop = fma_chains(iters);
+        (flop, start.elapsed().as_secs_f64())
+    };
+    let results: Vec<(f64, f64)> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..threads.max(1)).map(|_| s.spawn(run)).collect();
+        hs.into_iter().filter_map(|h| h.join().ok()).collect()
+    });
+    results.iter().map(|(f, t)| f / t / 1e9).sum()
+}
+
+/// FLOP done by `iters` rounds of 24 FMA chains.
+fn fma_chains(iters: u64) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F was detected at run time.
+            return unsafe { fma_chains_avx512(iters) };
+        }
+        if std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: FMA and AVX were detected at run time.
+            return unsafe { fma_chains_avx2(iters / 2) };
+        }
+    }
+    let mut acc = [1.0f32; 24];
+    let (a, b) = (
+        std::hint::black_box(0.999_99f32),
+        std::hint::black_box(1e-7f32),
+    );
+    let n = iters / 16;
+    for _ in 0..n {
+        for x in &mut acc {
+            *x = x.mul_add(a, b);
+        }
+    }
+    std::hint::black_box(acc);
+    n as f64 * 24.0 * 2.0
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn fma_chains_avx512(iters: u64) -> f64 {
+    use std::arch::x86_64::*;
+    let a = _mm512_set1_ps(std::hint::black_box(0.999_99));
+    let b = _mm512_set1_ps(std::hint::black_box(1e-7));
+    let mut acc = [_mm512_set1_ps(1.0); 24];
+    for _ in 0..iters {
+        for x in &mut acc {
+            *x = _mm512_fmadd_ps(*x, a, b);
+        }
+    }
+    std::hint::black_box(acc);
+    iters as f64 * 24.0 * 16.0 * 2.0
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fma_chains_avx2(iters: u64) -> f64 {
+    use std::arch::x86_64::*;
+    let a = _mm256_set1_ps(std::hint::black_box(0.999_99));
+    let b = _mm256_set1_ps(std::hint::black_box(1e-7));
+    let mut acc = [_mm256_set1_ps(1.0); 24];
+    for _ in 0..iters {
+        for x in &mut acc {
+            *x = _mm256_fmadd_ps(*x, a, b);
+        }
+    }
+    std::hint::black_box(acc);
+    iters as f64 * 24.0 * 8.0 * 2.0
 }
