@@ -172,8 +172,33 @@ pub(crate) struct Heads<'a> {
     pub(crate) starts: &'a [usize],
 }
 
+/// The sequences of a packed row set: `(first, end)` of each run of rows sharing a start.
+fn segments(starts: &[usize]) -> Vec<(usize, usize)> {
+    let mut out: Vec<(usize, usize)> = vec![];
+    for (i, &s0) in starts.iter().enumerate() {
+        match out.last_mut() {
+            Some(last) if last.0 == s0 => last.1 = i + 1,
+            _ => out.push((s0, i + 1)),
+        }
+    }
+    out
+}
+
+/// `row[..len] = exp(row - sub)` (zero past `len`), returning the sum of the exponentials.
+fn exp_row(row: &mut [f32], len: usize, sub: f32) -> f64 {
+    let (live, dead) = row.split_at_mut(len);
+    for v in live.iter_mut() {
+        *v -= sub;
+    }
+    exp_in_place(live);
+    dead.fill(0.0);
+    live.iter().map(|&e| e as f64).sum()
+}
+
 /// Causal attention: `att[i, h]` = softmax over `starts[i] <= j <= i` of `q_i . k_j * scale` times `v`;
-/// returns each (row, head)'s log-sum-exp (for the backward pass).
+/// returns each (row, head)'s log-sum-exp (for the backward pass). Items are (sequence, query
+/// head) pairs, each two products on the packed kernels: the scores `Q K^T` of its sequence
+/// (the causal half used), then the probabilities times `V`.
 pub(crate) fn attention(
     q: &[f32],
     k: &[f32],
@@ -191,51 +216,64 @@ pub(crate) fn attention(
     } = s;
     let (qw, kw) = (nh * hd, nkv * hd);
     let group = nh / nkv;
+    assert!(
+        q.len() >= t * qw && k.len() >= t * kw && v.len() >= t * kw && att.len() >= t * qw,
+        "attention operands"
+    );
+    let segs = segments(&starts[..t]);
     let mut lse = vec![0f32; nh * t];
-    let simd = simd();
     let out = SharedMut::new(att);
     let lse_out = SharedMut::new(&mut lse);
-    pool().run(nh, &|heads| {
-        let mut p = vec![0f32; t];
-        for h in heads {
-            let g = h / group;
-            for i in 0..t {
-                let qi = &q[i * qw + h * hd..][..hd];
-                let s0 = starts[i];
-                let mut mx = f32::NEG_INFINITY;
-                for (j, pj) in p.iter_mut().enumerate().take(i + 1).skip(s0) {
-                    *pj = dot(qi, &k[j * kw + g * hd..][..hd], simd) * scale;
-                    mx = mx.max(*pj);
-                }
-                let mut z = 0f64;
-                for pj in &mut p[s0..=i] {
-                    *pj = (*pj - mx).exp();
-                    z += *pj as f64;
-                }
+    pool().run(segs.len() * nh, &|items| {
+        for item in items {
+            let ((s0, s1), h) = (segs[item / nh], item % nh);
+            let (l, g) = (s1 - s0, h / group);
+            let mut sc = Scratch::new(l * l);
+            let p = &mut sc[..l * l];
+            // p[l, l] = scale * Q_h K_g^T over the sequence.
+            Lhs::new((q, s0 * qw + h * hd, qw, 1), l, hd).times(
+                (k, s0 * kw + g * hd, 1, kw),
+                l,
+                p,
+                (0, l),
+                false,
+                scale,
+            );
+            for i in 0..l {
+                let row = &mut p[i * l..(i + 1) * l];
+                let mx = row[..=i].iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let z = exp_row(row, i + 1, mx);
                 let inv = (1.0 / z) as f32;
-                let mut o = vec![0f32; hd];
-                for (j, &pj) in p.iter().enumerate().take(i + 1).skip(s0) {
-                    let w = pj * inv;
-                    for (od, &vd) in o.iter_mut().zip(&v[j * kw + g * hd..][..hd]) {
-                        *od += w * vd;
-                    }
+                for e in &mut row[..=i] {
+                    *e *= inv;
                 }
-                // SAFETY: each head writes its own columns of each row, and its own lse slots.
-                unsafe {
-                    out.write(i * qw + h * hd, &o);
-                    lse_out.write(h * t + i, &[mx + (z as f32).ln()]);
-                }
+                // SAFETY: each (sequence, head) item writes its own lse slots.
+                unsafe { lse_out.write(h * t + s0 + i, &[mx + (z as f32).ln()]) };
             }
+            // att[seq, head h] = P V_g
+            // SAFETY: each item writes its own rows of its head's columns.
+            unsafe {
+                Lhs::new((p, 0, l, 1), l, l).times_shared(
+                    Rhs::Matrix((v, s0 * kw + g * hd, kw, 1)),
+                    hd,
+                    out,
+                    (s0 * qw + h * hd, qw),
+                    false,
+                    1.0,
+                )
+            };
         }
     });
     lse
 }
 
 /// Gradients of [`attention`]: `gq`, `gk`, `gv` (`+=`) given `go` (`[t, q_stride]`), the
-/// forward's `att` and log-sum-exps. Items are query heads (balanced over the threads even
-/// when there are fewer key/value heads than threads): each owns its `gq` columns and adds
-/// its key/value gradients into buffers of its own, summed into `gk`/`gv` per key/value head
-/// afterwards in head order (a fixed order: the same result whatever the threads).
+/// forward's `att` and log-sum-exps. Items are (sequence, query head) pairs (balanced over the
+/// threads even when there are fewer key/value heads than threads), each on the packed
+/// kernels: the probabilities again from `Q K^T` and the log-sum-exps, `dP = dO V^T`, `dS = P
+/// (dP - rowsum(dO att)) scale`, then `gq += dS K`, and the head's own key and value gradients
+/// `dS^T Q` and `P^T dO`, summed into `gk`/`gv` per key/value head afterwards in head order (a
+/// fixed order: the same result whatever the threads).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attention_bwd(
     q: &[f32],
@@ -257,48 +295,91 @@ pub(crate) fn attention_bwd(
     } = s;
     let (qw, kw) = (nh * hd, nkv * hd);
     let group = nh / nkv;
+    assert!(
+        q.len() >= t * qw
+            && k.len() >= t * kw
+            && v.len() >= t * kw
+            && att.len() >= t * qw
+            && go.len() >= t * qw
+            && lse.len() >= nh * t
+            && gq.len() >= t * qw
+            && gk.len() >= t * kw
+            && gv.len() >= t * kw,
+        "attention_bwd operands"
+    );
     let simd = simd();
+    let segs = segments(&starts[..t]);
     let th = t * hd;
-    // Per query head: its key and value gradients, [t, hd] each.
-    let mut pk = vec![0f32; nh * th];
-    let mut pv = vec![0f32; nh * th];
+    // Per query head: its key and value gradients, [t, hd] each (every row written by the
+    // item of its sequence).
+    let mut pk = Scratch::new(nh * th);
+    let mut pv = Scratch::new(nh * th);
     {
         let gq = SharedMut::new(gq);
-        let (pks, pvs) = (SharedMut::new(&mut pk), SharedMut::new(&mut pv));
-        pool().run(nh, &|heads| {
-            let mut p = vec![0f32; t];
-            for h in heads {
-                let g = h / group;
-                // SAFETY: this item alone owns head h's buffers.
-                let (hk, hv) = unsafe { (pks.slice(h * th, th), pvs.slice(h * th, th)) };
-                for i in 0..t {
-                    let qi = &q[i * qw + h * hd..][..hd];
-                    let goi = &go[i * qw + h * hd..][..hd];
-                    let di = dot(goi, &att[i * qw + h * hd..][..hd], simd);
-                    let l = lse[h * t + i];
-                    // SAFETY: this item owns head h's gq columns.
-                    let gqi = unsafe { gq.slice(i * qw + h * hd, hd) };
-                    let s0 = starts[i];
-                    for (j, pj) in p.iter_mut().enumerate().take(i + 1).skip(s0) {
-                        let kj = &k[j * kw + g * hd..][..hd];
-                        *pj = (dot(qi, kj, simd) * scale - l).exp();
-                    }
-                    for (j, &pj) in p.iter().enumerate().take(i + 1).skip(s0) {
-                        let vj = &v[j * kw + g * hd..][..hd];
-                        let gp = dot(goi, vj, simd);
-                        let gs = pj * (gp - di) * scale;
-                        let kj = &k[j * kw + g * hd..][..hd];
-                        for (gd, &kv) in gqi.iter_mut().zip(kj) {
-                            *gd += gs * kv;
-                        }
-                        for (gd, &qv) in hk[j * hd..(j + 1) * hd].iter_mut().zip(qi) {
-                            *gd += gs * qv;
-                        }
-                        for (gd, &ov) in hv[j * hd..(j + 1) * hd].iter_mut().zip(goi) {
-                            *gd += pj * ov;
-                        }
-                    }
+        let (pks, pvs) = (
+            SharedMut::new(&mut pk[..nh * th]),
+            SharedMut::new(&mut pv[..nh * th]),
+        );
+        pool().run(segs.len() * nh, &|items| {
+            for item in items {
+                let ((s0, s1), h) = (segs[item / nh], item % nh);
+                let (l, g) = (s1 - s0, h / group);
+                let (mut pb, mut db) = (Scratch::new(l * l), Scratch::new(l * l));
+                let (p, ds) = (&mut pb[..l * l], &mut db[..l * l]);
+                let q_h = (q, s0 * qw + h * hd, qw, 1);
+                let go_h = (go, s0 * qw + h * hd, qw, 1);
+                // P again: exp(scale Q K^T - lse) on the causal half.
+                Lhs::new(q_h, l, hd).times(
+                    (k, s0 * kw + g * hd, 1, kw),
+                    l,
+                    p,
+                    (0, l),
+                    false,
+                    scale,
+                );
+                for i in 0..l {
+                    exp_row(&mut p[i * l..(i + 1) * l], i + 1, lse[h * t + s0 + i]);
                 }
+                // dP = dO V^T, then dS in place.
+                Lhs::new(go_h, l, hd).times(
+                    (v, s0 * kw + g * hd, 1, kw),
+                    l,
+                    ds,
+                    (0, l),
+                    false,
+                    1.0,
+                );
+                for i in 0..l {
+                    let at = (s0 + i) * qw + h * hd;
+                    let di = dot(&go[at..at + hd], &att[at..at + hd], simd);
+                    let (pr, dr) = (&p[i * l..(i + 1) * l], &mut ds[i * l..(i + 1) * l]);
+                    for (d, &pij) in dr[..=i].iter_mut().zip(&pr[..=i]) {
+                        *d = pij * (*d - di) * scale;
+                    }
+                    dr[i + 1..].fill(0.0);
+                }
+                // gq[seq, head h] += dS K_g
+                // SAFETY: each item writes its own rows of its head's columns.
+                unsafe {
+                    Lhs::new((ds, 0, l, 1), l, l).times_shared(
+                        Rhs::Matrix((k, s0 * kw + g * hd, kw, 1)),
+                        hd,
+                        gq,
+                        (s0 * qw + h * hd, qw),
+                        true,
+                        1.0,
+                    )
+                };
+                // SAFETY: each item alone writes its sequence's rows of head h's buffers.
+                let (hk, hv) = unsafe {
+                    (
+                        pks.slice(h * th + s0 * hd, l * hd),
+                        pvs.slice(h * th + s0 * hd, l * hd),
+                    )
+                };
+                // The head's key gradient dS^T Q_h, value gradient P^T dO_h.
+                Lhs::new((ds, 0, 1, l), l, l).times(q_h, hd, hk, (0, hd), false, 1.0);
+                Lhs::new((p, 0, 1, l), l, l).times(go_h, hd, hv, (0, hd), false, 1.0);
             }
         });
     }
