@@ -172,6 +172,10 @@ pub(crate) struct Heads<'a> {
     pub(crate) starts: &'a [usize],
 }
 
+/// Query rows per block of the attention products: a block's scores are `QB x` the keys it
+/// sees, so the memory an item takes grows with the sequence, not with its square.
+const QB: usize = 128;
+
 /// The sequences of a packed row set: `(first, end)` of each run of rows sharing a start.
 fn segments(starts: &[usize]) -> Vec<(usize, usize)> {
     let mut out: Vec<(usize, usize)> = vec![];
@@ -228,40 +232,45 @@ pub(crate) fn attention(
         for item in items {
             let ((s0, s1), h) = (segs[item / nh], item % nh);
             let (l, g) = (s1 - s0, h / group);
-            let mut sc = Scratch::new(l * l);
-            let p = &mut sc[..l * l];
-            // p[l, l] = scale * Q_h K_g^T over the sequence.
-            Lhs::new((q, s0 * qw + h * hd, qw, 1), l, hd).times(
-                (k, s0 * kw + g * hd, 1, kw),
-                l,
-                p,
-                (0, l),
-                false,
-                scale,
-            );
-            for i in 0..l {
-                let row = &mut p[i * l..(i + 1) * l];
-                let mx = row[..=i].iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                let z = exp_row(row, i + 1, mx);
-                let inv = (1.0 / z) as f32;
-                for e in &mut row[..=i] {
-                    *e *= inv;
-                }
-                // SAFETY: each (sequence, head) item writes its own lse slots.
-                unsafe { lse_out.write(h * t + s0 + i, &[mx + (z as f32).ln()]) };
-            }
-            // att[seq, head h] = P V_g
-            // SAFETY: each item writes its own rows of its head's columns.
-            unsafe {
-                Lhs::new((p, 0, l, 1), l, l).times_shared(
-                    Rhs::Matrix((v, s0 * kw + g * hd, kw, 1)),
-                    hd,
-                    out,
-                    (s0 * qw + h * hd, qw),
+            let mut sc = Scratch::new(QB * l);
+            // Blocks of query rows i0..i1, each against the keys 0..i1 it can see.
+            for i0 in (0..l).step_by(QB) {
+                let (i1, rb) = (l.min(i0 + QB), l.min(i0 + QB) - i0);
+                let p = &mut sc[..rb * i1];
+                // p[rb, i1] = scale * Q_h K_g^T
+                Lhs::new((q, (s0 + i0) * qw + h * hd, qw, 1), rb, hd).times(
+                    (k, s0 * kw + g * hd, 1, kw),
+                    i1,
+                    p,
+                    (0, i1),
                     false,
-                    1.0,
-                )
-            };
+                    scale,
+                );
+                for r in 0..rb {
+                    let i = i0 + r;
+                    let row = &mut p[r * i1..(r + 1) * i1];
+                    let mx = row[..=i].iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                    let z = exp_row(row, i + 1, mx);
+                    let inv = (1.0 / z) as f32;
+                    for e in &mut row[..=i] {
+                        *e *= inv;
+                    }
+                    // SAFETY: each (sequence, head) item writes its own lse slots.
+                    unsafe { lse_out.write(h * t + s0 + i, &[mx + (z as f32).ln()]) };
+                }
+                // att[rows, head h] = P V_g
+                // SAFETY: each item writes its own rows of its head's columns.
+                unsafe {
+                    Lhs::new((p, 0, i1, 1), rb, i1).times_shared(
+                        Rhs::Matrix((v, s0 * kw + g * hd, kw, 1)),
+                        hd,
+                        out,
+                        ((s0 + i0) * qw + h * hd, qw),
+                        false,
+                        1.0,
+                    )
+                };
+            }
         }
     });
     lse
@@ -324,52 +333,6 @@ pub(crate) fn attention_bwd(
             for item in items {
                 let ((s0, s1), h) = (segs[item / nh], item % nh);
                 let (l, g) = (s1 - s0, h / group);
-                let (mut pb, mut db) = (Scratch::new(l * l), Scratch::new(l * l));
-                let (p, ds) = (&mut pb[..l * l], &mut db[..l * l]);
-                let q_h = (q, s0 * qw + h * hd, qw, 1);
-                let go_h = (go, s0 * qw + h * hd, qw, 1);
-                // P again: exp(scale Q K^T - lse) on the causal half.
-                Lhs::new(q_h, l, hd).times(
-                    (k, s0 * kw + g * hd, 1, kw),
-                    l,
-                    p,
-                    (0, l),
-                    false,
-                    scale,
-                );
-                for i in 0..l {
-                    exp_row(&mut p[i * l..(i + 1) * l], i + 1, lse[h * t + s0 + i]);
-                }
-                // dP = dO V^T, then dS in place.
-                Lhs::new(go_h, l, hd).times(
-                    (v, s0 * kw + g * hd, 1, kw),
-                    l,
-                    ds,
-                    (0, l),
-                    false,
-                    1.0,
-                );
-                for i in 0..l {
-                    let at = (s0 + i) * qw + h * hd;
-                    let di = dot(&go[at..at + hd], &att[at..at + hd], simd);
-                    let (pr, dr) = (&p[i * l..(i + 1) * l], &mut ds[i * l..(i + 1) * l]);
-                    for (d, &pij) in dr[..=i].iter_mut().zip(&pr[..=i]) {
-                        *d = pij * (*d - di) * scale;
-                    }
-                    dr[i + 1..].fill(0.0);
-                }
-                // gq[seq, head h] += dS K_g
-                // SAFETY: each item writes its own rows of its head's columns.
-                unsafe {
-                    Lhs::new((ds, 0, l, 1), l, l).times_shared(
-                        Rhs::Matrix((k, s0 * kw + g * hd, kw, 1)),
-                        hd,
-                        gq,
-                        (s0 * qw + h * hd, qw),
-                        true,
-                        1.0,
-                    )
-                };
                 // SAFETY: each item alone writes its sequence's rows of head h's buffers.
                 let (hk, hv) = unsafe {
                     (
@@ -377,9 +340,64 @@ pub(crate) fn attention_bwd(
                         pvs.slice(h * th + s0 * hd, l * hd),
                     )
                 };
-                // The head's key gradient dS^T Q_h, value gradient P^T dO_h.
-                Lhs::new((ds, 0, 1, l), l, l).times(q_h, hd, hk, (0, hd), false, 1.0);
-                Lhs::new((p, 0, 1, l), l, l).times(go_h, hd, hv, (0, hd), false, 1.0);
+                hk.fill(0.0);
+                hv.fill(0.0);
+                let (mut pb, mut db) = (Scratch::new(QB * l), Scratch::new(QB * l));
+                // Blocks of query rows i0..i1, each against the keys 0..i1 it can see.
+                for i0 in (0..l).step_by(QB) {
+                    let (i1, rb) = (l.min(i0 + QB), l.min(i0 + QB) - i0);
+                    let (p, ds) = (&mut pb[..rb * i1], &mut db[..rb * i1]);
+                    let q_h = (q, (s0 + i0) * qw + h * hd, qw, 1);
+                    let go_h = (go, (s0 + i0) * qw + h * hd, qw, 1);
+                    // P again: exp(scale Q K^T - lse) on the causal part.
+                    Lhs::new(q_h, rb, hd).times(
+                        (k, s0 * kw + g * hd, 1, kw),
+                        i1,
+                        p,
+                        (0, i1),
+                        false,
+                        scale,
+                    );
+                    for r in 0..rb {
+                        let i = i0 + r;
+                        exp_row(&mut p[r * i1..(r + 1) * i1], i + 1, lse[h * t + s0 + i]);
+                    }
+                    // dP = dO V^T, then dS in place.
+                    Lhs::new(go_h, rb, hd).times(
+                        (v, s0 * kw + g * hd, 1, kw),
+                        i1,
+                        ds,
+                        (0, i1),
+                        false,
+                        1.0,
+                    );
+                    for r in 0..rb {
+                        let i = i0 + r;
+                        let at = (s0 + i) * qw + h * hd;
+                        let di = dot(&go[at..at + hd], &att[at..at + hd], simd);
+                        let (pr, dr) = (&p[r * i1..(r + 1) * i1], &mut ds[r * i1..(r + 1) * i1]);
+                        for (d, &pij) in dr[..=i].iter_mut().zip(&pr[..=i]) {
+                            *d = pij * (*d - di) * scale;
+                        }
+                        dr[i + 1..].fill(0.0);
+                    }
+                    // gq[rows, head h] += dS K_g
+                    // SAFETY: each item writes its own rows of its head's columns.
+                    unsafe {
+                        Lhs::new((ds, 0, i1, 1), rb, i1).times_shared(
+                            Rhs::Matrix((k, s0 * kw + g * hd, kw, 1)),
+                            hd,
+                            gq,
+                            ((s0 + i0) * qw + h * hd, qw),
+                            true,
+                            1.0,
+                        )
+                    };
+                    // The head's key gradient += dS^T Q_h, value gradient += P^T dO_h, for
+                    // the keys 0..i1.
+                    Lhs::new((ds, 0, 1, i1), i1, rb).times(q_h, hd, hk, (0, hd), true, 1.0);
+                    Lhs::new((p, 0, 1, i1), i1, rb).times(go_h, hd, hv, (0, hd), true, 1.0);
+                }
             }
         });
     }
@@ -501,4 +519,100 @@ pub(crate) fn par_gemm(
             beta,
         );
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Attention and its gradients over packed sequences longer than a query block (several
+    /// blocks per sequence, two sequences) against f64 sums of the same formulas.
+    #[test]
+    fn attention_matches_f64_over_blocks_and_sequences() {
+        let (t, nh, nkv, hd) = (300, 4, 2, 16);
+        let (qw, kw, group) = (nh * hd, nkv * hd, nh / nkv);
+        let mut r = crate::train::Rng(3);
+        let mut vals = |n: usize| (0..n).map(|_| r.uniform()).collect::<Vec<f32>>();
+        let (q, k, v, go) = (vals(t * qw), vals(t * kw), vals(t * kw), vals(t * qw));
+        let starts: Vec<usize> = (0..t).map(|i| if i < 170 { 0 } else { 170 }).collect();
+        let heads = Heads {
+            t,
+            nh,
+            nkv,
+            hd,
+            starts: &starts,
+        };
+        let scale = 0.25f32;
+        let mut att = vec![0f32; t * qw];
+        let lse = attention(&q, &k, &v, heads, scale, &mut att);
+        let (mut gq, mut gk, mut gv) = (vec![0f32; t * qw], vec![0f32; t * kw], vec![0f32; t * kw]);
+        attention_bwd(
+            &q,
+            &k,
+            &v,
+            &att,
+            &lse,
+            &go,
+            heads,
+            scale,
+            (&mut gq, &mut gk, &mut gv),
+        );
+        let (mut wq, mut wk, mut wv) = (vec![0f64; t * qw], vec![0f64; t * kw], vec![0f64; t * kw]);
+        let dot64 = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| *x as f64 * *y as f64)
+                .sum::<f64>()
+        };
+        for h in 0..nh {
+            let g = h / group;
+            for i in 0..t {
+                let qi = &q[i * qw + h * hd..][..hd];
+                let goi = &go[i * qw + h * hd..][..hd];
+                let js: Vec<usize> = (starts[i]..=i).collect();
+                let s: Vec<f64> = js
+                    .iter()
+                    .map(|&j| dot64(qi, &k[j * kw + g * hd..][..hd]) * scale as f64)
+                    .collect();
+                let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = s.iter().map(|x| (x - mx).exp()).sum();
+                let p: Vec<f64> = s.iter().map(|x| (x - mx).exp() / z).collect();
+                assert!(((mx + z.ln()) - lse[h * t + i] as f64).abs() < 1e-5);
+                let mut o = vec![0f64; hd];
+                for (&j, &pj) in js.iter().zip(&p) {
+                    for (d, od) in o.iter_mut().enumerate() {
+                        *od += pj * v[j * kw + g * hd + d] as f64;
+                    }
+                }
+                for (d, od) in o.iter().enumerate() {
+                    let got = att[i * qw + h * hd + d] as f64;
+                    assert!(
+                        (got - od).abs() < 1e-5,
+                        "att [{i}, {h}, {d}]: {got} vs {od}"
+                    );
+                }
+                let dp: Vec<f64> = js
+                    .iter()
+                    .map(|&j| dot64(goi, &v[j * kw + g * hd..][..hd]))
+                    .collect();
+                let di: f64 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
+                for ((&j, &pj), &dpj) in js.iter().zip(&p).zip(&dp) {
+                    let ds = pj * (dpj - di) * scale as f64;
+                    for d in 0..hd {
+                        wq[i * qw + h * hd + d] += ds * k[j * kw + g * hd + d] as f64;
+                        wk[j * kw + g * hd + d] += ds * qi[d] as f64;
+                        wv[j * kw + g * hd + d] += pj * goi[d] as f64;
+                    }
+                }
+            }
+        }
+        for (name, got, want) in [("gq", &gq, &wq), ("gk", &gk, &wk), ("gv", &gv, &wv)] {
+            for (i, (&a, &b)) in got.iter().zip(want.iter()).enumerate() {
+                assert!(
+                    (a as f64 - b).abs() < 1e-4 * (1.0 + b.abs()),
+                    "{name}[{i}]: {a} vs {b}"
+                );
+            }
+        }
+    }
 }

@@ -67,12 +67,20 @@ impl std::ops::DerefMut for Scratch {
     }
 }
 
+/// The largest buffer kept as a spare (values), and spares kept per thread: what a step of a
+/// small model reuses, without holding on to a long sequence's buffers after it.
+const SPARE_MAX: usize = 1 << 20;
+const SPARES: usize = 8;
+
 impl Drop for Scratch {
     fn drop(&mut self) {
         let v = std::mem::take(&mut self.0);
+        if v.capacity() > SPARE_MAX {
+            return;
+        }
         let _ = SPARE.try_with(|s| {
             let mut s = s.borrow_mut();
-            if s.len() < 8 {
+            if s.len() < SPARES {
                 s.push(v);
             }
         });
