@@ -172,3 +172,40 @@ pub(crate) unsafe fn exp8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__
     )));
     _mm256_and_ps(_mm256_mul_ps(p, scale), live)
 }
+
+/// A 16 x 16 transpose of f32 in registers: `out[c]` lane `r` = `rows[r]` lane `c` (pairs,
+/// then quads within 128-bit lanes, then the lanes).
+#[cfg(target_arch = "x86_64")]
+/// # Safety
+/// The CPU supports `avx512f` (the caller checked at run time).
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn transpose16(
+    rows: [std::arch::x86_64::__m512; 16],
+) -> [std::arch::x86_64::__m512; 16] {
+    use std::arch::x86_64::*;
+    let mut t = [_mm512_setzero_ps(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_ps(rows[2 * i], rows[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(rows[2 * i], rows[2 * i + 1]);
+    }
+    // u[4i + c]: in 128-bit lane L, rows 4i..4i + 4 at column 4L + c.
+    let mut u = [_mm512_setzero_ps(); 16];
+    for i in 0..4 {
+        u[4 * i] = _mm512_shuffle_ps::<0x44>(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 1] = _mm512_shuffle_ps::<0xEE>(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 2] = _mm512_shuffle_ps::<0x44>(t[4 * i + 1], t[4 * i + 3]);
+        u[4 * i + 3] = _mm512_shuffle_ps::<0xEE>(t[4 * i + 1], t[4 * i + 3]);
+    }
+    let mut out = [_mm512_setzero_ps(); 16];
+    for c in 0..4 {
+        let s0 = _mm512_shuffle_f32x4::<0x44>(u[c], u[4 + c]);
+        let s1 = _mm512_shuffle_f32x4::<0xEE>(u[c], u[4 + c]);
+        let s2 = _mm512_shuffle_f32x4::<0x44>(u[8 + c], u[12 + c]);
+        let s3 = _mm512_shuffle_f32x4::<0xEE>(u[8 + c], u[12 + c]);
+        out[c] = _mm512_shuffle_f32x4::<0x88>(s0, s2);
+        out[4 + c] = _mm512_shuffle_f32x4::<0xDD>(s0, s2);
+        out[8 + c] = _mm512_shuffle_f32x4::<0x88>(s1, s3);
+        out[12 + c] = _mm512_shuffle_f32x4::<0xDD>(s1, s3);
+    }
+    out
+}

@@ -176,6 +176,19 @@ pub(crate) struct Heads<'a> {
 /// sees, so the memory an item takes grows with the sequence, not with its square.
 const QB: usize = 128;
 
+/// `out[rb, i1] = beta * a . K^T` for `a` (`rb` rows of `hd`) and the first `i1` rows of one
+/// head's keys (or values) `K` (`(values, offset of row 0, row stride)`).
+fn times_keys(
+    a: Operand<'_>,
+    (rb, hd): (usize, usize),
+    (keys, k0, kw): (&[f32], usize, usize),
+    i1: usize,
+    beta: f32,
+    out: &mut [f32],
+) {
+    Lhs::new(a, rb, hd).times((keys, k0, 1, kw), i1, out, (0, i1), false, beta);
+}
+
 /// The sequences of a packed row set: `(first, end)` of each run of rows sharing a start.
 fn segments(starts: &[usize]) -> Vec<(usize, usize)> {
     let mut out: Vec<(usize, usize)> = vec![];
@@ -238,13 +251,13 @@ pub(crate) fn attention(
                 let (i1, rb) = (l.min(i0 + QB), l.min(i0 + QB) - i0);
                 let p = &mut sc[..rb * i1];
                 // p[rb, i1] = scale * Q_h K_g^T
-                Lhs::new((q, (s0 + i0) * qw + h * hd, qw, 1), rb, hd).times(
-                    (k, s0 * kw + g * hd, 1, kw),
+                times_keys(
+                    (q, (s0 + i0) * qw + h * hd, qw, 1),
+                    (rb, hd),
+                    (k, s0 * kw + g * hd, kw),
                     i1,
-                    p,
-                    (0, i1),
-                    false,
                     scale,
+                    p,
                 );
                 for r in 0..rb {
                     let i = i0 + r;
@@ -350,27 +363,13 @@ pub(crate) fn attention_bwd(
                     let q_h = (q, (s0 + i0) * qw + h * hd, qw, 1);
                     let go_h = (go, (s0 + i0) * qw + h * hd, qw, 1);
                     // P again: exp(scale Q K^T - lse) on the causal part.
-                    Lhs::new(q_h, rb, hd).times(
-                        (k, s0 * kw + g * hd, 1, kw),
-                        i1,
-                        p,
-                        (0, i1),
-                        false,
-                        scale,
-                    );
+                    times_keys(q_h, (rb, hd), (k, s0 * kw + g * hd, kw), i1, scale, p);
                     for r in 0..rb {
                         let i = i0 + r;
                         exp_row(&mut p[r * i1..(r + 1) * i1], i + 1, lse[h * t + s0 + i]);
                     }
                     // dP = dO V^T, then dS in place.
-                    Lhs::new(go_h, rb, hd).times(
-                        (v, s0 * kw + g * hd, 1, kw),
-                        i1,
-                        ds,
-                        (0, i1),
-                        false,
-                        1.0,
-                    );
+                    times_keys(go_h, (rb, hd), (v, s0 * kw + g * hd, kw), i1, 1.0, ds);
                     for r in 0..rb {
                         let i = i0 + r;
                         let at = (s0 + i) * qw + h * hd;

@@ -424,7 +424,7 @@ fn pack_b(
 
 /// `out[p * ostride + j] = src[j * sstride + p]` for `j < rows <= 16`, `p < len`, zero for
 /// `rows <= j < width` (`width <= 16` values written per position): 16 x 16 blocks transposed
-/// in registers.
+/// in registers ([`crate::kernels::simd::transpose16`]).
 ///
 /// # Safety
 /// AVX-512F is present; `src` holds `rows` rows of `len` values `sstride` apart; `out` is
@@ -453,37 +453,12 @@ unsafe fn transpose_avx512(
                     _mm512_setzero_ps()
                 }
             });
-            let mut t = [_mm512_setzero_ps(); 16];
-            for i in 0..8 {
-                t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-                t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-            }
-            // u[4i + c]: in 128-bit lane L, rows 4i..4i + 4 at column 4L + c.
-            let mut u = [_mm512_setzero_ps(); 16];
-            for i in 0..4 {
-                u[4 * i] = _mm512_shuffle_ps::<0x44>(t[4 * i], t[4 * i + 2]);
-                u[4 * i + 1] = _mm512_shuffle_ps::<0xEE>(t[4 * i], t[4 * i + 2]);
-                u[4 * i + 2] = _mm512_shuffle_ps::<0x44>(t[4 * i + 1], t[4 * i + 3]);
-                u[4 * i + 3] = _mm512_shuffle_ps::<0xEE>(t[4 * i + 1], t[4 * i + 3]);
-            }
-            for c in 0..4 {
-                let s0 = _mm512_shuffle_f32x4::<0x44>(u[c], u[4 + c]);
-                let s1 = _mm512_shuffle_f32x4::<0xEE>(u[c], u[4 + c]);
-                let s2 = _mm512_shuffle_f32x4::<0x44>(u[8 + c], u[12 + c]);
-                let s3 = _mm512_shuffle_f32x4::<0xEE>(u[8 + c], u[12 + c]);
-                // Column 4L + c of all 16 rows.
-                let col = [
-                    _mm512_shuffle_f32x4::<0x88>(s0, s2),
-                    _mm512_shuffle_f32x4::<0xDD>(s0, s2),
-                    _mm512_shuffle_f32x4::<0x88>(s1, s3),
-                    _mm512_shuffle_f32x4::<0xDD>(s1, s3),
-                ];
-                for (l, v) in col.iter().enumerate() {
-                    let q = 4 * l + c;
-                    if q < n {
-                        _mm512_mask_storeu_ps(out.add((p + q) * ostride), wmask, *v);
-                    }
-                }
+            for (q, col) in crate::kernels::simd::transpose16(r)
+                .iter()
+                .enumerate()
+                .take(n)
+            {
+                _mm512_mask_storeu_ps(out.add((p + q) * ostride), wmask, *col);
             }
             p += 16;
         }

@@ -105,8 +105,7 @@ thread_local! {
 
 /// One interleaved group (`k` positions of [`FG`] rows' values, `[k][FG]`) as `FG` rows of f32,
 /// row `i` at `dst + i * stride`: 16 positions at a time converted and transposed in registers
-/// (a 16x16 transpose: pairs, then quads within 128-bit lanes, then the lanes), the last
-/// `k % 16` positions one by one.
+/// ([`crate::kernels::simd::transpose16`]), the last `k % 16` positions one by one.
 #[cfg(target_arch = "x86_64")]
 /// # Safety
 /// The CPU supports `avx512f,f16c` (the caller checked at run time). `src` holds `k * FG`
@@ -120,35 +119,9 @@ pub(crate) unsafe fn group_rows_avx512(src: *const f16, k: usize, dst: *mut f32,
         let v: [__m512; 16] = std::array::from_fn(|j| {
             _mm512_cvtph_ps(_mm256_loadu_si256(src.add((p0 + j) * FG) as *const __m256i))
         });
-        let mut a = [_mm512_setzero_ps(); 16];
-        for i in 0..8 {
-            a[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
-            a[2 * i + 1] = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
-        }
-        // b[4i + c]: in 128-bit lane L, column 4L + c of rows... of positions 4i..4i+4.
-        let mut b = [_mm512_setzero_ps(); 16];
-        for i in 0..4 {
-            b[4 * i] = _mm512_shuffle_ps::<0x44>(a[4 * i], a[4 * i + 2]);
-            b[4 * i + 1] = _mm512_shuffle_ps::<0xEE>(a[4 * i], a[4 * i + 2]);
-            b[4 * i + 2] = _mm512_shuffle_ps::<0x44>(a[4 * i + 1], a[4 * i + 3]);
-            b[4 * i + 3] = _mm512_shuffle_ps::<0xEE>(a[4 * i + 1], a[4 * i + 3]);
-        }
-        for c in 0..4 {
-            let (b0, b1, b2, b3) = (b[c], b[4 + c], b[8 + c], b[12 + c]);
-            let c0 = _mm512_shuffle_f32x4::<0x44>(b0, b1);
-            let c1 = _mm512_shuffle_f32x4::<0xEE>(b0, b1);
-            let c2 = _mm512_shuffle_f32x4::<0x44>(b2, b3);
-            let c3 = _mm512_shuffle_f32x4::<0xEE>(b2, b3);
-            // Row 4L + c: positions p0..p0 + 16.
-            let t = [
-                _mm512_shuffle_f32x4::<0x88>(c0, c2),
-                _mm512_shuffle_f32x4::<0xDD>(c0, c2),
-                _mm512_shuffle_f32x4::<0x88>(c1, c3),
-                _mm512_shuffle_f32x4::<0xDD>(c1, c3),
-            ];
-            for (l, tv) in t.iter().enumerate() {
-                _mm512_storeu_ps(dst.add((4 * l + c) * stride + p0), *tv);
-            }
+        // Row i: positions p0..p0 + 16.
+        for (i, row) in crate::kernels::simd::transpose16(v).iter().enumerate() {
+            _mm512_storeu_ps(dst.add(i * stride + p0), *row);
         }
         p0 += 16;
     }
