@@ -204,12 +204,9 @@ fn segments(starts: &[usize]) -> Vec<(usize, usize)> {
 /// `row[..len] = exp(row - sub)` (zero past `len`), returning the sum of the exponentials.
 fn exp_row(row: &mut [f32], len: usize, sub: f32) -> f64 {
     let (live, dead) = row.split_at_mut(len);
-    for v in live.iter_mut() {
-        *v -= sub;
-    }
-    exp_in_place(live);
+    let z = crate::attention::exp_shifted(live, sub, crate::attention::simd());
     dead.fill(0.0);
-    live.iter().map(|&e| e as f64).sum()
+    z as f64
 }
 
 /// Causal attention: `att[i, h]` = softmax over `starts[i] <= j <= i` of `q_i . k_j * scale` times `v`;
@@ -422,26 +419,6 @@ pub(crate) fn attention_bwd(
     });
 }
 
-/// `exp(x)` of every value in place (the 2-ulp vector `exp` on x86-64 SIMD paths).
-pub(crate) fn exp_in_place(v: &mut [f32]) {
-    let mut i = 0;
-    #[cfg(target_arch = "x86_64")]
-    if simd() != Simd::None {
-        // SAFETY: AVX2 and FMA run (the current settings' ISA); every access is in bounds.
-        unsafe {
-            use std::arch::x86_64::*;
-            while i + 8 <= v.len() {
-                let x = _mm256_loadu_ps(v.as_ptr().add(i));
-                _mm256_storeu_ps(v.as_mut_ptr().add(i), crate::kernels::simd::exp8(x));
-                i += 8;
-            }
-        }
-    }
-    for x in &mut v[i..] {
-        *x = x.exp();
-    }
-}
-
 /// Gradients of SwiGLU `a = silu(g) * up` (rows of `gu`: `ff` gate values then `ff` up
 /// values) given `ga` (`[t, ff]`) into `ggu` (`[t, 2 ff]`), rows on the pool:
 /// `d/dg = ga up s (1 + g (1 - s))`, `d/dup = ga g s`, `s = sigmoid(g)`.
@@ -458,7 +435,7 @@ pub(crate) fn swiglu_bwd(gu: &[f32], ga: &[f32], ff: usize, ggu: &mut [f32]) {
         for (o, &g) in og.iter_mut().zip(&row[..ff]) {
             *o = -g;
         }
-        exp_in_place(og);
+        crate::attention::exp_shifted(og, 0.0, crate::attention::simd());
         for j in 0..ff {
             let (g, up) = (row[j], row[ff + j]);
             let sg = 1.0 / (1.0 + og[j]);
