@@ -291,7 +291,9 @@ pub(crate) struct AdapterInner {
     model_fingerprint: u64,
     fingerprint: u64,
     /// `layers[l][target]`.
-    layers: Vec<[Option<LoraPair>; 7]>,
+    /// Each pair behind its own pointer: a slot is one fully defined word (no enum tag next
+    /// to padding), and a pair can be shared without copying it.
+    layers: Vec<[Option<Arc<LoraPair>>; 7]>,
     alpha: Option<f32>,
 }
 
@@ -352,7 +354,7 @@ impl Adapter {
 
     pub(crate) fn from_parsed(model: &Model, path: &Path, parsed: Parsed) -> Result<Adapter> {
         let c = model.config();
-        let mut layers: Vec<[Option<LoraPair>; 7]> = (0..c.num_hidden_layers)
+        let mut layers: Vec<[Option<Arc<LoraPair>>; 7]> = (0..c.num_hidden_layers)
             .map(|_| Default::default())
             .collect();
         if parsed.pairs.is_empty() {
@@ -387,7 +389,7 @@ impl Adapter {
             for v in pair.a.iter().chain(&pair.b) {
                 fnv(&mut fp, &v.to_le_bytes());
             }
-            slot[t.index()] = Some(pair.store(out, inp));
+            slot[t.index()] = Some(Arc::new(pair.store(out, inp)));
         }
         Ok(Adapter {
             inner: Arc::new(AdapterInner {
@@ -466,12 +468,12 @@ impl Adapter {
         self.inner.layers.iter().enumerate().flat_map(|(l, slots)| {
             Target::ALL
                 .into_iter()
-                .filter_map(move |t| slots[t.index()].as_ref().map(|p| (l, t, p)))
+                .filter_map(move |t| slots[t.index()].as_deref().map(|p| (l, t, p)))
         })
     }
 
     pub(crate) fn pair(&self, layer: usize, t: Target) -> Option<&LoraPair> {
-        self.inner.layers.get(layer)?[t.index()].as_ref()
+        self.inner.layers.get(layer)?[t.index()].as_deref()
     }
 
     pub(crate) fn downgrade(&self) -> Weak<AdapterInner> {
