@@ -291,8 +291,8 @@ pub(crate) struct AdapterInner {
     model_fingerprint: u64,
     fingerprint: u64,
     /// `layers[l][target]`.
-    /// Each pair behind its own pointer: a slot is one fully defined word (no enum tag next
-    /// to padding), and a pair can be shared without copying it.
+    /// Each pair behind its own pointer, so a slot is one fully defined word (no enum tag
+    /// beside padding bytes).
     layers: Vec<[Option<Arc<LoraPair>>; 7]>,
     alpha: Option<f32>,
 }
