@@ -41,8 +41,16 @@ if command -v valgrind >/dev/null; then
   mkdir -p "$out/vg"
   cp "$vg_target/debug/libllama.so" "$out/vg/libllama.so.0"
   echo "C test suite under valgrind"
-  LLAMA_TEST_LIGHT=1 LD_LIBRARY_PATH="$out/vg" valgrind --error-exitcode=1 --suppressions=tests/c/valgrind.supp --leak-check=full --errors-for-leak-kinds=definite \
-    --show-leak-kinds=definite -q "$out/test_api" "$model" "$ids"
+  # valgrind's report goes to a file, printed last on failure (its first error, with its kind,
+  # would otherwise scroll out of a CI log's tail behind the stacks).
+  vg_log="$out/valgrind.log"
+  if ! LLAMA_TEST_LIGHT=1 LD_LIBRARY_PATH="$out/vg" valgrind --error-exitcode=1 --log-file="$vg_log" \
+    --suppressions=tests/c/valgrind.supp --leak-check=full --errors-for-leak-kinds=definite \
+    --show-leak-kinds=definite -q "$out/test_api" "$model" "$ids"; then
+    echo "valgrind reported errors (or the suite failed under it); its report, first 80 lines:" >&2
+    head -n 80 "$vg_log" >&2
+    exit 1
+  fi
 else
   echo "valgrind not installed: skipping the memory check" >&2
   exit 1
