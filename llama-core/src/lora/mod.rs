@@ -9,6 +9,7 @@
 mod gguf;
 pub(crate) mod kernel;
 mod peft;
+pub(crate) mod row;
 #[cfg(test)]
 mod tests;
 
@@ -23,6 +24,7 @@ use kernel::LoraMat;
 
 pub use gguf::write_gguf_lora;
 pub use peft::write_peft;
+pub(crate) use row::Applied;
 
 /// A projection a LoRA adapter can update.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -245,7 +247,7 @@ impl LoraPair {
         b
     }
 
-    fn update(&self) -> kernel::Update<'_> {
+    pub(crate) fn update(&self) -> kernel::Update<'_> {
         kernel::Update {
             rank: self.rank,
             inp: self.inp,
@@ -291,8 +293,7 @@ pub(crate) struct AdapterInner {
     model_fingerprint: u64,
     fingerprint: u64,
     /// `layers[l][target]`.
-    /// Each pair behind its own pointer, so a slot is one fully defined word (no enum tag
-    /// beside padding bytes).
+    /// Each pair behind its own pointer, shared with the sessions' decode plans.
     layers: Vec<[Option<Arc<LoraPair>>; 7]>,
     alpha: Option<f32>,
 }
@@ -476,6 +477,10 @@ impl Adapter {
         self.inner.layers.get(layer)?[t.index()].as_deref()
     }
 
+    pub(crate) fn pair_arc(&self, layer: usize, t: Target) -> Option<&Arc<LoraPair>> {
+        self.inner.layers.get(layer)?[t.index()].as_ref()
+    }
+
     pub(crate) fn downgrade(&self) -> Weak<AdapterInner> {
         Arc::downgrade(&self.inner)
     }
@@ -544,8 +549,9 @@ pub(crate) fn target_of_gguf_name(name: &str) -> Option<(usize, Target)> {
     Some((l.parse().ok()?, t))
 }
 
-/// The adapters a forward pass applies, each with its session scale.
-pub(crate) type Active<'a> = &'a [(Adapter, f32)];
+/// The adapters a forward pass applies, each with its session scale (and the decode plans
+/// kept for them).
+pub(crate) type Active<'a> = &'a Applied;
 
 /// Adds every active adapter's `scale * B (A x)` for projection `t` of layer `layer` to
 /// columns `col..col + n` of `out` (`[m, stride]`), for `m` rows of `xs` (`[m, k]`). A scale of
@@ -559,7 +565,7 @@ pub(crate) fn add_delta(
     out: &mut [f32],
     cols: (usize, usize, usize),
 ) -> Result<()> {
-    for (adapter, s) in active {
+    for (adapter, s) in active.iter() {
         let Some(p) = adapter.pair(layer, t) else {
             continue;
         };
@@ -569,30 +575,6 @@ pub(crate) fn add_delta(
         }
     }
     Ok(())
-}
-
-/// The one-row update's parts: each target's columns with the active adapters' pairs and
-/// factors (zero factors left out).
-fn row_parts<'a>(
-    active: Active<'a>,
-    layer: usize,
-    targets: &[(Target, usize, usize)],
-) -> Vec<kernel::Part<'a>> {
-    targets
-        .iter()
-        .map(|&(t, col, n)| kernel::Part {
-            col,
-            n,
-            ups: active
-                .iter()
-                .filter_map(|(a, s)| {
-                    let p = a.pair(layer, t)?;
-                    let f = s * p.scale;
-                    (f != 0.0).then(|| (p.update(), f))
-                })
-                .collect(),
-        })
-        .collect()
 }
 
 /// `matmul` (which writes `out`, `[m, stride]`) followed by every active adapter's update of
@@ -609,34 +591,55 @@ pub(crate) fn matmul_and_update(
     stride: usize,
     matmul: impl FnOnce(&mut [f32]) -> Result<()>,
 ) -> Result<()> {
-    if active.is_empty() || !targets.iter().any(|&(t, _, _)| touches(active, layer, t)) {
+    if active.is_empty() {
         return matmul(out);
     }
-    if m != 1 || out.len() != stride {
-        matmul(out)?;
-        return update_rows(active, layer, targets, xs, m, out, stride);
+    if m == 1 && out.len() == stride {
+        // One row: the update rides the matmul's own pool call.
+        let mut matmul = Some(matmul);
+        let updated = one_row_update(active, layer, targets, xs, out, |rider, out| {
+            let mm = matmul.take().expect("one call");
+            crate::kernels::with_rider(rider, || mm(out))
+        })?;
+        return match matmul {
+            Some(mm) if !updated => mm(out),
+            _ => Ok(()),
+        };
     }
-    // One row: the update rides the matmul's own pool call.
-    one_row_update(active, layer, targets, xs, out, stride, |rider, out| {
-        crate::kernels::with_rider(rider, || matmul(out))
-    })
+    if !targets.iter().any(|&(t, _, _)| touches(active, layer, t)) {
+        return matmul(out);
+    }
+    matmul(out)?;
+    update_rows(active, layer, targets, xs, m, out, stride)
 }
 
-/// The one-row update of `out` (`stride` values): the parts' `A x` and `B` panels computed by
-/// `run` (which may run the rider alone or with a matmul of `out`), then added.
+/// The one-row update of `out` (one row): the parts' `A x` and `B` panels computed by `run`
+/// (which may run the rider alone or with a matmul of `out`), then added. Through the
+/// session's kept plan and state where it has them. `false` (and `run` not called) where
+/// nothing updates these parts.
 fn one_row_update(
     active: Active<'_>,
     layer: usize,
     targets: &[(Target, usize, usize)],
     xs: &[f32],
     out: &mut [f32],
-    stride: usize,
-    run: impl FnOnce(&kernel::RowUpdate<'_>, &mut [f32]) -> Result<()>,
-) -> Result<()> {
-    let parts = row_parts(active, layer, targets);
-    let rider = kernel::RowUpdate::new(&parts, xs, stride)?;
-    run(&rider, out)?;
-    rider.complete(out)
+    run: impl FnOnce(&row::RowUpdate<'_>, &mut [f32]) -> Result<()>,
+) -> Result<bool> {
+    let width = out.len();
+    let fresh;
+    let plan = match active.plan(layer, targets, xs.len(), width) {
+        Some(Some(plan)) => plan,
+        Some(None) => return Ok(false),
+        None => {
+            if !targets.iter().any(|&(t, _, _)| touches(active, layer, t)) {
+                return Ok(false);
+            }
+            fresh = row::RowPlan::new(active.parts(layer, targets), xs.len(), width)?;
+            &fresh
+        }
+    };
+    row::run_plan(plan, active.shared(), xs, out, run)?;
+    Ok(true)
 }
 
 /// The active adapters' update alone, added to `out` (the base product already there), with the
@@ -652,19 +655,20 @@ pub(crate) fn update_rows(
     out: &mut [f32],
     stride: usize,
 ) -> Result<()> {
-    if active.is_empty() || !targets.iter().any(|&(t, _, _)| touches(active, layer, t)) {
+    if active.is_empty() {
         return Ok(());
     }
-    if m != 1 || out.len() != stride {
-        for &(t, col, n) in targets {
-            add_delta(active, layer, t, xs, m, out, (stride, col, n))?;
-        }
+    if m == 1 && out.len() == stride {
+        one_row_update(active, layer, targets, xs, out, |rider, _| {
+            crate::kernels::with_rider(rider, || ());
+            Ok(())
+        })?;
         return Ok(());
     }
-    one_row_update(active, layer, targets, xs, out, stride, |rider, _| {
-        crate::kernels::with_rider(rider, || ());
-        Ok(())
-    })
+    for &(t, col, n) in targets {
+        add_delta(active, layer, t, xs, m, out, (stride, col, n))?;
+    }
+    Ok(())
 }
 
 /// Whether any active adapter updates `t` in `layer` with a non-zero factor.

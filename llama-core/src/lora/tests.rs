@@ -3,6 +3,7 @@
 //! the update riding a matmul equals the update run on its own.
 
 use super::kernel::*;
+use super::row::*;
 use super::*;
 use crate::test_util::values;
 
@@ -183,13 +184,16 @@ fn a_riding_update_equals_the_update_alone() {
         let (r0, p0) = pair(3, k, widths[0], 31, "f16");
         let (r0b, p0b) = pair(5, k, widths[0], 41, "f32");
         let (r2, p2) = pair(6, k, widths[2], 51, "bf16");
+        let (p0, p0b, p2) = (Arc::new(p0), Arc::new(p0b), Arc::new(p2));
+        // One state for every call below (as a session keeps it), also across the two plans.
+        let mut state = row::RowShared::new();
         let x = values(k, 7);
         for (name, mat) in &mats {
             let parts = vec![
                 Part {
                     col: 0,
                     n: widths[0],
-                    ups: vec![(p0.update(), 0.5), (p0b.update(), -1.25)],
+                    ups: vec![(p0.clone(), 0.5), (p0b.clone(), -1.25)],
                 },
                 Part {
                     col: widths[0],
@@ -199,23 +203,32 @@ fn a_riding_update_equals_the_update_alone() {
                 Part {
                     col: widths[0] + widths[1],
                     n: widths[2],
-                    ups: vec![(p2.update(), 2.0)],
+                    ups: vec![(p2.clone(), 2.0)],
                 },
             ];
             let mut base = vec![0f32; n];
             crate::matrix::matmul_into(&**mat, &x, 1, &mut base).unwrap();
-            let mut riding = vec![0f32; n];
-            let rider = RowUpdate::new(&parts, &x, n).unwrap();
-            with_rider(&rider, || {
-                crate::matrix::matmul_into(&**mat, &x, 1, &mut riding)
-            })
-            .unwrap();
-            rider.complete(&mut riding).unwrap();
+            let plan = row::RowPlan::new(parts, k, n).unwrap();
+            let ride = |state: &mut row::RowShared| {
+                let mut riding = vec![0f32; n];
+                let rider = state.begin(&plan, &x).unwrap();
+                with_rider(&rider, || {
+                    crate::matrix::matmul_into(&**mat, &x, 1, &mut riding)
+                })
+                .unwrap();
+                rider.complete(&mut riding).unwrap();
+                riding
+            };
+            let riding = ride(&mut state);
             let mut alone = base.clone();
-            let rider = RowUpdate::new(&parts, &x, n).unwrap();
+            let rider = state.begin(&plan, &x).unwrap();
             with_rider(&rider, || ());
             rider.complete(&mut alone).unwrap();
             assert_eq!(riding, alone, "{name} {widths:?}");
+            // Again through the same state (a later call's epoch and counts).
+            assert_eq!(ride(&mut state), riding, "{name} {widths:?} again");
+            let mut fresh = row::RowShared::new();
+            assert_eq!(ride(&mut fresh), riding, "{name} {widths:?} fresh state");
             let delta = |raw: &RawPair, f: f64, out: usize, o: usize| -> f64 {
                 let r = raw.rank;
                 (0..r)

@@ -483,7 +483,12 @@ impl Model {
                 if stop() {
                     return Err(Error::Cancelled);
                 }
-                let h = self.forward_hidden(chunk, &mut cache, &[], &mut *stop)?;
+                let h = self.forward_hidden(
+                    chunk,
+                    &mut cache,
+                    crate::lora::Applied::none(),
+                    &mut *stop,
+                )?;
                 rows.extend(h.to_vec2::<f32>()?);
             }
             Ok(())

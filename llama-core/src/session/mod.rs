@@ -105,8 +105,9 @@ pub struct Session {
     runtime: Runtime,
     /// Asked between prompt chunks and layers whether to stop (see [`Session::set_interrupt`]).
     interrupt: Option<Interrupt>,
-    /// LoRA adapters applied to this session's forward passes, with their scales.
-    adapters: Vec<(crate::Adapter, f32)>,
+    /// LoRA adapters applied to this session's forward passes, with their scales (and the
+    /// decode update plans kept for them).
+    adapters: crate::lora::Applied,
     pub(crate) cancel: CancelHandle,
 }
 
@@ -142,7 +143,7 @@ impl Model {
         Ok(Session {
             runtime,
             interrupt: None,
-            adapters: vec![],
+            adapters: crate::lora::Applied::new(vec![], 0),
             model: self.clone(),
             cache: self.new_cache(n_ctx, opts.kv_type == KvCacheType::F16),
             tokens: vec![],
@@ -426,7 +427,8 @@ impl Session {
                 )));
             }
         }
-        self.adapters = adapters.to_vec();
+        self.adapters =
+            crate::lora::Applied::new(adapters.to_vec(), self.model.config().num_hidden_layers);
         Ok(())
     }
 
