@@ -10,17 +10,56 @@ use half::f16;
 pub(crate) const PREFETCH_AHEAD: usize = 4096;
 
 /// Asks for the cache lines of `len` bytes [`PREFETCH_AHEAD`] past `p`; called for each piece of
-/// weights a decode kernel reads, so the lines asked for run on without gaps.
+/// weights a decode kernel reads, so the lines asked for run on without gaps. Non-temporal on
+/// AMD's cores ([`stream_nta`]), for the first level otherwise.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(crate) fn prefetch_ahead(p: *const u8, len: usize) {
-    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    use std::arch::x86_64::{_MM_HINT_NTA, _MM_HINT_T0};
+    if stream_nta() {
+        prefetch_lines::<_MM_HINT_NTA>(p, len)
+    } else {
+        prefetch_lines::<_MM_HINT_T0>(p, len)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_lines<const HINT: i32>(p: *const u8, len: usize) {
     let mut at = 0;
     while at < len {
         // SAFETY: a prefetch is a hint that never faults, whatever the address (which may lie
         // past the end of the matrix, hence `wrapping_add`).
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_AHEAD + at) as *const i8) };
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<HINT>(p.wrapping_add(PREFETCH_AHEAD + at) as *const i8)
+        };
         at += 64;
+    }
+}
+
+/// Whether the decode kernels prefetch the weights they stream non-temporally: on AMD's Zen
+/// cores. Their L3 is filled by what leaves L2, so every line of a stream read once per token
+/// is written into L3 on its way out (traffic, and the adapters, caches and activations pushed
+/// out); lines fetched non-temporally skip that. Measured on a Zen 5 EPYC, 2 threads, SmolLM2
+/// Q4_1: decode +5-8% (docs/performance.md). Intel's cores keep the T0 hint they were
+/// measured with. Read once (CPUID), then one relaxed load.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn stream_nta() -> bool {
+    use std::sync::atomic::{AtomicU8, Ordering};
+    // 0: not read yet, 1: T0, 2: NTA.
+    static HINT: AtomicU8 = AtomicU8::new(0);
+    match HINT.load(Ordering::Relaxed) {
+        1 => false,
+        2 => true,
+        _ => {
+            // SAFETY: CPUID leaf 0 exists on every x86-64 CPU.
+            #[allow(unused_unsafe)]
+            let r = unsafe { std::arch::x86_64::__cpuid(0) };
+            let amd = (r.ebx, r.edx, r.ecx) == (0x6874_7541, 0x6974_6e65, 0x444d_4163);
+            HINT.store(if amd { 2 } else { 1 }, Ordering::Relaxed);
+            amd
+        }
     }
 }
 

@@ -642,7 +642,7 @@ fn seq_grad(
                 };
                 // -sum p log softmax = sum p (lse - logit).
                 let before: Vec<f32> = picked.iter().map(|&(id, _)| row[id]).collect();
-                // exp(logit - max); its f32 sum is not used: 49,152 terms are summed in f64.
+                // exp(logit - max); its f32 sum is not used: the vocabulary's terms are summed in f64.
                 crate::attention::exp_shifted(row, mx, crate::attention::simd());
                 let z: f64 = row.iter().map(|&e| e as f64).sum();
                 let lse = mx as f64 + z.ln();
