@@ -159,6 +159,12 @@ fn write_gguf_lora_file(path: &Path, s: &Spec, lora: &Lora, alpha: f32, dtype: G
                 if dtype == GgmlDType::F32 {
                     return (bytes, dtype);
                 }
+                // llama.cpp's converter keeps a matrix whose rows are not whole blocks in f16.
+                let dtype = if shape[1].is_multiple_of(dtype.block_size()) {
+                    dtype
+                } else {
+                    GgmlDType::F16
+                };
                 let vals: Vec<f32> = bytes
                     .chunks_exact(4)
                     .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
@@ -365,8 +371,63 @@ fn gguf_lora_files_match_the_merged_reference() {
             *v = half::f16::from_f32(*v).to_f32();
         }
     }
+    // Q8_0 matrices (the converter's `--outtype q8_0`): rank 32 (`lora_b` rows of whole
+    // blocks too) on attention, rank 16 on the MLP (`lora_b` stays f16).
+    let lora_q = random_lora(
+        &s,
+        11,
+        |_| true,
+        |m| {
+            if m.contains("mlp") {
+                (16, 1.0)
+            } else {
+                (32, 1.0)
+            }
+        },
+    );
+    let q8 = dir.path().join("q8_0.gguf");
+    write_gguf_lora_file(&q8, &s, &lora_q, 0.0, GgmlDType::Q8_0);
+    let mut lora_q8 = lora_q.clone();
+    for p in &mut lora_q8.pairs {
+        let (r, a, b) = (p.1, &mut p.3, &mut p.4);
+        let inp = a.len() / r;
+        for (v, cols) in [(a, inp), (b, r)] {
+            let t = Tensor::from_vec(v.clone(), (v.len() / cols, cols), &Device::Cpu).unwrap();
+            *v = if cols.is_multiple_of(32) {
+                let q = candle_core::quantized::QTensor::quantize(&t, GgmlDType::Q8_0).unwrap();
+                q.dequantize(&Device::Cpu)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            } else {
+                v.iter().map(|x| half::f16::from_f32(*x).to_f32()).collect()
+            };
+        }
+    }
     for (base, path) in [("hf", &t.hf), ("gguf", &t.gguf)] {
         let m = Model::load(path, common::options()).unwrap();
+        // 8-bit storage: exactly the file's values, at 1.125 bytes each for the Q8_0 matrices.
+        let q = m.load_adapter(&q8).unwrap();
+        assert_eq!(q.dtype(), "mixed");
+        let f16_bytes: usize = lora_q8
+            .pairs
+            .iter()
+            .map(|p| 2 * (p.3.len() + p.4.len()))
+            .sum();
+        assert!(
+            q.n_bytes() < f16_bytes * 3 / 4,
+            "{} bytes, f16 would take {f16_bytes}",
+            q.n_bytes()
+        );
+        check(
+            &format!("{base} q8_0 gguf lora"),
+            &t,
+            &m,
+            &[(q, 1.0)],
+            &[(&lora_q8, 1.0)],
+        );
         let a = m.load_adapter(&with_alpha).unwrap();
         assert_eq!(a.alpha(), Some(6.0));
         check(

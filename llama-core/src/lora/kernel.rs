@@ -1,12 +1,15 @@
 //! Storage of an adapter's matrices and the run-time update `out += f * B (A x)`.
 //!
-//! Each matrix is kept in the narrowest type that holds every value exactly (f16, bf16, or
-//! f32): an f16 file stays f16 (half the bytes a decode step streams), an f32 file whose values
-//! are not all f16 stays f32. Arithmetic is f32. `A` (`[rank, in]`) is kept in blocks of [`RB`]
-//! rank rows interleaved by [`LANES`] input positions ([`a_index`]), so a block's dot products
-//! read one stream; `B` transposed (`[rank, out]`) in panels of [`P`] output columns
-//! ([`panel_index`]), so the update of any run of columns reads whole contiguous panels.
-//! In decode the update rides along the base matmul's pool call ([`super::row`]).
+//! Each matrix is kept in the narrowest type that holds every value exactly: 8-bit codes with
+//! one f32 scale per group of [`QG`] values where every value is `scale * code` (what a
+//! llama.cpp Q8_0 LoRA file holds: 1.125 bytes a value), else f16, bf16, or f32. An f16 file
+//! stays f16 (half the bytes a decode step streams), a Q8_0 file 8-bit, an f32 file whose
+//! values fit none of these stays f32. Arithmetic is f32, and each value enters it as the same
+//! f32 whatever the storage, so the products are the same bits. `A` (`[rank, in]`) is kept in
+//! blocks of [`RB`] rank rows interleaved by [`LANES`] input positions ([`a_index`]), so a
+//! block's dot products read one stream; `B` transposed (`[rank, out]`) in panels of [`P`]
+//! output columns ([`panel_index`]), so the update of any run of columns reads whole contiguous
+//! panels. In decode the update rides along the base matmul's pool call ([`super::row`]).
 
 use half::{bf16, f16};
 
@@ -35,12 +38,54 @@ impl Simd {
     }
 }
 
+/// Values per scale of 8-bit storage: along a rank row's inputs in `A`, along an output
+/// column's rank values in `B^T` (the blocks of a Q8_0 `lora_a` / `lora_b`).
+pub(crate) const QG: usize = 32;
+
+/// Which matrix an 8-bit storage holds (where each value's scale lies).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Layout {
+    /// `A`, `[rank, k]`: scales by [`a_scale_index`].
+    A { rank: usize, k: usize },
+    /// `B^T`, `[rank, n]`: scales by [`b_scale_index`].
+    Bt { rank: usize, n: usize },
+}
+
 /// A matrix of an adapter (in one of the layouts above), in the narrowest exact type.
 #[derive(Clone, Debug)]
 pub(crate) enum LoraMat {
     F32(Vec<f32>),
     F16(Vec<f16>),
     BF16(Vec<bf16>),
+    /// Value = `s[scale index] * q[index]`, exact in f32.
+    Q8 {
+        q: Vec<i8>,
+        s: Vec<f32>,
+        layout: Layout,
+    },
+}
+
+/// The scale and codes of a group of values that are all `scale * code` exactly (code in
+/// -127..=127, the scale the largest magnitude / 127 as llama.cpp's Q8_0 sets it), bit for
+/// bit (a negative zero is not); `None` otherwise.
+fn q8_group(v: &[f32], codes: &mut [i8]) -> Option<f32> {
+    let amax = v.iter().fold(0f32, |m, x| m.max(x.abs()));
+    if !amax.is_finite() {
+        return None;
+    }
+    let s = amax / 127.0;
+    for (c, &x) in codes.iter_mut().zip(v) {
+        let q = if s == 0.0 { 0.0 } else { (x / s).round() };
+        if q.abs() > 127.0 {
+            return None;
+        }
+        // The value read back, as the kernels form it (a code has no negative zero).
+        *c = q as i8;
+        if (*c as f32 * s).to_bits() != x.to_bits() {
+            return None;
+        }
+    }
+    Some(s)
 }
 
 impl LoraMat {
@@ -55,11 +100,83 @@ impl LoraMat {
         LoraMat::F32(v)
     }
 
+    /// `A` from its `[rank, k]` row-major values, in blocks ([`a_index`]): 8-bit when every
+    /// group of [`QG`] inputs of every row is `scale * code` exactly, else as [`LoraMat::new`].
+    pub(crate) fn a_from(a: &[f32], rank: usize, k: usize) -> LoraMat {
+        let layout = Layout::A { rank, k };
+        let mut q8 = (k.is_multiple_of(QG) && !a.is_empty())
+            .then(|| (vec![0i8; rank * k], vec![0f32; rank * k / QG], [0i8; QG]));
+        let mut laid = vec![0f32; rank * k];
+        for j in 0..rank {
+            let row = &a[j * k..(j + 1) * k];
+            for (i, &v) in row.iter().enumerate() {
+                laid[a_index(j, i, rank, k)] = v;
+            }
+            if let Some((q, s, codes)) = &mut q8 {
+                for g in 0..k / QG {
+                    match q8_group(&row[g * QG..(g + 1) * QG], codes) {
+                        Some(sc) => {
+                            s[a_scale_index(j, g, rank, k)] = sc;
+                            for (i, &c) in codes.iter().enumerate() {
+                                q[a_index(j, g * QG + i, rank, k)] = c;
+                            }
+                        }
+                        None => {
+                            q8 = None;
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        match q8 {
+            Some((q, s, _)) => LoraMat::Q8 { q, s, layout },
+            None => LoraMat::new(laid),
+        }
+    }
+
+    /// `B^T` from `B`'s `[n, rank]` row-major values, in panels ([`panel_index`]): 8-bit when
+    /// every group of [`QG`] rank values of every column is `scale * code` exactly, else as
+    /// [`LoraMat::new`].
+    pub(crate) fn bt_from(b: &[f32], rank: usize, n: usize) -> LoraMat {
+        let layout = Layout::Bt { rank, n };
+        let mut q8 = (rank.is_multiple_of(QG) && !b.is_empty())
+            .then(|| (vec![0i8; rank * n], vec![0f32; rank * n / QG], [0i8; QG]));
+        let mut laid = vec![0f32; rank * n];
+        for o in 0..n {
+            let col = &b[o * rank..(o + 1) * rank];
+            for (j, &v) in col.iter().enumerate() {
+                laid[panel_index(j, o, rank, n)] = v;
+            }
+            if let Some((q, s, codes)) = &mut q8 {
+                for g in 0..rank / QG {
+                    match q8_group(&col[g * QG..(g + 1) * QG], codes) {
+                        Some(sc) => {
+                            s[b_scale_index(g, o, rank, n)] = sc;
+                            for (j, &c) in codes.iter().enumerate() {
+                                q[panel_index(g * QG + j, o, rank, n)] = c;
+                            }
+                        }
+                        None => {
+                            q8 = None;
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        match q8 {
+            Some((q, s, _)) => LoraMat::Q8 { q, s, layout },
+            None => LoraMat::new(laid),
+        }
+    }
+
     pub(crate) fn len(&self) -> usize {
         match self {
             LoraMat::F32(v) => v.len(),
             LoraMat::F16(v) => v.len(),
             LoraMat::BF16(v) => v.len(),
+            LoraMat::Q8 { q, .. } => q.len(),
         }
     }
 
@@ -68,29 +185,37 @@ impl LoraMat {
             LoraMat::F32(v) => v.len() * 4,
             LoraMat::F16(v) => v.len() * 2,
             LoraMat::BF16(v) => v.len() * 2,
+            LoraMat::Q8 { q, s, .. } => q.len() + s.len() * 4,
         }
     }
 
+    /// The values as f32, in the stored layout.
     pub(crate) fn to_f32(&self) -> Vec<f32> {
-        let mut out = vec![0f32; self.len()];
-        self.widen(0, &mut out);
-        out
-    }
-
-    /// Values `start..start + out.len()` as f32 into `out`.
-    fn widen(&self, start: usize, out: &mut [f32]) {
-        let n = out.len();
         match self {
-            LoraMat::F32(v) => out.copy_from_slice(&v[start..start + n]),
-            LoraMat::F16(v) => {
-                for (o, x) in out.iter_mut().zip(&v[start..start + n]) {
-                    *o = x.f32();
+            LoraMat::F32(v) => v.clone(),
+            LoraMat::F16(v) => v.iter().map(|x| x.f32()).collect(),
+            LoraMat::BF16(v) => v.iter().map(|x| x.f32()).collect(),
+            LoraMat::Q8 { q, s, layout } => {
+                let mut out = vec![0f32; q.len()];
+                match *layout {
+                    Layout::A { rank, k } => {
+                        for j in 0..rank {
+                            for i in 0..k {
+                                let e = a_index(j, i, rank, k);
+                                out[e] = Codes { q, s }.val(e, a_scale_index(j, i / QG, rank, k));
+                            }
+                        }
+                    }
+                    Layout::Bt { rank, n } => {
+                        for j in 0..rank {
+                            for o in 0..n {
+                                let e = panel_index(j, o, rank, n);
+                                out[e] = Codes { q, s }.val(e, b_scale_index(j / QG, o, rank, n));
+                            }
+                        }
+                    }
                 }
-            }
-            LoraMat::BF16(v) => {
-                for (o, x) in out.iter_mut().zip(&v[start..start + n]) {
-                    *o = x.f32();
-                }
+                out
             }
         }
     }
@@ -109,9 +234,20 @@ impl LoraMat {
             "LoRA block outside its matrix"
         );
         match self {
-            LoraMat::F32(v) => block_dots(&v[from..], rb, x, out, simd),
-            LoraMat::F16(v) => block_dots(&v[from..], rb, x, out, simd),
-            LoraMat::BF16(v) => block_dots(&v[from..], rb, x, out, simd),
+            LoraMat::F32(v) => block_dots(Plain(&v[from..]), rb, x, out, simd),
+            LoraMat::F16(v) => block_dots(Plain(&v[from..]), rb, x, out, simd),
+            LoraMat::BF16(v) => block_dots(Plain(&v[from..]), rb, x, out, simd),
+            LoraMat::Q8 { q, s, layout } => {
+                assert!(
+                    matches!(*layout, Layout::A { k, .. } if k == x.len()),
+                    "LoRA block of a matrix that is not this A"
+                );
+                let codes = Codes {
+                    q: &q[from..],
+                    s: &s[from / QG..],
+                };
+                block_dots(codes, rb, x, out, simd)
+            }
         }
     }
 
@@ -121,9 +257,16 @@ impl LoraMat {
     /// gets the same bits whichever way a row is split into ranges.
     pub(crate) fn add_cols(&self, n: usize, u: &[f32], lo: usize, out: &mut [f32], simd: Simd) {
         match self {
-            LoraMat::F32(v) => add_cols(v, n, u, lo, out, simd),
-            LoraMat::F16(v) => add_cols(v, n, u, lo, out, simd),
-            LoraMat::BF16(v) => add_cols(v, n, u, lo, out, simd),
+            LoraMat::F32(v) => add_cols(Plain(v), n, u, lo, out, simd),
+            LoraMat::F16(v) => add_cols(Plain(v), n, u, lo, out, simd),
+            LoraMat::BF16(v) => add_cols(Plain(v), n, u, lo, out, simd),
+            LoraMat::Q8 { q, s, layout } => {
+                assert!(
+                    *layout == Layout::Bt { rank: u.len(), n },
+                    "LoRA column update of a matrix that is not this B"
+                );
+                add_cols(Codes { q, s }, n, u, lo, out, simd)
+            }
         }
     }
 
@@ -131,22 +274,30 @@ impl LoraMat {
     /// (`[rank, n]`).
     #[cfg(target_arch = "x86_64")]
     pub(crate) fn prefetch_cols(&self, rank: usize, n: usize, lo: usize, hi: usize) {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let (ptr, size) = match self {
-            LoraMat::F32(v) => (v.as_ptr() as *const u8, 4),
-            LoraMat::F16(v) => (v.as_ptr() as *const u8, 2),
-            LoraMat::BF16(v) => (v.as_ptr() as *const u8, 2),
+        let (a, b) = (lo / P * P, hi.min(n).div_ceil(P) * P);
+        let b = b.min(n);
+        let lines = |ptr: *const u8, from: usize, to: usize| {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            let mut at = from;
+            while at < to {
+                // SAFETY: a prefetch is a hint that never faults; the address lies in the
+                // matrix.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(ptr.wrapping_add(at) as *const i8) };
+                at += 64;
+            }
         };
-        let (a, b) = (
-            lo / P * P * rank * size,
-            hi.min(n).div_ceil(P) * P * rank * size,
-        );
-        let b = b.min(n * rank * size);
-        let mut at = a;
-        while at < b {
-            // SAFETY: a prefetch is a hint that never faults; the address lies in the matrix.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(ptr.wrapping_add(at) as *const i8) };
-            at += 64;
+        match self {
+            LoraMat::F32(v) => lines(v.as_ptr() as *const u8, a * rank * 4, b * rank * 4),
+            LoraMat::F16(v) => lines(v.as_ptr() as *const u8, a * rank * 2, b * rank * 2),
+            LoraMat::BF16(v) => lines(v.as_ptr() as *const u8, a * rank * 2, b * rank * 2),
+            LoraMat::Q8 { q, s, .. } => {
+                lines(q.as_ptr() as *const u8, a * rank, b * rank);
+                lines(
+                    s.as_ptr() as *const u8,
+                    a * rank / QG * 4,
+                    b * rank / QG * 4,
+                );
+            }
         }
     }
 
@@ -155,6 +306,199 @@ impl LoraMat {
             LoraMat::F32(_) => "f32",
             LoraMat::F16(_) => "f16",
             LoraMat::BF16(_) => "bf16",
+            LoraMat::Q8 { .. } => "q8",
+        }
+    }
+}
+
+/// Where the scale of group `g` (inputs `g * QG..`) of rank row `j` of an 8-bit `A`
+/// (`[rank, k]`) lies: per block of [`RB`] rows (the last one narrower), `[k / QG, rb]`, so a
+/// block's scales follow its codes' order.
+pub(crate) fn a_scale_index(j: usize, g: usize, rank: usize, k: usize) -> usize {
+    let j0 = j / RB * RB;
+    let rb = RB.min(rank - j0);
+    j0 * (k / QG) + g * rb + (j - j0)
+}
+
+/// Where the scale of group `g` (rank values `g * QG..`) of output column `o` of an 8-bit
+/// `B^T` (`[rank, n]`) lies: per panel of [`P`] columns, `[rank / QG, width]`.
+pub(crate) fn b_scale_index(g: usize, o: usize, rank: usize, n: usize) -> usize {
+    let c0 = o / P * P;
+    let w = P.min(n - c0);
+    c0 * (rank / QG) + g * w + (o - c0)
+}
+
+/// How the kernels read a stored matrix: values of one type ([`Plain`]) or 8-bit codes with
+/// their scales ([`Codes`]). `e` counts elements from the source's start, `s` scales (which
+/// plain values ignore). Every element reads as the same f32 in every method.
+trait Src: Copy {
+    /// Bytes per element (the stream's, for its prefetch).
+    const SIZE: usize;
+    /// Element `e`, whose scale is at `s`.
+    fn val(self, e: usize, s: usize) -> f32;
+    /// The source from element `e` and scale `s` on.
+    fn skip(self, e: usize, s: usize) -> Self;
+    /// Elements from the start to the end of the matrix.
+    fn elems(self) -> usize;
+    fn base(self) -> *const u8;
+    /// Asks for the lines of scales `s..s + n`.
+    #[cfg(target_arch = "x86_64")]
+    fn prefetch_scales(self, s: usize, n: usize);
+    /// Sixteen elements from `e` with one scale (at `s`), as f32 lanes (AVX-512F code).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn row16(self, e: usize, s: usize) -> std::arch::x86_64::__m512;
+    /// Eight elements from `e` with one scale (at `s`) (AVX2 code).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn row8(self, e: usize, s: usize) -> std::arch::x86_64::__m256;
+    /// Sixteen elements from `e`, lane `l`'s scale at `s + l` (AVX-512F code).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn col16(self, e: usize, s: usize) -> std::arch::x86_64::__m512;
+    /// Eight elements from `e`, lane `l`'s scale at `s + l` (AVX2 code).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn col8(self, e: usize, s: usize) -> std::arch::x86_64::__m256;
+}
+
+/// Values of one type.
+#[derive(Clone, Copy)]
+struct Plain<'a, T>(&'a [T]);
+
+impl<T: Elem> Src for Plain<'_, T> {
+    const SIZE: usize = std::mem::size_of::<T>();
+    #[inline(always)]
+    fn val(self, e: usize, _: usize) -> f32 {
+        self.0[e].f32()
+    }
+    #[inline(always)]
+    fn skip(self, e: usize, _: usize) -> Self {
+        Plain(&self.0[e..])
+    }
+    #[inline(always)]
+    fn elems(self) -> usize {
+        self.0.len()
+    }
+    #[inline(always)]
+    fn base(self) -> *const u8 {
+        self.0.as_ptr() as *const u8
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn prefetch_scales(self, _: usize, _: usize) {}
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn row16(self, e: usize, _: usize) -> std::arch::x86_64::__m512 {
+        // SAFETY: the caller's elements lie in the slice; AVX-512F code only.
+        unsafe { T::load16(self.0.as_ptr().add(e)) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn row8(self, e: usize, _: usize) -> std::arch::x86_64::__m256 {
+        // SAFETY: as above; AVX2 code only.
+        unsafe { T::load8(self.0.as_ptr().add(e)) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn col16(self, e: usize, s: usize) -> std::arch::x86_64::__m512 {
+        // SAFETY: as `row16`.
+        unsafe { self.row16(e, s) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn col8(self, e: usize, s: usize) -> std::arch::x86_64::__m256 {
+        // SAFETY: as `row8`.
+        unsafe { self.row8(e, s) }
+    }
+}
+
+/// 8-bit codes and their scales (value = scale * code, exact in f32).
+#[derive(Clone, Copy)]
+struct Codes<'a> {
+    q: &'a [i8],
+    s: &'a [f32],
+}
+
+impl Src for Codes<'_> {
+    const SIZE: usize = 1;
+    #[inline(always)]
+    fn val(self, e: usize, s: usize) -> f32 {
+        self.q[e] as f32 * self.s[s]
+    }
+    #[inline(always)]
+    fn skip(self, e: usize, s: usize) -> Self {
+        Codes {
+            q: &self.q[e..],
+            s: &self.s[s..],
+        }
+    }
+    #[inline(always)]
+    fn elems(self) -> usize {
+        self.q.len()
+    }
+    #[inline(always)]
+    fn base(self) -> *const u8 {
+        self.q.as_ptr() as *const u8
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn prefetch_scales(self, s: usize, n: usize) {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let p = self.s.as_ptr() as *const u8;
+        let (mut at, end) = (s * 4 / 64 * 64, (s + n).min(self.s.len()) * 4);
+        while at < end {
+            // SAFETY: a prefetch is a hint that never faults; the address lies in the scales.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(at) as *const i8) };
+            at += 64;
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn row16(self, e: usize, s: usize) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's elements and scale lie in the slices; AVX-512F code only.
+        unsafe {
+            let c = _mm512_cvtepi8_epi32(_mm_loadu_si128(self.q.as_ptr().add(e) as *const __m128i));
+            _mm512_mul_ps(
+                _mm512_cvtepi32_ps(c),
+                _mm512_set1_ps(*self.s.as_ptr().add(s)),
+            )
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn row8(self, e: usize, s: usize) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: as above; AVX2 code only.
+        unsafe {
+            let c = _mm256_cvtepi8_epi32(_mm_loadl_epi64(self.q.as_ptr().add(e) as *const __m128i));
+            _mm256_mul_ps(
+                _mm256_cvtepi32_ps(c),
+                _mm256_set1_ps(*self.s.as_ptr().add(s)),
+            )
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn col16(self, e: usize, s: usize) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's elements and sixteen scales lie in the slices; AVX-512F only.
+        unsafe {
+            let c = _mm512_cvtepi8_epi32(_mm_loadu_si128(self.q.as_ptr().add(e) as *const __m128i));
+            _mm512_mul_ps(
+                _mm512_cvtepi32_ps(c),
+                _mm512_loadu_ps(self.s.as_ptr().add(s)),
+            )
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn col8(self, e: usize, s: usize) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's elements and eight scales lie in the slices; AVX2 code only.
+        unsafe {
+            let c = _mm256_cvtepi8_epi32(_mm_loadl_epi64(self.q.as_ptr().add(e) as *const __m128i));
+            _mm256_mul_ps(
+                _mm256_cvtepi32_ps(c),
+                _mm256_loadu_ps(self.s.as_ptr().add(s)),
+            )
         }
     }
 }
@@ -171,10 +515,16 @@ pub(crate) fn dot<T: Elem>(x: &[f32], w: &[T], simd: Simd) -> f32 {
     x.iter().zip(w).map(|(a, b)| a * b.f32()).sum()
 }
 
-/// [`LoraMat::add_cols`] for one storage type.
-fn add_cols<T: Elem>(bt: &[T], n: usize, u: &[f32], lo: usize, out: &mut [f32], simd: Simd) {
+/// [`LoraMat::add_cols`] for one storage.
+fn add_cols<S: Src>(bt: S, n: usize, u: &[f32], lo: usize, out: &mut [f32], simd: Simd) {
     let r = u.len();
+    // Scales per column of a panel (8-bit storage; plain values ignore them).
+    let rg = r / QG;
     let hi = lo + out.len();
+    assert!(
+        bt.elems() >= n * r && hi <= n,
+        "LoRA column update outside its matrix"
+    );
     // Whole panels end here.
     let whole = hi.min(n / P * P);
     let mut c = lo;
@@ -184,9 +534,10 @@ fn add_cols<T: Elem>(bt: &[T], n: usize, u: &[f32], lo: usize, out: &mut [f32], 
             // A run of whole panels in one call.
             let q = (whole - c) / P;
             let dst = &mut out[c - lo..c - lo + q * P];
-            let src = &bt[c * r..(c + q * P) * r];
+            let src = bt.skip(c * r, c * rg);
             // SAFETY: `simd` is set only where the CPU has AVX2, FMA and F16C (AVX-512F for
-            // `Avx512`); `src` holds `q` panels of `r` rows of `P`, `dst` `q * P` values.
+            // `Avx512`); `src` holds `q` panels of `r` rows of `P` (and their scales), `dst`
+            // `q * P` values.
             unsafe {
                 if simd == Simd::Avx512 {
                     panels_avx512(src, u, dst)
@@ -199,7 +550,7 @@ fn add_cols<T: Elem>(bt: &[T], n: usize, u: &[f32], lo: usize, out: &mut [f32], 
         }
         let c0 = c / P * P;
         let w = P.min(n - c0);
-        let panel = &bt[c0 * r..(c0 + w) * r];
+        let panel = bt.skip(c0 * r, c0 * rg);
         let end = hi.min(c0 + w);
         let dst = &mut out[c - lo..end - lo];
         let a = c - c0;
@@ -215,7 +566,7 @@ fn add_cols<T: Elem>(bt: &[T], n: usize, u: &[f32], lo: usize, out: &mut [f32], 
             let col = a + i;
             let mut v = *o;
             for (j, &uj) in u.iter().enumerate() {
-                v = uj.mul_add(panel[j * w + col].f32(), v);
+                v = uj.mul_add(panel.val(j * w + col, j / QG * w + col), v);
             }
             *o = v;
         }
@@ -232,19 +583,20 @@ fn add_cols<T: Elem>(bt: &[T], n: usize, u: &[f32], lo: usize, out: &mut [f32], 
 /// `u.len()` rows of [`P`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn panels_avx512<T: Elem>(p: &[T], u: &[f32], out: &mut [f32]) {
+unsafe fn panels_avx512<S: Src>(p: S, u: &[f32], out: &mut [f32]) {
     use std::arch::x86_64::*;
     let (r, q) = (u.len(), out.len() / P);
-    let span = r * P;
-    let (pp, op) = (p.as_ptr(), out.as_mut_ptr());
+    let (span, sspan) = (r * P, r / QG * P);
+    let op = out.as_mut_ptr();
     let mut i = 0;
     while i + 4 <= q {
-        let base = pp.add(i * span);
+        let (e0, s0) = (i * span, i * sspan);
         let mut acc: [__m512; 4] = std::array::from_fn(|v| _mm512_loadu_ps(op.add((i + v) * P)));
         for (j, &uj) in u.iter().enumerate() {
             let b = _mm512_set1_ps(uj);
+            let (e, s) = (e0 + j * P, s0 + j / QG * P);
             for (v, a) in acc.iter_mut().enumerate() {
-                *a = _mm512_fmadd_ps(T::load16(base.add(v * span + j * P)), b, *a);
+                *a = _mm512_fmadd_ps(p.col16(e + v * span, s + v * sspan), b, *a);
             }
         }
         for (v, a) in acc.iter().enumerate() {
@@ -253,10 +605,11 @@ unsafe fn panels_avx512<T: Elem>(p: &[T], u: &[f32], out: &mut [f32]) {
         i += 4;
     }
     while i < q {
-        let base = pp.add(i * span);
+        let (e0, s0) = (i * span, i * sspan);
         let mut a = _mm512_loadu_ps(op.add(i * P));
         for (j, &uj) in u.iter().enumerate() {
-            a = _mm512_fmadd_ps(T::load16(base.add(j * P)), _mm512_set1_ps(uj), a);
+            let x = p.col16(e0 + j * P, s0 + j / QG * P);
+            a = _mm512_fmadd_ps(x, _mm512_set1_ps(uj), a);
         }
         _mm512_storeu_ps(op.add(i * P), a);
         i += 1;
@@ -271,22 +624,24 @@ unsafe fn panels_avx512<T: Elem>(p: &[T], u: &[f32], out: &mut [f32]) {
 /// [`P`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn panels_avx2<T: Elem>(p: &[T], u: &[f32], out: &mut [f32]) {
+unsafe fn panels_avx2<S: Src>(p: S, u: &[f32], out: &mut [f32]) {
     use std::arch::x86_64::*;
     let (r, q) = (u.len(), out.len() / P);
-    let span = r * P;
-    let (pp, op) = (p.as_ptr(), out.as_mut_ptr());
+    let (span, sspan) = (r * P, r / QG * P);
+    let op = out.as_mut_ptr();
     let mut i = 0;
     while i + 2 <= q {
-        let base = pp.add(i * span);
+        let (e0, s0) = (i * span, i * sspan);
         // Lanes of panel i (halves 0, 1) and panel i + 1 (halves 0, 1).
-        let at = |v: usize| (v / 2) * span + (v % 2) * 8;
+        let at = |v: usize| ((v / 2) * span + (v % 2) * 8, (v / 2) * sspan + (v % 2) * 8);
         let mut acc: [__m256; 4] =
             std::array::from_fn(|v| _mm256_loadu_ps(op.add(i * P + (v / 2) * P + (v % 2) * 8)));
         for (j, &uj) in u.iter().enumerate() {
             let b = _mm256_set1_ps(uj);
+            let (e, s) = (e0 + j * P, s0 + j / QG * P);
             for (v, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_fmadd_ps(T::load8(base.add(at(v) + j * P)), b, *a);
+                let (de, ds) = at(v);
+                *a = _mm256_fmadd_ps(p.col8(e + de, s + ds), b, *a);
             }
         }
         for (v, a) in acc.iter().enumerate() {
@@ -295,15 +650,16 @@ unsafe fn panels_avx2<T: Elem>(p: &[T], u: &[f32], out: &mut [f32]) {
         i += 2;
     }
     if i < q {
-        let base = pp.add(i * span);
+        let (e0, s0) = (i * span, i * sspan);
         let mut acc = [
             _mm256_loadu_ps(op.add(i * P)),
             _mm256_loadu_ps(op.add(i * P + 8)),
         ];
         for (j, &uj) in u.iter().enumerate() {
             let b = _mm256_set1_ps(uj);
+            let (e, s) = (e0 + j * P, s0 + j / QG * P);
             for (h, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_fmadd_ps(T::load8(base.add(h * 8 + j * P)), b, *a);
+                *a = _mm256_fmadd_ps(p.col8(e + h * 8, s + h * 8), b, *a);
             }
         }
         _mm256_storeu_ps(op.add(i * P), acc[0]);
@@ -318,12 +674,12 @@ unsafe fn panels_avx2<T: Elem>(p: &[T], u: &[f32], out: &mut [f32]) {
 /// 8 values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn panel8_avx2<T: Elem>(p: &[T], u: &[f32], at: usize, out: &mut [f32]) {
+unsafe fn panel8_avx2<S: Src>(p: S, u: &[f32], at: usize, out: &mut [f32]) {
     use std::arch::x86_64::*;
-    let pp = p.as_ptr().add(at);
     let mut acc = _mm256_loadu_ps(out.as_ptr());
     for (j, &uj) in u.iter().enumerate() {
-        acc = _mm256_fmadd_ps(T::load8(pp.add(j * P)), _mm256_set1_ps(uj), acc);
+        let x = p.col8(at + j * P, j / QG * P + at);
+        acc = _mm256_fmadd_ps(x, _mm256_set1_ps(uj), acc);
     }
     _mm256_storeu_ps(out.as_mut_ptr(), acc);
 }
@@ -349,11 +705,12 @@ pub(crate) fn a_index(j: usize, i: usize, rank: usize, k: usize) -> usize {
     }
 }
 
-/// [`LoraMat::block_dots`] for one storage type: `w` starts with the block (`rb` rows) and
-/// runs to the matrix's end.
-fn block_dots<T: Elem>(w: &[T], rb: usize, x: &[f32], out: &mut [f32], simd: Simd) {
+/// [`LoraMat::block_dots`] for one storage: `w` starts with the block (`rb` rows, and its
+/// scales) and runs to the matrix's end.
+fn block_dots<S: Src>(w: S, rb: usize, x: &[f32], out: &mut [f32], simd: Simd) {
     let k = x.len();
     let k16 = k / LANES * LANES;
+    assert!(w.elems() >= rb * k, "LoRA block outside its matrix");
     #[cfg(target_arch = "x86_64")]
     if simd == Simd::Avx512 {
         // SAFETY: `Avx512` is set only where the CPU has AVX-512F (and AVX2, FMA, F16C); `w`
@@ -370,9 +727,9 @@ fn block_dots<T: Elem>(w: &[T], rb: usize, x: &[f32], out: &mut [f32], simd: Sim
     let mut acc = [[0f32; LANES]; RB];
     for c in 0..k16 / LANES {
         for (r, a) in acc.iter_mut().enumerate().take(rb) {
-            let row = &w[(c * rb + r) * LANES..][..LANES];
+            let (e, s) = ((c * rb + r) * LANES, c * LANES / QG * rb + r);
             for l in 0..LANES {
-                a[l] = row[l].f32().mul_add(x[c * LANES + l], a[l]);
+                a[l] = w.val(e + l, s).mul_add(x[c * LANES + l], a[l]);
             }
         }
     }
@@ -389,9 +746,9 @@ fn block_dots<T: Elem>(w: &[T], rb: usize, x: &[f32], out: &mut [f32], simd: Sim
             }
         }
         let mut s = v[0];
-        let t = &w[k16 * rb + r * tail..][..tail];
-        for (i, wv) in t.iter().enumerate() {
-            s += x[k16 + i] * wv.f32();
+        for i in 0..tail {
+            // (8-bit storage has no tail: its rows are whole groups.)
+            s += x[k16 + i] * w.val(k16 * rb + r * tail + i, 0);
         }
         out[r] = s;
     }
@@ -420,27 +777,27 @@ fn prefetch_within(p: *const u8, len: usize, end: *const u8) {
 /// of `x.len()`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn block_dots_avx512<T: Elem>(w: &[T], rb: usize, x: &[f32], out: &mut [f32]) {
+unsafe fn block_dots_avx512<S: Src>(w: S, rb: usize, x: &[f32], out: &mut [f32]) {
     use std::arch::x86_64::*;
     let k = x.len();
     let k16 = k / LANES * LANES;
-    let size = std::mem::size_of::<T>();
-    let (xp, wp) = (x.as_ptr(), w.as_ptr());
-    let end = wp.add(w.len()) as *const u8;
+    let xp = x.as_ptr();
+    let (wp, end) = (w.base(), w.base().wrapping_add(w.elems() * S::SIZE));
+    w.prefetch_scales(0, rb * k / QG);
     let mut acc = [_mm512_setzero_ps(); RB];
     for c in 0..k16 / LANES {
         let xv = _mm512_loadu_ps(xp.add(c * LANES));
-        let p = wp.add(c * rb * LANES);
-        prefetch_within(p as *const u8, rb * LANES * size, end);
+        let (e, s) = (c * rb * LANES, c * LANES / QG * rb);
+        prefetch_within(wp.wrapping_add(e * S::SIZE), rb * LANES * S::SIZE, end);
         for (r, a) in acc.iter_mut().enumerate().take(rb) {
-            *a = _mm512_fmadd_ps(T::load16(p.add(r * LANES)), xv, *a);
+            *a = _mm512_fmadd_ps(w.row16(e + r * LANES, s + r), xv, *a);
         }
     }
     let tail = k - k16;
     for (r, a) in acc.iter().enumerate().take(rb) {
         let mut s = _mm512_reduce_add_ps(*a);
         for i in 0..tail {
-            s += x[k16 + i] * (*wp.add(k16 * rb + r * tail + i)).f32();
+            s += x[k16 + i] * w.val(k16 * rb + r * tail + i, 0);
         }
         out[r] = s;
     }
@@ -454,24 +811,24 @@ unsafe fn block_dots_avx512<T: Elem>(w: &[T], rb: usize, x: &[f32], out: &mut [f
 /// `x.len()`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn block_dots_avx2<T: Elem>(w: &[T], rb: usize, x: &[f32], out: &mut [f32]) {
+unsafe fn block_dots_avx2<S: Src>(w: S, rb: usize, x: &[f32], out: &mut [f32]) {
     use std::arch::x86_64::*;
     let k = x.len();
     let k16 = k / LANES * LANES;
-    let size = std::mem::size_of::<T>();
-    let (xp, wp) = (x.as_ptr(), w.as_ptr());
-    let end = wp.add(w.len()) as *const u8;
+    let xp = x.as_ptr();
+    let (wp, end) = (w.base(), w.base().wrapping_add(w.elems() * S::SIZE));
+    w.prefetch_scales(0, rb * k / QG);
     let mut acc = [[_mm256_setzero_ps(); 2]; RB];
     for c in 0..k16 / LANES {
         let xv = [
             _mm256_loadu_ps(xp.add(c * LANES)),
             _mm256_loadu_ps(xp.add(c * LANES + 8)),
         ];
-        let p = wp.add(c * rb * LANES);
-        prefetch_within(p as *const u8, rb * LANES * size, end);
+        let (e, s) = (c * rb * LANES, c * LANES / QG * rb);
+        prefetch_within(wp.wrapping_add(e * S::SIZE), rb * LANES * S::SIZE, end);
         for (r, a) in acc.iter_mut().enumerate().take(rb) {
             for h in 0..2 {
-                a[h] = _mm256_fmadd_ps(T::load8(p.add(r * LANES + 8 * h)), xv[h], a[h]);
+                a[h] = _mm256_fmadd_ps(w.row8(e + r * LANES + 8 * h, s + r), xv[h], a[h]);
             }
         }
     }
@@ -483,7 +840,7 @@ unsafe fn block_dots_avx2<T: Elem>(w: &[T], rb: usize, x: &[f32], out: &mut [f32
         let v = _mm_add_ps(v, _mm_shuffle_ps::<0b01_00_11_10>(v, v));
         let mut s = _mm_cvtss_f32(v) + _mm_cvtss_f32(_mm_shuffle_ps::<1>(v, v));
         for i in 0..tail {
-            s += x[k16 + i] * (*wp.add(k16 * rb + r * tail + i)).f32();
+            s += x[k16 + i] * w.val(k16 * rb + r * tail + i, 0);
         }
         out[r] = s;
     }

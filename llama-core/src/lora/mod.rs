@@ -185,24 +185,12 @@ impl RawPair {
     /// As stored: `A` and `B^T` in their narrowest exact types.
     fn store(self, out: usize, inp: usize) -> LoraPair {
         let r = self.rank;
-        let mut bt = vec![0f32; r * out];
-        for o in 0..out {
-            for j in 0..r {
-                bt[kernel::panel_index(j, o, r, out)] = self.b[o * r + j];
-            }
-        }
-        let mut a = vec![0f32; r * inp];
-        for j in 0..r {
-            for i in 0..inp {
-                a[kernel::a_index(j, i, r, inp)] = self.a[j * inp + i];
-            }
-        }
         LoraPair {
             rank: r,
             inp,
             out,
-            a: LoraMat::new(a),
-            bt: LoraMat::new(bt),
+            a: LoraMat::a_from(&self.a, r, inp),
+            bt: LoraMat::bt_from(&self.b, r, out),
             scale: self.scale,
         }
     }
@@ -451,7 +439,8 @@ impl Adapter {
             .sum()
     }
 
-    /// The storage type of its matrices (`f16`, `bf16`, `f32`, or `mixed`).
+    /// The storage type of its matrices (`q8`: 8-bit codes with a scale per 32 values, as in a
+    /// Q8_0 GGUF LoRA; `f16`, `bf16`, `f32`, or `mixed`).
     pub fn dtype(&self) -> &'static str {
         let mut names = self
             .pairs()

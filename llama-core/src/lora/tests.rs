@@ -29,8 +29,34 @@ fn widths() -> Vec<Simd> {
     v
 }
 
+/// `rows` rows of `cols` values that are `scale * code` in groups of [`QG`] along each row (a
+/// code of 127 or -127 in each group, as Q8_0 quantization leaves them); plain values where
+/// `cols` is not a multiple of [`QG`].
+fn q8_values(rows: usize, cols: usize, seed: u32) -> Vec<f32> {
+    let v = values(rows * cols, seed);
+    if !cols.is_multiple_of(QG) {
+        return v;
+    }
+    let scales = values(rows * cols / QG, seed + 7);
+    v.chunks(QG)
+        .zip(scales)
+        .flat_map(|(g, sc)| {
+            let s = half::f16::from_f32(0.002 + 0.01 * sc.abs()).to_f32();
+            g.iter().enumerate().map(move |(i, &x)| {
+                let q = if i == 5 {
+                    127f32.copysign(x)
+                } else {
+                    (x * 127.0).round()
+                };
+                // A code of 0 reads back as +0 (a code has no sign of its own).
+                (q as i8) as f32 * s
+            })
+        })
+        .collect()
+}
+
 /// A pair with values exact in `dtype` and not in a narrower type (bf16: values below f16's
-/// normal range; f32: full 24-bit values).
+/// normal range; f32: full 24-bit values; q8: 8-bit codes with scales, see [`q8_values`]).
 fn pair(rank: usize, inp: usize, out: usize, seed: u32, dtype: &str) -> (RawPair, LoraPair) {
     let round = |v: Vec<f32>| -> Vec<f32> {
         v.into_iter()
@@ -41,15 +67,36 @@ fn pair(rank: usize, inp: usize, out: usize, seed: u32, dtype: &str) -> (RawPair
             })
             .collect()
     };
-    let raw = RawPair {
-        rank,
-        a: round(values(rank * inp, seed)),
-        b: round(values(out * rank, seed + 1)),
-        scale: 0.75,
+    let raw = if dtype == "q8" {
+        RawPair {
+            rank,
+            a: q8_values(rank, inp, seed),
+            b: q8_values(out, rank, seed + 1),
+            scale: 0.75,
+        }
+    } else {
+        RawPair {
+            rank,
+            a: round(values(rank * inp, seed)),
+            b: round(values(out * rank, seed + 1)),
+            scale: 0.75,
+        }
     };
     let stored = raw.clone().store(out, inp);
     assert_eq!(stored.a.dtype_name(), dtype);
+    if dtype == "q8" {
+        assert_eq!(stored.bt.dtype_name() == "q8", rank.is_multiple_of(QG));
+        let bytes = rank * inp + rank * inp / QG * 4;
+        assert_eq!(stored.a.bytes(), bytes, "1.125 bytes a value");
+    }
     (raw, stored)
+}
+
+/// The same values stored as f32 (or f16/bf16): a storage whose products must be the same bits.
+fn plain(m: &LoraMat) -> LoraMat {
+    let p = LoraMat::new(m.to_f32());
+    assert_ne!(p.dtype_name(), "q8");
+    p
 }
 
 #[test]
@@ -63,22 +110,57 @@ fn stored_layouts_give_back_the_matrices() {
             }
         }
     }
+    for rank in [1, 4, 5, 32, 64] {
+        for inp in [32, 96] {
+            for out in [8, 17, 48] {
+                let (raw, p) = pair(rank, inp, out, 5, "q8");
+                assert_eq!(p.a_f32(), raw.a, "q8 A rank {rank} in {inp}");
+                assert_eq!(p.b_f32(), raw.b, "q8 B rank {rank} out {out}");
+            }
+        }
+    }
+    // Values that are not codes times one scale per group (a group without its largest code,
+    // a negative zero, an input width off the groups) are not stored as 8-bit.
+    let mut a = q8_values(4, 64, 9);
+    a[5] *= 0.5;
+    assert_ne!(LoraMat::a_from(&a, 4, 64).dtype_name(), "q8");
+    let mut a = q8_values(4, 64, 9);
+    a[40] = -0.0;
+    assert_ne!(LoraMat::a_from(&a, 4, 64).dtype_name(), "q8");
+    assert_eq!(
+        LoraMat::a_from(&q8_values(4, 64, 9), 4, 64).dtype_name(),
+        "q8"
+    );
+    assert_ne!(
+        LoraMat::a_from(&q8_values(2, 48, 9), 2, 48).dtype_name(),
+        "q8"
+    );
+    // All zeros (a PEFT adapter's `B` before training) is 8-bit with scale 0.
+    let z = LoraMat::bt_from(&[0.0; 32 * 20], 32, 20);
+    assert_eq!((z.dtype_name(), z.to_f32()), ("q8", vec![0.0; 640]));
 }
 
 #[test]
 fn block_products_are_the_same_bits_at_every_width_and_near_exact() {
-    for dtype in ["f32", "f16", "bf16"] {
+    for dtype in ["f32", "f16", "bf16", "q8"] {
         for rank in [1, 3, 4, 6, 16] {
-            for k in [16, 23, 64, 100] {
+            for k in [16usize, 23, 64, 100, 32, 96] {
+                if dtype == "q8" && !k.is_multiple_of(QG) {
+                    continue;
+                }
                 let (raw, p) = pair(rank, k, 8, 11, dtype);
+                let same = plain(&p.a);
                 let x = values(k, 5);
                 let mut first: Option<Vec<f32>> = None;
                 for simd in widths() {
                     let mut got = vec![0f32; rank];
+                    let mut other = vec![0f32; rank];
                     for j0 in (0..rank).step_by(RB) {
                         let rb = RB.min(rank - j0);
                         p.a.block_dots(j0, rb, &x, &mut got[j0..j0 + rb], simd);
+                        same.block_dots(j0, rb, &x, &mut other[j0..j0 + rb], simd);
                     }
+                    assert_eq!(got, other, "{dtype} rank {rank} k {k} {simd:?} storage");
                     for (j, g) in got.iter().enumerate() {
                         let exact: f64 =
                             (0..k).map(|i| raw.a[j * k + i] as f64 * x[i] as f64).sum();
@@ -99,15 +181,29 @@ fn block_products_are_the_same_bits_at_every_width_and_near_exact() {
 
 #[test]
 fn column_updates_are_the_same_bits_however_the_row_is_split() {
-    for dtype in ["f32", "f16", "bf16"] {
-        for (rank, n) in [(1, 16), (5, 40), (16, 100), (3, 576)] {
-            let (raw, p) = pair(rank, 8, n, 21, dtype);
+    for dtype in ["f32", "f16", "bf16", "q8"] {
+        for (rank, n) in [
+            (1usize, 16),
+            (5, 40),
+            (16, 100),
+            (3, 576),
+            (32, 100),
+            (64, 40),
+        ] {
+            if dtype == "q8" && !rank.is_multiple_of(QG) {
+                continue;
+            }
+            let (raw, p) = pair(rank, 32, n, 21, dtype);
+            let same = plain(&p.bt);
             let u = values(rank, 9);
             let base = values(n, 13);
             let mut whole: Option<Vec<f32>> = None;
             for simd in widths() {
                 let mut w = base.clone();
                 p.bt.add_cols(n, &u, 0, &mut w, simd);
+                let mut other = base.clone();
+                same.add_cols(n, &u, 0, &mut other, simd);
+                assert_eq!(w, other, "{dtype} rank {rank} n {n} {simd:?} storage");
                 for (o, v) in w.iter().enumerate() {
                     let exact = base[o] as f64
                         + (0..rank)
@@ -184,7 +280,8 @@ fn a_riding_update_equals_the_update_alone() {
         let (r0, p0) = pair(3, k, widths[0], 31, "f16");
         let (r0b, p0b) = pair(5, k, widths[0], 41, "f32");
         let (r2, p2) = pair(6, k, widths[2], 51, "bf16");
-        let (p0, p0b, p2) = (Arc::new(p0), Arc::new(p0b), Arc::new(p2));
+        let (r2q, p2q) = pair(32, k, widths[2], 61, "q8");
+        let (p0, p0b, p2, p2q) = (Arc::new(p0), Arc::new(p0b), Arc::new(p2), Arc::new(p2q));
         // One state for every call below (as a session keeps it), also across the two plans.
         let mut state = row::RowShared::new();
         let x = values(k, 7);
@@ -203,7 +300,7 @@ fn a_riding_update_equals_the_update_alone() {
                 Part {
                     col: widths[0] + widths[1],
                     n: widths[2],
-                    ups: vec![(p2.clone(), 2.0)],
+                    ups: vec![(p2.clone(), 2.0), (p2q.clone(), 0.25)],
                 },
             ];
             let mut base = vec![0f32; n];
@@ -244,7 +341,8 @@ fn a_riding_update_equals_the_update_alone() {
                     + if o < widths[0] {
                         delta(&r0, 0.5, widths[0], o) + delta(&r0b, -1.25, widths[0], o)
                     } else if o >= widths[0] + widths[1] {
-                        delta(&r2, 2.0, widths[2], o - widths[0] - widths[1])
+                        let o2 = o - widths[0] - widths[1];
+                        delta(&r2, 2.0, widths[2], o2) + delta(&r2q, 0.25, widths[2], o2)
                     } else {
                         0.0
                     };
