@@ -35,11 +35,13 @@ pub fn load_all(model: &Model, specs: &[String]) -> AnyResult<Vec<(Adapter, f32)
                 .load_adapter(&path)
                 .map_err(|e| format!("--lora {}: {e}", path.display()))?;
             eprintln!(
-                "adapter {} ({}, {} matrices, rank up to {}, scale {scale})",
+                "adapter {} ({}, {} matrices, rank up to {}, {} {:.1} MB, scale {scale})",
                 path.display(),
                 a.format().as_str(),
                 a.n_matrices(),
-                a.max_rank()
+                a.max_rank(),
+                a.dtype(),
+                a.n_bytes() as f64 / 1e6
             );
             Ok((a, scale))
         })
