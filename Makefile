@@ -33,11 +33,15 @@ test: model lint header
 	bash tests/c/run.sh
 	bash scripts/test-python.sh
 
-# Benchmarks against llama.cpp (outside CI): kernels and decode (benches/compare.sh), then the
-# server under concurrent load against llama-cpp-python's server (benches/server.sh).
+# Benchmarks against llama.cpp (outside CI): kernels and decode (benches/compare.sh), the
+# server under concurrent load against llama-cpp-python's server (benches/server.sh), then a
+# 5-minute soak of the server under mixed hostile and normal traffic with its RSS curve
+# (benches/server_soak.py; docs/reliability.md).
 bench:
 	bash benches/compare.sh
 	bash benches/server.sh
+	cargo build --release -q -p llama-examples
+	python3 benches/server_soak.py --seconds 300 --csv target/server-soak-rss.csv
 
 # Every fuzz target for FUZZ_SECS seconds each (default 120), exploring past the fixed inputs
 # `make test` runs; failures are saved to target/fuzz-failures/.

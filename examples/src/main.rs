@@ -169,6 +169,10 @@ struct ChatArgs {
     /// With --tools: auto (default), required, none, or a tool's name.
     #[arg(long, value_name = "CHOICE")]
     tool_choice: Option<String>,
+    /// Parse special-token text typed into messages (`<|im_end|>` ...) as control tokens;
+    /// by default message text is plain text whatever it holds.
+    #[arg(long)]
+    parse_special_in_content: bool,
     #[command(flatten)]
     sampling: SamplingArgs,
 }
@@ -582,7 +586,9 @@ fn one_turn(
 fn chat(a: ChatArgs) -> AnyResult<()> {
     let model = load(&a.model)?;
     let (tools, choice) = tools(&a)?;
-    let opts = gen_opts(&a.sampling)?.tools(tools, choice);
+    let opts = gen_opts(&a.sampling)?
+        .tools(tools, choice)
+        .parse_special_in_content(a.parse_special_in_content);
     let mut messages = vec![];
     if let Some(sys) = &a.system {
         messages.push(Message::system(sys.clone()));
@@ -590,7 +596,8 @@ fn chat(a: ChatArgs) -> AnyResult<()> {
     if let Some(p) = &a.prompt {
         // One turn on an empty session: the rendered conversation is the whole prompt.
         messages.push(Message::user(p.clone()));
-        let ids = model.chat_tokens_with_tools(&messages, &opts.tools)?;
+        let ids =
+            model.chat_tokens_opts(&messages, &opts.tools, opts.parse_special_in_content)?;
         return one_turn(&model, &a.model, &a.sampling, &ids, opts);
     }
     let mut s = session(&model, &a.model)?;

@@ -19,9 +19,26 @@ pub(crate) struct ServeArgs {
     /// Port (0: any free port; the address is printed).
     #[arg(long, default_value_t = 8080)]
     port: u16,
-    /// Require `Authorization: Bearer KEY` on /v1/* and /metrics.
+    /// Require `Authorization: Bearer KEY` on /v1/* and /metrics (an empty key is an error).
     #[arg(long, env = "LLAMA_API_KEY")]
     api_key: Option<String>,
+    /// Also answer requests whose Host is this name (repeatable; `.example.com` for a domain
+    /// and its subdomains; `*` for any). localhost and the bound address are always answered.
+    #[arg(long = "allow-host", value_name = "NAME")]
+    allow_host: Vec<String>,
+    /// Most connections open at once (bounded by the process's file limit).
+    #[arg(long, default_value_t = 512)]
+    max_connections: usize,
+    /// Seconds a client has to send a request's headers (and a kept-alive connection its next
+    /// request).
+    #[arg(long, default_value_t = 10.0)]
+    header_timeout: f64,
+    /// Seconds a client has to send a request's body.
+    #[arg(long, default_value_t = 30.0)]
+    body_timeout: f64,
+    /// Seconds a connection may sit with no request running and no bytes moving.
+    #[arg(long, default_value_t = 60.0)]
+    idle_timeout: f64,
     /// Sequences decoded together in one forward pass.
     #[arg(long, default_value_t = 16)]
     max_sequences: usize,
@@ -55,9 +72,27 @@ pub(crate) fn run(a: ServeArgs) -> AnyResult<()> {
     if a.max_sequences == 0 || a.max_tokens == 0 {
         return Err("--max-sequences and --max-tokens must be at least 1".into());
     }
-    if !(a.shutdown_grace >= 0.0 && a.shutdown_grace.is_finite()) {
-        return Err("--shutdown-grace must be a number of seconds".into());
+    let secs = |v: f64, name: &str| -> AnyResult<Duration> {
+        if v.is_finite() && v >= 0.0 && v < 1e9 {
+            Ok(Duration::from_secs_f64(v))
+        } else {
+            Err(format!("{name} must be a number of seconds").into())
+        }
+    };
+    let grace = secs(a.shutdown_grace, "--shutdown-grace")?;
+    let header = secs(a.header_timeout, "--header-timeout")?;
+    let body = secs(a.body_timeout, "--body-timeout")?;
+    let idle = secs(a.idle_timeout, "--idle-timeout")?;
+    if header.is_zero() || body.is_zero() || idle.is_zero() || a.max_connections == 0 {
+        return Err(
+            "--header-timeout, --body-timeout, --idle-timeout and --max-connections must be above 0"
+                .into(),
+        );
     }
+    if a.api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
+        return Err("the API key (--api-key or LLAMA_API_KEY) is empty: give a real key, or unset it to serve without one".into());
+    }
+    llama_server::HostPolicy::new(a.host, &a.allow_host)?;
     let model = load(&a.model)?;
     let adapters = lora::load_all(&model, &a.model.lora)?;
     let id = a.alias.clone().unwrap_or_else(|| {
@@ -71,19 +106,28 @@ pub(crate) fn run(a: ServeArgs) -> AnyResult<()> {
     session.n_ctx = a.model.n_ctx;
     session.kv_type = KvCacheType::parse(&a.kv_type)?;
     let config = ServerConfig {
-        addr: SocketAddr::new(a.host, a.port),
-        model_id: id,
-        api_key: a.api_key.filter(|k| !k.is_empty()),
+        api_key: a.api_key,
         max_body: a.max_body,
-        limits: Limits {
-            max_sequences: a.max_sequences,
-            max_queue: a.max_queue,
-            max_tokens: a.max_tokens,
-            session,
-            adapters,
+        body_timeout: body,
+        connections: llama_server::ConnLimits {
+            max_connections: a.max_connections,
+            header_timeout: header,
+            idle_timeout: idle,
         },
-        shutdown_grace: Duration::from_secs_f64(a.shutdown_grace),
+        allow_hosts: a.allow_host,
+        shutdown_grace: grace,
         cors: a.cors,
+        ..ServerConfig::new(
+            SocketAddr::new(a.host, a.port),
+            id,
+            Limits {
+                max_sequences: a.max_sequences,
+                max_queue: a.max_queue,
+                max_tokens: a.max_tokens,
+                session,
+                adapters,
+            },
+        )
     };
     llama_server::run(&model, config, |addr| {
         // On stdout, for scripts that start the server on port 0.

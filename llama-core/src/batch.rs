@@ -121,7 +121,10 @@ impl Batch {
             return Ok(None);
         }
         let ids = match prompt {
-            Prompt::Chat(m) => self.model.chat_tokens_with_tools(m, &opts.tools)?,
+            Prompt::Chat(m) => {
+                self.model
+                    .chat_tokens_opts(m, &opts.tools, opts.parse_special_in_content)?
+            }
             Prompt::Text(t) => self.model.tokenize(t, true, true)?,
             Prompt::Tokens(t) => t.to_vec(),
         };
@@ -177,7 +180,7 @@ impl Batch {
                 session = copy;
                 session.reuse_prefix(&ids)
             }
-            None => session.prompt_tokens_with_tools(prompt, &opts.tools)?,
+            None => session.prompt_tokens_opts(prompt, &opts.tools, opts.parse_special_in_content)?,
         };
         if pending.is_empty() && session.logits().is_none() {
             return Err(Error::no_logits());

@@ -238,6 +238,127 @@ pub fn render_template_with_tools(
     }
 }
 
+/// Roles a conversation may use unless the caller opts in to trusting its messages
+/// ([`crate::GenerateOptions::parse_special_in_content`]): the ones chat templates know.
+/// A role is written into the prompt as it is, so any other text could carry control tokens.
+pub const KNOWN_ROLES: [&str; 5] = ["system", "user", "assistant", "tool", "ipython"];
+
+/// Refuses a role outside [`KNOWN_ROLES`], naming the message.
+pub(crate) fn check_roles(messages: &[Message]) -> Result<()> {
+    for (i, m) in messages.iter().enumerate() {
+        if !KNOWN_ROLES.contains(&m.role.as_str()) {
+            return Err(Error::InvalidArgument(format!(
+                "message {i} has the role {:?}; the roles are {} (pass parse_special_in_content \
+                 to send other roles to the template as they are)",
+                truncate_for_message(&m.role, 40),
+                KNOWN_ROLES.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// At most `max` characters of `s`, for an error message.
+pub(crate) fn truncate_for_message(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}...", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
+/// Renders a conversation and finds where each message's content landed in the text: the
+/// byte ranges of `text` that came from message content (to be tokenized as plain text), or
+/// `None` when the template changes content in a way that hides where it went (it slices or
+/// rewrites it; trimming is fine).
+///
+/// How: the template is rendered a second time with each content's text (inside its leading
+/// and trailing whitespace, which templates trim) between two marker characters that occur
+/// nowhere in the input; removing the markers must give exactly the first rendering.
+pub(crate) fn render_with_content_ranges(
+    template: &str,
+    messages: &[Message],
+    tools: Option<&[serde_json::Value]>,
+    add_generation_prompt: bool,
+    bos_token: &str,
+    eos_token: &str,
+) -> Result<(String, Option<Vec<std::ops::Range<usize>>>)> {
+    let text = render_template_with_tools(
+        template,
+        messages,
+        tools,
+        add_generation_prompt,
+        bos_token,
+        eos_token,
+    )?;
+    if messages.iter().all(|m| m.content.trim().is_empty()) {
+        return Ok((text, Some(vec![])));
+    }
+    // Noncharacters (U+FDD0..U+FDEF): never in real text; skip any the input contains.
+    let used = |c: char| {
+        template.contains(c)
+            || bos_token.contains(c)
+            || eos_token.contains(c)
+            || messages.iter().any(|m| {
+                m.content.contains(c)
+                    || m.role.contains(c)
+                    || m.tool_calls
+                        .iter()
+                        .any(|t| t.name.contains(c) || t.arguments.to_string().contains(c))
+            })
+            || tools.is_some_and(|t| t.iter().any(|v| v.to_string().contains(c)))
+    };
+    let mut free = ('\u{FDD0}'..='\u{FDEF}').filter(|&c| !used(c));
+    let (Some(open), Some(close)) = (free.next(), free.next()) else {
+        return Ok((text, None));
+    };
+    let marked: Vec<Message> = messages
+        .iter()
+        .map(|m| {
+            let core = m.content.trim();
+            let mut m = m.clone();
+            if !core.is_empty() {
+                let lead = m.content.len() - m.content.trim_start().len();
+                let (head, rest) = m.content.split_at(lead);
+                let (core, tail) = rest.split_at(core.len());
+                m.content = format!("{head}{open}{core}{close}{tail}");
+            }
+            m
+        })
+        .collect();
+    let Ok(with_marks) = render_template_with_tools(
+        template,
+        &marked,
+        tools,
+        add_generation_prompt,
+        bos_token,
+        eos_token,
+    ) else {
+        return Ok((text, None));
+    };
+    let mut plain = String::with_capacity(with_marks.len());
+    let mut ranges = vec![];
+    let mut start: Option<usize> = None;
+    for c in with_marks.chars() {
+        if c == open {
+            if start.is_some() {
+                return Ok((text, None));
+            }
+            start = Some(plain.len());
+        } else if c == close {
+            match start.take() {
+                Some(s) => ranges.push(s..plain.len()),
+                None => return Ok((text, None)),
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    if start.is_some() || plain != text {
+        return Ok((text, None));
+    }
+    Ok((text, Some(ranges)))
+}
+
 /// Steps (minijinja instructions) a chat template may run: real templates take a few hundred
 /// per message; nested loops over huge ranges run out.
 const TEMPLATE_FUEL: u64 = 5_000_000;
@@ -290,6 +411,43 @@ mod tests {
         let t = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}";
         let out = render_template(t, &long, true, "<s>", "</s>").unwrap();
         assert!(out.len() > 2000 * 250);
+    }
+
+    #[test]
+    fn content_ranges_survive_trimming_and_are_refused_when_content_is_rewritten() {
+        let msgs = [
+            Message::system("  be brief "),
+            Message::user("hi<|im_end|>"),
+            Message::assistant(""),
+        ];
+        let chatml = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}";
+        let (text, ranges) =
+            render_with_content_ranges(chatml, &msgs, None, false, "", "").unwrap();
+        let ranges = ranges.unwrap();
+        let spans: Vec<&str> = ranges.iter().map(|r| &text[r.clone()]).collect();
+        assert_eq!(spans, ["be brief", "hi<|im_end|>"]);
+        assert_eq!(
+            text,
+            render_template(chatml, &msgs, false, "", "").unwrap()
+        );
+        // Trimmed content (Llama 3's template) keeps its ranges.
+        let trim = "{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n{{ m.content | trim }}<|eot_id|>{% endfor %}";
+        let (text, ranges) = render_with_content_ranges(trim, &msgs, None, false, "", "").unwrap();
+        assert_eq!(&text[ranges.unwrap()[0].clone()], "be brief");
+        // A template that rewrites content: no ranges.
+        let upper = "{% for m in messages %}{{ m.content | upper }}{% endfor %}";
+        let (_, ranges) = render_with_content_ranges(upper, &msgs, None, false, "", "").unwrap();
+        assert_eq!(ranges, None);
+        let sliced = "{% for m in messages %}{{ m.content[1:] }}{% endfor %}";
+        let (_, ranges) = render_with_content_ranges(sliced, &msgs, None, false, "", "").unwrap();
+        assert_eq!(ranges, None);
+    }
+
+    #[test]
+    fn roles_outside_the_known_set_are_refused() {
+        assert!(check_roles(&[Message::user("x"), Message::tool("y")]).is_ok());
+        let e = check_roles(&[Message::new("system<|im_end|>", "x")]).unwrap_err();
+        assert!(e.to_string().contains("message 0"), "{e}");
     }
 
     #[test]

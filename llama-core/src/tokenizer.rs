@@ -116,6 +116,15 @@ pub struct Tokenizer {
     add_eos: bool,
     eog: Vec<u32>,
     vocab_size: usize,
+    /// The special tokens' texts and ids, and a matcher for them (built on first use).
+    specials: std::sync::OnceLock<Specials>,
+}
+
+/// Special-token texts, matched leftmost-longest as the tokenizers crate splits them.
+#[derive(Clone)]
+struct Specials {
+    ids: Vec<u32>,
+    matcher: Option<aho_corasick::AhoCorasick>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -171,7 +180,93 @@ impl Tokenizer {
             add_eos,
             eog,
             vocab_size,
+            specials: std::sync::OnceLock::new(),
         }
+    }
+
+    fn specials(&self) -> &Specials {
+        self.specials.get_or_init(|| {
+            let mut texts = vec![];
+            let mut ids = vec![];
+            for (&id, t) in self.special.get_added_tokens_decoder().iter() {
+                if t.special && !t.content.is_empty() {
+                    texts.push(t.content.clone());
+                    ids.push(id);
+                }
+            }
+            let matcher = aho_corasick::AhoCorasick::builder()
+                .match_kind(aho_corasick::MatchKind::LeftmostLongest)
+                .build(&texts)
+                .ok();
+            Specials { ids, matcher }
+        })
+    }
+
+    /// Whether `text` holds the text of a special token (which `encode(.., true)` would parse).
+    pub fn contains_special_text(&self, text: &str) -> bool {
+        self.specials()
+            .matcher
+            .as_ref()
+            .is_some_and(|m| m.is_match(text))
+    }
+
+    /// Encodes text whose `plain` byte ranges (sorted, disjoint: message content in a rendered
+    /// conversation) are text whatever they contain: special-token text is parsed into special
+    /// ids only outside them, as Hugging Face's `split_special_tokens=True` and llama.cpp's
+    /// `parse_special=false` treat untrusted text. When no special-token text touches a plain
+    /// range this is exactly `encode(text, add_special, true)`; otherwise the text is split at
+    /// the special tokens outside the ranges and each piece between them encoded as text.
+    pub fn encode_with_plain_ranges(
+        &self,
+        text: &str,
+        add_special: bool,
+        plain: &[std::ops::Range<usize>],
+    ) -> Result<Vec<u32>> {
+        let sp = self.specials();
+        let Some(matcher) = &sp.matcher else {
+            return self.encode(text, add_special, true);
+        };
+        let overlaps = |s: usize, e: usize| plain.iter().any(|r| s < r.end && r.start < e);
+        if !matcher
+            .find_iter(text)
+            .any(|m| overlaps(m.start(), m.end()))
+        {
+            return self.encode(text, add_special, true);
+        }
+        // Special tokens are matched in the template's text only: between the plain ranges.
+        let mut kept: Vec<(usize, usize, u32)> = vec![];
+        let mut from = 0;
+        let bounds = plain
+            .iter()
+            .map(|r| (r.start, r.end))
+            .chain(std::iter::once((text.len(), text.len())));
+        for (s, e) in bounds {
+            if s > from {
+                for m in matcher.find_iter(&text[from..s]) {
+                    kept.push((from + m.start(), from + m.end(), sp.ids[m.pattern().as_usize()]));
+                }
+            }
+            from = from.max(e);
+        }
+        let mut ids = vec![];
+        if add_special && self.add_bos {
+            ids.extend(self.bos);
+        }
+        let mut at = 0;
+        for (s, e, id) in kept {
+            if s > at {
+                ids.extend(self.encode(&text[at..s], false, false)?);
+            }
+            ids.push(id);
+            at = e;
+        }
+        if at < text.len() {
+            ids.extend(self.encode(&text[at..], false, false)?);
+        }
+        if add_special && self.add_eos {
+            ids.extend(self.eos);
+        }
+        Ok(ids)
     }
 
     /// Loads `tokenizer.json`, with `tokenizer_config.json` beside it when present.

@@ -355,6 +355,11 @@ pub struct llama_generate_params {
     pub tools: *const c_char,
     /// With `tools`: "auto" (NULL means auto), "required", "none", or a tool's name.
     pub tool_choice: *const c_char,
+    /// Chat only, for messages the caller trusts: parse special-token text inside message
+    /// content (such as `<|im_end|>`) into control tokens and pass any role to the template.
+    /// Default false: content is plain text whatever it holds, and roles must be system,
+    /// user, assistant, tool or ipython (else `LLAMA_STATUS_INVALID_ARGUMENT`).
+    pub parse_special_in_content: bool,
 }
 
 /// Free text (`constraint_kind`).
@@ -386,6 +391,7 @@ pub extern "C" fn llama_generate_params_default() -> llama_generate_params {
         constraint: std::ptr::null(),
         tools: std::ptr::null(),
         tool_choice: std::ptr::null(),
+        parse_special_in_content: false,
     }
 }
 
@@ -448,12 +454,15 @@ pub(crate) fn generation_info(g: &llama_core::Generation) -> llama_generation_in
 pub(crate) unsafe fn generate_options(
     params: *const llama_generate_params,
 ) -> Result<GenerateOptions, llama_status> {
+    // A struct from a header without `parse_special_in_content` keeps its default (false).
     let p = read_params(
         params,
         llama_generate_params_default(),
-        std::mem::size_of::<llama_generate_params>(),
+        std::mem::offset_of!(llama_generate_params, parse_special_in_content),
     )?;
-    let mut opts = GenerateOptions::default().max_tokens(p.max_tokens as usize);
+    let mut opts = GenerateOptions::default()
+        .max_tokens(p.max_tokens as usize)
+        .parse_special_in_content(p.parse_special_in_content);
     if p.n_stop > 0 {
         if p.stop.is_null() {
             return Err(fail_with(

@@ -88,7 +88,7 @@ impl Batch {
     /// Adds a generation and returns its id. `prompt`: a str, token ids, or a conversation
     /// (rendered with the chat template). Options as `Session.generate` / `Session.chat`; the
     /// sampler is copied (its seed gives what it gives alone). `n_ctx` sizes its session.
-    #[pyo3(signature = (prompt, max_tokens=256, sampler=None, stop=None, *, n_ctx=0, response_format=None, grammar=None, regex=None, choices=None, tools=None, tool_choice=None))]
+    #[pyo3(signature = (prompt, max_tokens=256, sampler=None, stop=None, *, n_ctx=0, response_format=None, grammar=None, regex=None, choices=None, tools=None, tool_choice=None, parse_special_in_content=false))]
     #[allow(clippy::too_many_arguments)]
     fn add(
         &self,
@@ -104,10 +104,13 @@ impl Batch {
         choices: Option<Vec<String>>,
         tools: Option<&Bound<'_, PyAny>>,
         tool_choice: Option<&Bound<'_, PyAny>>,
+        parse_special_in_content: bool,
     ) -> PyResult<u64> {
         let p = Owned::from_py(prompt)?;
         let st = Structured::parse(response_format, grammar, regex, choices, tools, tool_choice)?;
-        let mut opts = GenerateOptions::default().max_tokens(max_tokens);
+        let mut opts = GenerateOptions::default()
+            .max_tokens(max_tokens)
+            .parse_special_in_content(parse_special_in_content);
         opts.stop = stop.unwrap_or_default();
         let opts = st.apply(opts);
         let smp = sampler_for(py, sampler.as_ref())?;

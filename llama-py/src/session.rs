@@ -279,11 +279,13 @@ impl Session {
 
     /// Replies to a conversation (list of {'role', 'content'} dicts; assistant turns may carry
     /// 'tool_calls', tool results use role 'tool') using the model's chat template; the cached
-    /// prefix of earlier turns is reused. Returns the reply text. Constraints as in `generate`;
+    /// prefix of earlier turns is reused. Message content is plain text whatever it holds
+    /// (`<|im_end|>` in it is not a control token) and roles must be system, user, assistant,
+    /// tool or ipython, unless `parse_special_in_content=True` (for messages you trust). Returns the reply text. Constraints as in `generate`;
     /// `tools` (OpenAI's list of `{"type": "function", "function": {...}}`) are shown to the
     /// model and `tool_choice` ("auto", "required", "none", a name, or OpenAI's dict) decides
     /// whether it must call one: the parsed calls are in `last_generation["tool_calls"]`.
-    #[pyo3(signature = (messages, max_tokens=256, sampler=None, stop=None, *, response_format=None, grammar=None, regex=None, choices=None, tools=None, tool_choice=None))]
+    #[pyo3(signature = (messages, max_tokens=256, sampler=None, stop=None, *, response_format=None, grammar=None, regex=None, choices=None, tools=None, tool_choice=None, parse_special_in_content=false))]
     #[allow(clippy::too_many_arguments)]
     fn chat(
         &self,
@@ -298,6 +300,7 @@ impl Session {
         choices: Option<Vec<String>>,
         tools: Option<&Bound<'_, PyAny>>,
         tool_choice: Option<&Bound<'_, PyAny>>,
+        parse_special_in_content: bool,
     ) -> PyResult<String> {
         let msgs = self::messages(messages)?;
         let st = Structured::parse(response_format, grammar, regex, choices, tools, tool_choice)?;
@@ -306,12 +309,13 @@ impl Session {
             py,
             Prompt::Chat(msgs),
             &smp,
-            st.apply(gen_opts(max_tokens, stop, None)),
+            st.apply(gen_opts(max_tokens, stop, None))
+                .parse_special_in_content(parse_special_in_content),
         )
     }
 
     /// Like `chat` but returns an iterator of text pieces as they are produced.
-    #[pyo3(signature = (messages, max_tokens=256, sampler=None, stop=None, *, response_format=None, grammar=None, regex=None, choices=None, tools=None, tool_choice=None))]
+    #[pyo3(signature = (messages, max_tokens=256, sampler=None, stop=None, *, response_format=None, grammar=None, regex=None, choices=None, tools=None, tool_choice=None, parse_special_in_content=false))]
     #[allow(clippy::too_many_arguments)]
     fn chat_stream(
         slf: &Bound<'_, Self>,
@@ -325,6 +329,7 @@ impl Session {
         choices: Option<Vec<String>>,
         tools: Option<&Bound<'_, PyAny>>,
         tool_choice: Option<&Bound<'_, PyAny>>,
+        parse_special_in_content: bool,
     ) -> PyResult<TokenStream> {
         let msgs = self::messages(messages)?;
         let st = Structured::parse(response_format, grammar, regex, choices, tools, tool_choice)?;
@@ -332,7 +337,8 @@ impl Session {
             slf,
             Prompt::Chat(msgs),
             sampler,
-            st.apply(gen_opts(max_tokens, stop, None)),
+            st.apply(gen_opts(max_tokens, stop, None))
+                .parse_special_in_content(parse_special_in_content),
         )
     }
 

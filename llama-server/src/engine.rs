@@ -18,8 +18,28 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::api::{core_error, ApiError};
 
+/// A place in the queue: taken when a request arrives (before its prompt is rendered and
+/// tokenized) and given back when the request enters the batch or goes away, so that requests
+/// being prepared count against `--max-queue` with those waiting for the batch.
+pub struct Ticket {
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.metrics.queued.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// A generation request for the engine.
 pub struct Job {
+    /// Its place in the queue (given back when it enters the batch).
+    pub ticket: Option<Ticket>,
+    /// The request field the prompt came from (`messages` or `prompt`), for errors.
+    pub prompt_param: &'static str,
+    /// The request field the constraint came from (`response_format` or `tools`), for errors
+    /// a grammar meets while generating.
+    pub constraint_param: &'static str,
     /// The prompt's tokens (rendered and tokenized by the handler).
     pub tokens: Vec<u32>,
     /// Options, constraint compiled (`max_tokens` is replaced by the limit below).
@@ -71,7 +91,7 @@ pub struct Limits {
 /// Counters read by `/metrics`.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    /// Requests waiting for a place in the batch.
+    /// Requests being prepared or waiting for a place in the batch.
     pub queued: AtomicUsize,
     /// Sequences in the batch.
     pub active: AtomicUsize,
@@ -188,25 +208,11 @@ impl Engine {
             .is_some_and(|t| t.as_ref().is_some_and(|t| !t.is_finished()))
     }
 
-    /// Queues a job: 503 while shutting down, 429 when the queue is full, 400 when it asks for
-    /// more tokens than the server allows.
-    pub fn submit(&self, job: Job) -> Result<(), ApiError> {
+    /// Takes a place in the queue for a new request: 503 while shutting down, 429 when
+    /// `max_queue` requests are already being prepared or waiting.
+    pub fn reserve(&self) -> Result<Ticket, ApiError> {
         if self.is_closing() {
-            return Err(
-                ApiError::new(503, "server_error", "the server is shutting down")
-                    .code("shutting_down"),
-            );
-        }
-        if let Some(n) = job.max_tokens {
-            if n > self.limits.max_tokens {
-                return Err(ApiError::invalid(
-                    "max_tokens",
-                    format!(
-                        "max_tokens is {n}, above this server's limit of {}",
-                        self.limits.max_tokens
-                    ),
-                ));
-            }
+            return Err(shutting_down());
         }
         let m = &self.metrics;
         if m.queued.fetch_add(1, Ordering::SeqCst) >= self.limits.max_queue {
@@ -222,6 +228,26 @@ impl Engine {
             )
             .code("queue_full"));
         }
+        Ok(Ticket { metrics: m.clone() })
+    }
+
+    /// Queues a job (its ticket already holds its place): 503 while shutting down, 400 when it
+    /// asks for more tokens than the server allows.
+    pub fn submit(&self, job: Job) -> Result<(), ApiError> {
+        if self.is_closing() {
+            return Err(shutting_down());
+        }
+        if let Some(n) = job.max_tokens {
+            if n > self.limits.max_tokens {
+                return Err(ApiError::invalid(
+                    "max_tokens",
+                    format!(
+                        "max_tokens is {n}, above this server's limit of {}",
+                        self.limits.max_tokens
+                    ),
+                ));
+            }
+        }
         let sent = self
             .submit
             .lock()
@@ -229,7 +255,6 @@ impl Engine {
             .and_then(|s| s.as_ref().map(|s| s.send(job).is_ok()))
             .unwrap_or(false);
         if !sent {
-            m.queued.fetch_sub(1, Ordering::SeqCst);
             return Err(ApiError::new(503, "server_error", "the engine has stopped"));
         }
         Ok(())
@@ -257,6 +282,10 @@ impl Engine {
     }
 }
 
+fn shutting_down() -> ApiError {
+    ApiError::new(503, "server_error", "the server is shutting down").code("shutting_down")
+}
+
 impl Drop for Engine {
     fn drop(&mut self) {
         self.cancel_all();
@@ -276,7 +305,10 @@ impl Worker {
     fn run(self, rx: mpsc::Receiver<Job>) {
         let mut batch = Batch::new(&self.model);
         let mut waiting: VecDeque<Job> = VecDeque::new();
-        let mut running: HashMap<SeqId, UnboundedSender<Event>> = HashMap::new();
+        // Each running request's channel and the field its constraint came from.
+        let mut running: HashMap<SeqId, (UnboundedSender<Event>, &'static str)> = HashMap::new();
+        // Sequences cut off by shutdown: they end with an error, not a finish reason.
+        let mut cut: std::collections::HashSet<SeqId> = Default::default();
         let mut open = true;
         loop {
             if batch.is_empty() && waiting.is_empty() {
@@ -304,26 +336,30 @@ impl Worker {
             }
             if self.cancel_all.load(Ordering::SeqCst) {
                 for j in waiting.drain(..) {
-                    self.metrics.queued.fetch_sub(1, Ordering::SeqCst);
-                    let _ = j.events.send(Event::Done(Err(ApiError::new(
-                        503,
-                        "server_error",
-                        "the server is shutting down",
-                    ))));
+                    let _ = j.events.send(Event::Done(Err(shutting_down())));
                 }
                 let ids: Vec<SeqId> = running.keys().copied().collect();
                 for id in ids {
-                    batch.stop(id);
+                    if batch.stop(id) {
+                        cut.insert(id);
+                    }
                 }
             }
+            // Waiting requests whose client went away give their place back now, not when
+            // their turn comes.
+            let before = waiting.len();
+            waiting.retain(|j| !j.events.is_closed());
+            let left = before - waiting.len();
+            if left > 0 {
+                self.metrics
+                    .disconnected
+                    .fetch_add(left as u64, Ordering::Relaxed);
+            }
             while batch.len() < self.limits.max_sequences {
-                let Some(job) = waiting.pop_front() else {
+                let Some(mut job) = waiting.pop_front() else {
                     break;
                 };
-                self.metrics.queued.fetch_sub(1, Ordering::SeqCst);
-                if job.events.is_closed() {
-                    continue;
-                }
+                job.ticket.take();
                 match self.admit(&mut batch, &job) {
                     Ok((id, prompt_tokens)) => {
                         let cached_tokens = batch.cached_tokens(id).unwrap_or(0);
@@ -338,17 +374,17 @@ impl Worker {
                             prompt_tokens,
                             cached_tokens,
                         });
-                        running.insert(id, job.events);
+                        running.insert(id, (job.events, job.constraint_param));
                     }
                     Err(e) => {
-                        let _ = job.events.send(Event::Done(Err(e)));
+                        let _ = job.events.send(Event::Done(Err(e.param_if_unset(job.prompt_param))));
                     }
                 }
             }
             // Clients that went away.
             let gone: Vec<SeqId> = running
                 .iter()
-                .filter(|(_, tx)| tx.is_closed())
+                .filter(|(_, (tx, _))| tx.is_closed())
                 .map(|(id, _)| *id)
                 .collect();
             for id in gone {
@@ -361,7 +397,7 @@ impl Worker {
                     // A bug in a step must not take the server down with it: every running
                     // request ends with a 500 and the engine goes on with an empty batch.
                     tracing::error!("a batch step panicked: its requests end with an error");
-                    for (_, tx) in running.drain() {
+                    for (_, (tx, _)) in running.drain() {
                         let _ = tx.send(Event::Done(Err(ApiError::new(
                             500,
                             "server_error",
@@ -380,7 +416,7 @@ impl Worker {
                             if ev.piece.token != u32::MAX {
                                 tokens += 1;
                             }
-                            if let Some(tx) = running.get(&ev.id) {
+                            if let Some((tx, _)) = running.get(&ev.id) {
                                 let _ = tx.send(Event::Token {
                                     text: ev.piece.text,
                                     logprob: ev.logprob,
@@ -397,7 +433,7 @@ impl Worker {
                         for id in ids {
                             batch.stop(id);
                             batch.take_finished();
-                            if let Some(tx) = running.remove(&id) {
+                            if let Some((tx, _)) = running.remove(&id) {
                                 let _ = tx.send(Event::Done(Err(err.clone())));
                             }
                         }
@@ -405,8 +441,21 @@ impl Worker {
                 }
             }
             for f in batch.take_finished() {
-                if let Some(tx) = running.remove(&f.id) {
-                    let _ = tx.send(Event::Done(f.result.map_err(|e| core_error(&e))));
+                if let Some((tx, constraint_param)) = running.remove(&f.id) {
+                    let result = if cut.remove(&f.id) {
+                        Err(ApiError::new(
+                            503,
+                            "server_error",
+                            "the server shut down before this reply was complete",
+                        )
+                        .code("shutting_down"))
+                    } else {
+                        f.result.map_err(|e| match e {
+                            Error::Grammar(_) => core_error(&e).param_if_unset(constraint_param),
+                            e => core_error(&e),
+                        })
+                    };
+                    let _ = tx.send(Event::Done(result));
                 }
             }
             self.metrics.active.store(batch.len(), Ordering::Relaxed);

@@ -6,7 +6,6 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
@@ -19,6 +18,7 @@ use llama_core::{Generation, Model, TokenLogprob};
 use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
+use crate::access::HostPolicy;
 use crate::api::{self, core_error, finish_reason, ApiError, Params, PromptInput};
 use crate::engine::{Engine, Event, Job};
 
@@ -34,17 +34,34 @@ pub struct AppState {
     next_id: AtomicU64,
     /// Token bytes for log-probabilities (built on first use).
     token_bytes: OnceLock<Vec<Vec<u8>>>,
+    /// Longest text one token stands for, in bytes: a text longer than the context times
+    /// this cannot fit, and is refused before it is tokenized.
+    max_token_bytes: usize,
     /// One embeddings computation at a time (they share the compute threads with decode).
     embed: tokio::sync::Semaphore,
-    /// Embedding requests waiting for `embed`.
-    embed_waiting: std::sync::atomic::AtomicUsize,
+    /// Requests rendering, tokenizing or compiling on the blocking threads at once.
+    prepare: Arc<tokio::sync::Semaphore>,
+    hosts: HostPolicy,
+    cors: Vec<String>,
+    max_body: usize,
+    body_timeout: std::time::Duration,
     requests: AtomicU64,
     errors: AtomicU64,
 }
 
+/// Requests prepared at once (rendering, tokenization and constraint compilation run on
+/// blocking threads, off the async workers; more wait their turn, counted in the queue).
+pub const PREPARE_AT_ONCE: usize = 2;
+
 impl AppState {
     /// State for `model` served by `engine`.
+    ///
+    /// Defaults: hosts of a server on 127.0.0.1, no CORS origins, 4 MiB bodies read within 30 s.
     pub fn new(model: Model, engine: Engine, model_id: String, api_key: Option<String>) -> Self {
+        let token_bytes = OnceLock::new();
+        let table = model.tokenizer().token_bytes();
+        let max_token_bytes = table.iter().map(Vec::len).max().unwrap_or(1).max(1);
+        let _ = token_bytes.set(table);
         AppState {
             model,
             engine,
@@ -52,12 +69,59 @@ impl AppState {
             api_key,
             created: unix_now(),
             next_id: AtomicU64::new(1),
-            token_bytes: OnceLock::new(),
+            token_bytes,
+            max_token_bytes,
             embed: tokio::sync::Semaphore::new(1),
-            embed_waiting: std::sync::atomic::AtomicUsize::new(0),
+            prepare: Arc::new(tokio::sync::Semaphore::new(PREPARE_AT_ONCE)),
+            hosts: HostPolicy::new(std::net::Ipv4Addr::LOCALHOST.into(), &[])
+                .expect("no names to check"),
+            cors: vec![],
+            max_body: 4 << 20,
+            body_timeout: std::time::Duration::from_secs(30),
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
         }
+    }
+
+    /// The hosts and origins the server answers (see [`crate::access`]).
+    pub fn with_access(mut self, hosts: HostPolicy, cors: Vec<String>) -> Self {
+        self.hosts = hosts;
+        self.cors = cors;
+        self
+    }
+
+    /// Bodies above `max_body` bytes get 413; a body not received within `timeout`, 408.
+    pub fn with_body_limits(mut self, max_body: usize, timeout: std::time::Duration) -> Self {
+        self.max_body = max_body;
+        self.body_timeout = timeout;
+        self
+    }
+
+    /// Refuses a text that cannot fit the context whatever it tokenizes to (each token stands
+    /// for at most `max_token_bytes` bytes), before tokenizing it.
+    fn check_length(&self, bytes: usize, param: &str) -> Result<(), ApiError> {
+        let n_ctx = self.engine.n_ctx();
+        if bytes > n_ctx.saturating_mul(self.max_token_bytes) {
+            return Err(ApiError::invalid(
+                param,
+                format!(
+                    "{param} is {bytes} bytes: more than a context of {n_ctx} tokens can hold \
+                     (a token of this model stands for at most {} bytes)",
+                    self.max_token_bytes
+                ),
+            )
+            .code("context_length_exceeded"));
+        }
+        Ok(())
+    }
+
+    /// Waits for a turn to prepare a request on the blocking threads.
+    async fn prepare_turn(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        self.prepare
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| ApiError::new(503, "server_error", "the server is shutting down"))
     }
 
     fn id(&self, prefix: &str) -> String {
@@ -97,7 +161,8 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The server's routes over `state`; bodies above `max_body` bytes get 413.
+/// The server's routes over `state` (its body limits are `state`'s; `max_body` also bounds
+/// any body an extractor reads).
 pub fn router(state: Arc<AppState>, max_body: usize) -> Router {
     let api = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
@@ -114,6 +179,7 @@ pub fn router(state: Arc<AppState>, max_body: usize) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
+        .layer(middleware::from_fn_with_state(state.clone(), guard))
         .layer(middleware::from_fn_with_state(state.clone(), log_requests))
         .with_state(state)
 }
@@ -136,6 +202,62 @@ async fn log_requests(State(st): State<Arc<AppState>>, req: Request, next: Next)
         "request"
     );
     r
+}
+
+/// DNS rebinding and cross-site requests: the `Host` and `Origin` must be allowed, and a POST
+/// must say `Content-Type: application/json` (a form or `text/plain` post, which a web page
+/// can send anywhere without asking, is refused).
+async fn guard(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let h = req.headers();
+    if let Some(host) = h.get(header::HOST) {
+        let host = host.to_str().unwrap_or("");
+        if !st.hosts.allows_host(host) {
+            let shown: String = host.chars().take(100).collect();
+            return ApiError::new(
+                403,
+                "invalid_request_error",
+                format!(
+                    "the Host {shown:?} is not one this server answers (a guard against DNS \
+                     rebinding); start it with --allow-host NAME to answer that name"
+                ),
+            )
+            .code("host_not_allowed")
+            .into_response();
+        }
+    }
+    if let Some(origin) = h.get(header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or("");
+        if !st.hosts.allows_origin(origin, &st.cors) {
+            let shown: String = origin.chars().take(100).collect();
+            return ApiError::new(
+                403,
+                "invalid_request_error",
+                format!(
+                    "requests from web pages of {shown:?} are not allowed; start the server \
+                     with --cors ORIGIN to allow them"
+                ),
+            )
+            .code("origin_not_allowed")
+            .into_response();
+        }
+    }
+    if req.method() == axum::http::Method::POST {
+        let json = h
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"));
+        if !json {
+            return ApiError::new(
+                415,
+                "invalid_request_error",
+                "the request body must be JSON, sent with 'Content-Type: application/json'",
+            )
+            .code("unsupported_media_type")
+            .into_response();
+        }
+    }
+    next.run(req).await
 }
 
 /// Compares without stopping at the first differing byte.
@@ -190,17 +312,44 @@ async fn method_not_allowed(req: Request) -> ApiError {
     .code("method_not_allowed")
 }
 
-/// The body, or the error its reading gave (413 above the limit).
-fn body(b: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
-    b.map_err(|r| {
-        let status = r.status().as_u16();
-        let e = ApiError::new(status, "invalid_request_error", r.body_text());
-        if status == 413 {
-            e.code("request_too_large")
-        } else {
-            e
-        }
-    })
+/// Reads a request body: 413 above the limit (at once when `Content-Length` says so), 408
+/// when it is not all there within the body timeout.
+async fn read_body(st: &AppState, req: Request) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            413,
+            "invalid_request_error",
+            format!("the request body is larger than {} bytes", st.max_body),
+        )
+        .code("request_too_large")
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > st.max_body as u64) {
+        return Err(too_large());
+    }
+    let limited = http_body_util::Limited::new(req.into_body(), st.max_body);
+    let read = http_body_util::BodyExt::collect(limited);
+    match tokio::time::timeout(st.body_timeout, read).await {
+        Err(_) => Err(ApiError::new(
+            408,
+            "invalid_request_error",
+            format!(
+                "the request body did not arrive within {} s",
+                st.body_timeout.as_secs_f64()
+            ),
+        )
+        .code("request_timeout")),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Ok(Err(e)) => Err(ApiError::invalid(
+            "",
+            format!("the request body could not be read: {e}"),
+        )),
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+    }
 }
 
 async fn page() -> Html<&'static str> {
@@ -398,20 +547,72 @@ impl Call {
         params: Params,
         opts: llama_core::GenerateOptions,
     ) -> Result<Call, ApiError> {
-        if st.engine.is_closing() {
-            return Err(
-                ApiError::new(503, "server_error", "the server is shutting down")
-                    .code("shutting_down"),
-            );
+        let prompt_param = match prompt {
+            JobPrompt::Chat(_) => "messages",
+            _ => "prompt",
+        };
+        // Everything that can be checked without work first.
+        let n_vocab = st.model.config().vocab_size;
+        if let Some((id, _)) = params
+            .sampler
+            .logit_bias
+            .iter()
+            .find(|(id, _)| *id as usize >= n_vocab)
+        {
+            return Err(ApiError::invalid(
+                "logit_bias",
+                format!("logit_bias names token {id}, outside the vocabulary of {n_vocab}"),
+            ));
         }
+        match &prompt {
+            JobPrompt::Chat(m) => {
+                let bytes: usize = m
+                    .iter()
+                    .map(|m| {
+                        m.content.len()
+                            + m.tool_calls
+                                .iter()
+                                .map(|c| c.name.len() + c.arguments.to_string().len())
+                                .sum::<usize>()
+                    })
+                    .sum();
+                st.check_length(bytes, prompt_param)?;
+            }
+            JobPrompt::Text(t) => st.check_length(t.len(), prompt_param)?,
+            JobPrompt::Tokens(t) => {
+                if t.len() >= st.engine.n_ctx() {
+                    return Err(core_error(&llama_core::Error::ContextOverflow {
+                        needed: t.len() + 1,
+                        max: st.engine.n_ctx(),
+                    })
+                    .at(prompt_param));
+                }
+            }
+        }
+        // A place in the queue, then a turn on the blocking threads: at most
+        // PREPARE_AT_ONCE requests render and tokenize at a time, and at most `max_queue`
+        // wait for that or for the batch.
+        let ticket = st.engine.reserve()?;
+        let turn = st.prepare_turn().await?;
+        let has_constraint = opts.constraint.is_some() || opts.grammar.is_some();
         let model = st.model.clone();
         let prepared = tokio::task::spawn_blocking(move || {
+            // The turn ends with the work, even when the client has gone.
+            let _turn = turn;
             let tokens = match prompt {
-                JobPrompt::Chat(m) => model.chat_tokens_with_tools(&m, &opts.tools)?,
-                JobPrompt::Text(t) => model.tokenize(&t, true, true)?,
-                JobPrompt::Tokens(t) => t,
-            };
-            Ok::<_, llama_core::Error>((tokens, model.prepare_options(opts)?))
+                JobPrompt::Chat(m) => model.chat_tokens_with_tools(&m, &opts.tools),
+                JobPrompt::Text(t) => model.tokenize(&t, true, true),
+                JobPrompt::Tokens(t) => Ok(t),
+            }
+            .map_err(|e| core_error(&e).param_if_unset(prompt_param))?;
+            let opts = model.prepare_options(opts).map_err(|e| {
+                core_error(&e).param_if_unset(if has_constraint {
+                    "response_format"
+                } else {
+                    "tools"
+                })
+            })?;
+            Ok::<_, ApiError>((tokens, opts))
         })
         .await
         .map_err(|e| {
@@ -421,10 +622,17 @@ impl Call {
                 format!("preparing the request failed: {e}"),
             )
         })?;
-        let (tokens, opts) = prepared.map_err(|e| core_error(&e))?;
+        let (tokens, opts) = prepared?;
         let (tx, mut rx) = unbounded_channel();
         let has_tools = !opts.tools.is_empty();
         st.engine.submit(Job {
+            ticket: Some(ticket),
+            prompt_param,
+            constraint_param: if has_constraint {
+                "response_format"
+            } else {
+                "tools"
+            },
             tokens,
             opts,
             max_tokens: params.max_tokens,
@@ -752,11 +960,11 @@ where
         .into_response()
 }
 
-async fn chat_completions(
-    State(st): State<Arc<AppState>>,
-    b: Result<Bytes, BytesRejection>,
-) -> Response {
-    let r = match body(b).and_then(|b| api::parse_chat(&b)) {
+async fn chat_completions(State(st): State<Arc<AppState>>, req: Request) -> Response {
+    let r = match read_body(&st, req)
+        .await
+        .and_then(|b| api::parse_chat(&b))
+    {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
@@ -774,11 +982,11 @@ async fn chat_completions(
     }
 }
 
-async fn completions(
-    State(st): State<Arc<AppState>>,
-    b: Result<Bytes, BytesRejection>,
-) -> Response {
-    let r = match body(b).and_then(|b| api::parse_completion(&b)) {
+async fn completions(State(st): State<Arc<AppState>>, req: Request) -> Response {
+    let r = match read_body(&st, req)
+        .await
+        .and_then(|b| api::parse_completion(&b))
+    {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
@@ -808,55 +1016,80 @@ impl Drop for CancelOnDrop {
     }
 }
 
-async fn embeddings(State(st): State<Arc<AppState>>, b: Result<Bytes, BytesRejection>) -> Response {
-    let r = match body(b).and_then(|b| api::parse_embeddings(&b)) {
+async fn embeddings(State(st): State<Arc<AppState>>, req: Request) -> Response {
+    let r = match read_body(&st, req)
+        .await
+        .and_then(|b| api::parse_embeddings(&b))
+    {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    if st.engine.is_closing() {
-        return ApiError::new(503, "server_error", "the server is shutting down").into_response();
+    match embed(&st, r).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
     }
+}
+
+async fn embed(st: &Arc<AppState>, r: api::EmbeddingRequest) -> Result<Response, ApiError> {
     let n_ctx = st.engine.n_ctx();
-    let model = st.model.clone();
-    let mut ids = vec![];
+    let n_vocab = st.model.config().vocab_size;
     for (i, input) in r.inputs.iter().enumerate() {
-        let t = match input {
-            PromptInput::Text(t) => match model.tokenize(t, true, false) {
-                Ok(t) => t,
-                Err(e) => return core_error(&e).into_response(),
-            },
-            PromptInput::Tokens(t) => t.clone(),
-        };
-        if t.len() > n_ctx {
-            return ApiError::invalid(
-                "input",
-                format!(
-                    "input {i} is {} tokens, above the context of {n_ctx}",
-                    t.len()
-                ),
-            )
-            .code("context_length_exceeded")
-            .into_response();
+        match input {
+            PromptInput::Text(t) => st.check_length(t.len(), "input").map_err(|e| {
+                ApiError {
+                    message: format!("input {i}: {}", e.message),
+                    ..e
+                }
+            })?,
+            PromptInput::Tokens(t) => {
+                if let Some(bad) = t.iter().find(|&&id| id as usize >= n_vocab) {
+                    return Err(ApiError::invalid(
+                        "input",
+                        format!("input {i} holds token {bad}, outside the vocabulary of {n_vocab}"),
+                    ));
+                }
+            }
         }
-        ids.push(t);
     }
-    // Embeddings wait for one another, at most as many as the generation queue holds.
-    let waiting = st.embed_waiting.fetch_add(1, Ordering::SeqCst);
-    let permit = if waiting >= st.engine.limits().max_queue {
-        None
-    } else {
-        st.embed.acquire().await.ok()
-    };
-    st.embed_waiting.fetch_sub(1, Ordering::SeqCst);
-    let Some(_permit) = permit else {
-        return ApiError::new(
-            429,
-            "rate_limit_error",
-            "the server is busy with other embedding requests; retry later",
-        )
-        .code("queue_full")
-        .into_response();
-    };
+    // A place in the queue while the inputs are tokenized and wait for the model.
+    let ticket = st.engine.reserve()?;
+    let turn = st.prepare_turn().await?;
+    let model = st.model.clone();
+    let inputs = r.inputs;
+    let ids = tokio::task::spawn_blocking(move || {
+        let _turn = turn;
+        let mut ids = Vec::with_capacity(inputs.len());
+        for (i, input) in inputs.into_iter().enumerate() {
+            let t = match input {
+                PromptInput::Text(t) => model
+                    .tokenize(&t, true, false)
+                    .map_err(|e| core_error(&e).param_if_unset("input"))?,
+                PromptInput::Tokens(t) => t,
+            };
+            if t.len() > n_ctx {
+                return Err(ApiError::invalid(
+                    "input",
+                    format!(
+                        "input {i} is {} tokens, above the context of {n_ctx}",
+                        t.len()
+                    ),
+                )
+                .code("context_length_exceeded"));
+            }
+            ids.push(t);
+        }
+        Ok(ids)
+    })
+    .await
+    .map_err(|e| ApiError::new(500, "server_error", format!("tokenizing failed: {e}")))??;
+    // Embeddings wait for one another (they share the compute threads with decode).
+    let _permit = st
+        .embed
+        .acquire()
+        .await
+        .map_err(|_| ApiError::new(503, "server_error", "the server is shutting down"))?;
+    drop(ticket);
+    let model = st.model.clone();
     let stop = Arc::new(AtomicBool::new(false));
     let guard = CancelOnDrop(stop.clone());
     let work = tokio::task::spawn_blocking(move || {
@@ -878,10 +1111,13 @@ async fn embeddings(State(st): State<Arc<AppState>>, b: Result<Bytes, BytesRejec
     });
     let out = match work.await {
         Ok(Ok(v)) => v,
-        Ok(Err(e)) => return core_error(&e).into_response(),
+        Ok(Err(e)) => return Err(core_error(&e).param_if_unset("input")),
         Err(e) => {
-            return ApiError::new(500, "server_error", format!("embedding failed: {e}"))
-                .into_response()
+            return Err(ApiError::new(
+                500,
+                "server_error",
+                format!("embedding failed: {e}"),
+            ))
         }
     };
     drop(guard);
@@ -900,11 +1136,11 @@ async fn embeddings(State(st): State<Arc<AppState>>, b: Result<Bytes, BytesRejec
             json!({"object": "embedding", "index": i, "embedding": embedding})
         })
         .collect();
-    axum::Json(json!({
+    Ok(axum::Json(json!({
         "object": "list",
         "data": data,
         "model": st.model_id,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     }))
-    .into_response()
+    .into_response())
 }

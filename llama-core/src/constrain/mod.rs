@@ -322,8 +322,12 @@ impl std::fmt::Debug for ConstraintState {
     }
 }
 
+/// A matcher's error: its first line (llguidance appends its parser's internal state, which
+/// is no use to the person who wrote the constraint).
 fn llg_err(e: impl std::fmt::Display) -> Error {
-    Error::Grammar(format!("constraint: {e}"))
+    let e = e.to_string();
+    let first = e.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+    Error::Grammar(format!("constraint: {first}"))
 }
 
 impl ConstraintState {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::Session;
-use crate::chat::{render_template, render_template_with_tools, Message};
+use crate::chat::{render_template_with_tools, Message};
 use crate::constrain::tools::{
     parse_tool_calls, template_takes_tools, tool_constraint, tools_prompt, Tool, ToolCall,
     ToolChoice, ToolFormat,
@@ -59,6 +59,12 @@ pub struct GenerateOptions {
     pub tools: Vec<Tool>,
     /// Whether and which tool must be called (default: the model chooses).
     pub tool_choice: ToolChoice,
+    /// For chat prompts of messages the caller trusts: special-token text inside message
+    /// content is parsed into control tokens and any role is passed to the template. Off by
+    /// default: content is text whatever it contains (as OpenAI's API treats it; a user who
+    /// writes `<|im_end|>` cannot forge a turn) and roles must be among
+    /// [`crate::chat::KNOWN_ROLES`].
+    pub parse_special_in_content: bool,
 }
 
 impl Default for GenerateOptions {
@@ -72,6 +78,7 @@ impl Default for GenerateOptions {
             grammar: None,
             tools: vec![],
             tool_choice: ToolChoice::Auto,
+            parse_special_in_content: false,
         }
     }
 }
@@ -106,6 +113,11 @@ impl GenerateOptions {
     pub fn tools(mut self, tools: Vec<Tool>, choice: ToolChoice) -> Self {
         self.tools = tools;
         self.tool_choice = choice;
+        self
+    }
+    /// Trusts chat messages: see [`GenerateOptions::parse_special_in_content`].
+    pub fn parse_special_in_content(mut self, on: bool) -> Self {
+        self.parse_special_in_content = on;
         self
     }
 }
@@ -253,24 +265,6 @@ impl Detokenizer {
     }
 }
 
-/// Length of the longest suffix of `text` that is a proper prefix of some stop string.
-fn holdback(text: &str, stops: &[String]) -> usize {
-    let mut best = 0;
-    for s in stops {
-        let max = s.len().saturating_sub(1).min(text.len());
-        for k in (1..=max).rev() {
-            if k <= best {
-                break;
-            }
-            if text.is_char_boundary(text.len() - k) && s.starts_with(&text[text.len() - k..]) {
-                best = k;
-                break;
-            }
-        }
-    }
-    best
-}
-
 /// One step of the generator's output.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Piece {
@@ -310,6 +304,7 @@ pub struct Generator {
     detok: Detokenizer,
     text: String,
     emitted: usize,
+    stops: super::stops::StopMatcher,
     result: Generation,
     done: bool,
     started: Instant,
@@ -330,11 +325,13 @@ impl Generator {
         }
         let prompt_time = t0.elapsed();
         let detok = Detokenizer::new(session.tokens(), opts.special);
+        let stops = super::stops::StopMatcher::new(&opts.stop);
         Ok(Generator {
             opts,
             detok,
             text: String::new(),
             emitted: 0,
+            stops,
             result: Generation {
                 tokens: vec![],
                 text: String::new(),
@@ -497,27 +494,21 @@ impl Generator {
                 None,
             )));
         }
-        if let Some(piece) = self.detok.step(tok, id)? {
-            self.text.push_str(&piece);
-        }
-        // Stop strings: search the region that could contain a new match.
-        let longest = self.opts.stop.iter().map(|s| s.len()).max().unwrap_or(0);
-        let mut from = self.emitted.saturating_sub(longest);
-        while !self.text.is_char_boundary(from) {
-            from -= 1;
-        }
-        let hit = self
-            .opts
-            .stop
-            .iter()
-            .filter(|s| !s.is_empty())
-            .filter_map(|s| self.text[from..].find(s.as_str()).map(|p| from + p))
-            .min();
+        let hit = match self.detok.step(tok, id)? {
+            Some(piece) => {
+                self.text.push_str(&piece);
+                self.stops.feed(piece.as_bytes())
+            }
+            None => None,
+        };
         if let Some(pos) = hit {
-            let out = self.text[self.emitted..pos.max(self.emitted)].to_string();
+            // A match starts in the held-back text or later (the held text is the longest
+            // end of the text that begins a stop string).
+            let pos = pos.max(self.emitted);
+            let out = self.text[self.emitted..pos].to_string();
             self.text.truncate(pos);
             self.emitted = self.text.len();
-            self.result.text = self.text.clone();
+            self.result.text.push_str(&out);
             self.end(if self.constraint.is_some() {
                 StopReason::GrammarIncomplete
             } else {
@@ -531,11 +522,12 @@ impl Generator {
                 None,
             )));
         }
-        let hold = holdback(&self.text[self.emitted..], &self.opts.stop);
+        let hold = self.stops.pending().min(self.text.len() - self.emitted);
         let upto = self.text.len() - hold;
         let out = self.text[self.emitted..upto].to_string();
         self.emitted = upto;
-        self.result.text = self.text[..self.emitted].to_string();
+        // The result's text is the emitted text: appended, not copied again at every token.
+        self.result.text.push_str(&out);
         // Make room for the token the next step evaluates.
         if session.len() + 1 > session.n_ctx() {
             session.shift_context()?;
@@ -626,9 +618,22 @@ impl Session {
         prompt: Prompt<'_>,
         tools: &[Tool],
     ) -> Result<Vec<u32>> {
+        self.prompt_tokens_opts(prompt, tools, false)
+    }
+
+    /// [`Session::prompt_tokens_with_tools`], trusting chat messages when
+    /// `parse_special_in_content` (see [`GenerateOptions::parse_special_in_content`]).
+    pub fn prompt_tokens_opts(
+        &mut self,
+        prompt: Prompt<'_>,
+        tools: &[Tool],
+        parse_special_in_content: bool,
+    ) -> Result<Vec<u32>> {
         match prompt {
             Prompt::Chat(messages) => {
-                let ids = self.model().chat_tokens_with_tools(messages, tools)?;
+                let ids =
+                    self.model()
+                        .chat_tokens_opts(messages, tools, parse_special_in_content)?;
                 Ok(self.reuse_prefix(&ids))
             }
             other => self.prompt_tokens(other),
@@ -639,7 +644,7 @@ impl Session {
     /// ([`Session::stream`], [`Session::generate`], [`Session::chat`], C and Python all start
     /// here).
     pub fn start(&mut self, prompt: Prompt<'_>, opts: GenerateOptions) -> Result<Generator> {
-        let ids = self.prompt_tokens_with_tools(prompt, &opts.tools)?;
+        let ids = self.prompt_tokens_opts(prompt, &opts.tools, opts.parse_special_in_content)?;
         Generator::new(self, &ids, opts)
     }
 
@@ -785,24 +790,46 @@ impl crate::Model {
         tools: &[Tool],
         add_generation_prompt: bool,
     ) -> Result<String> {
+        Ok(self
+            .render_chat(messages, tools, add_generation_prompt, false)?
+            .0)
+    }
+
+    /// The rendered conversation, and with `ranges` where message content landed in it (see
+    /// [`crate::chat::render_with_content_ranges`]; `None` inside: the template hides it).
+    fn render_chat(
+        &self,
+        messages: &[Message],
+        tools: &[Tool],
+        add_generation_prompt: bool,
+        ranges: bool,
+    ) -> Result<(String, Option<Vec<std::ops::Range<usize>>>)> {
         let template = self.chat_template().ok_or_else(|| {
             Error::ChatTemplate(format!("{} has no chat template", self.path().display()))
         })?;
         let tok = self.tokenizer();
         let name = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i)).unwrap_or_default();
         let (bos, eos) = (name(tok.bos_id()), name(tok.eos_id()));
+        let render = |msgs: &[Message], tools: Option<&[serde_json::Value]>| {
+            if ranges {
+                crate::chat::render_with_content_ranges(
+                    template,
+                    msgs,
+                    tools,
+                    add_generation_prompt,
+                    &bos,
+                    &eos,
+                )
+            } else {
+                render_template_with_tools(template, msgs, tools, add_generation_prompt, &bos, &eos)
+                    .map(|t| (t, None))
+            }
+        };
         let has_calls = messages.iter().any(|m| !m.tool_calls.is_empty());
         if template_takes_tools(template) || (tools.is_empty() && !has_calls) {
             let json: Vec<serde_json::Value> = tools.iter().map(Tool::to_json).collect();
             let tools = (!json.is_empty()).then_some(&json[..]);
-            return render_template_with_tools(
-                template,
-                messages,
-                tools,
-                add_generation_prompt,
-                &bos,
-                &eos,
-            );
+            return render(messages, tools);
         }
         let format = ToolFormat::of_template(Some(template));
         let mut msgs = messages.to_vec();
@@ -826,19 +853,63 @@ impl crate::Model {
                 _ => msgs.insert(0, Message::system(prompt)),
             }
         }
-        render_template(template, &msgs, add_generation_prompt, &bos, &eos)
+        render(&msgs, None)
     }
 
-    /// The tokens of a rendered conversation: special tokens parsed, one BOS at most.
+    /// The tokens of a rendered conversation, one BOS at most: the template's own markup is
+    /// parsed (special tokens included), message content is text whatever it contains (a
+    /// user cannot forge a turn by writing `<|im_end|>`), and roles must be among
+    /// [`crate::chat::KNOWN_ROLES`]. [`crate::Model::chat_tokens_trusted`] parses everything.
     pub fn chat_tokens(&self, messages: &[Message]) -> Result<Vec<u32>> {
         self.chat_tokens_with_tools(messages, &[])
     }
 
     /// [`crate::Model::chat_tokens`] with `tools` shown to the template.
     pub fn chat_tokens_with_tools(&self, messages: &[Message], tools: &[Tool]) -> Result<Vec<u32>> {
-        let text = self.apply_chat_template_with_tools(messages, tools, true)?;
+        self.chat_tokens_opts(messages, tools, false)
+    }
+
+    /// [`crate::Model::chat_tokens`] for messages the caller trusts: any role, and
+    /// special-token text inside content parsed into control tokens (the behaviour of a plain
+    /// `tokenize(apply_chat_template(..), parse_special=true)`).
+    pub fn chat_tokens_trusted(&self, messages: &[Message], tools: &[Tool]) -> Result<Vec<u32>> {
+        self.chat_tokens_opts(messages, tools, true)
+    }
+
+    /// [`crate::Model::chat_tokens_with_tools`], or its trusted form when
+    /// `parse_special_in_content` (see [`GenerateOptions::parse_special_in_content`]).
+    pub fn chat_tokens_opts(
+        &self,
+        messages: &[Message],
+        tools: &[Tool],
+        parse_special_in_content: bool,
+    ) -> Result<Vec<u32>> {
         let tok = self.tokenizer();
-        let mut ids = tok.encode(&text, false, true)?;
+        let mut ids = if parse_special_in_content {
+            let text = self.apply_chat_template_with_tools(messages, tools, true)?;
+            tok.encode(&text, false, true)?
+        } else {
+            crate::chat::check_roles(messages)?;
+            let (text, ranges) = self.render_chat(messages, tools, true, true)?;
+            match ranges {
+                Some(r) => tok.encode_with_plain_ranges(&text, false, &r)?,
+                None => {
+                    // The template rewrites content: safe only if no content holds
+                    // special-token text.
+                    if let Some(i) = messages
+                        .iter()
+                        .position(|m| tok.contains_special_text(&m.content))
+                    {
+                        return Err(Error::InvalidArgument(format!(
+                            "message {i} contains special-token text, and this model's chat \
+                             template rewrites message content, so it cannot be kept as plain \
+                             text; remove it, or opt in to parsing special tokens in content"
+                        )));
+                    }
+                    tok.encode(&text, false, true)?
+                }
+            }
+        };
         if tok.adds_bos() {
             if let Some(b) = tok.bos_id() {
                 if ids.first() != Some(&b) {
@@ -847,19 +918,5 @@ impl crate::Model {
             }
         }
         Ok(ids)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::holdback;
-
-    #[test]
-    fn holdback_finds_partial_stop() {
-        let stops = vec!["</s>".to_string(), "STOP".to_string()];
-        assert_eq!(holdback("hello </", &stops), 2);
-        assert_eq!(holdback("hello ST", &stops), 2);
-        assert_eq!(holdback("hello", &stops), 0);
-        assert_eq!(holdback("hello STO", &stops), 3);
     }
 }

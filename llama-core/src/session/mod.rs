@@ -3,6 +3,7 @@
 use crate::error::{Error, Result};
 pub(crate) mod generate;
 pub(crate) mod state;
+mod stops;
 
 use crate::kv_cache::KvCache;
 use crate::model::Model;

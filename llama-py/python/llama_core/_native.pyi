@@ -158,6 +158,7 @@ class Session:
         choices: Optional[Sequence[str]] = None,
         tools: Optional[Sequence[Mapping[str, object]]] = None,
         tool_choice: Optional[Union[str, Mapping[str, object]]] = None,
+        parse_special_in_content: bool = False,
     ) -> str: ...
     def chat_stream(
         self,
@@ -172,6 +173,7 @@ class Session:
         choices: Optional[Sequence[str]] = None,
         tools: Optional[Sequence[Mapping[str, object]]] = None,
         tool_choice: Optional[Union[str, Mapping[str, object]]] = None,
+        parse_special_in_content: bool = False,
     ) -> TokenStream: ...
     @property
     def last_generation(self) -> Optional[Dict[str, object]]: ...
@@ -207,6 +209,7 @@ class Batch:
         choices: Optional[Sequence[str]] = None,
         tools: Optional[Sequence[Mapping[str, object]]] = None,
         tool_choice: Optional[Union[str, Mapping[str, object]]] = None,
+        parse_special_in_content: bool = False,
     ) -> int: ...
     def step(self) -> List[Tuple[int, str]]: ...
     def finished(self) -> Dict[int, Dict[str, object]]: ...
