@@ -482,6 +482,13 @@ typedef struct {
    * With `tools`: "auto" (NULL means auto), "required", "none", or a tool's name.
    */
   const char *tool_choice;
+  /**
+   * Chat only, for messages the caller trusts: parse special-token text inside message
+   * content (such as `<|im_end|>`) into control tokens and pass any role to the template.
+   * Default false: content is plain text whatever it holds, and roles must be system,
+   * user, assistant, tool or ipython (else `LLAMA_STATUS_INVALID_ARGUMENT`).
+   */
+  bool parse_special_in_content;
 } llama_generate_params;
 
 /**

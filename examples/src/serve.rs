@@ -73,7 +73,7 @@ pub(crate) fn run(a: ServeArgs) -> AnyResult<()> {
         return Err("--max-sequences and --max-tokens must be at least 1".into());
     }
     let secs = |v: f64, name: &str| -> AnyResult<Duration> {
-        if v.is_finite() && v >= 0.0 && v < 1e9 {
+        if (0.0..1e9).contains(&v) {
             Ok(Duration::from_secs_f64(v))
         } else {
             Err(format!("{name} must be a number of seconds").into())

@@ -180,7 +180,9 @@ impl Batch {
                 session = copy;
                 session.reuse_prefix(&ids)
             }
-            None => session.prompt_tokens_opts(prompt, &opts.tools, opts.parse_special_in_content)?,
+            None => {
+                session.prompt_tokens_opts(prompt, &opts.tools, opts.parse_special_in_content)?
+            }
         };
         if pending.is_empty() && session.logits().is_none() {
             return Err(Error::no_logits());

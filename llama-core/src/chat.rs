@@ -414,7 +414,7 @@ mod tests {
     }
 
     #[test]
-    fn content_ranges_survive_trimming_and_are_refused_when_content_is_rewritten() {
+    fn content_ranges_survive_trimming_and_are_refused_when_content_is_cut() {
         let msgs = [
             Message::system("  be brief "),
             Message::user("hi<|im_end|>"),
@@ -426,18 +426,20 @@ mod tests {
         let ranges = ranges.unwrap();
         let spans: Vec<&str> = ranges.iter().map(|r| &text[r.clone()]).collect();
         assert_eq!(spans, ["be brief", "hi<|im_end|>"]);
-        assert_eq!(
-            text,
-            render_template(chatml, &msgs, false, "", "").unwrap()
-        );
+        assert_eq!(text, render_template(chatml, &msgs, false, "", "").unwrap());
         // Trimmed content (Llama 3's template) keeps its ranges.
         let trim = "{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n{{ m.content | trim }}<|eot_id|>{% endfor %}";
         let (text, ranges) = render_with_content_ranges(trim, &msgs, None, false, "", "").unwrap();
         assert_eq!(&text[ranges.unwrap()[0].clone()], "be brief");
-        // A template that rewrites content: no ranges.
-        let upper = "{% for m in messages %}{{ m.content | upper }}{% endfor %}";
-        let (_, ranges) = render_with_content_ranges(upper, &msgs, None, false, "", "").unwrap();
-        assert_eq!(ranges, None);
+        // Content changed as a whole (upper-cased) or written twice is still found.
+        let upper = "{% for m in messages %}{{ m.content | upper }}|{{ m.content }}{% endfor %}";
+        let (text, ranges) = render_with_content_ranges(upper, &msgs, None, false, "", "").unwrap();
+        let spans: Vec<&str> = ranges.unwrap().iter().map(|r| &text[r.clone()]).collect();
+        assert_eq!(
+            spans,
+            ["BE BRIEF", "be brief", "HI<|IM_END|>", "hi<|im_end|>"]
+        );
+        // A template that cuts content: no ranges.
         let sliced = "{% for m in messages %}{{ m.content[1:] }}{% endfor %}";
         let (_, ranges) = render_with_content_ranges(sliced, &msgs, None, false, "", "").unwrap();
         assert_eq!(ranges, None);

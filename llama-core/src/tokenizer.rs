@@ -243,7 +243,11 @@ impl Tokenizer {
         for (s, e) in bounds {
             if s > from {
                 for m in matcher.find_iter(&text[from..s]) {
-                    kept.push((from + m.start(), from + m.end(), sp.ids[m.pattern().as_usize()]));
+                    kept.push((
+                        from + m.start(),
+                        from + m.end(),
+                        sp.ids[m.pattern().as_usize()],
+                    ));
                 }
             }
             from = from.max(e);

@@ -28,9 +28,9 @@ impl HostPolicy {
             if n == "*" {
                 any = true;
             } else if n.is_empty()
-                || !n
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':' | '[' | ']'))
+                || !n.chars().all(|c| {
+                    c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':' | '[' | ']')
+                })
             {
                 return Err(format!("--allow-host {n:?} is not a host name"));
             } else {
@@ -45,15 +45,24 @@ impl HostPolicy {
         if self.any {
             return true;
         }
-        let name = strip_port(host.trim()).trim_end_matches('.').to_ascii_lowercase();
+        let name = strip_port(host.trim())
+            .trim_end_matches('.')
+            .to_ascii_lowercase();
         if name.is_empty() {
             return false;
         }
-        if let Ok(ip) = name.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+        if let Ok(ip) = name
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+        {
             return ip.is_loopback()
                 || ip == self.bound
                 || self.bound.is_unspecified()
-                || self.names.iter().any(|n| n.parse::<IpAddr>().ok() == Some(ip));
+                || self
+                    .names
+                    .iter()
+                    .any(|n| n.parse::<IpAddr>().ok() == Some(ip));
         }
         if name == "localhost" || name.ends_with(".localhost") {
             return true;
@@ -69,7 +78,10 @@ impl HostPolicy {
 
     /// Whether an `Origin` header value may call the API: an allowed host, or one of `cors`.
     pub fn allows_origin(&self, origin: &str, cors: &[String]) -> bool {
-        if cors.iter().any(|c| c == "*" || c.eq_ignore_ascii_case(origin)) {
+        if cors
+            .iter()
+            .any(|c| c == "*" || c.eq_ignore_ascii_case(origin))
+        {
             return true;
         }
         let Some((scheme, rest)) = origin.split_once("://") else {
@@ -105,18 +117,38 @@ mod tests {
     #[test]
     fn local_names_and_the_bound_address_pass_rebinding_names_do_not() {
         let p = HostPolicy::new("127.0.0.1".parse().unwrap(), &[]).unwrap();
-        for ok in ["127.0.0.1:8080", "localhost:8080", "LOCALHOST", "app.localhost:1", "[::1]:80", "::1", "127.0.0.2"] {
+        for ok in [
+            "127.0.0.1:8080",
+            "localhost:8080",
+            "LOCALHOST",
+            "app.localhost:1",
+            "[::1]:80",
+            "::1",
+            "127.0.0.2",
+        ] {
             assert!(p.allows_host(ok), "{ok}");
         }
-        for bad in ["evil.example:8080", "localhost.evil.example", "10.0.0.5:8080", "", "127.0.0.1.nip.io"] {
+        for bad in [
+            "evil.example:8080",
+            "localhost.evil.example",
+            "10.0.0.5:8080",
+            "",
+            "127.0.0.1.nip.io",
+        ] {
             assert!(!p.allows_host(bad), "{bad}");
         }
-        let p = HostPolicy::new("0.0.0.0".parse().unwrap(), &["my.box".into(), ".lan".into()]).unwrap();
+        let p = HostPolicy::new(
+            "0.0.0.0".parse().unwrap(),
+            &["my.box".into(), ".lan".into()],
+        )
+        .unwrap();
         for ok in ["10.0.0.5:8080", "my.box", "MY.BOX.:80", "pc.lan", "lan"] {
             assert!(p.allows_host(ok), "{ok}");
         }
         assert!(!p.allows_host("other.box"));
-        assert!(HostPolicy::new("127.0.0.1".parse().unwrap(), &["*".into()]).unwrap().allows_host("anything"));
+        assert!(HostPolicy::new("127.0.0.1".parse().unwrap(), &["*".into()])
+            .unwrap()
+            .allows_host("anything"));
         assert!(HostPolicy::new("127.0.0.1".parse().unwrap(), &["a b".into()]).is_err());
     }
 

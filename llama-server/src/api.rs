@@ -105,7 +105,11 @@ pub fn core_error(e: &llama_core::Error) -> ApiError {
 /// A constraint compiler's error for a client: its first line, at most 500 characters (the
 /// compiler's internal state, which some errors append, is not the client's business).
 pub fn grammar_message(m: &str) -> String {
-    let first = m.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+    let first = m
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim();
     let mut out: String = first.chars().take(500).collect();
     if out.len() < first.len() {
         out.push_str("...");
@@ -457,10 +461,7 @@ fn messages(m: &Map<String, Value>) -> Result<Vec<Message>, ApiError> {
                     let shown: String = r.chars().take(40).collect();
                     return Err(ApiError::invalid(
                         &format!("{at}.role"),
-                        format!(
-                            "{at}.role is {shown:?}; the roles are {}",
-                            ROLES.join(", ")
-                        ),
+                        format!("{at}.role is {shown:?}; the roles are {}", ROLES.join(", ")),
                     ));
                 }
                 None => {
@@ -760,7 +761,10 @@ mod tests {
 
     #[test]
     fn grammar_errors_keep_their_first_line() {
-        assert_eq!(grammar_message("bad $ref loop\nstate: {...}\n"), "bad $ref loop");
+        assert_eq!(
+            grammar_message("bad $ref loop\nstate: {...}\n"),
+            "bad $ref loop"
+        );
         assert_eq!(grammar_message(""), "the constraint cannot be compiled");
         assert!(grammar_message(&"x".repeat(2000)).len() < 510);
     }

@@ -85,7 +85,9 @@ impl Registry {
         let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         let victim = slots
             .values()
-            .filter(|s| s.in_flight.load(Ordering::SeqCst) == 0 && !s.closing.load(Ordering::SeqCst))
+            .filter(|s| {
+                s.in_flight.load(Ordering::SeqCst) == 0 && !s.closing.load(Ordering::SeqCst)
+            })
             .min_by_key(|s| s.last_io.load(Ordering::Relaxed));
         match victim {
             Some(s) => {
@@ -195,6 +197,7 @@ pub fn raise_file_limit() -> Option<u64> {
                 r.rlim_cur = r.rlim_max;
             }
         }
+        #[allow(clippy::unnecessary_cast)] // rlim_t is not u64 on every target
         Some(r.rlim_cur as u64)
     }
     #[cfg(not(unix))]
@@ -269,8 +272,11 @@ pub async fn serve(
             tracing::warn!(%peer, max = limits.max_connections, "too many connections: refused with 503");
             tokio::spawn(async move {
                 let mut stream = stream;
-                let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&busy_response()))
-                    .await;
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    stream.write_all(&busy_response()),
+                )
+                .await;
             });
             continue;
         }

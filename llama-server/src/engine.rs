@@ -377,7 +377,9 @@ impl Worker {
                         running.insert(id, (job.events, job.constraint_param));
                     }
                     Err(e) => {
-                        let _ = job.events.send(Event::Done(Err(e.param_if_unset(job.prompt_param))));
+                        let _ = job
+                            .events
+                            .send(Event::Done(Err(e.param_if_unset(job.prompt_param))));
                     }
                 }
             }

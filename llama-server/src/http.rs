@@ -961,10 +961,7 @@ where
 }
 
 async fn chat_completions(State(st): State<Arc<AppState>>, req: Request) -> Response {
-    let r = match read_body(&st, req)
-        .await
-        .and_then(|b| api::parse_chat(&b))
-    {
+    let r = match read_body(&st, req).await.and_then(|b| api::parse_chat(&b)) {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
@@ -1035,11 +1032,9 @@ async fn embed(st: &Arc<AppState>, r: api::EmbeddingRequest) -> Result<Response,
     let n_vocab = st.model.config().vocab_size;
     for (i, input) in r.inputs.iter().enumerate() {
         match input {
-            PromptInput::Text(t) => st.check_length(t.len(), "input").map_err(|e| {
-                ApiError {
-                    message: format!("input {i}: {}", e.message),
-                    ..e
-                }
+            PromptInput::Text(t) => st.check_length(t.len(), "input").map_err(|e| ApiError {
+                message: format!("input {i}: {}", e.message),
+                ..e
             })?,
             PromptInput::Tokens(t) => {
                 if let Some(bad) = t.iter().find(|&&id| id as usize >= n_vocab) {

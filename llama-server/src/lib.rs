@@ -112,7 +112,11 @@ pub fn run_until(
     ready: impl FnOnce(SocketAddr),
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    if config.api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
+    if config
+        .api_key
+        .as_deref()
+        .is_some_and(|k| k.trim().is_empty())
+    {
         return Err("the API key is empty: give a real key, or none to serve without one".into());
     }
     let hosts = HostPolicy::new(config.addr.ip(), &config.allow_hosts)?;

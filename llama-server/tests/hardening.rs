@@ -72,7 +72,10 @@ impl Server {
         let t = self.thread.take().expect("running");
         let t0 = Instant::now();
         while !t.is_finished() {
-            assert!(t0.elapsed() < limit, "the server did not stop within {limit:?}");
+            assert!(
+                t0.elapsed() < limit,
+                "the server did not stop within {limit:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         t.join().expect("no panic")
@@ -85,7 +88,13 @@ impl Server {
     }
 
     /// One request on its own connection: (status, body).
-    fn request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, String) {
+    fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> (u16, String) {
         let mut s = self.connect();
         s.write_all(&raw_request(self.addr, method, path, headers, body))
             .unwrap();
@@ -161,7 +170,10 @@ fn parse_response(raw: &[u8]) -> (u16, String) {
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("not an HTTP response: {text:?}"));
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         let mut out = String::new();
         let mut rest = body;
         while let Some((size, after)) = rest.split_once("\r\n") {
@@ -208,7 +220,11 @@ fn huge_prompts_are_refused_before_tokenizing_without_blocking_the_server() {
     let bodies = [
         ("/v1/embeddings", json!({"input": huge}), "input"),
         ("/v1/embeddings", json!({"input": ["x", huge]}), "input"),
-        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": huge}]}), "messages"),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": huge}]}),
+            "messages",
+        ),
         ("/v1/completions", json!({"prompt": huge}), "prompt"),
     ];
     let t0 = Instant::now();
@@ -256,7 +272,8 @@ fn slow_and_idle_connections_are_cut_off_and_capped() {
     };
     // Half-sent headers (slowloris).
     let mut s = server.connect();
-    s.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ").unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        .unwrap();
     closed_within(s, Duration::from_secs(8));
     // A body that never comes: 408 in OpenAI's shape.
     let mut s = server.connect();
@@ -296,18 +313,29 @@ fn queued_requests_leave_the_queue_when_their_client_goes() {
     // One request runs; two wait.
     let mut running = server.connect();
     running
-        .write_all(&raw_request(server.addr, "POST", "/v1/chat/completions",
-            &[("Content-Type", "application/json")], long.to_string().as_bytes()))
+        .write_all(&raw_request(
+            server.addr,
+            "POST",
+            "/v1/chat/completions",
+            &[("Content-Type", "application/json")],
+            long.to_string().as_bytes(),
+        ))
         .unwrap();
     let mut first = [0u8; 64];
     running.read_exact(&mut first).unwrap();
     let waiting: Vec<TcpStream> = (0..2)
         .map(|_| {
             let mut s = server.connect();
-            s.write_all(&raw_request(server.addr, "POST", "/v1/completions",
+            s.write_all(&raw_request(
+                server.addr,
+                "POST",
+                "/v1/completions",
                 &[("Content-Type", "application/json")],
-                json!({"prompt": "Once upon a time", "max_tokens": 4}).to_string().as_bytes()))
-                .unwrap();
+                json!({"prompt": "Once upon a time", "max_tokens": 4})
+                    .to_string()
+                    .as_bytes(),
+            ))
+            .unwrap();
             s
         })
         .collect();
@@ -323,17 +351,30 @@ fn queued_requests_leave_the_queue_when_their_client_goes() {
     drop(waiting);
     let t0 = Instant::now();
     while server.metric("queue_length") > 0.0 {
-        assert!(t0.elapsed() < Duration::from_secs(10), "the places were not given back");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the places were not given back"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(server.metric("active_sequences"), 1.0);
     let mut next = server.connect();
-    next.write_all(&raw_request(server.addr, "POST", "/v1/completions",
+    next.write_all(&raw_request(
+        server.addr,
+        "POST",
+        "/v1/completions",
         &[("Content-Type", "application/json")],
-        json!({"prompt": "x", "max_tokens": 2}).to_string().as_bytes()))
-        .unwrap();
+        json!({"prompt": "x", "max_tokens": 2})
+            .to_string()
+            .as_bytes(),
+    ))
+    .unwrap();
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(server.metric("queue_length"), 1.0, "accepted into the queue, not refused");
+    assert_eq!(
+        server.metric("queue_length"),
+        1.0,
+        "accepted into the queue, not refused"
+    );
     drop(running);
     let mut out = vec![];
     next.read_to_end(&mut out).unwrap();
@@ -350,12 +391,32 @@ fn foreign_hosts_origins_and_non_json_posts_are_refused() {
     let body = json!({"prompt": "hello", "max_tokens": 2}).to_string();
     let json_ct = ("Content-Type", "application/json");
     for (headers, status, code) in [
-        (vec![("Host", "evil.example:8080"), json_ct], 403, "host_not_allowed"),
-        (vec![("Host", "127.0.0.1.evil.example"), json_ct], 403, "host_not_allowed"),
-        (vec![("Origin", "http://evil.example"), json_ct], 403, "origin_not_allowed"),
+        (
+            vec![("Host", "evil.example:8080"), json_ct],
+            403,
+            "host_not_allowed",
+        ),
+        (
+            vec![("Host", "127.0.0.1.evil.example"), json_ct],
+            403,
+            "host_not_allowed",
+        ),
+        (
+            vec![("Origin", "http://evil.example"), json_ct],
+            403,
+            "origin_not_allowed",
+        ),
         (vec![("Origin", "null"), json_ct], 403, "origin_not_allowed"),
-        (vec![("Content-Type", "text/plain")], 415, "unsupported_media_type"),
-        (vec![("Content-Type", "application/x-www-form-urlencoded")], 415, "unsupported_media_type"),
+        (
+            vec![("Content-Type", "text/plain")],
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            vec![("Content-Type", "application/x-www-form-urlencoded")],
+            415,
+            "unsupported_media_type",
+        ),
         (vec![], 415, "unsupported_media_type"),
     ] {
         let (s, b) = server.request("POST", "/v1/completions", &headers, body.as_bytes());
@@ -415,7 +476,11 @@ fn roles_are_checked_and_content_cannot_forge_turns() {
     let safe = model.chat_tokens(&msgs).unwrap();
     let trusted = model.chat_tokens_trusted(&msgs, &[]).unwrap();
     let im_start = model.tokenizer().token_to_id("<|im_start|>").unwrap();
-    assert_eq!(safe.iter().filter(|&&t| t == im_start).count(), 2, "the user's and the reply's");
+    assert_eq!(
+        safe.iter().filter(|&&t| t == im_start).count(),
+        2,
+        "the user's and the reply's"
+    );
     assert_eq!(trusted.iter().filter(|&&t| t == im_start).count(), 3);
     let (s, b) = server.post(
         "/v1/chat/completions",
@@ -438,14 +503,38 @@ fn errors_name_their_field_and_hold_no_internals() {
         "$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}},
         "type": "object", "properties": {"x": {"$ref": "#/$defs/a"}}, "required": ["x"]}}});
     let cases = [
-        ("/v1/chat/completions", json!({"messages": user, "logit_bias": {n_vocab.to_string(): 5}}), "logit_bias"),
-        ("/v1/completions", json!({"prompt": "hi", "logit_bias": {"4000000000": 5}}), "logit_bias"),
-        ("/v1/completions", json!({"prompt": "hi", "stop": ["a".repeat(300_000)]}), "stop"),
-        ("/v1/chat/completions", json!({"messages": user, "response_format": loop_schema}), "response_format"),
-        ("/v1/completions", json!({"prompt": [5, n_vocab + 10]}), "prompt"),
+        (
+            "/v1/chat/completions",
+            json!({"messages": user, "logit_bias": {n_vocab.to_string(): 5}}),
+            "logit_bias",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "hi", "logit_bias": {"4000000000": 5}}),
+            "logit_bias",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "hi", "stop": ["a".repeat(300_000)]}),
+            "stop",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": user, "response_format": loop_schema}),
+            "response_format",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": [5, n_vocab + 10]}),
+            "prompt",
+        ),
         ("/v1/completions", json!({"prompt": vec![5; 400]}), "prompt"),
         ("/v1/embeddings", json!({"input": [[5, n_vocab]]}), "input"),
-        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "hi ".repeat(200)}]}), "messages"),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "hi ".repeat(200)}]}),
+            "messages",
+        ),
     ];
     for (path, body, param) in cases {
         let (s, b) = server.post(path, &body);
@@ -469,8 +558,13 @@ fn shutdown_answers_503_and_marks_cut_streams() {
         "max_tokens": 3000, "stream": true, "stop": ["NEVER-SEEN-STOP"]});
     let mut stream = server.connect();
     stream
-        .write_all(&raw_request(server.addr, "POST", "/v1/chat/completions",
-            &[("Content-Type", "application/json")], body.to_string().as_bytes()))
+        .write_all(&raw_request(
+            server.addr,
+            "POST",
+            "/v1/chat/completions",
+            &[("Content-Type", "application/json")],
+            body.to_string().as_bytes(),
+        ))
         .unwrap();
     let mut first = [0u8; 64];
     stream.read_exact(&mut first).unwrap();
@@ -497,8 +591,15 @@ fn shutdown_answers_503_and_marks_cut_streams() {
     assert_eq!(status, 503, "{b}");
     assert_eq!(error_of(&b)["code"], "shutting_down");
     let text = reader.join().unwrap();
-    assert!(text.contains("\"code\":\"shutting_down\""), "{}", &text[text.len().saturating_sub(400)..]);
-    assert!(!text.contains("\"finish_reason\":\"stop\""), "a cut stream does not say it stopped");
+    assert!(
+        text.contains("\"code\":\"shutting_down\""),
+        "{}",
+        &text[text.len().saturating_sub(400)..]
+    );
+    assert!(
+        !text.contains("\"finish_reason\":\"stop\""),
+        "a cut stream does not say it stopped"
+    );
     let (r, took) = stopper.join().unwrap();
     r.unwrap();
     assert!(took < Duration::from_secs(15), "{took:?}");

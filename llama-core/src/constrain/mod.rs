@@ -326,7 +326,11 @@ impl std::fmt::Debug for ConstraintState {
 /// is no use to the person who wrote the constraint).
 fn llg_err(e: impl std::fmt::Display) -> Error {
     let e = e.to_string();
-    let first = e.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+    let first = e
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim();
     Error::Grammar(format!("constraint: {first}"))
 }
 

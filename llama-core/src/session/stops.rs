@@ -145,9 +145,7 @@ mod tests {
             let mut m = StopMatcher::new(&stops);
             let mut text = String::new();
             for _ in 0..20 {
-                let piece: String = (0..next(3))
-                    .map(|_| alphabet[next(5) as usize])
-                    .collect();
+                let piece: String = (0..next(3)).map(|_| alphabet[next(5) as usize]).collect();
                 text.push_str(&piece);
                 let got = m.feed(piece.as_bytes());
                 // No earlier text held a match (the loop ends at the first one), so every
@@ -165,7 +163,9 @@ mod tests {
     #[test]
     fn long_strings_cost_nothing_per_token() {
         // 16 stop strings of 256 KiB each, against text that keeps almost matching them.
-        let stops: Vec<String> = (0..16).map(|i| format!("{}{i}", "a".repeat(256 << 10))).collect();
+        let stops: Vec<String> = (0..16)
+            .map(|i| format!("{}{i}", "a".repeat(256 << 10)))
+            .collect();
         let mut m = StopMatcher::new(&stops);
         let t0 = std::time::Instant::now();
         for _ in 0..20_000 {
