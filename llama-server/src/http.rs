@@ -576,7 +576,13 @@ impl Call {
                                 .sum::<usize>()
                     })
                     .sum();
-                st.check_length(bytes, prompt_param)?;
+                // Tools are written into the prompt too.
+                let tools: usize = opts
+                    .tools
+                    .iter()
+                    .map(|t| t.to_json().to_string().len())
+                    .sum();
+                st.check_length(bytes + tools, prompt_param)?;
             }
             JobPrompt::Text(t) => st.check_length(t.len(), prompt_param)?,
             JobPrompt::Tokens(t) => {

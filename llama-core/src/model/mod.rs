@@ -1,6 +1,7 @@
 //! The Llama model: one implementation over dense (f32/f16/bf16) and quantized (GGUF block)
 //! weights, immutable after load and shared by any number of sessions.
 
+mod chat;
 mod forward;
 pub(crate) use forward::BatchSeq;
 mod load;
