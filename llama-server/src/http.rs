@@ -312,9 +312,12 @@ async fn method_not_allowed(req: Request) -> ApiError {
     .code("method_not_allowed")
 }
 
-/// Reads a request body: 413 above the limit (at once when `Content-Length` says so), 408
-/// when it is not all there within the body timeout.
+/// Reads a request body: 413 above the limit, 408 when it is not all there within the body
+/// timeout. An over-long body is read to its end and dropped (up to [`DRAIN_LIMIT`] bytes,
+/// within the timeout) before the 413, so that a client still sending it can read the answer
+/// instead of meeting a reset connection.
 async fn read_body(st: &AppState, req: Request) -> Result<Bytes, ApiError> {
+    use http_body_util::BodyExt;
     let too_large = || {
         ApiError::new(
             413,
@@ -323,18 +326,8 @@ async fn read_body(st: &AppState, req: Request) -> Result<Bytes, ApiError> {
         )
         .code("request_too_large")
     };
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > st.max_body as u64) {
-        return Err(too_large());
-    }
-    let limited = http_body_util::Limited::new(req.into_body(), st.max_body);
-    let read = http_body_util::BodyExt::collect(limited);
-    match tokio::time::timeout(st.body_timeout, read).await {
-        Err(_) => Err(ApiError::new(
+    let timed_out = || {
+        ApiError::new(
             408,
             "invalid_request_error",
             format!(
@@ -342,14 +335,52 @@ async fn read_body(st: &AppState, req: Request) -> Result<Bytes, ApiError> {
                 st.body_timeout.as_secs_f64()
             ),
         )
-        .code("request_timeout")),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Ok(Err(e)) => Err(ApiError::invalid(
-            "",
-            format!("the request body could not be read: {e}"),
-        )),
-        Ok(Ok(c)) => Ok(c.to_bytes()),
+        .code("request_timeout")
+    };
+    let deadline = tokio::time::Instant::now() + st.body_timeout;
+    let mut body = req.into_body();
+    let mut buf = bytes_buf(st.max_body);
+    let mut over = false;
+    let mut seen: usize = 0;
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) if over => return Err(too_large()),
+            Err(_) => return Err(timed_out()),
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                return Err(ApiError::invalid(
+                    "",
+                    format!("the request body could not be read: {e}"),
+                ))
+            }
+            Ok(Some(Ok(f))) => f,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        seen = seen.saturating_add(data.len());
+        if seen > st.max_body {
+            over = true;
+            buf = Vec::new();
+            if seen > DRAIN_LIMIT {
+                return Err(too_large());
+            }
+        } else {
+            buf.extend_from_slice(&data);
+        }
     }
+    if over {
+        return Err(too_large());
+    }
+    Ok(Bytes::from(buf))
+}
+
+/// The most bytes of an over-long body read (and dropped) before answering 413.
+const DRAIN_LIMIT: usize = 64 << 20;
+
+/// A buffer for a body of at most `max` bytes (grown as data comes, never sized by a header).
+fn bytes_buf(max: usize) -> Vec<u8> {
+    Vec::with_capacity(max.min(64 << 10))
 }
 
 async fn page() -> Html<&'static str> {

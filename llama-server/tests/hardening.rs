@@ -536,6 +536,13 @@ fn errors_name_their_field_and_hold_no_internals() {
             "messages",
         ),
     ];
+    // A body over the limit is read to its end and answered, not reset mid-upload.
+    let (s, b) = server.post(
+        "/v1/completions",
+        &json!({"prompt": "x", "pad": "p".repeat(5 << 20)}),
+    );
+    assert_eq!(s, 413, "{b}");
+    assert_eq!(error_of(&b)["code"], "request_too_large");
     for (path, body, param) in cases {
         let (s, b) = server.post(path, &body);
         assert_eq!(s, 400, "{path} {param}: {b}");
