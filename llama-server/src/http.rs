@@ -583,6 +583,13 @@ impl Call {
             _ => "prompt",
         };
         // Everything that can be checked without work first.
+        let cap = st.engine.limits().max_tokens;
+        if let Some(n) = params.max_tokens.filter(|&n| n > cap) {
+            return Err(ApiError::invalid(
+                "max_tokens",
+                format!("max_tokens is {n}, above this server's limit of {cap}"),
+            ));
+        }
         let n_vocab = st.model.config().vocab_size;
         if let Some((id, _)) = params
             .sampler
