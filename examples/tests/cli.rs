@@ -158,6 +158,18 @@ fn errors_are_reported_not_panics() {
     let (ok, _, err) = llama(&["generate", "--model", &m, "--prompt", "x", "--top-p", "2"]);
     assert!(!ok);
     assert!(err.contains("top_p"), "{err}");
+    // An empty API key is refused before anything is loaded, from the flag or the environment.
+    let (ok, _, err) = llama(&["serve", "--model", &m, "--port", "0", "--api-key", ""]);
+    assert!(!ok && err.contains("API key") && err.contains("empty"), "{err}");
+    let out = Command::new(env!("CARGO_BIN_EXE_llama"))
+        .args(["serve", "--model", &m, "--port", "0"])
+        .env("LLAMA_API_KEY", "")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("empty"), "{err}");
+    let (ok, _, err) = llama(&["serve", "--model", &m, "--allow-host", "a b"]);
+    assert!(!ok && err.contains("allow-host"), "{err}");
 }
 
 #[test]
