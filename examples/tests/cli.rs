@@ -160,7 +160,10 @@ fn errors_are_reported_not_panics() {
     assert!(err.contains("top_p"), "{err}");
     // An empty API key is refused before anything is loaded, from the flag or the environment.
     let (ok, _, err) = llama(&["serve", "--model", &m, "--port", "0", "--api-key", ""]);
-    assert!(!ok && err.contains("API key") && err.contains("empty"), "{err}");
+    assert!(
+        !ok && err.contains("API key") && err.contains("empty"),
+        "{err}"
+    );
     let out = Command::new(env!("CARGO_BIN_EXE_llama"))
         .args(["serve", "--model", &m, "--port", "0"])
         .env("LLAMA_API_KEY", "")
