@@ -282,14 +282,17 @@ pub(crate) fn render_with_content_ranges(
     bos_token: &str,
     eos_token: &str,
 ) -> Result<(String, Option<Vec<std::ops::Range<usize>>>)> {
-    let text = render_template_with_tools(
-        template,
-        messages,
-        tools,
-        add_generation_prompt,
-        bos_token,
-        eos_token,
-    )?;
+    let render = |msgs: &[Message]| {
+        render_template_with_tools(
+            template,
+            msgs,
+            tools,
+            add_generation_prompt,
+            bos_token,
+            eos_token,
+        )
+    };
+    let text = render(messages)?;
     if messages.iter().all(|m| m.content.trim().is_empty()) {
         return Ok((text, Some(vec![])));
     }
@@ -325,14 +328,7 @@ pub(crate) fn render_with_content_ranges(
             m
         })
         .collect();
-    let Ok(with_marks) = render_template_with_tools(
-        template,
-        &marked,
-        tools,
-        add_generation_prompt,
-        bos_token,
-        eos_token,
-    ) else {
+    let Ok(with_marks) = render(&marked) else {
         return Ok((text, None));
     };
     let mut plain = String::with_capacity(with_marks.len());

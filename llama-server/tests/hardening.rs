@@ -112,6 +112,30 @@ impl Server {
         )
     }
 
+    /// Sends a JSON POST on a new connection and leaves the answer unread.
+    fn send(&self, path: &str, body: &Value) -> TcpStream {
+        let mut s = self.connect();
+        s.write_all(&raw_request(
+            self.addr,
+            "POST",
+            path,
+            &[("Content-Type", "application/json")],
+            body.to_string().as_bytes(),
+        ))
+        .unwrap();
+        s
+    }
+
+    /// A long streamed chat, running: its connection and the first bytes of its answer.
+    fn long_stream(&self) -> (TcpStream, Vec<u8>) {
+        let body = json!({"messages": [{"role": "user", "content": "Write a long story."}],
+            "max_tokens": 3000, "stream": true, "stop": ["NEVER-SEEN-STOP"]});
+        let mut s = self.send("/v1/chat/completions", &body);
+        let mut first = vec![0u8; 64];
+        s.read_exact(&mut first).unwrap();
+        (s, first)
+    }
+
     fn health_ms(&self) -> f64 {
         let t0 = Instant::now();
         let (status, _) = self.request("GET", "/health", &[], b"");
@@ -308,35 +332,14 @@ fn queued_requests_leave_the_queue_when_their_client_goes() {
         c.limits.max_sequences = 1;
         c.limits.max_queue = 2;
     });
-    let long = json!({"messages": [{"role": "user", "content": "Write a long story."}],
-        "max_tokens": 3000, "stream": true, "stop": ["NEVER-SEEN-STOP"]});
     // One request runs; two wait.
-    let mut running = server.connect();
-    running
-        .write_all(&raw_request(
-            server.addr,
-            "POST",
-            "/v1/chat/completions",
-            &[("Content-Type", "application/json")],
-            long.to_string().as_bytes(),
-        ))
-        .unwrap();
-    let mut first = [0u8; 64];
-    running.read_exact(&mut first).unwrap();
+    let (running, _) = server.long_stream();
     let waiting: Vec<TcpStream> = (0..2)
         .map(|_| {
-            let mut s = server.connect();
-            s.write_all(&raw_request(
-                server.addr,
-                "POST",
+            server.send(
                 "/v1/completions",
-                &[("Content-Type", "application/json")],
-                json!({"prompt": "Once upon a time", "max_tokens": 4})
-                    .to_string()
-                    .as_bytes(),
-            ))
-            .unwrap();
-            s
+                &json!({"prompt": "Once upon a time", "max_tokens": 4}),
+            )
         })
         .collect();
     let t0 = Instant::now();
@@ -358,17 +361,7 @@ fn queued_requests_leave_the_queue_when_their_client_goes() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(server.metric("active_sequences"), 1.0);
-    let mut next = server.connect();
-    next.write_all(&raw_request(
-        server.addr,
-        "POST",
-        "/v1/completions",
-        &[("Content-Type", "application/json")],
-        json!({"prompt": "x", "max_tokens": 2})
-            .to_string()
-            .as_bytes(),
-    ))
-    .unwrap();
+    let mut next = server.send("/v1/completions", &json!({"prompt": "x", "max_tokens": 2}));
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(
         server.metric("queue_length"),
@@ -561,22 +554,9 @@ fn shutdown_answers_503_and_marks_cut_streams() {
     let mut server = Server::start(&model, 4096, |c| {
         c.shutdown_grace = Duration::from_millis(1500);
     });
-    let body = json!({"messages": [{"role": "user", "content": "Write a long story."}],
-        "max_tokens": 3000, "stream": true, "stop": ["NEVER-SEEN-STOP"]});
-    let mut stream = server.connect();
-    stream
-        .write_all(&raw_request(
-            server.addr,
-            "POST",
-            "/v1/chat/completions",
-            &[("Content-Type", "application/json")],
-            body.to_string().as_bytes(),
-        ))
-        .unwrap();
-    let mut first = [0u8; 64];
-    stream.read_exact(&mut first).unwrap();
+    let (mut stream, first) = server.long_stream();
     let reader = std::thread::spawn(move || {
-        let mut out = first.to_vec();
+        let mut out = first;
         stream.read_to_end(&mut out).unwrap();
         String::from_utf8_lossy(&out).into_owned()
     });
