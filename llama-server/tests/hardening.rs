@@ -126,10 +126,17 @@ impl Server {
         s
     }
 
-    /// A long streamed chat, running: its connection and the first bytes of its answer.
-    fn long_stream(&self) -> (TcpStream, Vec<u8>) {
+    /// A long streamed chat, running: its connection and the first bytes of its answer. The
+    /// model's end-of-generation tokens are banned, so it runs its 3,000 tokens.
+    fn long_stream(&self, model: &Model) -> (TcpStream, Vec<u8>) {
+        let ban: serde_json::Map<String, Value> = model
+            .tokenizer()
+            .eog_ids()
+            .iter()
+            .map(|id| (id.to_string(), json!(-100)))
+            .collect();
         let body = json!({"messages": [{"role": "user", "content": "Write a long story."}],
-            "max_tokens": 3000, "stream": true, "stop": ["NEVER-SEEN-STOP"]});
+            "max_tokens": 3000, "stream": true, "logit_bias": ban});
         let mut s = self.send("/v1/chat/completions", &body);
         let mut first = vec![0u8; 64];
         s.read_exact(&mut first).unwrap();
@@ -333,7 +340,31 @@ fn queued_requests_leave_the_queue_when_their_client_goes() {
         c.limits.max_queue = 2;
     });
     // One request runs; two wait.
-    let (running, _) = server.long_stream();
+    let (running, _) = server.long_stream(&model);
+    // Its client keeps reading (a client that stops reading is cut off after the idle timeout).
+    let mut drain = running.try_clone().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut all = vec![];
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = drain.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            all.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&all).into_owned()
+    });
+    // Wait until it decodes (the gauges are set between forward passes).
+    let wait_for = |what: &str, cond: &dyn Fn() -> bool| {
+        let t0 = Instant::now();
+        while !cond() {
+            assert!(t0.elapsed() < Duration::from_secs(30), "{what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_for("the long request decodes", &|| {
+        server.metric("generated_tokens_total") > 0.0 && server.metric("active_sequences") == 1.0
+    });
     let waiting: Vec<TcpStream> = (0..2)
         .map(|_| {
             server.send(
@@ -342,24 +373,24 @@ fn queued_requests_leave_the_queue_when_their_client_goes() {
             )
         })
         .collect();
-    let t0 = Instant::now();
-    while server.metric("queue_length") < 2.0 {
-        assert!(t0.elapsed() < Duration::from_secs(20));
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for("two requests wait", &|| {
+        server.metric("queue_length") == 2.0
+    });
+    // Their short prompts are tokenized and handed to the engine well within this.
+    std::thread::sleep(Duration::from_millis(500));
     let (status, body) = server.post("/v1/completions", &json!({"prompt": "x", "max_tokens": 2}));
     assert_eq!(status, 429, "{body}");
     assert_eq!(error_of(&body)["code"], "queue_full");
-    // The waiting clients go: their places come back while the long request still runs.
+    // The waiting clients go: the engine drops their requests and their places come back
+    // while the long request still runs.
+    let gone = server.metric("requests_disconnected_total");
     drop(waiting);
-    let t0 = Instant::now();
-    while server.metric("queue_length") > 0.0 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "the places were not given back"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for("the places were given back", &|| {
+        server.metric("queue_length") == 0.0
+    });
+    wait_for("the engine dropped both", &|| {
+        server.metric("requests_disconnected_total") == gone + 2.0
+    });
     assert_eq!(server.metric("active_sequences"), 1.0);
     let mut next = server.send("/v1/completions", &json!({"prompt": "x", "max_tokens": 2}));
     std::thread::sleep(Duration::from_millis(200));
@@ -368,7 +399,9 @@ fn queued_requests_leave_the_queue_when_their_client_goes() {
         1.0,
         "accepted into the queue, not refused"
     );
-    drop(running);
+    running.shutdown(std::net::Shutdown::Both).unwrap();
+    let streamed = reader.join().unwrap();
+    assert!(!streamed.contains("\"error\""), "{streamed}");
     let mut out = vec![];
     next.read_to_end(&mut out).unwrap();
     assert_eq!(parse_response(&out).0, 200);
@@ -554,7 +587,7 @@ fn shutdown_answers_503_and_marks_cut_streams() {
     let mut server = Server::start(&model, 4096, |c| {
         c.shutdown_grace = Duration::from_millis(1500);
     });
-    let (mut stream, first) = server.long_stream();
+    let (mut stream, first) = server.long_stream(&model);
     let reader = std::thread::spawn(move || {
         let mut out = first;
         stream.read_to_end(&mut out).unwrap();
