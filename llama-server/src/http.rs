@@ -41,6 +41,8 @@ pub struct AppState {
     embed: tokio::sync::Semaphore,
     /// Requests rendering, tokenizing or compiling on the blocking threads at once.
     prepare: Arc<tokio::sync::Semaphore>,
+    /// Request bodies held at once, read or being parsed, in KiB (see [`BODY_BUDGET`]).
+    bodies: Arc<tokio::sync::Semaphore>,
     hosts: HostPolicy,
     cors: Vec<String>,
     max_body: usize,
@@ -52,6 +54,14 @@ pub struct AppState {
 /// Requests prepared at once (rendering, tokenization and constraint compilation run on
 /// blocking threads, off the async workers; more wait their turn, counted in the queue).
 pub const PREPARE_AT_ONCE: usize = 2;
+
+/// Bytes of large request bodies held at once, read or being parsed: a request whose body is
+/// over [`SMALL_BODY`] (by its `Content-Length`; the body limit when it has none) waits for room
+/// before reading it, so that many large bodies arriving together cannot make memory grow with
+/// their number. Small bodies (every ordinary request) never wait.
+pub const BODY_BUDGET: usize = 128 << 20;
+/// Bodies up to this size are read without taking from [`BODY_BUDGET`].
+pub const SMALL_BODY: usize = 64 << 10;
 
 impl AppState {
     /// State for `model` served by `engine`.
@@ -73,6 +83,7 @@ impl AppState {
             max_token_bytes,
             embed: tokio::sync::Semaphore::new(1),
             prepare: Arc::new(tokio::sync::Semaphore::new(PREPARE_AT_ONCE)),
+            bodies: Arc::new(tokio::sync::Semaphore::new(BODY_BUDGET >> 10)),
             hosts: HostPolicy::new(std::net::Ipv4Addr::LOCALHOST.into(), &[])
                 .expect("no names to check"),
             cors: vec![],
@@ -316,7 +327,11 @@ async fn method_not_allowed(req: Request) -> ApiError {
 /// timeout. An over-long body is read to its end and dropped (up to [`DRAIN_LIMIT`] bytes,
 /// within the timeout) before the 413, so that a client still sending it can read the answer
 /// instead of meeting a reset connection.
-async fn read_body(st: &AppState, req: Request) -> Result<Bytes, ApiError> {
+async fn read_body(
+    st: &AppState,
+    req: Request,
+    deadline: tokio::time::Instant,
+) -> Result<Bytes, ApiError> {
     use http_body_util::BodyExt;
     let too_large = || {
         ApiError::new(
@@ -337,7 +352,6 @@ async fn read_body(st: &AppState, req: Request) -> Result<Bytes, ApiError> {
         )
         .code("request_timeout")
     };
-    let deadline = tokio::time::Instant::now() + st.body_timeout;
     let mut body = req.into_body();
     let mut buf = bytes_buf(st.max_body);
     let mut over = false;
@@ -373,6 +387,49 @@ async fn read_body(st: &AppState, req: Request) -> Result<Bytes, ApiError> {
         return Err(too_large());
     }
     Ok(Bytes::from(buf))
+}
+
+/// Reads a JSON body within the body budget and timeout and parses it (on a blocking thread
+/// when it is large); the budget is given back once it is parsed.
+async fn read_json<T: Send + 'static>(
+    st: &AppState,
+    req: Request,
+    parse: fn(&[u8]) -> Result<T, ApiError>,
+) -> Result<T, ApiError> {
+    let deadline = tokio::time::Instant::now() + st.body_timeout;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    let size = declared.unwrap_or(st.max_body).min(st.max_body);
+    let mut budget = None;
+    if size > SMALL_BODY {
+        let kib = size.div_ceil(1024).min(BODY_BUDGET >> 10) as u32;
+        let permit = tokio::time::timeout_at(deadline, st.bodies.clone().acquire_many_owned(kib))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .ok_or_else(|| {
+                ApiError::new(
+                    503,
+                    "server_error",
+                    "the server is busy reading other large requests; retry later",
+                )
+                .code("server_busy")
+            })?;
+        budget = Some(permit);
+    }
+    let bytes = read_body(st, req, deadline).await?;
+    let parsed = if bytes.len() > 256 << 10 {
+        tokio::task::spawn_blocking(move || parse(&bytes))
+            .await
+            .map_err(|e| ApiError::new(500, "server_error", format!("parsing failed: {e}")))?
+    } else {
+        parse(&bytes)
+    };
+    drop(budget);
+    parsed
 }
 
 /// The most bytes of an over-long body read (and dropped) before answering 413.
@@ -1005,7 +1062,7 @@ where
 }
 
 async fn chat_completions(State(st): State<Arc<AppState>>, req: Request) -> Response {
-    let r = match read_body(&st, req).await.and_then(|b| api::parse_chat(&b)) {
+    let r = match read_json(&st, req, api::parse_chat).await {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
@@ -1024,10 +1081,7 @@ async fn chat_completions(State(st): State<Arc<AppState>>, req: Request) -> Resp
 }
 
 async fn completions(State(st): State<Arc<AppState>>, req: Request) -> Response {
-    let r = match read_body(&st, req)
-        .await
-        .and_then(|b| api::parse_completion(&b))
-    {
+    let r = match read_json(&st, req, api::parse_completion).await {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
@@ -1058,10 +1112,7 @@ impl Drop for CancelOnDrop {
 }
 
 async fn embeddings(State(st): State<Arc<AppState>>, req: Request) -> Response {
-    let r = match read_body(&st, req)
-        .await
-        .and_then(|b| api::parse_embeddings(&b))
-    {
+    let r = match read_json(&st, req, api::parse_embeddings).await {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };

@@ -24,6 +24,11 @@ pub use conn::ConnLimits;
 pub use engine::{Engine, Limits, Metrics};
 pub use http::{router, AppState};
 
+/// The request-body limits the handlers apply.
+pub mod http_limits {
+    pub use crate::http::{BODY_BUDGET, PREPARE_AT_ONCE, SMALL_BODY};
+}
+
 /// How to run the server.
 #[derive(Clone)]
 pub struct ServerConfig {

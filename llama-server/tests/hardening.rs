@@ -624,3 +624,50 @@ fn shutdown_answers_503_and_marks_cut_streams() {
     r.unwrap();
     assert!(took < Duration::from_secs(15), "{took:?}");
 }
+
+/// Large bodies arriving together share a memory budget (a large one waits for room, and gets
+/// 503 `server_busy` if none comes within its body timeout); small requests never wait for it.
+#[test]
+fn large_bodies_share_a_budget_and_small_requests_never_wait() {
+    let (_t, model) = tiny();
+    let server = Server::start(&model, 128, |_| {});
+    let large = llama_server::http_limits::BODY_BUDGET / (4 << 20);
+    // Declared 4 MiB bodies that never come: together they hold the whole budget.
+    let holders: Vec<TcpStream> = (0..large)
+        .map(|_| {
+            let mut s = server.connect();
+            s.write_all(
+                format!(
+                    "POST /v1/completions HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{{",
+                    server.addr,
+                    4 << 20
+                )
+                .as_bytes(),
+            )
+            .unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
+    let (status, b) = server.post(
+        "/v1/completions",
+        &json!({"prompt": "hello", "max_tokens": 2}),
+    );
+    assert_eq!(status, 200, "{b}");
+    assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+    // A large body waits until the holders' body timeouts (2 s from their start) free the
+    // budget, then goes through.
+    let t0 = Instant::now();
+    let (status, b) = server.post(
+        "/v1/completions",
+        &json!({"prompt": "hello", "max_tokens": 2, "pad": "p".repeat(1 << 20)}),
+    );
+    assert_eq!(status, 200, "{b}");
+    assert!(
+        t0.elapsed() > Duration::from_millis(1000),
+        "{:?}",
+        t0.elapsed()
+    );
+    drop(holders);
+}
