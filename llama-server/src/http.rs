@@ -389,9 +389,9 @@ async fn read_body(
     Ok(Bytes::from(buf))
 }
 
-/// Reads a JSON body within the body budget and timeout and parses it (on a blocking thread
-/// when it is large); the budget is given back once it is parsed.
-async fn read_json<T: Send + 'static>(
+/// Reads a JSON body within the body budget and timeout and parses it; the budget is given
+/// back once it is parsed.
+async fn read_json<T>(
     st: &AppState,
     req: Request,
     parse: fn(&[u8]) -> Result<T, ApiError>,
@@ -421,13 +421,10 @@ async fn read_json<T: Send + 'static>(
         budget = Some(permit);
     }
     let bytes = read_body(st, req, deadline).await?;
-    let parsed = if bytes.len() > 256 << 10 {
-        tokio::task::spawn_blocking(move || parse(&bytes))
-            .await
-            .map_err(|e| ApiError::new(500, "server_error", format!("parsing failed: {e}")))?
-    } else {
-        parse(&bytes)
-    };
+    // Parsed here: ~10 ms at the 4 MiB limit, and the budget bounds how many at once. (On a
+    // blocking thread, every new pool thread's malloc arena kept its share of the large bodies:
+    // +110 MiB of RSS in the soak.)
+    let parsed = parse(&bytes);
     drop(budget);
     parsed
 }
