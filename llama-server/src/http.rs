@@ -2,7 +2,7 @@
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
@@ -32,8 +32,8 @@ pub struct AppState {
     api_key: Option<String>,
     created: u64,
     next_id: AtomicU64,
-    /// Token bytes for log-probabilities (built on first use).
-    token_bytes: OnceLock<Vec<Vec<u8>>>,
+    /// Every token's bytes (for log-probabilities and the length bound below).
+    token_bytes: Vec<Vec<u8>>,
     /// Longest text one token stands for, in bytes: a text longer than the context times
     /// this cannot fit, and is refused before it is tokenized.
     max_token_bytes: usize,
@@ -68,10 +68,8 @@ impl AppState {
     ///
     /// Defaults: hosts of a server on 127.0.0.1, no CORS origins, 4 MiB bodies read within 30 s.
     pub fn new(model: Model, engine: Engine, model_id: String, api_key: Option<String>) -> Self {
-        let token_bytes = OnceLock::new();
-        let table = model.tokenizer().token_bytes();
-        let max_token_bytes = table.iter().map(Vec::len).max().unwrap_or(1).max(1);
-        let _ = token_bytes.set(table);
+        let token_bytes = model.tokenizer().token_bytes();
+        let max_token_bytes = token_bytes.iter().map(Vec::len).max().unwrap_or(1).max(1);
         AppState {
             model,
             engine,
@@ -141,10 +139,11 @@ impl AppState {
     }
 
     fn token_text(&self, id: u32) -> (String, Vec<u8>) {
-        let table = self
+        let mut b = self
             .token_bytes
-            .get_or_init(|| self.model.tokenizer().token_bytes());
-        let mut b = table.get(id as usize).cloned().unwrap_or_default();
+            .get(id as usize)
+            .cloned()
+            .unwrap_or_default();
         // Special tokens are 0xFF followed by their text in the table.
         if b.first() == Some(&0xFF) {
             b.remove(0);
