@@ -70,7 +70,7 @@ pub fn export_hf(
     };
     std::fs::create_dir_all(dst_dir).map_err(|e| Error::io(dst_dir, e))?;
     let c = &cfg;
-    let list = crate::weights::llama_tensors(c, !c.tie_word_embeddings);
+    let list = crate::plan::Plan::new(c).tensors(!c.tie_word_embeddings);
     let h = c.hidden_size;
     let mut map: HashMap<String, Tensor> = HashMap::new();
     let n = list.len();

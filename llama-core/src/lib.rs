@@ -52,6 +52,7 @@ pub mod lora;
 mod matrix;
 mod model;
 mod perplexity;
+mod plan;
 mod pool;
 pub mod quantize;
 pub mod sampler;
@@ -70,9 +71,10 @@ pub use constrain::tools::{Tool, ToolCall, ToolChoice, ToolFormat};
 pub use constrain::{Constraint, Grammar};
 pub use error::{Error, Result};
 pub use exec::Kernel;
-pub use lora::{Adapter, AdapterFormat, Target};
+pub use lora::{Adapter, AdapterFormat};
 pub use model::{Embeddings, LoadProgress, Model, ModelOptions, Pooling, ProgressFn, QuantType};
 pub use perplexity::Perplexity;
+pub use plan::Target;
 pub use sampler::{Sampler, SamplerConfig};
 pub use session::generate::{
     CancelHandle, Detokenizer, GenerateOptions, Generation, Generator, Piece, Prompt, StopReason,

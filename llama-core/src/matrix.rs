@@ -152,6 +152,7 @@ pub(crate) fn matmul_cols_as_alone(
 }
 
 /// [`matmul_into`] with each row computed exactly as it is alone ([`matmul_cols_as_alone`]).
+#[cfg(test)]
 pub(crate) fn matmul_into_as_alone(
     w: &dyn WeightMatrix,
     xs: &[f32],
@@ -163,6 +164,7 @@ pub(crate) fn matmul_into_as_alone(
 }
 
 /// `xs @ W^T` for `m` rows into `out` (`[m, n]`, every value overwritten).
+#[cfg(test)]
 pub(crate) fn matmul_into(
     w: &dyn WeightMatrix,
     xs: &[f32],

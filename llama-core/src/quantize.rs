@@ -380,7 +380,8 @@ fn convert_values(
 }
 
 fn hf_jobs(c: &Config, has_output: bool) -> Vec<Job> {
-    let mut jobs: Vec<Job> = crate::weights::llama_tensors(c, has_output)
+    let mut jobs: Vec<Job> = crate::plan::Plan::new(c)
+        .tensors(has_output)
         .into_iter()
         .map(|(w, shape, perm)| {
             let role = match w {

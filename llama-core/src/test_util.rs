@@ -29,3 +29,20 @@ impl Flat for crate::error::Result<candle_core::Tensor> {
         self.unwrap().flatten_all().unwrap().to_vec1().unwrap()
     }
 }
+
+/// A small Llama configuration (2 layers, 4/2 heads of 8, ffn 48, vocab 64).
+pub(crate) fn tiny_config() -> crate::config::Config {
+    let j = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 64,
+        "max_position_embeddings": 128,
+        "rms_norm_eps": 1e-5,
+    });
+    crate::config::Config::from_hf_value(&j, std::path::Path::new("tiny/config.json"))
+        .expect("a valid configuration")
+}

@@ -15,6 +15,16 @@ if command -v pkg-config >/dev/null; then
 else
   pc_flags="-I$prefix/include -L$prefix/lib -lllama"
 fi
+# The shared library exports the `llama_*` API and nothing else (no dependency's C symbols,
+# such as llguidance's `llg_*`, which would clash with a host linking that library itself).
+exports=$(nm -D --defined-only "$prefix/lib/libllama.so" | awk '{print $3}')
+others=$(printf '%s\n' "$exports" | grep -v '^llama_' || true)
+if [ -n "$others" ] || ! printf '%s\n' "$exports" | grep -q '^llama_model_load'; then
+  echo "libllama.so must export only llama_* symbols; it also exports:" >&2
+  printf '%s\n' "$others" | head -20 >&2
+  exit 1
+fi
+echo "libllama.so exports $(printf '%s\n' "$exports" | wc -l) symbols, all llama_*"
 # Header: C, C++, double inclusion.
 printf '#include "llama.h"\n#include "llama.h"\nint main(void){ return LLAMA_VERSION_NUMBER > 0 ? 0 : 1; }\n' > "$out/double.c"
 cc "${CFLAGS[@]}" -I"$prefix/include" -c "$out/double.c" -o "$out/double.o"

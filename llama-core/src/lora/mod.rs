@@ -16,123 +16,16 @@ mod tests;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
 
-use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::weights::W;
 use kernel::LoraMat;
 
+pub use crate::plan::Target;
+
 pub use gguf::write_gguf_lora;
 pub use peft::write_peft;
 pub(crate) use row::Applied;
-
-/// A projection a LoRA adapter can update.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Target {
-    /// Attention query (`q_proj`, `attn_q`).
-    Q,
-    /// Attention key (`k_proj`, `attn_k`).
-    K,
-    /// Attention value (`v_proj`, `attn_v`).
-    V,
-    /// Attention output (`o_proj`, `attn_output`).
-    O,
-    /// Feed-forward gate (`gate_proj`, `ffn_gate`).
-    Gate,
-    /// Feed-forward up (`up_proj`, `ffn_up`).
-    Up,
-    /// Feed-forward down (`down_proj`, `ffn_down`).
-    Down,
-}
-
-impl Target {
-    /// Every target, in the order a layer computes them.
-    pub const ALL: [Target; 7] = [
-        Target::Q,
-        Target::K,
-        Target::V,
-        Target::O,
-        Target::Gate,
-        Target::Up,
-        Target::Down,
-    ];
-
-    /// The short name (`q`, `k`, `v`, `o`, `gate`, `up`, `down`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Target::Q => "q",
-            Target::K => "k",
-            Target::V => "v",
-            Target::O => "o",
-            Target::Gate => "gate",
-            Target::Up => "up",
-            Target::Down => "down",
-        }
-    }
-
-    /// Parses a short name, a Hugging Face module name (`q_proj`) or a GGUF one (`attn_q`).
-    pub fn parse(s: &str) -> Result<Target> {
-        let t = match s.trim() {
-            "q" | "q_proj" | "attn_q" => Target::Q,
-            "k" | "k_proj" | "attn_k" => Target::K,
-            "v" | "v_proj" | "attn_v" => Target::V,
-            "o" | "o_proj" | "attn_output" => Target::O,
-            "gate" | "gate_proj" | "ffn_gate" => Target::Gate,
-            "up" | "up_proj" | "ffn_up" => Target::Up,
-            "down" | "down_proj" | "ffn_down" => Target::Down,
-            other => {
-                return Err(Error::InvalidArgument(format!(
-                    "unknown LoRA target `{other}` (expected q, k, v, o, gate, up or down)"
-                )))
-            }
-        };
-        Ok(t)
-    }
-
-    fn index(self) -> usize {
-        self as usize
-    }
-
-    /// The model weight this target updates in layer `l`.
-    pub(crate) fn weight(self, l: usize) -> W {
-        match self {
-            Target::Q => W::Q(l),
-            Target::K => W::K(l),
-            Target::V => W::V(l),
-            Target::O => W::O(l),
-            Target::Gate => W::Gate(l),
-            Target::Up => W::Up(l),
-            Target::Down => W::Down(l),
-        }
-    }
-
-    /// The Hugging Face module path in layer `l` (`model.layers.3.self_attn.q_proj`).
-    pub(crate) fn hf_module(self, l: usize) -> String {
-        let w = self.weight(l).hf_name();
-        w.strip_suffix(".weight").unwrap_or(&w).to_string()
-    }
-
-    /// `(out, in)` of the projection.
-    pub(crate) fn shape(self, c: &Config) -> (usize, usize) {
-        let (h, hd, nh, nkv, ff) = c.dims();
-        match self {
-            Target::Q => (nh * hd, h),
-            Target::K | Target::V => (nkv * hd, h),
-            Target::O => (h, nh * hd),
-            Target::Gate | Target::Up => (ff, h),
-            Target::Down => (h, ff),
-        }
-    }
-
-    /// The head count of GGUF's row permutation (Q and K).
-    pub(crate) fn permuted_heads(self, c: &Config) -> Option<usize> {
-        match self {
-            Target::Q => Some(c.num_attention_heads),
-            Target::K => Some(c.num_key_value_heads),
-            _ => None,
-        }
-    }
-}
 
 /// One low-rank update as a parser reads it: `delta = scale * B A`, `A` `[rank, in]`, `B`
 /// `[out, rank]`, row-major f32 in the model's row order.

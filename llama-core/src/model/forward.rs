@@ -1,17 +1,88 @@
-//! The forward pass: our kernels over row buffers allocated once per call, or candle's tensor
-//! operations on [`crate::Kernel::Candle`]; and the output head.
+//! The forward pass: one pass over the layer plan for any number of sequences (one sequence
+//! is a batch of one) on our kernels, over row buffers allocated once per call; candle's tensor
+//! operations on [`crate::Kernel::Candle`] (the reference the tests compare with); and the
+//! output head.
 
 use super::*;
 use crate::lora::{self, Active, Target};
+use crate::plan::{Attention, LayerPlan, Mlp};
 
-/// A product of `m` rows into an output buffer (one matrix of the batched pass).
-type RowsProduct<'a> = dyn FnMut(&[f32], usize, &mut [f32]) -> Result<()> + 'a;
-
-/// One sequence of [`Model::forward_batch`]: its new tokens, its cache and its adapters.
+/// One sequence of a forward pass: its new tokens, its cache and its adapters.
 pub(crate) struct BatchSeq<'c, 'a> {
     pub(crate) tokens: &'a [u32],
     pub(crate) cache: &'c mut KvCache,
     pub(crate) lora: Active<'a>,
+}
+
+/// Which final hidden states a pass returns for each sequence.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Keep {
+    /// The last row (what generation needs).
+    Last,
+    /// Every row (embeddings, perplexity, a session's `eval`).
+    All,
+}
+
+/// The rows of a pass: each sequence's first row in the stacked buffers, and the one-token
+/// sequences (decode) among them.
+struct Rows {
+    offs: Vec<usize>,
+    singles: Vec<usize>,
+}
+
+impl Rows {
+    fn new(seqs: &[BatchSeq<'_, '_>]) -> Rows {
+        let mut offs = Vec::with_capacity(seqs.len() + 1);
+        offs.push(0usize);
+        for s in seqs {
+            offs.push(offs[offs.len() - 1] + s.tokens.len());
+        }
+        let singles = offs
+            .windows(2)
+            .filter(|w| w[1] - w[0] == 1)
+            .map(|w| w[0])
+            .collect();
+        Rows { offs, singles }
+    }
+
+    /// Rows in all.
+    fn t(&self) -> usize {
+        self.offs[self.offs.len() - 1]
+    }
+
+    /// Sequence `i`'s rows.
+    fn of(&self, i: usize) -> std::ops::Range<usize> {
+        self.offs[i]..self.offs[i + 1]
+    }
+}
+
+/// The state of one pass: the residual stream and scratch buffers every layer reuses.
+struct Pass<'p> {
+    rows: Rows,
+    /// Where each sequence's new rows start in its cache.
+    starts: Vec<usize>,
+    /// Each sequence's RoPE tables.
+    tables: Vec<(Vec<f32>, Vec<f32>)>,
+    x: Vec<f32>,
+    hn: Vec<f32>,
+    /// A projection group's outputs (Q, K, V side by side; gate and up).
+    wide: Vec<f32>,
+    /// The input of the next projection (attention's heads; the SwiGLU product).
+    mid: Vec<f32>,
+    /// A residual branch's output.
+    branch: Vec<f32>,
+    /// One sequence's new keys and values.
+    k: Vec<f32>,
+    v: Vec<f32>,
+    dev: &'p Device,
+}
+
+/// `v` as `n` values (grown as needed; every value is overwritten by its user).
+fn sized(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+    &mut v[..n]
 }
 
 impl Model {
@@ -24,312 +95,200 @@ impl Model {
         lora: Active<'_>,
         stop: &mut dyn FnMut() -> bool,
     ) -> Result<Tensor> {
-        if crate::kernels::enabled() {
-            return self.forward_rows(tokens, cache, lora, stop);
+        if !crate::kernels::enabled() {
+            return self.forward_tensors(tokens, cache, lora, stop);
         }
-        self.forward_tensors(tokens, cache, lora, stop)
-    }
-
-    /// [`Model::forward_hidden`] on our kernels over plain row-major buffers allocated once per
-    /// call and reused by every layer (no per-op tensors, transposes or page faults).
-    fn forward_rows(
-        &self,
-        tokens: &[u32],
-        cache: &mut KvCache,
-        lora: Active<'_>,
-        stop: &mut dyn FnMut() -> bool,
-    ) -> Result<Tensor> {
-        use crate::kernels::{add_in_place, input_f32, rms_norm_rows, swiglu_rows};
-        let m = &*self.inner;
-        let half_cache = cache.dtype() == DType::F16;
-        let c = &m.config;
         let t = tokens.len();
-        let start = cache.len();
-        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let (hidden, ffn) = (c.hidden_size, c.intermediate_size);
-        let (qw, kw) = (nh * hd, nkv * hd);
-        let dev = &m.device;
-        cache.reserve(t, dev)?;
-        let mut x: Vec<f32> = m.embed.rows(tokens)?.flatten_all()?.to_vec1()?;
-        let (cos, sin) = m.rope.tables(start, t);
-        let mut hn = vec![0f32; t * hidden];
-        // Q, K and V side by side in each row, then gate and up.
-        let qkv_w = qw + 2 * kw;
-        let (mut qkv, mut att) = (vec![0f32; t * qkv_w], vec![0f32; t * qw]);
-        let (mut k, mut v) = (vec![0f32; t * kw], vec![0f32; t * kw]);
-        let mut o = vec![0f32; t * hidden];
-        let (mut gu, mut a) = (vec![0f32; t * 2 * ffn], vec![0f32; t * ffn]);
-        let scale = (1.0 / (hd as f64).sqrt()) as f32;
-        let eps = c.rms_norm_eps as f32;
-        for (li, l) in m.layers.iter().enumerate() {
-            // Asked to stop (a cancel, Ctrl-C in Python): the cache keeps its length, so the
-            // caller's session is as before this call.
-            if stop() {
-                return Err(Error::Cancelled);
-            }
-            rms_norm_rows(&x, &input_f32(&l.attn_norm)?, eps, &mut hn);
-            let qkv_parts = [
-                (Target::Q, 0, qw),
-                (Target::K, qw, kw),
-                (Target::V, qw + kw, kw),
-            ];
-            lora::matmul_and_update(lora, li, &qkv_parts, &hn, t, &mut qkv, qkv_w, |out| {
-                l.qkv.matmul_into(&hn, t, out)
-            })?;
-            m.rope.apply(&mut qkv, t, nh, qkv_w, (&cos, &sin));
-            m.rope.apply(&mut qkv[qw..], t, nkv, qkv_w, (&cos, &sin));
-            for (row, (kr, vr)) in qkv
-                .chunks_exact(qkv_w)
-                .zip(k.chunks_exact_mut(kw).zip(v.chunks_exact_mut(kw)))
-            {
-                kr.copy_from_slice(&row[qw..qw + kw]);
-                vr.copy_from_slice(&row[qw + kw..]);
-            }
-            // An f16 cache rounds keys and values as it stores them.
-            let kt = Tensor::from_slice(&k, (1, t, nkv, hd), dev)?.transpose(1, 2)?;
-            let vt = Tensor::from_slice(&v, (1, t, nkv, hd), dev)?.transpose(1, 2)?;
-            let (k_all, v_all) = cache.append(li, &kt, &vt)?;
-            let queries = crate::attention::Queries {
-                data: &qkv,
-                heads: nh,
-                rows: t,
-                head_dim: hd,
-                head_stride: hd,
-                row_stride: qkv_w,
-            };
-            crate::attention::causal_into(
-                &queries, &k_all, &v_all, start, scale, half_cache, &mut att,
-            )?;
-            let o_part = [(Target::O, 0, hidden)];
-            lora::matmul_and_update(lora, li, &o_part, &att, t, &mut o, hidden, |out| {
-                matrix::matmul_into(&*l.o, &att, t, out)
-            })?;
-            add_in_place(&mut x, &o);
-            rms_norm_rows(&x, &input_f32(&l.ffn_norm)?, eps, &mut hn);
-            let gu_parts = [(Target::Gate, 0, ffn), (Target::Up, ffn, ffn)];
-            lora::matmul_and_update(lora, li, &gu_parts, &hn, t, &mut gu, 2 * ffn, |out| {
-                l.gate_up.matmul_into(&hn, t, out)
-            })?;
-            swiglu_rows(&gu, ffn, &mut a);
-            let down_part = [(Target::Down, 0, hidden)];
-            lora::matmul_and_update(lora, li, &down_part, &a, t, &mut o, hidden, |out| {
-                matrix::matmul_into(&*l.down, &a, t, out)
-            })?;
-            add_in_place(&mut x, &o);
-        }
-        cache.advance(t);
-        rms_norm_rows(&x, &input_f32(&m.norm)?, eps, &mut hn);
-        Ok(Tensor::from_vec(hn, (t, hidden), dev)?)
+        let mut seqs = [BatchSeq {
+            tokens,
+            cache,
+            lora,
+        }];
+        let mut out = self.forward(&mut seqs, Keep::All, stop)?;
+        let rows = out.pop().unwrap_or_default();
+        Ok(Tensor::from_vec(
+            rows,
+            (t, self.inner.config.hidden_size),
+            &self.inner.device,
+        )?)
     }
 
-    /// Several sequences in one forward pass on our kernels: every sequence's rows go through
-    /// each weight matrix together (one pass over the weights for all of them), while RoPE,
-    /// the KV cache, attention and LoRA updates stay per sequence. Each row's result is what
-    /// the sequence's own [`Model::forward_hidden`] gives it (the kernels compute every row
-    /// alike whatever the rows around it). Returns each sequence's last row after the output
-    /// norm. The caller checks capacity and ids.
+    /// Several sequences in one forward pass: every sequence's rows go through each weight
+    /// matrix together (one pass over the weights for all of them), while RoPE, the KV cache,
+    /// attention and LoRA updates stay per sequence. Each row's result is what the sequence's
+    /// own [`Model::forward_hidden`] gives it. Returns each sequence's last row after the
+    /// output norm. The caller checks capacity and ids.
     pub(crate) fn forward_batch(&self, seqs: &mut [BatchSeq<'_, '_>]) -> Result<Vec<Vec<f32>>> {
-        use crate::kernels::{add_in_place, input_f32, rms_norm_rows, swiglu_rows};
+        self.forward(seqs, Keep::Last, &mut || false)
+    }
+
+    /// The pass on our kernels: the embedding, each layer of the plan ([`Model::layer`]), the
+    /// output norm of the rows `keep` asks for. The caches advance only when every layer ran
+    /// (a `stop` between layers leaves them as they were).
+    fn forward(
+        &self,
+        seqs: &mut [BatchSeq<'_, '_>],
+        keep: Keep,
+        stop: &mut dyn FnMut() -> bool,
+    ) -> Result<Vec<Vec<f32>>> {
+        use crate::kernels::{input_f32, rms_norm_rows};
         let m = &*self.inner;
-        let c = &m.config;
-        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let (hidden, ffn) = (c.hidden_size, c.intermediate_size);
-        let (qw, kw) = (nh * hd, nkv * hd);
+        let hidden = m.plan.hidden;
         let dev = &m.device;
-        // Row offsets of each sequence.
-        let mut offs = Vec::with_capacity(seqs.len() + 1);
-        offs.push(0usize);
-        for s in seqs.iter() {
-            offs.push(offs.last().copied().unwrap_or(0) + s.tokens.len());
-        }
-        let t = *offs.last().unwrap_or(&0);
+        let rows = Rows::new(seqs);
         let starts: Vec<usize> = seqs.iter().map(|s| s.cache.len()).collect();
         for s in seqs.iter_mut() {
             s.cache.reserve(s.tokens.len(), dev)?;
         }
         let all: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
-        let mut x: Vec<f32> = m.embed.rows(&all)?.flatten_all()?.to_vec1()?;
-        let tables: Vec<(Vec<f32>, Vec<f32>)> = seqs
+        let tables = seqs
             .iter()
             .zip(&starts)
             .map(|(s, &st)| m.rope.tables(st, s.tokens.len()))
             .collect();
-        let qkv_w = qw + 2 * kw;
-        let mut hn = vec![0f32; t * hidden];
-        let (mut qkv, mut att) = (vec![0f32; t * qkv_w], vec![0f32; t * qw]);
-        let mut o = vec![0f32; t * hidden];
-        let (mut gu, mut a) = (vec![0f32; t * 2 * ffn], vec![0f32; t * ffn]);
-        let scale = (1.0 / (hd as f64).sqrt()) as f32;
-        let eps = c.rms_norm_eps as f32;
-        let qkv_parts = [
-            (Target::Q, 0, qw),
-            (Target::K, qw, kw),
-            (Target::V, qw + kw, kw),
-        ];
-        let o_part = [(Target::O, 0, hidden)];
-        let gu_parts = [(Target::Gate, 0, ffn), (Target::Up, ffn, ffn)];
-        let down_part = [(Target::Down, 0, hidden)];
-        // The LoRA update of each sequence's rows, after the shared base product.
-        let update = |seqs: &[BatchSeq<'_, '_>],
-                      li: usize,
-                      parts: &[(Target, usize, usize)],
-                      xs: &[f32],
-                      xw: usize,
-                      out: &mut [f32],
-                      ow: usize|
-         -> Result<()> {
-            for (i, s) in seqs.iter().enumerate() {
-                let (r0, r1) = (offs[i], offs[i + 1]);
-                lora::update_rows(
-                    s.lora,
-                    li,
-                    parts,
-                    &xs[r0 * xw..r1 * xw],
-                    r1 - r0,
-                    &mut out[r0 * ow..r1 * ow],
-                    ow,
-                )?;
-            }
-            Ok(())
+        let mut pass = Pass {
+            rows,
+            starts,
+            tables,
+            x: m.embed.rows(&all)?.flatten_all()?.to_vec1()?,
+            hn: Vec::new(),
+            wide: Vec::new(),
+            mid: Vec::new(),
+            branch: Vec::new(),
+            k: Vec::new(),
+            v: Vec::new(),
+            dev,
         };
-        // One product over every sequence's rows where the matrix computes each row alike
-        // whatever comes with it. Otherwise the one-token sequences (decode) share one product
-        // computed as each row alone (`alone`), and each longer chunk gets its own product:
-        // the same bits as alone either way.
-        let singles: Vec<usize> = offs
-            .windows(2)
-            .filter(|w| w[1] - w[0] == 1)
-            .map(|w| w[0])
-            .collect();
-        let shared = |invariant: bool,
-                      xs: &[f32],
-                      xw: usize,
-                      out: &mut [f32],
-                      ow: usize,
-                      f: &mut RowsProduct<'_>,
-                      alone: &mut RowsProduct<'_>|
-         -> Result<()> {
-            if invariant {
-                return f(xs, t, out);
+        for (li, (lp, l)) in m.plan.layers.iter().zip(&m.layers).enumerate() {
+            // Asked to stop (a cancel, Ctrl-C in Python): the caches keep their length, so the
+            // caller's sessions are as before this call.
+            if stop() {
+                return Err(Error::Cancelled);
             }
-            let together = singles.len() > 1;
-            if together {
-                let mut xb = Vec::with_capacity(singles.len() * xw);
-                for &r in &singles {
-                    xb.extend_from_slice(&xs[r * xw..(r + 1) * xw]);
-                }
-                let mut ob = vec![0f32; singles.len() * ow];
-                alone(&xb, singles.len(), &mut ob)?;
-                for (j, &r) in singles.iter().enumerate() {
-                    out[r * ow..(r + 1) * ow].copy_from_slice(&ob[j * ow..(j + 1) * ow]);
-                }
-            }
-            for w in offs.windows(2) {
-                let (r0, r1) = (w[0], w[1]);
-                if together && r1 - r0 == 1 {
-                    continue;
-                }
-                f(&xs[r0 * xw..r1 * xw], r1 - r0, &mut out[r0 * ow..r1 * ow])?;
-            }
-            Ok(())
-        };
-        for (li, l) in m.layers.iter().enumerate() {
-            rms_norm_rows(&x, &input_f32(&l.attn_norm)?, eps, &mut hn);
-            shared(
-                l.qkv.batch_invariant(),
-                &hn,
-                hidden,
-                &mut qkv,
-                qkv_w,
-                &mut |x, r, o| l.qkv.matmul_into(x, r, o),
-                &mut |x, r, o| l.qkv.matmul_into_as_alone(x, r, o),
-            )?;
-            update(seqs, li, &qkv_parts, &hn, hidden, &mut qkv, qkv_w)?;
-            for (i, s) in seqs.iter_mut().enumerate() {
-                let (r0, r1) = (offs[i], offs[i + 1]);
-                let ti = r1 - r0;
-                let rows = &mut qkv[r0 * qkv_w..r1 * qkv_w];
-                let (cos, sin) = &tables[i];
-                m.rope.apply(rows, ti, nh, qkv_w, (cos, sin));
-                m.rope.apply(&mut rows[qw..], ti, nkv, qkv_w, (cos, sin));
-                let (mut k, mut v) = (vec![0f32; ti * kw], vec![0f32; ti * kw]);
-                for (row, (kr, vr)) in rows
-                    .chunks_exact(qkv_w)
-                    .zip(k.chunks_exact_mut(kw).zip(v.chunks_exact_mut(kw)))
-                {
-                    kr.copy_from_slice(&row[qw..qw + kw]);
-                    vr.copy_from_slice(&row[qw + kw..]);
-                }
-                let kt = Tensor::from_slice(&k, (1, ti, nkv, hd), dev)?.transpose(1, 2)?;
-                let vt = Tensor::from_slice(&v, (1, ti, nkv, hd), dev)?.transpose(1, 2)?;
-                let (k_all, v_all) = s.cache.append(li, &kt, &vt)?;
-                let queries = crate::attention::Queries {
-                    data: rows,
-                    heads: nh,
-                    rows: ti,
-                    head_dim: hd,
-                    head_stride: hd,
-                    row_stride: qkv_w,
-                };
-                let half_cache = s.cache.dtype() == DType::F16;
-                crate::attention::causal_into(
-                    &queries,
-                    &k_all,
-                    &v_all,
-                    starts[i],
-                    scale,
-                    half_cache,
-                    &mut att[r0 * qw..r1 * qw],
-                )?;
-            }
-            shared(
-                l.o.batch_invariant(),
-                &att,
-                qw,
-                &mut o,
-                hidden,
-                &mut |x, r, out| matrix::matmul_into(&*l.o, x, r, out),
-                &mut |x, r, out| matrix::matmul_into_as_alone(&*l.o, x, r, out),
-            )?;
-            update(seqs, li, &o_part, &att, qw, &mut o, hidden)?;
-            add_in_place(&mut x, &o);
-            rms_norm_rows(&x, &input_f32(&l.ffn_norm)?, eps, &mut hn);
-            shared(
-                l.gate_up.batch_invariant(),
-                &hn,
-                hidden,
-                &mut gu,
-                2 * ffn,
-                &mut |x, r, o| l.gate_up.matmul_into(x, r, o),
-                &mut |x, r, o| l.gate_up.matmul_into_as_alone(x, r, o),
-            )?;
-            update(seqs, li, &gu_parts, &hn, hidden, &mut gu, 2 * ffn)?;
-            swiglu_rows(&gu, ffn, &mut a);
-            shared(
-                l.down.batch_invariant(),
-                &a,
-                ffn,
-                &mut o,
-                hidden,
-                &mut |x, r, out| matrix::matmul_into(&*l.down, x, r, out),
-                &mut |x, r, out| matrix::matmul_into_as_alone(&*l.down, x, r, out),
-            )?;
-            update(seqs, li, &down_part, &a, ffn, &mut o, hidden)?;
-            add_in_place(&mut x, &o);
+            self.layer(li, lp, l, seqs, &mut pass)?;
         }
         let norm = input_f32(&m.norm)?;
+        let eps = m.config.rms_norm_eps as f32;
         let mut out = Vec::with_capacity(seqs.len());
         for (i, s) in seqs.iter_mut().enumerate() {
             s.cache.advance(s.tokens.len());
-            let last = offs[i + 1] - 1;
-            let mut h = vec![0f32; hidden];
-            rms_norm_rows(&x[last * hidden..(last + 1) * hidden], &norm, eps, &mut h);
+            let r = pass.rows.of(i);
+            let r = if keep == Keep::Last {
+                r.end - 1..r.end
+            } else {
+                r
+            };
+            let mut h = vec![0f32; r.len() * hidden];
+            rms_norm_rows(
+                &pass.x[r.start * hidden..r.end * hidden],
+                &norm,
+                eps,
+                &mut h,
+            );
             out.push(h);
         }
         Ok(out)
     }
 
-    /// [`Model::forward_hidden`] with candle's tensor ops (`Kernel::Candle`).
+    /// One decoder layer of the plan over every sequence's rows: the attention kind, then the
+    /// MLP kind, each a residual branch of a normed input. A new layer kind is a new arm here.
+    fn layer(
+        &self,
+        li: usize,
+        lp: &LayerPlan,
+        l: &Layer,
+        seqs: &mut [BatchSeq<'_, '_>],
+        p: &mut Pass<'_>,
+    ) -> Result<()> {
+        use crate::kernels::{add_in_place, input_f32, rms_norm_rows, swiglu_rows};
+        let t = p.rows.t();
+        let (hidden, eps) = (lp.hidden, lp.eps);
+        let mut stacks = l.stacks.iter();
+        let mut next = || {
+            stacks.next().ok_or_else(|| {
+                Error::UnsupportedArchitecture("a layer's weights do not follow its plan".into())
+            })
+        };
+        match &lp.attention {
+            Attention::Causal {
+                heads,
+                kv_heads,
+                head_dim,
+                qkv,
+                o,
+            } => {
+                let (nh, nkv, hd) = (*heads, *kv_heads, *head_dim);
+                let (qw, kw) = (nh * hd, nkv * hd);
+                let hn = sized(&mut p.hn, t * hidden);
+                rms_norm_rows(&p.x, &input_f32(&l.attn_norm)?, eps, hn);
+                let qkv_w = qkv.width();
+                let rows = sized(&mut p.wide, t * qkv_w);
+                project(&p.rows, seqs, li, next()?, &qkv.cols(), hn, rows)?;
+                let att = sized(&mut p.mid, t * qw);
+                let scale = (1.0 / (hd as f64).sqrt()) as f32;
+                for (i, s) in seqs.iter_mut().enumerate() {
+                    let r = p.rows.of(i);
+                    let ti = r.len();
+                    let rows = &mut rows[r.start * qkv_w..r.end * qkv_w];
+                    let (cos, sin) = &p.tables[i];
+                    self.inner.rope.apply(rows, ti, nh, qkv_w, (cos, sin));
+                    self.inner
+                        .rope
+                        .apply(&mut rows[qw..], ti, nkv, qkv_w, (cos, sin));
+                    let (k, v) = (sized(&mut p.k, ti * kw), sized(&mut p.v, ti * kw));
+                    for (row, (kr, vr)) in rows
+                        .chunks_exact(qkv_w)
+                        .zip(k.chunks_exact_mut(kw).zip(v.chunks_exact_mut(kw)))
+                    {
+                        kr.copy_from_slice(&row[qw..qw + kw]);
+                        vr.copy_from_slice(&row[qw + kw..]);
+                    }
+                    // An f16 cache rounds keys and values as it stores them.
+                    let kt = Tensor::from_slice(k, (1, ti, nkv, hd), p.dev)?.transpose(1, 2)?;
+                    let vt = Tensor::from_slice(v, (1, ti, nkv, hd), p.dev)?.transpose(1, 2)?;
+                    let (k_all, v_all) = s.cache.append(li, &kt, &vt)?;
+                    let queries = crate::attention::Queries {
+                        data: rows,
+                        heads: nh,
+                        rows: ti,
+                        head_dim: hd,
+                        head_stride: hd,
+                        row_stride: qkv_w,
+                    };
+                    let half_cache = s.cache.dtype() == DType::F16;
+                    crate::attention::causal_into(
+                        &queries,
+                        &k_all,
+                        &v_all,
+                        p.starts[i],
+                        scale,
+                        half_cache,
+                        &mut att[r.start * qw..r.end * qw],
+                    )?;
+                }
+                let out = sized(&mut p.branch, t * hidden);
+                project(&p.rows, seqs, li, next()?, &o.cols(), att, out)?;
+                add_in_place(&mut p.x, out);
+            }
+        }
+        match &lp.mlp {
+            Mlp::SwiGlu { ffn, gate_up, down } => {
+                let hn = sized(&mut p.hn, t * hidden);
+                rms_norm_rows(&p.x, &input_f32(&l.ffn_norm)?, eps, hn);
+                let gu = sized(&mut p.wide, t * 2 * ffn);
+                project(&p.rows, seqs, li, next()?, &gate_up.cols(), hn, gu)?;
+                let a = sized(&mut p.mid, t * ffn);
+                swiglu_rows(gu, *ffn, a);
+                let out = sized(&mut p.branch, t * hidden);
+                project(&p.rows, seqs, li, next()?, &down.cols(), a, out)?;
+                add_in_place(&mut p.x, out);
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Model::forward_hidden`] with candle's tensor ops (`Kernel::Candle`): the reference
+    /// pass over the same plan, one sequence at a time.
     fn forward_tensors(
         &self,
         tokens: &[u32],
@@ -338,14 +297,11 @@ impl Model {
         stop: &mut dyn FnMut() -> bool,
     ) -> Result<Tensor> {
         let m = &*self.inner;
-        let c = &m.config;
         let t = tokens.len();
         let start = cache.len();
-        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let group = nh / nkv;
         let dev = &m.device;
         cache.reserve(t, dev)?;
-        let mut x = m.embed.rows(tokens)?.reshape((1, t, c.hidden_size))?;
+        let mut x = m.embed.rows(tokens)?.reshape((1, t, m.plan.hidden))?;
         let (cos, sin) = m.rope.cos_sin(start, t, dev)?;
         let total = start + t;
         // The additive causal mask.
@@ -360,59 +316,77 @@ impl Model {
         } else {
             None
         };
-        let scale = 1.0 / (hd as f64).sqrt();
-        let eps = c.rms_norm_eps as f32;
-        for (li, l) in m.layers.iter().enumerate() {
+        for (li, (lp, l)) in m.plan.layers.iter().zip(&m.layers).enumerate() {
             // Asked to stop (a cancel, Ctrl-C in Python): the cache keeps its length, so the
             // caller's session is as before this call.
             if stop() {
                 return Err(Error::Cancelled);
             }
-            let hn = candle_nn::ops::rms_norm(&x, &l.attn_norm, eps)?;
-            let [q, k, v] = l.qkv.forward(&hn)?;
-            let q = lora_tensor(lora, li, Target::Q, &hn, q)?;
-            let k = lora_tensor(lora, li, Target::K, &hn, k)?;
-            let v = lora_tensor(lora, li, Target::V, &hn, v)?;
-            let q = q.reshape((1, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
-            let k = k.reshape((1, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-            let v = v.reshape((1, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-            let q = candle_nn::rotary_emb::rope(&q, &cos, &sin)?;
-            let k = candle_nn::rotary_emb::rope(&k, &cos, &sin)?;
-            // An f16 cache rounds keys and values as it stores them.
-            let (k_all, v_all) = cache.append(li, &k, &v)?;
-            let y = {
-                // candle's tensor ops (for comparison: `Kernel::Candle`).
-                let k_all = k_all.squeeze(0)?.to_dtype(DType::F32)?;
-                let v_all = v_all.squeeze(0)?.to_dtype(DType::F32)?;
-                // Each KV head serves `group` query heads: fold the group into the rows so keys
-                // and values are read once per KV head, with no repeated copies.
-                let q = q.reshape((nkv, group * t, hd))?;
-                let att = (q.matmul(&k_all.t()?)? * scale)?;
-                let att = match &mask {
-                    Some(mk) => att
-                        .reshape((nkv, group, t, total))?
-                        .broadcast_add(mk)?
-                        .reshape((nkv, group * t, total))?,
-                    None => att,
-                };
-                let att = candle_nn::ops::softmax_last_dim(&att)?;
-                att.matmul(&v_all.contiguous()?)?
-                    .reshape((nh, t, hd))?
-                    .transpose(0, 1)?
-                    .reshape((1, t, nh * hd))?
+            let eps = lp.eps;
+            let [qkv_w, o_w, gate_up_w, down_w] = l.stacks.as_slice() else {
+                return Err(Error::UnsupportedArchitecture(
+                    "a layer's weights do not follow its plan".into(),
+                ));
             };
-            let y = lora_tensor(lora, li, Target::O, &y, l.o.forward(&y)?)?;
-            x = (x + y)?;
-            let hn = candle_nn::ops::rms_norm(&x, &l.ffn_norm, eps)?;
-            let [g, u] = l.gate_up.forward(&hn)?;
-            let g = lora_tensor(lora, li, Target::Gate, &hn, g)?;
-            let u = lora_tensor(lora, li, Target::Up, &hn, u)?;
-            let a = (candle_nn::ops::silu(&g)? * u)?;
-            let y = lora_tensor(lora, li, Target::Down, &a, l.down.forward(&a)?)?;
-            x = (x + y)?;
+            match &lp.attention {
+                Attention::Causal {
+                    heads,
+                    kv_heads,
+                    head_dim,
+                    ..
+                } => {
+                    let (nh, nkv, hd) = (*heads, *kv_heads, *head_dim);
+                    let group = nh / nkv;
+                    let scale = 1.0 / (hd as f64).sqrt();
+                    let hn = candle_nn::ops::rms_norm(&x, &l.attn_norm, eps)?;
+                    let [q, k, v] = qkv_w.forward(&hn)?;
+                    let q = lora_tensor(lora, li, Target::Q, &hn, q)?;
+                    let k = lora_tensor(lora, li, Target::K, &hn, k)?;
+                    let v = lora_tensor(lora, li, Target::V, &hn, v)?;
+                    let q = q.reshape((1, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
+                    let k = k.reshape((1, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+                    let v = v.reshape((1, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+                    let q = candle_nn::rotary_emb::rope(&q, &cos, &sin)?;
+                    let k = candle_nn::rotary_emb::rope(&k, &cos, &sin)?;
+                    // An f16 cache rounds keys and values as it stores them.
+                    let (k_all, v_all) = cache.append(li, &k, &v)?;
+                    let k_all = k_all.squeeze(0)?.to_dtype(DType::F32)?;
+                    let v_all = v_all.squeeze(0)?.to_dtype(DType::F32)?;
+                    // Each KV head serves `group` query heads: fold the group into the rows so
+                    // keys and values are read once per KV head, with no repeated copies.
+                    let q = q.reshape((nkv, group * t, hd))?;
+                    let att = (q.matmul(&k_all.t()?)? * scale)?;
+                    let att = match &mask {
+                        Some(mk) => att
+                            .reshape((nkv, group, t, total))?
+                            .broadcast_add(mk)?
+                            .reshape((nkv, group * t, total))?,
+                        None => att,
+                    };
+                    let att = candle_nn::ops::softmax_last_dim(&att)?;
+                    let y = att
+                        .matmul(&v_all.contiguous()?)?
+                        .reshape((nh, t, hd))?
+                        .transpose(0, 1)?
+                        .reshape((1, t, nh * hd))?;
+                    let [o] = o_w.forward(&y)?;
+                    x = (x + lora_tensor(lora, li, Target::O, &y, o)?)?;
+                }
+            }
+            match &lp.mlp {
+                Mlp::SwiGlu { .. } => {
+                    let hn = candle_nn::ops::rms_norm(&x, &l.ffn_norm, eps)?;
+                    let [g, u] = gate_up_w.forward(&hn)?;
+                    let g = lora_tensor(lora, li, Target::Gate, &hn, g)?;
+                    let u = lora_tensor(lora, li, Target::Up, &hn, u)?;
+                    let a = (candle_nn::ops::silu(&g)? * u)?;
+                    let [d] = down_w.forward(&a)?;
+                    x = (x + lora_tensor(lora, li, Target::Down, &a, d)?)?;
+                }
+            }
         }
         cache.advance(t);
-        let x = candle_nn::ops::rms_norm(&x, &m.norm, eps)?;
+        let x = candle_nn::ops::rms_norm(&x, &m.norm, m.config.rms_norm_eps as f32)?;
         Ok(x.squeeze(0)?)
     }
 
@@ -457,6 +431,70 @@ impl Model {
         let last = hidden.narrow(0, n - 1, 1)?;
         Ok(self.logits(&last)?.squeeze(0)?.to_vec1::<f32>()?)
     }
+}
+
+/// One projection group's product for every sequence's rows, `out` (`[t, width]`) from `xs`
+/// (`[t, k]`), plus each sequence's LoRA update of the group's `cols`. One sequence: its
+/// product and update together ([`lora::matmul_and_update`]: in decode the update rides the
+/// product's pool call). Several: one product over all rows where the matrix computes each row
+/// alike whatever comes with it; otherwise the one-token sequences (decode) share one product
+/// computed as each row alone and each longer chunk gets its own: the same bits as alone
+/// either way. Then each sequence's update.
+fn project(
+    rows: &Rows,
+    seqs: &[BatchSeq<'_, '_>],
+    li: usize,
+    w: &Stack,
+    cols: &[(Target, usize, usize)],
+    xs: &[f32],
+    out: &mut [f32],
+) -> Result<()> {
+    let t = rows.t();
+    if t == 0 {
+        return Ok(());
+    }
+    let (xw, ow) = (xs.len() / t, out.len() / t);
+    if let [s] = seqs {
+        return lora::matmul_and_update(s.lora, li, cols, xs, t, out, ow, |out| {
+            w.matmul_into(xs, t, out)
+        });
+    }
+    if w.batch_invariant() {
+        w.matmul_into(xs, t, out)?;
+    } else {
+        let together = rows.singles.len() > 1;
+        if together {
+            let mut xb = Vec::with_capacity(rows.singles.len() * xw);
+            for &r in &rows.singles {
+                xb.extend_from_slice(&xs[r * xw..(r + 1) * xw]);
+            }
+            let mut ob = vec![0f32; rows.singles.len() * ow];
+            w.matmul_into_as_alone(&xb, rows.singles.len(), &mut ob)?;
+            for (j, &r) in rows.singles.iter().enumerate() {
+                out[r * ow..(r + 1) * ow].copy_from_slice(&ob[j * ow..(j + 1) * ow]);
+            }
+        }
+        for i in 0..seqs.len() {
+            let r = rows.of(i);
+            if together && r.len() == 1 {
+                continue;
+            }
+            let (x, o) = (
+                &xs[r.start * xw..r.end * xw],
+                &mut out[r.start * ow..r.end * ow],
+            );
+            w.matmul_into(x, r.len(), o)?;
+        }
+    }
+    for (i, s) in seqs.iter().enumerate() {
+        let r = rows.of(i);
+        let (x, o) = (
+            &xs[r.start * xw..r.end * xw],
+            &mut out[r.start * ow..r.end * ow],
+        );
+        lora::update_rows(s.lora, li, cols, x, r.len(), o, ow)?;
+    }
+    Ok(())
 }
 
 /// `y` plus the active adapters' update of projection `t` for input `x` (candle's tensor path).

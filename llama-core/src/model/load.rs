@@ -61,14 +61,11 @@ impl Model {
             format,
         } = parts;
         let c = &config;
-        let (h, hd, nh, nkv) = (
-            c.hidden_size,
-            c.head_dim,
-            c.num_attention_heads,
-            c.num_key_value_heads,
-        );
+        let (h, hd) = (c.hidden_size, c.head_dim);
         let tied = !src.has(W::Output);
-        let total = 3 + 9 * c.num_hidden_layers + usize::from(!tied);
+        let plan = crate::plan::Plan::new(c);
+        // Every tensor of the plan, then the RoPE frequencies (present or not).
+        let total = plan.tensors(!tied).len() + 1;
         let mut loaded = 0usize;
         let mut tick = |n: usize| -> Result<()> {
             loaded += n;
@@ -87,8 +84,6 @@ impl Model {
             );
         }
         let is_gguf = matches!(src, WeightSource::Gguf(_));
-        let perm_q = is_gguf.then_some(nh);
-        let perm_k = is_gguf.then_some(nkv);
         use crate::types::Role;
         let embed_role = if tied { Role::Output } else { Role::Embedding };
         let rules = &quantize;
@@ -100,33 +95,31 @@ impl Model {
             rules,
         )?)?;
         tick(1)?;
-        let load = |w: W, shape: &[usize], perm: Option<usize>| {
-            src.load_matmul(w, shape, perm, Role::Matrix, rules)
-        };
-        let mat =
-            |w: W, shape: &[usize]| -> Result<Linear> { matrix::build(load(w, shape, None)?) };
-        let ff = c.intermediate_size;
-        let mut layers = Vec::with_capacity(c.num_hidden_layers);
-        for l in 0..c.num_hidden_layers {
-            let qkv = vec![
-                load(W::Q(l), &[nh * hd, h], perm_q)?,
-                load(W::K(l), &[nkv * hd, h], perm_k)?,
-                load(W::V(l), &[nkv * hd, h], None)?,
-            ];
-            let gate_up = vec![
-                load(W::Gate(l), &[ff, h], None)?,
-                load(W::Up(l), &[ff, h], None)?,
-            ];
-            let layer = Layer {
-                attn_norm: src.load_dense(W::AttnNorm(l), &[h])?,
-                qkv: Stack::new(qkv, vec![nh * hd, nkv * hd, nkv * hd])?,
-                o: mat(W::O(l), &[h, nh * hd])?,
-                ffn_norm: src.load_dense(W::FfnNorm(l), &[h])?,
-                gate_up: Stack::new(gate_up, vec![ff, ff])?,
-                down: mat(W::Down(l), &[h, ff])?,
-            };
-            layers.push(layer);
-            tick(9)?;
+        let mut layers = Vec::with_capacity(plan.layers.len());
+        for (l, lp) in plan.layers.iter().enumerate() {
+            // One stack per projection group; GGUF's Q/K rows un-permuted as they load.
+            let mut stacks = Vec::new();
+            for group in lp.groups() {
+                let parts = group
+                    .parts
+                    .iter()
+                    .map(|p| {
+                        let perm = if is_gguf { p.rope_heads } else { None };
+                        let w = p.target.weight(l);
+                        src.load_matmul(w, &[p.n, p.k], perm, Role::Matrix, rules)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                stacks.push(Stack::new(
+                    parts,
+                    group.parts.iter().map(|p| p.n).collect(),
+                )?);
+            }
+            layers.push(Layer {
+                attn_norm: src.load_dense(W::AttnNorm(l), &[lp.hidden])?,
+                ffn_norm: src.load_dense(W::FfnNorm(l), &[lp.hidden])?,
+                stacks,
+            });
+            tick(lp.tensors(l).len())?;
         }
         let norm = src.load_dense(W::OutputNorm, &[h])?;
         tick(1)?;
@@ -146,7 +139,11 @@ impl Model {
         tick(1)?;
         let rope = Rope::new(c, freq_factors.as_deref());
         // A dense f32 matrix reports the file's type (BF16 weights compute as f32).
-        let weight_type = match layers.first().and_then(|l| l.qkv.mats.first()) {
+        let weight_type = match layers
+            .first()
+            .and_then(|l| l.stacks.first())
+            .and_then(|s| s.mats.first())
+        {
             Some(m) if m.dtype() != candle_core::quantized::GgmlDType::F32 => {
                 format!("{:?}", m.dtype())
             }
@@ -157,17 +154,9 @@ impl Model {
         // weight as stored (no dequantization at load).
         let mut fp = 0xcbf2_9ce4_8422_2325u64;
         fnv1a(&mut fp, format!("{c:?} {quantize:?}").as_bytes());
-        for l in 0..c.num_hidden_layers {
-            for w in [
-                W::Q(l),
-                W::K(l),
-                W::V(l),
-                W::O(l),
-                W::Gate(l),
-                W::Up(l),
-                W::Down(l),
-            ] {
-                fnv1a(&mut fp, &src.raw_prefix(w, 256));
+        for (l, lp) in plan.layers.iter().enumerate() {
+            for p in lp.projections() {
+                fnv1a(&mut fp, &src.raw_prefix(p.target.weight(l), 256));
             }
         }
         fnv1a(&mut fp, &src.raw_prefix(W::Embed, 256));
@@ -182,6 +171,7 @@ impl Model {
                 format,
                 weight_type,
                 fingerprint: fp,
+                plan,
                 embed,
                 layers,
                 norm,

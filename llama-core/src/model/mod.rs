@@ -19,6 +19,7 @@ use crate::error::{Error, Result};
 use crate::exec::{Kernel, Settings};
 use crate::kv_cache::KvCache;
 use crate::matrix::{self, Linear, Matmul};
+use crate::plan::Plan;
 use crate::pool::Runtime;
 use crate::tokenizer::Tokenizer;
 pub use crate::types::QuantType;
@@ -115,15 +116,12 @@ impl std::fmt::Debug for ModelOptions<'_> {
     }
 }
 
+/// One decoder layer's weights, as its [`LayerPlan`] lists them: the two norms and one
+/// [`Stack`] per projection group, in the plan's order (`LayerPlan::groups`).
 struct Layer {
     attn_norm: Tensor,
-    /// Q, K and V.
-    qkv: Stack,
-    o: Linear,
     ffn_norm: Tensor,
-    /// Gate and up.
-    gate_up: Stack,
-    down: Linear,
+    stacks: Vec<Stack>,
 }
 
 /// What training reads of a model: every frozen weight, as references.
@@ -162,13 +160,18 @@ impl Model {
                 .layers
                 .iter()
                 .map(|l| {
+                    let [qkv, o, gate_up, down] = l.stacks.as_slice() else {
+                        return Err(Error::UnsupportedArchitecture(
+                            "training runs on Llama layers (attention then SwiGLU) only".into(),
+                        ));
+                    };
                     Ok(LayerView {
                         attn_norm: f32s(&l.attn_norm)?,
-                        qkv: l.qkv.parts(),
-                        o: &l.o,
+                        qkv: qkv.parts(),
+                        o: &o.mats[0],
                         ffn_norm: f32s(&l.ffn_norm)?,
-                        gate_up: l.gate_up.parts(),
-                        down: &l.down,
+                        gate_up: gate_up.parts(),
+                        down: &down.mats[0],
                     })
                 })
                 .collect::<Result<_>>()?,
@@ -189,6 +192,8 @@ pub(crate) struct Inner {
     pub(crate) format: &'static str,
     pub(crate) weight_type: String,
     pub(crate) fingerprint: u64,
+    /// What each layer is made of (every pass reads it).
+    pub(crate) plan: Plan,
     embed: Linear,
     layers: Vec<Layer>,
     norm: Tensor,
@@ -338,14 +343,14 @@ impl Model {
     /// Number of parameters (weights of every layer, embedding, norms and output head).
     pub fn n_params(&self) -> usize {
         let c = &self.inner.config;
-        let (h, hd, nh, nkv, ff) = c.dims();
-        let layer = h * nh * hd * 2 + h * nkv * hd * 2 + 3 * h * ff + 2 * h;
+        let plan = &self.inner.plan;
+        let layers: usize = plan.layers.iter().map(|l| l.n_params()).sum();
         let head = if c.tie_word_embeddings {
             0
         } else {
-            c.vocab_size * h
+            plan.vocab * plan.hidden
         };
-        c.vocab_size * h + c.num_hidden_layers * layer + h + head
+        plan.vocab * plan.hidden + layers + plan.hidden + head
     }
 
     /// Bytes the weight matrices occupy in memory (embedding, every layer's projections and
@@ -355,16 +360,9 @@ impl Model {
         let layers: usize = m
             .layers
             .iter()
-            .map(|l| {
-                let stacks: usize = l
-                    .qkv
-                    .mats
-                    .iter()
-                    .chain(&l.gate_up.mats)
-                    .map(|w| w.bytes())
-                    .sum();
-                stacks + l.o.bytes() + l.down.bytes()
-            })
+            .flat_map(|l| &l.stacks)
+            .flat_map(|s| &s.mats)
+            .map(|w| w.bytes())
             .sum();
         let head = if Arc::ptr_eq(&m.embed, &m.lm_head) {
             0

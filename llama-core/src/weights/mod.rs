@@ -52,7 +52,7 @@ pub(crate) fn open_gguf(path: &Path) -> Result<Parts> {
     })
 }
 pub use names::permute_rows_for_gguf;
-pub(crate) use names::{llama_tensors, unpermute_rows, W};
+pub(crate) use names::{unpermute_rows, W};
 pub(crate) use st::st_to_f32;
 pub(crate) use st::StFiles;
 

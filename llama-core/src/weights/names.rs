@@ -19,32 +19,6 @@ pub(crate) enum W {
     RopeFreqs,
 }
 
-/// Every weight of a llama model with its shape (candle order) and, for Q and K, the head
-/// count of llama.cpp's row permutation: the order llama.cpp's converter writes them.
-pub(crate) fn llama_tensors(
-    c: &crate::config::Config,
-    has_output: bool,
-) -> Vec<(W, Vec<usize>, Option<usize>)> {
-    let (h, hd, nh, nkv, ff) = c.dims();
-    let mut list = vec![(W::Embed, vec![c.vocab_size, h], None)];
-    for l in 0..c.num_hidden_layers {
-        list.push((W::AttnNorm(l), vec![h], None));
-        list.push((W::Q(l), vec![nh * hd, h], Some(nh)));
-        list.push((W::K(l), vec![nkv * hd, h], Some(nkv)));
-        list.push((W::V(l), vec![nkv * hd, h], None));
-        list.push((W::O(l), vec![h, nh * hd], None));
-        list.push((W::FfnNorm(l), vec![h], None));
-        list.push((W::Gate(l), vec![ff, h], None));
-        list.push((W::Up(l), vec![ff, h], None));
-        list.push((W::Down(l), vec![h, ff], None));
-    }
-    list.push((W::OutputNorm, vec![h], None));
-    if has_output {
-        list.push((W::Output, vec![c.vocab_size, h], None));
-    }
-    list
-}
-
 impl W {
     /// The weight's names in both formats: `(GGUF, Hugging Face)`; `{l}` is the layer.
     fn names(self) -> (&'static str, &'static str) {
