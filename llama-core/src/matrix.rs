@@ -100,9 +100,23 @@ pub(crate) fn matmul_cols(
     out: &mut [f32],
     cols: (usize, usize, usize),
 ) -> Result<()> {
+    matmul_cols_riding(w, xs, m, out, cols, None)
+}
+
+/// [`matmul_cols`] with `rider` riding along the product's pool calls (a one-row product; see
+/// [`crate::kernels::Rider`]).
+pub(crate) fn matmul_cols_riding(
+    w: &dyn WeightMatrix,
+    xs: &[f32],
+    m: usize,
+    out: &mut [f32],
+    cols: (usize, usize, usize),
+    rider: Option<&dyn crate::kernels::Rider>,
+) -> Result<()> {
     check_cols(w, xs, m, out, cols)?;
     let (stride, col0, n) = cols;
-    w.matmul(xs, m, DstWriter::columns(out, m, stride, col0, n))
+    let put = DstWriter::columns(out, m, stride, col0, n);
+    w.matmul(xs, m, rider.map_or(put, |r| put.riding(r)))
 }
 
 fn check_cols(

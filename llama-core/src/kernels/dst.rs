@@ -1,6 +1,7 @@
 //! Where a matmul's work items write their outputs: [`Dst`] (a fresh buffer) and
 //! [`DstWriter`] (bounds-checked writes into a buffer or a column block of a wider one).
 
+use super::{Pending, Rider};
 use crate::pool::SharedMut;
 
 /// A matmul's `[m, n]` output, filled by work items that each write their own values: no
@@ -23,6 +24,11 @@ pub(crate) struct DstWriter<'a> {
     /// Values from one row to the next (`n` unless the output is a column block of a wider
     /// buffer).
     stride: usize,
+    /// Work riding along the matmul (a LoRA update of a one-row output), and the piece of the
+    /// row the current thread's items wrote but did not finish yet (set for each run of items
+    /// by `run_items`).
+    rider: Option<&'a dyn Rider>,
+    pending: Option<&'a Pending<'a>>,
 }
 
 impl Dst {
@@ -42,6 +48,8 @@ impl Dst {
             m,
             n,
             stride: n,
+            rider: None,
+            pending: None,
         }
     }
 
@@ -75,6 +83,32 @@ impl<'a> DstWriter<'a> {
             m,
             n,
             stride,
+            rider: None,
+            pending: None,
+        }
+    }
+
+    /// This writer with `rider` riding along the matmul's pool calls ([`Rider`]): only a
+    /// one-row output has its pieces finished.
+    pub(crate) fn riding(self, rider: &'a dyn Rider) -> DstWriter<'a> {
+        DstWriter {
+            rider: (self.m == 1).then_some(rider),
+            ..self
+        }
+    }
+
+    pub(crate) fn rider(&self) -> Option<&'a dyn Rider> {
+        self.rider
+    }
+
+    /// The writer one thread's run of items puts through, joining their pieces in `pending`.
+    pub(crate) fn pending<'b>(&self, pending: &'b Pending<'b>) -> DstWriter<'b>
+    where
+        'a: 'b,
+    {
+        DstWriter {
+            pending: Some(pending),
+            ..*self
         }
     }
 
@@ -82,10 +116,8 @@ impl<'a> DstWriter<'a> {
     /// (a LoRA update) asks for the cache lines it will read when the piece is put.
     #[inline]
     pub(crate) fn hint(&self, row: usize, col: usize, len: usize) {
-        if self.m == 1 && row == 0 {
-            if let Some(rider) = crate::kernels::finishing() {
-                rider.prefetch(self.col0 + col, len);
-            }
+        if let (Some(p), 0) = (self.pending, row) {
+            p.rider().prefetch(self.col0 + col, len);
         }
     }
 
@@ -100,10 +132,10 @@ impl<'a> DstWriter<'a> {
         let at = row * self.stride + self.col0 + col;
         // SAFETY: no two work items write the same element (the shared buffer checks bounds).
         unsafe { self.buf.write(at, vals) };
-        if self.m == 1 && crate::kernels::riding() {
-            // A one-row piece under a rider (a LoRA update): it adds to the piece later in the
-            // item's pool call.
-            crate::kernels::written(self.col0 + col, self.buf.ptr_at(at, vals.len()), vals.len());
+        if let Some(p) = self.pending {
+            // A piece of a one-row output under a rider (a LoRA update): it adds to the piece
+            // later in the thread's run of items.
+            p.written(self.col0 + col, self.buf.ptr_at(at, vals.len()), vals.len());
         }
     }
 }

@@ -239,37 +239,39 @@ fn forward_via(
     Ok(Tensor::from_vec(dst, out_dims, &Device::Cpu)?)
 }
 
-/// Runs `work` for items `0..items` on our thread pool (`crate::pool`), with the
-/// [`Rider`] installed by [`with_rider`] if there is one: its `pre` items (the first pool call
-/// under it claims them) before these in the same pool call, and its [`Rider::finish`] applied
-/// to each one-row piece the items write ([`DstWriter::put`]).
-fn run_items(items: usize, work: &(dyn Fn(usize) + Sync)) {
-    match RIDER.with(|r| r.get()) {
-        None => crate::pool::pool().run(items, &|range| range.for_each(work)),
-        Some(rider) => {
-            // SAFETY: installed by `with_rider`, whose borrow of the rider outlives the closure
-            // this call runs in (the slot is cleared before `with_rider` returns).
-            let rider: &dyn Rider = unsafe { &*rider };
-            let pre = rider.claim_pre();
-            crate::pool::pool().run(pre + items, &|range| {
-                let _finishing = Finishing::set(rider);
-                for i in range {
-                    if i < pre {
-                        rider.run_pre(i)
-                    } else {
-                        work(i - pre)
-                    }
-                }
-            });
+/// Runs `work` for items `0..items` on our thread pool (`crate::pool`), each item handed the
+/// writer to put its outputs through. When `put` carries a [`Rider`] ([`DstWriter::riding`]),
+/// the rider's `pre` items (the first pool call under it claims them) run before these in the
+/// same pool call, and each one-row piece the items write passes through [`Rider::finish`]
+/// (consecutive pieces of one thread's run of items joined: [`Pending`]).
+fn run_items(items: usize, put: DstWriter<'_>, work: &(dyn Fn(usize, &DstWriter<'_>) + Sync)) {
+    let Some(rider) = put.rider() else {
+        crate::pool::pool().run(items, &|range| range.for_each(|i| work(i, &put)));
+        return;
+    };
+    let pre = rider.claim_pre();
+    crate::pool::pool().run(pre + items, &|range| {
+        let pending = Pending::new(rider);
+        let local = put.pending(&pending);
+        for i in range {
+            if i < pre {
+                rider.run_pre(i)
+            } else {
+                work(i - pre, &local)
+            }
         }
-    }
+        pending.flush();
+    });
 }
 
-/// Work that rides along the next matmuls' pool calls (in a decode step the calls themselves
-/// cost as much as a small update's work): `pre` items run first in the first call (a piece
-/// written by the matmul's items may wait for them: they are claimed earlier, so running),
-/// then each one-row piece of output the items write passes through `finish` before it is
-/// stored.
+/// A matmul's work item: computes item `i` and puts its outputs through the writer.
+type Item<'w> = dyn Fn(usize, &DstWriter<'_>) + Sync + 'w;
+
+/// Work that rides along a matmul's pool calls (in a decode step the calls themselves cost as
+/// much as a small update's work): `pre` items run first in the first call (a piece written by
+/// the matmul's items may wait for them: they are claimed earlier, so running), then each
+/// one-row piece of output the items write passes through `finish` before it is stored. The
+/// matmul's writer carries it ([`DstWriter::riding`]); a writer without one pays one branch.
 pub(crate) trait Rider: Sync {
     /// The number of `pre` items the first caller runs; 0 for every later caller.
     fn claim_pre(&self) -> usize;
@@ -280,133 +282,67 @@ pub(crate) trait Rider: Sync {
     fn prefetch(&self, _col: usize, _len: usize) {}
 }
 
-/// A thread's state while it runs items of a pool call under a rider: the rider, and the
-/// piece of the output row written but not yet finished (consecutive pieces are joined, so the
-/// rider works on whole runs of columns, not on each item's few).
-#[derive(Clone, Copy)]
-struct FinishState {
-    rider: *const (dyn Rider + 'static),
-    ptr: *mut f32,
-    col: usize,
-    len: usize,
-}
-
 /// The longest run of columns a rider is handed at once.
 const PENDING: usize = 256;
 
-thread_local! {
-    static RIDER: std::cell::Cell<Option<*const (dyn Rider + 'static)>> =
-        const { std::cell::Cell::new(None) };
-    static FINISHING: std::cell::Cell<Option<FinishState>> = const { std::cell::Cell::new(None) };
-    /// Whether `FINISHING` is set: the one check every one-row piece of every matmul pays.
-    static FINISHING_ON: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+/// One thread's run of items under a rider: the piece of the output row written but not yet
+/// finished (consecutive pieces are joined, so the rider works on whole runs of columns, not on
+/// each item's few). Lives on the stack of the pool call's closure and is used by that thread
+/// alone (relaxed atomics: plain loads and stores, and the type stays `Sync` as writers must).
+pub(crate) struct Pending<'r> {
+    rider: &'r dyn Rider,
+    ptr: std::sync::atomic::AtomicPtr<f32>,
+    col: std::sync::atomic::AtomicUsize,
+    len: std::sync::atomic::AtomicUsize,
 }
 
-/// Sets [`FINISHING`] for the items of one pool call on this thread; on drop, finishes the
-/// pending piece and restores the slot (also when an item panics, then without finishing).
-struct Finishing(Option<FinishState>);
-
-impl Finishing {
-    fn set(rider: &dyn Rider) -> Finishing {
-        // SAFETY: the lifetime is erased only while the pool call runs; the guard restores the
-        // slot before the borrow ends.
-        let erased: *const (dyn Rider + 'static) = unsafe {
-            std::mem::transmute::<*const (dyn Rider + '_), *const (dyn Rider + 'static)>(rider)
-        };
-        let state = FinishState {
-            rider: erased,
-            ptr: std::ptr::null_mut(),
-            col: 0,
-            len: 0,
-        };
-        FINISHING_ON.with(|f| f.set(true));
-        Finishing(FINISHING.with(|f| f.replace(Some(state))))
-    }
-}
-
-impl Drop for Finishing {
-    fn drop(&mut self) {
-        let state = FINISHING.with(|f| f.replace(self.0));
-        FINISHING_ON.with(|f| f.set(self.0.is_some()));
-        if let Some(s) = state {
-            if !std::thread::panicking() {
-                flush(s);
-            }
+impl<'r> Pending<'r> {
+    fn new(rider: &'r dyn Rider) -> Pending<'r> {
+        Pending {
+            rider,
+            ptr: std::sync::atomic::AtomicPtr::new(std::ptr::null_mut()),
+            col: 0.into(),
+            len: 0.into(),
         }
     }
-}
 
-/// Hands the pending piece of `s` to its rider.
-fn flush(s: FinishState) {
-    if s.len == 0 {
-        return;
+    pub(crate) fn rider(&self) -> &'r dyn Rider {
+        self.rider
     }
-    // SAFETY: `s.ptr` points at `s.len` values of the output row this thread's items wrote in
-    // the running pool call (their buffer outlives it; no other item touches them), and the
-    // rider is alive for the call (see `Finishing::set`).
-    unsafe {
-        let vals = std::slice::from_raw_parts_mut(s.ptr, s.len);
-        (*s.rider).finish(s.col, vals);
-    }
-}
 
-/// A work item wrote columns `col..col + len` of a one-row output at `ptr`: under a rider the
-/// piece joins the pending run (finished when the run breaks, grows long, or the item's pool
-/// call ends on this thread).
-#[inline]
-pub(crate) fn written(col: usize, ptr: *mut f32, len: usize) {
-    FINISHING.with(|f| {
-        let Some(mut s) = f.get() else { return };
-        if s.len > 0
-            && col == s.col + s.len
-            && ptr == s.ptr.wrapping_add(s.len)
-            && s.len + len <= PENDING
-        {
-            s.len += len;
+    /// An item wrote columns `col..col + len` of the one-row output at `ptr`: the piece joins
+    /// the pending run (finished when the run breaks or grows long, or at the end of the run of
+    /// items).
+    pub(crate) fn written(&self, col: usize, ptr: *mut f32, len: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (p, c, l) = (
+            self.ptr.load(Relaxed),
+            self.col.load(Relaxed),
+            self.len.load(Relaxed),
+        );
+        if l > 0 && col == c + l && ptr == p.wrapping_add(l) && l + len <= PENDING {
+            self.len.store(l + len, Relaxed);
         } else {
-            flush(s);
-            s.ptr = ptr;
-            s.col = col;
-            s.len = len;
-        }
-        f.set(Some(s));
-    })
-}
-
-/// Whether this thread is running items of a pool call under a rider (the one check every
-/// one-row piece of every matmul pays).
-#[inline]
-pub(crate) fn riding() -> bool {
-    FINISHING_ON.with(|f| f.get())
-}
-
-/// The rider whose items this thread is running, if any.
-#[inline]
-pub(crate) fn finishing() -> Option<&'static dyn Rider> {
-    if !riding() {
-        return None;
-    }
-    // SAFETY: set only by `Finishing` for the duration of a pool call under `with_rider`;
-    // callers use the reference within the item that asked.
-    FINISHING.with(|f| f.get()).map(|s| unsafe { &*s.rider })
-}
-
-/// Runs `f` (a matmul) with `rider` joining its pool calls. What they did not do (no pool
-/// call: candle's matrices; pieces not worth it) is the caller's to complete afterwards.
-pub(crate) fn with_rider<R>(rider: &dyn Rider, f: impl FnOnce() -> R) -> R {
-    struct Clear(Option<*const (dyn Rider + 'static)>);
-    impl Drop for Clear {
-        fn drop(&mut self) {
-            RIDER.with(|r| r.set(self.0));
+            self.flush();
+            self.ptr.store(ptr, Relaxed);
+            self.col.store(col, Relaxed);
+            self.len.store(len, Relaxed);
         }
     }
-    // SAFETY: the lifetime is erased only while `f` runs; `Clear` restores the slot before the
-    // borrow of `rider` ends, also when `f` panics.
-    let erased: *const (dyn Rider + 'static) = unsafe {
-        std::mem::transmute::<*const (dyn Rider + '_), *const (dyn Rider + 'static)>(rider)
-    };
-    let _guard = Clear(RIDER.with(|r| r.replace(Some(erased))));
-    f()
+
+    /// Hands the pending piece to the rider.
+    fn flush(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let l = self.len.swap(0, Relaxed);
+        if l == 0 {
+            return;
+        }
+        let (p, c) = (self.ptr.load(Relaxed), self.col.load(Relaxed));
+        // SAFETY: `p` points at `l` values of the output row this thread's items wrote in the
+        // running pool call (their buffer outlives it; no other item touches them).
+        let vals = unsafe { std::slice::from_raw_parts_mut(p, l) };
+        self.rider.finish(c, vals);
+    }
 }
 
 /// Checks that `out` holds whole rows `start..` of an `[n, k]` matrix ([`WeightMatrix::rows_into`]).

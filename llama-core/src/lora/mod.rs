@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
 
 use crate::error::{Error, Result};
+use crate::kernels::Rider;
 use crate::model::Model;
 use crate::weights::W;
 use kernel::LoraMat;
@@ -461,7 +462,8 @@ pub(crate) fn add_delta(
 
 /// `matmul` (which writes `out`, `[m, stride]`) followed by every active adapter's update of
 /// the projections `targets` (`(target, col, n)` in `out`'s rows), all of the same input `xs`.
-/// One row (decode) runs the update inside the matmul's own pool call.
+/// One row (decode): `matmul` is handed the update as a [`Rider`] to put on its product's
+/// writer, so the update runs inside the product's own pool call.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul_and_update(
     active: Active<'_>,
@@ -471,27 +473,27 @@ pub(crate) fn matmul_and_update(
     m: usize,
     out: &mut [f32],
     stride: usize,
-    matmul: impl FnOnce(&mut [f32]) -> Result<()>,
+    matmul: impl FnOnce(&mut [f32], Option<&dyn Rider>) -> Result<()>,
 ) -> Result<()> {
     if active.is_empty() {
-        return matmul(out);
+        return matmul(out, None);
     }
     if m == 1 && out.len() == stride {
         // One row: the update rides the matmul's own pool call.
         let mut matmul = Some(matmul);
         let updated = one_row_update(active, layer, targets, xs, out, |rider, out| {
             let mm = matmul.take().expect("one call");
-            crate::kernels::with_rider(rider, || mm(out))
+            mm(out, Some(rider))
         })?;
         return match matmul {
-            Some(mm) if !updated => mm(out),
+            Some(mm) if !updated => mm(out, None),
             _ => Ok(()),
         };
     }
     if !targets.iter().any(|&(t, _, _)| touches(active, layer, t)) {
-        return matmul(out);
+        return matmul(out, None);
     }
-    matmul(out)?;
+    matmul(out, None)?;
     update_rows(active, layer, targets, xs, m, out, stride)
 }
 
@@ -541,10 +543,7 @@ pub(crate) fn update_rows(
         return Ok(());
     }
     if m == 1 && out.len() == stride {
-        one_row_update(active, layer, targets, xs, out, |rider, _| {
-            crate::kernels::with_rider(rider, || ());
-            Ok(())
-        })?;
+        one_row_update(active, layer, targets, xs, out, |_, _| Ok(()))?;
         return Ok(());
     }
     for &(t, col, n) in targets {

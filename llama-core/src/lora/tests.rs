@@ -243,7 +243,7 @@ fn column_updates_are_the_same_bits_however_the_row_is_split() {
 /// candle's (which make no pool call: the update is all done afterwards).
 #[test]
 fn a_riding_update_equals_the_update_alone() {
-    use crate::kernels::{with_rider, BlockFmt, BlockMatrix};
+    use crate::kernels::{BlockFmt, BlockMatrix};
     use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
     use candle_core::{Device, Tensor};
     let k = 96;
@@ -309,9 +309,14 @@ fn a_riding_update_equals_the_update_alone() {
             let ride = |state: &mut row::RowShared| {
                 let mut riding = vec![0f32; n];
                 let rider = state.begin(&plan, &x).unwrap();
-                with_rider(&rider, || {
-                    crate::matrix::matmul_into(&**mat, &x, 1, &mut riding)
-                })
+                crate::matrix::matmul_cols_riding(
+                    &**mat,
+                    &x,
+                    1,
+                    &mut riding,
+                    (n, 0, n),
+                    Some(&rider),
+                )
                 .unwrap();
                 rider.complete(&mut riding).unwrap();
                 riding
@@ -319,7 +324,6 @@ fn a_riding_update_equals_the_update_alone() {
             let riding = ride(&mut state);
             let mut alone = base.clone();
             let rider = state.begin(&plan, &x).unwrap();
-            with_rider(&rider, || ());
             rider.complete(&mut alone).unwrap();
             assert_eq!(riding, alone, "{name} {widths:?}");
             // Again through the same state (a later call's epoch and counts).

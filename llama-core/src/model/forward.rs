@@ -455,8 +455,8 @@ fn project(
     }
     let (xw, ow) = (xs.len() / t, out.len() / t);
     if let [s] = seqs {
-        return lora::matmul_and_update(s.lora, li, cols, xs, t, out, ow, |out| {
-            w.matmul_into(xs, t, out)
+        return lora::matmul_and_update(s.lora, li, cols, xs, t, out, ow, |out, rider| {
+            w.matmul_into_riding(xs, t, out, rider)
         });
     }
     if w.batch_invariant() {

@@ -4,7 +4,7 @@
 use super::*;
 
 /// A product into a column block ([`matrix::matmul_cols`] or its as-alone form).
-type ColsProduct = fn(
+type ColsProduct<'r> = &'r dyn Fn(
     &dyn crate::kernels::WeightMatrix,
     &[f32],
     usize,
@@ -59,15 +59,28 @@ impl Stack {
 
     /// The parts' outputs for `m` rows of `xs`, side by side in `out` (`[m, width]`).
     pub(crate) fn matmul_into(&self, xs: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
-        self.product(xs, m, out, matrix::matmul_cols)
+        self.product(xs, m, out, &matrix::matmul_cols)
+    }
+
+    /// [`Stack::matmul_into`] with `rider` riding along the products' pool calls.
+    pub(crate) fn matmul_into_riding(
+        &self,
+        xs: &[f32],
+        m: usize,
+        out: &mut [f32],
+        rider: Option<&dyn crate::kernels::Rider>,
+    ) -> Result<()> {
+        self.product(xs, m, out, &|w, xs, m, out, cols| {
+            matrix::matmul_cols_riding(w, xs, m, out, cols, rider)
+        })
     }
 
     /// [`Stack::matmul_into`] with each row computed exactly as it is alone.
     pub(crate) fn matmul_into_as_alone(&self, xs: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
-        self.product(xs, m, out, matrix::matmul_cols_as_alone)
+        self.product(xs, m, out, &matrix::matmul_cols_as_alone)
     }
 
-    fn product(&self, xs: &[f32], m: usize, out: &mut [f32], each: ColsProduct) -> Result<()> {
+    fn product(&self, xs: &[f32], m: usize, out: &mut [f32], each: ColsProduct<'_>) -> Result<()> {
         let stride = self.width();
         if let [one] = self.mats.as_slice() {
             return each(&**one, xs, m, out, (stride, 0, stride));

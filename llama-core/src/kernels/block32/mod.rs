@@ -687,14 +687,14 @@ impl BlockMatrix {
         let xq = quantize_rows_parallel(xs, m, k);
         let isa = isa();
         let items;
-        let work: Box<dyn Fn(usize) + Sync> = if self.group > 0 {
+        let work: Box<Item<'_>> = if self.group > 0 {
             // Tiles of GROUP_R activation rows x one group, group-major so that a worker's
             // consecutive items reuse the group's weights from cache.
             let gs = self.group;
             let tile = if gs == G16 { GROUP_R } else { GROUP_R8 };
             let row_tiles = m.div_ceil(tile);
             items = row_tiles * (n / gs);
-            Box::new(move |item: usize| {
+            Box::new(move |item: usize, put: &DstWriter<'_>| {
                 let (g, rt) = (item / row_tiles, item % row_tiles);
                 let rows = rt * tile..m.min((rt + 1) * tile);
                 let mut out = [[0f32; G16]; GROUP_R];
@@ -707,7 +707,7 @@ impl BlockMatrix {
         } else if m == 1 {
             // Decode: one activation row, groups of weight rows.
             items = n.div_ceil(DECODE_C);
-            Box::new(|g: usize| {
+            Box::new(|g: usize, put: &DstWriter<'_>| {
                 let cols = g * DECODE_C..n.min((g + 1) * DECODE_C);
                 let mut out = [[0f32; DECODE_C]; 1];
                 self.tile::<1, DECODE_C>(isa, &xq, 0..1, cols.clone(), &mut out);
@@ -718,7 +718,7 @@ impl BlockMatrix {
             // that a worker's consecutive items reuse the same weight rows from cache.
             let row_tiles = m.div_ceil(TILE_R);
             items = row_tiles * n.div_ceil(TILE_C);
-            Box::new(move |item: usize| {
+            Box::new(move |item: usize, put: &DstWriter<'_>| {
                 let (cg, rt) = (item / row_tiles, item % row_tiles);
                 let rows = rt * TILE_R..m.min((rt + 1) * TILE_R);
                 let cols = cg * TILE_C..n.min((cg + 1) * TILE_C);
@@ -729,7 +729,7 @@ impl BlockMatrix {
                 }
             })
         };
-        run_items(items, &work);
+        run_items(items, put, &work);
     }
 }
 

@@ -270,7 +270,7 @@ impl F16Matrix {
         if done {
         } else if self.grouped {
             let row_tiles = m.div_ceil(F16_R);
-            let work = |item: usize| {
+            let work = |item: usize, put: &DstWriter<'_>| {
                 let (g, rt) = (item / row_tiles, item % row_tiles);
                 let rows = rt * F16_R..m.min((rt + 1) * F16_R);
                 let mut out = [[0f32; FG]; F16_R];
@@ -279,7 +279,7 @@ impl F16Matrix {
                     put.put(row, g * FG, &out[r]);
                 }
             };
-            run_items(row_tiles * (n / FG), &work);
+            run_items(row_tiles * (n / FG), put, &work);
         } else {
             self.forward_rows(xs, m, simd, put);
         }
@@ -297,7 +297,7 @@ impl F16Matrix {
             let wide = isa() == Isa::Avx512;
             let k = self.k;
             let row_tiles = m.div_ceil(T);
-            let work = |item: usize| {
+            let work = |item: usize, put: &DstWriter<'_>| {
                 let (g, rt) = (item / row_tiles, item % row_tiles);
                 let rows = rt * T..m.min((rt + 1) * T);
                 let w = self.data[g * FG * k..(g + 1) * FG * k].as_ptr();
@@ -329,7 +329,7 @@ impl F16Matrix {
                     put.put(row, g * FG, &out[r]);
                 }
             };
-            run_items(row_tiles * (self.n / FG), &work);
+            run_items(row_tiles * (self.n / FG), put, &work);
             return;
         }
         self.compute(xs, m, put)
@@ -338,7 +338,7 @@ impl F16Matrix {
     fn forward_rows(&self, xs: &[f32], m: usize, simd: bool, put: DstWriter<'_>) {
         let (n, k) = (self.n, self.k);
         let group = 8;
-        let work = |g: usize| {
+        let work = |g: usize, put: &DstWriter<'_>| {
             for c in g * group..n.min((g + 1) * group) {
                 let w = &self.data[c * k..(c + 1) * k];
                 for r in 0..m {
@@ -356,7 +356,7 @@ impl F16Matrix {
                 }
             }
         };
-        run_items(n.div_ceil(group), &work);
+        run_items(n.div_ceil(group), put, &work);
     }
 
     /// Prompts on AVX-512, `n` a multiple of 32: each work item takes a pair of groups and a
@@ -374,7 +374,7 @@ impl F16Matrix {
         let runs = row_tiles.div_ceil(TILES);
         // Tells this call's conversions from any earlier call's.
         let call = CALLS.fetch_add(1, Ordering::Relaxed);
-        let work = |item: usize| {
+        let work = |item: usize, put: &DstWriter<'_>| {
             let (g2, run) = (item / runs, item % runs);
             let w = &self.data[2 * g2 * FG * k..(2 * g2 + 2) * FG * k];
             F32_SCRATCH.with(|cell| {
@@ -405,7 +405,7 @@ impl F16Matrix {
                 }
             });
         };
-        run_items(runs * (n / (2 * FG)), &work);
+        run_items(runs * (n / (2 * FG)), put, &work);
     }
 }
 

@@ -149,7 +149,7 @@ impl<T: KBlock> WeightMatrix for KMatrix<T> {
         }
         let n = self.n;
         let row_tiles = m.div_ceil(K_ROWS);
-        let work = |item: usize| {
+        let work = |item: usize, put: &DstWriter<'_>| {
             let (cg, rt) = (item / row_tiles, item % row_tiles);
             for c in cg * K_COLS..n.min((cg + 1) * K_COLS) {
                 let w = self.row(c);
@@ -158,7 +158,7 @@ impl<T: KBlock> WeightMatrix for KMatrix<T> {
                 }
             }
         };
-        run_items(row_tiles * n.div_ceil(K_COLS), &work);
+        run_items(row_tiles * n.div_ceil(K_COLS), put, &work);
         Ok(())
     }
 

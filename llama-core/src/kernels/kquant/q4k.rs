@@ -434,7 +434,7 @@ pub(super) fn group_matmul(
         });
     }
     let row_tiles = m.div_ceil(TILE_R);
-    let work = |item: usize| {
+    let work = |item: usize, put: &DstWriter<'_>| {
         let (g, rt) = (item / row_tiles, item % row_tiles);
         let rows = rt * TILE_R..m.min((rt + 1) * TILE_R);
         let x: [*const XK; TILE_R] = std::array::from_fn(|r| {
@@ -447,7 +447,7 @@ pub(super) fn group_matmul(
             put.put(row, g * gs, &out[r][..gs]);
         }
     };
-    run_items(row_tiles * (n / gs), &work);
+    run_items(row_tiles * (n / gs), put, &work);
 }
 
 impl Q4KMatrix {
