@@ -702,7 +702,7 @@ impl Call {
                 JobPrompt::Tokens(t) => Ok(t),
             }
             .map_err(|e| core_error(&e).param_if_unset(prompt_param))?;
-            let opts = model.prepare_options(opts).map_err(|e| {
+            let opts = opts.prepared(&model).map_err(|e| {
                 core_error(&e).param_if_unset(if has_constraint {
                     "response_format"
                 } else {

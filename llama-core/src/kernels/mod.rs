@@ -1,7 +1,7 @@
 //! Our CPU matmul kernels, by family: the 32-value block formats (`block32`: Q4_0, Q4_1,
 //! Q5_0, Q5_1, Q8_0), dense f16 (`f16`) and the k-quants (`kquant`), each with its scalar
 //! path and its x86-64 SIMD paths in per-ISA files; the [`WeightMatrix`] trait every storage
-//! implements (candle's tensors too, in `crate::matrix`); the output writer (`dst`), the
+//! implements (candle's tensors too, in matrix.rs); the output writer (`dst`), the
 //! element-wise operations of the forward pass (`elementwise`) and the SIMD helpers shared
 //! with attention ([`simd`]).
 //!
@@ -370,8 +370,9 @@ pub(crate) fn rows_one_by_one(
 }
 
 /// A weight matrix `[n, k]` (`n` outputs of `k` inputs), whatever its storage: the block
-/// formats, f16, the k-quants, candle's tensors (`crate::matrix`). The model holds these; a
-/// LoRA adapter wraps one.
+/// formats, f16, the k-quants, candle's tensors (in matrix.rs). The model holds these, one
+/// stack per projection group of its layer plan; a session's LoRA update of a one-row
+/// product rides along it on the product's writer ([`DstWriter::riding`]).
 pub(crate) trait WeightMatrix: Send + Sync {
     /// The storage type.
     fn dtype(&self) -> GgmlDType;

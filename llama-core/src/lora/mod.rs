@@ -16,9 +16,9 @@ mod tests;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
 
+use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::kernels::Rider;
-use crate::model::Model;
 use crate::weights::W;
 use kernel::LoraMat;
 
@@ -214,17 +214,22 @@ fn fnv(h: &mut u64, bytes: &[u8]) {
 
 impl Adapter {
     /// Loads a PEFT folder (`adapter_config.json` + `adapter_model.safetensors`) or a GGUF LoRA
-    /// file for `model`, checking every matrix against the model's shapes.
-    pub fn load(model: &Model, path: impl AsRef<Path>) -> Result<Adapter> {
+    /// file for the model of configuration `config` and fingerprint `model_fingerprint`,
+    /// checking every matrix against the shapes of its layer plan
+    /// ([`crate::Model::load_adapter`] passes its own).
+    pub fn load(
+        config: &Config,
+        model_fingerprint: u64,
+        path: impl AsRef<Path>,
+    ) -> Result<Adapter> {
         let path = path.as_ref();
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
         let parsed = if meta.is_dir() {
-            peft::load(path, model.config())?
+            peft::load(path, config)?
         } else {
-            gguf::load(path, model.config())?
+            gguf::load(path, config)?
         };
-        let a = Self::from_parsed(model, path, parsed)?;
-        model.register_adapter(&a);
+        let a = Self::from_parsed(config, model_fingerprint, path, parsed)?;
         tracing::info!(
             path = %path.display(),
             format = a.format().as_str(),
@@ -235,8 +240,12 @@ impl Adapter {
         Ok(a)
     }
 
-    pub(crate) fn from_parsed(model: &Model, path: &Path, parsed: Parsed) -> Result<Adapter> {
-        let c = model.config();
+    pub(crate) fn from_parsed(
+        c: &Config,
+        model_fingerprint: u64,
+        path: &Path,
+        parsed: Parsed,
+    ) -> Result<Adapter> {
         let mut layers: Vec<[Option<Arc<LoraPair>>; 7]> = (0..c.num_hidden_layers)
             .map(|_| Default::default())
             .collect();
@@ -278,7 +287,7 @@ impl Adapter {
             inner: Arc::new(AdapterInner {
                 path: path.to_path_buf(),
                 format: parsed.format,
-                model_fingerprint: model.fingerprint(),
+                model_fingerprint,
                 fingerprint: fp,
                 layers,
                 alpha: parsed.alpha,

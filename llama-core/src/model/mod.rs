@@ -295,17 +295,6 @@ impl Model {
         &self.inner.tokenizer
     }
 
-    /// `opts` with its constraint (or its tools' call constraint) compiled into
-    /// [`GenerateOptions::grammar`](crate::GenerateOptions::grammar), so that starting the
-    /// generation compiles nothing (a server prepares requests off its decode thread).
-    pub fn prepare_options(
-        &self,
-        mut opts: crate::GenerateOptions,
-    ) -> Result<crate::GenerateOptions> {
-        opts.grammar = crate::session::generate::resolve_grammar(self, &opts)?;
-        Ok(opts)
-    }
-
     /// Compiles a constraint for generation on this model ([`crate::GenerateOptions::constraint`]
     /// compiles its own; compile once here to reuse it, or to check a schema up front). The
     /// first call builds the model's token table (~50 ms for a 49k vocabulary).
@@ -380,9 +369,12 @@ impl Model {
     /// Loads a LoRA adapter (a PEFT folder or a GGUF LoRA file) for this model: see
     /// [`crate::Adapter::load`].
     pub fn load_adapter(&self, path: impl AsRef<Path>) -> Result<crate::Adapter> {
-        crate::Adapter::load(self, path)
+        let a = crate::Adapter::load(self.config(), self.fingerprint(), path)?;
+        self.register_adapter(&a);
+        Ok(a)
     }
 
+    /// Keeps a weak reference to `a`: restored snapshots find the adapters they name here.
     pub(crate) fn register_adapter(&self, a: &crate::Adapter) {
         if let Ok(mut list) = self.inner.adapters.lock() {
             list.retain(|w| w.strong_count() > 0);

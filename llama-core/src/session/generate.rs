@@ -83,6 +83,14 @@ impl Default for GenerateOptions {
 }
 
 impl GenerateOptions {
+    /// These options with their constraint (or their tools' call constraint) compiled for
+    /// `model` into [`GenerateOptions::grammar`], so that starting the generation compiles
+    /// nothing (a server prepares requests off its decode thread).
+    pub fn prepared(mut self, model: &crate::Model) -> Result<Self> {
+        self.grammar = resolve_grammar(model, &self)?;
+        Ok(self)
+    }
+
     /// Sets the token limit.
     pub fn max_tokens(mut self, n: usize) -> Self {
         self.max_tokens = n;

@@ -209,7 +209,12 @@ impl LoraParams {
             pairs,
             alpha: (!self.config.rslora).then_some(self.config.alpha),
         };
-        let a = Adapter::from_parsed(model, std::path::Path::new(name), parsed)?;
+        let a = Adapter::from_parsed(
+            model.config(),
+            model.fingerprint(),
+            std::path::Path::new(name),
+            parsed,
+        )?;
         model.register_adapter(&a);
         Ok(a)
     }
