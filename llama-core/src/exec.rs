@@ -40,6 +40,19 @@ pub(crate) enum Isa {
 }
 
 impl Isa {
+    /// 512-bit vectors (AVX-512F) run.
+    pub(crate) fn is_512(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        return self == Isa::Avx512;
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+
+    /// The 256-bit paths (AVX2, FMA, F16C; VNNI or not) run, and not the 512-bit ones.
+    pub(crate) fn is_256(self) -> bool {
+        self != Isa::Scalar && !self.is_512()
+    }
+
     /// VNNI on 256-bit vectors is available.
     #[cfg(target_arch = "x86_64")]
     pub(crate) fn vnni(self) -> bool {

@@ -122,10 +122,13 @@ pub(crate) fn check_panel(
 pub(crate) const PANEL: usize = 32;
 
 mod block32;
+pub(crate) mod dense;
 mod dst;
 mod elementwise;
 mod f16;
 mod kquant;
+pub(crate) mod lowrank;
+pub(crate) mod sgemm;
 pub(crate) mod simd;
 #[cfg(test)]
 mod tests;

@@ -7,7 +7,6 @@
 //! (Hugging Face's: a GGUF LoRA's Q/K `lora_b` rows are un-permuted as the base's are).
 
 mod gguf;
-pub(crate) mod kernel;
 mod peft;
 pub(crate) mod row;
 #[cfg(test)]
@@ -18,9 +17,9 @@ use std::sync::{Arc, Weak};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::kernels::lowrank::{self as kernel, LoraMat};
 use crate::kernels::Rider;
 use crate::weights::W;
-use kernel::LoraMat;
 
 pub use crate::plan::Target;
 

@@ -13,9 +13,10 @@ use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use super::kernel::{Simd, RB};
 use super::{Adapter, LoraPair, Target};
 use crate::error::{Error, Result};
+use crate::exec::Isa;
+use crate::kernels::lowrank::RB;
 
 /// Places of `u` per `pre` item: a cache line of f32, so that items on different threads
 /// write different lines.
@@ -200,7 +201,7 @@ impl RowShared {
             plan,
             shared,
             x,
-            simd: Simd::current(),
+            simd: crate::kernels::isa(),
             epoch: shared.epoch,
             done0,
             columns0,
@@ -242,7 +243,7 @@ pub(crate) struct RowUpdate<'a> {
     plan: &'a RowPlan,
     shared: &'a RowShared,
     x: &'a [f32],
-    simd: Simd,
+    simd: Isa,
     epoch: u64,
     /// The counts when the call began.
     done0: usize,
@@ -379,7 +380,7 @@ impl crate::kernels::Rider for RowUpdate<'_> {
     }
     fn prefetch(&self, col: usize, len: usize) {
         #[cfg(target_arch = "x86_64")]
-        if self.simd != Simd::None {
+        if self.simd != Isa::Scalar {
             let end = col + len;
             for p in &self.plan.parts {
                 let (lo, hi) = (col.max(p.col), end.min(p.col + p.n));

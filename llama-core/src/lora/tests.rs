@@ -2,15 +2,16 @@
 //! width gives the same bits, a row split into any pieces gives the same bits as whole, and
 //! the update riding a matmul equals the update run on its own.
 
-use super::kernel::*;
 use super::row::*;
 use super::*;
+use crate::exec::Isa;
+use crate::kernels::lowrank::*;
 use crate::test_util::values;
 
 /// The vector widths this CPU runs.
-fn widths() -> Vec<Simd> {
+fn widths() -> Vec<Isa> {
     #[allow(unused_mut)]
-    let mut v = vec![Simd::None];
+    let mut v = vec![Isa::Scalar];
     #[cfg(target_arch = "x86_64")]
     {
         let f = |s: &str| match s {
@@ -20,9 +21,9 @@ fn widths() -> Vec<Simd> {
             _ => is_x86_feature_detected!("avx512f"),
         };
         if f("avx2") && f("fma") && f("f16c") {
-            v.push(Simd::Avx2);
+            v.push(Isa::Avx2);
             if f("avx512f") {
-                v.push(Simd::Avx512);
+                v.push(Isa::Avx512);
             }
         }
     }

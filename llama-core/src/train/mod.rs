@@ -9,17 +9,15 @@
 //! of an f64 forward pass in `tests/train.rs`).
 
 pub mod data;
-pub(crate) mod dense;
-pub(crate) mod sgemm;
 mod trainer;
 
 pub use data::{load_jsonl, Example};
 pub use trainer::{EvalReport, StepReport, TrainOptions, Trainer};
 
 use crate::error::{Error, Result};
+use crate::kernels::dense::{self, Heads};
 use crate::lora::{Adapter, AdapterFormat, Parsed, RawPair, Target};
 use crate::model::{LayerView, Model, TrainView};
-use dense::Heads;
 
 /// Which projections get LoRA matrices, their rank and alpha.
 #[derive(Debug, Clone, PartialEq)]

@@ -11,32 +11,21 @@
 //! output columns ([`panel_index`]), so the update of any run of columns reads whole contiguous
 //! panels. In decode the update rides along the base matmul's pool call ([`super::row`]).
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+#[cfg(target_arch = "x86_64")]
+use avx2::*;
+#[cfg(target_arch = "x86_64")]
+use avx512::*;
+
 use half::{bf16, f16};
 
 use crate::error::{Error, Result};
 use crate::kernels::simd::Elem;
 
-/// The vector code the products run: none (scalar), 256-bit AVX2/FMA/F16C, or 512-bit
-/// AVX-512F.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Simd {
-    None,
-    Avx2,
-    Avx512,
-}
-
-impl Simd {
-    /// What the current settings' instruction set allows.
-    pub(crate) fn current() -> Simd {
-        match crate::exec::current().isa {
-            crate::exec::Isa::Scalar => Simd::None,
-            #[cfg(target_arch = "x86_64")]
-            crate::exec::Isa::Avx512 => Simd::Avx512,
-            #[cfg(target_arch = "x86_64")]
-            _ => Simd::Avx2,
-        }
-    }
-}
+use crate::exec::Isa;
 
 /// Values per scale of 8-bit storage: along a rank row's inputs in `A`, along an output
 /// column's rank values in `B^T` (the blocks of a Q8_0 `lora_a` / `lora_b`).
@@ -225,7 +214,7 @@ impl LoraMat {
     /// Each row's dot product: one accumulator over chunks of [`LANES`] positions in order, the
     /// lanes summed, then the tail positions; the same whatever the vector width.
     #[inline]
-    pub(crate) fn block_dots(&self, j0: usize, rb: usize, x: &[f32], out: &mut [f32], simd: Simd) {
+    pub(crate) fn block_dots(&self, j0: usize, rb: usize, x: &[f32], out: &mut [f32], simd: Isa) {
         // The block and the rest of the matrix after it (which the block's stream asks for
         // ahead).
         let from = j0 * x.len();
@@ -255,7 +244,7 @@ impl LoraMat {
     /// `B^T` (`[rank, n]` in panels of [`P`] columns, `rank = u.len()`): per column one
     /// fused multiply-add per rank value, `j` ascending, whatever the vector width, so a column
     /// gets the same bits whichever way a row is split into ranges.
-    pub(crate) fn add_cols(&self, n: usize, u: &[f32], lo: usize, out: &mut [f32], simd: Simd) {
+    pub(crate) fn add_cols(&self, n: usize, u: &[f32], lo: usize, out: &mut [f32], simd: Isa) {
         match self {
             LoraMat::F32(v) => add_cols(Plain(v), n, u, lo, out, simd),
             LoraMat::F16(v) => add_cols(Plain(v), n, u, lo, out, simd),
@@ -505,9 +494,9 @@ impl Src for Codes<'_> {
 
 /// `x . w` in f32.
 #[inline]
-pub(crate) fn dot<T: Elem>(x: &[f32], w: &[T], simd: Simd) -> f32 {
+pub(crate) fn dot<T: Elem>(x: &[f32], w: &[T], simd: Isa) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if simd != Simd::None {
+    if simd != Isa::Scalar {
         // SAFETY: `simd` is set only where the CPU has AVX2, FMA and F16C.
         return unsafe { dot_avx2(x, w) };
     }
@@ -516,7 +505,7 @@ pub(crate) fn dot<T: Elem>(x: &[f32], w: &[T], simd: Simd) -> f32 {
 }
 
 /// [`LoraMat::add_cols`] for one storage.
-fn add_cols<S: Src>(bt: S, n: usize, u: &[f32], lo: usize, out: &mut [f32], simd: Simd) {
+fn add_cols<S: Src>(bt: S, n: usize, u: &[f32], lo: usize, out: &mut [f32], simd: Isa) {
     let r = u.len();
     // Scales per column of a panel (8-bit storage; plain values ignore them).
     let rg = r / QG;
@@ -530,7 +519,7 @@ fn add_cols<S: Src>(bt: S, n: usize, u: &[f32], lo: usize, out: &mut [f32], simd
     let mut c = lo;
     while c < hi {
         #[cfg(target_arch = "x86_64")]
-        if simd != Simd::None && c.is_multiple_of(P) && c + P <= whole {
+        if simd != Isa::Scalar && c.is_multiple_of(P) && c + P <= whole {
             // A run of whole panels in one call.
             let q = (whole - c) / P;
             let dst = &mut out[c - lo..c - lo + q * P];
@@ -539,7 +528,7 @@ fn add_cols<S: Src>(bt: S, n: usize, u: &[f32], lo: usize, out: &mut [f32], simd
             // `Avx512`); `src` holds `q` panels of `r` rows of `P` (and their scales), `dst`
             // `q * P` values.
             unsafe {
-                if simd == Simd::Avx512 {
+                if simd.is_512() {
                     panels_avx512(src, u, dst)
                 } else {
                     panels_avx2(src, u, dst)
@@ -555,7 +544,7 @@ fn add_cols<S: Src>(bt: S, n: usize, u: &[f32], lo: usize, out: &mut [f32], simd
         let dst = &mut out[c - lo..end - lo];
         let a = c - c0;
         #[cfg(target_arch = "x86_64")]
-        if simd != Simd::None && w == P && end - c == 8 && a.is_multiple_of(8) {
+        if simd != Isa::Scalar && w == P && end - c == 8 && a.is_multiple_of(8) {
             // SAFETY: as above; the half panel starts at `a` and `dst` holds 8 values.
             unsafe { panel8_avx2(panel, u, a, dst) };
             c = end;
@@ -572,116 +561,6 @@ fn add_cols<S: Src>(bt: S, n: usize, u: &[f32], lo: usize, out: &mut [f32], simd
         }
         c = end;
     }
-}
-
-/// Whole panels (`out.len() / P` of them, `u.len()` rows of [`P`] each, one after another):
-/// `out[l] = fma(p[j * P + l], u[j], out[l])` for `j` ascending, four panels at a time (four
-/// independent chains).
-///
-/// # Safety
-/// The CPU supports AVX-512F, AVX2, FMA and F16C; `p` holds `out.len() / P` panels of
-/// `u.len()` rows of [`P`].
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn panels_avx512<S: Src>(p: S, u: &[f32], out: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let (r, q) = (u.len(), out.len() / P);
-    let (span, sspan) = (r * P, r / QG * P);
-    let op = out.as_mut_ptr();
-    let mut i = 0;
-    while i + 4 <= q {
-        let (e0, s0) = (i * span, i * sspan);
-        let mut acc: [__m512; 4] = std::array::from_fn(|v| _mm512_loadu_ps(op.add((i + v) * P)));
-        for (j, &uj) in u.iter().enumerate() {
-            let b = _mm512_set1_ps(uj);
-            let (e, s) = (e0 + j * P, s0 + j / QG * P);
-            for (v, a) in acc.iter_mut().enumerate() {
-                *a = _mm512_fmadd_ps(p.col16(e + v * span, s + v * sspan), b, *a);
-            }
-        }
-        for (v, a) in acc.iter().enumerate() {
-            _mm512_storeu_ps(op.add((i + v) * P), *a);
-        }
-        i += 4;
-    }
-    while i < q {
-        let (e0, s0) = (i * span, i * sspan);
-        let mut a = _mm512_loadu_ps(op.add(i * P));
-        for (j, &uj) in u.iter().enumerate() {
-            let x = p.col16(e0 + j * P, s0 + j / QG * P);
-            a = _mm512_fmadd_ps(x, _mm512_set1_ps(uj), a);
-        }
-        _mm512_storeu_ps(op.add(i * P), a);
-        i += 1;
-    }
-}
-
-/// [`panels_avx512`] on 256-bit vectors (each panel two halves), with the same arithmetic per
-/// lane.
-///
-/// # Safety
-/// The CPU supports AVX2, FMA and F16C; `p` holds `out.len() / P` panels of `u.len()` rows of
-/// [`P`].
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn panels_avx2<S: Src>(p: S, u: &[f32], out: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let (r, q) = (u.len(), out.len() / P);
-    let (span, sspan) = (r * P, r / QG * P);
-    let op = out.as_mut_ptr();
-    let mut i = 0;
-    while i + 2 <= q {
-        let (e0, s0) = (i * span, i * sspan);
-        // Lanes of panel i (halves 0, 1) and panel i + 1 (halves 0, 1).
-        let at = |v: usize| ((v / 2) * span + (v % 2) * 8, (v / 2) * sspan + (v % 2) * 8);
-        let mut acc: [__m256; 4] =
-            std::array::from_fn(|v| _mm256_loadu_ps(op.add(i * P + (v / 2) * P + (v % 2) * 8)));
-        for (j, &uj) in u.iter().enumerate() {
-            let b = _mm256_set1_ps(uj);
-            let (e, s) = (e0 + j * P, s0 + j / QG * P);
-            for (v, a) in acc.iter_mut().enumerate() {
-                let (de, ds) = at(v);
-                *a = _mm256_fmadd_ps(p.col8(e + de, s + ds), b, *a);
-            }
-        }
-        for (v, a) in acc.iter().enumerate() {
-            _mm256_storeu_ps(op.add(i * P + (v / 2) * P + (v % 2) * 8), *a);
-        }
-        i += 2;
-    }
-    if i < q {
-        let (e0, s0) = (i * span, i * sspan);
-        let mut acc = [
-            _mm256_loadu_ps(op.add(i * P)),
-            _mm256_loadu_ps(op.add(i * P + 8)),
-        ];
-        for (j, &uj) in u.iter().enumerate() {
-            let b = _mm256_set1_ps(uj);
-            let (e, s) = (e0 + j * P, s0 + j / QG * P);
-            for (h, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_fmadd_ps(p.col8(e + h * 8, s + h * 8), b, *a);
-            }
-        }
-        _mm256_storeu_ps(op.add(i * P), acc[0]);
-        _mm256_storeu_ps(op.add(i * P + 8), acc[1]);
-    }
-}
-
-/// Half a panel, lanes `at..at + 8`, with the arithmetic of [`panels_avx512`].
-///
-/// # Safety
-/// The CPU supports AVX2, FMA and F16C; `p` holds `u.len()` rows of [`P`], `at + 8 <= P`, `out`
-/// 8 values.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn panel8_avx2<S: Src>(p: S, u: &[f32], at: usize, out: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let mut acc = _mm256_loadu_ps(out.as_ptr());
-    for (j, &uj) in u.iter().enumerate() {
-        let x = p.col8(at + j * P, j / QG * P + at);
-        acc = _mm256_fmadd_ps(x, _mm256_set1_ps(uj), acc);
-    }
-    _mm256_storeu_ps(out.as_mut_ptr(), acc);
 }
 
 /// Rank rows per block of a stored `A`.
@@ -707,19 +586,19 @@ pub(crate) fn a_index(j: usize, i: usize, rank: usize, k: usize) -> usize {
 
 /// [`LoraMat::block_dots`] for one storage: `w` starts with the block (`rb` rows, and its
 /// scales) and runs to the matrix's end.
-fn block_dots<S: Src>(w: S, rb: usize, x: &[f32], out: &mut [f32], simd: Simd) {
+fn block_dots<S: Src>(w: S, rb: usize, x: &[f32], out: &mut [f32], simd: Isa) {
     let k = x.len();
     let k16 = k / LANES * LANES;
     assert!(w.elems() >= rb * k, "LoRA block outside its matrix");
     #[cfg(target_arch = "x86_64")]
-    if simd == Simd::Avx512 {
+    if simd.is_512() {
         // SAFETY: `Avx512` is set only where the CPU has AVX-512F (and AVX2, FMA, F16C); `w`
         // holds a block of `rb <= RB` rows of `k`.
         unsafe { block_dots_avx512(w, rb, x, out) };
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if simd == Simd::Avx2 {
+    if simd.is_256() {
         // SAFETY: `Avx2` is set only where the CPU has AVX2, FMA and F16C; as above.
         unsafe { block_dots_avx2(w, rb, x, out) };
         return;
@@ -769,116 +648,6 @@ fn prefetch_within(p: *const u8, len: usize, end: *const u8) {
     }
 }
 
-/// [`block_dots`] on 512-bit vectors: one stream through the block, its cache lines asked for
-/// ahead (not past the matrix's end).
-///
-/// # Safety
-/// The CPU supports AVX-512F, AVX2, FMA and F16C; `w` starts with a block of `rb <= RB` rows
-/// of `x.len()`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn block_dots_avx512<S: Src>(w: S, rb: usize, x: &[f32], out: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let k = x.len();
-    let k16 = k / LANES * LANES;
-    let xp = x.as_ptr();
-    let (wp, end) = (w.base(), w.base().wrapping_add(w.elems() * S::SIZE));
-    w.prefetch_scales(0, rb * k / QG);
-    let mut acc = [_mm512_setzero_ps(); RB];
-    for c in 0..k16 / LANES {
-        let xv = _mm512_loadu_ps(xp.add(c * LANES));
-        let (e, s) = (c * rb * LANES, c * LANES / QG * rb);
-        prefetch_within(wp.wrapping_add(e * S::SIZE), rb * LANES * S::SIZE, end);
-        for (r, a) in acc.iter_mut().enumerate().take(rb) {
-            *a = _mm512_fmadd_ps(w.row16(e + r * LANES, s + r), xv, *a);
-        }
-    }
-    let tail = k - k16;
-    for (r, a) in acc.iter().enumerate().take(rb) {
-        let mut s = _mm512_reduce_add_ps(*a);
-        for i in 0..tail {
-            s += x[k16 + i] * w.val(k16 * rb + r * tail + i, 0);
-        }
-        out[r] = s;
-    }
-}
-
-/// [`block_dots_avx512`] on 256-bit vectors (each chunk two halves, summed as the 512-bit
-/// reduction does), with the same results.
-///
-/// # Safety
-/// The CPU supports AVX2, FMA and F16C; `w` starts with a block of `rb <= RB` rows of
-/// `x.len()`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn block_dots_avx2<S: Src>(w: S, rb: usize, x: &[f32], out: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let k = x.len();
-    let k16 = k / LANES * LANES;
-    let xp = x.as_ptr();
-    let (wp, end) = (w.base(), w.base().wrapping_add(w.elems() * S::SIZE));
-    w.prefetch_scales(0, rb * k / QG);
-    let mut acc = [[_mm256_setzero_ps(); 2]; RB];
-    for c in 0..k16 / LANES {
-        let xv = [
-            _mm256_loadu_ps(xp.add(c * LANES)),
-            _mm256_loadu_ps(xp.add(c * LANES + 8)),
-        ];
-        let (e, s) = (c * rb * LANES, c * LANES / QG * rb);
-        prefetch_within(wp.wrapping_add(e * S::SIZE), rb * LANES * S::SIZE, end);
-        for (r, a) in acc.iter_mut().enumerate().take(rb) {
-            for h in 0..2 {
-                a[h] = _mm256_fmadd_ps(w.row8(e + r * LANES + 8 * h, s + r), xv[h], a[h]);
-            }
-        }
-    }
-    let tail = k - k16;
-    for (r, a) in acc.iter().enumerate().take(rb) {
-        // Lanes l + l+8, then l + l+4, then l + l+2, then 0 + 1: `_mm512_reduce_add_ps`.
-        let v = _mm256_add_ps(a[0], a[1]);
-        let v = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let v = _mm_add_ps(v, _mm_shuffle_ps::<0b01_00_11_10>(v, v));
-        let mut s = _mm_cvtss_f32(v) + _mm_cvtss_f32(_mm_shuffle_ps::<1>(v, v));
-        for i in 0..tail {
-            s += x[k16 + i] * w.val(k16 * rb + r * tail + i, 0);
-        }
-        out[r] = s;
-    }
-}
-
-/// # Safety
-/// The CPU supports AVX2, FMA and F16C; `w` is at least as long as `x`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_avx2<T: Elem>(x: &[f32], w: &[T]) -> f32 {
-    use std::arch::x86_64::*;
-    let n = x.len().min(w.len());
-    let (xp, wp) = (x.as_ptr(), w.as_ptr());
-    let mut acc = [_mm256_setzero_ps(); 4];
-    let mut i = 0;
-    while i + 32 <= n {
-        for (j, a) in acc.iter_mut().enumerate() {
-            let o = i + 8 * j;
-            *a = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(o)), T::load8(wp.add(o)), *a);
-        }
-        i += 32;
-    }
-    while i + 8 <= n {
-        acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i)), T::load8(wp.add(i)), acc[0]);
-        i += 8;
-    }
-    let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-    let h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
-    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    let h = _mm_add_ss(h, _mm_shuffle_ps::<1>(h, h));
-    let mut total = _mm_cvtss_f32(h);
-    while i < n {
-        total += x[i] * w[i].f32();
-        i += 1;
-    }
-    total
-}
-
 /// One stored update: `A` `[rank, inp]`, `B^T` `[rank, out]`.
 #[derive(Clone, Debug)]
 pub(crate) struct Update<'a> {
@@ -905,7 +674,7 @@ pub(crate) fn apply(
     (stride, col, n): (usize, usize, usize),
 ) -> Result<()> {
     let (r, k) = (up.rank, up.inp);
-    let simd = Simd::current();
+    let simd = crate::kernels::isa();
     if xs.len() != m * k || up.out != n || out.len() != m * stride || col + n > stride {
         return Err(Error::InvalidArgument(format!(
             "LoRA update [{n}, {r}] x [{r}, {k}] on a [{m}, {}] input into columns {col}..{} of [{m}, {stride}]",

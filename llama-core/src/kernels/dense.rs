@@ -3,17 +3,18 @@
 //! arithmetic is exact f32 on the stored values, the same in both directions), RMS norm,
 //! causal attention, SwiGLU and the small LoRA products.
 
-pub(crate) use super::sgemm::Operand;
-use super::sgemm::{Lhs, Rhs, Scratch};
+use crate::exec::Isa;
+use crate::kernels::lowrank::dot;
+pub(crate) use crate::kernels::sgemm::Operand;
+use crate::kernels::sgemm::{Lhs, Rhs, Scratch};
 use crate::kernels::WeightMatrix;
-use crate::lora::kernel::{dot, Simd};
 use crate::pool::{for_each_chunk_mut, pool, SharedMut};
 
 /// Weight rows dequantized per tile.
 const TILE: usize = 64;
 
-fn simd() -> Simd {
-    Simd::current()
+fn simd() -> Isa {
+    crate::kernels::isa()
 }
 
 /// `y[t, col..col + n] = x[t] . W^T` for the `m` rows of `x` (`[m, k]`), `y` `[m, stride]`.
