@@ -136,6 +136,8 @@ pub(crate) struct TrainView<'a> {
 
 /// One layer of a [`TrainView`]: norms as f32, projections with their output columns.
 pub(crate) struct LayerView<'a> {
+    /// What the layer is made of.
+    pub(crate) plan: &'a crate::plan::LayerPlan,
     pub(crate) attn_norm: Vec<f32>,
     pub(crate) qkv: Vec<(&'a Linear, usize)>,
     pub(crate) o: &'a Linear,
@@ -159,13 +161,15 @@ impl Model {
             layers: m
                 .layers
                 .iter()
-                .map(|l| {
+                .zip(&m.plan.layers)
+                .map(|(l, plan)| {
                     let [qkv, o, gate_up, down] = l.stacks.as_slice() else {
                         return Err(Error::UnsupportedArchitecture(
                             "training runs on Llama layers (attention then SwiGLU) only".into(),
                         ));
                     };
                     Ok(LayerView {
+                        plan,
                         attn_norm: f32s(&l.attn_norm)?,
                         qkv: qkv.parts(),
                         o: &o.mats[0],

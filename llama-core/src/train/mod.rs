@@ -18,6 +18,7 @@ use crate::error::{Error, Result};
 use crate::kernels::dense::{self, Heads};
 use crate::lora::{Adapter, AdapterFormat, Parsed, RawPair, Target};
 use crate::model::{LayerView, Model, TrainView};
+use crate::plan::{Attention, Mlp};
 
 /// Which projections get LoRA matrices, their rank and alpha.
 #[derive(Debug, Clone, PartialEq)]
@@ -509,23 +510,40 @@ fn seq_grad(
     let view = model.train_view()?;
     let c = view.config;
     let t = tokens.len();
-    let (h, hd, nh, nkv, ff) = c.dims();
-    let (qw, kw) = (nh * hd, nkv * hd);
-    let qkv_w = qw + 2 * kw;
+    let h = c.hidden_size;
     let eps = c.rms_norm_eps as f32;
     let s = params.config.scale();
-    let heads = Heads {
-        t,
-        nh,
-        nkv,
-        hd,
-        starts: &starts,
-    };
-    let scale = (1.0 / (hd as f64).sqrt()) as f32;
-    let (cos, sin) = rope_rows(view.rope, &starts, hd);
+    let (cos, sin) = rope_rows(view.rope, &starts, c.head_dim);
     let mut x: Vec<f32> = view.embed.rows(tokens)?.flatten_all()?.to_vec1()?;
     let mut saved: Vec<Saved> = Vec::with_capacity(c.num_hidden_layers);
     for (li, l) in view.layers.iter().enumerate() {
+        // The layer as its plan describes it (a new layer kind must be handled here too).
+        let lp = l.plan;
+        let (
+            Attention::Causal {
+                heads: nh,
+                kv_heads: nkv,
+                head_dim: hd,
+                qkv: qkv_g,
+                ..
+            },
+            Mlp::SwiGlu {
+                ffn: ff,
+                gate_up: gate_up_g,
+                ..
+            },
+        ) = (&lp.attention, &lp.mlp);
+        let (nh, nkv, hd, ff, eps) = (*nh, *nkv, *hd, *ff, lp.eps);
+        let (qw, kw) = (nh * hd, nkv * hd);
+        let qkv_w = qkv_g.width();
+        let heads = Heads {
+            t,
+            nh,
+            nkv,
+            hd,
+            starts: &starts,
+        };
+        let scale = (1.0 / (hd as f64).sqrt()) as f32;
         let ps = &params.layers[li];
         let mut hn = vec![0f32; t * h];
         let r1 = dense::rms_norm(&x, &l.attn_norm, eps, &mut hn);
@@ -534,11 +552,7 @@ fn seq_grad(
             dense::fwd(&**m, &hn, t, &mut qkv, (qkv_w, col));
         }
         let mut u: [Vec<f32>; 7] = Default::default();
-        for (tg, col, n) in [
-            (Target::Q, 0, qw),
-            (Target::K, qw, kw),
-            (Target::V, qw + kw, kw),
-        ] {
+        for (tg, col, n) in qkv_g.cols() {
             if let Some(p) = &ps[tg as usize] {
                 let r = params.config.rank;
                 u[tg as usize] = dense::lora_down(&hn, &p.a, t, r, h);
@@ -571,11 +585,11 @@ fn seq_grad(
         for &(m, col) in &l.gate_up {
             dense::fwd(&**m, &hn2, t, &mut gu, (2 * ff, col));
         }
-        for (tg, col) in [(Target::Gate, 0), (Target::Up, ff)] {
+        for (tg, col, n) in gate_up_g.cols() {
             if let Some(p) = &ps[tg as usize] {
                 let r = params.config.rank;
                 u[tg as usize] = dense::lora_down(&hn2, &p.a, t, r, h);
-                lora_up(&u[tg as usize], &p.b, s, t, r, &mut gu, (2 * ff, col, ff));
+                lora_up(&u[tg as usize], &p.b, s, t, r, &mut gu, (2 * ff, col, n));
             }
         }
         let mut a = vec![0f32; t * ff];
@@ -711,10 +725,24 @@ fn layer_bwd(
     (cos, sin): (&[f32], &[f32]),
     starts: &[usize],
 ) -> Result<Vec<f32>> {
-    let c = view.config;
-    let (h, hd, nh, nkv, ff) = c.dims();
+    let lp = l.plan;
+    let (
+        Attention::Causal {
+            heads: nh,
+            kv_heads: nkv,
+            head_dim: hd,
+            qkv: qkv_g,
+            ..
+        },
+        Mlp::SwiGlu {
+            ffn: ff,
+            gate_up: gate_up_g,
+            ..
+        },
+    ) = (&lp.attention, &lp.mlp);
+    let (h, nh, nkv, hd, ff) = (lp.hidden, *nh, *nkv, *hd, *ff);
     let (qw, kw) = (nh * hd, nkv * hd);
-    let qkv_w = qw + 2 * kw;
+    let qkv_w = qkv_g.width();
     let t = sv.x.len() / h;
     let s = params.config.scale();
     let ps = &params.layers[li];
@@ -743,7 +771,7 @@ fn layer_bwd(
     for &(m, col) in &l.gate_up {
         dense::bwd(&**m, &ggu, (2 * ff, col), t, &mut ghn2);
     }
-    for (tg, col) in [(Target::Gate, 0), (Target::Up, ff)] {
+    for (tg, col, n) in gate_up_g.cols() {
         if let (Some(p), Some(g)) = (&ps[tg as usize], &mut gs[tg as usize]) {
             lora_bwd(
                 p,
@@ -752,7 +780,7 @@ fn layer_bwd(
                 &sv.hn2,
                 &sv.u[tg as usize],
                 &ggu,
-                (2 * ff, col, ff),
+                (2 * ff, col, n),
                 t,
                 &mut ghn2,
             );
@@ -811,11 +839,7 @@ fn layer_bwd(
     for &(m, col) in &l.qkv {
         dense::bwd(&**m, &gqkv, (qkv_w, col), t, &mut ghn);
     }
-    for (tg, col, n) in [
-        (Target::Q, 0, qw),
-        (Target::K, qw, kw),
-        (Target::V, qw + kw, kw),
-    ] {
+    for (tg, col, n) in qkv_g.cols() {
         if let (Some(p), Some(g)) = (&ps[tg as usize], &mut gs[tg as usize]) {
             lora_bwd(
                 p,
