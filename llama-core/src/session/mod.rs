@@ -1,7 +1,11 @@
 //! A session: one sequence's KV cache, position and token history over a shared [`Model`].
 
 use crate::error::{Error, Result};
+mod detok;
 pub(crate) mod generate;
+mod options;
+mod outcome;
+mod prompt;
 pub(crate) mod state;
 mod stops;
 
