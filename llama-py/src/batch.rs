@@ -4,49 +4,15 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use llama_core::{GenerateOptions, Generation, Prompt, SeqId, SessionOptions};
+use llama_core::{GenerateOptions, Generation, SeqId, SessionOptions};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList};
+use pyo3::types::PyDict;
 
 use crate::constrain::Structured;
+use crate::convert::{generation_dict, prompt as prompt_arg};
 use crate::errors::{invalid, IntoPy};
-use crate::model::{messages, Model};
-use crate::sampler::Sampler;
-use crate::session::generation_dict;
+use crate::handles::{Model, Sampler};
 use crate::signals::Signals;
-
-/// A prompt as Python gave it: text, token ids, or a conversation (a list of message dicts).
-enum Owned {
-    Text(String),
-    Ids(Vec<u32>),
-    Chat(Vec<llama_core::Message>),
-}
-
-impl Owned {
-    fn from_py(p: &Bound<'_, PyAny>) -> PyResult<Owned> {
-        if let Ok(s) = p.extract::<String>() {
-            return Ok(Owned::Text(s));
-        }
-        if let Ok(ids) = p.extract::<Vec<u32>>() {
-            return Ok(Owned::Ids(ids));
-        }
-        if p.cast::<PyList>()
-            .is_ok_and(|l| l.len() > 0 && l.get_item(0).is_ok_and(|m| m.cast::<PyDict>().is_ok()))
-        {
-            return Ok(Owned::Chat(messages(p)?));
-        }
-        Err(invalid(
-            "each prompt must be a str, a list of token ids, or a list of {'role', 'content'} messages",
-        ))
-    }
-    fn as_core(&self) -> Prompt<'_> {
-        match self {
-            Owned::Text(t) => Prompt::Text(t),
-            Owned::Ids(ids) => Prompt::Tokens(ids),
-            Owned::Chat(m) => Prompt::Chat(m),
-        }
-    }
-}
 
 fn sampler_for(py: Python<'_>, s: Option<&Py<Sampler>>) -> PyResult<llama_core::Sampler> {
     match s {
@@ -106,7 +72,7 @@ impl Batch {
         tool_choice: Option<&Bound<'_, PyAny>>,
         parse_special_in_content: bool,
     ) -> PyResult<u64> {
-        let p = Owned::from_py(prompt)?;
+        let p = prompt_arg(prompt, true)?;
         let st = Structured::parse(response_format, grammar, regex, choices, tools, tool_choice)?;
         let mut opts = GenerateOptions::default()
             .max_tokens(max_tokens)
@@ -121,7 +87,7 @@ impl Batch {
                 .session(SessionOptions::default().n_ctx(n_ctx))
                 .py_err()?;
             let mut b = inner.lock().map_err(|_| invalid("poisoned"))?;
-            b.add(s, p.as_core(), opts, smp).py_err().map(|id| id.0)
+            b.add(s, p.as_prompt(), opts, smp).py_err().map(|id| id.0)
         })
     }
 
@@ -187,10 +153,10 @@ pub(crate) fn generate_batch(
     if prompts.extract::<String>().is_ok() {
         return Err(invalid("prompts must be a list of prompts, not one str"));
     }
-    let items: Vec<Owned> = prompts
+    let items: Vec<llama_core::OwnedPrompt> = prompts
         .try_iter()
         .map_err(|_| invalid("prompts must be a list"))?
-        .map(|p| p.and_then(|p| Owned::from_py(&p)))
+        .map(|p| p.and_then(|p| prompt_arg(&p, true)))
         .collect::<PyResult<_>>()?;
     let m = model.get().inner.clone();
     let mut opts = GenerateOptions::default().max_tokens(max_tokens);
@@ -205,7 +171,7 @@ pub(crate) fn generate_batch(
         let mut b = llama_core::Batch::new(&m);
         for (p, smp) in items.iter().zip(samplers) {
             let s = m.session(SessionOptions::default()).py_err()?;
-            b.add(s, p.as_core(), opts.clone(), smp).py_err()?;
+            b.add(s, p.as_prompt(), opts.clone(), smp).py_err()?;
         }
         let mut out = vec![];
         while !b.is_empty() {

@@ -4,7 +4,9 @@
 mod adapter;
 mod batch;
 mod constrain;
+mod convert;
 mod errors;
+mod handles;
 mod model;
 mod sampler;
 mod session;
@@ -22,11 +24,11 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
         l.install()
             .map_err(|e| pyo3::exceptions::PyRuntimeError::new_err(e.to_string()))
     });
-    m.add_class::<model::Model>()?;
+    m.add_class::<handles::Model>()?;
     m.add_class::<adapter::Adapter>()?;
-    m.add_class::<session::Session>()?;
+    m.add_class::<handles::Session>()?;
     m.add_class::<session::TokenStream>()?;
-    m.add_class::<sampler::Sampler>()?;
+    m.add_class::<handles::Sampler>()?;
     m.add_class::<batch::Batch>()?;
     m.add_function(wrap_pyfunction!(session::_restore_session, m)?)?;
     m.add_function(wrap_pyfunction!(train::finetune, m)?)?;

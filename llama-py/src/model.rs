@@ -3,59 +3,14 @@
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 
-use llama_core::{Message, ModelOptions, SessionOptions};
+use llama_core::{ModelOptions, SessionOptions};
 use numpy::PyArray1;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 
-use crate::errors::{invalid, IntoPy};
-use crate::session::Session;
-
-/// A loaded Llama-family model (GGUF file or Hugging Face folder). Immutable and shareable
-/// across threads and sessions.
-#[pyclass(module = "llama_core._native", name = "Model", frozen)]
-pub struct Model {
-    pub(crate) inner: llama_core::Model,
-}
-
-pub(crate) fn messages(items: &Bound<'_, PyAny>) -> PyResult<Vec<Message>> {
-    let mut out = vec![];
-    for item in items.try_iter()? {
-        let item = item?;
-        let d = item
-            .cast::<PyDict>()
-            .map_err(|_| invalid("each message must be a dict with 'role' and 'content'"))?;
-        let get = |k: &str| -> PyResult<String> {
-            d.get_item(k)?
-                .ok_or_else(|| invalid(format!("message without '{k}'")))?
-                .extract::<String>()
-                .map_err(|_| invalid(format!("message '{k}' must be a str")))
-        };
-        // An assistant turn with tool calls (OpenAI's shape) may have no content.
-        let calls = match d.get_item("tool_calls")?.filter(|c| !c.is_none()) {
-            None => vec![],
-            Some(c) => {
-                let v = crate::constrain::to_json(&c, "tool_calls")?;
-                let list = v
-                    .as_array()
-                    .ok_or_else(|| invalid("message 'tool_calls' must be a list"))?;
-                list.iter()
-                    .map(llama_core::ToolCall::from_json)
-                    .collect::<llama_core::Result<Vec<_>>>()
-                    .py_err()?
-            }
-        };
-        let content = match d.get_item("content")? {
-            Some(c) if c.is_none() && !calls.is_empty() => String::new(),
-            None if !calls.is_empty() => String::new(),
-            _ => get("content")?,
-        };
-        let mut m = Message::new(get("role")?, content);
-        m.tool_calls = calls;
-        out.push(m);
-    }
-    Ok(out)
-}
+use crate::convert::messages;
+use crate::errors::IntoPy;
+use crate::handles::{Model, Session};
 
 #[pymethods]
 impl Model {
@@ -164,7 +119,7 @@ impl Model {
         slf: &Bound<'_, Self>,
         prompts: &Bound<'_, PyAny>,
         max_tokens: usize,
-        sampler: Option<Py<crate::sampler::Sampler>>,
+        sampler: Option<Py<crate::handles::Sampler>>,
         stop: Option<Vec<String>>,
         response_format: Option<&Bound<'_, PyAny>>,
         grammar: Option<String>,

@@ -5,22 +5,8 @@ use std::sync::Mutex;
 use llama_core::SamplerConfig;
 use pyo3::prelude::*;
 
-use crate::errors::{invalid, IntoPy};
-
-/// Picks the next token: penalties, logit bias, top-k, top-p, min-p, temperature, then greedy
-/// (temperature 0) or a seeded random draw. Names and defaults follow llama.cpp.
-#[pyclass(module = "llama_core._native", name = "Sampler", frozen)]
-pub struct Sampler {
-    pub(crate) inner: Mutex<llama_core::Sampler>,
-}
-
-impl Sampler {
-    pub(crate) fn lock(&self) -> PyResult<std::sync::MutexGuard<'_, llama_core::Sampler>> {
-        self.inner
-            .lock()
-            .map_err(|_| invalid("the sampler was poisoned by an earlier failure"))
-    }
-}
+use crate::errors::IntoPy;
+use crate::handles::Sampler;
 
 #[pymethods]
 impl Sampler {
@@ -68,11 +54,11 @@ impl Sampler {
     }
 
     /// Picks the next token from the session's last logits.
-    fn sample(&self, py: Python<'_>, session: &crate::session::Session) -> PyResult<u32> {
+    fn sample(&self, py: Python<'_>, session: &crate::handles::Session) -> PyResult<u32> {
         py.detach(|| {
             let mut smp = self.lock()?;
             let guard = session.lock()?;
-            let s = guard.as_ref().ok_or_else(crate::session::closed)?;
+            let s = guard.as_ref().ok_or_else(crate::handles::closed)?;
             s.sample(&mut smp).py_err()
         })
     }

@@ -2,89 +2,16 @@
 
 use std::sync::Mutex;
 
-use llama_core::{CancelHandle, GenerateOptions, Generation, Generator};
+use llama_core::{GenerateOptions, Generation, Generator, OwnedPrompt};
 use numpy::PyArray1;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyTuple};
 
 use crate::constrain::Structured;
+use crate::convert::{generation_dict, messages, prompt as prompt_arg};
 use crate::errors::{invalid, to_py, IntoPy};
-use crate::model::{messages, Model};
-use crate::sampler::Sampler;
+use crate::handles::{closed, Model, Sampler, Session};
 use crate::signals::{guarded, Signals};
-
-/// A generation as Python sees it: 'tokens', 'text', 'stop_reason', 'prompt_tokens',
-/// 'prompt_ms', 'generated_tokens', 'generation_ms', 'logprobs' and 'tool_calls'
-/// (`Session.last_generation`, `Batch.finished`).
-pub(crate) fn generation_dict<'py>(
-    py: Python<'py>,
-    g: &Generation,
-) -> PyResult<Bound<'py, PyDict>> {
-    let d = PyDict::new(py);
-    d.set_item("tokens", g.tokens.clone())?;
-    d.set_item("text", g.text.clone())?;
-    d.set_item("stop_reason", g.stop_reason.as_str())?;
-    d.set_item("prompt_tokens", g.timings.prompt_tokens)?;
-    d.set_item("prompt_ms", g.timings.prompt.as_secs_f64() * 1e3)?;
-    d.set_item("generated_tokens", g.timings.generated_tokens)?;
-    d.set_item("generation_ms", g.timings.generation.as_secs_f64() * 1e3)?;
-    let lps: Vec<LogprobEntry> = g
-        .logprobs
-        .iter()
-        .map(|l| (l.id, l.logprob, l.top.clone()))
-        .collect();
-    d.set_item("logprobs", lps)?;
-    d.set_item(
-        "tool_calls",
-        crate::constrain::calls_to_py(py, &g.tool_calls)?,
-    )?;
-    Ok(d)
-}
-
-/// (token, logprob, top alternatives) as returned to Python.
-type LogprobEntry = (u32, f32, Vec<(u32, f32)>);
-
-pub(crate) fn closed() -> PyErr {
-    invalid("the session is closed")
-}
-
-/// One sequence being evaluated: KV cache, tokens, logits. Use it from one thread at a time;
-/// `cancel()` may be called from any thread. A context manager: leaving the `with` block frees
-/// the KV cache.
-#[pyclass(module = "llama_core._native", name = "Session", frozen)]
-pub struct Session {
-    inner: Mutex<Option<llama_core::Session>>,
-    cancel: CancelHandle,
-    last: Mutex<Option<Generation>>,
-    model: Py<Model>,
-}
-
-/// A prompt as Python gave it, owned so it can cross into the GIL-free section; the core's
-/// [`llama_core::Prompt`] rules (BOS, chat prefix reuse) apply to it there.
-enum Prompt {
-    Text(String),
-    Ids(Vec<u32>),
-    Chat(Vec<llama_core::Message>),
-}
-
-impl Prompt {
-    fn as_core(&self) -> llama_core::Prompt<'_> {
-        match self {
-            Prompt::Text(t) => llama_core::Prompt::Text(t),
-            Prompt::Ids(ids) => llama_core::Prompt::Tokens(ids),
-            Prompt::Chat(m) => llama_core::Prompt::Chat(m),
-        }
-    }
-}
-
-fn prompt_arg(p: &Bound<'_, PyAny>) -> PyResult<Prompt> {
-    if let Ok(s) = p.extract::<String>() {
-        return Ok(Prompt::Text(s));
-    }
-    p.extract::<Vec<u32>>()
-        .map(Prompt::Ids)
-        .map_err(|_| invalid("prompt must be a str or a list of token ids (non-negative ints)"))
-}
 
 fn gen_opts(
     max_tokens: usize,
@@ -112,21 +39,6 @@ fn default_sampler(py: Python<'_>, sampler: Option<Py<Sampler>>) -> PyResult<Py<
 }
 
 impl Session {
-    pub(crate) fn wrap(model: Py<Model>, s: llama_core::Session) -> Session {
-        Session {
-            cancel: s.cancel_handle(),
-            inner: Mutex::new(Some(s)),
-            last: Mutex::new(None),
-            model,
-        }
-    }
-
-    pub(crate) fn lock(&self) -> PyResult<std::sync::MutexGuard<'_, Option<llama_core::Session>>> {
-        self.inner
-            .lock()
-            .map_err(|_| invalid("the session was poisoned by an earlier failure"))
-    }
-
     /// Runs `f` on the session with the GIL released (the lock is taken without the GIL, so a
     /// thread waiting for the session never blocks Python).
     fn with<T: Send>(
@@ -159,7 +71,7 @@ impl Session {
     fn run_to_end(
         &self,
         py: Python<'_>,
-        prompt: Prompt,
+        prompt: OwnedPrompt,
         sampler: &Py<Sampler>,
         opts: GenerateOptions,
     ) -> PyResult<String> {
@@ -170,7 +82,7 @@ impl Session {
             let s = guard.as_mut().ok_or_else(closed)?;
             let mut sm = smp.lock()?;
             guarded(s, &sig, |s| {
-                let mut gen = s.start(prompt.as_core(), opts).py_err()?;
+                let mut gen = s.start(prompt.as_prompt(), opts).py_err()?;
                 while !sig.check() && gen.step(s, &mut sm).py_err()?.is_some() {}
                 gen.stop();
                 Ok(gen.into_generation())
@@ -252,7 +164,7 @@ impl Session {
         regex: Option<String>,
         choices: Option<Vec<String>>,
     ) -> PyResult<String> {
-        let p = prompt_arg(prompt)?;
+        let p = prompt_arg(prompt, false)?;
         let st = Structured::parse(response_format, grammar, regex, choices, None, None)?;
         let smp = default_sampler(py, sampler)?;
         self.run_to_end(py, p, &smp, st.apply(gen_opts(max_tokens, stop, logprobs)))
@@ -272,7 +184,7 @@ impl Session {
         regex: Option<String>,
         choices: Option<Vec<String>>,
     ) -> PyResult<TokenStream> {
-        let p = prompt_arg(prompt)?;
+        let p = prompt_arg(prompt, false)?;
         let st = Structured::parse(response_format, grammar, regex, choices, None, None)?;
         start_stream(slf, p, sampler, st.apply(gen_opts(max_tokens, stop, None)))
     }
@@ -307,7 +219,7 @@ impl Session {
         let smp = default_sampler(py, sampler)?;
         self.run_to_end(
             py,
-            Prompt::Chat(msgs),
+            OwnedPrompt::Chat(msgs),
             &smp,
             st.apply(gen_opts(max_tokens, stop, None))
                 .parse_special_in_content(parse_special_in_content),
@@ -335,7 +247,7 @@ impl Session {
         let st = Structured::parse(response_format, grammar, regex, choices, tools, tool_choice)?;
         start_stream(
             slf,
-            Prompt::Chat(msgs),
+            OwnedPrompt::Chat(msgs),
             sampler,
             st.apply(gen_opts(max_tokens, stop, None))
                 .parse_special_in_content(parse_special_in_content),
@@ -509,7 +421,7 @@ impl Session {
 /// generation that follows.
 fn start_stream(
     slf: &Bound<'_, Session>,
-    prompt: Prompt,
+    prompt: OwnedPrompt,
     sampler: Option<Py<Sampler>>,
     opts: GenerateOptions,
 ) -> PyResult<TokenStream> {
@@ -517,7 +429,7 @@ fn start_stream(
     let smp = default_sampler(py, sampler)?;
     let gen = slf
         .get()
-        .with_signals(py, move |s| s.start(prompt.as_core(), opts).py_err())?;
+        .with_signals(py, move |s| s.start(prompt.as_prompt(), opts).py_err())?;
     Ok(TokenStream {
         session: slf.clone().unbind(),
         sampler: smp,

@@ -6,7 +6,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyModule};
 
 use crate::errors::{invalid, IntoPy};
-use crate::model::Model;
+use crate::handles::Model;
 
 /// Trains a LoRA adapter on `model` with JSONL `data` (`{"text"}`, `{"prompt", "completion"}`
 /// or `{"messages"}` lines; the loss on completion / assistant tokens only) and returns it,

@@ -14,7 +14,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use futures_util::stream::{self, Stream};
-use llama_core::{Generation, Model, TokenLogprob};
+use llama_core::{Generation, Model, OwnedPrompt, TokenLogprob};
 use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
@@ -599,13 +599,6 @@ enum Kind {
     Completion,
 }
 
-/// What a request continues from.
-enum JobPrompt {
-    Chat(Vec<llama_core::Message>),
-    Text(String),
-    Tokens(Vec<u32>),
-}
-
 /// One generation request on its way through the engine.
 struct Call {
     st: Arc<AppState>,
@@ -627,14 +620,11 @@ impl Call {
     async fn start(
         st: Arc<AppState>,
         kind: Kind,
-        prompt: JobPrompt,
+        prompt: OwnedPrompt,
         params: Params,
         opts: llama_core::GenerateOptions,
     ) -> Result<Call, ApiError> {
-        let prompt_param = match prompt {
-            JobPrompt::Chat(_) => "messages",
-            _ => "prompt",
-        };
+        let prompt_param = prompt.field();
         // Everything that can be checked without work first.
         let cap = st.engine.limits().max_tokens;
         if let Some(n) = params.max_tokens.filter(|&n| n > cap) {
@@ -656,7 +646,7 @@ impl Call {
             ));
         }
         match &prompt {
-            JobPrompt::Chat(m) => {
+            OwnedPrompt::Chat(m) => {
                 let bytes: usize = m
                     .iter()
                     .map(|m| {
@@ -675,8 +665,8 @@ impl Call {
                     .sum();
                 st.check_length(bytes + tools, prompt_param)?;
             }
-            JobPrompt::Text(t) => st.check_length(t.len(), prompt_param)?,
-            JobPrompt::Tokens(t) => {
+            OwnedPrompt::Text(t) => st.check_length(t.len(), prompt_param)?,
+            OwnedPrompt::Tokens(t) => {
                 if t.len() >= st.engine.n_ctx() {
                     return Err(core_error(&llama_core::Error::ContextOverflow {
                         needed: t.len() + 1,
@@ -697,9 +687,9 @@ impl Call {
             // The turn ends with the work, even when the client has gone.
             let _turn = turn;
             let tokens = match prompt {
-                JobPrompt::Chat(m) => model.chat_tokens_with_tools(&m, &opts.tools),
-                JobPrompt::Text(t) => model.tokenize(&t, true, true),
-                JobPrompt::Tokens(t) => Ok(t),
+                OwnedPrompt::Chat(m) => model.chat_tokens_with_tools(&m, &opts.tools),
+                OwnedPrompt::Text(t) => model.tokenize(&t, true, true),
+                OwnedPrompt::Tokens(t) => Ok(t),
             }
             .map_err(|e| core_error(&e).param_if_unset(prompt_param))?;
             let opts = opts.prepared(&model).map_err(|e| {
@@ -1069,7 +1059,7 @@ async fn chat_completions(State(st): State<Arc<AppState>>, req: Request) -> Resp
     opts.tools = r.tools;
     opts.tool_choice = r.tool_choice;
     let stream = r.params.stream;
-    match Call::start(st, Kind::Chat, JobPrompt::Chat(r.messages), r.params, opts).await {
+    match Call::start(st, Kind::Chat, OwnedPrompt::Chat(r.messages), r.params, opts).await {
         Ok(c) if stream => c.stream(),
         Ok(c) => c.whole().await,
         Err(e) => e.into_response(),
@@ -1086,8 +1076,8 @@ async fn completions(State(st): State<Arc<AppState>>, req: Request) -> Response 
     opts.logprobs = r.params.logprobs;
     opts.constraint = r.constraint;
     let prompt = match r.prompt {
-        PromptInput::Text(t) => JobPrompt::Text(t),
-        PromptInput::Tokens(t) => JobPrompt::Tokens(t),
+        PromptInput::Text(t) => OwnedPrompt::Text(t),
+        PromptInput::Tokens(t) => OwnedPrompt::Tokens(t),
     };
     let stream = r.params.stream;
     match Call::start(st, Kind::Completion, prompt, r.params, opts).await {
