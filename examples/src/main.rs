@@ -483,15 +483,7 @@ fn tools(a: &ChatArgs) -> AnyResult<(Vec<Tool>, ToolChoice)> {
     };
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read the tools file {}: {e}", path.display()))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| format!("{} is not JSON: {e}", path.display()))?;
-    let list = v
-        .as_array()
-        .ok_or_else(|| format!("{} must hold a JSON list of tools", path.display()))?;
-    let tools = list
-        .iter()
-        .map(Tool::from_json)
-        .collect::<Result<Vec<_>, _>>()?;
+    let tools = Tool::list_from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
     let choice = match &a.tool_choice {
         Some(c) => ToolChoice::parse(c)?,
         None => ToolChoice::Auto,

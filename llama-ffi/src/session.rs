@@ -499,21 +499,7 @@ pub(crate) unsafe fn generate_options(
         ));
     };
     if !p.tools.is_null() {
-        let v: serde_json::Value = serde_json::from_str(crate::cstr_arg(p.tools, "tools")?)
-            .map_err(|e| {
-                fail_with(
-                    llama_status::InvalidArgument,
-                    format!("`tools` is not JSON: {e}"),
-                )
-            })?;
-        let list = v.as_array().ok_or_else(|| {
-            fail_with(llama_status::InvalidArgument, "`tools` must be a JSON list")
-        })?;
-        opts.tools = list
-            .iter()
-            .map(Tool::from_json)
-            .collect::<Result<_, _>>()
-            .map_err(fail)?;
+        opts.tools = Tool::list_from_str(crate::cstr_arg(p.tools, "tools")?).map_err(fail)?;
     }
     if !p.tool_choice.is_null() {
         opts.tool_choice =

@@ -59,16 +59,7 @@ impl Structured {
         }
         let tools = match tools.filter(|o| !o.is_none()) {
             None => vec![],
-            Some(t) => {
-                let v = to_json(t, "tools")?;
-                let list = v
-                    .as_array()
-                    .ok_or_else(|| invalid("tools must be a list of dicts"))?;
-                list.iter()
-                    .map(Tool::from_json)
-                    .collect::<llama_core::Result<_>>()
-                    .py_err()?
-            }
+            Some(t) => Tool::list_from_json(&to_json(t, "tools")?).py_err()?,
         };
         let tool_choice = match tool_choice.filter(|o| !o.is_none()) {
             None => ToolChoice::Auto,

@@ -493,12 +493,8 @@ fn messages(m: &Map<String, Value>) -> Result<Vec<Message>, ApiError> {
 fn tools(m: &Map<String, Value>) -> Result<(Vec<Tool>, ToolChoice), ApiError> {
     let tools = match field(m, "tools") {
         None => vec![],
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(Tool::from_json)
-            .collect::<llama_core::Result<_>>()
+        Some(v) => Tool::list_from_json(v)
             .map_err(|e| ApiError::invalid("tools", core_error(&e).message))?,
-        Some(_) => return Err(ApiError::invalid("tools", "tools must be a list")),
     };
     let choice = match field(m, "tool_choice") {
         None => ToolChoice::Auto,

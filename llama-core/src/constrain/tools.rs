@@ -35,6 +35,25 @@ impl Tool {
         }
     }
 
+    /// A list of tools as OpenAI's API gives them (`tools`: a JSON list of
+    /// `{"type": "function", "function": {...}}`), each read by [`Tool::from_json`].
+    pub fn list_from_json(v: &Value) -> Result<Vec<Tool>> {
+        v.as_array()
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!("tools must be a JSON list, not {}", compact(v)))
+            })?
+            .iter()
+            .map(Tool::from_json)
+            .collect()
+    }
+
+    /// [`Tool::list_from_json`] of JSON text (a tools file, a C string).
+    pub fn list_from_str(text: &str) -> Result<Vec<Tool>> {
+        let v: Value = serde_json::from_str(text)
+            .map_err(|e| Error::InvalidArgument(format!("tools are not JSON: {e}")))?;
+        Tool::list_from_json(&v)
+    }
+
     /// A tool in OpenAI's shape (`{"type": "function", "function": {"name", "description",
     /// "parameters"}}`) or just the inner function object.
     pub fn from_json(v: &Value) -> Result<Tool> {
