@@ -367,6 +367,24 @@ typedef struct {
    * The teacher's top-k per position. Default 32.
    */
   uint32_t top_k;
+  /**
+   * Evaluation data (same format as `data`), or NULL: evaluated every `eval_every` steps
+   * and after the last, reported in `llama_finetune_progress.eval_loss`.
+   */
+  const char *eval;
+  /**
+   * Steps between evaluations. Default 50.
+   */
+  uint32_t eval_every;
+  /**
+   * Pack short examples into sequences of `max_len` tokens (the same gradient, faster).
+   * Default false.
+   */
+  bool pack;
+  /**
+   * Rank-stabilized LoRA: the update is scaled by alpha / sqrt(rank). Default false.
+   */
+  bool rslora;
 } llama_finetune_params;
 
 /**
@@ -389,6 +407,11 @@ typedef struct {
    * The learning rate used.
    */
   float lr;
+  /**
+   * Mean loss per scored token on the evaluation data after this step, or NaN when none
+   * was made (no `eval` data, or not due).
+   */
+  float eval_loss;
 } llama_finetune_progress;
 
 /**

@@ -2,13 +2,14 @@
 //! a progress bar, a loss log (JSONL) and a loss plot (SVG). Ctrl-C saves a checkpoint to resume.
 
 use std::io::Write;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use llama_core::train::{load_jsonl, LoraConfig, TrainOptions, Trainer};
+use llama_core::train::{self, FinetuneEvent, FinetuneOptions, LoraConfig, TrainOptions};
 use llama_core::{Model, Target};
 
 use crate::AnyResult;
@@ -151,13 +152,6 @@ fn svg(points: &[(usize, f64)], eval: &[(usize, f64)]) -> String {
     )
 }
 
-fn write_outputs(model: &Model, t: &Trainer, out: &Path) -> AnyResult<()> {
-    let a = t.params().to_adapter(model, &out.display().to_string())?;
-    llama_core::lora::write_peft(out, &a, &model.path().display().to_string())?;
-    llama_core::lora::write_gguf_lora(&out.join("adapter.gguf"), &a, model.config())?;
-    Ok(())
-}
-
 pub fn finetune(a: FinetuneArgs) -> AnyResult<()> {
     run(&a.model, None, a.train)
 }
@@ -168,65 +162,44 @@ pub fn distill(a: DistillArgs) -> AnyResult<()> {
 
 fn run(model_path: &Path, teacher: Option<(&Path, usize)>, a: TrainArgs) -> AnyResult<()> {
     let model = Model::load(model_path, crate::model_options())?;
-    let teacher = teacher
-        .map(|(p, k)| Model::load(p, crate::model_options()).map(|m| (m, k)))
-        .transpose()?;
     let targets = a
         .targets
         .split(',')
         .map(Target::parse)
         .collect::<Result<Vec<_>, _>>()?;
-    let train = load_jsonl(&model, &a.data, a.max_len)?;
-    let eval = a
-        .eval
-        .as_ref()
-        .map(|p| load_jsonl(&model, p, a.max_len))
-        .transpose()?;
-    let mut t = match &a.resume {
-        Some(dir) => Trainer::resume(&model, train, dir)?,
-        None => {
-            let opts = TrainOptions::default()
-                .lora(LoraConfig {
-                    rank: a.rank,
-                    alpha: a.alpha,
-                    targets,
-                    rslora: a.rslora,
-                })
-                .epochs(a.epochs)
-                .lr(a.lr)
-                .batch(a.batch)
-                .grad_accum(a.grad_accum)
-                .warmup(a.warmup)
-                .weight_decay(a.weight_decay)
-                .clip(a.clip)
-                .seed(a.seed)
-                .pack(if a.pack { a.max_len } else { 0 });
-            Trainer::new(&model, train, opts)?
-        }
-    };
-    if let Some((tm, k)) = &teacher {
-        t = t.with_teacher(tm, *k)?;
+    let to = TrainOptions::default()
+        .lora(LoraConfig {
+            rank: a.rank,
+            alpha: a.alpha,
+            targets,
+            rslora: a.rslora,
+        })
+        .epochs(a.epochs)
+        .lr(a.lr)
+        .batch(a.batch)
+        .grad_accum(a.grad_accum)
+        .warmup(a.warmup)
+        .weight_decay(a.weight_decay)
+        .clip(a.clip)
+        .seed(a.seed);
+    let mut opts = FinetuneOptions::new(&a.data)
+        .with_out(a.out.clone())
+        .with_max_len(a.max_len)
+        .with_pack(a.pack)
+        .with_eval_every(a.eval_every)
+        .with_save_every(a.save_every)
+        .with_train(to);
+    opts.eval = a.eval.clone();
+    opts.resume = a.resume.clone();
+    opts.max_steps = a.max_steps;
+    if let Some((p, k)) = teacher {
+        let tm = Model::load(p, crate::model_options())?;
         eprintln!("distilling from {} (top {k})", tm.path().display());
+        opts = opts.with_teacher(tm, k);
     }
     std::fs::create_dir_all(&a.out)?;
-    let ckpt = a.out.join("checkpoint");
-    let flag = t.cancel_flag();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    {
-        let (flag, stop) = (flag.clone(), stop.clone());
-        ctrlc::set_handler(move || {
-            stop.store(true, Ordering::Relaxed);
-            flag.store(true, Ordering::Relaxed);
-        })?;
-    }
-    eprintln!(
-        "training {} LoRA parameters (rank {}, {} steps) on {}",
-        t.params().n_params(),
-        t.options().lora.rank,
-        t.total_steps(),
-        model.path().display()
-    );
-    let bar = ProgressBar::new(t.total_steps() as u64);
+    let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template(
             "{bar:30} {pos}/{len} steps {msg} [{elapsed_precise} < {eta_precise}]",
@@ -234,7 +207,6 @@ fn run(model_path: &Path, teacher: Option<(&Path, usize)>, a: TrainArgs) -> AnyR
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> "),
     );
-    bar.set_position(t.step_count() as u64);
     let mut log = std::fs::OpenOptions::new()
         .create(true)
         .append(a.resume.is_some())
@@ -243,63 +215,75 @@ fn run(model_path: &Path, teacher: Option<(&Path, usize)>, a: TrainArgs) -> AnyR
         .open(a.out.join("loss.jsonl"))?;
     let (mut points, mut evals) = (vec![], vec![]);
     let t0 = Instant::now();
-    let (mut tokens, mut steps_here) = (0usize, 0usize);
-    loop {
-        if a.max_steps.is_some_and(|m| steps_here >= m) {
-            break;
-        }
-        let r = match t.step() {
-            Ok(Some(r)) => r,
-            Ok(None) => break,
-            Err(llama_core::Error::Cancelled) => break,
-            Err(e) => return Err(e.into()),
-        };
-        steps_here += 1;
-        tokens += r.tokens;
-        let tps = tokens as f64 / t0.elapsed().as_secs_f64();
-        bar.set_position(r.step as u64);
-        bar.set_message(format!(
-            "loss {:.4} lr {:.2e} {:.0} tok/s",
-            r.loss, r.lr, tps
-        ));
-        points.push((r.step, r.loss));
-        let mut rec = serde_json::json!({"step": r.step, "epoch": r.epoch, "loss": r.loss, "lr": r.lr,
-            "grad_norm": r.grad_norm, "tokens": r.tokens, "scored": r.scored, "tokens_per_s": tps});
-        if let Some(ev) = &eval {
-            if r.step % a.eval_every.max(1) == 0 || t.done() {
-                match t.evaluate(ev) {
-                    Ok(e) => {
-                        rec["eval_loss"] = e.loss.into();
-                        rec["eval_ppl"] = e.perplexity.into();
-                        evals.push((r.step, e.loss));
-                        bar.println(format!(
-                            "step {}: eval loss {:.4}, perplexity {:.2}",
-                            r.step, e.loss, e.perplexity
-                        ));
-                    }
-                    Err(llama_core::Error::Cancelled) => {}
-                    Err(e) => return Err(e.into()),
+    let mut tokens = 0usize;
+    let mut failure: Option<std::io::Error> = None;
+    let result = train::finetune(&model, &opts, &mut |event| {
+        match event {
+            FinetuneEvent::Started(t) => {
+                // Ctrl-C: the step running finishes, then the checkpoint and adapter are saved.
+                let (flag, stop) = (t.cancel_flag(), stop.clone());
+                if let Err(e) = ctrlc::set_handler(move || {
+                    stop.store(true, Ordering::Relaxed);
+                    flag.store(true, Ordering::Relaxed);
+                }) {
+                    failure = Some(std::io::Error::other(e));
+                    return ControlFlow::Break(());
+                }
+                eprintln!(
+                    "training {} LoRA parameters (rank {}, {} steps) on {}",
+                    t.params().n_params(),
+                    t.options().lora.rank,
+                    t.total_steps(),
+                    model.path().display()
+                );
+                bar.set_length(t.total_steps() as u64);
+                bar.set_position(t.step_count() as u64);
+            }
+            FinetuneEvent::Step(r, ev) => {
+                tokens += r.tokens;
+                let tps = tokens as f64 / t0.elapsed().as_secs_f64();
+                bar.set_position(r.step as u64);
+                bar.set_message(format!(
+                    "loss {:.4} lr {:.2e} {:.0} tok/s",
+                    r.loss, r.lr, tps
+                ));
+                points.push((r.step, r.loss));
+                let mut rec = serde_json::json!({"step": r.step, "epoch": r.epoch, "loss": r.loss,
+                    "lr": r.lr, "grad_norm": r.grad_norm, "tokens": r.tokens, "scored": r.scored,
+                    "tokens_per_s": tps});
+                if let Some(e) = ev {
+                    rec["eval_loss"] = e.loss.into();
+                    rec["eval_ppl"] = e.perplexity.into();
+                    evals.push((r.step, e.loss));
+                    bar.println(format!(
+                        "step {}: eval loss {:.4}, perplexity {:.2}",
+                        r.step, e.loss, e.perplexity
+                    ));
+                }
+                if let Err(e) = writeln!(log, "{rec}") {
+                    failure = Some(e);
+                    return ControlFlow::Break(());
                 }
             }
-        }
-        writeln!(log, "{rec}")?;
-        if a.save_every > 0 && r.step % a.save_every == 0 {
-            t.save_checkpoint(&ckpt)?;
+            _ => {}
         }
         if stop.load(Ordering::Relaxed) {
-            break;
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
         }
-    }
+    })?;
     bar.finish_and_clear();
-    t.save_checkpoint(&ckpt)?;
-    write_outputs(&model, &t, &a.out)?;
+    if let Some(e) = failure {
+        return Err(e.into());
+    }
     std::fs::write(a.out.join("loss.svg"), svg(&points, &evals))?;
-    if stop.load(Ordering::Relaxed) || !t.done() {
+    if !result.finished {
         eprintln!(
             "stopped at step {}/{}; resume with --resume {}",
-            t.step_count(),
-            t.total_steps(),
-            ckpt.display()
+            result.steps,
+            result.total_steps,
+            a.out.join("checkpoint").display()
         );
     }
     eprintln!(

@@ -129,6 +129,16 @@ pub struct llama_finetune_params {
     pub teacher: *const llama_model,
     /// The teacher's top-k per position. Default 32.
     pub top_k: u32,
+    /// Evaluation data (same format as `data`), or NULL: evaluated every `eval_every` steps
+    /// and after the last, reported in `llama_finetune_progress.eval_loss`.
+    pub eval: *const std::ffi::c_char,
+    /// Steps between evaluations. Default 50.
+    pub eval_every: u32,
+    /// Pack short examples into sequences of `max_len` tokens (the same gradient, faster).
+    /// Default false.
+    pub pack: bool,
+    /// Rank-stabilized LoRA: the update is scaled by alpha / sqrt(rank). Default false.
+    pub rslora: bool,
 }
 
 /// Default fine-tuning parameters (`data` NULL: set it).
@@ -152,6 +162,10 @@ pub extern "C" fn llama_finetune_params_default() -> llama_finetune_params {
         seed: 0,
         teacher: std::ptr::null(),
         top_k: 32,
+        eval: std::ptr::null(),
+        eval_every: 50,
+        pack: false,
+        rslora: false,
     }
 }
 
@@ -167,6 +181,9 @@ pub struct llama_finetune_progress {
     pub loss: f32,
     /// The learning rate used.
     pub lr: f32,
+    /// Mean loss per scored token on the evaluation data after this step, or NaN when none
+    /// was made (no `eval` data, or not due).
+    pub eval_loss: f32,
 }
 
 /// Called after each step on the calling thread; return false to stop early (the adapter
@@ -189,7 +206,8 @@ pub unsafe extern "C" fn llama_finetune(
     user_data: *mut std::ffi::c_void,
     out: *mut *mut llama_adapter,
 ) -> llama_status {
-    use llama_core::train::{load_jsonl, LoraConfig, TrainOptions, Trainer};
+    use llama_core::train::{FinetuneEvent, FinetuneOptions, LoraConfig, TrainOptions};
+    use std::ops::ControlFlow;
     guard!({
         require!(model, params, out);
         let p = crate::read_params(
@@ -208,6 +226,7 @@ pub unsafe extern "C" fn llama_finetune(
                 }
             };
         let out_dir = opt_str(p.out_dir, "params.out_dir")?;
+        let eval = opt_str(p.eval, "params.eval")?;
         let targets = match opt_str(p.targets, "params.targets")? {
             None => llama_core::Target::ALL.to_vec(),
             Some(s) => s
@@ -216,14 +235,12 @@ pub unsafe extern "C" fn llama_finetune(
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(fail)?,
         };
-        let max_len = p.max_len as usize;
-        let train = load_jsonl(m, std::path::Path::new(data), max_len).map_err(fail)?;
-        let opts = TrainOptions::default()
+        let to = TrainOptions::default()
             .lora(LoraConfig {
                 rank: p.rank as usize,
                 alpha: p.alpha,
                 targets,
-                rslora: false,
+                rslora: p.rslora,
             })
             .epochs(p.epochs as usize)
             .lr(p.lr)
@@ -233,33 +250,35 @@ pub unsafe extern "C" fn llama_finetune(
             .weight_decay(p.weight_decay)
             .clip(p.clip)
             .seed(p.seed);
-        let mut t = Trainer::new(m, train, opts).map_err(fail)?;
+        let mut opts = FinetuneOptions::new(data)
+            .with_max_len(p.max_len as usize)
+            .with_pack(p.pack)
+            .with_eval_every(p.eval_every as usize)
+            .with_train(to);
+        opts.eval = eval.map(Into::into);
+        opts.out = out_dir.map(Into::into);
         if let Some(teacher) = p.teacher.as_ref() {
-            t = t
-                .with_teacher(&teacher.inner, p.top_k as usize)
-                .map_err(fail)?;
+            opts = opts.with_teacher(teacher.inner.clone(), p.top_k as usize);
         }
-        while let Some(r) = t.step().map_err(fail)? {
-            if let Some(cb) = progress {
-                let rep = llama_finetune_progress {
-                    step: r.step as u32,
-                    total_steps: r.total_steps as u32,
-                    loss: r.loss as f32,
-                    lr: r.lr,
-                };
-                if !cb(&rep, user_data) {
-                    break;
-                }
+        let r = llama_core::train::finetune(m, &opts, &mut |event| {
+            let (FinetuneEvent::Step(r, ev), Some(cb)) = (event, progress) else {
+                return ControlFlow::Continue(());
+            };
+            let rep = llama_finetune_progress {
+                step: r.step as u32,
+                total_steps: r.total_steps as u32,
+                loss: r.loss as f32,
+                lr: r.lr,
+                eval_loss: ev.map_or(f32::NAN, |e| e.loss as f32),
+            };
+            if cb(&rep, user_data) {
+                ControlFlow::Continue(())
+            } else {
+                ControlFlow::Break(())
             }
-        }
-        let name = out_dir.unwrap_or("trained");
-        let a = t.params().to_adapter(m, name).map_err(fail)?;
-        if let Some(dir) = out_dir {
-            let dir = std::path::Path::new(dir);
-            llama_core::lora::write_peft(dir, &a, &m.path().display().to_string()).map_err(fail)?;
-            llama_core::lora::write_gguf_lora(&dir.join("adapter.gguf"), &a, m.config())
-                .map_err(fail)?;
-        }
+        })
+        .map_err(fail)?;
+        let a = r.adapter;
         give(out, llama_adapter { inner: a })
     })
 }

@@ -1059,7 +1059,15 @@ async fn chat_completions(State(st): State<Arc<AppState>>, req: Request) -> Resp
     opts.tools = r.tools;
     opts.tool_choice = r.tool_choice;
     let stream = r.params.stream;
-    match Call::start(st, Kind::Chat, OwnedPrompt::Chat(r.messages), r.params, opts).await {
+    match Call::start(
+        st,
+        Kind::Chat,
+        OwnedPrompt::Chat(r.messages),
+        r.params,
+        opts,
+    )
+    .await
+    {
         Ok(c) if stream => c.stream(),
         Ok(c) => c.whole().await,
         Err(e) => e.into_response(),

@@ -213,9 +213,12 @@ static void test_adapters(llama_model *model, const char *model_path) {
 }
 
 static int ft_steps = 0;
+/* Which steps reported an evaluation (bit per step). */
+static unsigned ft_evals = 0;
 static bool ft_progress(const llama_finetune_progress *p, void *ud) {
     (void)ud;
     ft_steps = (int)p->step;
+    if (p->eval_loss == p->eval_loss && p->eval_loss > 0) ft_evals |= 1u << p->step;
     return p->step < 3 && p->loss > 0 && p->total_steps == 4;
 }
 
@@ -226,22 +229,37 @@ static void test_finetune(llama_model *model) {
         CHECK(0);
         return;
     }
-    char data[128], out[128], path[512];
+    char data[128], eval[128], out[128], path[512];
     snprintf(data, sizeof data, "%s/train.jsonl", dir);
+    snprintf(eval, sizeof eval, "%s/eval.jsonl", dir);
     snprintf(out, sizeof out, "%s/out", dir);
     FILE *f = fopen(data, "w");
     for (int i = 0; i < 4; i++) fprintf(f, "{\"prompt\": \"Code %d:\", \"completion\": \" Z%dQ\"}\n", i, i % 2);
     fclose(f);
+    f = fopen(eval, "w");
+    fprintf(f, "{\"prompt\": \"Code 9:\", \"completion\": \" Z1Q\"}\n");
+    fclose(f);
     llama_finetune_params fp = llama_finetune_params_default();
+    CHECK(fp.eval == NULL && fp.eval_every == 50 && !fp.pack && !fp.rslora);
     fp.data = data;
     fp.out_dir = out;
+    /* Evaluated after step 2 (every 2 steps); the run stops after step 3. */
+    fp.eval = eval;
+    fp.eval_every = 2;
+    fp.pack = true;
     fp.rank = 2;
     fp.lr = 1e-3f;
     fp.targets = "q,v";
     llama_adapter *a = NULL;
     CHECK(llama_finetune(model, &fp, ft_progress, NULL, &a) == LLAMA_STATUS_OK && a != NULL);
     CHECK(ft_steps == 3);
+    CHECK(ft_evals == (1u << 2));
     CHECK(llama_adapter_n_matrices(a) == 2 * 30 && llama_adapter_max_rank(a) == 2);
+    /* The checkpoint the CLI resumes from. */
+    snprintf(path, sizeof path, "%s/checkpoint/trainer_state.json", out);
+    FILE *st = fopen(path, "r");
+    CHECK(st != NULL);
+    if (st) fclose(st);
     snprintf(path, sizeof path, "%s/adapter.gguf", out);
     llama_adapter *b = NULL;
     CHECK(llama_adapter_load(model, path, &b) == LLAMA_STATUS_OK);
@@ -272,8 +290,10 @@ static void test_finetune(llama_model *model) {
     CHECK(llama_finetune(model, &fp, NULL, NULL, &c) == LLAMA_STATUS_INVALID_ARGUMENT);
     llama_adapter_free(a);
     llama_adapter_free(b);
-    const char *files[] = {"out/adapter.gguf", "out/adapter_config.json", "out/adapter_model.safetensors", "out", "train.jsonl"};
-    for (int i = 0; i < 5; i++) {
+    const char *files[] = {"out/adapter.gguf", "out/adapter_config.json", "out/adapter_model.safetensors",
+                           "out/checkpoint/trainer_state.json", "out/checkpoint/trainer_state.safetensors",
+                           "out/checkpoint", "out", "train.jsonl", "eval.jsonl"};
+    for (int i = 0; i < 9; i++) {
         snprintf(path, sizeof path, "%s/%s", dir, files[i]);
         if (remove(path) != 0) rmdir(path);
     }

@@ -9,9 +9,11 @@
 //! of an f64 forward pass in `tests/train.rs`).
 
 pub mod data;
+mod recipe;
 mod trainer;
 
 pub use data::{load_jsonl, Example};
+pub use recipe::{finetune, write_adapter, FinetuneEvent, FinetuneOptions, FinetuneResult};
 pub use trainer::{EvalReport, StepReport, TrainOptions, Trainer};
 
 use crate::error::{Error, Result};
