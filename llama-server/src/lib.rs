@@ -10,6 +10,7 @@
 
 pub mod access;
 pub mod api;
+mod completion;
 pub mod conn;
 pub mod engine;
 mod http;
