@@ -373,7 +373,7 @@ fn constrained_decode(
     let t = Instant::now();
     let g = model.compile_constraint(&c)?;
     let compile_ms = t.elapsed().as_secs_f64() * 1e3;
-    let ids = model.chat_tokens(&[Message::user(prompt)])?;
+    let ids = model.chat_tokens(&[Message::user(prompt)], Default::default())?;
     // End-of-generation tokens banned in both runs, so the free one runs as long as the
     // constrained one (where the grammar never allows them before it completes) through the
     // same sampler path.

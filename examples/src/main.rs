@@ -588,7 +588,7 @@ fn chat(a: ChatArgs) -> AnyResult<()> {
     if let Some(p) = &a.prompt {
         // One turn on an empty session: the rendered conversation is the whole prompt.
         messages.push(Message::user(p.clone()));
-        let ids = model.chat_tokens_opts(&messages, &opts.tools, opts.parse_special_in_content)?;
+        let ids = model.chat_tokens(&messages, (&opts).into())?;
         return one_turn(&model, &a.model, &a.sampling, &ids, opts);
     }
     let mut s = session(&model, &a.model)?;

@@ -121,10 +121,7 @@ impl Batch {
             return Ok(None);
         }
         let ids = match prompt {
-            Prompt::Chat(m) => {
-                self.model
-                    .chat_tokens_opts(m, &opts.tools, opts.parse_special_in_content)?
-            }
+            Prompt::Chat(m) => self.model.chat_tokens(m, opts.into())?,
             Prompt::Text(t) => self.model.tokenize(t, true, true)?,
             Prompt::Tokens(t) => t.to_vec(),
         };
@@ -180,9 +177,7 @@ impl Batch {
                 session = copy;
                 session.reuse_prefix(&ids)
             }
-            None => {
-                session.prompt_tokens_opts(prompt, &opts.tools, opts.parse_special_in_content)?
-            }
+            None => session.prompt_tokens(prompt, (&opts).into())?,
         };
         if pending.is_empty() && session.logits().is_none() {
             return Err(Error::no_logits());

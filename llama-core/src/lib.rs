@@ -72,7 +72,9 @@ pub use constrain::{Constraint, Grammar};
 pub use error::{Error, Result};
 pub use exec::Kernel;
 pub use lora::{Adapter, AdapterFormat};
-pub use model::{Embeddings, LoadProgress, Model, ModelOptions, Pooling, ProgressFn, QuantType};
+pub use model::{
+    ChatOptions, Embeddings, LoadProgress, Model, ModelOptions, Pooling, ProgressFn, QuantType,
+};
 pub use perplexity::Perplexity;
 pub use plan::Target;
 pub use sampler::{Sampler, SamplerConfig};

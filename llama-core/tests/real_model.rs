@@ -195,7 +195,7 @@ fn chat_template_and_reply_match_references() {
             case["rendered"].as_str().unwrap(),
             "rendered template differs from jinja2"
         );
-        let prompt_ids = m.chat_tokens(&messages).unwrap();
+        let prompt_ids = m.chat_tokens(&messages, Default::default()).unwrap();
         assert_eq!(prompt_ids, ids(&case["prompt_ids"]));
         let mut s = m.session(SessionOptions::default()).unwrap();
         let g = s

@@ -112,7 +112,9 @@ impl Call {
             // The turn ends with the work, even when the client has gone.
             let _turn = turn;
             let tokens = match prompt {
-                OwnedPrompt::Chat(m) => model.chat_tokens_with_tools(&m, &opts.tools),
+                OwnedPrompt::Chat(m) => {
+                    model.chat_tokens(&m, llama_core::ChatOptions::with_tools(&opts.tools))
+                }
                 OwnedPrompt::Text(t) => model.tokenize(&t, true, true),
                 OwnedPrompt::Tokens(t) => Ok(t),
             }

@@ -86,31 +86,11 @@ impl super::Model {
     /// The tokens of a rendered conversation, one BOS at most: the template's own markup is
     /// parsed (special tokens included), message content is text whatever it contains (a
     /// user cannot forge a turn by writing `<|im_end|>`), and roles must be among
-    /// [`crate::chat::KNOWN_ROLES`]. [`crate::Model::chat_tokens_trusted`] parses everything.
-    pub fn chat_tokens(&self, messages: &[Message]) -> Result<Vec<u32>> {
-        self.chat_tokens_with_tools(messages, &[])
-    }
-
-    /// [`crate::Model::chat_tokens`] with `tools` shown to the template.
-    pub fn chat_tokens_with_tools(&self, messages: &[Message], tools: &[Tool]) -> Result<Vec<u32>> {
-        self.chat_tokens_opts(messages, tools, false)
-    }
-
-    /// [`crate::Model::chat_tokens`] for messages the caller trusts: any role, and
-    /// special-token text inside content parsed into control tokens (the behaviour of a plain
-    /// `tokenize(apply_chat_template(..), parse_special=true)`).
-    pub fn chat_tokens_trusted(&self, messages: &[Message], tools: &[Tool]) -> Result<Vec<u32>> {
-        self.chat_tokens_opts(messages, tools, true)
-    }
-
-    /// [`crate::Model::chat_tokens_with_tools`], or its trusted form when
-    /// `parse_special_in_content` (see [`crate::GenerateOptions::parse_special_in_content`]).
-    pub fn chat_tokens_opts(
-        &self,
-        messages: &[Message],
-        tools: &[Tool],
-        parse_special_in_content: bool,
-    ) -> Result<Vec<u32>> {
+    /// [`crate::chat::KNOWN_ROLES`]; `opts` shows tools to the template, or trusts the
+    /// messages ([`ChatOptions::parse_special_in_content`]: any role, special-token text in
+    /// content parsed into control tokens).
+    pub fn chat_tokens(&self, messages: &[Message], opts: ChatOptions<'_>) -> Result<Vec<u32>> {
+        let (tools, parse_special_in_content) = (opts.tools, opts.parse_special_in_content);
         let tok = self.tokenizer();
         let mut ids = if parse_special_in_content {
             let text = self.apply_chat_template_with_tools(messages, tools, true)?;
@@ -145,5 +125,52 @@ impl super::Model {
             }
         }
         Ok(ids)
+    }
+}
+
+/// How [`Model::chat_tokens`] (and a chat prompt of a session or batch) renders and tokenizes
+/// a conversation.
+#[derive(Debug, Clone, Copy, Default)]
+#[non_exhaustive]
+pub struct ChatOptions<'a> {
+    /// Tools shown to the template (its native tools block, or our tools prompt).
+    pub tools: &'a [Tool],
+    /// Trust the messages: any role, and special-token text inside content parsed into
+    /// control tokens (the behaviour of `tokenize(apply_chat_template(..), parse_special)`).
+    pub parse_special_in_content: bool,
+}
+
+impl<'a> ChatOptions<'a> {
+    /// Tools shown to the template.
+    pub fn with_tools(tools: &'a [Tool]) -> ChatOptions<'a> {
+        ChatOptions {
+            tools,
+            parse_special_in_content: false,
+        }
+    }
+
+    /// These options with the messages trusted or not
+    /// ([`ChatOptions::parse_special_in_content`]).
+    pub fn trusting(mut self, parse_special_in_content: bool) -> ChatOptions<'a> {
+        self.parse_special_in_content = parse_special_in_content;
+        self
+    }
+
+    /// Trusted messages ([`ChatOptions::parse_special_in_content`]), no tools.
+    pub fn trusted() -> ChatOptions<'static> {
+        ChatOptions {
+            tools: &[],
+            parse_special_in_content: true,
+        }
+    }
+}
+
+impl<'a> From<&'a crate::GenerateOptions> for ChatOptions<'a> {
+    /// The tools and trust of a generation's options.
+    fn from(o: &'a crate::GenerateOptions) -> ChatOptions<'a> {
+        ChatOptions {
+            tools: &o.tools,
+            parse_special_in_content: o.parse_special_in_content,
+        }
     }
 }

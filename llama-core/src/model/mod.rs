@@ -2,6 +2,7 @@
 //! weights, immutable after load and shared by any number of sessions.
 
 mod chat;
+pub use chat::ChatOptions;
 mod forward;
 pub(crate) use forward::BatchSeq;
 mod load;

@@ -12,9 +12,10 @@ pub use super::outcome::{Generation, Piece, StopReason, Timings, TokenLogprob};
 pub use super::prompt::{OwnedPrompt, Prompt};
 use super::Session;
 use crate::chat::Message;
-use crate::constrain::tools::{parse_tool_calls, Tool, ToolChoice};
+use crate::constrain::tools::{parse_tool_calls, ToolChoice};
 use crate::constrain::ConstraintState;
 use crate::error::{Error, Result};
+use crate::model::ChatOptions;
 use crate::sampler::{log_softmax, Sampler};
 
 /// The generation state machine, owned and independent of any borrow: drive it with
@@ -307,43 +308,15 @@ impl Iterator for TokenStream<'_> {
 
 impl Session {
     /// The tokens still to evaluate for `prompt` (see [`Prompt`]); for a chat the session is
-    /// truncated to the prefix it shares with the conversation.
-    pub fn prompt_tokens(&mut self, prompt: Prompt<'_>) -> Result<Vec<u32>> {
+    /// truncated to the prefix it shares with the conversation, rendered with `chat`.
+    pub fn prompt_tokens(&mut self, prompt: Prompt<'_>, chat: ChatOptions<'_>) -> Result<Vec<u32>> {
         match prompt {
             Prompt::Text(t) => self.model().tokenize(t, self.is_empty(), true),
             Prompt::Tokens(ids) => Ok(ids.to_vec()),
             Prompt::Chat(messages) => {
-                let ids = self.model().chat_tokens(messages)?;
+                let ids = self.model().chat_tokens(messages, chat)?;
                 Ok(self.reuse_prefix(&ids))
             }
-        }
-    }
-
-    /// [`Session::prompt_tokens`] with tools shown to a chat prompt's template.
-    pub fn prompt_tokens_with_tools(
-        &mut self,
-        prompt: Prompt<'_>,
-        tools: &[Tool],
-    ) -> Result<Vec<u32>> {
-        self.prompt_tokens_opts(prompt, tools, false)
-    }
-
-    /// [`Session::prompt_tokens_with_tools`], trusting chat messages when
-    /// `parse_special_in_content` (see [`GenerateOptions::parse_special_in_content`]).
-    pub fn prompt_tokens_opts(
-        &mut self,
-        prompt: Prompt<'_>,
-        tools: &[Tool],
-        parse_special_in_content: bool,
-    ) -> Result<Vec<u32>> {
-        match prompt {
-            Prompt::Chat(messages) => {
-                let ids =
-                    self.model()
-                        .chat_tokens_opts(messages, tools, parse_special_in_content)?;
-                Ok(self.reuse_prefix(&ids))
-            }
-            other => self.prompt_tokens(other),
         }
     }
 
@@ -351,7 +324,7 @@ impl Session {
     /// ([`Session::stream`], [`Session::generate`], [`Session::chat`], C and Python all start
     /// here).
     pub fn start(&mut self, prompt: Prompt<'_>, opts: GenerateOptions) -> Result<Generator> {
-        let ids = self.prompt_tokens_opts(prompt, &opts.tools, opts.parse_special_in_content)?;
+        let ids = self.prompt_tokens(prompt, (&opts).into())?;
         Generator::new(self, &ids, opts)
     }
 
