@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use candle_core::quantized::GgmlDType;
 use candle_core::Device;
 use common::tiny::{build, reference_logits_lora, Lora64, Spec, Tiny};
-use llama_core::train::{LoraConfig, LoraParams};
+use llama_core::train::{teacher_top_k, LoraConfig, LoraParams, LossInput};
 use llama_core::{Kernel, Model, ModelOptions, Target};
 
 type Weights = HashMap<String, (Vec<usize>, Vec<f32>)>;
@@ -108,7 +108,9 @@ fn check(name: &str, t: &Tiny, m: &Model, w: &Weights) {
     let score: Vec<bool> = (0..tokens.len() - 1).map(|i| i >= 3).collect();
     let p = random_params(m, 2, 11);
     let (s, r) = (p.config.scale() as f64, p.config.rank);
-    let g = m.lora_loss_and_grads(&p, &tokens, &score).unwrap();
+    let g = p
+        .loss_and_grads(m, &LossInput::new(&tokens, &score))
+        .unwrap();
     let base = to64(&p);
     let l0 = loss64(&t.spec, w, &base, s, r, &tokens, &score);
     println!("{name}: loss {} vs f64 {l0}", g.loss_sum);
@@ -410,7 +412,7 @@ fn distillation_gradients_and_learning() {
     let teacher = Model::load(&tt.gguf, common::options()).unwrap();
     let tokens: Vec<u32> = vec![5, 40, 77, 100, 3, 250, 17, 64, 9, 120];
     let score: Vec<bool> = (0..tokens.len() - 1).map(|i| i >= 3).collect();
-    let dists = teacher.teacher_top_k(&tokens, &score, 8).unwrap();
+    let dists = teacher_top_k(&teacher, &tokens, &score, 8).unwrap();
     assert_eq!(dists.len(), 6);
     assert!(dists
         .iter()
@@ -418,8 +420,8 @@ fn distillation_gradients_and_learning() {
     // Gradients against central differences of the f64 distillation loss (every 7th value).
     let p = random_params(&m, 2, 5);
     let (s, r) = (p.config.scale() as f64, p.config.rank);
-    let g = m
-        .lora_distill_loss_and_grads(&p, &tokens, &score, &dists)
+    let g = p
+        .loss_and_grads(&m, &LossInput::new(&tokens, &score).distilled(&dists))
         .unwrap();
     let base = to64(&p);
     let f = |q: &Lora64| loss64_with(&t.spec, &t.weights, q, s, r, &tokens, &score, Some(&dists));
@@ -506,8 +508,8 @@ fn packed_sequences_equal_separate_ones() {
     let a: Vec<u32> = vec![5, 40, 77, 100, 3, 250];
     let b: Vec<u32> = vec![17, 64, 9, 120, 33];
     let (sa, sb) = (vec![true; a.len() - 1], vec![false, true, true, true]);
-    let ga = m.lora_loss_and_grads(&p, &a, &sa).unwrap();
-    let gb = m.lora_loss_and_grads(&p, &b, &sb).unwrap();
+    let ga = p.loss_and_grads(&m, &LossInput::new(&a, &sa)).unwrap();
+    let gb = p.loss_and_grads(&m, &LossInput::new(&b, &sb)).unwrap();
     let tokens: Vec<u32> = a.iter().chain(&b).copied().collect();
     let score: Vec<bool> = sa
         .iter()
@@ -515,8 +517,8 @@ fn packed_sequences_equal_separate_ones() {
         .chain([false])
         .chain(sb.iter().copied())
         .collect();
-    let g = m
-        .lora_loss_and_grads_packed(&p, &tokens, &score, &[0, a.len()])
+    let g = p
+        .loss_and_grads(&m, &LossInput::new(&tokens, &score).packed(&[0, a.len()]))
         .unwrap();
     assert_eq!(g.n_scored, ga.n_scored + gb.n_scored);
     assert!((g.loss_sum - ga.loss_sum - gb.loss_sum).abs() < 1e-4 * g.loss_sum);
@@ -536,11 +538,11 @@ fn packed_sequences_equal_separate_ones() {
         d < 1e-4 * big,
         "packed gradient differs by {d} (largest {big})"
     );
-    assert!(m
-        .lora_loss_and_grads_packed(&p, &tokens, &score, &[1])
+    assert!(p
+        .loss_and_grads(&m, &LossInput::new(&tokens, &score).packed(&[1]))
         .is_err());
-    assert!(m
-        .lora_loss_and_grads_packed(&p, &tokens, &score, &[0, 20])
+    assert!(p
+        .loss_and_grads(&m, &LossInput::new(&tokens, &score).packed(&[0, 20]))
         .is_err());
     // A run with packing trains the same adapter as one without (up to summation order).
     let data = write(t.dir.path(), "p.jsonl", &tiny_data(8));

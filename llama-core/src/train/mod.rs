@@ -333,112 +333,118 @@ fn lora_bwd(
     );
 }
 
-impl Model {
-    /// The summed next-token loss of `tokens` over the positions `score` marks (`score[i]`:
-    /// whether predicting `tokens[i + 1]` from the tokens up to `i` counts; `len - 1` entries)
-    /// with the adapter `params`, and its gradient with respect to `params`. Exact f32 on the
-    /// stored weights; the base gets no gradient.
-    pub fn lora_loss_and_grads(
-        &self,
-        params: &LoraParams,
-        tokens: &[u32],
-        score: &[bool],
-    ) -> Result<SeqGrad> {
-        self.runtime()
-            .run(|| seq_grad(self, params, tokens, score, None, &[0]))
+/// What a loss is taken over ([`LoraParams::loss_and_grads`]): one sequence, or several packed
+/// into one, scored against the next tokens or against a teacher's distributions.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct LossInput<'a> {
+    /// The tokens.
+    pub tokens: &'a [u32],
+    /// `score[i]`: whether predicting `tokens[i + 1]` from the tokens up to `i` counts
+    /// (`len - 1` entries).
+    pub score: &'a [bool],
+    /// The first index of each packed sequence (starting with 0, increasing; `[0]`: one
+    /// sequence). Each attends only within itself and its positions start at 0, so the result
+    /// is the sum over the sequences alone (set `score` false at each boundary: the last token
+    /// of one does not predict the next one's).
+    pub segments: &'a [usize],
+    /// Distillation: `(id, probability)` pairs for each scored position (a teacher's top-k,
+    /// renormalized, from [`teacher_top_k`]) instead of the next tokens. The loss is then the
+    /// cross-entropy `-sum p log q`: the KL divergence from the teacher up to the teacher's
+    /// entropy (a constant), so the same gradient.
+    pub teacher: Option<&'a [Vec<(u32, f32)>]>,
+}
+
+impl<'a> LossInput<'a> {
+    /// One sequence against its next tokens.
+    pub fn new(tokens: &'a [u32], score: &'a [bool]) -> LossInput<'a> {
+        LossInput {
+            tokens,
+            score,
+            segments: &[0],
+            teacher: None,
+        }
     }
 
-    /// [`Model::lora_loss_and_grads`] on several sequences packed into one: `segments` holds
-    /// the first index of each (starting with 0, increasing). Each attends only within itself
-    /// and its positions start at 0, so the result is the sum over the sequences alone (set
-    /// `score` false at each boundary: the last token of one does not predict the next one's).
-    pub fn lora_loss_and_grads_packed(
-        &self,
-        params: &LoraParams,
-        tokens: &[u32],
-        score: &[bool],
-        segments: &[usize],
-    ) -> Result<SeqGrad> {
-        self.runtime()
-            .run(|| seq_grad(self, params, tokens, score, None, segments))
+    /// Several sequences packed into `tokens`, starting at `segments`.
+    pub fn packed(mut self, segments: &'a [usize]) -> LossInput<'a> {
+        self.segments = segments;
+        self
     }
 
-    /// [`Model::lora_loss_and_grads`] against a teacher's distributions instead of the next
-    /// tokens (distillation): `teacher[n]` holds `(id, probability)` pairs for the `n`-th scored
-    /// position (the teacher's top-k, renormalized). The loss is the cross-entropy
-    /// `-sum p log q`, which is the KL divergence from the teacher up to the teacher's entropy
-    /// (a constant): the same gradient.
-    pub fn lora_distill_loss_and_grads(
-        &self,
-        params: &LoraParams,
-        tokens: &[u32],
-        score: &[bool],
-        teacher: &[Vec<(u32, f32)>],
-    ) -> Result<SeqGrad> {
-        self.lora_distill_loss_and_grads_packed(params, tokens, score, &[0], teacher)
+    /// Against a teacher's distributions.
+    pub fn distilled(mut self, teacher: &'a [Vec<(u32, f32)>]) -> LossInput<'a> {
+        self.teacher = Some(teacher);
+        self
     }
+}
 
-    /// [`Model::lora_distill_loss_and_grads`] on packed sequences (see
-    /// [`Model::lora_loss_and_grads_packed`]).
-    pub fn lora_distill_loss_and_grads_packed(
-        &self,
-        params: &LoraParams,
-        tokens: &[u32],
-        score: &[bool],
-        segments: &[usize],
-        teacher: &[Vec<(u32, f32)>],
-    ) -> Result<SeqGrad> {
-        let n = score.iter().filter(|&&s| s).count();
-        if teacher.len() != n {
-            return Err(Error::InvalidArgument(format!(
-                "{} teacher distributions for {n} scored positions",
-                teacher.len()
-            )));
+impl LoraParams {
+    /// The summed loss of `input` over its scored positions on `model` with this adapter, and
+    /// its gradient with respect to the adapter. Exact f32 on the stored weights; the base
+    /// gets no gradient.
+    pub fn loss_and_grads(&self, model: &Model, input: &LossInput<'_>) -> Result<SeqGrad> {
+        if let Some(teacher) = input.teacher {
+            let n = input.score.iter().filter(|&&s| s).count();
+            if teacher.len() != n {
+                return Err(Error::InvalidArgument(format!(
+                    "{} teacher distributions for {n} scored positions",
+                    teacher.len()
+                )));
+            }
+            let vocab = model.config().vocab_size;
+            if teacher
+                .iter()
+                .flatten()
+                .any(|&(id, p)| id as usize >= vocab || !p.is_finite() || p < 0.0)
+            {
+                return Err(Error::InvalidArgument(
+                    "a teacher distribution holds a bad id or probability".into(),
+                ));
+            }
         }
-        let vocab = self.config().vocab_size;
-        if teacher
-            .iter()
-            .flatten()
-            .any(|&(id, p)| id as usize >= vocab || !p.is_finite() || p < 0.0)
-        {
-            return Err(Error::InvalidArgument(
-                "a teacher distribution holds a bad id or probability".into(),
-            ));
-        }
-        self.runtime()
-            .run(|| seq_grad(self, params, tokens, score, Some(teacher), segments))
+        model.runtime().run(|| {
+            seq_grad(
+                model,
+                self,
+                input.tokens,
+                input.score,
+                input.teacher,
+                input.segments,
+            )
+        })
     }
+}
 
-    /// The top-`k` next-token distribution of this model (as a teacher) at every position of
-    /// `tokens` whose `score` is set, renormalized over the `k` ids.
-    pub fn teacher_top_k(
-        &self,
-        tokens: &[u32],
-        score: &[bool],
-        k: usize,
-    ) -> Result<Vec<Vec<(u32, f32)>>> {
-        if k == 0 {
-            return Err(Error::InvalidArgument("top-k must be positive".into()));
-        }
-        let mut s = self.session(
-            crate::SessionOptions::default()
-                .n_ctx(tokens.len().max(1))
-                .kv_type(crate::KvCacheType::F32),
-        )?;
-        let rows = s.eval_all_logits(&tokens[..tokens.len().saturating_sub(1)])?;
-        let mut out = vec![];
-        for (row, _) in rows.iter().zip(score).filter(|(_, &s)| s) {
-            let top = crate::sampler::top_k_of(row, k);
-            let mx = top.first().map_or(0.0, |t| t.1);
-            let z: f64 = top.iter().map(|t| ((t.1 - mx) as f64).exp()).sum();
-            out.push(
-                top.iter()
-                    .map(|t| (t.0, (((t.1 - mx) as f64).exp() / z) as f32))
-                    .collect(),
-            );
-        }
-        Ok(out)
+/// The top-`k` next-token distribution of `teacher` at every position of `tokens` whose `score`
+/// is set, renormalized over the `k` ids (the input of [`LossInput::distilled`]).
+pub fn teacher_top_k(
+    teacher: &Model,
+    tokens: &[u32],
+    score: &[bool],
+    k: usize,
+) -> Result<Vec<Vec<(u32, f32)>>> {
+    if k == 0 {
+        return Err(Error::InvalidArgument("top-k must be positive".into()));
     }
+    let mut s = teacher.session(
+        crate::SessionOptions::default()
+            .n_ctx(tokens.len().max(1))
+            .kv_type(crate::KvCacheType::F32),
+    )?;
+    let rows = s.eval_all_logits(&tokens[..tokens.len().saturating_sub(1)])?;
+    let mut out = vec![];
+    for (row, _) in rows.iter().zip(score).filter(|(_, &s)| s) {
+        let top = crate::sampler::top_k_of(row, k);
+        let mx = top.first().map_or(0.0, |t| t.1);
+        let z: f64 = top.iter().map(|t| ((t.1 - mx) as f64).exp()).sum();
+        out.push(
+            top.iter()
+                .map(|t| (t.0, (((t.1 - mx) as f64).exp() / z) as f32))
+                .collect(),
+        );
+    }
+    Ok(out)
 }
 
 /// RoPE tables with one row per token, at its position within its segment.

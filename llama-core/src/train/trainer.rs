@@ -259,32 +259,24 @@ impl Trainer {
             tokens.extend_from_slice(&ex.tokens);
             score.extend_from_slice(&ex.score);
             if let Some((t, k)) = &self.teacher {
-                dists.extend(t.teacher_top_k(&ex.tokens, &ex.score, *k)?);
+                dists.extend(super::teacher_top_k(t, &ex.tokens, &ex.score, *k)?);
             }
         }
-        match &self.teacher {
-            None => self
-                .model
-                .lora_loss_and_grads_packed(&self.params, &tokens, &score, &segments),
-            Some(_) => self.model.lora_distill_loss_and_grads_packed(
-                &self.params,
-                &tokens,
-                &score,
-                &segments,
-                &dists,
-            ),
+        let mut input = super::LossInput::new(&tokens, &score).packed(&segments);
+        if self.teacher.is_some() {
+            input = input.distilled(&dists);
         }
+        self.params.loss_and_grads(&self.model, &input)
     }
 
     fn seq(&self, ex: &Example) -> Result<super::SeqGrad> {
+        let input = super::LossInput::new(&ex.tokens, &ex.score);
         match &self.teacher {
-            None => self
-                .model
-                .lora_loss_and_grads(&self.params, &ex.tokens, &ex.score),
+            None => self.params.loss_and_grads(&self.model, &input),
             Some((t, k)) => {
-                let dists = t.teacher_top_k(&ex.tokens, &ex.score, *k)?;
-                self.model
-                    .lora_distill_loss_and_grads(&self.params, &ex.tokens, &ex.score, &dists)
+                let dists = super::teacher_top_k(t, &ex.tokens, &ex.score, *k)?;
+                self.params
+                    .loss_and_grads(&self.model, &input.distilled(&dists))
             }
         }
     }
