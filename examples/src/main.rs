@@ -663,13 +663,16 @@ fn perplexity(a: PerplexityArgs) -> AnyResult<()> {
     );
     let t0 = Instant::now();
     let mut last = Vec::new();
-    let r =
-        model.perplexity_with_adapters(&text, a.n_ctx, a.chunks, &adapters, |done, total| {
-            b.set_length(total as u64);
-            b.set_position(done as u64);
-            last.push(done);
-            ControlFlow::Continue(())
-        })?;
+    let mut opts = llama_core::PerplexityOptions::default()
+        .n_ctx(a.n_ctx)
+        .adapters(adapters);
+    opts.max_chunks = a.chunks;
+    let r = llama_core::Perplexity::measure(&model, &text, &opts, |done, total| {
+        b.set_length(total as u64);
+        b.set_position(done as u64);
+        last.push(done);
+        ControlFlow::Continue(())
+    })?;
     b.finish_and_clear();
     if a.json {
         println!(

@@ -75,7 +75,7 @@ pub use lora::{Adapter, AdapterFormat};
 pub use model::{
     ChatOptions, Embeddings, LoadProgress, Model, ModelOptions, Pooling, ProgressFn, QuantType,
 };
-pub use perplexity::Perplexity;
+pub use perplexity::{Perplexity, PerplexityOptions};
 pub use plan::Target;
 pub use sampler::{Sampler, SamplerConfig};
 pub use session::generate::{

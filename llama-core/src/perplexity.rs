@@ -9,7 +9,7 @@ use crate::model::Model;
 use crate::sampler::log_softmax;
 use crate::session::{KvCacheType, SessionOptions};
 
-/// Result of [`Model::perplexity`].
+/// Result of [`Perplexity::measure`].
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct Perplexity {
@@ -25,14 +25,47 @@ pub struct Perplexity {
     pub per_chunk: Vec<f64>,
 }
 
-impl Model {
-    /// Log-likelihood of each token of `tokens[1..]` given the ones before it, evaluated in one
-    /// fresh session (so `tokens.len()` must fit in `n_ctx`).
-    pub fn token_logprobs(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+/// How [`Perplexity::measure`] runs.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct PerplexityOptions {
+    /// Tokens per window (llama.cpp's `-c`). Default 512.
+    pub n_ctx: usize,
+    /// At most this many windows (`None`: every whole window of the text).
+    pub max_chunks: Option<usize>,
+    /// LoRA adapters applied, each with its scale (see [`crate::Session::set_adapters`]).
+    pub adapters: Vec<(crate::Adapter, f32)>,
+}
+
+impl Default for PerplexityOptions {
+    fn default() -> Self {
+        PerplexityOptions {
+            n_ctx: 512,
+            max_chunks: None,
+            adapters: vec![],
+        }
+    }
+}
+
+impl PerplexityOptions {
+    setters! {
+        /// Sets the window.
+        n_ctx(n: usize) => n_ctx = n;
+        /// Limits the windows.
+        max_chunks(n: usize) => max_chunks = Some(n);
+        /// Applies adapters.
+        adapters(a: Vec<(crate::Adapter, f32)>) => adapters = a;
+    }
+}
+
+impl Perplexity {
+    /// Log-likelihood of each token of `tokens[1..]` given the ones before it on `model`,
+    /// evaluated in one fresh session (so `tokens.len()` must fit in its context).
+    pub fn token_logprobs(model: &Model, tokens: &[u32]) -> Result<Vec<f32>> {
         if tokens.len() < 2 {
             return Ok(vec![]);
         }
-        let mut s = self.session(
+        let mut s = model.session(
             SessionOptions::default()
                 .n_ctx(tokens.len())
                 .kv_type(KvCacheType::F16),
@@ -43,34 +76,22 @@ impl Model {
             .collect())
     }
 
-    /// Perplexity of `text` over windows of `n_ctx` tokens (at most `max_chunks` windows when
-    /// given). `progress(done, total)` is called after each window; `Break` cancels.
-    pub fn perplexity(
-        &self,
+    /// Perplexity of `text` on `model` over windows of `opts.n_ctx` tokens.
+    /// `progress(done, total)` is called after each window; `Break` cancels.
+    pub fn measure(
+        model: &Model,
         text: &str,
-        n_ctx: usize,
-        max_chunks: Option<usize>,
-        progress: impl FnMut(usize, usize) -> ControlFlow<()>,
-    ) -> Result<Perplexity> {
-        self.perplexity_with_adapters(text, n_ctx, max_chunks, &[], progress)
-    }
-
-    /// [`Model::perplexity`] with LoRA adapters applied (see [`crate::Session::set_adapters`]).
-    pub fn perplexity_with_adapters(
-        &self,
-        text: &str,
-        n_ctx: usize,
-        max_chunks: Option<usize>,
-        adapters: &[(crate::Adapter, f32)],
+        opts: &PerplexityOptions,
         mut progress: impl FnMut(usize, usize) -> ControlFlow<()>,
     ) -> Result<Perplexity> {
+        let (n_ctx, max_chunks, adapters) = (opts.n_ctx, opts.max_chunks, &opts.adapters[..]);
         if n_ctx < 8 {
             return Err(Error::InvalidArgument(format!(
                 "n_ctx {n_ctx} is too small for perplexity"
             )));
         }
-        let tok = self.tokenizer();
-        let tokens = self.tokenize(text, true, false)?;
+        let tok = model.tokenizer();
+        let tokens = model.tokenize(text, true, false)?;
         if tokens.len() < 2 * n_ctx {
             return Err(Error::InvalidArgument(format!(
                 "the text has {} tokens; perplexity with n_ctx {n_ctx} needs at least {}",
@@ -93,7 +114,7 @@ impl Model {
             if let Some(b) = bos {
                 window[0] = b;
             }
-            let mut s = self.session(SessionOptions::default().n_ctx(n_ctx))?;
+            let mut s = model.session(SessionOptions::default().n_ctx(n_ctx))?;
             s.set_adapters(adapters)?;
             let logits = s.eval_logits_from(&window, first)?;
             for j in first..n_ctx - 1 {

@@ -325,11 +325,13 @@ fn perplexity_matches_llama_cpp_within_one_percent() {
     let text = std::fs::read_to_string(p["file"].as_str().unwrap()).unwrap();
     let n_ctx = p["n_ctx"].as_u64().unwrap() as usize;
     let chunks = p["chunks"].as_u64().unwrap() as usize;
-    let ours = model()
-        .perplexity(&text, n_ctx, Some(chunks), |_, _| {
-            std::ops::ControlFlow::Continue(())
-        })
-        .unwrap();
+    let opts = llama_core::PerplexityOptions::default()
+        .n_ctx(n_ctx)
+        .max_chunks(chunks);
+    let ours = llama_core::Perplexity::measure(model(), &text, &opts, |_, _| {
+        std::ops::ControlFlow::Continue(())
+    })
+    .unwrap();
     let theirs = p["perplexity"].as_f64().unwrap();
     let rel = (ours.perplexity - theirs).abs() / theirs;
     println!(
@@ -348,7 +350,7 @@ fn token_logprobs_agree_with_eval() {
     let ids = m
         .tokenize("The quick brown fox jumps over the lazy dog.", true, false)
         .unwrap();
-    let lps = m.token_logprobs(&ids).unwrap();
+    let lps = llama_core::Perplexity::token_logprobs(m, &ids).unwrap();
     assert_eq!(lps.len(), ids.len() - 1);
     let mut s = m.session(SessionOptions::default()).unwrap();
     let all = s.eval_all_logits(&ids).unwrap();
