@@ -426,14 +426,14 @@ fn load(m: &ModelArg) -> AnyResult<Model> {
 }
 
 fn sampler(s: &SamplingArgs) -> AnyResult<Sampler> {
-    let mut cfg = SamplerConfig::default()
+    let cfg = SamplerConfig::default()
         .temperature(s.temperature)
         .top_k(s.top_k)
         .top_p(s.top_p)
         .min_p(s.min_p)
         .repeat_penalty(s.repeat_penalty)
-        .repeat_last_n(s.repeat_last_n);
-    cfg.seed = s.seed;
+        .repeat_last_n(s.repeat_last_n)
+        .seed_opt(s.seed);
     Ok(Sampler::new(cfg)?)
 }
 

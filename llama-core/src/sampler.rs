@@ -72,6 +72,29 @@ impl SamplerConfig {
         repeat_last_n(n: i32) => repeat_last_n = n;
         /// Sets the seed.
         seed(s: u64) => seed = Some(s);
+        /// Sets the seed, or none (one from the clock).
+        seed_opt(s: Option<u64>) => seed = s;
+        /// Sets the frequency penalty.
+        frequency_penalty(p: f32) => frequency_penalty = p;
+        /// Sets the presence penalty.
+        presence_penalty(p: f32) => presence_penalty = p;
+    }
+
+    /// Sets the logit bias: `(token id, bias)` pairs in any order, kept sorted by id (a
+    /// repeated id keeps its last bias).
+    pub fn logit_bias(mut self, pairs: impl IntoIterator<Item = (u32, f32)>) -> Self {
+        let mut v: Vec<(u32, f32)> = pairs.into_iter().collect();
+        // Stable: equal ids keep their order, so the last one given is last.
+        v.sort_by_key(|p| p.0);
+        let mut out: Vec<(u32, f32)> = Vec::with_capacity(v.len());
+        for p in v {
+            match out.last_mut() {
+                Some(last) if last.0 == p.0 => *last = p,
+                _ => out.push(p),
+            }
+        }
+        self.logit_bias = out;
+        self
     }
 
     /// Checks every value's range.

@@ -149,3 +149,24 @@ fn greedy_takes_the_lowest_id_among_equals_and_skips_nan() {
     let mut b = Sampler::new(cfg).unwrap();
     assert_eq!(b.sample(&[1.0, 1.5, 0.5], &[]).unwrap(), 2);
 }
+
+/// The logit-bias setter every face uses keeps pairs sorted by id, the last bias of a repeated
+/// id winning; the other setters set their fields.
+#[test]
+fn sampler_config_setters_normalize_the_logit_bias() {
+    let c = llama_core::SamplerConfig::default()
+        .logit_bias([(5, 1.0), (2, 0.5), (5, -1.0), (9, f32::NEG_INFINITY)])
+        .frequency_penalty(0.25)
+        .presence_penalty(-0.5)
+        .seed_opt(Some(3));
+    assert_eq!(
+        c.logit_bias,
+        vec![(2, 0.5), (5, -1.0), (9, f32::NEG_INFINITY)]
+    );
+    assert_eq!(
+        (c.frequency_penalty, c.presence_penalty, c.seed),
+        (0.25, -0.5, Some(3))
+    );
+    assert_eq!(c.clone().seed_opt(None).seed, None);
+    c.validate().unwrap();
+}

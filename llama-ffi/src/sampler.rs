@@ -88,10 +88,10 @@ pub unsafe extern "C" fn llama_sampler_new(
             .top_p(p.top_p)
             .min_p(p.min_p)
             .repeat_penalty(p.repeat_penalty)
-            .repeat_last_n(p.repeat_last_n);
-        cfg.frequency_penalty = p.frequency_penalty;
-        cfg.presence_penalty = p.presence_penalty;
-        cfg.seed = p.has_seed.then_some(p.seed);
+            .repeat_last_n(p.repeat_last_n)
+            .frequency_penalty(p.frequency_penalty)
+            .presence_penalty(p.presence_penalty)
+            .seed_opt(p.has_seed.then_some(p.seed));
         if p.n_logit_bias > 0 {
             if p.logit_bias_tokens.is_null() || p.logit_bias_values.is_null() {
                 return Err(fail_with(
@@ -107,7 +107,7 @@ pub unsafe extern "C" fn llama_sampler_new(
                     format!("logit bias token {bad} is negative"),
                 ));
             }
-            cfg.logit_bias = ids.iter().zip(vals).map(|(&t, &v)| (t as u32, v)).collect();
+            cfg = cfg.logit_bias(ids.iter().zip(vals).map(|(&t, &v)| (t as u32, v)));
         }
         let inner = Sampler::new(cfg).map_err(fail)?;
         give(out, llama_sampler { inner })

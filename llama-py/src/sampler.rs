@@ -25,21 +25,17 @@ impl Sampler {
         logit_bias: Option<std::collections::HashMap<u32, f32>>,
         seed: Option<u64>,
     ) -> PyResult<Self> {
-        let mut cfg = SamplerConfig::default()
+        let cfg = SamplerConfig::default()
             .temperature(temperature)
             .top_k(top_k)
             .top_p(top_p)
             .min_p(min_p)
             .repeat_penalty(repeat_penalty)
-            .repeat_last_n(repeat_last_n);
-        cfg.frequency_penalty = frequency_penalty;
-        cfg.presence_penalty = presence_penalty;
-        cfg.seed = seed;
-        if let Some(b) = logit_bias {
-            let mut v: Vec<(u32, f32)> = b.into_iter().collect();
-            v.sort_by_key(|x| x.0);
-            cfg.logit_bias = v;
-        }
+            .repeat_last_n(repeat_last_n)
+            .frequency_penalty(frequency_penalty)
+            .presence_penalty(presence_penalty)
+            .seed_opt(seed)
+            .logit_bias(logit_bias.unwrap_or_default());
         Ok(Sampler {
             inner: Mutex::new(llama_core::Sampler::new(cfg).py_err()?),
         })

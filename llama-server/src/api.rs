@@ -304,6 +304,7 @@ fn params(m: &Map<String, Value>, default_max: Option<usize>) -> Result<Params, 
         let o = b.as_object().ok_or_else(|| {
             ApiError::invalid("logit_bias", "logit_bias must map token ids to numbers")
         })?;
+        let mut pairs = Vec::with_capacity(o.len());
         for (k, v) in o {
             let id: u32 = k.parse().map_err(|_| {
                 ApiError::invalid(
@@ -326,8 +327,9 @@ fn params(m: &Map<String, Value>, default_max: Option<usize>) -> Result<Params, 
             } else {
                 x as f32
             };
-            s.logit_bias.push((id, bias));
+            pairs.push((id, bias));
         }
+        s = s.logit_bias(pairs);
     }
     if let Some(n) = integer(m, "n", 1, i64::MAX)? {
         if n != 1 {
