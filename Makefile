@@ -1,5 +1,5 @@
 # Single entry point. `make demo` streams a chat answer from the default model; `make test`
-# runs every test (fetches the model first).
+# runs every check and test (fetches the model first).
 .PHONY: demo test lint model reference header c-tests python-tests fuzz miri tsan bench
 
 demo:
@@ -22,21 +22,10 @@ c-tests:
 python-tests:
 	bash scripts/test-python.sh
 
-# Every build of the test run shares one feature resolution (`--workspace`) and one set of
-# flags, so each crate compiles once: the kernel-path reruns reuse the test binaries, and the
-# portable code (x86-64-v3: no compiler-emitted AVX-512; the kernels still pick AVX-512 at run
-# time) is what valgrind checks in the C suite without a second build.
-test: export RUSTFLAGS := -C target-cpu=x86-64-v3
-test: model lint header
-	cargo test --workspace
-	# The kernel and attention unit tests again on each narrower SIMD path (same test binaries).
-	LLAMA_CORE_KERNEL=vnni256 cargo test --workspace --lib
-	LLAMA_CORE_KERNEL=avx2 cargo test --workspace --lib
-	LLAMA_CORE_KERNEL=scalar cargo test --workspace --lib
-	# candle's tensor path (LLAMA_CORE_KERNEL=candle) on every weight format and tiny architecture.
-	LLAMA_CORE_KERNEL=candle cargo test --workspace --lib --test formats --test tiny_models --test lora
-	bash tests/c/run.sh
-	bash scripts/test-python.sh
+# Every check and test (Rust, C, Python) with one feature resolution and one set of portable
+# flags for every build, the valgrind run in the background: scripts/test-all.sh.
+test:
+	bash scripts/test-all.sh
 
 # Benchmarks against llama.cpp (outside CI): kernels and decode (benches/compare.sh), the
 # server under concurrent load against llama-cpp-python's server (benches/server.sh), then a
