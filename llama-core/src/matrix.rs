@@ -165,6 +165,17 @@ pub(crate) fn matmul_cols_as_alone(
     Ok(())
 }
 
+/// `xs @ W^T` for `m` rows into `out` (`[m, n]`, every value overwritten; tests).
+#[cfg(test)]
+pub(crate) fn matmul_into(
+    w: &dyn WeightMatrix,
+    xs: &[f32],
+    m: usize,
+    out: &mut [f32],
+) -> Result<()> {
+    matmul_cols(w, xs, m, out, (w.shape().0, 0, w.shape().0))
+}
+
 /// [`matmul_into`] with each row computed exactly as it is alone ([`matmul_cols_as_alone`]).
 #[cfg(test)]
 pub(crate) fn matmul_into_as_alone(
@@ -173,20 +184,7 @@ pub(crate) fn matmul_into_as_alone(
     m: usize,
     out: &mut [f32],
 ) -> Result<()> {
-    let n = w.shape().0;
-    matmul_cols_as_alone(w, xs, m, out, (n, 0, n))
-}
-
-/// `xs @ W^T` for `m` rows into `out` (`[m, n]`, every value overwritten).
-#[cfg(test)]
-pub(crate) fn matmul_into(
-    w: &dyn WeightMatrix,
-    xs: &[f32],
-    m: usize,
-    out: &mut [f32],
-) -> Result<()> {
-    let n = w.shape().0;
-    matmul_cols(w, xs, m, out, (n, 0, n))
+    matmul_cols_as_alone(w, xs, m, out, (w.shape().0, 0, w.shape().0))
 }
 
 /// Copies bytes into 8-byte aligned storage (quantized blocks hold f16/f32 fields).

@@ -479,14 +479,10 @@ pub(crate) async fn chat_completions(State(st): State<Arc<AppState>>, req: Reque
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    let mut opts = llama_core::GenerateOptions::default();
-    opts.stop = r.params.stop.clone();
-    opts.logprobs = r.params.logprobs;
-    opts.constraint = r.constraint;
+    let mut opts = options(&r.params, r.constraint);
     opts.tools = r.tools;
     opts.tool_choice = r.tool_choice;
-    let stream = r.params.stream;
-    match Call::start(
+    answer(
         st,
         Kind::Chat,
         OwnedPrompt::Chat(r.messages),
@@ -494,11 +490,6 @@ pub(crate) async fn chat_completions(State(st): State<Arc<AppState>>, req: Reque
         opts,
     )
     .await
-    {
-        Ok(c) if stream => c.stream(),
-        Ok(c) => c.whole().await,
-        Err(e) => e.into_response(),
-    }
 }
 
 pub(crate) async fn completions(State(st): State<Arc<AppState>>, req: Request) -> Response {
@@ -506,16 +497,36 @@ pub(crate) async fn completions(State(st): State<Arc<AppState>>, req: Request) -
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    let mut opts = llama_core::GenerateOptions::default();
-    opts.stop = r.params.stop.clone();
-    opts.logprobs = r.params.logprobs;
-    opts.constraint = r.constraint;
+    let opts = options(&r.params, r.constraint);
     let prompt = match r.prompt {
         PromptInput::Text(t) => OwnedPrompt::Text(t),
         PromptInput::Tokens(t) => OwnedPrompt::Tokens(t),
     };
-    let stream = r.params.stream;
-    match Call::start(st, Kind::Completion, prompt, r.params, opts).await {
+    answer(st, Kind::Completion, prompt, r.params, opts).await
+}
+
+/// The generation options of a request's parameters and constraint.
+fn options(
+    params: &Params,
+    constraint: Option<llama_core::Constraint>,
+) -> llama_core::GenerateOptions {
+    let mut opts = llama_core::GenerateOptions::default();
+    opts.stop = params.stop.clone();
+    opts.logprobs = params.logprobs;
+    opts.constraint = constraint;
+    opts
+}
+
+/// Runs a generation request and answers it: a stream of events or one JSON body.
+async fn answer(
+    st: Arc<AppState>,
+    kind: Kind,
+    prompt: OwnedPrompt,
+    params: Params,
+    opts: llama_core::GenerateOptions,
+) -> Response {
+    let stream = params.stream;
+    match Call::start(st, kind, prompt, params, opts).await {
         Ok(c) if stream => c.stream(),
         Ok(c) => c.whole().await,
         Err(e) => e.into_response(),

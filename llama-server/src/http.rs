@@ -493,85 +493,21 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
     let g = |a: &std::sync::atomic::AtomicUsize| a.load(Ordering::Relaxed).to_string();
     const C: &str = "counter";
     const G: &str = "gauge";
+    #[rustfmt::skip]
     let rows: [(&str, &str, &str, String); 13] = [
-        (
-            "prompt_tokens_total",
-            C,
-            "Prompt tokens of admitted requests.",
-            r(&m.prompt_tokens),
-        ),
-        (
-            "prompt_tokens_cached_total",
-            C,
-            "Prompt tokens taken from the prefix cache instead of being read.",
-            r(&m.cached_tokens),
-        ),
-        (
-            "generated_tokens_total",
-            C,
-            "Tokens generated.",
-            r(&m.generated_tokens),
-        ),
-        (
-            "tokens_per_second",
-            G,
-            "Tokens generated per second over the last 10 seconds.",
-            format!("{:.3}", m.tokens_per_second()),
-        ),
-        (
-            "active_sequences",
-            G,
-            "Sequences in the batch.",
-            g(&m.active),
-        ),
-        (
-            "queue_length",
-            G,
-            "Requests waiting for a place in the batch.",
-            g(&m.queued),
-        ),
-        (
-            "max_sequences",
-            G,
-            "Sequences decoded together at most.",
-            st.engine.limits().max_sequences.to_string(),
-        ),
-        (
-            "forward_passes_total",
-            C,
-            "Batched forward passes run.",
-            r(&m.steps),
-        ),
-        (
-            "requests_admitted_total",
-            C,
-            "Generation requests admitted to the batch.",
-            r(&m.admitted),
-        ),
-        (
-            "requests_rejected_total",
-            C,
-            "Generation requests refused because the queue was full.",
-            r(&m.rejected),
-        ),
-        (
-            "requests_disconnected_total",
-            C,
-            "Sequences ended because their client went away.",
-            r(&m.disconnected),
-        ),
-        (
-            "http_requests_total",
-            C,
-            "HTTP requests answered.",
-            r(&st.requests),
-        ),
-        (
-            "http_errors_total",
-            C,
-            "HTTP requests answered with a status of 400 or more.",
-            r(&st.errors),
-        ),
+        ("prompt_tokens_total", C, "Prompt tokens of admitted requests.", r(&m.prompt_tokens)),
+        ("prompt_tokens_cached_total", C, "Prompt tokens taken from the prefix cache instead of being read.", r(&m.cached_tokens)),
+        ("generated_tokens_total", C, "Tokens generated.", r(&m.generated_tokens)),
+        ("tokens_per_second", G, "Tokens generated per second over the last 10 seconds.", format!("{:.3}", m.tokens_per_second())),
+        ("active_sequences", G, "Sequences in the batch.", g(&m.active)),
+        ("queue_length", G, "Requests waiting for a place in the batch.", g(&m.queued)),
+        ("max_sequences", G, "Sequences decoded together at most.", st.engine.limits().max_sequences.to_string()),
+        ("forward_passes_total", C, "Batched forward passes run.", r(&m.steps)),
+        ("requests_admitted_total", C, "Generation requests admitted to the batch.", r(&m.admitted)),
+        ("requests_rejected_total", C, "Generation requests refused because the queue was full.", r(&m.rejected)),
+        ("requests_disconnected_total", C, "Sequences ended because their client went away.", r(&m.disconnected)),
+        ("http_requests_total", C, "HTTP requests answered.", r(&st.requests)),
+        ("http_errors_total", C, "HTTP requests answered with a status of 400 or more.", r(&st.errors)),
     ];
     let mut out = String::new();
     for (name, kind, help, value) in rows {

@@ -468,96 +468,101 @@ pub(crate) fn add_delta(
     Ok(())
 }
 
-/// `matmul` (which writes `out`, `[m, stride]`) followed by every active adapter's update of
-/// the projections `targets` (`(target, col, n)` in `out`'s rows), all of the same input `xs`.
-/// One row (decode): `matmul` is handed the update as a [`Rider`] to put on its product's
-/// writer, so the update runs inside the product's own pool call.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn matmul_and_update(
-    active: Active<'_>,
-    layer: usize,
-    targets: &[(Target, usize, usize)],
-    xs: &[f32],
-    m: usize,
-    out: &mut [f32],
-    stride: usize,
-    matmul: impl FnOnce(&mut [f32], Option<&dyn Rider>) -> Result<()>,
-) -> Result<()> {
-    if active.is_empty() {
-        return matmul(out, None);
-    }
-    if m == 1 && out.len() == stride {
-        // One row: the update rides the matmul's own pool call.
-        let mut matmul = Some(matmul);
-        let updated = one_row_update(active, layer, targets, xs, out, |rider, out| {
-            let mm = matmul.take().expect("one call");
-            mm(out, Some(rider))
-        })?;
-        return match matmul {
-            Some(mm) if !updated => mm(out, None),
-            _ => Ok(()),
-        };
-    }
-    if !targets.iter().any(|&(t, _, _)| touches(active, layer, t)) {
-        return matmul(out, None);
-    }
-    matmul(out, None)?;
-    update_rows(active, layer, targets, xs, m, out, stride)
+/// A session's view of one projection group of one layer (the projections `cols`, each
+/// `(target, first column, width)` in the group's output rows, all of the same input): the
+/// base product plus the session's active adapters' updates. A model without adapters passes
+/// straight through to the base product.
+#[derive(Clone, Copy)]
+pub(crate) struct View<'a> {
+    pub(crate) active: Active<'a>,
+    pub(crate) layer: usize,
+    pub(crate) cols: &'a [(Target, usize, usize)],
 }
 
-/// The one-row update of `out` (one row): the parts' `A x` and `B` panels computed by `run`
-/// (which may run the rider alone or with a matmul of `out`), then added. Through the
-/// session's kept plan and state where it has them. `false` (and `run` not called) where
-/// nothing updates these parts.
-fn one_row_update(
-    active: Active<'_>,
-    layer: usize,
-    targets: &[(Target, usize, usize)],
-    xs: &[f32],
-    out: &mut [f32],
-    run: impl FnOnce(&row::RowUpdate<'_>, &mut [f32]) -> Result<()>,
-) -> Result<bool> {
-    let width = out.len();
-    let fresh;
-    let plan = match active.plan(layer, targets, xs.len(), width) {
-        Some(Some(plan)) => plan,
-        Some(None) => return Ok(false),
-        None => {
-            if !targets.iter().any(|&(t, _, _)| touches(active, layer, t)) {
-                return Ok(false);
-            }
-            fresh = row::RowPlan::new(active.parts(layer, targets), xs.len(), width)?;
-            &fresh
+impl View<'_> {
+    /// `matmul` (which writes `out`, `[m, width]`) followed by the updates. One row (decode):
+    /// `matmul` is handed the update as a [`Rider`] to put on its product's writer, so the
+    /// update runs inside the product's own pool call.
+    pub(crate) fn matmul_and_update(
+        &self,
+        xs: &[f32],
+        m: usize,
+        out: &mut [f32],
+        matmul: impl FnOnce(&mut [f32], Option<&dyn Rider>) -> Result<()>,
+    ) -> Result<()> {
+        if self.active.is_empty() {
+            return matmul(out, None);
         }
-    };
-    row::run_plan(plan, active.shared(), xs, out, run)?;
-    Ok(true)
-}
+        if m == 1 {
+            // One row: the update rides the matmul's own pool call.
+            let mut matmul = Some(matmul);
+            let updated = self.one_row(xs, out, |rider, out| {
+                let mm = matmul.take().expect("one call");
+                mm(out, Some(rider))
+            })?;
+            return match matmul {
+                Some(mm) if !updated => mm(out, None),
+                _ => Ok(()),
+            };
+        }
+        matmul(out, None)?;
+        self.update_rows(xs, m, out)
+    }
 
-/// The active adapters' update alone, added to `out` (the base product already there), with the
-/// arithmetic [`matmul_and_update`] uses for the same rows: `add_delta` for several rows, the
-/// one-row update (run on its own instead of riding a matmul) for one. A batched forward pass
-/// computes the base product of every sequence's rows at once, then each sequence's update.
-pub(crate) fn update_rows(
-    active: Active<'_>,
-    layer: usize,
-    targets: &[(Target, usize, usize)],
-    xs: &[f32],
-    m: usize,
-    out: &mut [f32],
-    stride: usize,
-) -> Result<()> {
-    if active.is_empty() {
-        return Ok(());
+    /// The updates alone, added to `out` (the base product already there), with the
+    /// arithmetic [`View::matmul_and_update`] uses for the same rows: `add_delta` for several
+    /// rows, the one-row update (run on its own instead of riding a matmul) for one. A batched
+    /// forward pass computes the base product of every sequence's rows at once, then each
+    /// sequence's update.
+    pub(crate) fn update_rows(&self, xs: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
+        if self.active.is_empty() || !self.touched() {
+            return Ok(());
+        }
+        if m == 1 {
+            self.one_row(xs, out, |_, _| Ok(()))?;
+            return Ok(());
+        }
+        let stride = out.len() / m.max(1);
+        for &(t, col, n) in self.cols {
+            add_delta(self.active, self.layer, t, xs, m, out, (stride, col, n))?;
+        }
+        Ok(())
     }
-    if m == 1 && out.len() == stride {
-        one_row_update(active, layer, targets, xs, out, |_, _| Ok(()))?;
-        return Ok(());
+
+    /// Whether an active adapter updates any of the group's projections.
+    fn touched(&self) -> bool {
+        self.cols
+            .iter()
+            .any(|&(t, _, _)| touches(self.active, self.layer, t))
     }
-    for &(t, col, n) in targets {
-        add_delta(active, layer, t, xs, m, out, (stride, col, n))?;
+
+    /// The one-row update of `out` (one row): the parts' `A x` and `B` panels computed by `run`
+    /// (which may run the rider alone or with a matmul of `out`), then added. Through the
+    /// session's kept plan and state where it has them. `false` (and `run` not called) where
+    /// nothing updates these parts.
+    fn one_row(
+        &self,
+        xs: &[f32],
+        out: &mut [f32],
+        run: impl FnOnce(&row::RowUpdate<'_>, &mut [f32]) -> Result<()>,
+    ) -> Result<bool> {
+        let (active, layer, targets) = (self.active, self.layer, self.cols);
+        let width = out.len();
+        let fresh;
+        let plan = match active.plan(layer, targets, xs.len(), width) {
+            Some(Some(plan)) => plan,
+            Some(None) => return Ok(false),
+            None => {
+                if !self.touched() {
+                    return Ok(false);
+                }
+                fresh = row::RowPlan::new(active.parts(layer, targets), xs.len(), width)?;
+                &fresh
+            }
+        };
+        row::run_plan(plan, active.shared(), xs, out, run)?;
+        Ok(true)
     }
-    Ok(())
 }
 
 /// Whether any active adapter updates `t` in `layer` with a non-zero factor.

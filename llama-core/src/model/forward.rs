@@ -454,8 +454,13 @@ fn project(
         return Ok(());
     }
     let (xw, ow) = (xs.len() / t, out.len() / t);
+    let view = |active| lora::View {
+        active,
+        layer: li,
+        cols,
+    };
     if let [s] = seqs {
-        return lora::matmul_and_update(s.lora, li, cols, xs, t, out, ow, |out, rider| {
+        return view(s.lora).matmul_and_update(xs, t, out, |out, rider| {
             w.matmul_into_riding(xs, t, out, rider)
         });
     }
@@ -492,7 +497,7 @@ fn project(
             &xs[r.start * xw..r.end * xw],
             &mut out[r.start * ow..r.end * ow],
         );
-        lora::update_rows(s.lora, li, cols, x, r.len(), o, ow)?;
+        view(s.lora).update_rows(x, r.len(), o)?;
     }
     Ok(())
 }

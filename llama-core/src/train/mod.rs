@@ -492,6 +492,42 @@ fn check_inputs(model: &Model, params: &LoraParams, tokens: &[u32], score: &[boo
     Ok(())
 }
 
+/// What training reads of a layer's plan: the exact-f32 pass knows the Llama layer (causal
+/// attention, SwiGLU), so a new layer kind is a compile error here until it is handled.
+struct Dims<'p> {
+    h: usize,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+    ff: usize,
+    eps: f32,
+    qkv: &'p crate::plan::Group,
+    gate_up: &'p crate::plan::Group,
+}
+
+fn dims(lp: &crate::plan::LayerPlan) -> Dims<'_> {
+    let (
+        Attention::Causal {
+            heads,
+            kv_heads,
+            head_dim,
+            qkv,
+            ..
+        },
+        Mlp::SwiGlu { ffn, gate_up, .. },
+    ) = (&lp.attention, &lp.mlp);
+    Dims {
+        h: lp.hidden,
+        nh: *heads,
+        nkv: *kv_heads,
+        hd: *head_dim,
+        ff: *ffn,
+        eps: lp.eps,
+        qkv,
+        gate_up,
+    }
+}
+
 fn seq_grad(
     model: &Model,
     params: &LoraParams,
@@ -525,23 +561,16 @@ fn seq_grad(
     let mut x: Vec<f32> = view.embed.rows(tokens)?.flatten_all()?.to_vec1()?;
     let mut saved: Vec<Saved> = Vec::with_capacity(c.num_hidden_layers);
     for (li, l) in view.layers.iter().enumerate() {
-        // The layer as its plan describes it (a new layer kind must be handled here too).
-        let lp = l.plan;
-        let (
-            Attention::Causal {
-                heads: nh,
-                kv_heads: nkv,
-                head_dim: hd,
-                qkv: qkv_g,
-                ..
-            },
-            Mlp::SwiGlu {
-                ffn: ff,
-                gate_up: gate_up_g,
-                ..
-            },
-        ) = (&lp.attention, &lp.mlp);
-        let (nh, nkv, hd, ff, eps) = (*nh, *nkv, *hd, *ff, lp.eps);
+        let Dims {
+            nh,
+            nkv,
+            hd,
+            ff,
+            eps,
+            qkv: qkv_g,
+            gate_up: gate_up_g,
+            ..
+        } = dims(l.plan);
         let (qw, kw) = (nh * hd, nkv * hd);
         let qkv_w = qkv_g.width();
         let heads = Heads {
@@ -733,22 +762,16 @@ fn layer_bwd(
     (cos, sin): (&[f32], &[f32]),
     starts: &[usize],
 ) -> Result<Vec<f32>> {
-    let lp = l.plan;
-    let (
-        Attention::Causal {
-            heads: nh,
-            kv_heads: nkv,
-            head_dim: hd,
-            qkv: qkv_g,
-            ..
-        },
-        Mlp::SwiGlu {
-            ffn: ff,
-            gate_up: gate_up_g,
-            ..
-        },
-    ) = (&lp.attention, &lp.mlp);
-    let (h, nh, nkv, hd, ff) = (lp.hidden, *nh, *nkv, *hd, *ff);
+    let Dims {
+        h,
+        nh,
+        nkv,
+        hd,
+        ff,
+        qkv: qkv_g,
+        gate_up: gate_up_g,
+        ..
+    } = dims(l.plan);
     let (qw, kw) = (nh * hd, nkv * hd);
     let qkv_w = qkv_g.width();
     let t = sv.x.len() / h;

@@ -13,7 +13,7 @@ use crate::lora::Adapter;
 use crate::model::Model;
 
 /// Everything a fine-tuning (or distillation) run is configured by.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct FinetuneOptions {
     /// Training data: JSONL of `{"text"}`, `{"prompt", "completion"}` or `{"messages"}` lines.
@@ -83,27 +83,6 @@ impl FinetuneOptions {
     pub fn with_teacher(mut self, teacher: Model, k: usize) -> Self {
         self.teacher = Some((teacher, k));
         self
-    }
-}
-
-impl std::fmt::Debug for FinetuneOptions {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FinetuneOptions")
-            .field("data", &self.data)
-            .field("eval", &self.eval)
-            .field("out", &self.out)
-            .field("max_len", &self.max_len)
-            .field("pack", &self.pack)
-            .field("eval_every", &self.eval_every)
-            .field("save_every", &self.save_every)
-            .field("max_steps", &self.max_steps)
-            .field("resume", &self.resume)
-            .field("train", &self.train)
-            .field(
-                "teacher",
-                &self.teacher.as_ref().map(|(m, k)| (m.path(), k)),
-            )
-            .finish()
     }
 }
 
