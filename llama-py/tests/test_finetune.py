@@ -26,7 +26,10 @@ def test_finetune_returns_an_adapter_and_writes_both_formats(model, tmp_path):
     assert isinstance(a, llama_core.Adapter) and a.targets == ["q", "v"] and a.max_rank == 2
     assert [r["step"] for r in seen] == list(range(1, 7)) and seen[-1]["total_steps"] == 6
     assert all(r["loss"] > 0 for r in seen) and "eval_loss" in seen[1]
-    for f in ("adapter_config.json", "adapter_model.safetensors", "adapter.gguf"):
+    # The core's recipe: evaluation every eval_every steps and after the last, not between.
+    assert [("eval_loss" in r) for r in seen] == [False, True, False, True, False, True]
+    for f in ("adapter_config.json", "adapter_model.safetensors", "adapter.gguf",
+              "checkpoint/trainer_state.json"):
         assert (tmp_path / "out" / f).is_file()
     # The returned adapter and the written files give the same logits.
     outs = []
