@@ -7,16 +7,13 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use axum::body::Bytes;
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
-use axum::middleware::{self, Next};
+use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::Router;
 use llama_core::Model;
 use serde_json::{json, Value};
 
 use crate::access::HostPolicy;
 use crate::api::ApiError;
-use crate::completion::{chat_completions, completions, embeddings};
 use crate::engine::Engine;
 
 /// What every handler shares.
@@ -168,30 +165,11 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The server's routes over `state` (its body limits are `state`'s; `max_body` also bounds
-/// any body an extractor reads).
-pub fn router(state: Arc<AppState>, max_body: usize) -> Router {
-    let api = Router::new()
-        .route("/v1/chat/completions", post(chat_completions))
-        .route("/v1/completions", post(completions))
-        .route("/v1/embeddings", post(embeddings))
-        .route("/v1/models", get(models))
-        .route("/v1/models/{id}", get(model_by_id))
-        .route("/metrics", get(metrics))
-        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
-    Router::new()
-        .route("/", get(page))
-        .route("/health", get(health))
-        .merge(api)
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::extract::DefaultBodyLimit::max(max_body))
-        .layer(middleware::from_fn_with_state(state.clone(), guard))
-        .layer(middleware::from_fn_with_state(state.clone(), log_requests))
-        .with_state(state)
-}
-
-async fn log_requests(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+pub(crate) async fn log_requests(
+    State(st): State<Arc<AppState>>,
+    req: Request,
+    next: Next,
+) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let t0 = Instant::now();
@@ -214,7 +192,7 @@ async fn log_requests(State(st): State<Arc<AppState>>, req: Request, next: Next)
 /// DNS rebinding and cross-site requests: the `Host` and `Origin` must be allowed, and a POST
 /// must say `Content-Type: application/json` (a form or `text/plain` post, which a web page
 /// can send anywhere without asking, is refused).
-async fn guard(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+pub(crate) async fn guard(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let h = req.headers();
     if let Some(host) = h.get(header::HOST) {
         let host = host.to_str().unwrap_or("");
@@ -272,7 +250,7 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+pub(crate) async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     if let Some(key) = &st.api_key {
         let given = req
             .headers()
@@ -301,7 +279,7 @@ async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Resp
     next.run(req).await
 }
 
-async fn not_found(req: Request) -> ApiError {
+pub(crate) async fn not_found(req: Request) -> ApiError {
     ApiError::new(
         404,
         "invalid_request_error",
@@ -310,7 +288,7 @@ async fn not_found(req: Request) -> ApiError {
     .code("not_found")
 }
 
-async fn method_not_allowed(req: Request) -> ApiError {
+pub(crate) async fn method_not_allowed(req: Request) -> ApiError {
     ApiError::new(
         405,
         "invalid_request_error",
@@ -433,11 +411,11 @@ fn bytes_buf(max: usize) -> Vec<u8> {
     Vec::with_capacity(max.min(64 << 10))
 }
 
-async fn page() -> Html<&'static str> {
+pub(crate) async fn page() -> Html<&'static str> {
     Html(include_str!("page.html"))
 }
 
-async fn health(State(st): State<Arc<AppState>>) -> Response {
+pub(crate) async fn health(State(st): State<Arc<AppState>>) -> Response {
     if st.engine.is_closing() {
         ApiError::new(503, "server_error", "shutting down")
             .code("shutting_down")
@@ -463,11 +441,11 @@ fn model_object(st: &AppState) -> Value {
     })
 }
 
-async fn models(State(st): State<Arc<AppState>>) -> axum::Json<Value> {
+pub(crate) async fn models(State(st): State<Arc<AppState>>) -> axum::Json<Value> {
     axum::Json(json!({"object": "list", "data": [model_object(&st)]}))
 }
 
-async fn model_by_id(
+pub(crate) async fn model_by_id(
     State(st): State<Arc<AppState>>,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Response {
@@ -487,7 +465,7 @@ async fn model_by_id(
     }
 }
 
-async fn metrics(State(st): State<Arc<AppState>>) -> Response {
+pub(crate) async fn metrics(State(st): State<Arc<AppState>>) -> Response {
     let m = &st.engine.metrics;
     let r = |a: &AtomicU64| a.load(Ordering::Relaxed).to_string();
     let g = |a: &std::sync::atomic::AtomicUsize| a.load(Ordering::Relaxed).to_string();

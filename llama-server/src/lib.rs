@@ -14,6 +14,7 @@ mod completion;
 pub mod conn;
 pub mod engine;
 mod http;
+mod routes;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,7 +24,8 @@ pub use access::HostPolicy;
 pub use api::ApiError;
 pub use conn::ConnLimits;
 pub use engine::{Engine, Limits, Metrics};
-pub use http::{router, AppState};
+pub use http::AppState;
+pub use routes::router;
 
 /// The request-body limits the handlers apply.
 pub mod http_limits {
