@@ -11,9 +11,10 @@ flags=()
 if [ "${1:-}" = "--release" ]; then profile=release; flags=(--release); shift; fi
 target="${CARGO_TARGET_DIR:-target}"
 prefix="${1:-$target/$profile/c}"
-# --workspace --all-targets resolves features as `cargo test --workspace` does, so this reuses
-# its build instead of recompiling dependencies with another feature set.
-cargo build --workspace --all-targets "${flags[@]}" >&2
+# --workspace resolves features as `cargo test --workspace` does (llama-py's manifest enables
+# what the dev-dependencies add), so this and the test build share every compiled library. The
+# CLI comes along: the C tests compare with its tokens.
+cargo build --workspace --lib --bins "${flags[@]}" >&2
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 major=${version%%.*}
 mkdir -p "$prefix/lib/pkgconfig" "$prefix/include"

@@ -19,17 +19,22 @@ bash scripts/fetch-model.sh >/dev/null
 step "format and header"
 cargo fmt --all -- --check
 bash scripts/gen-header.sh --check
-step "build (workspace, every target)"
-bash scripts/build-c.sh >/dev/null
-cargo test --workspace --no-run
+step "build the libraries and programs (workspace)"
+# The valgrind run is the longest job: it starts as soon as libllama and the CLI exist. Its
+# features are the test build's (llama-py's manifest enables what the dev-dependencies add), so
+# the test build below reuses every library compiled here.
+prefix=$(bash scripts/build-c.sh)
 
 step "C suite under valgrind (background)"
 mkdir -p target
 vg_log=target/valgrind-suite.log
-bash tests/c/run.sh --valgrind >"$vg_log" 2>&1 &
+LLAMA_C_PREFIX=$prefix bash tests/c/run.sh --valgrind >"$vg_log" 2>&1 &
 vg_pid=$!
 # Stop the background run if this script fails or is interrupted.
 trap 'kill "$vg_pid" 2>/dev/null || true' EXIT
+
+step "build the tests"
+cargo test --workspace --no-run
 
 step "clippy"
 cargo clippy --workspace --all-targets -- -D warnings

@@ -19,7 +19,9 @@ esac
 # detection sees no AVX-512 under valgrind either). The Makefile's test target builds with it.
 PORTABLE_RUSTFLAGS="-C target-cpu=x86-64-v3"
 model=$(bash scripts/fetch-model.sh)
-prefix=$(bash scripts/build-c.sh)
+# LLAMA_C_PREFIX: an install tree scripts/build-c.sh already laid out (no cargo call here, so a
+# background run does not wait on cargo's lock while the tests build).
+prefix=${LLAMA_C_PREFIX:-$(bash scripts/build-c.sh)}
 # Each mode has its own output folder: the two may run at the same time.
 out=target/c-tests/${mode#--}
 mkdir -p "$out"
