@@ -435,7 +435,7 @@ impl Model {
 
 /// One projection group's product for every sequence's rows, `out` (`[t, width]`) from `xs`
 /// (`[t, k]`), plus each sequence's LoRA update of the group's `cols`. One sequence: its
-/// product and update together ([`lora::matmul_and_update`]: in decode the update rides the
+/// product and update together ([`lora::View::matmul_and_update`]: in decode the update rides the
 /// product's pool call). Several: one product over all rows where the matrix computes each row
 /// alike whatever comes with it; otherwise the one-token sequences (decode) share one product
 /// computed as each row alone and each longer chunk gets its own: the same bits as alone
