@@ -54,7 +54,7 @@ impl Batch {
     /// Adds a generation and returns its id. `prompt`: a str, token ids, or a conversation
     /// (rendered with the chat template). Options as `Session.generate` / `Session.chat`; the
     /// sampler is copied (its seed gives what it gives alone). `n_ctx` sizes its session.
-    #[pyo3(signature = (prompt, max_tokens=256, sampler=None, stop=None, *, n_ctx=0, response_format=None, grammar=None, regex=None, choices=None, tools=None, tool_choice=None, parse_special_in_content=false))]
+    #[pyo3(signature = (prompt, max_tokens=256, sampler=None, stop=None, *, n_ctx=0, **options))]
     #[allow(clippy::too_many_arguments)]
     fn add(
         &self,
@@ -64,19 +64,11 @@ impl Batch {
         sampler: Option<Py<Sampler>>,
         stop: Option<Vec<String>>,
         n_ctx: usize,
-        response_format: Option<&Bound<'_, PyAny>>,
-        grammar: Option<String>,
-        regex: Option<String>,
-        choices: Option<Vec<String>>,
-        tools: Option<&Bound<'_, PyAny>>,
-        tool_choice: Option<&Bound<'_, PyAny>>,
-        parse_special_in_content: bool,
+        options: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<u64> {
         let p = prompt_arg(prompt, true)?;
-        let st = Structured::parse(response_format, grammar, regex, choices, tools, tool_choice)?;
-        let mut opts = GenerateOptions::default()
-            .max_tokens(max_tokens)
-            .parse_special_in_content(parse_special_in_content);
+        let st = Structured::from_kwargs("add", options, true)?;
+        let mut opts = GenerateOptions::default().max_tokens(max_tokens);
         opts.stop = stop.unwrap_or_default();
         let opts = st.apply(opts);
         let smp = sampler_for(py, sampler.as_ref())?;

@@ -2,7 +2,9 @@
 //! `tool_choice`; `grammar=`, `regex=`, `choices=`) turned into the core's options.
 
 use llama_core::{Constraint, GenerateOptions, Tool, ToolCall, ToolChoice};
+use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 
 use crate::errors::{invalid, IntoPy};
 
@@ -26,57 +28,80 @@ pub(crate) fn from_json<'py>(
     py.import("json")?.call_method1("loads", (v.to_string(),))
 }
 
-/// The structured-output keyword arguments of `generate`, `chat` and their stream forms.
+/// The keyword arguments that shape what is generated (`**options` of `generate`, `stream`,
+/// `chat`, `chat_stream`, `Batch.add` and `Model.generate_batch`): at most one constraint
+/// (`response_format`, `grammar`, `regex`, `choices`) and, for conversations, `tools`,
+/// `tool_choice` and `parse_special_in_content`. Read from one place so that every call
+/// spells and checks them alike.
 #[derive(Default)]
 pub(crate) struct Structured {
     pub constraint: Option<Constraint>,
     pub tools: Vec<Tool>,
     pub tool_choice: ToolChoice,
+    pub parse_special_in_content: bool,
 }
 
+/// The keywords every call takes, then those only conversations take.
+const CONSTRAINT_KEYS: [&str; 4] = ["response_format", "grammar", "regex", "choices"];
+const CHAT_KEYS: [&str; 3] = ["tools", "tool_choice", "parse_special_in_content"];
+
 impl Structured {
-    pub(crate) fn parse(
-        response_format: Option<&Bound<'_, PyAny>>,
-        grammar: Option<String>,
-        regex: Option<String>,
-        choices: Option<Vec<String>>,
-        tools: Option<&Bound<'_, PyAny>>,
-        tool_choice: Option<&Bound<'_, PyAny>>,
+    /// Reads `**options` of the call `func` (`chat`: whether the conversation keywords are
+    /// allowed). A keyword the call does not take is a `TypeError`, as Python's own; a value of
+    /// the wrong type is a `TypeError` naming the keyword.
+    pub(crate) fn from_kwargs(
+        func: &str,
+        options: Option<&Bound<'_, PyDict>>,
+        chat: bool,
     ) -> PyResult<Structured> {
+        let mut st = Structured::default();
+        let Some(options) = options else {
+            return Ok(st);
+        };
         let mut given: Vec<Constraint> = vec![];
-        if let Some(rf) = response_format.filter(|o| !o.is_none()) {
-            given.extend(
-                Constraint::from_response_format(&to_json(rf, "response_format")?).py_err()?,
-            );
+        for (key, value) in options.iter() {
+            let key: String = key.extract()?;
+            let known = CONSTRAINT_KEYS.contains(&key.as_str())
+                || (chat && CHAT_KEYS.contains(&key.as_str()));
+            if !known {
+                return Err(PyTypeError::new_err(format!(
+                    "{func}() got an unexpected keyword argument '{key}'"
+                )));
+            }
+            if value.is_none() {
+                continue;
+            }
+            let typed = |e: PyErr| PyTypeError::new_err(format!("{func}(): {key}: {e}"));
+            match key.as_str() {
+                "response_format" => given.extend(
+                    Constraint::from_response_format(&to_json(&value, "response_format")?)
+                        .py_err()?,
+                ),
+                "grammar" => given.push(Constraint::grammar(value.extract::<String>().map_err(typed)?)),
+                "regex" => given.push(Constraint::Regex(value.extract().map_err(typed)?)),
+                "choices" => given.push(Constraint::Choices(value.extract().map_err(typed)?)),
+                "tools" => st.tools = Tool::list_from_json(&to_json(&value, "tools")?).py_err()?,
+                "tool_choice" => {
+                    st.tool_choice =
+                        ToolChoice::from_json(&to_json(&value, "tool_choice")?).py_err()?
+                }
+                _ => st.parse_special_in_content = value.extract().map_err(typed)?,
+            }
         }
-        given.extend(grammar.map(Constraint::grammar));
-        given.extend(regex.map(Constraint::Regex));
-        given.extend(choices.map(Constraint::Choices));
         if given.len() > 1 {
             return Err(invalid(
                 "give at most one of response_format, grammar, regex and choices",
             ));
         }
-        let tools = match tools.filter(|o| !o.is_none()) {
-            None => vec![],
-            Some(t) => Tool::list_from_json(&to_json(t, "tools")?).py_err()?,
-        };
-        let tool_choice = match tool_choice.filter(|o| !o.is_none()) {
-            None => ToolChoice::Auto,
-            Some(c) => ToolChoice::from_json(&to_json(c, "tool_choice")?).py_err()?,
-        };
-        Ok(Structured {
-            constraint: given.pop(),
-            tools,
-            tool_choice,
-        })
+        st.constraint = given.pop();
+        Ok(st)
     }
 
     pub(crate) fn apply(self, mut o: GenerateOptions) -> GenerateOptions {
         o.constraint = self.constraint;
         o.tools = self.tools;
         o.tool_choice = self.tool_choice;
-        o
+        o.parse_special_in_content(self.parse_special_in_content)
     }
 }
 

@@ -113,29 +113,16 @@ impl Model {
     /// list of message dicts, rendered with the chat template). Every sequence gets a copy of
     /// `sampler` (default: llama.cpp's sampling) and the other options as in `Session.chat`;
     /// each gives exactly what it gives alone. Ctrl-C interrupts it.
-    #[pyo3(signature = (prompts, max_tokens=256, sampler=None, stop=None, *, response_format=None, grammar=None, regex=None, choices=None, tools=None, tool_choice=None))]
-    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (prompts, max_tokens=256, sampler=None, stop=None, **options))]
     fn generate_batch(
         slf: &Bound<'_, Self>,
         prompts: &Bound<'_, PyAny>,
         max_tokens: usize,
         sampler: Option<Py<crate::handles::Sampler>>,
         stop: Option<Vec<String>>,
-        response_format: Option<&Bound<'_, PyAny>>,
-        grammar: Option<String>,
-        regex: Option<String>,
-        choices: Option<Vec<String>>,
-        tools: Option<&Bound<'_, PyAny>>,
-        tool_choice: Option<&Bound<'_, PyAny>>,
+        options: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Vec<String>> {
-        let st = crate::constrain::Structured::parse(
-            response_format,
-            grammar,
-            regex,
-            choices,
-            tools,
-            tool_choice,
-        )?;
+        let st = crate::constrain::Structured::from_kwargs("generate_batch", options, true)?;
         crate::batch::generate_batch(slf.py(), slf, prompts, max_tokens, sampler, stop, st)
     }
 

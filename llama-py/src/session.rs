@@ -149,7 +149,7 @@ impl Session {
     /// default sampling; pass `Sampler.greedy()` for greedy decoding. At most one constraint:
     /// `response_format` (OpenAI's: `{"type": "json_schema", "json_schema": {"schema": ...}}`
     /// or `{"type": "json_object"}`), `grammar` (GBNF or Lark text), `regex`, `choices`.
-    #[pyo3(signature = (prompt, max_tokens=256, sampler=None, stop=None, logprobs=None, *, response_format=None, grammar=None, regex=None, choices=None))]
+    #[pyo3(signature = (prompt, max_tokens=256, sampler=None, stop=None, logprobs=None, **options))]
     #[allow(clippy::too_many_arguments)]
     fn generate(
         &self,
@@ -159,33 +159,26 @@ impl Session {
         sampler: Option<Py<Sampler>>,
         stop: Option<Vec<String>>,
         logprobs: Option<usize>,
-        response_format: Option<&Bound<'_, PyAny>>,
-        grammar: Option<String>,
-        regex: Option<String>,
-        choices: Option<Vec<String>>,
+        options: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<String> {
         let p = prompt_arg(prompt, false)?;
-        let st = Structured::parse(response_format, grammar, regex, choices, None, None)?;
+        let st = Structured::from_kwargs("generate", options, false)?;
         let smp = default_sampler(py, sampler)?;
         self.run_to_end(py, p, &smp, st.apply(gen_opts(max_tokens, stop, logprobs)))
     }
 
     /// Like `generate` but returns an iterator of text pieces as they are produced.
-    #[pyo3(signature = (prompt, max_tokens=256, sampler=None, stop=None, *, response_format=None, grammar=None, regex=None, choices=None))]
-    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (prompt, max_tokens=256, sampler=None, stop=None, **options))]
     fn stream(
         slf: &Bound<'_, Self>,
         prompt: &Bound<'_, PyAny>,
         max_tokens: usize,
         sampler: Option<Py<Sampler>>,
         stop: Option<Vec<String>>,
-        response_format: Option<&Bound<'_, PyAny>>,
-        grammar: Option<String>,
-        regex: Option<String>,
-        choices: Option<Vec<String>>,
+        options: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<TokenStream> {
         let p = prompt_arg(prompt, false)?;
-        let st = Structured::parse(response_format, grammar, regex, choices, None, None)?;
+        let st = Structured::from_kwargs("stream", options, false)?;
         start_stream(slf, p, sampler, st.apply(gen_opts(max_tokens, stop, None)))
     }
 
@@ -197,8 +190,7 @@ impl Session {
     /// `tools` (OpenAI's list of `{"type": "function", "function": {...}}`) are shown to the
     /// model and `tool_choice` ("auto", "required", "none", a name, or OpenAI's dict) decides
     /// whether it must call one: the parsed calls are in `last_generation["tool_calls"]`.
-    #[pyo3(signature = (messages, max_tokens=256, sampler=None, stop=None, *, response_format=None, grammar=None, regex=None, choices=None, tools=None, tool_choice=None, parse_special_in_content=false))]
-    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (messages, max_tokens=256, sampler=None, stop=None, **options))]
     fn chat(
         &self,
         py: Python<'_>,
@@ -206,52 +198,29 @@ impl Session {
         max_tokens: usize,
         sampler: Option<Py<Sampler>>,
         stop: Option<Vec<String>>,
-        response_format: Option<&Bound<'_, PyAny>>,
-        grammar: Option<String>,
-        regex: Option<String>,
-        choices: Option<Vec<String>>,
-        tools: Option<&Bound<'_, PyAny>>,
-        tool_choice: Option<&Bound<'_, PyAny>>,
-        parse_special_in_content: bool,
+        options: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<String> {
         let msgs = self::messages(messages)?;
-        let st = Structured::parse(response_format, grammar, regex, choices, tools, tool_choice)?;
+        let st = Structured::from_kwargs("chat", options, true)?;
         let smp = default_sampler(py, sampler)?;
-        self.run_to_end(
-            py,
-            OwnedPrompt::Chat(msgs),
-            &smp,
-            st.apply(gen_opts(max_tokens, stop, None))
-                .parse_special_in_content(parse_special_in_content),
-        )
+        let opts = st.apply(gen_opts(max_tokens, stop, None));
+        self.run_to_end(py, OwnedPrompt::Chat(msgs), &smp, opts)
     }
 
     /// Like `chat` but returns an iterator of text pieces as they are produced.
-    #[pyo3(signature = (messages, max_tokens=256, sampler=None, stop=None, *, response_format=None, grammar=None, regex=None, choices=None, tools=None, tool_choice=None, parse_special_in_content=false))]
-    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (messages, max_tokens=256, sampler=None, stop=None, **options))]
     fn chat_stream(
         slf: &Bound<'_, Self>,
         messages: &Bound<'_, PyAny>,
         max_tokens: usize,
         sampler: Option<Py<Sampler>>,
         stop: Option<Vec<String>>,
-        response_format: Option<&Bound<'_, PyAny>>,
-        grammar: Option<String>,
-        regex: Option<String>,
-        choices: Option<Vec<String>>,
-        tools: Option<&Bound<'_, PyAny>>,
-        tool_choice: Option<&Bound<'_, PyAny>>,
-        parse_special_in_content: bool,
+        options: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<TokenStream> {
         let msgs = self::messages(messages)?;
-        let st = Structured::parse(response_format, grammar, regex, choices, tools, tool_choice)?;
-        start_stream(
-            slf,
-            OwnedPrompt::Chat(msgs),
-            sampler,
-            st.apply(gen_opts(max_tokens, stop, None))
-                .parse_special_in_content(parse_special_in_content),
-        )
+        let st = Structured::from_kwargs("chat_stream", options, true)?;
+        let opts = st.apply(gen_opts(max_tokens, stop, None));
+        start_stream(slf, OwnedPrompt::Chat(msgs), sampler, opts)
     }
 
     /// Details of the last `generate`/`chat`/finished `stream`: a dict with 'tokens', 'text',

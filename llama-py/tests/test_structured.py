@@ -154,3 +154,16 @@ def test_bad_constraints_raise_before_generation(model):
             s.chat([{"role": "user", "content": "hi"}], tools=[], tool_choice="required")
         with pytest.raises(TypeError):
             s.chat([{"role": "user", "content": "hi"}], grammar=42)
+        # Every entry point reads the same keywords: one it does not take is a TypeError
+        # naming it (tools belong to conversations), as is a value of the wrong type.
+        with pytest.raises(TypeError, match="unexpected keyword argument 'grammer'"):
+            s.generate("hi", grammer="root ::= \"a\"")
+        with pytest.raises(TypeError, match="stream\\(\\) got an unexpected keyword argument 'tools'"):
+            s.stream("hi", tools=[])
+        with pytest.raises(TypeError, match="choices"):
+            s.chat_stream([{"role": "user", "content": "hi"}], choices="ab")
+        with pytest.raises(TypeError, match="parse_special_in_content"):
+            llama_core.Batch(model).add("hi", parse_special_in_content="yes")
+        with pytest.raises(TypeError, match="unexpected keyword argument 'regexp'"):
+            model.generate_batch(["hi"], regexp="a")
+        assert len(s) == 0

@@ -5,12 +5,28 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, 
 
 import numpy as np
 import numpy.typing as npt
+from typing_extensions import TypedDict, Unpack
 
 __version__: str
 __all__ = ["Model", "Adapter", "Session", "TokenStream", "Sampler", "Batch", "_restore_session", "finetune", "__version__"]
 
 _Message = Mapping[str, object]
 _Prompt = Union[str, Sequence[int]]
+
+class _Constraint(TypedDict, total=False):
+    """What the output must match: at most one of these (see `Session.generate`)."""
+
+    response_format: Optional[Mapping[str, object]]
+    grammar: Optional[str]
+    regex: Optional[str]
+    choices: Optional[Sequence[str]]
+
+class _ChatOptions(_Constraint, total=False):
+    """A constraint, and the tools a conversation offers (see `Session.chat`)."""
+
+    tools: Optional[Sequence[Mapping[str, object]]]
+    tool_choice: Optional[Union[str, Mapping[str, object]]]
+    parse_special_in_content: bool
 
 @final
 class Model:
@@ -37,13 +53,7 @@ class Model:
         max_tokens: int = 256,
         sampler: Optional[Sampler] = None,
         stop: Optional[Sequence[str]] = None,
-        *,
-        response_format: Optional[Mapping[str, object]] = None,
-        grammar: Optional[str] = None,
-        regex: Optional[str] = None,
-        choices: Optional[Sequence[str]] = None,
-        tools: Optional[Sequence[Mapping[str, object]]] = None,
-        tool_choice: Optional[Union[str, Mapping[str, object]]] = None,
+        **options: Unpack[_ChatOptions],
     ) -> List[str]: ...
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> List[int]: ...
     def detokenize(self, ids: Sequence[int], special: bool = False) -> str: ...
@@ -127,11 +137,7 @@ class Session:
         sampler: Optional[Sampler] = None,
         stop: Optional[Sequence[str]] = None,
         logprobs: Optional[int] = None,
-        *,
-        response_format: Optional[Mapping[str, object]] = None,
-        grammar: Optional[str] = None,
-        regex: Optional[str] = None,
-        choices: Optional[Sequence[str]] = None,
+        **options: Unpack[_Constraint],
     ) -> str: ...
     def stream(
         self,
@@ -139,11 +145,7 @@ class Session:
         max_tokens: int = 256,
         sampler: Optional[Sampler] = None,
         stop: Optional[Sequence[str]] = None,
-        *,
-        response_format: Optional[Mapping[str, object]] = None,
-        grammar: Optional[str] = None,
-        regex: Optional[str] = None,
-        choices: Optional[Sequence[str]] = None,
+        **options: Unpack[_Constraint],
     ) -> TokenStream: ...
     def chat(
         self,
@@ -151,14 +153,7 @@ class Session:
         max_tokens: int = 256,
         sampler: Optional[Sampler] = None,
         stop: Optional[Sequence[str]] = None,
-        *,
-        response_format: Optional[Mapping[str, object]] = None,
-        grammar: Optional[str] = None,
-        regex: Optional[str] = None,
-        choices: Optional[Sequence[str]] = None,
-        tools: Optional[Sequence[Mapping[str, object]]] = None,
-        tool_choice: Optional[Union[str, Mapping[str, object]]] = None,
-        parse_special_in_content: bool = False,
+        **options: Unpack[_ChatOptions],
     ) -> str: ...
     def chat_stream(
         self,
@@ -166,14 +161,7 @@ class Session:
         max_tokens: int = 256,
         sampler: Optional[Sampler] = None,
         stop: Optional[Sequence[str]] = None,
-        *,
-        response_format: Optional[Mapping[str, object]] = None,
-        grammar: Optional[str] = None,
-        regex: Optional[str] = None,
-        choices: Optional[Sequence[str]] = None,
-        tools: Optional[Sequence[Mapping[str, object]]] = None,
-        tool_choice: Optional[Union[str, Mapping[str, object]]] = None,
-        parse_special_in_content: bool = False,
+        **options: Unpack[_ChatOptions],
     ) -> TokenStream: ...
     @property
     def last_generation(self) -> Optional[Dict[str, object]]: ...
@@ -203,13 +191,7 @@ class Batch:
         stop: Optional[Sequence[str]] = None,
         *,
         n_ctx: int = 0,
-        response_format: Optional[Mapping[str, object]] = None,
-        grammar: Optional[str] = None,
-        regex: Optional[str] = None,
-        choices: Optional[Sequence[str]] = None,
-        tools: Optional[Sequence[Mapping[str, object]]] = None,
-        tool_choice: Optional[Union[str, Mapping[str, object]]] = None,
-        parse_special_in_content: bool = False,
+        **options: Unpack[_ChatOptions],
     ) -> int: ...
     def step(self) -> List[Tuple[int, str]]: ...
     def finished(self) -> Dict[int, Dict[str, object]]: ...
