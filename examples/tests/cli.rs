@@ -441,35 +441,21 @@ fn lora_flags_merge_and_convert() {
         with
     );
     // Merged into a GGUF file and into a Hugging Face folder: both load and run.
+    let merge = |out: &std::path::Path, format: &[&str]| {
+        let out = out.to_str().unwrap();
+        let args = [
+            &["lora", "merge", "-m", &m, "--lora", lora_s, "-o", out],
+            format,
+        ]
+        .concat();
+        let (ok, _, err) = llama(&args);
+        assert!(ok, "{err}");
+    };
     let merged = dir.join("merged.gguf");
-    let (ok, _, err) = llama(&[
-        "lora",
-        "merge",
-        "-m",
-        &m,
-        "--lora",
-        lora_s,
-        "-o",
-        merged.to_str().unwrap(),
-        "--type",
-        "q8_0",
-    ]);
-    assert!(ok, "{err}");
+    merge(&merged, &["--type", "q8_0"]);
     assert_eq!(greedy_ids(merged.to_str().unwrap(), prompt, &[]).len(), 16);
     let hf = dir.join("merged-hf");
-    let (ok, _, err) = llama(&[
-        "lora",
-        "merge",
-        "-m",
-        &m,
-        "--lora",
-        lora_s,
-        "-o",
-        hf.to_str().unwrap(),
-        "--hf",
-        "f16",
-    ]);
-    assert!(ok, "{err}");
+    merge(&hf, &["--hf", "f16"]);
     assert!(hf.join("model.safetensors").is_file() && hf.join("config.json").is_file());
     // bench and perplexity take --lora.
     let (ok, out, err) = llama(&["bench", "-m", &m, "-r", "1", "--json", "--lora", lora_s]);

@@ -470,22 +470,21 @@ fn a_shared_system_prompt_is_read_once_and_changes_nothing() {
             .unwrap()
         })
         .collect();
-    let mut b = Batch::new(&m);
-    let session = || m.session(SessionOptions::default().n_ctx(512)).unwrap();
-    b.add(
-        session(),
-        Prompt::Chat(&convs[0]),
-        opts(),
-        Sampler::greedy(),
-    )
-    .unwrap();
-    // The first prompt is read in the first step; the others join after it.
-    b.step().unwrap();
-    for c in &convs[1..] {
-        b.add(session(), Prompt::Chat(c), opts(), Sampler::greedy())
-            .unwrap();
-    }
-    let done = b.run_to_end().unwrap();
+    // The first conversation is read in the first step; the others join after it.
+    let run = |mut b: Batch, convs: &[Vec<Message>]| {
+        let add = |b: &mut Batch, c| {
+            let s = m.session(SessionOptions::default().n_ctx(512)).unwrap();
+            b.add(s, Prompt::Chat(c), opts(), Sampler::greedy())
+                .unwrap();
+        };
+        add(&mut b, &convs[0]);
+        b.step().unwrap();
+        for c in &convs[1..] {
+            add(&mut b, c);
+        }
+        b.run_to_end().unwrap()
+    };
+    let done = run(Batch::new(&m), &convs);
     assert_eq!(done.len(), 3);
     for (i, f) in done.iter().enumerate() {
         let g = f.result.as_ref().unwrap();
@@ -501,23 +500,7 @@ fn a_shared_system_prompt_is_read_once_and_changes_nothing() {
         }
     }
     // Off: every prompt read whole.
-    let mut b = Batch::new(&m).with_prefix_cache(0);
-    b.add(
-        session(),
-        Prompt::Chat(&convs[0]),
-        opts(),
-        Sampler::greedy(),
-    )
-    .unwrap();
-    b.step().unwrap();
-    b.add(
-        session(),
-        Prompt::Chat(&convs[1]),
-        opts(),
-        Sampler::greedy(),
-    )
-    .unwrap();
-    let done = b.run_to_end().unwrap();
+    let done = run(Batch::new(&m).with_prefix_cache(0), &convs[..2]);
     assert_eq!(
         done[1].result.as_ref().unwrap().timings.prompt_tokens,
         alone[1].timings.prompt_tokens

@@ -107,17 +107,15 @@ fn random_models_follow_every_constraint() {
                     .seed(seed),
             )
             .unwrap();
-            let mut s = m.session(SessionOptions::default().n_ctx(256)).unwrap();
-            let out = s
-                .generate(
-                    &[1, 2, 3],
-                    &mut smp,
-                    GenerateOptions::default()
-                        .grammar(g.clone())
-                        .max_tokens(120),
-                    |_| ControlFlow::Continue(()),
-                )
-                .unwrap();
+            // Generates after the same three tokens on a fresh session.
+            let mut run = |opts: GenerateOptions| {
+                let mut s = m.session(SessionOptions::default().n_ctx(256)).unwrap();
+                s.generate(&[1, 2, 3], &mut smp, opts, |_| ControlFlow::Continue(()))
+                    .unwrap()
+            };
+            let out = run(GenerateOptions::default()
+                .grammar(g.clone())
+                .max_tokens(120));
             if out.stop_reason == StopReason::GrammarComplete {
                 let v: serde_json::Value = serde_json::from_str(&out.text)
                     .unwrap_or_else(|e| panic!("{name}: {e} {:?}", out.text));
@@ -136,17 +134,9 @@ fn random_models_follow_every_constraint() {
                 assert_eq!(out.tokens.len(), 120);
             }
             for (c, ok) in &cases {
-                let mut s = m.session(SessionOptions::default().n_ctx(256)).unwrap();
-                let out = s
-                    .generate(
-                        &[1, 2, 3],
-                        &mut smp,
-                        GenerateOptions::default()
-                            .constrain(c.clone())
-                            .max_tokens(40),
-                        |_| ControlFlow::Continue(()),
-                    )
-                    .unwrap();
+                let out = run(GenerateOptions::default()
+                    .constrain(c.clone())
+                    .max_tokens(40));
                 match out.stop_reason {
                     StopReason::GrammarComplete
                     | StopReason::EndOfGeneration

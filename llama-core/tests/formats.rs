@@ -8,7 +8,6 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use common::rel_err;
 use common::tiny::{build, Spec};
-use llama_core::convert::{write_gguf, GgufTensor};
 use llama_core::gguf::GgufFile;
 use llama_core::{KvCacheType, Model, SessionOptions};
 
@@ -23,37 +22,14 @@ fn logits(m: &Model) -> Vec<f32> {
 
 #[test]
 fn every_gguf_block_type_loads_and_runs() {
-    // Inner dimensions of 256 so the k-quants' super-blocks fit.
-    let t = build(Spec {
-        hidden: 256,
-        ff: 256,
-        heads: 4,
-        kv_heads: 2,
-        head_dim: 64,
-        seed: 17,
-        ..Default::default()
-    });
+    let t = build(Spec::kquant_sized(256, 17));
     let g = GgufFile::open(&t.gguf).unwrap();
-    let meta = common::tiny::metadata(&g);
     // Each quantized file is compared with an F32 file holding its own dequantized weights: what
     // remains is the 8-bit rounding of activations (a few percent on this random model), while a
     // wrong block layout or row order gives a relative error above 1.
     let cases = common::tiny::GGUF_TYPES;
     for dtype in cases {
-        let mut dequantized = vec![];
-        let tensors: Vec<GgufTensor> = g
-            .tensor_order
-            .iter()
-            .map(|name| {
-                let (stored, values) = common::tiny::stored_as(&g, name, dtype);
-                dequantized.push(values.unwrap_or_else(|| stored.clone()));
-                stored
-            })
-            .collect();
-        let p = t.dir.path().join(format!("{dtype:?}.gguf"));
-        write_gguf(&p, &meta, &tensors).unwrap();
-        let pd = t.dir.path().join(format!("{dtype:?}-dequantized.gguf"));
-        write_gguf(&pd, &meta, &dequantized).unwrap();
+        let (p, pd) = common::tiny::write_quantized_pair(&g, dtype, t.dir.path());
         let m = Model::load(&p, common::options()).unwrap();
         assert_eq!(m.weight_type(), format!("{dtype:?}"));
         let dense = Model::load(&pd, common::options()).unwrap();
@@ -124,13 +100,7 @@ fn quantize_at_load_equals_quantize_then_load() {
         let t = build(Spec {
             vocab,
             tie,
-            hidden: 256,
-            ff: 512,
-            heads: 4,
-            kv_heads: 2,
-            head_dim: 64,
-            seed,
-            ..Default::default()
+            ..Spec::kquant_sized(512, seed)
         });
         for qt in [
             QuantType::Q8_0,

@@ -75,15 +75,7 @@ fn models(t: &Tiny) -> Vec<(String, PathBuf, Option<QuantType>)> {
 
 /// The tiny model both tests run (inner dimensions of 256 so the k-quants fit).
 fn tiny() -> Tiny {
-    build(Spec {
-        hidden: 256,
-        ff: 512,
-        heads: 4,
-        kv_heads: 2,
-        head_dim: 64,
-        seed: 41,
-        ..Default::default()
-    })
+    build(Spec::kquant_sized(512, 41))
 }
 
 /// candle chooses its quantized x86 kernels when it runs (candle-core's `repack_x86::level`,

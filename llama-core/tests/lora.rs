@@ -10,10 +10,9 @@ use std::path::Path;
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
-use common::tiny::{build, reference_logits, reference_logits_with, Spec, Tiny};
+use common::tiny::{build, reference_logits, reference_logits_with, Rng, Spec, Tiny};
 use common::{max_diff, max_diff32, rel_err};
 use llama_core::convert::{write_gguf, GgufTensor};
-use llama_core::gguf::Value;
 use llama_core::{permute_rows_for_gguf, Adapter, KvCacheType, Model, SessionOptions, Target};
 
 const TOKENS: [u32; 12] = [5, 40, 77, 100, 3, 250, 17, 64, 9, 120, 33, 200];
@@ -25,20 +24,6 @@ type Pair = (String, usize, f64, Vec<f32>, Vec<f32>);
 #[derive(Clone, Default)]
 struct Lora {
     pairs: Vec<Pair>,
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> f32 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-    fn vec(&mut self, n: usize, amp: f32) -> Vec<f32> {
-        (0..n).map(|_| amp * self.next()).collect()
-    }
 }
 
 /// `(module, out, in, GGUF name, permuted heads)` of each projection of layer `l`.
@@ -82,8 +67,8 @@ fn random_lora(
                 continue;
             }
             let (r, scale) = rank_scale(&m);
-            let a = rng.vec(r * inp, 0.4);
-            let b = rng.vec(out * r, 0.4);
+            let a = rng.vec(r * inp, 0.4, 0.0);
+            let b = rng.vec(out * r, 0.4, 0.0);
             lora.pairs.push((m, r, scale, a, b));
         }
     }
@@ -136,15 +121,7 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 
 /// Writes `lora` as llama.cpp's converter would: Q/K `lora_b` rows permuted, `alpha` (0: none).
 fn write_gguf_lora_file(path: &Path, s: &Spec, lora: &Lora, alpha: f32, dtype: GgmlDType) {
-    let meta = vec![
-        (
-            "general.architecture".to_string(),
-            Value::String("llama".into()),
-        ),
-        ("general.type".to_string(), Value::String("adapter".into())),
-        ("adapter.type".to_string(), Value::String("lora".into())),
-        ("adapter.lora.alpha".to_string(), Value::F32(alpha)),
-    ];
+    let meta = common::adapter_gguf_meta(alpha);
     let mut tensors = vec![];
     for l in 0..s.layers {
         for (m, out, inp, gname, perm) in modules(s, l) {
@@ -742,19 +719,9 @@ fn flat(v: Vec<Vec<f32>>) -> Vec<f32> {
 
 #[test]
 fn adapters_apply_on_quantized_bases() {
-    // Inner dimensions of 256 so the k-quants' super-blocks fit.
-    let t = build(Spec {
-        hidden: 256,
-        ff: 256,
-        heads: 4,
-        kv_heads: 2,
-        head_dim: 64,
-        seed: 17,
-        ..Default::default()
-    });
+    let t = build(Spec::kquant_sized(256, 17));
     let s = t.spec.clone();
     let g = llama_core::gguf::GgufFile::open(&t.gguf).unwrap();
-    let meta = common::tiny::metadata(&g);
     let dir = tempfile::tempdir().unwrap();
     let lora = random_lora(&s, 31, |_| true, |_| (8, 0.25));
     let ad = dir.path().join("peft");
@@ -773,20 +740,7 @@ fn adapters_apply_on_quantized_bases() {
         GgmlDType::F16,
         GgmlDType::BF16,
     ] {
-        let mut dequantized = vec![];
-        let tensors: Vec<GgufTensor> = g
-            .tensor_order
-            .iter()
-            .map(|name| {
-                let (stored, values) = common::tiny::stored_as(&g, name, dtype);
-                dequantized.push(values.unwrap_or_else(|| stored.clone()));
-                stored
-            })
-            .collect();
-        let p = dir.path().join(format!("{dtype:?}.gguf"));
-        write_gguf(&p, &meta, &tensors).unwrap();
-        let pd = dir.path().join(format!("{dtype:?}-dequantized.gguf"));
-        write_gguf(&pd, &meta, &dequantized).unwrap();
+        let (p, pd) = common::tiny::write_quantized_pair(&g, dtype, dir.path());
         let q = Model::load(&p, common::options()).unwrap();
         let d = Model::load(&pd, common::options()).unwrap();
         let (qa, da) = (q.load_adapter(&ad).unwrap(), d.load_adapter(&ad).unwrap());

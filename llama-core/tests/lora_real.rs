@@ -11,7 +11,6 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 use common::*;
 use llama_core::convert::{write_gguf, GgufTensor};
-use llama_core::gguf::Value;
 use llama_core::{
     permute_rows_for_gguf, Adapter, GenerateOptions, Model, ModelOptions, Sampler, SessionOptions,
 };
@@ -143,15 +142,7 @@ fn a_random_lora_matches_llama_cpp_on_the_real_model() {
             data: b,
         });
     }
-    let meta = vec![
-        (
-            "general.architecture".to_string(),
-            Value::String("llama".into()),
-        ),
-        ("general.type".to_string(), Value::String("adapter".into())),
-        ("adapter.type".to_string(), Value::String("lora".into())),
-        ("adapter.lora.alpha".to_string(), Value::F32(alpha)),
-    ];
+    let meta = common::adapter_gguf_meta(alpha);
     let gg = dir.path().join("lora.gguf");
     write_gguf(&gg, &meta, &tensors).unwrap();
     // The same adapter as a PEFT folder (HF row order).

@@ -135,33 +135,28 @@ fn choices_regex_and_lark_constrain_the_text() {
 
 /// Evaluates what the arithmetic grammar accepts (checks the output parses as that grammar).
 fn eval_arith(s: &str) -> Option<i64> {
-    fn expr(b: &[u8], i: &mut usize) -> Option<i64> {
-        let mut v = term(b, i)?;
-        while *i < b.len() && (b[*i] == b'+' || b[*i] == b'-') {
-            let op = b[*i];
+    /// One precedence level: `operand (op operand)*` with the operators of `ops`
+    /// (`+ -` over terms, `* /` over factors; a division by zero gives 0).
+    fn level(b: &[u8], i: &mut usize, ops: [u8; 2]) -> Option<i64> {
+        let operand = |b: &[u8], i: &mut usize| match ops[0] {
+            b'+' => level(b, i, [b'*', b'/']),
+            _ => factor(b, i),
+        };
+        let mut v = operand(b, i)?;
+        while let Some(&op) = b.get(*i).filter(|c| ops.contains(c)) {
             *i += 1;
-            let r = term(b, i)?;
-            v = if op == b'+' {
-                v.checked_add(r)?
-            } else {
-                v.checked_sub(r)?
+            let r = operand(b, i)?;
+            v = match op {
+                b'+' => v.checked_add(r)?,
+                b'-' => v.checked_sub(r)?,
+                b'*' => v.checked_mul(r)?,
+                _ => v.checked_div(r).unwrap_or(0),
             };
         }
         Some(v)
     }
-    fn term(b: &[u8], i: &mut usize) -> Option<i64> {
-        let mut v = factor(b, i)?;
-        while *i < b.len() && (b[*i] == b'*' || b[*i] == b'/') {
-            let op = b[*i];
-            *i += 1;
-            let r = factor(b, i)?;
-            v = if op == b'*' {
-                v.checked_mul(r)?
-            } else {
-                v.checked_div(r).unwrap_or(0)
-            };
-        }
-        Some(v)
+    fn expr(b: &[u8], i: &mut usize) -> Option<i64> {
+        level(b, i, [b'+', b'-'])
     }
     fn factor(b: &[u8], i: &mut usize) -> Option<i64> {
         if b.get(*i) == Some(&b'(') {

@@ -77,7 +77,9 @@ impl Structured {
                     Constraint::from_response_format(&to_json(&value, "response_format")?)
                         .py_err()?,
                 ),
-                "grammar" => given.push(Constraint::grammar(value.extract::<String>().map_err(typed)?)),
+                "grammar" => given.push(Constraint::grammar(
+                    value.extract::<String>().map_err(typed)?,
+                )),
                 "regex" => given.push(Constraint::Regex(value.extract().map_err(typed)?)),
                 "choices" => given.push(Constraint::Choices(value.extract().map_err(typed)?)),
                 "tools" => st.tools = Tool::list_from_json(&to_json(&value, "tools")?).py_err()?,

@@ -15,18 +15,21 @@ const BLOCK_TYPES: [GgmlDType; 5] = [
 use candle_core::quantized::QTensor;
 use half::f16;
 
+/// The 32-element block formats and candle's name of each.
+const BLOCK32_TYPES: [(BlockFmt, GgmlDType); 5] = [
+    (BlockFmt::Q4_0, GgmlDType::Q4_0),
+    (BlockFmt::Q4_1, GgmlDType::Q4_1),
+    (BlockFmt::Q5_0, GgmlDType::Q5_0),
+    (BlockFmt::Q5_1, GgmlDType::Q5_1),
+    (BlockFmt::Q8_0, GgmlDType::Q8_0),
+];
+
 /// Every path available on this CPU gives the scalar path's products (up to float
 /// summation order), and the scalar path matches an f64 product of the dequantized weights
 /// with the quantized activations; odd shapes exercise partial tiles.
 #[test]
 fn block_matmul_matches_scalar_and_reference() {
-    for (fmt, dt) in [
-        (BlockFmt::Q4_0, GgmlDType::Q4_0),
-        (BlockFmt::Q4_1, GgmlDType::Q4_1),
-        (BlockFmt::Q5_0, GgmlDType::Q5_0),
-        (BlockFmt::Q5_1, GgmlDType::Q5_1),
-        (BlockFmt::Q8_0, GgmlDType::Q8_0),
-    ] {
+    for (fmt, dt) in BLOCK32_TYPES {
         for (n, k, m) in [
             (37, 96, 5),
             (8, 64, 1),
@@ -327,13 +330,7 @@ fn batch_invariant_matrices_give_each_row_the_same_bits() {
     let w = values(n * k, 91);
     let wt = Tensor::from_vec(w.clone(), (n, k), &Device::Cpu).unwrap();
     let mut mats: Vec<(String, std::sync::Arc<dyn WeightMatrix>)> = vec![];
-    for (fmt, dt) in [
-        (BlockFmt::Q4_0, GgmlDType::Q4_0),
-        (BlockFmt::Q4_1, GgmlDType::Q4_1),
-        (BlockFmt::Q5_0, GgmlDType::Q5_0),
-        (BlockFmt::Q5_1, GgmlDType::Q5_1),
-        (BlockFmt::Q8_0, GgmlDType::Q8_0),
-    ] {
+    for (fmt, dt) in BLOCK32_TYPES {
         let q = QTensor::quantize(&wt, dt).unwrap();
         mats.push((
             format!("{dt:?}"),

@@ -157,3 +157,15 @@ pub fn max_diff32(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
         .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
         .fold(0.0, f32::max)
 }
+
+/// The metadata llama.cpp's converter writes at the head of a LoRA adapter GGUF (`alpha` 0:
+/// none).
+pub fn adapter_gguf_meta(alpha: f32) -> Vec<(String, llama_core::gguf::Value)> {
+    use llama_core::gguf::Value;
+    vec![
+        ("general.architecture".into(), Value::String("llama".into())),
+        ("general.type".into(), Value::String("adapter".into())),
+        ("adapter.type".into(), Value::String("lora".into())),
+        ("adapter.lora.alpha".into(), Value::F32(alpha)),
+    ]
+}

@@ -68,6 +68,23 @@ impl Default for Spec {
     }
 }
 
+impl Spec {
+    /// A spec whose inner dimensions are 256 (the hidden size, and the FFN width `ff`, a
+    /// multiple of 256), so the k-quants' 256-element super-blocks fit; GQA with 64-wide heads.
+    #[allow(dead_code)]
+    pub fn kquant_sized(ff: usize, seed: u64) -> Spec {
+        Spec {
+            hidden: 256,
+            ff,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 64,
+            seed,
+            ..Default::default()
+        }
+    }
+}
+
 pub struct Tiny {
     pub dir: tempfile::TempDir,
     pub hf: PathBuf,
@@ -148,16 +165,18 @@ fn vocab(kind: Vocab) -> (Vec<String>, Vec<i32>, Vec<f32>, Vec<String>) {
     }
 }
 
-struct Rng(u64);
+/// A small deterministic generator of values in [-1, 1).
+pub struct Rng(pub u64);
+#[allow(dead_code)]
 impl Rng {
-    fn next(&mut self) -> f32 {
+    pub fn next(&mut self) -> f32 {
         self.0 = self
             .0
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
         ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
-    fn vec(&mut self, n: usize, scale: f32, offset: f32) -> Vec<f32> {
+    pub fn vec(&mut self, n: usize, scale: f32, offset: f32) -> Vec<f32> {
         (0..n).map(|_| offset + scale * self.next()).collect()
     }
 }
@@ -725,6 +744,33 @@ pub fn stored_as(
         data: back,
     };
     (stored, Some(values))
+}
+
+/// Writes `g` with its matrices stored as `dtype` to `DIR/{dtype:?}.gguf`, and the values those
+/// stored matrices hold, as F32, to `DIR/{dtype:?}-dequantized.gguf`: the two files differ
+/// only in storage. Returns their paths.
+#[allow(dead_code)]
+pub fn write_quantized_pair(
+    g: &llama_core::gguf::GgufFile,
+    dtype: GgmlDType,
+    dir: &std::path::Path,
+) -> (PathBuf, PathBuf) {
+    let mut dequantized = vec![];
+    let tensors: Vec<GgufTensor> = g
+        .tensor_order
+        .iter()
+        .map(|name| {
+            let (stored, values) = stored_as(g, name, dtype);
+            dequantized.push(values.unwrap_or_else(|| stored.clone()));
+            stored
+        })
+        .collect();
+    let meta = metadata(g);
+    let p = dir.join(format!("{dtype:?}.gguf"));
+    write_gguf(&p, &meta, &tensors).unwrap();
+    let pd = dir.join(format!("{dtype:?}-dequantized.gguf"));
+    write_gguf(&pd, &meta, &dequantized).unwrap();
+    (p, pd)
 }
 
 /// Every GGUF block type candle writes, besides F32: the formats tests and the logit hashes
