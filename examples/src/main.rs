@@ -605,7 +605,7 @@ fn chat(a: ChatArgs) -> AnyResult<()> {
             break;
         }
         messages.push(Message::user(line.trim_end().to_string()));
-        let g = s.chat(&messages, &mut smp, opts.clone(), stream_to_stdout)?;
+        let g = s.generate(&messages, &mut smp, opts.clone(), stream_to_stdout)?;
         println!();
         summary(&g);
         if g.tool_calls.is_empty() {

@@ -314,7 +314,7 @@ fn continuous_batches_generate_what_each_generates_alone() {
         .map(|i| {
             let (msgs, opts, cfg) = request(i);
             let mut s = m.session(SessionOptions::default().n_ctx(512)).unwrap();
-            s.chat(&msgs, &mut Sampler::new(cfg).unwrap(), opts, |_| {
+            s.generate(&msgs, &mut Sampler::new(cfg).unwrap(), opts, |_| {
                 std::ops::ControlFlow::Continue(())
             })
             .unwrap()
@@ -464,7 +464,7 @@ fn a_shared_system_prompt_is_read_once_and_changes_nothing() {
         .iter()
         .map(|c| {
             let mut s = m.session(SessionOptions::default().n_ctx(512)).unwrap();
-            s.chat(c, &mut Sampler::greedy(), opts(), |_| {
+            s.generate(c, &mut Sampler::greedy(), opts(), |_| {
                 std::ops::ControlFlow::Continue(())
             })
             .unwrap()

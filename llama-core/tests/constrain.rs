@@ -217,7 +217,7 @@ fn llama3_tool_calls_through_a_template_that_reads_tools() {
         let mut smp = Sampler::new(SamplerConfig::default().temperature(1.0).seed(seed)).unwrap();
         let mut s = m.session(SessionOptions::default().n_ctx(1024)).unwrap();
         let out = s
-            .chat(
+            .generate(
                 &msgs,
                 &mut smp,
                 GenerateOptions::default()

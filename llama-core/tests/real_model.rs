@@ -199,7 +199,7 @@ fn chat_template_and_reply_match_references() {
         assert_eq!(prompt_ids, ids(&case["prompt_ids"]));
         let mut s = m.session(SessionOptions::default()).unwrap();
         let g = s
-            .chat(
+            .generate(
                 &messages,
                 &mut Sampler::greedy(),
                 GenerateOptions::default().max_tokens(48),

@@ -10,7 +10,7 @@ use common::real_model_path;
 use common::tiny::{build, Spec, Tiny};
 use llama_core::sampler::log_softmax;
 use llama_core::{
-    Detokenizer, Error, GenerateOptions, Generation, Message, Model, ModelOptions, Sampler,
+    Detokenizer, Error, GenerateOptions, Generation, Message, Model, ModelOptions, Prompt, Sampler,
     SamplerConfig, Session, SessionOptions, StopReason,
 };
 
@@ -36,7 +36,7 @@ use common::gen;
 /// Greedy generation of at most `n` tokens after `prompt`.
 fn greedy_prompt(s: &mut Session, prompt: llama_core::Prompt<'_>, n: usize) -> Generation {
     let opts = GenerateOptions::default().max_tokens(n);
-    s.generate_prompt(prompt, &mut Sampler::greedy(), opts, |_| {
+    s.generate(prompt, &mut Sampler::greedy(), opts, |_| {
         ControlFlow::Continue(())
     })
     .unwrap()
@@ -240,7 +240,7 @@ fn logprobs_are_the_model_distribution() {
     let lp0 = log_softmax(s.logits().unwrap());
     let g = s
         .generate(
-            &[],
+            Prompt::Tokens(&[]),
             &mut Sampler::greedy(),
             GenerateOptions::default().max_tokens(3).logprobs(5),
             |_| ControlFlow::Continue(()),
@@ -386,7 +386,7 @@ fn top_logprobs_one_tie_order_everywhere() {
     assert_eq!(greedy, top[0].0);
     let one = GenerateOptions::default().max_tokens(1).logprobs(5);
     let g = s
-        .generate(&[], &mut Sampler::greedy(), one, |_| {
+        .generate(Prompt::Tokens(&[]), &mut Sampler::greedy(), one, |_| {
             ControlFlow::Continue(())
         })
         .unwrap();
@@ -422,7 +422,7 @@ fn one_prompt_entry_point_applies_the_bos_rule_and_reuses_chat_prefixes() {
     let ids = m.tokenize(text, true, true).unwrap();
     let mut a = m.session(SessionOptions::default()).unwrap();
     let ga = a
-        .generate_prompt(Prompt::Text(text), &mut Sampler::greedy(), opts(), |_| {
+        .generate(Prompt::Text(text), &mut Sampler::greedy(), opts(), |_| {
             ControlFlow::Continue(())
         })
         .unwrap();
@@ -438,7 +438,7 @@ fn one_prompt_entry_point_applies_the_bos_rule_and_reuses_chat_prefixes() {
     let mut d = m.session(SessionOptions::default()).unwrap();
     let mut smp = Sampler::greedy();
     let mut streamed = String::new();
-    let mut stream = d.chat_stream(&msgs, &mut smp, opts()).unwrap();
+    let mut stream = d.stream(&msgs, &mut smp, opts()).unwrap();
     for p in stream.by_ref() {
         streamed.push_str(&p.unwrap().text);
     }
@@ -572,7 +572,7 @@ fn message_content_is_text_and_roles_are_checked() {
                 .max_tokens(1)
                 .parse_special_in_content(true);
             let g = s
-                .chat(&msgs, &mut Sampler::greedy(), opts, |_| {
+                .generate(&msgs[..], &mut Sampler::greedy(), opts, |_| {
                     ControlFlow::Continue(())
                 })
                 .unwrap();
@@ -585,8 +585,8 @@ fn message_content_is_text_and_roles_are_checked() {
                 "{e}"
             );
             let mut s = m.session(SessionOptions::default()).unwrap();
-            let r = s.chat(
-                &bad,
+            let r = s.generate(
+                &bad[..],
                 &mut Sampler::greedy(),
                 GenerateOptions::default().max_tokens(1),
                 |_| ControlFlow::Continue(()),

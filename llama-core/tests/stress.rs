@@ -53,7 +53,7 @@ fn script(m: &Model, i: u32) -> Vec<Vec<u32>> {
     });
     let g = c
         .generate(
-            &[],
+            llama_core::Prompt::Tokens(&[]),
             &mut Sampler::new(cfg).unwrap(),
             GenerateOptions::default().max_tokens(10_000_000),
             |_| ControlFlow::Continue(()),

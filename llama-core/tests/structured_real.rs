@@ -26,7 +26,7 @@ fn chat(
     sampler: &mut Sampler,
 ) -> llama_core::Generation {
     let mut s = m.session(SessionOptions::default()).unwrap();
-    s.chat(&[Message::user(prompt)], sampler, opts, |_| {
+    s.generate(&[Message::user(prompt)], sampler, opts, |_| {
         ControlFlow::Continue(())
     })
     .unwrap()
@@ -267,7 +267,7 @@ fn bad_constraints_fail_before_generation() {
     ];
     for c in bad {
         let mut s = m.session(SessionOptions::default()).unwrap();
-        let r = s.chat(
+        let r = s.generate(
             &[Message::user("hi")],
             &mut Sampler::greedy(),
             GenerateOptions::default().constrain(c.clone()),
@@ -305,7 +305,7 @@ fn tool_call_round_trip_through_the_template() {
         .tools(tools.clone(), ToolChoice::Required)
         .max_tokens(80);
     let out = s
-        .chat(&msgs, &mut Sampler::greedy(), opts, |_| {
+        .generate(&msgs, &mut Sampler::greedy(), opts, |_| {
             ControlFlow::Continue(())
         })
         .unwrap();
@@ -325,7 +325,7 @@ fn tool_call_round_trip_through_the_template() {
         .tools(tools.clone(), ToolChoice::Function("add".into()))
         .max_tokens(60);
     let o2 = s2
-        .chat(
+        .generate(
             &[Message::user("What is 2 plus 3?")],
             &mut Sampler::greedy(),
             forced,
@@ -349,7 +349,7 @@ fn tool_call_round_trip_through_the_template() {
         .tools(tools, ToolChoice::None)
         .max_tokens(40);
     let reply = s
-        .chat(&msgs, &mut Sampler::greedy(), opts, |_| {
+        .generate(&msgs, &mut Sampler::greedy(), opts, |_| {
             ControlFlow::Continue(())
         })
         .unwrap();

@@ -522,7 +522,7 @@ unsafe fn run_generation(
     let calls_out = &mut (*session).tool_calls as *mut std::ffi::CString;
     let session = &mut (*session).inner;
     let sampler = &mut (*sampler).inner;
-    let mut stream = session.stream_prompt(prompt, sampler, opts).map_err(fail)?;
+    let mut stream = session.stream(prompt, sampler, opts).map_err(fail)?;
     let mut stopped = false;
     for piece in stream.by_ref() {
         let piece = piece.map_err(fail)?;

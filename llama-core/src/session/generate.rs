@@ -11,7 +11,6 @@ pub use super::options::{CancelHandle, GenerateOptions};
 pub use super::outcome::{Generation, Piece, StopReason, Timings, TokenLogprob};
 pub use super::prompt::{OwnedPrompt, Prompt};
 use super::Session;
-use crate::chat::Message;
 use crate::constrain::tools::{parse_tool_calls, ToolChoice};
 use crate::constrain::ConstraintState;
 use crate::error::{Error, Result};
@@ -321,10 +320,13 @@ impl Session {
     }
 
     /// The one generation driver: evaluates `prompt` and returns the [`Generator`] to step
-    /// ([`Session::stream`], [`Session::generate`], [`Session::chat`], C and Python all start
-    /// here).
-    pub fn start(&mut self, prompt: Prompt<'_>, opts: GenerateOptions) -> Result<Generator> {
-        let ids = self.prompt_tokens(prompt, (&opts).into())?;
+    /// ([`Session::stream`], [`Session::generate`], the batch, C and Python all start here).
+    pub fn start<'p>(
+        &mut self,
+        prompt: impl Into<Prompt<'p>>,
+        opts: GenerateOptions,
+    ) -> Result<Generator> {
+        let ids = self.prompt_tokens(prompt.into(), (&opts).into())?;
         Generator::new(self, &ids, opts)
     }
 
@@ -348,20 +350,17 @@ impl Session {
         sampler.sample(self.last_logits()?, self.tokens())
     }
 
-    /// Streams the reply to `messages` ([`Prompt::Chat`]): an iterator of pieces.
-    pub fn chat_stream<'s>(
-        &'s mut self,
-        messages: &[Message],
-        sampler: &'s mut Sampler,
-        opts: GenerateOptions,
-    ) -> Result<TokenStream<'s>> {
-        self.stream_prompt(Prompt::Chat(messages), sampler, opts)
+    /// A handle that cancels this session's work from another thread.
+    pub fn cancel_handle(&self) -> CancelHandle {
+        self.cancel.clone()
     }
 
-    /// Streams the generation after any [`Prompt`].
-    pub fn stream_prompt<'s>(
+    /// Evaluates `prompt` (any [`Prompt`]: text, token ids, or a conversation whose cached
+    /// prefix is reused) after the current context, then streams generated pieces: an
+    /// iterator over [`Piece`]s.
+    pub fn stream<'s, 'p>(
         &'s mut self,
-        prompt: Prompt<'_>,
+        prompt: impl Into<Prompt<'p>>,
         sampler: &'s mut Sampler,
         opts: GenerateOptions,
     ) -> Result<TokenStream<'s>> {
@@ -373,44 +372,20 @@ impl Session {
         })
     }
 
-    /// A handle that cancels this session's work from another thread.
-    pub fn cancel_handle(&self) -> CancelHandle {
-        self.cancel.clone()
-    }
-
-    /// Evaluates `prompt` after the current context, then streams generated pieces.
-    pub fn stream<'s>(
-        &'s mut self,
-        prompt: &[u32],
-        sampler: &'s mut Sampler,
-        opts: GenerateOptions,
-    ) -> Result<TokenStream<'s>> {
-        self.stream_prompt(Prompt::Tokens(prompt), sampler, opts)
-    }
-
-    /// Evaluates `prompt` after the current context and generates, calling `on_piece` with each
-    /// piece of text as it becomes final; return `ControlFlow::Break(())` to stop.
-    pub fn generate(
+    /// Evaluates `prompt` (as [`Session::stream`]) after the current context and generates,
+    /// calling `on_piece` with each piece of text as it becomes final; return
+    /// `ControlFlow::Break(())` to stop. Pieces whose text is empty (a token whose text is held
+    /// back: part of a character or of a possible stop string) are not passed to `on_piece`.
+    /// A conversation ([`Prompt::Chat`], or `&[Message]`) is rendered with the model's chat
+    /// template and the reply generated: this is the chat call.
+    pub fn generate<'p>(
         &mut self,
-        prompt: &[u32],
-        sampler: &mut Sampler,
-        opts: GenerateOptions,
-        on_piece: impl FnMut(&str) -> ControlFlow<()>,
-    ) -> Result<Generation> {
-        self.generate_prompt(Prompt::Tokens(prompt), sampler, opts, on_piece)
-    }
-
-    /// [`Session::generate`] after any [`Prompt`]. Pieces whose text is empty (a token whose
-    /// text is held back: part of a character or of a possible stop string) are not passed to
-    /// `on_piece`.
-    pub fn generate_prompt(
-        &mut self,
-        prompt: Prompt<'_>,
+        prompt: impl Into<Prompt<'p>>,
         sampler: &mut Sampler,
         opts: GenerateOptions,
         mut on_piece: impl FnMut(&str) -> ControlFlow<()>,
     ) -> Result<Generation> {
-        let mut stream = self.stream_prompt(prompt, sampler, opts)?;
+        let mut stream = self.stream(prompt, sampler, opts)?;
         while let Some(p) = stream.next() {
             let p = p?;
             if !p.text.is_empty() && on_piece(&p.text).is_break() {
@@ -418,18 +393,6 @@ impl Session {
             }
         }
         Ok(stream.gen.into_generation())
-    }
-
-    /// Renders `messages` with the model's chat template (generation prompt added), reuses the
-    /// cached prefix of earlier turns, and generates the assistant's reply.
-    pub fn chat(
-        &mut self,
-        messages: &[Message],
-        sampler: &mut Sampler,
-        opts: GenerateOptions,
-        on_piece: impl FnMut(&str) -> ControlFlow<()>,
-    ) -> Result<Generation> {
-        self.generate_prompt(Prompt::Chat(messages), sampler, opts, on_piece)
     }
 
     /// Keeps the longest cached prefix shared with `ids` and returns the tokens still to

@@ -17,6 +17,35 @@ pub enum Prompt<'a> {
     Chat(&'a [Message]),
 }
 
+/// A prompt from what a caller holds: `&str`/`&String` ([`Prompt::Text`]), token ids as a
+/// slice, an array or a `Vec` ([`Prompt::Tokens`]), messages as a slice or a `Vec`
+/// ([`Prompt::Chat`]), or an [`OwnedPrompt`].
+macro_rules! prompt_from {
+    ($([$($g:tt)*] $t:ty => $variant:ident;)*) => {$(
+        impl<'a, $($g)*> From<&'a $t> for Prompt<'a> {
+            fn from(v: &'a $t) -> Prompt<'a> {
+                Prompt::$variant(v)
+            }
+        }
+    )*};
+}
+prompt_from! {
+    [] str => Text;
+    [] String => Text;
+    [] [u32] => Tokens;
+    [const N: usize] [u32; N] => Tokens;
+    [] Vec<u32> => Tokens;
+    [] [Message] => Chat;
+    [const N: usize] [Message; N] => Chat;
+    [] Vec<Message> => Chat;
+}
+
+impl<'a> From<&'a OwnedPrompt> for Prompt<'a> {
+    fn from(p: &'a OwnedPrompt) -> Prompt<'a> {
+        p.as_prompt()
+    }
+}
+
 /// An owned [`Prompt`]: what a binding or a server keeps while a request waits (the BOS rule
 /// and chat prefix reuse apply when it is used, through [`OwnedPrompt::as_prompt`]).
 #[derive(Debug, Clone, PartialEq)]
