@@ -79,8 +79,8 @@ pub use perplexity::{Perplexity, PerplexityOptions};
 pub use plan::Target;
 pub use sampler::{Sampler, SamplerConfig};
 pub use session::generate::{
-    CancelHandle, Detokenizer, GenerateOptions, Generation, Generator, OwnedPrompt, Piece, Prompt,
-    StopReason, Timings, TokenLogprob, TokenStream,
+    CancelHandle, Detokenizer, Draft, GenerateOptions, Generation, Generator, OwnedPrompt, Piece,
+    Prompt, StopReason, Timings, TokenLogprob, TokenStream,
 };
 pub use session::state::STATE_FORMAT_VERSION;
 pub use session::{Interrupt, KvCacheType, Session, SessionOptions, DEFAULT_N_CTX};

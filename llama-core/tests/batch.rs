@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::path::Path;
-
 use common::tiny::{build, Spec};
 use common::*;
 use llama_core::{Model, ModelOptions, Session, SessionOptions};
@@ -138,40 +136,6 @@ fn real_model_batches_are_bit_identical_to_alone() {
     }
 }
 
-/// A PEFT adapter on q, v and down of every layer, rank 2, with values from `seed`.
-fn adapter(t: &common::tiny::Tiny, dir: &Path, seed: u32) {
-    use candle_core::{Device, Tensor};
-    std::fs::create_dir_all(dir).unwrap();
-    let s = &t.spec;
-    let cfg = serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
-        "target_modules": ["q_proj", "v_proj", "down_proj"]});
-    std::fs::write(dir.join("adapter_config.json"), cfg.to_string()).unwrap();
-    let mut map = std::collections::HashMap::new();
-    for l in 0..s.layers {
-        for (m, out, inp) in [
-            ("self_attn.q_proj", s.heads * s.head_dim, s.hidden),
-            ("self_attn.v_proj", s.kv_heads * s.head_dim, s.hidden),
-            ("mlp.down_proj", s.hidden, s.ff),
-        ] {
-            let vals = |n: usize, k: u32| {
-                (0..n as u32)
-                    .map(|i| (((i * 7 + k * 13 + seed * 29) % 11) as f32 - 5.0) / 20.0)
-                    .collect::<Vec<_>>()
-            };
-            let p = format!("base_model.model.model.layers.{l}.{m}");
-            map.insert(
-                format!("{p}.lora_A.weight"),
-                Tensor::from_vec(vals(2 * inp, 1), (2, inp), &Device::Cpu).unwrap(),
-            );
-            map.insert(
-                format!("{p}.lora_B.weight"),
-                Tensor::from_vec(vals(out * 2, 2), (out, 2), &Device::Cpu).unwrap(),
-            );
-        }
-    }
-    candle_core::safetensors::save(&map, dir.join("adapter_model.safetensors")).unwrap();
-}
-
 #[test]
 fn sessions_with_different_adapters_batch_exactly() {
     let t = build(Spec {
@@ -180,8 +144,8 @@ fn sessions_with_different_adapters_batch_exactly() {
     });
     let m = Model::load(&t.gguf, ModelOptions::default()).unwrap();
     let (da, db) = (t.dir.path().join("a"), t.dir.path().join("b"));
-    adapter(&t, &da, 1);
-    adapter(&t, &db, 2);
+    common::tiny::peft_adapter(&t, &da, 1);
+    common::tiny::peft_adapter(&t, &db, 2);
     let a = m.load_adapter(&da).unwrap();
     let b = m.load_adapter(&db).unwrap();
     let sets = [

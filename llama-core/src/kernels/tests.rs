@@ -326,7 +326,13 @@ fn quantized_activations_follow_ggml() {
 /// claim it (`batch_invariant`) must hold it bit for bit; the rest are reported.
 #[test]
 fn batch_invariant_matrices_give_each_row_the_same_bits() {
-    let (n, k) = (64, 512);
+    // 64 rows: interleaved groups; 70: the file's row layout, with partial tiles.
+    for n in [64, 70] {
+        batch_invariance_case(n, 512);
+    }
+}
+
+fn batch_invariance_case(n: usize, k: usize) {
     let w = values(n * k, 91);
     let wt = Tensor::from_vec(w.clone(), (n, k), &Device::Cpu).unwrap();
     let mut mats: Vec<(String, std::sync::Arc<dyn WeightMatrix>)> = vec![];
@@ -386,7 +392,7 @@ fn batch_invariant_matrices_give_each_row_the_same_bits() {
             assert_eq!(alone, product(&**mat, r..r + 1), "{name}: row {r} as alone");
         }
         println!(
-            "{name}: rows {} with their batch",
+            "{name} [{n}, {k}]: rows {} with their batch",
             if same { "never change" } else { "change" }
         );
     }

@@ -12,6 +12,10 @@ pub(crate) struct BatchSeq<'c, 'a> {
     pub(crate) tokens: &'a [u32],
     pub(crate) cache: &'c mut KvCache,
     pub(crate) lora: Active<'a>,
+    /// Each row computed exactly as decoding its token alone computes it (speculative
+    /// verification: several drafted positions of one sequence in one pass, each with the bits
+    /// one-at-a-time decode gives it); every row's hidden state is returned.
+    pub(crate) alone: bool,
 }
 
 /// Which final hidden states a pass returns for each sequence.
@@ -23,11 +27,14 @@ enum Keep {
     All,
 }
 
-/// The rows of a pass: each sequence's first row in the stacked buffers, and the one-token
-/// sequences (decode) among them.
+/// The rows of a pass: each sequence's first row in the stacked buffers, and the rows
+/// computed as decoding alone computes them (one-token sequences, every row of a sequence
+/// marked [`BatchSeq::alone`]).
 struct Rows {
     offs: Vec<usize>,
     singles: Vec<usize>,
+    /// Per sequence: whether its rows are among `singles`.
+    single: Vec<bool>,
 }
 
 impl Rows {
@@ -37,12 +44,21 @@ impl Rows {
         for s in seqs {
             offs.push(offs[offs.len() - 1] + s.tokens.len());
         }
+        let single: Vec<bool> = seqs
+            .iter()
+            .map(|s| s.alone || s.tokens.len() == 1)
+            .collect();
         let singles = offs
             .windows(2)
-            .filter(|w| w[1] - w[0] == 1)
-            .map(|w| w[0])
+            .zip(&single)
+            .filter(|(_, &one)| one)
+            .flat_map(|(w, _)| w[0]..w[1])
             .collect();
-        Rows { offs, singles }
+        Rows {
+            offs,
+            singles,
+            single,
+        }
     }
 
     /// Rows in all.
@@ -103,6 +119,7 @@ impl Model {
             tokens,
             cache,
             lora,
+            alone: false,
         }];
         let mut out = self.forward(&mut seqs, Keep::All, stop)?;
         let rows = out.pop().unwrap_or_default();
@@ -116,8 +133,10 @@ impl Model {
     /// Several sequences in one forward pass: every sequence's rows go through each weight
     /// matrix together (one pass over the weights for all of them), while RoPE, the KV cache,
     /// attention and LoRA updates stay per sequence. Each row's result is what the sequence's
-    /// own [`Model::forward_hidden`] gives it. Returns each sequence's last row after the
-    /// output norm. The caller checks capacity and ids.
+    /// own [`Model::forward_hidden`] gives it (for a sequence marked [`BatchSeq::alone`], what
+    /// decoding each of its tokens one at a time gives it). Returns each sequence's last row
+    /// after the output norm (every row of an `alone` sequence). The caller checks capacity
+    /// and ids.
     pub(crate) fn forward_batch(&self, seqs: &mut [BatchSeq<'_, '_>]) -> Result<Vec<Vec<f32>>> {
         self.forward(seqs, Keep::Last, &mut || false)
     }
@@ -173,7 +192,7 @@ impl Model {
         for (i, s) in seqs.iter_mut().enumerate() {
             s.cache.advance(s.tokens.len());
             let r = pass.rows.of(i);
-            let r = if keep == Keep::Last {
+            let r = if keep == Keep::Last && !s.alone {
                 r.end - 1..r.end
             } else {
                 r
@@ -460,9 +479,11 @@ fn project(
         cols,
     };
     if let [s] = seqs {
-        return view(s.lora).matmul_and_update(xs, t, out, |out, rider| {
-            w.matmul_into_riding(xs, t, out, rider)
-        });
+        if !s.alone || t == 1 {
+            return view(s.lora).matmul_and_update(xs, t, out, |out, rider| {
+                w.matmul_into_riding(xs, t, out, rider)
+            });
+        }
     }
     if w.batch_invariant() {
         w.matmul_into(xs, t, out)?;
@@ -481,7 +502,7 @@ fn project(
         }
         for i in 0..seqs.len() {
             let r = rows.of(i);
-            if together && r.len() == 1 {
+            if together && rows.single[i] {
                 continue;
             }
             let (x, o) = (
@@ -497,7 +518,14 @@ fn project(
             &xs[r.start * xw..r.end * xw],
             &mut out[r.start * ow..r.end * ow],
         );
-        view(s.lora).update_rows(x, r.len(), o)?;
+        if s.alone {
+            // Each row's update as decode computes it (the one-row update).
+            for (x, o) in x.chunks_exact(xw).zip(o.chunks_exact_mut(ow)) {
+                view(s.lora).update_rows(x, 1, o)?;
+            }
+        } else {
+            view(s.lora).update_rows(x, r.len(), o)?;
+        }
     }
     Ok(())
 }

@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 
 pub use super::detok::Detokenizer;
 pub(crate) use super::options::resolve_grammar;
-pub use super::options::{CancelHandle, GenerateOptions};
+pub use super::options::{CancelHandle, Draft, GenerateOptions};
 pub use super::outcome::{Generation, Piece, StopReason, Timings, TokenLogprob};
 pub use super::prompt::{OwnedPrompt, Prompt};
+use super::speculate::Speculator;
 use super::Session;
 use crate::constrain::tools::{parse_tool_calls, ToolChoice};
 use crate::constrain::ConstraintState;
@@ -30,6 +31,7 @@ pub struct Generator {
     done: bool,
     started: Instant,
     constraint: Option<ConstraintState>,
+    spec: Option<Speculator>,
 }
 
 impl Generator {
@@ -38,6 +40,10 @@ impl Generator {
         let t0 = Instant::now();
         // A bad constraint is an error before anything is evaluated or generated.
         let constraint = resolve_grammar(session.model(), &opts)?.map(|g| g.matcher());
+        let spec = match &opts.draft {
+            Some(d) => Speculator::new(d, opts.draft_max, session)?,
+            None => None,
+        };
         let n_prompt = prompt.len();
         if !prompt.is_empty() {
             session.eval(prompt)?;
@@ -68,6 +74,7 @@ impl Generator {
             done: false,
             started: Instant::now(),
             constraint,
+            spec,
         })
     }
 
@@ -108,6 +115,10 @@ impl Generator {
         if let Some(c) = &self.constraint {
             self.result.timings.constraint = c.mask_time;
         }
+        if let Some(sp) = &self.spec {
+            self.result.timings.drafted_tokens = sp.drafted;
+            self.result.timings.accepted_tokens = sp.accepted;
+        }
         if reason == StopReason::StopString {
             self.parse_calls();
             return None;
@@ -132,9 +143,28 @@ impl Generator {
             None => Ok(None),
             Some((piece, None)) => Ok(Some(piece)),
             Some((piece, Some(id))) => {
-                session.eval_uncancellable(&[id])?;
+                match self.tokens_to_eval(session, id, true)? {
+                    None => {}
+                    Some(t) if t.len() == 1 => session.eval_uncancellable(&t)?,
+                    Some(t) => session.eval_verify(t[0], &t[1..])?,
+                }
                 Ok(Some(piece))
             }
+        }
+    }
+
+    /// What to evaluate after `id` was sampled: `id` alone, `id` and the drafted tokens to
+    /// verify after it (speculative decoding; `drafting` false evaluates `id` alone), or
+    /// nothing where `id` is the next verified draft (taken).
+    pub(crate) fn tokens_to_eval(
+        &mut self,
+        session: &mut Session,
+        id: u32,
+        drafting: bool,
+    ) -> Result<Option<Vec<u32>>> {
+        match &mut self.spec {
+            Some(sp) => sp.advance(session, id, drafting),
+            None => Ok(Some(vec![id])),
         }
     }
 

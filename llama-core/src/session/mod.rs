@@ -6,6 +6,7 @@ pub(crate) mod generate;
 mod options;
 mod outcome;
 mod prompt;
+pub(crate) mod speculate;
 pub(crate) mod state;
 mod stops;
 
@@ -114,6 +115,11 @@ pub struct Session {
     /// decode update plans kept for them).
     adapters: crate::lora::Applied,
     pub(crate) cancel: CancelHandle,
+    /// Drafted tokens verified past the last evaluated one, each with the logits after it
+    /// (speculative decoding): their keys and values sit in the cache's rows past its length,
+    /// so accepting one ([`Session::take_ahead`]) costs no compute. Anything else that touches
+    /// the cache drops them.
+    ahead: std::collections::VecDeque<(u32, Vec<f32>)>,
 }
 
 impl std::fmt::Debug for Session {
@@ -155,6 +161,7 @@ impl Model {
             logits: None,
             opts,
             cancel: CancelHandle::default(),
+            ahead: Default::default(),
         })
     }
 }
@@ -236,6 +243,97 @@ impl Session {
         self.eval_inner(tokens, Some(0), true)
     }
 
+    /// Evaluates `next` and verifies the drafted tokens after it in one forward pass (reading
+    /// the weights once): each position's logits are bit for bit what decoding the tokens one
+    /// at a time computes there. The session then holds `next` (its logits current, as after
+    /// `eval(&[next])`) and keeps the drafted tokens ahead, to be taken by
+    /// [`Session::take_ahead`] as long as they match what is generated. Drafts that do not fit
+    /// the context are cut.
+    pub(crate) fn eval_verify(&mut self, next: u32, draft: &[u32]) -> Result<()> {
+        let room = self.n_ctx().saturating_sub(self.tokens.len() + 1);
+        let draft = &draft[..draft.len().min(room)];
+        if draft.is_empty() || !crate::kernels::enabled() {
+            return self.eval_uncancellable(&[next]);
+        }
+        let mut tokens = Vec::with_capacity(draft.len() + 1);
+        tokens.push(next);
+        tokens.extend_from_slice(draft);
+        self.check(&tokens)?;
+        self.ahead.clear();
+        let runtime = self.runtime;
+        let before = self.cache.len();
+        let r = runtime.run(|| {
+            let Session {
+                model,
+                cache,
+                adapters,
+                ..
+            } = self;
+            let mut seqs = [crate::model::BatchSeq {
+                tokens: &tokens,
+                cache,
+                lora: adapters,
+                alone: true,
+            }];
+            let hidden = model.forward_batch(&mut seqs)?.concat();
+            let m = tokens.len();
+            match model.logits_as_alone(&hidden, m)? {
+                Some(l) => Ok(l),
+                None => {
+                    let width = hidden.len() / m;
+                    hidden
+                        .chunks_exact(width)
+                        .map(|row| {
+                            let h = candle_core::Tensor::from_slice(
+                                row,
+                                (1, width),
+                                &candle_core::Device::Cpu,
+                            )?;
+                            model.last_logits(&h)
+                        })
+                        .collect::<Result<Vec<_>>>()
+                }
+            }
+        });
+        let mut logits = match r {
+            Ok(l) => l.into_iter(),
+            Err(e) => {
+                self.cache.truncate(before);
+                return Err(e);
+            }
+        };
+        // The cache keeps `next`; the drafted rows stay written past its length.
+        self.cache.truncate(before + 1);
+        self.tokens.push(next);
+        self.logits = logits.next();
+        self.ahead = draft.iter().copied().zip(logits).collect();
+        Ok(())
+    }
+
+    /// Takes the next drafted token kept by a verification if it is `id` (its keys and values
+    /// already in the cache, its logits current: as if `eval(&[id])` had run) and returns
+    /// true; otherwise drops every drafted token and returns false.
+    pub(crate) fn take_ahead(&mut self, id: u32) -> bool {
+        match self.ahead.front() {
+            Some(&(t, _)) if t == id && self.tokens.len() < self.n_ctx() => {
+                let (_, logits) = self.ahead.pop_front().expect("checked");
+                self.cache.advance(1);
+                self.tokens.push(id);
+                self.logits = Some(logits);
+                true
+            }
+            _ => {
+                self.ahead.clear();
+                false
+            }
+        }
+    }
+
+    /// Drafted tokens still kept ahead.
+    pub(crate) fn ahead_len(&self) -> usize {
+        self.ahead.len()
+    }
+
     /// `all_from`: `Some(i)` returns the logits of positions `i..` of `tokens`; `None` keeps
     /// only the last position's.
     fn eval_inner(
@@ -248,6 +346,7 @@ impl Session {
             return Ok(vec![]);
         }
         self.check(tokens)?;
+        self.ahead.clear();
         let runtime = self.runtime;
         runtime.run(|| self.eval_chunks(tokens, all_from, cancellable))
     }
@@ -318,6 +417,7 @@ impl Session {
             return Ok(());
         };
         let model = first.0.model.clone();
+        let runtime = first.0.runtime;
         for (s, toks) in batch.iter() {
             if !std::sync::Arc::ptr_eq(&s.model.inner, &model.inner) {
                 return Err(Error::InvalidArgument(
@@ -325,6 +425,9 @@ impl Session {
                 ));
             }
             s.check(toks)?;
+        }
+        for (s, _) in batch.iter_mut() {
+            s.ahead.clear();
         }
         if !crate::kernels::enabled() {
             // candle's tensor path has no batched pass: one session after another.
@@ -334,7 +437,6 @@ impl Session {
             return Ok(());
         }
         let before: Vec<usize> = batch.iter().map(|(s, _)| s.tokens.len()).collect();
-        let runtime = first.0.runtime;
         let r = runtime.run(|| Self::eval_batch_chunks(&model, batch));
         if r.is_err() {
             for ((s, _), &n) in batch.iter_mut().zip(&before) {
@@ -365,6 +467,7 @@ impl Session {
                     tokens: chunk,
                     cache,
                     lora: adapters,
+                    alone: false,
                 });
             }
             if seqs.is_empty() {
@@ -432,6 +535,7 @@ impl Session {
                 )));
             }
         }
+        self.ahead.clear();
         self.adapters =
             crate::lora::Applied::new(adapters.to_vec(), self.model.config().num_hidden_layers);
         Ok(())
@@ -444,6 +548,7 @@ impl Session {
 
     /// Rolls back to the first `n` tokens. The logits are cleared unless nothing was removed.
     pub fn truncate(&mut self, n: usize) {
+        self.ahead.clear();
         if n < self.tokens.len() {
             self.tokens.truncate(n);
             self.cache.truncate(n);
@@ -468,6 +573,7 @@ impl Session {
             interrupt: None,
             adapters: self.adapters.clone(),
             cancel: CancelHandle::default(),
+            ahead: Default::default(),
         })
     }
 }
@@ -484,6 +590,7 @@ impl Session {
         logits: Option<Vec<f32>>,
     ) -> Result<()> {
         let n = tokens.len();
+        self.ahead.clear();
         self.cache.truncate(0);
         if n > 0 {
             self.cache.reserve(n, &candle_core::Device::Cpu)?;

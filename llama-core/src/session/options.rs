@@ -4,6 +4,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+pub use super::speculate::Draft;
 use crate::constrain::tools::{tool_constraint, Tool, ToolChoice, ToolFormat};
 use crate::constrain::{Constraint, Grammar};
 use crate::error::Result;
@@ -56,6 +57,11 @@ pub struct GenerateOptions {
     /// writes `<|im_end|>` cannot forge a turn) and roles must be among
     /// [`crate::chat::KNOWN_ROLES`].
     pub parse_special_in_content: bool,
+    /// Speculative decoding: where drafts come from (`None`: off). The output is exactly
+    /// that of plain decoding with the same sampler and seed; see [`Draft`].
+    pub draft: Option<Draft>,
+    /// Most tokens drafted per verification (the length adapts below it). Default 8.
+    pub draft_max: usize,
 }
 
 impl Default for GenerateOptions {
@@ -70,6 +76,8 @@ impl Default for GenerateOptions {
             tools: vec![],
             tool_choice: ToolChoice::Auto,
             parse_special_in_content: false,
+            draft: None,
+            draft_max: 8,
         }
     }
 }
@@ -112,6 +120,16 @@ impl GenerateOptions {
     pub fn tools(mut self, tools: Vec<Tool>, choice: ToolChoice) -> Self {
         self.tools = tools;
         self.tool_choice = choice;
+        self
+    }
+    /// Speculative decoding from `draft` (see [`GenerateOptions::draft`]).
+    pub fn draft(mut self, draft: Draft) -> Self {
+        self.draft = Some(draft);
+        self
+    }
+    /// Most tokens drafted per verification.
+    pub fn draft_max(mut self, n: usize) -> Self {
+        self.draft_max = n;
         self
     }
     /// Trusts chat messages: see [`GenerateOptions::parse_special_in_content`].

@@ -66,6 +66,11 @@ pub struct Timings {
     pub generation: Duration,
     /// Of `generation`, the time spent computing the constraint's masks.
     pub constraint: Duration,
+    /// Speculative decoding: tokens drafted and verified.
+    pub drafted_tokens: usize,
+    /// Of `drafted_tokens`, those taken (each one the generation produced without a decode
+    /// step of its own).
+    pub accepted_tokens: usize,
 }
 
 impl Timings {

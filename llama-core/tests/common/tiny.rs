@@ -797,3 +797,38 @@ pub fn metadata(g: &llama_core::gguf::GgufFile) -> Vec<(String, Value)> {
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
 }
+
+/// A PEFT adapter on q, v and down of every layer, rank 2, with values from `seed`.
+#[allow(dead_code)]
+pub fn peft_adapter(t: &Tiny, dir: &std::path::Path, seed: u32) {
+    use candle_core::{Device, Tensor};
+    std::fs::create_dir_all(dir).unwrap();
+    let s = &t.spec;
+    let cfg = serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+        "target_modules": ["q_proj", "v_proj", "down_proj"]});
+    std::fs::write(dir.join("adapter_config.json"), cfg.to_string()).unwrap();
+    let mut map = std::collections::HashMap::new();
+    for l in 0..s.layers {
+        for (m, out, inp) in [
+            ("self_attn.q_proj", s.heads * s.head_dim, s.hidden),
+            ("self_attn.v_proj", s.kv_heads * s.head_dim, s.hidden),
+            ("mlp.down_proj", s.hidden, s.ff),
+        ] {
+            let vals = |n: usize, k: u32| {
+                (0..n as u32)
+                    .map(|i| (((i * 7 + k * 13 + seed * 29) % 11) as f32 - 5.0) / 20.0)
+                    .collect::<Vec<_>>()
+            };
+            let p = format!("base_model.model.model.layers.{l}.{m}");
+            map.insert(
+                format!("{p}.lora_A.weight"),
+                Tensor::from_vec(vals(2 * inp, 1), (2, inp), &Device::Cpu).unwrap(),
+            );
+            map.insert(
+                format!("{p}.lora_B.weight"),
+                Tensor::from_vec(vals(out * 2, 2), (out, 2), &Device::Cpu).unwrap(),
+            );
+        }
+    }
+    candle_core::safetensors::save(&map, dir.join("adapter_model.safetensors")).unwrap();
+}

@@ -494,6 +494,28 @@ impl BlockMatrix {
                     }
                 }
             }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 | Isa::Vnni | Isa::Avx512 => {
+                // A partial tile, one dot at a time through the same kernel: each dot has its
+                // own accumulator in every tile shape, so a row gets the same bits whatever
+                // tile it falls in (a decode step, a verification, a prompt's last rows).
+                for (r, row) in rows.clone().enumerate() {
+                    for (c, col) in cols.clone().enumerate() {
+                        let mut one = [[0f32; 1]; 1];
+                        let w = [self.row(col).as_ptr()];
+                        let x = [xq[row * nb..].as_ptr()];
+                        // SAFETY: as above.
+                        unsafe {
+                            if isa.vnni() {
+                                tile_vnni::<1, 1>(self.fmt, w, x, nb, &mut one)
+                            } else {
+                                tile_avx2::<1, 1>(self.fmt, w, x, nb, &mut one)
+                            }
+                        }
+                        out[r][c] = one[0][0];
+                    }
+                }
+            }
             _ => {
                 for (r, row) in rows.clone().enumerate() {
                     for (c, col) in cols.clone().enumerate() {

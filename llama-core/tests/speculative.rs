@@ -1,0 +1,209 @@
+//! Speculative decoding never changes the output: with drafts from a predicted output, from
+//! prompt lookup or from a draft model, greedy and seeded sampled generations are token for
+//! token those of plain decoding, and the session ends in the same state (tokens, logits bit
+//! for bit), on tiny random models of every weight format and kernel path, with LoRA, and on
+//! the real model with stop strings, a JSON-schema constraint and log-probabilities.
+
+mod common;
+
+use std::ops::ControlFlow;
+
+use common::tiny::{build, write_quantized_pair, Spec};
+use common::*;
+use llama_core::{
+    Draft, GenerateOptions, Generation, Kernel, Model, ModelOptions, Sampler, SamplerConfig,
+    Session, SessionOptions,
+};
+
+fn bits(l: &[f32]) -> Vec<u32> {
+    l.iter().map(|v| v.to_bits()).collect()
+}
+
+/// A generation after `prompt` in a fresh session, with the session's final tokens and logits.
+fn run(
+    m: &Model,
+    prompt: &[u32],
+    sampler: &SamplerConfig,
+    opts: GenerateOptions,
+    setup: &dyn Fn(&mut Session),
+) -> (Generation, Vec<u32>, Vec<u32>) {
+    let mut s = m.session(SessionOptions::default().n_ctx(256)).unwrap();
+    setup(&mut s);
+    let mut smp = Sampler::new(sampler.clone()).unwrap();
+    let g = s
+        .generate(prompt, &mut smp, opts, |_| ControlFlow::Continue(()))
+        .unwrap();
+    let logits = s.logits().map(bits).unwrap_or_default();
+    (g, s.tokens().to_vec(), logits)
+}
+
+/// Every draft source against plain decoding on `m`: same tokens, text, stop reason, final
+/// tokens and logits. Returns the tokens taken from drafts in all.
+fn check_sources(
+    name: &str,
+    m: &Model,
+    prompt: &[u32],
+    n: usize,
+    setup: &dyn Fn(&mut Session),
+) -> usize {
+    let samplers = [
+        SamplerConfig::greedy(),
+        SamplerConfig::default().temperature(0.9).top_k(20).seed(11),
+    ];
+    let mut taken = 0;
+    for cfg in &samplers {
+        let base = GenerateOptions::default().max_tokens(n);
+        let plain = run(m, prompt, cfg, base.clone(), setup);
+        assert_eq!(plain.0.timings.drafted_tokens, 0);
+        let out = &plain.0.tokens;
+        // The exact output predicted, a prediction with every fifth token wrong, prompt lookup.
+        let mut wrong = out.clone();
+        for (i, t) in wrong.iter_mut().enumerate() {
+            if i % 5 == 3 {
+                *t = (*t + 1) % 32;
+            }
+        }
+        for (what, draft) in [
+            ("exact prediction", Draft::PredictedTokens(out.clone())),
+            ("wrong prediction", Draft::PredictedTokens(wrong)),
+            ("lookup", Draft::Lookup),
+        ] {
+            for max in [1, 4, 16] {
+                let opts = base.clone().draft(draft.clone()).draft_max(max);
+                let got = run(m, prompt, cfg, opts, setup);
+                let ctx = format!(
+                    "{name}, {what}, draft_max {max}, temperature {}",
+                    cfg.temperature
+                );
+                assert_eq!(got.0.tokens, plain.0.tokens, "{ctx}: tokens");
+                assert_eq!(got.0.text, plain.0.text, "{ctx}: text");
+                assert_eq!(got.0.stop_reason, plain.0.stop_reason, "{ctx}");
+                assert_eq!(got.1, plain.1, "{ctx}: session tokens");
+                assert!(got.2 == plain.2, "{ctx}: the session's last logits differ");
+                let t = got.0.timings;
+                assert!(t.accepted_tokens <= t.drafted_tokens, "{ctx}");
+                if what == "exact prediction" && out.len() > 2 {
+                    assert!(
+                        t.accepted_tokens > 0,
+                        "{ctx}: nothing taken from an exact prediction"
+                    );
+                }
+                taken += t.accepted_tokens;
+            }
+        }
+    }
+    taken
+}
+
+#[test]
+fn every_format_and_kernel_path_generates_the_same_with_speculation() {
+    use candle_core::quantized::GgmlDType;
+    let t = build(Spec::kquant_sized(256, 31));
+    let g = llama_core::gguf::GgufFile::open(&t.gguf).unwrap();
+    let prompt = [1u32, 5, 9, 14, 5, 9, 3];
+    for dtype in common::tiny::GGUF_TYPES {
+        let (p, _) = write_quantized_pair(&g, dtype, t.dir.path());
+        let kernels: &[Kernel] =
+            if matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q4K | GgmlDType::F16) {
+                &[Kernel::Auto, Kernel::Avx2, Kernel::Scalar]
+            } else {
+                &[Kernel::Auto]
+            };
+        for &k in kernels {
+            let m = Model::load(&p, ModelOptions::default().with_kernel(k)).unwrap();
+            let taken = check_sources(
+                &format!("{dtype:?} {}", k.as_str()),
+                &m,
+                &prompt,
+                24,
+                &|_| {},
+            );
+            assert!(taken > 0, "{dtype:?}: no drafted token was ever taken");
+        }
+    }
+}
+
+#[test]
+fn with_lora_adapters_generation_is_the_same() {
+    let t = build(Spec {
+        seed: 41,
+        ..Default::default()
+    });
+    let m = Model::load(&t.gguf, ModelOptions::default()).unwrap();
+    let dir = t.dir.path().join("adapter");
+    common::tiny::peft_adapter(&t, &dir, 3);
+    let a = m.load_adapter(&dir).unwrap();
+    let set = move |s: &mut Session| s.set_adapters(&[(a.clone(), 0.8)]).unwrap();
+    let taken = check_sources("lora", &m, &[2, 3, 4, 2, 3], 20, &set);
+    assert!(taken > 0);
+}
+
+#[test]
+fn a_draft_with_another_vocabulary_is_refused_naming_the_token() {
+    let a = build(Spec::default());
+    let b = build(Spec {
+        vocab: common::tiny::Vocab::Spm,
+        ..Default::default()
+    });
+    let (ma, mb) = (
+        Model::load(&a.gguf, ModelOptions::default()).unwrap(),
+        Model::load(&b.gguf, ModelOptions::default()).unwrap(),
+    );
+    let mut s = ma.session(SessionOptions::default().n_ctx(64)).unwrap();
+    let opts = GenerateOptions::default().draft(Draft::Model(mb));
+    let err = s.start(&[1u32, 2][..], opts).unwrap_err().to_string();
+    assert!(err.contains("draft model"), "{err}");
+    // The same model drafts for itself.
+    let opts = GenerateOptions::default().draft(Draft::Model(ma.clone()));
+    s.start(&[1u32, 2][..], opts).unwrap();
+}
+
+/// The real model: a copy-heavy prompt with prompt lookup, a predicted output, and the model
+/// drafting for itself; with a stop string, a JSON-schema constraint and log-probabilities.
+#[test]
+fn real_model_speculation_keeps_the_output() {
+    let m = Model::load(real_model_path(), options()).unwrap();
+    let text = "The quick brown fox jumps over the lazy dog. A journey of a thousand miles \
+                begins with a single step. Knowledge is power, and time is money.";
+    let prompt = vec![llama_core::Message::user(format!(
+        "Repeat this text exactly, changing nothing:\n\n{text}"
+    ))];
+    let sampler = SamplerConfig::greedy();
+    let plain_opts = GenerateOptions::default().max_tokens(48).logprobs(2);
+    let gen = |opts: GenerateOptions| {
+        let mut s = m.session(SessionOptions::default().n_ctx(512)).unwrap();
+        let mut smp = Sampler::new(sampler.clone()).unwrap();
+        let g = s
+            .generate(&prompt, &mut smp, opts, |_| ControlFlow::Continue(()))
+            .unwrap();
+        (g, s.tokens().to_vec(), s.logits().map(bits))
+    };
+    for extra in [
+        Box::new(|o: GenerateOptions| o) as Box<dyn Fn(GenerateOptions) -> GenerateOptions>,
+        Box::new(|o: GenerateOptions| o.stop("thousand")),
+        Box::new(|o: GenerateOptions| {
+            o.constrain(llama_core::Constraint::JsonSchema(serde_json::json!({
+                "type": "object",
+                "properties": {"text": {"type": "string"}},
+                "required": ["text"]
+            })))
+        }),
+    ] {
+        let plain = gen(extra(plain_opts.clone()));
+        for draft in [
+            Draft::Lookup,
+            Draft::Prediction(text.to_string()),
+            Draft::Model(m.clone()),
+        ] {
+            let what = format!("{draft:?}");
+            let got = gen(extra(plain_opts.clone().draft(draft)));
+            assert_eq!(got.0.tokens, plain.0.tokens, "{what}");
+            assert_eq!(got.0.text, plain.0.text, "{what}");
+            assert_eq!(got.0.stop_reason, plain.0.stop_reason, "{what}");
+            assert_eq!(got.0.logprobs, plain.0.logprobs, "{what}");
+            assert_eq!(got.1, plain.1, "{what}: session tokens");
+            assert!(got.2 == plain.2, "{what}: last logits");
+            assert!(got.0.timings.accepted_tokens > 0, "{what}: nothing taken");
+        }
+    }
+}
