@@ -512,6 +512,27 @@ typedef struct {
    * user, assistant, tool or ipython (else `LLAMA_STATUS_INVALID_ARGUMENT`).
    */
   bool parse_special_in_content;
+  /**
+   * Speculative decoding, which never changes the output: drafts from this model (same
+   * vocabulary as the session's model, token by token, else
+   * `LLAMA_STATUS_INVALID_ARGUMENT`; typically a smaller quantization of it), or NULL.
+   * Only read during the call. Default NULL.
+   */
+  const llama_model *draft_model;
+  /**
+   * Speculative decoding with prompt lookup (drafts copied from where the last tokens
+   * occurred in the prompt or the output). Default false.
+   */
+  bool draft_lookup;
+  /**
+   * Speculative decoding from a predicted output: the text expected (NUL-terminated UTF-8),
+   * or NULL. Default NULL. At most one of `draft_model`, `draft_lookup` and `prediction`.
+   */
+  const char *prediction;
+  /**
+   * Most tokens drafted per verification (0 turns speculation off). Default 8.
+   */
+  uint32_t draft_max;
 } llama_generate_params;
 
 /**
@@ -1043,6 +1064,14 @@ llama_generate_params llama_generate_params_default(void);
  * its next generation or its free. NULL only for a NULL session.
  */
 const char *llama_session_tool_calls(const llama_session *session);
+
+/**
+ * The last generation's speculative decoding: tokens drafted and tokens of those taken
+ * (written where the pointers are not NULL; zeros without speculation).
+ */
+llama_status llama_session_draft_counts(const llama_session *session,
+                                        size_t *drafted,
+                                        size_t *accepted);
 
 /**
  * Evaluates `prompt` tokens after the current context (may be empty to continue), then

@@ -43,6 +43,17 @@ pub struct BenchArgs {
     /// run on the same threads.
     #[arg(long, value_name = "TOKENS", num_args = 0..=1, default_missing_value = "256")]
     train: Option<usize>,
+    /// Also measure speculative decoding with prompt lookup and with predicted outputs on
+    /// copy-heavy chat tasks (rewrite a paragraph with one change, document a function)
+    /// against plain decode, outputs checked identical; and the verification pass's cost.
+    #[arg(long)]
+    lookup: bool,
+    /// Also measure speculative decoding with this draft model on the same tasks.
+    #[arg(long, value_name = "PATH")]
+    draft: Option<PathBuf>,
+    /// Most tokens drafted per verification in those measurements.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    draft_max: usize,
     /// The user message of the constrained test.
     #[arg(
         long,
@@ -168,6 +179,22 @@ pub fn run(
         .iter()
         .map(|&n| batched_decode(&model, &adapters, n, reps))
         .collect::<Result<_, _>>()?;
+    let speculative = if a.lookup || a.draft.is_some() {
+        let draft = match &a.draft {
+            Some(p) => Some(Model::load(p, ModelOptions::default())?),
+            None => None,
+        };
+        Some(speculative(
+            &model,
+            &adapters,
+            a.lookup,
+            draft,
+            a.draft_max,
+            reps,
+        )?)
+    } else {
+        None
+    };
     let training = match a.train {
         Some(len) => Some(train_speed(&model, len, reps)?),
         None => None,
@@ -196,6 +223,7 @@ pub fn run(
                 "constrained": constrained,
                 "batched": batched,
                 "training": training,
+                "speculative": speculative,
             })
         );
     } else {
@@ -224,6 +252,29 @@ pub fn run(
                 v["base_prompt_tps"].as_f64().unwrap_or(0.0),
                 v["prompt_ratio"].as_f64().unwrap_or(0.0),
             );
+        }
+        if let Some(sp) = &speculative {
+            let v = &sp["verify"];
+            println!(
+                "verify  {} positions in one pass: {:.2} ms vs one decode step {:.2} ms: {:.2}x",
+                v["positions"],
+                v["verify_ms"].as_f64().unwrap_or(0.0),
+                v["decode_ms"].as_f64().unwrap_or(0.0),
+                v["ratio"].as_f64().unwrap_or(0.0),
+            );
+            for r in sp["runs"].as_array().into_iter().flatten() {
+                println!(
+                    "spec    {:<9} {:<8} {:.1} tok/s vs plain {:.1}: {:.2}x ({} drafted, {} accepted, output {})",
+                    r["task"].as_str().unwrap_or(""),
+                    r["draft"].as_str().unwrap_or(""),
+                    r["tps"].as_f64().unwrap_or(0.0),
+                    r["plain_tps"].as_f64().unwrap_or(0.0),
+                    r["speedup"].as_f64().unwrap_or(0.0),
+                    r["drafted"],
+                    r["accepted"],
+                    if r["identical"].as_bool() == Some(true) { "identical" } else { "DIFFERS" },
+                );
+            }
         }
         if let Some(t) = &training {
             println!(
@@ -553,4 +604,109 @@ unsafe fn fma_chains_avx2(iters: u64) -> f64 {
     }
     std::hint::black_box(acc);
     iters as f64 * 24.0 * 8.0 * 2.0
+}
+
+/// The copy-heavy tasks of the speculative measurement: (name, user message, predicted output).
+fn copy_tasks() -> Vec<(&'static str, String, String)> {
+    let paragraph = "The meeting of the river council is planned for Tuesday morning at the old \
+        mill. Every member should bring the notes from the last session, the survey of the \
+        eastern bank, and a list of the repairs that are still waiting. After the meeting, \
+        lunch will be served in the garden, weather permitting, and the afternoon is free for \
+        a walk along the new path to the bridge.";
+    let code = "def moving_average(values, window):\n    if window <= 0:\n        raise ValueError(\"window must be positive\")\n    out = []\n    total = 0.0\n    for i, v in enumerate(values):\n        total += v\n        if i >= window:\n            total -= values[i - window]\n        if i >= window - 1:\n            out.append(total / window)\n    return out\n";
+    vec![
+        (
+            "rewrite",
+            format!("Rewrite this paragraph exactly, changing only Tuesday to Friday:\n\n{paragraph}"),
+            paragraph.replace("Tuesday", "Friday"),
+        ),
+        (
+            "code-edit",
+            format!("Rename the function to rolling_mean and return the code only:\n\n```python\n{code}```"),
+            format!("```python\n{}```", code.replace("moving_average", "rolling_mean")),
+        ),
+    ]
+}
+
+/// Speculative decoding against plain decode (greedy, the same session settings), alternating
+/// runs, medians of `reps`; every speculative output is checked against the plain one. Then the
+/// verification pass: 4 positions in one pass against one decode step, alternating.
+fn speculative(
+    model: &Model,
+    adapters: &[(llama_core::Adapter, f32)],
+    lookup: bool,
+    draft: Option<Model>,
+    draft_max: usize,
+    reps: usize,
+) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+    use llama_core::Draft;
+    let run = |ids: &[u32],
+               d: Option<Draft>|
+     -> Result<llama_core::Generation, Box<dyn std::error::Error>> {
+        let mut s = model.session(SessionOptions::default().n_ctx(2048))?;
+        s.set_adapters(adapters)?;
+        let mut smp = Sampler::greedy();
+        let mut opts = GenerateOptions::default().max_tokens(256);
+        opts.draft = d;
+        opts.draft_max = draft_max;
+        Ok(s.generate(ids, &mut smp, opts, |_| ControlFlow::Continue(()))?)
+    };
+    let mut runs = vec![];
+    for (task, user, predicted) in copy_tasks() {
+        let ids = model.chat_tokens(&[Message::user(user)], Default::default())?;
+        let mut sources: Vec<(&str, Draft)> = vec![];
+        if lookup {
+            sources.push(("lookup", Draft::Lookup));
+            sources.push(("predict", Draft::Prediction(predicted.clone())));
+        }
+        if let Some(m) = &draft {
+            sources.push(("draft", Draft::Model(m.clone())));
+        }
+        for (name, d) in sources {
+            let (mut plain, mut spec) = (vec![], vec![]);
+            let (mut identical, mut drafted, mut accepted) = (true, 0, 0);
+            for _ in 0..reps {
+                let p = run(&ids, None)?;
+                let g = run(&ids, Some(d.clone()))?;
+                identical &= p.tokens == g.tokens;
+                drafted = g.timings.drafted_tokens;
+                accepted = g.timings.accepted_tokens;
+                plain.push(p.timings.generation_tps());
+                spec.push(g.timings.generation_tps());
+            }
+            let (p, g) = (median(plain), median(spec));
+            runs.push(json!({
+                "task": task, "draft": name, "tps": g, "plain_tps": p, "speedup": g / p,
+                "drafted": drafted, "accepted": accepted, "identical": identical,
+            }));
+        }
+    }
+    // The verification pass: the next token and 3 drafted ones against one decode step, at the
+    // same position of two sessions with the same 64-token context.
+    let vocab = model.config().vocab_size;
+    let ctx = bench_tokens(64, vocab);
+    let new = || -> Result<llama_core::Session, Box<dyn std::error::Error>> {
+        let mut s = model.session(SessionOptions::default().n_ctx(256))?;
+        s.set_adapters(adapters)?;
+        s.eval(&ctx)?;
+        Ok(s)
+    };
+    let (mut one, mut four) = (new()?, new()?);
+    let (mut t1, mut t4) = (vec![], vec![]);
+    let next = bench_tokens(4, vocab);
+    for _ in 0..16 * reps {
+        let t = Instant::now();
+        one.eval(&next[..1])?;
+        t1.push(t.elapsed().as_secs_f64());
+        one.truncate(ctx.len());
+        let t = Instant::now();
+        four.eval_verify(next[0], &next[1..])?;
+        t4.push(t.elapsed().as_secs_f64());
+        four.truncate(ctx.len());
+    }
+    let (d, v) = (median(t1), median(t4));
+    Ok(json!({
+        "runs": runs,
+        "verify": {"positions": 4, "verify_ms": v * 1e3, "decode_ms": d * 1e3, "ratio": v / d},
+    }))
 }

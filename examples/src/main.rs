@@ -139,6 +139,43 @@ struct SamplingArgs {
         value_delimiter = ','
     )]
     choice: Option<Vec<String>>,
+    #[command(flatten)]
+    speculation: SpeculationArgs,
+}
+
+/// Speculative decoding: the output is exactly that of plain decoding with the same seed.
+#[derive(Args, Clone)]
+pub struct SpeculationArgs {
+    /// Speculative decoding with this draft model (a .gguf file or a Hugging Face folder with
+    /// the model's vocabulary, e.g. a smaller quantization of it).
+    #[arg(long, value_name = "PATH", group = "speculation")]
+    pub draft: Option<PathBuf>,
+    /// Speculative decoding with prompt lookup: drafts copied from where the last tokens
+    /// occurred before in the prompt or the output.
+    #[arg(long, group = "speculation")]
+    pub lookup: bool,
+    /// Speculative decoding from this predicted output (the text you expect, mostly).
+    #[arg(long, value_name = "TEXT", group = "speculation")]
+    pub prediction: Option<String>,
+    /// Most tokens drafted per verification.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub draft_max: usize,
+}
+
+impl SpeculationArgs {
+    /// The draft source the flags ask for (a draft model is loaded here).
+    pub fn draft(&self) -> AnyResult<Option<llama_core::Draft>> {
+        use llama_core::Draft;
+        if let Some(p) = &self.draft {
+            let m = Model::load(p, llama_core::ModelOptions::default())
+                .map_err(|e| format!("cannot load the draft model {}: {e}", p.display()))?;
+            return Ok(Some(Draft::Model(m)));
+        }
+        if self.lookup {
+            return Ok(Some(Draft::Lookup));
+        }
+        Ok(self.prediction.clone().map(Draft::Prediction))
+    }
 }
 
 #[derive(Args)]
@@ -441,6 +478,8 @@ fn gen_opts(s: &SamplingArgs) -> AnyResult<GenerateOptions> {
     let mut o = GenerateOptions::default().max_tokens(s.max_tokens);
     o.stop = s.stop.clone();
     o.constraint = constraint(s)?;
+    o.draft = s.speculation.draft()?;
+    o.draft_max = s.speculation.draft_max;
     Ok(o)
 }
 
@@ -511,8 +550,16 @@ fn stream_to_stdout(piece: &str) -> ControlFlow<()> {
 
 fn summary(g: &Generation) {
     let t = &g.timings;
+    let spec = if t.drafted_tokens > 0 {
+        format!(
+            " | drafted: {}, accepted: {}",
+            t.drafted_tokens, t.accepted_tokens
+        )
+    } else {
+        String::new()
+    };
     eprintln!(
-        "\n[prompt: {} tokens, {:.1} tok/s | generated: {} tokens, {:.1} tok/s | stop: {}]",
+        "\n[prompt: {} tokens, {:.1} tok/s | generated: {} tokens, {:.1} tok/s{spec} | stop: {}]",
         t.prompt_tokens,
         t.prompt_tps(),
         t.generated_tokens,
@@ -535,6 +582,8 @@ fn json_result(prompt_ids: &[u32], g: &Generation) -> serde_json::Value {
             "generated_tokens": g.timings.generated_tokens,
             "generation_ms": g.timings.generation.as_secs_f64() * 1e3,
             "generation_tps": g.timings.generation_tps(),
+            "drafted_tokens": g.timings.drafted_tokens,
+            "accepted_tokens": g.timings.accepted_tokens,
         }
     })
 }

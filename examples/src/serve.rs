@@ -63,6 +63,10 @@ pub(crate) struct ServeArgs {
     /// Let web pages of this origin call the API (CORS; repeatable; `*` for any origin).
     #[arg(long = "cors", value_name = "ORIGIN")]
     cors: Vec<String>,
+    /// Speculative decoding for every request (a request's `prediction` drafts from its own
+    /// text); replies are the same as without it.
+    #[command(flatten)]
+    speculation: crate::SpeculationArgs,
     /// Log one JSON object per line instead of text.
     #[arg(long)]
     pub(crate) log_json: bool,
@@ -126,6 +130,8 @@ pub(crate) fn run(a: ServeArgs) -> AnyResult<()> {
                 max_tokens: a.max_tokens,
                 session,
                 adapters,
+                draft: a.speculation.draft()?,
+                draft_max: a.speculation.draft_max,
             },
         )
     };

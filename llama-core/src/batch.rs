@@ -6,7 +6,10 @@
 //! those tokens together with the next prompt chunk of each sequence still reading its prompt,
 //! so new conversations join while others decode. A sequence's tokens are exactly those it
 //! generates alone (same sampler seed, same options): the batched pass gives each row the
-//! logits it gets alone, and sampling is per sequence.
+//! logits it gets alone, and sampling is per sequence. A sequence that asks for speculative
+//! decoding ([`GenerateOptions::draft`]) verifies its drafts in the same pass while few
+//! sequences decode (its rows computed as decoded one at a time), and decodes plainly when the
+//! batch is busy: its output is the same either way.
 
 use std::time::{Duration, Instant};
 
@@ -73,6 +76,10 @@ pub struct Batch {
     prefixes: Vec<Session>,
     prefix_slots: usize,
 }
+
+/// Most decoding sequences of a step at which their generations still speculate (those that
+/// ask for it, [`GenerateOptions::draft`]).
+const SPECULATE_UP_TO: usize = 2;
 
 /// The shortest shared prefix worth copying a cache for.
 const MIN_SHARED_PREFIX: usize = 16;
@@ -267,8 +274,15 @@ impl Batch {
     /// itself is returned, every session left as before the step's evaluation.
     pub fn step(&mut self) -> Result<Vec<BatchEvent>> {
         let mut events = vec![];
-        let mut to_eval: Vec<(usize, Vec<u32>)> = vec![];
+        // Each sequence's tokens to evaluate, and whether they are a verification (a sampled
+        // token and the draft after it).
+        let mut to_eval: Vec<(usize, Vec<u32>, bool)> = vec![];
         let mut ended: Vec<(usize, Result<Generation>)> = vec![];
+        // Speculation only while the batch is not busy: with several sequences decoding, one
+        // pass already checks several tokens per read of the weights, and drafts would add
+        // rows that are mostly refused.
+        let decoding = self.seqs.iter().filter(|s| s.gen.is_some()).count();
+        let drafting = decoding <= SPECULATE_UP_TO;
         for (i, s) in self.seqs.iter_mut().enumerate() {
             if let Some(g) = s.gen.as_mut() {
                 match g.sample_step(&mut s.session, &mut s.sampler) {
@@ -285,7 +299,15 @@ impl Batch {
                             logprob,
                         });
                         match next {
-                            Some(t) => to_eval.push((i, vec![t])),
+                            Some(t) => match g.tokens_to_eval(&mut s.session, t, drafting) {
+                                Ok(Some(toks)) => {
+                                    let verify = toks.len() > 1;
+                                    to_eval.push((i, toks, verify));
+                                }
+                                // A verified draft taken: nothing to evaluate.
+                                Ok(None) => {}
+                                Err(e) => ended.push((i, Err(e))),
+                            },
                             None => {
                                 let g = s.gen.take().expect("generating");
                                 ended.push((i, Ok(g.into_generation())));
@@ -304,23 +326,23 @@ impl Batch {
             } else {
                 let n = s.session.options().n_batch;
                 let end = (s.done_prompt + n).min(s.pending.len());
-                to_eval.push((i, s.pending[s.done_prompt..end].to_vec()));
+                to_eval.push((i, s.pending[s.done_prompt..end].to_vec(), false));
             }
         }
         let t0 = Instant::now();
         {
-            let mut refs: Vec<(&mut Session, &[u32])> = vec![];
+            let mut refs: Vec<(&mut Session, &[u32], bool)> = vec![];
             let mut want = to_eval.iter().peekable();
             for (i, s) in self.seqs.iter_mut().enumerate() {
-                if let Some((_, toks)) = want.next_if(|(j, _)| *j == i) {
-                    refs.push((&mut s.session, toks.as_slice()));
+                if let Some((_, toks, verify)) = want.next_if(|(j, _, _)| *j == i) {
+                    refs.push((&mut s.session, toks.as_slice(), *verify));
                 }
             }
-            Session::eval_batch(&mut refs)?;
+            Session::eval_many(&mut refs)?;
         }
         let pass = t0.elapsed();
         // Sequences whose prompt is now read start generating at the next step.
-        for (i, toks) in &to_eval {
+        for (i, toks, _) in &to_eval {
             let s = &mut self.seqs[*i];
             if s.gen.is_some() {
                 continue;

@@ -207,3 +207,162 @@ fn real_model_speculation_keeps_the_output() {
         }
     }
 }
+
+/// One sequence's request in a batch.
+struct Request {
+    prompt: Vec<u32>,
+    opts: GenerateOptions,
+    sampler: SamplerConfig,
+    adapter: Option<llama_core::Adapter>,
+    /// Drafts from its own output alone, predicted exactly (`opts.draft` is replaced).
+    predict_own: bool,
+}
+
+fn request(prompt: &[u32], opts: GenerateOptions, sampler: &SamplerConfig) -> Request {
+    Request {
+        prompt: prompt.to_vec(),
+        opts,
+        sampler: sampler.clone(),
+        adapter: None,
+        predict_own: false,
+    }
+}
+
+/// Runs `reqs` in one [`llama_core::Batch`], adding the sequence `late` after a few steps (it
+/// joins while the others decode), and checks each generation against the same request alone
+/// without speculation. Returns the drafted tokens each sequence had taken.
+fn batch_matches_alone(m: &Model, mut reqs: Vec<Request>, late: usize) -> Vec<usize> {
+    let session = |a: &Option<llama_core::Adapter>| {
+        let mut s = m.session(SessionOptions::default().n_ctx(512)).unwrap();
+        if let Some(a) = a {
+            s.set_adapters(&[(a.clone(), 0.7)]).unwrap();
+        }
+        s
+    };
+    // Each request alone without speculation.
+    let alone: Vec<(Generation, Session)> = reqs
+        .iter()
+        .map(|r| {
+            let mut plain = r.opts.clone();
+            plain.draft = None;
+            let mut s = session(&r.adapter);
+            let mut smp = Sampler::new(r.sampler.clone()).unwrap();
+            let g = s
+                .generate(r.prompt.as_slice(), &mut smp, plain, |_| {
+                    ControlFlow::Continue(())
+                })
+                .unwrap();
+            (g, s)
+        })
+        .collect();
+    for (r, (g, _)) in reqs.iter_mut().zip(&alone) {
+        if r.predict_own {
+            r.opts.draft = Some(Draft::PredictedTokens(g.tokens.clone()));
+        }
+    }
+    let mut batch = llama_core::Batch::new(m);
+    let mut ids = vec![None; reqs.len()];
+    let mut steps = 0;
+    loop {
+        for (i, r) in reqs.iter().enumerate() {
+            if ids[i].is_none() && (i != late || steps == 3) {
+                let smp = Sampler::new(r.sampler.clone()).unwrap();
+                let s = session(&r.adapter);
+                let id = batch.add(s, r.prompt.as_slice().into(), r.opts.clone(), smp);
+                ids[i] = Some(id.unwrap());
+            }
+        }
+        if batch.is_empty() {
+            break;
+        }
+        batch.step().unwrap();
+        steps += 1;
+    }
+    let done = batch.take_finished();
+    let mut taken = vec![];
+    for (i, (want, s)) in alone.iter().enumerate() {
+        let f = done.iter().find(|f| Some(f.id) == ids[i]).unwrap();
+        let got = f.result.as_ref().unwrap();
+        assert_eq!(got.tokens, want.tokens, "sequence {i}: tokens");
+        assert_eq!(got.text, want.text, "sequence {i}: text");
+        assert_eq!(got.stop_reason, want.stop_reason, "sequence {i}");
+        assert_eq!(got.logprobs, want.logprobs, "sequence {i}: logprobs");
+        assert_eq!(f.session.tokens(), s.tokens(), "sequence {i}: session");
+        assert!(f.session.logits().map(bits) == s.logits().map(bits));
+        taken.push(got.timings.accepted_tokens);
+    }
+    taken
+}
+
+/// Inside a batch, beside plain sequences and while others join, speculating sequences (each
+/// draft source) generate what they generate alone; with few sequences decoding they verify
+/// drafts in the batch's pass.
+#[test]
+fn real_model_speculation_in_a_batch_keeps_every_output() {
+    let m = Model::load(real_model_path(), options()).unwrap();
+    let text = "Knowledge is power, and time is money. The early bird catches the worm, \
+                but the second mouse gets the cheese.";
+    let chat = |q: String| {
+        m.chat_tokens(&[llama_core::Message::user(q)], Default::default())
+            .unwrap()
+    };
+    let copy = chat(format!("Repeat this text exactly:\n\n{text}"));
+    let rivers = chat("Name three rivers in Europe and one fact about each.".into());
+    let greedy = SamplerConfig::greedy();
+    let seeded = SamplerConfig::default().temperature(0.8).seed(5);
+    // Different lengths: the batch is busy (speculation backs off) until the shorter ones end;
+    // the longest predicts its own output, so that it takes drafts once it verifies them.
+    let base = |n: usize| GenerateOptions::default().max_tokens(n).logprobs(1);
+    let mut own = request(&rivers, base(64), &seeded);
+    own.predict_own = true;
+    let taken = batch_matches_alone(
+        &m,
+        vec![
+            own,
+            request(&copy, base(24).draft(Draft::Lookup), &greedy),
+            request(&rivers, base(8), &seeded),
+            request(
+                &copy,
+                base(16).stop("mouse").draft(Draft::Prediction(text.into())),
+                &seeded,
+            ),
+            request(&copy, base(20).draft(Draft::Model(m.clone())), &greedy),
+        ],
+        3,
+    );
+    assert!(
+        taken[0] > 16,
+        "the predicted sequence took few drafts: {taken:?}"
+    );
+}
+
+/// The same on a tiny model with a different LoRA adapter per sequence.
+#[test]
+fn speculation_in_a_batch_with_adapters_keeps_every_output() {
+    let t = build(Spec {
+        seed: 43,
+        ..Default::default()
+    });
+    let m = Model::load(&t.gguf, ModelOptions::default()).unwrap();
+    let dir = t.dir.path().join("adapter");
+    common::tiny::peft_adapter(&t, &dir, 5);
+    let a = m.load_adapter(&dir).unwrap();
+    let prompt = [2u32, 3, 4, 2, 3, 4, 2];
+    let greedy = SamplerConfig::greedy();
+    let base = |n: usize| GenerateOptions::default().max_tokens(n);
+    let mut own = request(&prompt, base(32), &SamplerConfig::default().seed(8));
+    own.adapter = Some(a.clone());
+    own.predict_own = true;
+    let mut late = request(&[7, 8, 9], base(6), &SamplerConfig::default().seed(3));
+    late.adapter = Some(a);
+    let taken = batch_matches_alone(
+        &m,
+        vec![
+            own,
+            request(&prompt, base(12).draft(Draft::Lookup), &greedy),
+            late,
+        ],
+        2,
+    );
+    assert!(taken[0] > 8, "{taken:?}");
+}

@@ -4,7 +4,7 @@
 use std::ffi::{c_char, c_void};
 
 use llama_core::{
-    CancelHandle, Constraint, GenerateOptions, KvCacheType, Prompt, Session, SessionOptions,
+    CancelHandle, Constraint, Draft, GenerateOptions, KvCacheType, Prompt, Session, SessionOptions,
     StopReason, Tool, ToolChoice,
 };
 
@@ -20,6 +20,8 @@ pub struct llama_session {
     pub(crate) inner: Session,
     /// The last generation's tool calls as a JSON array (`llama_session_tool_calls`).
     tool_calls: std::ffi::CString,
+    /// The last generation's drafted and accepted tokens (`llama_session_draft_counts`).
+    draft_counts: (usize, usize),
 }
 
 /// A handle that cancels a session's work from any thread (opaque).
@@ -63,6 +65,7 @@ fn boxed(s: Session) -> *mut llama_session {
     Box::into_raw(Box::new(llama_session {
         inner: s,
         tool_calls: c"[]".into(),
+        draft_counts: (0, 0),
     }))
 }
 
@@ -360,6 +363,19 @@ pub struct llama_generate_params {
     /// Default false: content is plain text whatever it holds, and roles must be system,
     /// user, assistant, tool or ipython (else `LLAMA_STATUS_INVALID_ARGUMENT`).
     pub parse_special_in_content: bool,
+    /// Speculative decoding, which never changes the output: drafts from this model (same
+    /// vocabulary as the session's model, token by token, else
+    /// `LLAMA_STATUS_INVALID_ARGUMENT`; typically a smaller quantization of it), or NULL.
+    /// Only read during the call. Default NULL.
+    pub draft_model: *const llama_model,
+    /// Speculative decoding with prompt lookup (drafts copied from where the last tokens
+    /// occurred in the prompt or the output). Default false.
+    pub draft_lookup: bool,
+    /// Speculative decoding from a predicted output: the text expected (NUL-terminated UTF-8),
+    /// or NULL. Default NULL. At most one of `draft_model`, `draft_lookup` and `prediction`.
+    pub prediction: *const c_char,
+    /// Most tokens drafted per verification (0 turns speculation off). Default 8.
+    pub draft_max: u32,
 }
 
 /// Free text (`constraint_kind`).
@@ -392,6 +408,10 @@ pub extern "C" fn llama_generate_params_default() -> llama_generate_params {
         tools: std::ptr::null(),
         tool_choice: std::ptr::null(),
         parse_special_in_content: false,
+        draft_model: std::ptr::null(),
+        draft_lookup: false,
+        prediction: std::ptr::null(),
+        draft_max: 8,
     }
 }
 
@@ -505,6 +525,29 @@ pub(crate) unsafe fn generate_options(
         opts.tool_choice =
             ToolChoice::parse(crate::cstr_arg(p.tool_choice, "tool_choice")?).map_err(fail)?;
     }
+    let given = [
+        !p.draft_model.is_null(),
+        p.draft_lookup,
+        !p.prediction.is_null(),
+    ];
+    if given.iter().filter(|&&g| g).count() > 1 {
+        return Err(fail_with(
+            llama_status::InvalidArgument,
+            "give at most one of draft_model, draft_lookup and prediction",
+        ));
+    }
+    opts.draft = if !p.draft_model.is_null() {
+        Some(Draft::Model((*p.draft_model).inner.clone()))
+    } else if p.draft_lookup {
+        Some(Draft::Lookup)
+    } else if !p.prediction.is_null() {
+        Some(Draft::Prediction(
+            crate::cstr_arg(p.prediction, "prediction")?.into(),
+        ))
+    } else {
+        None
+    };
+    opts.draft_max = p.draft_max as usize;
     Ok(opts)
 }
 
@@ -519,7 +562,9 @@ unsafe fn run_generation(
 ) -> Result<llama_status, llama_status> {
     let opts = generate_options(params)?;
     (*session).tool_calls = c"[]".into();
+    (*session).draft_counts = (0, 0);
     let calls_out = &mut (*session).tool_calls as *mut std::ffi::CString;
+    let counts_out = &mut (*session).draft_counts as *mut (usize, usize);
     let session = &mut (*session).inner;
     let sampler = &mut (*sampler).inner;
     let mut stream = session.stream(prompt, sampler, opts).map_err(fail)?;
@@ -557,6 +602,7 @@ unsafe fn run_generation(
         .to_string()
         .replace('\0', "");
     *calls_out = std::ffi::CString::new(text).unwrap_or_default();
+    *counts_out = (g.timings.drafted_tokens, g.timings.accepted_tokens);
     if !info.is_null() {
         *info = generation_info(&g);
     }
@@ -572,6 +618,27 @@ pub unsafe extern "C" fn llama_session_tool_calls(session: *const llama_session)
         return std::ptr::null();
     }
     (*session).tool_calls.as_ptr()
+}
+
+/// The last generation's speculative decoding: tokens drafted and tokens of those taken
+/// (written where the pointers are not NULL; zeros without speculation).
+#[no_mangle]
+pub unsafe extern "C" fn llama_session_draft_counts(
+    session: *const llama_session,
+    drafted: *mut usize,
+    accepted: *mut usize,
+) -> llama_status {
+    guard!({
+        require!(session);
+        let (d, a) = (*session).draft_counts;
+        if !drafted.is_null() {
+            *drafted = d;
+        }
+        if !accepted.is_null() {
+            *accepted = a;
+        }
+        llama_status::Ok
+    })
 }
 
 /// Evaluates `prompt` tokens after the current context (may be empty to continue), then

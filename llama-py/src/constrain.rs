@@ -1,7 +1,7 @@
 //! Structured-output arguments as Python spells them (OpenAI's `response_format`, `tools`,
 //! `tool_choice`; `grammar=`, `regex=`, `choices=`) turned into the core's options.
 
-use llama_core::{Constraint, GenerateOptions, Tool, ToolCall, ToolChoice};
+use llama_core::{Constraint, Draft, GenerateOptions, Tool, ToolCall, ToolChoice};
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -31,18 +31,29 @@ pub(crate) fn from_json<'py>(
 /// The keyword arguments that shape what is generated (`**options` of `generate`, `stream`,
 /// `chat`, `chat_stream`, `Batch.add` and `Model.generate_batch`): at most one constraint
 /// (`response_format`, `grammar`, `regex`, `choices`) and, for conversations, `tools`,
-/// `tool_choice` and `parse_special_in_content`. Read from one place so that every call
-/// spells and checks them alike.
+/// `tool_choice` and `parse_special_in_content`; speculative decoding (`draft`: a `Model` or
+/// `"lookup"`, `prediction`: the expected text, `draft_max`). Read from one place so that every
+/// call spells and checks them alike.
 #[derive(Default)]
 pub(crate) struct Structured {
     pub constraint: Option<Constraint>,
     pub tools: Vec<Tool>,
     pub tool_choice: ToolChoice,
     pub parse_special_in_content: bool,
+    pub draft: Option<Draft>,
+    pub draft_max: Option<usize>,
 }
 
 /// The keywords every call takes, then those only conversations take.
-const CONSTRAINT_KEYS: [&str; 4] = ["response_format", "grammar", "regex", "choices"];
+const CONSTRAINT_KEYS: [&str; 7] = [
+    "response_format",
+    "grammar",
+    "regex",
+    "choices",
+    "draft",
+    "prediction",
+    "draft_max",
+];
 const CHAT_KEYS: [&str; 3] = ["tools", "tool_choice", "parse_special_in_content"];
 
 impl Structured {
@@ -87,6 +98,13 @@ impl Structured {
                     st.tool_choice =
                         ToolChoice::from_json(&to_json(&value, "tool_choice")?).py_err()?
                 }
+                "draft" | "prediction" => {
+                    if st.draft.is_some() {
+                        return Err(invalid("give at most one of draft and prediction"));
+                    }
+                    st.draft = Some(draft(func, &key, &value)?);
+                }
+                "draft_max" => st.draft_max = Some(value.extract().map_err(typed)?),
                 _ => st.parse_special_in_content = value.extract().map_err(typed)?,
             }
         }
@@ -100,10 +118,40 @@ impl Structured {
     }
 
     pub(crate) fn apply(self, mut o: GenerateOptions) -> GenerateOptions {
+        o.draft = self.draft;
+        if let Some(n) = self.draft_max {
+            o.draft_max = n;
+        }
         o.constraint = self.constraint;
         o.tools = self.tools;
         o.tool_choice = self.tool_choice;
         o.parse_special_in_content(self.parse_special_in_content)
+    }
+}
+
+/// The draft source of `draft=` (a `Model`, or `"lookup"`) or `prediction=` (a string).
+fn draft(func: &str, key: &str, value: &Bound<'_, PyAny>) -> PyResult<Draft> {
+    if key == "prediction" {
+        return match value.extract::<String>() {
+            Ok(text) => Ok(Draft::Prediction(text)),
+            Err(_) => Err(PyTypeError::new_err(format!(
+                "{func}(): prediction must be a str (the expected output), not {}",
+                value.get_type().name()?
+            ))),
+        };
+    }
+    if let Ok(m) = value.cast::<crate::handles::Model>() {
+        return Ok(Draft::Model(m.get().inner.clone()));
+    }
+    match value.extract::<String>() {
+        Ok(s) if s == "lookup" => Ok(Draft::Lookup),
+        Ok(s) => Err(invalid(format!(
+            "{func}(): draft must be a Model or \"lookup\", not {s:?}"
+        ))),
+        Err(_) => Err(PyTypeError::new_err(format!(
+            "{func}(): draft must be a Model or \"lookup\", not {}",
+            value.get_type().name()?
+        ))),
     }
 }
 

@@ -82,6 +82,8 @@ pub(crate) fn generation_dict<'py>(
     d.set_item("prompt_ms", g.timings.prompt.as_secs_f64() * 1e3)?;
     d.set_item("generated_tokens", g.timings.generated_tokens)?;
     d.set_item("generation_ms", g.timings.generation.as_secs_f64() * 1e3)?;
+    d.set_item("drafted_tokens", g.timings.drafted_tokens)?;
+    d.set_item("accepted_tokens", g.timings.accepted_tokens)?;
     let lps: Vec<LogprobEntry> = g
         .logprobs
         .iter()

@@ -149,6 +149,10 @@ impl Session {
     /// default sampling; pass `Sampler.greedy()` for greedy decoding. At most one constraint:
     /// `response_format` (OpenAI's: `{"type": "json_schema", "json_schema": {"schema": ...}}`
     /// or `{"type": "json_object"}`), `grammar` (GBNF or Lark text), `regex`, `choices`.
+    /// Speculative decoding, which never changes the output: `draft=` a `Model` with this
+    /// model's vocabulary (a smaller quantization of it) or `"lookup"` (drafts copied from the
+    /// context), or `prediction=` the text you expect; `draft_max=` tokens per verification
+    /// (default 8). `last_generation` counts `drafted_tokens` and `accepted_tokens`.
     #[pyo3(signature = (prompt, max_tokens=256, sampler=None, stop=None, logprobs=None, **options))]
     #[allow(clippy::too_many_arguments)]
     fn generate(

@@ -472,3 +472,53 @@ def test_prompt_injection_through_the_openai_client(client, model):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="m", messages=HELLO, logit_bias={"49152": 5})
     assert e.value.body["param"] == "logit_bias"
+
+
+COPY = (
+    "The river flows past the old mill, under the stone bridge, and on to the sea. "
+    "Every spring the water rises and the meadows flood."
+)
+
+
+def test_predicted_outputs_keep_the_reply_and_are_counted(server, client):
+    ask = [{"role": "user", "content": f"Repeat this text exactly:\n\n{COPY}"}]
+    kw = dict(model="m", messages=ask, max_tokens=40, temperature=0)
+    plain = client.chat.completions.create(**kw)
+    details = plain.usage.completion_tokens_details
+    assert details.accepted_prediction_tokens == 0 and details.rejected_prediction_tokens == 0
+    pred = client.chat.completions.create(prediction={"type": "content", "content": COPY}, **kw)
+    assert pred.choices[0].message.content == plain.choices[0].message.content
+    details = pred.usage.completion_tokens_details
+    assert details.accepted_prediction_tokens > 0
+    assert details.rejected_prediction_tokens >= 0
+    # Text parts, and a seeded sampler: the same reply as without the prediction.
+    seeded = dict(kw, temperature=0.8, seed=3)
+    parts = [{"type": "text", "text": COPY[:40]}, {"type": "text", "text": COPY[40:]}]
+    a = client.chat.completions.create(**seeded)
+    b = client.chat.completions.create(prediction={"type": "content", "content": parts}, **seeded)
+    assert a.choices[0].message.content == b.choices[0].message.content
+    for bad in ({"type": "text", "content": COPY}, "just text", {"type": "content"}, {"type": "content", "content": 5}):
+        status, _, body = server.raw("POST", "/v1/chat/completions", {"messages": ask, "prediction": bad})
+        assert status == 400 and json.loads(body)["error"]["param"] == "prediction", body
+
+
+def test_a_speculating_server_answers_concurrent_requests_as_a_plain_one(model_path, client):
+    """`--lookup`: concurrent requests (the batch busy: speculation backs off) and a request alone
+    (it drafts) get the replies of the server without speculation."""
+    asks = [[{"role": "user", "content": f"Repeat this text exactly:\n\n{COPY[i * 7 :]}"}] for i in range(6)]
+
+    def one(c, i):
+        r = c.chat.completions.create(model="m", messages=asks[i], max_tokens=24, temperature=0.7, seed=i)
+        return r.choices[0].message.content, r.usage.completion_tokens_details.accepted_prediction_tokens
+
+    want = [one(client, i)[0] for i in range(6)]
+    s = Server(model_path, "--lookup", "--max-sequences", "8")
+    try:
+        c = s.client()
+        with concurrent.futures.ThreadPoolExecutor(6) as ex:
+            got = list(ex.map(lambda i: one(c, i), range(6)))
+        assert [t for t, _ in got] == want
+        text, accepted = one(c, 0)
+        assert text == want[0] and accepted > 0
+    finally:
+        s.stop()

@@ -135,6 +135,10 @@ pub struct Params {
     pub stream: bool,
     /// Send a last chunk with `usage` (`stream_options.include_usage`).
     pub include_usage: bool,
+    /// OpenAI's predicted output (`prediction: {"type": "content", "content": ...}`): the text
+    /// the reply is expected to mostly repeat, drafted from (speculative decoding; the reply is
+    /// the same with or without it).
+    pub prediction: Option<String>,
 }
 
 /// A parsed `/v1/chat/completions` request.
@@ -394,7 +398,34 @@ fn params(m: &Map<String, Value>, default_max: Option<usize>) -> Result<Params, 
         logprobs: None,
         stream: boolean(m, "stream")?,
         include_usage,
+        prediction: prediction(m)?,
     })
+}
+
+/// `prediction`: `{"type": "content", "content": <string or text parts>}` (`null`: none).
+fn prediction(m: &Map<String, Value>) -> Result<Option<String>, ApiError> {
+    match field(m, "prediction") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(o)) => {
+            if o.get("type").and_then(Value::as_str) != Some("content") {
+                return Err(ApiError::invalid(
+                    "prediction",
+                    "prediction.type must be \"content\"",
+                ));
+            }
+            if !o.contains_key("content") {
+                return Err(ApiError::invalid(
+                    "prediction",
+                    "prediction must have a content",
+                ));
+            }
+            content(o.get("content"), "prediction").map(Some)
+        }
+        Some(_) => Err(ApiError::invalid(
+            "prediction",
+            "prediction must be an object {\"type\": \"content\", \"content\": ...}",
+        )),
+    }
 }
 
 fn response_format(m: &Map<String, Value>) -> Result<Option<Constraint>, ApiError> {

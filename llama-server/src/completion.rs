@@ -101,6 +101,9 @@ impl Call {
                 }
             }
         }
+        if let Some(llama_core::Draft::Prediction(p)) = &opts.draft {
+            st.check_length(p.len(), "prediction")?;
+        }
         // A place in the queue, then a turn on the blocking threads: at most
         // PREPARE_AT_ONCE requests render and tokenize at a time, and at most `max_queue`
         // wait for that or for the batch.
@@ -197,11 +200,18 @@ impl Call {
 
     fn usage(&self, g: &Generation) -> Value {
         let completion = g.tokens.len();
+        let t = &g.timings;
         json!({
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": completion,
             "total_tokens": self.prompt_tokens + completion,
             "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+            // Drafted tokens the reply took, and those it refused (speculative decoding, from
+            // `prediction` or the server's draft source; zeros without).
+            "completion_tokens_details": {
+                "accepted_prediction_tokens": t.accepted_tokens,
+                "rejected_prediction_tokens": t.drafted_tokens - t.accepted_tokens,
+            },
         })
     }
 
@@ -479,7 +489,7 @@ pub(crate) async fn chat_completions(State(st): State<Arc<AppState>>, req: Reque
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    let mut opts = options(&r.params, r.constraint);
+    let mut opts = options(&st, &r.params, r.constraint);
     opts.tools = r.tools;
     opts.tool_choice = r.tool_choice;
     answer(
@@ -497,7 +507,7 @@ pub(crate) async fn completions(State(st): State<Arc<AppState>>, req: Request) -
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    let opts = options(&r.params, r.constraint);
+    let opts = options(&st, &r.params, r.constraint);
     let prompt = match r.prompt {
         PromptInput::Text(t) => OwnedPrompt::Text(t),
         PromptInput::Tokens(t) => OwnedPrompt::Tokens(t),
@@ -505,8 +515,10 @@ pub(crate) async fn completions(State(st): State<Arc<AppState>>, req: Request) -
     answer(st, Kind::Completion, prompt, r.params, opts).await
 }
 
-/// The generation options of a request's parameters and constraint.
+/// The generation options of a request's parameters and constraint (and the server's
+/// speculative decoding, or the request's predicted output).
 fn options(
+    st: &AppState,
     params: &Params,
     constraint: Option<llama_core::Constraint>,
 ) -> llama_core::GenerateOptions {
@@ -514,6 +526,12 @@ fn options(
     opts.stop = params.stop.clone();
     opts.logprobs = params.logprobs;
     opts.constraint = constraint;
+    let limits = st.engine.limits();
+    opts.draft = match &params.prediction {
+        Some(text) => Some(llama_core::Draft::Prediction(text.clone())),
+        None => limits.draft.clone(),
+    };
+    opts.draft_max = limits.draft_max;
     opts
 }
 

@@ -86,6 +86,11 @@ pub struct Limits {
     pub session: SessionOptions,
     /// LoRA adapters every session applies, with their scales.
     pub adapters: Vec<(llama_core::Adapter, f32)>,
+    /// Speculative decoding for every request (`--draft`, `--lookup`; a request's
+    /// `prediction` drafts from its text instead), and the most tokens drafted at once.
+    pub draft: Option<llama_core::Draft>,
+    /// Most tokens drafted per verification.
+    pub draft_max: usize,
 }
 
 /// Counters read by `/metrics`.

@@ -46,6 +46,8 @@ fn fuzz_requests() {
         max_tokens: 8,
         session: SessionOptions::default().n_ctx(96),
         adapters: vec![],
+        draft: None,
+        draft_max: 8,
     };
     let engine = Engine::start(&model, limits).unwrap();
     let state = Arc::new(AppState::new(model, engine, "tiny".into(), None));

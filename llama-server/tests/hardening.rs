@@ -30,6 +30,8 @@ impl Server {
             max_tokens: 4096,
             session: SessionOptions::default().n_ctx(n_ctx),
             adapters: vec![],
+            draft: None,
+            draft_max: 8,
         };
         let mut config = ServerConfig::new("127.0.0.1:0".parse().unwrap(), "tiny", limits);
         config.connections = ConnLimits {
@@ -477,6 +479,8 @@ fn an_empty_api_key_is_refused_at_start_up() {
                 max_tokens: 8,
                 session: SessionOptions::default().n_ctx(64),
                 adapters: vec![],
+                draft: None,
+                draft_max: 8,
             },
         );
         config.api_key = Some(key.into());

@@ -7,6 +7,7 @@
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <stddef.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -407,6 +408,58 @@ static void test_constraints(llama_model *model) {
         gp.parse_special_in_content = true;
         CHECK(llama_session_chat(s, greedy, role, 1, &gp, collect, &c, &info) == LLAMA_STATUS_OK);
     }
+    llama_sampler_free(greedy);
+    llama_session_free(s);
+}
+
+/* Speculative decoding: every draft source gives the plain output; drafted and accepted counts;
+ * at most one source; a struct from a header without the draft fields decodes plainly. */
+static void test_speculation(llama_model *model) {
+    bool light = getenv("LLAMA_TEST_LIGHT") != NULL;
+    llama_sampler_params sp = llama_sampler_params_default();
+    sp.temperature = 0.0f;
+    llama_sampler *greedy = NULL;
+    CHECK(llama_sampler_new(&sp, &greedy) == LLAMA_STATUS_OK);
+    llama_session *s = NULL;
+    CHECK(llama_session_new(model, NULL, &s) == LLAMA_STATUS_OK);
+    const char *prompt = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1, 2, 3, 4, 5, 6, 7, 8,";
+    llama_generate_params gp = llama_generate_params_default();
+    CHECK(gp.draft_model == NULL && gp.draft_lookup == false && gp.prediction == NULL && gp.draft_max == 8);
+    gp.max_tokens = light ? 3 : 16;
+    collect_t plain, c;
+    memset(&plain, 0, sizeof plain);
+    llama_generation_info info;
+    CHECK(llama_session_generate_text(s, greedy, prompt, strlen(prompt), &gp, collect, &plain, &info) == LLAMA_STATUS_OK);
+    size_t drafted = 99, accepted = 99;
+    CHECK(llama_session_draft_counts(s, &drafted, &accepted) == LLAMA_STATUS_OK && drafted == 0 && accepted == 0);
+    for (int source = 0; source < 3; source++) {
+        llama_generate_params g = gp;
+        if (source == 0) g.draft_lookup = true;
+        if (source == 1) g.prediction = plain.text;
+        if (source == 2) g.draft_model = model;
+        llama_session_truncate(s, 0);
+        memset(&c, 0, sizeof c);
+        CHECK(llama_session_generate_text(s, greedy, prompt, strlen(prompt), &g, collect, &c, &info) == LLAMA_STATUS_OK);
+        CHECK(strcmp(c.text, plain.text) == 0 && c.n == plain.n);
+        CHECK(llama_session_draft_counts(s, &drafted, &accepted) == LLAMA_STATUS_OK);
+        CHECK(accepted <= drafted);
+        if (!light) CHECK(accepted > 0);
+    }
+    CHECK(llama_session_draft_counts(NULL, &drafted, &accepted) == LLAMA_STATUS_NULL_ARGUMENT);
+    CHECK(llama_session_draft_counts(s, NULL, NULL) == LLAMA_STATUS_OK);
+    llama_generate_params both = gp;
+    both.draft_lookup = true;
+    both.prediction = "x";
+    CHECK(llama_session_generate_text(s, greedy, prompt, strlen(prompt), &both, collect, &c, &info) == LLAMA_STATUS_INVALID_ARGUMENT);
+    CHECK(strstr(llama_last_error_message(), "at most one") != NULL);
+    llama_generate_params old = gp;
+    old.draft_lookup = true;
+    old.struct_size = offsetof(llama_generate_params, draft_model);
+    llama_session_truncate(s, 0);
+    memset(&c, 0, sizeof c);
+    CHECK(llama_session_generate_text(s, greedy, prompt, strlen(prompt), &old, collect, &c, &info) == LLAMA_STATUS_OK);
+    CHECK(strcmp(c.text, plain.text) == 0);
+    CHECK(llama_session_draft_counts(s, &drafted, &accepted) == LLAMA_STATUS_OK && drafted == 0);
     llama_sampler_free(greedy);
     llama_session_free(s);
 }
@@ -816,6 +869,7 @@ int main(int argc, char **argv) {
     test_finetune(model);
     test_constraints(model);
     test_batch(model);
+    test_speculation(model);
 
     /* A session keeps its model alive after llama_model_free. */
     llama_model_free(model);

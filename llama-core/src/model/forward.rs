@@ -444,6 +444,26 @@ impl Model {
         Ok(done.then(|| out.chunks_exact(n.max(1)).map(<[f32]>::to_vec).collect()))
     }
 
+    /// The logits of `m` rows of `hidden` (`[m, hidden_size]`, after the output norm), each
+    /// row's bits what it gets alone: one product over all rows where the head computes each
+    /// row alike whatever comes with it, the rows-as-alone product where the head has one, a
+    /// product per row otherwise.
+    pub(crate) fn logits_rows(&self, hidden: &[f32], m: usize) -> Result<Vec<Vec<f32>>> {
+        let width = self.inner.config.hidden_size;
+        let cpu = &candle_core::Device::Cpu;
+        if self.head_batch_invariant() {
+            let h = Tensor::from_slice(hidden, (m, width), cpu)?;
+            return Ok(self.logits(&h)?.to_vec2::<f32>()?);
+        }
+        if let Some(l) = self.logits_as_alone(hidden, m)? {
+            return Ok(l);
+        }
+        hidden
+            .chunks_exact(width)
+            .map(|row| self.last_logits(&Tensor::from_slice(row, (1, width), cpu)?))
+            .collect()
+    }
+
     /// Last-row logits as a vector.
     pub(crate) fn last_logits(&self, hidden: &Tensor) -> Result<Vec<f32>> {
         let n = hidden.dim(0)?;

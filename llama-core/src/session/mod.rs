@@ -248,72 +248,18 @@ impl Session {
     /// at a time computes there. The session then holds `next` (its logits current, as after
     /// `eval(&[next])`) and keeps the drafted tokens ahead, to be taken by
     /// [`Session::take_ahead`] as long as they match what is generated. Drafts that do not fit
-    /// the context are cut.
-    pub(crate) fn eval_verify(&mut self, next: u32, draft: &[u32]) -> Result<()> {
-        let room = self.n_ctx().saturating_sub(self.tokens.len() + 1);
-        let draft = &draft[..draft.len().min(room)];
-        if draft.is_empty() || !crate::kernels::enabled() {
-            return self.eval_uncancellable(&[next]);
-        }
+    /// the context (or one prompt chunk, `n_batch`) are cut.
+    pub fn eval_verify(&mut self, next: u32, draft: &[u32]) -> Result<()> {
         let mut tokens = Vec::with_capacity(draft.len() + 1);
         tokens.push(next);
         tokens.extend_from_slice(draft);
-        self.check(&tokens)?;
-        self.ahead.clear();
-        let runtime = self.runtime;
-        let before = self.cache.len();
-        let r = runtime.run(|| {
-            let Session {
-                model,
-                cache,
-                adapters,
-                ..
-            } = self;
-            let mut seqs = [crate::model::BatchSeq {
-                tokens: &tokens,
-                cache,
-                lora: adapters,
-                alone: true,
-            }];
-            let hidden = model.forward_batch(&mut seqs)?.concat();
-            let m = tokens.len();
-            match model.logits_as_alone(&hidden, m)? {
-                Some(l) => Ok(l),
-                None => {
-                    let width = hidden.len() / m;
-                    hidden
-                        .chunks_exact(width)
-                        .map(|row| {
-                            let h = candle_core::Tensor::from_slice(
-                                row,
-                                (1, width),
-                                &candle_core::Device::Cpu,
-                            )?;
-                            model.last_logits(&h)
-                        })
-                        .collect::<Result<Vec<_>>>()
-                }
-            }
-        });
-        let mut logits = match r {
-            Ok(l) => l.into_iter(),
-            Err(e) => {
-                self.cache.truncate(before);
-                return Err(e);
-            }
-        };
-        // The cache keeps `next`; the drafted rows stay written past its length.
-        self.cache.truncate(before + 1);
-        self.tokens.push(next);
-        self.logits = logits.next();
-        self.ahead = draft.iter().copied().zip(logits).collect();
-        Ok(())
+        Self::eval_many(&mut [(self, &tokens, true)])
     }
 
     /// Takes the next drafted token kept by a verification if it is `id` (its keys and values
     /// already in the cache, its logits current: as if `eval(&[id])` had run) and returns
     /// true; otherwise drops every drafted token and returns false.
-    pub(crate) fn take_ahead(&mut self, id: u32) -> bool {
+    pub fn take_ahead(&mut self, id: u32) -> bool {
         match self.ahead.front() {
             Some(&(t, _)) if t == id && self.tokens.len() < self.n_ctx() => {
                 let (_, logits) = self.ahead.pop_front().expect("checked");
@@ -330,7 +276,7 @@ impl Session {
     }
 
     /// Drafted tokens still kept ahead.
-    pub(crate) fn ahead_len(&self) -> usize {
+    pub fn ahead_len(&self) -> usize {
         self.ahead.len()
     }
 
@@ -413,46 +359,69 @@ impl Session {
     /// every session is left as before the call. Not cancellable (a batch step is short; drop a
     /// sequence between steps instead).
     pub fn eval_batch(batch: &mut [(&mut Session, &[u32])]) -> Result<()> {
+        let mut all: Vec<(&mut Session, &[u32], bool)> = batch
+            .iter_mut()
+            .map(|(s, t)| (&mut **s, *t, false))
+            .collect();
+        Self::eval_many(&mut all)
+    }
+
+    /// [`Session::eval_batch`] where an entry marked `true` is a verification: its first token
+    /// is evaluated and the rest (a draft) verified in the same pass, as
+    /// [`Session::eval_verify`] does alone.
+    pub(crate) fn eval_many(batch: &mut [(&mut Session, &[u32], bool)]) -> Result<()> {
         let Some(first) = batch.first() else {
             return Ok(());
         };
         let model = first.0.model.clone();
         let runtime = first.0.runtime;
-        for (s, toks) in batch.iter() {
+        for (s, toks, verify) in batch.iter_mut() {
             if !std::sync::Arc::ptr_eq(&s.model.inner, &model.inner) {
                 return Err(Error::InvalidArgument(
                     "every session of a batch must belong to the same model".into(),
                 ));
             }
+            if *verify {
+                // A draft is cut to the context's room and one chunk; nothing to verify
+                // leaves a plain decode step.
+                let room = s.n_ctx().saturating_sub(s.tokens.len());
+                let mut n = toks.len().min(room.max(1)).min(s.opts.n_batch.max(1));
+                if !crate::kernels::enabled() {
+                    n = n.min(1);
+                }
+                *toks = &toks[..n];
+                *verify = n > 1;
+            }
             s.check(toks)?;
         }
-        for (s, _) in batch.iter_mut() {
+        for (s, _, _) in batch.iter_mut() {
             s.ahead.clear();
         }
         if !crate::kernels::enabled() {
             // candle's tensor path has no batched pass: one session after another.
-            for (s, toks) in batch.iter_mut() {
+            for (s, toks, _) in batch.iter_mut() {
                 s.eval_uncancellable(toks)?;
             }
             return Ok(());
         }
-        let before: Vec<usize> = batch.iter().map(|(s, _)| s.tokens.len()).collect();
+        let before: Vec<usize> = batch.iter().map(|(s, _, _)| s.tokens.len()).collect();
         let r = runtime.run(|| Self::eval_batch_chunks(&model, batch));
         if r.is_err() {
-            for ((s, _), &n) in batch.iter_mut().zip(&before) {
+            for ((s, _, _), &n) in batch.iter_mut().zip(&before) {
                 s.truncate(n);
             }
         }
         r
     }
 
-    fn eval_batch_chunks(model: &Model, batch: &mut [(&mut Session, &[u32])]) -> Result<()> {
+    fn eval_batch_chunks(model: &Model, batch: &mut [(&mut Session, &[u32], bool)]) -> Result<()> {
         let mut done: Vec<usize> = vec![0; batch.len()];
         loop {
-            // This round: the next chunk of each session that has tokens left.
+            // This round: the next chunk of each session that has tokens left (a verification's
+            // tokens all at once, computed as decoded one at a time).
             let mut idx = vec![];
             let mut seqs = vec![];
-            for (i, (s, toks)) in batch.iter_mut().enumerate() {
+            for (i, (s, toks, verify)) in batch.iter_mut().enumerate() {
                 if done[i] >= toks.len() {
                     continue;
                 }
@@ -467,7 +436,7 @@ impl Session {
                     tokens: chunk,
                     cache,
                     lora: adapters,
-                    alone: false,
+                    alone: *verify,
                 });
             }
             if seqs.is_empty() {
@@ -485,29 +454,31 @@ impl Session {
                 }
             };
             drop(seqs);
-            let hidden_size = model.config().hidden_size;
-            let cpu = &candle_core::Device::Cpu;
-            // One output-head product for every sequence's last row where the head computes
-            // each row alike whatever comes with it; one each otherwise.
-            let logits: Vec<Vec<f32>> = if model.head_batch_invariant() {
-                let rows: Vec<f32> = hidden.concat();
-                let h = candle_core::Tensor::from_vec(rows, (idx.len(), hidden_size), cpu)?;
-                model.logits(&h)?.to_vec2::<f32>()?
-            } else if let Some(l) = model.logits_as_alone(&hidden.concat(), idx.len())? {
-                l
-            } else {
-                hidden
-                    .into_iter()
-                    .map(|row| {
-                        let h = candle_core::Tensor::from_vec(row, (1, hidden_size), cpu)?;
-                        model.last_logits(&h)
-                    })
-                    .collect::<Result<_>>()?
-            };
-            for ((i, chunk), l) in idx.into_iter().zip(logits) {
-                let s = &mut batch[i].0;
-                s.tokens.extend_from_slice(chunk);
-                s.logits = Some(l);
+            // Rows per sequence: its last, or every row of a verification.
+            let counts: Vec<usize> = hidden
+                .iter()
+                .map(|h| h.len() / model.config().hidden_size)
+                .collect();
+            let mut logits = model
+                .logits_rows(&hidden.concat(), counts.iter().sum())?
+                .into_iter();
+            for ((i, chunk), (n, len)) in idx.into_iter().zip(counts.into_iter().zip(lens)) {
+                let (s, _, verify) = &mut batch[i];
+                if *verify {
+                    // The cache keeps the first token; the drafted rows stay written past its
+                    // length, their logits ahead.
+                    s.cache.truncate(len + 1);
+                    s.tokens.push(chunk[0]);
+                    s.logits = logits.next();
+                    s.ahead = chunk[1..]
+                        .iter()
+                        .copied()
+                        .zip(logits.by_ref().take(n - 1))
+                        .collect();
+                } else {
+                    s.tokens.extend_from_slice(chunk);
+                    s.logits = logits.next();
+                }
             }
         }
     }

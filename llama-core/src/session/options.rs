@@ -84,10 +84,14 @@ impl Default for GenerateOptions {
 
 impl GenerateOptions {
     /// These options with their constraint (or their tools' call constraint) compiled for
-    /// `model` into [`GenerateOptions::grammar`], so that starting the generation compiles
-    /// nothing (a server prepares requests off its decode thread).
+    /// `model` into [`GenerateOptions::grammar`] and a predicted output tokenized, so that
+    /// starting the generation compiles and tokenizes nothing (a server prepares requests off
+    /// its decode thread).
     pub fn prepared(mut self, model: &crate::Model) -> Result<Self> {
         self.grammar = resolve_grammar(model, &self)?;
+        if let Some(Draft::Prediction(text)) = &self.draft {
+            self.draft = Some(Draft::PredictedTokens(model.tokenize(text, false, false)?));
+        }
         Ok(self)
     }
 

@@ -1,7 +1,7 @@
 """Type stubs of the native module (checked against it by `python -m mypy.stubtest`)."""
 
 import os
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union, final
+from typing import Callable, Dict, Iterator, List, Literal, Mapping, Optional, Sequence, Tuple, Union, final
 
 import numpy as np
 import numpy.typing as npt
@@ -14,12 +14,18 @@ _Message = Mapping[str, object]
 _Prompt = Union[str, Sequence[int]]
 
 class _Constraint(TypedDict, total=False):
-    """What the output must match: at most one of these (see `Session.generate`)."""
+    """What the output must match (at most one of response_format, grammar, regex, choices; see
+    `Session.generate`), and speculative decoding: `draft` (a Model with the same vocabulary, or
+    "lookup") or `prediction` (the expected text), with `draft_max` tokens per verification at
+    most. The output is the same with or without speculation."""
 
     response_format: Optional[Mapping[str, object]]
     grammar: Optional[str]
     regex: Optional[str]
     choices: Optional[Sequence[str]]
+    draft: Optional[Union[Model, Literal["lookup"]]]
+    prediction: Optional[str]
+    draft_max: int
 
 class _ChatOptions(_Constraint, total=False):
     """A constraint, and the tools a conversation offers (see `Session.chat`)."""
