@@ -3,8 +3,8 @@
 head 64, ffn 8192) with SmolLM2's tokenizer (49152 tokens), in f16, then quantizes it with
 llama.cpp's own `llama_model_quantize` (llama-cpp-python) to the type asked (default q4_1).
 Compute does not depend on the weights' values, so this serves every speed measurement at a
-real size. Usage: make_1b.py OUT.gguf [q4_1|q4_0|q8_0|q4_k]   (needs the refvenv: gguf, numpy,
-llama-cpp-python; run with ~/.cache/llama-core/refvenv/bin/python)."""
+real size. Usage: make_1b.py OUT.gguf [q4_1|q4_0|q8_0|q4_k|f16]   (needs the refvenv: gguf, numpy,
+llama-cpp-python (not for f16); run with ~/.cache/llama-core/refvenv/bin/python)."""
 
 import os
 import sys
@@ -75,6 +75,10 @@ def main():
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    if qtype == "f16":
+        os.replace(tmp, out)
+        print(out)
+        return
     import llama_cpp
 
     ftype = {"q4_0": 2, "q4_1": 3, "q8_0": 7, "q4_k": 15}[qtype]

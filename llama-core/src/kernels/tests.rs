@@ -372,7 +372,8 @@ fn batch_invariance_case(n: usize, k: usize) {
         for r in 0..m {
             same &= product(&**mat, r..r + 1) == all[r * n..(r + 1) * n];
         }
-        for (a, b) in [(0, 2), (3, 8), (5, 13), (1, 12)] {
+        // Every tile height of every kernel (1 to 8 rows, and more than one tile).
+        for (a, b) in [(0, 2), (0, 3), (2, 6), (3, 8), (6, 12), (4, 11), (5, 13), (1, 12)] {
             same &= product(&**mat, a..b) == all[a * n..b * n];
         }
         if mat.batch_invariant() {

@@ -224,6 +224,7 @@ macro_rules! simd_group {
             x: [*const XBlock; R],
             nb: usize,
             out: &mut [[f32; G]; R],
+            stream: bool,
         ) {
             use std::arch::x86_64::*;
             let fmt = const { fmt_of(F) };
@@ -281,7 +282,7 @@ macro_rules! simd_group {
             let mut corr = [_mm256_setzero_ps(); R];
             for b in 0..nb {
                 let p = w.add(b * gb);
-                if R == 1 {
+                if stream {
                     prefetch_ahead(p, gb);
                 }
                 let dw = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
@@ -400,13 +401,14 @@ pub(crate) unsafe fn group_kernel<const R: usize, const S: usize>(
     x: [*const XBlock; R],
     nb: usize,
     out: &mut [[f32; G]; R],
+    stream: bool,
 ) {
     macro_rules! go {
         ($f:expr) => {
             if vnni {
-                group_vnni::<{ $f }, R, S>(w, x, nb, out)
+                group_vnni::<{ $f }, R, S>(w, x, nb, out, stream)
             } else {
-                group_avx2::<{ $f }, R, S>(w, x, nb, out)
+                group_avx2::<{ $f }, R, S>(w, x, nb, out, stream)
             }
         };
     }

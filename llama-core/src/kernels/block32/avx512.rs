@@ -15,6 +15,7 @@ pub(crate) unsafe fn group_avx512<const F: u8, const R: usize, const S: usize>(
     x: [*const XBlock; R],
     nb: usize,
     out: &mut [[f32; G16]; R],
+    stream: bool,
 ) {
     use std::arch::x86_64::*;
     let fmt = const { fmt_of(F) };
@@ -36,7 +37,7 @@ pub(crate) unsafe fn group_avx512<const F: u8, const R: usize, const S: usize>(
     let mut corr = [_mm512_setzero_ps(); R];
     for b in 0..nb {
         let p = w.add(b * gb);
-        if R == 1 {
+        if stream {
             prefetch_ahead(p, gb);
         }
         let dw = _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i));
@@ -119,15 +120,16 @@ pub(crate) unsafe fn group_kernel16<const R: usize, const S: usize>(
     x: [*const XBlock; R],
     nb: usize,
     out: &mut [[f32; G16]; R],
+    stream: bool,
 ) {
     // SAFETY: forwarded from the caller.
     unsafe {
         match fmt {
-            BlockFmt::Q4_0 => group_avx512::<F_Q4_0, R, S>(w, x, nb, out),
-            BlockFmt::Q4_1 => group_avx512::<F_Q4_1, R, S>(w, x, nb, out),
-            BlockFmt::Q5_0 => group_avx512::<F_Q5_0, R, S>(w, x, nb, out),
-            BlockFmt::Q5_1 => group_avx512::<F_Q5_1, R, S>(w, x, nb, out),
-            BlockFmt::Q8_0 => group_avx512::<F_Q8_0, R, S>(w, x, nb, out),
+            BlockFmt::Q4_0 => group_avx512::<F_Q4_0, R, S>(w, x, nb, out, stream),
+            BlockFmt::Q4_1 => group_avx512::<F_Q4_1, R, S>(w, x, nb, out, stream),
+            BlockFmt::Q5_0 => group_avx512::<F_Q5_0, R, S>(w, x, nb, out, stream),
+            BlockFmt::Q5_1 => group_avx512::<F_Q5_1, R, S>(w, x, nb, out, stream),
+            BlockFmt::Q8_0 => group_avx512::<F_Q8_0, R, S>(w, x, nb, out, stream),
         }
     }
 }

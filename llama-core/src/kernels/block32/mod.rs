@@ -639,7 +639,9 @@ impl BlockMatrix {
     }
 
     /// Dots of activation rows `rows` (at most [`GROUP_R`] for 16-row groups, [`GROUP_R8`]
-    /// for 8-row groups) with the rows of group `g`.
+    /// for 8-row groups) with the rows of group `g`. `stream`: the product has one row tile,
+    /// so each weight is read once (decode, a small batch, a verification) and the kernel asks
+    /// for the lines ahead; with several row tiles the next tile rereads them from cache.
     fn group_tile(
         &self,
         isa: Isa,
@@ -647,6 +649,7 @@ impl BlockMatrix {
         rows: std::ops::Range<usize>,
         g: usize,
         out: &mut [[f32; G16]; GROUP_R],
+        stream: bool,
     ) {
         let (nb, gs) = (self.k / QK, self.group);
         let gbytes = nb * gs * self.fmt.bytes();
@@ -662,29 +665,47 @@ impl BlockMatrix {
                 // SAFETY: the CPU has the features (checked at run time: a 16-row layout is
                 // chosen only with AVX-512); `w` starts a group of `nb` blocks and every `x` a
                 // row of `nb` blocks inside their buffers.
+                // A tile of as many rows as it has (a few: a verification, a small batch) up
+                // to the widest; each row's dots have their own accumulators in every shape,
+                // so a row gets the same bits whatever its tile.
                 unsafe {
+                    let fmt = self.fmt;
                     if gs == G16 {
-                        if rows.len() == 1 {
-                            let mut one = [[0f32; G16]; 1];
-                            group_kernel16::<1, 2>(self.fmt, w, [x[0]], nb, &mut one);
-                            out[0] = one[0];
-                        } else {
-                            group_kernel16::<GROUP_R, 2>(self.fmt, w, x, nb, out);
+                        macro_rules! tile16 {
+                            ($r:expr) => {{
+                                let mut part = [[0f32; G16]; $r];
+                                let x = std::array::from_fn(|r| x[r]);
+                                group_kernel16::<$r, 2>(fmt, w, x, nb, &mut part, stream);
+                                out[..$r].copy_from_slice(&part);
+                            }};
+                        }
+                        match rows.len() {
+                            1 => tile16!(1),
+                            2 => tile16!(2),
+                            3 => tile16!(3),
+                            4 => tile16!(4),
+                            5 | 6 => tile16!(6),
+                            _ => group_kernel16::<GROUP_R, 2>(fmt, w, x, nb, out, stream),
                         }
                         return;
                     }
                     let vnni = isa.vnni();
-                    if rows.len() == 1 {
-                        let mut one = [[0f32; G]; 1];
-                        group_kernel::<1, 2>(self.fmt, vnni, w, [x[0]], nb, &mut one);
-                        out[0][..G].copy_from_slice(&one[0]);
-                    } else {
-                        let mut part = [[0f32; G]; GROUP_R8];
-                        let x = std::array::from_fn(|r| x[r]);
-                        group_kernel::<GROUP_R8, 2>(self.fmt, vnni, w, x, nb, &mut part);
-                        for (o, p) in out.iter_mut().zip(&part) {
-                            o[..G].copy_from_slice(p);
-                        }
+                    macro_rules! tile8 {
+                        ($r:expr) => {{
+                            let mut part = [[0f32; G]; $r];
+                            let x = std::array::from_fn(|r| x[r]);
+                            group_kernel::<$r, 2>(fmt, vnni, w, x, nb, &mut part, stream);
+                            for (o, p) in out.iter_mut().zip(&part) {
+                                o[..G].copy_from_slice(p);
+                            }
+                        }};
+                    }
+                    match rows.len() {
+                        1 => tile8!(1),
+                        2 => tile8!(2),
+                        3 => tile8!(3),
+                        4 => tile8!(4),
+                        _ => tile8!(GROUP_R8),
                     }
                 }
             }
@@ -721,7 +742,7 @@ impl BlockMatrix {
                 let rows = rt * tile..m.min((rt + 1) * tile);
                 let mut out = [[0f32; G16]; GROUP_R];
                 put.hint(rows.start, g * gs, gs);
-                self.group_tile(isa, &xq, rows.clone(), g, &mut out);
+                self.group_tile(isa, &xq, rows.clone(), g, &mut out, row_tiles == 1);
                 for (r, row) in rows.enumerate() {
                     put.put(row, g * gs, &out[r][..gs]);
                 }

@@ -253,6 +253,7 @@ macro_rules! q4k_group {
             x: [*const XK; R],
             nb: usize,
             out: &mut [[f32; G]; R],
+            stream: bool,
         ) {
             use std::arch::x86_64::*;
             let mask = _mm256_set1_epi8(0x0F);
@@ -260,7 +261,7 @@ macro_rules! q4k_group {
             let mut acc = [_mm256_setzero_ps(); R];
             for b in 0..nb {
                 let p = w.add(b * group_bytes(G));
-                if R == 1 {
+                if stream {
                     super::prefetch_ahead(p, group_bytes(G));
                 }
                 let dw = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
@@ -345,13 +346,14 @@ unsafe fn q4k_avx512<const R: usize>(
     x: [*const XK; R],
     nb: usize,
     out: &mut [[f32; G16]; R],
+    stream: bool,
 ) {
     use std::arch::x86_64::*;
     let mask = _mm512_set1_epi8(0x0F);
     let mut acc = [_mm512_setzero_ps(); R];
     for b in 0..nb {
         let p = w.add(b * group_bytes(G16));
-        if R == 1 {
+        if stream {
             super::prefetch_ahead(p, group_bytes(G16));
         }
         let dw = _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i));
@@ -405,7 +407,10 @@ unsafe fn q4k_avx512<const R: usize>(
 
 /// A tile of the k-quant group kernels: group `g`, activation rows `rows` (their q8_K blocks
 /// as `x`, padded by repeating the last row; all rows' blocks as `xq`), results into `out`.
-pub(super) type Tile<'a> = dyn Fn(usize, std::ops::Range<usize>, [*const XK; TILE_R], &[XK], &mut [[f32; G16]; TILE_R])
+/// A group tile: group, activation rows, their q8_K rows, all q8_K rows, the output, and
+/// whether the product has one row tile (each weight read once: the kernel asks for the lines
+/// ahead).
+pub(super) type Tile<'a> = dyn Fn(usize, std::ops::Range<usize>, [*const XK; TILE_R], &[XK], &mut [[f32; G16]; TILE_R], bool)
     + Sync
     + 'a;
 
@@ -442,7 +447,7 @@ pub(super) fn group_matmul(
             xq[row * nb..(row + 1) * nb].as_ptr()
         });
         let mut out = [[0f32; G16]; TILE_R];
-        tile(g, rows.clone(), x, &xq, &mut out);
+        tile(g, rows.clone(), x, &xq, &mut out, row_tiles == 1);
         for (r, row) in rows.enumerate() {
             put.put(row, g * gs, &out[r][..gs]);
         }
@@ -471,41 +476,41 @@ impl Q4KMatrix {
             self.shape(),
             gs,
             put,
-            &|g, rows, x, xq, out| match isa {
+            &|g, rows, x, xq, out, stream| match isa {
                 #[cfg(target_arch = "x86_64")]
                 Isa::Avx2 | Isa::Vnni | Isa::Avx512 => {
                     let w = self.group_block(g, 0).as_ptr();
                     // SAFETY: the CPU has the features (checked at run time: 16-row groups only
                     // with AVX-512); `w` starts the group's `nb` super-blocks and every `x` a row
                     // of `nb` blocks.
+                    // As many rows as the tile has, up to TILE_R (each row's sums are its own
+                    // in every shape: the same bits whatever the tile).
                     unsafe {
                         let vnni = isa.vnni();
-                        if gs == G16 {
-                            if rows.len() == 1 {
-                                let mut one = [[0f32; G16]; 1];
-                                q4k_avx512::<1>(w, [x[0]], nb, &mut one);
-                                out[0] = one[0];
-                            } else {
-                                q4k_avx512::<TILE_R>(w, x, nb, out);
-                            }
-                        } else if rows.len() == 1 {
-                            let mut one = [[0f32; G]; 1];
-                            if vnni {
-                                q4k_vnni::<1>(w, [x[0]], nb, &mut one)
-                            } else {
-                                q4k_avx2::<1>(w, [x[0]], nb, &mut one)
-                            }
-                            out[0][..G].copy_from_slice(&one[0]);
-                        } else {
-                            let mut part = [[0f32; G]; TILE_R];
-                            if vnni {
-                                q4k_vnni::<TILE_R>(w, x, nb, &mut part)
-                            } else {
-                                q4k_avx2::<TILE_R>(w, x, nb, &mut part)
-                            }
-                            for (o, p) in out.iter_mut().zip(&part) {
-                                o[..G].copy_from_slice(p);
-                            }
+                        macro_rules! tile {
+                            ($r:expr) => {{
+                                let x = std::array::from_fn(|r| x[r]);
+                                if gs == G16 {
+                                    let mut part = [[0f32; G16]; $r];
+                                    q4k_avx512::<$r>(w, x, nb, &mut part, stream);
+                                    out[..$r].copy_from_slice(&part);
+                                } else {
+                                    let mut part = [[0f32; G]; $r];
+                                    if vnni {
+                                        q4k_vnni::<$r>(w, x, nb, &mut part, stream)
+                                    } else {
+                                        q4k_avx2::<$r>(w, x, nb, &mut part, stream)
+                                    }
+                                    for (o, p) in out.iter_mut().zip(&part) {
+                                        o[..G].copy_from_slice(p);
+                                    }
+                                }
+                            }};
+                        }
+                        match rows.len() {
+                            1 => tile!(1),
+                            2 => tile!(2),
+                            _ => tile!(TILE_R),
                         }
                     }
                 }

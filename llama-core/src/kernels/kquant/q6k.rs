@@ -161,6 +161,7 @@ macro_rules! q6k_group {
             x: [*const XK; R],
             nb: usize,
             out: &mut [[f32; G]; R],
+            stream: bool,
         ) {
             use std::arch::x86_64::*;
             let m4 = _mm256_set1_epi8(0x0F);
@@ -170,7 +171,7 @@ macro_rules! q6k_group {
             let mut acc = [_mm256_setzero_ps(); R];
             for b in 0..nb {
                 let p = w.add(b * GROUP_BYTES);
-                if R == 1 {
+                if stream {
                     super::prefetch_ahead(p, GROUP_BYTES);
                 }
                 let dw = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
@@ -259,7 +260,7 @@ impl Q6KMatrix {
     /// `xs @ W^T` for `m` rows of `k` values, every output written through `put`.
     fn compute(&self, xs: &[f32], m: usize, put: DstWriter<'_>) {
         let (isa, nb) = (isa(), self.k / QK_K);
-        group_matmul(xs, m, self.shape(), G, put, &|g, rows, x, xq, out| {
+        group_matmul(xs, m, self.shape(), G, put, &|g, rows, x, xq, out, stream| {
             let mut part = [[0f32; G]; TILE_R];
             match isa {
                 #[cfg(target_arch = "x86_64")]
@@ -272,15 +273,15 @@ impl Q6KMatrix {
                         if rows.len() == 1 {
                             let mut one = [[0f32; G]; 1];
                             if vnni {
-                                q6k_vnni::<1>(w, [x[0]], nb, &mut one)
+                                q6k_vnni::<1>(w, [x[0]], nb, &mut one, stream)
                             } else {
-                                q6k_avx2::<1>(w, [x[0]], nb, &mut one)
+                                q6k_avx2::<1>(w, [x[0]], nb, &mut one, stream)
                             }
                             part[0] = one[0];
                         } else if vnni {
-                            q6k_vnni::<TILE_R>(w, x, nb, &mut part)
+                            q6k_vnni::<TILE_R>(w, x, nb, &mut part, stream)
                         } else {
-                            q6k_avx2::<TILE_R>(w, x, nb, &mut part)
+                            q6k_avx2::<TILE_R>(w, x, nb, &mut part, stream)
                         }
                     }
                 }
