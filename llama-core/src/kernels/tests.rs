@@ -373,7 +373,16 @@ fn batch_invariance_case(n: usize, k: usize) {
             same &= product(&**mat, r..r + 1) == all[r * n..(r + 1) * n];
         }
         // Every tile height of every kernel (1 to 8 rows, and more than one tile).
-        for (a, b) in [(0, 2), (0, 3), (2, 6), (3, 8), (6, 12), (4, 11), (5, 13), (1, 12)] {
+        for (a, b) in [
+            (0, 2),
+            (0, 3),
+            (2, 6),
+            (3, 8),
+            (6, 12),
+            (4, 11),
+            (5, 13),
+            (1, 12),
+        ] {
             same &= product(&**mat, a..b) == all[a * n..b * n];
         }
         if mat.batch_invariant() {

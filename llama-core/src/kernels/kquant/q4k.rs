@@ -408,8 +408,9 @@ unsafe fn q4k_avx512<const R: usize>(
 /// A tile of the k-quant group kernels: group `g`, activation rows `rows` (their q8_K blocks
 /// as `x`, padded by repeating the last row; all rows' blocks as `xq`), results into `out`.
 /// A group tile: group, activation rows, their q8_K rows, all q8_K rows, the output, and
-/// whether the product has one row tile (each weight read once: the kernel asks for the lines
-/// ahead).
+/// whether the weights stream from memory (at most two row tiles: decode, a small batch, a
+/// verification; the second tile rereads the group from cache), so the kernel asks for the
+/// lines ahead.
 pub(super) type Tile<'a> = dyn Fn(usize, std::ops::Range<usize>, [*const XK; TILE_R], &[XK], &mut [[f32; G16]; TILE_R], bool)
     + Sync
     + 'a;
@@ -447,7 +448,7 @@ pub(super) fn group_matmul(
             xq[row * nb..(row + 1) * nb].as_ptr()
         });
         let mut out = [[0f32; G16]; TILE_R];
-        tile(g, rows.clone(), x, &xq, &mut out, row_tiles == 1);
+        tile(g, rows.clone(), x, &xq, &mut out, row_tiles <= 2);
         for (r, row) in rows.enumerate() {
             put.put(row, g * gs, &out[r][..gs]);
         }

@@ -260,40 +260,47 @@ impl Q6KMatrix {
     /// `xs @ W^T` for `m` rows of `k` values, every output written through `put`.
     fn compute(&self, xs: &[f32], m: usize, put: DstWriter<'_>) {
         let (isa, nb) = (isa(), self.k / QK_K);
-        group_matmul(xs, m, self.shape(), G, put, &|g, rows, x, xq, out, stream| {
-            let mut part = [[0f32; G]; TILE_R];
-            match isa {
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 | Isa::Vnni | Isa::Avx512 => {
-                    let w = self.group_block(g, 0).as_ptr();
-                    // SAFETY: the CPU has the features (checked at run time); `w` starts the
-                    // group's `nb` super-blocks and every `x` a row of `nb` blocks.
-                    unsafe {
-                        let vnni = isa.vnni();
-                        if rows.len() == 1 {
-                            let mut one = [[0f32; G]; 1];
-                            if vnni {
-                                q6k_vnni::<1>(w, [x[0]], nb, &mut one, stream)
+        group_matmul(
+            xs,
+            m,
+            self.shape(),
+            G,
+            put,
+            &|g, rows, x, xq, out, stream| {
+                let mut part = [[0f32; G]; TILE_R];
+                match isa {
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2 | Isa::Vnni | Isa::Avx512 => {
+                        let w = self.group_block(g, 0).as_ptr();
+                        // SAFETY: the CPU has the features (checked at run time); `w` starts the
+                        // group's `nb` super-blocks and every `x` a row of `nb` blocks.
+                        unsafe {
+                            let vnni = isa.vnni();
+                            if rows.len() == 1 {
+                                let mut one = [[0f32; G]; 1];
+                                if vnni {
+                                    q6k_vnni::<1>(w, [x[0]], nb, &mut one, stream)
+                                } else {
+                                    q6k_avx2::<1>(w, [x[0]], nb, &mut one, stream)
+                                }
+                                part[0] = one[0];
+                            } else if vnni {
+                                q6k_vnni::<TILE_R>(w, x, nb, &mut part, stream)
                             } else {
-                                q6k_avx2::<1>(w, [x[0]], nb, &mut one, stream)
+                                q6k_avx2::<TILE_R>(w, x, nb, &mut part, stream)
                             }
-                            part[0] = one[0];
-                        } else if vnni {
-                            q6k_vnni::<TILE_R>(w, x, nb, &mut part, stream)
-                        } else {
-                            q6k_avx2::<TILE_R>(w, x, nb, &mut part, stream)
                         }
                     }
+                    _ => {
+                        let n = rows.len();
+                        self.tile_scalar(g, &row_slices(xq, rows, nb), &mut part[..n])
+                    }
                 }
-                _ => {
-                    let n = rows.len();
-                    self.tile_scalar(g, &row_slices(xq, rows, nb), &mut part[..n])
+                for (o, p) in out.iter_mut().zip(&part) {
+                    o[..G].copy_from_slice(p);
                 }
-            }
-            for (o, p) in out.iter_mut().zip(&part) {
-                o[..G].copy_from_slice(p);
-            }
-        });
+            },
+        );
     }
 }
 
