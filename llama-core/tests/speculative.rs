@@ -366,3 +366,32 @@ fn speculation_in_a_batch_with_adapters_keeps_every_output() {
     );
     assert!(taken[0] > 8, "{taken:?}");
 }
+
+/// Under a constraint a draft ends where the grammar forbids a token: a prediction that
+/// leaves the only allowed text is drafted up to there, and each drafted token is taken.
+#[test]
+fn a_draft_ends_where_the_grammar_forbids_it() {
+    let m = Model::load(real_model_path(), options()).unwrap();
+    let prompt = vec![llama_core::Message::user("What is the capital of France?")];
+    let only = "Paris is the capital of France, and a large city.";
+    let opts = GenerateOptions::default()
+        .max_tokens(32)
+        .constrain(llama_core::Constraint::Choices(vec![only.into()]));
+    let gen = |opts: GenerateOptions| {
+        let mut s = m.session(SessionOptions::default().n_ctx(256)).unwrap();
+        let mut smp = Sampler::greedy();
+        s.generate(&prompt, &mut smp, opts, |_| ControlFlow::Continue(()))
+            .unwrap()
+    };
+    let plain = gen(opts.clone());
+    assert_eq!(plain.text, only);
+    let predicted = "Paris is the capital of Germany, and a large city.";
+    let got = gen(opts.draft(Draft::Prediction(predicted.into())));
+    assert_eq!(got.tokens, plain.tokens);
+    let t = got.timings;
+    assert!(t.drafted_tokens > 0, "nothing drafted");
+    assert_eq!(
+        t.accepted_tokens, t.drafted_tokens,
+        "a drafted token the grammar forbids was verified"
+    );
+}

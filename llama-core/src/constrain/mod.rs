@@ -378,6 +378,15 @@ impl ConstraintState {
         Ok(())
     }
 
+    /// How many of `tokens`, from the first, the grammar allows after what it has consumed
+    /// (the state is unchanged): a draft is cut where it leaves the grammar.
+    pub(crate) fn valid_prefix(&mut self, tokens: &[u32]) -> usize {
+        let t0 = Instant::now();
+        let n = self.m.validate_tokens(tokens).unwrap_or(0);
+        self.mask_time += t0.elapsed();
+        n.min(tokens.len())
+    }
+
     /// Advances past a sampled token (one the mask allowed).
     pub(crate) fn consume(&mut self, id: u32) -> Result<()> {
         let t0 = Instant::now();

@@ -163,7 +163,7 @@ impl Generator {
         drafting: bool,
     ) -> Result<Option<Vec<u32>>> {
         match &mut self.spec {
-            Some(sp) => sp.advance(session, id, drafting),
+            Some(sp) => sp.advance(session, id, drafting, self.constraint.as_mut()),
             None => Ok(Some(vec![id])),
         }
     }

@@ -10,6 +10,7 @@
 use std::collections::VecDeque;
 
 use super::Session;
+use crate::constrain::ConstraintState;
 use crate::error::{Error, Result};
 use crate::model::Model;
 
@@ -172,12 +173,14 @@ impl Speculator {
     /// After sampling `id` (not yet evaluated): takes it from the verified drafts if it is the
     /// next one (`None`: nothing to evaluate), else the tokens to evaluate, `id` and a new
     /// draft after it (empty where nothing is drafted: decode `id` alone). `drafting` false
-    /// (a busy batch) evaluates `id` alone.
+    /// (a busy batch) evaluates `id` alone. Under a constraint (its state past `id`) the draft
+    /// ends where the grammar forbids a token: the sampler could never pick it there.
     pub(crate) fn advance(
         &mut self,
         session: &mut Session,
         id: u32,
         drafting: bool,
+        constraint: Option<&mut ConstraintState>,
     ) -> Result<Option<Vec<u32>>> {
         // A mismatch drops the drafts still ahead.
         if session.ahead_len() > 0 && session.take_ahead(id) {
@@ -192,7 +195,11 @@ impl Speculator {
             self.settle();
         }
         let draft = if drafting && self.pause.0 == 0 {
-            self.propose(session, id)?
+            let mut d = self.propose(session, id)?;
+            if let Some(c) = constraint {
+                d.truncate(c.valid_prefix(&d));
+            }
+            d
         } else {
             self.pause.0 = self.pause.0.saturating_sub(1);
             vec![]
