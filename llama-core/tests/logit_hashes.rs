@@ -1,6 +1,7 @@
 //! The numerics do not move: a hash of the logits (prompt and decode, f32 and f16 caches) for
 //! every weight format and the Hugging Face path, on every kernel path this machine can run,
-//! equals the hash recorded before the core was reshaped (tests/fixtures/logit_hashes.txt).
+//! equals the hash recorded before the core was reshaped (tests/fixtures/logit_hashes.txt; its
+//! header says which lines were re-recorded since, and why).
 //!
 //! `LLAMA_RECORD_LOGIT_HASHES=1 cargo test -p llama-core --test logit_hashes -- --nocapture`
 //! prints the lines for the fixture instead of checking them.

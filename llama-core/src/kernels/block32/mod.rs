@@ -350,6 +350,16 @@ pub(crate) const DECODE_C: usize = 4;
 /// groups), 6 with the 256-bit ones.
 pub(crate) const GROUP_R: usize = 8;
 pub(crate) const GROUP_R8: usize = 6;
+/// Independent integer-sum chains per row in a group tile of `r` rows: two hide the `dpbusd`
+/// latency in a short tile; a tall one has a chain per row already, and one chain each leaves
+/// registers for the rows. Integer sums are exact, so the chains never change a result.
+pub(crate) const fn chains(r: usize) -> usize {
+    if r <= 4 {
+        2
+    } else {
+        1
+    }
+}
 
 impl BlockMatrix {
     /// Copies the GGUF bytes of a `[n, k]` tensor (interleaved when the format allows).
@@ -675,7 +685,9 @@ impl BlockMatrix {
                             ($r:expr) => {{
                                 let mut part = [[0f32; G16]; $r];
                                 let x = std::array::from_fn(|r| x[r]);
-                                group_kernel16::<$r, 2>(fmt, w, x, nb, &mut part, stream);
+                                group_kernel16::<$r, { chains($r) }>(
+                                    fmt, w, x, nb, &mut part, stream,
+                                );
                                 out[..$r].copy_from_slice(&part);
                             }};
                         }
@@ -685,7 +697,9 @@ impl BlockMatrix {
                             3 => tile16!(3),
                             4 => tile16!(4),
                             5 | 6 => tile16!(6),
-                            _ => group_kernel16::<GROUP_R, 2>(fmt, w, x, nb, out, stream),
+                            _ => group_kernel16::<GROUP_R, { chains(GROUP_R) }>(
+                                fmt, w, x, nb, out, stream,
+                            ),
                         }
                         return;
                     }
@@ -694,7 +708,9 @@ impl BlockMatrix {
                         ($r:expr) => {{
                             let mut part = [[0f32; G]; $r];
                             let x = std::array::from_fn(|r| x[r]);
-                            group_kernel::<$r, 2>(fmt, vnni, w, x, nb, &mut part, stream);
+                            group_kernel::<$r, { chains($r) }>(
+                                fmt, vnni, w, x, nb, &mut part, stream,
+                            );
                             for (o, p) in out.iter_mut().zip(&part) {
                                 o[..G].copy_from_slice(p);
                             }
