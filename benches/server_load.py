@@ -10,6 +10,8 @@ servers, checked once with a non-streaming request). Aggregate tokens/s = all ge
 
 Usage: server_load.py --model M.gguf [--concurrency 1,4,8,16] [--requests 2] [--max-tokens 96]
        [--servers ours,llama-cpp] [--threads N]
+`--servers ours,ours-lookup` compares `llama serve` without and with `--lookup` (speculative
+decoding from prompt lookup, which backs off while more than 2 sequences decode).
 Needs the refvenv (llama-cpp-python with its server extras: fastapi, uvicorn, sse-starlette,
 starlette-context, pydantic-settings) for llama-cpp; `llama` built in release.
 """
@@ -49,9 +51,11 @@ def wait_ready(port, proc, timeout=300):
 
 
 def start(kind, model, port, threads, slots):
-    if kind == "ours":
+    if kind.startswith("ours"):
         cmd = [os.path.join(ROOT, "target/release/llama"), "serve", "-m", model, "--port", str(port),
                "--max-sequences", str(slots), "--max-queue", "256"]
+        if kind == "ours-lookup":
+            cmd.append("--lookup")
         if threads:
             cmd[1:1] = ["--threads", str(threads)]
     else:
@@ -156,7 +160,13 @@ def main():
         finally:
             proc.terminate()
             proc.wait(60)
-    if "ours" in a.servers and "llama-cpp" in a.servers:
+    kinds = a.servers.split(",")
+    if "ours" in kinds and "ours-lookup" in kinds:
+        print(f"\n{'concurrency':>11} | {'plain':>12} | {'--lookup':>12} | ratio")
+        for conc in levels:
+            o, l = results[("ours", conc)], results[("ours-lookup", conc)]
+            print(f"{conc:>11} | {o[0]:9.1f} t/s | {l[0]:9.1f} t/s | {l[0] / o[0]:4.2f}x")
+    if "ours" in kinds and "llama-cpp" in kinds:
         print(f"\n{'concurrency':>11} | {'llama serve':>12} | {'llama_cpp.server':>16} | ratio | TTFT p50/p95 ours | TTFT p50/p95 llama_cpp")
         for conc in levels:
             o, l = results[("ours", conc)], results[("llama-cpp", conc)]
