@@ -118,6 +118,8 @@ pub struct Tokenizer {
     vocab_size: usize,
     /// The special tokens' texts and ids, and a matcher for them (built on first use).
     specials: std::sync::OnceLock<Specials>,
+    /// A hash of [`Tokenizer::token_bytes`] (computed on first use).
+    vocab_hash: std::sync::OnceLock<u64>,
 }
 
 /// Special-token texts, matched leftmost-longest as the tokenizers crate splits them.
@@ -181,6 +183,7 @@ impl Tokenizer {
             eog,
             vocab_size,
             specials: std::sync::OnceLock::new(),
+            vocab_hash: std::sync::OnceLock::new(),
         }
     }
 
@@ -582,6 +585,23 @@ impl Tokenizer {
     /// The underlying `tokenizers` tokenizer (special tokens parsed).
     pub fn hf(&self) -> &HfTokenizer {
         &self.special
+    }
+
+    /// A hash of every token's bytes ([`Tokenizer::token_bytes`]), computed once: two
+    /// tokenizers with the same hash and size spell every id alike (a draft model's check,
+    /// made at each generation, costs nothing after the first).
+    pub fn vocab_hash(&self) -> u64 {
+        *self.vocab_hash.get_or_init(|| {
+            // FNV-1a over each token's length and bytes.
+            let mut h = 0xcbf2_9ce4_8422_2325u64;
+            for t in self.token_bytes() {
+                for b in (t.len() as u64).to_le_bytes().iter().chain(&t) {
+                    h ^= *b as u64;
+                    h = h.wrapping_mul(0x100_0000_01b3);
+                }
+            }
+            h
+        })
     }
 
     /// The bytes every token stands for, by id, as they appear in decoded text: byte-level

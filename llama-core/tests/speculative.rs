@@ -123,16 +123,26 @@ fn every_format_and_kernel_path_generates_the_same_with_speculation() {
     }
 }
 
-#[test]
-fn with_lora_adapters_generation_is_the_same() {
+/// A tiny random model (seed `seed`) and a LoRA adapter for it (seed `adapter_seed`); the
+/// first holds their files.
+fn tiny_with_adapter(
+    seed: u64,
+    adapter_seed: u32,
+) -> (common::tiny::Tiny, Model, llama_core::Adapter) {
     let t = build(Spec {
-        seed: 41,
+        seed,
         ..Default::default()
     });
     let m = Model::load(&t.gguf, ModelOptions::default()).unwrap();
     let dir = t.dir.path().join("adapter");
-    common::tiny::peft_adapter(&t, &dir, 3);
+    common::tiny::peft_adapter(&t, &dir, adapter_seed);
     let a = m.load_adapter(&dir).unwrap();
+    (t, m, a)
+}
+
+#[test]
+fn with_lora_adapters_generation_is_the_same() {
+    let (_t, m, a) = tiny_with_adapter(41, 3);
     let set = move |s: &mut Session| s.set_adapters(&[(a.clone(), 0.8)]).unwrap();
     let taken = check_sources("lora", &m, &[2, 3, 4, 2, 3], 20, &set);
     assert!(taken > 0);
@@ -339,14 +349,7 @@ fn real_model_speculation_in_a_batch_keeps_every_output() {
 /// The same on a tiny model with a different LoRA adapter per sequence.
 #[test]
 fn speculation_in_a_batch_with_adapters_keeps_every_output() {
-    let t = build(Spec {
-        seed: 43,
-        ..Default::default()
-    });
-    let m = Model::load(&t.gguf, ModelOptions::default()).unwrap();
-    let dir = t.dir.path().join("adapter");
-    common::tiny::peft_adapter(&t, &dir, 5);
-    let a = m.load_adapter(&dir).unwrap();
+    let (_t, m, a) = tiny_with_adapter(43, 5);
     let prompt = [2u32, 3, 4, 2, 3, 4, 2];
     let greedy = SamplerConfig::greedy();
     let base = |n: usize| GenerateOptions::default().max_tokens(n);

@@ -89,8 +89,14 @@ impl GenerateOptions {
     /// its decode thread).
     pub fn prepared(mut self, model: &crate::Model) -> Result<Self> {
         self.grammar = resolve_grammar(model, &self)?;
-        if let Some(Draft::Prediction(text)) = &self.draft {
-            self.draft = Some(Draft::PredictedTokens(model.tokenize(text, false, false)?));
+        match &self.draft {
+            Some(Draft::Prediction(text)) => {
+                self.draft = Some(Draft::PredictedTokens(model.tokenize(text, false, false)?));
+            }
+            // Checked here too, so that a draft model's first check (hashing both
+            // vocabularies) runs off a server's decode thread.
+            Some(d) => d.check(model)?,
+            None => {}
         }
         Ok(self)
     }

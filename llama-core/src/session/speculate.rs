@@ -7,8 +7,6 @@
 //! and seeded outputs, stop strings, constraints, adapters, log-probabilities and cancellation
 //! are exactly those of plain decoding. The draft length follows the recent acceptance.
 
-use std::collections::VecDeque;
-
 use super::Session;
 use crate::constrain::ConstraintState;
 use crate::error::{Error, Result};
@@ -66,8 +64,11 @@ impl Draft {
                 a.vocab_size()
             )));
         }
-        let (ta, tb) = (a.token_bytes(), b.token_bytes());
-        if let Some(i) = (0..ta.len()).find(|&i| ta[i] != tb[i]) {
+        // Each tokenizer hashes its vocabulary once; the tokens are compared one by one only
+        // to name the first that differs.
+        if a.vocab_hash() != b.vocab_hash() {
+            let (ta, tb) = (a.token_bytes(), b.token_bytes());
+            let i = (0..ta.len()).find(|&i| ta[i] != tb[i]).unwrap_or(0);
             return Err(Error::InvalidArgument(format!(
                 "the draft model's vocabulary differs from the model's at token {i}: {:?} \
                  where the model has {:?}",
@@ -250,18 +251,19 @@ impl Speculator {
         if room == 0 {
             return Ok(vec![]);
         }
+        // The context the draft continues: the session's tokens and `next`.
+        let mut ctx = Vec::with_capacity(session.len() + 1);
+        ctx.extend_from_slice(session.tokens());
+        ctx.push(next);
         match &mut self.source {
             Source::Lookup { predicted, cursor } => {
-                let mut ctx = Vec::with_capacity(session.len() + 1);
-                ctx.extend_from_slice(session.tokens());
-                ctx.push(next);
                 if let Some((end, found)) = lookup_predicted(predicted, &ctx, *cursor, room) {
                     *cursor = end;
                     return Ok(found);
                 }
                 Ok(lookup_context(&ctx, room))
             }
-            Source::Model(draft) => draft_greedy(draft, session.tokens(), next, room, self.p_min),
+            Source::Model(draft) => draft_greedy(draft, &ctx, room, self.p_min),
         }
     }
 }
@@ -314,20 +316,10 @@ fn lookup_context(ctx: &[u32], k: usize) -> Vec<u32> {
     vec![]
 }
 
-/// Up to `k` greedy tokens of the draft model after `tokens` and `next` (its session keeps
-/// the prefix it shares with them between calls). Stops at an end-of-generation token or
-/// where the draft's own confidence drops below `p_min`.
-fn draft_greedy(
-    draft: &mut Session,
-    tokens: &[u32],
-    next: u32,
-    k: usize,
-    p_min: f32,
-) -> Result<Vec<u32>> {
-    let mut ctx = VecDeque::with_capacity(tokens.len() + 1);
-    ctx.extend(tokens.iter().copied());
-    ctx.push_back(next);
-    let ctx = ctx.make_contiguous();
+/// Up to `k` greedy tokens of the draft model after `ctx` (its session keeps the prefix it
+/// shares with it between calls). Stops at an end-of-generation token or where the draft's
+/// own confidence drops below `p_min`.
+fn draft_greedy(draft: &mut Session, ctx: &[u32], k: usize, p_min: f32) -> Result<Vec<u32>> {
     let todo = draft.reuse_prefix(ctx);
     if draft.len() + todo.len() + k > draft.n_ctx() {
         return Ok(vec![]);
