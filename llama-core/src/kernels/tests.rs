@@ -343,7 +343,13 @@ fn batch_invariance_case(n: usize, k: usize) {
             std::sync::Arc::new(BlockMatrix::new(fmt, &q.data().unwrap(), n, k).unwrap()),
         ));
     }
-    for dt in [GgmlDType::Q4K, GgmlDType::Q6K] {
+    for dt in [
+        GgmlDType::Q2K,
+        GgmlDType::Q3K,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+    ] {
         let q = QTensor::quantize(&wt, dt).unwrap();
         mats.push((
             format!("{dt:?}"),

@@ -1,5 +1,6 @@
-//! The k-quants (Q2_K to Q6_K): our own Q4_K and Q6_K layouts and kernels ([`q4k`], [`q6k`]),
-//! and candle's block dot products on our pool for the others.
+//! The k-quants (Q2_K to Q6_K): our own Q4_K, Q5_K and Q6_K layouts and kernels ([`q4k`],
+//! [`q6k`]), and candle's block dot products on our pool for the others (and for rows that do
+//! not fit the group layouts).
 
 pub(crate) mod q4k;
 
@@ -64,6 +65,8 @@ pub(crate) fn k_matrix(
     Some(match t {
         GgmlDType::Q4K if q4k::Q4KMatrix::fits(n, k) => q4k::Q4KMatrix::new(bytes, n, k)
             .map(|m| std::sync::Arc::new(m) as std::sync::Arc<dyn WeightMatrix>),
+        GgmlDType::Q5K if q4k::Q5KMatrix::fits(n, k) => q4k::Q5KMatrix::new(bytes, n, k)
+            .map(|m| std::sync::Arc::new(m) as std::sync::Arc<dyn WeightMatrix>),
         GgmlDType::Q6K if q6k::Q6KMatrix::fits(n, k) => q6k::Q6KMatrix::new(bytes, n, k)
             .map(|m| std::sync::Arc::new(m) as std::sync::Arc<dyn WeightMatrix>),
         GgmlDType::Q2K => make::<BlockQ2K>(bytes, n, k),
@@ -125,6 +128,12 @@ impl<T: KBlock> KMatrix<T> {
 }
 
 impl<T: KBlock> WeightMatrix for KMatrix<T> {
+    /// Each output is one block dot product of its weight row and its activation row's q8_K
+    /// blocks, whatever rows come with it.
+    fn batch_invariant(&self) -> bool {
+        true
+    }
+
     fn dtype(&self) -> GgmlDType {
         T::DTYPE
     }

@@ -1,5 +1,5 @@
-//! Q4_K matrices stored as interleaved groups of 8 rows, with SIMD kernels of our own (the
-//! format of most `Q4_K_M` files; candle 0.11 runs one row per dot product).
+//! Q4_K and Q5_K matrices stored as interleaved groups of 8 rows, with SIMD kernels of our own
+//! (the formats of most `Q4_K_M` and `Q5_K_M` files; candle 0.11 runs one row per dot product).
 //!
 //! A Q4_K super-block holds 256 weights: f16 `d` and `dmin`, eight 6-bit scales and mins (one
 //! per 32 weights, packed in 12 bytes) and 4-bit quants; weight `i` is
@@ -15,14 +15,28 @@
 //! ones `2p + 1`). One 32-byte load then holds the same 8 quants of 8 rows (64 bytes, 16 rows); a `dpbusd` (or `maddubs` + `madd`) against a broadcast of four
 //! activation bytes sums them with each row in its own lane, a 32-bit multiply applies the
 //! eight rows' scales, and one `madd` per sub-block pair applies the mins.
+//!
+//! Q5_K adds a fifth (high) bit to every quant, `q_i` in `0..32`, with the same scales and mins.
+//! Its group block appends a high-bit plane after the quants: per 4-byte piece `j` and row, the
+//! four bytes `qh[4j..4j + 4]` of GGUF's high-bit bytes with their bits reordered (the bit of
+//! sub-block `2p` at bit `p`, that of `2p + 1` at bit `4 + p`), so that one shift of the piece's
+//! 32 (64) bytes by `p` puts pair `p`'s high bits at bits 0 and 4 of every byte, next to the
+//! nibbles they complete (1504 bytes per 8 rows and super-block; GGUF: 1408).
 
 use half::f16;
 
-use super::{isa, run_items, DstWriter, Isa, WeightMatrix};
+use super::{isa, run_items, DstWriter, Isa};
 use crate::error::Result;
 
 pub(crate) const QK_K: usize = 256;
-const GGUF_BYTES: usize = 144;
+/// GGUF bytes per super-block: Q4_K, Q5_K.
+const fn gguf_bytes(five: bool) -> usize {
+    if five {
+        176
+    } else {
+        144
+    }
+}
 /// Rows per group: 8 for the 256-bit kernels, 16 for the 512-bit ones.
 const G: usize = 8;
 pub(super) const G16: usize = 16;
@@ -42,8 +56,21 @@ const fn m_at(gs: usize) -> usize {
 const fn q_at(gs: usize) -> usize {
     m_at(gs) + 16 * gs
 }
-const fn group_bytes(gs: usize) -> usize {
+/// The Q5_K high-bit plane.
+const fn qh_at(gs: usize) -> usize {
     q_at(gs) + 128 * gs
+}
+const fn group_bytes(gs: usize, five: bool) -> usize {
+    qh_at(gs) + if five { 32 * gs } else { 0 }
+}
+
+/// Where the Q5_K layout keeps the high bit of sub-block `s` in a reordered high-bit byte.
+const fn high_bit(s: usize) -> usize {
+    if s.is_multiple_of(2) {
+        s / 2
+    } else {
+        4 + s / 2
+    }
 }
 
 /// One q8_K activation block: scale, quants, and the sums of each 32-quant sub-block.
@@ -106,35 +133,40 @@ fn scale_min(j: usize, q: &[u8]) -> (u8, u8) {
     }
 }
 
-/// A Q4_K matrix `[n, k]` with `n % 8 == 0`, in the group layout above (groups of 16 rows
-/// when the 512-bit kernels run and `n % 16 == 0`).
-pub(crate) struct Q4KMatrix {
+/// A Q4_K (`FIVE` false) or Q5_K (`FIVE` true) matrix `[n, k]` with `n % 8 == 0`, in the
+/// group layout above (groups of 16 rows when the 512-bit kernels run and `n % 16 == 0`).
+pub(crate) struct QKMatrix<const FIVE: bool> {
     n: usize,
     k: usize,
     gs: usize,
     data: Vec<u8>,
 }
 
-impl Q4KMatrix {
+pub(crate) type Q4KMatrix = QKMatrix<false>;
+pub(crate) type Q5KMatrix = QKMatrix<true>;
+
+impl<const FIVE: bool> QKMatrix<FIVE> {
     /// Whether this layout and its kernels serve a `[n, k]` matrix on this machine.
     pub(crate) fn fits(n: usize, k: usize) -> bool {
         super::grouped_layout_fits(n, k, G)
     }
 
-    /// Rearranges GGUF Q4_K bytes of a `[n, k]` matrix.
+    /// Rearranges GGUF Q4_K (Q5_K) bytes of a `[n, k]` matrix.
     pub(crate) fn new(bytes: &[u8], n: usize, k: usize) -> Result<Self> {
-        let nb = super::check_gguf_bytes("Q4_K", bytes, (n, k), G, GGUF_BYTES)?;
+        let name = if FIVE { "Q5_K" } else { "Q4_K" };
+        let gguf = gguf_bytes(FIVE);
+        let nb = super::check_gguf_bytes(name, bytes, (n, k), G, gguf)?;
         let gs = if isa() == Isa::Avx512 && n.is_multiple_of(G16) {
             G16
         } else {
             G
         };
-        let gbytes = group_bytes(gs);
+        let gbytes = group_bytes(gs, FIVE);
         let mut data = vec![0u8; n / gs * nb * gbytes];
         for (g, dst) in data.chunks_exact_mut(nb * gbytes).enumerate() {
             for (b, gb) in dst.chunks_exact_mut(gbytes).enumerate() {
                 for r in 0..gs {
-                    let src = &bytes[((g * gs + r) * nb + b) * GGUF_BYTES..][..GGUF_BYTES];
+                    let src = &bytes[((g * gs + r) * nb + b) * gguf..][..gguf];
                     gb[2 * r..2 * r + 2].copy_from_slice(&src[0..2]);
                     gb[dmin_at(gs) + 2 * r..dmin_at(gs) + 2 * r + 2].copy_from_slice(&src[2..4]);
                     let packed = &src[4..16];
@@ -144,26 +176,32 @@ impl Q4KMatrix {
                         let at = m_at(gs) + ((s / 2) * gs + r) * 4 + (s % 2) * 2;
                         gb[at..at + 2].copy_from_slice(&(m as i16).to_le_bytes());
                     }
-                    let qs = &src[16..];
+                    let qs = &src[if FIVE { 48 } else { 16 }..];
                     for p in 0..4 {
                         for j in 0..8 {
                             let at = q_at(gs) + ((p * 8 + j) * gs + r) * 4;
                             gb[at..at + 4].copy_from_slice(&qs[32 * p + 4 * j..32 * p + 4 * j + 4]);
                         }
                     }
+                    if FIVE {
+                        for (l, &h) in src[16..48].iter().enumerate() {
+                            let at = qh_at(gs) + ((l / 4) * gs + r) * 4 + l % 4;
+                            gb[at] = (0..8).map(|s| ((h >> s) & 1) << high_bit(s)).sum();
+                        }
+                    }
                 }
             }
         }
-        Ok(Q4KMatrix { n, k, gs, data })
+        Ok(QKMatrix { n, k, gs, data })
     }
 
     fn group_block(&self, g: usize, b: usize) -> &[u8] {
-        let (nb, gbytes) = (self.k / QK_K, group_bytes(self.gs));
+        let (nb, gbytes) = (self.k / QK_K, group_bytes(self.gs, FIVE));
         &self.data[(g * nb + b) * gbytes..][..gbytes]
     }
 
     /// Row `r` of a group block: `d`, `dmin`, the scale and min of sub-block `s`, and the
-    /// 4-bit quant of element `l` of sub-block `s`.
+    /// 4-bit (5-bit) quant of element `l` of sub-block `s`.
     fn d_dmin(&self, gb: &[u8], r: usize) -> (f32, f32) {
         let at = dmin_at(self.gs) + 2 * r;
         (
@@ -184,11 +222,12 @@ impl Q4KMatrix {
     fn quant(&self, gb: &[u8], r: usize, s: usize, l: usize) -> u8 {
         let (p, j, byte) = (s / 2, l / 4, l % 4);
         let v = gb[q_at(self.gs) + ((p * 8 + j) * self.gs + r) * 4 + byte];
-        if s % 2 == 1 {
-            v >> 4
-        } else {
-            v & 0xF
+        let low = if s % 2 == 1 { v >> 4 } else { v & 0xF };
+        if !FIVE {
+            return low;
         }
+        let h = gb[qh_at(self.gs) + (j * self.gs + r) * 4 + byte];
+        low | (((h >> high_bit(s)) & 1) << 4)
     }
 
     /// Rows `start..` into `out`, one after another.
@@ -248,7 +287,7 @@ macro_rules! q4k_group {
         /// time). `w` starts a group of `nb` super-blocks and every `x` a row of `nb` q8_K
         /// blocks.
         #[target_feature(enable = $features)]
-        unsafe fn $name<const R: usize>(
+        unsafe fn $name<const R: usize, const FIVE: bool>(
             w: *const u8,
             x: [*const XK; R],
             nb: usize,
@@ -257,12 +296,13 @@ macro_rules! q4k_group {
         ) {
             use std::arch::x86_64::*;
             let mask = _mm256_set1_epi8(0x0F);
+            let bit4 = _mm256_set1_epi8(0x10);
             let ones = _mm256_set1_epi16(1);
             let mut acc = [_mm256_setzero_ps(); R];
             for b in 0..nb {
-                let p = w.add(b * group_bytes(G));
+                let p = w.add(b * group_bytes(G, FIVE));
                 if stream {
-                    super::prefetch_ahead(p, group_bytes(G));
+                    super::prefetch_ahead(p, group_bytes(G, FIVE));
                 }
                 let dw = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
                 let dmin = _mm256_cvtph_ps(_mm_loadu_si128(p.add(dmin_at(G)) as *const __m128i));
@@ -274,8 +314,21 @@ macro_rules! q4k_group {
                         let raw = _mm256_loadu_si256(
                             p.add(q_at(G) + (pair * 8 + j) * 32) as *const __m256i
                         );
-                        let wl = _mm256_and_si256(raw, mask);
-                        let wh = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), mask);
+                        let mut wl = _mm256_and_si256(raw, mask);
+                        let mut wh = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), mask);
+                        if FIVE {
+                            // Pair `pair`'s high bits to bits 0 and 4 of each byte (the shift
+                            // crosses bytes only above the bits kept).
+                            let h = _mm256_srl_epi16(
+                                _mm256_loadu_si256(p.add(qh_at(G) + j * 32) as *const __m256i),
+                                _mm_cvtsi32_si128(pair as i32),
+                            );
+                            wl = _mm256_or_si256(
+                                wl,
+                                _mm256_and_si256(_mm256_slli_epi16::<4>(h), bit4),
+                            );
+                            wh = _mm256_or_si256(wh, _mm256_and_si256(h, bit4));
+                        }
                         for r in 0..R {
                             let xq = (*x[r].add(b)).qs.as_ptr().add(pair * 64 + 4 * j);
                             let yl = _mm256_set1_epi32((xq as *const i32).read_unaligned());
@@ -341,7 +394,7 @@ q4k_group!(q4k_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", true);
 /// The CPU supports `avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c` (the caller checked at
 /// run time). `w` starts a group of `nb` super-blocks and every `x` a row of `nb` q8_K blocks.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn q4k_avx512<const R: usize>(
+unsafe fn q4k_avx512<const R: usize, const FIVE: bool>(
     w: *const u8,
     x: [*const XK; R],
     nb: usize,
@@ -350,11 +403,12 @@ unsafe fn q4k_avx512<const R: usize>(
 ) {
     use std::arch::x86_64::*;
     let mask = _mm512_set1_epi8(0x0F);
+    let bit4 = _mm512_set1_epi8(0x10);
     let mut acc = [_mm512_setzero_ps(); R];
     for b in 0..nb {
-        let p = w.add(b * group_bytes(G16));
+        let p = w.add(b * group_bytes(G16, FIVE));
         if stream {
-            super::prefetch_ahead(p, group_bytes(G16));
+            super::prefetch_ahead(p, group_bytes(G16, FIVE));
         }
         let dw = _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i));
         let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(p.add(dmin_at(G16)) as *const __m256i));
@@ -364,8 +418,16 @@ unsafe fn q4k_avx512<const R: usize>(
             let mut hi = [_mm512_setzero_si512(); R];
             for j in 0..8 {
                 let raw = _mm512_loadu_si512(p.add(q_at(G16) + (pair * 8 + j) * 64) as *const _);
-                let wl = _mm512_and_si512(raw, mask);
-                let wh = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), mask);
+                let mut wl = _mm512_and_si512(raw, mask);
+                let mut wh = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), mask);
+                if FIVE {
+                    let h = _mm512_srl_epi16(
+                        _mm512_loadu_si512(p.add(qh_at(G16) + j * 64) as *const _),
+                        _mm_cvtsi32_si128(pair as i32),
+                    );
+                    wl = _mm512_or_si512(wl, _mm512_and_si512(_mm512_slli_epi16::<4>(h), bit4));
+                    wh = _mm512_or_si512(wh, _mm512_and_si512(h, bit4));
+                }
                 for r in 0..R {
                     let xq = (*x[r].add(b)).qs.as_ptr().add(pair * 64 + 4 * j);
                     let yl = _mm512_set1_epi32((xq as *const i32).read_unaligned());
@@ -456,7 +518,7 @@ pub(super) fn group_matmul(
     run_items(row_tiles * (n / gs), put, &work);
 }
 
-impl Q4KMatrix {
+impl<const FIVE: bool> QKMatrix<FIVE> {
     /// No training panels: rows are dequantized whole.
     fn has_panels(&self) -> bool {
         false
@@ -465,8 +527,9 @@ impl Q4KMatrix {
 }
 
 our_weight_matrix!(Q4KMatrix, |_| candle_core::quantized::GgmlDType::Q4K, true);
+our_weight_matrix!(Q5KMatrix, |_| candle_core::quantized::GgmlDType::Q5K, true);
 
-impl Q4KMatrix {
+impl<const FIVE: bool> QKMatrix<FIVE> {
     /// `xs @ W^T` for `m` rows of `k` values, every output written through `put`.
     fn compute(&self, xs: &[f32], m: usize, put: DstWriter<'_>) {
         let (isa, gs) = (isa(), self.gs);
@@ -474,7 +537,7 @@ impl Q4KMatrix {
         group_matmul(
             xs,
             m,
-            self.shape(),
+            (self.n, self.k),
             gs,
             put,
             &|g, rows, x, xq, out, stream| match isa {
@@ -493,14 +556,14 @@ impl Q4KMatrix {
                                 let x = std::array::from_fn(|r| x[r]);
                                 if gs == G16 {
                                     let mut part = [[0f32; G16]; $r];
-                                    q4k_avx512::<$r>(w, x, nb, &mut part, stream);
+                                    q4k_avx512::<$r, FIVE>(w, x, nb, &mut part, stream);
                                     out[..$r].copy_from_slice(&part);
                                 } else {
                                     let mut part = [[0f32; G]; $r];
                                     if vnni {
-                                        q4k_vnni::<$r>(w, x, nb, &mut part, stream)
+                                        q4k_vnni::<$r, FIVE>(w, x, nb, &mut part, stream)
                                     } else {
-                                        q4k_avx2::<$r>(w, x, nb, &mut part, stream)
+                                        q4k_avx2::<$r, FIVE>(w, x, nb, &mut part, stream)
                                     }
                                     for (o, p) in out.iter_mut().zip(&part) {
                                         o[..G].copy_from_slice(p);
@@ -538,6 +601,18 @@ mod tests {
             GgmlDType::Q4K,
             3,
             |b, n, k| Q4KMatrix::new(b, n, k).unwrap(),
+            |m| m.gs,
+            |m, g, x, out| m.tile_scalar(g, x, out),
+        );
+    }
+
+    /// The same for Q5_K (the Q4_K layout with a high-bit plane).
+    #[test]
+    fn q5k_matrix_matches_scalar_and_candle() {
+        crate::kernels::check_kquant(
+            GgmlDType::Q5K,
+            4,
+            |b, n, k| Q5KMatrix::new(b, n, k).unwrap(),
             |m| m.gs,
             |m, g, x, out| m.tile_scalar(g, x, out),
         );
