@@ -3,8 +3,13 @@
 head 64, ffn 8192) with SmolLM2's tokenizer (49152 tokens), in f16, then quantizes it with
 llama.cpp's own `llama_model_quantize` (llama-cpp-python) to the type asked (default q4_1).
 Compute does not depend on the weights' values, so this serves every speed measurement at a
-real size. Usage: make_1b.py OUT.gguf [q4_1|q4_0|q8_0|q4_k|f16]   (needs the refvenv: gguf, numpy,
-llama-cpp-python (not for f16); run with ~/.cache/llama-core/refvenv/bin/python)."""
+real size.
+
+Usage: make_1b.py OUT.gguf [TYPE] [--from F16.gguf]
+TYPE: f16, q4_0, q4_1, q5_0, q5_1, q8_0, the pure k-quants q4_k, q5_k, q6_k (every matrix of
+that type, llama.cpp's `pure`), or llama.cpp's mixes q4_k_m, q5_k_m. `--from` quantizes an f16
+file this script wrote before instead of drawing the weights again. Needs the refvenv (gguf,
+numpy, llama-cpp-python (not for f16); run with ~/.cache/llama-core/refvenv/bin/python)."""
 
 import os
 import sys
@@ -13,9 +18,40 @@ import gguf
 import numpy as np
 
 
+# llama.cpp's file types (llama_ftype), and whether every matrix takes the type (`pure`).
+FTYPES = {"q4_0": (2, False), "q4_1": (3, False), "q8_0": (7, False), "q5_0": (8, False),
+          "q5_1": (9, False), "q4_k": (15, True), "q5_k": (17, True), "q6_k": (18, True),
+          "q4_k_m": (15, False), "q5_k_m": (17, False)}
+
+
+def quantize(src, out, qtype):
+    import llama_cpp
+
+    if qtype not in FTYPES:
+        sys.exit(f"unknown type {qtype}: f16 or one of {', '.join(FTYPES)}")
+    ftype, pure = FTYPES[qtype]
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype = ftype
+    p.pure = pure
+    p.nthread = 2
+    rc = llama_cpp.llama_model_quantize(src.encode(), out.encode(), p)
+    if rc != 0:
+        sys.exit(f"llama_model_quantize failed: {rc}")
+    print(out)
+
+
 def main():
-    out = sys.argv[1]
-    qtype = sys.argv[2] if len(sys.argv) > 2 else "q4_1"
+    args = sys.argv[1:]
+    src = None
+    if "--from" in args:
+        i = args.index("--from")
+        src = args[i + 1]
+        del args[i:i + 2]
+    out = args[0]
+    qtype = args[1] if len(args) > 1 else "q4_1"
+    if src is not None:
+        quantize(src, out, qtype)
+        return
     src = os.path.expanduser("~/.cache/llama-core/SmolLM2-135M-Instruct.Q4_1.gguf")
     r = gguf.GGUFReader(src)
     h, layers, heads, kv, hd, ff = 2048, 16, 32, 8, 64, 8192
@@ -79,17 +115,10 @@ def main():
         os.replace(tmp, out)
         print(out)
         return
-    import llama_cpp
-
-    ftype = {"q4_0": 2, "q4_1": 3, "q8_0": 7, "q4_k": 15}[qtype]
-    p = llama_cpp.llama_model_quantize_default_params()
-    p.ftype = ftype
-    p.nthread = 2
-    rc = llama_cpp.llama_model_quantize(tmp.encode(), out.encode(), p)
-    os.remove(tmp)
-    if rc != 0:
-        sys.exit(f"llama_model_quantize failed: {rc}")
-    print(out)
+    try:
+        quantize(tmp, out, qtype)
+    finally:
+        os.remove(tmp)
 
 
 if __name__ == "__main__":

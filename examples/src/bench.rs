@@ -54,6 +54,10 @@ pub struct BenchArgs {
     /// Most tokens drafted per verification in those measurements.
     #[arg(long, value_name = "N", default_value_t = 8)]
     draft_max: usize,
+    /// Also measure the memory's streaming read bandwidth on the same threads, and decode's
+    /// share of it (the bytes a decode step reads times tokens per second).
+    #[arg(long)]
+    bandwidth: bool,
     /// The user message of the constrained test.
     #[arg(
         long,
@@ -201,6 +205,9 @@ pub fn run(
     };
     let rss = peak_rss_mib();
     let threads = model.threads();
+    // After the RSS reading: the measurement's buffer is not the model's memory.
+    let decode_gbps = model.decode_bytes() as f64 * tg128 / 1e9;
+    let read_gbps = a.bandwidth.then(|| read_bandwidth_gbps(threads));
     if a.json {
         println!(
             "{}",
@@ -214,6 +221,9 @@ pub fn run(
                 "pp128_tps": pp128,
                 "pp512_tps": pp512,
                 "tg128_tps": tg128,
+                "decode_bytes": model.decode_bytes(),
+                "decode_gbps": decode_gbps,
+                "read_gbps": read_gbps,
                 "ttft_ms": ttft_ms,
                 "peak_rss_mib": rss,
                 "load_s": load_s,
@@ -231,7 +241,16 @@ pub fn run(
         println!("load    {load_s:.2} s (peak {load_rss:.0} MiB RSS)");
         println!("pp128   {pp128:.1} tok/s");
         println!("pp512   {pp512:.1} tok/s");
-        println!("tg128   {tg128:.1} tok/s");
+        println!(
+            "tg128   {tg128:.1} tok/s ({:.1} MB of weights a token: {decode_gbps:.1} GB/s)",
+            model.decode_bytes() as f64 / 1e6
+        );
+        if let Some(bw) = read_gbps {
+            println!(
+                "memory  {bw:.1} GB/s streaming read on {threads} threads: decode at {:.0}% of it",
+                100.0 * decode_gbps / bw
+            );
+        }
         println!("ttft    {ttft_ms:.1} ms (128-token prompt)");
         println!("peak    {rss:.0} MiB RSS");
         for b in &batched {
@@ -544,6 +563,45 @@ fn fma_peak_gflops(threads: usize) -> f64 {
         hs.into_iter().filter_map(|h| h.join().ok()).collect()
     });
     results.iter().map(|(f, t)| f / t / 1e9).sum()
+}
+
+/// The streaming read bandwidth of `threads` threads reading at once (GB/s): each sums its
+/// share of a 512 MiB buffer (far past the caches) with wide loads; the best of 7 passes.
+fn read_bandwidth_gbps(threads: usize) -> f64 {
+    let words: usize = 64 << 20;
+    let buf: Vec<u64> = (0..words as u64).collect();
+    let threads = threads.max(1);
+    let share = words.div_ceil(threads);
+    let sum = |part: &[u64]| -> u64 {
+        let mut acc = [0u64; 8];
+        for c in part.chunks_exact(8) {
+            for (a, &v) in acc.iter_mut().zip(c) {
+                *a = a.wrapping_add(v);
+            }
+        }
+        acc.iter().fold(0, |x, &y| x.wrapping_add(y))
+    };
+    let mut best = 0f64;
+    for _ in 0..7 {
+        let barrier = std::sync::Barrier::new(threads + 1);
+        let secs = std::thread::scope(|s| {
+            for part in buf.chunks(share) {
+                let (barrier, sum) = (&barrier, &sum);
+                s.spawn(move || {
+                    barrier.wait();
+                    std::hint::black_box(sum(part));
+                });
+            }
+            barrier.wait();
+            let t = Instant::now();
+            // The scope joins every reader before it returns.
+            t
+        })
+        .elapsed()
+        .as_secs_f64();
+        best = best.max((words * 8) as f64 / secs / 1e9);
+    }
+    best
 }
 
 /// FLOP done by `iters` rounds of 24 FMA chains.

@@ -118,6 +118,43 @@ pub(crate) fn check_panel(
     );
 }
 
+/// An empty buffer with room for `len` weight values, its pages backed by transparent huge
+/// pages where the system gives them on request (Linux with THP in `madvise` mode, the usual
+/// default): decode streams every weight once per token, and with 4 KiB pages the stream
+/// walks the page tables every 4 KiB. Fill it before reading (the pages are made at first
+/// write, after the advice).
+pub(crate) fn weight_buffer<T>(len: usize) -> Vec<T> {
+    let v = Vec::with_capacity(len);
+    advise_huge_pages(v.as_ptr() as usize, len * std::mem::size_of::<T>());
+    v
+}
+
+/// [`weight_buffer`] filled with `len` default (zero) values.
+pub(crate) fn zeroed_weights<T: Clone + Default>(len: usize) -> Vec<T> {
+    let mut v = weight_buffer(len);
+    v.resize(len, T::default());
+    v
+}
+
+/// `madvise(MADV_HUGEPAGE)` on the whole 2 MiB pages inside `[start, start + bytes)`.
+fn advise_huge_pages(start: usize, bytes: usize) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let (a, b) = (start.next_multiple_of(HUGE), (start + bytes) / HUGE * HUGE);
+        if bytes >= 4 * HUGE && b > a {
+            // SAFETY: the range lies inside one live allocation of ours; the advice changes no
+            // contents and no mapping, only how the kernel backs its pages (a failure, such as
+            // THP disabled, leaves ordinary pages).
+            unsafe {
+                libc::madvise(a as *mut libc::c_void, b - a, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (start, bytes);
+}
+
 /// Values per position of a training panel ([`WeightMatrix::panel_into`]).
 pub(crate) const PANEL: usize = 32;
 

@@ -366,6 +366,21 @@ impl Model {
         m.embed.bytes() + layers + head
     }
 
+    /// Bytes of weight matrices one decode step reads: every layer's projections and the output
+    /// head, as stored in memory (the embedding gives one row, unless it is the tied head).
+    /// Divided into a measured bandwidth, the fastest decode the memory allows.
+    pub fn decode_bytes(&self) -> usize {
+        let m = &*self.inner;
+        let layers: usize = m
+            .layers
+            .iter()
+            .flat_map(|l| &l.stacks)
+            .flat_map(|s| &s.mats)
+            .map(|w| w.bytes())
+            .sum();
+        layers + m.lm_head.bytes()
+    }
+
     /// A hash of the configuration and weights, used to check saved session state.
     pub fn fingerprint(&self) -> u64 {
         self.inner.fingerprint

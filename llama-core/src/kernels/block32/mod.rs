@@ -267,7 +267,7 @@ pub(crate) fn interleave(
         head_bytes(fmt),
     );
     let quant_bytes = bytes - head;
-    let mut out = vec![0u8; data.len()];
+    let mut out = crate::kernels::zeroed_weights::<u8>(data.len());
     let mut released = 0;
     for (g, dst) in out.chunks_exact_mut(nb * gs * bytes).enumerate() {
         let done = g * nb * gs * bytes;
@@ -394,7 +394,7 @@ impl BlockMatrix {
         let data = if group > 0 {
             interleave(fmt, data, k, group, release)
         } else {
-            let mut out = Vec::with_capacity(data.len());
+            let mut out = crate::kernels::weight_buffer(data.len());
             for (i, c) in data.chunks(RELEASE_CHUNK).enumerate() {
                 out.extend_from_slice(c);
                 release(i * RELEASE_CHUNK, c.len());
@@ -459,7 +459,7 @@ impl BlockMatrix {
         {
             return None;
         }
-        let mut data = Vec::with_capacity(parts.iter().map(|p| p.data.len()).sum());
+        let mut data = crate::kernels::weight_buffer(parts.iter().map(|p| p.data.len()).sum());
         for p in parts {
             data.extend_from_slice(&p.data);
         }

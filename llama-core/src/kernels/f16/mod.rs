@@ -72,7 +72,7 @@ impl F16Matrix {
         for (pi, p) in pieces.iter().enumerate() {
             rows.extend((0..p.len() / k).map(|r| (pi, r * k)));
         }
-        let mut data: Vec<f16> = vec![f16::ZERO; n * k];
+        let mut data: Vec<f16> = crate::kernels::zeroed_weights(n * k);
         // Group g holds its 16 rows position by position: value p of row i at p * 16 + i.
         if k > 0 {
             for_each_chunk_mut(&mut data, FG * k, &|g, out| {

@@ -107,7 +107,7 @@ impl<T: KBlock> KMatrix<T> {
             )));
         }
         let blocks = n * (k / T::BLCK_SIZE);
-        let mut data: Vec<T> = Vec::with_capacity(blocks);
+        let mut data: Vec<T> = weight_buffer(blocks);
         // SAFETY: candle's block types are `repr(C)` plain data (f16 and byte arrays) whose
         // layout is GGUF's, and the byte count was checked above.
         unsafe {

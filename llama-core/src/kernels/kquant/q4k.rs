@@ -162,7 +162,7 @@ impl<const FIVE: bool> QKMatrix<FIVE> {
             G
         };
         let gbytes = group_bytes(gs, FIVE);
-        let mut data = vec![0u8; n / gs * nb * gbytes];
+        let mut data = crate::kernels::zeroed_weights::<u8>(n / gs * nb * gbytes);
         for (g, dst) in data.chunks_exact_mut(nb * gbytes).enumerate() {
             for (b, gb) in dst.chunks_exact_mut(gbytes).enumerate() {
                 for r in 0..gs {
