@@ -12,6 +12,10 @@ Usage: server_load.py --model M.gguf [--concurrency 1,4,8,16] [--requests 2] [--
        [--servers ours,llama-cpp] [--threads N]
 `--servers ours,ours-lookup` compares `llama serve` without and with `--lookup` (speculative
 decoding from prompt lookup, which backs off while more than 2 sequences decode).
+`--servers ours,llama-server` compares llama.cpp's own C++ server (`--parallel` as many slots as
+the highest concurrency, continuous batching, flash attention on; $LLAMA_SERVER or
+--llama-server PATH: benches/llamacpp_tools.sh builds it from the llama.cpp that
+llama-cpp-python's sdist vendors).
 Needs the refvenv (llama-cpp-python with its server extras: fastapi, uvicorn, sse-starlette,
 starlette-context, pydantic-settings) for llama-cpp; `llama` built in release.
 """
@@ -50,8 +54,14 @@ def wait_ready(port, proc, timeout=300):
     raise SystemExit("server did not start")
 
 
-def start(kind, model, port, threads, slots):
-    if kind.startswith("ours"):
+def start(kind, model, port, threads, slots, llama_server=None):
+    if kind == "llama-server":
+        if not llama_server:
+            raise SystemExit("--servers llama-server needs --llama-server PATH or $LLAMA_SERVER")
+        # Each slot gets n_ctx / parallel positions: 1024 each.
+        cmd = [llama_server, "-m", model, "--port", str(port), "--parallel", str(slots),
+               "-c", str(1024 * slots), "-fa", "on", "-t", str(threads or os.cpu_count())]
+    elif kind.startswith("ours"):
         cmd = [os.path.join(ROOT, "target/release/llama"), "serve", "-m", model, "--port", str(port),
                "--max-sequences", str(slots), "--max-queue", "256"]
         if kind == "ours-lookup":
@@ -143,13 +153,15 @@ def main():
     ap.add_argument("--servers", default="ours,llama-cpp")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--eog", default="0,2", help="end-of-generation token ids to ban")
+    ap.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER"),
+                    help="llama.cpp's llama-server binary, for --servers llama-server")
     a = ap.parse_args()
     levels = [int(x) for x in a.concurrency.split(",")]
     eog = [int(x) for x in a.eog.split(",") if x]
     results = {}
     for n, kind in enumerate(a.servers.split(",")):
         port = 18700 + n
-        proc = start(kind, a.model, port, a.threads, max(levels))
+        proc = start(kind, a.model, port, a.threads, max(levels), a.llama_server)
         try:
             check_length(port, a.max_tokens, eog)
             one(port, 99, 8, eog)  # warm-up
@@ -166,10 +178,12 @@ def main():
         for conc in levels:
             o, l = results[("ours", conc)], results[("ours-lookup", conc)]
             print(f"{conc:>11} | {o[0]:9.1f} t/s | {l[0]:9.1f} t/s | {l[0] / o[0]:4.2f}x")
-    if "ours" in kinds and "llama-cpp" in kinds:
-        print(f"\n{'concurrency':>11} | {'llama serve':>12} | {'llama_cpp.server':>16} | ratio | TTFT p50/p95 ours | TTFT p50/p95 llama_cpp")
+    for other in ("llama-cpp", "llama-server"):
+        if "ours" not in kinds or other not in kinds:
+            continue
+        print(f"\n{'concurrency':>11} | {'llama serve':>12} | {other:>16} | ratio | TTFT p50/p95 ours | TTFT p50/p95 {other}")
         for conc in levels:
-            o, l = results[("ours", conc)], results[("llama-cpp", conc)]
+            o, l = results[("ours", conc)], results[(other, conc)]
             print(f"{conc:>11} | {o[0]:9.1f} t/s | {l[0]:13.1f} t/s | {o[0] / l[0]:4.2f}x | {o[1] * 1e3:6.0f}/{o[2] * 1e3:6.0f} ms | {l[1] * 1e3:6.0f}/{l[2] * 1e3:6.0f} ms")
 
 
