@@ -258,7 +258,17 @@ fn quantize_writes_a_gguf_and_reports_fallbacks() {
 #[test]
 fn bench_json_has_every_field() {
     let m = model();
-    let (ok, out, err) = llama(&["bench", "--model", &m, "--json", "-r", "1", "-t", "2"]);
+    let (ok, out, err) = llama(&[
+        "bench",
+        "--model",
+        &m,
+        "--json",
+        "-r",
+        "1",
+        "-t",
+        "2",
+        "--bandwidth",
+    ]);
     assert!(ok, "{err}");
     let j: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     for k in [
@@ -268,6 +278,9 @@ fn bench_json_has_every_field() {
         "ttft_ms",
         "peak_rss_mib",
         "load_s",
+        "decode_bytes",
+        "decode_gbps",
+        "read_gbps",
     ] {
         let v = j[k]
             .as_f64()
@@ -275,6 +288,12 @@ fn bench_json_has_every_field() {
         assert!(v > 0.0 && v.is_finite(), "{k} = {v}");
     }
     assert_eq!(j["weights"], "Q4_1");
+    // The bytes a decode step reads: every layer's matrices and the tied head (SmolLM2's
+    // embedding, 49152 x 576), less than the whole file.
+    let bytes = j["decode_bytes"].as_f64().unwrap();
+    assert!(bytes > 49152.0 * 576.0 * 0.5 && bytes < 120e6, "{bytes}");
+    let gbps = bytes * j["tg128_tps"].as_f64().unwrap() / 1e9;
+    assert!((j["decode_gbps"].as_f64().unwrap() - gbps).abs() < 1e-6 * gbps);
 }
 
 /// The kernel path and thread count are CLI options (and their environment variables); every
