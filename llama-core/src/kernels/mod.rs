@@ -176,7 +176,7 @@ pub(crate) use elementwise::*;
 pub(crate) use f16::*;
 pub(crate) use kquant::*;
 #[cfg(target_arch = "x86_64")]
-pub(crate) use simd::{prefetch_ahead, PREFETCH_AHEAD};
+pub(crate) use simd::{prefetch_ahead, prefetch_distance};
 
 pub(crate) use crate::exec::Isa;
 

@@ -6,10 +6,21 @@ use half::f16;
 /// How far ahead of the weights they read (bytes) the decode kernels ask for the cache lines.
 /// A decode step streams every weight once; with the unpacking and multiply work between its
 /// loads, the out-of-order window alone keeps too few cache misses in flight to reach the
-/// memory bandwidth (measured here, 2 threads: f16 decode +25%, Q8_0 +25%, Q4_1 +40%).
-pub(crate) const PREFETCH_AHEAD: usize = 4096;
+/// memory bandwidth (measured on a Zen 5 EPYC, 2 threads: f16 decode +25%, Q8_0 +25%, Q4_1
+/// +40%). 4 KiB on AMD's cores, where it was tuned; 2 KiB on Intel's, where 4 KiB ran ahead of
+/// what the core keeps in flight (a Xeon VM, 1B-shape weights streaming from DRAM: f16 decode
+/// +15-18%, Q4_0 +7-10% over 4 KiB; 1 KiB fell back; docs/performance.md).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn prefetch_distance() -> usize {
+    if stream_nta() {
+        4096
+    } else {
+        2048
+    }
+}
 
-/// Asks for the cache lines of `len` bytes [`PREFETCH_AHEAD`] past `p`; called for each piece of
+/// Asks for the cache lines of `len` bytes [`prefetch_distance`] past `p`; called for each piece of
 /// weights a decode kernel reads, so the lines asked for run on without gaps. Non-temporal on
 /// AMD's cores ([`stream_nta`]), for the first level otherwise.
 #[cfg(target_arch = "x86_64")]
@@ -26,13 +37,12 @@ pub(crate) fn prefetch_ahead(p: *const u8, len: usize) {
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn prefetch_lines<const HINT: i32>(p: *const u8, len: usize) {
+    let ahead = prefetch_distance();
     let mut at = 0;
     while at < len {
         // SAFETY: a prefetch is a hint that never faults, whatever the address (which may lie
         // past the end of the matrix, hence `wrapping_add`).
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<HINT>(p.wrapping_add(PREFETCH_AHEAD + at) as *const i8)
-        };
+        unsafe { std::arch::x86_64::_mm_prefetch::<HINT>(p.wrapping_add(ahead + at) as *const i8) };
         at += 64;
     }
 }

@@ -633,13 +633,13 @@ fn block_dots<S: Src>(w: S, rb: usize, x: &[f32], out: &mut [f32], simd: Isa) {
     }
 }
 
-/// Asks for the lines `PREFETCH_AHEAD..PREFETCH_AHEAD + len` bytes past `p`, none at or past
+/// Asks for the lines `d..d + len` bytes past `p` (`d`: [`crate::kernels::prefetch_distance`]), none at or past
 /// `end` (a block's stream runs into the next block of the same matrix, not beyond it).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn prefetch_within(p: *const u8, len: usize, end: *const u8) {
     use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-    let mut at = p.wrapping_add(crate::kernels::PREFETCH_AHEAD);
+    let mut at = p.wrapping_add(crate::kernels::prefetch_distance());
     let stop = at.wrapping_add(len);
     while at < stop && at < end {
         // SAFETY: a prefetch is a hint that never faults; the address lies in the matrix.
