@@ -12,6 +12,15 @@ const BLOCK_TYPES: [GgmlDType; 5] = [
     GgmlDType::Q5_1,
     GgmlDType::Q8_0,
 ];
+
+/// The k-quants: ours (Q4_K, Q5_K, Q6_K) and candle's (Q2_K, Q3_K).
+const K_TYPES: [GgmlDType; 5] = [
+    GgmlDType::Q2K,
+    GgmlDType::Q3K,
+    GgmlDType::Q4K,
+    GgmlDType::Q5K,
+    GgmlDType::Q6K,
+];
 use candle_core::quantized::QTensor;
 use half::f16;
 
@@ -111,13 +120,7 @@ fn block_matmul_agrees_with_candle() {
 fn k_quant_matrices_equal_candles() {
     use candle_core::quantized::QMatMul;
     use candle_core::Module;
-    for dt in [
-        GgmlDType::Q2K,
-        GgmlDType::Q3K,
-        GgmlDType::Q4K,
-        GgmlDType::Q5K,
-        GgmlDType::Q6K,
-    ] {
+    for dt in K_TYPES {
         let (n, k) = (10, 512);
         let q = QTensor::quantize(
             &Tensor::from_vec(values(n * k, 13), (n, k), &Device::Cpu).unwrap(),
@@ -343,13 +346,7 @@ fn batch_invariance_case(n: usize, k: usize) {
             std::sync::Arc::new(BlockMatrix::new(fmt, &q.data().unwrap(), n, k).unwrap()),
         ));
     }
-    for dt in [
-        GgmlDType::Q2K,
-        GgmlDType::Q3K,
-        GgmlDType::Q4K,
-        GgmlDType::Q5K,
-        GgmlDType::Q6K,
-    ] {
+    for dt in K_TYPES {
         let q = QTensor::quantize(&wt, dt).unwrap();
         mats.push((
             format!("{dt:?}"),

@@ -351,34 +351,30 @@ impl Model {
     /// the output head; a tied head counted once).
     pub fn weight_bytes(&self) -> usize {
         let m = &*self.inner;
-        let layers: usize = m
-            .layers
-            .iter()
-            .flat_map(|l| &l.stacks)
-            .flat_map(|s| &s.mats)
-            .map(|w| w.bytes())
-            .sum();
         let head = if Arc::ptr_eq(&m.embed, &m.lm_head) {
             0
         } else {
             m.lm_head.bytes()
         };
-        m.embed.bytes() + layers + head
+        m.embed.bytes() + self.layer_bytes() + head
+    }
+
+    /// Bytes of every layer's projection matrices.
+    fn layer_bytes(&self) -> usize {
+        self.inner
+            .layers
+            .iter()
+            .flat_map(|l| &l.stacks)
+            .flat_map(|s| &s.mats)
+            .map(|w| w.bytes())
+            .sum()
     }
 
     /// Bytes of weight matrices one decode step reads: every layer's projections and the output
     /// head, as stored in memory (the embedding gives one row, unless it is the tied head).
     /// Divided into a measured bandwidth, the fastest decode the memory allows.
     pub fn decode_bytes(&self) -> usize {
-        let m = &*self.inner;
-        let layers: usize = m
-            .layers
-            .iter()
-            .flat_map(|l| &l.stacks)
-            .flat_map(|s| &s.mats)
-            .map(|w| w.bytes())
-            .sum();
-        layers + m.lm_head.bytes()
+        self.layer_bytes() + self.inner.lm_head.bytes()
     }
 
     /// A hash of the configuration and weights, used to check saved session state.
