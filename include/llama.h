@@ -262,6 +262,28 @@ typedef enum {
 } llama_stop_reason;
 
 /**
+ * KV cache storage types for `llama_session_params.kv_type_k` / `kv_type_v`.
+ */
+typedef enum {
+  /**
+   * Half precision (the default).
+   */
+  LLAMA_KV_TYPE_F16 = 0,
+  /**
+   * Single precision.
+   */
+  LLAMA_KV_TYPE_F32 = 1,
+  /**
+   * llama.cpp's q8_0 blocks, Hadamard-rotated (head size a multiple of 32).
+   */
+  LLAMA_KV_TYPE_Q8_0 = 2,
+  /**
+   * llama.cpp's q4_0 blocks, Hadamard-rotated (head size a multiple of 32).
+   */
+  LLAMA_KV_TYPE_Q4_0 = 3,
+} llama_kv_type;
+
+/**
  * A LoRA adapter loaded for one model (opaque, immutable). Share it across threads and
  * sessions; it keeps what it needs alive, so it may outlive `llama_model_free`.
  */
@@ -449,6 +471,15 @@ typedef struct {
    * Threads for this session's forward passes; 0 (default) = the model's.
    */
   uint32_t n_threads;
+  /**
+   * How keys are stored: a `llama_kv_type` (LLAMA_KV_TYPE_Q8_0, ...), or -1 (default) for
+   * f16 (f32 with `kv_f32`). An unknown value is LLAMA_STATUS_INVALID_ARGUMENT.
+   */
+  int32_t kv_type_k;
+  /**
+   * How values are stored, as `kv_type_k`.
+   */
+  int32_t kv_type_v;
 } llama_session_params;
 
 /**

@@ -4,7 +4,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use clap::Args;
-use llama_core::{KvCacheType, SessionOptions};
+use llama_core::SessionOptions;
 use llama_server::{Limits, ServerConfig};
 
 use crate::{load, lora, AnyResult, ModelArg};
@@ -51,9 +51,6 @@ pub(crate) struct ServeArgs {
     /// Largest request body, in bytes.
     #[arg(long, default_value_t = 4 << 20)]
     max_body: usize,
-    /// KV cache precision: f16 or f32.
-    #[arg(long, default_value = "f16")]
-    kv_type: String,
     /// The model id /v1/models gives (default: the file's name).
     #[arg(long)]
     alias: Option<String>,
@@ -106,9 +103,8 @@ pub(crate) fn run(a: ServeArgs) -> AnyResult<()> {
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| "SmolLM2-135M-Instruct".into())
     });
-    let mut session = SessionOptions::default();
+    let mut session = a.model.kv.apply(SessionOptions::default());
     session.n_ctx = a.model.n_ctx;
-    session.kv_type = KvCacheType::parse(&a.kv_type)?;
     let config = ServerConfig {
         api_key: a.api_key,
         max_body: a.max_body,

@@ -35,6 +35,10 @@ pub struct PerplexityOptions {
     pub max_chunks: Option<usize>,
     /// LoRA adapters applied, each with its scale (see [`crate::Session::set_adapters`]).
     pub adapters: Vec<(crate::Adapter, f32)>,
+    /// How the KV cache stores keys. Default f16.
+    pub kv_type_k: KvCacheType,
+    /// How the KV cache stores values. Default f16.
+    pub kv_type_v: KvCacheType,
 }
 
 impl Default for PerplexityOptions {
@@ -43,6 +47,8 @@ impl Default for PerplexityOptions {
             n_ctx: 512,
             max_chunks: None,
             adapters: vec![],
+            kv_type_k: KvCacheType::F16,
+            kv_type_v: KvCacheType::F16,
         }
     }
 }
@@ -55,6 +61,10 @@ impl PerplexityOptions {
         max_chunks(n: usize) => max_chunks = Some(n);
         /// Applies adapters.
         adapters(a: Vec<(crate::Adapter, f32)>) => adapters = a;
+        /// Sets how the KV cache stores keys.
+        kv_type_k(t: KvCacheType) => kv_type_k = t;
+        /// Sets how the KV cache stores values.
+        kv_type_v(t: KvCacheType) => kv_type_v = t;
     }
 }
 
@@ -114,7 +124,12 @@ impl Perplexity {
             if let Some(b) = bos {
                 window[0] = b;
             }
-            let mut s = model.session(SessionOptions::default().n_ctx(n_ctx))?;
+            let mut s = model.session(
+                SessionOptions::default()
+                    .n_ctx(n_ctx)
+                    .kv_type_k(opts.kv_type_k)
+                    .kv_type_v(opts.kv_type_v),
+            )?;
             s.set_adapters(adapters)?;
             let logits = s.eval_logits_from(&window, first)?;
             for j in first..n_ctx - 1 {

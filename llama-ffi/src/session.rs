@@ -46,6 +46,25 @@ pub struct llama_session_params {
     pub context_shift_keep: i32,
     /// Threads for this session's forward passes; 0 (default) = the model's.
     pub n_threads: u32,
+    /// How keys are stored: a `llama_kv_type` (LLAMA_KV_TYPE_Q8_0, ...), or -1 (default) for
+    /// f16 (f32 with `kv_f32`). An unknown value is LLAMA_STATUS_INVALID_ARGUMENT.
+    pub kv_type_k: i32,
+    /// How values are stored, as `kv_type_k`.
+    pub kv_type_v: i32,
+}
+
+/// KV cache storage types for `llama_session_params.kv_type_k` / `kv_type_v`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum llama_kv_type {
+    /// Half precision (the default).
+    F16 = 0,
+    /// Single precision.
+    F32 = 1,
+    /// llama.cpp's q8_0 blocks, Hadamard-rotated (head size a multiple of 32).
+    Q8_0 = 2,
+    /// llama.cpp's q4_0 blocks, Hadamard-rotated (head size a multiple of 32).
+    Q4_0 = 3,
 }
 
 /// Default session parameters.
@@ -58,6 +77,8 @@ pub extern "C" fn llama_session_params_default() -> llama_session_params {
         kv_f32: false,
         context_shift_keep: -1,
         n_threads: 0,
+        kv_type_k: -1,
+        kv_type_v: -1,
     }
 }
 
@@ -99,15 +120,30 @@ pub(crate) unsafe fn session_options(
         // Headers before `n_threads` was added pass the struct without it.
         std::mem::offset_of!(llama_session_params, n_threads),
     )?;
+    let base = if p.kv_f32 {
+        KvCacheType::F32
+    } else {
+        KvCacheType::F16
+    };
+    let kv = |t: i32, what: &str| -> Result<KvCacheType, llama_status> {
+        match t {
+            -1 => Ok(base),
+            t if t == llama_kv_type::F16 as i32 => Ok(KvCacheType::F16),
+            t if t == llama_kv_type::F32 as i32 => Ok(KvCacheType::F32),
+            t if t == llama_kv_type::Q8_0 as i32 => Ok(KvCacheType::Q8_0),
+            t if t == llama_kv_type::Q4_0 as i32 => Ok(KvCacheType::Q4_0),
+            other => Err(fail_with(
+                llama_status::InvalidArgument,
+                format!("{what} {other} is not a llama_kv_type (0 f16, 1 f32, 2 q8_0, 3 q4_0; -1 default)"),
+            )),
+        }
+    };
     let mut o = SessionOptions::default()
         .threads(p.n_threads as usize)
         .n_ctx(p.n_ctx as usize)
         .n_batch(p.n_batch as usize)
-        .kv_type(if p.kv_f32 {
-            KvCacheType::F32
-        } else {
-            KvCacheType::F16
-        });
+        .kv_type_k(kv(p.kv_type_k, "kv_type_k")?)
+        .kv_type_v(kv(p.kv_type_v, "kv_type_v")?);
     if p.context_shift_keep >= 0 {
         o = o.context_shift(p.context_shift_keep as usize);
     }

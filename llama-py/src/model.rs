@@ -86,9 +86,11 @@ impl Model {
     }
 
     /// Starts a session. `n_ctx=0` means 4096 or the model's trained context if smaller;
-    /// `kv_type` is "f16" or "f32"; `context_shift=n_keep` enables context shift; `threads`
-    /// (0: the model's) computes this session's forward passes.
-    #[pyo3(signature = (n_ctx=0, n_batch=512, kv_type="f16", context_shift=None, threads=0))]
+    /// `kv_type` ("f16", "f32", "q8_0" or "q4_0") stores keys and values, `kv_type_k` /
+    /// `kv_type_v` override it for one of them; `context_shift=n_keep` enables context shift;
+    /// `threads` (0: the model's) computes this session's forward passes.
+    #[pyo3(signature = (n_ctx=0, n_batch=512, kv_type="f16", context_shift=None, threads=0, kv_type_k=None, kv_type_v=None))]
+    #[allow(clippy::too_many_arguments)]
     fn session(
         slf: &Bound<'_, Self>,
         n_ctx: usize,
@@ -96,12 +98,21 @@ impl Model {
         kv_type: &str,
         context_shift: Option<usize>,
         threads: usize,
+        kv_type_k: Option<&str>,
+        kv_type_v: Option<&str>,
     ) -> PyResult<Session> {
         let kv = llama_core::KvCacheType::parse(kv_type).py_err()?;
+        let one = |t: Option<&str>| -> PyResult<llama_core::KvCacheType> {
+            match t {
+                Some(t) => llama_core::KvCacheType::parse(t).py_err(),
+                None => Ok(kv),
+            }
+        };
         let mut o = SessionOptions::default()
             .n_ctx(n_ctx)
             .n_batch(n_batch)
-            .kv_type(kv)
+            .kv_type_k(one(kv_type_k)?)
+            .kv_type_v(one(kv_type_v)?)
             .threads(threads);
         o.context_shift = context_shift;
         let s = slf.get().inner.session(o).py_err()?;

@@ -361,10 +361,11 @@ impl Session {
         Ok(py.detach(|| match self.lock() {
             Ok(g) => match g.as_ref() {
                 Some(s) => format!(
-                    "Session(n_tokens={}, n_ctx={}, kv_type='{}')",
+                    "Session(n_tokens={}, n_ctx={}, kv_type_k='{}', kv_type_v='{}')",
                     s.len(),
                     s.n_ctx(),
-                    s.options().kv_type.as_str()
+                    s.options().kv_type_k,
+                    s.options().kv_type_v
                 ),
                 None => "Session(closed)".to_string(),
             },

@@ -7,6 +7,7 @@
 //! and three layout copies) it skips the masked work, allocates nothing per layer but the
 //! output, and runs on every core.
 
+#[cfg(test)]
 use candle_core::{CpuStorage, Storage, Tensor};
 use half::f16;
 
@@ -14,6 +15,7 @@ use crate::error::{Error, Result};
 #[cfg(target_arch = "x86_64")]
 use crate::kernels::simd::hsum4;
 use crate::kernels::simd::Elem;
+use crate::kv_cache::{hadamard, KvRows};
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -32,6 +34,7 @@ pub(crate) const ROWS: usize = 8;
 
 /// A `(1, heads, len, head_dim)` f32 or f16 tensor's storage, its first element and head
 /// stride; rows within a head must be contiguous.
+#[cfg(test)]
 pub(crate) fn head_view(
     t: &Tensor,
 ) -> Result<(impl std::ops::Deref<Target = Storage> + '_, usize, usize)> {
@@ -63,18 +66,12 @@ pub(crate) enum Rows<'a> {
 }
 
 impl<'a> Rows<'a> {
-    fn of(s: &'a Storage) -> Rows<'a> {
-        match s {
-            Storage::Cpu(CpuStorage::F16(v)) => Rows::F16(v),
-            Storage::Cpu(CpuStorage::F32(v)) => Rows::F32(v),
+    /// f32 or f16 cache rows (the caller checked the type).
+    fn of_kv(r: KvRows<'a>) -> Rows<'a> {
+        match r {
+            KvRows::F16(v) => Rows::F16(v),
+            KvRows::F32(v) => Rows::F32(v),
             _ => Rows::F32(&[]),
-        }
-    }
-
-    fn from(self, at: usize) -> Rows<'a> {
-        match self {
-            Rows::F32(v) => Rows::F32(&v[at..]),
-            Rows::F16(v) => Rows::F16(&v[at..]),
         }
     }
 
@@ -214,8 +211,119 @@ pub(crate) fn simd() -> bool {
     crate::kernels::simd()
 }
 
+/// A layer's keys and values for [`causal_into`]: KV head `h`'s rows `0..total` start at row
+/// `h * head_rows` of `k` and `v`.
+pub(crate) struct Kv<'a> {
+    pub k: KvRows<'a>,
+    pub v: KvRows<'a>,
+    pub kv_heads: usize,
+    pub head_rows: usize,
+    pub total: usize,
+    /// The keys were rotated in blocks of this size (the queries are rotated alike).
+    pub rot_k: Option<usize>,
+    /// The values were rotated in blocks of this size (the output is rotated back).
+    pub rot_v: Option<usize>,
+    /// llama.cpp's arithmetic over f16 keys: the query row is rounded to f16 before its dot
+    /// products with them.
+    pub round_q: bool,
+    /// llama.cpp's arithmetic over f16 values: the normalized attention weights are rounded to
+    /// f16 before they weight the values.
+    pub round_p: bool,
+}
+
+impl<'a> Kv<'a> {
+    /// The stored rows of a cache layer, `total` of them in use, with llama.cpp's f16
+    /// roundings where a plane is f16.
+    pub(crate) fn of(view: &crate::kv_cache::LayerView<'a>, kv_heads: usize, total: usize) -> Self {
+        Kv {
+            k: view.k,
+            v: view.v,
+            kv_heads,
+            head_rows: view.capacity,
+            total,
+            rot_k: view.rot_k,
+            rot_v: view.rot_v,
+            round_q: matches!(view.k, KvRows::F16(_)),
+            round_p: matches!(view.v, KvRows::F16(_)),
+        }
+    }
+}
+
+/// Keys or values handed to the tile a run of rows at a time.
+pub(crate) trait Chunks {
+    type T: Elem;
+    /// Most rows per call of [`Chunks::rows`].
+    fn chunk(&self) -> usize;
+    /// Rows `j0..j0 + n` (`n <= chunk()`), `n * head_dim` elements, valid until the next call.
+    fn rows(&mut self, j0: usize, n: usize) -> *const Self::T;
+}
+
+/// Rows read where they are stored (f32 or f16).
+pub(crate) struct Direct<'a, T> {
+    data: &'a [T],
+    d: usize,
+}
+
+impl<T: Elem> Chunks for Direct<'_, T> {
+    type T = T;
+    fn chunk(&self) -> usize {
+        usize::MAX
+    }
+    fn rows(&mut self, j0: usize, n: usize) -> *const T {
+        self.data[j0 * self.d..(j0 + n) * self.d].as_ptr()
+    }
+}
+
+/// Rows of any storage type converted to f32 a chunk at a time (exactly: see
+/// [`KvRows::dequantize`]), so that every type runs the f32 arithmetic on the same values.
+pub(crate) struct Dequant<'a> {
+    rows: KvRows<'a>,
+    d: usize,
+    buf: Vec<f32>,
+}
+
+/// Rows per dequantized chunk (a chunk of keys and one of values stay in L1/L2).
+const DQ_CHUNK: usize = 64;
+
+impl<'a> Dequant<'a> {
+    fn new(rows: KvRows<'a>, d: usize) -> Self {
+        Dequant {
+            rows,
+            d,
+            buf: vec![0.0; DQ_CHUNK * d],
+        }
+    }
+}
+
+impl Chunks for Dequant<'_> {
+    type T = f32;
+    fn chunk(&self) -> usize {
+        DQ_CHUNK
+    }
+    fn rows(&mut self, j0: usize, n: usize) -> *const f32 {
+        let buf = &mut self.buf[..n * self.d];
+        self.rows.dequantize(j0, self.d, buf);
+        buf.as_ptr()
+    }
+}
+
+/// Copies query row `src` into `dst` as the keys need it: rounded to f16 (llama.cpp's
+/// arithmetic over f16 keys) or rotated like rotated keys.
+fn load_query(src: &[f32], dst: &mut [f32], kv: &Kv<'_>) {
+    if kv.round_q {
+        for (d, v) in dst.iter_mut().zip(src) {
+            *d = half::f16::from_f32(*v).to_f32();
+        }
+    } else {
+        dst.copy_from_slice(src);
+    }
+    if let Some(n) = kv.rot_k {
+        hadamard(dst, n);
+    }
+}
+
 /// Causal attention of `q` `(1, heads, t, head_dim)` (rows at positions `start..start + t`)
-/// over `k`, `v` `(1, kv_heads, start + t, head_dim)`; query head `h` reads KV head
+/// over f32 or f16 `k`, `v` `(1, kv_heads, start + t, head_dim)`; query head `h` reads KV head
 /// `h / (heads / kv_heads)`. Returns `(1, t, heads * head_dim)`.
 ///
 /// `round_f16` follows llama.cpp's arithmetic over an f16 cache: its matrix products with f16
@@ -233,6 +341,15 @@ pub(crate) fn causal(
     round_f16: bool,
 ) -> Result<Tensor> {
     let (_, nh, t, hd) = q.dims4()?;
+    let (_, nkv, total, hd_k) = k.dims4()?;
+    if hd_k != hd || v.dims4()? != (1, nkv, total, hd) {
+        return Err(Error::InvalidArgument(format!(
+            "attention: q {:?}, k {:?}, v {:?}",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        )));
+    }
     let (qs, q0, q_head) = head_view(q)?;
     let qs = match &*qs {
         Storage::Cpu(CpuStorage::F32(v)) => &v[q0..],
@@ -246,8 +363,33 @@ pub(crate) fn causal(
         head_stride: q_head,
         row_stride: hd,
     };
+    let (ks, k0, k_head) = head_view(k)?;
+    let (vs, v0, v_head) = head_view(v)?;
+    fn rows(s: &Storage, at: usize) -> KvRows<'_> {
+        match s {
+            Storage::Cpu(CpuStorage::F16(x)) => KvRows::F16(&x[at..]),
+            Storage::Cpu(CpuStorage::F32(x)) => KvRows::F32(&x[at..]),
+            _ => KvRows::F32(&[]),
+        }
+    }
+    if k_head != v_head || k_head % hd != 0 {
+        return Err(Error::InvalidArgument(
+            "attention: unexpected K/V layout".into(),
+        ));
+    }
+    let kv = Kv {
+        k: rows(&ks, k0),
+        v: rows(&vs, v0),
+        kv_heads: nkv,
+        head_rows: k_head / hd,
+        total,
+        rot_k: None,
+        rot_v: None,
+        round_q: round_f16,
+        round_p: round_f16,
+    };
     let mut out = vec![0f32; t * nh * hd];
-    causal_into(&queries, k, v, start, scale, round_f16, &mut out)?;
+    causal_into(&queries, &kv, start, scale, &mut out)?;
     Ok(Tensor::from_vec(out, (1, t, nh * hd), q.device())?)
 }
 
@@ -268,63 +410,71 @@ impl Queries<'_> {
     }
 }
 
-/// [`causal`] with the queries in any row/head layout, into `out` (`rows x heads * head_dim`,
-/// row-major).
-pub(crate) fn causal_into(
+/// Causal attention of the query rows (at positions `start..start + rows`) over the keys and
+/// values `kv` (`start + rows` of them), into `out` (`rows x heads * head_dim`, row-major).
+///
+/// Keys and values of every storage type run the same f32 arithmetic: f32 and f16 rows are read
+/// where they are stored, block rows (q8_0, q4_0) are converted to f32 a chunk at a time
+/// (exactly). A block of rows (a prompt) gives each row exactly what it gets alone (decode).
+pub(crate) fn causal_into<'k>(
     q: &Queries<'_>,
-    k: &Tensor,
-    v: &Tensor,
+    kv: &Kv<'k>,
     start: usize,
     scale: f32,
-    round_f16: bool,
     out: &mut [f32],
 ) -> Result<()> {
     let (nh, t, hd) = (q.heads, q.rows, q.head_dim);
-    let (_, nkv, total, hd_k) = k.dims4()?;
-    if hd_k != hd
-        || v.dims4()? != (1, nkv, total, hd)
-        || total != start + t
+    let (nkv, total) = (kv.kv_heads, kv.total);
+    let need = |r: KvRows<'_>| {
+        let (have, unit) = match r {
+            KvRows::F32(x) => (x.len(), 1),
+            KvRows::F16(x) => (x.len(), 1),
+            KvRows::Q8(x) => (x.len(), crate::kv_cache::QB),
+            KvRows::Q4(x) => (x.len(), crate::kv_cache::QB),
+        };
+        let rows_needed = nkv.saturating_sub(1) * kv.head_rows + total;
+        (r.quantized() && !hd.is_multiple_of(unit)) || have * unit < rows_needed * hd
+    };
+    if total != start + t
         || nkv == 0
         || nh % nkv != 0
         || out.len() != t * nh * hd
+        || kv.head_rows < total
+        || need(kv.k)
+        || need(kv.v)
     {
         return Err(Error::InvalidArgument(format!(
-            "attention: {nh} query heads x {t} rows x {hd}, k {:?}, v {:?}, start {start}",
-            k.dims(),
-            v.dims()
+            "attention: {nh} query heads x {t} rows x {hd}, {nkv} KV heads of {total} rows ({} apart), start {start}",
+            kv.head_rows
         )));
     }
     let group = nh / nkv;
-    let (ks, k0, k_head) = head_view(k)?;
-    let (vs, v0, v_head) = head_view(v)?;
-    let (ks, vs) = (Rows::of(&ks), Rows::of(&vs));
     let width = nh * hd;
     let out = crate::pool::SharedMut::new(out);
     let simd = simd();
     let row_blocks = t.div_ceil(ROWS);
+    let head_rows = kv.head_rows;
+    let head = move |r: KvRows<'k>, h: usize| -> KvRows<'k> { r.skip_rows(h * head_rows, hd) };
+    // f32 or f16 keys and values of one type are read in place; anything else (blocks, or
+    // mixed types) is converted to f32 a chunk at a time.
+    let direct = matches!(
+        (kv.k, kv.v),
+        (KvRows::F16(_), KvRows::F16(_)) | (KvRows::F32(_), KvRows::F32(_))
+    );
     // Prompt rows: the query heads that share a KV head (up to 4) run together, so each key
     // and value loaded serves all of them. Decode (one row) that does not take the tile below
-    // keeps one head per item so that the heads spread over the threads.
-    let per = if t > 1 { group.min(4) } else { 1 };
+    // keeps one head per item so that the heads spread over the threads, unless keys and values
+    // must be converted (then each conversion serves the group).
+    let per = if t > 1 || !direct { group.min(4) } else { 1 };
     let chunks = group.div_ceil(per);
-    #[cfg(target_arch = "x86_64")]
-    let same_storage = matches!(
-        (ks, vs),
-        (Rows::F16(_), Rows::F16(_)) | (Rows::F32(_), Rows::F32(_))
-    );
     // The tile serves decode too once the context is long and there are at least as many KV
     // heads as threads to spread them over (each key converted once for the whole group of
     // query heads: +25-30% decode at 3000 positions on SmolLM2). With a short context the
     // heads spread one per item below (the same results either way, bit for bit).
     const LONG: usize = 512;
     let tile_rows = t > 1 || (total >= LONG && nkv >= crate::pool::pool().threads());
-    if tile_rows
-        && hd.is_multiple_of(16)
-        && hd <= 256
-        && simd
-        && same_storage
-        && crate::kernels::wide()
-    {
+    #[cfg(target_arch = "x86_64")]
+    if tile_rows && hd.is_multiple_of(16) && hd <= 256 && simd && crate::kernels::wide() {
         // All the query heads of a KV head, for a block of rows, as one tile.
         let tile = |item: usize| {
             let (kvh, rb) = (item / row_blocks, item % row_blocks);
@@ -337,81 +487,97 @@ pub(crate) fn causal_into(
             for i in rows.clone() {
                 for h in heads.clone() {
                     let c = seen.len();
-                    let src = q.at(h, i);
-                    let dst = &mut qm[c * hd..(c + 1) * hd];
-                    if round_f16 {
-                        for (d, v) in dst.iter_mut().zip(src) {
-                            *d = half::f16::from_f32(*v).to_f32();
-                        }
-                    } else {
-                        dst.copy_from_slice(src);
-                    }
+                    load_query(q.at(h, i), &mut qm[c * hd..(c + 1) * hd], kv);
                     seen.push(start + i + 1);
                     // SAFETY: row i, columns of head h, are written by this item only.
                     ys.push(unsafe { out.slice(i * width + h * hd, hd) });
                 }
             }
-            let n = start + rows.end;
-            // SAFETY: AVX-512 was detected at run time; the key and value rows `0..n` are in
-            // bounds (sliced here) and `hd % 16 == 0`.
+            let (kr, vr) = (head(kv.k, kvh), head(kv.v, kvh));
+            // SAFETY: AVX-512 was detected at run time; the sources hold rows `0..n` (checked
+            // above) and `hd % 16 == 0`.
             unsafe {
                 macro_rules! tile {
                     ($k:expr, $v:expr) => {{
-                        let (k, v) = (&$k[..n * hd], &$v[..n * hd]);
+                        let (mut k, mut v) = ($k, $v);
                         match hd {
-                            64 => attend_tile_avx512::<_, 4>(
-                                &qm, &seen, k, v, hd, scale, round_f16, &mut ys,
+                            64 => attend_tile_avx512::<_, _, 4>(
+                                &qm, &seen, &mut k, &mut v, hd, scale, kv.round_p, &mut ys,
                             ),
-                            128 => attend_tile_avx512::<_, 8>(
-                                &qm, &seen, k, v, hd, scale, round_f16, &mut ys,
+                            128 => attend_tile_avx512::<_, _, 8>(
+                                &qm, &seen, &mut k, &mut v, hd, scale, kv.round_p, &mut ys,
                             ),
-                            _ => attend_tile_avx512::<_, 0>(
-                                &qm, &seen, k, v, hd, scale, round_f16, &mut ys,
+                            _ => attend_tile_avx512::<_, _, 0>(
+                                &qm, &seen, &mut k, &mut v, hd, scale, kv.round_p, &mut ys,
                             ),
                         }
                     }};
                 }
-                match (ks.from(k0 + kvh * k_head), vs.from(v0 + kvh * v_head)) {
-                    (Rows::F16(k), Rows::F16(v)) => tile!(k, v),
-                    (Rows::F32(k), Rows::F32(v)) => tile!(k, v),
-                    _ => {}
+                match (kr, vr) {
+                    (KvRows::F16(k), KvRows::F16(v)) => {
+                        tile!(Direct { data: k, d: hd }, Direct { data: v, d: hd })
+                    }
+                    (KvRows::F32(k), KvRows::F32(v)) => {
+                        tile!(Direct { data: k, d: hd }, Direct { data: v, d: hd })
+                    }
+                    (k, v) => tile!(Dequant::new(k, hd), Dequant::new(v, hd)),
+                }
+            }
+            if let Some(b) = kv.rot_v {
+                for y in ys.iter_mut() {
+                    hadamard(y, b);
                 }
             }
         };
         crate::pool::pool().run(nkv * row_blocks, &|r| r.for_each(tile));
         return Ok(());
     }
+    let _ = tile_rows;
     let work = |item: usize| {
         let (hc, rb) = (item / row_blocks, item % row_blocks);
         let (kvh, c) = (hc / chunks, hc % chunks);
         let heads = kvh * group + c * per..kvh * group + ((c + 1) * per).min(group);
         let nq = heads.len();
-        let keys = ks.from(k0 + kvh * k_head);
-        let vals = vs.from(v0 + kvh * v_head);
+        let (keys, vals) = (head(kv.k, kvh), head(kv.v, kvh));
         let mut scores = vec![0f32; nq * total];
         let mut qbuf = vec![0f32; nq * hd];
+        let (mut kbuf, mut vbuf) = if direct {
+            (Vec::new(), Vec::new())
+        } else {
+            (vec![0f32; DQ_CHUNK * hd], vec![0f32; DQ_CHUNK * hd])
+        };
+        let mut part = if direct {
+            Vec::new()
+        } else {
+            vec![0f32; 4 * DQ_CHUNK]
+        };
         for i in rb * ROWS..t.min((rb + 1) * ROWS) {
             for (c, h) in heads.clone().enumerate() {
-                let src = q.at(h, i);
-                let dst = &mut qbuf[c * hd..(c + 1) * hd];
-                if round_f16 {
-                    for (d, v) in dst.iter_mut().zip(src) {
-                        *d = half::f16::from_f32(*v).to_f32();
-                    }
-                } else {
-                    dst.copy_from_slice(src);
-                }
+                load_query(q.at(h, i), &mut qbuf[c * hd..(c + 1) * hd], kv);
             }
             let seen = start + i + 1;
             // No allocation per row (this runs for every head of every decoded token).
             let qrows: [&[f32]; 4] = std::array::from_fn(|c| &qbuf[c.min(nq - 1) * hd..][..hd]);
-            keys.scores_multi(&qrows[..nq], scale, seen, &mut scores, simd);
+            if direct {
+                Rows::of_kv(keys).scores_multi(&qrows[..nq], scale, seen, &mut scores, simd);
+            } else {
+                for j0 in (0..seen).step_by(DQ_CHUNK) {
+                    let cn = (seen - j0).min(DQ_CHUNK);
+                    keys.dequantize(j0, hd, &mut kbuf[..cn * hd]);
+                    let part = &mut part[..nq * cn];
+                    Rows::F32(&kbuf).scores_multi(&qrows[..nq], scale, cn, part, simd);
+                    for c in 0..nq {
+                        scores[c * seen + j0..c * seen + j0 + cn]
+                            .copy_from_slice(&part[c * cn..(c + 1) * cn]);
+                    }
+                }
+            }
             let mut sums = [0f32; 4];
             for (c, sum) in sums.iter_mut().enumerate().take(nq) {
                 let sc = &mut scores[c * seen..(c + 1) * seen];
                 let max = sc.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
                 *sum = exp_shifted(sc, max, simd);
-                if round_f16 {
+                if kv.round_p {
                     let inv = 1.0 / *sum;
                     for p in sc.iter_mut() {
                         *p = half::f16::from_f32(*p * inv).to_f32();
@@ -428,13 +594,27 @@ pub(crate) fn causal_into(
             for y in ys.iter_mut().take(nq) {
                 y.fill(0.0);
             }
-            vals.weighted_multi(&scores[..nq * seen], seen, &mut ys[..nq], simd);
-            if !round_f16 {
-                for (y, sum) in ys.iter_mut().zip(sums).take(nq) {
+            if direct {
+                Rows::of_kv(vals).weighted_multi(&scores[..nq * seen], seen, &mut ys[..nq], simd);
+            } else {
+                for j0 in (0..seen).step_by(DQ_CHUNK) {
+                    let cn = (seen - j0).min(DQ_CHUNK);
+                    vals.dequantize(j0, hd, &mut vbuf[..cn * hd]);
+                    for (c, y) in ys.iter_mut().enumerate().take(nq) {
+                        let w = &scores[c * seen + j0..c * seen + j0 + cn];
+                        Rows::F32(&vbuf).weighted_sum(w, y, simd);
+                    }
+                }
+            }
+            for (y, sum) in ys.iter_mut().zip(sums).take(nq) {
+                if !kv.round_p {
                     let inv = 1.0 / sum;
                     for o in y.iter_mut() {
                         *o *= inv;
                     }
+                }
+                if let Some(b) = kv.rot_v {
+                    hadamard(y, b);
                 }
             }
         }

@@ -226,3 +226,134 @@ fn rejects_mismatched_shapes() {
     let k = Tensor::zeros((1, 2, 3, 8), candle_core::DType::F32, &dev).unwrap();
     assert!(causal(&q, &k, &k, 0, 1.0, false).is_err());
 }
+
+/// Attention over a cache of types `kt`/`vt` for `t` query rows at `start` (rows `0..start + t`
+/// of seeded keys and values stored through the cache), on every kernel path this CPU has.
+fn cache_case(
+    kt: crate::KvCacheType,
+    vt: crate::KvCacheType,
+    (nh, nkv, hd): (usize, usize, usize),
+    t: usize,
+    start: usize,
+) -> (Vec<f32>, crate::kv_cache::KvCache, Vec<f32>) {
+    use crate::kv_cache::KvCache;
+    let total = start + t;
+    let mut cache = KvCache::new(1, nkv, hd, total + 300, kt, vt).unwrap();
+    cache.reserve(total, &Device::Cpu).unwrap();
+    let (k, v) = (values(total * nkv * hd, 21), values(total * nkv * hd, 23));
+    cache.append_rows(0, &k, &v, total).unwrap();
+    cache.advance(total);
+    let q = values(nh * t * hd, 25);
+    (q, cache, [k, v].concat())
+}
+
+fn run(q: &[f32], kv: &Kv<'_>, (nh, hd): (usize, usize), t: usize, start: usize) -> Vec<f32> {
+    let queries = Queries {
+        data: q,
+        heads: nh,
+        rows: t,
+        head_dim: hd,
+        head_stride: t * hd,
+        row_stride: hd,
+    };
+    let mut out = vec![0f32; t * nh * hd];
+    causal_into(&queries, kv, start, 0.125, &mut out).unwrap();
+    out
+}
+
+fn kernels() -> Vec<crate::exec::Settings> {
+    use crate::exec::{Kernel, Settings};
+    [Kernel::Avx512, Kernel::Avx2, Kernel::Scalar]
+        .into_iter()
+        .filter(|k| k.is_supported())
+        .map(|k| Settings::new(k, true).unwrap())
+        .collect()
+}
+
+/// A block cache gives exactly what an f32 cache holding its dequantized (rotated) values
+/// gives, close to exact attention over the values before quantization, and a block of rows
+/// exactly what the rows give one at a time; on every kernel path.
+#[test]
+fn block_caches_read_in_place() {
+    use crate::kv_cache::KvRows;
+    use crate::KvCacheType::{F16, F32, Q4_0, Q8_0};
+    for settings in kernels() {
+        crate::exec::with_settings(settings, || {
+            for (kt, vt) in [(Q8_0, Q8_0), (Q4_0, Q4_0), (Q8_0, F16), (F32, Q4_0)] {
+                for (shape, t, start) in [
+                    ((6, 2, 64), 9, 4),
+                    ((8, 2, 128), 3, 70),
+                    ((4, 4, 96), 5, 2),
+                    ((6, 2, 64), 2, 600),
+                ] {
+                    let (nh, nkv, hd) = shape;
+                    let what = format!("{kt:?}/{vt:?} {shape:?} t {t} start {start} {settings:?}");
+                    let (q, cache, kv_src) = cache_case(kt, vt, shape, t, start);
+                    let total = start + t;
+                    let view = cache.view(0).unwrap();
+                    let kv = Kv::of(&view, nkv, total);
+                    let got = run(&q, &kv, (nh, hd), t, start);
+                    // The same values as f32 rows.
+                    let deq = |r: KvRows<'_>| -> Vec<f32> {
+                        let mut x = vec![0f32; nkv * view.capacity * hd];
+                        r.dequantize(0, hd, &mut x);
+                        x
+                    };
+                    let (k32, v32) = (deq(view.k), deq(view.v));
+                    let f32_kv = Kv {
+                        k: KvRows::F32(&k32),
+                        v: KvRows::F32(&v32),
+                        ..Kv::of(&view, nkv, total)
+                    };
+                    assert_eq!(got, run(&q, &f32_kv, (nh, hd), t, start), "{what}");
+                    // Rows one at a time.
+                    for i in 0..t {
+                        let qi: Vec<f32> = (0..nh)
+                            .flat_map(|h| q[(h * t + i) * hd..(h * t + i + 1) * hd].to_vec())
+                            .collect();
+                        let kv_i = Kv {
+                            total: start + i + 1,
+                            ..Kv::of(&view, nkv, total)
+                        };
+                        let one = run(&qi, &kv_i, (nh, hd), 1, start + i);
+                        assert_eq!(
+                            &got[i * nh * hd..(i + 1) * nh * hd],
+                            &one[..],
+                            "{what} row {i}"
+                        );
+                    }
+                    // Close to exact attention over the values as given (rotations undone).
+                    let (k, v) = kv_src.split_at(kv_src.len() / 2);
+                    let heads = |x: &[f32]| {
+                        Tensor::from_slice(x, (1, total, nkv, hd), &Device::Cpu)
+                            .unwrap()
+                            .transpose(1, 2)
+                            .unwrap()
+                            .contiguous()
+                            .unwrap()
+                    };
+                    let qt = Tensor::from_slice(&q[..], (1, nh, t, hd), &Device::Cpu).unwrap();
+                    let want: Vec<f32> = reference(&qt, &heads(k), &heads(v), start, 0.125, false)
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap();
+                    // (Values in [-2, 2]: a q4_0 step is up to 0.25, a q8_0 step 0.016.)
+                    let (max_tol, mean_tol) = if kt == Q4_0 || vt == Q4_0 {
+                        (0.6, 0.08)
+                    } else {
+                        (0.06, 0.01)
+                    };
+                    let diffs: Vec<f32> =
+                        got.iter().zip(&want).map(|(a, b)| (a - b).abs()).collect();
+                    let max = diffs.iter().fold(0f32, |m, &d| m.max(d));
+                    let mean = diffs.iter().sum::<f32>() / diffs.len() as f32;
+                    assert!(
+                        max < max_tol && mean < mean_tol,
+                        "{what}: max diff {max}, mean {mean}"
+                    );
+                }
+            }
+        });
+    }
+}

@@ -73,7 +73,7 @@ impl Rows {
 }
 
 /// The state of one pass: the residual stream and scratch buffers every layer reuses.
-struct Pass<'p> {
+struct Pass {
     rows: Rows,
     /// Where each sequence's new rows start in its cache.
     starts: Vec<usize>,
@@ -90,7 +90,6 @@ struct Pass<'p> {
     /// One sequence's new keys and values.
     k: Vec<f32>,
     v: Vec<f32>,
-    dev: &'p Device,
 }
 
 /// `v` as `n` values (grown as needed; every value is overwritten by its user).
@@ -176,7 +175,6 @@ impl Model {
             branch: Vec::new(),
             k: Vec::new(),
             v: Vec::new(),
-            dev,
         };
         for (li, (lp, l)) in m.plan.layers.iter().zip(&m.layers).enumerate() {
             // Asked to stop (a cancel, Ctrl-C in Python): the caches keep their length, so the
@@ -217,7 +215,7 @@ impl Model {
         lp: &LayerPlan,
         l: &Layer,
         seqs: &mut [BatchSeq<'_, '_>],
-        p: &mut Pass<'_>,
+        p: &mut Pass,
     ) -> Result<()> {
         use crate::kernels::{add_in_place, input_f32, rms_norm_rows, swiglu_rows};
         let t = p.rows.t();
@@ -262,10 +260,9 @@ impl Model {
                         kr.copy_from_slice(&row[qw..qw + kw]);
                         vr.copy_from_slice(&row[qw + kw..]);
                     }
-                    // An f16 cache rounds keys and values as it stores them.
-                    let kt = Tensor::from_slice(k, (1, ti, nkv, hd), p.dev)?.transpose(1, 2)?;
-                    let vt = Tensor::from_slice(v, (1, ti, nkv, hd), p.dev)?.transpose(1, 2)?;
-                    let (k_all, v_all) = s.cache.append(li, &kt, &vt)?;
+                    // The cache rounds, quantizes (and rotates) keys and values as it stores
+                    // them.
+                    s.cache.append_rows(li, k, v, ti)?;
                     let queries = crate::attention::Queries {
                         data: rows,
                         heads: nh,
@@ -274,14 +271,13 @@ impl Model {
                         head_stride: hd,
                         row_stride: qkv_w,
                     };
-                    let half_cache = s.cache.dtype() == DType::F16;
+                    let view = s.cache.view(li)?;
+                    let kv = crate::attention::Kv::of(&view, nkv, p.starts[i] + ti);
                     crate::attention::causal_into(
                         &queries,
-                        &k_all,
-                        &v_all,
+                        &kv,
                         p.starts[i],
                         scale,
-                        half_cache,
                         &mut att[r.start * qw..r.end * qw],
                     )?;
                 }

@@ -416,15 +416,21 @@ impl Model {
         self.inner.tokenizer.decode(ids, special)
     }
 
-    /// An empty cache for `n_ctx` positions, f16 (`half`) or f32.
-    pub(crate) fn new_cache(&self, n_ctx: usize, half: bool) -> KvCache {
+    /// An empty cache for `n_ctx` positions with keys and values stored as `k` and `v`.
+    pub(crate) fn new_cache(
+        &self,
+        n_ctx: usize,
+        k: crate::KvCacheType,
+        v: crate::KvCacheType,
+    ) -> Result<KvCache> {
         let c = &self.inner.config;
         KvCache::new(
             c.num_hidden_layers,
             c.num_key_value_heads,
             c.head_dim,
             n_ctx,
-            if half { DType::F16 } else { DType::F32 },
+            k,
+            v,
         )
     }
 
@@ -483,7 +489,11 @@ impl Model {
                 "token id {bad} is outside the model's vocabulary"
             )));
         }
-        let mut cache = self.new_cache(tokens.len(), false);
+        let mut cache = self.new_cache(
+            tokens.len(),
+            crate::KvCacheType::F32,
+            crate::KvCacheType::F32,
+        )?;
         let mut rows: Vec<Vec<f32>> = vec![];
         self.inner.runtime.run(|| -> Result<()> {
             for chunk in tokens.chunks(512) {

@@ -15,7 +15,7 @@ use crate::model::Model;
 use crate::pool::Runtime;
 pub use generate::CancelHandle;
 
-/// How keys and values are stored in the cache.
+/// How keys or values are stored in the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum KvCacheType {
@@ -24,25 +24,72 @@ pub enum KvCacheType {
     F16,
     /// Full single precision.
     F32,
+    /// llama.cpp's q8_0 blocks (32 values, an f16 scale and 8-bit integers: 8.5 bits a value),
+    /// rotated by a Hadamard transform per head as llama.cpp does. Needs a head size that is a
+    /// multiple of 32.
+    Q8_0,
+    /// llama.cpp's q4_0 blocks (4.5 bits a value), rotated likewise.
+    Q4_0,
 }
 
 impl KvCacheType {
-    /// Parses `f16` or `f32`.
+    /// Every type, in the order of their names in [`KvCacheType::parse`]'s message.
+    pub const ALL: [KvCacheType; 4] = [
+        KvCacheType::F16,
+        KvCacheType::F32,
+        KvCacheType::Q8_0,
+        KvCacheType::Q4_0,
+    ];
+
+    /// Parses `f16`, `f32`, `q8_0` or `q4_0` (any case).
     pub fn parse(s: &str) -> Result<KvCacheType> {
-        match s {
-            "f16" => Ok(KvCacheType::F16),
-            "f32" => Ok(KvCacheType::F32),
-            other => Err(Error::InvalidArgument(format!(
-                "kv_type must be 'f16' or 'f32', not {other:?}"
-            ))),
-        }
+        let l = s.to_ascii_lowercase();
+        KvCacheType::ALL
+            .into_iter()
+            .find(|t| t.as_str() == l)
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "KV cache type must be one of f16, f32, q8_0, q4_0, not {s:?}"
+                ))
+            })
     }
     /// The name [`KvCacheType::parse`] takes.
     pub fn as_str(self) -> &'static str {
         match self {
             KvCacheType::F16 => "f16",
             KvCacheType::F32 => "f32",
+            KvCacheType::Q8_0 => "q8_0",
+            KvCacheType::Q4_0 => "q4_0",
         }
+    }
+    /// Whether the type stores blocks of integers.
+    pub fn quantized(self) -> bool {
+        matches!(self, KvCacheType::Q8_0 | KvCacheType::Q4_0)
+    }
+    /// The number snapshots store for the type.
+    pub(crate) fn code(self) -> u8 {
+        match self {
+            KvCacheType::F16 => 0,
+            KvCacheType::F32 => 1,
+            KvCacheType::Q8_0 => 2,
+            KvCacheType::Q4_0 => 3,
+        }
+    }
+    pub(crate) fn from_code(c: u8) -> Option<KvCacheType> {
+        KvCacheType::ALL.into_iter().find(|t| t.code() == c)
+    }
+}
+
+impl std::fmt::Display for KvCacheType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for KvCacheType {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        KvCacheType::parse(s)
     }
 }
 
@@ -56,8 +103,10 @@ pub struct SessionOptions {
     pub n_ctx: usize,
     /// Tokens evaluated per forward pass during prompt processing.
     pub n_batch: usize,
-    /// KV cache precision.
-    pub kv_type: KvCacheType,
+    /// How keys are stored in the cache.
+    pub kv_type_k: KvCacheType,
+    /// How values are stored in the cache.
+    pub kv_type_v: KvCacheType,
     /// Opt-in context shift: when generation fills the context, keep the first `n_keep`
     /// tokens, drop the older half of the rest, and re-evaluate. `None` (default) makes a full
     /// context a [`Error::ContextOverflow`].
@@ -72,7 +121,8 @@ impl Default for SessionOptions {
         SessionOptions {
             n_ctx: 0,
             n_batch: 512,
-            kv_type: KvCacheType::F16,
+            kv_type_k: KvCacheType::F16,
+            kv_type_v: KvCacheType::F16,
             context_shift: None,
             threads: 0,
         }
@@ -80,6 +130,11 @@ impl Default for SessionOptions {
 }
 
 impl SessionOptions {
+    /// Sets how keys and values are stored.
+    pub fn kv_type(self, t: KvCacheType) -> Self {
+        self.kv_type_k(t).kv_type_v(t)
+    }
+
     setters! {
         /// Sets the context size.
         n_ctx(n: usize) => n_ctx = n;
@@ -87,8 +142,10 @@ impl SessionOptions {
         n_batch(n: usize) => n_batch = n;
         /// Enables context shift keeping the first `n_keep` tokens.
         context_shift(n_keep: usize) => context_shift = Some(n_keep);
-        /// Sets the KV cache precision.
-        kv_type(t: KvCacheType) => kv_type = t;
+        /// Sets how keys are stored.
+        kv_type_k(t: KvCacheType) => kv_type_k = t;
+        /// Sets how values are stored.
+        kv_type_v(t: KvCacheType) => kv_type_v = t;
         /// Sets the thread count (`0`: the model's).
         threads(n: usize) => threads = n;
     }
@@ -156,7 +213,7 @@ impl Model {
             interrupt: None,
             adapters: crate::lora::Applied::new(vec![], 0),
             model: self.clone(),
-            cache: self.new_cache(n_ctx, opts.kv_type == KvCacheType::F16),
+            cache: self.new_cache(n_ctx, opts.kv_type_k, opts.kv_type_v)?,
             tokens: vec![],
             logits: None,
             opts,
@@ -170,6 +227,11 @@ impl Session {
     /// The model this session runs.
     pub fn model(&self) -> &Model {
         &self.model
+    }
+    /// Bytes the KV cache holds now (it grows in chunks of 256 positions as the context
+    /// fills, up to [`Session::n_ctx`]).
+    pub fn kv_cache_bytes(&self) -> usize {
+        self.cache.bytes()
     }
     /// Context size in tokens.
     pub fn n_ctx(&self) -> usize {
@@ -550,10 +612,6 @@ impl Session {
 }
 
 impl Session {
-    pub(crate) fn kv_export(&self) -> Result<Vec<(candle_core::Tensor, candle_core::Tensor)>> {
-        self.cache.export()
-    }
-
     pub(crate) fn kv_import(
         &mut self,
         tokens: Vec<u32>,
@@ -570,6 +628,21 @@ impl Session {
             }
             self.cache.advance(n);
         }
+        self.tokens = tokens;
+        self.logits = logits;
+        Ok(())
+    }
+
+    /// Restores the cache from [`KvCache::raw`] bytes of a cache of this session's types.
+    pub(crate) fn kv_load_raw(
+        &mut self,
+        tokens: Vec<u32>,
+        bytes: &[u8],
+        logits: Option<Vec<f32>>,
+    ) -> Result<()> {
+        self.ahead.clear();
+        self.cache.truncate(0);
+        self.cache.load_raw(tokens.len(), bytes)?;
         self.tokens = tokens;
         self.logits = logits;
         Ok(())

@@ -4,6 +4,9 @@
 //! Layout (little-endian): magic `LLSS`, format version (u32), model fingerprint (u64), the
 //! LoRA adapters applied (version 2: count, then fingerprint, scale and path of each), then
 //! the session and cache fields, then an FNV-1a checksum (u64) of everything before it.
+//! Version 3 records the key and value storage types separately and the cache as stored (f32,
+//! f16 or blocks, bit for bit); versions 1 and 2 (one type, the cache as f32 values) are read
+//! too.
 //! Restoring checks magic, version, fingerprint, every length and the checksum before building
 //! anything, so another model's snapshot or a corrupted blob is an error, never garbage.
 
@@ -16,7 +19,7 @@ use crate::sampler::{Rng, Sampler, SamplerConfig};
 
 const MAGIC: &[u8; 4] = b"LLSS";
 /// Version of the snapshot format written by this library.
-pub const STATE_FORMAT_VERSION: u32 = 2;
+pub const STATE_FORMAT_VERSION: u32 = 3;
 
 fn fnv(bytes: &[u8]) -> u64 {
     let mut h = 0xcbf2_9ce4_8422_2325u64;
@@ -118,10 +121,8 @@ impl Session {
         let o = self.options();
         w.u64(self.n_ctx() as u64);
         w.u64(o.n_batch as u64);
-        w.u8(match o.kv_type {
-            KvCacheType::F16 => 0,
-            KvCacheType::F32 => 1,
-        });
+        w.u8(o.kv_type_k.code());
+        w.u8(o.kv_type_v.code());
         match o.context_shift {
             Some(k) => {
                 w.u8(1);
@@ -143,14 +144,12 @@ impl Session {
             }
             None => w.u8(0),
         }
-        let kv = self.kv_export()?;
         w.u32(c.num_hidden_layers as u32);
         w.u32(c.num_key_value_heads as u32);
         w.u32(c.head_dim as u32);
-        for (k, v) in kv {
-            w.f32s(&k.flatten_all()?.to_vec1::<f32>()?);
-            w.f32s(&v.flatten_all()?.to_vec1::<f32>()?);
-        }
+        let raw = self.cache.raw();
+        w.u64(raw.len() as u64);
+        w.0.extend_from_slice(&raw);
         match sampler {
             None => w.u8(0),
             Some(s) => {
@@ -233,11 +232,12 @@ impl Session {
         let c = model.config();
         let n_ctx = r.u64()? as usize;
         let n_batch = r.u64()? as usize;
-        let kv_type = match r.u8()? {
-            0 => KvCacheType::F16,
-            1 => KvCacheType::F32,
-            x => return Err(Error::State(format!("unknown KV type {x}"))),
+        let mut kv_type = || -> Result<KvCacheType> {
+            let x = r.u8()?;
+            KvCacheType::from_code(x).ok_or_else(|| Error::State(format!("unknown KV type {x}")))
         };
+        let kv_type_k = kv_type()?;
+        let kv_type_v = if version >= 3 { kv_type()? } else { kv_type_k };
         let shift_flag = r.u8()?;
         let shift_n = r.u64()? as usize;
         let n_tokens = r.len(4)?;
@@ -266,7 +266,12 @@ impl Session {
         }
         let want = nkv * n_tokens * hd;
         let mut kv = Vec::with_capacity(nl);
-        for _ in 0..nl {
+        let mut raw = None;
+        if version >= 3 {
+            let n = r.len(1)?;
+            raw = Some(r.take(n)?);
+        }
+        for _ in 0..if version >= 3 { 0 } else { nl } {
             let k = r.f32s()?;
             let v = r.f32s()?;
             if k.len() != want || v.len() != want {
@@ -309,12 +314,16 @@ impl Session {
         let mut opts = SessionOptions::default()
             .n_ctx(n_ctx)
             .n_batch(n_batch.max(1))
-            .kv_type(kv_type);
+            .kv_type_k(kv_type_k)
+            .kv_type_v(kv_type_v);
         opts.context_shift = (shift_flag == 1).then_some(shift_n);
         let mut s = model.session(opts)?;
         s.set_adapters(&adapters)
             .map_err(|e| Error::State(format!("adapters: {e}")))?;
-        s.kv_import(tokens, kv, logits)?;
+        match raw {
+            Some(bytes) => s.kv_load_raw(tokens, bytes, logits)?,
+            None => s.kv_import(tokens, kv, logits)?,
+        }
         Ok((s, sampler))
     }
 }

@@ -49,9 +49,11 @@ class Model:
         self,
         n_ctx: int = 0,
         n_batch: int = 512,
-        kv_type: str = "f16",
+        kv_type: Literal["f16", "f32", "q8_0", "q4_0"] = "f16",
         context_shift: Optional[int] = None,
         threads: int = 0,
+        kv_type_k: Optional[Literal["f16", "f32", "q8_0", "q4_0"]] = None,
+        kv_type_v: Optional[Literal["f16", "f32", "q8_0", "q4_0"]] = None,
     ) -> Session: ...
     def generate_batch(
         self,
