@@ -58,6 +58,13 @@ pub struct BenchArgs {
     /// share of it (the bytes a decode step reads times tokens per second).
     #[arg(long)]
     bandwidth: bool,
+    /// Also measure decode at these context depths (comma-separated positions, e.g.
+    /// 0,4096,16384,32768): for each, a prompt of that many tokens (its speed reported too),
+    /// then 32 decoded tokens, and the KV cache's memory there.
+    #[arg(long, value_name = "N,N,...", value_delimiter = ',')]
+    depth: Vec<usize>,
+    #[command(flatten)]
+    kv: crate::KvArgs,
     /// The user message of the constrained test.
     #[arg(
         long,
@@ -123,8 +130,9 @@ pub fn run(
     let load_rss = peak_rss_mib();
     let vocab = model.config().vocab_size;
     let tokens = bench_tokens(512, vocab);
+    let kv = a.kv.clone();
     let session = || -> Result<llama_core::Session, Box<dyn std::error::Error>> {
-        let mut s = model.session(SessionOptions::default().n_ctx(1024))?;
+        let mut s = model.session(kv.apply(SessionOptions::default().n_ctx(1024)))?;
         s.set_adapters(&adapters)?;
         Ok(s)
     };
@@ -199,6 +207,11 @@ pub fn run(
     } else {
         None
     };
+    let depths: Vec<serde_json::Value> = a
+        .depth
+        .iter()
+        .map(|&d| depth_decode(&model, &adapters, &a.kv, d))
+        .collect::<Result<_, _>>()?;
     let training = match a.train {
         Some(len) => Some(train_speed(&model, len, reps)?),
         None => None,
@@ -232,6 +245,9 @@ pub fn run(
                 "lora_vs_base": versus,
                 "constrained": constrained,
                 "batched": batched,
+                "kv_type_k": a.kv.types().0.as_str(),
+                "kv_type_v": a.kv.types().1.as_str(),
+                "depths": depths,
                 "training": training,
                 "speculative": speculative,
             })
@@ -259,6 +275,19 @@ pub fn run(
                 b["sequences"],
                 b["aggregate_tps"].as_f64().unwrap_or(0.0),
                 b["per_sequence_tps"].as_f64().unwrap_or(0.0),
+            );
+        }
+        let (kt, vt) = a.kv.types();
+        for d in &depths {
+            let pp = d["prompt_tps"]
+                .as_f64()
+                .map(|v| format!("prompt {v:.1} tok/s, "))
+                .unwrap_or_default();
+            println!(
+                "depth   {:>6} positions ({kt}/{vt} cache, {:.1} MiB): {pp}decode {:.1} tok/s",
+                d["depth"],
+                d["kv_bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
+                d["decode_tps"].as_f64().unwrap_or(0.0),
             );
         }
         if let Some(v) = &versus {
@@ -319,6 +348,44 @@ pub fn run(
         }
     }
     Ok(())
+}
+
+/// Decode at a context depth: a fresh session reads a `depth`-token prompt (timed: prompt
+/// speed at that length), then decodes 32 tokens greedily (timed); the KV cache's bytes are
+/// read after the last one.
+fn depth_decode(
+    model: &Model,
+    adapters: &[(llama_core::Adapter, f32)],
+    kv: &crate::KvArgs,
+    depth: usize,
+) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+    const STEPS: usize = 32;
+    let vocab = model.config().vocab_size;
+    let mut s = model.session(
+        kv.apply(
+            SessionOptions::default()
+                .n_ctx(depth + STEPS + 8)
+                .n_batch(512),
+        ),
+    )?;
+    s.set_adapters(adapters)?;
+    let prompt = bench_tokens(depth.max(1), vocab);
+    let t = Instant::now();
+    s.eval(&prompt)?;
+    let prompt_s = t.elapsed().as_secs_f64();
+    let mut next = argmax(s.logits().ok_or("no logits")?);
+    let t = Instant::now();
+    for _ in 0..STEPS {
+        s.eval(&[next])?;
+        next = argmax(s.logits().ok_or("no logits")?);
+    }
+    let decode_tps = STEPS as f64 / t.elapsed().as_secs_f64();
+    Ok(json!({
+        "depth": depth,
+        "prompt_tps": (depth > 1).then(|| depth as f64 / prompt_s),
+        "decode_tps": decode_tps,
+        "kv_bytes": s.kv_cache_bytes(),
+    }))
 }
 
 /// Decode and 512-token prompts with the adapters against the same without them, measured in

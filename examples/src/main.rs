@@ -98,7 +98,7 @@ struct ModelArg {
 
 /// How the KV cache stores keys and values.
 #[derive(Args, Clone, Default)]
-struct KvArgs {
+pub(crate) struct KvArgs {
     /// KV cache type for keys and values: f16, f32, q8_0 or q4_0 (llama.cpp's blocks,
     /// Hadamard-rotated: 53% and 28% of f16's memory).
     #[arg(long, value_name = "TYPE", default_value = "f16")]
@@ -113,14 +113,14 @@ struct KvArgs {
 
 impl KvArgs {
     /// The key and value types.
-    fn types(&self) -> (KvCacheType, KvCacheType) {
+    pub(crate) fn types(&self) -> (KvCacheType, KvCacheType) {
         (
             self.kv_type_k.unwrap_or(self.kv_type),
             self.kv_type_v.unwrap_or(self.kv_type),
         )
     }
     /// `o` with these types.
-    fn apply(&self, o: SessionOptions) -> SessionOptions {
+    pub(crate) fn apply(&self, o: SessionOptions) -> SessionOptions {
         let (k, v) = self.types();
         o.kv_type_k(k).kv_type_v(v)
     }

@@ -89,3 +89,21 @@ def test_threads_and_kernel_are_arguments(model_path):
         llama_core.Model.load(model_path, kernel="avx1024")
     with pytest.raises(ValueError):
         llama_core.Model.load(model_path, threads=1 << 20)
+
+
+def test_kv_cache_types(model):
+    ids = model.tokenize("The capital of France is")
+    tops = {}
+    for kv in ("f16", "f32", "q8_0", "q4_0"):
+        s = model.session(kv_type=kv, n_ctx=64)
+        assert f"kv_type_k='{kv}'" in repr(s) and f"kv_type_v='{kv}'" in repr(s)
+        s.eval(ids)
+        tops[kv] = int(s.logits().argmax())
+    # A q8_0 cache keeps the clear next token of this prompt.
+    assert tops["q8_0"] == tops["f32"] == tops["f16"]
+    mixed = model.session(kv_type_k="q8_0", kv_type_v="f16")
+    assert "kv_type_k='q8_0', kv_type_v='f16'" in repr(mixed)
+    with pytest.raises(ValueError):
+        model.session(kv_type_v="q2_k")
+    with pytest.raises(TypeError):
+        model.session(kv_type_k=8)

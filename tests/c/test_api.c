@@ -781,6 +781,23 @@ int main(int argc, char **argv) {
     CHECK(llama_session_eval(small, oov, 1) == LLAMA_STATUS_INVALID_ARGUMENT);
     llama_session_free(small);
 
+    /* KV cache types: q8_0 keys and q4_0 values read the same prompt to a next token; an
+     * unknown type is an invalid argument. */
+    ssp = llama_session_params_default();
+    CHECK(ssp.kv_type_k == -1 && ssp.kv_type_v == -1);
+    ssp.n_ctx = 64;
+    ssp.kv_type_k = LLAMA_KV_TYPE_Q8_0;
+    ssp.kv_type_v = LLAMA_KV_TYPE_Q4_0;
+    llama_session *qkv = NULL;
+    CHECK(llama_session_new(model, &ssp, &qkv) == LLAMA_STATUS_OK);
+    CHECK(llama_session_eval(qkv, many, 8) == LLAMA_STATUS_OK);
+    CHECK(llama_session_eval(qkv, one, 1) == LLAMA_STATUS_OK);
+    llama_session_free(qkv);
+    ssp.kv_type_v = 7;
+    qkv = NULL;
+    CHECK(llama_session_new(model, &ssp, &qkv) == LLAMA_STATUS_INVALID_ARGUMENT && qkv == NULL);
+    CHECK(strstr(llama_last_error_message(), "kv_type_v") != NULL);
+
     /* Cancel from another thread. */
     ssp = llama_session_params_default();
     ssp.n_ctx = 64;

@@ -11,20 +11,91 @@ use super::*;
 /// read in pieces gives what it gives read at once). Query `c` (`qm[c * hd..]`, already
 /// rounded when `round_f16`) sees keys `0..seen[c]` and writes `ys[c]` (zeroed by the caller).
 /// `hd` is a multiple of 16, at most 256.
+use crate::kv_cache::{Q4Block, Q8Block, QB};
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+/// Rows the 512-bit tile reads sixteen values at a time as f32 (exact conversions).
+#[cfg(target_arch = "x86_64")]
+pub(crate) trait Lanes16 {
+    /// Values `16 m..16 m + 16` of row `j`.
+    ///
+    /// # Safety
+    /// AVX-512F is available; row `j` exists and `16 m + 16 <=` the row length.
+    unsafe fn load16(&self, j: usize, m: usize) -> __m512;
+}
+
+/// f32 or f16 rows of `d` values.
+pub(crate) struct Plain<'a, T> {
+    pub data: &'a [T],
+    pub d: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<T: Elem> Lanes16 for Plain<'_, T> {
+    #[inline(always)]
+    unsafe fn load16(&self, j: usize, m: usize) -> __m512 {
+        T::load16(self.data.as_ptr().add(j * self.d + 16 * m))
+    }
+}
+
+/// q8_0 rows: `d / 32` blocks each.
+pub(crate) struct Q8Rows<'a> {
+    pub blocks: &'a [Q8Block],
+    pub d: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Lanes16 for Q8Rows<'_> {
+    #[inline(always)]
+    unsafe fn load16(&self, j: usize, m: usize) -> __m512 {
+        let b = &*self.blocks.as_ptr().add(j * (self.d / QB) + m / 2);
+        let q = _mm_loadu_si128(b.qs.as_ptr().add(16 * (m % 2)) as *const __m128i);
+        _mm512_mul_ps(
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)),
+            _mm512_set1_ps(b.d.to_f32()),
+        )
+    }
+}
+
+/// q4_0 rows: `d / 32` blocks each (values `0..16` of a block in the low nibbles).
+pub(crate) struct Q4Rows<'a> {
+    pub blocks: &'a [Q4Block],
+    pub d: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Lanes16 for Q4Rows<'_> {
+    #[inline(always)]
+    unsafe fn load16(&self, j: usize, m: usize) -> __m512 {
+        let b = &*self.blocks.as_ptr().add(j * (self.d / QB) + m / 2);
+        let bytes = _mm_loadu_si128(b.qs.as_ptr() as *const __m128i);
+        let bytes = if m % 2 == 0 {
+            bytes
+        } else {
+            _mm_srli_epi16::<4>(bytes)
+        };
+        let q = _mm512_cvtepu8_epi32(_mm_and_si128(bytes, _mm_set1_epi8(15)));
+        _mm512_mul_ps(
+            _mm512_cvtepi32_ps(_mm512_sub_epi32(q, _mm512_set1_epi32(8))),
+            _mm512_set1_ps(b.d.to_f32()),
+        )
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn attend_tile_avx512<K: Chunks, V: Chunks, const S: usize>(
+pub(crate) unsafe fn attend_tile_avx512<K: Lanes16, V: Lanes16, const S: usize>(
     qm: &[f32],
     seen: &[usize],
-    keys: &mut K,
-    vals: &mut V,
+    keys: &K,
+    vals: &V,
     hd: usize,
     scale: f32,
     round_p: bool,
     ys: &mut [&mut [f32]],
 ) {
-    use std::arch::x86_64::*;
     let nq = seen.len();
     let n = seen.iter().copied().max().unwrap_or(0);
     let width = n.div_ceil(16) * 16;
@@ -34,38 +105,102 @@ pub(crate) unsafe fn attend_tile_avx512<K: Chunks, V: Chunks, const S: usize>(
     let hd = if S > 0 { 16 * S } else { hd };
     let steps = hd / 16;
     let mut kv = [_mm512_setzero_ps(); 16];
-    let kc = keys.chunk().max(1);
-    for j0 in (0..n).step_by(kc) {
-        let cn = (n - j0).min(kc);
-        let base = keys.rows(j0, cn);
-        for jj in 0..cn {
-            let j = j0 + jj;
-            let row = base.add(jj * hd);
-            for (m, v) in kv.iter_mut().enumerate().take(steps) {
-                *v = _mm512_insertf32x8::<1>(
-                    _mm512_castps256_ps512(K::T::load8(row.add(16 * m))),
-                    K::T::load8(row.add(16 * m + 8)),
-                );
-            }
-            for q0 in (0..nq).step_by(4) {
-                // Lanes 0..8 of a query's sum are the first chain of the row-at-a-time dot (the
-                // low half of each 16-wide step), lanes 8..16 the second: the halves added and
-                // the four queries reduced together give exactly its sums.
-                let v: [__m256; 4] = std::array::from_fn(|c| {
-                    if q0 + c >= nq {
-                        return _mm256_setzero_ps();
-                    }
-                    let qp = qm.as_ptr().add((q0 + c) * hd);
+    if S == 4 && nq <= 4 {
+        // Decode (one row of a GQA group): the queries stay in registers while the keys
+        // stream past; the same FMAs and reductions as below.
+        let qv: [[__m512; 4]; 4] = std::array::from_fn(|c| {
+            std::array::from_fn(|m| {
+                if c < nq {
+                    _mm512_loadu_ps(qm.as_ptr().add(c * hd + 16 * m))
+                } else {
+                    _mm512_setzero_ps()
+                }
+            })
+        });
+        // Four keys at a time: the sixteen (query, key) sums reduced together by a transposing
+        // tree with the pairings of the one-pair reduction (lanes l + l+8, then i + i+4, then
+        // 0+2 and 1+3, then those two), which leaves query c's four scores in 128-bit chunk c.
+        let quads = n / 4;
+        for j4 in 0..quads {
+            let r: [__m512; 4] = std::array::from_fn(|kk| {
+                let j = 4 * j4 + kk;
+                let k: [__m512; 4] = std::array::from_fn(|m| keys.load16(j, m));
+                let a: [__m512; 4] = std::array::from_fn(|c| {
                     let mut a = _mm512_setzero_ps();
-                    for (m, k) in kv.iter().enumerate().take(steps) {
-                        a = _mm512_fmadd_ps(_mm512_loadu_ps(qp.add(16 * m)), *k, a);
+                    for m in 0..4 {
+                        a = _mm512_fmadd_ps(qv[c][m], k[m], a);
                     }
-                    _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps::<1>(a))
+                    a
                 });
-                for (c, &sum) in hsum4(v).iter().enumerate() {
-                    if q0 + c < nq {
-                        sc[(q0 + c) * width + j] = sum * scale;
-                    }
+                let l1 = |x: __m512, y: __m512| {
+                    _mm512_add_ps(
+                        _mm512_shuffle_f32x4::<0x44>(x, y),
+                        _mm512_shuffle_f32x4::<0xEE>(x, y),
+                    )
+                };
+                let (v1, v2) = (l1(a[0], a[1]), l1(a[2], a[3]));
+                _mm512_add_ps(
+                    _mm512_shuffle_f32x4::<0x88>(v1, v2),
+                    _mm512_shuffle_f32x4::<0xDD>(v1, v2),
+                )
+            });
+            let l3 = |x: __m512, y: __m512| {
+                _mm512_add_ps(
+                    _mm512_shuffle_ps::<0x44>(x, y),
+                    _mm512_shuffle_ps::<0xEE>(x, y),
+                )
+            };
+            let (q1, q2) = (l3(r[0], r[1]), l3(r[2], r[3]));
+            let s4 = _mm512_mul_ps(
+                _mm512_add_ps(
+                    _mm512_shuffle_ps::<0x88>(q1, q2),
+                    _mm512_shuffle_ps::<0xDD>(q1, q2),
+                ),
+                _mm512_set1_ps(scale),
+            );
+            let mut lanes = [0f32; 16];
+            _mm512_storeu_ps(lanes.as_mut_ptr(), s4);
+            for c in 0..nq {
+                sc.get_unchecked_mut(c * width + 4 * j4..c * width + 4 * j4 + 4)
+                    .copy_from_slice(&lanes[4 * c..4 * c + 4]);
+            }
+        }
+        for j in 4 * quads..n {
+            let k: [__m512; 4] = std::array::from_fn(|m| keys.load16(j, m));
+            let v: [__m256; 4] = std::array::from_fn(|c| {
+                let mut a = _mm512_setzero_ps();
+                for m in 0..4 {
+                    a = _mm512_fmadd_ps(qv[c][m], k[m], a);
+                }
+                _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps::<1>(a))
+            });
+            for (c, &sum) in hsum4(v).iter().enumerate().take(nq) {
+                *sc.get_unchecked_mut(c * width + j) = sum * scale;
+            }
+        }
+    }
+    for j in 0..if S == 4 && nq <= 4 { 0 } else { n } {
+        for (m, v) in kv.iter_mut().enumerate().take(steps) {
+            *v = keys.load16(j, m);
+        }
+        for q0 in (0..nq).step_by(4) {
+            // Lanes 0..8 of a query's sum are the first chain of the row-at-a-time dot (the
+            // low half of each 16-wide step), lanes 8..16 the second: the halves added and the
+            // four queries reduced together give exactly its sums.
+            let v: [__m256; 4] = std::array::from_fn(|c| {
+                if q0 + c >= nq {
+                    return _mm256_setzero_ps();
+                }
+                let qp = qm.as_ptr().add((q0 + c) * hd);
+                let mut a = _mm512_setzero_ps();
+                for (m, k) in kv.iter().enumerate().take(steps) {
+                    a = _mm512_fmadd_ps(_mm512_loadu_ps(qp.add(16 * m)), *k, a);
+                }
+                _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps::<1>(a))
+            });
+            for (c, &sum) in hsum4(v).iter().enumerate() {
+                if q0 + c < nq {
+                    sc[(q0 + c) * width + j] = sum * scale;
                 }
             }
         }
@@ -84,51 +219,29 @@ pub(crate) unsafe fn attend_tile_avx512<K: Chunks, V: Chunks, const S: usize>(
         }
         dead.fill(0.0);
     }
-    let vc = vals.chunk().max(1);
-    for j0 in (0..n).step_by(vc) {
-        let cn = (n - j0).min(vc);
-        let base = vals.rows(j0, cn);
-        for d0 in (0..hd).step_by(64) {
-            let lanes = (hd - d0).min(64) / 16;
-            for q0 in (0..nq).step_by(4) {
-                let qn = (nq - q0).min(4);
-                let mut acc = [[_mm512_setzero_ps(); 4]; 4];
-                if j0 > 0 {
-                    for (c, a) in acc.iter_mut().enumerate().take(qn) {
-                        let y = ys[q0 + c].as_ptr().add(d0);
-                        for (l, v) in a.iter_mut().enumerate().take(lanes) {
-                            *v = _mm512_loadu_ps(y.add(16 * l));
-                        }
-                    }
+    for d0 in (0..hd).step_by(64) {
+        let lanes = (hd - d0).min(64) / 16;
+        for q0 in (0..nq).step_by(4) {
+            let qn = (nq - q0).min(4);
+            let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+            for j in 0..n {
+                let mut vv = [_mm512_setzero_ps(); 4];
+                for (l, v) in vv.iter_mut().enumerate().take(lanes) {
+                    *v = vals.load16(j, d0 / 16 + l);
                 }
-                for jj in 0..cn {
-                    let row = base.add(jj * hd + d0);
-                    let mut vv = [_mm512_setzero_ps(); 4];
-                    for (l, v) in vv.iter_mut().enumerate().take(lanes) {
-                        *v = _mm512_insertf32x8::<1>(
-                            _mm512_castps256_ps512(V::T::load8(row.add(16 * l))),
-                            V::T::load8(row.add(16 * l + 8)),
-                        );
-                    }
-                    for (c, a) in acc.iter_mut().enumerate().take(qn) {
-                        let p = _mm512_set1_ps(*sc.get_unchecked((q0 + c) * width + j0 + jj));
-                        for l in 0..lanes {
-                            a[l] = _mm512_fmadd_ps(p, vv[l], a[l]);
-                        }
-                    }
-                }
-                for (c, a) in acc.iter().enumerate().take(qn) {
-                    let y = &mut ys[q0 + c];
-                    for (l, v) in a.iter().enumerate().take(lanes) {
-                        _mm512_storeu_ps(y.as_mut_ptr().add(d0 + 16 * l), *v);
+                for (c, a) in acc.iter_mut().enumerate().take(qn) {
+                    let p = _mm512_set1_ps(*sc.get_unchecked((q0 + c) * width + j));
+                    for l in 0..lanes {
+                        a[l] = _mm512_fmadd_ps(p, vv[l], a[l]);
                     }
                 }
             }
-        }
-    }
-    if n == 0 {
-        for y in ys.iter_mut() {
-            y.fill(0.0);
+            for (c, a) in acc.iter().enumerate().take(qn) {
+                let y = &mut ys[q0 + c];
+                for (l, v) in a.iter().enumerate().take(lanes) {
+                    _mm512_storeu_ps(y.as_mut_ptr().add(d0 + 16 * l), *v);
+                }
+            }
         }
     }
     if !round_p {

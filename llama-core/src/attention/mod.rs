@@ -249,63 +249,9 @@ impl<'a> Kv<'a> {
     }
 }
 
-/// Keys or values handed to the tile a run of rows at a time.
-pub(crate) trait Chunks {
-    type T: Elem;
-    /// Most rows per call of [`Chunks::rows`].
-    fn chunk(&self) -> usize;
-    /// Rows `j0..j0 + n` (`n <= chunk()`), `n * head_dim` elements, valid until the next call.
-    fn rows(&mut self, j0: usize, n: usize) -> *const Self::T;
-}
-
-/// Rows read where they are stored (f32 or f16).
-pub(crate) struct Direct<'a, T> {
-    data: &'a [T],
-    d: usize,
-}
-
-impl<T: Elem> Chunks for Direct<'_, T> {
-    type T = T;
-    fn chunk(&self) -> usize {
-        usize::MAX
-    }
-    fn rows(&mut self, j0: usize, n: usize) -> *const T {
-        self.data[j0 * self.d..(j0 + n) * self.d].as_ptr()
-    }
-}
-
-/// Rows of any storage type converted to f32 a chunk at a time (exactly: see
-/// [`KvRows::dequantize`]), so that every type runs the f32 arithmetic on the same values.
-pub(crate) struct Dequant<'a> {
-    rows: KvRows<'a>,
-    d: usize,
-    buf: Vec<f32>,
-}
-
-/// Rows per dequantized chunk (a chunk of keys and one of values stay in L1/L2).
+/// Rows per dequantized chunk on the row-at-a-time path (a chunk of keys and one of values
+/// stay in L1).
 const DQ_CHUNK: usize = 64;
-
-impl<'a> Dequant<'a> {
-    fn new(rows: KvRows<'a>, d: usize) -> Self {
-        Dequant {
-            rows,
-            d,
-            buf: vec![0.0; DQ_CHUNK * d],
-        }
-    }
-}
-
-impl Chunks for Dequant<'_> {
-    type T = f32;
-    fn chunk(&self) -> usize {
-        DQ_CHUNK
-    }
-    fn rows(&mut self, j0: usize, n: usize) -> *const f32 {
-        let buf = &mut self.buf[..n * self.d];
-        self.rows.dequantize(j0, self.d, buf);
-        buf.as_ptr()
-    }
-}
 
 /// Copies query row `src` into `dst` as the keys need it: rounded to f16 (llama.cpp's
 /// arithmetic over f16 keys) or rotated like rotated keys.
@@ -499,28 +445,35 @@ pub(crate) fn causal_into<'k>(
             unsafe {
                 macro_rules! tile {
                     ($k:expr, $v:expr) => {{
-                        let (mut k, mut v) = ($k, $v);
+                        let (k, v) = (&$k, &$v);
                         match hd {
                             64 => attend_tile_avx512::<_, _, 4>(
-                                &qm, &seen, &mut k, &mut v, hd, scale, kv.round_p, &mut ys,
+                                &qm, &seen, k, v, hd, scale, kv.round_p, &mut ys,
                             ),
                             128 => attend_tile_avx512::<_, _, 8>(
-                                &qm, &seen, &mut k, &mut v, hd, scale, kv.round_p, &mut ys,
+                                &qm, &seen, k, v, hd, scale, kv.round_p, &mut ys,
                             ),
                             _ => attend_tile_avx512::<_, _, 0>(
-                                &qm, &seen, &mut k, &mut v, hd, scale, kv.round_p, &mut ys,
+                                &qm, &seen, k, v, hd, scale, kv.round_p, &mut ys,
                             ),
                         }
                     }};
                 }
-                match (kr, vr) {
-                    (KvRows::F16(k), KvRows::F16(v)) => {
-                        tile!(Direct { data: k, d: hd }, Direct { data: v, d: hd })
-                    }
-                    (KvRows::F32(k), KvRows::F32(v)) => {
-                        tile!(Direct { data: k, d: hd }, Direct { data: v, d: hd })
-                    }
-                    (k, v) => tile!(Dequant::new(k, hd), Dequant::new(v, hd)),
+                macro_rules! with_v {
+                    ($k:expr) => {{
+                        match vr {
+                            KvRows::F16(v) => tile!($k, Plain { data: v, d: hd }),
+                            KvRows::F32(v) => tile!($k, Plain { data: v, d: hd }),
+                            KvRows::Q8(v) => tile!($k, Q8Rows { blocks: v, d: hd }),
+                            KvRows::Q4(v) => tile!($k, Q4Rows { blocks: v, d: hd }),
+                        }
+                    }};
+                }
+                match kr {
+                    KvRows::F16(k) => with_v!(Plain { data: k, d: hd }),
+                    KvRows::F32(k) => with_v!(Plain { data: k, d: hd }),
+                    KvRows::Q8(k) => with_v!(Q8Rows { blocks: k, d: hd }),
+                    KvRows::Q4(k) => with_v!(Q4Rows { blocks: k, d: hd }),
                 }
             }
             if let Some(b) = kv.rot_v {

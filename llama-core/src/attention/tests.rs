@@ -357,3 +357,40 @@ fn block_caches_read_in_place() {
         });
     }
 }
+
+#[test]
+#[ignore]
+fn xbench_decode_attention() {
+    use crate::KvCacheType::{F16, Q8_0};
+    for kt in [F16, Q8_0] {
+        let (nh, nkv, hd) = (32, 8, 64);
+        let total = 4096;
+        let (q, cache, _) = cache_case(kt, kt, (nh, nkv, hd), 1, total - 1);
+        let view = cache.view(0).unwrap();
+        let kv = Kv::of(&view, nkv, total);
+        let queries = Queries {
+            data: &q,
+            heads: nh,
+            rows: 1,
+            head_dim: hd,
+            head_stride: hd,
+            row_stride: hd,
+        };
+        let mut out = vec![0f32; nh * hd];
+        for _ in 0..5 {
+            causal_into(&queries, &kv, total - 1, 0.125, &mut out).unwrap();
+        }
+        let t = std::time::Instant::now();
+        let n = 200;
+        for _ in 0..n {
+            causal_into(&queries, &kv, total - 1, 0.125, &mut out).unwrap();
+        }
+        let s = t.elapsed().as_secs_f64() / n as f64;
+        let bytes = cache.bytes_per_position() / 1.0 * total as f64;
+        eprintln!(
+            "{kt:?}: {:.3} ms per layer-call, {:.1} GB/s",
+            s * 1e3,
+            bytes / s / 1e9
+        );
+    }
+}
