@@ -58,7 +58,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=os.path.expanduser("~/.cache/llama-core/SmolLM2-135M-Instruct.Q4_1.gguf"))
     ap.add_argument("--llama", default="target/release/llama")
-    ap.add_argument("--llama-perplexity", default="/tmp/sdist/build/bin/llama-perplexity")
+    ap.add_argument("--llama-perplexity", default=os.path.expanduser(
+        "~/.cache/llama-core/llamacpp-tools/build/bin/llama-perplexity"),
+        help="built by benches/llamacpp_tools.sh")
     ap.add_argument("--ctx", type=int, default=2048)
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--threads", type=int, default=os.cpu_count())

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds llama.cpp's own `llama-batched-bench` and `llama-server` (outside CI) from the llama.cpp
+# Builds llama.cpp's own `llama-batched-bench`, `llama-server`, `llama-bench` (-d: decode at a
+# context depth) and `llama-perplexity` (benches/kv_quality.py) (outside CI) from the llama.cpp
 # that llama-cpp-python's sdist vendors (the version our references use), with the build flags
 # of DEVELOPERS.md (GGML_NATIVE off, the ISA listed, AMX off: its native build faults on Intel
 # machines with AMX here), and prints the folder holding them.
@@ -12,7 +13,8 @@
 set -euo pipefail
 VERSION=0.3.36
 DIR="${LLAMA_TOOLS_DIR:-$HOME/.cache/llama-core/llamacpp-tools}"
-if [ ! -x "$DIR/build/bin/llama-server" ] || [ ! -x "$DIR/build/bin/llama-batched-bench" ]; then
+if [ ! -x "$DIR/build/bin/llama-server" ] || [ ! -x "$DIR/build/bin/llama-batched-bench" ] ||
+    [ ! -x "$DIR/build/bin/llama-bench" ] || [ ! -x "$DIR/build/bin/llama-perplexity" ]; then
     mkdir -p "$DIR"
     if [ ! -d "$DIR/llama_cpp_python-$VERSION" ]; then
         url=$(curl -fsSL https://pypi.org/simple/llama-cpp-python/ \
@@ -24,6 +26,6 @@ if [ ! -x "$DIR/build/bin/llama-server" ] || [ ! -x "$DIR/build/bin/llama-batche
         -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
         -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON \
         -DGGML_AVX_VNNI=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF >&2
-    cmake --build "$DIR/build" --target llama-batched-bench llama-server -j "$(nproc)" >&2
+    cmake --build "$DIR/build" --target llama-batched-bench llama-server llama-bench llama-perplexity -j "$(nproc)" >&2
 fi
 echo "$DIR/build/bin"

@@ -70,7 +70,7 @@ impl Lanes16 for Q4Rows<'_> {
     unsafe fn load16(&self, j: usize, m: usize) -> __m512 {
         let b = &*self.blocks.as_ptr().add(j * (self.d / QB) + m / 2);
         let bytes = _mm_loadu_si128(b.qs.as_ptr() as *const __m128i);
-        let bytes = if m % 2 == 0 {
+        let bytes = if m.is_multiple_of(2) {
             bytes
         } else {
             _mm_srli_epi16::<4>(bytes)
