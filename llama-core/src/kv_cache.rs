@@ -257,13 +257,13 @@ impl Plane {
         }
     }
 
-    /// Bytes per value.
-    fn bytes(t: KvCacheType) -> f64 {
+    /// Bytes of a row of `d` values stored as `t` (as in memory and in snapshots).
+    fn row_bytes(t: KvCacheType, d: usize) -> usize {
         match t {
-            KvCacheType::F32 => 4.0,
-            KvCacheType::F16 => 2.0,
-            KvCacheType::Q8_0 => 34.0 / 32.0,
-            KvCacheType::Q4_0 => 18.0 / 32.0,
+            KvCacheType::F32 => d * 4,
+            KvCacheType::F16 => d * 2,
+            KvCacheType::Q8_0 => d / QB * std::mem::size_of::<Q8Block>(),
+            KvCacheType::Q4_0 => d / QB * std::mem::size_of::<Q4Block>(),
         }
     }
 }
@@ -337,15 +337,16 @@ impl KvCache {
 
     /// Bytes held for stored and reserved positions (every layer, keys and values).
     pub(crate) fn bytes(&self) -> usize {
-        let per = (self.k.len() * self.n_kv_heads * self.head_dim) as f64;
-        (per * self.capacity as f64 * (Plane::bytes(self.k_type) + Plane::bytes(self.v_type)))
-            as usize
+        self.bytes_for(self.capacity)
     }
 
-    /// Bytes a position costs (every layer, keys and values).
-    pub(crate) fn bytes_per_position(&self) -> f64 {
-        (self.k.len() * self.n_kv_heads * self.head_dim) as f64
-            * (Plane::bytes(self.k_type) + Plane::bytes(self.v_type))
+    /// Bytes `n` positions cost (every layer, keys and values), in memory and in snapshots.
+    pub(crate) fn bytes_for(&self, n: usize) -> usize {
+        let d = self.head_dim;
+        self.k.len()
+            * self.n_kv_heads
+            * n
+            * (Plane::row_bytes(self.k_type, d) + Plane::row_bytes(self.v_type, d))
     }
 
     fn rot(&self) -> (Option<usize>, Option<usize>) {
@@ -397,20 +398,21 @@ impl KvCache {
         Ok(())
     }
 
-    /// Writes `t` positions of keys and values for `layer` at the current length: `k` and `v`
-    /// hold `t` rows of `kv_heads * head_dim` values (token-major, as the projections write
-    /// them); a quantized plane rotates its rows before storing them. Call
-    /// [`KvCache::advance`] after the last layer.
+    /// Writes `t` positions of keys and values for `layer` at the current length: position
+    /// `i`'s keys are `k[i * stride..][..kv_heads * head_dim]`, its values likewise in `v` (the
+    /// projections' rows read where they are); a quantized plane rotates its rows before storing
+    /// them. Call [`KvCache::advance`] after the last layer.
     pub(crate) fn append_rows(
         &mut self,
         layer: usize,
-        k: &[f32],
-        v: &[f32],
+        (k, v): (&[f32], &[f32]),
+        stride: usize,
         t: usize,
     ) -> Result<()> {
         let (nkv, d) = (self.n_kv_heads, self.head_dim);
         let width = nkv * d;
-        if k.len() != t * width || v.len() != t * width || self.len + t > self.capacity {
+        let fits = |x: &[f32]| t == 0 || (stride >= width && x.len() >= (t - 1) * stride + width);
+        if !fits(k) || !fits(v) || self.len + t > self.capacity {
             return Err(Error::InvalidArgument(format!(
                 "kv cache: {t} rows of {width} values do not fit (len {}, capacity {})",
                 self.len, self.capacity
@@ -425,7 +427,7 @@ impl KvCache {
         for (plane, src, rot) in [(kp, k, rot_k), (vp, v, rot_v)] {
             for i in 0..t {
                 for h in 0..nkv {
-                    let x = &src[i * width + h * d..][..d];
+                    let x = &src[i * stride + h * d..][..d];
                     match rot {
                         Some(n) => {
                             row.copy_from_slice(x);
@@ -498,7 +500,8 @@ impl KvCache {
                 .flatten_all()?
                 .to_vec1::<f32>()?)
         };
-        self.append_rows(layer, &rows(k)?, &rows(v)?, t)?;
+        let width = self.n_kv_heads * self.head_dim;
+        self.append_rows(layer, (&rows(k)?, &rows(v)?), width, t)?;
         self.tensors(layer, self.len + t)
     }
 
@@ -535,7 +538,7 @@ impl KvCache {
     /// head's rows in order (the snapshot format; f16 and block scales little-endian).
     pub(crate) fn raw(&self) -> Vec<u8> {
         let (nkv, d, len, cap) = (self.n_kv_heads, self.head_dim, self.len, self.capacity);
-        let mut out = Vec::with_capacity(self.bytes_per_position().ceil() as usize * len);
+        let mut out = Vec::with_capacity(self.bytes_for(len));
         for plane in self.k.iter().zip(&self.v).flat_map(|(k, v)| [k, v]) {
             let Some(p) = plane else { continue };
             for h in 0..nkv {
@@ -561,22 +564,10 @@ impl KvCache {
         out
     }
 
-    /// The byte count [`KvCache::raw`] gives for `n` positions.
-    pub(crate) fn raw_len(&self, n: usize) -> usize {
-        let rows = self.k.len() * self.n_kv_heads * n;
-        let per = |t: KvCacheType| match t {
-            KvCacheType::F32 => self.head_dim * 4,
-            KvCacheType::F16 => self.head_dim * 2,
-            KvCacheType::Q8_0 => self.head_dim / QB * 34,
-            KvCacheType::Q4_0 => self.head_dim / QB * 18,
-        };
-        rows * (per(self.k_type) + per(self.v_type))
-    }
-
     /// Replaces the contents with `n` positions read from [`KvCache::raw`]'s bytes (of a cache
     /// of the same types and shape; the caller checked the length).
     pub(crate) fn load_raw(&mut self, n: usize, bytes: &[u8]) -> Result<()> {
-        if bytes.len() != self.raw_len(n) {
+        if bytes.len() != self.bytes_for(n) {
             return Err(Error::State("KV cache has the wrong size".into()));
         }
         self.len = 0;
@@ -757,27 +748,22 @@ mod tests {
                     .map(|i| ((i + step) as f32).sin())
                     .collect();
                 for l in 0..layers {
-                    c.append_rows(l, &k, &k, n).unwrap();
+                    c.append_rows(l, (&k, &k), nkv * d, n).unwrap();
                 }
                 c.advance(n);
                 all.extend(k);
             }
             assert_eq!(c.len(), 303);
-            let (k, v) = c.export().unwrap()[1].clone();
-            let k: Vec<f32> = k
-                .transpose(1, 2)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let v: Vec<f32> = v
-                .transpose(1, 2)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let token_major = |x: &Tensor| -> Vec<f32> {
+                x.transpose(1, 2)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            };
+            let (k, v) = &c.export().unwrap()[1];
+            let (k, v) = (token_major(k), token_major(v));
             let tol = match t {
                 KvCacheType::F32 => 1e-6,
                 KvCacheType::F16 => 1e-3,
@@ -793,7 +779,7 @@ mod tests {
             let mut g = KvCache::new(layers, nkv, d, 1000, t, KvCacheType::F16).unwrap();
             g.load_raw(303, &c.raw()).unwrap();
             assert_eq!(g.raw(), c.raw());
-            assert_eq!(c.raw().len(), c.raw_len(303));
+            assert_eq!(c.raw().len(), c.bytes_for(303));
             assert!(g.load_raw(302, &c.raw()).is_err());
         }
         assert!(KvCache::new(1, 1, 48, 10, KvCacheType::Q8_0, KvCacheType::F16).is_err());

@@ -241,7 +241,7 @@ fn cache_case(
     let mut cache = KvCache::new(1, nkv, hd, total + 300, kt, vt).unwrap();
     cache.reserve(total, &Device::Cpu).unwrap();
     let (k, v) = (values(total * nkv * hd, 21), values(total * nkv * hd, 23));
-    cache.append_rows(0, &k, &v, total).unwrap();
+    cache.append_rows(0, (&k, &v), nkv * hd, total).unwrap();
     cache.advance(total);
     let q = values(nh * t * hd, 25);
     (q, cache, [k, v].concat())

@@ -87,9 +87,6 @@ struct Pass {
     mid: Vec<f32>,
     /// A residual branch's output.
     branch: Vec<f32>,
-    /// One sequence's new keys and values.
-    k: Vec<f32>,
-    v: Vec<f32>,
 }
 
 /// `v` as `n` values (grown as needed; every value is overwritten by its user).
@@ -173,8 +170,6 @@ impl Model {
             wide: Vec::new(),
             mid: Vec::new(),
             branch: Vec::new(),
-            k: Vec::new(),
-            v: Vec::new(),
         };
         for (li, (lp, l)) in m.plan.layers.iter().zip(&m.layers).enumerate() {
             // Asked to stop (a cancel, Ctrl-C in Python): the caches keep their length, so the
@@ -252,17 +247,10 @@ impl Model {
                     self.inner
                         .rope
                         .apply(&mut rows[qw..], ti, nkv, qkv_w, (cos, sin));
-                    let (k, v) = (sized(&mut p.k, ti * kw), sized(&mut p.v, ti * kw));
-                    for (row, (kr, vr)) in rows
-                        .chunks_exact(qkv_w)
-                        .zip(k.chunks_exact_mut(kw).zip(v.chunks_exact_mut(kw)))
-                    {
-                        kr.copy_from_slice(&row[qw..qw + kw]);
-                        vr.copy_from_slice(&row[qw + kw..]);
-                    }
                     // The cache rounds, quantizes (and rotates) keys and values as it stores
-                    // them.
-                    s.cache.append_rows(li, k, v, ti)?;
+                    // them, reading them from the projections' rows.
+                    s.cache
+                        .append_rows(li, (&rows[qw..], &rows[qw + kw..]), qkv_w, ti)?;
                     let queries = crate::attention::Queries {
                         data: rows,
                         heads: nh,

@@ -265,23 +265,29 @@ impl Session {
             ));
         }
         let want = nkv * n_tokens * hd;
-        let mut kv = Vec::with_capacity(nl);
-        let mut raw = None;
-        if version >= 3 {
+        // Version 3: the cache as stored; before: every layer's keys and values as f32.
+        enum Cache<'b> {
+            Raw(&'b [u8]),
+            Values(Vec<(Tensor, Tensor)>),
+        }
+        let cache = if version >= 3 {
             let n = r.len(1)?;
-            raw = Some(r.take(n)?);
-        }
-        for _ in 0..if version >= 3 { 0 } else { nl } {
-            let k = r.f32s()?;
-            let v = r.f32s()?;
-            if k.len() != want || v.len() != want {
-                return Err(Error::State("KV cache has the wrong size".into()));
+            Cache::Raw(r.take(n)?)
+        } else {
+            let mut kv = Vec::with_capacity(nl);
+            for _ in 0..nl {
+                let k = r.f32s()?;
+                let v = r.f32s()?;
+                if k.len() != want || v.len() != want {
+                    return Err(Error::State("KV cache has the wrong size".into()));
+                }
+                kv.push((
+                    Tensor::from_vec(k, (1, nkv, n_tokens, hd), &Device::Cpu)?,
+                    Tensor::from_vec(v, (1, nkv, n_tokens, hd), &Device::Cpu)?,
+                ));
             }
-            kv.push((
-                Tensor::from_vec(k, (1, nkv, n_tokens, hd), &Device::Cpu)?,
-                Tensor::from_vec(v, (1, nkv, n_tokens, hd), &Device::Cpu)?,
-            ));
-        }
+            Cache::Values(kv)
+        };
         let sampler = match r.u8()? {
             0 => None,
             _ => {
@@ -320,9 +326,9 @@ impl Session {
         let mut s = model.session(opts)?;
         s.set_adapters(&adapters)
             .map_err(|e| Error::State(format!("adapters: {e}")))?;
-        match raw {
-            Some(bytes) => s.kv_load_raw(tokens, bytes, logits)?,
-            None => s.kv_import(tokens, kv, logits)?,
+        match cache {
+            Cache::Raw(bytes) => s.kv_load_raw(tokens, bytes, logits)?,
+            Cache::Values(kv) => s.kv_import(tokens, kv, logits)?,
         }
         Ok((s, sampler))
     }
