@@ -1001,6 +1001,12 @@ void llama_session_free(llama_session *session);
 size_t llama_session_n_tokens(const llama_session *session);
 
 /**
+ * Bytes the session's KV cache holds now (it grows in chunks as the context fills; 0 for
+ * NULL).
+ */
+size_t llama_session_kv_cache_bytes(const llama_session *session);
+
+/**
  * Context size of the session (0 for NULL).
  */
 size_t llama_session_n_ctx(const llama_session *session);
@@ -1066,6 +1072,21 @@ llama_status llama_session_restore(const llama_model *model,
                                    size_t len,
                                    llama_session **out,
                                    llama_sampler **out_sampler);
+
+/**
+ * `llama_session_restore` into a KV cache of other types: `kv_type_k` / `kv_type_v` are
+ * `llama_kv_type` values, or -1 to keep the type the state records. The stored keys and
+ * values are converted (a block type rounds them, so the session continues close to, not bit
+ * for bit like, the saved one). A type the model cannot use (a block type needs a head size
+ * that is a multiple of 32) or an unknown value gives `LLAMA_STATUS_INVALID_ARGUMENT`.
+ */
+llama_status llama_session_restore_as(const llama_model *model,
+                                      const uint8_t *buf,
+                                      size_t len,
+                                      int32_t kv_type_k,
+                                      int32_t kv_type_v,
+                                      llama_session **out,
+                                      llama_sampler **out_sampler);
 
 /**
  * A handle that cancels this session's work from any thread. Free with

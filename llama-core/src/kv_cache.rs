@@ -516,7 +516,6 @@ impl KvCache {
 
     /// Copies of the stored keys and values as f32 in the model's basis, `(layers, [k, v])`,
     /// each `(1, n_kv, len, d)`.
-    #[cfg(test)]
     pub(crate) fn export(&self) -> Result<Vec<(Tensor, Tensor)>> {
         let mut out = Vec::with_capacity(self.k.len());
         for l in 0..self.k.len() {

@@ -195,3 +195,89 @@ fn block_caches_need_a_head_size_that_blocks_divide() {
     assert!(KvCacheType::parse("q5_0").is_err());
     assert_eq!(KvCacheType::parse("Q8_0").unwrap(), Q8_0);
 }
+
+#[test]
+fn snapshots_restore_into_other_types_and_older_formats() {
+    let t = build(shapes()[1].1.clone());
+    let m = Model::load(
+        &t.gguf,
+        common::options().with_quantize(llama_core::QuantType::Q8_0),
+    )
+    .unwrap();
+    let all = |types| session(&m, types, 512).eval_all_logits(&TOKENS).unwrap();
+    for src in TYPES {
+        let mut s = session(&m, src, 512);
+        s.eval(&TOKENS[..8]).unwrap();
+        let snap = s.save_state(None).unwrap();
+        s.eval(&TOKENS[8..]).unwrap();
+        for dst in TYPES {
+            let what = format!("{}/{} restored as {}/{}", src.0, src.1, dst.0, dst.1);
+            let (mut r, _) = Session::restore_as(&m, &snap, Some(dst.0), Some(dst.1)).unwrap();
+            assert_eq!(
+                (r.options().kv_type_k, r.options().kv_type_v),
+                dst,
+                "{what}"
+            );
+            assert_eq!(r.tokens(), &TOKENS[..8], "{what}");
+            assert_eq!(r.kv_cache_bytes(), {
+                let mut f = session(&m, dst, 512);
+                f.eval(&TOKENS[..8]).unwrap();
+                f.kv_cache_bytes()
+            });
+            r.eval(&TOKENS[8..]).unwrap();
+            let got = r.logits().unwrap();
+            if dst == src {
+                // The recorded types: bit for bit.
+                assert_eq!(got, s.logits().unwrap(), "{what}");
+                continue;
+            }
+            // Converted: the continuation stays as close to a session of the new types as the
+            // saved session's own logits are (the first 8 positions were computed over the old
+            // cache).
+            let fresh = &all(dst)[TOKENS.len() - 1];
+            let d = common::rel_err(got, fresh);
+            let own = common::rel_err(s.logits().unwrap(), fresh);
+            println!(
+                "{what}: {d:.3e} from a {}/{} session ({own:.3e} for the saved one)",
+                dst.0, dst.1
+            );
+            assert!(d <= own * 1.5 + 0.02, "{what}: {d} vs {own}");
+        }
+    }
+    // Older formats (one type for keys and values, f32 values) are read; `restore_as` converts
+    // them too.
+    for types in [(F16, F16), (Q8_0, Q8_0)] {
+        let mut s = session(&m, types, 512);
+        s.eval(&TOKENS[..8]).unwrap();
+        let cur = s.save_state(None).unwrap();
+        let (mut want, _) = Session::restore(&m, &cur).unwrap();
+        want.eval(&TOKENS[8..]).unwrap();
+        for version in [1, 2] {
+            let old = s.save_state_version(None, version).unwrap();
+            assert_ne!(old, cur);
+            let (mut r, _) = Session::restore(&m, &old).unwrap();
+            assert_eq!(r.options().kv_type_k, types.0);
+            r.eval(&TOKENS[8..]).unwrap();
+            // f16 values are exact in f32; q8_0 blocks go back through the rotation in f32.
+            if types.0 == F16 {
+                assert_eq!(r.logits(), want.logits(), "version {version}");
+            } else {
+                assert!(common::rel_err(r.logits().unwrap(), want.logits().unwrap()) < 1e-2);
+            }
+        }
+    }
+    let s = m.session(SessionOptions::default()).unwrap();
+    assert!(s.save_state_version(None, 0).is_err() && s.save_state_version(None, 4).is_err());
+    // A type the model cannot use is refused before any work.
+    let t16 = build(Spec::default());
+    let m16 = Model::load(&t16.gguf, common::options()).unwrap();
+    let mut s = m16.session(SessionOptions::default()).unwrap();
+    s.eval(&TOKENS[..4]).unwrap();
+    let snap = s.save_state(None).unwrap();
+    let Err(e) = Session::restore_as(&m16, &snap, Some(Q8_0), None) else {
+        panic!("head size 16 has no q8_0 blocks");
+    };
+    let e = e.to_string();
+    assert!(e.contains("multiple of 32"), "{e}");
+    assert!(Session::restore_as(&m16, &snap, Some(F32), None).is_ok());
+}

@@ -125,19 +125,7 @@ pub(crate) unsafe fn session_options(
     } else {
         KvCacheType::F16
     };
-    let kv = |t: i32, what: &str| -> Result<KvCacheType, llama_status> {
-        match t {
-            -1 => Ok(base),
-            t if t == llama_kv_type::F16 as i32 => Ok(KvCacheType::F16),
-            t if t == llama_kv_type::F32 as i32 => Ok(KvCacheType::F32),
-            t if t == llama_kv_type::Q8_0 as i32 => Ok(KvCacheType::Q8_0),
-            t if t == llama_kv_type::Q4_0 as i32 => Ok(KvCacheType::Q4_0),
-            other => Err(fail_with(
-                llama_status::InvalidArgument,
-                format!("{what} {other} is not a llama_kv_type (0 f16, 1 f32, 2 q8_0, 3 q4_0; -1 default)"),
-            )),
-        }
-    };
+    let kv = |t: i32, what: &str| kv_type(t, what, base);
     let mut o = SessionOptions::default()
         .threads(p.n_threads as usize)
         .n_ctx(p.n_ctx as usize)
@@ -160,6 +148,15 @@ pub unsafe extern "C" fn llama_session_free(session: *mut llama_session) {
 #[no_mangle]
 pub unsafe extern "C" fn llama_session_n_tokens(session: *const llama_session) -> usize {
     guard!(0, { session.as_ref().map_or(0, |s| s.inner.len()) })
+}
+
+/// Bytes the session's KV cache holds now (it grows in chunks as the context fills; 0 for
+/// NULL).
+#[no_mangle]
+pub unsafe extern "C" fn llama_session_kv_cache_bytes(session: *const llama_session) -> usize {
+    guard!(0, {
+        session.as_ref().map_or(0, |s| s.inner.kv_cache_bytes())
+    })
 }
 
 /// Context size of the session (0 for NULL).
@@ -297,6 +294,23 @@ pub unsafe extern "C" fn llama_session_save_state(
     })
 }
 
+/// A `llama_kv_type` value, or `default` for -1.
+fn kv_type(t: i32, what: &str, default: KvCacheType) -> Result<KvCacheType, llama_status> {
+    match t {
+        -1 => Ok(default),
+        t if t == llama_kv_type::F16 as i32 => Ok(KvCacheType::F16),
+        t if t == llama_kv_type::F32 as i32 => Ok(KvCacheType::F32),
+        t if t == llama_kv_type::Q8_0 as i32 => Ok(KvCacheType::Q8_0),
+        t if t == llama_kv_type::Q4_0 as i32 => Ok(KvCacheType::Q4_0),
+        other => Err(fail_with(
+            llama_status::InvalidArgument,
+            format!(
+                "{what} {other} is not a llama_kv_type (0 f16, 1 f32, 2 q8_0, 3 q4_0; -1 default)"
+            ),
+        )),
+    }
+}
+
 /// Restores a session saved by `llama_session_save_state` onto `model`. If the state holds a
 /// sampler and `out_sampler` is not NULL, `*out_sampler` receives it (else NULL). Another
 /// model's or corrupted state gives `LLAMA_STATUS_STATE`.
@@ -312,6 +326,47 @@ pub unsafe extern "C" fn llama_session_restore(
         require!(model, buf, out);
         let bytes = std::slice::from_raw_parts(buf, len);
         match Session::restore(&(*model).inner, bytes) {
+            Ok((s, smp)) => {
+                *out = boxed(s);
+                if !out_sampler.is_null() {
+                    *out_sampler = match smp {
+                        Some(x) => Box::into_raw(Box::new(llama_sampler { inner: x })),
+                        None => std::ptr::null_mut(),
+                    };
+                }
+                llama_status::Ok
+            }
+            Err(e) => fail(e),
+        }
+    })
+}
+
+/// `llama_session_restore` into a KV cache of other types: `kv_type_k` / `kv_type_v` are
+/// `llama_kv_type` values, or -1 to keep the type the state records. The stored keys and
+/// values are converted (a block type rounds them, so the session continues close to, not bit
+/// for bit like, the saved one). A type the model cannot use (a block type needs a head size
+/// that is a multiple of 32) or an unknown value gives `LLAMA_STATUS_INVALID_ARGUMENT`.
+#[no_mangle]
+pub unsafe extern "C" fn llama_session_restore_as(
+    model: *const llama_model,
+    buf: *const u8,
+    len: usize,
+    kv_type_k: i32,
+    kv_type_v: i32,
+    out: *mut *mut llama_session,
+    out_sampler: *mut *mut llama_sampler,
+) -> llama_status {
+    guard!({
+        require!(model, buf, out);
+        let bytes = std::slice::from_raw_parts(buf, len);
+        // -1 keeps the type the state records.
+        let kv = |t: i32, what: &str| match t {
+            -1 => Ok(None),
+            t => kv_type(t, what, KvCacheType::F16).map(Some),
+        };
+        let (k, v) = (kv(kv_type_k, "kv_type_k")?, kv(kv_type_v, "kv_type_v")?);
+        let restored = Session::restore_as(&(*model).inner, bytes, k, v);
+        match restored {
             Ok((s, smp)) => {
                 *out = boxed(s);
                 if !out_sampler.is_null() {

@@ -140,6 +140,12 @@ impl Session {
         self.model.clone_ref(py)
     }
 
+    /// Bytes the KV cache holds now (it grows in chunks as the context fills).
+    #[getter]
+    fn kv_cache_bytes(&self, py: Python<'_>) -> PyResult<usize> {
+        self.with(py, |s| Ok(s.kv_cache_bytes()))
+    }
+
     fn __len__(&self, py: Python<'_>) -> PyResult<usize> {
         self.with(py, |s| Ok(s.len()))
     }
@@ -306,17 +312,31 @@ impl Session {
     }
 
     /// Restores a session saved by `save_state` onto `model`: returns (session, sampler or
-    /// None). Raises SessionStateError for another model's or corrupted data.
+    /// None). Raises SessionStateError for another model's or corrupted data. The KV cache
+    /// keeps the types the data records, bit for bit; `kv_type` (both) or `kv_type_k` /
+    /// `kv_type_v` convert it to other types (a block type rounds: the session continues
+    /// close to the saved one); a type the model cannot use raises ValueError.
     #[staticmethod]
+    #[pyo3(signature = (model, data, kv_type=None, kv_type_k=None, kv_type_v=None))]
     fn restore(
         py: Python<'_>,
         model: Py<Model>,
         data: &[u8],
+        kv_type: Option<&str>,
+        kv_type_k: Option<&str>,
+        kv_type_v: Option<&str>,
     ) -> PyResult<(Session, Option<Sampler>)> {
         let m = &model.bind(py).get().inner;
+        let parse = |t: Option<&str>| {
+            t.or(kv_type)
+                .map(llama_core::KvCacheType::parse)
+                .transpose()
+                .py_err()
+        };
+        let (k, v) = (parse(kv_type_k)?, parse(kv_type_v)?);
         let data = data.to_vec();
         let (s, smp) = py
-            .detach(|| llama_core::Session::restore(m, &data))
+            .detach(|| llama_core::Session::restore_as(m, &data, k, v))
             .py_err()?;
         Ok((
             Session::wrap(model.clone_ref(py), s),
@@ -414,7 +434,7 @@ fn start_stream(
 /// Unpickling helper for `Session`.
 #[pyfunction]
 pub fn _restore_session(py: Python<'_>, model: Py<Model>, data: &[u8]) -> PyResult<Session> {
-    Ok(Session::restore(py, model, data)?.0)
+    Ok(Session::restore(py, model, data, None, None, None)?.0)
 }
 
 /// Iterator of generated text pieces (whole UTF-8 characters; stop strings held back).

@@ -103,6 +103,22 @@ def test_kv_cache_types(model):
     assert tops["q8_0"] == tops["f32"] == tops["f16"]
     mixed = model.session(kv_type_k="q8_0", kv_type_v="f16")
     assert "kv_type_k='q8_0', kv_type_v='f16'" in repr(mixed)
+    # A snapshot restores as recorded, or converted to other types.
+    mixed.eval(ids)
+    blob = mixed.save_state()
+    same, _ = llama_core.Session.restore(model, blob)
+    assert "kv_type_k='q8_0', kv_type_v='f16'" in repr(same)
+    assert same.kv_cache_bytes == mixed.kv_cache_bytes > 0
+    conv, _ = llama_core.Session.restore(model, blob, kv_type_v="q4_0")
+    assert "kv_type_k='q8_0', kv_type_v='q4_0'" in repr(conv)
+    assert conv.tokens == mixed.tokens
+    assert conv.kv_cache_bytes < mixed.kv_cache_bytes
+    both, _ = llama_core.Session.restore(model, blob, kv_type="f32")
+    assert "kv_type_k='f32', kv_type_v='f32'" in repr(both)
+    both.eval(ids[:1])
+    assert len(both) == len(ids) + 1
+    with pytest.raises(ValueError):
+        llama_core.Session.restore(model, blob, kv_type_k="q3")
     with pytest.raises(ValueError):
         model.session(kv_type_v="q2_k")
     with pytest.raises(TypeError):

@@ -792,6 +792,24 @@ int main(int argc, char **argv) {
     CHECK(llama_session_new(model, &ssp, &qkv) == LLAMA_STATUS_OK);
     CHECK(llama_session_eval(qkv, many, 8) == LLAMA_STATUS_OK);
     CHECK(llama_session_eval(qkv, one, 1) == LLAMA_STATUS_OK);
+    /* Its state restores as recorded (-1) or converted to other types; a bad type is refused. */
+    size_t qlen = 0;
+    CHECK(llama_session_save_state(qkv, NULL, NULL, 0, &qlen) == LLAMA_STATUS_BUFFER_TOO_SMALL);
+    uint8_t *qstate = malloc(qlen);
+    CHECK(llama_session_save_state(qkv, NULL, qstate, qlen, &n) == LLAMA_STATUS_OK && n == qlen);
+    llama_session *same = NULL, *conv = NULL, *badr = NULL;
+    CHECK(llama_session_restore_as(model, qstate, qlen, -1, -1, &same, NULL) == LLAMA_STATUS_OK);
+    CHECK(llama_session_restore_as(model, qstate, qlen, -1, LLAMA_KV_TYPE_F16, &conv, NULL) == LLAMA_STATUS_OK);
+    CHECK(llama_session_n_tokens(same) == 9 && llama_session_n_tokens(conv) == 9);
+    CHECK(llama_session_kv_cache_bytes(same) == llama_session_kv_cache_bytes(qkv));
+    /* q4_0 values (18 bytes per 32) became f16 (64 bytes per 32): the cache grew. */
+    CHECK(llama_session_kv_cache_bytes(conv) > llama_session_kv_cache_bytes(qkv));
+    CHECK(llama_session_eval(conv, one, 1) == LLAMA_STATUS_OK);
+    CHECK(llama_session_restore_as(model, qstate, qlen, 9, -1, &badr, NULL) == LLAMA_STATUS_INVALID_ARGUMENT && badr == NULL);
+    CHECK(llama_session_restore_as(model, NULL, qlen, -1, -1, &badr, NULL) == LLAMA_STATUS_NULL_ARGUMENT);
+    llama_session_free(same);
+    llama_session_free(conv);
+    free(qstate);
     llama_session_free(qkv);
     ssp.kv_type_v = 7;
     qkv = NULL;

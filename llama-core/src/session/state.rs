@@ -104,25 +104,42 @@ impl<'a> R<'a> {
 impl Session {
     /// Serializes the session (and, if given, a sampler's configuration and random state).
     pub fn save_state(&self, sampler: Option<&Sampler>) -> Result<Vec<u8>> {
+        self.save_state_version(sampler, STATE_FORMAT_VERSION)
+    }
+
+    /// The snapshot in format `version` (1 to [`STATE_FORMAT_VERSION`]; older ones exist for
+    /// the tests of reading them: version 1 has no adapters, versions 1 and 2 one cache type
+    /// and f32 values).
+    #[doc(hidden)]
+    pub fn save_state_version(&self, sampler: Option<&Sampler>, version: u32) -> Result<Vec<u8>> {
+        if !(1..=STATE_FORMAT_VERSION).contains(&version) {
+            return Err(Error::InvalidArgument(format!(
+                "snapshot format version {version} does not exist"
+            )));
+        }
         let model = self.model();
         let c = model.config();
         let mut w = W(Vec::new());
         w.0.extend_from_slice(MAGIC);
-        w.u32(STATE_FORMAT_VERSION);
+        w.u32(version);
         w.u64(model.fingerprint());
-        w.u32(self.adapters().len() as u32);
-        for (a, s) in self.adapters() {
-            w.u64(a.fingerprint());
-            w.f32(*s);
-            let p = a.path().to_string_lossy();
-            w.u64(p.len() as u64);
-            w.0.extend_from_slice(p.as_bytes());
+        if version >= 2 {
+            w.u32(self.adapters().len() as u32);
+            for (a, s) in self.adapters() {
+                w.u64(a.fingerprint());
+                w.f32(*s);
+                let p = a.path().to_string_lossy();
+                w.u64(p.len() as u64);
+                w.0.extend_from_slice(p.as_bytes());
+            }
         }
         let o = self.options();
         w.u64(self.n_ctx() as u64);
         w.u64(o.n_batch as u64);
         w.u8(o.kv_type_k.code());
-        w.u8(o.kv_type_v.code());
+        if version >= 3 {
+            w.u8(o.kv_type_v.code());
+        }
         match o.context_shift {
             Some(k) => {
                 w.u8(1);
@@ -147,9 +164,17 @@ impl Session {
         w.u32(c.num_hidden_layers as u32);
         w.u32(c.num_key_value_heads as u32);
         w.u32(c.head_dim as u32);
-        let raw = self.cache.raw();
-        w.u64(raw.len() as u64);
-        w.0.extend_from_slice(&raw);
+        if version >= 3 {
+            let raw = self.cache.raw();
+            w.u64(raw.len() as u64);
+            w.0.extend_from_slice(&raw);
+        } else {
+            for (k, v) in self.cache.export()? {
+                for t in [k, v] {
+                    w.f32s(&t.flatten_all()?.to_vec1::<f32>()?);
+                }
+            }
+        }
         match sampler {
             None => w.u8(0),
             Some(s) => {
@@ -189,8 +214,33 @@ impl Session {
     }
 
     /// Rebuilds a session saved by [`Session::save_state`] on `model`, with the sampler when one
-    /// was saved. Fails on another model's snapshot, a newer format or corrupted bytes.
+    /// was saved, and the KV cache types the snapshot records. Fails on another model's
+    /// snapshot, a newer format or corrupted bytes.
     pub fn restore(model: &Model, bytes: &[u8]) -> Result<(Session, Option<Sampler>)> {
+        Self::restore_inner(model, bytes, None)
+    }
+
+    /// [`Session::restore`] into a cache of other types (`None` keeps the type the snapshot
+    /// records): the stored keys and values are converted (read back to f32 in the model's
+    /// basis, then stored as a session of the new types stores them). Converting to a block type
+    /// rounds, so the restored session continues close to, not bit for bit like, the saved
+    /// one; restoring into the recorded types is [`Session::restore`], bit for bit. A type the
+    /// model cannot use (a block type with a head size that is not a multiple of 32) is an
+    /// [`Error::InvalidArgument`].
+    pub fn restore_as(
+        model: &Model,
+        bytes: &[u8],
+        kv_type_k: Option<KvCacheType>,
+        kv_type_v: Option<KvCacheType>,
+    ) -> Result<(Session, Option<Sampler>)> {
+        Self::restore_inner(model, bytes, Some((kv_type_k, kv_type_v)))
+    }
+
+    fn restore_inner(
+        model: &Model,
+        bytes: &[u8],
+        convert_to: Option<(Option<KvCacheType>, Option<KvCacheType>)>,
+    ) -> Result<(Session, Option<Sampler>)> {
         if bytes.len() < 24 || &bytes[..4] != MAGIC {
             return Err(Error::State("not a session snapshot (bad magic)".into()));
         }
@@ -198,7 +248,7 @@ impl Session {
         let sum = u64::from_le_bytes(tail.try_into().unwrap_or_default());
         let mut r = R { b: body, pos: 4 };
         let version = r.u32()?;
-        if version != STATE_FORMAT_VERSION && version != 1 {
+        if !(1..=STATE_FORMAT_VERSION).contains(&version) {
             return Err(Error::State(format!(
                 "snapshot format version {version} is not supported (this library reads {STATE_FORMAT_VERSION})"
             )));
@@ -323,12 +373,31 @@ impl Session {
             .kv_type_k(kv_type_k)
             .kv_type_v(kv_type_v);
         opts.context_shift = (shift_flag == 1).then_some(shift_n);
+        // Another type: the target session is made first, so that a type the model cannot use
+        // fails before any work.
+        let target = match convert_to {
+            Some((k, v)) => {
+                let (k, v) = (k.unwrap_or(kv_type_k), v.unwrap_or(kv_type_v));
+                let other = (k, v) != (kv_type_k, kv_type_v);
+                other
+                    .then(|| model.session(opts.clone().kv_type_k(k).kv_type_v(v)))
+                    .transpose()?
+            }
+            None => None,
+        };
         let mut s = model.session(opts)?;
         s.set_adapters(&adapters)
             .map_err(|e| Error::State(format!("adapters: {e}")))?;
         match cache {
             Cache::Raw(bytes) => s.kv_load_raw(tokens, bytes, logits)?,
             Cache::Values(kv) => s.kv_import(tokens, kv, logits)?,
+        }
+        if let Some(mut t) = target {
+            t.set_adapters(&adapters)
+                .map_err(|e| Error::State(format!("adapters: {e}")))?;
+            let kv = s.cache.export()?;
+            t.kv_import(std::mem::take(&mut s.tokens), kv, s.logits.take())?;
+            s = t;
         }
         Ok((s, sampler))
     }
