@@ -23,6 +23,15 @@ pub(crate) trait Lanes16 {
     /// # Safety
     /// AVX-512F is available; row `j` exists and `16 m + 16 <=` the row length.
     unsafe fn load16(&self, j: usize, m: usize) -> __m512;
+
+    /// Asks for the cache lines [`prefetch_distance`](crate::kernels::simd::prefetch_distance)
+    /// past row `j` (the rows a tile streams are contiguous: the lines asked for run on).
+    fn prefetch(&self, j: usize);
+
+    /// q8_0 rows, whose scores are integer dot products ([`super::q8`]).
+    fn q8(&self) -> Option<&[Q8Block]> {
+        None
+    }
 }
 
 /// f32 or f16 rows of `d` values.
@@ -36,6 +45,12 @@ impl<T: Elem> Lanes16 for Plain<'_, T> {
     #[inline(always)]
     unsafe fn load16(&self, j: usize, m: usize) -> __m512 {
         T::load16(self.data.as_ptr().add(j * self.d + 16 * m))
+    }
+
+    #[inline(always)]
+    fn prefetch(&self, j: usize) {
+        let row = self.data.as_ptr().wrapping_add(j * self.d) as *const u8;
+        crate::kernels::simd::prefetch_ahead(row, self.d * std::mem::size_of::<T>());
     }
 }
 
@@ -55,6 +70,16 @@ impl Lanes16 for Q8Rows<'_> {
             _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)),
             _mm512_set1_ps(b.d.to_f32()),
         )
+    }
+
+    #[inline(always)]
+    fn prefetch(&self, j: usize) {
+        let row = self.blocks.as_ptr().wrapping_add(j * (self.d / QB)) as *const u8;
+        crate::kernels::simd::prefetch_ahead(row, self.d / QB * std::mem::size_of::<Q8Block>());
+    }
+
+    fn q8(&self) -> Option<&[Q8Block]> {
+        Some(self.blocks)
     }
 }
 
@@ -81,6 +106,12 @@ impl Lanes16 for Q4Rows<'_> {
             _mm512_set1_ps(b.d.to_f32()),
         )
     }
+
+    #[inline(always)]
+    fn prefetch(&self, j: usize) {
+        let row = self.blocks.as_ptr().wrapping_add(j * (self.d / QB)) as *const u8;
+        crate::kernels::simd::prefetch_ahead(row, self.d / QB * std::mem::size_of::<Q4Block>());
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -88,6 +119,7 @@ impl Lanes16 for Q4Rows<'_> {
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn attend_tile_avx512<K: Lanes16, V: Lanes16, const S: usize>(
     qm: &[f32],
+    qq: &[Q8Block],
     seen: &[usize],
     keys: &K,
     vals: &V,
@@ -105,7 +137,10 @@ pub(crate) unsafe fn attend_tile_avx512<K: Lanes16, V: Lanes16, const S: usize>(
     let hd = if S > 0 { 16 * S } else { hd };
     let steps = hd / 16;
     let mut kv = [_mm512_setzero_ps(); 16];
-    if S == 4 && nq <= 4 {
+    let int_keys = keys.q8().filter(|_| qq.len() == nq * hd / QB);
+    if let Some(kb) = int_keys {
+        super::q8::scores_avx512(kb, hd / QB, qq, nq, n, scale, &mut sc, width, nq <= 4);
+    } else if S == 4 && nq <= 4 {
         // Decode (one row of a GQA group): the queries stay in registers while the keys
         // stream past; the same FMAs and reductions as below.
         let qv: [[__m512; 4]; 4] = std::array::from_fn(|c| {
@@ -121,36 +156,46 @@ pub(crate) unsafe fn attend_tile_avx512<K: Lanes16, V: Lanes16, const S: usize>(
         // tree with the pairings of the one-pair reduction (lanes l + l+8, then i + i+4, then
         // 0+2 and 1+3, then those two), which leaves query c's four scores in 128-bit chunk c.
         let quads = n / 4;
-        for j4 in 0..quads {
-            let r: [__m512; 4] = std::array::from_fn(|kk| {
-                let j = 4 * j4 + kk;
-                let k: [__m512; 4] = std::array::from_fn(|m| keys.load16(j, m));
-                let a: [__m512; 4] = std::array::from_fn(|c| {
-                    let mut a = _mm512_setzero_ps();
-                    for m in 0..4 {
-                        a = _mm512_fmadd_ps(qv[c][m], k[m], a);
-                    }
-                    a
-                });
-                let l1 = |x: __m512, y: __m512| {
-                    _mm512_add_ps(
-                        _mm512_shuffle_f32x4::<0x44>(x, y),
-                        _mm512_shuffle_f32x4::<0xEE>(x, y),
-                    )
-                };
-                let (v1, v2) = (l1(a[0], a[1]), l1(a[2], a[3]));
+        // (Plain loops and macros, no closures: a closure here is compiled out of line, and
+        // then the queries are read from memory for every key.)
+        macro_rules! l1 {
+            ($x:expr, $y:expr) => {
                 _mm512_add_ps(
-                    _mm512_shuffle_f32x4::<0x88>(v1, v2),
-                    _mm512_shuffle_f32x4::<0xDD>(v1, v2),
-                )
-            });
-            let l3 = |x: __m512, y: __m512| {
-                _mm512_add_ps(
-                    _mm512_shuffle_ps::<0x44>(x, y),
-                    _mm512_shuffle_ps::<0xEE>(x, y),
+                    _mm512_shuffle_f32x4::<0x44>($x, $y),
+                    _mm512_shuffle_f32x4::<0xEE>($x, $y),
                 )
             };
-            let (q1, q2) = (l3(r[0], r[1]), l3(r[2], r[3]));
+        }
+        macro_rules! l3 {
+            ($x:expr, $y:expr) => {
+                _mm512_add_ps(
+                    _mm512_shuffle_ps::<0x44>($x, $y),
+                    _mm512_shuffle_ps::<0xEE>($x, $y),
+                )
+            };
+        }
+        for j4 in 0..quads {
+            let mut r = [_mm512_setzero_ps(); 4];
+            for (kk, rk) in r.iter_mut().enumerate() {
+                let j = 4 * j4 + kk;
+                keys.prefetch(j);
+                let mut k = [_mm512_setzero_ps(); 4];
+                for (m, km) in k.iter_mut().enumerate() {
+                    *km = keys.load16(j, m);
+                }
+                let mut a = [_mm512_setzero_ps(); 4];
+                for (c, ac) in a.iter_mut().enumerate() {
+                    for m in 0..4 {
+                        *ac = _mm512_fmadd_ps(qv[c][m], k[m], *ac);
+                    }
+                }
+                let (v1, v2) = (l1!(a[0], a[1]), l1!(a[2], a[3]));
+                *rk = _mm512_add_ps(
+                    _mm512_shuffle_f32x4::<0x88>(v1, v2),
+                    _mm512_shuffle_f32x4::<0xDD>(v1, v2),
+                );
+            }
+            let (q1, q2) = (l3!(r[0], r[1]), l3!(r[2], r[3]));
             let s4 = _mm512_mul_ps(
                 _mm512_add_ps(
                     _mm512_shuffle_ps::<0x88>(q1, q2),
@@ -166,20 +211,25 @@ pub(crate) unsafe fn attend_tile_avx512<K: Lanes16, V: Lanes16, const S: usize>(
             }
         }
         for j in 4 * quads..n {
-            let k: [__m512; 4] = std::array::from_fn(|m| keys.load16(j, m));
-            let v: [__m256; 4] = std::array::from_fn(|c| {
+            let mut k = [_mm512_setzero_ps(); 4];
+            for (m, km) in k.iter_mut().enumerate() {
+                *km = keys.load16(j, m);
+            }
+            let mut v = [_mm256_setzero_ps(); 4];
+            for (c, vc) in v.iter_mut().enumerate() {
                 let mut a = _mm512_setzero_ps();
                 for m in 0..4 {
                     a = _mm512_fmadd_ps(qv[c][m], k[m], a);
                 }
-                _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps::<1>(a))
-            });
+                *vc = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps::<1>(a));
+            }
             for (c, &sum) in hsum4(v).iter().enumerate().take(nq) {
                 *sc.get_unchecked_mut(c * width + j) = sum * scale;
             }
         }
     }
-    for j in 0..if S == 4 && nq <= 4 { 0 } else { n } {
+    let scored = int_keys.is_some() || (S == 4 && nq <= 4);
+    for j in 0..if scored { 0 } else { n } {
         for (m, v) in kv.iter_mut().enumerate().take(steps) {
             *v = keys.load16(j, m);
         }
@@ -187,17 +237,15 @@ pub(crate) unsafe fn attend_tile_avx512<K: Lanes16, V: Lanes16, const S: usize>(
             // Lanes 0..8 of a query's sum are the first chain of the row-at-a-time dot (the
             // low half of each 16-wide step), lanes 8..16 the second: the halves added and the
             // four queries reduced together give exactly its sums.
-            let v: [__m256; 4] = std::array::from_fn(|c| {
-                if q0 + c >= nq {
-                    return _mm256_setzero_ps();
-                }
+            let mut v = [_mm256_setzero_ps(); 4];
+            for (c, vc) in v.iter_mut().enumerate().take(nq - q0) {
                 let qp = qm.as_ptr().add((q0 + c) * hd);
                 let mut a = _mm512_setzero_ps();
                 for (m, k) in kv.iter().enumerate().take(steps) {
                     a = _mm512_fmadd_ps(_mm512_loadu_ps(qp.add(16 * m)), *k, a);
                 }
-                _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps::<1>(a))
-            });
+                *vc = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps::<1>(a));
+            }
             for (c, &sum) in hsum4(v).iter().enumerate() {
                 if q0 + c < nq {
                     sc[(q0 + c) * width + j] = sum * scale;
@@ -225,6 +273,11 @@ pub(crate) unsafe fn attend_tile_avx512<K: Lanes16, V: Lanes16, const S: usize>(
             let qn = (nq - q0).min(4);
             let mut acc = [[_mm512_setzero_ps(); 4]; 4];
             for j in 0..n {
+                // Decode streams the values once; a prompt tile re-reads what its row blocks
+                // share (in L2).
+                if d0 == 0 && nq <= 4 {
+                    vals.prefetch(j);
+                }
                 let mut vv = [_mm512_setzero_ps(); 4];
                 for (l, v) in vv.iter_mut().enumerate().take(lanes) {
                     *v = vals.load16(j, d0 / 16 + l);

@@ -21,6 +21,7 @@ use crate::kv_cache::{hadamard, KvRows};
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+mod q8;
 #[cfg(test)]
 mod tests;
 
@@ -439,6 +440,11 @@ pub(crate) fn causal_into<'k>(
                     ys.push(unsafe { out.slice(i * width + h * hd, hd) });
                 }
             }
+            // q8_0 keys score in integers against the queries quantized the same way.
+            let mut qq = Vec::new();
+            if matches!(kv.k, KvRows::Q8(_)) {
+                q8::quantize_queries(&qm, &mut qq);
+            }
             let (kr, vr) = (head(kv.k, kvh), head(kv.v, kvh));
             // SAFETY: AVX-512 was detected at run time; the sources hold rows `0..n` (checked
             // above) and `hd % 16 == 0`.
@@ -448,13 +454,13 @@ pub(crate) fn causal_into<'k>(
                         let (k, v) = (&$k, &$v);
                         match hd {
                             64 => attend_tile_avx512::<_, _, 4>(
-                                &qm, &seen, k, v, hd, scale, kv.round_p, &mut ys,
+                                &qm, &qq, &seen, k, v, hd, scale, kv.round_p, &mut ys,
                             ),
                             128 => attend_tile_avx512::<_, _, 8>(
-                                &qm, &seen, k, v, hd, scale, kv.round_p, &mut ys,
+                                &qm, &qq, &seen, k, v, hd, scale, kv.round_p, &mut ys,
                             ),
                             _ => attend_tile_avx512::<_, _, 0>(
-                                &qm, &seen, k, v, hd, scale, kv.round_p, &mut ys,
+                                &qm, &qq, &seen, k, v, hd, scale, kv.round_p, &mut ys,
                             ),
                         }
                     }};
@@ -494,6 +500,7 @@ pub(crate) fn causal_into<'k>(
         let (keys, vals) = (head(kv.k, kvh), head(kv.v, kvh));
         let mut scores = vec![0f32; nq * total];
         let mut qbuf = vec![0f32; nq * hd];
+        let mut qq = Vec::new();
         let (mut kbuf, mut vbuf) = if direct {
             (Vec::new(), Vec::new())
         } else {
@@ -513,6 +520,15 @@ pub(crate) fn causal_into<'k>(
             let qrows: [&[f32]; 4] = std::array::from_fn(|c| &qbuf[c.min(nq - 1) * hd..][..hd]);
             if direct {
                 Rows::of_kv(keys).scores_multi(&qrows[..nq], scale, seen, &mut scores, simd);
+            } else if let KvRows::Q8(kb) = keys {
+                let nb = hd / crate::kv_cache::QB;
+                q8::quantize_queries(&qbuf[..nq * hd], &mut qq);
+                for c in 0..nq {
+                    let qc = &qq[c * nb..(c + 1) * nb];
+                    for (j, o) in scores[c * seen..(c + 1) * seen].iter_mut().enumerate() {
+                        *o = q8::score(&kb[j * nb..(j + 1) * nb], qc, scale, simd);
+                    }
+                }
             } else {
                 for j0 in (0..seen).step_by(DQ_CHUNK) {
                     let cn = (seen - j0).min(DQ_CHUNK);
