@@ -282,3 +282,55 @@ fn snapshots_restore_into_other_types_and_older_formats() {
     assert!(e.contains("multiple of 32"), "{e}");
     assert!(Session::restore_as(&m16, &snap, Some(F32), None).is_ok());
 }
+
+#[test]
+fn batched_sequences_match_alone_on_every_type() {
+    let t = build(shapes()[1].1.clone());
+    let m = Model::load(
+        &t.gguf,
+        common::options().with_quantize(llama_core::QuantType::Q8_0),
+    )
+    .unwrap();
+    let prompts: [&[u32]; 3] = [&TOKENS[..5], &TOKENS[3..12], &TOKENS[..]];
+    let opts = GenerateOptions::default().max_tokens(10);
+    for types in TYPES {
+        let alone: Vec<(Vec<u32>, Vec<f32>)> = prompts
+            .iter()
+            .map(|p| {
+                let mut s = session(&m, types, 512);
+                let g = s
+                    .generate(
+                        llama_core::Prompt::Tokens(p),
+                        &mut Sampler::greedy(),
+                        opts.clone(),
+                        |_| ControlFlow::Continue(()),
+                    )
+                    .unwrap();
+                (g.tokens, s.logits().unwrap().to_vec())
+            })
+            .collect();
+        let mut b = llama_core::Batch::new(&m);
+        let ids: Vec<_> = prompts
+            .iter()
+            .map(|p| {
+                let s = session(&m, types, 512);
+                b.add(
+                    s,
+                    llama_core::Prompt::Tokens(p),
+                    opts.clone(),
+                    Sampler::greedy(),
+                )
+                .unwrap()
+            })
+            .collect();
+        let finished = b.run_to_end().unwrap();
+        assert_eq!(finished.len(), prompts.len());
+        for f in &finished {
+            let i = ids.iter().position(|&id| id == f.id).unwrap();
+            let what = format!("{}/{} sequence {i}", types.0, types.1);
+            assert_eq!(f.result.as_ref().unwrap().tokens, alone[i].0, "{what}");
+            // The same bits as alone: each row's attention over its own cache.
+            assert_eq!(f.session.logits().unwrap(), &alone[i].1[..], "{what}");
+        }
+    }
+}

@@ -807,3 +807,64 @@ fn merged_models_equal_run_time_adapters() {
         assert!(e < 0.1, "{base}: q8_0 merge relative error {e}");
     }
 }
+
+#[test]
+fn adapters_apply_on_every_kv_cache_type() {
+    // Head size 64: block caches need a multiple of 32. q8_0 weights: each row gets the same
+    // bits whatever rows share the pass (so one token at a time equals the prompt at once).
+    let t = build(Spec {
+        hidden: 128,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 64,
+        ..Default::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let lora = random_lora(&t.spec, 51, |_| true, |_| (4, 0.5));
+    let ad = dir.path().join("peft");
+    write_peft_dir(
+        &ad,
+        &lora,
+        cfg(serde_json::json!({"r": 4, "lora_alpha": 2})),
+    );
+    let m = Model::load(
+        &t.gguf,
+        common::options().with_quantize(llama_core::QuantType::Q8_0),
+    )
+    .unwrap();
+    let a = m.load_adapter(&ad).unwrap();
+    let run = |kv: KvCacheType, adapters: &[(Adapter, f32)], n_batch: usize| {
+        let mut s = m
+            .session(
+                SessionOptions::default()
+                    .kv_type(kv)
+                    .n_ctx(64)
+                    .n_batch(n_batch),
+            )
+            .unwrap();
+        s.set_adapters(adapters).unwrap();
+        flat(s.eval_all_logits(&TOKENS).unwrap())
+    };
+    let exact = run(KvCacheType::F32, &[(a.clone(), 1.0)], 512);
+    // The adapter moves the logits by about 1 (relative): a cache that dropped it would be
+    // that far from the f32 cache's; the caches' own rounding is far below (random tiny models
+    // amplify it: uniform values, not the outlier-heavy rows the rotation is for).
+    for (kv, tol) in [
+        (KvCacheType::F16, 0.05),
+        (KvCacheType::Q8_0, 0.1),
+        (KvCacheType::Q4_0, 0.6),
+    ] {
+        let with = run(kv, &[(a.clone(), 1.0)], 512);
+        let without = run(kv, &[], 512);
+        let moved = rel_err(&with, &without);
+        let e = rel_err(&with, &exact);
+        println!("{kv}: the adapter moves logits by {moved:.3}; {e:.4} from an f32 cache");
+        assert!(moved > 0.1, "{kv}: {moved}");
+        assert!(e < tol, "{kv}: {e}");
+        assert_eq!(
+            run(kv, &[(a.clone(), 1.0)], 1),
+            with,
+            "{kv}: one token at a time"
+        );
+    }
+}
