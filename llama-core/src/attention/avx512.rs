@@ -28,9 +28,23 @@ pub(crate) trait Lanes16 {
     /// past row `j` (the rows a tile streams are contiguous: the lines asked for run on).
     fn prefetch(&self, j: usize);
 
-    /// q8_0 rows, whose scores are integer dot products ([`super::q8`]).
-    fn q8(&self) -> Option<&[Q8Block]> {
-        None
+    /// Scores against these rows as integer dot products ([`super::q8`]) into `sc`, when
+    /// they are block rows: `qq` the quantized queries; false for other rows.
+    ///
+    /// # Safety
+    /// As [`super::q8::scores_avx512`].
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn int_scores(
+        &self,
+        _qq: &[Q8Block],
+        _nq: usize,
+        _n: usize,
+        _scale: f32,
+        _sc: &mut [f32],
+        _width: usize,
+        _stream: bool,
+    ) -> bool {
+        false
     }
 }
 
@@ -78,8 +92,20 @@ impl Lanes16 for Q8Rows<'_> {
         crate::kernels::simd::prefetch_ahead(row, self.d / QB * std::mem::size_of::<Q8Block>());
     }
 
-    fn q8(&self) -> Option<&[Q8Block]> {
-        Some(self.blocks)
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn int_scores(
+        &self,
+        qq: &[Q8Block],
+        nq: usize,
+        n: usize,
+        scale: f32,
+        sc: &mut [f32],
+        width: usize,
+        stream: bool,
+    ) -> bool {
+        let nb = self.d / QB;
+        super::q8::scores_avx512(self.blocks, nb, qq, nq, n, scale, sc, width, stream);
+        true
     }
 }
 
@@ -112,6 +138,22 @@ impl Lanes16 for Q4Rows<'_> {
         let row = self.blocks.as_ptr().wrapping_add(j * (self.d / QB)) as *const u8;
         crate::kernels::simd::prefetch_ahead(row, self.d / QB * std::mem::size_of::<Q4Block>());
     }
+
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn int_scores(
+        &self,
+        qq: &[Q8Block],
+        nq: usize,
+        n: usize,
+        scale: f32,
+        sc: &mut [f32],
+        width: usize,
+        stream: bool,
+    ) -> bool {
+        let nb = self.d / QB;
+        super::q8::scores_avx512(self.blocks, nb, qq, nq, n, scale, sc, width, stream);
+        true
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -137,10 +179,9 @@ pub(crate) unsafe fn attend_tile_avx512<K: Lanes16, V: Lanes16, const S: usize>(
     let hd = if S > 0 { 16 * S } else { hd };
     let steps = hd / 16;
     let mut kv = [_mm512_setzero_ps(); 16];
-    let int_keys = keys.q8().filter(|_| qq.len() == nq * hd / QB);
-    if let Some(kb) = int_keys {
-        super::q8::scores_avx512(kb, hd / QB, qq, nq, n, scale, &mut sc, width, nq <= 4);
-    } else if S == 4 && nq <= 4 {
+    let int_keys =
+        qq.len() == nq * hd / QB && keys.int_scores(qq, nq, n, scale, &mut sc, width, nq <= 4);
+    if !int_keys && S == 4 && nq <= 4 {
         // Decode (one row of a GQA group): the queries stay in registers while the keys
         // stream past; the same FMAs and reductions as below.
         let qv: [[__m512; 4]; 4] = std::array::from_fn(|c| {
@@ -228,7 +269,7 @@ pub(crate) unsafe fn attend_tile_avx512<K: Lanes16, V: Lanes16, const S: usize>(
             }
         }
     }
-    let scored = int_keys.is_some() || (S == 4 && nq <= 4);
+    let scored = int_keys || (S == 4 && nq <= 4);
     for j in 0..if scored { 0 } else { n } {
         for (m, v) in kv.iter_mut().enumerate().take(steps) {
             *v = keys.load16(j, m);

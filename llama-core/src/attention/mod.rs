@@ -250,6 +250,20 @@ impl<'a> Kv<'a> {
     }
 }
 
+/// Scores of one quantized query row against block key rows `0..out.len()`.
+fn int_scores<K: q8::IntBlock>(
+    kb: &[K],
+    nb: usize,
+    q: &[crate::kv_cache::Q8Block],
+    scale: f32,
+    simd: bool,
+    out: &mut [f32],
+) {
+    for (j, o) in out.iter_mut().enumerate() {
+        *o = q8::score(&kb[j * nb..(j + 1) * nb], q, scale, simd);
+    }
+}
+
 /// Rows per dequantized chunk on the row-at-a-time path (a chunk of keys and one of values
 /// stay in L1).
 const DQ_CHUNK: usize = 64;
@@ -440,9 +454,9 @@ pub(crate) fn causal_into<'k>(
                     ys.push(unsafe { out.slice(i * width + h * hd, hd) });
                 }
             }
-            // q8_0 keys score in integers against the queries quantized the same way.
+            // Block keys score in integers against the queries quantized to q8_0.
             let mut qq = Vec::new();
-            if matches!(kv.k, KvRows::Q8(_)) {
+            if kv.k.quantized() {
                 q8::quantize_queries(&qm, &mut qq);
             }
             let (kr, vr) = (head(kv.k, kvh), head(kv.v, kvh));
@@ -520,13 +534,15 @@ pub(crate) fn causal_into<'k>(
             let qrows: [&[f32]; 4] = std::array::from_fn(|c| &qbuf[c.min(nq - 1) * hd..][..hd]);
             if direct {
                 Rows::of_kv(keys).scores_multi(&qrows[..nq], scale, seen, &mut scores, simd);
-            } else if let KvRows::Q8(kb) = keys {
+            } else if keys.quantized() {
                 let nb = hd / crate::kv_cache::QB;
                 q8::quantize_queries(&qbuf[..nq * hd], &mut qq);
                 for c in 0..nq {
-                    let qc = &qq[c * nb..(c + 1) * nb];
-                    for (j, o) in scores[c * seen..(c + 1) * seen].iter_mut().enumerate() {
-                        *o = q8::score(&kb[j * nb..(j + 1) * nb], qc, scale, simd);
+                    let (qc, sc) = (&qq[c * nb..(c + 1) * nb], &mut scores[c * seen..][..seen]);
+                    match keys {
+                        KvRows::Q8(kb) => int_scores(kb, nb, qc, scale, simd, sc),
+                        KvRows::Q4(kb) => int_scores(kb, nb, qc, scale, simd, sc),
+                        _ => unreachable!("block keys"),
                     }
                 }
             } else {

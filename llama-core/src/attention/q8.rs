@@ -1,12 +1,107 @@
-//! Scores against q8_0 keys in integers, as llama.cpp computes them: each query row is
-//! quantized to q8_0 blocks (its `vec_dot_type` for q8_0 keys), each block's dot product is an
-//! exact integer, and the score is
+//! Scores against q8_0 and q4_0 keys in integers, as llama.cpp computes them: each query row
+//! is quantized to q8_0 blocks (its `vec_dot_type` for both key types), each block's dot
+//! product is an exact integer, and the score is
 //! `((dk_0 dq_0) I_0 + (dk_1 dq_1) I_1 + ...) * scale` in block order, each term rounded once
 //! (`dk dq` is exact: two f16 values), the sums left to right from zero. The integers are exact
 //! whatever adds them, so every path (512-bit VNNI, 256-bit, scalar; a tile of prompt rows or
 //! one decoded row) gives the same bits with one float formula.
 
-use crate::kv_cache::{Q8Block, QB};
+use crate::kv_cache::{Q4Block, Q8Block, QB};
+use half::f16;
+
+/// A key block whose values are small integers times its scale.
+pub(crate) trait IntBlock: Copy {
+    /// The values are the block's unsigned bytes ([`IntBlock::bytes32`]) minus this.
+    const OFFSET: i32;
+    /// The scale.
+    fn d(&self) -> f16;
+    /// The exact dot product of the block's integers with a query block's.
+    fn dot(&self, q: &Q8Block, simd: bool) -> i32;
+    /// The 32 values plus [`IntBlock::OFFSET`], as unsigned bytes in order.
+    ///
+    /// # Safety
+    /// AVX2 is available.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn bytes32(&self) -> std::arch::x86_64::__m256i;
+}
+
+impl IntBlock for Q8Block {
+    const OFFSET: i32 = 128;
+    fn d(&self) -> f16 {
+        self.d
+    }
+    #[inline]
+    fn dot(&self, q: &Q8Block, simd: bool) -> i32 {
+        block_dot(self, q, simd)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn bytes32(&self) -> std::arch::x86_64::__m256i {
+        use std::arch::x86_64::*;
+        _mm256_xor_si256(
+            _mm256_loadu_si256(self.qs.as_ptr() as *const __m256i),
+            _mm256_set1_epi8(-128),
+        )
+    }
+}
+
+impl IntBlock for Q4Block {
+    const OFFSET: i32 = 8;
+    fn d(&self) -> f16 {
+        self.d
+    }
+    #[inline]
+    fn dot(&self, q: &Q8Block, simd: bool) -> i32 {
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: avx2 was detected at run time (the SIMD paths need it).
+            return unsafe { q4_dot_avx2(self, q) };
+        }
+        let _ = simd;
+        let mut s = 0i32;
+        for j in 0..QB / 2 {
+            s += ((self.qs[j] & 15) as i32 - 8) * q.qs[j] as i32;
+            s += ((self.qs[j] >> 4) as i32 - 8) * q.qs[j + QB / 2] as i32;
+        }
+        s
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn bytes32(&self) -> std::arch::x86_64::__m256i {
+        use std::arch::x86_64::*;
+        let b = _mm_loadu_si128(self.qs.as_ptr() as *const __m128i);
+        let m = _mm_set1_epi8(15);
+        _mm256_set_m128i(
+            _mm_and_si128(_mm_srli_epi16::<4>(b), m),
+            _mm_and_si128(b, m),
+        )
+    }
+}
+
+/// A q4_0 block's dot product on 256-bit vectors: the nibbles (unsigned, at most 15) against
+/// the query's bytes in 16-bit pairs (no saturation), minus 8 times the query's sum.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn q4_dot_avx2(k: &Q4Block, q: &Q8Block) -> i32 {
+    use std::arch::x86_64::*;
+    let u = k.bytes32();
+    let qv = _mm256_loadu_si256(q.qs.as_ptr() as *const __m256i);
+    let ones = _mm256_set1_epi16(1);
+    let p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(u, qv), ones);
+    let qs = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), qv), ones);
+    hsum_i32(_mm256_sub_epi32(p32, _mm256_slli_epi32::<3>(qs)))
+}
+
+/// The sum of eight 32-bit lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn hsum_i32(v: std::arch::x86_64::__m256i) -> i32 {
+    use std::arch::x86_64::*;
+    let s4 = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+    let s2 = _mm_add_epi32(s4, _mm_shuffle_epi32::<0b01_00_11_10>(s4));
+    let s1 = _mm_add_epi32(s2, _mm_shuffle_epi32::<0b10_11_00_01>(s2));
+    _mm_cvtsi128_si32(s1)
+}
 
 /// Query rows quantized into `out` (`hd / 32` blocks per row, rows in order).
 pub(crate) fn quantize_queries(qm: &[f32], out: &mut Vec<Q8Block>) {
@@ -38,30 +133,23 @@ unsafe fn block_dot_avx2(k: &Q8Block, q: &Q8Block) -> i32 {
     let kv = _mm256_loadu_si256(k.qs.as_ptr() as *const __m256i);
     let qv = _mm256_loadu_si256(q.qs.as_ptr() as *const __m256i);
     let p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(kv, kv), _mm256_sign_epi8(qv, kv));
-    let p32 = _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
-    let s4 = _mm_add_epi32(
-        _mm256_castsi256_si128(p32),
-        _mm256_extracti128_si256::<1>(p32),
-    );
-    let s2 = _mm_add_epi32(s4, _mm_shuffle_epi32::<0b01_00_11_10>(s4));
-    let s1 = _mm_add_epi32(s2, _mm_shuffle_epi32::<0b10_11_00_01>(s2));
-    _mm_cvtsi128_si32(s1)
+    hsum_i32(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)))
 }
 
 /// One key row's score for one quantized query row (the formula of the module's note).
 #[inline]
-pub(crate) fn score(k: &[Q8Block], q: &[Q8Block], scale: f32, simd: bool) -> f32 {
+pub(crate) fn score<K: IntBlock>(k: &[K], q: &[Q8Block], scale: f32, simd: bool) -> f32 {
     let mut s = 0f32;
     for (kb, qb) in k.iter().zip(q) {
-        s += (kb.d.to_f32() * qb.d.to_f32()) * block_dot(kb, qb, simd) as f32;
+        s += (kb.d().to_f32() * qb.d.to_f32()) * kb.dot(qb, simd) as f32;
     }
     s * scale
 }
 
-/// Scores of `nq` quantized query rows (`qq`, `nb` blocks each) against q8_0 key rows `0..n`
+/// Scores of `nq` quantized query rows (`qq`, `nb` blocks each) against key rows `0..n`
 /// (`kb`, `nb` blocks each), query `c`'s into `sc[c * width..][..n]` (`stream`: prefetch the keys,
 /// read once, as decode does): four queries and four keys at a time, each key's bytes (made
-/// unsigned by adding 128, taken back out with the query block's sum) against each query in
+/// unsigned, [`IntBlock::OFFSET`] taken back out with the query block's sum) against each query in
 /// one VNNI instruction per pair of blocks, the sixteen products' lanes summed by one
 /// transposing tree (integers: any order is exact).
 ///
@@ -71,8 +159,8 @@ pub(crate) fn score(k: &[Q8Block], q: &[Q8Block], scale: f32, simd: bool) -> f32
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn scores_avx512(
-    kb: &[Q8Block],
+pub(crate) unsafe fn scores_avx512<K: IntBlock>(
+    kb: &[K],
     nb: usize,
     qq: &[Q8Block],
     nq: usize,
@@ -84,22 +172,28 @@ pub(crate) unsafe fn scores_avx512(
 ) {
     debug_assert!(kb.len() >= n * nb && qq.len() >= nq * nb && sc.len() >= nq * width);
     match nb.div_ceil(2) {
-        1 => scores_pairs::<1>(kb, nb, qq, nq, n, scale, sc, width, stream),
-        2 => scores_pairs::<2>(kb, nb, qq, nq, n, scale, sc, width, stream),
-        3 => scores_pairs::<3>(kb, nb, qq, nq, n, scale, sc, width, stream),
-        _ => scores_pairs::<4>(kb, nb, qq, nq, n, scale, sc, width, stream),
+        1 => scores_pairs::<K, 1>(kb, nb, qq, nq, n, scale, sc, width, stream),
+        2 => scores_pairs::<K, 2>(kb, nb, qq, nq, n, scale, sc, width, stream),
+        3 => scores_pairs::<K, 3>(kb, nb, qq, nq, n, scale, sc, width, stream),
+        _ => scores_pairs::<K, 4>(kb, nb, qq, nq, n, scale, sc, width, stream),
     }
 }
 
-/// The 64 bytes of blocks `2 p` and `2 p + 1` of a row (zero past the row's `nb` blocks).
+/// The 64 bytes of blocks `2 p` and `2 p + 1` of a row (zero past the row's `nb` blocks):
+/// the queries' signed bytes, or keys' unsigned ones.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2")]
 #[inline]
-unsafe fn pair_bytes(row: *const Q8Block, nb: usize, p: usize) -> std::arch::x86_64::__m512i {
+unsafe fn pair_bytes<B>(
+    row: *const B,
+    nb: usize,
+    p: usize,
+    load: impl Fn(&B) -> std::arch::x86_64::__m256i,
+) -> std::arch::x86_64::__m512i {
     use std::arch::x86_64::*;
-    let lo = _mm256_loadu_si256((*row.add(2 * p)).qs.as_ptr() as *const __m256i);
+    let lo = load(&*row.add(2 * p));
     let hi = if 2 * p + 1 < nb {
-        _mm256_loadu_si256((*row.add(2 * p + 1)).qs.as_ptr() as *const __m256i)
+        load(&*row.add(2 * p + 1))
     } else {
         _mm256_setzero_si256()
     };
@@ -110,8 +204,8 @@ unsafe fn pair_bytes(row: *const Q8Block, nb: usize, p: usize) -> std::arch::x86
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn scores_pairs<const P: usize>(
-    kb: &[Q8Block],
+unsafe fn scores_pairs<K: IntBlock, const P: usize>(
+    kb: &[K],
     nb: usize,
     qq: &[Q8Block],
     nq: usize,
@@ -123,8 +217,9 @@ unsafe fn scores_pairs<const P: usize>(
 ) {
     use std::arch::x86_64::*;
     let zero = Q8Block::default();
-    let flip = _mm512_set1_epi8(-128);
     let quads = n / 4;
+    let q_bytes = |b: &Q8Block| _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i);
+    let k_bytes = |b: &K| b.bytes32();
     let kp = kb.as_ptr();
     for q0 in (0..nq).step_by(4) {
         let qn = (nq - q0).min(4);
@@ -140,12 +235,12 @@ unsafe fn scores_pairs<const P: usize>(
             for c in 0..qn {
                 let r = &qq[(q0 + c) * nb..(q0 + c + 1) * nb];
                 if 2 * p < nb {
-                    qv[p][c] = pair_bytes(r.as_ptr(), nb, p);
+                    qv[p][c] = pair_bytes(r.as_ptr(), nb, p, q_bytes);
                 }
                 for h in 0..2 {
                     let b = r.get(2 * p + h).unwrap_or(&zero);
                     let s: i32 = b.qs.iter().map(|&x| x as i32).sum();
-                    sums[h][4 * c..4 * c + 4].fill(128 * s);
+                    sums[h][4 * c..4 * c + 4].fill(K::OFFSET * s);
                     ds[h][4 * c..4 * c + 4].fill(b.d.to_f32());
                 }
             }
@@ -155,7 +250,7 @@ unsafe fn scores_pairs<const P: usize>(
             }
         }
         for j4 in 0..quads {
-            let rows: [*const Q8Block; 4] = [
+            let rows: [*const K; 4] = [
                 kp.add(4 * j4 * nb),
                 kp.add((4 * j4 + 1) * nb),
                 kp.add((4 * j4 + 2) * nb),
@@ -164,7 +259,10 @@ unsafe fn scores_pairs<const P: usize>(
             if stream {
                 // Decode streams the keys once.
                 for r in rows {
-                    crate::kernels::simd::prefetch_ahead(r as *const u8, nb * 34);
+                    crate::kernels::simd::prefetch_ahead(
+                        r as *const u8,
+                        nb * std::mem::size_of::<K>(),
+                    );
                 }
             }
             let mut s = _mm512_setzero_ps();
@@ -172,7 +270,7 @@ unsafe fn scores_pairs<const P: usize>(
                 // v[c][kk]: query c against key kk, 16 lanes (8 per block).
                 let mut v = [[_mm512_setzero_si512(); 4]; 4];
                 for kk in 0..4 {
-                    let k = _mm512_xor_si512(pair_bytes(rows[kk], nb, p), flip);
+                    let k = pair_bytes(rows[kk], nb, p, k_bytes);
                     for c in 0..4 {
                         v[c][kk] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), k, qv[p][c]);
                     }
@@ -214,7 +312,7 @@ unsafe fn scores_pairs<const P: usize>(
                         break;
                     }
                     // The four keys' scales, lane 4 c + kk holding key kk's.
-                    let bits = |kk: usize| (*rows[kk].add(2 * p + h)).d.to_bits() as i16;
+                    let bits = |kk: usize| (*rows[kk].add(2 * p + h)).d().to_bits() as i16;
                     let kd = _mm512_broadcast_f32x4(_mm_cvtph_ps(_mm_set_epi16(
                         0,
                         0,
@@ -241,6 +339,77 @@ unsafe fn scores_pairs<const P: usize>(
                 let qc = &qq[(q0 + c) * nb..(q0 + c + 1) * nb];
                 sc[(q0 + c) * width + j] = score(row, qc, scale, true);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::values;
+
+    fn blocks<B>(n: usize, seed: u32, f: impl Fn(&[f32]) -> B) -> Vec<B> {
+        values(n * QB, seed).chunks_exact(QB).map(f).collect()
+    }
+
+    /// The integer dot products agree on every path, and the 512-bit scores equal the
+    /// one-row formula bit for bit (tails of keys and queries, odd block counts included).
+    #[test]
+    fn integer_scores_agree_on_every_path() {
+        let q = blocks(64, 7, Q8Block::quantize);
+        let k8 = blocks(64, 9, Q8Block::quantize);
+        let k4 = blocks(64, 11, Q4Block::quantize);
+        for (a, b) in k8.iter().zip(&q) {
+            let want: i32 =
+                a.qs.iter()
+                    .zip(&b.qs)
+                    .map(|(&x, &y)| x as i32 * y as i32)
+                    .sum();
+            assert_eq!(a.dot(b, false), want);
+            if crate::kernels::simd() {
+                assert_eq!(a.dot(b, true), want);
+            }
+        }
+        for (a, b) in k4.iter().zip(&q) {
+            let mut x = [0f32; QB];
+            a.dequantize(&mut x);
+            let d = a.d.to_f32();
+            let want: i32 = x
+                .iter()
+                .zip(&b.qs)
+                .map(|(&v, &y)| {
+                    if d == 0.0 {
+                        0
+                    } else {
+                        (v / d).round() as i32 * y as i32
+                    }
+                })
+                .sum();
+            assert_eq!(a.dot(b, false), want);
+            if crate::kernels::simd() {
+                assert_eq!(a.dot(b, true), want);
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if crate::exec::Kernel::Avx512.is_supported() {
+            fn check<K: IntBlock>(kb: &[K], q: &[Q8Block]) {
+                for nb in [1, 2, 3, 4, 6] {
+                    let (n, nq) = (kb.len() / nb, (q.len() / nb).min(7));
+                    let width = n + 3;
+                    let mut sc = vec![0f32; nq * width];
+                    // SAFETY: AVX-512 (with BW and VNNI) was detected; the sizes are as
+                    // required.
+                    unsafe { scores_avx512(kb, nb, q, nq, n, 0.125, &mut sc, width, nq <= 4) };
+                    for c in 0..nq {
+                        for j in 0..n {
+                            let want = score(&kb[j * nb..][..nb], &q[c * nb..][..nb], 0.125, true);
+                            assert_eq!(sc[c * width + j].to_bits(), want.to_bits(), "{nb} {c} {j}");
+                        }
+                    }
+                }
+            }
+            check(&k8[..61], &q);
+            check(&k4[..61], &q);
         }
     }
 }

@@ -277,7 +277,7 @@ fn kernels() -> Vec<crate::exec::Settings> {
 fn block_caches_read_in_place() {
     use crate::kv_cache::KvRows;
     use crate::KvCacheType::{F16, F32, Q4_0, Q8_0};
-    // q8_0 keys score in integers (queries quantized per block): every SIMD kernel gives the
+    // Block keys score in integers (queries quantized per block): every SIMD kernel gives the
     // same bits (the scalar path's exponent is another), the first one's kept here by case.
     let mut first: std::collections::HashMap<String, Vec<f32>> = Default::default();
     for settings in kernels() {
@@ -308,7 +308,7 @@ fn block_caches_read_in_place() {
                         v: KvRows::F32(&v32),
                         ..Kv::of(&view, nkv, total)
                     };
-                    if kt == Q8_0 {
+                    if kt.quantized() {
                         let scalar = settings.isa == crate::exec::Isa::Scalar;
                         let case = format!("{kt:?}/{vt:?} {shape:?} t {t} start {start} {scalar}");
                         let want = first.entry(case).or_insert_with(|| got.clone());
