@@ -250,17 +250,30 @@ impl<'a> Kv<'a> {
     }
 }
 
-/// Scores of one quantized query row against block key rows `0..out.len()`.
+/// Scores of `nq` quantized query rows against block key rows `0..n`, query `c`'s into
+/// `out[c * n..][..n]` (`out` holds `nq * n`).
 fn int_scores<K: q8::IntBlock>(
     kb: &[K],
     nb: usize,
-    q: &[crate::kv_cache::Q8Block],
+    qq: &[crate::kv_cache::Q8Block],
+    nq: usize,
     scale: f32,
     simd: bool,
     out: &mut [f32],
 ) {
-    for (j, o) in out.iter_mut().enumerate() {
-        *o = q8::score(&kb[j * nb..(j + 1) * nb], q, scale, simd);
+    let n = out.len() / nq;
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: avx2, fma and f16c were detected at run time; the rows are in bounds (sliced
+        // here) and `out` holds `nq * n` scores.
+        unsafe { q8::scores_multi_avx2(&kb[..n * nb], nb, &qq[..nq * nb], nq, n, scale, out) };
+        return;
+    }
+    for c in 0..nq {
+        let q = &qq[c * nb..(c + 1) * nb];
+        for (j, o) in out[c * n..(c + 1) * n].iter_mut().enumerate() {
+            *o = q8::score(&kb[j * nb..(j + 1) * nb], q, scale, simd);
+        }
     }
 }
 
@@ -537,13 +550,11 @@ pub(crate) fn causal_into<'k>(
             } else if keys.quantized() {
                 let nb = hd / crate::kv_cache::QB;
                 q8::quantize_queries(&qbuf[..nq * hd], &mut qq);
-                for c in 0..nq {
-                    let (qc, sc) = (&qq[c * nb..(c + 1) * nb], &mut scores[c * seen..][..seen]);
-                    match keys {
-                        KvRows::Q8(kb) => int_scores(kb, nb, qc, scale, simd, sc),
-                        KvRows::Q4(kb) => int_scores(kb, nb, qc, scale, simd, sc),
-                        _ => unreachable!("block keys"),
-                    }
+                let out = &mut scores[..nq * seen];
+                match keys {
+                    KvRows::Q8(kb) => int_scores(kb, nb, &qq, nq, scale, simd, out),
+                    KvRows::Q4(kb) => int_scores(kb, nb, &qq, nq, scale, simd, out),
+                    _ => unreachable!("block keys"),
                 }
             } else {
                 for j0 in (0..seen).step_by(DQ_CHUNK) {

@@ -15,6 +15,8 @@ pub(crate) trait IntBlock: Copy {
     const OFFSET: i32;
     /// The scale.
     fn d(&self) -> f16;
+    /// A block of zeros (scale and values).
+    fn default_block() -> Self;
     /// The exact dot product of the block's integers with a query block's.
     fn dot(&self, q: &Q8Block, simd: bool) -> i32;
     /// The 32 values plus [`IntBlock::OFFSET`], as unsigned bytes in order.
@@ -23,10 +25,33 @@ pub(crate) trait IntBlock: Copy {
     /// AVX2 is available.
     #[cfg(target_arch = "x86_64")]
     unsafe fn bytes32(&self) -> std::arch::x86_64::__m256i;
+    /// What [`IntBlock::dot8`]'s lanes add to the dot product per unit of the query's sum.
+    const DOT8_OFFSET: i32;
+    /// Eight 32-bit lanes whose sum is the dot product with the query bytes `q` plus
+    /// [`IntBlock::DOT8_OFFSET`] times their sum (256-bit, no saturation).
+    ///
+    /// # Safety
+    /// AVX2 is available.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn dot8(&self, q: std::arch::x86_64::__m256i) -> std::arch::x86_64::__m256i;
 }
 
 impl IntBlock for Q8Block {
     const OFFSET: i32 = 128;
+    const DOT8_OFFSET: i32 = 0;
+    fn default_block() -> Self {
+        Q8Block::default()
+    }
+    /// `|k| * (q with k's signs)` in 16-bit pairs (at most 2 * 127 * 127), then 32-bit sums.
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn dot8(&self, q: std::arch::x86_64::__m256i) -> std::arch::x86_64::__m256i {
+        use std::arch::x86_64::*;
+        let k = _mm256_loadu_si256(self.qs.as_ptr() as *const __m256i);
+        let p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(k, k), _mm256_sign_epi8(q, k));
+        _mm256_madd_epi16(p16, _mm256_set1_epi16(1))
+    }
     fn d(&self) -> f16 {
         self.d
     }
@@ -47,6 +72,21 @@ impl IntBlock for Q8Block {
 
 impl IntBlock for Q4Block {
     const OFFSET: i32 = 8;
+    const DOT8_OFFSET: i32 = 8;
+    fn default_block() -> Self {
+        Q4Block::default()
+    }
+    /// The nibbles (unsigned, at most 15) against the query's bytes in 16-bit pairs.
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn dot8(&self, q: std::arch::x86_64::__m256i) -> std::arch::x86_64::__m256i {
+        use std::arch::x86_64::*;
+        _mm256_madd_epi16(
+            _mm256_maddubs_epi16(self.bytes32(), q),
+            _mm256_set1_epi16(1),
+        )
+    }
     fn d(&self) -> f16 {
         self.d
     }
@@ -343,6 +383,92 @@ unsafe fn scores_pairs<K: IntBlock, const P: usize>(
     }
 }
 
+/// Scores of up to four quantized query rows (`qq`, `nb` blocks each) against key rows
+/// `0..n` (`kb`), query `c`'s into `out[c * n..][..n]`, on 256-bit vectors: per key, every
+/// (query, block) pair's eight lanes, reduced together by one tree of horizontal adds, then the
+/// float formula of the module's note on the four queries at once (the same bits as
+/// [`score`]).
+///
+/// # Safety
+/// AVX2 is available; `kb` holds `n * nb` blocks, `qq` `nq * nb` with `nq <= 4`, `out` `nq *
+/// n`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn scores_multi_avx2<K: IntBlock>(
+    kb: &[K],
+    nb: usize,
+    qq: &[Q8Block],
+    nq: usize,
+    n: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(nq <= 4 && kb.len() >= n * nb && qq.len() >= nq * nb && out.len() >= nq * n);
+    let pairs = nb.div_ceil(2);
+    // Per pair of blocks: each query's two blocks' bytes, DOT8_OFFSET times their sums and
+    // their scales, lane 2 c + h for query c's block 2 p + h.
+    let zero = Q8Block::default();
+    let mut qb = vec![[[_mm256_setzero_si256(); 2]; 4]; pairs];
+    let mut corr = vec![_mm256_setzero_si256(); pairs];
+    let mut qd = vec![_mm256_setzero_ps(); pairs];
+    for p in 0..pairs {
+        let mut sums = [0i32; 8];
+        let mut ds = [0f32; 8];
+        for c in 0..nq {
+            for h in 0..2 {
+                let b = qq[c * nb..(c + 1) * nb].get(2 * p + h).unwrap_or(&zero);
+                qb[p][c][h] = _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i);
+                sums[2 * c + h] = K::DOT8_OFFSET * b.qs.iter().map(|&x| x as i32).sum::<i32>();
+                ds[2 * c + h] = b.d.to_f32();
+            }
+        }
+        corr[p] = _mm256_loadu_si256(sums.as_ptr() as *const __m256i);
+        qd[p] = _mm256_loadu_ps(ds.as_ptr());
+    }
+    // Even lanes (first blocks) to the low half, odd lanes to the high half.
+    let split = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+    let kzero = K::default_block();
+    for j in 0..n {
+        let row = &kb[j * nb..(j + 1) * nb];
+        let mut s = _mm_setzero_ps();
+        for p in 0..pairs {
+            let k0 = &row[2 * p];
+            let k1 = row.get(2 * p + 1).unwrap_or(&kzero);
+            let mut v = [_mm256_setzero_si256(); 8];
+            for c in 0..nq {
+                v[2 * c] = k0.dot8(qb[p][c][0]);
+                v[2 * c + 1] = k1.dot8(qb[p][c][1]);
+            }
+            // Lane 2 c + h: the sum of v[2 c + h]'s eight lanes.
+            let h01 = _mm256_hadd_epi32(v[0], v[1]);
+            let h23 = _mm256_hadd_epi32(v[2], v[3]);
+            let h45 = _mm256_hadd_epi32(v[4], v[5]);
+            let h67 = _mm256_hadd_epi32(v[6], v[7]);
+            let g0 = _mm256_hadd_epi32(h01, h23);
+            let g1 = _mm256_hadd_epi32(h45, h67);
+            let sums = _mm256_add_epi32(
+                _mm256_permute2x128_si256::<0x20>(g0, g1),
+                _mm256_permute2x128_si256::<0x31>(g0, g1),
+            );
+            let i = _mm256_cvtepi32_ps(_mm256_sub_epi32(sums, corr[p]));
+            let kd = _mm256_cvtph_ps(_mm_set1_epi32(
+                (k0.d().to_bits() as u32 | (k1.d().to_bits() as u32) << 16) as i32,
+            ));
+            let t = _mm256_permutevar8x32_ps(_mm256_mul_ps(_mm256_mul_ps(kd, qd[p]), i), split);
+            s = _mm_add_ps(s, _mm256_castps256_ps128(t));
+            if 2 * p + 1 < nb {
+                s = _mm_add_ps(s, _mm256_extractf128_ps::<1>(t));
+            }
+        }
+        let mut lanes = [0f32; 4];
+        _mm_storeu_ps(lanes.as_mut_ptr(), _mm_mul_ps(s, _mm_set1_ps(scale)));
+        for (c, &x) in lanes.iter().enumerate().take(nq) {
+            out[c * n + j] = x;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -410,6 +536,32 @@ mod tests {
             }
             check(&k8[..61], &q);
             check(&k4[..61], &q);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if crate::kernels::simd() {
+            fn check256<K: IntBlock>(kb: &[K], q: &[Q8Block]) {
+                for nb in [1, 2, 3, 4, 5] {
+                    for nq in 1..=4 {
+                        let n = kb.len() / nb;
+                        let mut out = vec![0f32; nq * n];
+                        // SAFETY: AVX2, FMA and F16C were detected; the sizes are as required.
+                        unsafe { scores_multi_avx2(kb, nb, q, nq, n, 0.125, &mut out) };
+                        for c in 0..nq {
+                            for j in 0..n {
+                                let want =
+                                    score(&kb[j * nb..][..nb], &q[c * nb..][..nb], 0.125, false);
+                                assert_eq!(
+                                    out[c * n + j].to_bits(),
+                                    want.to_bits(),
+                                    "{nb} {c} {j}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+            check256(&k8[..60], &q);
+            check256(&k4[..60], &q);
         }
     }
 }
