@@ -322,23 +322,8 @@ pub unsafe extern "C" fn llama_session_restore(
     out: *mut *mut llama_session,
     out_sampler: *mut *mut llama_sampler,
 ) -> llama_status {
-    guard!({
-        require!(model, buf, out);
-        let bytes = std::slice::from_raw_parts(buf, len);
-        match Session::restore(&(*model).inner, bytes) {
-            Ok((s, smp)) => {
-                *out = boxed(s);
-                if !out_sampler.is_null() {
-                    *out_sampler = match smp {
-                        Some(x) => Box::into_raw(Box::new(llama_sampler { inner: x })),
-                        None => std::ptr::null_mut(),
-                    };
-                }
-                llama_status::Ok
-            }
-            Err(e) => fail(e),
-        }
-    })
+    // The recorded types, bit for bit.
+    llama_session_restore_as(model, buf, len, -1, -1, out, out_sampler)
 }
 
 /// `llama_session_restore` into a KV cache of other types: `kv_type_k` / `kv_type_v` are
@@ -365,8 +350,7 @@ pub unsafe extern "C" fn llama_session_restore_as(
             t => kv_type(t, what, KvCacheType::F16).map(Some),
         };
         let (k, v) = (kv(kv_type_k, "kv_type_k")?, kv(kv_type_v, "kv_type_v")?);
-        let restored = Session::restore_as(&(*model).inner, bytes, k, v);
-        match restored {
+        match Session::restore_as(&(*model).inner, bytes, k, v) {
             Ok((s, smp)) => {
                 *out = boxed(s);
                 if !out_sampler.is_null() {
